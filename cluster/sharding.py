@@ -1,0 +1,16 @@
+"""Which shard a document belongs to. This function must never change: the whole cluster
+routes by it, and data written under one definition would be unreachable under another."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def shard_of(doc_id: str, shards: int) -> int:
+    """The shard of `doc_id` in a collection of `shards` shards.
+
+    The first 8 bytes (big-endian) of the BLAKE2b-64 digest of the UTF-8 id, modulo the shard
+    count. BLAKE2b is stable across Python versions and processes, unlike `hash()`.
+    """
+    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
