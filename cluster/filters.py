@@ -1,0 +1,109 @@
+"""Metadata filters: parse (pure validation, BadRequest on bad shape) and evaluate.
+
+`{"must": [cond...], "should": [cond...], "must_not": [cond...]}`; a cond is
+`{"key": "a.b", "match": v}`, `{"key": ..., "in": [v...]}` or
+`{"key": ..., "range": {"gte"|"gt"|"lte"|"lt": number}}`. `should` needs at least one match
+when present. A key is a dotted path into the metadata object; a missing key matches nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cluster.errors import BadRequest
+
+Predicate = Callable[[Any], bool]
+_MISSING = object()
+_RANGE_OPS = {
+    "gte": lambda a, b: a >= b,
+    "gt": lambda a, b: a > b,
+    "lte": lambda a, b: a <= b,
+    "lt": lambda a, b: a < b,
+}
+
+
+def _lookup(doc: Any, path: list[str]) -> Any:
+    for part in path:
+        if not isinstance(doc, dict) or part not in doc:
+            return _MISSING
+        doc = doc[part]
+    return doc
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, str | int | float | bool)
+
+
+def _equal(value: Any, want: Any) -> bool:
+    # A list value matches when any element does (tags: ["a", "b"] matches "a").
+    if isinstance(value, list):
+        return any(_equal(v, want) for v in value)
+    if isinstance(value, bool) or isinstance(want, bool):
+        return type(value) is type(want) and value == want
+    return bool(value == want)
+
+
+def _cond(c: Any, where: str) -> Predicate:
+    if not isinstance(c, dict) or not isinstance(c.get("key"), str) or not c["key"]:
+        raise BadRequest(f"{where}: a condition needs a non-empty string 'key'")
+    kinds = [k for k in ("match", "in", "range") if k in c]
+    if len(kinds) != 1 or set(c) - {"key", "match", "in", "range"}:
+        raise BadRequest(f"{where}: a condition has 'key' and exactly one of match, in, range")
+    path = c["key"].split(".")
+    kind = kinds[0]
+    if kind == "match":
+        want = c["match"]
+        if not _scalar(want):
+            raise BadRequest(f"{where}: 'match' takes a string, number, boolean or null")
+        return lambda doc: (v := _lookup(doc, path)) is not _MISSING and _equal(v, want)
+    if kind == "in":
+        values = c["in"]
+        if not isinstance(values, list) or not all(_scalar(v) for v in values):
+            raise BadRequest(f"{where}: 'in' takes a list of scalars")
+        return lambda doc: (
+            (v := _lookup(doc, path)) is not _MISSING and any(_equal(v, w) for w in values)
+        )
+    bounds = c["range"]
+    if not isinstance(bounds, dict) or not bounds or set(bounds) - set(_RANGE_OPS):
+        raise BadRequest(f"{where}: 'range' takes gte, gt, lte, lt")
+    if not all(_is_number(b) for b in bounds.values()):
+        raise BadRequest(f"{where}: range bounds must be numbers")
+    checks = [(_RANGE_OPS[op], b) for op, b in bounds.items()]
+
+    def in_range(doc: Any) -> bool:
+        v = _lookup(doc, path)
+        return _is_number(v) and all(op(v, b) for op, b in checks)
+
+    return in_range
+
+
+def parse_filter(spec: Any) -> Predicate | None:
+    """A predicate over a metadata object, or None for "no filter"."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise BadRequest("'filter' must be an object with must, should, must_not")
+    unknown = set(spec) - {"must", "should", "must_not"}
+    if unknown:
+        raise BadRequest(f"unknown filter clause(s): {', '.join(sorted(unknown))}")
+    clauses: dict[str, list[Predicate]] = {}
+    for clause in ("must", "should", "must_not"):
+        conds = spec.get(clause, [])
+        if not isinstance(conds, list):
+            raise BadRequest(f"filter.{clause} must be a list of conditions")
+        clauses[clause] = [_cond(c, f"filter.{clause}[{i}]") for i, c in enumerate(conds)]
+    must, should, must_not = clauses["must"], clauses["should"], clauses["must_not"]
+
+    def pred(doc: Any) -> bool:
+        return (
+            all(p(doc) for p in must)
+            and (not should or any(p(doc) for p in should))
+            and not any(p(doc) for p in must_not)
+        )
+
+    return pred

@@ -1,0 +1,22 @@
+"""Document versions: a hybrid logical clock, so a later write gets a larger version even when
+it reaches another coordinator, and versions still order writes from one node strictly.
+Ties between nodes are broken by node id (last writer wins)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class HybridClock:
+    def __init__(self, wall_ms: Callable[[], int] | None = None) -> None:
+        self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
+        self._last = 0
+
+    def next(self) -> int:
+        """A version above every version this clock has issued or observed."""
+        self._last = max(self._wall_ms() << 16, self._last + 1)
+        return self._last
+
+    def observe(self, version: int) -> None:
+        self._last = max(self._last, version)

@@ -1,0 +1,382 @@
+"""Gossip wire messages, packet authentication and piggyback packing.
+
+Every message is a JSON object (orjson, never pickle) with a type id `t` and a version `v`.
+A packet is one message, usually a compound; with a cluster secret it is prefixed by an
+HMAC-SHA256 over the body, and a packet whose MAC is missing or wrong is dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+# Bumped when a message gains a field older nodes must not ignore. Decoders accept newer
+# versions and read the fields they know (unknown fields are ignored), like memberlist's
+# protocol version range.
+PROTOCOL_VERSION = 1
+
+# Keep every UDP packet under a typical path MTU so it is never IP-fragmented.
+MAX_PACKET_SIZE = 1400
+
+MAC_SIZE = 32
+
+
+class MsgType(enum.IntEnum):
+    """Wire type ids. ONLY APPEND TO THIS LIST: old nodes must keep decoding new traffic."""
+
+    PING = 0
+    INDIRECT_PING = 1
+    ACK = 2
+    NACK = 3
+    ALIVE = 4
+    SUSPECT = 5
+    DEAD = 6
+    COMPOUND = 7
+    USER = 8
+    PUSH_PULL = 9
+
+
+class DecodeError(ValueError):
+    """A packet that is not a well-formed message."""
+
+
+class AuthError(ValueError):
+    """A packet whose MAC is missing or wrong."""
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Direct probe; `target` is the id the sender believes lives at our address."""
+
+    seq: int
+    target: str
+    source_id: str
+    source_addr: str
+
+
+@dataclass(frozen=True)
+class IndirectPing:
+    """Ask the receiver to probe `target_addr` for us and relay the ack (or a nack)."""
+
+    seq: int
+    target: str
+    target_addr: str
+    nack: bool
+    source_id: str
+    source_addr: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Nack:
+    """Sent by an indirect prober that got no ack: proof that *it* is alive and reachable."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Alive:
+    incarnation: int
+    node: str
+    addr: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Suspect:
+    incarnation: int
+    node: str
+    from_: str
+
+
+@dataclass(frozen=True)
+class Dead:
+    """`from_ == node` means a graceful leave: the member becomes `left`, not `dead`."""
+
+    incarnation: int
+    node: str
+    from_: str
+
+
+@dataclass(frozen=True)
+class User:
+    """An opaque message of the layer above (the Delegate), piggybacked on gossip."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Compound:
+    parts: tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    """One row of a push-pull full-state exchange."""
+
+    node: str
+    addr: str
+    state: str
+    incarnation: int
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PushPull:
+    join: bool
+    members: tuple[MemberRow, ...]
+    user_state: bytes
+
+
+Message = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | User | Compound | PushPull
+
+
+def leave(node: str, incarnation: int) -> Dead:
+    """A graceful leave is a dead message about oneself (memberlist does the same)."""
+    return Dead(incarnation=incarnation, node=node, from_=node)
+
+
+# --- encoding -------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def to_obj(msg: Message) -> dict[str, Any]:
+    v = PROTOCOL_VERSION
+    match msg:
+        case Ping():
+            return {
+                "t": MsgType.PING,
+                "v": v,
+                "seq": msg.seq,
+                "target": msg.target,
+                "sid": msg.source_id,
+                "saddr": msg.source_addr,
+            }
+        case IndirectPing():
+            return {
+                "t": MsgType.INDIRECT_PING,
+                "v": v,
+                "seq": msg.seq,
+                "target": msg.target,
+                "taddr": msg.target_addr,
+                "nack": msg.nack,
+                "sid": msg.source_id,
+                "saddr": msg.source_addr,
+            }
+        case Ack():
+            return {"t": MsgType.ACK, "v": v, "seq": msg.seq}
+        case Nack():
+            return {"t": MsgType.NACK, "v": v, "seq": msg.seq}
+        case Alive():
+            return {
+                "t": MsgType.ALIVE,
+                "v": v,
+                "inc": msg.incarnation,
+                "node": msg.node,
+                "addr": msg.addr,
+                "meta": msg.meta,
+            }
+        case Suspect():
+            return {
+                "t": MsgType.SUSPECT,
+                "v": v,
+                "inc": msg.incarnation,
+                "node": msg.node,
+                "from": msg.from_,
+            }
+        case Dead():
+            return {
+                "t": MsgType.DEAD,
+                "v": v,
+                "inc": msg.incarnation,
+                "node": msg.node,
+                "from": msg.from_,
+            }
+        case User():
+            return {"t": MsgType.USER, "v": v, "data": _b64(msg.data)}
+        case Compound():
+            return {"t": MsgType.COMPOUND, "v": v, "parts": [to_obj(p) for p in msg.parts]}
+        case PushPull():
+            return {
+                "t": MsgType.PUSH_PULL,
+                "v": v,
+                "join": msg.join,
+                "members": [[m.node, m.addr, m.state, m.incarnation, m.meta] for m in msg.members],
+                "user": _b64(msg.user_state),
+            }
+    raise TypeError(f"not a message: {msg!r}")
+
+
+def encode(msg: Message) -> bytes:
+    return orjson.dumps(to_obj(msg))
+
+
+def encode_compound(parts: list[bytes]) -> bytes:
+    """Splice already-encoded messages into one compound without re-encoding them."""
+    head = b'{"t":%d,"v":%d,"parts":[' % (MsgType.COMPOUND, PROTOCOL_VERSION)
+    return head + b",".join(parts) + b"]}"
+
+
+# Bytes a compound adds around its parts, plus one comma per part (see encode_compound).
+COMPOUND_OVERHEAD = len(encode_compound([]))
+
+
+def from_obj(obj: Any) -> Message:
+    try:
+        t = obj["t"]
+        if not isinstance(obj.get("v"), int):
+            raise DecodeError("message without a version")
+        if t == MsgType.PING:
+            return Ping(int(obj["seq"]), str(obj["target"]), str(obj["sid"]), str(obj["saddr"]))
+        if t == MsgType.INDIRECT_PING:
+            return IndirectPing(
+                int(obj["seq"]),
+                str(obj["target"]),
+                str(obj["taddr"]),
+                bool(obj["nack"]),
+                str(obj["sid"]),
+                str(obj["saddr"]),
+            )
+        if t == MsgType.ACK:
+            return Ack(int(obj["seq"]))
+        if t == MsgType.NACK:
+            return Nack(int(obj["seq"]))
+        if t == MsgType.ALIVE:
+            meta = obj.get("meta") or {}
+            if not isinstance(meta, dict):
+                raise DecodeError("meta must be an object")
+            return Alive(int(obj["inc"]), str(obj["node"]), str(obj["addr"]), meta)
+        if t == MsgType.SUSPECT:
+            return Suspect(int(obj["inc"]), str(obj["node"]), str(obj["from"]))
+        if t == MsgType.DEAD:
+            return Dead(int(obj["inc"]), str(obj["node"]), str(obj["from"]))
+        if t == MsgType.USER:
+            return User(base64.b64decode(obj["data"], validate=True))
+        if t == MsgType.COMPOUND:
+            return Compound(tuple(from_obj(p) for p in obj["parts"]))
+        if t == MsgType.PUSH_PULL:
+            members = tuple(
+                MemberRow(str(n), str(a), str(s), int(i), dict(m))
+                for n, a, s, i, m in obj["members"]
+            )
+            return PushPull(
+                bool(obj["join"]), members, base64.b64decode(obj["user"], validate=True)
+            )
+    except DecodeError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DecodeError(f"malformed message: {exc}") from exc
+    raise DecodeError(f"unknown message type {t!r}")
+
+
+def decode(data: bytes) -> Message:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise DecodeError("message is not an object")
+    return from_obj(obj)
+
+
+# --- authentication -------------------------------------------------------------------
+
+
+def derive_key(secret: str | None) -> bytes | None:
+    """Derive the packet MAC key from the operator's secret (domain-separated, so the same
+    secret used elsewhere never yields the same key)."""
+    if not secret:
+        return None
+    return hmac.new(secret.encode(), b"aquila-gossip-mac-v1", hashlib.sha256).digest()
+
+
+def seal(key: bytes | None, body: bytes) -> bytes:
+    if key is None:
+        return body
+    return hmac.new(key, body, hashlib.sha256).digest() + body
+
+
+def open_sealed(key: bytes | None, packet: bytes) -> bytes:
+    """Return the body of an authenticated packet, or raise AuthError."""
+    if key is None:
+        return packet
+    if len(packet) <= MAC_SIZE:
+        raise AuthError("packet too short for a MAC")
+    mac, body = packet[:MAC_SIZE], packet[MAC_SIZE:]
+    if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
+        raise AuthError("bad MAC")
+    return body
+
+
+# --- piggyback queue ------------------------------------------------------------------
+
+
+@dataclass
+class _Broadcast:
+    key: str | None
+    data: bytes
+    seq: int
+    transmits: int = 0
+    on_done: Callable[[], None] | None = None
+
+
+class BroadcastQueue:
+    """memberlist's TransmitLimitedQueue: updates waiting to be piggybacked.
+
+    A newer update about the same member replaces the older one (the older is stale), the
+    least-transmitted updates go first (newest breaking ties, they are the least known),
+    and each update is dropped after `limit()` transmissions.
+    """
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self._items: list[_Broadcast] = []
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def queue(
+        self, key: str | None, data: bytes, on_done: Callable[[], None] | None = None
+    ) -> None:
+        if key is not None:
+            for old in [b for b in self._items if b.key == key]:
+                self._items.remove(old)
+                if old.on_done:
+                    old.on_done()
+        self._seq += 1
+        self._items.append(_Broadcast(key, data, self._seq, on_done=on_done))
+
+    def take(self, budget: int) -> list[bytes]:
+        """Pick updates whose encoded size (plus a separator each) fits in `budget` bytes."""
+        if not self._items:
+            return []
+        limit = self._limit()
+        self._items.sort(key=lambda b: (b.transmits, -b.seq))
+        out: list[bytes] = []
+        for b in list(self._items):
+            cost = len(b.data) + 1
+            if cost > budget:
+                continue
+            budget -= cost
+            out.append(b.data)
+            b.transmits += 1
+            if b.transmits >= limit:
+                self._items.remove(b)
+                if b.on_done:
+                    b.on_done()
+        return out

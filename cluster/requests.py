@@ -1,0 +1,190 @@
+"""Parsing and validating the bodies of document and search requests, pure.
+
+A rejected request changes nothing: everything is checked here, before any write, and a batch
+with one bad document is rejected whole with the document's position in the message.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from cluster.errors import BadRequest, DimensionMismatch, InvalidVector
+from cluster.filters import Predicate, parse_filter
+
+MAX_ID_CHARS = 256
+MAX_K = 1000
+CONSISTENCY = ("one", "quorum", "all")
+
+
+@dataclass
+class DocBatch:
+    ids: list[str]
+    vectors: np.ndarray  # n × dim float32
+    metadata: list[bytes]  # JSON objects, serialised
+    consistency: str
+
+
+@dataclass
+class SearchRequest:
+    vectors: np.ndarray  # nq × dim float32
+    k: int
+    nprobe: int | None
+    filter: Any
+    predicate: Predicate | None
+    include_metadata: bool
+    include_vector: bool
+    allow_partial: bool
+    timeout_ms: int | None
+
+
+def _vector_rows(raw: Any, dim: int, what: str) -> np.ndarray:
+    """An n × dim float32 array from a list of lists, or the right 400."""
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest(f"'{what}' must be a non-empty list of vectors")
+    try:
+        arr = np.asarray(raw, dtype=np.float64)
+    except (ValueError, TypeError):
+        arr = None
+    if arr is None or arr.ndim != 2:
+        # Find the first offender to name it.
+        for i, v in enumerate(raw):
+            _one_vector(v, dim, f"{what}[{i}]")
+        raise BadRequest(f"'{what}' must be a list of equal-length lists of numbers")
+    if arr.shape[1] != dim:
+        raise DimensionMismatch(f"{what}[0]: expected dimension {dim}, got {arr.shape[1]}")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise InvalidVector(f"{what}[{int(np.argmax(bad))}]: NaN or Inf is not allowed")
+    if np.abs(arr).max() > np.finfo(np.float32).max:
+        raise InvalidVector(f"{what}: a value overflows float32")
+    if any(type(x) is bool for row in raw[:1] for x in row):
+        raise InvalidVector(f"{what}[0]: booleans are not numbers")
+    return arr.astype(np.float32)
+
+
+def _one_vector(v: Any, dim: int, where: str) -> None:
+    if not isinstance(v, list):
+        raise InvalidVector(f"{where}: a vector must be a list of numbers")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int | float):
+            raise InvalidVector(f"{where}: a vector holds only numbers, got {type(x).__name__}")
+    if len(v) != dim:
+        raise DimensionMismatch(f"{where}: expected dimension {dim}, got {len(v)}")
+
+
+def parse_documents(body: Any, dim: int) -> DocBatch:
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    docs = body.get("documents")
+    if not isinstance(docs, list) or not docs:
+        raise BadRequest("'documents' must be a non-empty list")
+    consistency = body.get("consistency", "quorum")
+    if consistency not in CONSISTENCY:
+        raise BadRequest(f"'consistency' must be one of {', '.join(CONSISTENCY)}")
+    ids: list[str] = []
+    metas: list[bytes] = []
+    raw_vectors: list[Any] = []
+    for i, d in enumerate(docs):
+        where = f"documents[{i}]"
+        if not isinstance(d, dict):
+            raise BadRequest(f"{where}: a document must be an object")
+        unknown = set(d) - {"id", "vector", "metadata"}
+        if unknown:
+            raise BadRequest(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        doc_id = d.get("id")
+        if doc_id is None:
+            doc_id = str(uuid.uuid4())
+        elif not isinstance(doc_id, str) or not 1 <= len(doc_id) <= MAX_ID_CHARS:
+            raise BadRequest(f"{where}: 'id' must be a string of 1 to {MAX_ID_CHARS} characters")
+        meta = d.get("metadata", {})
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            raise BadRequest(f"{where}: 'metadata' must be a JSON object")
+        if "vector" not in d:
+            raise BadRequest(f"{where}: 'vector' is required")
+        v = d["vector"]
+        if not isinstance(v, list):
+            raise InvalidVector(f"{where}: 'vector' must be a list of numbers")
+        if len(v) != dim:
+            _one_vector(v, dim, where)
+        ids.append(doc_id)
+        metas.append(orjson.dumps(meta))
+        raw_vectors.append(v)
+    return DocBatch(ids, _vector_rows(raw_vectors, dim, "documents"), metas, consistency)
+
+
+def parse_ids(body: Any) -> list[str]:
+    if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
+        raise BadRequest("body must be an object with a list 'ids'")
+    ids = body["ids"]
+    for i, doc_id in enumerate(ids):
+        if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= MAX_ID_CHARS:
+            raise BadRequest(f"ids[{i}]: an id is a string of 1 to {MAX_ID_CHARS} characters")
+    return list(dict.fromkeys(ids))
+
+
+def check_id(doc_id: str) -> str:
+    if not 1 <= len(doc_id) <= MAX_ID_CHARS:
+        raise BadRequest(f"an id is a string of 1 to {MAX_ID_CHARS} characters")
+    return doc_id
+
+
+def parse_search(body: Any, dim: int) -> SearchRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    known = {"vectors", "vector", "k", "nprobe", "filter", "include", "allow_partial", "timeout_ms"}
+    unknown = set(body) - known
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if ("vectors" in body) == ("vector" in body):
+        raise BadRequest("give exactly one of 'vector' or 'vectors'")
+    if "vector" in body:
+        if not isinstance(body["vector"], list):
+            raise InvalidVector("'vector' must be a list of numbers")
+        if len(body["vector"]) != dim:
+            _one_vector(body["vector"], dim, "vector")
+        vectors = _vector_rows([body["vector"]], dim, "vector")
+    else:
+        raw = body["vectors"]
+        if isinstance(raw, list):
+            for i, v in enumerate(raw):
+                if not isinstance(v, list) or len(v) != dim:
+                    _one_vector(v, dim, f"vectors[{i}]")
+        vectors = _vector_rows(raw, dim, "vectors")
+    k = body.get("k", 10)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise BadRequest(f"'k' must be an integer from 1 to {MAX_K}")
+    nprobe = body.get("nprobe")
+    if nprobe is not None and (
+        isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1
+    ):
+        raise BadRequest("'nprobe' must be a positive integer")
+    include = body.get("include", ["metadata"])
+    if not isinstance(include, list) or set(include) - {"metadata", "vector"}:
+        raise BadRequest("'include' is a list of 'metadata' and 'vector'")
+    allow_partial = body.get("allow_partial", True)
+    if not isinstance(allow_partial, bool):
+        raise BadRequest("'allow_partial' must be a boolean")
+    timeout_ms = body.get("timeout_ms")
+    if timeout_ms is not None and (
+        isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms < 1
+    ):
+        raise BadRequest("'timeout_ms' must be a positive integer")
+    flt = body.get("filter")
+    return SearchRequest(
+        vectors=vectors,
+        k=k,
+        nprobe=nprobe,
+        filter=flt,
+        predicate=parse_filter(flt),
+        include_metadata="metadata" in include,
+        include_vector="vector" in include,
+        allow_partial=allow_partial,
+        timeout_ms=timeout_ms,
+    )

@@ -1,0 +1,84 @@
+"""The real gossip transport: one asyncio UDP socket bound to (host, port)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+
+from cluster.transport import Receiver
+
+log = logging.getLogger(__name__)
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        try:
+            self._receiver(data, f"{addr[0]}:{addr[1]}")
+        except Exception:  # a bad packet must never kill the socket
+            log.exception("gossip receiver failed")
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and friends: expected when a peer is down; SWIM copes.
+        log.debug("udp error: %s", exc)
+
+
+class UdpTransport:
+    def __init__(self, host: str, port: int) -> None:
+        self._host = host
+        self._port = port
+        self._transport: asyncio.DatagramTransport | None = None
+        self._resolved: dict[str, tuple[str, int]] = {}
+
+    @property
+    def local_addr(self) -> tuple[str, int]:
+        """The bound address (useful with port 0)."""
+        if self._transport is None:
+            raise RuntimeError("transport not started")
+        sockname = self._transport.get_extra_info("sockname")
+        return str(sockname[0]), int(sockname[1])
+
+    async def start(self, receiver: Receiver) -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(receiver), local_addr=(self._host, self._port)
+        )
+        self._transport = transport
+
+    async def _resolve(self, addr: str) -> tuple[str, int]:
+        hit = self._resolved.get(addr)
+        if hit is not None:
+            return hit
+        host, port = split_addr(addr)
+        try:
+            ipaddress.ip_address(host)
+            target = (host, port)
+        except ValueError:
+            # Resolve names off the loop once; sendto with a name would block in getaddrinfo.
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            target = (str(infos[0][4][0]), port)
+        self._resolved[addr] = target
+        return target
+
+    async def send(self, addr: str, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        try:
+            target = await self._resolve(addr)
+            self._transport.sendto(data, target)
+        except (OSError, ValueError) as exc:
+            log.debug("udp send to %s failed: %s", addr, exc)
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None

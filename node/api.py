@@ -1,0 +1,196 @@
+"""aiohttp handlers: parse, call the service, serialise. No logic here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cluster.errors import AquilaError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from cluster.spec import parse_spec
+from node.keys import CONFIG, METRICS, READY, SERVICE
+from node.openapi import openapi_document
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def error_response(err: AquilaError) -> web.Response:
+    return json_response(err.to_json(), err.status)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "bad_request",
+    409: "already_exists",
+    413: "payload_too_large",
+    503: "unavailable",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as {"error": {"code", "message"}} with its status."""
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        config = request.app[CONFIG]
+        if (
+            config.api_key
+            and request.path != "/healthz"
+            and not request.path.startswith("/internal/")
+            and request.headers.get("Authorization", "") != f"Bearer {config.api_key}"
+        ):
+            raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
+        length = request.content_length
+        if length is not None and length > config.max_body_bytes:
+            raise PayloadTooLarge(f"body of {length} bytes exceeds {config.max_body_bytes}")
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except AquilaError as err:
+        status = err.status
+        return error_response(err)
+    except web.HTTPRequestEntityTooLarge:
+        status = 413
+        return error_response(
+            PayloadTooLarge(f"body exceeds the limit of {request.app[CONFIG].max_body_bytes} bytes")
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status = exc.status
+        body = {
+            "error": {"code": _HTTP_CODES.get(exc.status, "bad_request"), "message": exc.reason}
+        }
+        return json_response(body, exc.status)
+    finally:
+        metrics.observe(request.method, name, status, time.perf_counter() - t0)
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("a JSON body is required")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+# -- collections --------------------------------------------------------------------------
+async def put_collection(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    spec = parse_spec(name, await read_json(request))
+    desc, created = await request.app[SERVICE].create_collection(spec)
+    return json_response(desc, 201 if created else 200)
+
+
+async def list_collections(request: web.Request) -> web.Response:
+    return json_response({"collections": await request.app[SERVICE].list_collections()})
+
+
+async def get_collection(request: web.Request) -> web.Response:
+    return json_response(await request.app[SERVICE].get_collection(request.match_info["name"]))
+
+
+async def delete_collection(request: web.Request) -> web.Response:
+    await request.app[SERVICE].delete_collection(request.match_info["name"])
+    return json_response({"deleted": True})
+
+
+# -- documents ----------------------------------------------------------------------------
+async def upsert(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    return json_response(await request.app[SERVICE].upsert(name, await read_json(request)))
+
+
+async def get_document(request: web.Request) -> web.Response:
+    flag = request.query.get("vector", "false").lower()
+    if flag not in ("true", "false", "1", "0"):
+        raise BadRequest("'vector' must be true or false")
+    doc = await request.app[SERVICE].get_document(
+        request.match_info["name"], request.match_info["doc_id"], flag in ("true", "1")
+    )
+    return json_response(doc)
+
+
+async def delete_documents(request: web.Request) -> web.Response:
+    n = await request.app[SERVICE].delete_documents(
+        request.match_info["name"], await read_json(request)
+    )
+    return json_response({"deleted": n})
+
+
+async def delete_document(request: web.Request) -> web.Response:
+    await request.app[SERVICE].delete_document(
+        request.match_info["name"], request.match_info["doc_id"]
+    )
+    return json_response({"deleted": 1})
+
+
+async def search(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    return json_response(await request.app[SERVICE].search(name, await read_json(request)))
+
+
+# -- operations ---------------------------------------------------------------------------
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if not request.app[READY].is_set():
+        return error_response(_not_ready())
+    return json_response({"status": "ready"})
+
+
+def _not_ready() -> AquilaError:
+    from cluster.errors import Unavailable
+
+    return Unavailable("the node is starting: loading shards or joining")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise NotFound(f"no route {request.method} {request.path}")
+
+
+def add_public_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi)
+    r.add_get("/v1/collections", list_collections)
+    r.add_put("/v1/collections/{name}", put_collection)
+    r.add_get("/v1/collections/{name}", get_collection)
+    r.add_delete("/v1/collections/{name}", delete_collection)
+    r.add_post("/v1/collections/{name}/documents", upsert)
+    r.add_post("/v1/collections/{name}/documents/delete", delete_documents)
+    r.add_get("/v1/collections/{name}/documents/{doc_id:.+}", get_document)
+    r.add_delete("/v1/collections/{name}/documents/{doc_id:.+}", delete_document)
+    r.add_post("/v1/collections/{name}/search", search)

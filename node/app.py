@@ -1,0 +1,77 @@
+"""Build the aiohttp application of one node: typed state, routes, and a cleanup context that
+starts and stops storage and background work in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from node.api import add_public_routes, error_middleware, not_found
+from node.blocking import Blocking
+from node.collection import Tuning
+from node.config import NodeConfig
+from node.engine import Engine
+from node.keys import CONFIG, METRICS, READY, SERVICE
+from node.metrics import Metrics
+from node.service import LocalService
+
+log = logging.getLogger(__name__)
+
+
+def node_identity(config: NodeConfig) -> str:
+    """The configured node id, or the one generated at first start and kept on disk."""
+    if config.node_id:
+        return config.node_id
+    path = Path(config.data_dir) / "node_id"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    node_id = "node-" + uuid.uuid4().hex[:12]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id)
+    tmp.replace(path)
+    return node_id
+
+
+def make_app(config: NodeConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[READY] = asyncio.Event()
+    add_public_routes(app)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    app.cleanup_ctx.append(_storage)
+    return app
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    blocking = Blocking(config.search_threads)
+    tuning = Tuning(
+        train_min=config.train_min,
+        retrain_growth=config.retrain_growth,
+        search_batch_rows=config.search_batch_rows,
+    )
+    engine = Engine(Path(config.data_dir), blocking, tuning, config.fsync)
+    node_id = node_identity(config)
+    await engine.start()
+    app[SERVICE] = LocalService(engine, node_id)
+    app[METRICS].watch_collections(lambda: {n: c.count() for n, c in engine.collections.items()})
+    snapshots = asyncio.get_running_loop().create_task(
+        engine.snapshot_loop(config.snapshot_interval_s)
+    )
+    app[READY].set()
+    log.info("node %s ready on %s", node_id, config.addr)
+    try:
+        yield
+    finally:
+        app[READY].clear()
+        snapshots.cancel()
+        await asyncio.gather(snapshots, return_exceptions=True)
+        await engine.close()
+        blocking.close()

@@ -1,0 +1,56 @@
+"""The only place that starts threads. Callers pass a function and get an awaitable; they
+never see a thread. Three pools keep kinds of work from starving each other:
+
+- `search`: FAISS searches and RocksDB reads on the query path, one thread per core;
+- `write`: RocksDB write batches (each waits on fsync) and index updates;
+- `background`: index training and snapshots, one at a time, so training never takes every
+  core from serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _single_threaded_faiss() -> None:
+    # Query threads already run in parallel with each other; letting FAISS's OpenMP fan every
+    # small batch out over all cores as well would oversubscribe them.
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
+class Blocking:
+    def __init__(self, search_threads: int | None = None) -> None:
+        n = search_threads or max(2, os.cpu_count() or 2)
+        self._search = ThreadPoolExecutor(n, "aq-search", initializer=_single_threaded_faiss)
+        self._write = ThreadPoolExecutor(2, "aq-write", initializer=_single_threaded_faiss)
+        self._background = ThreadPoolExecutor(1, "aq-bg")
+
+    async def search(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._run(self._search, fn, *args, **kwargs)
+
+    async def write(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._run(self._write, fn, *args, **kwargs)
+
+    async def background(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._run(self._background, fn, *args, **kwargs)
+
+    @staticmethod
+    async def _run(
+        pool: ThreadPoolExecutor, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        for pool in (self._search, self._write, self._background):
+            pool.shutdown(wait=True, cancel_futures=True)

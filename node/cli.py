@@ -1,0 +1,84 @@
+"""The `aquila` command: `serve` here; admin commands come from `cluster.admin`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from node.config import NodeConfig, load_config
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run a node (one-node cluster unless --seeds)")
+    p.add_argument("--host", help="bind address (AQUILA_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP/TCP and gossip/UDP port (AQUILA_PORT, 8470)")
+    p.add_argument("--data", dest="data_dir", help="data directory (AQUILA_DATA, ./data)")
+    p.add_argument("--seeds", help="host:port,... of nodes to join (AQUILA_SEEDS)")
+    p.add_argument("--node-id", help="stable node id (AQUILA_NODE_ID; generated once)")
+    p.add_argument("--advertise", help="host:port peers use to reach this node (AQUILA_ADVERTISE)")
+    p.add_argument("--api-key", help="require Bearer auth on public routes (AQUILA_API_KEY)")
+    p.add_argument("--cluster-secret", help="authenticate peer traffic (AQUILA_CLUSTER_SECRET)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aquila", description="Aquila vector database")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    from cluster.admin import add_admin_parsers
+
+    add_admin_parsers(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        flags = {k: v for k, v in vars(args).items() if k != "command"}
+        try:
+            config = load_config(flags)
+        except (ValueError, TypeError) as exc:
+            print(f"aquila: {exc}", file=sys.stderr)
+            return 2
+        return serve(config)
+    from cluster.admin import run_admin
+
+    return run_admin(args)
+
+
+def serve(config: NodeConfig) -> int:
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; Windows lacks it
+        pass
+    try:
+        asyncio.run(_serve(config))
+    except OSError as exc:
+        print(f"aquila: cannot serve on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config: NodeConfig) -> None:
+    from aiohttp import web
+
+    from node.app import make_app
+
+    app = make_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+        await site.start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,142 @@
+"""Node configuration: documented defaults, overridden by `AQUILA_*` environment variables,
+overridden by command-line flags. Validated once at start and passed down; no other module
+reads the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    # Address HTTP (TCP) and gossip (UDP) bind to; both use the same port number.
+    host: str = "127.0.0.1"
+    port: int = 8470
+    # Where collections (RocksDB + FAISS snapshots) and the node's identity live.
+    data_dir: Path = Path("data")
+    # host:port of nodes of an existing cluster to join at start; empty = a new one-node cluster.
+    seeds: tuple[str, ...] = ()
+    # Stable node identity. None: generated once and kept in data_dir/node_id, so a restarted
+    # node is the same member with the same shards.
+    node_id: str | None = None
+    # host:port peers and clients use to reach this node (containers bind 0.0.0.0 but are
+    # reached by service name). None: host:port.
+    advertise: str | None = None
+    # When set, every public request but GET /healthz needs `Authorization: Bearer <key>`.
+    api_key: str | None = None
+    # When set, gossip packets and peer requests are authenticated with it (HMAC-SHA256); a
+    # node without it cannot join.
+    cluster_secret: str | None = None
+    # fsync the RocksDB write-ahead log before acknowledging a write. Off trades the last
+    # moments of acknowledged writes on power loss (not on process crash) for speed.
+    fsync: bool = True
+    # Largest accepted request body; 10,000 documents of dim 384 as JSON fit in the default.
+    max_body_bytes: int = 64 * MIB
+    # A shard searches exactly (flat) until it holds this many vectors, then trains IVF.
+    train_min: int = 4096
+    # Retrain a trained shard once it has grown this many times since its last training.
+    retrain_growth: float = 4.0
+    # Snapshot a shard's index this often (seconds) when it has changed since the last one.
+    snapshot_interval_s: float = 30.0
+    # Most query rows grouped into one FAISS call by the dynamic batcher.
+    search_batch_rows: int = 512
+    # Threads that run FAISS searches; None = one per core (at least 2).
+    search_threads: int | None = None
+    # Gossip (SWIM) timing; memberlist's LAN defaults.
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 0.5
+    gossip_interval_s: float = 0.2
+    push_pull_interval_s: float = 30.0
+    suspicion_mult: int = 4
+    # Default timeout of a fan-out search when the request names none.
+    search_timeout_ms: int = 10_000
+    # Time a peer request may take before it is treated as failed (writes, gets).
+    peer_timeout_s: float = 10.0
+    # A node dead this long has its shards re-replicated elsewhere; <= 0 turns it off.
+    dead_grace_s: float = 60.0
+    # Python logging level name.
+    log_level: str = "INFO"
+
+    @property
+    def addr(self) -> str:
+        return self.advertise or f"{self.host}:{self.port}"
+
+    def validate(self) -> NodeConfig:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1..65535, not {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be at least 1024")
+        if self.train_min < 1:
+            raise ValueError("train_min must be positive")
+        if self.retrain_growth <= 1:
+            raise ValueError("retrain_growth must be above 1")
+        for s in self.seeds:
+            parse_hostport(s)
+        if self.advertise:
+            parse_hostport(self.advertise)
+        return self
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _parse_bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {v!r}")
+
+
+def _convert(name: str, raw: Any) -> Any:
+    """Turn a string (environment) or flag value into the field's type."""
+    if raw is None:
+        return None
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    typ = str(fields[name].type)
+    if not isinstance(raw, str):
+        return tuple(raw) if name == "seeds" else raw
+    if name == "seeds":
+        return tuple(s.strip() for s in raw.split(",") if s.strip())
+    if name == "data_dir":
+        return Path(raw)
+    if typ.startswith("bool"):
+        return _parse_bool(raw)
+    if typ.startswith("int"):
+        return int(raw)
+    if typ.startswith("float"):
+        return float(raw)
+    return raw or None if "None" in typ else raw
+
+
+ENV_NAMES = {f.name: "AQUILA_" + f.name.upper() for f in dataclasses.fields(NodeConfig)}
+ENV_NAMES["data_dir"] = "AQUILA_DATA"
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> NodeConfig:
+    """Defaults, then `AQUILA_*` environment, then flags that were given (not None)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, env in ENV_NAMES.items():
+        if env in environ:
+            try:
+                values[name] = _convert(name, environ[env])
+            except ValueError as exc:
+                raise ValueError(f"{env}: {exc}") from None
+    for name, raw in (flags or {}).items():
+        if raw is not None:
+            values[name] = _convert(name, raw)
+    return NodeConfig(**values).validate()

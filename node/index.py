@@ -1,0 +1,165 @@
+"""One shard's FAISS index over numpy arrays: exact (flat) while small, IVF once trained.
+
+Labels are the documents' stable int64 labels. Cosine collections store unit vectors and
+search by inner product; callers normalise (see `prepare`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from cluster.spec import CollectionSpec, pq_m
+
+_SNAP_MAGIC = b"AQIX1\n"
+# covered seq, trained-at count, kind (0 flat, 1 ivf), crc32 of payload, payload length
+_SNAP_HEADER = struct.Struct(">QQBIQ")
+
+
+def faiss_metric(metric: str) -> int:
+    return int(faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
+
+
+def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """float32, C-contiguous, unit length for cosine."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if metric == "cosine":
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        norms[norms == 0] = 1.0
+        x = x / norms
+    return np.ascontiguousarray(x)
+
+
+def choose_nlist(n: int, configured: int | None) -> int:
+    """About 4·√n lists, never more than n/8 (each list needs points to train on)."""
+    if configured is not None:
+        return max(1, min(configured, n))
+    return max(1, min(int(round(4 * math.sqrt(n))), n // 8))
+
+
+@dataclass
+class ShardIndex:
+    index: faiss.Index
+    trained: bool  # an IVF index (False: exact flat)
+    trained_at: int  # vectors it was trained on (0 for flat)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @staticmethod
+    def flat(dim: int, metric: str) -> ShardIndex:
+        base = faiss.IndexFlat(dim, faiss_metric(metric))
+        return ShardIndex(faiss.IndexIDMap2(base), False, 0)
+
+    @staticmethod
+    def train_ivf(spec: CollectionSpec, vectors: np.ndarray, labels: np.ndarray) -> ShardIndex:
+        """Train an IVF index of the collection's type on `vectors` and add them. Slow: call
+        from a background thread; FAISS releases the GIL."""
+        n, dim = vectors.shape
+        nlist = choose_nlist(n, spec.index.nlist)
+        metric = faiss_metric(spec.metric)
+        quantizer = faiss.IndexFlat(dim, metric)
+        kind = spec.index.type
+        index: faiss.IndexIVF
+        if kind == "ivf_sq8":
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric
+            )
+        elif kind == "ivf_pq":
+            m = pq_m(dim) or 1
+            nbits = 8 if n >= 256 * 16 else max(4, int(math.log2(max(16, n // 16))))
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, min(nbits, 8), metric)
+        else:
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+        index.cp.min_points_per_centroid = 5  # small shards train without FAISS's warnings
+        sample = vectors
+        max_train = 256 * nlist
+        if n > max_train:
+            rng = np.random.default_rng(0)
+            sample = vectors[rng.choice(n, max_train, replace=False)]
+        index.train(sample)
+        # A hash table from label to list position makes remove_ids and reconstruct O(1).
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        index.add_with_ids(vectors, labels)
+        return ShardIndex(index, True, n)
+
+    def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+        if len(labels):
+            self.index.add_with_ids(vectors, labels)
+
+    def remove(self, labels: np.ndarray) -> None:
+        if len(labels):
+            self.index.remove_ids(np.ascontiguousarray(labels, dtype=np.int64))
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, labels), each nq × k; label -1 where fewer than k were found.
+
+        `allowed`: only these labels may be returned (a filter), None for all.
+        """
+        k = max(1, min(k, max(1, self.ntotal)))
+        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
+        if self.trained:
+            params: faiss.SearchParameters = faiss.SearchParametersIVF(
+                nprobe=max(1, min(nprobe, self.index.nlist)), sel=sel
+            )
+            return self.index.search(queries, k, params=params)  # type: ignore[no-any-return]
+        if sel is not None:
+            return self.index.search(  # type: ignore[no-any-return]
+                queries, k, params=faiss.SearchParameters(sel=sel)
+            )
+        return self.index.search(queries, k)  # type: ignore[no-any-return]
+
+    def reconstruct(self, labels: np.ndarray) -> np.ndarray:
+        return np.vstack([self.index.reconstruct(int(lab)) for lab in labels])
+
+    # -- snapshots ------------------------------------------------------------------------
+    def save(self, path: Path, covered_seq: int) -> None:
+        """Write atomically: a crash mid-write leaves the previous snapshot in place."""
+        payload = faiss.serialize_index(self.index).tobytes()
+        head = _SNAP_HEADER.pack(
+            covered_seq, self.trained_at, int(self.trained), zlib.crc32(payload), len(payload)
+        )
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(_SNAP_MAGIC + head)
+            f.write(payload)
+            f.flush()
+
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+    @staticmethod
+    def load(path: Path) -> tuple[ShardIndex, int] | None:
+        """(index, covered seq), or None when missing or damaged (the caller rebuilds)."""
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return None
+        n0 = len(_SNAP_MAGIC)
+        if len(raw) < n0 + _SNAP_HEADER.size or raw[:n0] != _SNAP_MAGIC:
+            return None
+        seq, trained_at, kind, crc, length = _SNAP_HEADER.unpack_from(raw, n0)
+        payload = raw[n0 + _SNAP_HEADER.size :]
+        if len(payload) != length or zlib.crc32(payload) != crc:
+            return None
+        try:
+            index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+        except RuntimeError:
+            return None
+        if kind:
+            faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
+        return ShardIndex(index, bool(kind), int(trained_at)), int(seq)
