@@ -147,8 +147,10 @@ class _Planner:
         for name, _, _ in pending:
             totals[name] += 1
         self.target = _targets(self.names, self.live, totals, self.count, room)
+        by_name = {name: [p for p in pending if p[0] == name] for name in self.names}
+        self._improve(by_name)
         for name in self.names:
-            self._fill([p for p in pending if p[0] == name])
+            self._fill(by_name[name])
         self._balance()
         return self.moves
 
@@ -171,18 +173,80 @@ class _Planner:
                 out.extend((name, shard, None) for _ in range(room))
         return out
 
-    def _fill(self, pending: list[tuple[str, int, str | None]]) -> None:
-        """Place one collection's pending replicas, into the nodes below target if possible.
-
-        Which pending replica goes to which node below target is a matching (a node takes at
-        most one replica of a shard, and none of a shard it holds); it is solved as a flow so
-        that as many as possible land where they are wanted. The rest go to the node least
-        over its target; the balance step then moves one replica on from there.
-        """
-        if not pending:
+    def _improve(self, pending: Mapping[str, list[tuple[str, int, str | None]]]) -> None:
+        """Hill-climb the targets on the true cost, which counts the pending replicas that
+        cannot land below target. `_targets` only estimates that part, so when anything is
+        pending, try handing a collection's extra replica to another node (alone, or swapped
+        with another collection's to keep the overall spread) while that saves moves."""
+        if not any(pending.values()):
             return
+        target = self.target
+        cost = {name: self._cost(name, pending[name], target[name]) for name in self.names}
+        extras = {node: 0 for node in self.live}
+        base = {name: min(target[name].values()) for name in self.names}
+        for name in self.names:
+            for node in self.live:
+                extras[node] += target[name][node] - base[name]
+        improved = True
+        while improved:
+            improved = False
+            for name in self.names:
+                if not pending[name]:
+                    continue
+                for giver in self.live:
+                    for taker in self.live:
+                        if target[name][giver] == base[name] or target[name][taker] > base[name]:
+                            continue
+                        swaps: list[str | None] = [None] if extras[giver] > extras[taker] else []
+                        swaps += [
+                            other
+                            for other in self.names
+                            if other != name
+                            and target[other][taker] > base[other]
+                            and target[other][giver] == base[other]
+                        ]
+                        for other in swaps:
+                            changed = {name: dict(target[name])}
+                            changed[name][giver] -= 1
+                            changed[name][taker] += 1
+                            if other is not None:
+                                changed[other] = dict(target[other])
+                                changed[other][taker] -= 1
+                                changed[other][giver] += 1
+                            new = {n: self._cost(n, pending[n], t) for n, t in changed.items()}
+                            if sum(new.values()) < sum(cost[n] for n in changed):
+                                target.update(changed)
+                                cost.update(new)
+                                if other is None:
+                                    extras[giver] -= 1
+                                    extras[taker] += 1
+                                improved = True
+                                break
+                        if improved:
+                            break
+                    if improved:
+                        break
+                if improved:
+                    break
+
+    def _cost(
+        self, name: str, pending: list[tuple[str, int, str | None]], target: Mapping[str, int]
+    ) -> int:
+        """Moves of live replicas `name` needs with these targets (besides the pending)."""
+        count = self.count[name]
+        excess = sum(max(0, count[node] - target[node]) for node in self.live)
+        return excess + len(pending) - sum(len(v) for v in self._match(pending, target).values())
+
+    def _match(
+        self, pending: list[tuple[str, int, str | None]], target: Mapping[str, int]
+    ) -> dict[int, list[str]]:
+        """Which pending replica of a collection can go to which node below target: a
+        matching (a node takes at most one replica of a shard, and none of a shard it holds),
+        solved as a flow so that as many as possible land where they are wanted."""
+        if not pending:
+            return {}
         name = pending[0][0]
-        count, target = self.count[name], self.target[name]
+        count = self.count[name]
         shards = sorted({shard for _, shard, _ in pending})
         nodes = sorted(self.live, key=lambda node: (self.load[node], node))
         graph = _FlowGraph(2 + len(shards) + len(nodes))
@@ -199,7 +263,7 @@ class _Planner:
             if target[node] > count[node]:
                 graph.add(1 + len(shards) + j, sink, target[node] - count[node], 0)
         graph.min_cost_flow(source, sink, len(pending))
-        matched = {
+        return {
             shard: [
                 node
                 for node in self.live
@@ -207,6 +271,16 @@ class _Planner:
             ]
             for shard in shards
         }
+
+    def _fill(self, pending: list[tuple[str, int, str | None]]) -> None:
+        """Place one collection's pending replicas: below target where the matching puts
+        them, the rest on the node least over its target (the balance step then moves one
+        replica on from there)."""
+        if not pending:
+            return
+        name = pending[0][0]
+        count, target = self.count[name], self.target[name]
+        matched = self._match(pending, target)
         for _, shard, from_node in pending:
             if matched[shard]:
                 to_node = matched[shard].pop(0)
@@ -306,10 +380,12 @@ def _targets(
     and as close to `count` as possible (fewest replicas above target).
 
     Collection `c` gives every node ⌊T_c/L⌋ and `e_c = T_c mod L` nodes one more. Which nodes
-    get the extras is a min-cost flow: source → c (capacity e_c) → node (capacity 1) → sink. The
-    arc costs 0 if the node already holds more than ⌊T_c/L⌋ (an extra there saves a move), 2 if
-    the node could not be brought up to ⌊T_c/L⌋ + 1 by the collection's pending replicas alone
-    (it would take one more move; a tie-break, as nodes compete for the same replicas), else 1.
+    get the extras is a min-cost flow: source → c (capacity e_c) → node (capacity 1) → sink.
+    In units of `unit`, an arc costs 0 if the node already holds more than ⌊T_c/L⌋ (an extra
+    there keeps a replica that would otherwise move), 2 if the collection's pending replicas
+    alone could not fill the node up to ⌊T_c/L⌋ + 1 (that would take one more move), else 1.
+    Below one unit, ties go to the node that needs the fewest pending replicas, which leaves
+    the most of them for the others (nodes compete for the same replicas: a heuristic).
     Each node must take ⌊E/L⌋ or ⌈E/L⌉ of all E extras: its first ⌊E/L⌋ units to the sink are
     free and one more costs more than all the rest together, so an even spread always wins.
     """
@@ -318,7 +394,9 @@ def _targets(
     extras = {name: totals[name] % width for name in names}
     total_extras = sum(extras.values())
     floor_share = total_extras // width
-    penalty = 2 * total_extras + 1  # more than any choice of the per-arc costs adds up to
+    # `unit` exceeds any sum of tie-breaks, `penalty` any sum of arc costs.
+    unit = 1 + sum(extras[name] * (base[name] + 1) for name in names)
+    penalty = 3 * unit * (total_extras + 1)
 
     graph = _FlowGraph(2 + len(names) + width)
     source, sink = 0, 1 + len(names) + width
@@ -326,13 +404,13 @@ def _targets(
     for i, name in enumerate(names):
         graph.add(source, 1 + i, extras[name], 0)
         for j, node in enumerate(live):
-            held = count[name][node]
-            if held > base[name]:
-                cost = 0  # an extra here keeps a replica that would otherwise move
-            elif base[name] + 1 - held > room[name][node]:
-                cost = 2  # the node could not be filled up to it without another move
+            need = base[name] + 1 - count[name][node]
+            if need <= 0:
+                cost = 0
+            elif need > room[name][node]:
+                cost = 2 * unit + need
             else:
-                cost = 1
+                cost = unit + need
             arcs[(name, node)] = graph.add(1 + i, 1 + len(names) + j, 1, cost)
     for j in range(width):
         if floor_share:

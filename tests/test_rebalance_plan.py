@@ -63,16 +63,62 @@ def fixes(
     )
 
 
+def placeable(
+    pending: Mapping[int, int], holders: Mapping[int, set[str]], room: Mapping[str, int]
+) -> int:
+    """How many pending replicas (shard → count) can go to nodes with room, at most one per
+    shard and node and none to a node already holding the shard: a max flow, by augmenting
+    paths over (shard, node) pairs."""
+    assigned: dict[tuple[int, str], bool] = {}
+    used = dict.fromkeys(room, 0)
+    placed = 0
+
+    def augment(shard: int, seen: set[str]) -> bool:
+        for node in sorted(room):
+            if node in holders[shard] or assigned.get((shard, node)) or node in seen:
+                continue
+            seen.add(node)
+            if used[node] < room[node]:
+                used[node] += 1
+                assigned[(shard, node)] = True
+                return True
+            # Take the node's slot from another shard if that one can go elsewhere.
+            for (other, where), on in list(assigned.items()):
+                if on and where == node and augment(other, seen):
+                    assigned[(other, node)] = False
+                    assigned[(shard, node)] = True
+                    return True
+        return False
+
+    for shard, want in sorted(pending.items()):
+        for _ in range(want):
+            placed += augment(shard, set())
+    return placed
+
+
 def optimum(
     maps: Mapping[str, list[list[str]]], replication: Mapping[str, int], live: Sequence[str]
 ) -> int:
-    """The fewest moves, by trying every balanced target (small clusters only)."""
+    """The fewest moves, by trying every balanced target (small clusters only).
+
+    For a target, every dead or missing replica costs a move; so does every replica above
+    target on a node; and so does every pending replica that cannot land on a node below
+    target (it lands elsewhere and pushes something on).
+    """
     live = sorted(set(live))
     width = len(live)
     per = counts(maps, live)
     sizes = final_sizes(maps, replication, live)
     names = sorted(maps)
     totals = {name: sum(sizes[name]) for name in names}
+    pending = {
+        name: {
+            s: sizes[name][s] - sum(1 for node in replicas if node in live)
+            for s, replicas in enumerate(maps[name])
+        }
+        for name in names
+    }
+    holders = {name: {s: set(r) for s, r in enumerate(maps[name])} for name in names}
     best: int | None = None
     choices = [itertools.combinations(live, totals[name] % width) for name in names]
     for extra_sets in itertools.product(*choices):
@@ -81,12 +127,14 @@ def optimum(
             continue
         cost = 0
         for name, chosen in zip(names, extra_sets, strict=True):
-            for node in live:
-                target = totals[name] // width + (node in chosen)
-                cost += max(0, per[name][node] - target)
+            target = {node: totals[name] // width + (node in chosen) for node in live}
+            cost += sum(max(0, per[name][node] - target[node]) for node in live)
+            room = {node: max(0, target[node] - per[name][node]) for node in live}
+            wanted = sum(pending[name].values())
+            cost += wanted + wanted - placeable(pending[name], holders[name], room)
         best = cost if best is None else min(best, cost)
     assert best is not None
-    return fixes(maps, replication, live) + best
+    return best
 
 
 def check_plan(maps: Maps, replication: Mapping[str, int], live: Sequence[str]) -> list[Move]:

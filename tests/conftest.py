@@ -1,0 +1,205 @@
+"""Shared fixtures: a real one-node Aquila app served over real HTTP on 127.0.0.1.
+
+`node` is a running node (small `train_min` so IVF training happens on a few hundred
+documents); `start_node(**overrides)` starts more nodes with other settings (API key, small
+body limit, ...). Every node gets its own data_dir under pytest's tmp_path and a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+
+from node.app import make_app
+from node.config import NodeConfig, load_config
+
+# A small training threshold so IVF shards train on a few hundred documents in tests.
+TEST_TRAIN_MIN = 64
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(
+    pred: Callable[[], Any] | Callable[[], Awaitable[Any]],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> Any:
+    """Poll `pred` (sync or async) until it returns something truthy; that value is returned.
+    Fails the test with `what` once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def expect_error(resp: ClientResponse, status: int, code: str) -> str:
+    """Assert the contract's error shape with this status and code; return the message."""
+    body = await resp.json()
+    assert resp.status == status, (resp.status, body)
+    assert resp.content_type == "application/json"
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    message = body["error"]["message"]
+    assert isinstance(message, str) and message, body
+    return message
+
+
+async def ok_json(resp: ClientResponse, status: int = 200) -> Any:
+    body = await resp.json()
+    assert resp.status == status, (resp.status, body)
+    return body
+
+
+@dataclass
+class Node:
+    """A running node and a client bound to it, with thin helpers over the REST API."""
+
+    client: TestClient[Any, Any]
+    config: NodeConfig
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config.data_dir)
+
+    async def create(
+        self, name: str, dim: int, metric: str = "l2", index: str = "flat", shards: int = 2,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        body = {"dim": dim, "metric": metric, "shards": shards, "index": {"type": index}, **extra}
+        resp = await self.client.put(f"/v1/collections/{name}", json=body)
+        return await ok_json(resp, 201)  # type: ignore[no-any-return]
+
+    async def upsert(self, name: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
+        resp = await self.client.post(f"/v1/collections/{name}/documents", json={"documents": docs})
+        return await ok_json(resp)  # type: ignore[no-any-return]
+
+    async def upsert_matrix(
+        self,
+        name: str,
+        x: npt.NDArray[np.float32],
+        metadata: list[dict[str, Any]] | None = None,
+        prefix: str = "d",
+        batch: int = 1000,
+    ) -> list[str]:
+        ids = [f"{prefix}{i}" for i in range(len(x))]
+        for lo in range(0, len(x), batch):
+            docs = [
+                {"id": ids[i], "vector": x[i].tolist(), "metadata": (metadata or [{}] * len(x))[i]}
+                for i in range(lo, min(lo + batch, len(x)))
+            ]
+            await self.upsert(name, docs)
+        return ids
+
+    async def search(self, name: str, **body: Any) -> dict[str, Any]:
+        resp = await self.client.post(f"/v1/collections/{name}/search", json=body)
+        return await ok_json(resp)  # type: ignore[no-any-return]
+
+    async def describe(self, name: str) -> dict[str, Any]:
+        return await ok_json(await self.client.get(f"/v1/collections/{name}"))  # type: ignore[no-any-return]
+
+    async def wait_trained(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
+        """Poll the description until every shard's index_state is "trained"."""
+
+        async def trained() -> dict[str, Any] | None:
+            desc = await self.describe(name)
+            states = {s["index_state"] for s in desc["shard_states"]}
+            return desc if states == {"trained"} else None
+
+        return await wait_for(trained, timeout, interval=0.05, what=f"{name} to be trained")  # type: ignore[no-any-return]
+
+
+StartNode = Callable[..., Awaitable[Node]]
+
+
+@pytest.fixture
+async def start_node(tmp_path: Path) -> AsyncIterator[StartNode]:
+    """Factory: `await start_node(api_key="k", max_body_bytes=4096, ...)` → a running Node.
+
+    Flags go through `load_config` (so they are validated like the CLI's); `train_min` and
+    `snapshot_interval_s` default to test-friendly values."""
+    async with AsyncExitStack() as stack:
+        counter = 0
+
+        async def start(**overrides: Any) -> Node:
+            nonlocal counter
+            counter += 1
+            flags: dict[str, Any] = {
+                "data_dir": tmp_path / f"node{counter}",
+                "port": free_port(),
+                "train_min": TEST_TRAIN_MIN,
+                "search_threads": 2,
+                **overrides,
+            }
+            config = load_config(flags, environ={})
+            server = TestServer(make_app(config), host="127.0.0.1", port=config.port)
+            client: TestClient[Any, Any] = TestClient(server)
+            await client.start_server()
+            stack.push_async_callback(client.close)
+            return Node(client, config)
+
+        yield start
+
+
+@pytest.fixture
+async def node(start_node: StartNode) -> Node:
+    """A running one-node cluster with default settings and train_min=64."""
+    return await start_node()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+# -- numpy brute force ---------------------------------------------------------------------
+def brute_force(
+    base: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], k: int, metric: str
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """(rows, scores) of the exact k best per query, best first, in float64.
+
+    l2: squared distance ascending; ip: inner product descending; cosine: cosine similarity
+    descending. Ties go to the lower row (stable sort)."""
+    x = base.astype(np.float64)
+    q = queries.astype(np.float64)
+    if metric == "l2":
+        s = (q * q).sum(1)[:, None] - 2 * q @ x.T + (x * x).sum(1)[None, :]
+        order = np.argsort(s, axis=1, kind="stable")
+    else:
+        if metric == "cosine":
+            x = x / np.linalg.norm(x, axis=1, keepdims=True)
+            q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        s = q @ x.T
+        order = np.argsort(-s, axis=1, kind="stable")
+    top = order[:, :k]
+    return top, np.take_along_axis(s, top, axis=1)
+
+
+def assert_well_separated(scores: npt.NDArray[np.float64], k: int, gap: float = 1e-4) -> None:
+    """Exact id/order comparisons need no near-ties among the first k+1 of the brute force."""
+    d = np.abs(np.diff(scores[:, : k + 1], axis=1))
+    assert (d > gap).all(), "random test data has near-ties; pick another seed"
