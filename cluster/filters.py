@@ -15,7 +15,7 @@ from cluster.errors import BadRequest
 
 Predicate = Callable[[Any], bool]
 _MISSING = object()
-_RANGE_OPS = {
+_RANGE_OPS: dict[str, Callable[[Any, Any], bool]] = {
     "gte": lambda a, b: a >= b,
     "gt": lambda a, b: a > b,
     "lte": lambda a, b: a <= b,
@@ -73,7 +73,9 @@ def _cond(c: Any, where: str) -> Predicate:
         raise BadRequest(f"{where}: 'range' takes gte, gt, lte, lt")
     if not all(_is_number(b) for b in bounds.values()):
         raise BadRequest(f"{where}: range bounds must be numbers")
-    checks = [(_RANGE_OPS[op], b) for op, b in bounds.items()]
+    checks: list[tuple[Callable[[Any, Any], bool], Any]] = [
+        (_RANGE_OPS[op], b) for op, b in bounds.items()
+    ]
 
     def in_range(doc: Any) -> bool:
         v = _lookup(doc, path)

@@ -14,7 +14,7 @@ import logging
 import random
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from cluster.clock import Clock
 from cluster.membership import Effects, Member, MemberTable, State, TableParams
@@ -44,7 +44,9 @@ from cluster.messages import (
     seal,
 )
 from cluster.suspicion import Awareness, push_pull_scale, retransmit_limit
-from cluster.transport import PushPullTransport, Transport
+from cluster.transport import Delegate, PushPullTransport, Transport
+
+__all__ = ["Delegate", "Gossip", "GossipConfig", "GossipError", "GossipStats", "JoinError"]
 
 log = logging.getLogger(__name__)
 
@@ -91,30 +93,6 @@ class GossipConfig:
     dead_node_reclaim_time: float = 0.0
     # Largest UDP packet we send, MAC included: under a typical MTU to avoid fragmentation.
     max_packet_size: int = MAX_PACKET_SIZE
-
-
-class Delegate(Protocol):
-    """Hooks for the layer that rides on gossip (memberlist's Delegate + EventDelegate)."""
-
-    def local_state(self) -> bytes:
-        """Our full application state, sent in every push-pull."""
-        ...
-
-    def merge_remote_state(self, data: bytes) -> None:
-        """A peer's `local_state` from a push-pull."""
-        ...
-
-    def get_broadcasts(self, limit_bytes: int) -> list[bytes]:
-        """User messages to piggyback; their total size must stay within `limit_bytes`."""
-        ...
-
-    def notify_msg(self, data: bytes) -> None:
-        """A user message received from a peer."""
-        ...
-
-    def notify_change(self, member: Member) -> None:
-        """A member joined or changed state, incarnation or metadata."""
-        ...
 
 
 class GossipError(Exception):
@@ -201,6 +179,7 @@ class Gossip:
         self._wake: asyncio.Future[None] | None = None
         self._tasks = _Tasks()
         self._running = False
+        self._stopped = False
 
     # --- public API ---------------------------------------------------------------------
 
@@ -215,6 +194,7 @@ class Gossip:
 
     async def stop(self) -> None:
         self._running = False
+        self._stopped = True
         tasks = self._tasks.loops + list(self._tasks.spawned)
         for t in tasks:
             t.cancel()
@@ -289,9 +269,11 @@ class Gossip:
     def handle_push_pull(self, payload: bytes) -> bytes:
         """Serve a peer's push-pull: merge its state, return ours.
 
-        Raises messages.AuthError (wrong secret) or messages.DecodeError (garbage); the
-        HTTP handler maps those to 401 / 400.
+        Raises messages.AuthError (wrong secret) or messages.DecodeError (garbage), which
+        the HTTP handler maps to 401 / 400, and GossipError once stopped (503).
         """
+        if self._stopped:
+            raise GossipError("gossip is stopped")
         try:
             msg = decode(open_sealed(self._key, payload))
         except AuthError:

@@ -91,7 +91,7 @@ class MemNetwork:
 
     async def _exchange(self, src: str, dst: str, payload: bytes, limit: float) -> bytes:
         handler = self._push_pull.get(dst)
-        if handler is None or dst not in self._receivers:
+        if handler is None:
             raise ConnectionRefusedError(f"nothing listening at {dst}")
         if not (self._reachable(src, dst) and self._reachable(dst, src)):
             # A stopped or cut-off peer does not refuse, it hangs until the caller gives up.
@@ -113,7 +113,9 @@ class MemTransport:
         self._net._send(self.addr, addr, data)
 
     async def close(self) -> None:
+        # The node is gone: nothing answers its datagrams or its push-pull any more.
         self._net._receivers.pop(self.addr, None)
+        self._net._push_pull.pop(self.addr, None)
 
 
 class MemPushPull:

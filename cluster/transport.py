@@ -1,13 +1,17 @@
-"""I/O boundaries of the gossip layer: a packet transport and a full-state exchange.
+"""Boundaries of the gossip layer: a packet transport, a full-state exchange, and the
+Delegate through which the layer above rides on gossip.
 
-Each has a real implementation (`udp.py`; push-pull over HTTP wired in `node/`) and an
-in-memory twin (`memnet.py`) so many nodes can run in one process under a fake clock.
+The two transports each have a real implementation (`udp.py`; push-pull over HTTP wired in
+`node/`) and an in-memory twin (`memnet.py`), so many nodes can run in one process under a
+fake clock.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Protocol
+
+from cluster.membership import Member
 
 # Called with (packet, sender "host:port") for every datagram received. Must not block.
 Receiver = Callable[[bytes, str], None]
@@ -37,4 +41,28 @@ class PushPullTransport(Protocol):
     # injected Clock and the real implementation hands it to its HTTP client.
     async def exchange(self, addr: str, payload: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
         """Send our state, return theirs; raise (OSError, TimeoutError, ...) on failure."""
+        ...
+
+
+class Delegate(Protocol):
+    """Hooks for the layer that rides on gossip (memberlist's Delegate + EventDelegate)."""
+
+    def local_state(self) -> bytes:
+        """Our full application state, sent in every push-pull."""
+        ...
+
+    def merge_remote_state(self, data: bytes) -> None:
+        """A peer's `local_state` from a push-pull."""
+        ...
+
+    def get_broadcasts(self, limit_bytes: int) -> list[bytes]:
+        """User messages to piggyback; their total size must stay within `limit_bytes`."""
+        ...
+
+    def notify_msg(self, data: bytes) -> None:
+        """A user message received from a peer."""
+        ...
+
+    def notify_change(self, member: Member) -> None:
+        """A member joined or changed state, incarnation or metadata."""
         ...

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from cluster.errors import AquilaError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from cluster.requests import loads_overflowing
 from cluster.spec import parse_spec
 from node.keys import CONFIG, METRICS, READY, SERVICE
 from node.openapi import openapi_document
@@ -90,6 +91,11 @@ async def read_json(request: web.Request) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "number is infinity" in str(exc):
+            try:
+                return loads_overflowing(raw)
+            except ValueError:
+                pass
         raise BadRequest(f"malformed JSON: {exc}") from None
 
 

@@ -13,12 +13,14 @@ from aiohttp import web
 
 from node.api import add_public_routes, error_middleware, not_found
 from node.blocking import Blocking
+from node.cluster_api import add_cluster_routes
+from node.cluster_node import ClusterNode
 from node.collection import Tuning
 from node.config import NodeConfig
 from node.engine import Engine
-from node.keys import CONFIG, METRICS, READY, SERVICE
+from node.internal_api import add_internal_routes
+from node.keys import CLUSTER, CONFIG, METRICS, READY, SERVICE
 from node.metrics import Metrics
-from node.service import LocalService
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,21 @@ def make_app(config: NodeConfig) -> web.Application:
     app[METRICS] = Metrics()
     app[READY] = asyncio.Event()
     add_public_routes(app)
+    add_cluster_routes(app)
+    add_internal_routes(app)
     app.router.add_route("*", "/{tail:.*}", not_found)
     app.cleanup_ctx.append(_storage)
     return app
+
+
+async def _join_then_ready(app: web.Application, cluster: ClusterNode) -> None:
+    """Ready once joined (the HTTP server must be up first: peers push-pull with us)."""
+    config = app[CONFIG]
+    if config.seeds:
+        await cluster.join(list(config.seeds), deadline_s=float("inf"))
+    await cluster.runtime.wait_reconciled(300)
+    app[READY].set()
+    log.info("node %s ready on %s", cluster.node_id, config.addr)
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:
@@ -60,18 +74,22 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     engine = Engine(Path(config.data_dir), blocking, tuning, config.fsync)
     node_id = node_identity(config)
     await engine.start()
-    app[SERVICE] = LocalService(engine, node_id)
+    cluster = ClusterNode.build(node_id, config, engine, blocking)
+    app[CLUSTER] = cluster
+    app[SERVICE] = cluster.coordinator
+    await cluster.start()
     app[METRICS].watch_collections(lambda: {n: c.count() for n, c in engine.collections.items()})
     snapshots = asyncio.get_running_loop().create_task(
         engine.snapshot_loop(config.snapshot_interval_s)
     )
-    app[READY].set()
-    log.info("node %s ready on %s", node_id, config.addr)
+    joining = asyncio.get_running_loop().create_task(_join_then_ready(app, cluster))
     try:
         yield
     finally:
         app[READY].clear()
-        snapshots.cancel()
-        await asyncio.gather(snapshots, return_exceptions=True)
+        for task in (joining, snapshots):
+            task.cancel()
+        await asyncio.gather(joining, snapshots, return_exceptions=True)
+        await cluster.stop()
         await engine.close()
         blocking.close()

@@ -52,7 +52,9 @@ class SearchBatcher(Generic[R]):
 
     def _take(self) -> list[_Pending[R]]:
         first = self._queue[0]
-        batch, rest, rows = [], [], 0
+        batch: list[_Pending[R]] = []
+        rest: list[_Pending[R]] = []
+        rows = 0
         for p in self._queue:
             if p.key == first.key and (not batch or rows + len(p.queries) <= self._max_rows):
                 batch.append(p)

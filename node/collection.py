@@ -13,18 +13,20 @@ import shutil
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
 
+from cluster.docs import Hit, Incoming
+from cluster.errors import Unavailable
 from cluster.merge import merge_label_arrays
 from cluster.spec import CollectionSpec
 from node.batcher import SearchBatcher
 from node.blocking import Blocking
 from node.index import prepare
 from node.locks import RWLock
-from node.shard import Incoming, IndexOps, Shard
+from node.shard import IndexOps, Shard
 from node.store import Record, Store, WriteBatch
 
 log = logging.getLogger(__name__)
@@ -33,14 +35,6 @@ log = logging.getLogger(__name__)
 _LABEL_BITS = 40
 # A filtered search over at most this many matching documents is exact, by brute force.
 _EXACT_FILTER_MAX = 50_000
-
-
-@dataclass(slots=True)
-class Hit:
-    id: str
-    score: float
-    metadata: bytes  # the stored JSON object
-    vector: bytes  # float32 little-endian
 
 
 @dataclass(frozen=True)
@@ -125,19 +119,18 @@ class Collection:
         await self.blocking.write(shutil.rmtree, self.root, True)
 
     # -- writes ---------------------------------------------------------------------------
-    async def write(self, by_shard: dict[int, list[Incoming]]) -> tuple[int, int]:
-        """Upserts and deletes, durable on return; (documents changed, live ones deleted)."""
+    async def write(self, by_shard: dict[int, list[Incoming]]) -> dict[int, tuple[int, int]]:
+        """Upserts and deletes, durable on return; per shard (documents changed, live
+        documents deleted)."""
         missing = [s for s in by_shard if s not in self.shards]
         if missing:
-            from cluster.errors import Unavailable
-
             raise Unavailable(f"shard(s) {missing} of {self.spec.name!r} are not on this node")
         async with self._write_mutex:
             ops = await self.blocking.write(self._write_sync, by_shard)
             async with self._rw.write():
                 await self.blocking.write(self._apply_sync, ops)
         self._maybe_train()
-        return sum(o.applied for o in ops.values()), sum(o.deleted for o in ops.values())
+        return {s: (o.applied, o.deleted) for s, o in ops.items()}
 
     def _write_sync(self, by_shard: dict[int, list[Incoming]]) -> dict[int, IndexOps]:
         batch = WriteBatch()
@@ -160,6 +153,24 @@ class Collection:
         recs = await self.blocking.search(self.store.get_records, shard, [doc_id])
         rec = recs[0]
         return None if rec is None or rec.tombstone else rec
+
+    async def stream_shard(
+        self, shard: int, after: str | None, limit: int
+    ) -> tuple[list[Incoming], str | None]:
+        """A page of the shard's records, tombstones included, in id order (for transfers
+        and anti-entropy); the id to continue after, None at the end."""
+        return await self.blocking.search(self._stream_sync, shard, after, limit)
+
+    def _stream_sync(
+        self, shard: int, after: str | None, limit: int
+    ) -> tuple[list[Incoming], str | None]:
+        out: list[Incoming] = []
+        for doc_id, rec in self.store.iter_docs(shard, after):
+            vec = None if rec.tombstone else rec.vector_array()
+            out.append(Incoming(doc_id, vec, rec.metadata, rec.version, rec.writer))
+            if len(out) >= limit:
+                return out, doc_id
+        return out, None
 
     def count(self) -> int:
         return sum(s.count for s in self.shards.values())
@@ -189,7 +200,7 @@ class Collection:
             return await self.blocking.search(self._filtered_sync, q, k, probe, predicate, wanted)
 
     async def _run_batch(self, key: Hashable, q: np.ndarray, k: int) -> list[list[Hit]]:
-        probe, wanted = key  # type: ignore[misc]
+        probe, wanted = cast(tuple[int, tuple[int, ...]], key)
         async with self._rw.read():
             return await self.blocking.search(self._search_sync, q, k, probe, wanted)
 

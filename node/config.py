@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.config_parse import parse_hostport
+
 MIB = 1024 * 1024
 
 
@@ -84,11 +86,6 @@ class NodeConfig:
         return self
 
 
-def parse_hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected host:port, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 def _parse_bool(v: str) -> bool:

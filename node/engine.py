@@ -56,6 +56,8 @@ class Engine:
         """True when created; False when it exists with the same settings (idempotent)."""
         async with self._lock:
             existing = self.collections.get(spec.name)
+            if existing is not None and not set(shards) <= set(existing.shards):
+                raise AlreadyExists(f"collection {spec.name!r} is open with other shards")
             if existing is not None:
                 if existing.spec != spec:
                     raise AlreadyExists(f"collection {spec.name!r} exists with other settings")
@@ -72,6 +74,33 @@ class Engine:
         tmp = coll.root / "spec.json.tmp"
         tmp.write_bytes(orjson.dumps({"spec": coll.spec.to_json(), "shards": shards}))
         tmp.replace(coll.root / "spec.json")
+
+    async def ensure(self, spec: CollectionSpec, shards: Iterable[int]) -> Collection:
+        """Open these shards of the collection here, creating it when new. A collection of the
+        same name with other settings is a deleted-and-recreated one: its old data goes."""
+        wanted = sorted(set(shards))
+        coll = self.collections.get(spec.name)
+        if coll is not None and coll.spec != spec:
+            await self.drop(spec.name)
+            coll = None
+        if coll is None:
+            await self.create(spec, wanted)
+            return self.collections[spec.name]
+        missing = [s for s in wanted if s not in coll.shards]
+        if missing:
+            async with self._lock:
+                for s in missing:
+                    await coll.add_shard(s)
+                self._write_meta(coll, sorted(coll.shards))
+        return coll
+
+    async def drop_shard(self, name: str, shard: int) -> None:
+        coll = self.collections.get(name)
+        if coll is None or shard not in coll.shards:
+            return
+        async with self._lock:
+            await coll.drop_shard(shard)
+            self._write_meta(coll, sorted(coll.shards))
 
     async def drop(self, name: str) -> None:
         async with self._lock:

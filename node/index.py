@@ -12,11 +12,15 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import faiss
+import faiss as _faiss
 import numpy as np
 
 from cluster.spec import CollectionSpec, pq_m
+
+# FAISS's bundled stubs lag its API (SearchParametersIVF keywords, DirectMap, ...).
+faiss: Any = _faiss
 
 _SNAP_MAGIC = b"AQIX1\n"
 # covered seq, trained-at count, kind (0 flat, 1 ivf), crc32 of payload, payload length
@@ -46,7 +50,7 @@ def choose_nlist(n: int, configured: int | None) -> int:
 
 @dataclass
 class ShardIndex:
-    index: faiss.Index
+    index: Any  # faiss.Index
     trained: bool  # an IVF index (False: exact flat)
     trained_at: int  # vectors it was trained on (0 for flat)
 
@@ -68,7 +72,6 @@ class ShardIndex:
         metric = faiss_metric(spec.metric)
         quantizer = faiss.IndexFlat(dim, metric)
         kind = spec.index.type
-        index: faiss.IndexIVF
         if kind == "ivf_sq8":
             index = faiss.IndexIVFScalarQuantizer(
                 quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric
@@ -113,7 +116,7 @@ class ShardIndex:
         k = max(1, min(k, max(1, self.ntotal)))
         sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
         if self.trained:
-            params: faiss.SearchParameters = faiss.SearchParametersIVF(
+            params = faiss.SearchParametersIVF(
                 nprobe=max(1, min(nprobe, self.index.nlist)), sel=sel
             )
             return self.index.search(queries, k, params=params)  # type: ignore[no-any-return]

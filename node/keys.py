@@ -10,10 +10,12 @@ from aiohttp import web
 from node.config import NodeConfig
 
 if TYPE_CHECKING:
+    from cluster.coordinator import Coordinator
+    from node.cluster_node import ClusterNode
     from node.metrics import Metrics
-    from node.service import LocalService
 
 CONFIG = web.AppKey("config", NodeConfig)
-SERVICE: web.AppKey[LocalService] = web.AppKey("service")
+SERVICE: web.AppKey[Coordinator] = web.AppKey("service")
+CLUSTER: web.AppKey[ClusterNode] = web.AppKey("cluster")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 READY = web.AppKey("ready", asyncio.Event)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.docs import Incoming
 from cluster.spec import CollectionSpec
 from node.index import ShardIndex, prepare
 from node.store import Record, Store, WriteBatch
@@ -33,17 +34,6 @@ class IndexState(StrEnum):
     """An IVF index is being trained in the background; the current index keeps serving."""
     TRAINED = "trained"
     """Serving from a trained IVF index (or a collection of type flat, which never trains)."""
-
-
-@dataclass
-class Incoming:
-    """A document write as it reaches a replica: already validated and versioned."""
-
-    id: str
-    vector: np.ndarray | None  # float32 row; None for a delete
-    metadata: bytes
-    version: int
-    writer: str
 
 
 @dataclass

@@ -153,13 +153,13 @@ class Store:
     def get_records(self, shard: int, ids: list[str]) -> list[Record | None]:
         if not ids:
             return []
-        raws = self.db.get([doc_key(shard, i) for i in ids])
+        raws: list[bytes | None] = self.db.get([doc_key(shard, i) for i in ids])  # type: ignore[assignment]
         return [Record.decode(r) if r is not None else None for r in raws]
 
     def get_records_multi(self, keys: list[tuple[int, str]]) -> list[Record | None]:
         if not keys:
             return []
-        raws = self.db.get([doc_key(s, i) for s, i in keys])
+        raws: list[bytes | None] = self.db.get([doc_key(s, i) for s, i in keys])  # type: ignore[assignment]
         return [Record.decode(r) if r is not None else None for r in raws]
 
     def write(self, batch: WriteBatch) -> None:
@@ -173,9 +173,9 @@ class Store:
         seq, label = _COUNTERS.unpack(raw)
         return int(seq), int(label)
 
-    def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    def _scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         it = self.db.iter()
-        it.seek(prefix)
+        it.seek(start or prefix)
         while it.valid():
             key = it.key()
             if not key.startswith(prefix):
@@ -183,10 +183,12 @@ class Store:
             yield key, it.value()
             it.next()
 
-    def iter_docs(self, shard: int) -> Iterator[tuple[str, Record]]:
+    def iter_docs(self, shard: int, after: str | None = None) -> Iterator[tuple[str, Record]]:
+        """Every record of the shard (tombstones too) in id order, after `after` if given."""
         prefix = _shard_key(b"D", shard)
         n = len(prefix)
-        for key, raw in self._scan(prefix):
+        start = prefix if after is None else doc_key(shard, after) + b"\x00"
+        for key, raw in self._scan(prefix, start):
             yield key[n:].decode(), Record.decode(raw)
 
     def iter_changes(self, shard: int, after_seq: int) -> Iterator[tuple[int, str]]:

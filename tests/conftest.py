@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
@@ -31,9 +33,18 @@ TEST_TRAIN_MIN = 64
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free for both TCP (HTTP) and UDP (gossip), which a node binds together."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free TCP+UDP port")
 
 
 async def wait_for(
@@ -94,8 +105,15 @@ class Node:
         resp = await self.client.put(f"/v1/collections/{name}", json=body)
         return await ok_json(resp, 201)  # type: ignore[no-any-return]
 
+    async def post_json(self, url: str, body: Any) -> ClientResponse:
+        """POST `body` as JSON; large bodies go as a stream (aiohttp warns on big raw bytes)."""
+        raw = orjson.dumps(body)
+        data: bytes | io.BytesIO = io.BytesIO(raw) if len(raw) > 2**20 else raw
+        headers = {"Content-Type": "application/json"}
+        return await self.client.post(url, data=data, headers=headers)
+
     async def upsert(self, name: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
-        resp = await self.client.post(f"/v1/collections/{name}/documents", json={"documents": docs})
+        resp = await self.post_json(f"/v1/collections/{name}/documents", {"documents": docs})
         return await ok_json(resp)  # type: ignore[no-any-return]
 
     async def upsert_matrix(
@@ -116,11 +134,22 @@ class Node:
         return ids
 
     async def search(self, name: str, **body: Any) -> dict[str, Any]:
-        resp = await self.client.post(f"/v1/collections/{name}/search", json=body)
+        resp = await self.post_json(f"/v1/collections/{name}/search", body)
         return await ok_json(resp)  # type: ignore[no-any-return]
 
     async def describe(self, name: str) -> dict[str, Any]:
         return await ok_json(await self.client.get(f"/v1/collections/{name}"))  # type: ignore[no-any-return]
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Poll GET /readyz until 200 (the node has loaded its shards and joined)."""
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+
+        async def ready() -> bool:
+            resp = await self.client.get("/readyz", headers=headers)
+            await resp.read()
+            return resp.status == 200
+
+        await wait_for(ready, timeout, what="the node to be ready")
 
     async def wait_trained(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
         """Poll the description until every shard's index_state is "trained"."""
@@ -138,14 +167,15 @@ StartNode = Callable[..., Awaitable[Node]]
 
 @pytest.fixture
 async def start_node(tmp_path: Path) -> AsyncIterator[StartNode]:
-    """Factory: `await start_node(api_key="k", max_body_bytes=4096, ...)` → a running Node.
+    """Factory: `await start_node(api_key="k", max_body_bytes=4096, ...)` → a running Node,
+    ready (GET /readyz answered 200) unless `wait_ready=False`.
 
     Flags go through `load_config` (so they are validated like the CLI's); `train_min` and
     `snapshot_interval_s` default to test-friendly values."""
     async with AsyncExitStack() as stack:
         counter = 0
 
-        async def start(**overrides: Any) -> Node:
+        async def start(wait_ready: bool = True, **overrides: Any) -> Node:
             nonlocal counter
             counter += 1
             flags: dict[str, Any] = {
@@ -160,7 +190,10 @@ async def start_node(tmp_path: Path) -> AsyncIterator[StartNode]:
             client: TestClient[Any, Any] = TestClient(server)
             await client.start_server()
             stack.push_async_callback(client.close)
-            return Node(client, config)
+            node = Node(client, config)
+            if wait_ready:
+                await node.wait_ready()
+            return node
 
         yield start
 

@@ -28,14 +28,19 @@ class Sim:
         self.clock = ManualClock()
         self.net = MemNetwork(self.clock, random.Random(seed))
         self.config = config or GossipConfig()
-        self.nodes = [
-            self._make(i, random.Random(seed * 1_000 + i)) for i in range(n)
-        ]
+        self.nodes = [self._make(i, random.Random(seed * 1_000 + i)) for i in range(n)]
 
     def _make(self, i: int, rng: random.Random) -> Gossip:
         addr = f"10.0.{i // 250}.{i % 250}:8470"
-        g = Gossip(f"n{i}", addr, self.net.transport(addr), self.net.push_pull(addr),
-                   self.clock, rng=rng, config=self.config)
+        g = Gossip(
+            f"n{i}",
+            addr,
+            self.net.transport(addr),
+            self.net.push_pull(addr),
+            self.clock,
+            rng=rng,
+            config=self.config,
+        )
         self.net.serve_push_pull(addr, g.handle_push_pull)
         return g
 
@@ -124,24 +129,16 @@ async def test_paused_node_is_declared_dead_by_all_within_bound(sim50: Sim) -> N
     # most its ceiling (no confirmations); then the dead message spreads.
     lo = suspicion_timeout(cfg.suspicion_mult, n, cfg.probe_interval)
     bound = (
-        n * cfg.probe_interval
-        + cfg.suspicion_max_timeout_mult * lo
-        + dissemination_time(cfg, n)
+        n * cfg.probe_interval + cfg.suspicion_max_timeout_mult * lo + dissemination_time(cfg, n)
     )
-    never_dead_early: list[str] = []
-
-    def watch() -> None:
-        for g in others:
-            if g.id != victim.id and any(
-                m.state == State.DEAD and m.id != victim.id for m in g.members()
-            ):
-                never_dead_early.append(g.id)
-
-    took = await sim50.run_until(lambda: sim50.everyone_sees(victim.id, State.DEAD, others),
-                                 limit=bound)
-    watch()
-    assert not never_dead_early, "a live node was declared dead"
-    # With many independent confirmations, Lifeguard brings it down close to the floor.
+    took = await sim50.run_until(
+        lambda: sim50.everyone_sees(victim.id, State.DEAD, others), limit=bound
+    )
+    # Nobody else was taken down with it.
+    for g in others:
+        assert [m.id for m in g.members() if m.state != State.ALIVE] == [victim.id]
+    # Lifeguard's independent confirmations bring it down close to the floor, far from the
+    # worst case the bound allows for.
     assert lo <= took <= bound
     print(f"declared dead by all 49 after {took:.2f}s (floor {lo:.2f}s, bound {bound:.1f}s)")
 
@@ -301,8 +298,16 @@ async def test_delegate_rides_on_gossip() -> None:
     nodes = []
     for i, d in enumerate(delegates):
         addr = f"10.1.0.{i}:8470"
-        g = Gossip(f"n{i}", addr, net.transport(addr), net.push_pull(addr), clock,
-                   rng=random.Random(i), delegate=d, meta={"role": "data"})
+        g = Gossip(
+            f"n{i}",
+            addr,
+            net.transport(addr),
+            net.push_pull(addr),
+            clock,
+            rng=random.Random(i),
+            delegate=d,
+            meta={"role": "data"},
+        )
         net.serve_push_pull(addr, g.handle_push_pull)
         nodes.append(g)
     sim = Sim(0)
@@ -332,4 +337,6 @@ def test_default_config_matches_memberlist_lan() -> None:
     assert (c.suspicion_mult, c.suspicion_max_timeout_mult, c.retransmit_mult) == (4, 6, 4)
     assert (c.gossip_interval, c.gossip_nodes, c.push_pull_interval) == (0.2, 3, 30.0)
     assert c.awareness_max_multiplier == 8
-    assert math.isclose(suspicion_timeout(c.suspicion_mult, 50, c.probe_interval), 6.796, abs_tol=1e-3)
+    assert math.isclose(
+        suspicion_timeout(c.suspicion_mult, 50, c.probe_interval), 6.796, abs_tol=1e-3
+    )

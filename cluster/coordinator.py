@@ -1,0 +1,383 @@
+"""The public operations, coordinated by whichever node receives the request: collections in
+the cluster state, writes routed to the shards' replicas and acknowledged per consistency,
+gets from a live replica, searches fanned out and merged. A one-node cluster is the same code
+with every shard local."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+from cluster.backend import ShardBackend
+from cluster.clock import Clock
+from cluster.docs import Hit, Incoming, decode_hits, encode_writes, hit_json
+from cluster.errors import AlreadyExists, AquilaError, BadRequest, NotFound, Unavailable
+from cluster.fanout import fan_out
+from cluster.hlc import HybridClock
+from cluster.membership import Member, State
+from cluster.peers import Peers
+from cluster.placement import place
+from cluster.requests import check_id, parse_documents, parse_ids, parse_search
+from cluster.runtime import ClusterRuntime
+from cluster.sharding import shard_of
+from cluster.spec import CollectionSpec, check_name
+from cluster.state import CollectionEntry
+
+log = logging.getLogger(__name__)
+
+
+class MemberView(Protocol):
+    def members(self) -> list[Member]: ...
+
+
+def needed_acks(consistency: str, replicas: int) -> int:
+    if consistency == "one":
+        return 1
+    if consistency == "all":
+        return replicas
+    return replicas // 2 + 1
+
+
+class Coordinator:
+    def __init__(
+        self,
+        node_id: str,
+        runtime: ClusterRuntime,
+        backend: ShardBackend,
+        peers: Peers,
+        members: MemberView,
+        clock: Clock,
+        *,
+        search_timeout_s: float = 10.0,
+        peer_timeout_s: float = 10.0,
+    ) -> None:
+        self.node_id = node_id
+        self.runtime = runtime
+        self.backend = backend
+        self.peers = peers
+        self.view = members
+        self.clock = clock
+        self.hlc = HybridClock()
+        self.search_timeout_s = search_timeout_s
+        self.peer_timeout_s = peer_timeout_s
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- membership helpers ---------------------------------------------------------------
+    def _members(self) -> dict[str, Member]:
+        return {m.id: m for m in self.view.members()}
+
+    def addr_of(self, node: str) -> str | None:
+        m = self._members().get(node)
+        return m.addr if m is not None else None
+
+    def live_nodes(self) -> list[str]:
+        return sorted(m.id for m in self.view.members() if m.state == State.ALIVE)
+
+    def ordered_replicas(self, replicas: Iterable[str]) -> list[str]:
+        """Usable replicas, best first: this node, then alive, then suspect; dead never."""
+        members = self._members()
+        rank = {State.ALIVE: 1, State.SUSPECT: 2}
+        usable = []
+        for i, node in enumerate(replicas):
+            if node == self.node_id:
+                usable.append((0, i, node))
+                continue
+            m = members.get(node)
+            if m is not None and m.state in rank:
+                usable.append((rank[m.state], i, node))
+        return [n for _, _, n in sorted(usable)]
+
+    def entry(self, name: str) -> CollectionEntry:
+        e = self.runtime.state.get(check_name(name))
+        if e is None:
+            raise NotFound(f"collection {name!r} does not exist")
+        return e
+
+    # -- collections ----------------------------------------------------------------------
+    async def create_collection(self, spec: CollectionSpec) -> tuple[dict[str, Any], bool]:
+        existing = self.runtime.state.get(spec.name)
+        if existing is not None:
+            if existing.spec != spec:
+                raise AlreadyExists(f"collection {spec.name!r} exists with other settings")
+            return await self.describe(existing), False
+        nodes = self.live_nodes() or [self.node_id]
+        replicas = place(spec.shards, spec.replication, nodes, salt=spec.name)
+        entry = self.runtime.state.next_entry(
+            CollectionEntry(spec, (), 0, self.node_id),
+            self.node_id,
+            replicas=tuple(tuple(r) for r in replicas),
+            moving=tuple(None for _ in replicas),
+        )
+        self.runtime.publish(entry)
+        await self.push_entry(entry)
+        await self.runtime.wait_reconciled(60)
+        return await self.describe(entry), True
+
+    async def push_entry(self, entry: CollectionEntry) -> None:
+        """Send a state change straight to every live member, so that it is there before the
+        client's next request reaches them (gossip and push-pull repair anything missed)."""
+        body = [entry.to_json()]
+        targets = [m for m in self.view.members()
+                   if m.id != self.node_id and m.state in (State.ALIVE, State.SUSPECT)]
+        await asyncio.gather(
+            *(self.peers.request(m.addr, "POST", "/internal/v1/state", body, timeout=5)
+              for m in targets),
+            return_exceptions=True,
+        )
+
+    async def list_collections(self) -> list[dict[str, Any]]:
+        return [await self.describe(e) for e in self.runtime.state.live().values()]
+
+    async def get_collection(self, name: str) -> dict[str, Any]:
+        return await self.describe(self.entry(name))
+
+    async def describe(self, entry: CollectionEntry) -> dict[str, Any]:
+        stats = await self.shard_stats(entry)
+        shard_states = []
+        for s, reps in enumerate(entry.replicas):
+            st = stats.get(s, {})
+            shard_states.append({
+                "shard": s,
+                "replicas": list(reps),
+                "count": int(st.get("count", 0)),
+                "index_state": st.get("index_state", "buffering"),
+            })
+        return {
+            **entry.spec.to_json(),
+            "count": sum(x["count"] for x in shard_states),
+            "shard_states": shard_states,
+        }
+
+    async def shard_stats(self, entry: CollectionEntry) -> dict[int, dict[str, Any]]:
+        """Per shard, the stats of its best reachable replica."""
+        name = entry.spec.name
+        by_node: dict[str, dict[int, dict[str, Any]]] = {}
+        if self.backend.has(name):
+            by_node[self.node_id] = self.backend.shard_stats(name)
+        others = {n for reps in entry.replicas for n in self.ordered_replicas(reps)}
+        others.discard(self.node_id)
+
+        async def ask(node: str) -> None:
+            addr = self.addr_of(node)
+            if addr is None:
+                return
+            with_timeout = await self.peers.request(
+                addr, "GET", f"/internal/v1/collections/{name}/stats", timeout=2
+            )
+            by_node[node] = {int(s): v for s, v in with_timeout.items()}
+
+        await asyncio.gather(*(ask(n) for n in sorted(others)), return_exceptions=True)
+        out: dict[int, dict[str, Any]] = {}
+        for s, reps in enumerate(entry.replicas):
+            for node in self.ordered_replicas(reps):
+                if s in by_node.get(node, {}):
+                    out[s] = by_node[node][s]
+                    break
+        return out
+
+    async def delete_collection(self, name: str) -> None:
+        entry = self.entry(name)
+        tomb = self.runtime.state.next_entry(entry, self.node_id, deleted=True)
+        self.runtime.publish(tomb)
+        await self.push_entry(tomb)
+        await self.runtime.wait_reconciled(60)
+
+    # -- writes ---------------------------------------------------------------------------
+    async def upsert(self, name: str, body: Any) -> dict[str, Any]:
+        entry = self.entry(name)
+        batch = parse_documents(body, entry.spec.dim)
+        by_shard: dict[int, list[Incoming]] = defaultdict(list)
+        for doc_id, vec, meta in zip(batch.ids, batch.vectors, batch.metadata, strict=True):
+            by_shard[shard_of(doc_id, entry.spec.shards)].append(
+                Incoming(doc_id, vec, meta, self.hlc.next(), self.node_id)
+            )
+        await self.route_writes(entry, dict(by_shard), batch.consistency)
+        return {"ids": batch.ids, "upserted": len(batch.ids)}
+
+    async def delete_documents(self, name: str, body: Any) -> int:
+        entry = self.entry(name)
+        return await self._delete(entry, parse_ids(body), body.get("consistency", "quorum"))
+
+    async def delete_document(self, name: str, doc_id: str) -> None:
+        entry = self.entry(name)
+        if await self._delete(entry, [check_id(doc_id)], "quorum") == 0:
+            raise NotFound(f"document {doc_id!r} does not exist in {name!r}")
+
+    async def _delete(self, entry: CollectionEntry, ids: list[str], consistency: str) -> int:
+        if consistency not in ("one", "quorum", "all"):
+            raise BadRequest("'consistency' must be one of one, quorum, all")
+        by_shard: dict[int, list[Incoming]] = defaultdict(list)
+        for doc_id in ids:
+            by_shard[shard_of(doc_id, entry.spec.shards)].append(
+                Incoming(doc_id, None, b"", self.hlc.next(), self.node_id)
+            )
+        results = await self.route_writes(entry, dict(by_shard), consistency)
+        return sum(deleted for _, deleted in results.values())
+
+    def write_targets(self, entry: CollectionEntry, shard: int) -> list[str]:
+        """Every replica that should receive a write of this shard, a move's target too."""
+        nodes = list(entry.replicas[shard])
+        mv = entry.move_of(shard)
+        if mv is not None and mv.to_node not in nodes:
+            nodes.append(mv.to_node)
+        return nodes
+
+    async def route_writes(
+        self, entry: CollectionEntry, by_shard: dict[int, list[Incoming]], consistency: str
+    ) -> dict[int, tuple[int, int]]:
+        """Send each node one request with its shards' documents; return once every shard
+        has the acknowledgements the consistency asks for, else 503."""
+        need: dict[int, int] = {}
+        per_node: dict[str, dict[int, list[Incoming]]] = defaultdict(dict)
+        for shard, docs in by_shard.items():
+            replicas = entry.replicas[shard]
+            need[shard] = needed_acks(consistency, len(replicas))
+            usable = self.ordered_replicas(self.write_targets(entry, shard))
+            if sum(1 for n in usable if n in replicas) < need[shard]:
+                raise Unavailable(
+                    f"shard {shard} has {len(usable)} live replica(s) of {len(replicas)}; "
+                    f"consistency {consistency!r} needs {need[shard]}"
+                )
+            for node in usable:
+                per_node[node][shard] = docs
+        acks: dict[int, int] = defaultdict(int)
+        results: dict[int, tuple[int, int]] = {}
+        tasks = {
+            asyncio.ensure_future(self._write_to(node, entry, shards)): node
+            for node, shards in per_node.items()
+        }
+        errors: list[str] = []
+        pending = set(tasks)
+        try:
+            while pending and any(acks[s] < need[s] for s in need):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    node = tasks[t]
+                    if t.exception() is not None:
+                        exc = t.exception()
+                        if isinstance(exc, AquilaError) and not exc.transient:
+                            raise exc
+                        errors.append(f"{node}: {exc}")
+                        continue
+                    for shard, (applied, deleted) in t.result().items():
+                        if shard in need and node in entry.replicas[shard]:
+                            acks[shard] += 1
+                            prev = results.get(shard, (0, 0))
+                            results[shard] = (max(prev[0], applied), max(prev[1], deleted))
+        finally:
+            for t in pending:  # slower replicas finish in the background
+                self._background.add(t)
+                t.add_done_callback(self._background.discard)
+        short = [s for s in need if acks[s] < need[s]]
+        if short:
+            raise Unavailable(
+                f"shard(s) {short} did not reach consistency {consistency!r}: {'; '.join(errors)}"
+            )
+        return results
+
+    async def _write_to(
+        self, node: str, entry: CollectionEntry, by_shard: dict[int, list[Incoming]]
+    ) -> dict[int, tuple[int, int]]:
+        if node == self.node_id:
+            await self.backend.ensure(entry.spec, by_shard)
+            return await self.backend.write(entry.spec, by_shard)
+        addr = self.addr_of(node)
+        if addr is None:
+            raise Unavailable(f"node {node} is unknown")
+        body = {"spec": entry.spec.to_json(), "writes": encode_writes(by_shard)}
+        out = await self.peers.request(
+            addr, "POST", f"/internal/v1/collections/{entry.spec.name}/write", body,
+            timeout=self.peer_timeout_s,
+        )
+        return {int(s): (int(v[0]), int(v[1])) for s, v in out["shards"].items()}
+
+    # -- reads ----------------------------------------------------------------------------
+    async def get_document(self, name: str, doc_id: str, with_vector: bool) -> dict[str, Any]:
+        entry = self.entry(name)
+        shard = shard_of(check_id(doc_id), entry.spec.shards)
+        hit = await self._get(entry, shard, doc_id)
+        if hit is None:
+            raise NotFound(f"document {doc_id!r} does not exist in {name!r}")
+        out: dict[str, Any] = {"id": doc_id, "metadata": orjson.Fragment(hit.metadata or b"{}")}
+        if with_vector:
+            out["vector"] = np.frombuffer(hit.vector, dtype="<f4").tolist()
+        return out
+
+    async def _get(self, entry: CollectionEntry, shard: int, doc_id: str) -> Hit | None:
+        errors = []
+        for node in self.ordered_replicas(entry.replicas[shard]):
+            try:
+                if node == self.node_id:
+                    if shard in self.backend.local_shards(entry.spec.name):
+                        return await self.backend.get(entry.spec, shard, doc_id)
+                    continue
+                addr = self.addr_of(node)
+                if addr is None:
+                    continue
+                raw = await self.peers.request(
+                    addr, "POST", f"/internal/v1/collections/{entry.spec.name}/get",
+                    {"shard": shard, "id": doc_id}, timeout=self.peer_timeout_s,
+                )
+                if raw is None or raw.get("doc") is None:
+                    return None
+                return decode_hits([[raw["doc"]]])[0][0]
+            except AquilaError as exc:
+                if not exc.transient:
+                    raise
+                errors.append(str(exc))
+        raise Unavailable(f"no live replica of shard {shard} answered: {'; '.join(errors)}")
+
+    async def search(self, name: str, body: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        entry = self.entry(name)
+        spec = entry.spec
+        req = parse_search(body, spec.dim)
+        timeout_s = req.timeout_ms / 1000 if req.timeout_ms else self.search_timeout_s
+        candidates = {s: self.ordered_replicas(reps) for s, reps in enumerate(entry.replicas)}
+        unreachable = [s for s, c in candidates.items() if not c]
+        candidates = {s: c for s, c in candidates.items() if c}
+        nq = len(req.vectors)
+        remote_body = {
+            "vectors": base64.b64encode(req.vectors.astype("<f4").tobytes()).decode(),
+            "nq": nq, "k": req.k, "nprobe": req.nprobe, "filter": req.filter,
+            "include": ["metadata"] * req.include_metadata + ["vector"] * req.include_vector,
+        }
+
+        async def ask(node: str, shards: list[int], budget: float) -> list[list[Hit]]:
+            if node == self.node_id:
+                return await self.backend.search(
+                    spec, req.vectors, req.k, req.nprobe, req.predicate, shards
+                )
+            addr = self.addr_of(node)
+            if addr is None:
+                raise Unavailable(f"node {node} is unknown")
+            out = await self.peers.request(
+                addr, "POST", f"/internal/v1/collections/{name}/search",
+                {**remote_body, "shards": shards}, timeout=budget,
+            )
+            return decode_hits(out["results"])
+
+        result = await fan_out(
+            candidates, ask, nq, req.k, spec.metric != "l2", self.clock, timeout_s
+        )
+        missing = sorted(set(result.missing) | set(unreachable))
+        if missing and not req.allow_partial:
+            raise Unavailable(
+                f"shard(s) {missing} have no live replica that answered; "
+                f"{'; '.join(result.errors) or 'no replica alive'}"
+            )
+        return {
+            "results": [[hit_json(h, req.include_metadata, req.include_vector) for h in row]
+                        for row in result.rows],
+            "partial": bool(missing),
+            "missing_shards": missing,
+            "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+        }

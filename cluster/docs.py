@@ -1,0 +1,92 @@
+"""Documents as they travel between coordinator and replicas."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+
+@dataclass
+class Incoming:
+    """A document write as it reaches a replica: already validated and versioned."""
+
+    id: str
+    vector: np.ndarray | None  # float32 row; None for a delete (tombstone)
+    metadata: bytes  # a JSON object, serialised
+    version: int
+    writer: str  # node id of the coordinator that versioned it (last-writer-wins tie-break)
+
+
+@dataclass(slots=True)
+class Hit:
+    id: str
+    score: float
+    metadata: bytes  # the stored JSON object
+    vector: bytes  # float32 little-endian
+
+
+def encode_writes(by_shard: dict[int, list[Incoming]]) -> list[dict[str, Any]]:
+    """Wire form of a write batch: vectors as base64 float32, metadata as raw JSON."""
+    out = []
+    for shard, docs in by_shard.items():
+        out.append({
+            "shard": shard,
+            "docs": [
+                {
+                    "id": d.id,
+                    "v": None if d.vector is None
+                    else base64.b64encode(d.vector.astype("<f4").tobytes()).decode(),
+                    "m": orjson.Fragment(d.metadata or b"{}"),
+                    "ver": d.version,
+                    "w": d.writer,
+                }
+                for d in docs
+            ],
+        })
+    return out
+
+
+def decode_writes(raw: list[dict[str, Any]], dim: int) -> dict[int, list[Incoming]]:
+    by_shard: dict[int, list[Incoming]] = {}
+    for part in raw:
+        docs = []
+        for d in part["docs"]:
+            vec = None
+            if d["v"] is not None:
+                vec = np.frombuffer(base64.b64decode(d["v"]), dtype="<f4")
+                if vec.shape != (dim,):
+                    raise ValueError(f"vector of {d['id']!r} has the wrong dimension")
+            docs.append(Incoming(d["id"], vec, orjson.dumps(d["m"]) if vec is not None else b"",
+                                 int(d["ver"]), str(d["w"])))
+        by_shard[int(part["shard"])] = docs
+    return by_shard
+
+
+def encode_hits(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[list[list[Any]]]:
+    return [
+        [[h.id, h.score, orjson.Fragment(h.metadata or b"{}") if metadata else None,
+          base64.b64encode(h.vector).decode() if vector else None] for h in row]
+        for row in rows
+    ]
+
+
+def decode_hits(raw: list[list[list[Any]]]) -> list[list[Hit]]:
+    return [
+        [Hit(h[0], float(h[1]), orjson.dumps(h[2]) if h[2] is not None else b"{}",
+             base64.b64decode(h[3]) if h[3] else b"") for h in row]
+        for row in raw
+    ]
+
+
+def hit_json(h: Hit, metadata: bool, vector: bool) -> dict[str, Any]:
+    """A hit as the public API shows it."""
+    out: dict[str, Any] = {"id": h.id, "score": h.score}
+    if metadata:
+        out["metadata"] = orjson.Fragment(h.metadata or b"{}")
+    if vector:
+        out["vector"] = np.frombuffer(h.vector, dtype="<f4").tolist()
+    return out

@@ -1,0 +1,121 @@
+"""Cluster state: the collections and their shard maps, versioned and merged by epoch.
+
+Each collection is a last-writer-wins register: a change takes epoch = (highest epoch this
+node has seen) + 1, and two entries are ordered by (epoch, origin node id), so concurrent
+changes from different nodes resolve the same way everywhere and every node converges to the
+same map whatever order the updates arrive in. Deletes are kept as tombstones so an old
+entry gossiped late cannot resurrect the collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+
+from cluster.spec import CollectionSpec
+
+
+@dataclass(frozen=True)
+class Move:
+    """A replica on its way from one node to another (rebalance, leave, self-healing)."""
+
+    from_node: str | None
+    to_node: str
+    progress: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.from_node, "to": self.to_node, "progress": round(self.progress, 4)}
+
+
+@dataclass(frozen=True)
+class CollectionEntry:
+    spec: CollectionSpec
+    replicas: tuple[tuple[str, ...], ...]  # per shard, the nodes holding it (first = preferred)
+    epoch: int
+    origin: str  # node that made this version
+    deleted: bool = False
+    moving: tuple[Move | None, ...] = ()
+
+    @property
+    def version(self) -> tuple[int, str]:
+        return (self.epoch, self.origin)
+
+    def shard_replicas(self, shard: int) -> tuple[str, ...]:
+        return self.replicas[shard]
+
+    def move_of(self, shard: int) -> Move | None:
+        return self.moving[shard] if shard < len(self.moving) else None
+
+    def shards_of(self, node: str) -> list[int]:
+        """Shards this node holds, or is receiving in a move (it must accept their writes)."""
+        out = []
+        for s, reps in enumerate(self.replicas):
+            mv = self.move_of(s)
+            if node in reps or (mv is not None and mv.to_node == node):
+                out.append(s)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_json(),
+            "replicas": [list(r) for r in self.replicas],
+            "epoch": self.epoch,
+            "origin": self.origin,
+            "deleted": self.deleted,
+            "moving": [m.to_json() if m else None for m in self.moving],
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> CollectionEntry:
+        moving = tuple(
+            Move(m["from"], m["to"], float(m.get("progress", 0.0))) if m else None
+            for m in d.get("moving", [])
+        )
+        return CollectionEntry(
+            CollectionSpec.from_json(d["spec"]),
+            tuple(tuple(r) for r in d["replicas"]),
+            int(d["epoch"]),
+            str(d["origin"]),
+            bool(d.get("deleted", False)),
+            moving,
+        )
+
+
+@dataclass
+class ClusterState:
+    collections: dict[str, CollectionEntry] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> int:
+        return max((e.epoch for e in self.collections.values()), default=0)
+
+    def live(self) -> dict[str, CollectionEntry]:
+        return {n: e for n, e in sorted(self.collections.items()) if not e.deleted}
+
+    def get(self, name: str) -> CollectionEntry | None:
+        e = self.collections.get(name)
+        return None if e is None or e.deleted else e
+
+    def merge(self, entries: Iterable[CollectionEntry]) -> list[CollectionEntry]:
+        """Keep the newer of ours and theirs per collection; returns the entries that won."""
+        changed = []
+        for e in entries:
+            mine = self.collections.get(e.spec.name)
+            if mine is None or e.version > mine.version:
+                self.collections[e.spec.name] = e
+                changed.append(e)
+        return changed
+
+    def next_entry(self, entry: CollectionEntry, origin: str, **changes: Any) -> CollectionEntry:
+        """A new version of `entry` made by `origin`, ordered after everything seen so far."""
+        return replace(entry, epoch=self.epoch + 1, origin=origin, **changes)
+
+    def encode(self) -> bytes:
+        return orjson.dumps([e.to_json() for e in self.collections.values()])
+
+    @staticmethod
+    def decode_entries(raw: bytes) -> list[CollectionEntry]:
+        return [CollectionEntry.from_json(d) for d in orjson.loads(raw)]

@@ -1,0 +1,68 @@
+"""The node's implementation of `cluster.backend.ShardBackend` over its engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from cluster.docs import Hit, Incoming
+from cluster.spec import CollectionSpec
+from node.engine import Engine
+
+
+class EngineBackend:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def has(self, name: str) -> bool:
+        return name in self.engine.collections
+
+    def local_shards(self, name: str) -> list[int]:
+        coll = self.engine.collections.get(name)
+        return sorted(coll.shards) if coll is not None else []
+
+    async def ensure(self, spec: CollectionSpec, shards: Iterable[int]) -> None:
+        coll = self.engine.collections.get(spec.name)
+        wanted = set(shards)
+        if coll is None or coll.spec != spec or not wanted <= set(coll.shards):
+            await self.engine.ensure(spec, wanted)
+
+    async def drop_collection(self, name: str) -> None:
+        if name in self.engine.collections:
+            await self.engine.drop(name)
+
+    async def drop_shard(self, name: str, shard: int) -> None:
+        await self.engine.drop_shard(name, shard)
+
+    async def write(
+        self, spec: CollectionSpec, by_shard: dict[int, list[Incoming]]
+    ) -> dict[int, tuple[int, int]]:
+        return await self.engine.get(spec.name).write(by_shard)
+
+    async def get(self, spec: CollectionSpec, shard: int, doc_id: str) -> Hit | None:
+        rec = await self.engine.get(spec.name).get(shard, doc_id)
+        if rec is None:
+            return None
+        return Hit(doc_id, 0.0, rec.metadata, rec.vector)
+
+    async def search(
+        self,
+        spec: CollectionSpec,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None,
+        predicate: Callable[[Any], bool] | None,
+        shards: Iterable[int],
+    ) -> list[list[Hit]]:
+        return await self.engine.get(spec.name).search(queries, k, nprobe, predicate, shards)
+
+    def shard_stats(self, name: str) -> dict[int, dict[str, Any]]:
+        coll = self.engine.collections.get(name)
+        return coll.shard_states() if coll is not None else {}
+
+    async def stream_shard(
+        self, spec: CollectionSpec, shard: int, after_key: str | None, limit: int
+    ) -> tuple[list[Incoming], str | None]:
+        return await self.engine.get(spec.name).stream_shard(shard, after_key, limit)

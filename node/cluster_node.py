@@ -1,0 +1,126 @@
+"""Wires the cluster layer into a node: gossip over UDP with push-pull over HTTP, the
+replicated cluster state persisted on disk, and the coordinator that serves the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.clock import SystemClock
+from cluster.coordinator import Coordinator
+from cluster.gossip import Gossip, GossipConfig, JoinError
+from cluster.peers import Peers
+from cluster.runtime import ClusterRuntime
+from cluster.state import ClusterState
+from cluster.udp import UdpTransport
+from node.backend import EngineBackend
+from node.blocking import Blocking
+from node.config import NodeConfig
+from node.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class HttpPushPull:
+    """Gossip's push-pull over the peers' HTTP route (TCP, like memberlist's)."""
+
+    def __init__(self, peers: Peers) -> None:
+        self._peers = peers
+
+    async def exchange(self, addr: str, payload: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
+        out = await self._peers.request(addr, "POST", "/internal/v1/pushpull", raw=payload,
+                                        timeout=timeout)
+        if not isinstance(out, bytes):
+            raise OSError(f"{addr}: unexpected push-pull answer")
+        return out
+
+
+@dataclass
+class ClusterNode:
+    node_id: str
+    config: NodeConfig
+    engine: Engine
+    backend: EngineBackend
+    peers: Peers
+    runtime: ClusterRuntime
+    gossip: Gossip
+    coordinator: Coordinator
+
+    @staticmethod
+    def build(node_id: str, config: NodeConfig, engine: Engine, blocking: Blocking) -> ClusterNode:
+        state_path = Path(config.data_dir) / "cluster_state.json"
+
+        def write_state(raw: bytes) -> None:
+            tmp = state_path.with_suffix(".tmp")
+            tmp.write_bytes(raw)
+            tmp.replace(state_path)
+
+        async def persist(raw: bytes) -> None:
+            await blocking.write(write_state, raw)
+
+        initial = ClusterState()
+        if state_path.exists():
+            initial.merge(ClusterState.decode_entries(state_path.read_bytes()))
+        backend = EngineBackend(engine)
+        peers = Peers(config.cluster_secret, config.peer_timeout_s)
+        runtime = ClusterRuntime(node_id, backend, persist, initial)
+        clock = SystemClock()
+        gossip = Gossip(
+            node_id,
+            config.addr,
+            UdpTransport(config.host, config.port),
+            HttpPushPull(peers),
+            clock,
+            random.Random(),
+            GossipConfig(
+                probe_interval=config.probe_interval_s,
+                probe_timeout=config.probe_timeout_s,
+                gossip_interval=config.gossip_interval_s,
+                push_pull_interval=config.push_pull_interval_s,
+                suspicion_mult=config.suspicion_mult,
+            ),
+            runtime.delegate,
+            config.cluster_secret,
+        )
+        runtime.members_count = gossip.num_alive
+        coordinator = Coordinator(
+            node_id, runtime, backend, peers, gossip, clock,
+            search_timeout_s=config.search_timeout_ms / 1000,
+            peer_timeout_s=config.peer_timeout_s,
+        )
+        return ClusterNode(node_id, config, engine, backend, peers, runtime, gossip, coordinator)
+
+    async def start(self) -> None:
+        await self.peers.start()
+        await self.runtime.start()
+        await self.gossip.start()
+
+    async def join(self, seeds: list[str], deadline_s: float = 120.0) -> int:
+        """Join through the seeds, retrying until one answers or the deadline passes."""
+        seeds = [s for s in seeds if s != self.config.addr]
+        if not seeds:
+            return 0
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        delay = 0.2
+        while True:
+            try:
+                n = await self.gossip.join(seeds)
+                log.info("joined through %d of %d seed(s)", n, len(seeds))
+                return n
+            except JoinError as exc:
+                if loop.time() + delay > end:
+                    raise
+                log.warning("join failed, retrying: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def stop(self, leave: bool = False) -> None:
+        if leave:
+            await self.gossip.leave(2.0)
+        await self.gossip.stop()
+        await self.runtime.stop()
+        await self.peers.close()

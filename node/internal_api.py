@@ -1,0 +1,133 @@
+"""Peer-to-peer routes (`/internal/v1/...`): gossip push-pull, state pushes, and the shard
+operations a coordinator sends to replicas. With a cluster secret every request must carry
+a valid HMAC; anything else is refused before it is read further."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import orjson
+from aiohttp import web
+
+from cluster.docs import decode_writes, encode_hits
+from cluster.errors import BadRequest, NotFound, Unauthorized
+from cluster.filters import parse_filter
+from cluster.messages import AuthError, DecodeError
+from cluster.peers import AUTH_HEADER, check_signature
+from cluster.spec import CollectionSpec
+from cluster.state import ClusterState
+from node.api import json_response
+from node.keys import CLUSTER, CONFIG
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def _authed_body(request: web.Request) -> bytes:
+    body = await request.read()
+    secret = request.app[CONFIG].cluster_secret
+    if not check_signature(secret, request.method, request.path, body,
+                           request.headers.get(AUTH_HEADER, "")):
+        raise Unauthorized("peer request without a valid cluster signature")
+    return body
+
+
+def _json(body: bytes) -> object:
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+async def push_pull(request: web.Request) -> web.Response:
+    body = await request.read()  # sealed by gossip's own HMAC
+    try:
+        out = request.app[CLUSTER].gossip.handle_push_pull(body)
+    except AuthError:
+        raise Unauthorized("push-pull with a wrong cluster secret") from None
+    except DecodeError as exc:
+        raise BadRequest(f"bad push-pull payload: {exc}") from None
+    return web.Response(body=out, content_type="application/octet-stream")
+
+
+async def state(request: web.Request) -> web.Response:
+    body = await _authed_body(request)
+    entries = ClusterState.decode_entries(body)
+    request.app[CLUSTER].runtime.merge(entries)
+    return json_response({"epoch": request.app[CLUSTER].runtime.state.epoch})
+
+
+def _spec_of(request: web.Request, raw: object) -> CollectionSpec:
+    if isinstance(raw, dict):
+        return CollectionSpec.from_json(raw)
+    entry = request.app[CLUSTER].runtime.state.get(request.match_info["name"])
+    if entry is None:
+        raise NotFound(f"collection {request.match_info['name']!r} does not exist")
+    return entry.spec
+
+
+async def write(request: web.Request) -> web.Response:
+    body = _json(await _authed_body(request))
+    assert isinstance(body, dict)
+    spec = _spec_of(request, body.get("spec"))
+    by_shard = decode_writes(body["writes"], spec.dim)
+    backend = request.app[CLUSTER].backend
+    await backend.ensure(spec, by_shard)
+    for docs in by_shard.values():
+        for d in docs:
+            request.app[CLUSTER].coordinator.hlc.observe(d.version)
+    out = await backend.write(spec, by_shard)
+    return json_response({"shards": {str(s): list(v) for s, v in out.items()}})
+
+
+async def search(request: web.Request) -> web.Response:
+    body = _json(await _authed_body(request))
+    if not isinstance(body, dict):
+        raise BadRequest("search body must be an object")
+    spec = _spec_of(request, None)
+    q = np.frombuffer(base64.b64decode(body["vectors"]), dtype="<f4").reshape(int(body["nq"]), spec.dim)
+    include = body.get("include", ["metadata"])
+    rows = await request.app[CLUSTER].backend.search(
+        spec, q, int(body["k"]), body.get("nprobe"), parse_filter(body.get("filter")),
+        [int(s) for s in body["shards"]],
+    )
+    return json_response({"results": encode_hits(rows, "metadata" in include, "vector" in include)})
+
+
+async def get(request: web.Request) -> web.Response:
+    body = _json(await _authed_body(request))
+    assert isinstance(body, dict)
+    spec = _spec_of(request, None)
+    hit = await request.app[CLUSTER].backend.get(spec, int(body["shard"]), str(body["id"]))
+    doc = None if hit is None else encode_hits([[hit]], True, True)[0][0]
+    return json_response({"doc": doc})
+
+
+async def stats(request: web.Request) -> web.Response:
+    await _authed_body(request)
+    st = request.app[CLUSTER].backend.shard_stats(request.match_info["name"])
+    return json_response({str(s): v for s, v in st.items()})
+
+
+async def stream(request: web.Request) -> web.Response:
+    body = _json(await _authed_body(request))
+    assert isinstance(body, dict)
+    spec = _spec_of(request, None)
+    docs, nxt = await request.app[CLUSTER].backend.stream_shard(
+        spec, int(body["shard"]), body.get("after"), int(body.get("limit", 1000))
+    )
+    from cluster.docs import encode_writes
+
+    return json_response({"writes": encode_writes({int(body["shard"]): docs}), "next": nxt})
+
+
+def add_internal_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/internal/v1/pushpull", push_pull)
+    r.add_post("/internal/v1/state", state)
+    r.add_post("/internal/v1/collections/{name}/write", write)
+    r.add_post("/internal/v1/collections/{name}/search", search)
+    r.add_post("/internal/v1/collections/{name}/get", get)
+    r.add_get("/internal/v1/collections/{name}/stats", stats)
+    r.add_post("/internal/v1/collections/{name}/stream", stream)
