@@ -14,7 +14,7 @@ fi
 .venv/bin/mypy
 if [ "$(id -u)" = 0 ] && unshare -n true 2>/dev/null; then
   # Everything runs in a network namespace with only loopback: nothing can leave it.
-  exec unshare -n sh -c 'ip link set lo up && exec .venv/bin/python -m pytest "$@"' sh "$@"
+  AQUILA_NETNS=1 exec unshare -n sh -c 'ip link set lo up && exec .venv/bin/python -m pytest "$@"' sh "$@"
 else
   echo "test: not root or no unshare; multi-node tests will skip" >&2
   exec .venv/bin/python -m pytest "$@"

@@ -49,13 +49,13 @@ def free_port() -> int:
 
 async def wait_for(
     pred: Callable[[], Any] | Callable[[], Awaitable[Any]],
-    timeout: float = 10.0,
+    timeout_s: float = 10.0,
     interval: float = 0.02,
     what: str = "condition",
 ) -> Any:
     """Poll `pred` (sync or async) until it returns something truthy; that value is returned.
-    Fails the test with `what` once `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
+    Fails the test with `what` once `timeout_s` seconds have passed."""
+    deadline = time.monotonic() + timeout_s
     while True:
         value = pred()
         if inspect.isawaitable(value):
@@ -63,7 +63,7 @@ async def wait_for(
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(interval)
 
 
@@ -98,7 +98,12 @@ class Node:
         return Path(self.config.data_dir)
 
     async def create(
-        self, name: str, dim: int, metric: str = "l2", index: str = "flat", shards: int = 2,
+        self,
+        name: str,
+        dim: int,
+        metric: str = "l2",
+        index: str = "flat",
+        shards: int = 2,
         **extra: Any,
     ) -> dict[str, Any]:
         body = {"dim": dim, "metric": metric, "shards": shards, "index": {"type": index}, **extra}
@@ -140,7 +145,7 @@ class Node:
     async def describe(self, name: str) -> dict[str, Any]:
         return await ok_json(await self.client.get(f"/v1/collections/{name}"))  # type: ignore[no-any-return]
 
-    async def wait_ready(self, timeout: float = 10.0) -> None:
+    async def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Poll GET /readyz until 200 (the node has loaded its shards and joined)."""
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
 
@@ -149,9 +154,9 @@ class Node:
             await resp.read()
             return resp.status == 200
 
-        await wait_for(ready, timeout, what="the node to be ready")
+        await wait_for(ready, timeout_s, what="the node to be ready")
 
-    async def wait_trained(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
+    async def wait_trained(self, name: str, timeout_s: float = 20.0) -> dict[str, Any]:
         """Poll the description until every shard's index_state is "trained"."""
 
         async def trained() -> dict[str, Any] | None:
@@ -159,7 +164,7 @@ class Node:
             states = {s["index_state"] for s in desc["shard_states"]}
             return desc if states == {"trained"} else None
 
-        return await wait_for(trained, timeout, interval=0.05, what=f"{name} to be trained")  # type: ignore[no-any-return]
+        return await wait_for(trained, timeout_s, interval=0.05, what=f"{name} to be trained")  # type: ignore[no-any-return]
 
 
 StartNode = Callable[..., Awaitable[Node]]

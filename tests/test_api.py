@@ -275,7 +275,9 @@ async def test_upsert_get_and_generated_ids(node: Node) -> None:
     assert doc == {"id": "a", "metadata": meta, "vector": [1.0, 2.0, 3.0]}
     doc = await ok_json(await node.client.get("/v1/collections/docs/documents/a?vector=false"))
     assert "vector" not in doc
-    doc = await ok_json(await node.client.get(f"/v1/collections/docs/documents/{generated[0]}?vector=1"))
+    doc = await ok_json(
+        await node.client.get(f"/v1/collections/docs/documents/{generated[0]}?vector=1")
+    )
     assert doc == {"id": generated[0], "metadata": {}, "vector": [0.5, 0.25, -1.0]}
     doc = await ok_json(await node.client.get(f"/v1/collections/docs/documents/{generated[1]}"))
     assert doc == {"id": generated[1], "metadata": {}}
@@ -372,9 +374,7 @@ async def test_awkward_ids_through_url_encoding(node: Node, doc_id: str) -> None
     await expect_error(await node.client.get(doc_url("ids", doc_id)), 404, "not_found")
 
 
-async def test_deleted_and_updated_never_in_results(
-    node: Node, rng: np.random.Generator
-) -> None:
+async def test_deleted_and_updated_never_in_results(node: Node, rng: np.random.Generator) -> None:
     dim, n = 8, 400
     x = random_unit(rng, n, dim)
     await node.create("churn", dim=dim, index="ivf_flat", shards=2)
@@ -387,7 +387,9 @@ async def test_deleted_and_updated_never_in_results(
         await node.client.post("/v1/collections/churn/documents/delete", json={"ids": dead})
     )
     far = x[n // 3 : 2 * n // 3] + 50.0
-    await node.upsert("churn", [{"id": i, "vector": v.tolist()} for i, v in zip(moved, far, strict=True)])
+    await node.upsert(
+        "churn", [{"id": i, "vector": v.tolist()} for i, v in zip(moved, far, strict=True)]
+    )
     # Query with the old vectors of the deleted and moved documents.
     res = await node.search("churn", vectors=x[: 2 * n // 3].tolist(), k=20, nprobe=1000)
     live_x = np.vstack([far, x[2 * n // 3 :]])
@@ -443,12 +445,17 @@ async def test_search_k_and_include(node: Node) -> None:
 
     res = await node.search("s", vector=[4, 0], k=2, include=["vector"])
     assert res["results"] == [
-        [{"id": "p4", "score": 0.0, "vector": [4.0, 0.0]}, {"id": "p3", "score": 1.0, "vector": [3.0, 0.0]}]
+        [
+            {"id": "p4", "score": 0.0, "vector": [4.0, 0.0]},
+            {"id": "p3", "score": 1.0, "vector": [3.0, 0.0]},
+        ]
     ]
     res = await node.search("s", vector=[4, 0], k=1, include=[])
     assert res["results"] == [[{"id": "p4", "score": 0.0}]]
     res = await node.search("s", vector=[4, 0], k=1, include=["metadata", "vector"])
-    assert res["results"] == [[{"id": "p4", "score": 0.0, "metadata": {"i": 4}, "vector": [4.0, 0.0]}]]
+    assert res["results"] == [
+        [{"id": "p4", "score": 0.0, "metadata": {"i": 4}, "vector": [4.0, 0.0]}]
+    ]
 
     # An empty collection answers with empty lists, one per query.
     await node.create("empty", dim=2)
@@ -493,7 +500,8 @@ async def test_wordnet_flat_cosine_equals_brute_force(node: Node) -> None:
     ids = [m["id"] for m in sample.base_meta[:n]]
     for lo in range(0, n, 1000):
         docs = [
-            {"id": ids[i], "vector": x[i].tolist(), "metadata": meta[i]} for i in range(lo, lo + 1000)
+            {"id": ids[i], "vector": x[i].tolist(), "metadata": meta[i]}
+            for i in range(lo, lo + 1000)
         ]
         await node.upsert("wn", docs)
     assert (await node.describe("wn"))["count"] == n
@@ -509,7 +517,7 @@ async def test_wordnet_flat_cosine_equals_brute_force(node: Node) -> None:
 async def test_healthz_readyz(node: Node) -> None:
     assert await ok_json(await node.client.get("/healthz")) == {"status": "ok"}
     resp = await wait_for(
-        lambda: _status_is(node, "/readyz", 200), timeout=5, what="the node to be ready"
+        lambda: _status_is(node, "/readyz", 200), timeout_s=5, what="the node to be ready"
     )
     assert resp
 

@@ -155,8 +155,8 @@ def test_training_does_not_block_serving(tmp_path: Path, sample: Sample) -> None
     try:
         # Many lists on few points: a training run long enough to observe.
         assert node.call("PUT", "/v1/collections/t", {
-            "dim": 384, "metric": "cosine", "shards": 1, "index": {"type": "ivf_flat", "nlist": 500}})[0] == 201
-        ingest(node, "t", sample, 5000, batch=1000)
+            "dim": 384, "metric": "cosine", "shards": 1, "index": {"type": "ivf_flat", "nlist": 1000}})[0] == 201
+        ingest(node, "t", sample, 5000, batch=5000)
         seen_training = False
         worst = 0.0
         deadline = time.monotonic() + 120

@@ -1,0 +1,99 @@
+"""Three real nodes: join, a 12-shard collection created on one node and filled through
+another, the same answers from every node, and the failure modes: SIGKILL, SIGSTOP, and a
+firewall partition."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+
+from tests.datasets import load_sample
+from tests.e2e.conftest import Cluster, Nft
+from tests.procs import NodeProc, wait_until
+
+N_DOCS = 3000
+
+
+def fill(cluster: Cluster) -> tuple[np.ndarray, list[str]]:
+    s = load_sample()
+    n1, n2 = cluster.nodes[0], cluster.nodes[1]
+    status, desc = n1.call("PUT", "/v1/collections/wn", {
+        "dim": 384, "metric": "cosine", "shards": 12, "index": {"type": "flat"}})
+    assert status == 201, desc
+    assert len({r for st in desc["shard_states"] for r in st["replicas"]}) == 3
+    for start in range(0, N_DOCS, 500):
+        docs = [{"id": s.base_meta[i]["id"], "vector": s.base[i].tolist(),
+                 "metadata": {"pos": s.base_meta[i]["pos"]}} for i in range(start, start + 500)]
+        status, body = n2.call("POST", "/v1/collections/wn/documents", {"documents": docs})
+        assert status == 200, body
+    return s.base[:N_DOCS], [m["id"] for m in s.base_meta[:N_DOCS]]
+
+
+def oracle(base: np.ndarray, ids: list[str], q: np.ndarray, k: int) -> list[list[str]]:
+    b = base / np.linalg.norm(base, axis=1, keepdims=True)
+    qq = q / np.linalg.norm(q, axis=1, keepdims=True)
+    order = np.argsort(-(qq @ b.T), axis=1, kind="stable")[:, :k]
+    return [[ids[j] for j in row] for row in order]
+
+
+def search(node: NodeProc, q: np.ndarray, k: int = 10, **extra: object) -> tuple[int, dict]:
+    return node.call("POST", "/v1/collections/wn/search",
+                     {"vectors": q.tolist(), "k": k, **extra}, timeout=30)
+
+
+def overlap(a: list[list[str]], b: list[list[str]]) -> float:
+    return float(np.mean([len(set(x) & set(y)) / len(y) for x, y in zip(a, b, strict=True)]))
+
+
+def test_three_nodes_faults(cluster3: Cluster, nft: Nft) -> None:
+    base, ids = fill(cluster3)
+    q = load_sample().queries[:50]
+    want = oracle(base, ids, q, 10)
+    for node in cluster3.nodes:
+        status, body = search(node, q)
+        assert status == 200 and not body["partial"]
+        got = [[h["id"] for h in row] for row in body["results"]]
+        assert overlap(got, want) >= 0.999, node.addr
+        status, desc = node.call("GET", "/v1/collections/wn")
+        assert status == 200 and desc["count"] == N_DOCS
+    n1, n2, n3 = cluster3.nodes
+    shards_of_n3 = sorted(st["shard"] for st in n1.call("GET", "/v1/collections/wn")[1]["shard_states"]
+                          if "n3" in st["replicas"])
+
+    # A paused node answers nothing: searches honour their deadline, then it refutes.
+    n2.signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    status, body = search(n1, q[:5], timeout_ms=1500)
+    assert time.monotonic() - t0 < 5.0
+    assert status == 200 and body["partial"] and body["missing_shards"]
+    cluster3.wait_states({"n2": "suspect"}, [n1, n3], timeout=20) if cluster3.members(n1)["n2"] != "dead" else None
+    n2.signal(signal.SIGCONT)
+    cluster3.wait_states({"n2": "alive"}, timeout=30)
+    assert search(n1, q[:5])[1]["partial"] is False
+
+    # A partition cutting n2 off from everyone: suspected, then healed.
+    nft.cut("127.0.0.2", "127.0.0.3")
+    nft.cut("127.0.0.3", "127.0.0.4")
+    wait_until(lambda: cluster3.members(n1)["n2"] in ("suspect", "dead"), 20, "n1 suspects n2")
+    nft.heal()
+    cluster3.wait_states({"n2": "alive"}, timeout=30)
+
+    # SIGKILL: everyone marks it dead; searches are partial with its shards listed.
+    n3.kill()
+    cluster3.wait_states({"n3": "dead"}, [n1, n2], timeout=30)
+    for node in (n1, n2):
+        status, body = search(node, q[:5])
+        assert status == 200 and body["partial"]
+        assert body["missing_shards"] == shards_of_n3
+        status, body = search(node, q[:5], allow_partial=False)
+        assert status == 503 and body["error"]["code"] == "unavailable"
+
+    # It comes back with its data and is alive again.
+    n3.start()
+    cluster3.wait_states({"n3": "alive"}, timeout=30)
+    status, body = search(n1, q)
+    assert status == 200 and not body["partial"]
+    got = [[h["id"] for h in row] for row in body["results"]]
+    assert overlap(got, want) >= 0.999
