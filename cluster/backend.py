@@ -51,3 +51,13 @@ class ShardBackend(Protocol):
     ) -> Awaitable[tuple[list[Incoming], str | None]]:
         """A page of the shard's records (tombstones included) in id order, for transfers."""
         ...
+
+    async def shard_digests(self, spec: CollectionSpec, shard: int, buckets: int) -> list[str]:
+        """Per hash bucket, a digest of the shard's (id, version, writer) records."""
+        ...
+
+    async def bucket_records(
+        self, spec: CollectionSpec, shard: int, wanted: list[int], buckets: int
+    ) -> list[Incoming]:
+        """The shard's records (tombstones included) that fall in the wanted buckets."""
+        ...

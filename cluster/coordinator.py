@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -21,6 +22,7 @@ from cluster.clock import Clock
 from cluster.docs import Hit, Incoming, decode_hits, encode_writes, hit_json
 from cluster.errors import AlreadyExists, AquilaError, BadRequest, NotFound, Unavailable
 from cluster.fanout import fan_out
+from cluster.hints import Hints
 from cluster.hlc import HybridClock
 from cluster.membership import Member, State
 from cluster.peers import Peers
@@ -69,6 +71,7 @@ class Coordinator:
         self.search_timeout_s = search_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self._background: set[asyncio.Task[Any]] = set()
+        self.hints = Hints()
 
     # -- membership helpers ---------------------------------------------------------------
     def _members(self) -> dict[str, Member]:
@@ -121,17 +124,56 @@ class Coordinator:
         await self.runtime.wait_reconciled(60)
         return await self.describe(entry), True
 
-    async def push_entry(self, entry: CollectionEntry) -> None:
+    async def push_entry(self, entry: CollectionEntry, *, require_all: bool = False) -> None:
         """Send a state change straight to every live member, so that it is there before the
-        client's next request reaches them (gossip and push-pull repair anything missed)."""
+        client's next request reaches them (gossip and push-pull repair anything missed).
+
+        With `require_all`, retry until every alive member has acknowledged it, or raise."""
         body = [entry.to_json()]
-        targets = [m for m in self.view.members()
-                   if m.id != self.node_id and m.state in (State.ALIVE, State.SUSPECT)]
-        await asyncio.gather(
-            *(self.peers.request(m.addr, "POST", "/internal/v1/state", body, timeout=5)
-              for m in targets),
-            return_exceptions=True,
-        )
+        for attempt in range(5 if require_all else 1):
+            targets = [m for m in self.view.members()
+                       if m.id != self.node_id and m.state in (State.ALIVE, State.SUSPECT)]
+            results = await asyncio.gather(
+                *(self.peers.request(m.addr, "POST", "/internal/v1/state", body, timeout=5)
+                  for m in targets),
+                return_exceptions=True,
+            )
+            failed = [m.id for m, r in zip(targets, results, strict=True)
+                      if isinstance(r, BaseException) and m.state == State.ALIVE]
+            if not failed or not require_all:
+                return
+            await self.clock.sleep(0.2 * (attempt + 1))
+        raise Unavailable(f"node(s) {failed} did not acknowledge the new shard map")
+
+    async def node_stats(self, node: str, name: str) -> dict[int, dict[str, Any]]:
+        if node == self.node_id:
+            return self.backend.shard_stats(name)
+        addr = self.addr_of(node)
+        if addr is None:
+            raise Unavailable(f"node {node} is unknown")
+        raw = await self.peers.request(addr, "GET", f"/internal/v1/collections/{name}/stats",
+                                       timeout=self.peer_timeout_s)
+        return {int(s): v for s, v in raw.items()}
+
+    def owns(self, name: str, shard: int) -> bool:
+        """Does the map give this node the shard (as a replica or a move's target)?"""
+        entry = self.runtime.state.get(name)
+        return entry is not None and shard in entry.shards_of(self.node_id)
+
+    async def drop_local_shard(self, name: str, shard: int) -> None:
+        if self.owns(name, shard):
+            raise Unavailable(f"shard {shard} of {name!r} is still assigned to this node")
+        await self.backend.drop_shard(name, shard)
+
+    async def drop_remote_shard(self, node: str, name: str, shard: int) -> None:
+        if node == self.node_id:
+            await self.drop_local_shard(name, shard)
+            return
+        addr = self.addr_of(node)
+        if addr is None:
+            return
+        await self.peers.request(addr, "POST", f"/internal/v1/collections/{name}/drop_shard",
+                                 {"shard": shard}, timeout=self.peer_timeout_s)
 
     async def list_collections(self) -> list[dict[str, Any]]:
         return [await self.describe(e) for e in self.runtime.state.live().values()]
@@ -248,10 +290,12 @@ class Coordinator:
                 )
             for node in usable:
                 per_node[node][shard] = docs
+            for node in set(self.write_targets(entry, shard)) - set(usable):
+                self.hints.add(node, entry.spec.name, shard, docs)
         acks: dict[int, int] = defaultdict(int)
         results: dict[int, tuple[int, int]] = {}
         tasks = {
-            asyncio.ensure_future(self._write_to(node, entry, shards)): node
+            asyncio.ensure_future(self.write_to_node(node, entry, shards)): node
             for node, shards in per_node.items()
         }
         errors: list[str] = []
@@ -266,6 +310,7 @@ class Coordinator:
                         if isinstance(exc, AquilaError) and not exc.transient:
                             raise exc
                         errors.append(f"{node}: {exc}")
+                        self._hint_all(node, entry, per_node[node])
                         continue
                     for shard, (applied, deleted) in t.result().items():
                         if shard in need and node in entry.replicas[shard]:
@@ -276,6 +321,9 @@ class Coordinator:
             for t in pending:  # slower replicas finish in the background
                 self._background.add(t)
                 t.add_done_callback(self._background.discard)
+                t.add_done_callback(
+                    functools.partial(self._hint_on_failure, tasks[t], entry, per_node[tasks[t]])
+                )
         short = [s for s in need if acks[s] < need[s]]
         if short:
             raise Unavailable(
@@ -283,7 +331,40 @@ class Coordinator:
             )
         return results
 
-    async def _write_to(
+    def _hint_on_failure(
+        self,
+        node: str,
+        entry: CollectionEntry,
+        by_shard: dict[int, list[Incoming]],
+        task: asyncio.Future[Any],
+    ) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._hint_all(node, entry, by_shard)
+
+    def _hint_all(
+        self, node: str, entry: CollectionEntry, by_shard: dict[int, list[Incoming]]
+    ) -> None:
+        for shard, docs in by_shard.items():
+            self.hints.add(node, entry.spec.name, shard, docs)
+
+    async def replay_hints(self, node: str) -> int:
+        """Deliver what `node` missed; what fails is kept for the next try."""
+        delivered = 0
+        for (name, shard), docs in self.hints.take(node).items():
+            entry = self.runtime.state.get(name)
+            if entry is None or node not in self.write_targets(entry, shard):
+                continue  # deleted, or the shard moved away: nothing to hand off
+            try:
+                for i in range(0, len(docs), 1000):
+                    await self.write_to_node(node, entry, {shard: docs[i : i + 1000]})
+                    delivered += len(docs[i : i + 1000])
+            except AquilaError:
+                self.hints.add(node, name, shard, docs)
+        if delivered:
+            log.info("handed %d hinted write(s) to %s", delivered, node)
+        return delivered
+
+    async def write_to_node(
         self, node: str, entry: CollectionEntry, by_shard: dict[int, list[Incoming]]
     ) -> dict[int, tuple[int, int]]:
         if node == self.node_id:

@@ -66,3 +66,11 @@ class EngineBackend:
         self, spec: CollectionSpec, shard: int, after_key: str | None, limit: int
     ) -> tuple[list[Incoming], str | None]:
         return await self.engine.get(spec.name).stream_shard(shard, after_key, limit)
+
+    async def shard_digests(self, spec: CollectionSpec, shard: int, buckets: int) -> list[str]:
+        return await self.engine.get(spec.name).digests(shard, buckets)
+
+    async def bucket_records(
+        self, spec: CollectionSpec, shard: int, wanted: list[int], buckets: int
+    ) -> list[Incoming]:
+        return await self.engine.get(spec.name).bucket_records(shard, wanted, buckets)

@@ -7,8 +7,13 @@ from typing import Any
 from aiohttp import web
 
 from cluster.config_parse import parse_seeds
-from cluster.errors import BadRequest
+from cluster.errors import BadRequest, Unavailable
+from cluster.gossip import JoinError
+from cluster.membership import State
+from cluster.rebalance import plan_moves
+from cluster.rebalance_plan import Move
 from node.api import json_response, read_json
+from node.cluster_node import ClusterNode
 from node.keys import CLUSTER
 
 
@@ -31,11 +36,65 @@ async def shards(request: web.Request) -> web.Response:
     out: dict[str, Any] = {}
     for name, e in state.live().items():
         out[name] = [
-            {"shard": s, "replicas": list(reps),
-             "moving": (m.to_json() if (m := e.move_of(s)) else None)}
+            {"shard": s, "replicas": list(reps), "moving": _moving(node, name, s)}
             for s, reps in enumerate(e.replicas)
         ]
     return json_response({"epoch": state.epoch, "collections": out})
+
+
+def _moving(node: ClusterNode, name: str, shard: int) -> dict[str, Any] | None:
+    entry = node.runtime.state.get(name)
+    mv = entry.move_of(shard) if entry is not None else None
+    if mv is None:
+        return None
+    out = mv.to_json()
+    progress = node.rebalancer.progress_of(name, shard)  # live figure on the driving node
+    if progress is not None:
+        out["progress"] = round(progress, 4)
+    return out
+
+
+def _moves_json(moves: list[Move]) -> list[dict[str, Any]]:
+    return [{"collection": m.collection, "shard": m.shard, "from": m.from_node, "to": m.to_node}
+            for m in moves]
+
+
+def _alive(node: ClusterNode, exclude: str | None = None) -> list[str]:
+    return sorted(m.id for m in node.gossip.members()
+                  if m.state == State.ALIVE and m.id != exclude)
+
+
+async def rebalance(request: web.Request) -> web.Response:
+    body = await read_json(request) if request.can_read_body else {}
+    if not isinstance(body, dict) or not isinstance(body.get("dry_run", False), bool):
+        raise BadRequest("body is {\"dry_run\": bool}")
+    node = request.app[CLUSTER]
+    if node.rebalancer.busy:
+        raise Unavailable("a rebalance is already running; see GET /v1/cluster/shards")
+    moves = plan_moves(node.coordinator, _alive(node))
+    if moves and not body.get("dry_run", False):
+        node.spawn(node.rebalancer.run(moves))
+    return json_response({"moves": _moves_json(moves)})
+
+
+async def leave(request: web.Request) -> web.Response:
+    """Move every replica this node holds to the others, wait for that, then leave."""
+    node = request.app[CLUSTER]
+    others = _alive(node, exclude=node.node_id)
+    held = any(node.node_id in reps for e in node.runtime.state.live().values()
+               for reps in e.replicas)
+    if held and not others:
+        raise Unavailable("no other alive node to hand this node's shards to")
+    if node.rebalancer.busy:
+        raise Unavailable("a rebalance is running; leave once it is done")
+    moves = plan_moves(node.coordinator, others) if others else []
+    stats = await node.rebalancer.run(moves)
+    failed = [t for t in stats.transfers if t.error]
+    if failed:
+        raise Unavailable(f"{len(failed)} shard move(s) failed; still a member: "
+                          + "; ".join(t.error for t in failed[:3]))
+    await node.gossip.leave(5.0)
+    return json_response({"moves": _moves_json(moves), "left": True})
 
 
 async def join(request: web.Request) -> web.Response:
@@ -44,13 +103,9 @@ async def join(request: web.Request) -> web.Response:
         raise BadRequest("body must be an object with 'seeds'")
     seeds = parse_seeds(body.get("seeds"))
     node = request.app[CLUSTER]
-    from cluster.gossip import JoinError
-
     try:
         n = await node.join(seeds, deadline_s=10.0)
     except JoinError as exc:
-        from cluster.errors import Unavailable
-
         raise Unavailable(f"could not join: {exc}") from None
     return json_response({"joined": n, "members": len(node.gossip.members())})
 
@@ -60,3 +115,5 @@ def add_cluster_routes(app: web.Application) -> None:
     r.add_get("/v1/cluster", cluster_info)
     r.add_get("/v1/cluster/shards", shards)
     r.add_post("/v1/cluster/join", join)
+    r.add_post("/v1/cluster/rebalance", rebalance)
+    r.add_post("/v1/cluster/leave", leave)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cluster.clock import SystemClock
 from cluster.coordinator import Coordinator
 from cluster.gossip import Gossip, GossipConfig, JoinError
+from cluster.healer import Healer, HealerConfig
 from cluster.peers import Peers
+from cluster.rebalance import Rebalancer
 from cluster.runtime import ClusterRuntime
 from cluster.state import ClusterState
 from cluster.udp import UdpTransport
@@ -48,6 +52,9 @@ class ClusterNode:
     runtime: ClusterRuntime
     gossip: Gossip
     coordinator: Coordinator
+    rebalancer: Rebalancer
+    healer: Healer
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @staticmethod
     def build(node_id: str, config: NodeConfig, engine: Engine, blocking: Blocking) -> ClusterNode:
@@ -91,12 +98,25 @@ class ClusterNode:
             search_timeout_s=config.search_timeout_ms / 1000,
             peer_timeout_s=config.peer_timeout_s,
         )
-        return ClusterNode(node_id, config, engine, backend, peers, runtime, gossip, coordinator)
+        rebalancer = Rebalancer(coordinator, per_node=config.moves_per_node)
+        healer = Healer(coordinator, rebalancer, HealerConfig(
+            dead_grace_s=config.dead_grace_s,
+            anti_entropy_interval_s=config.anti_entropy_interval_s,
+        ))
+        return ClusterNode(node_id, config, engine, backend, peers, runtime, gossip,
+                           coordinator, rebalancer, healer)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run background work (a rebalance) that outlives the request that started it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
         await self.peers.start()
         await self.runtime.start()
         await self.gossip.start()
+        await self.healer.start()
 
     async def join(self, seeds: list[str], deadline_s: float = 120.0) -> int:
         """Join through the seeds, retrying until one answers or the deadline passes."""
@@ -118,9 +138,11 @@ class ClusterNode:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def stop(self, leave: bool = False) -> None:
-        if leave:
-            await self.gossip.leave(2.0)
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.healer.stop()
         await self.gossip.stop()
         await self.runtime.stop()
         await self.peers.close()

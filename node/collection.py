@@ -18,6 +18,7 @@ from typing import Any, cast
 import numpy as np
 import orjson
 
+from cluster.antientropy import bucket_of, digests
 from cluster.docs import Hit, Incoming
 from cluster.errors import Unavailable
 from cluster.merge import merge_label_arrays
@@ -171,6 +172,26 @@ class Collection:
             if len(out) >= limit:
                 return out, doc_id
         return out, None
+
+    async def digests(self, shard: int, buckets: int) -> list[str]:
+        return await self.blocking.search(self._digests_sync, shard, buckets)
+
+    def _digests_sync(self, shard: int, buckets: int) -> list[str]:
+        return digests(
+            ((doc_id, rec.version, rec.writer) for doc_id, rec in self.store.iter_docs(shard)),
+            buckets,
+        )
+
+    async def bucket_records(self, shard: int, wanted: list[int], buckets: int) -> list[Incoming]:
+        return await self.blocking.search(self._bucket_sync, shard, set(wanted), buckets)
+
+    def _bucket_sync(self, shard: int, wanted: set[int], buckets: int) -> list[Incoming]:
+        return [
+            Incoming(doc_id, None if rec.tombstone else rec.vector_array(), rec.metadata,
+                     rec.version, rec.writer)
+            for doc_id, rec in self.store.iter_docs(shard)
+            if bucket_of(doc_id, buckets) in wanted
+        ]
 
     def count(self) -> int:
         return sum(s.count for s in self.shards.values())

@@ -63,6 +63,10 @@ class NodeConfig:
     peer_timeout_s: float = 10.0
     # A node dead this long has its shards re-replicated elsewhere; <= 0 turns it off.
     dead_grace_s: float = 60.0
+    # Seconds between anti-entropy passes (replicas compare digests, exchange differences).
+    anti_entropy_interval_s: float = 30.0
+    # Shard moves running at once on any one node during a rebalance (copy throttle).
+    moves_per_node: int = 2
     # Python logging level name.
     log_level: str = "INFO"
 

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from cluster.docs import decode_writes, encode_hits
+from cluster.docs import decode_writes, encode_hits, encode_writes
 from cluster.errors import BadRequest, NotFound, Unauthorized
 from cluster.filters import parse_filter
 from cluster.messages import AuthError, DecodeError
@@ -117,9 +117,37 @@ async def stream(request: web.Request) -> web.Response:
     docs, nxt = await request.app[CLUSTER].backend.stream_shard(
         spec, int(body["shard"]), body.get("after"), int(body.get("limit", 1000))
     )
-    from cluster.docs import encode_writes
-
     return json_response({"writes": encode_writes({int(body["shard"]): docs}), "next": nxt})
+
+
+async def digests(request: web.Request) -> web.Response:
+    body = _json(await _authed_body(request))
+    assert isinstance(body, dict)
+    spec = _spec_of(request, None)
+    out = await request.app[CLUSTER].backend.shard_digests(
+        spec, int(body["shard"]), int(body["buckets"])
+    )
+    return json_response({"digests": out})
+
+
+async def buckets(request: web.Request) -> web.Response:
+    body = _json(await _authed_body(request))
+    assert isinstance(body, dict)
+    spec = _spec_of(request, None)
+    shard = int(body["shard"])
+    docs = await request.app[CLUSTER].backend.bucket_records(
+        spec, shard, [int(b) for b in body["buckets"]], int(body["of"])
+    )
+    return json_response({"writes": encode_writes({shard: docs})})
+
+
+async def drop_shard(request: web.Request) -> web.Response:
+    body = _json(await _authed_body(request))
+    assert isinstance(body, dict)
+    await request.app[CLUSTER].coordinator.drop_local_shard(
+        request.match_info["name"], int(body["shard"])
+    )
+    return json_response({"dropped": True})
 
 
 def add_internal_routes(app: web.Application) -> None:
@@ -131,3 +159,6 @@ def add_internal_routes(app: web.Application) -> None:
     r.add_post("/internal/v1/collections/{name}/get", get)
     r.add_get("/internal/v1/collections/{name}/stats", stats)
     r.add_post("/internal/v1/collections/{name}/stream", stream)
+    r.add_post("/internal/v1/collections/{name}/digests", digests)
+    r.add_post("/internal/v1/collections/{name}/buckets", buckets)
+    r.add_post("/internal/v1/collections/{name}/drop_shard", drop_shard)

@@ -292,6 +292,8 @@ PUBLIC_ROUTES: list[tuple[str, str, Any, int]] = [
     ("GET", "/metrics", None, 200),
     ("GET", "/openapi.json", None, 200),
     ("GET", "/v1/collections", None, 200),
+    ("GET", "/v1/cluster", None, 200),
+    ("GET", "/v1/cluster/shards", None, 200),
     ("PUT", "/v1/collections/c", {"dim": DIM}, 200),
     ("GET", "/v1/collections/c", None, 200),
     ("POST", "/v1/collections/c/documents", {"documents": [{"id": "a", "vector": GOOD}]}, 200),
@@ -335,6 +337,15 @@ async def test_api_key(start_node: StartNode) -> None:
         assert resp.status == status, (method, path, resp.status, await resp.text())
     resp = await c.get("/v1/collections", headers=good)
     assert await ok_json(resp) == {"collections": []}
+    # Cluster operations are public routes too (only refused here: they would act).
+    for path, body in (
+        ("/v1/cluster/join", {"seeds": ["127.0.0.1:1"]}),
+        ("/v1/cluster/leave", None),
+        ("/v1/cluster/rebalance", {"dry_run": True}),
+    ):
+        for headers in bad_headers:
+            resp = await c.post(path, json=body, headers=headers)
+            await expect_error(resp, 401, "unauthorized")
 
 
 async def test_no_api_key_needs_no_header(node: Node) -> None:
