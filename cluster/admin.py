@@ -78,7 +78,9 @@ def add_admin_parsers(sub: Any) -> None:
     p.add_argument("--wait", action="store_true", help="show progress until done")
     p.add_argument("--timeout", type=float, default=WAIT_TIMEOUT_S,
                    help=f"give up waiting after this many seconds (default {WAIT_TIMEOUT_S:g})")
-    sub.add_parser("leave", help="hand a node's shards to others, then leave")
+    p = sub.add_parser("leave", help="hand a node's shards to others, then leave")
+    p.add_argument("--timeout", type=float, default=WAIT_TIMEOUT_S,
+                   help=f"give up waiting after this many seconds (default {WAIT_TIMEOUT_S:g})")
     for name in ("status", "join", "rebalance", "leave"):
         p = sub.choices[name]
         p.add_argument("--node", type=node_arg, default=DEFAULT_NODE,
@@ -330,13 +332,16 @@ def cmd_rebalance(api: Api, console: Console, dry_run: bool, wait: bool, timeout
     return 0
 
 
-def cmd_leave(api: Api, console: Console) -> int:
-    moves = (api.post("/v1/cluster/leave", {}) or {}).get("moves") or []
+def cmd_leave(api: Api, console: Console, timeout_s: float) -> int:
+    # The node answers once its shards have moved, which takes as long as copying them.
+    with console.status("Handing this node's shards to the others..."):
+        answer = api.post("/v1/cluster/leave", {}, timeout_s=timeout_s) or {}
+    moves = answer.get("moves") or []
     if moves:
         console.print(moves_table(moves, f"Handed over ({len(moves)} moves)"))
     else:
         console.print("This node held no shards to hand over.")
-    console.print("The node is leaving the cluster.")
+    console.print("The node has left the cluster.")
     return 0
 
 
@@ -395,7 +400,7 @@ def run_admin(args: argparse.Namespace, console: Console | None = None) -> int:
         if args.command == "rebalance":
             return cmd_rebalance(api, out, args.dry_run, args.wait, args.timeout)
         if args.command == "leave":
-            return cmd_leave(api, out)
+            return cmd_leave(api, out, args.timeout)
         return _fail(f"unknown command {args.command!r}", 2)
     except AdminError as exc:
         return _fail(str(exc))

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from cluster.admin import AdminError, http_error_line, move_progress, wait_for_moves
 from tests.conftest import free_port
-from tests.procs import NodeProc
+from tests.procs import NodeProc, http, wait_until
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,24 @@ def skip_if_route_missing(run: Run, route: str) -> None:
 
 
 def start(tmp_path: Path, name: str, **settings: Any) -> NodeProc:
-    return NodeProc(tmp_path / name, port=free_port(), **settings).start()
+    """A ready node; stopped again if it never gets ready, so no process outlives the test."""
+    n = NodeProc(tmp_path / name, port=free_port(), **settings)
+    # NodeProc.wait_ready polls /readyz without a key, which a keyed node answers with 401.
+    key = settings.get("api_key")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def ready() -> bool:
+        if n.proc is not None and n.proc.poll() is not None:
+            raise RuntimeError(f"node exited with {n.proc.returncode}: {n.log_tail()}")
+        return http("GET", n.url + "/readyz", timeout=2, headers=headers)[0] == 200
+
+    try:
+        n.start(wait_ready=False)
+        wait_until(ready, 30, f"{n.addr} ready")
+    except BaseException:
+        n.stop()
+        raise
+    return n
 
 
 @pytest.fixture(scope="module")
