@@ -6,8 +6,6 @@ import heapq
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
-import numpy as np
-
 T = TypeVar("T")
 
 
@@ -34,18 +32,3 @@ def merge_topk(
             heapq.heappush(heap, (sign * lst[pos + 1][0], li, pos + 1, lst))
     return out
 
-
-def merge_label_arrays(
-    parts: list[tuple[np.ndarray, np.ndarray]], k: int, *, larger_is_better: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """The same merge over FAISS-shaped answers: each part is (scores, keys), nq × ki, best
-    first, key -1 where absent. Returns the best k (scores, keys) per row, -1 padded."""
-    scores = np.concatenate([p[0] for p in parts], axis=1)
-    keys = np.concatenate([p[1] for p in parts], axis=1)
-    order_by = -scores if larger_is_better else scores.copy()
-    order_by[keys < 0] = np.inf
-    # A stable sort keeps ties in part order, as merge_topk does.
-    idx = np.argsort(order_by, axis=1, kind="stable")[:, :k]
-    out_s = np.take_along_axis(scores, idx, axis=1)
-    out_k = np.take_along_axis(keys, idx, axis=1)
-    return out_s, out_k

@@ -1,8 +1,9 @@
-"""A collection's local part on this node: its store, its local shards, their indexes, the
-search batcher, and the background work (training, snapshots) that keeps them fast.
+"""A collection's local part on this node: its store, its local shards' bookkeeping, the one
+FAISS index over all of them, and the background work (training, snapshots) that keeps it
+fast. Searching lives in `node.search`.
 
-Concurrency: writes are serialised by `_write_mutex` (durable write, then index update);
-index updates and swaps take `_rw.write()`, searches `_rw.read()`.
+Concurrency: writes are serialised by `write_mutex` (durable write, then index update); index
+updates and swaps take `rw.write()`, searches `rw.read()`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import orjson
@@ -21,21 +22,25 @@ import orjson
 from cluster.antientropy import bucket_of, digests
 from cluster.docs import Hit, Incoming
 from cluster.errors import Unavailable
-from cluster.merge import merge_label_arrays
 from cluster.spec import CollectionSpec
 from node.batcher import SearchBatcher
 from node.blocking import Blocking
-from node.index import prepare
+from node.index import VectorIndex
 from node.locks import RWLock
+from node.search import run_batch, search_filtered
 from node.shard import IndexOps, Shard
 from node.store import Record, Store, WriteBatch
 
 log = logging.getLogger(__name__)
 
-# Global key of a label within the node: shard in the high bits, label below.
-_LABEL_BITS = 40
-# A filtered search over at most this many matching documents is exact, by brute force.
-_EXACT_FILTER_MAX = 50_000
+
+class IndexState:
+    BUFFERING = "buffering"
+    """Exact flat search: too few vectors to train IVF yet."""
+    TRAINING = "training"
+    """An IVF index is being trained in the background; the current index keeps serving."""
+    TRAINED = "trained"
+    """Serving from a trained IVF index (or a collection of type flat, which never trains)."""
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,15 @@ class Collection:
         self.spec = spec
         self.root = root
         self.store = Store(root / "db", fsync=fsync)
+        self.snap_path = root / "index.faiss"
         self.blocking = blocking
         self.tuning = tuning
         self.shards: dict[int, Shard] = {}
-        self._rw = RWLock()
-        self._write_mutex = asyncio.Lock()
+        self.index = VectorIndex.flat(spec.dim, spec.metric)
+        self.snapshot_seqs: dict[int, int] = {}
+        self.training = False
+        self.rw = RWLock()
+        self.write_mutex = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._batcher: SearchBatcher[list[Hit]] = SearchBatcher(
             self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
@@ -68,35 +77,67 @@ class Collection:
     def larger_is_better(self) -> bool:
         return self.spec.metric != "l2"
 
+    @property
+    def state(self) -> str:
+        if self.training:
+            return IndexState.TRAINING
+        if self.index.trained or self.spec.index.type == "flat":
+            return IndexState.TRAINED
+        return IndexState.BUFFERING
+
     # -- lifecycle ------------------------------------------------------------------------
     async def open(self, local_shards: Iterable[int]) -> None:
-        (self.root / "index").mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
         await self.blocking.write(self._open_sync, sorted(set(local_shards)))
         self._maybe_train()
 
     def _open_sync(self, shards: list[int]) -> None:
+        """Shards' bookkeeping from the store; the index from its snapshot plus the changes
+        it does not cover, or rebuilt from the store when missing, damaged or stale."""
         self.store.open()
         if self.store.get_meta() is None:
             self.store.put_meta(orjson.dumps(self.spec.to_json()))
         for s in shards:
-            shard = Shard(self.spec, s, self.store, self.root / "index")
+            shard = Shard(self.spec, s, self.store)
             shard.load()
             self.shards[s] = shard
+        loaded = VectorIndex.load(self.snap_path)
+        if loaded is not None and set(loaded[1]) <= set(shards):
+            self.index, covered = loaded
+            for s, shard in self.shards.items():
+                self._apply_sync(shard.changes_after(covered.get(s, 0)))
+            self.snapshot_seqs = covered
+        else:
+            if self.snap_path.exists():
+                log.warning("%s: snapshot damaged or stale; rebuilding from the store",
+                            self.spec.name)
+            self.index = VectorIndex.flat(self.spec.dim, self.spec.metric)
+            for shard in self.shards.values():
+                self.index.add(*shard.live_vectors(None))
+
+    def _apply_sync(self, ops: IndexOps) -> None:
+        self.index.remove(np.asarray(ops.remove, dtype=np.int64))
+        if ops.add_keys:
+            self.index.add(ops.vectors(self.spec.dim, self.spec.metric),
+                           np.asarray(ops.add_keys, dtype=np.int64))
 
     async def add_shard(self, s: int) -> None:
+        """Take a shard on (a move's target): its documents join the index as they arrive."""
         if s in self.shards:
             return
-        shard = Shard(self.spec, s, self.store, self.root / "index")
+        shard = Shard(self.spec, s, self.store)
         await self.blocking.write(shard.load)
-        async with self._rw.write():
+        async with self.write_mutex, self.rw.write():
+            await self.blocking.write(self._apply_sync, shard.changes_after(0))
             self.shards[s] = shard
 
     async def drop_shard(self, s: int) -> None:
-        async with self._write_mutex, self._rw.write():
+        async with self.write_mutex, self.rw.write():
             shard = self.shards.pop(s, None)
             if shard is not None:
+                await self.blocking.write(self.index.remove, shard.keys())
                 await self.blocking.write(self.store.drop_shard, s)
-                shard.snap_path.unlink(missing_ok=True)
+                self.snapshot_seqs.pop(s, None)
 
     async def close(self, *, snapshot: bool = True) -> None:
         if self.closed:
@@ -105,15 +146,10 @@ class Collection:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        async with self._write_mutex, self._rw.write():
-            if snapshot:
-                await self.blocking.write(self._snapshot_all)
+        async with self.write_mutex, self.rw.write():
+            if snapshot and self._dirty():
+                await self.blocking.write(self._snapshot_sync)
             await self.blocking.write(self.store.close)
-
-    def _snapshot_all(self) -> None:
-        for shard in self.shards.values():
-            if shard.applied_seq > shard.snapshot_seq:
-                shard.snapshot()
 
     async def destroy(self) -> None:
         await self.close(snapshot=False)
@@ -126,10 +162,10 @@ class Collection:
         missing = [s for s in by_shard if s not in self.shards]
         if missing:
             raise Unavailable(f"shard(s) {missing} of {self.spec.name!r} are not on this node")
-        async with self._write_mutex:
+        async with self.write_mutex:
             ops = await self.blocking.write(self._write_sync, by_shard)
-            async with self._rw.write():
-                await self.blocking.write(self._apply_sync, ops)
+            async with self.rw.write():
+                await self.blocking.write(self._apply_all_sync, ops)
         self._maybe_train()
         return {s: (o.applied, o.deleted) for s, o in ops.items()}
 
@@ -145,9 +181,15 @@ class Collection:
             raise
         return ops
 
-    def _apply_sync(self, ops: dict[int, IndexOps]) -> None:
+    def _apply_all_sync(self, ops: dict[int, IndexOps]) -> None:
+        merged = IndexOps()
+        for o in ops.values():
+            merged.remove += o.remove
+            merged.add_keys += o.add_keys
+            merged.add_vectors += o.add_vectors
+        self._apply_sync(merged)
         for s, o in ops.items():
-            self.shards[s].apply(o)
+            self.shards[s].applied(o)
 
     # -- reads ----------------------------------------------------------------------------
     async def get(self, shard: int, doc_id: str) -> Record | None:
@@ -158,8 +200,8 @@ class Collection:
     async def stream_shard(
         self, shard: int, after: str | None, limit: int
     ) -> tuple[list[Incoming], str | None]:
-        """A page of the shard's records, tombstones included, in id order (for transfers
-        and anti-entropy); the id to continue after, None at the end."""
+        """A page of the shard's records, tombstones included, in id order (for transfers);
+        the id to continue after, None at the end."""
         return await self.blocking.search(self._stream_sync, shard, after, limit)
 
     def _stream_sync(
@@ -167,8 +209,7 @@ class Collection:
     ) -> tuple[list[Incoming], str | None]:
         out: list[Incoming] = []
         for doc_id, rec in self.store.iter_docs(shard, after):
-            vec = None if rec.tombstone else rec.vector_array()
-            out.append(Incoming(doc_id, vec, rec.metadata, rec.version, rec.writer))
+            out.append(_incoming(doc_id, rec))
             if len(out) >= limit:
                 return out, doc_id
         return out, None
@@ -187,8 +228,7 @@ class Collection:
 
     def _bucket_sync(self, shard: int, wanted: set[int], buckets: int) -> list[Incoming]:
         return [
-            Incoming(doc_id, None if rec.tombstone else rec.vector_array(), rec.metadata,
-                     rec.version, rec.writer)
+            _incoming(doc_id, rec)
             for doc_id, rec in self.store.iter_docs(shard)
             if bucket_of(doc_id, buckets) in wanted
         ]
@@ -197,8 +237,9 @@ class Collection:
         return sum(s.count for s in self.shards.values())
 
     def shard_states(self) -> dict[int, dict[str, Any]]:
+        state = self.state
         return {
-            n: {"shard": n, "count": s.count, "index_state": s.state.value}
+            n: {"shard": n, "count": s.count, "index_state": state}
             for n, s in sorted(self.shards.items())
         }
 
@@ -211,154 +252,99 @@ class Collection:
         shards: Iterable[int] | None = None,
     ) -> list[list[Hit]]:
         """The best `k` hits per query over the given local shards (all when None)."""
+        from node.index import prepare
+
         q = prepare(queries, self.spec.metric)
         probe = nprobe or self.spec.index.nprobe
         wanted = tuple(sorted(self.shards if shards is None else shards))
+        absent = [s for s in wanted if s not in self.shards]
+        if absent:
+            raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
         if predicate is None:
             rows = await self._batcher.submit((probe, wanted), q, k)
             return [row[:k] for row in rows]
-        async with self._rw.read():
-            return await self.blocking.search(self._filtered_sync, q, k, probe, predicate, wanted)
+        async with self.rw.read():
+            return await self.blocking.search(search_filtered, self, q, k, probe, predicate, wanted)
 
-    async def _run_batch(self, key: Hashable, q: np.ndarray, k: int) -> list[list[Hit]]:
-        probe, wanted = cast(tuple[int, tuple[int, ...]], key)
-        async with self._rw.read():
-            return await self.blocking.search(self._search_sync, q, k, probe, wanted)
-
-    def _search_sync(
-        self, q: np.ndarray, k: int, nprobe: int, wanted: tuple[int, ...]
-    ) -> list[list[Hit]]:
-        parts = []
-        for s in wanted:
-            shard = self.shards.get(s)
-            if shard is None or shard.count == 0:
-                continue
-            d, lab = shard.index.search(q, k, nprobe)
-            parts.append((d, _global(s, lab)))
-        return self._resolve(q, k, parts)
-
-    def _filtered_sync(
-        self,
-        q: np.ndarray,
-        k: int,
-        nprobe: int,
-        predicate: Callable[[Any], bool],
-        wanted: tuple[int, ...],
-    ) -> list[list[Hit]]:
-        """The k best matching documents: exact over the matches when they are few enough,
-        else an IVF search restricted to them, falling back to exact if it finds too few."""
-        parts = []
-        for s in wanted:
-            shard = self.shards.get(s)
-            if shard is None:
-                continue
-            labels: list[int] = []
-            vecs: list[bytes] = []
-            for _, rec in self.store.iter_docs(s):
-                if not rec.tombstone and predicate(rec.metadata_obj()):
-                    labels.append(rec.label)
-                    vecs.append(rec.vector)
-            if not labels:
-                continue
-            lab_arr = np.asarray(labels, dtype=np.int64)
-            kk = min(k, len(labels))
-            if len(labels) > _EXACT_FILTER_MAX and shard.index.trained:
-                d, lab = shard.index.search(q, kk, nprobe, allowed=lab_arr)
-                if (lab >= 0).sum(axis=1).min() >= kk:
-                    parts.append((d, _global(s, lab)))
-                    continue
-            x = np.frombuffer(b"".join(vecs), dtype="<f4").reshape(len(labels), self.spec.dim)
-            d, pos = _exact(prepare(x, self.spec.metric), q, kk, self.spec.metric)
-            lab = np.where(pos >= 0, lab_arr[np.maximum(pos, 0)], -1)
-            parts.append((d, _global(s, lab)))
-        return self._resolve(q, k, parts)
-
-    def _resolve(
-        self, q: np.ndarray, k: int, parts: list[tuple[np.ndarray, np.ndarray]]
-    ) -> list[list[Hit]]:
-        """Merge the shards' answers and fetch the documents of the final hits."""
-        if not parts:
-            return [[] for _ in range(len(q))]
-        scores, keys = merge_label_arrays(parts, k, larger_is_better=self.larger_is_better)
-        mask = (1 << _LABEL_BITS) - 1
-        rows: list[list[tuple[float, int, str]]] = []
-        want: list[tuple[int, str]] = []
-        for srow, krow in zip(scores.tolist(), keys.tolist(), strict=True):
-            row = []
-            for score, key in zip(srow, krow, strict=True):
-                if key < 0:
-                    break
-                s = key >> _LABEL_BITS
-                doc_id = self.shards[s].labels.get(key & mask)
-                if doc_id is None:
-                    continue
-                row.append((score, s, doc_id))
-                want.append((s, doc_id))
-            rows.append(row)
-        recs = dict(zip(want, self.store.get_records_multi(want), strict=True))
-        out: list[list[Hit]] = []
-        for row in rows:
-            hits = []
-            for score, s, doc_id in row:
-                rec = recs[(s, doc_id)]
-                if rec is not None and not rec.tombstone:
-                    hits.append(Hit(doc_id, score, rec.metadata, rec.vector))
-            out.append(hits)
-        return out
+    async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[list[Hit]]:
+        probe, wanted = key
+        async with self.rw.read():
+            return await self.blocking.search(run_batch, self, q, k, probe, wanted)
 
     # -- background -----------------------------------------------------------------------
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _maybe_train(self) -> None:
-        if self.closed:
-            return
-        for shard in self.shards.values():
-            if shard.wants_training(self.tuning.train_min, self.tuning.retrain_growth):
-                shard.training = True
-                self._spawn(self._train(shard))
+    def wants_training(self) -> bool:
+        n = self.count()
+        if self.training or self.spec.index.type == "flat" or n < self.tuning.train_min:
+            return False
+        if not self.index.trained:
+            return True
+        return n >= self.tuning.retrain_growth * max(1, self.index.trained_at)
 
-    async def _train(self, shard: Shard) -> None:
+    def _maybe_train(self) -> None:
+        if not self.closed and self.wants_training():
+            self.training = True
+            self._spawn(self._train())
+
+    def _training_set(self, upto: dict[int, int]) -> VectorIndex:
+        parts = [self.shards[s].live_vectors(q) for s, q in upto.items() if s in self.shards]
+        vectors = np.vstack([p[0] for p in parts])
+        keys = np.concatenate([p[1] for p in parts])
+        return VectorIndex.train_ivf(self.spec, vectors, keys)
+
+    async def _train(self) -> None:
         """Train in the background while the current index serves; swap it in under the
         write mutex after replaying the writes that came meanwhile."""
         try:
-            upto = shard.applied_seq
-            log.info("%s/%d: training on %d vectors", self.spec.name, shard.shard, shard.count)
-            new = await self.blocking.background(shard.train, upto)
-            async with self._write_mutex, self._rw.write():
-                if self.shards.get(shard.shard) is not shard:
-                    return
-                await self.blocking.write(shard.swap_in, new, upto)
-            log.info("%s/%d: trained (nlist=%d)", self.spec.name, shard.shard, new.index.nlist)
+            upto = {s: sh.applied_seq for s, sh in self.shards.items()}
+            log.info("%s: training on %d vectors", self.spec.name, self.count())
+            new = await self.blocking.background(self._training_set, upto)
+            async with self.write_mutex, self.rw.write():
+                if set(upto) != set(self.shards):
+                    log.info("%s: shards changed while training; training again", self.spec.name)
+                else:
+                    await self.blocking.write(self._swap_sync, new, upto)
+                    log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
         except Exception:
-            log.exception("%s/%d: training failed", self.spec.name, shard.shard)
+            log.exception("%s: training failed", self.spec.name)
         finally:
-            shard.training = False
-        await self.snapshot(shard)
+            self.training = False
+        await self.snapshot()
         self._maybe_train()
 
-    async def snapshot(self, shard: Shard) -> None:
-        if shard.applied_seq <= shard.snapshot_seq or self.closed:
+    def _swap_sync(self, new: VectorIndex, upto: dict[int, int]) -> None:
+        old, self.index = self.index, new
+        try:
+            for s, shard in self.shards.items():
+                self._apply_sync(shard.changes_after(upto[s]))
+        except BaseException:
+            self.index = old
+            raise
+
+    def _dirty(self) -> bool:
+        return any(sh.applied_seq > self.snapshot_seqs.get(s, 0) for s, sh in self.shards.items())
+
+    def _snapshot_sync(self) -> None:
+        covered = {s: sh.applied_seq for s, sh in self.shards.items()}
+        self.index.save(self.snap_path, covered)
+        self.snapshot_seqs = covered
+
+    async def snapshot(self) -> None:
+        """Serialise under the locks (quick), write the file outside them."""
+        if self.closed or self.training or not self._dirty():
             return
-        async with self._write_mutex:
-            await self.blocking.background(shard.snapshot)
-
-    async def snapshot_dirty(self) -> None:
-        for shard in list(self.shards.values()):
-            if not shard.training:
-                await self.snapshot(shard)
-
-
-def _global(shard: int, labels: np.ndarray) -> np.ndarray:
-    return np.where(labels >= 0, labels + (shard << _LABEL_BITS), -1)
+        async with self.write_mutex, self.rw.read():
+            covered = {s: sh.applied_seq for s, sh in self.shards.items()}
+            payload = await self.blocking.write(self.index.serialize)
+            index = self.index
+        await self.blocking.background(index.save, self.snap_path, covered, payload)
+        self.snapshot_seqs = covered
 
 
-def _exact(x: np.ndarray, q: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    from node.index import faiss_metric
-
-    d, i = faiss.knn(q, x, k, metric=faiss_metric(metric))
-    return d, i
+def _incoming(doc_id: str, rec: Record) -> Incoming:
+    vec = None if rec.tombstone else rec.vector_array()
+    return Incoming(doc_id, vec, rec.metadata, rec.version, rec.writer)

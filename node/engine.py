@@ -114,7 +114,7 @@ class Engine:
             await asyncio.sleep(interval_s)
             for coll in list(self.collections.values()):
                 try:
-                    await coll.snapshot_dirty()
+                    await coll.snapshot()
                 except Exception:
                     log.exception("snapshot of %s failed", coll.spec.name)
 

@@ -1,7 +1,12 @@
-"""One shard's FAISS index over numpy arrays: exact (flat) while small, IVF once trained.
+"""The FAISS index of a collection's local shards on this node, over numpy arrays: exact
+(flat) while small, IVF once trained.
 
-Labels are the documents' stable int64 labels. Cosine collections store unit vectors and
-search by inner product; callers normalise (see `prepare`).
+One index serves every local shard of the collection, so a search costs one FAISS call and
+one coarse quantisation instead of one per shard. Its labels are global keys
+`shard << 40 | label` (the document's stable label within its shard), so a shard's vectors can
+be removed when it moves away and a search can be restricted to some shards (`shard_selector`).
+Cosine collections store unit vectors and search by inner product; callers normalise
+(see `prepare`).
 """
 
 from __future__ import annotations
@@ -16,15 +21,35 @@ from typing import Any
 
 import faiss as _faiss
 import numpy as np
+import orjson
 
 from cluster.spec import CollectionSpec, pq_m
 
 # FAISS's bundled stubs lag its API (SearchParametersIVF keywords, DirectMap, ...).
 faiss: Any = _faiss
 
-_SNAP_MAGIC = b"AQIX1\n"
-# covered seq, trained-at count, kind (0 flat, 1 ivf), crc32 of payload, payload length
-_SNAP_HEADER = struct.Struct(">QQBIQ")
+_SNAP_MAGIC = b"AQIX2\n"
+# trained-at count, kind (0 flat, 1 ivf), crc32 of meta + payload, meta length, payload length
+_SNAP_HEADER = struct.Struct(">QBIQQ")
+LABEL_BITS = 40
+
+
+def global_key(shard: int, label: int) -> int:
+    return (shard << LABEL_BITS) | label
+
+
+def global_keys(shard: int, labels: np.ndarray) -> np.ndarray:
+    return np.asarray(labels, dtype=np.int64) + np.int64(shard << LABEL_BITS)
+
+
+def shard_selector(shards: list[int]) -> Any:
+    """A FAISS selector admitting only these shards' keys (ranges, so no per-id table)."""
+    sel: Any = None
+    for s in shards:
+        r = faiss.IDSelectorRange(s << LABEL_BITS, (s + 1) << LABEL_BITS)
+        sel = r if sel is None else faiss.IDSelectorOr(sel, r)
+        sel.keep = r  # keep the child alive: FAISS holds it by raw pointer
+    return sel
 
 
 def faiss_metric(metric: str) -> int:
@@ -49,7 +74,7 @@ def choose_nlist(n: int, configured: int | None) -> int:
 
 
 @dataclass
-class ShardIndex:
+class VectorIndex:
     index: Any  # faiss.Index
     trained: bool  # an IVF index (False: exact flat)
     trained_at: int  # vectors it was trained on (0 for flat)
@@ -59,12 +84,12 @@ class ShardIndex:
         return int(self.index.ntotal)
 
     @staticmethod
-    def flat(dim: int, metric: str) -> ShardIndex:
+    def flat(dim: int, metric: str) -> VectorIndex:
         base = faiss.IndexFlat(dim, faiss_metric(metric))
-        return ShardIndex(faiss.IndexIDMap2(base), False, 0)
+        return VectorIndex(faiss.IndexIDMap2(base), False, 0)
 
     @staticmethod
-    def train_ivf(spec: CollectionSpec, vectors: np.ndarray, labels: np.ndarray) -> ShardIndex:
+    def train_ivf(spec: CollectionSpec, vectors: np.ndarray, labels: np.ndarray) -> VectorIndex:
         """Train an IVF index of the collection's type on `vectors` and add them. Slow: call
         from a background thread; FAISS releases the GIL."""
         n, dim = vectors.shape
@@ -92,7 +117,7 @@ class ShardIndex:
         # A hash table from label to list position makes remove_ids and reconstruct O(1).
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
         index.add_with_ids(vectors, labels)
-        return ShardIndex(index, True, n)
+        return VectorIndex(index, True, n)
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         if len(labels):
@@ -108,13 +133,15 @@ class ShardIndex:
         k: int,
         nprobe: int,
         allowed: np.ndarray | None = None,
+        selector: Any = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, labels), each nq × k; label -1 where fewer than k were found.
+        """(scores, keys), each nq × k; key -1 where fewer than k were found.
 
-        `allowed`: only these labels may be returned (a filter), None for all.
+        `allowed`: only these keys may be returned (a filter); `selector`: a FAISS selector
+        (some shards). None for all.
         """
         k = max(1, min(k, max(1, self.ntotal)))
-        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
+        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else selector
         if self.trained:
             params = faiss.SearchParametersIVF(
                 nprobe=max(1, min(nprobe, self.index.nlist)), sel=sel
@@ -130,15 +157,22 @@ class ShardIndex:
         return np.vstack([self.index.reconstruct(int(lab)) for lab in labels])
 
     # -- snapshots ------------------------------------------------------------------------
-    def save(self, path: Path, covered_seq: int) -> None:
-        """Write atomically: a crash mid-write leaves the previous snapshot in place."""
-        payload = faiss.serialize_index(self.index).tobytes()
+    def serialize(self) -> bytes:
+        """The index as bytes (quick; call while mutations are excluded)."""
+        return bytes(faiss.serialize_index(self.index).tobytes())
+
+    def save(self, path: Path, covered: dict[int, int], payload: bytes | None = None) -> None:
+        """Write atomically with the change-log position each shard's part covers: a crash
+        mid-write leaves the previous snapshot in place."""
+        payload = self.serialize() if payload is None else payload
+        meta = orjson.dumps({str(s): q for s, q in covered.items()})
         head = _SNAP_HEADER.pack(
-            covered_seq, self.trained_at, int(self.trained), zlib.crc32(payload), len(payload)
+            self.trained_at, int(self.trained), zlib.crc32(meta + payload), len(meta), len(payload)
         )
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.write(_SNAP_MAGIC + head)
+            f.write(meta)
             f.write(payload)
             f.flush()
 
@@ -146,8 +180,9 @@ class ShardIndex:
         tmp.replace(path)
 
     @staticmethod
-    def load(path: Path) -> tuple[ShardIndex, int] | None:
-        """(index, covered seq), or None when missing or damaged (the caller rebuilds)."""
+    def load(path: Path) -> tuple[VectorIndex, dict[int, int]] | None:
+        """(index, covered seq per shard), or None when missing or damaged (the caller
+        rebuilds from the store)."""
         try:
             raw = path.read_bytes()
         except OSError:
@@ -155,14 +190,16 @@ class ShardIndex:
         n0 = len(_SNAP_MAGIC)
         if len(raw) < n0 + _SNAP_HEADER.size or raw[:n0] != _SNAP_MAGIC:
             return None
-        seq, trained_at, kind, crc, length = _SNAP_HEADER.unpack_from(raw, n0)
-        payload = raw[n0 + _SNAP_HEADER.size :]
-        if len(payload) != length or zlib.crc32(payload) != crc:
+        trained_at, kind, crc, meta_len, length = _SNAP_HEADER.unpack_from(raw, n0)
+        body = raw[n0 + _SNAP_HEADER.size :]
+        if len(body) != meta_len + length or zlib.crc32(body) != crc:
             return None
+        covered = {int(s): int(q) for s, q in orjson.loads(body[:meta_len]).items()}
+        payload = body[meta_len:]
         try:
             index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
         except RuntimeError:
             return None
         if kind:
             faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
-        return ShardIndex(index, bool(kind), int(trained_at)), int(seq)
+        return VectorIndex(index, bool(kind), int(trained_at)), covered

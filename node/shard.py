@@ -1,104 +1,69 @@
-"""One local shard = its slice of the collection's store + its FAISS index + its label map,
-and the invariants between them:
+"""One local shard's bookkeeping: its slice of the collection's store, its counters and its
+label map, and the index changes its writes imply. The vectors themselves live in the
+collection's node-wide index (`node.index`), under global keys `shard << 40 | label`.
 
-- every live document of the shard (and nothing else) is in the index under its label, once
-  every change up to `applied_seq` has been applied;
-- the snapshot on disk covers the changes up to the seq stored in it; the change log replays
-  the rest.
+Invariants: every live document of the shard (and nothing else of it) is in the index under
+its key once every change up to `applied_seq` has been applied; the change log replays what a
+snapshot does not cover.
 
-Methods here are blocking (RocksDB, FAISS) and run on `node.blocking` threads; the collection
+Methods here are blocking (RocksDB) and run on `node.blocking` threads; the collection
 serialises mutations and excludes them from searches.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from enum import StrEnum
-from pathlib import Path
 
 import numpy as np
 
 from cluster.docs import Incoming
 from cluster.spec import CollectionSpec
-from node.index import ShardIndex, prepare
+from node.index import global_key, global_keys, prepare
 from node.store import Record, Store, WriteBatch
-
-log = logging.getLogger(__name__)
-
-
-class IndexState(StrEnum):
-    BUFFERING = "buffering"
-    """Exact flat search: too few vectors to train IVF yet."""
-    TRAINING = "training"
-    """An IVF index is being trained in the background; the current index keeps serving."""
-    TRAINED = "trained"
-    """Serving from a trained IVF index (or a collection of type flat, which never trains)."""
 
 
 @dataclass
 class IndexOps:
-    """What a durable write batch changes in one shard's index, applied after the write."""
+    """What a durable write batch (or a replay) changes in the index, applied after it."""
 
-    remove: list[int] = field(default_factory=list)
-    add_labels: list[int] = field(default_factory=list)
-    add_vectors: list[np.ndarray] = field(default_factory=list)
+    remove: list[int] = field(default_factory=list)  # global keys
+    add_keys: list[int] = field(default_factory=list)  # global keys
+    add_vectors: list[np.ndarray] = field(default_factory=list)  # raw float32 rows
     new_labels: dict[int, str] = field(default_factory=dict)
     count_delta: int = 0
     last_seq: int = 0
     applied: int = 0  # documents that changed (a stale version changes nothing)
     deleted: int = 0  # live documents turned into tombstones
 
+    def vectors(self, dim: int, metric: str) -> np.ndarray:
+        if not self.add_vectors:
+            return np.zeros((0, dim), np.float32)
+        return prepare(np.vstack(self.add_vectors), metric)
+
 
 class Shard:
-    def __init__(self, spec: CollectionSpec, shard: int, store: Store, snap_dir: Path) -> None:
+    def __init__(self, spec: CollectionSpec, shard: int, store: Store) -> None:
         self.spec = spec
         self.shard = shard
         self.store = store
-        self.snap_path = snap_dir / f"shard-{shard}.faiss"
-        self.index = ShardIndex.flat(spec.dim, spec.metric)
         self.labels: dict[int, str] = {}
         self.next_seq = 1
         self.next_label = 1
-        self.applied_seq = 0
-        self.snapshot_seq = 0
         self.count = 0
-        self.training = False
+        self.applied_seq = 0
 
-    @property
-    def state(self) -> IndexState:
-        if self.training:
-            return IndexState.TRAINING
-        if self.index.trained or self.spec.index.type == "flat":
-            return IndexState.TRAINED
-        return IndexState.BUFFERING
-
-    # -- start ----------------------------------------------------------------------------
     def load(self) -> None:
-        """Counters and labels from the store, the index from its snapshot (or rebuilt from
-        the store when missing or damaged), then the changes the snapshot does not cover."""
-        self.next_seq, self.next_label = self.store.counters(self.shard)
+        """Counters and labels from the store (the index is the collection's business)."""
+        self.next_seq, self.next_label, self.count = self.store.counters(self.shard)
         self.labels = dict(self.store.iter_labels(self.shard))
-        loaded = ShardIndex.load(self.snap_path)
-        if loaded is not None:
-            self.index, covered = loaded
-            self.replay(self.index, covered)
-            self.snapshot_seq = covered
-        else:
-            if self.snap_path.exists():
-                log.warning("snapshot %s is damaged; rebuilding from the store", self.snap_path)
-            self.index = self.build_flat()
         self.applied_seq = self.next_seq - 1
-        self.count = self.index.ntotal
 
-    def build_flat(self) -> ShardIndex:
-        vectors, labels = self.live_vectors(None)
-        index = ShardIndex.flat(self.spec.dim, self.spec.metric)
-        index.add(vectors, labels)
-        return index
+    def keys(self) -> np.ndarray:
+        """Global keys of every label this shard ever gave (live or not)."""
+        return global_keys(self.shard, np.fromiter(self.labels, dtype=np.int64))
 
     def live_vectors(self, max_seq: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """Every live document's (prepared) vector and label, with seq ≤ max_seq if given."""
+        """Every live document's prepared vector and global key, with seq ≤ max_seq if given."""
         vecs: list[bytes] = []
         labels: list[int] = []
         for _, rec in self.store.iter_docs(self.shard):
@@ -109,39 +74,41 @@ class Shard:
         if not vecs:
             return np.zeros((0, self.spec.dim), np.float32), np.zeros(0, np.int64)
         x = np.frombuffer(b"".join(vecs), dtype="<f4").reshape(len(vecs), self.spec.dim)
-        return prepare(x, self.spec.metric), np.asarray(labels, dtype=np.int64)
+        return prepare(x, self.spec.metric), global_keys(self.shard, np.asarray(labels))
 
-    def replay(self, index: ShardIndex, after_seq: int) -> int:
-        """Apply to `index` every change logged after `after_seq`; returns how many."""
+    def changes_after(self, after_seq: int) -> IndexOps:
+        """The index changes of every change logged after `after_seq` (replay)."""
+        ops = IndexOps()
         changes = list(self.store.iter_changes(self.shard, after_seq))
         if not changes:
-            return 0
+            return ops
         recs = self.store.get_records(self.shard, [doc_id for _, doc_id in changes])
-        remove = [r.label for r in recs if r is not None]
-        live = [r for r in recs if r is not None and not r.tombstone]
-        index.remove(np.asarray(remove, dtype=np.int64))
-        if live:
-            x = np.frombuffer(b"".join(r.vector for r in live), dtype="<f4")
-            x = prepare(x.reshape(len(live), self.spec.dim), self.spec.metric)
-            index.add(x, np.asarray([r.label for r in live], dtype=np.int64))
-        return len(changes)
+        for rec in recs:
+            if rec is None:
+                continue
+            key = global_key(self.shard, rec.label)
+            ops.remove.append(key)
+            if not rec.tombstone:
+                ops.add_keys.append(key)
+                ops.add_vectors.append(rec.vector_array())
+        return ops
 
-    # -- writes ---------------------------------------------------------------------------
     def prepare_writes(self, docs: list[Incoming], batch: WriteBatch) -> IndexOps:
         """Stage `docs` (upserts and deletes) into `batch`; last writer wins per document.
 
-        Counters advance here; they are written in the same batch, so a failed write is
-        rolled back by `rollback` and a crash leaves none of it."""
+        Counters advance here and are written in the same batch: `rollback` undoes them when
+        the write fails, and a crash leaves none of it."""
         ops = IndexOps()
         olds = self.store.get_records(self.shard, [d.id for d in docs])
         staged: dict[str, Record] = {}
+        count = self.count
         for doc, old in zip(docs, olds, strict=True):
             old = staged.get(doc.id, old)
             tomb = doc.vector is None
-            if old is not None and not _wins(doc, old):
+            if old is not None and (doc.version, doc.writer) <= (old.version, old.writer):
                 continue
-            if tomb and (old is None or old.tombstone):
-                continue  # deleting what is not there: nothing to record
+            # A delete of an unknown id is still recorded as a tombstone: a replica may see
+            # the delete before the write it deletes, which must then lose to it.
             label = old.label if old is not None else self.next_label
             if old is None:
                 self.next_label += 1
@@ -158,67 +125,33 @@ class Shard:
             self.next_seq += 1
             batch.put_doc(self.shard, doc.id, rec, old)
             staged[doc.id] = rec
+            key = global_key(self.shard, label)
             was_live = old is not None and not old.tombstone
             if was_live:
-                ops.remove.append(label)
+                ops.remove.append(key)
             if not tomb:
-                ops.add_labels.append(label)
+                ops.add_keys.append(key)
                 ops.add_vectors.append(rec.vector_array())
-            ops.count_delta += (0 if tomb else 1) - (1 if was_live else 0)
+            delta = (0 if tomb else 1) - (1 if was_live else 0)
+            ops.count_delta += delta
+            count += delta
             ops.deleted += int(tomb and was_live)
-            ops.applied += 1
-        # An id written twice in one batch: only its last version stays in the index.
-        if len(set(ops.add_labels)) != len(ops.add_labels):
+            ops.applied += int(not tomb or was_live)
+        if len(set(ops.add_keys)) != len(ops.add_keys):
+            # An id written twice in one batch: only its last version goes into the index.
             last: dict[int, np.ndarray] = {}
-            for lab, vec in zip(ops.add_labels, ops.add_vectors, strict=True):
-                last[lab] = vec
-            ops.remove = [lab for lab in dict.fromkeys(ops.remove) if lab not in ops.new_labels]
-            ops.add_labels = list(last)
-            ops.add_vectors = list(last.values())
-        batch.put_counters(self.shard, self.next_seq, self.next_label)
+            for key, vec in zip(ops.add_keys, ops.add_vectors, strict=True):
+                last[key] = vec
+            ops.add_keys, ops.add_vectors = list(last), list(last.values())
+        batch.put_counters(self.shard, self.next_seq, self.next_label, count)
         ops.last_seq = self.next_seq - 1
         return ops
 
     def rollback(self, seq: int, label: int) -> None:
         self.next_seq, self.next_label = seq, label
 
-    def apply(self, ops: IndexOps) -> None:
-        """Bring the index up to the durable state (caller holds the index write lock)."""
-        self.index.remove(np.asarray(ops.remove, dtype=np.int64))
-        if ops.add_labels:
-            x = prepare(np.vstack(ops.add_vectors), self.spec.metric)
-            self.index.add(x, np.asarray(ops.add_labels, dtype=np.int64))
+    def applied(self, ops: IndexOps) -> None:
+        """Record that `ops` reached the index."""
         self.labels.update(ops.new_labels)
         self.count += ops.count_delta
         self.applied_seq = max(self.applied_seq, ops.last_seq)
-
-    # -- training -------------------------------------------------------------------------
-    def wants_training(self, train_min: int, growth: float) -> bool:
-        if self.training or self.spec.index.type == "flat" or self.count < train_min:
-            return False
-        if not self.index.trained:
-            return True
-        return self.count >= growth * max(1, self.index.trained_at)
-
-    def train(self, upto_seq: int) -> ShardIndex:
-        """A new IVF index over the documents as of `upto_seq` (background thread)."""
-        vectors, labels = self.live_vectors(upto_seq)
-        return ShardIndex.train_ivf(self.spec, vectors, labels)
-
-    def swap_in(self, index: ShardIndex, trained_upto: int) -> None:
-        """Catch the new index up with the writes made while it trained, then serve from it
-        (caller holds the collection's write mutex and the index write lock)."""
-        self.replay(index, trained_upto)
-        self.index = index
-        self.count = index.ntotal
-
-    # -- snapshots ------------------------------------------------------------------------
-    def snapshot(self) -> None:
-        """Save the index with the seq it covers (caller excludes index mutations)."""
-        covered = self.applied_seq
-        self.index.save(self.snap_path, covered)
-        self.snapshot_seq = covered
-
-
-def _wins(doc: Incoming, old: Record) -> bool:
-    return (doc.version, doc.writer) > (old.version, old.writer)

@@ -4,7 +4,7 @@ One database per collection (deleting a collection removes its directory). Key l
 key of a shard behind a 2-byte big-endian shard number so a shard is one contiguous range:
 
     b"M"                          -> collection spec (JSON)
-    b"C" shard                    -> counters: next seq, next label (2 × u64)
+    b"C" shard                    -> counters: next seq, next label, live documents (3 × u64)
     b"D" shard id                 -> document record (see `Record`); tombstones too
     b"Q" shard seq(u64 BE)        -> id: the change log, one entry per document (its latest
                                      change), so replay after a snapshot reads only what came after
@@ -31,7 +31,7 @@ FLAG_TOMBSTONE = 1
 _HEADER = struct.Struct(">QqQBIH")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
-_COUNTERS = struct.Struct(">QQ")
+_COUNTERS = struct.Struct(">QQQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +106,8 @@ class WriteBatch:
         self._wb.put(change_key(shard, rec.seq), doc_id.encode())
         self.count += 1
 
-    def put_counters(self, shard: int, next_seq: int, next_label: int) -> None:
-        self._wb.put(_shard_key(b"C", shard), _COUNTERS.pack(next_seq, next_label))
+    def put_counters(self, shard: int, next_seq: int, next_label: int, live: int) -> None:
+        self._wb.put(_shard_key(b"C", shard), _COUNTERS.pack(next_seq, next_label, live))
 
 
 class Store:
@@ -166,12 +166,13 @@ class Store:
         """Durable (through the WAL, fsynced when configured) once this returns."""
         self.db.write(batch._wb, self._write_opts)
 
-    def counters(self, shard: int) -> tuple[int, int]:
+    def counters(self, shard: int) -> tuple[int, int, int]:
+        """(next seq, next label, live documents) of a shard."""
         raw = self.db.get(_shard_key(b"C", shard))
         if raw is None:
-            return 1, 1
-        seq, label = _COUNTERS.unpack(raw)
-        return int(seq), int(label)
+            return 1, 1, 0
+        seq, label, live = _COUNTERS.unpack(raw)
+        return int(seq), int(label), int(live)
 
     def _scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         it = self.db.iter()

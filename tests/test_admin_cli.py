@@ -173,19 +173,51 @@ def test_rebalance_wait_on_one_node_returns_at_once(node: NodeProc) -> None:
     assert "already balanced" in run.out.lower(), run
 
 
-def test_leave_on_one_node_answers_cleanly(tmp_path: Path) -> None:
+def test_leave_on_one_node(tmp_path: Path) -> None:
     # Its own node: leaving would spoil the shared one.
     n = start(tmp_path, "leaver")
     try:
-        run = aquila("leave", "--node", n.addr)
-        skip_if_route_missing(run, "/v1/cluster/leave")
-        assert "Traceback" not in run.out + run.err
-        if run.code == 0:
-            assert run.out.strip() and run.err == "", run
-        else:  # refusing to leave the last node is fine, as one clear line
-            run.assert_one_line_error()
+        assert n.call("PUT", "/v1/collections/solo", {"dim": 2, "shards": 2})[0] == 201
+        refused = aquila("leave", "--node", n.addr)
+        skip_if_route_missing(refused, "/v1/cluster/leave")
+        refused.assert_one_line_error()  # the last holder of shards may not go
+        assert refused.err.startswith("aquila: unavailable: "), refused
+        assert n.call("DELETE", "/v1/collections/solo")[0] == 200
+        left = aquila("leave", "--node", n.addr)
+        assert left.code == 0 and "held no shards" in left.out and left.err == "", left
     finally:
         n.stop()
+
+
+def test_two_nodes_join_rebalance_wait_and_leave(tmp_path: Path) -> None:
+    a, b = start(tmp_path, "a"), start(tmp_path, "b")
+    try:
+        assert a.call("PUT", "/v1/collections/books", {"dim": 4, "shards": 8})[0] == 201
+        docs = [{"id": f"d{i}", "vector": [float(i), 1.0, 2.0, 3.0]} for i in range(500)]
+        assert a.call("POST", "/v1/collections/books/documents", {"documents": docs})[0] == 200
+        ida, idb = node_id(a), node_id(b)
+
+        joined = aquila("join", "--node", b.addr, "--seeds", a.addr)
+        assert joined.code == 0 and "2 members" in joined.out, joined
+        wait_until(lambda: len(a.call("GET", "/v1/cluster")[1]["members"]) == 2, 10, "2 members")
+
+        plan = aquila("rebalance", "--node", a.addr, "--dry-run")
+        skip_if_route_missing(plan, "/v1/cluster/rebalance")
+        assert plan.code == 0 and "Dry run" in plan.out and plan.out.count(idb) == 4, plan
+        done = aquila("rebalance", "--node", a.addr, "--wait", "--timeout", "30")
+        assert done.code == 0 and "Done: 4 moves applied" in done.out, done
+        status = aquila("status", "--node", b.addr)
+        assert f"{ida} 4" in status.out and f"{idb} 4" in status.out, status
+
+        left = aquila("leave", "--node", b.addr, "--timeout", "30")
+        assert left.code == 0 and "Handed over (4 moves)" in left.out, left
+        after = json.loads(aquila("status", "--node", a.addr, "--json").out)
+        states = {m["id"]: m["state"] for m in after["cluster"]["members"]}
+        assert states[ida] == "alive" and states[idb] == "left", states
+        assert [(c["name"], c["count"]) for c in after["collections"]] == [("books", 500)]
+    finally:
+        a.stop()
+        b.stop()
 
 
 # -- the pieces, without a node -----------------------------------------------------------------
