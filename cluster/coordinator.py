@@ -72,10 +72,18 @@ class Coordinator:
         self.peer_timeout_s = peer_timeout_s
         self._background: set[asyncio.Task[Any]] = set()
         self.hints = Hints()
+        self._members_cache: dict[str, Member] = {}
+        self._members_at = float("-inf")
 
     # -- membership helpers ---------------------------------------------------------------
     def _members(self) -> dict[str, Member]:
-        return {m.id: m for m in self.view.members()}
+        """The member table, at most 50 ms old: the hot paths look it up per shard, and a
+        replica found dead a moment late costs only a retry on the next one."""
+        now = self.clock.now()
+        if now - self._members_at > 0.05:
+            self._members_cache = {m.id: m for m in self.view.members()}
+            self._members_at = now
+        return self._members_cache
 
     def addr_of(self, node: str) -> str | None:
         m = self._members().get(node)

@@ -48,6 +48,18 @@ async def fan_out(
     timeout_s: float,
 ) -> FanoutResult:
     """Search every shard of `candidates` (shard → replica nodes in preference order)."""
+    if len({nodes[0] for nodes in candidates.values()}) == 1:
+        # The common one-node case: one awaited call, no tasks to schedule.
+        node = next(iter(candidates.values()))[0]
+        try:
+            async with asyncio.timeout(timeout_s):
+                rows = await ask(node, sorted(candidates), timeout_s)
+            return FanoutResult(rows)
+        except AquilaError as err:
+            if not err.transient:
+                raise
+        except TimeoutError:
+            pass
     deadline = clock.now() + timeout_s
     tried: dict[int, int] = {}
     answers: list[list[list[Hit]]] = []

@@ -21,6 +21,7 @@ from cluster.filters import Predicate, parse_filter
 MAX_ID_CHARS = 256
 MAX_K = 1000
 CONSISTENCY = ("one", "quorum", "all")
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _vector_rows(raw: Any, dim: int, what: str) -> np.ndarray:
     bad = ~np.isfinite(arr).all(axis=1)
     if bad.any():
         raise InvalidVector(f"{what}[{int(np.argmax(bad))}]: NaN or Inf is not allowed")
-    big = np.abs(arr).max(axis=1) > np.finfo(np.float32).max
+    big = np.abs(arr).max(axis=1) > _F32_MAX
     if big.any():
         raise InvalidVector(f"{what}[{int(np.argmax(big))}]: a value overflows float32")
     return arr.astype(np.float32)

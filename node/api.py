@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from cluster.errors import AquilaError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from cluster.errors import AquilaError, BadRequest, PayloadTooLarge, Unauthorized
 from cluster.requests import loads_overflowing
 from cluster.spec import parse_spec
 from node.keys import CONFIG, METRICS, READY, SERVICE
@@ -34,7 +34,7 @@ _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
     404: "not_found",
-    405: "bad_request",
+    405: "method_not_allowed",
     409: "already_exists",
     413: "payload_too_large",
     503: "unavailable",
@@ -76,10 +76,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         status = exc.status
-        body = {
-            "error": {"code": _HTTP_CODES.get(exc.status, "bad_request"), "message": exc.reason}
-        }
-        return json_response(body, exc.status)
+        message = exc.reason
+        if exc.status == 404:
+            message = f"no route {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        code = _HTTP_CODES.get(exc.status, "bad_request")
+        resp = json_response({"error": {"code": code, "message": message}}, exc.status)
+        if "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     finally:
         metrics.observe(request.method, name, status, time.perf_counter() - t0)
 
@@ -179,10 +185,6 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document())
-
-
-async def not_found(request: web.Request) -> web.Response:
-    raise NotFound(f"no route {request.method} {request.path}")
 
 
 def add_public_routes(app: web.Application) -> None:

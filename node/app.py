@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from node.api import add_public_routes, error_middleware, not_found
+from node.api import add_public_routes, error_middleware
 from node.blocking import Blocking
 from node.cluster_api import add_cluster_routes
 from node.cluster_node import ClusterNode
@@ -48,7 +48,6 @@ def make_app(config: NodeConfig) -> web.Application:
     add_public_routes(app)
     add_cluster_routes(app)
     add_internal_routes(app)
-    app.router.add_route("*", "/{tail:.*}", not_found)
     app.cleanup_ctx.append(_storage)
     return app
 

@@ -72,7 +72,7 @@ class ClusterNode:
         if state_path.exists():
             initial.merge(ClusterState.decode_entries(state_path.read_bytes()))
         backend = EngineBackend(engine)
-        peers = Peers(config.cluster_secret, config.peer_timeout_s)
+        peers = Peers(config.peer_secret, config.peer_timeout_s)
         runtime = ClusterRuntime(node_id, backend, persist, initial)
         clock = SystemClock()
         gossip = Gossip(

@@ -71,6 +71,12 @@ class NodeConfig:
     log_level: str = "INFO"
 
     @property
+    def peer_secret(self) -> str | None:
+        """What authenticates peer requests: the cluster secret, or else the API key, so that
+        a node with an API key never serves its internal routes to anyone without it."""
+        return self.cluster_secret or self.api_key
+
+    @property
     def addr(self) -> str:
         return self.advertise or f"{self.host}:{self.port}"
 
@@ -81,6 +87,10 @@ class NodeConfig:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.train_min < 1:
             raise ValueError("train_min must be positive")
+        if self.snapshot_interval_s <= 0:
+            raise ValueError("snapshot_interval_s must be positive")
+        if self.search_threads is not None and self.search_threads < 1:
+            raise ValueError("search_threads must be at least 1")
         if self.retrain_growth <= 1:
             raise ValueError("retrain_growth must be above 1")
         for s in self.seeds:

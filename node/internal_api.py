@@ -26,7 +26,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 async def _authed_body(request: web.Request) -> bytes:
     body = await request.read()
-    secret = request.app[CONFIG].cluster_secret
+    secret = request.app[CONFIG].peer_secret
     if not check_signature(secret, request.method, request.path, body,
                            request.headers.get(AUTH_HEADER, "")):
         raise Unauthorized("peer request without a valid cluster signature")

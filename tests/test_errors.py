@@ -277,13 +277,24 @@ async def test_unknown_collection(coll: Node, method: str, path: str, body: Any)
         ("GET", "/v1"),
         ("GET", "/v1/collection"),
         ("POST", "/v1/collections/c/nothing"),
-        ("GET", "/v1/collections/c/documents"),
-        ("PATCH", "/v1/collections/c"),
-        ("POST", "/healthz"),
     ],
 )
 async def test_unknown_route(coll: Node, method: str, path: str) -> None:
     await expect_error(await coll.client.request(method, path), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/v1/collections/c/documents", "POST"),
+        ("PATCH", "/v1/collections/c", "PUT"),
+        ("POST", "/healthz", "GET"),
+    ],
+)
+async def test_wrong_method(coll: Node, method: str, path: str, allowed: str) -> None:
+    resp = await coll.client.request(method, path)
+    assert allowed in resp.headers["Allow"]
+    await expect_error(resp, 405, "method_not_allowed")
 
 
 # -- auth -----------------------------------------------------------------------------------
