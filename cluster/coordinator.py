@@ -434,11 +434,7 @@ class Coordinator:
         unreachable = [s for s, c in candidates.items() if not c]
         candidates = {s: c for s, c in candidates.items() if c}
         nq = len(req.vectors)
-        remote_body = {
-            "vectors": base64.b64encode(req.vectors.astype("<f4").tobytes()).decode(),
-            "nq": nq, "k": req.k, "nprobe": req.nprobe, "filter": req.filter,
-            "include": ["metadata"] * req.include_metadata + ["vector"] * req.include_vector,
-        }
+        remote_body: dict[str, Any] = {}  # built once, on the first remote ask
 
         async def ask(node: str, shards: list[int], budget: float) -> list[list[Hit]]:
             if node == self.node_id:
@@ -448,6 +444,12 @@ class Coordinator:
             addr = self.addr_of(node)
             if addr is None:
                 raise Unavailable(f"node {node} is unknown")
+            if not remote_body:
+                remote_body.update(
+                    vectors=base64.b64encode(req.vectors.astype("<f4").tobytes()).decode(),
+                    nq=nq, k=req.k, nprobe=req.nprobe, filter=req.filter,
+                    include=["metadata"] * req.include_metadata + ["vector"] * req.include_vector,
+                )
             out = await self.peers.request(
                 addr, "POST", f"/internal/v1/collections/{name}/search",
                 {**remote_body, "shards": shards}, timeout=budget,

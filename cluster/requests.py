@@ -21,7 +21,6 @@ from cluster.filters import Predicate, parse_filter
 MAX_ID_CHARS = 256
 MAX_K = 1000
 CONSISTENCY = ("one", "quorum", "all")
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -58,14 +57,23 @@ def _vector_rows(raw: Any, dim: int, what: str) -> np.ndarray:
         if not isinstance(v, list) or len(v) != dim or not _NUMBER_TYPES.issuperset(map(type, v)):
             _one_vector(v, dim, f"{what}[{i}]")
             raise InvalidVector(f"{what}[{i}]: a vector must be a list of {dim} numbers")
-    arr = np.asarray(raw, dtype=np.float64)
+    try:
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, caught below
+            arr = np.array(raw, dtype=np.float32)
+    except (OverflowError, ValueError):  # an integer beyond any float
+        for i, v in enumerate(raw):
+            try:
+                np.array(v, dtype=np.float64)
+            except (OverflowError, ValueError):
+                raise InvalidVector(f"{what}[{i}]: a value overflows float32") from None
+        raise
     bad = ~np.isfinite(arr).all(axis=1)
     if bad.any():
-        raise InvalidVector(f"{what}[{int(np.argmax(bad))}]: NaN or Inf is not allowed")
-    big = np.abs(arr).max(axis=1) > _F32_MAX
-    if big.any():
-        raise InvalidVector(f"{what}[{int(np.argmax(big))}]: a value overflows float32")
-    return arr.astype(np.float32)
+        i = int(np.argmax(bad))
+        if np.isfinite(np.asarray(raw[i], dtype=np.float64)).all():
+            raise InvalidVector(f"{what}[{i}]: a value overflows float32")
+        raise InvalidVector(f"{what}[{i}]: NaN or Inf is not allowed")
+    return arr
 
 
 def _one_vector(v: Any, dim: int, where: str) -> None:

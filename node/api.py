@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,6 +15,8 @@ from cluster.requests import loads_overflowing
 from cluster.spec import parse_spec
 from node.keys import CONFIG, METRICS, READY, SERVICE
 from node.openapi import openapi_document
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -86,6 +89,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if "Allow" in exc.headers:
             resp.headers["Allow"] = exc.headers["Allow"]
         return resp
+    except Exception:
+        # A bug, not bad input: logged with its traceback, answered in the contract's shape.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(AquilaError("internal error; see the node's log"))
     finally:
         metrics.observe(request.method, name, status, time.perf_counter() - t0)
 

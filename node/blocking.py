@@ -20,6 +20,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def _training_threads() -> None:
+    # Training may use every core but one: serving keeps a core while a shard trains.
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
+
 def _single_threaded_faiss() -> None:
     # Query threads already run in parallel with each other; letting FAISS's OpenMP fan every
     # small batch out over all cores as well would oversubscribe them.
@@ -33,7 +40,7 @@ class Blocking:
         n = search_threads or max(2, os.cpu_count() or 2)
         self._search = ThreadPoolExecutor(n, "aq-search", initializer=_single_threaded_faiss)
         self._write = ThreadPoolExecutor(2, "aq-write", initializer=_single_threaded_faiss)
-        self._background = ThreadPoolExecutor(1, "aq-bg")
+        self._background = ThreadPoolExecutor(1, "aq-bg", initializer=_training_threads)
 
     async def search(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await self._run(self._search, fn, *args, **kwargs)

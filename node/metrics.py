@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -39,12 +40,20 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
 
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
     def watch_collections(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_Collections(counts))  # type: ignore[arg-type]
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        # Label lookups take a lock and build a key; the children are cached per label set.
+        key = (method, route, status)
+        child = self._children.get(key)
+        if child is None:
+            child = (self.requests.labels(method, route, str(status)), self.latency.labels(route))
+            self._children[key] = child
+        child[0].inc()
+        child[1].observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
