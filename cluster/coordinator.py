@@ -87,6 +87,9 @@ class Coordinator:
 
     def addr_of(self, node: str) -> str | None:
         m = self._members().get(node)
+        if m is None:  # perhaps newer than the cache: look again
+            self._members_at = float("-inf")
+            m = self._members().get(node)
         return m.addr if m is not None else None
 
     def live_nodes(self) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 
-from cluster.errors import AlreadyExists, NotFound
+from cluster.errors import NotFound
 from cluster.spec import CollectionSpec
 from node.blocking import Blocking
 from node.collection import Collection, Tuning
@@ -52,23 +52,6 @@ class Engine:
             raise NotFound(f"collection {name!r} does not exist")
         return coll
 
-    async def create(self, spec: CollectionSpec, shards: Iterable[int]) -> bool:
-        """True when created; False when it exists with the same settings (idempotent)."""
-        async with self._lock:
-            existing = self.collections.get(spec.name)
-            if existing is not None and not set(shards) <= set(existing.shards):
-                raise AlreadyExists(f"collection {spec.name!r} is open with other shards")
-            if existing is not None:
-                if existing.spec != spec:
-                    raise AlreadyExists(f"collection {spec.name!r} exists with other settings")
-                return False
-            coll = self._new(spec)
-            local = sorted(set(shards))
-            await coll.open(local)
-            self._write_meta(coll, local)
-            self.collections[spec.name] = coll
-            return True
-
     def _write_meta(self, coll: Collection, shards: list[int]) -> None:
         # Written last, atomically: a directory without it is an unfinished create.
         tmp = coll.root / "spec.json.tmp"
@@ -77,22 +60,26 @@ class Engine:
 
     async def ensure(self, spec: CollectionSpec, shards: Iterable[int]) -> Collection:
         """Open these shards of the collection here, creating it when new. A collection of the
-        same name with other settings is a deleted-and-recreated one: its old data goes."""
+        same name with other settings is a deleted-and-recreated one: its old data goes.
+        Serialised: concurrent moves onto this node may ensure the same collection at once."""
         wanted = sorted(set(shards))
-        coll = self.collections.get(spec.name)
-        if coll is not None and coll.spec != spec:
-            await self.drop(spec.name)
-            coll = None
-        if coll is None:
-            await self.create(spec, wanted)
-            return self.collections[spec.name]
-        missing = [s for s in wanted if s not in coll.shards]
-        if missing:
-            async with self._lock:
-                for s in missing:
-                    await coll.add_shard(s)
+        async with self._lock:
+            coll = self.collections.get(spec.name)
+            if coll is not None and coll.spec != spec:
+                await self._drop_locked(spec.name)
+                coll = None
+            if coll is None:
+                coll = self._new(spec)
+                await coll.open(wanted)
+                self._write_meta(coll, wanted)
+                self.collections[spec.name] = coll
+                return coll
+            missing = [s for s in wanted if s not in coll.shards]
+            for s in missing:
+                await coll.add_shard(s)
+            if missing:
                 self._write_meta(coll, sorted(coll.shards))
-        return coll
+            return coll
 
     async def drop_shard(self, name: str, shard: int) -> None:
         coll = self.collections.get(name)
@@ -104,10 +91,13 @@ class Engine:
 
     async def drop(self, name: str) -> None:
         async with self._lock:
-            coll = self.get(name)
-            del self.collections[name]
-            (coll.root / "spec.json").unlink(missing_ok=True)
-            await coll.destroy()
+            await self._drop_locked(name)
+
+    async def _drop_locked(self, name: str) -> None:
+        coll = self.get(name)
+        del self.collections[name]
+        (coll.root / "spec.json").unlink(missing_ok=True)
+        await coll.destroy()
 
     async def snapshot_loop(self, interval_s: float) -> None:
         while True:

@@ -84,7 +84,7 @@ class NodeProc:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}: {self.log_tail()}")
-            return http("GET", self.url + "/readyz", timeout=2)[0] == 200
+            return self.call("GET", "/readyz", timeout=2)[0] == 200
 
         wait_until(ready, timeout, f"{self.addr} ready")
 
@@ -115,4 +115,6 @@ class NodeProc:
             self.proc.wait(10)
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
-        return http(method, self.url + path, body, timeout)
+        key = self.settings.get("api_key")
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        return http(method, self.url + path, body, timeout, headers)

@@ -205,18 +205,8 @@ def test_two_nodes_join_rebalance_wait_and_leave(tmp_path: Path) -> None:
         skip_if_route_missing(plan, "/v1/cluster/rebalance")
         assert plan.code == 0 and "Dry run" in plan.out and plan.out.count(idb) == 4, plan
         done = aquila("rebalance", "--node", a.addr, "--wait", "--timeout", "30")
-        if done.code != 0:
-            # KNOWN SERVER RACES, reported to the lead (remove this branch once fixed): the
-            # first moves onto a node that has no copy of the collection yet can fail with
-            # "collection 'books' is open with other shards" (concurrent engine.create), and
-            # moves right after a join with "node ... is unknown" (coordinator's 50 ms member
-            # cache). The CLI must say so in one line; a second rebalance finishes the job.
-            done.assert_one_line_error()
-            assert "of 4 moves did not complete" in done.err, done
-            done = aquila("rebalance", "--node", a.addr, "--wait", "--timeout", "30")
-            assert done.code == 0 and "moves applied" in done.out, done
-        else:
-            assert "Done: 4 moves applied" in done.out, done
+        assert done.code == 0, done
+        assert "Done: 4 moves applied" in done.out, done
         status = aquila("status", "--node", b.addr)
         assert f"{ida} 4" in status.out and f"{idb} 4" in status.out, status
 
