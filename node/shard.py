@@ -131,7 +131,7 @@ class Shard:
                 ops.remove.append(key)
             if not tomb:
                 ops.add_keys.append(key)
-                ops.add_vectors.append(rec.vector_array())
+                ops.add_vectors.append(doc.vector)  # type: ignore[arg-type]
             delta = (0 if tomb else 1) - (1 if was_live else 0)
             ops.count_delta += delta
             count += delta
