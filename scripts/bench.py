@@ -256,10 +256,18 @@ def rss_mib_of(pid: int) -> float:
 
 
 class Node:
-    def __init__(self, data_dir: Path, log_path: Path, env_overrides: dict[str, str]) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        env_overrides: dict[str, str],
+        host: str = HOST,
+        port: int | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
-        self.port = free_port()
+        self.host = host
+        self.port = port if port is not None else free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AQUILA_")}
         self.env.update(env_overrides)
         self.env["PYTHONPATH"] = os.pathsep.join(
@@ -269,7 +277,7 @@ class Node:
 
     @property
     def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -281,7 +289,7 @@ class Node:
             *aquila_command(),
             "serve",
             "--host",
-            HOST,
+            self.host,
             "--port",
             str(self.port),
             "--data",
@@ -934,6 +942,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="smoke run: 20,000 base vectors, 500 queries, nprobe 8,16",
     )
+    p.add_argument(
+        "--cluster",
+        type=int,
+        metavar="N",
+        help="instead: the same workload on 1 node and on N nodes (127.0.0.2.., port 8470) "
+        "side by side (scripts/bench_cluster.py)",
+    )
+    p.add_argument(
+        "--rebalance",
+        action="store_true",
+        help="instead: 3 nodes, add a 4th, rebalance under search load (scripts/bench_cluster.py)",
+    )
+    p.add_argument(
+        "--replication", type=int, default=1, help="replication factor in --cluster mode"
+    )
+    p.add_argument(
+        "--window", type=float, default=5.0, help="seconds of search load before/after a rebalance"
+    )
+    p.add_argument(
+        "--rebalance-nprobe", type=int, default=16, help="nprobe of the --rebalance search load"
+    )
+    p.add_argument(
+        "--rebalance-timeout", type=float, default=900.0, help="give the rebalance this long"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir and log")
     p.add_argument("--out", type=Path, default=Path("bench-results.json"))
     args = p.parse_args(argv)
@@ -1260,6 +1292,10 @@ def report(args: argparse.Namespace, ds: Dataset, results: dict[str, Any]) -> No
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cluster or args.rebalance:
+        import bench_cluster  # scripts/ is on sys.path when this file runs as a script
+
+        return bench_cluster.main(sys.argv[1:] if argv is None else argv)
     ds = load_dataset(args)
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
