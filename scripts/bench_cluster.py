@@ -37,7 +37,6 @@ import orjson
 from bench import (
     COLLECTION,
     OPT_NP,
-    DEFAULT_DATA,
     Dataset,
     NodeFailed,
     call,
@@ -131,7 +130,14 @@ async def measure_cluster(
                 bodies = query_bodies(ds, p, args.queries)
                 for c in args.concurrency:
                     await search_load(
-                        session, urls, ds, bodies, p, c, cluster, count=min(args.warmup, len(bodies))
+                        session,
+                        urls,
+                        ds,
+                        bodies,
+                        p,
+                        c,
+                        cluster,
+                        count=min(args.warmup, len(bodies)),
                     )
                     r = await search_load(
                         session, urls, ds, bodies, p, c, cluster, count=args.queries
@@ -220,11 +226,11 @@ def report_cluster(args: argparse.Namespace, ds: Dataset, results: dict[str, Any
         f"p50 {nb}n",
         f"p99 {na}n",
         f"p99 {nb}n",
-        f"srv cores {na}n",
-        f"{nb}n",
+        f"cores {na}n",
+        f"cores {nb}n",
         "fail",
     ]
-    print("\nLatency in ms; srv cores = CPU seconds of all node processes per second of wall time")
+    print("\nLatency in ms; cores = CPU seconds of all node processes per second of wall time")
     print(fmt_table(h, rows))
     for r in runs:
         if r.get("log_warnings"):
@@ -326,7 +332,7 @@ async def run_rebalance(
     train_min = pick_train_min(args, ds, REBALANCE_SHARDS)
     res: dict[str, Any] = {"train_min": train_min, "nprobe": args.rebalance_nprobe}
     results["rebalance"] = res
-    cluster = LocalCluster(tmp / "rebalance", node_env(train_min))
+    cluster = LocalCluster(tmp / "rb", node_env(train_min))
     c = REBALANCE_CONCURRENCY
     try:
         async with new_session(c) as session:
@@ -358,7 +364,9 @@ async def run_rebalance(
             bodies = query_bodies(ds, args.rebalance_nprobe, args.queries)
             p = args.rebalance_nprobe
             await search_load(session, urls3, ds, bodies, p, c, cluster, count=args.warmup)
-            before = await search_load(session, urls3, ds, bodies, p, c, cluster, seconds=args.window)
+            before = await search_load(
+                session, urls3, ds, bodies, p, c, cluster, seconds=args.window
+            )
             log_load("before", before)
 
             stop = asyncio.Event()
@@ -384,16 +392,16 @@ async def run_rebalance(
                 stop.set()
                 during = await during_task
             log_load("during", during)
-            after = await search_load(session, urls3, ds, bodies, p, c, cluster, seconds=args.window)
+            after = await search_load(
+                session, urls3, ds, bodies, p, c, cluster, seconds=args.window
+            )
             log_load("after", after)
 
             meta_bytes = float(np.mean([len(orjson.dumps(m)) for m in ds.metadata]))
             per_doc = ds.dim * 4 + meta_bytes
             moved_docs = sum(counts.get(int(m["shard"]), 0) for m in moves)
             after_desc = await call(session, "GET", coll_url)
-            maps = [
-                await call(session, "GET", f"{u}/v1/cluster/shards") for u in cluster.urls
-            ]
+            maps = [await call(session, "GET", f"{u}/v1/cluster/shards") for u in cluster.urls]
             res.update(
                 {
                     "moves": moves,
@@ -402,14 +410,18 @@ async def run_rebalance(
                     "bytes_per_doc": per_doc,
                     "elapsed_s": elapsed,
                     "docs_per_s": moved_docs / elapsed if elapsed > 0 else float("nan"),
-                    "mb_per_s": moved_docs * per_doc / 1e6 / elapsed if elapsed > 0 else float("nan"),
+                    "mb_per_s": moved_docs * per_doc / 1e6 / elapsed
+                    if elapsed > 0
+                    else float("nan"),
                     "watch": watch,
                     "before": before.as_dict(),
                     "during": during.as_dict(),
                     "after": after.as_dict(),
                     "placement_after": placement(after_desc),
                     "count_after": after_desc["count"],
-                    "states_after": dict(Counter(s["index_state"] for s in after_desc["shard_states"])),
+                    "states_after": dict(
+                        Counter(s["index_state"] for s in after_desc["shard_states"])
+                    ),
                     "map_epochs_after": [m["epoch"] for m in maps],
                     "maps_agree_after": all(
                         m["collections"] == maps[0]["collections"] for m in maps
@@ -514,19 +526,26 @@ def main(argv: list[str]) -> int:
     where = maybe_reexec_in_netns(Path(__file__).with_name("bench.py"), argv)
     args = parse_args(argv)
     if args.out == Path("bench-results.json"):
-        args.out = Path("bench-rebalance-results.json" if args.rebalance and not args.cluster
-                        else "bench-cluster-results.json")
+        args.out = Path(
+            "bench-rebalance-results.json"
+            if args.rebalance and not args.cluster
+            else "bench-cluster-results.json"
+        )
     if args.cluster is not None and args.cluster < 2:
         print("--cluster N needs N >= 2", file=sys.stderr)
         return 2
-    if args.data != DEFAULT_DATA and not args.data.is_absolute():
-        args.data = args.data.resolve()
     ds = load_dataset(args)
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "dataset": {"name": ds.name, "n": ds.n, "dim": ds.dim, "queries": args.queries,
-                    "synthetic": ds.synthetic, "notes": ds.notes},
+        "dataset": {
+            "name": ds.name,
+            "n": ds.n,
+            "dim": ds.dim,
+            "queries": args.queries,
+            "synthetic": ds.synthetic,
+            "notes": ds.notes,
+        },
         "environment": environment(),
         "network": where,
         "private_netns": in_netns(),

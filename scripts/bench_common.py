@@ -25,11 +25,11 @@ import orjson
 from bench import (
     COLLECTION,
     JSON_HEADERS,
-    K,
     OPT_NP,
     POLL_S,
     READY_TIMEOUT_S,
     Dataset,
+    K,
     Node,
     call,
     cpu_seconds_of,
@@ -95,7 +95,9 @@ def check_free(host: str, port: int) -> None:
             try:
                 s.bind((host, port))
             except OSError as exc:
-                raise RuntimeError(f"{host}:{port} is in use ({exc}); stop what listens there") from None
+                raise RuntimeError(
+                    f"{host}:{port} is in use ({exc}); stop what listens there"
+                ) from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -241,3 +242,36 @@ def assert_well_separated(scores: npt.NDArray[np.float64], k: int, gap: float = 
     """Exact id/order comparisons need no near-ties among the first k+1 of the brute force."""
     d = np.abs(np.diff(scores[:, : k + 1], axis=1))
     assert (d > gap).all(), "random test data has near-ties; pick another seed"
+
+
+class _SlowCallbacks(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("Executing"):
+            self.seen.append(msg)
+
+
+@pytest.fixture(autouse=True)
+async def event_loop_never_blocked(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Fail any async test during which one callback held the event loop for over 0.5 s
+    (FAISS, RocksDB or any slow work on the loop instead of a thread). The gossip simulator,
+    which drives fifty nodes from the test's own coroutine, opts out."""
+    if request.node.get_closest_marker("simulation"):
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.5
+    handler = _SlowCallbacks()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        loop.set_debug(False)
+    assert not handler.seen, f"the event loop was blocked: {handler.seen[:3]}"

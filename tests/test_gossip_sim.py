@@ -20,6 +20,8 @@ from cluster.memnet import MemNetwork
 from cluster.messages import Dead, Suspect
 from cluster.suspicion import retransmit_limit, suspicion_timeout
 
+pytestmark = pytest.mark.simulation
+
 STEP = 0.05  # clock step: well under every protocol timer (the shortest is 200 ms)
 
 

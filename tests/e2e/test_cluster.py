@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 
 from tests.datasets import load_sample
-from tests.e2e.conftest import Cluster, Nft
+from tests.e2e.conftest import FAST, Cluster, Nft
 from tests.procs import NodeProc, wait_until
 
 N_DOCS = 3000
@@ -97,3 +98,28 @@ def test_three_nodes_faults(cluster3: Cluster, nft: Nft) -> None:
     assert status == 200 and not body["partial"]
     got = [[h["id"] for h in row] for row in body["results"]]
     assert overlap(got, want) >= 0.999
+
+
+def test_node_without_the_cluster_secret_cannot_join(netns: None, tmp_path: Path) -> None:
+    good = NodeProc(tmp_path / "good", host="127.0.0.2", node_id="good", cluster_secret="s3cret",
+                    **FAST).start()
+    bad = NodeProc(tmp_path / "bad", host="127.0.0.3", node_id="bad", cluster_secret="wrong",
+                   seeds="127.0.0.2:8470", **FAST)
+    nosecret = NodeProc(tmp_path / "none", host="127.0.0.4", node_id="none",
+                        seeds="127.0.0.2:8470", **FAST)
+    try:
+        bad.start(wait_ready=False)
+        nosecret.start(wait_ready=False)
+        # Both keep retrying their join and are never ready; the good node never lists them.
+        wait_until(lambda: "join failed" in bad.log_tail(200)
+                   and "join failed" in nosecret.log_tail(200), 30, "refused joins")
+        assert bad.call("GET", "/readyz")[0] == 503
+        assert nosecret.call("GET", "/readyz")[0] == 503
+        members = {m["id"] for m in good.call("GET", "/v1/cluster")[1]["members"]}
+        assert members == {"good"}
+        # Peer routes refuse unsigned requests.
+        status, body = good.call("POST", "/internal/v1/state", [])
+        assert status == 401 and body["error"]["code"] == "unauthorized"
+    finally:
+        for n in (bad, nosecret, good):
+            n.stop()
