@@ -16,8 +16,9 @@ class ShardBackend(Protocol):
 
     def local_shards(self, name: str) -> list[int]: ...
 
-    async def ensure(self, spec: CollectionSpec, shards: Iterable[int]) -> None:
-        """Open (creating when new) these local shards of the collection."""
+    async def ensure(self, spec: CollectionSpec, shards: Iterable[int], uid: str) -> None:
+        """Open (creating when new) these local shards of the collection incarnation `uid`;
+        a local collection of that name from another incarnation is dropped first."""
         ...
 
     async def drop_collection(self, name: str) -> None: ...

@@ -10,6 +10,7 @@ import base64
 import functools
 import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -125,7 +126,7 @@ class Coordinator:
         nodes = self.live_nodes() or [self.node_id]
         replicas = place(spec.shards, spec.replication, nodes, salt=spec.name)
         entry = self.runtime.state.next_entry(
-            CollectionEntry(spec, (), 0, self.node_id),
+            CollectionEntry(spec, (), 0, self.node_id, uid=uuid.uuid4().hex),
             self.node_id,
             replicas=tuple(tuple(r) for r in replicas),
             moving=tuple(None for _ in replicas),
@@ -379,12 +380,13 @@ class Coordinator:
         self, node: str, entry: CollectionEntry, by_shard: dict[int, list[Incoming]]
     ) -> dict[int, tuple[int, int]]:
         if node == self.node_id:
-            await self.backend.ensure(entry.spec, by_shard)
+            await self.backend.ensure(entry.spec, by_shard, entry.uid)
             return await self.backend.write(entry.spec, by_shard)
         addr = self.addr_of(node)
         if addr is None:
             raise Unavailable(f"node {node} is unknown")
-        body = {"spec": entry.spec.to_json(), "writes": encode_writes(by_shard)}
+        body = {"spec": entry.spec.to_json(), "uid": entry.uid,
+                "writes": encode_writes(by_shard)}
         out = await self.peers.request(
             addr, "POST", f"/internal/v1/collections/{entry.spec.name}/write", body,
             timeout=self.peer_timeout_s,

@@ -128,6 +128,8 @@ class Rebalancer:
         try:
             await self._stages(t, stats)
             t.stage = Stage.DONE
+            log.info("moved %s/%d %s→%s: %d documents", m.collection, m.shard, m.from_node,
+                     m.to_node, t.copied)
         except Exception as exc:
             t.stage, t.error = Stage.FAILED, str(exc)
             log.warning("move %s/%d %s→%s failed: %s", m.collection, m.shard, m.from_node,

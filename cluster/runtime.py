@@ -132,4 +132,4 @@ class ClusterRuntime:
                 continue
             mine = entry.shards_of(self.node_id)
             if mine:
-                await self.backend.ensure(entry.spec, mine)
+                await self.backend.ensure(entry.spec, mine, entry.uid)

@@ -38,6 +38,9 @@ class CollectionEntry:
     origin: str  # node that made this version
     deleted: bool = False
     moving: tuple[Move | None, ...] = ()
+    # Identity of this incarnation of the collection: a collection deleted and created again
+    # under the same name (even with the same settings) must not find the old one's data.
+    uid: str = ""
 
     @property
     def version(self) -> tuple[int, str]:
@@ -66,6 +69,7 @@ class CollectionEntry:
             "origin": self.origin,
             "deleted": self.deleted,
             "moving": [m.to_json() if m else None for m in self.moving],
+            "uid": self.uid,
         }
 
     @staticmethod
@@ -81,6 +85,7 @@ class CollectionEntry:
             str(d["origin"]),
             bool(d.get("deleted", False)),
             moving,
+            str(d.get("uid", "")),
         )
 
 

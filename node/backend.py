@@ -23,11 +23,12 @@ class EngineBackend:
         coll = self.engine.collections.get(name)
         return sorted(coll.shards) if coll is not None else []
 
-    async def ensure(self, spec: CollectionSpec, shards: Iterable[int]) -> None:
+    async def ensure(self, spec: CollectionSpec, shards: Iterable[int], uid: str) -> None:
         coll = self.engine.collections.get(spec.name)
         wanted = set(shards)
-        if coll is None or coll.spec != spec or not wanted <= set(coll.shards):
-            await self.engine.ensure(spec, wanted)
+        if (coll is None or coll.spec != spec or coll.uid != uid
+                or not wanted <= set(coll.shards)):
+            await self.engine.ensure(spec, wanted, uid)
 
     async def drop_collection(self, name: str) -> None:
         if name in self.engine.collections:

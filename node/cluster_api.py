@@ -46,7 +46,11 @@ def _moving(node: ClusterNode, name: str, shard: int) -> dict[str, Any] | None:
     entry = node.runtime.state.get(name)
     mv = entry.move_of(shard) if entry is not None else None
     if mv is None:
-        return None
+        # A move this node is driving that still waits for a slot shows as not yet started.
+        queued = node.rebalancer.active.get((name, shard))
+        if queued is None:
+            return None
+        return {"from": queued.move.from_node, "to": queued.move.to_node, "progress": 0.0}
     out = mv.to_json()
     progress = node.rebalancer.progress_of(name, shard)  # live figure on the driving node
     if progress is not None:

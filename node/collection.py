@@ -72,6 +72,8 @@ class Collection:
             self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
         self.closed = False
+        # Incarnation of the collection in the cluster state (see CollectionEntry.uid).
+        self.uid = ""
 
     @property
     def larger_is_better(self) -> bool:

@@ -39,6 +39,7 @@ class Engine:
             raw = orjson.loads(meta.read_bytes())
             spec = CollectionSpec.from_json(raw["spec"])
             coll = self._new(spec)
+            coll.uid = str(raw.get("uid", ""))
             await coll.open(raw["shards"])
             self.collections[spec.name] = coll
             log.info("opened %s: %d documents", spec.name, coll.count())
@@ -55,21 +56,24 @@ class Engine:
     def _write_meta(self, coll: Collection, shards: list[int]) -> None:
         # Written last, atomically: a directory without it is an unfinished create.
         tmp = coll.root / "spec.json.tmp"
-        tmp.write_bytes(orjson.dumps({"spec": coll.spec.to_json(), "shards": shards}))
+        tmp.write_bytes(
+            orjson.dumps({"spec": coll.spec.to_json(), "shards": shards, "uid": coll.uid})
+        )
         tmp.replace(coll.root / "spec.json")
 
-    async def ensure(self, spec: CollectionSpec, shards: Iterable[int]) -> Collection:
+    async def ensure(self, spec: CollectionSpec, shards: Iterable[int], uid: str) -> Collection:
         """Open these shards of the collection here, creating it when new. A collection of the
         same name with other settings is a deleted-and-recreated one: its old data goes.
         Serialised: concurrent moves onto this node may ensure the same collection at once."""
         wanted = sorted(set(shards))
         async with self._lock:
             coll = self.collections.get(spec.name)
-            if coll is not None and coll.spec != spec:
+            if coll is not None and (coll.spec != spec or coll.uid != uid):
                 await self._drop_locked(spec.name)
                 coll = None
             if coll is None:
                 coll = self._new(spec)
+                coll.uid = uid
                 await coll.open(wanted)
                 self._write_meta(coll, wanted)
                 self.collections[spec.name] = coll

@@ -73,7 +73,7 @@ async def write(request: web.Request) -> web.Response:
     spec = _spec_of(request, body.get("spec"))
     by_shard = decode_writes(body["writes"], spec.dim)
     backend = request.app[CLUSTER].backend
-    await backend.ensure(spec, by_shard)
+    await backend.ensure(spec, by_shard, str(body.get("uid", "")))
     for docs in by_shard.values():
         for d in docs:
             request.app[CLUSTER].coordinator.hlc.observe(d.version)

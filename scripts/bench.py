@@ -25,6 +25,8 @@ of the client (JSON encoding, HTTP) competing with the server for CPU.
     python scripts/bench.py --quick
     python scripts/bench.py --out bench-results.json
     python scripts/bench.py --synthetic 50000 --quick
+    python scripts/bench.py --cluster 3 --limit 50000      # 1 vs 3 nodes (bench_cluster.py)
+    python scripts/bench.py --rebalance --limit 50000      # 3 → 4 nodes under search load
 """
 
 from __future__ import annotations
