@@ -341,18 +341,18 @@ class Node:
             return "(no log)"
 
     def trained_nlists(self) -> dict[int, tuple[int, int]]:
-        """shard -> (nlist, vectors trained on), the last training of each, from the log."""
+        """{0: (nlist, vectors trained on)} of the node's last training, from its log. The
+        node keeps one index per collection over all its local shards."""
         text = self.log_path.read_text(errors="replace")
-        on: dict[int, int] = {}
+        on = -1
         out: dict[int, tuple[int, int]] = {}
         for m in re.finditer(
-            rf"{COLLECTION}/(\d+): (?:training on (\d+) vectors|trained \(nlist=(\d+)\))", text
+            rf"{COLLECTION}: (?:training on (\d+) vectors|trained \(nlist=(\d+)\))", text
         ):
-            s = int(m.group(1))
-            if m.group(2) is not None:
-                on[s] = int(m.group(2))
+            if m.group(1) is not None:
+                on = int(m.group(1))
             else:
-                out[s] = (int(m.group(3)), on.get(s, -1))
+                out[0] = (int(m.group(2)), on)
         return out
 
 
@@ -736,32 +736,21 @@ def build_searchers(
     )
     out.append(per)
 
-    # The node trains each shard when it reaches train_min vectors (and again only after 4×
-    # growth), so its lists may be fewer and trained on a prefix: mimic that when it differs.
-    if node_nlists and len(node_nlists) == shards:
-        node_nl = [node_nlists[s][0] for s in range(shards)]
-        if node_nl != per.nlists:
-            t0 = time.perf_counter()
-            parts_n = []
-            for s, r in enumerate(rows):
-                nl, trained_on = node_nlists[s]
-                x = xb[r]
-                idx = faiss.IndexIVFFlat(
-                    faiss.IndexFlatIP(ds.dim), ds.dim, nl, faiss.METRIC_INNER_PRODUCT
-                )
-                idx.cp.min_points_per_centroid = 5
-                prefix = x[: trained_on if 0 < trained_on <= len(x) else len(x)]
-                idx.train(prefix[: 256 * nl] if len(prefix) > 256 * nl else prefix)
-                idx.add(x)
-                parts_n.append((idx, r.astype(np.int64)))
-            mimic = Searcher(f"FAISS {shards}×IVF{node_nl[0]} (node's nlist)", parts_n)
-            info["node_like"] = {
-                "nlists": node_nl,
-                "trained_on": [node_nlists[s][1] for s in range(shards)],
-                "train_add_s": time.perf_counter() - t0,
-            }
-            log(f"FAISS node-like {shards}×IVF nlists={node_nl} built")
-            out.append(mimic)
+    # The node trains one index over its local shards when they reach train_min vectors, and
+    # again only after 4× growth: its nlist may be smaller than 4·√n and trained on a prefix.
+    if 0 in node_nlists and node_nlists[0][0] != nlist:
+        nl, trained_on = node_nlists[0]
+        t0 = time.perf_counter()
+        idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(ds.dim), ds.dim, nl, faiss.METRIC_INNER_PRODUCT)
+        idx.cp.min_points_per_centroid = 5
+        prefix = xb[: trained_on if 0 < trained_on <= ds.n else ds.n]
+        idx.train(prefix[: 256 * nl] if len(prefix) > 256 * nl else prefix)
+        idx.add(xb)
+        info["node_like"] = {"nlist": nl, "trained_on": trained_on,
+                             "train_add_s": time.perf_counter() - t0}
+        log(f"FAISS node-like 1×IVF{nl} (trained on {trained_on}) built")
+        out.append(Searcher(f"FAISS 1×IVF{nl} (node's nlist)",
+                            [(idx, np.arange(ds.n, dtype=np.int64))]))
     return out, info
 
 
@@ -1068,7 +1057,7 @@ async def run(args: argparse.Namespace, ds: Dataset, tmp: Path, results: dict[st
             results["node"]["rss_mib_after_ingest"] = rss_mib_of(node.pid)
             log(
                 f"all shards trained {results['training']['seconds_after_ingest']:.1f}s after the "
-                f"last ack; per-shard nlist/trained-on: {[nl.get(s) for s in range(args.shards)]}"
+                f"last ack; node index nlist/trained-on: {nl.get(0)}"
             )
 
             rest: list[PointResult] = []
@@ -1232,7 +1221,7 @@ def report(args: argparse.Namespace, ds: Dataset, results: dict[str, Any]) -> No
         nls = sorted({v["nlist"] for v in t["node_nlists"].values()})
         print(
             f"All shards trained {t['seconds_after_ingest']:.1f}s after the last ingest ack "
-            f"(node per-shard nlist: {nls})"
+            f"(node index nlist: {nls})"
         )
     rest = [PointResult(**r) for r in results.get("rest", [])]
     faiss_res = results.get("faiss", [])
