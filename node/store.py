@@ -27,7 +27,7 @@ import orjson
 import rocksdict
 
 FLAG_TOMBSTONE = 1
-_BLOCK_CACHE_BYTES = 64 << 20
+_BLOCK_CACHE_BYTES = 128 << 20
 # version, label, seq, flags, dim, writer length
 _HEADER = struct.Struct(">QqQBIH")
 _U16 = struct.Struct(">H")
