@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from cluster.docs import Incoming, decode_writes
+from cluster.membership import State
 from cluster.state import CollectionEntry
 
 if TYPE_CHECKING:
@@ -92,19 +93,44 @@ async def sync_pair(coord: Coordinator, entry: CollectionEntry, shard: int, a: s
     return len(to_a) + len(to_b)
 
 
-async def sync_node_shards(coord: Coordinator) -> int:
-    """One pass over the shards this node leads (it is their first live replica)."""
+async def sync_node_shards(coord: Coordinator, tombstone_grace_s: float = 0.0) -> int:
+    """One pass over the shards this node leads (it is their first live replica).
+
+    Tombstones are kept until every replica has them: only after a pass that reached every
+    replica of a shard (all alive, no move under way) are tombstones older than the grace
+    period purged, on every replica at once. A write delayed longer than the grace period
+    (a hint, a partitioned replica) could then resurrect a deleted document, as in Cassandra;
+    the default grace is a day."""
     sent = 0
+    alive = {m.id for m in coord.view.members() if m.state == State.ALIVE} | {coord.node_id}
     for entry in coord.runtime.state.live().values():
         for shard, reps in enumerate(entry.replicas):
             live = coord.ordered_replicas(reps)
-            if len(live) < 2 or live[0] != coord.node_id:
+            if not live or live[0] != coord.node_id:
                 continue
+            complete = set(reps) <= alive and entry.move_of(shard) is None
             for other in live[1:]:
                 try:
                     sent += await sync_pair(coord, entry, shard, coord.node_id, other)
                 except Exception as exc:  # one unreachable replica must not stop the pass
+                    complete = False
                     log.debug("anti-entropy %s/%d with %s: %s", entry.spec.name, shard, other, exc)
+            if complete and tombstone_grace_s > 0:
+                before = coord.hlc.version_before(tombstone_grace_s)
+                for node in live:
+                    try:
+                        await _purge(coord, node, entry, shard, before)
+                    except Exception as exc:
+                        log.debug("purge %s/%d on %s: %s", entry.spec.name, shard, node, exc)
     return sent
+
+
+async def _purge(coord: Coordinator, node: str, entry: CollectionEntry, shard: int,
+                 before: int) -> int:
+    if node == coord.node_id:
+        return await coord.backend.purge_tombstones(entry.spec, shard, before)
+    raw = await _remote(coord, node, entry, "purge", {"shard": shard, "before": before})
+    assert isinstance(raw, dict)
+    return int(raw["purged"])
 
 

@@ -57,6 +57,10 @@ class ShardBackend(Protocol):
         """Per hash bucket, a digest of the shard's (id, version, writer) records."""
         ...
 
+    async def purge_tombstones(self, spec: CollectionSpec, shard: int, before: int) -> int:
+        """Forget the shard's tombstones with versions below `before`; how many."""
+        ...
+
     async def bucket_records(
         self, spec: CollectionSpec, shard: int, wanted: list[int], buckets: int
     ) -> list[Incoming]:

@@ -30,6 +30,8 @@ class HealerConfig:
     dead_grace_s: float = 60.0
     # Seconds between anti-entropy passes over the shards this node leads.
     anti_entropy_interval_s: float = 30.0
+    # Tombstones older than this are purged once every replica has them; <= 0 keeps them.
+    tombstone_grace_s: float = 86400.0
 
 
 class Healer:
@@ -72,7 +74,7 @@ class Healer:
                 await coord.replay_hints(node)
         if clock.now() - self._last_ae >= self.config.anti_entropy_interval_s:
             self._last_ae = clock.now()
-            await sync_node_shards(coord)
+            await sync_node_shards(coord, self.config.tombstone_grace_s)
         if self.is_leader() and not self.rebalancer.busy:
             await self.heal()
             await self.collect_orphans()

@@ -18,5 +18,9 @@ class HybridClock:
         self._last = max(self._wall_ms() << 16, self._last + 1)
         return self._last
 
+    def version_before(self, seconds: float) -> int:
+        """The smallest version a write made `seconds` ago could carry."""
+        return max(0, self._wall_ms() - int(seconds * 1000)) << 16
+
     def observe(self, version: int) -> None:
         self._last = max(self._last, version)

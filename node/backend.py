@@ -71,6 +71,9 @@ class EngineBackend:
     async def shard_digests(self, spec: CollectionSpec, shard: int, buckets: int) -> list[str]:
         return await self.engine.get(spec.name).digests(shard, buckets)
 
+    async def purge_tombstones(self, spec: CollectionSpec, shard: int, before: int) -> int:
+        return await self.engine.get(spec.name).purge_tombstones(shard, before)
+
     async def bucket_records(
         self, spec: CollectionSpec, shard: int, wanted: list[int], buckets: int
     ) -> list[Incoming]:

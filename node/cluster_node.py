@@ -102,6 +102,7 @@ class ClusterNode:
         healer = Healer(coordinator, rebalancer, HealerConfig(
             dead_grace_s=config.dead_grace_s,
             anti_entropy_interval_s=config.anti_entropy_interval_s,
+            tombstone_grace_s=config.tombstone_grace_s,
         ))
         return ClusterNode(node_id, config, engine, backend, peers, runtime, gossip,
                            coordinator, rebalancer, healer)

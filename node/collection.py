@@ -235,6 +235,25 @@ class Collection:
             if bucket_of(doc_id, buckets) in wanted
         ]
 
+    async def purge_tombstones(self, shard: int, before: int) -> int:
+        if shard not in self.shards:
+            return 0
+        async with self.write_mutex:
+            return await self.blocking.write(self._purge_sync, shard, before)
+
+    def _purge_sync(self, shard: int, before: int) -> int:
+        batch = WriteBatch()
+        labels = []
+        for doc_id, rec in self.store.iter_docs(shard):
+            if rec.tombstone and rec.version < before:
+                batch.forget(shard, doc_id, rec)
+                labels.append(rec.label)
+        if labels:
+            self.store.write(batch)
+            for label in labels:
+                self.shards[shard].labels.pop(label, None)
+        return len(labels)
+
     def count(self) -> int:
         return sum(s.count for s in self.shards.values())
 

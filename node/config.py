@@ -65,6 +65,9 @@ class NodeConfig:
     dead_grace_s: float = 60.0
     # Seconds between anti-entropy passes (replicas compare digests, exchange differences).
     anti_entropy_interval_s: float = 30.0
+    # Deletes are kept as tombstones this long (and until every replica has them), so that a
+    # replica that missed the delete learns of it instead of resurrecting the document.
+    tombstone_grace_s: float = 86400.0
     # Shard moves running at once on any one node during a rebalance (copy throttle).
     moves_per_node: int = 2
     # Python logging level name.

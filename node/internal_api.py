@@ -141,6 +141,16 @@ async def buckets(request: web.Request) -> web.Response:
     return json_response({"writes": encode_writes({shard: docs})})
 
 
+async def purge(request: web.Request) -> web.Response:
+    body = _json(await _authed_body(request))
+    assert isinstance(body, dict)
+    spec = _spec_of(request, None)
+    n = await request.app[CLUSTER].backend.purge_tombstones(
+        spec, int(body["shard"]), int(body["before"])
+    )
+    return json_response({"purged": n})
+
+
 async def drop_shard(request: web.Request) -> web.Response:
     body = _json(await _authed_body(request))
     assert isinstance(body, dict)
@@ -162,3 +172,4 @@ def add_internal_routes(app: web.Application) -> None:
     r.add_post("/internal/v1/collections/{name}/digests", digests)
     r.add_post("/internal/v1/collections/{name}/buckets", buckets)
     r.add_post("/internal/v1/collections/{name}/drop_shard", drop_shard)
+    r.add_post("/internal/v1/collections/{name}/purge", purge)

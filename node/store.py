@@ -107,6 +107,13 @@ class WriteBatch:
         self._wb.put(change_key(shard, rec.seq), doc_id.encode())
         self.count += 1
 
+    def forget(self, shard: int, doc_id: str, rec: Record) -> None:
+        """Remove every trace of a document (a tombstone past its grace period)."""
+        self._wb.delete(doc_key(shard, doc_id))
+        self._wb.delete(change_key(shard, rec.seq))
+        self._wb.delete(label_key(shard, rec.label))
+        self.count += 1
+
     def put_counters(self, shard: int, next_seq: int, next_label: int, live: int) -> None:
         self._wb.put(_shard_key(b"C", shard), _COUNTERS.pack(next_seq, next_label, live))
 

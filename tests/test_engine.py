@@ -71,3 +71,21 @@ async def test_last_writer_wins_and_tombstones(tmp_path: Path, blocking: Blockin
     hits = await coll.search(np.ones((1, 4), np.float32), 5, None)
     assert hits == [[]]
     await engine.close()
+
+
+async def test_purged_tombstones_leave_no_trace(tmp_path: Path, blocking: Blocking) -> None:
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0], "u")
+    await coll.write({0: [doc(1, version=5), doc(2, version=5)]})
+    await coll.write({0: [Incoming("d1", None, b"", 6, "n1"), Incoming("d2", None, b"", 9, "n1")]})
+    # Only tombstones below the cutoff go.
+    assert await coll.purge_tombstones(0, 8) == 1
+    page, _ = await coll.stream_shard(0, None, 100)
+    assert [(d.id, d.vector is None) for d in page] == [("d2", True)]
+    # The id can be written again, afresh.
+    await coll.write({0: [doc(1, version=20)]})
+    assert coll.count() == 1
+    hits = await coll.search(np.full((1, 4), 1, np.float32), 5, None)
+    assert [h.id for h in hits[0]] == ["d1"]
+    await engine.close()

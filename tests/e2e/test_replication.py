@@ -124,6 +124,21 @@ def digests(node: NodeProc, shard: int) -> list[str]:
     return list(body["digests"])
 
 
+def tombstones(node: NodeProc, shards: int) -> int:
+    n = 0
+    for s in range(shards):
+        after = None
+        while True:
+            status, body = node.call("POST", "/internal/v1/collections/wn/stream",
+                                     {"shard": s, "after": after, "limit": 1000})
+            assert status == 200, body
+            n += sum(1 for d in body["writes"][0]["docs"] if d["v"] is None)
+            after = body["next"]
+            if after is None:
+                break
+    return n
+
+
 def test_join_and_rebalance_under_load(netns: None, tmp_path: Path) -> None:
     c = Cluster(tmp_path, 4)
     first3, n4 = c.nodes[:3], c.nodes[3]
@@ -201,7 +216,7 @@ def test_quorum_writes_survive_sigkill_and_self_heal(netns: None, tmp_path: Path
 
 
 def test_partitioned_replica_converges_after_heal(netns: None, tmp_path: Path, nft: Nft) -> None:
-    c = Cluster(tmp_path, 3, dead_grace_s=600, anti_entropy_interval_s=2)
+    c = Cluster(tmp_path, 3, dead_grace_s=600, anti_entropy_interval_s=2, tombstone_grace_s=1)
     try:
         c.start()
         n1, n2, n3 = c.nodes
@@ -224,6 +239,10 @@ def test_partitioned_replica_converges_after_heal(netns: None, tmp_path: Path, n
         want = N_DOCS + len(load.acked) - 50
         for node in c.nodes:
             assert node.call("GET", "/v1/collections/wn")[1]["count"] == want
+        # Once every replica has the deletes, their tombstones are purged everywhere.
+        for node in c.nodes:
+            wait_until(lambda node=node: tombstones(node, 6) == 0, 30,
+                       f"tombstones purged on {node.addr}")
     finally:
         c.stop()
 
