@@ -18,6 +18,7 @@ from cluster.antientropy import sync_node_shards
 from cluster.coordinator import Coordinator
 from cluster.membership import State
 from cluster.rebalance import Rebalancer, plan_moves
+from cluster.rebalance_plan import Move
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,17 @@ class Healer:
         if not gone & held:
             return
         live = sorted(m.id for m in self.coord.view.members() if m.state == State.ALIVE)
+        state = self.coord.runtime.state
+        alive = set(live)
+
+        def copyable(m: Move) -> bool:
+            # A shard whose every replica is gone has nothing to copy from: it waits for a
+            # replica to come back instead of failing the same move every round.
+            entry = state.get(m.collection)
+            return entry is not None and bool(set(entry.replicas[m.shard]) & alive)
+
         moves = [m for m in plan_moves(self.coord, live)
-                 if m.from_node is None or m.from_node in gone]
+                 if (m.from_node is None or m.from_node in gone) and copyable(m)]
         if moves:
             log.info("self-healing: %d replica move(s) away from %s", len(moves), sorted(gone))
             stats = await self.rebalancer.run(moves)

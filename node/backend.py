@@ -8,13 +8,23 @@ from typing import Any
 import numpy as np
 
 from cluster.docs import Hit, Incoming
+from cluster.errors import Unavailable
 from cluster.spec import CollectionSpec
+from node.collection import Collection
 from node.engine import Engine
 
 
 class EngineBackend:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    def _open(self, name: str) -> Collection:
+        """The local collection; Unavailable (so the coordinator tries another replica) when
+        the cluster state has it but this node has not opened it yet."""
+        coll = self.engine.collections.get(name)
+        if coll is None:
+            raise Unavailable(f"collection {name!r} is not open on this node yet")
+        return coll
 
     def has(self, name: str) -> bool:
         return name in self.engine.collections
@@ -40,10 +50,10 @@ class EngineBackend:
     async def write(
         self, spec: CollectionSpec, by_shard: dict[int, list[Incoming]]
     ) -> dict[int, tuple[int, int]]:
-        return await self.engine.get(spec.name).write(by_shard)
+        return await self._open(spec.name).write(by_shard)
 
     async def get(self, spec: CollectionSpec, shard: int, doc_id: str) -> Hit | None:
-        rec = await self.engine.get(spec.name).get(shard, doc_id)
+        rec = await self._open(spec.name).get(shard, doc_id)
         if rec is None:
             return None
         return Hit(doc_id, 0.0, rec.metadata, rec.vector)
@@ -57,7 +67,7 @@ class EngineBackend:
         predicate: Callable[[Any], bool] | None,
         shards: Iterable[int],
     ) -> list[list[Hit]]:
-        return await self.engine.get(spec.name).search(queries, k, nprobe, predicate, shards)
+        return await self._open(spec.name).search(queries, k, nprobe, predicate, shards)
 
     def shard_stats(self, name: str) -> dict[int, dict[str, Any]]:
         coll = self.engine.collections.get(name)
@@ -66,15 +76,15 @@ class EngineBackend:
     async def stream_shard(
         self, spec: CollectionSpec, shard: int, after_key: str | None, limit: int
     ) -> tuple[list[Incoming], str | None]:
-        return await self.engine.get(spec.name).stream_shard(shard, after_key, limit)
+        return await self._open(spec.name).stream_shard(shard, after_key, limit)
 
     async def shard_digests(self, spec: CollectionSpec, shard: int, buckets: int) -> list[str]:
-        return await self.engine.get(spec.name).digests(shard, buckets)
+        return await self._open(spec.name).digests(shard, buckets)
 
     async def purge_tombstones(self, spec: CollectionSpec, shard: int, before: int) -> int:
-        return await self.engine.get(spec.name).purge_tombstones(shard, before)
+        return await self._open(spec.name).purge_tombstones(shard, before)
 
     async def bucket_records(
         self, spec: CollectionSpec, shard: int, wanted: list[int], buckets: int
     ) -> list[Incoming]:
-        return await self.engine.get(spec.name).bucket_records(shard, wanted, buckets)
+        return await self._open(spec.name).bucket_records(shard, wanted, buckets)
