@@ -41,6 +41,7 @@ class ShardBackend(Protocol):
         nprobe: int | None,
         predicate: Callable[[Any], bool] | None,
         shards: Iterable[int],
+        with_vectors: bool = False,
     ) -> list[list[Hit]]: ...
 
     def shard_stats(self, name: str) -> dict[int, dict[str, Any]]:

@@ -444,7 +444,8 @@ class Coordinator:
         async def ask(node: str, shards: list[int], budget: float) -> list[list[Hit]]:
             if node == self.node_id:
                 return await self.backend.search(
-                    spec, req.vectors, req.k, req.nprobe, req.predicate, shards
+                    spec, req.vectors, req.k, req.nprobe, req.predicate, shards,
+                    req.include_vector,
                 )
             addr = self.addr_of(node)
             if addr is None:

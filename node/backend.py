@@ -66,8 +66,11 @@ class EngineBackend:
         nprobe: int | None,
         predicate: Callable[[Any], bool] | None,
         shards: Iterable[int],
+        with_vectors: bool = False,
     ) -> list[list[Hit]]:
-        return await self._open(spec.name).search(queries, k, nprobe, predicate, shards)
+        return await self._open(spec.name).search(
+            queries, k, nprobe, predicate, shards, with_vectors
+        )
 
     def shard_stats(self, name: str) -> dict[int, dict[str, Any]]:
         coll = self.engine.collections.get(name)

@@ -252,6 +252,7 @@ class Collection:
             self.store.write(batch)
             for label in labels:
                 self.shards[shard].labels.pop(label, None)
+                self.shards[shard].meta.pop(label, None)
         return len(labels)
 
     def count(self) -> int:
@@ -271,8 +272,10 @@ class Collection:
         nprobe: int | None,
         predicate: Callable[[Any], bool] | None = None,
         shards: Iterable[int] | None = None,
+        with_vectors: bool = False,
     ) -> list[list[Hit]]:
-        """The best `k` hits per query over the given local shards (all when None)."""
+        """The best `k` hits per query over the given local shards (all when None); their
+        stored vectors too when asked."""
         from node.index import prepare
 
         q = prepare(queries, self.spec.metric)
@@ -282,15 +285,17 @@ class Collection:
         if absent:
             raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
         if predicate is None:
-            rows = await self._batcher.submit((probe, wanted), q, k)
+            rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
             return [row[:k] for row in rows]
         async with self.rw.read():
-            return await self.blocking.search(search_filtered, self, q, k, probe, predicate, wanted)
+            return await self.blocking.search(
+                search_filtered, self, q, k, probe, predicate, wanted, with_vectors
+            )
 
     async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[list[Hit]]:
-        probe, wanted = key
+        probe, wanted, with_vectors = key
         async with self.rw.read():
-            return await self.blocking.search(run_batch, self, q, k, probe, wanted)
+            return await self.blocking.search(run_batch, self, q, k, probe, wanted, with_vectors)
 
     # -- background -----------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

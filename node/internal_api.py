@@ -90,7 +90,7 @@ async def search(request: web.Request) -> web.Response:
     include = body.get("include", ["metadata"])
     rows = await request.app[CLUSTER].backend.search(
         spec, q, int(body["k"]), body.get("nprobe"), parse_filter(body.get("filter")),
-        [int(s) for s in body["shards"]],
+        [int(s) for s in body["shards"]], "vector" in include,
     )
     return json_response({"results": encode_hits(rows, "metadata" in include, "vector" in include)})
 

@@ -1,6 +1,7 @@
 """Searching a collection's local index (blocking; runs on a search thread under the
 collection's read lock): the batched unfiltered path, the filtered path, and turning index
-keys into documents."""
+keys into documents from the shards' in-memory label and metadata maps (RocksDB is read only
+when vectors are asked for)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,24 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 
 from cluster.docs import Hit
-from node.index import LABEL_BITS, faiss, faiss_metric, global_keys, prepare, shard_selector
+from cluster.sharding import shard_of
+from node.index import LABEL_BITS, global_keys, shard_selector
 
 if TYPE_CHECKING:
     from node.collection import Collection
 
-# A filtered search over at most this many matching documents is exact, by brute force.
+# A filtered search over at most this many matching documents scans every list of the index
+# (exact for flat and ivf_flat); more matches go through the usual nprobe lists first.
 EXACT_FILTER_MAX = 50_000
 _MASK = (1 << LABEL_BITS) - 1
 
 
 def run_batch(
-    coll: Collection, q: np.ndarray, k: int, nprobe: int, wanted: tuple[int, ...]
+    coll: Collection, q: np.ndarray, k: int, nprobe: int, wanted: tuple[int, ...],
+    with_vectors: bool,
 ) -> list[list[Hit]]:
     """One FAISS call for the whole batch; restricted to `wanted` when that is not every
     local shard."""
@@ -29,7 +34,19 @@ def run_batch(
         return [[] for _ in range(len(q))]
     sel = None if len(wanted) == len(coll.shards) else shard_selector(list(wanted))
     d, keys = coll.index.search(q, k, nprobe, selector=sel)
-    return resolve(coll, d, keys)
+    return resolve(coll, d, keys, with_vectors)
+
+
+def matching_keys(
+    coll: Collection, predicate: Callable[[Any], bool], wanted: tuple[int, ...]
+) -> np.ndarray:
+    """Index keys of the live documents of these shards whose metadata matches."""
+    parts = []
+    for s in wanted:
+        shard = coll.shards[s]
+        labels = [lab for lab, meta in shard.meta.items() if predicate(orjson.loads(meta))]
+        parts.append(global_keys(s, np.asarray(labels, dtype=np.int64)))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def search_filtered(
@@ -39,58 +56,52 @@ def search_filtered(
     nprobe: int,
     predicate: Callable[[Any], bool],
     wanted: tuple[int, ...],
+    with_vectors: bool,
 ) -> list[list[Hit]]:
-    """The k best *matching* documents: exact over the matches when they are few enough,
-    else the index restricted to them, falling back to exact if it finds too few."""
-    keys: list[np.ndarray] = []
-    vecs: list[bytes] = []
-    for s in wanted:
-        labels: list[int] = []
-        for _, rec in coll.store.iter_docs(s):
-            if not rec.tombstone and predicate(rec.metadata_obj()):
-                labels.append(rec.label)
-                vecs.append(rec.vector)
-        keys.append(global_keys(s, np.asarray(labels, dtype=np.int64)))
-    allowed = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    """The k best *matching* documents, not the matches among the k best: the index search
+    is restricted to the matches. Few matches: every list is scanned (exact for flat and
+    ivf_flat). Many: the usual nprobe lists, widened to all when they hold fewer than k."""
+    allowed = matching_keys(coll, predicate, wanted)
     if len(allowed) == 0:
         return [[] for _ in range(len(q))]
     kk = min(k, len(allowed))
-    if len(allowed) > EXACT_FILTER_MAX and coll.index.trained:
-        d, found = coll.index.search(q, kk, nprobe, allowed=allowed)
-        if (found >= 0).sum(axis=1).min() >= kk:
-            return resolve(coll, d, found)
-    x = np.frombuffer(b"".join(vecs), dtype="<f4").reshape(len(allowed), coll.spec.dim)
-    d, pos = faiss.knn(q, prepare(x, coll.spec.metric), kk, metric=faiss_metric(coll.spec.metric))
-    found = np.where(pos >= 0, allowed[np.maximum(pos, 0)], -1)
-    return resolve(coll, d, found)
+    every_list = int(getattr(coll.index.index, "nlist", 1))
+    probe = every_list if len(allowed) <= EXACT_FILTER_MAX else nprobe
+    d, keys = coll.index.search(q, kk, probe, allowed=allowed)
+    if probe < every_list and (keys >= 0).sum(axis=1).min() < kk:
+        d, keys = coll.index.search(q, kk, every_list, allowed=allowed)
+    return resolve(coll, d, keys, with_vectors)
 
 
-def resolve(coll: Collection, scores: np.ndarray, keys: np.ndarray) -> list[list[Hit]]:
-    """Index answers (best first, key -1 for none) to documents, read from the store."""
-    rows: list[list[tuple[float, int, str]]] = []
-    want: list[tuple[int, str]] = []
+def resolve(
+    coll: Collection, scores: np.ndarray, keys: np.ndarray, with_vectors: bool
+) -> list[list[Hit]]:
+    """Index answers (best first, key -1 for none) to documents."""
     shards = coll.shards
+    out: list[list[Hit]] = []
     for srow, krow in zip(scores.tolist(), keys.tolist(), strict=True):
-        row = []
+        hits = []
         for score, key in zip(srow, krow, strict=True):
             if key < 0:
                 break
             shard = shards.get(key >> LABEL_BITS)
-            doc_id = shard.labels.get(key & _MASK) if shard is not None else None
-            if doc_id is None:
+            if shard is None:
                 continue
-            row.append((score, shard.shard, doc_id))  # type: ignore[union-attr]
-            want.append((shard.shard, doc_id))  # type: ignore[union-attr]
-        rows.append(row)
-    recs = dict(zip(want, coll.store.get_records_multi(want), strict=True))
-    out: list[list[Hit]] = []
-    for row in rows:
-        hits = []
-        for score, s, doc_id in row:
-            rec = recs[(s, doc_id)]
-            if rec is not None and not rec.tombstone:
-                hits.append(Hit(doc_id, score, rec.metadata, rec.vector))
+            label = key & _MASK
+            meta = shard.meta.get(label)
+            if meta is not None:  # None: deleted since (the index catches up right after)
+                hits.append(Hit(shard.labels[label], score, meta, b""))
         out.append(hits)
+    if with_vectors:
+        _fill_vectors(coll, out)
     return out
 
 
+def _fill_vectors(coll: Collection, rows: list[list[Hit]]) -> None:
+    n = coll.spec.shards
+    keys = [(shard_of(h.id, n), h.id) for row in rows for h in row]
+    recs = iter(coll.store.get_records_multi(keys))
+    for row in rows:
+        for h in row:
+            rec = next(recs)
+            h.vector = rec.vector if rec is not None else b""

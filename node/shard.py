@@ -18,7 +18,7 @@ import numpy as np
 
 from cluster.docs import Incoming
 from cluster.spec import CollectionSpec
-from node.index import global_key, global_keys, prepare
+from node.index import LABEL_BITS, global_key, global_keys, prepare
 from node.store import Record, Store, WriteBatch
 
 
@@ -29,6 +29,8 @@ class IndexOps:
     remove: list[int] = field(default_factory=list)  # global keys
     add_keys: list[int] = field(default_factory=list)  # global keys
     add_vectors: list[np.ndarray] = field(default_factory=list)  # raw float32 rows
+    add_meta: list[bytes] = field(default_factory=list)  # metadata of the added documents
+    gone: list[int] = field(default_factory=list)  # labels that became tombstones
     new_labels: dict[int, str] = field(default_factory=dict)
     count_delta: int = 0
     last_seq: int = 0
@@ -46,16 +48,21 @@ class Shard:
         self.spec = spec
         self.shard = shard
         self.store = store
-        self.labels: dict[int, str] = {}
+        self.labels: dict[int, str] = {}  # every label given (tombstones too) → id
+        self.meta: dict[int, bytes] = {}  # live documents' metadata, by label
         self.next_seq = 1
         self.next_label = 1
         self.count = 0
         self.applied_seq = 0
 
     def load(self) -> None:
-        """Counters and labels from the store (the index is the collection's business)."""
+        """Counters, labels and metadata from the store (the index is the collection's)."""
         self.next_seq, self.next_label, self.count = self.store.counters(self.shard)
-        self.labels = dict(self.store.iter_labels(self.shard))
+        self.labels, self.meta = {}, {}
+        for doc_id, rec in self.store.iter_docs(self.shard):
+            self.labels[rec.label] = doc_id
+            if not rec.tombstone:
+                self.meta[rec.label] = rec.metadata
         self.applied_seq = self.next_seq - 1
 
     def keys(self) -> np.ndarray:
@@ -101,6 +108,9 @@ class Shard:
         ops = IndexOps()
         olds = self.store.get_records(self.shard, [d.id for d in docs])
         staged: dict[str, Record] = {}
+        # Index additions by key: a later write of the same id in this batch replaces (or,
+        # for a delete, cancels) an earlier one, since removals are applied before additions.
+        adds: dict[int, tuple[np.ndarray, bytes]] = {}
         count = self.count
         for doc, old in zip(docs, olds, strict=True):
             old = staged.get(doc.id, old)
@@ -130,19 +140,18 @@ class Shard:
             if was_live:
                 ops.remove.append(key)
             if not tomb:
-                ops.add_keys.append(key)
-                ops.add_vectors.append(doc.vector)  # type: ignore[arg-type]
+                adds[key] = (doc.vector, rec.metadata)  # type: ignore[assignment]
+            elif was_live:
+                adds.pop(key, None)
+                ops.gone.append(label)
             delta = (0 if tomb else 1) - (1 if was_live else 0)
             ops.count_delta += delta
             count += delta
             ops.deleted += int(tomb and was_live)
             ops.applied += int(not tomb or was_live)
-        if len(set(ops.add_keys)) != len(ops.add_keys):
-            # An id written twice in one batch: only its last version goes into the index.
-            last: dict[int, np.ndarray] = {}
-            for key, vec in zip(ops.add_keys, ops.add_vectors, strict=True):
-                last[key] = vec
-            ops.add_keys, ops.add_vectors = list(last), list(last.values())
+        ops.add_keys = list(adds)
+        ops.add_vectors = [v for v, _ in adds.values()]
+        ops.add_meta = [m for _, m in adds.values()]
         batch.put_counters(self.shard, self.next_seq, self.next_label, count)
         ops.last_seq = self.next_seq - 1
         return ops
@@ -153,5 +162,10 @@ class Shard:
     def applied(self, ops: IndexOps) -> None:
         """Record that `ops` reached the index."""
         self.labels.update(ops.new_labels)
+        for label in ops.gone:
+            self.meta.pop(label, None)
+        mask = (1 << LABEL_BITS) - 1
+        for key, meta in zip(ops.add_keys, ops.add_meta, strict=True):
+            self.meta[key & mask] = meta
         self.count += ops.count_delta
         self.applied_seq = max(self.applied_seq, ops.last_seq)

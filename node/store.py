@@ -8,10 +8,12 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
     b"D" shard id                 -> document record (see `Record`); tombstones too
     b"Q" shard seq(u64 BE)        -> id: the change log, one entry per document (its latest
                                      change), so replay after a snapshot reads only what came after
-    b"L" shard label(i64 BE)      -> id: resolves FAISS labels in search results
 
 A document's label is a stable int64 within its shard, kept for its whole life (tombstone
-included), so updates and deletes remove exactly the old vector from the index.
+included), so updates and deletes remove exactly the old vector from the index. The label →
+id map and the live documents' metadata are held in memory by each shard (`node.shard`),
+rebuilt from the records at start, so searches read nothing from RocksDB unless they ask for
+vectors.
 """
 
 from __future__ import annotations
@@ -87,8 +89,6 @@ def change_key(shard: int, seq: int) -> bytes:
     return _shard_key(b"Q", shard) + _U64.pack(seq)
 
 
-def label_key(shard: int, label: int) -> bytes:
-    return _shard_key(b"L", shard) + _U64.pack(label)
 
 
 class WriteBatch:
@@ -102,8 +102,6 @@ class WriteBatch:
         self._wb.put(doc_key(shard, doc_id), rec.encode())
         if old is not None:
             self._wb.delete(change_key(shard, old.seq))
-        else:
-            self._wb.put(label_key(shard, rec.label), doc_id.encode())
         self._wb.put(change_key(shard, rec.seq), doc_id.encode())
         self.count += 1
 
@@ -111,7 +109,6 @@ class WriteBatch:
         """Remove every trace of a document (a tombstone past its grace period)."""
         self._wb.delete(doc_key(shard, doc_id))
         self._wb.delete(change_key(shard, rec.seq))
-        self._wb.delete(label_key(shard, rec.label))
         self.count += 1
 
     def put_counters(self, shard: int, next_seq: int, next_label: int, live: int) -> None:
@@ -219,13 +216,10 @@ class Store:
             yield _U64.unpack(key[3:])[0], it.value().decode()
             it.next()
 
-    def iter_labels(self, shard: int) -> Iterator[tuple[int, str]]:
-        for key, raw in self._scan(_shard_key(b"L", shard)):
-            yield _U64.unpack(key[3:])[0], raw.decode()
 
     def drop_shard(self, shard: int) -> None:
         """Remove every key of one shard (after it moved to another node)."""
-        for tag in (b"C", b"D", b"Q", b"L"):
+        for tag in (b"C", b"D", b"Q"):
             start = _shard_key(tag, shard)
             end = _shard_key(tag, shard + 1) if shard + 1 < 65536 else tag + b"\xff\xff\xff"
             self.db.delete_range(start, end)

@@ -89,3 +89,25 @@ async def test_purged_tombstones_leave_no_trace(tmp_path: Path, blocking: Blocki
     hits = await coll.search(np.full((1, 4), 1, np.float32), 5, None)
     assert [h.id for h in hits[0]] == ["d1"]
     await engine.close()
+
+
+async def test_same_id_twice_in_one_batch(tmp_path: Path, blocking: Blocking) -> None:
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0], "u")
+    q = np.full((1, 4), 3, np.float32)
+    # Written, then deleted, in one batch: gone from the store and the index.
+    await coll.write({0: [doc(3, version=1), Incoming("d3", None, b"", 2, "n1")]})
+    assert await coll.get(0, "d3") is None and coll.count() == 0
+    assert await coll.search(q, 5, None) == [[]]
+    # Deleted, then written again, in one batch: present once, with the last vector.
+    await coll.write({0: [Incoming("d3", None, b"", 3, "n1"), doc(3, version=4, value=9)]})
+    hits = await coll.search(q, 5, None, with_vectors=True)
+    assert [h.id for h in hits[0]] == ["d3"] and coll.count() == 1
+    assert np.frombuffer(hits[0][0].vector, "<f4")[0] == 9
+    # Written twice: the later version only.
+    await coll.write({0: [doc(3, version=5, value=1), doc(3, version=6, value=2)]})
+    assert coll.index.ntotal == 1
+    rec = await coll.get(0, "d3")
+    assert rec is not None and rec.vector_array()[0] == 2
+    await engine.close()
