@@ -48,7 +48,7 @@ class Tuning:
     train_min: int = 4096
     retrain_growth: float = 4.0
     search_batch_rows: int = 512
-    search_parallel: int = 2
+    search_parallel: int = 4
 
 
 class Collection:
