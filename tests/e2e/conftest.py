@@ -10,8 +10,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from tests.datasets import load_sample
 from tests.procs import NodeProc, wait_until
 
 # Fast protocol timing so failure detection fits in a test; the logic is the same.
@@ -111,3 +113,23 @@ def cluster3(netns: None, tmp_path: Path) -> Iterator[Cluster]:
         yield c.start()
     finally:
         c.stop()
+
+
+def ingest_sample(node: NodeProc, n: int, **extra: object) -> tuple[np.ndarray, list[str]]:
+    """The first n sample documents into collection "wn" through `node`; (vectors, ids)."""
+    s = load_sample()
+    for start in range(0, n, 500):
+        docs = [{"id": s.base_meta[i]["id"], "vector": s.base[i].tolist(),
+                 "metadata": {"pos": s.base_meta[i]["pos"]}} for i in range(start, start + 500)]
+        status, body = node.call("POST", "/v1/collections/wn/documents",
+                                 {"documents": docs, **extra})
+        assert status == 200, body
+    return s.base[:n], [m["id"] for m in s.base_meta[:n]]
+
+
+def cosine_oracle(base: np.ndarray, ids: list[str], q: np.ndarray, k: int) -> list[list[str]]:
+    """Exact cosine top-k ids, ties broken as a stable sort does."""
+    b = base / np.linalg.norm(base, axis=1, keepdims=True)
+    qq = q / np.linalg.norm(q, axis=1, keepdims=True)
+    order = np.argsort(-(qq @ b.T), axis=1, kind="stable")[:, :k]
+    return [[ids[j] for j in row] for row in order]

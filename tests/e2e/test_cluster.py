@@ -11,32 +11,20 @@ from pathlib import Path
 import numpy as np
 
 from tests.datasets import load_sample
-from tests.e2e.conftest import FAST, Cluster, Nft
+from tests.e2e.conftest import FAST, Cluster, Nft, cosine_oracle, ingest_sample
 from tests.procs import NodeProc, wait_until
 
 N_DOCS = 3000
 
 
 def fill(cluster: Cluster) -> tuple[np.ndarray, list[str]]:
-    s = load_sample()
     n1, n2 = cluster.nodes[0], cluster.nodes[1]
     status, desc = n1.call("PUT", "/v1/collections/wn", {
         "dim": 384, "metric": "cosine", "shards": 12, "index": {"type": "flat"}})
     assert status == 201, desc
     assert len({r for st in desc["shard_states"] for r in st["replicas"]}) == 3
-    for start in range(0, N_DOCS, 500):
-        docs = [{"id": s.base_meta[i]["id"], "vector": s.base[i].tolist(),
-                 "metadata": {"pos": s.base_meta[i]["pos"]}} for i in range(start, start + 500)]
-        status, body = n2.call("POST", "/v1/collections/wn/documents", {"documents": docs})
-        assert status == 200, body
-    return s.base[:N_DOCS], [m["id"] for m in s.base_meta[:N_DOCS]]
+    return ingest_sample(n2, N_DOCS)
 
-
-def oracle(base: np.ndarray, ids: list[str], q: np.ndarray, k: int) -> list[list[str]]:
-    b = base / np.linalg.norm(base, axis=1, keepdims=True)
-    qq = q / np.linalg.norm(q, axis=1, keepdims=True)
-    order = np.argsort(-(qq @ b.T), axis=1, kind="stable")[:, :k]
-    return [[ids[j] for j in row] for row in order]
 
 
 def search(node: NodeProc, q: np.ndarray, k: int = 10, **extra: object) -> tuple[int, dict]:
@@ -51,7 +39,7 @@ def overlap(a: list[list[str]], b: list[list[str]]) -> float:
 def test_three_nodes_faults(cluster3: Cluster, nft: Nft) -> None:
     base, ids = fill(cluster3)
     q = load_sample().queries[:50]
-    want = oracle(base, ids, q, 10)
+    want = cosine_oracle(base, ids, q, 10)
     for node in cluster3.nodes:
         status, body = search(node, q)
         assert status == 200 and not body["partial"]

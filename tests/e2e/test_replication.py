@@ -10,32 +10,19 @@ from typing import Any
 import numpy as np
 
 from tests.datasets import load_sample
-from tests.e2e.conftest import Cluster, Nft
+from tests.e2e.conftest import Cluster, Nft, cosine_oracle, ingest_sample
 from tests.procs import NodeProc, http, wait_until
 
 N_DOCS = 2000
 
 
 def create_and_fill(node: NodeProc, replication: int, shards: int = 12) -> tuple[np.ndarray, list[str]]:
-    s = load_sample()
     status, desc = node.call("PUT", "/v1/collections/wn", {
         "dim": 384, "metric": "cosine", "shards": shards, "replication": replication,
         "index": {"type": "flat"}})
     assert status == 201, desc
-    for start in range(0, N_DOCS, 500):
-        docs = [{"id": s.base_meta[i]["id"], "vector": s.base[i].tolist(),
-                 "metadata": {"pos": s.base_meta[i]["pos"]}} for i in range(start, start + 500)]
-        status, body = node.call("POST", "/v1/collections/wn/documents",
-                                 {"documents": docs, "consistency": "all"})
-        assert status == 200, body
-    return s.base[:N_DOCS], [m["id"] for m in s.base_meta[:N_DOCS]]
+    return ingest_sample(node, N_DOCS, consistency="all")
 
-
-def oracle(base: np.ndarray, ids: list[str], q: np.ndarray, k: int) -> list[list[str]]:
-    b = base / np.linalg.norm(base, axis=1, keepdims=True)
-    qq = q / np.linalg.norm(q, axis=1, keepdims=True)
-    order = np.argsort(-(qq @ b.T), axis=1, kind="stable")[:, :k]
-    return [[ids[j] for j in row] for row in order]
 
 
 class Load:
@@ -50,7 +37,7 @@ class Load:
         self.do_search = search
         self.max_rounds = max_rounds
         self.queries = s.queries[:20]
-        self.want = oracle(s.base[:N_DOCS], [m["id"] for m in s.base_meta[:N_DOCS]],
+        self.want = cosine_oracle(s.base[:N_DOCS], [m["id"] for m in s.base_meta[:N_DOCS]],
                            self.queries, 10)
         self.far = -s.base[N_DOCS:N_DOCS + 500]  # negated: never near a query
         self.acked: list[str] = []
