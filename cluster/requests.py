@@ -243,3 +243,31 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
         allow_partial=allow_partial,
         timeout_ms=timeout_ms,
     )
+
+
+def compact_size(body: Any) -> int:
+    """Bytes of `body` as compact JSON with every vector written at float32 precision: what
+    the body limit measures, so that the digits a client's JSON library spends on float64
+    renderings of float32 data do not count."""
+
+    def shrink(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: _as_f32(v) if k in ("vector", "vectors") else shrink(v)
+                    for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [shrink(x) for x in obj]
+        return obj
+
+    return len(orjson.dumps(shrink(body), option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def _as_f32(v: Any) -> Any:
+    if isinstance(v, list) and v and _NUMBER_TYPES.issuperset(map(type, v)):
+        try:
+            with np.errstate(over="ignore"):
+                return np.asarray(v, dtype=np.float32)
+        except OverflowError:  # an integer beyond any float: validation rejects it later
+            return v
+    if isinstance(v, list):
+        return [_as_f32(x) for x in v]
+    return v

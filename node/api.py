@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from cluster.errors import AquilaError, BadRequest, PayloadTooLarge, Unauthorized
-from cluster.requests import loads_overflowing
+from cluster.requests import compact_size, loads_overflowing
 from cluster.spec import parse_spec
 from node.keys import CONFIG, METRICS, READY, SERVICE
 from node.openapi import openapi_document
@@ -62,8 +62,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         ):
             raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
         length = request.content_length
-        if length is not None and length > config.max_body_bytes:
-            raise PayloadTooLarge(f"body of {length} bytes exceeds {config.max_body_bytes}")
+        if length is not None and length > config.max_wire_bytes:
+            raise PayloadTooLarge(
+                f"body of {length} bytes exceeds the limit of {config.max_body_bytes} bytes"
+            )
         resp = await handler(request)
         status = resp.status
         return resp
@@ -101,15 +103,23 @@ async def read_json(request: web.Request) -> Any:
     raw = await request.read()
     if not raw:
         raise BadRequest("a JSON body is required")
+    limit = request.app[CONFIG].max_body_bytes
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes") from None
         if "number is infinity" in str(exc):
             try:
                 return loads_overflowing(raw)
             except ValueError:
                 pass
         raise BadRequest(f"malformed JSON: {exc}") from None
+    if len(raw) > limit and compact_size(body) > limit:
+        raise PayloadTooLarge(
+            f"body exceeds the limit of {limit} bytes (vectors counted at float32 precision)"
+        )
+    return body
 
 
 # -- collections --------------------------------------------------------------------------

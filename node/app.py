@@ -41,7 +41,7 @@ def node_identity(config: NodeConfig) -> str:
 
 
 def make_app(config: NodeConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_wire_bytes)
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[READY] = asyncio.Event()

@@ -39,7 +39,11 @@ class NodeConfig:
     # fsync the RocksDB write-ahead log before acknowledging a write. Off trades the last
     # moments of acknowledged writes on power loss (not on process crash) for speed.
     fsync: bool = True
-    # Largest accepted request body; 10,000 documents of dim 384 as JSON fit in the default.
+    # Largest accepted request body (413 beyond), measured with its vectors written at float32 precision
+    # (the shortest text of each float32): the contract promises that a batch of 10,000
+    # documents of dim 384 fits in the default, yet Python's json writes such a batch of
+    # float32 data with float64 digits, in about 76 MiB. A body beyond twice this is refused
+    # before it is read.
     max_body_bytes: int = 64 * MIB
     # A shard searches exactly (flat) until it holds this many vectors, then trains IVF.
     train_min: int = 4096
@@ -78,6 +82,11 @@ class NodeConfig:
         """What authenticates peer requests: the cluster secret, or else the API key, so that
         a node with an API key never serves its internal routes to anyone without it."""
         return self.cluster_secret or self.api_key
+
+    @property
+    def max_wire_bytes(self) -> int:
+        """Hard cap on the bytes of a body as sent (see max_body_bytes)."""
+        return 2 * self.max_body_bytes
 
     @property
     def addr(self) -> str:

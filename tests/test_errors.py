@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 from aiohttp import ClientResponse
 
@@ -249,6 +250,33 @@ async def test_body_over_limit(start_node: StartNode) -> None:
     assert await ok_json(await node.client.get("/healthz")) == {"status": "ok"}
     await node.upsert("c", docs[:20])
     assert await count(node) == 20
+
+
+async def test_body_limit_counts_vectors_at_float32_precision(start_node: StartNode) -> None:
+    """The contract's promise that 10,000 × 384 fits in 64 MiB holds however a client's JSON
+    library spells float32 values (Python's json spends float64 digits on them): the limit
+    measures vectors at float32 precision. Scaled down: 40 × 384 in a 256 KiB limit."""
+    node = await start_node(max_body_bytes=256 * 1024)
+    await node.create("big", dim=384)
+    vecs = np.random.default_rng(3).standard_normal((40, 384)).astype(np.float32)
+    docs = [{"id": f"v{i}", "vector": vecs[i].tolist()} for i in range(40)]
+    raw = json.dumps({"documents": docs}).encode()
+    assert 256 * 1024 < len(raw) < 2 * 256 * 1024
+    resp = await node.client.post("/v1/collections/big/documents", data=raw,
+                                  headers={"Content-Type": "application/json"})
+    assert (await ok_json(resp))["upserted"] == 40
+    # The same bytes spent on anything but vector digits are over the limit.
+    padded = {"documents": [{"id": "p", "vector": GOOD * 96, "metadata": {"t": "x" * len(raw)}}]}
+    resp = await node.client.post("/v1/collections/big/documents", json=padded)
+    await expect_error(resp, 413, "payload_too_large")
+    # So is junk of that size, and anything beyond twice the limit is refused unread.
+    resp = await node.client.post("/v1/collections/big/documents", data=b"[" * len(raw),
+                                  headers={"Content-Type": "application/json"})
+    await expect_error(resp, 413, "payload_too_large")
+    resp = await node.client.post("/v1/collections/big/documents", data=raw * 2,
+                                  headers={"Content-Type": "application/json"})
+    await expect_error(resp, 413, "payload_too_large")
+    assert await count(node, "big") == 40
 
 
 # -- not found ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ training that never blocks serving."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -176,3 +177,18 @@ def test_training_does_not_block_serving(tmp_path: Path, sample: Sample) -> None
         assert worst < 3.0, worst
     finally:
         node.stop()
+
+
+def test_ten_thousand_documents_of_dim_384_in_one_batch(node: NodeProc, sample: Sample) -> None:
+    """The contract: a batch of 10,000 documents of dim 384 fits within the default body
+    limit, written by Python's json (float64 digits for float32 data: about 75 MiB)."""
+    assert node.call("PUT", "/v1/collections/bulk", {"dim": 384, "metric": "cosine"})[0] == 201
+    vectors = np.vstack([sample.base, sample.base + np.float32(0.001)])[:10_000]
+    docs = [{"id": f"b{i}", "vector": v, "metadata": {"i": i}}
+            for i, v in enumerate(vectors.tolist())]
+    assert len(json.dumps({"documents": docs})) > 64 * 2**20  # over the limit as sent
+    status, body = node.call("POST", "/v1/collections/bulk/documents", {"documents": docs},
+                             timeout=120)
+    assert status == 200, body
+    assert body["upserted"] == 10_000
+    assert node.call("GET", "/v1/collections/bulk")[1]["count"] == 10_000
