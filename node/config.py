@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,4 +163,15 @@ def load_config(
     for name, raw in (flags or {}).items():
         if raw is not None:
             values[name] = _convert(name, raw)
-    return NodeConfig(**values).validate()
+    config = NodeConfig(**values).validate()
+    if config.advertise is None and config.host in ("0.0.0.0", "::", ""):
+        # Peers cannot reach a wildcard address: advertise this host's own name's address.
+        config = dataclasses.replace(config, advertise=f"{_own_address()}:{config.port}")
+    return config
+
+
+def _own_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
