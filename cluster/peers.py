@@ -42,7 +42,7 @@ class Peers:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=30),
             json_serialize=lambda o: orjson.dumps(o).decode(),
         )
 

@@ -11,6 +11,9 @@ from cluster.transport import Receiver
 
 log = logging.getLogger(__name__)
 
+# How long a resolved host name is trusted.
+_NAME_TTL_S = 30.0
+
 
 def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
@@ -37,7 +40,7 @@ class UdpTransport:
         self._host = host
         self._port = port
         self._transport: asyncio.DatagramTransport | None = None
-        self._resolved: dict[str, tuple[str, int]] = {}
+        self._resolved: dict[str, tuple[tuple[str, int], float]] = {}
 
     @property
     def local_addr(self) -> tuple[str, int]:
@@ -55,18 +58,20 @@ class UdpTransport:
         self._transport = transport
 
     async def _resolve(self, addr: str) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
         hit = self._resolved.get(addr)
-        if hit is not None:
-            return hit
+        if hit is not None and hit[1] > loop.time():
+            return hit[0]
         host, port = split_addr(addr)
         try:
             ipaddress.ip_address(host)
-            target = (host, port)
+            target, ttl = (host, port), float("inf")
         except ValueError:
-            # Resolve names off the loop once; sendto with a name would block in getaddrinfo.
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-            target = (str(infos[0][4][0]), port)
-        self._resolved[addr] = target
+            # Resolve names off the loop; sendto with a name would block in getaddrinfo. Names
+            # are looked up again after a while: a restarted container may get a new address.
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            target, ttl = (str(infos[0][4][0]), port), _NAME_TTL_S
+        self._resolved[addr] = (target, loop.time() + ttl)
         return target
 
     async def send(self, addr: str, data: bytes) -> None:
