@@ -240,6 +240,12 @@ def openapi_document() -> dict[str, Any]:
             c + "/documents": {
                 "post": {
                     "summary": "Upsert a batch; answered once durable per consistency",
+                    "description": (
+                        "An existing id is replaced. The body limit (64 MiB by default, "
+                        "AQUILA_MAX_BODY_BYTES) counts vectors at float32 precision, so a batch "
+                        "of 10,000 documents of dim 384 fits however the client writes its "
+                        "floats; a body over twice the limit is refused unread (413)."
+                    ),
                     "parameters": [_NAME],
                     "requestBody": _body("#/components/schemas/Upsert"),
                     "responses": {
@@ -297,6 +303,14 @@ def openapi_document() -> dict[str, Any]:
             "/v1/cluster/join": {
                 "post": {
                     "summary": "Join this node to the seeds' cluster",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {
+                            "type": "object",
+                            "required": ["seeds"],
+                            "properties": {"seeds": {"type": "array", "items": {"type": "string"}}},
+                        }}},
+                    },
                     "responses": {"200": _resp("joined"), **_errors(400, 503)},
                 }
             },
@@ -309,6 +323,12 @@ def openapi_document() -> dict[str, Any]:
             "/v1/cluster/rebalance": {
                 "post": {
                     "summary": "Plan (dry_run) or start a rebalance",
+                    "requestBody": {
+                        "content": {"application/json": {"schema": {
+                            "type": "object",
+                            "properties": {"dry_run": {"type": "boolean", "default": False}},
+                        }}},
+                    },
                     "responses": {"200": _resp("moves"), **_errors(400, 503)},
                 }
             },
