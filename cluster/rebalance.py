@@ -89,9 +89,11 @@ def plan_moves(coord: Coordinator, live_nodes: list[str]) -> list[Move]:
 
 
 class Rebalancer:
-    def __init__(self, coord: Coordinator, per_node: int = 2) -> None:
+    def __init__(self, coord: Coordinator, per_node: int = 2, docs_per_s: float = 0.0) -> None:
         self.coord = coord
         self.per_node = per_node
+        # Copy throttle per move (0: as fast as the nodes go), so that serving keeps its share.
+        self.docs_per_s = docs_per_s
         self.active: dict[tuple[str, int], Transfer] = {}
         self.last: RunStats | None = None
         self._lock = asyncio.Lock()
@@ -151,6 +153,7 @@ class Rebalancer:
         t.total = await self._count(entry, m.shard, source)
         after: str | None = None
         entry = coord.entry(m.collection)
+        started = coord.clock.now()
         while True:
             docs, after, nbytes = await self._page(entry, m.shard, source, after)
             if docs:
@@ -160,6 +163,10 @@ class Rebalancer:
                 stats.bytes += nbytes
             if after is None:
                 break
+            if self.docs_per_s > 0:
+                ahead = t.copied / self.docs_per_s - (coord.clock.now() - started)
+                if ahead > 0:
+                    await coord.clock.sleep(ahead)
         # 3. switch
         t.stage = Stage.SWITCH
         entry = coord.entry(m.collection)

@@ -98,7 +98,8 @@ class ClusterNode:
             search_timeout_s=config.search_timeout_ms / 1000,
             peer_timeout_s=config.peer_timeout_s,
         )
-        rebalancer = Rebalancer(coordinator, per_node=config.moves_per_node)
+        rebalancer = Rebalancer(coordinator, per_node=config.moves_per_node,
+                                docs_per_s=config.transfer_docs_per_s)
         healer = Healer(coordinator, rebalancer, HealerConfig(
             dead_grace_s=config.dead_grace_s,
             anti_entropy_interval_s=config.anti_entropy_interval_s,

@@ -75,6 +75,9 @@ class NodeConfig:
     tombstone_grace_s: float = 86400.0
     # Shard moves running at once on any one node during a rebalance (copy throttle).
     moves_per_node: int = 2
+    # Documents per second one shard move copies at most (0: unthrottled), so that searches
+    # and writes keep their share of the machine during a rebalance.
+    transfer_docs_per_s: float = 10_000.0
     # Python logging level name.
     log_level: str = "INFO"
 
