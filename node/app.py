@@ -77,6 +77,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     app[CLUSTER] = cluster
     app[SERVICE] = cluster.coordinator
     await cluster.start()
+    app[METRICS].watch_cluster(cluster.metrics_snapshot)
     app[METRICS].watch_collections(lambda: {n: c.count() for n, c in engine.collections.items()})
     snapshots = asyncio.get_running_loop().create_task(
         engine.snapshot_loop(config.snapshot_interval_s)

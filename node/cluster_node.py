@@ -4,6 +4,7 @@ replicated cluster state persisted on disk, and the coordinator that serves the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import Coroutine
@@ -107,6 +108,20 @@ class ClusterNode:
         ))
         return ClusterNode(node_id, config, engine, backend, peers, runtime, gossip,
                            coordinator, rebalancer, healer)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Figures for /metrics (read on scrape)."""
+        members: dict[str, int] = {}
+        for m in self.gossip.members():
+            members[m.state.value] = members.get(m.state.value, 0) + 1
+        return {
+            "gossip": dataclasses.asdict(self.gossip.stats),
+            "members": members,
+            "health": self.gossip.health_score,
+            "hints_pending": self.coordinator.hints.pending(),
+            "hints_dropped": self.coordinator.hints.dropped,
+            "epoch": self.runtime.state.epoch,
+        }
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run background work (a rebalance) that outlives the request that started it."""

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
@@ -21,6 +21,33 @@ class _Collections:
         for name, n in sorted(self._counts().items()):
             g.add_metric([name], n)
         yield g
+
+
+class _Cluster:
+    """Gossip counters, member states, hinted hand-off and Lifeguard health, read when
+    scraped."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        for name, value in sorted(snap["gossip"].items()):
+            c = CounterMetricFamily(f"aquila_gossip_{name}", f"Gossip {name.replace('_', ' ')}")
+            c.add_metric([], value)
+            yield c
+        members = GaugeMetricFamily("aquila_members", "Members by state", labels=["state"])
+        for state, n in sorted(snap["members"].items()):
+            members.add_metric([state], n)
+        yield members
+        yield GaugeMetricFamily("aquila_health_score", "Lifeguard local health score (0 is "
+                                "healthy)", value=snap["health"])
+        yield GaugeMetricFamily("aquila_hints_pending", "Hinted writes waiting for a replica",
+                                value=snap["hints_pending"])
+        c = CounterMetricFamily("aquila_hints_dropped", "Hinted writes dropped (store full)")
+        c.add_metric([], snap["hints_dropped"])
+        yield c
+        yield GaugeMetricFamily("aquila_cluster_epoch", "Cluster state epoch", value=snap["epoch"])
 
 
 class Metrics:
@@ -44,6 +71,9 @@ class Metrics:
 
     def watch_collections(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_Collections(counts))  # type: ignore[arg-type]
+
+    def watch_cluster(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(_Cluster(snapshot))  # type: ignore[arg-type]
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         # Label lookups take a lock and build a key; the children are cached per label set.

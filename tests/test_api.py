@@ -545,6 +545,11 @@ async def test_metrics(node: Node) -> None:
     assert 'status="404"' in text
     assert 'aquila_documents{collection="mx"} 1.0' in text
     assert "aquila_http_request_seconds_bucket" in text
+    # Cluster figures: members by state, gossip counters, hinted hand-off, epoch.
+    assert 'aquila_members{state="alive"} 1.0' in text
+    assert "aquila_gossip_bad_mac_total 0.0" in text
+    assert "aquila_hints_pending 0.0" in text
+    assert "aquila_cluster_epoch 1.0" in text
 
 
 async def test_openapi(node: Node) -> None:
