@@ -53,10 +53,17 @@ def make_app(config: NodeConfig) -> web.Application:
 
 
 async def _join_then_ready(app: web.Application, cluster: ClusterNode) -> None:
-    """Ready once joined (the HTTP server must be up first: peers push-pull with us)."""
+    """Ready once joined (the HTTP server must be up first: peers push-pull with us).
+
+    Configured seeds must answer. Peers remembered from an earlier run are tried too, so a
+    restarted node finds its cluster even without seeds (a restarted first node, say); when
+    none of them answers it serves alone and keeps looking for them in the background."""
     config = app[CONFIG]
+    known = await cluster.known_peers()
     if config.seeds:
-        await cluster.join(list(config.seeds), deadline_s=float("inf"))
+        await cluster.join(list(dict.fromkeys([*config.seeds, *known])), deadline_s=float("inf"))
+    elif known and not await cluster.try_join(known):
+        cluster.spawn(cluster.rejoin(known))
     await cluster.runtime.wait_reconciled(300)
     app[READY].set()
     log.info("node %s ready on %s", cluster.node_id, config.addr)

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from cluster.clock import SystemClock
 from cluster.coordinator import Coordinator
 from cluster.gossip import Gossip, GossipConfig, JoinError
 from cluster.healer import Healer, HealerConfig
+from cluster.membership import State
 from cluster.peers import Peers
 from cluster.rebalance import Rebalancer
 from cluster.runtime import ClusterRuntime
@@ -55,19 +58,16 @@ class ClusterNode:
     coordinator: Coordinator
     rebalancer: Rebalancer
     healer: Healer
+    _blocking: Blocking
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _remembered: list[str] = field(default_factory=list)
 
     @staticmethod
     def build(node_id: str, config: NodeConfig, engine: Engine, blocking: Blocking) -> ClusterNode:
         state_path = Path(config.data_dir) / "cluster_state.json"
 
-        def write_state(raw: bytes) -> None:
-            tmp = state_path.with_suffix(".tmp")
-            tmp.write_bytes(raw)
-            tmp.replace(state_path)
-
         async def persist(raw: bytes) -> None:
-            await blocking.write(write_state, raw)
+            await blocking.write(_write_atomic, state_path, raw)
 
         initial = ClusterState()
         if state_path.exists():
@@ -106,8 +106,10 @@ class ClusterNode:
             anti_entropy_interval_s=config.anti_entropy_interval_s,
             tombstone_grace_s=config.tombstone_grace_s,
         ))
-        return ClusterNode(node_id, config, engine, backend, peers, runtime, gossip,
-                           coordinator, rebalancer, healer)
+        node = ClusterNode(node_id, config, engine, backend, peers, runtime, gossip,
+                           coordinator, rebalancer, healer, blocking)
+        runtime.member_listeners.append(lambda _member: node.remember_peers())
+        return node
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Figures for /metrics (read on scrape)."""
@@ -122,6 +124,42 @@ class ClusterNode:
             "hints_dropped": self.coordinator.hints.dropped,
             "epoch": self.runtime.state.epoch,
         }
+
+    async def known_peers(self) -> list[str]:
+        """Addresses of the other members last seen alive (kept across restarts)."""
+        path = Path(self.config.data_dir) / "peers.json"
+        if not path.exists():
+            return []
+        try:
+            peers = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError:
+            return []
+        return [p for p in peers if isinstance(p, str) and p != self.config.addr]
+
+    def remember_peers(self) -> None:
+        """Called on membership changes: keep the alive peers' addresses for a restart."""
+        peers = sorted(m.addr for m in self.gossip.members()
+                       if m.state == State.ALIVE and m.id != self.node_id)
+        if peers != self._remembered:
+            self._remembered = peers
+            self.spawn(self._blocking.write(_write_atomic,
+                                            Path(self.config.data_dir) / "peers.json",
+                                            orjson.dumps(peers)))
+
+    async def try_join(self, peers: list[str]) -> bool:
+        try:
+            n = await self.gossip.join(peers)
+        except JoinError:
+            return False
+        log.info("rejoined through %d remembered peer(s)", n)
+        return True
+
+    async def rejoin(self, peers: list[str]) -> None:
+        """Keep trying remembered peers until one answers or someone else finds us."""
+        delay = 1.0
+        while self.gossip.num_alive() <= 1 and not await self.try_join(peers):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run background work (a rebalance) that outlives the request that started it."""
@@ -163,3 +201,9 @@ class ClusterNode:
         await self.gossip.stop()
         await self.runtime.stop()
         await self.peers.close()
+
+
+def _write_atomic(path: Path, raw: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(raw)
+    tmp.replace(path)

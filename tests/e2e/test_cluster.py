@@ -111,3 +111,19 @@ def test_node_without_the_cluster_secret_cannot_join(netns: None, tmp_path: Path
     finally:
         for n in (bad, nosecret, good):
             n.stop()
+
+
+def test_restarted_seed_finds_its_cluster_without_seeds(netns: None, tmp_path: Path) -> None:
+    """The first node has no seeds; restarted, it rejoins through the peers it remembers."""
+    c = Cluster(tmp_path, 3)
+    try:
+        c.start()
+        n1 = c.nodes[0]
+        wait_until(lambda: (n1.data_dir / "peers.json").exists(), 10, "peers remembered")
+        n1.kill()
+        c.wait_states({"n1": "dead"}, c.nodes[1:], timeout=30)
+        n1.start()
+        c.wait_states({"n1": "alive", "n2": "alive", "n3": "alive"}, timeout=30)
+        assert "rejoined through" in n1.log_tail(200)
+    finally:
+        c.stop()
