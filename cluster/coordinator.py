@@ -406,28 +406,40 @@ class Coordinator:
         return out
 
     async def _get(self, entry: CollectionEntry, shard: int, doc_id: str) -> Hit | None:
+        """From the first replica that has it: a replica that missed the write (it is
+        catching up) answers "absent", and the next one is asked before saying 404."""
         errors = []
+        answered = False
         for node in self.ordered_replicas(entry.replicas[shard]):
             try:
-                if node == self.node_id:
-                    if shard in self.backend.local_shards(entry.spec.name):
-                        return await self.backend.get(entry.spec, shard, doc_id)
-                    continue
-                addr = self.addr_of(node)
-                if addr is None:
-                    continue
-                raw = await self.peers.request(
-                    addr, "POST", f"/internal/v1/collections/{entry.spec.name}/get",
-                    {"shard": shard, "id": doc_id}, timeout=self.peer_timeout_s,
-                )
-                if raw is None or raw.get("doc") is None:
-                    return None
-                return decode_hits([[raw["doc"]]])[0][0]
+                hit = await self._get_from(node, entry, shard, doc_id)
             except AquilaError as exc:
                 if not exc.transient:
                     raise
                 errors.append(str(exc))
+                continue
+            if hit is not None:
+                return hit
+            answered = True
+        if answered:
+            return None
         raise Unavailable(f"no live replica of shard {shard} answered: {'; '.join(errors)}")
+
+    async def _get_from(
+        self, node: str, entry: CollectionEntry, shard: int, doc_id: str
+    ) -> Hit | None:
+        if node == self.node_id:
+            return await self.backend.get(entry.spec, shard, doc_id)
+        addr = self.addr_of(node)
+        if addr is None:
+            raise Unavailable(f"node {node} is unknown")
+        raw = await self.peers.request(
+            addr, "POST", f"/internal/v1/collections/{entry.spec.name}/get",
+            {"shard": shard, "id": doc_id}, timeout=self.peer_timeout_s,
+        )
+        if raw is None or raw.get("doc") is None:
+            return None
+        return decode_hits([[raw["doc"]]])[0][0]
 
     async def search(self, name: str, body: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
