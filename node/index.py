@@ -108,8 +108,12 @@ class VectorIndex:
         else:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
         index.cp.min_points_per_centroid = 5  # small shards train without FAISS's warnings
+        # 64 points per list and 10 k-means rounds: on the WordNet set a third of the time of
+        # FAISS's defaults (256, 25) for 0.002 less recall@10, which keeps retraining a large
+        # index in the background affordable.
+        index.cp.niter = 10
         sample = vectors
-        max_train = 256 * nlist
+        max_train = 64 * nlist
         if n > max_train:
             rng = np.random.default_rng(0)
             sample = vectors[rng.choice(n, max_train, replace=False)]
