@@ -188,7 +188,9 @@ class Coordinator:
                                  {"shard": shard}, timeout=self.peer_timeout_s)
 
     async def list_collections(self) -> list[dict[str, Any]]:
-        return [await self.describe(e) for e in self.runtime.state.live().values()]
+        # Concurrently: each asks the replicas for counts, and a paused one costs a timeout.
+        entries = list(self.runtime.state.live().values())
+        return list(await asyncio.gather(*(self.describe(e) for e in entries)))
 
     async def get_collection(self, name: str) -> dict[str, Any]:
         return await self.describe(self.entry(name))
