@@ -39,7 +39,9 @@ class Blocking:
     def __init__(self, search_threads: int | None = None) -> None:
         n = search_threads or max(2, os.cpu_count() or 2)
         self._search = ThreadPoolExecutor(n, "aq-search", initializer=_single_threaded_faiss)
-        self._write = ThreadPoolExecutor(2, "aq-write", initializer=_single_threaded_faiss)
+        # Index additions assign vectors to lists with a search of the coarse quantizer, which
+        # FAISS spreads over the cores; they run one at a time (the collection orders them).
+        self._write = ThreadPoolExecutor(2, "aq-write")
         self._background = ThreadPoolExecutor(1, "aq-bg", initializer=_training_threads)
 
     async def search(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

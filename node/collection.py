@@ -2,16 +2,20 @@
 FAISS index over all of them, and the background work (training, snapshots) that keeps it
 fast. Searching lives in `node.search`.
 
-Concurrency: writes are serialised by `write_mutex` (durable write, then index update); index
-updates and swaps take `rw.write()`, searches `rw.read()`.
+Concurrency: durable writes are serialised by `write_mutex`; each then queues on `apply_lock`
+(FIFO, taken before `write_mutex` is let go, so index updates keep the order of the writes)
+to update the index under `rw.write()`, while the next write is already being prepared.
+Searches and snapshots take `rw.read()`; changes of the shard set and index swaps take all
+three (`_exclusive`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +71,7 @@ class Collection:
         self.training = False
         self.rw = RWLock()
         self.write_mutex = asyncio.Lock()
+        self.apply_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._batcher: SearchBatcher[list[Hit]] = SearchBatcher(
             self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
@@ -129,12 +134,12 @@ class Collection:
             return
         shard = Shard(self.spec, s, self.store)
         await self.blocking.write(shard.load)
-        async with self.write_mutex, self.rw.write():
+        async with self._exclusive():
             await self.blocking.write(self._apply_sync, shard.changes_after(0))
             self.shards[s] = shard
 
     async def drop_shard(self, s: int) -> None:
-        async with self.write_mutex, self.rw.write():
+        async with self._exclusive():
             shard = self.shards.pop(s, None)
             if shard is not None:
                 await self.blocking.write(self.index.remove, shard.keys())
@@ -148,7 +153,7 @@ class Collection:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        async with self.write_mutex, self.rw.write():
+        async with self._exclusive():
             if snapshot and self._dirty():
                 await self.blocking.write(self._snapshot_sync)
             await self.blocking.write(self.store.close)
@@ -156,6 +161,12 @@ class Collection:
     async def destroy(self) -> None:
         await self.close(snapshot=False)
         await self.blocking.write(shutil.rmtree, self.root, True)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """No write being prepared, none waiting to reach the index, no search running."""
+        async with self.write_mutex, self.apply_lock, self.rw.write():
+            yield
 
     # -- writes ---------------------------------------------------------------------------
     async def write(self, by_shard: dict[int, list[Incoming]]) -> dict[int, tuple[int, int]]:
@@ -166,8 +177,12 @@ class Collection:
             raise Unavailable(f"shard(s) {missing} of {self.spec.name!r} are not on this node")
         async with self.write_mutex:
             ops = await self.blocking.write(self._write_sync, by_shard)
+            await self.apply_lock.acquire()
+        try:
             async with self.rw.write():
                 await self.blocking.write(self._apply_all_sync, ops)
+        finally:
+            self.apply_lock.release()
         self._maybe_train()
         return {s: (o.applied, o.deleted) for s, o in ops.items()}
 
@@ -177,6 +192,8 @@ class Collection:
         try:
             ops = {s: self.shards[s].prepare_writes(docs, batch) for s, docs in by_shard.items()}
             self.store.write(batch)
+            for s, o in ops.items():  # durable now: count it (the index follows shortly)
+                self.shards[s].count += o.count_delta
         except BaseException:
             for s, (seq, label) in before.items():
                 self.shards[s].rollback(seq, label)
@@ -238,7 +255,7 @@ class Collection:
     async def purge_tombstones(self, shard: int, before: int) -> int:
         if shard not in self.shards:
             return 0
-        async with self.write_mutex:
+        async with self.write_mutex, self.apply_lock:
             return await self.blocking.write(self._purge_sync, shard, before)
 
     def _purge_sync(self, shard: int, before: int) -> int:
@@ -329,7 +346,7 @@ class Collection:
             upto = {s: sh.applied_seq for s, sh in self.shards.items()}
             log.info("%s: training on %d vectors", self.spec.name, self.count())
             new = await self.blocking.background(self._training_set, upto)
-            async with self.write_mutex, self.rw.write():
+            async with self._exclusive():
                 if set(upto) != set(self.shards):
                     log.info("%s: shards changed while training; training again", self.spec.name)
                 else:
@@ -363,7 +380,7 @@ class Collection:
         """Serialise under the locks (quick), write the file outside them."""
         if self.closed or self.training or not self._dirty():
             return
-        async with self.write_mutex, self.rw.read():
+        async with self.rw.read():
             covered = {s: sh.applied_seq for s, sh in self.shards.items()}
             payload = await self.blocking.write(self.index.serialize)
             index = self.index

@@ -161,11 +161,10 @@ class Shard:
 
     def applied(self, ops: IndexOps) -> None:
         """Record that `ops` reached the index."""
-        self.labels.update(ops.new_labels)
+        self.labels.update(ops.new_labels)  # (the count moved when the write was made durable)
         for label in ops.gone:
             self.meta.pop(label, None)
         mask = (1 << LABEL_BITS) - 1
         for key, meta in zip(ops.add_keys, ops.add_meta, strict=True):
             self.meta[key & mask] = meta
-        self.count += ops.count_delta
         self.applied_seq = max(self.applied_seq, ops.last_seq)
