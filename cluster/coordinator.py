@@ -304,7 +304,10 @@ class Coordinator:
                 )
             for node in usable:
                 per_node[node][shard] = docs
-            for node in set(self.write_targets(entry, shard)) - set(usable):
+        # Only now that no shard refuses the write: a refused write leaves nothing behind.
+        for shard, docs in by_shard.items():
+            reached = {n for n, shards in per_node.items() if shard in shards}
+            for node in set(self.write_targets(entry, shard)) - reached:
                 self.hints.add(node, entry.spec.name, shard, docs)
         acks: dict[int, int] = defaultdict(int)
         results: dict[int, tuple[int, int]] = {}

@@ -27,6 +27,7 @@ class Hit:
     score: float
     metadata: bytes  # the stored JSON object
     vector: bytes  # float32 little-endian
+    shard: int = -1  # the shard it came from (fan-out keeps one answer per shard)
 
 
 def encode_writes(by_shard: dict[int, list[Incoming]]) -> list[dict[str, Any]]:
@@ -69,7 +70,7 @@ def decode_writes(raw: list[dict[str, Any]], dim: int) -> dict[int, list[Incomin
 def encode_hits(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[list[list[Any]]]:
     return [
         [[h.id, h.score, orjson.Fragment(h.metadata or b"{}") if metadata else None,
-          base64.b64encode(h.vector).decode() if vector else None] for h in row]
+          base64.b64encode(h.vector).decode() if vector else None, h.shard] for h in row]
         for row in rows
     ]
 
@@ -77,7 +78,8 @@ def encode_hits(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[lis
 def decode_hits(raw: list[list[list[Any]]]) -> list[list[Hit]]:
     return [
         [Hit(h[0], float(h[1]), orjson.dumps(h[2]) if h[2] is not None else b"{}",
-             base64.b64decode(h[3]) if h[3] else b"") for h in row]
+             base64.b64decode(h[3]) if h[3] else b"", int(h[4]) if len(h) > 4 else -1)
+         for h in row]
         for row in raw
     ]
 

@@ -1,9 +1,12 @@
-"""Scatter-gather search over nodes with a deadline and replica retry.
+"""Scatter-gather search over nodes with a deadline, replica retry and hedging.
 
-One request per node covering all the shards it serves for the whole query batch; the local
-replica is preferred, then alive ones, then suspect ones. A node that fails or is too slow has
-its shards retried on their next replica while time remains. Shards left without an answer
-are reported as missing; the caller decides between a partial answer and 503.
+One request per node covering all the shards it serves for the whole query batch; the caller
+orders each shard's replicas (local first, then alive, then suspect). A node that fails has
+its shards retried at once on their next replica; a node that is merely slow (paused, say)
+has its shards asked of their next replica too once a hedge delay has passed, and whichever
+answers first serves the shard. Every hit names its shard, so answers that overlap are cut
+to one per shard before the merge. When the deadline comes, shards still without an answer
+are reported missing; the caller decides between a partial answer and 503.
 """
 
 from __future__ import annotations
@@ -17,8 +20,12 @@ from cluster.docs import Hit
 from cluster.errors import AquilaError
 from cluster.merge import merge_topk
 
-# Ask one node for these shards; returns one list of hits per query, best first.
+# Ask one node for these shards within `budget` seconds; one list of hits per query.
 AskNode = Callable[[str, list[int], float], Awaitable[list[list[Hit]]]]
+
+# Hedge a slow node after this share of the budget, at most after HEDGE_MAX_S seconds.
+HEDGE_SHARE = 0.25
+HEDGE_MAX_S = 1.0
 
 
 @dataclass
@@ -28,10 +35,13 @@ class FanoutResult:
     errors: list[str] = field(default_factory=list)
 
 
-def assign(candidates: dict[int, list[str]], tried: dict[int, int]) -> dict[str, list[int]]:
-    """Group shards by the node of their next untried candidate."""
+def assign(
+    candidates: dict[int, list[str]], tried: dict[int, int], shards: Sequence[int]
+) -> dict[str, list[int]]:
+    """Group these shards by the node of their next untried candidate."""
     plan: dict[str, list[int]] = {}
-    for shard, nodes in candidates.items():
+    for shard in shards:
+        nodes = candidates[shard]
         i = tried.get(shard, 0)
         if i < len(nodes):
             plan.setdefault(nodes[i], []).append(shard)
@@ -48,60 +58,90 @@ async def fan_out(
     timeout_s: float,
 ) -> FanoutResult:
     """Search every shard of `candidates` (shard → replica nodes in preference order)."""
-    if len({nodes[0] for nodes in candidates.values()}) == 1:
-        # The common one-node case: one awaited call, no tasks to schedule.
-        node = next(iter(candidates.values()))[0]
-        try:
-            async with asyncio.timeout(timeout_s):
-                rows = await ask(node, sorted(candidates), timeout_s)
-            return FanoutResult(rows)
-        except AquilaError as err:
-            if not err.transient:
-                raise
-        except TimeoutError:
-            pass
     deadline = clock.now() + timeout_s
+    pending = {s for s, nodes in candidates.items() if nodes}
+    nodes = {n[0] for s, n in candidates.items() if s in pending}
+    if len(nodes) == 1 and all(len(candidates[s]) == 1 for s in pending):
+        # One node and no alternative (a one-node cluster): one awaited call, no tasks.
+        return await _single(next(iter(nodes)), candidates, ask, nq, timeout_s)
     tried: dict[int, int] = {}
+    inflight: dict[asyncio.Future[list[list[Hit]]], tuple[str, list[int]]] = {}
     answers: list[list[list[Hit]]] = []
-    done: set[int] = set()
     errors: list[str] = []
-    pending = dict(candidates)
-    while pending:
-        plan = assign(pending, tried)
-        if not plan:
-            break
-        remaining = deadline - clock.now()
-        if remaining <= 0:
-            errors.append("deadline reached")
-            break
-        tasks = {node: asyncio.ensure_future(ask(node, shards, remaining))
-                 for node, shards in plan.items()}
-        await asyncio.wait(tasks.values(), timeout=remaining)
-        for node, task in tasks.items():
-            shards = plan[node]
-            if task.done() and task.exception() is None:
-                answers.append(task.result())
-                done.update(shards)
-                continue
-            if not task.done():
-                task.cancel()
-                errors.append(f"{node}: no answer within the deadline")
-            else:
+
+    def launch(shards: Sequence[int]) -> None:
+        budget = deadline - clock.now()
+        for node, group in assign(candidates, tried, shards).items():
+            for s in group:
+                tried[s] = tried.get(s, 0) + 1
+            inflight[asyncio.ensure_future(ask(node, group, budget))] = (node, group)
+
+    launch(sorted(pending))
+    hedge_at: float | None = clock.now() + min(timeout_s * HEDGE_SHARE, HEDGE_MAX_S)
+    try:
+        while pending and inflight:
+            now = clock.now()
+            if now >= deadline:
+                break
+            wait_s = deadline - now if hedge_at is None else max(0.0, min(hedge_at, deadline) - now)
+            done, _ = await asyncio.wait(
+                list(inflight), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                node, group = inflight.pop(task)
                 exc = task.exception()
+                if exc is None:
+                    fresh = [s for s in group if s in pending]
+                    rows = task.result()
+                    if len(fresh) < len(group):  # a hedge answered some of it first
+                        rows = [[h for h in row if h.shard in fresh] for row in rows]
+                    if fresh:
+                        answers.append(rows)
+                        pending.difference_update(fresh)
+                    continue
                 if isinstance(exc, AquilaError) and not exc.transient:
                     raise exc  # the request itself is bad: another replica would say the same
                 errors.append(f"{node}: {exc}")
-            for s in shards:
-                tried[s] = tried.get(s, 0) + 1
-        pending = {s: c for s, c in pending.items() if s not in done}
-    rows = merge_rows(answers, nq, k, larger_is_better)
-    return FanoutResult(rows, sorted(pending), errors)
+                launch([s for s in group if s in pending])
+            if not done and hedge_at is not None and clock.now() >= hedge_at:
+                hedge_at = None  # once: hedging every round would double the load under stress
+                slow = [s for s in sorted(pending) if tried.get(s, 0) < len(candidates[s])]
+                if slow:
+                    errors.append(f"hedged shard(s) {slow} after a slow answer")
+                    launch(slow)
+    finally:
+        for task in inflight:
+            task.cancel()
+    missing = sorted(pending | {s for s, n in candidates.items() if not n})
+    if missing:
+        errors.extend(f"{n}: no answer within the deadline"
+                      for n in sorted({n for n, _ in inflight.values()}))
+    return FanoutResult(merge_rows(answers, nq, k, larger_is_better),
+                        missing, errors)
+
+
+async def _single(
+    node: str, candidates: dict[int, list[str]], ask: AskNode, nq: int, timeout_s: float
+) -> FanoutResult:
+    shards = sorted(s for s, n in candidates.items() if n)
+    empty = sorted(s for s, n in candidates.items() if not n)
+    try:
+        async with asyncio.timeout(timeout_s):
+            rows = await ask(node, shards, timeout_s)
+    except AquilaError as exc:
+        if not exc.transient:
+            raise
+        return FanoutResult([[] for _ in range(nq)], sorted(shards + empty), [f"{node}: {exc}"])
+    except TimeoutError:
+        return FanoutResult([[] for _ in range(nq)], sorted(shards + empty),
+                            [f"{node}: no answer within the deadline"])
+    return FanoutResult(rows, empty)
 
 
 def merge_rows(
     answers: Sequence[list[list[Hit]]], nq: int, k: int, larger_is_better: bool
 ) -> list[list[Hit]]:
-    """Per query, the best k hits over every node's answer (the same merge as in a node)."""
+    """Per query, the best k hits over every answer (the same merge as in a node)."""
     out = []
     for q in range(nq):
         lists = [[(h.score, h) for h in a[q]] for a in answers if q < len(a)]

@@ -17,7 +17,8 @@ class Hints:
         self.dropped = 0
 
     def add(self, node: str, collection: str, shard: int, docs: list[Incoming]) -> None:
-        bucket = self._by_node[node].setdefault((collection, shard), {})
+        held = self._by_node[node]
+        bucket = held.get((collection, shard), {})
         for d in docs:
             old = bucket.get(d.id)
             if old is None:
@@ -27,6 +28,10 @@ class Hints:
                 self._count += 1
             if old is None or (d.version, d.writer) > (old.version, old.writer):
                 bucket[d.id] = d
+        if bucket:
+            held[(collection, shard)] = bucket
+        elif not held:
+            del self._by_node[node]
 
     def take(self, node: str) -> dict[tuple[str, int], list[Incoming]]:
         """Everything held for `node`, removed from the store (re-add what fails)."""

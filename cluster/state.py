@@ -9,6 +9,8 @@ entry gossiped late cannot resurrect the collection.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -42,9 +44,14 @@ class CollectionEntry:
     # under the same name (even with the same settings) must not find the old one's data.
     uid: str = ""
 
-    @property
-    def version(self) -> tuple[int, str]:
-        return (self.epoch, self.origin)
+    @functools.cached_property
+    def version(self) -> tuple[int, str, str]:
+        """Order of versions: epoch, then origin node; then a digest of the content, so that
+        even two different entries under one (epoch, origin) — a node restarted before its
+        state reached the disk — resolve the same way on every node."""
+        digest = hashlib.blake2b(orjson.dumps(self.to_json(), option=orjson.OPT_SORT_KEYS),
+                                 digest_size=8).hexdigest()
+        return (self.epoch, self.origin, digest)
 
     def shard_replicas(self, shard: int) -> tuple[str, ...]:
         return self.replicas[shard]

@@ -90,7 +90,7 @@ def resolve(
             label = key & _MASK
             meta = shard.meta.get(label)
             if meta is not None:  # None: deleted since (the index catches up right after)
-                hits.append(Hit(shard.labels[label], score, meta, b""))
+                hits.append(Hit(shard.labels[label], score, meta, b"", shard.shard))
         out.append(hits)
     if with_vectors:
         _fill_vectors(coll, out)

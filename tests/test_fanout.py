@@ -1,0 +1,275 @@
+"""Scatter-gather with a deadline and replica retry, over fake nodes.
+
+fan_out waits on real loop time (asyncio.wait / asyncio.timeout), so these tests use the
+SystemClock with deadlines of a fifth of a second; only the hanging-node cases wait that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from cluster.clock import SystemClock
+from cluster.docs import Hit
+from cluster.errors import BadRequest, Unavailable
+from cluster.fanout import FanoutResult, assign, fan_out
+
+NQ = 2
+K = 3
+TIMEOUT = 0.2
+SLACK = 0.1  # scheduling margin on top of the deadline (a second deadline would exceed it)
+
+
+def _hits() -> dict[tuple[int, int], list[Hit]]:
+    """Per (shard, query), four hits with distinct random scores."""
+    rng = np.random.default_rng(7)
+    out = {}
+    for shard in range(6):
+        for q in range(NQ):
+            out[shard, q] = [
+                Hit(f"s{shard}q{q}h{j}", float(rng.random()), b"{}", b"") for j in range(4)
+            ]
+    return out
+
+
+HITS = _hits()
+
+
+def best(hits: list[Hit], k: int, larger_is_better: bool) -> list[Hit]:
+    return sorted(hits, key=lambda h: -h.score if larger_is_better else h.score)[:k]
+
+
+def expected_rows(shards: list[int], larger_is_better: bool) -> list[list[Hit]]:
+    """The exact answer: per query, the best K over every hit of these shards."""
+    return [best([h for s in shards for h in HITS[s, q]], K, larger_is_better)
+            for q in range(NQ)]
+
+
+NEVER = "never"  # answers nothing: waits until cancelled
+DOWN = "down"  # raises Unavailable (transient)
+BAD = "bad"  # raises BadRequest (not transient)
+
+
+@dataclass
+class FakeNodes:
+    """Nodes answering `ask` like a node would: per query, the best K over its shards."""
+
+    larger_is_better: bool = False
+    behaviour: dict[str, str] = field(default_factory=dict)
+    calls: list[tuple[str, list[int], float]] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+
+    async def ask(self, node: str, shards: list[int], budget: float) -> list[list[Hit]]:
+        self.calls.append((node, list(shards), budget))
+        how = self.behaviour.get(node, "ok")
+        if how == NEVER:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(node)
+                raise
+        if how == DOWN:
+            raise Unavailable(f"{node} is down")
+        if how == BAD:
+            raise BadRequest("bad filter")
+        return expected_rows(shards, self.larger_is_better)
+
+    def asked(self, node: str) -> list[list[int]]:
+        return [shards for n, shards, _ in self.calls if n == node]
+
+
+async def run(
+    nodes: FakeNodes, candidates: dict[int, list[str]], timeout_s: float = TIMEOUT
+) -> tuple[FanoutResult, float]:
+    t0 = time.monotonic()
+    result = await fan_out(candidates, nodes.ask, NQ, K, nodes.larger_is_better,
+                           SystemClock(), timeout_s)
+    return result, time.monotonic() - t0
+
+
+def ids(rows: list[list[Hit]]) -> list[list[str]]:
+    return [[h.id for h in row] for row in rows]
+
+
+# --- assign ---------------------------------------------------------------------------------
+
+
+def test_assign_groups_shards_by_next_untried_candidate() -> None:
+    candidates = {0: ["a", "b"], 1: ["b", "a"], 2: ["a"], 3: []}
+    every = [0, 1, 2, 3]
+    assert assign(candidates, {}, every) == {"a": [0, 2], "b": [1]}
+    assert assign(candidates, {0: 1, 1: 1}, every) == {"b": [0], "a": [1, 2]}
+    assert assign(candidates, {0: 2, 1: 2, 2: 1}, every) == {}
+    assert assign(candidates, {}, [1]) == {"b": [1]}
+
+
+# --- several nodes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("larger_is_better", [False, True])
+async def test_all_shards_answered(larger_is_better: bool) -> None:
+    nodes = FakeNodes(larger_is_better)
+    candidates = {0: ["a", "b"], 1: ["b", "a"], 2: ["c", "a"], 3: ["a"]}
+    result, _ = await run(nodes, candidates)
+    assert ids(result.rows) == ids(expected_rows([0, 1, 2, 3], larger_is_better))
+    assert (result.missing, result.errors) == ([], [])
+    assert sorted((n, s) for n, s, _ in nodes.calls) == [("a", [0, 3]), ("b", [1]), ("c", [2])]
+
+
+async def test_transient_error_retries_shards_on_next_replica() -> None:
+    nodes = FakeNodes(behaviour={"a": DOWN})
+    result, _ = await run(nodes, {0: ["a", "b"], 1: ["c", "b"], 2: ["a", "c"]})
+    assert ids(result.rows) == ids(expected_rows([0, 1, 2], False))
+    assert result.missing == []
+    assert nodes.asked("a") == [[0, 2]]
+    assert nodes.asked("b") == [[0]]
+    assert sorted(nodes.asked("c")) == [[1], [2]]
+    assert len(result.errors) == 1 and result.errors[0].startswith("a: ")
+    # The retry gets what is left of the budget, not a fresh one.
+    retry_budgets = [b for n, s, b in nodes.calls if (n, s) == ("b", [0])]
+    assert 0 < retry_budgets[0] <= TIMEOUT
+
+
+async def test_shard_whose_replicas_all_fail_is_missing() -> None:
+    nodes = FakeNodes(behaviour={"a": DOWN, "b": DOWN})
+    result, _ = await run(nodes, {0: ["a", "b"], 1: ["c"]})
+    assert result.missing == [0]
+    assert ids(result.rows) == ids(expected_rows([1], False))
+    assert [e.split(":")[0] for e in result.errors] == ["a", "b"]
+
+
+async def test_node_that_never_answers_loses_its_shards_at_the_deadline() -> None:
+    nodes = FakeNodes(behaviour={"a": NEVER})
+    result, elapsed = await run(nodes, {0: ["a"], 1: ["c"], 2: ["a"]})
+    assert result.missing == [0, 2]
+    assert ids(result.rows) == ids(expected_rows([1], False))
+    assert "a: no answer within the deadline" in result.errors
+    assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + SLACK
+    await asyncio.sleep(0)  # let the cancellation reach the abandoned request
+    assert nodes.cancelled == ["a"]
+
+
+async def test_non_transient_error_propagates() -> None:
+    nodes = FakeNodes(behaviour={"b": BAD})
+    with pytest.raises(BadRequest):
+        await run(nodes, {0: ["a"], 1: ["b", "c"]})
+    assert nodes.asked("c") == []  # another replica would say the same: not asked
+
+
+async def test_no_shards_at_all() -> None:
+    nodes = FakeNodes()
+    result, _ = await run(nodes, {})
+    assert result.rows == [[]] * NQ
+    assert (result.missing, result.errors, nodes.calls) == ([], [], [])
+
+
+@pytest.mark.parametrize(
+    "candidates", [{0: ["a"], 1: []}, {0: ["a"], 1: ["b"], 2: []}], ids=["one-node", "two-nodes"]
+)
+async def test_shard_without_candidates_is_missing(candidates: dict[int, list[str]]) -> None:
+    nodes = FakeNodes()
+    result, _ = await run(nodes, candidates)
+    with_nodes = [s for s, c in candidates.items() if c]
+    assert ids(result.rows) == ids(expected_rows(with_nodes, False))
+    assert result.missing == [s for s, c in candidates.items() if not c]
+
+
+# --- one node and no alternative: the fast path ------------------------------------------
+
+
+async def test_single_node_fast_path() -> None:
+    nodes = FakeNodes()
+    result, _ = await run(nodes, {1: ["a"], 0: ["a"]})
+    assert [(n, sh) for n, sh, _ in nodes.calls] == [("a", [0, 1])]  # one call, shards sorted
+    assert 0.9 * TIMEOUT <= nodes.calls[0][2] <= TIMEOUT  # the whole budget
+    assert ids(result.rows) == ids(expected_rows([0, 1], False))
+    assert (result.missing, result.errors) == ([], [])
+
+
+async def test_fast_path_non_transient_error_propagates() -> None:
+    nodes = FakeNodes(behaviour={"a": BAD})
+    with pytest.raises(BadRequest):
+        await run(nodes, {0: ["a"], 1: ["a"]})
+
+
+async def test_fast_path_transient_error_loses_the_shards() -> None:
+    nodes = FakeNodes(behaviour={"a": DOWN})
+    result, _ = await run(nodes, {0: ["a"], 1: ["a"]})
+    assert result.rows == [[]] * NQ and result.missing == [0, 1]
+    assert result.errors and result.errors[0].startswith("a: ")
+
+
+async def test_fast_path_node_that_never_answers() -> None:
+    nodes = FakeNodes(behaviour={"a": NEVER})
+    result, elapsed = await run(nodes, {0: ["a"], 1: ["a"]})
+    assert result.rows == [[]] * NQ
+    assert result.missing == [0, 1]
+    assert result.errors  # the caller can say why
+    assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + SLACK
+
+
+# --- one node first for every shard, with other replicas ------------------------------------
+
+
+async def test_first_choice_for_every_shard_is_one_call() -> None:
+    nodes = FakeNodes()
+    result, _ = await run(nodes, {1: ["a", "c"], 0: ["a", "b"]})
+    assert [(n, sh) for n, sh, _ in nodes.calls] == [("a", [0, 1])]
+    assert ids(result.rows) == ids(expected_rows([0, 1], False))
+    assert (result.missing, result.errors) == ([], [])
+
+
+async def test_transient_error_falls_back_to_other_replicas_once() -> None:
+    nodes = FakeNodes(behaviour={"a": DOWN})
+    result, _ = await run(nodes, {0: ["a", "b"], 1: ["a", "c"]})
+    assert ids(result.rows) == ids(expected_rows([0, 1], False))
+    assert result.missing == []
+    assert nodes.asked("a") == [[0, 1]]  # the node that failed is not asked again
+    assert sorted(nodes.asked("b") + nodes.asked("c")) == [[0], [1]]
+
+
+async def test_slow_node_is_hedged_to_the_next_replica() -> None:
+    """A paused replica (SIGSTOP) answers nothing: once the hedge delay has passed, its
+    shards are asked of the next replica and the answer is complete, long before the
+    deadline."""
+    nodes = FakeNodes(behaviour={"a": NEVER})
+    result, elapsed = await run(nodes, {0: ["a", "b"], 1: ["a", "c"], 2: ["c"]})
+    assert ids(result.rows) == ids(expected_rows([0, 1, 2], False))
+    assert result.missing == []
+    assert elapsed < TIMEOUT * 0.75
+    assert sorted(nodes.asked("b") + nodes.asked("c")) == [[0], [1], [2]]
+    await asyncio.sleep(0)
+    assert nodes.cancelled == ["a"]  # the abandoned request is cancelled
+
+
+async def test_answers_that_overlap_count_once_per_shard() -> None:
+    """A slow node answering after its hedge contributes only the shards still missing."""
+
+    @dataclass
+    class Late(FakeNodes):
+        async def ask(self, node: str, shards: list[int], budget: float) -> list[list[Hit]]:
+            if node == "a":
+                await asyncio.sleep(TIMEOUT * 0.4)  # after the hedge, before the deadline
+            rows = await super().ask(node, shards, budget)
+            return [[Hit(h.id, h.score, h.metadata, h.vector, int(h.id[1])) for h in row]
+                    for row in rows]
+
+    nodes = Late(behaviour={"c": NEVER})
+    # Shard 0 is hedged to b (answers at once); shard 1's only other replica never answers,
+    # so a's late answer serves shard 1, and must not bring shard 0's hits a second time.
+    result, _ = await run(nodes, {0: ["a", "b"], 1: ["a", "c"]})
+    assert result.missing == []
+    got = ids(result.rows)
+    assert got == ids(expected_rows([0, 1], False))
+    assert all(len(row) == len(set(row)) for row in got)
+
+
+async def test_every_replica_silent_keeps_the_deadline() -> None:
+    nodes = FakeNodes(behaviour={"a": NEVER, "b": NEVER})
+    result, elapsed = await run(nodes, {0: ["a", "b"], 1: ["a", "b"]})
+    assert result.missing == [0, 1]
+    assert elapsed < TIMEOUT + SLACK
