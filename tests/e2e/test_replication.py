@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -250,5 +252,28 @@ def test_leave_keeps_every_document(netns: None, tmp_path: Path) -> None:
         n3.stop()
         assert n1.call("GET", "/v1/collections/wn")[1]["count"] == N_DOCS
         assert present(n2, ids) == []
+    finally:
+        c.stop()
+
+
+def test_paused_replica_does_not_make_searches_partial(netns: None, tmp_path: Path) -> None:
+    """With replication 2, a SIGSTOPped node answers nothing; searches hedge its shards to
+    the other replica and stay complete and correct, without waiting for the deadline."""
+    c = Cluster(tmp_path, 3, dead_grace_s=600)
+    try:
+        c.start()
+        n1, n2, n3 = c.nodes
+        base, ids = create_and_fill(n1, replication=2)
+        q = load_sample().queries[:20]
+        want = cosine_oracle(base, ids, q, 10)
+        n3.signal(signal.SIGSTOP)
+        for node in (n1, n2):
+            t0 = time.monotonic()
+            status, body = node.call("POST", "/v1/collections/wn/search",
+                                     {"vectors": q.tolist(), "k": 10}, timeout=30)
+            assert time.monotonic() - t0 < 5.0
+            assert status == 200 and not body["partial"] and body["missing_shards"] == []
+            assert [[h["id"] for h in row] for row in body["results"]] == want
+        n3.signal(signal.SIGCONT)
     finally:
         c.stop()
