@@ -31,12 +31,22 @@ def bucket_of(doc_id: str, buckets: int = BUCKETS) -> int:
     return int.from_bytes(d, "big") % buckets
 
 
+def record_hash(doc_id: str, version: int, writer: str) -> int:
+    """A record's share of its bucket's digest (XOR-ed in, so order does not matter and a
+    replica can keep its digests up to date write by write)."""
+    h = hashlib.blake2b(f"{doc_id}\x00{version}\x00{writer}".encode(), digest_size=16)
+    return int.from_bytes(h.digest(), "big")
+
+
 def digests(records: Iterable[tuple[str, int, str]], buckets: int = BUCKETS) -> list[str]:
     """Per bucket, an order-independent digest of (id, version, writer) of its records."""
     acc = [0] * buckets
     for doc_id, version, writer in records:
-        h = hashlib.blake2b(f"{doc_id}\x00{version}\x00{writer}".encode(), digest_size=16)
-        acc[bucket_of(doc_id, buckets)] ^= int.from_bytes(h.digest(), "big")
+        acc[bucket_of(doc_id, buckets)] ^= record_hash(doc_id, version, writer)
+    return format_digests(acc)
+
+
+def format_digests(acc: list[int]) -> list[str]:
     return [format(a, "032x") for a in acc]
 
 

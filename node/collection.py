@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from cluster.antientropy import bucket_of, digests
+from cluster.antientropy import BUCKETS, bucket_of, digests, format_digests
 from cluster.docs import Hit, Incoming
 from cluster.errors import Unavailable
 from cluster.spec import CollectionSpec
@@ -192,8 +192,8 @@ class Collection:
         try:
             ops = {s: self.shards[s].prepare_writes(docs, batch) for s, docs in by_shard.items()}
             self.store.write(batch)
-            for s, o in ops.items():  # durable now: count it (the index follows shortly)
-                self.shards[s].count += o.count_delta
+            for s, o in ops.items():
+                self.shards[s].durable(o)
         except BaseException:
             for s, (seq, label) in before.items():
                 self.shards[s].rollback(seq, label)
@@ -234,6 +234,11 @@ class Collection:
         return out, None
 
     async def digests(self, shard: int, buckets: int) -> list[str]:
+        """Per bucket of ids, the digest of the shard's records: kept current in memory for
+        the usual bucket count, computed by a scan for any other."""
+        if buckets == BUCKETS and shard in self.shards:
+            async with self.write_mutex:  # no write half-counted
+                return format_digests(self.shards[shard].digests)
         return await self.blocking.search(self._digests_sync, shard, buckets)
 
     def _digests_sync(self, shard: int, buckets: int) -> list[str]:
@@ -260,17 +265,16 @@ class Collection:
 
     def _purge_sync(self, shard: int, before: int) -> int:
         batch = WriteBatch()
-        labels = []
+        gone = []
         for doc_id, rec in self.store.iter_docs(shard):
             if rec.tombstone and rec.version < before:
                 batch.forget(shard, doc_id, rec)
-                labels.append(rec.label)
-        if labels:
+                gone.append((doc_id, rec))
+        if gone:
             self.store.write(batch)
-            for label in labels:
-                self.shards[shard].labels.pop(label, None)
-                self.shards[shard].meta.pop(label, None)
-        return len(labels)
+            for doc_id, rec in gone:
+                self.shards[shard].forget(doc_id, rec)
+        return len(gone)
 
     def count(self) -> int:
         return sum(s.count for s in self.shards.values())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cluster.antientropy import BUCKETS, bucket_of, record_hash
 from cluster.docs import Incoming
 from cluster.spec import CollectionSpec
 from node.index import LABEL_BITS, global_key, global_keys, prepare
@@ -33,6 +34,7 @@ class IndexOps:
     gone: list[int] = field(default_factory=list)  # labels that became tombstones
     new_labels: dict[int, str] = field(default_factory=dict)
     count_delta: int = 0
+    digest_delta: dict[int, int] = field(default_factory=dict)  # bucket → XOR to apply
     last_seq: int = 0
     applied: int = 0  # documents that changed (a stale version changes nothing)
     deleted: int = 0  # live documents turned into tombstones
@@ -50,6 +52,8 @@ class Shard:
         self.store = store
         self.labels: dict[int, str] = {}  # every label given (tombstones too) → id
         self.meta: dict[int, bytes] = {}  # live documents' metadata, by label
+        # Anti-entropy digests of the records, kept current write by write (no scans).
+        self.digests = [0] * BUCKETS
         self.next_seq = 1
         self.next_label = 1
         self.count = 0
@@ -59,8 +63,10 @@ class Shard:
         """Counters, labels and metadata from the store (the index is the collection's)."""
         self.next_seq, self.next_label, self.count = self.store.counters(self.shard)
         self.labels, self.meta = {}, {}
+        self.digests = [0] * BUCKETS
         for doc_id, rec in self.store.iter_docs(self.shard):
             self.labels[rec.label] = doc_id
+            self.digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
             if not rec.tombstone:
                 self.meta[rec.label] = rec.metadata
         self.applied_seq = self.next_seq - 1
@@ -134,6 +140,11 @@ class Shard:
             )
             self.next_seq += 1
             batch.put_doc(self.shard, doc.id, rec, old)
+            b = bucket_of(doc.id)
+            change = record_hash(doc.id, rec.version, rec.writer)
+            if old is not None:
+                change ^= record_hash(doc.id, old.version, old.writer)
+            ops.digest_delta[b] = ops.digest_delta.get(b, 0) ^ change
             staged[doc.id] = rec
             key = global_key(self.shard, label)
             was_live = old is not None and not old.tombstone
@@ -155,6 +166,18 @@ class Shard:
         batch.put_counters(self.shard, self.next_seq, self.next_label, count)
         ops.last_seq = self.next_seq - 1
         return ops
+
+    def durable(self, ops: IndexOps) -> None:
+        """Record that `ops`' write reached the store (the index follows shortly)."""
+        self.count += ops.count_delta
+        for b, x in ops.digest_delta.items():
+            self.digests[b] ^= x
+
+    def forget(self, doc_id: str, rec: Record) -> None:
+        """A purged tombstone leaves the digests and the label map."""
+        self.digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
+        self.labels.pop(rec.label, None)
+        self.meta.pop(rec.label, None)
 
     def rollback(self, seq: int, label: int) -> None:
         self.next_seq, self.next_label = seq, label
