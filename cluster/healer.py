@@ -33,6 +33,9 @@ class HealerConfig:
     anti_entropy_interval_s: float = 30.0
     # Tombstones older than this are purged once every replica has them; <= 0 keeps them.
     tombstone_grace_s: float = 86400.0
+    # Seconds between two looks for shard copies the map no longer assigns (one request per
+    # node and collection).
+    orphan_interval_s: float = 5.0
 
 
 class Healer:
@@ -42,6 +45,7 @@ class Healer:
         self.config = config
         self._task: asyncio.Task[None] | None = None
         self._last_ae = 0.0
+        self._last_orphans = 0.0
         self._orphans: dict[tuple[str, str, int], int] = {}
 
     async def start(self) -> None:
@@ -78,7 +82,9 @@ class Healer:
             await sync_node_shards(coord, self.config.tombstone_grace_s)
         if self.is_leader() and not self.rebalancer.busy:
             await self.heal()
-            await self.collect_orphans()
+            if clock.now() - self._last_orphans >= self.config.orphan_interval_s:
+                self._last_orphans = clock.now()
+                await self.collect_orphans()
 
     def expired_dead(self) -> set[str]:
         if self.config.dead_grace_s <= 0:
