@@ -122,11 +122,12 @@ class Collection:
             for shard in self.shards.values():
                 self.index.add(*shard.live_vectors(None))
 
-    def _apply_sync(self, ops: IndexOps) -> None:
-        self.index.remove(np.asarray(ops.remove, dtype=np.int64))
+    def _apply_sync(self, ops: IndexOps, index: VectorIndex | None = None) -> None:
+        index = self.index if index is None else index
+        index.remove(np.asarray(ops.remove, dtype=np.int64))
         if ops.add_keys:
-            self.index.add(ops.vectors(self.spec.dim, self.spec.metric),
-                           np.asarray(ops.add_keys, dtype=np.int64))
+            index.add(ops.vectors(self.spec.dim, self.spec.metric),
+                      np.asarray(ops.add_keys, dtype=np.int64))
 
     async def add_shard(self, s: int) -> None:
         """Take a shard on (a move's target): its documents join the index as they arrive."""
@@ -350,11 +351,15 @@ class Collection:
             upto = {s: sh.applied_seq for s, sh in self.shards.items()}
             log.info("%s: training on %d vectors", self.spec.name, self.count())
             new = await self.blocking.background(self._training_set, upto)
+            # Catch up with the writes made while training, without any lock (the new index
+            # is nobody else's yet), so that the swap below only replays the last few.
+            mark = {s: sh.applied_seq for s, sh in self.shards.items()}
+            await self.blocking.background(self._catch_up_sync, new, upto)
             async with self._exclusive():
-                if set(upto) != set(self.shards):
+                if set(upto) != set(self.shards) or set(mark) != set(upto):
                     log.info("%s: shards changed while training; training again", self.spec.name)
                 else:
-                    await self.blocking.write(self._swap_sync, new, upto)
+                    await self.blocking.write(self._swap_sync, new, mark)
                     log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
         except Exception:
             log.exception("%s: training failed", self.spec.name)
@@ -362,6 +367,12 @@ class Collection:
             self.training = False
         await self.snapshot()
         self._maybe_train()
+
+    def _catch_up_sync(self, new: VectorIndex, upto: dict[int, int]) -> None:
+        for s, q in upto.items():
+            shard = self.shards.get(s)
+            if shard is not None:
+                self._apply_sync(shard.changes_after(q), new)
 
     def _swap_sync(self, new: VectorIndex, upto: dict[int, int]) -> None:
         old, self.index = self.index, new

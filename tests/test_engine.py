@@ -13,6 +13,7 @@ from cluster.spec import CollectionSpec, IndexSpec
 from node.blocking import Blocking
 from node.collection import Tuning
 from node.engine import Engine
+from tests.conftest import wait_for
 
 SPEC = CollectionSpec("c", 4, "l2", 2, 1, IndexSpec("flat"))
 
@@ -138,3 +139,52 @@ async def test_kept_digests_equal_a_full_scan(tmp_path: Path, blocking: Blocking
     coll = await engine.ensure(SPEC, [0, 1], "u")
     await check()
     await engine.close()
+
+
+async def test_writes_during_training_all_reach_the_trained_index(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """Upserts, updates and deletes keep coming while the IVF index trains in the background;
+    once it is swapped in, it holds exactly the live documents, each findable by its vector."""
+    spec = CollectionSpec("t", 8, "l2", 2, 1, IndexSpec("ivf_flat", nlist=16))
+    engine = Engine(tmp_path, blocking, Tuning(train_min=300, retrain_growth=100), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(spec, [0, 1], "u")
+    rng = np.random.default_rng(5)
+    vectors: dict[str, np.ndarray] = {}
+    version = 0
+
+    async def write(docs: list[Incoming]) -> None:
+        from cluster.sharding import shard_of
+
+        by: dict[int, list[Incoming]] = {}
+        for d in docs:
+            by.setdefault(shard_of(d.id, 2), []).append(d)
+            if d.vector is None:
+                vectors.pop(d.id, None)
+            else:
+                vectors[d.id] = d.vector
+        await coll.write(by)
+
+    saw_training = False
+    for _round in range(60):
+        docs = []
+        for _ in range(20):
+            version += 1
+            i = int(rng.integers(0, 600))
+            if rng.random() < 0.15:
+                docs.append(Incoming(f"x{i}", None, b"", version, "n1"))
+            else:
+                docs.append(Incoming(f"x{i}", rng.standard_normal(8).astype(np.float32),
+                                     b"{}", version, "n1"))
+        await write(docs)
+        saw_training |= coll.training
+    await wait_for(lambda: not coll.training and coll.index.trained, 30)
+    assert saw_training
+    assert coll.index.ntotal == len(vectors) == coll.count()
+    ids = sorted(vectors)
+    q = np.stack([vectors[i] for i in ids])
+    hits = await coll.search(q, 1, 16)  # nprobe = nlist: exact for ivf_flat
+    assert [h[0].id for h in hits] == ids
+    await engine.close()
+
