@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cluster.docs import Incoming, decode_writes
+from cluster.errors import Unavailable
 from cluster.membership import State
 from cluster.state import CollectionEntry
 
@@ -55,21 +56,23 @@ def newer(a: Incoming, b: Incoming | None) -> bool:
 
 
 async def _remote(coord: Coordinator, node: str, entry: CollectionEntry, path: str,
-                  body: dict[str, object]) -> object:
+                  body: dict[str, object]) -> dict[str, Any]:
     addr = coord.addr_of(node)
     if addr is None:
-        raise LookupError(node)
-    return await coord.peers.request(
+        raise Unavailable(f"node {node} is unknown")
+    raw = await coord.peers.request(
         addr, "POST", f"/internal/v1/collections/{entry.spec.name}/{path}", body,
         timeout=coord.peer_timeout_s,
     )
+    if not isinstance(raw, dict):
+        raise Unavailable(f"node {node} answered {path} with something else than an object")
+    return raw
 
 
 async def _digests_of(coord: Coordinator, node: str, entry: CollectionEntry, shard: int) -> list[str]:
     if node == coord.node_id:
         return await coord.backend.shard_digests(entry.spec, shard, BUCKETS)
     raw = await _remote(coord, node, entry, "digests", {"shard": shard, "buckets": BUCKETS})
-    assert isinstance(raw, dict)
     return list(raw["digests"])
 
 
@@ -80,7 +83,6 @@ async def _bucket_of(
         return await coord.backend.bucket_records(entry.spec, shard, buckets, BUCKETS)
     raw = await _remote(coord, node, entry, "buckets",
                         {"shard": shard, "buckets": buckets, "of": BUCKETS})
-    assert isinstance(raw, dict)
     return decode_writes(raw["writes"], entry.spec.dim).get(shard, [])
 
 
@@ -140,7 +142,6 @@ async def _purge(coord: Coordinator, node: str, entry: CollectionEntry, shard: i
     if node == coord.node_id:
         return await coord.backend.purge_tombstones(entry.spec, shard, before)
     raw = await _remote(coord, node, entry, "purge", {"shard": shard, "before": before})
-    assert isinstance(raw, dict)
     return int(raw["purged"])
 
 

@@ -5,7 +5,10 @@ a valid HMAC; anything else is refused before it is read further."""
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -40,6 +43,27 @@ def _json(body: bytes) -> object:
         raise BadRequest(f"malformed JSON: {exc}") from None
 
 
+async def _request_object(request: web.Request) -> dict[str, Any]:
+    body = _json(await _authed_body(request))
+    if not isinstance(body, dict):
+        raise BadRequest("a peer request body is a JSON object")
+    return body
+
+
+def _peer_route(handler: Handler) -> Handler:
+    """A peer request missing a field or carrying one of the wrong type is a 400, not a
+    500: the sender is another node, but it may be another version (or not a node)."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (KeyError, ValueError, TypeError, binascii.Error) as exc:
+            raise BadRequest(f"malformed peer request: {type(exc).__name__}: {exc}") from None
+
+    return wrapped
+
+
 async def push_pull(request: web.Request) -> web.Response:
     body = await request.read()  # sealed by gossip's own HMAC
     try:
@@ -68,8 +92,7 @@ def _spec_of(request: web.Request, raw: object) -> CollectionSpec:
 
 
 async def write(request: web.Request) -> web.Response:
-    body = _json(await _authed_body(request))
-    assert isinstance(body, dict)
+    body = await _request_object(request)
     spec = _spec_of(request, body.get("spec"))
     by_shard = decode_writes(body["writes"], spec.dim)
     backend = request.app[CLUSTER].backend
@@ -82,9 +105,7 @@ async def write(request: web.Request) -> web.Response:
 
 
 async def search(request: web.Request) -> web.Response:
-    body = _json(await _authed_body(request))
-    if not isinstance(body, dict):
-        raise BadRequest("search body must be an object")
+    body = await _request_object(request)
     spec = _spec_of(request, None)
     q = np.frombuffer(base64.b64decode(body["vectors"]), dtype="<f4").reshape(int(body["nq"]), spec.dim)
     include = body.get("include", ["metadata"])
@@ -96,8 +117,7 @@ async def search(request: web.Request) -> web.Response:
 
 
 async def get(request: web.Request) -> web.Response:
-    body = _json(await _authed_body(request))
-    assert isinstance(body, dict)
+    body = await _request_object(request)
     spec = _spec_of(request, None)
     hit = await request.app[CLUSTER].backend.get(spec, int(body["shard"]), str(body["id"]))
     doc = None if hit is None else encode_hits([[hit]], True, True)[0][0]
@@ -111,8 +131,7 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def stream(request: web.Request) -> web.Response:
-    body = _json(await _authed_body(request))
-    assert isinstance(body, dict)
+    body = await _request_object(request)
     spec = _spec_of(request, None)
     docs, nxt = await request.app[CLUSTER].backend.stream_shard(
         spec, int(body["shard"]), body.get("after"), int(body.get("limit", 1000))
@@ -121,8 +140,7 @@ async def stream(request: web.Request) -> web.Response:
 
 
 async def digests(request: web.Request) -> web.Response:
-    body = _json(await _authed_body(request))
-    assert isinstance(body, dict)
+    body = await _request_object(request)
     spec = _spec_of(request, None)
     out = await request.app[CLUSTER].backend.shard_digests(
         spec, int(body["shard"]), int(body["buckets"])
@@ -131,8 +149,7 @@ async def digests(request: web.Request) -> web.Response:
 
 
 async def buckets(request: web.Request) -> web.Response:
-    body = _json(await _authed_body(request))
-    assert isinstance(body, dict)
+    body = await _request_object(request)
     spec = _spec_of(request, None)
     shard = int(body["shard"])
     docs = await request.app[CLUSTER].backend.bucket_records(
@@ -142,8 +159,7 @@ async def buckets(request: web.Request) -> web.Response:
 
 
 async def purge(request: web.Request) -> web.Response:
-    body = _json(await _authed_body(request))
-    assert isinstance(body, dict)
+    body = await _request_object(request)
     spec = _spec_of(request, None)
     n = await request.app[CLUSTER].backend.purge_tombstones(
         spec, int(body["shard"]), int(body["before"])
@@ -152,8 +168,7 @@ async def purge(request: web.Request) -> web.Response:
 
 
 async def drop_shard(request: web.Request) -> web.Response:
-    body = _json(await _authed_body(request))
-    assert isinstance(body, dict)
+    body = await _request_object(request)
     await request.app[CLUSTER].coordinator.drop_local_shard(
         request.match_info["name"], int(body["shard"])
     )
@@ -161,15 +176,19 @@ async def drop_shard(request: web.Request) -> web.Response:
 
 
 def add_internal_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post("/internal/v1/pushpull", push_pull)
-    r.add_post("/internal/v1/state", state)
-    r.add_post("/internal/v1/collections/{name}/write", write)
-    r.add_post("/internal/v1/collections/{name}/search", search)
-    r.add_post("/internal/v1/collections/{name}/get", get)
-    r.add_get("/internal/v1/collections/{name}/stats", stats)
-    r.add_post("/internal/v1/collections/{name}/stream", stream)
-    r.add_post("/internal/v1/collections/{name}/digests", digests)
-    r.add_post("/internal/v1/collections/{name}/buckets", buckets)
-    r.add_post("/internal/v1/collections/{name}/drop_shard", drop_shard)
-    r.add_post("/internal/v1/collections/{name}/purge", purge)
+    c = "/internal/v1/collections/{name}"
+    routes: list[tuple[str, str, Handler]] = [
+        ("POST", "/internal/v1/pushpull", push_pull),
+        ("POST", "/internal/v1/state", state),
+        ("POST", c + "/write", write),
+        ("POST", c + "/search", search),
+        ("POST", c + "/get", get),
+        ("GET", c + "/stats", stats),
+        ("POST", c + "/stream", stream),
+        ("POST", c + "/digests", digests),
+        ("POST", c + "/buckets", buckets),
+        ("POST", c + "/drop_shard", drop_shard),
+        ("POST", c + "/purge", purge),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, _peer_route(handler))

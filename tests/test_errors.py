@@ -453,3 +453,21 @@ async def test_search_k_bounds_accepted(coll: Node) -> None:
     for k in (1, 1000):
         res = await coll.search("c", vector=GOOD, k=k)
         assert [h["id"] for h in res["results"][0]] == ["keep"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/internal/v1/collections/c/write", b"{}"),
+        ("/internal/v1/collections/c/write", b"[1]"),
+        ("/internal/v1/collections/c/write", b'{"writes": [{"shard": 0, "docs": [{"id": 1}]}]}'),
+        ("/internal/v1/collections/c/search", b'{"vectors": "%%%", "nq": 1}'),
+        ("/internal/v1/collections/c/get", b'{"shard": "x"}'),
+        ("/internal/v1/state", b'[{"spec": 1}]'),
+        ("/internal/v1/state", b"not json"),
+    ],
+)
+async def test_malformed_peer_requests_are_400(coll: Node, path: str, body: bytes) -> None:
+    resp = await coll.client.post(path, data=body, headers={"Content-Type": "application/json"})
+    await expect_error(resp, 400, "bad_request")
+    assert await count(coll) == 1
