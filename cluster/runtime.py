@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from cluster.backend import ShardBackend
+from cluster.errors import Unavailable
 from cluster.membership import Member
 from cluster.state import ClusterState, CollectionEntry
 
@@ -105,7 +106,13 @@ class ClusterRuntime:
             fn(member)
 
     async def wait_reconciled(self, timeout: float) -> None:  # noqa: ASYNC109
-        await asyncio.wait_for(self._reconciled.wait(), timeout)
+        """Until local shards match the map (Unavailable if that takes over `timeout`)."""
+        try:
+            await asyncio.wait_for(self._reconciled.wait(), timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"this node has not applied the cluster state within {timeout:.0f} s"
+            ) from None
 
     async def _loop(self) -> None:
         while True:

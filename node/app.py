@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cluster.errors import Unavailable
 from node.api import add_public_routes, error_middleware
 from node.blocking import Blocking
 from node.cluster_api import add_cluster_routes
@@ -64,7 +65,12 @@ async def _join_then_ready(app: web.Application, cluster: ClusterNode) -> None:
         await cluster.join(list(dict.fromkeys([*config.seeds, *known])), deadline_s=float("inf"))
     elif known and not await cluster.try_join(known):
         cluster.spawn(cluster.rejoin(known))
-    await cluster.runtime.wait_reconciled(300)
+    while True:
+        try:
+            await cluster.runtime.wait_reconciled(60)
+            break
+        except Unavailable:
+            log.warning("still opening this node's shards (see the errors above)")
     app[READY].set()
     log.info("node %s ready on %s", cluster.node_id, config.addr)
 
