@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 
 class MemberView(Protocol):
     def members(self) -> list[Member]: ...
+
+
+Offload = Callable[..., Awaitable[Any]]
+
+
+async def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 def needed_acks(consistency: str, replicas: int) -> int:
@@ -73,6 +80,9 @@ class Coordinator:
         self.peer_timeout_s = peer_timeout_s
         self._background: set[asyncio.Task[Any]] = set()
         self.hints = Hints()
+        # Runs blocking work (validating a big batch) off the event loop; node/ wires its
+        # thread boundary in, plain calls by default.
+        self.offload: Offload = _call
         self._members_cache: dict[str, Member] = {}
         self._members_at = float("-inf")
 
@@ -249,7 +259,11 @@ class Coordinator:
     # -- writes ---------------------------------------------------------------------------
     async def upsert(self, name: str, body: Any) -> dict[str, Any]:
         entry = self.entry(name)
-        batch = parse_documents(body, entry.spec.dim)
+        docs = body.get("documents") if isinstance(body, dict) else None
+        if isinstance(docs, list) and len(docs) > 2000:  # big batches are checked off the loop
+            batch = await self.offload(parse_documents, body, entry.spec.dim)
+        else:
+            batch = parse_documents(body, entry.spec.dim)
         by_shard: dict[int, list[Incoming]] = defaultdict(list)
         for doc_id, vec, meta in zip(batch.ids, batch.vectors, batch.metadata, strict=True):
             by_shard[shard_of(doc_id, entry.spec.shards)].append(

@@ -20,7 +20,7 @@ from node.collection import Tuning
 from node.config import NodeConfig
 from node.engine import Engine
 from node.internal_api import add_internal_routes
-from node.keys import CLUSTER, CONFIG, METRICS, READY, SERVICE
+from node.keys import BLOCKING, CLUSTER, CONFIG, METRICS, READY, SERVICE
 from node.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ async def _join_then_ready(app: web.Application, cluster: ClusterNode) -> None:
 async def _storage(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     blocking = Blocking(config.search_threads)
+    app[BLOCKING] = blocking
     tuning = Tuning(
         train_min=config.train_min,
         retrain_growth=config.retrain_growth,

@@ -43,12 +43,17 @@ class Blocking:
         # FAISS spreads over the cores; they run one at a time (the collection orders them).
         self._write = ThreadPoolExecutor(2, "aq-write")
         self._background = ThreadPoolExecutor(1, "aq-bg", initializer=_training_threads)
+        # Decoding and validating big request bodies (pure Python and orjson).
+        self._parse = ThreadPoolExecutor(2, "aq-parse")
 
     async def search(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await self._run(self._search, fn, *args, **kwargs)
 
     async def write(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await self._run(self._write, fn, *args, **kwargs)
+
+    async def parse(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._run(self._parse, fn, *args, **kwargs)
 
     async def background(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await self._run(self._background, fn, *args, **kwargs)
@@ -61,5 +66,5 @@ class Blocking:
         return await loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
 
     def close(self) -> None:
-        for pool in (self._search, self._write, self._background):
+        for pool in (self._search, self._write, self._background, self._parse):
             pool.shutdown(wait=True, cancel_futures=True)

@@ -99,6 +99,7 @@ class ClusterNode:
             search_timeout_s=config.search_timeout_ms / 1000,
             peer_timeout_s=config.peer_timeout_s,
         )
+        coordinator.offload = blocking.parse
         rebalancer = Rebalancer(coordinator, per_node=config.moves_per_node,
                                 docs_per_s=config.transfer_docs_per_s)
         healer = Healer(coordinator, rebalancer, HealerConfig(

@@ -11,6 +11,7 @@ from node.config import NodeConfig
 
 if TYPE_CHECKING:
     from cluster.coordinator import Coordinator
+    from node.blocking import Blocking
     from node.cluster_node import ClusterNode
     from node.metrics import Metrics
 
@@ -19,3 +20,4 @@ SERVICE: web.AppKey[Coordinator] = web.AppKey("service")
 CLUSTER: web.AppKey[ClusterNode] = web.AppKey("cluster")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 READY = web.AppKey("ready", asyncio.Event)
+BLOCKING: web.AppKey[Blocking] = web.AppKey("blocking")
