@@ -84,6 +84,7 @@ class Coordinator:
         # thread boundary in, plain calls by default.
         self.offload: Offload = _call
         self._members_cache: dict[str, Member] = {}
+        self._candidates: dict[str, tuple[Any, dict[int, list[str]], list[int]]] = {}
         self._members_at = float("-inf")
 
     # -- membership helpers ---------------------------------------------------------------
@@ -119,6 +120,22 @@ class Coordinator:
             if m is not None and m.state in rank:
                 usable.append((rank[m.state], i, node))
         return [n for _, _, n in sorted(usable)]
+
+    def search_candidates(
+        self, entry: CollectionEntry
+    ) -> tuple[dict[int, list[str]], list[int]]:
+        """Per shard, its usable replicas in preference order, and the shards with none.
+        Memoised per version of the map and of the member cache: it is on every search."""
+        self._members()  # refresh the member cache if it is stale
+        key = (entry.version, self._members_at)
+        hit = self._candidates.get(entry.spec.name)
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        all_ = {s: self.ordered_replicas(reps) for s, reps in enumerate(entry.replicas)}
+        candidates = {s: c for s, c in all_.items() if c}
+        unreachable = [s for s, c in all_.items() if not c]
+        self._candidates[entry.spec.name] = (key, candidates, unreachable)
+        return candidates, unreachable
 
     def entry(self, name: str) -> CollectionEntry:
         e = self.runtime.state.get(check_name(name))
@@ -466,9 +483,7 @@ class Coordinator:
         spec = entry.spec
         req = parse_search(body, spec.dim)
         timeout_s = req.timeout_ms / 1000 if req.timeout_ms else self.search_timeout_s
-        candidates = {s: self.ordered_replicas(reps) for s, reps in enumerate(entry.replicas)}
-        unreachable = [s for s, c in candidates.items() if not c]
-        candidates = {s: c for s, c in candidates.items() if c}
+        candidates, unreachable = self.search_candidates(entry)
         nq = len(req.vectors)
         remote_body: dict[str, Any] = {}  # built once, on the first remote ask
 
