@@ -37,7 +37,7 @@ class StateDelegate:
         return self._rt.state.encode()
 
     def merge_remote_state(self, data: bytes) -> None:
-        self._rt.merge(ClusterState.decode_entries(data))
+        self._merge(data)
 
     def get_broadcasts(self, limit_bytes: int) -> list[bytes]:
         out: list[bytes] = []
@@ -53,7 +53,16 @@ class StateDelegate:
         return out
 
     def notify_msg(self, data: bytes) -> None:
-        self._rt.merge(ClusterState.decode_entries(data))
+        self._merge(data)
+
+    def _merge(self, data: bytes) -> None:
+        # A peer of another version (or a bug) must not break the gossip loop that calls us.
+        try:
+            entries = ClusterState.decode_entries(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignored a cluster-state message that does not decode: %s", exc)
+            return
+        self._rt.merge(entries)
 
     def notify_change(self, member: Member) -> None:
         self._rt.member_changed(member)
