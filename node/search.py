@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 
 from cluster.docs import Hit
+from cluster.filters import Filter
 from cluster.sharding import shard_of
 from node.index import LABEL_BITS, global_keys, shard_selector
 
@@ -40,11 +41,15 @@ def run_batch(
 def matching_keys(
     coll: Collection, predicate: Callable[[Any], bool], wanted: tuple[int, ...]
 ) -> np.ndarray:
-    """Index keys of the live documents of these shards whose metadata matches."""
+    """Index keys of the live documents of these shards whose metadata matches: from the
+    shards' payload indexes for a parsed filter, by evaluating any other predicate."""
     parts = []
     for s in wanted:
         shard = coll.shards[s]
-        labels = [lab for lab, meta in shard.meta.items() if predicate(orjson.loads(meta))]
+        if isinstance(predicate, Filter):
+            labels = sorted(shard.payload.evaluate(predicate, shard.meta))
+        else:
+            labels = [lab for lab, meta in shard.meta.items() if predicate(orjson.loads(meta))]
         parts.append(global_keys(s, np.asarray(labels, dtype=np.int64)))
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 

@@ -20,6 +20,7 @@ from cluster.antientropy import BUCKETS, bucket_of, record_hash
 from cluster.docs import Incoming
 from cluster.spec import CollectionSpec
 from node.index import LABEL_BITS, global_key, global_keys, prepare
+from node.payload_index import PayloadIndex
 from node.store import Record, Store, WriteBatch
 
 
@@ -54,6 +55,8 @@ class Shard:
         self.meta: dict[int, bytes] = {}  # live documents' metadata, by label
         # Anti-entropy digests of the records, kept current write by write (no scans).
         self.digests = [0] * BUCKETS
+        # Metadata keys filters have used, indexed (built on first use, kept current).
+        self.payload = PayloadIndex()
         self.next_seq = 1
         self.next_label = 1
         self.count = 0
@@ -64,6 +67,7 @@ class Shard:
         self.next_seq, self.next_label, self.count = self.store.counters(self.shard)
         self.labels, self.meta = {}, {}
         self.digests = [0] * BUCKETS
+        self.payload = PayloadIndex()
         for doc_id, rec in self.store.iter_docs(self.shard):
             self.labels[rec.label] = doc_id
             self.digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
@@ -186,8 +190,10 @@ class Shard:
         """Record that `ops` reached the index."""
         self.labels.update(ops.new_labels)  # (the count moved when the write was made durable)
         for label in ops.gone:
-            self.meta.pop(label, None)
+            self.payload.update(label, self.meta.pop(label, None), None)
         mask = (1 << LABEL_BITS) - 1
         for key, meta in zip(ops.add_keys, ops.add_meta, strict=True):
-            self.meta[key & mask] = meta
+            label = key & mask
+            self.payload.update(label, self.meta.get(label), meta)
+            self.meta[label] = meta
         self.applied_seq = max(self.applied_seq, ops.last_seq)
