@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cluster.antientropy import sync_pair
 from cluster.docs import decode_writes
 from cluster.errors import Unavailable
 from cluster.membership import State
@@ -167,6 +168,9 @@ class Rebalancer:
                 ahead = t.copied / self.docs_per_s - (coord.clock.now() - started)
                 if ahead > 0:
                     await coord.clock.sleep(ahead)
+        # A write routed before the announce (to the source only) may have landed behind the
+        # copy's cursor: compare digests and send what differs until source and target agree.
+        await self._catch_up(entry, m.shard, source, m.to_node)
         # 3. switch
         t.stage = Stage.SWITCH
         entry = coord.entry(m.collection)
@@ -179,7 +183,15 @@ class Rebalancer:
         # 4. drop the old copy, now that every live node has the new map
         t.stage = Stage.DROP
         if m.from_node is not None and self._alive(m.from_node):
+            # Last stragglers routed with the old map reach the target before the copy goes.
+            await self._catch_up(coord.entry(m.collection), m.shard, m.from_node, m.to_node)
             await coord.drop_remote_shard(m.from_node, m.collection, m.shard)
+
+    async def _catch_up(self, entry: CollectionEntry, shard: int, source: str, target: str,
+                        rounds: int = 5) -> None:
+        for _ in range(rounds):
+            if await sync_pair(self.coord, entry, shard, source, target) == 0:
+                return
 
     def _alive(self, node: str) -> bool:
         if node == self.coord.node_id:
