@@ -77,6 +77,7 @@ class Healer:
         for node in coord.hints.nodes():
             if node in alive:
                 await coord.replay_hints(node)
+        await self.rebalancer.clear_abandoned(alive | {coord.node_id}, self.is_leader())
         if clock.now() - self._last_ae >= self.config.anti_entropy_interval_s:
             self._last_ae = clock.now()
             await sync_node_shards(coord, self.config.tombstone_grace_s)

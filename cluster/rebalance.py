@@ -148,7 +148,8 @@ class Rebalancer:
         source = self._source(entry, m)
         # 1. announce
         t.stage = Stage.ANNOUNCE
-        await self._update(m.collection, m.shard, moving=MapMove(m.from_node, m.to_node, 0.0))
+        await self._update(m.collection, m.shard,
+                           moving=MapMove(m.from_node, m.to_node, 0.0, coord.node_id))
         # 2. copy
         t.stage = Stage.COPY
         t.total = await self._count(entry, m.shard, source)
@@ -255,6 +256,27 @@ class Rebalancer:
                 await self._update(m.collection, m.shard, moving=None)
         except Exception:
             log.exception("clearing the failed move of %s/%d", m.collection, m.shard)
+
+    async def clear_abandoned(self, alive: set[str], leader: bool) -> int:
+        """Clear moves nobody carries out any more: this node's own that it is not running
+        (it restarted mid-move) and, on the leader, those of nodes that are gone. The target's
+        partial copy is then an orphan, dropped like any other; a new rebalance redoes it."""
+        cleared = 0
+        if self.busy:
+            return 0
+        for name, entry in list(self.coord.runtime.state.live().items()):
+            for shard in range(len(entry.replicas)):
+                mv = entry.move_of(shard)
+                if mv is None:
+                    continue
+                mine = mv.driver == self.coord.node_id and (name, shard) not in self.active
+                gone = leader and mv.driver not in alive
+                if mine or gone:
+                    log.warning("clearing the abandoned move of %s/%d (driver %s)", name, shard,
+                                mv.driver or "unknown")
+                    await self._update(name, shard, moving=None)
+                    cleared += 1
+        return cleared
 
     def progress_of(self, name: str, shard: int) -> float | None:
         t = self.active.get((name, shard))

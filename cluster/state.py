@@ -27,8 +27,13 @@ class Move:
     from_node: str | None
     to_node: str
     progress: float = 0.0
+    driver: str = ""  # the node carrying the move out (a move nobody drives is cleared)
 
     def to_json(self) -> dict[str, Any]:
+        return {**self.public(), "driver": self.driver}
+
+    def public(self) -> dict[str, Any]:
+        """As GET /v1/cluster/shards shows it."""
         return {"from": self.from_node, "to": self.to_node, "progress": round(self.progress, 4)}
 
 
@@ -82,7 +87,8 @@ class CollectionEntry:
     @staticmethod
     def from_json(d: dict[str, Any]) -> CollectionEntry:
         moving = tuple(
-            Move(m["from"], m["to"], float(m.get("progress", 0.0))) if m else None
+            Move(m["from"], m["to"], float(m.get("progress", 0.0)), str(m.get("driver", "")))
+            if m else None
             for m in d.get("moving", [])
         )
         return CollectionEntry(

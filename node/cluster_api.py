@@ -51,7 +51,7 @@ def _moving(node: ClusterNode, name: str, shard: int) -> dict[str, Any] | None:
         if queued is None:
             return None
         return {"from": queued.move.from_node, "to": queued.move.to_node, "progress": 0.0}
-    out = mv.to_json()
+    out = mv.public()
     progress = node.rebalancer.progress_of(name, shard)  # live figure on the driving node
     if progress is not None:
         out["progress"] = round(progress, 4)

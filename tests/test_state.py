@@ -60,10 +60,12 @@ def test_entry_json_round_trip(e: CollectionEntry) -> None:
 
 
 def test_entry_json_shape() -> None:
-    e = entry(moving=(Move("n0", "n3", 1 / 3), None), uid="abc", deleted=True)
+    e = entry(moving=(Move("n0", "n3", 1 / 3, "n5"), None), uid="abc", deleted=True)
     d = e.to_json()
     assert d["replicas"] == [["n0", "n1"], ["n1", "n2"]]
-    assert d["moving"] == [{"from": "n0", "to": "n3", "progress": 0.3333}, None]
+    assert d["moving"] == [{"from": "n0", "to": "n3", "progress": 0.3333, "driver": "n5"}, None]
+    # The public shard map shows the contract's fields only.
+    assert Move("n0", "n3", 1 / 3, "n5").public() == {"from": "n0", "to": "n3", "progress": 0.3333}
     assert (d["epoch"], d["origin"], d["deleted"], d["uid"]) == (1, "n0", True, "abc")
     assert d["spec"]["index"] == {"type": "ivf_pq", "nlist": None, "nprobe": 8}
 

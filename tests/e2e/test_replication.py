@@ -277,3 +277,36 @@ def test_paused_replica_does_not_make_searches_partial(netns: None, tmp_path: Pa
         n3.signal(signal.SIGCONT)
     finally:
         c.stop()
+
+
+def test_moves_of_a_dead_driver_are_cleared_and_redone(netns: None, tmp_path: Path) -> None:
+    """The node carrying out a rebalance dies mid-copy: the leader clears its moves (nothing
+    is left half-switched), and a new rebalance after its return finishes the job."""
+    c = Cluster(tmp_path, 4, transfer_docs_per_s=100, dead_grace_s=600)
+    first3, n4 = c.nodes[:3], c.nodes[3]
+    try:
+        c.nodes = first3
+        c.start()
+        _, ids = create_and_fill(first3[0], replication=1)
+        c.nodes = [*first3, n4]
+        n4.start()
+        c.wait_states({"n4": "alive"}, timeout=30)
+        n1, n2, n3 = first3
+        status, body = n3.call("POST", "/v1/cluster/rebalance", {"dry_run": False})
+        assert status == 200 and body["moves"]
+        wait_until(lambda: shard_map(n1)[1], 20, "moves announced")
+        n3.kill()
+        c.wait_states({"n3": "dead"}, [n1, n2, n4], timeout=30)
+        wait_until(lambda: not shard_map(n1)[1], 30, "abandoned moves cleared")
+        n3.start()
+        c.wait_states({"n3": "alive"}, timeout=30)
+        status, body = n1.call("POST", "/v1/cluster/rebalance", {"dry_run": False})
+        assert status == 200
+        wait_until(lambda: not shard_map(n1)[1] and balanced(shard_map(n1)[0],
+                                                             ["n1", "n2", "n3", "n4"]),
+                   120, "rebalance redone")
+        assert n2.call("GET", "/v1/collections/wn")[1]["count"] == N_DOCS
+        assert present(n4, ids[::10]) == []
+    finally:
+        c.nodes = [*first3, n4]
+        c.stop()
