@@ -69,7 +69,9 @@ def decode_writes(raw: list[dict[str, Any]], dim: int) -> dict[int, list[Incomin
 
 def encode_hits(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[list[list[Any]]]:
     return [
-        [[h.id, h.score, orjson.Fragment(h.metadata or b"{}") if metadata else None,
+        # Metadata travels as a JSON string: the coordinator passes it on as it is, instead of
+        # parsing it and writing it again.
+        [[h.id, h.score, (h.metadata or b"{}").decode() if metadata else None,
           base64.b64encode(h.vector).decode() if vector else None, h.shard] for h in row]
         for row in rows
     ]
@@ -77,11 +79,19 @@ def encode_hits(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[lis
 
 def decode_hits(raw: list[list[list[Any]]]) -> list[list[Hit]]:
     return [
-        [Hit(h[0], float(h[1]), orjson.dumps(h[2]) if h[2] is not None else b"{}",
+        [Hit(h[0], float(h[1]), _meta_bytes(h[2]),
              base64.b64decode(h[3]) if h[3] else b"", int(h[4]) if len(h) > 4 else -1)
          for h in row]
         for row in raw
     ]
+
+
+def _meta_bytes(m: Any) -> bytes:
+    if m is None:
+        return b"{}"
+    if isinstance(m, str):
+        return m.encode()
+    return orjson.dumps(m)  # a peer that sent the object itself
 
 
 def hit_json(h: Hit, metadata: bool, vector: bool) -> dict[str, Any]:
