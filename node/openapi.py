@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from cluster.errors import ERRORS_BY_CODE
+
 _ERR = {"$ref": "#/components/schemas/Error"}
+# Every code an error can carry: the contract's, 405's and that of an unexpected failure.
+ERROR_CODES = [*ERRORS_BY_CODE, "method_not_allowed", "internal"]
 
 
 def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -45,16 +49,7 @@ _SCHEMAS: dict[str, Any] = {
                 "properties": {
                     "code": {
                         "type": "string",
-                        "enum": [
-                            "bad_request",
-                            "dimension_mismatch",
-                            "invalid_vector",
-                            "unauthorized",
-                            "not_found",
-                            "already_exists",
-                            "payload_too_large",
-                            "unavailable",
-                        ],
+                        "enum": ERROR_CODES,
                     },
                     "message": {"type": "string"},
                 },
