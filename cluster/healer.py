@@ -81,7 +81,7 @@ class Healer:
         if clock.now() - self._last_ae >= self.config.anti_entropy_interval_s:
             self._last_ae = clock.now()
             await sync_node_shards(coord, self.config.tombstone_grace_s)
-        if self.is_leader() and not self.rebalancer.busy:
+        if self.is_leader() and not self.rebalancer.busy and not self.rebalancer.moves_in_map():
             await self.heal()
             if clock.now() - self._last_orphans >= self.config.orphan_interval_s:
                 self._last_orphans = clock.now()

@@ -106,6 +106,11 @@ class Rebalancer:
     def busy(self) -> bool:
         return self._lock.locked()
 
+    def moves_in_map(self) -> list[str]:
+        """Drivers of the moves the shard map shows under way (anywhere in the cluster)."""
+        return sorted({mv.driver or "?" for e in self.coord.runtime.state.live().values()
+                       for s in range(len(e.replicas)) if (mv := e.move_of(s)) is not None})
+
     async def run(self, moves: list[Move], on_change: Callable[[], None] | None = None) -> RunStats:
         """Carry out every move; returns when all are done or failed."""
         async with self._lock:
@@ -163,12 +168,12 @@ class Rebalancer:
                 t.copied += len(docs)
                 stats.documents += len(docs)
                 stats.bytes += nbytes
-            if after is None:
-                break
             if self.docs_per_s > 0:
                 ahead = t.copied / self.docs_per_s - (coord.clock.now() - started)
                 if ahead > 0:
                     await coord.clock.sleep(ahead)
+            if after is None:
+                break
         # A write routed before the announce (to the source only) may have landed behind the
         # copy's cursor: compare digests and send what differs until source and target agree.
         await self._catch_up(entry, m.shard, source, m.to_node)

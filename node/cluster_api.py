@@ -68,13 +68,22 @@ def _alive(node: ClusterNode, exclude: str | None = None) -> list[str]:
                   if m.state == State.ALIVE and m.id != exclude)
 
 
+def _refuse_if_moving(node: ClusterNode) -> None:
+    """One rebalance at a time in the whole cluster: two drivers would plan the same moves."""
+    drivers = node.rebalancer.moves_in_map()
+    if node.rebalancer.busy or drivers:
+        raise Unavailable(
+            f"a rebalance is under way (driven by {', '.join(drivers) or node.node_id}); "
+            "see GET /v1/cluster/shards"
+        )
+
+
 async def rebalance(request: web.Request) -> web.Response:
     body = await read_json(request) if request.can_read_body else {}
     if not isinstance(body, dict) or not isinstance(body.get("dry_run", False), bool):
         raise BadRequest("body is {\"dry_run\": bool}")
     node = request.app[CLUSTER]
-    if node.rebalancer.busy:
-        raise Unavailable("a rebalance is already running; see GET /v1/cluster/shards")
+    _refuse_if_moving(node)
     moves = plan_moves(node.coordinator, _alive(node))
     if moves and not body.get("dry_run", False):
         node.spawn(node.rebalancer.run(moves))
@@ -89,8 +98,7 @@ async def leave(request: web.Request) -> web.Response:
                for reps in e.replicas)
     if held and not others:
         raise Unavailable("no other alive node to hand this node's shards to")
-    if node.rebalancer.busy:
-        raise Unavailable("a rebalance is running; leave once it is done")
+    _refuse_if_moving(node)
     moves = plan_moves(node.coordinator, others) if others else []
     stats = await node.rebalancer.run(moves)
     failed = [t for t in stats.transfers if t.error]
