@@ -18,7 +18,6 @@ import asyncio
 import enum
 import logging
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +95,6 @@ class Rebalancer:
         # Copy throttle per move (0: as fast as the nodes go), so that serving keeps its share.
         self.docs_per_s = docs_per_s
         self.active: dict[tuple[str, int], Transfer] = {}
-        self.last: RunStats | None = None
         self._lock = asyncio.Lock()
         self._slots: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(self.per_node)
@@ -111,7 +109,7 @@ class Rebalancer:
         return sorted({mv.driver or "?" for e in self.coord.runtime.state.live().values()
                        for s in range(len(e.replicas)) if (mv := e.move_of(s)) is not None})
 
-    async def run(self, moves: list[Move], on_change: Callable[[], None] | None = None) -> RunStats:
+    async def run(self, moves: list[Move]) -> RunStats:
         """Carry out every move; returns when all are done or failed."""
         async with self._lock:
             loop = asyncio.get_running_loop()
@@ -125,7 +123,6 @@ class Rebalancer:
                 for t in stats.transfers:
                     self.active.pop((t.move.collection, t.move.shard), None)
             stats.seconds = loop.time() - t0
-            self.last = stats
             return stats
 
     async def _carry(self, t: Transfer, stats: RunStats) -> None:

@@ -58,9 +58,6 @@ class CollectionEntry:
                                  digest_size=8).hexdigest()
         return (self.epoch, self.origin, digest)
 
-    def shard_replicas(self, shard: int) -> tuple[str, ...]:
-        return self.replicas[shard]
-
     def move_of(self, shard: int) -> Move | None:
         return self.moving[shard] if shard < len(self.moving) else None
 

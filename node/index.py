@@ -157,9 +157,6 @@ class VectorIndex:
             )
         return self.index.search(queries, k)  # type: ignore[no-any-return]
 
-    def reconstruct(self, labels: np.ndarray) -> np.ndarray:
-        return np.vstack([self.index.reconstruct(int(lab)) for lab in labels])
-
     # -- snapshots ------------------------------------------------------------------------
     def serialize(self) -> bytes:
         """The index as bytes (quick; call while mutations are excluded)."""

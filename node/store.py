@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import orjson
 import rocksdict
 
 FLAG_TOMBSTONE = 1
@@ -69,13 +68,6 @@ class Record:
     def vector_array(self) -> np.ndarray:
         return np.frombuffer(self.vector, dtype="<f4")
 
-    def metadata_obj(self) -> object:
-        return orjson.loads(self.metadata) if self.metadata else {}
-
-    def newer_than(self, other: Record) -> bool:
-        """Last writer wins: by version, then by writer node id."""
-        return (self.version, self.writer) > (other.version, other.writer)
-
 
 def _shard_key(tag: bytes, shard: int) -> bytes:
     return tag + _U16.pack(shard)
@@ -87,8 +79,6 @@ def doc_key(shard: int, doc_id: str) -> bytes:
 
 def change_key(shard: int, seq: int) -> bytes:
     return _shard_key(b"Q", shard) + _U64.pack(seq)
-
-
 
 
 class WriteBatch:
@@ -215,7 +205,6 @@ class Store:
                 break
             yield _U64.unpack(key[3:])[0], it.value().decode()
             it.next()
-
 
     def drop_shard(self, shard: int) -> None:
         """Remove every key of one shard (after it moved to another node)."""
