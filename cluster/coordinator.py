@@ -28,7 +28,7 @@ from cluster.hlc import HybridClock
 from cluster.membership import Member, State
 from cluster.peers import Peers
 from cluster.placement import place
-from cluster.requests import check_id, parse_documents, parse_ids, parse_search
+from cluster.requests import DocBatch, check_id, parse_documents, parse_ids, parse_search
 from cluster.runtime import ClusterRuntime
 from cluster.sharding import shard_of
 from cluster.spec import CollectionSpec, check_name
@@ -281,6 +281,10 @@ class Coordinator:
             batch = await self.offload(parse_documents, body, entry.spec.dim)
         else:
             batch = parse_documents(body, entry.spec.dim)
+        return await self.upsert_batch(entry, batch)
+
+    async def upsert_batch(self, entry: CollectionEntry, batch: DocBatch) -> dict[str, Any]:
+        """Version and route a validated batch (see `upsert`, and the API's fast path)."""
         by_shard: dict[int, list[Incoming]] = defaultdict(list)
         for doc_id, vec, meta in zip(batch.ids, batch.vectors, batch.metadata, strict=True):
             by_shard[shard_of(doc_id, entry.spec.shards)].append(

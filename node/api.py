@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from cluster.errors import AquilaError, BadRequest, PayloadTooLarge, Unauthorized
+from cluster.fastparse import parse_documents_fast
 from cluster.requests import compact_size, loads_overflowing
 from cluster.spec import parse_spec
 from node.keys import BLOCKING, CONFIG, METRICS, READY, SERVICE
@@ -160,7 +161,18 @@ async def delete_collection(request: web.Request) -> web.Response:
 # -- documents ----------------------------------------------------------------------------
 async def upsert(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    return json_response(await request.app[SERVICE].upsert(name, await read_json(request)))
+    service = request.app[SERVICE]
+    entry = service.entry(name)
+    raw = await request.read()
+    if raw and len(raw) <= request.app[CONFIG].max_body_bytes:
+        # The fast path takes well-formed batches; anything else gets the general one.
+        if len(raw) > _DECODE_ON_THREAD_BYTES:
+            batch = await request.app[BLOCKING].parse(parse_documents_fast, raw, entry.spec.dim)
+        else:
+            batch = parse_documents_fast(raw, entry.spec.dim)
+        if batch is not None:
+            return json_response(await service.upsert_batch(entry, batch))
+    return json_response(await service.upsert(name, await read_json(request)))
 
 
 async def get_document(request: web.Request) -> web.Response:
