@@ -1,6 +1,6 @@
 """Gossip wire messages, packet authentication and piggyback packing.
 
-Every message is a JSON object (orjson, never pickle) with a type id `t` and a version `v`.
+Every message is a JSON object (orjson; no object serialisation) with a type id `t` and a version `v`.
 A packet is one message, usually a compound; with a cluster secret it is prefixed by an
 HMAC-SHA256 over the body, and a packet whose MAC is missing or wrong is dropped.
 """
