@@ -57,13 +57,7 @@ def newer(a: Incoming, b: Incoming | None) -> bool:
 
 async def _remote(coord: Coordinator, node: str, entry: CollectionEntry, path: str,
                   body: dict[str, object]) -> dict[str, Any]:
-    addr = coord.addr_of(node)
-    if addr is None:
-        raise Unavailable(f"node {node} is unknown")
-    raw = await coord.peers.request(
-        addr, "POST", f"/internal/v1/collections/{entry.spec.name}/{path}", body,
-        timeout=coord.peer_timeout_s,
-    )
+    raw = await coord.ask_peer(node, "POST", entry.spec.name, path, body)
     if not isinstance(raw, dict):
         raise Unavailable(f"node {node} answered {path} with something else than an object")
     return raw

@@ -104,6 +104,20 @@ class Coordinator:
             m = self._members().get(node)
         return m.addr if m is not None else None
 
+    async def ask_peer(
+        self, node: str, method: str, name: str, path: str, body: Any = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - handed to the HTTP client
+    ) -> Any:
+        """A peer's internal route for collection `name` (`/internal/v1/collections/{name}/
+        {path}`); Unavailable when the node is not (or no longer) a member."""
+        addr = self.addr_of(node)
+        if addr is None:
+            raise Unavailable(f"node {node} is unknown")
+        return await self.peers.request(
+            addr, method, f"/internal/v1/collections/{name}/{path}", body,
+            timeout=self.peer_timeout_s if timeout is None else timeout,
+        )
+
     def live_nodes(self) -> list[str]:
         return sorted(m.id for m in self.view.members() if m.state == State.ALIVE)
 
@@ -184,14 +198,13 @@ class Coordinator:
             await self.clock.sleep(0.2 * (attempt + 1))
         raise Unavailable(f"node(s) {failed} did not acknowledge the new shard map")
 
-    async def node_stats(self, node: str, name: str) -> dict[int, dict[str, Any]]:
+    async def node_stats(
+        self, node: str, name: str, timeout: float | None = None  # noqa: ASYNC109
+    ) -> dict[int, dict[str, Any]]:
+        """Per local shard of `node`: {"count", "index_state"}."""
         if node == self.node_id:
             return self.backend.shard_stats(name)
-        addr = self.addr_of(node)
-        if addr is None:
-            raise Unavailable(f"node {node} is unknown")
-        raw = await self.peers.request(addr, "GET", f"/internal/v1/collections/{name}/stats",
-                                       timeout=self.peer_timeout_s)
+        raw = await self.ask_peer(node, "GET", name, "stats", timeout=timeout)
         return {int(s): v for s, v in raw.items()}
 
     def owns(self, name: str, shard: int) -> bool:
@@ -208,11 +221,9 @@ class Coordinator:
         if node == self.node_id:
             await self.drop_local_shard(name, shard)
             return
-        addr = self.addr_of(node)
-        if addr is None:
-            return
-        await self.peers.request(addr, "POST", f"/internal/v1/collections/{name}/drop_shard",
-                                 {"shard": shard}, timeout=self.peer_timeout_s)
+        if self.addr_of(node) is None:
+            return  # gone: its copy goes with it, or is dropped as an orphan if it returns
+        await self.ask_peer(node, "POST", name, "drop_shard", {"shard": shard})
 
     async def list_collections(self) -> list[dict[str, Any]]:
         # Concurrently: each asks the replicas for counts, and a paused one costs a timeout.
@@ -242,22 +253,11 @@ class Coordinator:
     async def shard_stats(self, entry: CollectionEntry) -> dict[int, dict[str, Any]]:
         """Per shard, the stats of its best reachable replica."""
         name = entry.spec.name
-        by_node: dict[str, dict[int, dict[str, Any]]] = {}
-        if self.backend.has(name):
-            by_node[self.node_id] = self.backend.shard_stats(name)
-        others = {n for reps in entry.replicas for n in self.ordered_replicas(reps)}
-        others.discard(self.node_id)
-
-        async def ask(node: str) -> None:
-            addr = self.addr_of(node)
-            if addr is None:
-                return
-            with_timeout = await self.peers.request(
-                addr, "GET", f"/internal/v1/collections/{name}/stats", timeout=2
-            )
-            by_node[node] = {int(s): v for s, v in with_timeout.items()}
-
-        await asyncio.gather(*(ask(n) for n in sorted(others)), return_exceptions=True)
+        nodes = sorted({n for reps in entry.replicas for n in self.ordered_replicas(reps)})
+        answers = await asyncio.gather(
+            *(self.node_stats(n, name, timeout=2) for n in nodes), return_exceptions=True
+        )
+        by_node = {n: a for n, a in zip(nodes, answers, strict=True) if isinstance(a, dict)}
         out: dict[int, dict[str, Any]] = {}
         for s, reps in enumerate(entry.replicas):
             for node in self.ordered_replicas(reps):
@@ -422,15 +422,9 @@ class Coordinator:
         if node == self.node_id:
             await self.backend.ensure(entry.spec, by_shard, entry.uid)
             return await self.backend.write(entry.spec, by_shard)
-        addr = self.addr_of(node)
-        if addr is None:
-            raise Unavailable(f"node {node} is unknown")
         body = {"spec": entry.spec.to_json(), "uid": entry.uid,
                 "writes": encode_writes(by_shard)}
-        out = await self.peers.request(
-            addr, "POST", f"/internal/v1/collections/{entry.spec.name}/write", body,
-            timeout=self.peer_timeout_s,
-        )
+        out = await self.ask_peer(node, "POST", entry.spec.name, "write", body)
         return {int(s): (int(v[0]), int(v[1])) for s, v in out["shards"].items()}
 
     # -- reads ----------------------------------------------------------------------------
@@ -470,13 +464,8 @@ class Coordinator:
     ) -> Hit | None:
         if node == self.node_id:
             return await self.backend.get(entry.spec, shard, doc_id)
-        addr = self.addr_of(node)
-        if addr is None:
-            raise Unavailable(f"node {node} is unknown")
-        raw = await self.peers.request(
-            addr, "POST", f"/internal/v1/collections/{entry.spec.name}/get",
-            {"shard": shard, "id": doc_id}, timeout=self.peer_timeout_s,
-        )
+        raw = await self.ask_peer(node, "POST", entry.spec.name, "get",
+                                  {"shard": shard, "id": doc_id})
         if raw is None or raw.get("doc") is None:
             return None
         return decode_hits([[raw["doc"]]])[0][0]
@@ -497,19 +486,14 @@ class Coordinator:
                     spec, req.vectors, req.k, req.nprobe, req.predicate, shards,
                     req.include_vector,
                 )
-            addr = self.addr_of(node)
-            if addr is None:
-                raise Unavailable(f"node {node} is unknown")
             if not remote_body:
                 remote_body.update(
                     vectors=base64.b64encode(req.vectors.astype("<f4").tobytes()).decode(),
                     nq=nq, k=req.k, nprobe=req.nprobe, filter=req.filter,
                     include=["metadata"] * req.include_metadata + ["vector"] * req.include_vector,
                 )
-            out = await self.peers.request(
-                addr, "POST", f"/internal/v1/collections/{name}/search",
-                {**remote_body, "shards": shards}, timeout=budget,
-            )
+            out = await self.ask_peer(node, "POST", name, "search",
+                                      {**remote_body, "shards": shards}, timeout=budget)
             return decode_hits(out["results"])
 
         result = await fan_out(

@@ -224,13 +224,8 @@ class Rebalancer:
             nbytes = sum(len(d.metadata) + (d.vector.nbytes if d.vector is not None else 0)
                          for d in docs)
             return docs, nxt, nbytes
-        addr = coord.addr_of(source)
-        if addr is None:
-            raise Unavailable(f"node {source} is unknown")
-        raw = await coord.peers.request(
-            addr, "POST", f"/internal/v1/collections/{entry.spec.name}/stream",
-            {"shard": shard, "after": after, "limit": PAGE}, timeout=coord.peer_timeout_s,
-        )
+        raw = await coord.ask_peer(source, "POST", entry.spec.name, "stream",
+                                   {"shard": shard, "after": after, "limit": PAGE})
         docs = decode_writes(raw["writes"], entry.spec.dim).get(shard, [])
         nbytes = sum(len(d.metadata) + entry.spec.dim * 4 for d in docs)
         return docs, raw["next"], nbytes
