@@ -14,7 +14,7 @@ import uuid
 import numpy as np
 import simdjson
 
-from cluster.requests import CONSISTENCY, MAX_ID_CHARS, DocBatch
+from cluster.requests import CONSISTENCY, DocBatch, valid_id
 
 _DOC_FIELDS = frozenset(("id", "vector", "metadata"))
 _BODY_FIELDS = frozenset(("documents", "consistency"))
@@ -49,9 +49,9 @@ def parse_documents_fast(raw: bytes, dim: int) -> DocBatch | None:
             with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
                 vectors[i] = buf
             doc_id = d.get("id")
-            if doc_id is None and "id" not in d:
+            if doc_id is None:  # absent or null: generated, as the general path does
                 doc_id = str(uuid.uuid4())
-            if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= MAX_ID_CHARS:
+            if not valid_id(doc_id):
                 return None
             meta = d.get("metadata")
             if meta is None:

@@ -10,7 +10,7 @@ import json
 import math
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import orjson
@@ -154,7 +154,7 @@ def parse_documents(body: Any, dim: int) -> DocBatch:
         doc_id = d.get("id")
         if doc_id is None:
             doc_id = str(uuid.uuid4())
-        elif not isinstance(doc_id, str) or not 1 <= len(doc_id) <= MAX_ID_CHARS:
+        elif not valid_id(doc_id):
             raise BadRequest(f"{where}: 'id' must be a string of 1 to {MAX_ID_CHARS} characters")
         meta = d.get("metadata", {})
         if meta is None:
@@ -179,13 +179,18 @@ def parse_ids(body: Any) -> list[str]:
         raise BadRequest("body must be an object with a list 'ids'")
     ids = body["ids"]
     for i, doc_id in enumerate(ids):
-        if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= MAX_ID_CHARS:
+        if not valid_id(doc_id):
             raise BadRequest(f"ids[{i}]: an id is a string of 1 to {MAX_ID_CHARS} characters")
     return list(dict.fromkeys(ids))
 
 
+def valid_id(doc_id: Any) -> TypeGuard[str]:
+    """A document id: a string of 1 to MAX_ID_CHARS characters."""
+    return isinstance(doc_id, str) and 1 <= len(doc_id) <= MAX_ID_CHARS
+
+
 def check_id(doc_id: str) -> str:
-    if not 1 <= len(doc_id) <= MAX_ID_CHARS:
+    if not valid_id(doc_id):
         raise BadRequest(f"an id is a string of 1 to {MAX_ID_CHARS} characters")
     return doc_id
 
