@@ -19,6 +19,7 @@ from node.cluster_node import ClusterNode
 from node.collection import Tuning
 from node.config import NodeConfig
 from node.engine import Engine
+from node.files import write_atomic
 from node.internal_api import add_internal_routes
 from node.keys import BLOCKING, CLUSTER, CONFIG, METRICS, READY, SERVICE
 from node.metrics import Metrics
@@ -35,9 +36,7 @@ def node_identity(config: NodeConfig) -> str:
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     node_id = "node-" + uuid.uuid4().hex[:12]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(node_id)
-    tmp.replace(path)
+    write_atomic(path, node_id.encode())
     return node_id
 
 

@@ -28,6 +28,7 @@ from node.backend import EngineBackend
 from node.blocking import Blocking
 from node.config import NodeConfig
 from node.engine import Engine
+from node.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class ClusterNode:
         state_path = Path(config.data_dir) / "cluster_state.json"
 
         async def persist(raw: bytes) -> None:
-            await blocking.write(_write_atomic, state_path, raw)
+            await blocking.write(write_atomic, state_path, raw)
 
         initial = ClusterState()
         if state_path.exists():
@@ -143,7 +144,7 @@ class ClusterNode:
                        if m.state == State.ALIVE and m.id != self.node_id)
         if peers != self._remembered:
             self._remembered = peers
-            self.spawn(self._blocking.write(_write_atomic,
+            self.spawn(self._blocking.write(write_atomic,
                                             Path(self.config.data_dir) / "peers.json",
                                             orjson.dumps(peers)))
 
@@ -202,9 +203,3 @@ class ClusterNode:
         await self.gossip.stop()
         await self.runtime.stop()
         await self.peers.close()
-
-
-def _write_atomic(path: Path, raw: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(raw)
-    tmp.replace(path)

@@ -14,6 +14,7 @@ from cluster.errors import NotFound
 from cluster.spec import CollectionSpec
 from node.blocking import Blocking
 from node.collection import Collection, Tuning
+from node.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,8 @@ class Engine:
 
     def _write_meta(self, coll: Collection, shards: list[int]) -> None:
         # Written last, atomically: a directory without it is an unfinished create.
-        tmp = coll.root / "spec.json.tmp"
-        tmp.write_bytes(
-            orjson.dumps({"spec": coll.spec.to_json(), "shards": shards, "uid": coll.uid})
-        )
-        tmp.replace(coll.root / "spec.json")
+        meta = {"spec": coll.spec.to_json(), "shards": shards, "uid": coll.uid}
+        write_atomic(coll.root / "spec.json", orjson.dumps(meta))
 
     async def ensure(self, spec: CollectionSpec, shards: Iterable[int], uid: str) -> Collection:
         """Open these shards of the collection here, creating it when new. A collection of the

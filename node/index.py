@@ -12,7 +12,6 @@ Cosine collections store unit vectors and search by inner product; callers norma
 from __future__ import annotations
 
 import math
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 import orjson
 
 from cluster.spec import CollectionSpec, pq_m
+from node.files import write_atomic
 
 # FAISS's bundled stubs lag its API (SearchParametersIVF keywords, DirectMap, ...).
 faiss: Any = _faiss
@@ -170,15 +170,7 @@ class VectorIndex:
         head = _SNAP_HEADER.pack(
             self.trained_at, int(self.trained), zlib.crc32(meta + payload), len(meta), len(payload)
         )
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(_SNAP_MAGIC + head)
-            f.write(meta)
-            f.write(payload)
-            f.flush()
-
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        write_atomic(path, _SNAP_MAGIC + head, meta, payload)
 
     @staticmethod
     def load(path: Path) -> tuple[VectorIndex, dict[int, int]] | None:
