@@ -9,11 +9,10 @@ other record, so a delete missed by a replica is repaired too.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from cluster.digests import BUCKETS, newer
 from cluster.docs import Incoming, decode_writes
 from cluster.errors import Unavailable
 from cluster.membership import State
@@ -23,36 +22,6 @@ if TYPE_CHECKING:
     from cluster.coordinator import Coordinator
 
 log = logging.getLogger(__name__)
-
-BUCKETS = 256
-
-
-def bucket_of(doc_id: str, buckets: int = BUCKETS) -> int:
-    d = hashlib.blake2b(doc_id.encode(), digest_size=8, person=b"aq-ae").digest()
-    return int.from_bytes(d, "big") % buckets
-
-
-def record_hash(doc_id: str, version: int, writer: str) -> int:
-    """A record's share of its bucket's digest (XOR-ed in, so order does not matter and a
-    replica can keep its digests up to date write by write)."""
-    h = hashlib.blake2b(f"{doc_id}\x00{version}\x00{writer}".encode(), digest_size=16)
-    return int.from_bytes(h.digest(), "big")
-
-
-def digests(records: Iterable[tuple[str, int, str]], buckets: int = BUCKETS) -> list[str]:
-    """Per bucket, an order-independent digest of (id, version, writer) of its records."""
-    acc = [0] * buckets
-    for doc_id, version, writer in records:
-        acc[bucket_of(doc_id, buckets)] ^= record_hash(doc_id, version, writer)
-    return format_digests(acc)
-
-
-def format_digests(acc: list[int]) -> list[str]:
-    return [format(a, "032x") for a in acc]
-
-
-def newer(a: Incoming, b: Incoming | None) -> bool:
-    return b is None or (a.version, a.writer) > (b.version, b.writer)
 
 
 async def _remote(coord: Coordinator, node: str, entry: CollectionEntry, path: str,

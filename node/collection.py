@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from cluster.antientropy import BUCKETS, bucket_of, digests, format_digests
+from cluster.digests import BUCKETS, bucket_of, digests, format_digests
 from cluster.docs import Hit, Incoming
 from cluster.errors import Unavailable
 from cluster.spec import CollectionSpec

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cluster.antientropy import BUCKETS, bucket_of, record_hash
+from cluster.digests import BUCKETS, bucket_of, record_hash
 from cluster.docs import Incoming
 from cluster.spec import CollectionSpec
 from node.index import LABEL_BITS, global_key, global_keys, prepare

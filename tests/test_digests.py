@@ -1,4 +1,4 @@
-"""Anti-entropy's pure parts: hash buckets, per-bucket digests and the version order."""
+"""Anti-entropy digests, pure: hash buckets, per-bucket digests and the version order."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.antientropy import BUCKETS, bucket_of, digests, newer
+from cluster.digests import BUCKETS, bucket_of, digests, newer
 from cluster.docs import Incoming
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)
