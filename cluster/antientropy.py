@@ -10,11 +10,9 @@ other record, so a delete missed by a replica is repaired too.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cluster.digests import BUCKETS, newer
-from cluster.docs import Incoming, decode_writes
-from cluster.errors import Unavailable
 from cluster.membership import State
 from cluster.state import CollectionEntry
 
@@ -24,39 +22,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def _remote(coord: Coordinator, node: str, entry: CollectionEntry, path: str,
-                  body: dict[str, object]) -> dict[str, Any]:
-    raw = await coord.ask_peer(node, "POST", entry.spec.name, path, body)
-    if not isinstance(raw, dict):
-        raise Unavailable(f"node {node} answered {path} with something else than an object")
-    return raw
-
-
-async def _digests_of(coord: Coordinator, node: str, entry: CollectionEntry, shard: int) -> list[str]:
-    if node == coord.node_id:
-        return await coord.backend.shard_digests(entry.spec, shard, BUCKETS)
-    raw = await _remote(coord, node, entry, "digests", {"shard": shard, "buckets": BUCKETS})
-    return list(raw["digests"])
-
-
-async def _bucket_of(
-    coord: Coordinator, node: str, entry: CollectionEntry, shard: int, buckets: list[int]
-) -> list[Incoming]:
-    if node == coord.node_id:
-        return await coord.backend.bucket_records(entry.spec, shard, buckets, BUCKETS)
-    raw = await _remote(coord, node, entry, "buckets",
-                        {"shard": shard, "buckets": buckets, "of": BUCKETS})
-    return decode_writes(raw["writes"], entry.spec.dim).get(shard, [])
-
-
 async def sync_pair(coord: Coordinator, entry: CollectionEntry, shard: int, a: str, b: str) -> int:
     """Make replicas `a` and `b` of a shard hold the same documents; returns records sent."""
-    da, db = await _digests_of(coord, a, entry, shard), await _digests_of(coord, b, entry, shard)
+    ra_, rb_ = coord.replicas.of(a), coord.replicas.of(b)
+    da = await ra_.digests(entry.spec, shard, BUCKETS)
+    db = await rb_.digests(entry.spec, shard, BUCKETS)
     differ = [i for i, (x, y) in enumerate(zip(da, db, strict=True)) if x != y]
     if not differ:
         return 0
-    ra = {d.id: d for d in await _bucket_of(coord, a, entry, shard, differ)}
-    rb = {d.id: d for d in await _bucket_of(coord, b, entry, shard, differ)}
+    ra = {d.id: d for d in await ra_.bucket_records(entry.spec, shard, differ, BUCKETS)}
+    rb = {d.id: d for d in await rb_.bucket_records(entry.spec, shard, differ, BUCKETS)}
     to_b = [d for i, d in ra.items() if newer(d, rb.get(i))]
     to_a = [d for i, d in rb.items() if newer(d, ra.get(i))]
     for node, docs in ((a, to_a), (b, to_b)):
@@ -94,17 +69,7 @@ async def sync_node_shards(coord: Coordinator, tombstone_grace_s: float = 0.0) -
                 before = coord.hlc.version_before(tombstone_grace_s)
                 for node in live:
                     try:
-                        await _purge(coord, node, entry, shard, before)
+                        await coord.replicas.of(node).purge(entry.spec, shard, before)
                     except Exception as exc:
                         log.debug("purge %s/%d on %s: %s", entry.spec.name, shard, node, exc)
     return sent
-
-
-async def _purge(coord: Coordinator, node: str, entry: CollectionEntry, shard: int,
-                 before: int) -> int:
-    if node == coord.node_id:
-        return await coord.backend.purge_tombstones(entry.spec, shard, before)
-    raw = await _remote(coord, node, entry, "purge", {"shard": shard, "before": before})
-    return int(raw["purged"])
-
-

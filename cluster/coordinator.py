@@ -6,7 +6,6 @@ with every shard local."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import logging
 import time
@@ -20,14 +19,15 @@ import orjson
 
 from cluster.backend import ShardBackend
 from cluster.clock import Clock
-from cluster.docs import Hit, Incoming, decode_hits, encode_writes, hit_json
+from cluster.docs import Hit, Incoming, hit_json
 from cluster.errors import AlreadyExists, AquilaError, BadRequest, NotFound, Unavailable
 from cluster.fanout import fan_out
 from cluster.hints import Hints
 from cluster.hlc import HybridClock
 from cluster.membership import Member, State
-from cluster.peers import Peers
 from cluster.placement import place
+from cluster.remote import PeerClient, RemoteReplica, push_entries
+from cluster.replica import LocalReplica, Replicas
 from cluster.requests import DocBatch, check_id, parse_documents, parse_ids, parse_search
 from cluster.runtime import ClusterRuntime
 from cluster.sharding import shard_of
@@ -62,7 +62,7 @@ class Coordinator:
         node_id: str,
         runtime: ClusterRuntime,
         backend: ShardBackend,
-        peers: Peers,
+        peers: PeerClient,
         members: MemberView,
         clock: Clock,
         *,
@@ -86,6 +86,10 @@ class Coordinator:
         self._members_cache: dict[str, Member] = {}
         self._candidates: dict[str, tuple[Any, dict[int, list[str]], list[int]]] = {}
         self._members_at = float("-inf")
+        self.replicas = Replicas(
+            node_id, LocalReplica(node_id, backend, runtime.state),
+            lambda node: RemoteReplica(node, self.addr_of, peers, peer_timeout_s),
+        )
 
     # -- membership helpers ---------------------------------------------------------------
     def _members(self) -> dict[str, Member]:
@@ -103,20 +107,6 @@ class Coordinator:
             self._members_at = float("-inf")
             m = self._members().get(node)
         return m.addr if m is not None else None
-
-    async def ask_peer(
-        self, node: str, method: str, name: str, path: str, body: Any = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - handed to the HTTP client
-    ) -> Any:
-        """A peer's internal route for collection `name` (`/internal/v1/collections/{name}/
-        {path}`); Unavailable when the node is not (or no longer) a member."""
-        addr = self.addr_of(node)
-        if addr is None:
-            raise Unavailable(f"node {node} is unknown")
-        return await self.peers.request(
-            addr, method, f"/internal/v1/collections/{name}/{path}", body,
-            timeout=self.peer_timeout_s if timeout is None else timeout,
-        )
 
     def live_nodes(self) -> list[str]:
         return sorted(m.id for m in self.view.members() if m.state == State.ALIVE)
@@ -182,13 +172,11 @@ class Coordinator:
         client's next request reaches them (gossip and push-pull repair anything missed).
 
         With `require_all`, retry until every alive member has acknowledged it, or raise."""
-        body = [entry.to_json()]
         for attempt in range(5 if require_all else 1):
             targets = [m for m in self.view.members()
                        if m.id != self.node_id and m.state in (State.ALIVE, State.SUSPECT)]
             results = await asyncio.gather(
-                *(self.peers.request(m.addr, "POST", "/internal/v1/state", body, timeout=5)
-                  for m in targets),
+                *(push_entries(self.peers, m.addr, [entry], timeout=5) for m in targets),
                 return_exceptions=True,
             )
             failed = [m.id for m, r in zip(targets, results, strict=True)
@@ -202,28 +190,10 @@ class Coordinator:
         self, node: str, name: str, timeout: float | None = None  # noqa: ASYNC109
     ) -> dict[int, dict[str, Any]]:
         """Per local shard of `node`: {"count", "index_state"}."""
-        if node == self.node_id:
-            return self.backend.shard_stats(name)
-        raw = await self.ask_peer(node, "GET", name, "stats", timeout=timeout)
-        return {int(s): v for s, v in raw.items()}
+        return await self.replicas.of(node).stats(name, timeout)
 
-    def owns(self, name: str, shard: int) -> bool:
-        """Does the map give this node the shard (as a replica or a move's target)?"""
-        entry = self.runtime.state.get(name)
-        return entry is not None and shard in entry.shards_of(self.node_id)
-
-    async def drop_local_shard(self, name: str, shard: int) -> None:
-        if self.owns(name, shard):
-            raise Unavailable(f"shard {shard} of {name!r} is still assigned to this node")
-        await self.backend.drop_shard(name, shard)
-
-    async def drop_remote_shard(self, node: str, name: str, shard: int) -> None:
-        if node == self.node_id:
-            await self.drop_local_shard(name, shard)
-            return
-        if self.addr_of(node) is None:
-            return  # gone: its copy goes with it, or is dropped as an orphan if it returns
-        await self.ask_peer(node, "POST", name, "drop_shard", {"shard": shard})
+    async def drop_shard(self, node: str, name: str, shard: int) -> None:
+        await self.replicas.of(node).drop_shard(name, shard)
 
     async def list_collections(self) -> list[dict[str, Any]]:
         # Concurrently: each asks the replicas for counts, and a paused one costs a timeout.
@@ -419,13 +389,7 @@ class Coordinator:
     async def write_to_node(
         self, node: str, entry: CollectionEntry, by_shard: dict[int, list[Incoming]]
     ) -> dict[int, tuple[int, int]]:
-        if node == self.node_id:
-            await self.backend.ensure(entry.spec, by_shard, entry.uid)
-            return await self.backend.write(entry.spec, by_shard)
-        body = {"spec": entry.spec.to_json(), "uid": entry.uid,
-                "writes": encode_writes(by_shard)}
-        out = await self.ask_peer(node, "POST", entry.spec.name, "write", body)
-        return {int(s): (int(v[0]), int(v[1])) for s, v in out["shards"].items()}
+        return await self.replicas.of(node).write(entry.spec, entry.uid, by_shard)
 
     # -- reads ----------------------------------------------------------------------------
     async def get_document(self, name: str, doc_id: str, with_vector: bool) -> dict[str, Any]:
@@ -446,7 +410,7 @@ class Coordinator:
         answered = False
         for node in self.ordered_replicas(entry.replicas[shard]):
             try:
-                hit = await self._get_from(node, entry, shard, doc_id)
+                hit = await self.replicas.of(node).get(entry.spec, shard, doc_id)
             except AquilaError as exc:
                 if not exc.transient:
                     raise
@@ -459,17 +423,6 @@ class Coordinator:
             return None
         raise Unavailable(f"no live replica of shard {shard} answered: {'; '.join(errors)}")
 
-    async def _get_from(
-        self, node: str, entry: CollectionEntry, shard: int, doc_id: str
-    ) -> Hit | None:
-        if node == self.node_id:
-            return await self.backend.get(entry.spec, shard, doc_id)
-        raw = await self.ask_peer(node, "POST", entry.spec.name, "get",
-                                  {"shard": shard, "id": doc_id})
-        if raw is None or raw.get("doc") is None:
-            return None
-        return decode_hits([[raw["doc"]]])[0][0]
-
     async def search(self, name: str, body: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         entry = self.entry(name)
@@ -478,23 +431,9 @@ class Coordinator:
         timeout_s = req.timeout_ms / 1000 if req.timeout_ms else self.search_timeout_s
         candidates, unreachable = self.search_candidates(entry)
         nq = len(req.vectors)
-        remote_body: dict[str, Any] = {}  # built once, on the first remote ask
 
         async def ask(node: str, shards: list[int], budget: float) -> list[list[Hit]]:
-            if node == self.node_id:
-                return await self.backend.search(
-                    spec, req.vectors, req.k, req.nprobe, req.predicate, shards,
-                    req.include_vector,
-                )
-            if not remote_body:
-                remote_body.update(
-                    vectors=base64.b64encode(req.vectors.astype("<f4").tobytes()).decode(),
-                    nq=nq, k=req.k, nprobe=req.nprobe, filter=req.filter,
-                    include=["metadata"] * req.include_metadata + ["vector"] * req.include_vector,
-                )
-            out = await self.ask_peer(node, "POST", name, "search",
-                                      {**remote_body, "shards": shards}, timeout=budget)
-            return decode_hits(out["results"])
+            return await self.replicas.of(node).search(spec, req, shards, budget)
 
         result = await fan_out(
             candidates, ask, nq, req.k, spec.metric != "l2", self.clock, timeout_s

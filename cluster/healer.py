@@ -144,7 +144,7 @@ class Healer:
             if strikes >= 2 and not self.rebalancer.busy:
                 node, name, shard = key
                 try:
-                    await coord.drop_remote_shard(node, name, shard)
+                    await coord.drop_shard(node, name, shard)
                     log.info("dropped orphaned copy of %s/%d on %s", name, shard, node)
                     seen.pop(key, None)
                 except Exception as exc:

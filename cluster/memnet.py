@@ -60,6 +60,10 @@ class MemNetwork:
     def resume(self, addr: str) -> None:
         self._paused.discard(addr)
 
+    def reachable(self, src: str, dst: str) -> bool:
+        """Can a request from src reach dst and its answer come back?"""
+        return self._reachable(src, dst) and self._reachable(dst, src)
+
     def _reachable(self, src: str, dst: str) -> bool:
         return (
             src not in self._paused and dst not in self._paused and (src, dst) not in self._blocked

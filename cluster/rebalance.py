@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cluster.antientropy import sync_pair
-from cluster.docs import decode_writes
 from cluster.errors import Unavailable
 from cluster.membership import State
 from cluster.rebalance_plan import Move, plan
@@ -188,7 +187,7 @@ class Rebalancer:
         if m.from_node is not None and self._alive(m.from_node):
             # Last stragglers routed with the old map reach the target before the copy goes.
             await self._catch_up(coord.entry(m.collection), m.shard, m.from_node, m.to_node)
-            await coord.drop_remote_shard(m.from_node, m.collection, m.shard)
+            await coord.drop_shard(m.from_node, m.collection, m.shard)
 
     async def _catch_up(self, entry: CollectionEntry, shard: int, source: str, target: str,
                         rounds: int = 5) -> None:
@@ -218,17 +217,10 @@ class Rebalancer:
     async def _page(
         self, entry: CollectionEntry, shard: int, source: str, after: str | None
     ) -> tuple[list[Any], str | None, int]:
-        coord = self.coord
-        if source == coord.node_id:
-            docs, nxt = await coord.backend.stream_shard(entry.spec, shard, after, PAGE)
-            nbytes = sum(len(d.metadata) + (d.vector.nbytes if d.vector is not None else 0)
-                         for d in docs)
-            return docs, nxt, nbytes
-        raw = await coord.ask_peer(source, "POST", entry.spec.name, "stream",
-                                   {"shard": shard, "after": after, "limit": PAGE})
-        docs = decode_writes(raw["writes"], entry.spec.dim).get(shard, [])
-        nbytes = sum(len(d.metadata) + entry.spec.dim * 4 for d in docs)
-        return docs, raw["next"], nbytes
+        docs, nxt = await self.coord.replicas.of(source).stream(entry.spec, shard, after, PAGE)
+        nbytes = sum(len(d.metadata) + (d.vector.nbytes if d.vector is not None else 0)
+                     for d in docs)
+        return docs, nxt, nbytes
 
     async def _update(self, name: str, shard: int, **changes: Any) -> None:
         """A new version of one shard's map entry, adopted here and pushed to every node."""

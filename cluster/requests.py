@@ -31,7 +31,7 @@ class DocBatch:
     consistency: str
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: the peer codec memoises its wire form per request
 class SearchRequest:
     vectors: np.ndarray  # nq × dim float32
     k: int

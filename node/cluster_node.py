@@ -21,6 +21,7 @@ from cluster.healer import Healer, HealerConfig
 from cluster.membership import State
 from cluster.peers import Peers
 from cluster.rebalance import Rebalancer
+from cluster.remote import PeerService
 from cluster.runtime import ClusterRuntime
 from cluster.state import ClusterState
 from cluster.udp import UdpTransport
@@ -59,6 +60,7 @@ class ClusterNode:
     coordinator: Coordinator
     rebalancer: Rebalancer
     healer: Healer
+    peer_service: PeerService
     _blocking: Blocking
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _remembered: list[str] = field(default_factory=list)
@@ -108,8 +110,10 @@ class ClusterNode:
             anti_entropy_interval_s=config.anti_entropy_interval_s,
             tombstone_grace_s=config.tombstone_grace_s,
         ))
+        peer_service = PeerService(coordinator.replicas.local, runtime.state, runtime.merge,
+                                   coordinator.hlc)
         node = ClusterNode(node_id, config, engine, backend, peers, runtime, gossip,
-                           coordinator, rebalancer, healer, blocking)
+                           coordinator, rebalancer, healer, peer_service, blocking)
         runtime.member_listeners.append(lambda _member: node.remember_peers())
         return node
 

@@ -4,23 +4,17 @@ a valid HMAC; anything else is refused before it is read further."""
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
 import orjson
 from aiohttp import web
 
-from cluster.docs import decode_writes, encode_hits, encode_writes
-from cluster.errors import BadRequest, NotFound, Unauthorized
-from cluster.filters import parse_filter
+from cluster.errors import BadRequest, Unauthorized
 from cluster.messages import AuthError, DecodeError
 from cluster.peers import AUTH_HEADER, check_signature
-from cluster.spec import CollectionSpec
-from cluster.state import ClusterState
 from node.api import json_response
 from node.keys import CLUSTER, CONFIG
 
@@ -76,119 +70,31 @@ async def push_pull(request: web.Request) -> web.Response:
 
 
 async def state(request: web.Request) -> web.Response:
-    body = await _authed_body(request)
-    entries = ClusterState.decode_entries(body)
-    request.app[CLUSTER].runtime.merge(entries)
-    return json_response({"epoch": request.app[CLUSTER].runtime.state.epoch})
-
-
-def _spec_of(request: web.Request, raw: object) -> CollectionSpec:
-    if isinstance(raw, dict):
-        return CollectionSpec.from_json(raw)
-    entry = request.app[CLUSTER].runtime.state.get(request.match_info["name"])
-    if entry is None:
-        raise NotFound(f"collection {request.match_info['name']!r} does not exist")
-    return entry.spec
-
-
-async def write(request: web.Request) -> web.Response:
-    body = await _request_object(request)
-    spec = _spec_of(request, body.get("spec"))
-    by_shard = decode_writes(body["writes"], spec.dim)
-    backend = request.app[CLUSTER].backend
-    await backend.ensure(spec, by_shard, str(body.get("uid", "")))
-    for docs in by_shard.values():
-        for d in docs:
-            request.app[CLUSTER].coordinator.hlc.observe(d.version)
-    out = await backend.write(spec, by_shard)
-    return json_response({"shards": {str(s): list(v) for s, v in out.items()}})
-
-
-async def search(request: web.Request) -> web.Response:
-    body = await _request_object(request)
-    spec = _spec_of(request, None)
-    q = np.frombuffer(base64.b64decode(body["vectors"]), dtype="<f4").reshape(int(body["nq"]), spec.dim)
-    include = body.get("include", ["metadata"])
-    rows = await request.app[CLUSTER].backend.search(
-        spec, q, int(body["k"]), body.get("nprobe"), parse_filter(body.get("filter")),
-        [int(s) for s in body["shards"]], "vector" in include,
-    )
-    return json_response({"results": encode_hits(rows, "metadata" in include, "vector" in include)})
-
-
-async def get(request: web.Request) -> web.Response:
-    body = await _request_object(request)
-    spec = _spec_of(request, None)
-    hit = await request.app[CLUSTER].backend.get(spec, int(body["shard"]), str(body["id"]))
-    doc = None if hit is None else encode_hits([[hit]], True, True)[0][0]
-    return json_response({"doc": doc})
+    body = _json(await _authed_body(request))
+    return json_response(request.app[CLUSTER].peer_service.state_push(body))
 
 
 async def stats(request: web.Request) -> web.Response:
     await _authed_body(request)
-    st = request.app[CLUSTER].backend.shard_stats(request.match_info["name"])
-    return json_response({str(s): v for s, v in st.items()})
+    return json_response(await request.app[CLUSTER].peer_service.stats(request.match_info["name"]))
 
 
-async def stream(request: web.Request) -> web.Response:
+async def collection_op(request: web.Request) -> web.Response:
+    """A replica operation (write, search, get, stream, ...): decoded, served and encoded
+    by `cluster.remote.PeerService`."""
     body = await _request_object(request)
-    spec = _spec_of(request, None)
-    docs, nxt = await request.app[CLUSTER].backend.stream_shard(
-        spec, int(body["shard"]), body.get("after"), int(body.get("limit", 1000))
-    )
-    return json_response({"writes": encode_writes({int(body["shard"]): docs}), "next": nxt})
-
-
-async def digests(request: web.Request) -> web.Response:
-    body = await _request_object(request)
-    spec = _spec_of(request, None)
-    out = await request.app[CLUSTER].backend.shard_digests(
-        spec, int(body["shard"]), int(body["buckets"])
-    )
-    return json_response({"digests": out})
-
-
-async def buckets(request: web.Request) -> web.Response:
-    body = await _request_object(request)
-    spec = _spec_of(request, None)
-    shard = int(body["shard"])
-    docs = await request.app[CLUSTER].backend.bucket_records(
-        spec, shard, [int(b) for b in body["buckets"]], int(body["of"])
-    )
-    return json_response({"writes": encode_writes({shard: docs})})
-
-
-async def purge(request: web.Request) -> web.Response:
-    body = await _request_object(request)
-    spec = _spec_of(request, None)
-    n = await request.app[CLUSTER].backend.purge_tombstones(
-        spec, int(body["shard"]), int(body["before"])
-    )
-    return json_response({"purged": n})
-
-
-async def drop_shard(request: web.Request) -> web.Response:
-    body = await _request_object(request)
-    await request.app[CLUSTER].coordinator.drop_local_shard(
-        request.match_info["name"], int(body["shard"])
-    )
-    return json_response({"dropped": True})
+    op, name = request.match_info["op"], request.match_info["name"]
+    return json_response(await request.app[CLUSTER].peer_service.collection_op(op, name, body))
 
 
 def add_internal_routes(app: web.Application) -> None:
     c = "/internal/v1/collections/{name}"
+    ops = "{op:write|search|get|stream|digests|buckets|drop_shard|purge}"
     routes: list[tuple[str, str, Handler]] = [
         ("POST", "/internal/v1/pushpull", push_pull),
         ("POST", "/internal/v1/state", state),
-        ("POST", c + "/write", write),
-        ("POST", c + "/search", search),
-        ("POST", c + "/get", get),
         ("GET", c + "/stats", stats),
-        ("POST", c + "/stream", stream),
-        ("POST", c + "/digests", digests),
-        ("POST", c + "/buckets", buckets),
-        ("POST", c + "/drop_shard", drop_shard),
-        ("POST", c + "/purge", purge),
+        ("POST", c + "/" + ops, collection_op),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, _peer_route(handler))

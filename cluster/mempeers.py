@@ -1,0 +1,84 @@
+"""The peer client's in-process twin: requests to other nodes' internal routes go, through
+JSON as on the wire, straight to the target's `remote.PeerService`, so the whole replica
+protocol (codecs included) runs between many nodes in one process. The in-memory network's
+faults apply: a paused or cut-off node hangs until the caller's timeout (on the injected
+clock), a stopped one refuses at once. Push-pull is gossip's and travels by `memnet`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from cluster.clock import Clock
+from cluster.errors import AquilaError, BadRequest, NotFound, Unavailable, from_code
+from cluster.memnet import MemNetwork
+from cluster.peers import PeerError
+from cluster.remote import COLLECTION_PREFIX, STATE_PATH, PeerService
+
+
+class MemoryPeerNet:
+    """Where each node's internal routes are served, by address."""
+
+    def __init__(self, net: MemNetwork, clock: Clock) -> None:
+        self.net = net
+        self.clock = clock
+        self.services: dict[str, PeerService] = {}
+        self.requests = 0
+
+    def serve(self, addr: str, service: PeerService) -> None:
+        self.services[addr] = service
+
+    def stop(self, addr: str) -> None:
+        self.services.pop(addr, None)
+
+    def client(self, addr: str) -> MemoryPeers:
+        return MemoryPeers(self, addr)
+
+
+class MemoryPeers:
+    def __init__(self, hub: MemoryPeerNet, addr: str) -> None:
+        self._hub = hub
+        self.addr = addr
+
+    async def request(
+        self, addr: str, method: str, path: str, body: Any = None, *,
+        timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        hub = self._hub
+        hub.requests += 1
+        if raw is not None:
+            raise ValueError("push-pull travels by memnet, not by the peer client")
+        if not hub.net.reachable(self.addr, addr):
+            await hub.clock.sleep(timeout or 10.0)
+            raise PeerError(f"node {addr} did not answer: TimeoutError")
+        await asyncio.sleep(0)  # a real round trip never completes synchronously
+        service = hub.services.get(addr)
+        if service is None:
+            raise PeerError(f"node {addr} did not answer: ConnectionRefusedError")
+        wire = orjson.loads(orjson.dumps(body)) if body is not None else None
+        try:
+            answer = await _route(service, method, path, wire)
+        except AquilaError as exc:
+            err = from_code(exc.code, f"{addr}: {exc.message}")
+            if exc.status >= 500 and not isinstance(err, Unavailable):
+                raise PeerError(err.message) from None
+            raise err from None
+        except (KeyError, ValueError, TypeError) as exc:  # as node.internal_api answers
+            raise BadRequest(f"{addr}: malformed peer request: {type(exc).__name__}: {exc}") from None
+        return orjson.loads(orjson.dumps(answer))
+
+
+async def _route(service: PeerService, method: str, path: str, body: Any) -> Any:
+    if (method, path) == ("POST", STATE_PATH):
+        return service.state_push(body)
+    if not path.startswith(COLLECTION_PREFIX):
+        raise NotFound(f"no route {method} {path}")
+    name, _, op = path[len(COLLECTION_PREFIX):].partition("/")
+    if (method, op) == ("GET", "stats"):
+        return await service.stats(name)
+    if method != "POST":
+        raise BadRequest(f"{method} is not allowed on {path}")
+    return await service.collection_op(op, name, body)
