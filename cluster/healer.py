@@ -14,11 +14,14 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from cluster.antientropy import sync_node_shards
-from cluster.coordinator import Coordinator
-from cluster.membership import State
+from cluster.antientropy import Repair
+from cluster.clock import Clock
 from cluster.rebalance import Rebalancer, plan_moves
 from cluster.rebalance_plan import Move
+from cluster.replica import Replicas
+from cluster.state import ClusterState
+from cluster.view import MemberView
+from cluster.writes import WritePath
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,24 @@ class HealerConfig:
 
 
 class Healer:
-    def __init__(self, coord: Coordinator, rebalancer: Rebalancer, config: HealerConfig) -> None:
-        self.coord = coord
+    def __init__(
+        self,
+        state: ClusterState,
+        view: MemberView,
+        replicas: Replicas,
+        writes: WritePath,
+        repair: Repair,
+        rebalancer: Rebalancer,
+        clock: Clock,
+        config: HealerConfig,
+    ) -> None:
+        self._state = state
+        self._view = view
+        self._replicas = replicas
+        self._writes = writes
+        self._repair = repair
         self.rebalancer = rebalancer
+        self._clock = clock
         self.config = config
         self._task: asyncio.Task[None] | None = None
         self._last_ae = 0.0
@@ -56,14 +74,9 @@ class Healer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def is_leader(self) -> bool:
-        alive = [m.id for m in self.coord.view.members() if m.state == State.ALIVE]
-        return bool(alive) and min(alive) == self.coord.node_id
-
     async def _loop(self) -> None:
-        clock = self.coord.clock
         while True:
-            await clock.sleep(self.config.interval_s)
+            await self._clock.sleep(self.config.interval_s)
             try:
                 await self.round()
             except asyncio.CancelledError:
@@ -72,16 +85,15 @@ class Healer:
                 log.exception("healer round failed")
 
     async def round(self) -> None:
-        coord, clock = self.coord, self.coord.clock
-        alive = {m.id for m in coord.view.members() if m.state == State.ALIVE}
-        for node in coord.hints.nodes():
-            if node in alive:
-                await coord.replay_hints(node)
-        await self.rebalancer.clear_abandoned(alive | {coord.node_id}, self.is_leader())
+        clock, view = self._clock, self._view
+        for node in self._writes.hints.nodes():
+            if view.is_alive(node):
+                await self._writes.replay_hints(node)
+        await self.rebalancer.clear_abandoned()
         if clock.now() - self._last_ae >= self.config.anti_entropy_interval_s:
             self._last_ae = clock.now()
-            await sync_node_shards(coord, self.config.tombstone_grace_s)
-        if self.is_leader() and not self.rebalancer.busy and not self.rebalancer.moves_in_map():
+            await self._repair.sync_led_shards(self.config.tombstone_grace_s)
+        if view.is_leader() and not self.rebalancer.busy and not self.rebalancer.moves_in_map():
             await self.heal()
             if clock.now() - self._last_orphans >= self.config.orphan_interval_s:
                 self._last_orphans = clock.now()
@@ -90,23 +102,18 @@ class Healer:
     def expired_dead(self) -> set[str]:
         if self.config.dead_grace_s <= 0:
             return set()
-        now = self.coord.clock.now()
-        return {
-            m.id for m in self.coord.view.members()
-            if m.state in (State.DEAD, State.LEFT)
-            and now - m.state_change_time >= self.config.dead_grace_s
-        }
+        return self._view.gone_for(self.config.dead_grace_s)
 
     async def heal(self) -> None:
         """Restore the replication factor of shards that had a replica on a long-dead node."""
         gone = self.expired_dead()
         if not gone:
             return
-        held = {n for e in self.coord.runtime.state.live().values() for r in e.replicas for n in r}
+        state = self._state
+        held = {n for e in state.live().values() for r in e.replicas for n in r}
         if not gone & held:
             return
-        live = sorted(m.id for m in self.coord.view.members() if m.state == State.ALIVE)
-        state = self.coord.runtime.state
+        live = self._view.alive()
         alive = set(live)
 
         def copyable(m: Move) -> bool:
@@ -115,7 +122,7 @@ class Healer:
             entry = state.get(m.collection)
             return entry is not None and bool(set(entry.replicas[m.shard]) & alive)
 
-        moves = [m for m in plan_moves(self.coord, live)
+        moves = [m for m in plan_moves(state, live)
                  if (m.from_node is None or m.from_node in gone) and copyable(m)]
         if moves:
             log.info("self-healing: %d replica move(s) away from %s", len(moves), sorted(gone))
@@ -127,13 +134,12 @@ class Healer:
     async def collect_orphans(self) -> None:
         """Drop shard copies no longer in the map, once seen orphaned on two rounds in a row
         (so every node has had time to learn the map that moved them)."""
-        coord = self.coord
         seen: dict[tuple[str, str, int], int] = {}
-        alive = sorted(m.id for m in coord.view.members() if m.state == State.ALIVE)
-        for name, entry in coord.runtime.state.live().items():
+        alive = self._view.alive()
+        for name, entry in self._state.live().items():
             for node in alive:
                 try:
-                    local = await coord.node_stats(node, name)
+                    local = await self._replicas.of(node).stats(name)
                 except Exception:
                     continue
                 for shard in local:
@@ -144,7 +150,7 @@ class Healer:
             if strikes >= 2 and not self.rebalancer.busy:
                 node, name, shard = key
                 try:
-                    await coord.drop_shard(node, name, shard)
+                    await self._replicas.of(node).drop_shard(name, shard)
                     log.info("dropped orphaned copy of %s/%d on %s", name, shard, node)
                     seen.pop(key, None)
                 except Exception as exc:

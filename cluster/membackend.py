@@ -1,5 +1,5 @@
 """A node's shards in memory: the in-process twin of the engine (`node.backend.EngineBackend`)
-behind the same `ShardBackend` protocol, so that `LocalReplica`, the coordinator's paths,
+behind the same `ShardBackend` protocol, so that `LocalReplica`, the write and read paths,
 rebalance, healing and repair run unchanged over many nodes in one process.
 
 Real semantics, small scale: documents per shard with last-writer-wins versions and

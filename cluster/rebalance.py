@@ -19,17 +19,17 @@ import enum
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cluster.antientropy import sync_pair
+from cluster.antientropy import Repair
+from cluster.clock import Clock
 from cluster.errors import Unavailable
-from cluster.membership import State
+from cluster.publish import Publisher
 from cluster.rebalance_plan import Move, plan
-from cluster.state import CollectionEntry
+from cluster.replica import Replicas
+from cluster.state import ClusterState, CollectionEntry
 from cluster.state import Move as MapMove
-
-if TYPE_CHECKING:
-    from cluster.coordinator import Coordinator
+from cluster.view import MemberView
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +76,38 @@ class RunStats:
     seconds: float = 0.0
 
 
-def current_maps(coord: Coordinator) -> tuple[dict[str, list[list[str]]], dict[str, int]]:
-    live = coord.runtime.state.live()
+def current_maps(state: ClusterState) -> tuple[dict[str, list[list[str]]], dict[str, int]]:
+    live = state.live()
     maps = {n: [list(r) for r in e.replicas] for n, e in live.items()}
     return maps, {n: e.spec.replication for n, e in live.items()}
 
 
-def plan_moves(coord: Coordinator, live_nodes: list[str]) -> list[Move]:
-    maps, replication = current_maps(coord)
+def plan_moves(state: ClusterState, live_nodes: list[str]) -> list[Move]:
+    maps, replication = current_maps(state)
     return plan(maps, replication, live_nodes)
 
 
 class Rebalancer:
-    def __init__(self, coord: Coordinator, per_node: int = 2, docs_per_s: float = 0.0) -> None:
-        self.coord = coord
+    def __init__(
+        self,
+        node_id: str,
+        state: ClusterState,
+        view: MemberView,
+        replicas: Replicas,
+        publisher: Publisher,
+        repair: Repair,
+        clock: Clock,
+        *,
+        per_node: int = 2,
+        docs_per_s: float = 0.0,
+    ) -> None:
+        self.node_id = node_id
+        self._state = state
+        self._view = view
+        self._replicas = replicas
+        self._publisher = publisher
+        self._repair = repair
+        self._clock = clock
         self.per_node = per_node
         # Copy throttle per move (0: as fast as the nodes go), so that serving keeps its share.
         self.docs_per_s = docs_per_s
@@ -105,14 +123,13 @@ class Rebalancer:
 
     def moves_in_map(self) -> list[str]:
         """Drivers of the moves the shard map shows under way (anywhere in the cluster)."""
-        return sorted({mv.driver or "?" for e in self.coord.runtime.state.live().values()
+        return sorted({mv.driver or "?" for e in self._state.live().values()
                        for s in range(len(e.replicas)) if (mv := e.move_of(s)) is not None})
 
     async def run(self, moves: list[Move]) -> RunStats:
         """Carry out every move; returns when all are done or failed."""
         async with self._lock:
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
+            t0 = self._clock.now()
             stats = RunStats([Transfer(m) for m in moves])
             for t in stats.transfers:
                 self.active[(t.move.collection, t.move.shard)] = t
@@ -121,7 +138,7 @@ class Rebalancer:
             finally:
                 for t in stats.transfers:
                     self.active.pop((t.move.collection, t.move.shard), None)
-            stats.seconds = loop.time() - t0
+            stats.seconds = self._clock.now() - t0
             return stats
 
     async def _carry(self, t: Transfer, stats: RunStats) -> None:
@@ -144,38 +161,25 @@ class Rebalancer:
                 self._slots[n].release()
 
     async def _stages(self, t: Transfer, stats: RunStats) -> None:
-        m, coord = t.move, self.coord
-        entry = coord.entry(m.collection)
+        m, state = t.move, self._state
+        entry = state.entry(m.collection)
         source = self._source(entry, m)
         # 1. announce
         t.stage = Stage.ANNOUNCE
         await self._update(m.collection, m.shard,
-                           moving=MapMove(m.from_node, m.to_node, 0.0, coord.node_id))
+                           moving=MapMove(m.from_node, m.to_node, 0.0, self.node_id))
         # 2. copy
         t.stage = Stage.COPY
-        t.total = await self._count(entry, m.shard, source)
-        after: str | None = None
-        entry = coord.entry(m.collection)
-        started = coord.clock.now()
-        while True:
-            docs, after, nbytes = await self._page(entry, m.shard, source, after)
-            if docs:
-                await coord.write_to_node(m.to_node, entry, {m.shard: docs})
-                t.copied += len(docs)
-                stats.documents += len(docs)
-                stats.bytes += nbytes
-            if self.docs_per_s > 0:
-                ahead = t.copied / self.docs_per_s - (coord.clock.now() - started)
-                if ahead > 0:
-                    await coord.clock.sleep(ahead)
-            if after is None:
-                break
+        t.total = int((await self._replicas.of(source).stats(m.collection))
+                      .get(m.shard, {}).get("count", 0))
+        entry = state.entry(m.collection)
+        await self._copy(t, stats, entry, source)
         # A write routed before the announce (to the source only) may have landed behind the
         # copy's cursor: compare digests and send what differs until source and target agree.
         await self._catch_up(entry, m.shard, source, m.to_node)
         # 3. switch
         t.stage = Stage.SWITCH
-        entry = coord.entry(m.collection)
+        entry = state.entry(m.collection)
         reps = list(entry.replicas[m.shard])
         if m.from_node is not None and m.from_node in reps:
             reps[reps.index(m.from_node)] = m.to_node
@@ -184,82 +188,85 @@ class Rebalancer:
         await self._update(m.collection, m.shard, replicas=tuple(reps), moving=None)
         # 4. drop the old copy, now that every live node has the new map
         t.stage = Stage.DROP
-        if m.from_node is not None and self._alive(m.from_node):
+        if m.from_node is not None and self._view.is_alive(m.from_node):
             # Last stragglers routed with the old map reach the target before the copy goes.
-            await self._catch_up(coord.entry(m.collection), m.shard, m.from_node, m.to_node)
-            await coord.drop_shard(m.from_node, m.collection, m.shard)
+            await self._catch_up(state.entry(m.collection), m.shard, m.from_node, m.to_node)
+            await self._replicas.of(m.from_node).drop_shard(m.collection, m.shard)
+
+    async def _copy(self, t: Transfer, stats: RunStats, entry: CollectionEntry,
+                    source: str) -> None:
+        """Stream the shard page by page from `source` to the move's target."""
+        m, clock = t.move, self._clock
+        src, dst = self._replicas.of(source), self._replicas.of(m.to_node)
+        after: str | None = None
+        started = clock.now()
+        while True:
+            docs, after = await src.stream(entry.spec, m.shard, after, PAGE)
+            if docs:
+                await dst.write(entry.spec, entry.uid, {m.shard: docs})
+                t.copied += len(docs)
+                stats.documents += len(docs)
+                stats.bytes += sum(len(d.metadata) + (d.vector.nbytes if d.vector is not None
+                                                      else 0) for d in docs)
+            if self.docs_per_s > 0:
+                ahead = t.copied / self.docs_per_s - (clock.now() - started)
+                if ahead > 0:
+                    await clock.sleep(ahead)
+            if after is None:
+                return
 
     async def _catch_up(self, entry: CollectionEntry, shard: int, source: str, target: str,
                         rounds: int = 5) -> None:
         for _ in range(rounds):
-            if await sync_pair(self.coord, entry, shard, source, target) == 0:
+            if await self._repair.sync_pair(entry, shard, source, target) == 0:
                 return
-
-    def _alive(self, node: str) -> bool:
-        if node == self.coord.node_id:
-            return True
-        mem = {x.id: x for x in self.coord.view.members()}.get(node)
-        return mem is not None and mem.state == State.ALIVE
 
     def _source(self, entry: CollectionEntry, m: Move) -> str:
         reps = list(entry.replicas[m.shard])
-        if m.from_node in reps and self._alive(m.from_node):
+        if m.from_node in reps and self._view.is_alive(m.from_node):
             return m.from_node
-        for node in self.coord.ordered_replicas(reps):
-            if node != m.to_node and self._alive(node):
+        for node in self._view.ordered(reps):
+            if node != m.to_node and self._view.is_alive(node):
                 return node
         raise Unavailable(f"shard {m.shard} of {m.collection!r} has no live replica to copy from")
 
-    async def _count(self, entry: CollectionEntry, shard: int, source: str) -> int:
-        stats = await self.coord.node_stats(source, entry.spec.name)
-        return int(stats.get(shard, {}).get("count", 0))
-
-    async def _page(
-        self, entry: CollectionEntry, shard: int, source: str, after: str | None
-    ) -> tuple[list[Any], str | None, int]:
-        docs, nxt = await self.coord.replicas.of(source).stream(entry.spec, shard, after, PAGE)
-        nbytes = sum(len(d.metadata) + (d.vector.nbytes if d.vector is not None else 0)
-                     for d in docs)
-        return docs, nxt, nbytes
-
     async def _update(self, name: str, shard: int, **changes: Any) -> None:
         """A new version of one shard's map entry, adopted here and pushed to every node."""
-        coord = self.coord
-        entry = coord.entry(name)
+        entry = self._state.entry(name)
         replicas = changes.pop("replicas", entry.replicas[shard])
         moving = list(entry.moving) + [None] * (len(entry.replicas) - len(entry.moving))
         if "moving" in changes:
             moving[shard] = changes.pop("moving")
         reps = list(entry.replicas)
         reps[shard] = tuple(replicas)
-        new = coord.runtime.state.next_entry(
-            entry, coord.node_id, replicas=tuple(reps), moving=tuple(moving)
+        new = self._state.next_entry(
+            entry, self.node_id, replicas=tuple(reps), moving=tuple(moving)
         )
-        coord.runtime.publish(new)
-        await coord.push_entry(new, require_all=True)
+        await self._publisher.publish(new, require_all=True)
 
     async def _clear_move(self, m: Move) -> None:
         try:
-            entry = self.coord.entry(m.collection)
+            entry = self._state.entry(m.collection)
             if entry.move_of(m.shard) is not None:
                 await self._update(m.collection, m.shard, moving=None)
         except Exception:
             log.exception("clearing the failed move of %s/%d", m.collection, m.shard)
 
-    async def clear_abandoned(self, alive: set[str], leader: bool) -> int:
+    async def clear_abandoned(self) -> int:
         """Clear moves nobody carries out any more: this node's own that it is not running
         (it restarted mid-move) and, on the leader, those of nodes that are gone. The target's
         partial copy is then an orphan, dropped like any other; a new rebalance redoes it."""
         cleared = 0
         if self.busy:
             return 0
-        for name, entry in list(self.coord.runtime.state.live().items()):
+        leader = self._view.is_leader()
+        for name, entry in list(self._state.live().items()):
             for shard in range(len(entry.replicas)):
                 mv = entry.move_of(shard)
                 if mv is None:
                     continue
-                mine = mv.driver == self.coord.node_id and (name, shard) not in self.active
-                gone = leader and mv.driver not in alive
+                mine = mv.driver == self.node_id and (name, shard) not in self.active
+                gone = leader and not self._view.is_alive(mv.driver)
                 if mine or gone:
                     log.warning("clearing the abandoned move of %s/%d (driver %s)", name, shard,
                                 mv.driver or "unknown")

@@ -4,7 +4,7 @@ same way for this node and for a peer.
 `Replicas.of(node)` is the one place that tells the two apart: this node gets its
 `LocalReplica` (over its `ShardBackend`: the engine in a real node, `MemoryBackend` in the
 in-process cluster), any other node a `remote.RemoteReplica` (the peer client and the wire
-formats). The coordinator's paths, rebalance, healing and repair only ever see `Replica`.
+formats). The write and read paths, collections, rebalance, healing and repair only ever see `Replica`.
 """
 
 from __future__ import annotations

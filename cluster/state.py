@@ -17,7 +17,8 @@ from typing import Any
 
 import orjson
 
-from cluster.spec import CollectionSpec
+from cluster.errors import NotFound
+from cluster.spec import CollectionSpec, check_name
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,13 @@ class ClusterState:
     def get(self, name: str) -> CollectionEntry | None:
         e = self.collections.get(name)
         return None if e is None or e.deleted else e
+
+    def entry(self, name: str) -> CollectionEntry:
+        """The live entry of `name`: BadRequest for an invalid name, NotFound if none."""
+        e = self.get(check_name(name))
+        if e is None:
+            raise NotFound(f"collection {name!r} does not exist")
+        return e
 
     def merge(self, entries: Iterable[CollectionEntry]) -> list[CollectionEntry]:
         """Keep the newer of ours and theirs per collection; returns the entries that won."""

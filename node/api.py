@@ -12,7 +12,14 @@ from aiohttp import web
 
 from cluster.errors import AquilaError, BadRequest, PayloadTooLarge, Unauthorized
 from cluster.fastparse import parse_documents_fast
-from cluster.requests import compact_size, loads_overflowing
+from cluster.requests import (
+    check_id,
+    compact_size,
+    loads_overflowing,
+    parse_documents,
+    parse_ids,
+    parse_search,
+)
 from cluster.spec import parse_spec
 from node.keys import BLOCKING, CONFIG, METRICS, READY, SERVICE
 from node.openapi import openapi_document
@@ -137,71 +144,86 @@ def decode_body(raw: bytes, limit: int) -> Any:
     return body
 
 
-# -- collections --------------------------------------------------------------------------
+# -- collections ----------------------------------------------------------------------------
 async def put_collection(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     spec = parse_spec(name, await read_json(request))
-    desc, created = await request.app[SERVICE].create_collection(spec)
+    desc, created = await request.app[SERVICE].collections.create(spec)
     return json_response(desc, 201 if created else 200)
 
 
 async def list_collections(request: web.Request) -> web.Response:
-    return json_response({"collections": await request.app[SERVICE].list_collections()})
+    return json_response({"collections": await request.app[SERVICE].collections.list_all()})
 
 
 async def get_collection(request: web.Request) -> web.Response:
-    return json_response(await request.app[SERVICE].get_collection(request.match_info["name"]))
+    return json_response(await request.app[SERVICE].collections.get(request.match_info["name"]))
 
 
 async def delete_collection(request: web.Request) -> web.Response:
-    await request.app[SERVICE].delete_collection(request.match_info["name"])
+    await request.app[SERVICE].collections.delete(request.match_info["name"])
     return json_response({"deleted": True})
 
 
 # -- documents ----------------------------------------------------------------------------
+# Batches of more documents than this are validated on a thread (the decoded body is already
+# in memory; checking 10,000 vectors element by element takes a while).
+_VALIDATE_ON_THREAD_DOCS = 2000
+
+
 async def upsert(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
     service = request.app[SERVICE]
-    entry = service.entry(name)
+    entry = service.collections.entry(request.match_info["name"])
+    dim = entry.spec.dim
     raw = await request.read()
+    batch = None
     if raw and len(raw) <= request.app[CONFIG].max_body_bytes:
         # The fast path takes well-formed batches; anything else gets the general one.
         if len(raw) > _DECODE_ON_THREAD_BYTES:
-            batch = await request.app[BLOCKING].parse(parse_documents_fast, raw, entry.spec.dim)
+            batch = await request.app[BLOCKING].parse(parse_documents_fast, raw, dim)
         else:
-            batch = parse_documents_fast(raw, entry.spec.dim)
-        if batch is not None:
-            return json_response(await service.upsert_batch(entry, batch))
-    return json_response(await service.upsert(name, await read_json(request)))
+            batch = parse_documents_fast(raw, dim)
+    if batch is None:
+        body = await read_json(request)
+        docs = body.get("documents") if isinstance(body, dict) else None
+        if isinstance(docs, list) and len(docs) > _VALIDATE_ON_THREAD_DOCS:
+            batch = await request.app[BLOCKING].parse(parse_documents, body, dim)
+        else:
+            batch = parse_documents(body, dim)
+    return json_response(await service.writes.upsert(entry, batch))
 
 
 async def get_document(request: web.Request) -> web.Response:
     flag = request.query.get("vector", "false").lower()
     if flag not in ("true", "false", "1", "0"):
         raise BadRequest("'vector' must be true or false")
-    doc = await request.app[SERVICE].get_document(
-        request.match_info["name"], request.match_info["doc_id"], flag in ("true", "1")
-    )
-    return json_response(doc)
+    service = request.app[SERVICE]
+    entry = service.collections.entry(request.match_info["name"])
+    doc_id = check_id(request.match_info["doc_id"])
+    return json_response(await service.reads.get_document(entry, doc_id, flag in ("true", "1")))
 
 
 async def delete_documents(request: web.Request) -> web.Response:
-    n = await request.app[SERVICE].delete_documents(
-        request.match_info["name"], await read_json(request)
-    )
+    service = request.app[SERVICE]
+    entry = service.collections.entry(request.match_info["name"])
+    body = await read_json(request)
+    ids = parse_ids(body)
+    n = await service.writes.delete(entry, ids, body.get("consistency", "quorum"))
     return json_response({"deleted": n})
 
 
 async def delete_document(request: web.Request) -> web.Response:
-    await request.app[SERVICE].delete_document(
-        request.match_info["name"], request.match_info["doc_id"]
-    )
+    service = request.app[SERVICE]
+    entry = service.collections.entry(request.match_info["name"])
+    await service.writes.delete_one(entry, check_id(request.match_info["doc_id"]))
     return json_response({"deleted": 1})
 
 
 async def search(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    return json_response(await request.app[SERVICE].search(name, await read_json(request)))
+    service = request.app[SERVICE]
+    entry = service.collections.entry(request.match_info["name"])
+    req = parse_search(await read_json(request), entry.spec.dim)
+    return json_response(await service.reads.search(entry, req))
 
 
 # -- operations ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ starts and stops storage and background work in order."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -11,7 +12,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cluster.clock import Clock
 from cluster.errors import Unavailable
+from cluster.remote import PeerClient
+from cluster.transport import Transport
 from node.api import add_public_routes, error_middleware
 from node.blocking import Blocking
 from node.cluster_api import add_cluster_routes
@@ -40,15 +44,25 @@ def node_identity(config: NodeConfig) -> str:
     return node_id
 
 
-def make_app(config: NodeConfig) -> web.Application:
+def make_app(
+    config: NodeConfig,
+    *,
+    clock: Clock | None = None,
+    transport: Transport | None = None,
+    peers: PeerClient | None = None,
+) -> web.Application:
+    """The node's application. The system clock, gossip over UDP and the HTTP peer client
+    unless others are given (a fake clock, `memnet`, `mempeers`); given ones are started and
+    closed by whoever gave them."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_wire_bytes)
     app[CONFIG] = config
+    app.cleanup_ctx.append(functools.partial(_storage, clock=clock, transport=transport,
+                                             peers=peers))
     app[METRICS] = Metrics()
     app[READY] = asyncio.Event()
     add_public_routes(app)
     add_cluster_routes(app)
     add_internal_routes(app)
-    app.cleanup_ctx.append(_storage)
     return app
 
 
@@ -59,14 +73,15 @@ async def _join_then_ready(app: web.Application, cluster: ClusterNode) -> None:
     restarted node finds its cluster even without seeds (a restarted first node, say); when
     none of them answers it serves alone and keeps looking for them in the background."""
     config = app[CONFIG]
+    service = cluster.service
     known = await cluster.known_peers()
     if config.seeds:
-        await cluster.join(list(dict.fromkeys([*config.seeds, *known])), deadline_s=float("inf"))
-    elif known and not await cluster.try_join(known):
-        cluster.spawn(cluster.rejoin(known))
+        await service.join(list(dict.fromkeys([*config.seeds, *known])), deadline_s=float("inf"))
+    elif known and not await service.try_join(known):
+        service.spawn(service.rejoin(known))
     while True:
         try:
-            await cluster.runtime.wait_reconciled(60)
+            await service.runtime.wait_reconciled(60)
             break
         except Unavailable:
             log.warning("still opening this node's shards (see the errors above)")
@@ -74,7 +89,13 @@ async def _join_then_ready(app: web.Application, cluster: ClusterNode) -> None:
     log.info("node %s ready on %s", cluster.node_id, config.addr)
 
 
-async def _storage(app: web.Application) -> AsyncIterator[None]:
+async def _storage(
+    app: web.Application,
+    *,
+    clock: Clock | None,
+    transport: Transport | None,
+    peers: PeerClient | None,
+) -> AsyncIterator[None]:
     config = app[CONFIG]
     blocking = Blocking(config.search_threads)
     app[BLOCKING] = blocking
@@ -86,9 +107,10 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     engine = Engine(Path(config.data_dir), blocking, tuning, config.fsync)
     node_id = node_identity(config)
     await engine.start()
-    cluster = ClusterNode.build(node_id, config, engine, blocking)
+    cluster = ClusterNode.build(node_id, config, engine, blocking, clock=clock,
+                                transport=transport, peers=peers)
     app[CLUSTER] = cluster
-    app[SERVICE] = cluster.coordinator
+    app[SERVICE] = cluster.service
     await cluster.start()
     app[METRICS].watch_cluster(cluster.metrics_snapshot)
     app[METRICS].watch_collections(lambda: {n: c.count() for n, c in engine.collections.items()})

@@ -9,16 +9,15 @@ from aiohttp import web
 from cluster.config_parse import parse_seeds
 from cluster.errors import BadRequest, Unavailable
 from cluster.gossip import JoinError
-from cluster.membership import State
 from cluster.rebalance import plan_moves
 from cluster.rebalance_plan import Move
+from cluster.service import ClusterService
 from node.api import json_response, read_json
-from node.cluster_node import ClusterNode
-from node.keys import CLUSTER
+from node.keys import SERVICE
 
 
 async def cluster_info(request: web.Request) -> web.Response:
-    node = request.app[CLUSTER]
+    node = request.app[SERVICE]
     me = node.gossip.local_member()
     return json_response({
         "node": {"id": me.id, "addr": me.addr},
@@ -31,7 +30,7 @@ async def cluster_info(request: web.Request) -> web.Response:
 
 
 async def shards(request: web.Request) -> web.Response:
-    node = request.app[CLUSTER]
+    node = request.app[SERVICE]
     state = node.runtime.state
     out: dict[str, Any] = {}
     for name, e in state.live().items():
@@ -42,7 +41,7 @@ async def shards(request: web.Request) -> web.Response:
     return json_response({"epoch": state.epoch, "collections": out})
 
 
-def _moving(node: ClusterNode, name: str, shard: int) -> dict[str, Any] | None:
+def _moving(node: ClusterService, name: str, shard: int) -> dict[str, Any] | None:
     entry = node.runtime.state.get(name)
     mv = entry.move_of(shard) if entry is not None else None
     if mv is None:
@@ -63,12 +62,11 @@ def _moves_json(moves: list[Move]) -> list[dict[str, Any]]:
             for m in moves]
 
 
-def _alive(node: ClusterNode, exclude: str | None = None) -> list[str]:
-    return sorted(m.id for m in node.gossip.members()
-                  if m.state == State.ALIVE and m.id != exclude)
+def _alive(node: ClusterService, exclude: str | None = None) -> list[str]:
+    return [n for n in node.view.alive() if n != exclude]
 
 
-def _refuse_if_moving(node: ClusterNode) -> None:
+def _refuse_if_moving(node: ClusterService) -> None:
     """One rebalance at a time in the whole cluster: two drivers would plan the same moves."""
     drivers = node.rebalancer.moves_in_map()
     if node.rebalancer.busy or drivers:
@@ -82,9 +80,9 @@ async def rebalance(request: web.Request) -> web.Response:
     body = await read_json(request) if request.can_read_body else {}
     if not isinstance(body, dict) or not isinstance(body.get("dry_run", False), bool):
         raise BadRequest("body is {\"dry_run\": bool}")
-    node = request.app[CLUSTER]
+    node = request.app[SERVICE]
     _refuse_if_moving(node)
-    moves = plan_moves(node.coordinator, _alive(node))
+    moves = plan_moves(node.runtime.state, _alive(node))
     if moves and not body.get("dry_run", False):
         node.spawn(node.rebalancer.run(moves))
     return json_response({"moves": _moves_json(moves)})
@@ -92,14 +90,14 @@ async def rebalance(request: web.Request) -> web.Response:
 
 async def leave(request: web.Request) -> web.Response:
     """Move every replica this node holds to the others, wait for that, then leave."""
-    node = request.app[CLUSTER]
+    node = request.app[SERVICE]
     others = _alive(node, exclude=node.node_id)
     held = any(node.node_id in reps for e in node.runtime.state.live().values()
                for reps in e.replicas)
     if held and not others:
         raise Unavailable("no other alive node to hand this node's shards to")
     _refuse_if_moving(node)
-    moves = plan_moves(node.coordinator, others) if others else []
+    moves = plan_moves(node.runtime.state, others) if others else []
     stats = await node.rebalancer.run(moves)
     failed = [t for t in stats.transfers if t.error]
     if failed:
@@ -114,7 +112,7 @@ async def join(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise BadRequest("body must be an object with 'seeds'")
     seeds = parse_seeds(body.get("seeds"))
-    node = request.app[CLUSTER]
+    node = request.app[SERVICE]
     try:
         n = await node.join(seeds, deadline_s=10.0)
     except JoinError as exc:

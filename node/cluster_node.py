@@ -1,29 +1,27 @@
-"""Wires the cluster layer into a node: gossip over UDP with push-pull over HTTP, the
-replicated cluster state persisted on disk, and the coordinator that serves the public API."""
+"""Wires the cluster layer into a node: the engine as its storage, the peer client over HTTP
+(push-pull too, like memberlist's TCP), gossip over UDP, the cluster state persisted on disk,
+and the peers remembered across restarts."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import random
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from cluster.clock import SystemClock
-from cluster.coordinator import Coordinator
-from cluster.gossip import Gossip, GossipConfig, JoinError
-from cluster.healer import Healer, HealerConfig
-from cluster.membership import State
+from cluster.clock import Clock, SystemClock
+from cluster.gossip import GossipConfig
+from cluster.healer import HealerConfig
+from cluster.membership import Member, State
 from cluster.peers import Peers
-from cluster.rebalance import Rebalancer
-from cluster.remote import PeerService
-from cluster.runtime import ClusterRuntime
+from cluster.remote import PUSH_PULL_PATH, PeerClient
+from cluster.service import ClusterService, ClusterSettings
 from cluster.state import ClusterState
+from cluster.transport import Transport
 from cluster.udp import UdpTransport
 from node.backend import EngineBackend
 from node.blocking import Blocking
@@ -37,15 +35,37 @@ log = logging.getLogger(__name__)
 class HttpPushPull:
     """Gossip's push-pull over the peers' HTTP route (TCP, like memberlist's)."""
 
-    def __init__(self, peers: Peers) -> None:
+    def __init__(self, peers: PeerClient) -> None:
         self._peers = peers
 
     async def exchange(self, addr: str, payload: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
-        out = await self._peers.request(addr, "POST", "/internal/v1/pushpull", raw=payload,
+        out = await self._peers.request(addr, "POST", PUSH_PULL_PATH, raw=payload,
                                         timeout=timeout)
         if not isinstance(out, bytes):
             raise OSError(f"{addr}: unexpected push-pull answer")
         return out
+
+
+def cluster_settings(config: NodeConfig) -> ClusterSettings:
+    return ClusterSettings(
+        search_timeout_s=config.search_timeout_ms / 1000,
+        peer_timeout_s=config.peer_timeout_s,
+        moves_per_node=config.moves_per_node,
+        transfer_docs_per_s=config.transfer_docs_per_s,
+        healer=HealerConfig(
+            dead_grace_s=config.dead_grace_s,
+            anti_entropy_interval_s=config.anti_entropy_interval_s,
+            tombstone_grace_s=config.tombstone_grace_s,
+        ),
+        gossip=GossipConfig(
+            probe_interval=config.probe_interval_s,
+            probe_timeout=config.probe_timeout_s,
+            gossip_interval=config.gossip_interval_s,
+            push_pull_interval=config.push_pull_interval_s,
+            suspicion_mult=config.suspicion_mult,
+        ),
+        cluster_secret=config.cluster_secret,
+    )
 
 
 @dataclass
@@ -53,20 +73,25 @@ class ClusterNode:
     node_id: str
     config: NodeConfig
     engine: Engine
-    backend: EngineBackend
-    peers: Peers
-    runtime: ClusterRuntime
-    gossip: Gossip
-    coordinator: Coordinator
-    rebalancer: Rebalancer
-    healer: Healer
-    peer_service: PeerService
+    peers: PeerClient
+    service: ClusterService
     _blocking: Blocking
-    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # The HTTP client this node made (and so starts and closes); given peers are the giver's.
+    _own_client: Peers | None = None
     _remembered: list[str] = field(default_factory=list)
 
     @staticmethod
-    def build(node_id: str, config: NodeConfig, engine: Engine, blocking: Blocking) -> ClusterNode:
+    def build(
+        node_id: str,
+        config: NodeConfig,
+        engine: Engine,
+        blocking: Blocking,
+        *,
+        clock: Clock | None = None,
+        transport: Transport | None = None,
+        peers: PeerClient | None = None,
+    ) -> ClusterNode:
+        """The real transports (UDP, HTTP) and the system clock unless others are given."""
         state_path = Path(config.data_dir) / "cluster_state.json"
 
         async def persist(raw: bytes) -> None:
@@ -75,60 +100,40 @@ class ClusterNode:
         initial = ClusterState()
         if state_path.exists():
             initial.merge(ClusterState.decode_entries(state_path.read_bytes()))
-        backend = EngineBackend(engine)
-        peers = Peers(config.peer_secret, config.peer_timeout_s)
-        runtime = ClusterRuntime(node_id, backend, persist, initial)
-        clock = SystemClock()
-        gossip = Gossip(
+        own = None if peers is not None else Peers(config.peer_secret, config.peer_timeout_s)
+        client: PeerClient = peers if peers is not None else own  # type: ignore[assignment]
+        service = ClusterService.build(
             node_id,
             config.addr,
-            UdpTransport(config.host, config.port),
-            HttpPushPull(peers),
-            clock,
-            random.Random(),
-            GossipConfig(
-                probe_interval=config.probe_interval_s,
-                probe_timeout=config.probe_timeout_s,
-                gossip_interval=config.gossip_interval_s,
-                push_pull_interval=config.push_pull_interval_s,
-                suspicion_mult=config.suspicion_mult,
-            ),
-            runtime.delegate,
-            config.cluster_secret,
+            EngineBackend(engine),
+            persist,
+            client,
+            transport or UdpTransport(config.host, config.port),
+            HttpPushPull(client),
+            clock or SystemClock(),
+            rng=random.Random(),
+            settings=cluster_settings(config),
+            initial=initial,
         )
-        runtime.members_count = gossip.num_alive
-        coordinator = Coordinator(
-            node_id, runtime, backend, peers, gossip, clock,
-            search_timeout_s=config.search_timeout_ms / 1000,
-            peer_timeout_s=config.peer_timeout_s,
-        )
-        coordinator.offload = blocking.parse
-        rebalancer = Rebalancer(coordinator, per_node=config.moves_per_node,
-                                docs_per_s=config.transfer_docs_per_s)
-        healer = Healer(coordinator, rebalancer, HealerConfig(
-            dead_grace_s=config.dead_grace_s,
-            anti_entropy_interval_s=config.anti_entropy_interval_s,
-            tombstone_grace_s=config.tombstone_grace_s,
-        ))
-        peer_service = PeerService(coordinator.replicas.local, runtime.state, runtime.merge,
-                                   coordinator.hlc)
-        node = ClusterNode(node_id, config, engine, backend, peers, runtime, gossip,
-                           coordinator, rebalancer, healer, peer_service, blocking)
-        runtime.member_listeners.append(lambda _member: node.remember_peers())
+        node = ClusterNode(node_id, config, engine, client, service, blocking,
+                           _own_client=own)
+        service.runtime.member_listeners.append(node.remember_peers)
         return node
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Figures for /metrics (read on scrape)."""
+        gossip = self.service.gossip
         members: dict[str, int] = {}
-        for m in self.gossip.members():
+        for m in gossip.members():
             members[m.state.value] = members.get(m.state.value, 0) + 1
+        hints = self.service.writes.hints
         return {
-            "gossip": dataclasses.asdict(self.gossip.stats),
+            "gossip": dataclasses.asdict(gossip.stats),
             "members": members,
-            "health": self.gossip.health_score,
-            "hints_pending": self.coordinator.hints.pending(),
-            "hints_dropped": self.coordinator.hints.dropped,
-            "epoch": self.runtime.state.epoch,
+            "health": gossip.health_score,
+            "hints_pending": hints.pending(),
+            "hints_dropped": hints.dropped,
+            "epoch": self.service.runtime.state.epoch,
         }
 
     async def known_peers(self) -> list[str]:
@@ -142,68 +147,22 @@ class ClusterNode:
             return []
         return [p for p in peers if isinstance(p, str) and p != self.config.addr]
 
-    def remember_peers(self) -> None:
+    def remember_peers(self, _member: Member | None = None) -> None:
         """Called on membership changes: keep the alive peers' addresses for a restart."""
-        peers = sorted(m.addr for m in self.gossip.members()
+        peers = sorted(m.addr for m in self.service.gossip.members()
                        if m.state == State.ALIVE and m.id != self.node_id)
         if peers != self._remembered:
             self._remembered = peers
-            self.spawn(self._blocking.write(write_atomic,
-                                            Path(self.config.data_dir) / "peers.json",
-                                            orjson.dumps(peers)))
-
-    async def try_join(self, peers: list[str]) -> bool:
-        try:
-            n = await self.gossip.join(peers)
-        except JoinError:
-            return False
-        log.info("rejoined through %d remembered peer(s)", n)
-        return True
-
-    async def rejoin(self, peers: list[str]) -> None:
-        """Keep trying remembered peers until one answers or someone else finds us."""
-        delay = 1.0
-        while self.gossip.num_alive() <= 1 and not await self.try_join(peers):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run background work (a rebalance) that outlives the request that started it."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            self.service.spawn(self._blocking.write(write_atomic,
+                                                    Path(self.config.data_dir) / "peers.json",
+                                                    orjson.dumps(peers)))
 
     async def start(self) -> None:
-        await self.peers.start()
-        await self.runtime.start()
-        await self.gossip.start()
-        await self.healer.start()
-
-    async def join(self, seeds: list[str], deadline_s: float = 120.0) -> int:
-        """Join through the seeds, retrying until one answers or the deadline passes."""
-        seeds = [s for s in seeds if s != self.config.addr]
-        if not seeds:
-            return 0
-        loop = asyncio.get_running_loop()
-        end = loop.time() + deadline_s
-        delay = 0.2
-        while True:
-            try:
-                n = await self.gossip.join(seeds)
-                log.info("joined through %d of %d seed(s)", n, len(seeds))
-                return n
-            except JoinError as exc:
-                if loop.time() + delay > end:
-                    raise
-                log.warning("join failed, retrying: %s", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        if self._own_client is not None:
+            await self._own_client.start()
+        await self.service.start()
 
     async def stop(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.healer.stop()
-        await self.gossip.stop()
-        await self.runtime.stop()
-        await self.peers.close()
+        await self.service.stop()
+        if self._own_client is not None:
+            await self._own_client.close()

@@ -16,7 +16,7 @@ from cluster.errors import BadRequest, Unauthorized
 from cluster.messages import AuthError, DecodeError
 from cluster.peers import AUTH_HEADER, check_signature
 from node.api import json_response
-from node.keys import CLUSTER, CONFIG
+from node.keys import CONFIG, SERVICE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,7 +61,7 @@ def _peer_route(handler: Handler) -> Handler:
 async def push_pull(request: web.Request) -> web.Response:
     body = await request.read()  # sealed by gossip's own HMAC
     try:
-        out = request.app[CLUSTER].gossip.handle_push_pull(body)
+        out = request.app[SERVICE].gossip.handle_push_pull(body)
     except AuthError:
         raise Unauthorized("push-pull with a wrong cluster secret") from None
     except DecodeError as exc:
@@ -71,12 +71,12 @@ async def push_pull(request: web.Request) -> web.Response:
 
 async def state(request: web.Request) -> web.Response:
     body = _json(await _authed_body(request))
-    return json_response(request.app[CLUSTER].peer_service.state_push(body))
+    return json_response(request.app[SERVICE].peer_service.state_push(body))
 
 
 async def stats(request: web.Request) -> web.Response:
     await _authed_body(request)
-    return json_response(await request.app[CLUSTER].peer_service.stats(request.match_info["name"]))
+    return json_response(await request.app[SERVICE].peer_service.stats(request.match_info["name"]))
 
 
 async def collection_op(request: web.Request) -> web.Response:
@@ -84,7 +84,7 @@ async def collection_op(request: web.Request) -> web.Response:
     by `cluster.remote.PeerService`."""
     body = await _request_object(request)
     op, name = request.match_info["op"], request.match_info["name"]
-    return json_response(await request.app[CLUSTER].peer_service.collection_op(op, name, body))
+    return json_response(await request.app[SERVICE].peer_service.collection_op(op, name, body))
 
 
 def add_internal_routes(app: web.Application) -> None:

@@ -10,13 +10,13 @@ from aiohttp import web
 from node.config import NodeConfig
 
 if TYPE_CHECKING:
-    from cluster.coordinator import Coordinator
+    from cluster.service import ClusterService
     from node.blocking import Blocking
     from node.cluster_node import ClusterNode
     from node.metrics import Metrics
 
 CONFIG = web.AppKey("config", NodeConfig)
-SERVICE: web.AppKey[Coordinator] = web.AppKey("service")
+SERVICE: web.AppKey[ClusterService] = web.AppKey("service")
 CLUSTER: web.AppKey[ClusterNode] = web.AppKey("cluster")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 READY = web.AppKey("ready", asyncio.Event)

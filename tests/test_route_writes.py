@@ -1,8 +1,10 @@
-"""Coordinator.route_writes over in-memory replicas: acknowledgements per consistency, hints
-for replicas that miss a write, refusal before writing, and errors that must not be retried.
+"""The write path's route_writes over in-memory replicas: acknowledgements per consistency,
+hints for replicas that miss a write, refusal before writing, and errors that must not be
+retried.
 
-Each node is a FakeBackend; the coordinator ("a") writes to its own directly and to the
-others through FakePeers, which sends the body through JSON as the wire would. A backend
+Each node is a FakeBackend; the coordinator ("a") writes to its own through its LocalReplica
+and to the others through RemoteReplica and FakePeers, which sends the body through JSON as
+the wire would. A backend
 with a closed `gate` holds its writes, which lets a test see exactly when route_writes
 returns without sleeping.
 """
@@ -18,14 +20,17 @@ import orjson
 import pytest
 
 from cluster.clock import ManualClock
-from cluster.coordinator import Coordinator, needed_acks
 from cluster.docs import Incoming, decode_writes
 from cluster.errors import AquilaError, BadRequest, Unavailable
+from cluster.hlc import HybridClock
 from cluster.membership import Member, State
 from cluster.peers import PeerError
-from cluster.runtime import ClusterRuntime
+from cluster.remote import RemoteReplica
+from cluster.replica import LocalReplica, Replicas
 from cluster.spec import CollectionSpec, IndexSpec
-from cluster.state import CollectionEntry, Move
+from cluster.state import ClusterState, CollectionEntry, Move
+from cluster.view import MemberView
+from cluster.writes import WritePath, needed_acks
 
 SPEC = CollectionSpec("docs", dim=2, shards=2, replication=3, index=IndexSpec("flat"))
 NODES = ["a", "b", "c", "d", "e"]
@@ -132,21 +137,22 @@ class Cluster:
         self.peers = FakePeers(self.backends)
         self.members = FakeMembers(states or {n: State.ALIVE for n in NODES})
 
-        async def persist(raw: bytes) -> None:
-            return None
-
-        runtime = ClusterRuntime("a", cast(Any, self.backends["a"]), persist)
-        self.coord = Coordinator("a", runtime, cast(Any, self.backends["a"]),
-                                 cast(Any, self.peers), self.members, ManualClock())
+        view = MemberView("a", self.members, ManualClock())
+        state = ClusterState()
+        replicas = Replicas(
+            "a", LocalReplica("a", cast(Any, self.backends["a"]), state),
+            lambda node: RemoteReplica(node, view.addr_of, self.peers, 10.0),
+        )
+        self.writes = WritePath("a", state, view, replicas, HybridClock())
 
     def written(self) -> list[str]:
         return sorted(n for n, b in self.backends.items() if b.writes)
 
     def hinted(self, node: str) -> dict[tuple[str, int], list[str]]:
         """What the coordinator holds for `node` (leaves it held)."""
-        taken = self.coord.hints.take(node)
+        taken = self.writes.hints.take(node)
         for (name, shard), ds in taken.items():
-            self.coord.hints.add(node, name, shard, ds)
+            self.writes.hints.add(node, name, shard, ds)
         return {key: sorted(d.id for d in ds) for key, ds in taken.items()}
 
     async def finish_background(self) -> None:
@@ -154,7 +160,7 @@ class Cluster:
         for b in self.backends.values():
             if b.gate is not None:
                 b.gate.set()
-        await asyncio.gather(*list(self.coord._background), return_exceptions=True)
+        await self.writes.finish_background()
 
 
 async def settle() -> None:
@@ -177,7 +183,7 @@ def test_needed_acks(consistency: str, replicas: int, acks: int) -> None:
 @pytest.mark.parametrize("consistency", ["one", "quorum", "all"])
 async def test_all_replicas_alive(consistency: str) -> None:
     cl = Cluster()
-    results = await cl.coord.route_writes(make_entry(), BATCH, consistency)
+    results = await cl.writes.route_writes(make_entry(), BATCH, consistency)
     assert results == {0: (3, 0), 1: (3, 0)}
     await cl.finish_background()
     assert cl.written() == ["a", "b", "c"]
@@ -187,7 +193,7 @@ async def test_all_replicas_alive(consistency: str) -> None:
     assert sorted(n for n, _ in cl.peers.requests) == ["b", "c"]
     assert cl.backends["a"].ensured == [("docs", [0, 1], "uid-1")]
     assert cl.backends["b"].ensured == [("docs", [0, 1], "uid-1")]
-    assert cl.coord.hints.pending() == 0
+    assert cl.writes.hints.pending() == 0
 
 
 @pytest.mark.parametrize(("consistency", "acks"), [("one", 1), ("quorum", 2), ("all", 3)])
@@ -195,7 +201,7 @@ async def test_returns_after_exactly_the_acks_it_needs(consistency: str, acks: i
     cl = Cluster()
     for n in "abc":
         cl.backends[n].gate = asyncio.Event()
-    task = asyncio.ensure_future(cl.coord.route_writes(make_entry(), BATCH, consistency))
+    task = asyncio.ensure_future(cl.writes.route_writes(make_entry(), BATCH, consistency))
     await settle()
     assert all(cl.backends[n].arrived.is_set() for n in "abc")  # sent to all at once
     for released, n in enumerate("abc", start=1):
@@ -217,19 +223,19 @@ async def test_one_replica_unreachable_succeeds_and_hints_it(consistency: str) -
     # c still looks alive (the failure detector has not noticed): the write is tried.
     cl = Cluster()
     cl.peers.down.add("c")
-    results = await cl.coord.route_writes(make_entry(), BATCH, consistency)
+    results = await cl.writes.route_writes(make_entry(), BATCH, consistency)
     assert results == {0: (3, 0), 1: (3, 0)}
     await cl.finish_background()
     assert cl.written() == ["a", "b"]
     assert cl.hinted("c") == {("docs", 0): ALL_IDS[0], ("docs", 1): ALL_IDS[1]}
-    assert cl.coord.hints.nodes() == ["c"]
+    assert cl.writes.hints.nodes() == ["c"]
 
 
 async def test_one_replica_unreachable_fails_consistency_all() -> None:
     cl = Cluster()
     cl.peers.down.add("c")
     with pytest.raises(Unavailable, match=r"did not reach consistency 'all'.*c: node"):
-        await cl.coord.route_writes(make_entry(), BATCH, "all")
+        await cl.writes.route_writes(make_entry(), BATCH, "all")
     await cl.finish_background()
     # No rollback: the replicas that answered keep the write, and c gets it by hand-off.
     assert cl.written() == ["a", "b"]
@@ -240,7 +246,7 @@ async def test_one_replica_unreachable_fails_consistency_all() -> None:
 @pytest.mark.parametrize("consistency", ["one", "quorum"])
 async def test_dead_replica_is_not_asked_and_is_hinted(consistency: str, state: State) -> None:
     cl = Cluster({"a": State.ALIVE, "b": State.ALIVE, "c": state})
-    results = await cl.coord.route_writes(make_entry(), BATCH, consistency)
+    results = await cl.writes.route_writes(make_entry(), BATCH, consistency)
     assert results == {0: (3, 0), 1: (3, 0)}
     await cl.finish_background()
     assert "c" not in {n for n, _ in cl.peers.requests}
@@ -250,9 +256,9 @@ async def test_dead_replica_is_not_asked_and_is_hinted(consistency: str, state: 
 
 async def test_suspect_replica_is_still_written() -> None:
     cl = Cluster({"a": State.ALIVE, "b": State.ALIVE, "c": State.SUSPECT})
-    await cl.coord.route_writes(make_entry(), BATCH, "all")
+    await cl.writes.route_writes(make_entry(), BATCH, "all")
     assert cl.written() == ["a", "b", "c"]
-    assert cl.coord.hints.pending() == 0
+    assert cl.writes.hints.pending() == 0
 
 
 @pytest.mark.parametrize(
@@ -268,7 +274,7 @@ async def test_too_few_live_replicas_refused_before_writing(
 ) -> None:
     cl = Cluster(states)
     with pytest.raises(Unavailable, match=f"consistency '{consistency}' needs"):
-        await cl.coord.route_writes(make_entry(), BATCH, consistency)
+        await cl.writes.route_writes(make_entry(), BATCH, consistency)
     await cl.finish_background()
     assert cl.written() == []
     assert cl.peers.requests == []
@@ -281,9 +287,9 @@ async def test_refused_write_leaves_no_hints() -> None:
                   "d": State.DEAD, "e": State.DEAD})
     entry = make_entry(replicas=(("a", "b", "c"), ("a", "d", "e")))
     with pytest.raises(Unavailable):
-        await cl.coord.route_writes(entry, BATCH, "quorum")
+        await cl.writes.route_writes(entry, BATCH, "quorum")
     assert cl.written() == []
-    assert cl.coord.hints.pending() == 0
+    assert cl.writes.hints.pending() == 0
 
 
 @pytest.mark.parametrize("consistency", ["one", "quorum", "all"])
@@ -292,13 +298,13 @@ async def test_non_transient_error_propagates(consistency: str) -> None:
     cl.peers.errors["c"] = BadRequest("vector of 's0-0' has the wrong dimension")
     for n in "ab":  # hold the others so that c's answer is the first one
         cl.backends[n].gate = asyncio.Event()
-    task = asyncio.ensure_future(cl.coord.route_writes(make_entry(), BATCH, consistency))
+    task = asyncio.ensure_future(cl.writes.route_writes(make_entry(), BATCH, consistency))
     await settle()
     assert task.done(), "still waiting for other replicas after a non-transient error"
     with pytest.raises(BadRequest, match="wrong dimension"):
         await task
     await cl.finish_background()
-    assert "c" not in cl.coord.hints.nodes()  # a bad request is not handed off either
+    assert "c" not in cl.writes.hints.nodes()  # a bad request is not handed off either
 
 
 async def test_move_target_gets_writes_but_does_not_count_as_ack() -> None:
@@ -306,7 +312,7 @@ async def test_move_target_gets_writes_but_does_not_count_as_ack() -> None:
     cl = Cluster()
     entry = make_entry(moving=(Move("c", "d", 0.5), None))
     c_gate = cl.backends["c"].gate = asyncio.Event()
-    task = asyncio.ensure_future(cl.coord.route_writes(entry, {0: docs(0)}, "all"))
+    task = asyncio.ensure_future(cl.writes.route_writes(entry, {0: docs(0)}, "all"))
     await settle()
     assert cl.backends["d"].ids(0) == ALL_IDS[0]  # d has answered...
     assert not task.done()  # ...but "all" still waits for c
@@ -318,16 +324,16 @@ async def test_move_target_gets_writes_but_does_not_count_as_ack() -> None:
     # And a move target alone cannot make up for a missing replica.
     cl = Cluster({"a": State.ALIVE, "b": State.ALIVE, "c": State.DEAD, "d": State.ALIVE})
     with pytest.raises(Unavailable):
-        await cl.coord.route_writes(entry, {0: docs(0)}, "all")
+        await cl.writes.route_writes(entry, {0: docs(0)}, "all")
     assert cl.written() == []
 
 
 async def test_deletes_report_what_was_deleted() -> None:
     cl = Cluster()
-    await cl.coord.route_writes(make_entry(), {0: docs(0)}, "all")
+    await cl.writes.route_writes(make_entry(), {0: docs(0)}, "all")
     tombstones = {0: docs(0, n=2, version=200, deleted=True) + [
         Incoming("never-written", None, b"", 200, "a")]}
-    results = await cl.coord.route_writes(make_entry(), tombstones, "all")
+    results = await cl.writes.route_writes(make_entry(), tombstones, "all")
     assert results == {0: (3, 2)}  # three records changed, two live documents deleted
     for n in "abc":
         assert cl.backends[n].ids(0) == ["s0-2"]
