@@ -1,7 +1,8 @@
 """Time as a dependency: only SystemClock touches the real clock.
 
-Protocol code (gossip, suspicion, fan-out deadlines) takes a `Clock`, so the cluster
-simulator can drive many nodes with a `ManualClock` deterministically and without sleeping.
+Protocol code (gossip, suspicion, fan-out deadlines, reconciliation, retries, copy throttles)
+takes a `Clock` and waits only through it, so the cluster simulator can drive many nodes with a
+`ManualClock` deterministically and without sleeping.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Collection
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -20,6 +24,17 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+    async def wait_for(self, aw: Awaitable[T], timeout: float) -> T:  # noqa: ASYNC109
+        """`aw`'s result, or TimeoutError once `timeout` seconds have passed (`aw` is then
+        cancelled)."""
+        ...
+
+    async def wait_first(
+        self, futures: Collection[asyncio.Future[Any]], timeout: float | None  # noqa: ASYNC109
+    ) -> set[asyncio.Future[Any]]:
+        """Until one of `futures` is done or `timeout` seconds have passed; the done ones."""
+        ...
+
 
 class SystemClock:
     def now(self) -> float:
@@ -28,9 +43,23 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
+    async def wait_for(self, aw: Awaitable[T], timeout: float) -> T:  # noqa: ASYNC109
+        # A timeout scope, not asyncio.wait_for: no task per call on the search hot path.
+        async with asyncio.timeout(timeout):
+            return await aw
+
+    async def wait_first(
+        self, futures: Collection[asyncio.Future[Any]], timeout: float | None  # noqa: ASYNC109
+    ) -> set[asyncio.Future[Any]]:
+        if not futures:
+            return set()
+        done, _ = await asyncio.wait(futures, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        return done
+
 
 class ManualClock:
-    """A clock that only moves when a test calls `advance`.
+    """A clock that only moves when a test calls `advance` (or `run` jumps it).
 
     `sleep` parks the caller until the clock has been advanced past its wake-up time, so
     async code written against `Clock` runs unchanged in the simulator.
@@ -49,10 +78,67 @@ class ManualClock:
         heapq.heappush(self._sleepers, (self._now + max(0.0, seconds), next(self._seq), fut))
         await fut
 
+    async def wait_for(self, aw: Awaitable[T], timeout: float) -> T:  # noqa: ASYNC109
+        task = asyncio.ensure_future(aw)
+        if not await self.wait_first([task], timeout):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise TimeoutError
+        return task.result()
+
+    async def wait_first(
+        self, futures: Collection[asyncio.Future[Any]], timeout: float | None  # noqa: ASYNC109
+    ) -> set[asyncio.Future[Any]]:
+        if not futures:
+            return set()
+        waiters: set[asyncio.Future[Any]] = set(futures)
+        sleeper = None
+        if timeout is not None:
+            sleeper = asyncio.ensure_future(self.sleep(timeout))
+            waiters.add(sleeper)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if sleeper is not None:
+                sleeper.cancel()
+        return {f for f in futures if f.done()}
+
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper whose time has come."""
-        self._now += seconds
+        self.advance_to(self._now + seconds)
+
+    def advance_to(self, when: float) -> None:
+        self._now = max(self._now, when)
         while self._sleepers and self._sleepers[0][0] <= self._now:
             _, _, fut = heapq.heappop(self._sleepers)
             if not fut.done():
                 fut.set_result(None)
+
+    def next_wakeup(self) -> float | None:
+        """When the earliest sleeper wakes (None: nobody sleeps)."""
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)  # cancelled sleepers
+        return self._sleepers[0][0] if self._sleepers else None
+
+    async def run(self, aw: Awaitable[T], *, limit_s: float = 3600.0, idle_turns: int = 64) -> T:
+        """Await `aw` while jumping the clock to the next wake-up whenever everything else
+        has had `idle_turns` turns of the loop (trio's autojump): timeouts and intervals pass
+        at once, and nothing waits on real time. Fails once `limit_s` clock seconds pass."""
+        task = asyncio.ensure_future(aw)
+        end = self._now + limit_s
+        try:
+            while True:
+                for _ in range(idle_turns):
+                    if task.done():
+                        return task.result()
+                    await asyncio.sleep(0)
+                wake = self.next_wakeup()
+                if wake is None:
+                    raise RuntimeError("nothing to wait for: the awaited work is stuck")
+                if wake > end:
+                    raise TimeoutError(f"not done within {limit_s} s of clock time")
+                self.advance_to(wake)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)

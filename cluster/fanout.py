@@ -63,7 +63,7 @@ async def fan_out(
     nodes = {n[0] for s, n in candidates.items() if s in pending}
     if len(nodes) == 1 and all(len(candidates[s]) == 1 for s in pending):
         # One node and no alternative (a one-node cluster): one awaited call, no tasks.
-        return await _single(next(iter(nodes)), candidates, ask, nq, timeout_s)
+        return await _single(next(iter(nodes)), candidates, ask, nq, clock, timeout_s)
     tried: dict[int, int] = {}
     inflight: dict[asyncio.Future[list[list[Hit]]], tuple[str, list[int]]] = {}
     answers: list[list[list[Hit]]] = []
@@ -84,9 +84,7 @@ async def fan_out(
             if now >= deadline:
                 break
             wait_s = deadline - now if hedge_at is None else max(0.0, min(hedge_at, deadline) - now)
-            done, _ = await asyncio.wait(
-                list(inflight), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            done = await clock.wait_first(list(inflight), wait_s)
             for task in done:
                 node, group = inflight.pop(task)
                 exc = task.exception()
@@ -121,13 +119,13 @@ async def fan_out(
 
 
 async def _single(
-    node: str, candidates: dict[int, list[str]], ask: AskNode, nq: int, timeout_s: float
+    node: str, candidates: dict[int, list[str]], ask: AskNode, nq: int, clock: Clock,
+    timeout_s: float,
 ) -> FanoutResult:
     shards = sorted(s for s, n in candidates.items() if n)
     empty = sorted(s for s, n in candidates.items() if not n)
     try:
-        async with asyncio.timeout(timeout_s):
-            rows = await ask(node, shards, timeout_s)
+        rows = await clock.wait_for(ask(node, shards, timeout_s), timeout_s)
     except AquilaError as exc:
         if not exc.transient:
             raise

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from cluster.backend import ShardBackend
+from cluster.clock import Clock
 from cluster.errors import Unavailable
 from cluster.membership import Member
 from cluster.state import ClusterState, CollectionEntry
@@ -20,6 +21,9 @@ from cluster.state import ClusterState, CollectionEntry
 log = logging.getLogger(__name__)
 
 Persist = Callable[[bytes], Awaitable[None]]
+
+# After a failed reconciliation, try again this much later.
+RETRY_S = 1.0
 
 
 class StateDelegate:
@@ -74,10 +78,12 @@ class ClusterRuntime:
         node_id: str,
         backend: ShardBackend,
         persist: Persist,
+        clock: Clock,
         initial: ClusterState | None = None,
     ) -> None:
         self.node_id = node_id
         self.backend = backend
+        self.clock = clock
         self.state = initial or ClusterState()
         self.delegate = StateDelegate(self)
         self._persist = persist
@@ -117,7 +123,7 @@ class ClusterRuntime:
     async def wait_reconciled(self, timeout: float) -> None:  # noqa: ASYNC109
         """Until local shards match the map (Unavailable if that takes over `timeout`)."""
         try:
-            await asyncio.wait_for(self._reconciled.wait(), timeout)
+            await self.clock.wait_for(self._reconciled.wait(), timeout)
         except TimeoutError:
             raise Unavailable(
                 f"this node has not applied the cluster state within {timeout:.0f} s"
@@ -136,7 +142,7 @@ class ClusterRuntime:
                 raise
             except Exception:
                 log.exception("reconciling local shards with the cluster state failed")
-                await asyncio.sleep(1.0)
+                await self.clock.sleep(RETRY_S)
                 self._dirty.set()
 
     async def reconcile(self) -> None:

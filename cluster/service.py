@@ -88,7 +88,7 @@ class ClusterService:
         initial: ClusterState | None = None,
     ) -> ClusterService:
         s = settings or ClusterSettings()
-        runtime = ClusterRuntime(node_id, backend, persist, initial)
+        runtime = ClusterRuntime(node_id, backend, persist, clock, initial)
         gossip = Gossip(node_id, addr, transport, push_pull, clock, rng or random.Random(),
                         s.gossip, runtime.delegate, s.cluster_secret)
         runtime.members_count = gossip.num_alive

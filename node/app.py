@@ -115,7 +115,7 @@ async def _storage(
     app[METRICS].watch_cluster(cluster.metrics_snapshot)
     app[METRICS].watch_collections(lambda: {n: c.count() for n, c in engine.collections.items()})
     snapshots = asyncio.get_running_loop().create_task(
-        engine.snapshot_loop(config.snapshot_interval_s)
+        engine.snapshot_loop(config.snapshot_interval_s, cluster.service.clock)
     )
     joining = asyncio.get_running_loop().create_task(_join_then_ready(app, cluster))
     try:

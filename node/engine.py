@@ -10,6 +10,7 @@ from pathlib import Path
 
 import orjson
 
+from cluster.clock import Clock
 from cluster.errors import NotFound
 from cluster.spec import CollectionSpec
 from node.blocking import Blocking
@@ -101,9 +102,9 @@ class Engine:
         (coll.root / "spec.json").unlink(missing_ok=True)
         await coll.destroy()
 
-    async def snapshot_loop(self, interval_s: float) -> None:
+    async def snapshot_loop(self, interval_s: float, clock: Clock) -> None:
         while True:
-            await asyncio.sleep(interval_s)
+            await clock.sleep(interval_s)
             for coll in list(self.collections.values()):
                 try:
                     await coll.snapshot()

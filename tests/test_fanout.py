@@ -1,27 +1,27 @@
 """Scatter-gather with a deadline and replica retry, over fake nodes.
 
-fan_out waits on real loop time (asyncio.wait / asyncio.timeout), so these tests use the
-SystemClock with deadlines of a fifth of a second; only the hanging-node cases wait that long.
+fan_out waits only through its clock: these tests run it on a ManualClock that jumps to the
+next deadline whenever nothing else can run, so the deadlines and hedges below are exact and
+no test waits on real time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
-from cluster.clock import SystemClock
+from cluster.clock import ManualClock
 from cluster.docs import Hit
 from cluster.errors import BadRequest, Unavailable
-from cluster.fanout import FanoutResult, assign, fan_out
+from cluster.fanout import HEDGE_SHARE, FanoutResult, assign, fan_out
 
 NQ = 2
 K = 3
 TIMEOUT = 0.2
-SLACK = 0.1  # scheduling margin on top of the deadline (a second deadline would exceed it)
+SLACK = 0.1  # margin on top of the deadline (a second deadline would exceed it)
 
 
 def _hits() -> dict[tuple[int, int], list[Hit]]:
@@ -60,6 +60,7 @@ class FakeNodes:
 
     larger_is_better: bool = False
     behaviour: dict[str, str] = field(default_factory=dict)
+    clock: ManualClock = field(default_factory=ManualClock)
     calls: list[tuple[str, list[int], float]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
 
@@ -85,10 +86,11 @@ class FakeNodes:
 async def run(
     nodes: FakeNodes, candidates: dict[int, list[str]], timeout_s: float = TIMEOUT
 ) -> tuple[FanoutResult, float]:
-    t0 = time.monotonic()
-    result = await fan_out(candidates, nodes.ask, NQ, K, nodes.larger_is_better,
-                           SystemClock(), timeout_s)
-    return result, time.monotonic() - t0
+    clock = nodes.clock
+    t0 = clock.now()
+    result = await clock.run(fan_out(candidates, nodes.ask, NQ, K, nodes.larger_is_better,
+                                     clock, timeout_s))
+    return result, clock.now() - t0
 
 
 def ids(rows: list[list[Hit]]) -> list[list[str]]:
@@ -149,6 +151,7 @@ async def test_node_that_never_answers_loses_its_shards_at_the_deadline() -> Non
     assert ids(result.rows) == ids(expected_rows([1], False))
     assert "a: no answer within the deadline" in result.errors
     assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + SLACK
+    assert elapsed == pytest.approx(TIMEOUT)  # on the fake clock: exactly the deadline
     await asyncio.sleep(0)  # let the cancellation reach the abandoned request
     assert nodes.cancelled == ["a"]
 
@@ -210,6 +213,7 @@ async def test_fast_path_node_that_never_answers() -> None:
     assert result.missing == [0, 1]
     assert result.errors  # the caller can say why
     assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + SLACK
+    assert elapsed == pytest.approx(TIMEOUT)  # on the fake clock: exactly the deadline
 
 
 # --- one node first for every shard, with other replicas ------------------------------------
@@ -241,6 +245,7 @@ async def test_slow_node_is_hedged_to_the_next_replica() -> None:
     assert ids(result.rows) == ids(expected_rows([0, 1, 2], False))
     assert result.missing == []
     assert elapsed < TIMEOUT * 0.75
+    assert elapsed == pytest.approx(TIMEOUT * HEDGE_SHARE)  # answered right at the hedge
     assert sorted(nodes.asked("b") + nodes.asked("c")) == [[0], [1], [2]]
     await asyncio.sleep(0)
     assert nodes.cancelled == ["a"]  # the abandoned request is cancelled
@@ -253,7 +258,7 @@ async def test_answers_that_overlap_count_once_per_shard() -> None:
     class Late(FakeNodes):
         async def ask(self, node: str, shards: list[int], budget: float) -> list[list[Hit]]:
             if node == "a":
-                await asyncio.sleep(TIMEOUT * 0.4)  # after the hedge, before the deadline
+                await self.clock.sleep(TIMEOUT * 0.4)  # after the hedge, before the deadline
             rows = await super().ask(node, shards, budget)
             return [[Hit(h.id, h.score, h.metadata, h.vector, int(h.id[1])) for h in row]
                     for row in rows]
@@ -273,3 +278,4 @@ async def test_every_replica_silent_keeps_the_deadline() -> None:
     result, elapsed = await run(nodes, {0: ["a", "b"], 1: ["a", "b"]})
     assert result.missing == [0, 1]
     assert elapsed < TIMEOUT + SLACK
+    assert elapsed == pytest.approx(TIMEOUT)
