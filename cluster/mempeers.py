@@ -2,7 +2,7 @@
 JSON as on the wire, straight to the target's `remote.PeerService`, so the whole replica
 protocol (codecs included) runs between many nodes in one process. The in-memory network's
 faults apply: a paused or cut-off node hangs until the caller's timeout (on the injected
-clock), a stopped one refuses at once. Push-pull is gossip's and travels by `memnet`.
+clock), a stopped one refuses at once. Gossip's push-pull travels by `memnet`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from cluster.clock import Clock
 from cluster.errors import AquilaError, BadRequest, NotFound, Unavailable, from_code
 from cluster.memnet import MemNetwork
 from cluster.peers import PeerError
-from cluster.remote import COLLECTION_PREFIX, STATE_PATH, PeerService
+from cluster.remote import COLLECTION_PREFIX, PUSH_PULL_PATH, STATE_PATH, PeerService
 
 
 class MemoryPeerNet:
@@ -49,8 +49,10 @@ class MemoryPeers:
     ) -> Any:
         hub = self._hub
         hub.requests += 1
-        if raw is not None:
-            raise ValueError("push-pull travels by memnet, not by the peer client")
+        if raw is not None:  # gossip's push-pull: memnet carries it
+            if path != PUSH_PULL_PATH:
+                raise ValueError(f"raw bodies go to {PUSH_PULL_PATH} only")
+            return await hub.net.push_pull(self.addr).exchange(addr, raw, timeout or 10.0)
         if not hub.net.reachable(self.addr, addr):
             await hub.clock.sleep(timeout or 10.0)
             raise PeerError(f"node {addr} did not answer: TimeoutError")

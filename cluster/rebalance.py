@@ -18,6 +18,7 @@ import asyncio
 import enum
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,8 @@ class Rebalancer:
         # Copy throttle per move (0: as fast as the nodes go), so that serving keeps its share.
         self.docs_per_s = docs_per_s
         self.active: dict[tuple[str, int], Transfer] = {}
+        # Called as each transfer enters a stage (progress reports, tests).
+        self.on_stage: Callable[[Transfer], None] | None = None
         self._lock = asyncio.Lock()
         self._slots: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(self.per_node)
@@ -148,11 +151,12 @@ class Rebalancer:
             await self._slots[n].acquire()
         try:
             await self._stages(t, stats)
-            t.stage = Stage.DONE
+            self._enter(t, Stage.DONE)
             log.info("moved %s/%d %s→%s: %d documents", m.collection, m.shard, m.from_node,
                      m.to_node, t.copied)
         except Exception as exc:
-            t.stage, t.error = Stage.FAILED, str(exc)
+            t.error = str(exc)
+            self._enter(t, Stage.FAILED)
             log.warning("move %s/%d %s→%s failed: %s", m.collection, m.shard, m.from_node,
                         m.to_node, exc)
             await self._clear_move(m)
@@ -160,16 +164,21 @@ class Rebalancer:
             for n in nodes:
                 self._slots[n].release()
 
+    def _enter(self, t: Transfer, stage: Stage) -> None:
+        t.stage = stage
+        if self.on_stage is not None:
+            self.on_stage(t)
+
     async def _stages(self, t: Transfer, stats: RunStats) -> None:
         m, state = t.move, self._state
         entry = state.entry(m.collection)
         source = self._source(entry, m)
         # 1. announce
-        t.stage = Stage.ANNOUNCE
+        self._enter(t, Stage.ANNOUNCE)
         await self._update(m.collection, m.shard,
                            moving=MapMove(m.from_node, m.to_node, 0.0, self.node_id))
         # 2. copy
-        t.stage = Stage.COPY
+        self._enter(t, Stage.COPY)
         t.total = int((await self._replicas.of(source).stats(m.collection))
                       .get(m.shard, {}).get("count", 0))
         entry = state.entry(m.collection)
@@ -178,7 +187,7 @@ class Rebalancer:
         # copy's cursor: compare digests and send what differs until source and target agree.
         await self._catch_up(entry, m.shard, source, m.to_node)
         # 3. switch
-        t.stage = Stage.SWITCH
+        self._enter(t, Stage.SWITCH)
         entry = state.entry(m.collection)
         reps = list(entry.replicas[m.shard])
         if m.from_node is not None and m.from_node in reps:
@@ -187,7 +196,7 @@ class Rebalancer:
             reps.append(m.to_node)
         await self._update(m.collection, m.shard, replicas=tuple(reps), moving=None)
         # 4. drop the old copy, now that every live node has the new map
-        t.stage = Stage.DROP
+        self._enter(t, Stage.DROP)
         if m.from_node is not None and self._view.is_alive(m.from_node):
             # Last stragglers routed with the old map reach the target before the copy goes.
             await self._catch_up(state.entry(m.collection), m.shard, m.from_node, m.to_node)
