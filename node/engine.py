@@ -13,7 +13,7 @@ import orjson
 from cluster.errors import NotFound
 from cluster.spec import CollectionSpec
 from node.blocking import Blocking
-from node.collection import Collection, Tuning
+from node.collection import SPEC_FILE, Collection, Tuning, meta_bytes
 from node.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ class Engine:
 
     def _write_meta(self, coll: Collection, shards: list[int]) -> None:
         # Written last, atomically: a directory without it is an unfinished create.
-        meta = {"spec": coll.spec.to_json(), "shards": shards, "uid": coll.uid}
-        write_atomic(coll.root / "spec.json", orjson.dumps(meta))
+        write_atomic(coll.root / SPEC_FILE, meta_bytes(coll.spec, coll.uid, shards))
 
     async def ensure(self, spec: CollectionSpec, shards: Iterable[int], uid: str) -> Collection:
         """Open these shards of the collection here, creating it when new. A collection of the
@@ -77,10 +76,8 @@ class Engine:
                 self.collections[spec.name] = coll
                 return coll
             missing = [s for s in wanted if s not in coll.shards]
-            for s in missing:
-                await coll.add_shard(s)
             if missing:
-                self._write_meta(coll, sorted(coll.shards))
+                await coll.add_shards(missing)
             return coll
 
     async def drop_shard(self, name: str, shard: int) -> None:
@@ -89,7 +86,6 @@ class Engine:
             return
         async with self._lock:
             await coll.drop_shard(shard)
-            self._write_meta(coll, sorted(coll.shards))
 
     async def drop(self, name: str) -> None:
         async with self._lock:
@@ -98,8 +94,9 @@ class Engine:
     async def _drop_locked(self, name: str) -> None:
         coll = self.get(name)
         del self.collections[name]
-        (coll.root / "spec.json").unlink(missing_ok=True)
-        await coll.destroy()
+        (coll.root / SPEC_FILE).unlink(missing_ok=True)
+        await coll.close(snapshot=False)
+        await self.blocking.write(shutil.rmtree, coll.root, True)
 
     async def snapshot_loop(self, interval_s: float) -> None:
         while True:
