@@ -85,6 +85,7 @@ class Collection:
             self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
         self.closed = False
+        self._saving = asyncio.Lock()  # one snapshot written at a time; `close` waits for it
         # Incarnation of the collection in the cluster state (see CollectionEntry.uid).
         self.uid = ""
 
@@ -190,6 +191,10 @@ class Collection:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A snapshot being written finishes first: written later, it could land in the
+        # folder of the next incarnation of this name.
+        async with self._saving:
+            pass
         async with self._exclusive():
             if snapshot and self._dirty():
                 await self.blocking.write(self._snapshot_sync)
@@ -427,12 +432,15 @@ class Collection:
         """Serialise under the locks (quick), write the file outside them."""
         if self.closed or self.training or not self._dirty():
             return
-        async with self.rw.read():
-            covered = {s: sh.applied_seq for s, sh in self.shards.items()}
-            payload = await self.blocking.write(self.index.serialize)
-            index = self.index
-        await self.blocking.background(index.save, self.snap_path, covered, payload)
-        self.snapshot_seqs = covered
+        async with self._saving:
+            if self.closed:
+                return
+            async with self.rw.read():
+                covered = {s: sh.applied_seq for s, sh in self.shards.items()}
+                payload = await self.blocking.write(self.index.serialize)
+                index = self.index
+            await self.blocking.background(index.save, self.snap_path, covered, payload)
+            self.snapshot_seqs = covered
 
 
 def _incoming(doc_id: str, rec: Record) -> Incoming:

@@ -25,7 +25,7 @@ from node.blocking import Blocking
 from node.collection import Tuning
 from node.engine import Engine
 from node.files import remove_stale_temps, write_atomic
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from tests.crash_points import SCENARIOS, SPEC, doc, observe, prepare
 from tests.procs import NodeProc, wait_until
 
@@ -349,3 +349,43 @@ def test_a_node_killed_while_collections_come_and_go_restarts_whole(tmp_path: Pa
         assert [p.name for p in (data / "collections").iterdir() if p.name.startswith(".")] == []
     finally:
         node.stop()
+
+
+async def test_a_snapshot_being_written_never_lands_in_the_next_incarnation(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collection re-created while its old incarnation's index snapshot is being written:
+    the new incarnation must not find the old index in its folder."""
+    from node.index import VectorIndex
+
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0, 1], "u1")
+    await coll.write({0: [doc(i) for i in range(6)]})
+    started, gate = threading.Event(), threading.Event()
+    real_save = VectorIndex.save
+
+    def slow_save(self: VectorIndex, *args: Any) -> None:
+        started.set()
+        gate.wait(30)
+        real_save(self, *args)
+
+    monkeypatch.setattr(VectorIndex, "save", slow_save)
+    snap = asyncio.create_task(coll.snapshot())
+    await wait_for(started.is_set, what="the snapshot to start writing")
+    recreate = asyncio.create_task(engine.ensure(SPEC, [0, 1], "u2"))
+    # The re-create goes as far as it can while the old snapshot is being written: to its
+    # end, or to waiting for the snapshot in the old incarnation's close.
+    await wait_for(lambda: recreate.done() or getattr(coll._saving, "_waiters", None),
+                   what="the re-create to go as far as it can")
+    gate.set()
+    await snap
+    new = await recreate
+    monkeypatch.undo()
+    assert new.uid == "u2" and new.count() == 0 and new.index.ntotal == 0
+    await engine.close()
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = engine.get("c")
+    assert coll.uid == "u2" and coll.count() == 0 and coll.index.ntotal == 0
+    await engine.close()
