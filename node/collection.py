@@ -176,7 +176,7 @@ class Collection:
         that is the commit point. Its keys then go in one batch; a crash between the two
         leaves keys of a shard not held, which nothing reads and `open` removes."""
         async with self._exclusive():
-            if s not in self.shards:
+            if self.closed or s not in self.shards:
                 return
             await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
             shard = self.shards.pop(s)

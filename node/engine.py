@@ -216,11 +216,12 @@ class Engine:
         _remove(trash)
 
     async def drop_shard(self, name: str, shard: int) -> None:
-        coll = self.collections.get(name)
-        if coll is None or shard not in coll.shards:
-            return
         async with self._lock:
-            await coll.drop_shard(shard)
+            # Looked up under the lock: a collection re-created meanwhile is another one,
+            # whose folder the old one's record must not be written into.
+            coll = self.collections.get(name)
+            if coll is not None and shard in coll.shards:
+                await coll.drop_shard(shard)
 
     async def drop(self, name: str) -> None:
         async with self._lock:

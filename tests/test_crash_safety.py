@@ -389,3 +389,23 @@ async def test_a_snapshot_being_written_never_lands_in_the_next_incarnation(
     coll = engine.get("c")
     assert coll.uid == "u2" and coll.count() == 0 and coll.index.ntotal == 0
     await engine.close()
+
+
+async def test_a_shard_drop_racing_a_re_create_keeps_the_new_incarnation_s_record(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """A shard's drop that waited while the collection was re-created must not write the old
+    incarnation's record into the new one's folder."""
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    await engine.ensure(SPEC, [0, 1], "u1")
+    recreate = asyncio.create_task(engine.ensure(SPEC, [0, 1], "u2"))
+    drop = asyncio.create_task(engine.drop_shard("c", 1))
+    await asyncio.gather(recreate, drop)
+    held = sorted(engine.get("c").shards)
+    assert engine.get("c").uid == "u2"
+    await engine.close()
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    assert engine.get("c").uid == "u2" and sorted(engine.get("c").shards) == held
+    await engine.close()
