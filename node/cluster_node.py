@@ -74,7 +74,7 @@ class ClusterNode:
         if state_path.exists():
             initial.merge(ClusterState.decode_entries(state_path.read_bytes()))
         backend = EngineBackend(engine)
-        peers = Peers(config.peer_secret, config.peer_timeout_s)
+        peers = Peers(config.peer_secret, config.peer_timeout_s, sender=node_id)
         runtime = ClusterRuntime(node_id, backend, persist, initial)
         clock = SystemClock()
         gossip = Gossip(
@@ -92,7 +92,7 @@ class ClusterNode:
                 suspicion_mult=config.suspicion_mult,
             ),
             runtime.delegate,
-            config.cluster_secret,
+            config.peer_secret,  # the API key when there is no secret: never unkeyed gossip
         )
         runtime.members_count = gossip.num_alive
         coordinator = Coordinator(
