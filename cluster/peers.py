@@ -19,7 +19,7 @@ class PeerError(Unavailable):
 
 
 class Peers:
-    def __init__(self, secret: str | None, timeout_s: float = 10.0, sender: str = "") -> None:
+    def __init__(self, secret: str | None, timeout_s: float = 10.0, *, sender: str) -> None:
         self._signer = PeerSigner(secret, sender)
         self._timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
