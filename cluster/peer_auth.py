@@ -1,8 +1,11 @@
 """Authentication of peer requests (`/internal/*`) with the cluster secret.
 
-A signed request carries five headers: the sender's node id, the time it was signed (Unix
+A signed request carries six headers: the sender's node id, the recipient's (`*` for a
+push-pull, sent to a seed address before its id is known), the time it was signed (Unix
 milliseconds), a random nonce, the SHA-256 of its body, and an HMAC-SHA256 over all of
-these plus the method and the path with its query string. Because the body's hash is in
+these plus the method and the path with its query string. A request addressed to another
+node is refused, so a request captured on its way to one node cannot be replayed to another
+(whose replay memory has not seen it). Because the body's hash is in
 a signed header, the receiver authenticates a request *before* reading its body: it checks
 that every header is present and well formed, the HMAC, and the timestamp's freshness and
 the nonce's novelty (`replay.ReplayGuard`: a captured request replayed is refused). Only
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from cluster.replay import NotFresh, ReplayGuard
 
 SENDER_HEADER = "X-Aquila-Peer"
+RECIPIENT_HEADER = "X-Aquila-Peer-To"
+ANY_RECIPIENT = "*"
 TIME_HEADER = "X-Aquila-Peer-Time"
 NONCE_HEADER = "X-Aquila-Peer-Nonce"
 BODY_HEADER = "X-Aquila-Peer-Body"
@@ -34,6 +39,7 @@ SIGNATURE_HEADER = "X-Aquila-Peer-Signature"
 # has no separator in it; the rest are digits and lower-case hex of fixed length.
 _FORMATS = {
     SENDER_HEADER: re.compile(r"[A-Za-z0-9._~%-]{1,768}"),
+    RECIPIENT_HEADER: re.compile(r"[A-Za-z0-9._~%-]{1,768}|\*"),
     TIME_HEADER: re.compile(r"[0-9]{1,15}"),
     NONCE_HEADER: re.compile(r"[0-9a-f]{32}"),
     BODY_HEADER: re.compile(r"[0-9a-f]{64}"),
@@ -52,13 +58,12 @@ def derive_key(secret: str | None) -> bytes | None:
     return hmac.new(secret.encode(), b"aquila-peer-http-v2", hashlib.sha256).digest()
 
 
-def _signed_text(
-    sender: str, method: str, path: str, ts_ms: str, nonce: str, body_hash: str
-) -> bytes:
+def _signed_text(fields: dict[str, str], method: str, path: str) -> bytes:
     # Fields joined by newlines, which none of them can contain (see _FORMATS; a request
     # line's method and path cannot either).
     return "\n".join(
-        ("aquila-peer-v2", sender, method.upper(), path, ts_ms, nonce, body_hash)
+        ("aquila-peer-v2", method.upper(), path,
+         *(fields[name] for name in _FORMATS if name != SIGNATURE_HEADER))
     ).encode()
 
 
@@ -76,22 +81,24 @@ class PeerSigner:
         self._sender = urllib.parse.quote(sender, safe="")
         self._wall = wall
 
-    def headers(self, method: str, path: str, body: bytes) -> dict[str, str]:
-        """The signature headers of a request; `path` exactly as it goes on the request
-        line (query string included); none without a secret."""
+    def headers(
+        self, method: str, path: str, body: bytes, recipient: str | None
+    ) -> dict[str, str]:
+        """The signature headers of a request to node `recipient` (None: whoever answers at
+        the address, for push-pull only); `path` exactly as it goes on the request line
+        (query string included). Empty without a secret."""
         if self._key is None:
             return {}
-        ts = str(int(self._wall() * 1000))
-        nonce = os.urandom(16).hex()
-        body_hash = hashlib.sha256(body).hexdigest()
-        sig = _mac(self._key, _signed_text(self._sender, method, path, ts, nonce, body_hash))
-        return {
+        fields = {
             SENDER_HEADER: self._sender,
-            TIME_HEADER: ts,
-            NONCE_HEADER: nonce,
-            BODY_HEADER: body_hash,
-            SIGNATURE_HEADER: sig,
+            RECIPIENT_HEADER: ANY_RECIPIENT if recipient is None
+            else urllib.parse.quote(recipient, safe=""),
+            TIME_HEADER: str(int(self._wall() * 1000)),
+            NONCE_HEADER: os.urandom(16).hex(),
+            BODY_HEADER: hashlib.sha256(body).hexdigest(),
         }
+        fields[SIGNATURE_HEADER] = _mac(self._key, _signed_text(fields, method, path))
+        return fields
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,12 @@ class PeerVerifier:
     def enabled(self) -> bool:
         return self._key is not None
 
-    def check_headers(self, method: str, path: str, headers: Mapping[str, str]) -> Signed | None:
-        """Authenticate a request from its method, raw path (with query) and headers alone,
-        before its body is read. Raises PeerAuthError; None when there is no secret."""
+    def check_headers(
+        self, method: str, path: str, headers: Mapping[str, str], me: str
+    ) -> Signed | None:
+        """Authenticate a request to node `me` from its method, raw path (with query) and
+        headers alone, before its body is read. Raises PeerAuthError; None without a
+        secret."""
         if self._key is None:
             return None
         values: dict[str, str] = {}
@@ -132,16 +142,18 @@ class PeerVerifier:
             if not fmt.fullmatch(value):
                 raise PeerAuthError(f"malformed {name} header")
             values[name] = value
-        sender, ts = values[SENDER_HEADER], values[TIME_HEADER]
-        nonce, body_hash = values[NONCE_HEADER], values[BODY_HEADER]
-        want = _mac(self._key, _signed_text(sender, method, path, ts, nonce, body_hash))
+        want = _mac(self._key, _signed_text(values, method, path))
         if not hmac.compare_digest(want, values[SIGNATURE_HEADER]):
             raise PeerAuthError("wrong signature (another cluster secret, or altered)")
+        to = values[RECIPIENT_HEADER]
+        if to != ANY_RECIPIENT and urllib.parse.unquote(to) != me:
+            raise PeerAuthError(f"addressed to another node ({urllib.parse.unquote(to)!r})")
+        ts, nonce = values[TIME_HEADER], values[NONCE_HEADER]
         try:
             self._guard.check(int(ts) / 1000, bytes.fromhex(nonce), self._wall())
         except NotFresh as exc:
             raise PeerAuthError(str(exc)) from None
-        return Signed(urllib.parse.unquote(sender), body_hash)
+        return Signed(urllib.parse.unquote(values[SENDER_HEADER]), values[BODY_HEADER])
 
     @staticmethod
     def check_body(signed: Signed | None, body: bytes) -> None:

@@ -36,10 +36,13 @@ class Peers:
             self._session = None
 
     async def request(
-        self, addr: str, method: str, path: str, body: Any = None, *,
+        self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
         timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
     ) -> Any:
-        """JSON (or raw bytes when `raw` is given) to http://addr/path; the decoded answer."""
+        """JSON (or raw bytes when `raw` is given) to http://addr/path; the decoded answer.
+
+        `to` is the node id expected at `addr`, which alone may accept the request; None
+        only for a push-pull to an address whose node is not known yet (a seed)."""
         if self._session is None:
             raise Unavailable("peer client is not started")
         data = raw if raw is not None else (b"" if body is None else orjson.dumps(body))
@@ -49,7 +52,7 @@ class Peers:
         except ValueError as exc:
             raise PeerError(f"bad peer address {addr!r}: {exc}") from None
         headers = {"Content-Type": "application/json",
-                   **self._signer.headers(method, url.raw_path_qs, data)}
+                   **self._signer.headers(method, url.raw_path_qs, data, to)}
         t = aiohttp.ClientTimeout(total=timeout or self._timeout_s)
         try:
             async with self._session.request(

@@ -40,8 +40,9 @@ class HttpPushPull:
         self._peers = peers
 
     async def exchange(self, addr: str, payload: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
+        # Addressed to whoever answers: a seed's node id is not known before the exchange.
         out = await self._peers.request(addr, "POST", "/internal/v1/pushpull", raw=payload,
-                                        timeout=timeout)
+                                        to=None, timeout=timeout)
         if not isinstance(out, bytes):
             raise OSError(f"{addr}: unexpected push-pull answer")
         return out

@@ -32,7 +32,8 @@ async def _authenticate(request: web.Request, verifier: PeerVerifier) -> None:
     """Check the signature from the request line and headers alone, then read the body (at
     most the size limit: aiohttp's client_max_size) and check it is the one signed."""
     try:
-        signed = verifier.check_headers(request.method, request.raw_path, request.headers)
+        signed = verifier.check_headers(request.method, request.raw_path, request.headers,
+                                        request.app[CLUSTER].node_id)
         if signed is not None:
             verifier.check_body(signed, await request.read())
     except PeerAuthError as exc:

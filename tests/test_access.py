@@ -110,6 +110,7 @@ async def test_public_keys_never_open_peer_routes(start_node: StartNode) -> None
     key: the key as a Bearer token is not one."""
     node = await keyed(start_node, api_key="full-key", read_key="read-key")
     c = node.client
+    me = (await ok_json(await c.get("/v1/cluster", headers=FULL)))["node"]["id"]
     path = "/internal/v1/collections/c/write"
     body = orjson.dumps({"writes": [{"shard": 0, "docs": []}]})
     for headers in ({}, FULL, READ):
@@ -118,11 +119,14 @@ async def test_public_keys_never_open_peer_routes(start_node: StartNode) -> None
     # Signed with another secret: refused too.
     raw = URL(path).raw_path_qs
     resp = await c.post(path, data=body, headers=PeerSigner("other", "rogue").headers(
-        "POST", raw, body))
+        "POST", raw, body, me))
     await expect_error(resp, 401, "unauthorized")
     # Signed with the API key, as a peer of this cluster signs: accepted, once.
-    headers = PeerSigner("full-key", "peer").headers("GET", "/internal/v1/collections/c/stats",
-                                                     b"")
+    stats = "/internal/v1/collections/c/stats"
+    other = PeerSigner("full-key", "peer").headers("GET", stats, b"", "another-node")
+    resp = await c.get(stats, headers=other)
+    await expect_error(resp, 401, "unauthorized")
+    headers = PeerSigner("full-key", "peer").headers("GET", stats, b"", me)
     resp = await c.get("/internal/v1/collections/c/stats", headers=headers)
     assert set(await ok_json(resp)) != set()
     resp = await c.get("/internal/v1/collections/c/stats", headers=headers)

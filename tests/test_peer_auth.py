@@ -19,6 +19,7 @@ from cluster.packet_auth import PacketAuth, StalePacket
 from cluster.peer_auth import (
     BODY_HEADER,
     NONCE_HEADER,
+    RECIPIENT_HEADER,
     SENDER_HEADER,
     SIGNATURE_HEADER,
     TIME_HEADER,
@@ -33,9 +34,12 @@ PATH = "/internal/v1/collections/c/write?x=1"
 BODY = b'{"writes": []}'
 
 
-def signed(secret: str = "s3cret", at: float = NOW, sender: str = "n1",
+ME = "n2"
+
+
+def signed(secret: str = "s3cret", at: float = NOW, sender: str = "n1", to: str | None = ME,
            method: str = "POST", path: str = PATH, body: bytes = BODY) -> dict[str, str]:
-    return PeerSigner(secret, sender, lambda: at).headers(method, path, body)
+    return PeerSigner(secret, sender, lambda: at).headers(method, path, body, to)
 
 
 def verifier(secret: str = "s3cret") -> PeerVerifier:
@@ -44,7 +48,7 @@ def verifier(secret: str = "s3cret") -> PeerVerifier:
 
 def test_valid_request_is_accepted_with_its_sender() -> None:
     v = verifier()
-    s = v.check_headers("POST", PATH, signed(sender="node 1/é"))
+    s = v.check_headers("POST", PATH, signed(sender="node 1/é"), ME)
     assert s is not None and s.sender == "node 1/é"
     v.check_body(s, BODY)
 
@@ -52,7 +56,8 @@ def test_valid_request_is_accepted_with_its_sender() -> None:
 @pytest.mark.parametrize(
     ("header", "value"),
     [
-        (SENDER_HEADER, "n2"),
+        (SENDER_HEADER, "n3"),
+        (RECIPIENT_HEADER, "*"),
         (TIME_HEADER, str(int(NOW * 1000) + 1)),
         (NONCE_HEADER, "0" * 32),
         (BODY_HEADER, "0" * 64),
@@ -62,7 +67,7 @@ def test_valid_request_is_accepted_with_its_sender() -> None:
 def test_each_tampered_header_is_refused(header: str, value: str) -> None:
     headers = {**signed(), header: value}
     with pytest.raises(PeerAuthError, match="wrong signature"):
-        verifier().check_headers("POST", PATH, headers)
+        verifier().check_headers("POST", PATH, headers, ME)
 
 
 @pytest.mark.parametrize(
@@ -77,56 +82,66 @@ def test_each_tampered_header_is_refused(header: str, value: str) -> None:
 )
 def test_another_method_or_path_is_refused(method: str, path: str) -> None:
     with pytest.raises(PeerAuthError, match="wrong signature"):
-        verifier().check_headers(method, path, signed())
+        verifier().check_headers(method, path, signed(), ME)
+
+
+def test_request_for_another_node_is_refused() -> None:
+    """A request captured on its way to n3 cannot be replayed to n2, which never saw it."""
+    with pytest.raises(PeerAuthError, match="addressed to another node"):
+        verifier().check_headers("POST", PATH, signed(to="n3"), ME)
+    # Push-pull goes to a seed's address before its id is known: addressed to any node.
+    assert verifier().check_headers("POST", PATH, signed(to=None), ME) is not None
+    assert verifier().check_headers("POST", PATH, signed(to="n 2/é"), "n 2/é") is not None
 
 
 def test_another_body_is_refused_after_the_headers_pass() -> None:
     v = verifier()
-    s = v.check_headers("POST", PATH, signed())
+    s = v.check_headers("POST", PATH, signed(), ME)
     with pytest.raises(PeerAuthError, match="body"):
         v.check_body(s, b'{"writes": [1]}')
 
 
 def test_wrong_secret_missing_and_malformed_headers_are_refused() -> None:
     with pytest.raises(PeerAuthError, match="wrong signature"):
-        verifier("other").check_headers("POST", PATH, signed())
-    for name in (SENDER_HEADER, TIME_HEADER, NONCE_HEADER, BODY_HEADER, SIGNATURE_HEADER):
+        verifier("other").check_headers("POST", PATH, signed(), ME)
+    for name in (SENDER_HEADER, RECIPIENT_HEADER, TIME_HEADER, NONCE_HEADER, BODY_HEADER,
+                 SIGNATURE_HEADER):
         headers = signed()
         del headers[name]
         with pytest.raises(PeerAuthError, match=f"missing {name}"):
-            verifier().check_headers("POST", PATH, headers)
+            verifier().check_headers("POST", PATH, headers, ME)
     for name, bad in [(TIME_HEADER, "-5"), (TIME_HEADER, "1e9"), (NONCE_HEADER, "zz" * 16),
-                      (SIGNATURE_HEADER, "A" * 64), (SENDER_HEADER, "a\nb"),
+                      (SIGNATURE_HEADER, "A" * 64), (SENDER_HEADER, "a\nb"), (RECIPIENT_HEADER, "**"),
                       (BODY_HEADER, "0" * 65), (TIME_HEADER, "9" * 30)]:
         with pytest.raises(PeerAuthError, match=f"malformed {name}"):
-            verifier().check_headers("POST", PATH, {**signed(), name: bad})
+            verifier().check_headers("POST", PATH, {**signed(), name: bad}, ME)
 
 
 @pytest.mark.parametrize("offset", [-(WINDOW_S + 1), WINDOW_S + 1, -1e6, 1e6])
 def test_stale_and_future_timestamps_are_refused(offset: float) -> None:
     with pytest.raises(PeerAuthError, match="stale|future"):
-        verifier().check_headers("POST", PATH, signed(at=NOW + offset))
+        verifier().check_headers("POST", PATH, signed(at=NOW + offset), ME)
 
 
 @pytest.mark.parametrize("offset", [-(WINDOW_S - 1), WINDOW_S - 1])
 def test_timestamps_within_the_window_are_accepted(offset: float) -> None:
-    assert verifier().check_headers("POST", PATH, signed(at=NOW + offset)) is not None
+    assert verifier().check_headers("POST", PATH, signed(at=NOW + offset), ME) is not None
 
 
 def test_replayed_request_is_refused() -> None:
     v = verifier()
     headers = signed()
-    assert v.check_headers("POST", PATH, headers) is not None
+    assert v.check_headers("POST", PATH, headers, ME) is not None
     with pytest.raises(PeerAuthError, match="replayed"):
-        v.check_headers("POST", PATH, headers)
+        v.check_headers("POST", PATH, headers, ME)
     # Another request signed the same second is not a replay: its nonce differs.
-    assert v.check_headers("POST", PATH, signed()) is not None
+    assert v.check_headers("POST", PATH, signed(), ME) is not None
 
 
 def test_without_a_secret_nothing_is_signed_or_checked() -> None:
-    assert PeerSigner(None, "n1").headers("POST", PATH, BODY) == {}
+    assert PeerSigner(None, "n1").headers("POST", PATH, BODY, ME) == {}
     v = PeerVerifier(None)
-    assert not v.enabled and v.check_headers("POST", PATH, {}) is None
+    assert not v.enabled and v.check_headers("POST", PATH, {}, ME) is None
     v.check_body(None, b"anything")
 
 

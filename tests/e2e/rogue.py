@@ -107,7 +107,8 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
         statuses: dict[str, Any] = {}
         for label, method, path, body, raw in calls:
             try:
-                await peers.request(args.target, method, path, body, raw=raw)
+                await peers.request(args.target, method, path, body, raw=raw,
+                                    to=None if label == "pushpull" else args.victim)
                 statuses[label] = 200
             except Exception as exc:  # the typed error carries the refusal
                 statuses[label] = getattr(exc, "status", repr(exc))

@@ -302,6 +302,9 @@ def test_captured_peer_request_and_gossip_packet_replayed_are_refused(
         status, body = send_raw("127.0.0.3", 8470, raw)
         assert status == 401, (status, body)
         assert "replayed" in body["error"]["message"], body
+    # Sent to another member, which has never seen it: refused, it was addressed to n2.
+    status, body = send_raw("127.0.0.2", 8470, writes[0])
+    assert status == 401 and "addressed to another node" in body["error"]["message"], body
     # Altered (another path under the same signature): refused for its signature.
     forged = writes[0].replace(b"/c/write", b"/c/drop_shard", 1)
     status, body = send_raw("127.0.0.3", 8470, forged)
