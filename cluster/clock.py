@@ -18,6 +18,11 @@ class Clock(Protocol):
         """Monotonic seconds."""
         ...
 
+    def wall(self) -> float:
+        """Seconds since the Unix epoch: for timestamps other nodes check (message freshness),
+        which a monotonic clock cannot give."""
+        ...
+
     async def sleep(self, seconds: float) -> None: ...
 
 
@@ -25,8 +30,15 @@ class SystemClock:
     def now(self) -> float:
         return time.monotonic()
 
+    def wall(self) -> float:
+        return time.time()
+
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+# Wall time of a ManualClock at 0 (2023-11-14).
+_WALL_EPOCH = 1_700_000_000.0
 
 
 class ManualClock:
@@ -43,6 +55,11 @@ class ManualClock:
 
     def now(self) -> float:
         return self._now
+
+    def wall(self) -> float:
+        # A fixed, plausible epoch offset: simulated nodes share this clock, so their
+        # message timestamps agree exactly and stay fresh however far a test advances time.
+        return _WALL_EPOCH + self._now
 
     async def sleep(self, seconds: float) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

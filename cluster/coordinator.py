@@ -114,7 +114,7 @@ class Coordinator:
         if addr is None:
             raise Unavailable(f"node {node} is unknown")
         return await self.peers.request(
-            addr, method, f"/internal/v1/collections/{name}/{path}", body,
+            addr, method, f"/internal/v1/collections/{name}/{path}", body, to=node,
             timeout=self.peer_timeout_s if timeout is None else timeout,
         )
 
@@ -187,7 +187,8 @@ class Coordinator:
             targets = [m for m in self.view.members()
                        if m.id != self.node_id and m.state in (State.ALIVE, State.SUSPECT)]
             results = await asyncio.gather(
-                *(self.peers.request(m.addr, "POST", "/internal/v1/state", body, timeout=5)
+                *(self.peers.request(m.addr, "POST", "/internal/v1/state", body, to=m.id,
+                                     timeout=5)
                   for m in targets),
                 return_exceptions=True,
             )

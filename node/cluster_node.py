@@ -40,8 +40,9 @@ class HttpPushPull:
         self._peers = peers
 
     async def exchange(self, addr: str, payload: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
+        # Addressed to whoever answers: a seed's node id is not known before the exchange.
         out = await self._peers.request(addr, "POST", "/internal/v1/pushpull", raw=payload,
-                                        timeout=timeout)
+                                        to=None, timeout=timeout)
         if not isinstance(out, bytes):
             raise OSError(f"{addr}: unexpected push-pull answer")
         return out
@@ -74,7 +75,7 @@ class ClusterNode:
         if state_path.exists():
             initial.merge(ClusterState.decode_entries(state_path.read_bytes()))
         backend = EngineBackend(engine)
-        peers = Peers(config.peer_secret, config.peer_timeout_s)
+        peers = Peers(config.peer_secret, config.peer_timeout_s, sender=node_id)
         runtime = ClusterRuntime(node_id, backend, persist, initial)
         clock = SystemClock()
         gossip = Gossip(
@@ -92,7 +93,7 @@ class ClusterNode:
                 suspicion_mult=config.suspicion_mult,
             ),
             runtime.delegate,
-            config.cluster_secret,
+            config.peer_secret,  # the API key when there is no secret: never unkeyed gossip
         )
         runtime.members_count = gossip.num_alive
         coordinator = Coordinator(

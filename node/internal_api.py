@@ -1,6 +1,7 @@
 """Peer-to-peer routes (`/internal/v1/...`): gossip push-pull, state pushes, and the shard
-operations a coordinator sends to replicas. With a cluster secret every request must carry
-a valid HMAC; anything else is refused before it is read further."""
+operations a coordinator sends to replicas. With a cluster secret (or an API key, which then
+serves as one) every request must carry a valid, fresh, unreplayed signature
+(`cluster.peer_auth`); anything else is refused with 401 before its body is read."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from cluster.docs import decode_writes, encode_hits, encode_writes
 from cluster.errors import BadRequest, NotFound, Unauthorized
 from cluster.filters import parse_filter
 from cluster.messages import AuthError, DecodeError
-from cluster.peers import AUTH_HEADER, check_signature
+from cluster.peer_auth import PeerAuthError, PeerVerifier
 from cluster.spec import CollectionSpec
 from cluster.state import ClusterState
 from node.api import json_response
@@ -27,13 +28,21 @@ from node.keys import CLUSTER, CONFIG
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+async def _authenticate(request: web.Request, verifier: PeerVerifier) -> None:
+    """Check the signature from the request line and headers alone, then read the body (at
+    most the size limit: aiohttp's client_max_size) and check it is the one signed."""
+    try:
+        signed = verifier.check_headers(request.method, request.raw_path, request.headers,
+                                        request.app[CLUSTER].node_id)
+        if signed is not None:
+            verifier.check_body(signed, await request.read())
+    except PeerAuthError as exc:
+        raise Unauthorized(f"peer request refused: {exc}") from None
+
+
 async def _authed_body(request: web.Request) -> bytes:
-    body = await request.read()
-    secret = request.app[CONFIG].peer_secret
-    if not check_signature(secret, request.method, request.path, body,
-                           request.headers.get(AUTH_HEADER, "")):
-        raise Unauthorized("peer request without a valid cluster signature")
-    return body
+    """The body `_peer_route` authenticated (aiohttp keeps it once read)."""
+    return await request.read()
 
 
 def _json(body: bytes) -> object:
@@ -50,12 +59,14 @@ async def _request_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _peer_route(handler: Handler) -> Handler:
-    """A peer request missing a field or carrying one of the wrong type is a 400, not a
-    500: the sender is another node, but it may be another version (or not a node)."""
+def _peer_route(handler: Handler, verifier: PeerVerifier) -> Handler:
+    """Every peer route is authenticated first. A peer request missing a field or carrying
+    one of the wrong type is a 400, not a 500: the sender is another node, but it may be
+    another version (or not a node)."""
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
+        await _authenticate(request, verifier)
         try:
             return await handler(request)
         except (KeyError, ValueError, TypeError, binascii.Error) as exc:
@@ -65,11 +76,11 @@ def _peer_route(handler: Handler) -> Handler:
 
 
 async def push_pull(request: web.Request) -> web.Response:
-    body = await request.read()  # sealed by gossip's own HMAC
+    body = await _authed_body(request)  # and sealed by gossip's own MAC
     try:
         out = request.app[CLUSTER].gossip.handle_push_pull(body)
-    except AuthError:
-        raise Unauthorized("push-pull with a wrong cluster secret") from None
+    except AuthError as exc:
+        raise Unauthorized(f"push-pull refused: {exc}") from None
     except DecodeError as exc:
         raise BadRequest(f"bad push-pull payload: {exc}") from None
     return web.Response(body=out, content_type="application/octet-stream")
@@ -176,6 +187,7 @@ async def drop_shard(request: web.Request) -> web.Response:
 
 
 def add_internal_routes(app: web.Application) -> None:
+    verifier = PeerVerifier(app[CONFIG].peer_secret)  # one replay memory per node
     c = "/internal/v1/collections/{name}"
     routes: list[tuple[str, str, Handler]] = [
         ("POST", "/internal/v1/pushpull", push_pull),
@@ -191,4 +203,4 @@ def add_internal_routes(app: web.Application) -> None:
         ("POST", c + "/purge", purge),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, path, _peer_route(handler))
+        app.router.add_route(method, path, _peer_route(handler, verifier))
