@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
-# Aquila node image: `docker build -t aquila:latest .`, then `docker compose up`.
+# Aquila node image: `docker build -t aquila:latest .`, then `docker compose up` (compose.yaml).
+# It listens on 0.0.0.0, so it refuses to start without a cluster secret (production mode):
+#   docker run -e AQUILA_CLUSTER_SECRET=$(openssl rand -hex 32) -p 127.0.0.1:8470:8470 aquila:latest
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -28,7 +30,7 @@ VOLUME /data
 # HTTP on TCP, gossip on UDP: same port number.
 EXPOSE 8470/tcp 8470/udp
 
-# No curl in slim images: probe with the standard library.
+# No curl in slim images: probe with the standard library. /healthz needs no key.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('AQUILA_PORT', '8470'), timeout=2)"]
 

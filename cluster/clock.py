@@ -22,6 +22,11 @@ class Clock(Protocol):
         """Monotonic seconds."""
         ...
 
+    def wall(self) -> float:
+        """Seconds since the Unix epoch: for timestamps other nodes check (message freshness),
+        which a monotonic clock cannot give."""
+        ...
+
     async def sleep(self, seconds: float) -> None: ...
 
     async def wait_for(self, aw: Awaitable[T], timeout: float) -> T:  # noqa: ASYNC109
@@ -39,6 +44,9 @@ class Clock(Protocol):
 class SystemClock:
     def now(self) -> float:
         return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -58,6 +66,10 @@ class SystemClock:
         return done
 
 
+# Wall time of a ManualClock at 0 (2023-11-14).
+_WALL_EPOCH = 1_700_000_000.0
+
+
 class ManualClock:
     """A clock that only moves when a test calls `advance` (or `run` jumps it).
 
@@ -72,6 +84,11 @@ class ManualClock:
 
     def now(self) -> float:
         return self._now
+
+    def wall(self) -> float:
+        # A fixed, plausible epoch offset: simulated nodes share this clock, so their
+        # message timestamps agree exactly and stay fresh however far a test advances time.
+        return _WALL_EPOCH + self._now
 
     async def sleep(self, seconds: float) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

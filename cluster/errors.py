@@ -33,6 +33,12 @@ class Unauthorized(AquilaError):
     status, code = 401, "unauthorized"
 
 
+class Forbidden(AquilaError):
+    """A valid key that does not allow this (the read key on a write)."""
+
+    status, code = 403, "forbidden"
+
+
 class NotFound(AquilaError):
     status, code = 404, "not_found"
 
@@ -56,6 +62,7 @@ ERRORS_BY_CODE: dict[str, type[AquilaError]] = {
         DimensionMismatch,
         InvalidVector,
         Unauthorized,
+        Forbidden,
         NotFound,
         AlreadyExists,
         PayloadTooLarge,

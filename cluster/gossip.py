@@ -20,7 +20,6 @@ from cluster.clock import Clock
 from cluster.membership import Effects, Member, MemberTable, State, TableParams
 from cluster.messages import (
     COMPOUND_OVERHEAD,
-    MAC_SIZE,
     MAX_PACKET_SIZE,
     Ack,
     Alive,
@@ -37,12 +36,10 @@ from cluster.messages import (
     Suspect,
     User,
     decode,
-    derive_key,
     encode,
     encode_compound,
-    open_sealed,
-    seal,
 )
+from cluster.packet_auth import PacketAuth, StalePacket
 from cluster.suspicion import Awareness, push_pull_scale, retransmit_limit
 from cluster.transport import Delegate, PushPullTransport, Transport
 
@@ -108,6 +105,7 @@ class GossipStats:
     packets_sent: int = 0
     packets_received: int = 0
     bad_mac: int = 0  # dropped: missing or wrong MAC (wrong cluster secret, forgery)
+    stale: int = 0  # dropped: authentic but stale, from the future, replayed, or our own
     malformed: int = 0  # dropped: not a message we can decode
     probes: int = 0
     probe_failures: int = 0
@@ -152,7 +150,7 @@ class Gossip:
         self._clock = clock
         self._rng = rng or random.Random()
         self._delegate = delegate
-        self._key = derive_key(secret)
+        self._auth = PacketAuth(secret, node_id, clock)
         self.stats = GossipStats()
         cfg = self.config
         # Pure state, no I/O: safe to build here.
@@ -269,16 +267,12 @@ class Gossip:
     def handle_push_pull(self, payload: bytes) -> bytes:
         """Serve a peer's push-pull: merge its state, return ours.
 
-        Raises messages.AuthError (wrong secret) or messages.DecodeError (garbage), which
+        Raises messages.AuthError (wrong secret, stale or replayed) or DecodeError, which
         the HTTP handler maps to 401 / 400, and GossipError once stopped (503).
         """
         if self._stopped:
             raise GossipError("gossip is stopped")
-        try:
-            msg = decode(open_sealed(self._key, payload))
-        except AuthError:
-            self.stats.bad_mac += 1
-            raise
+        msg = decode(self._open(payload))
         if not isinstance(msg, PushPull):
             raise DecodeError("expected a push-pull message")
         self._merge(msg)
@@ -288,7 +282,7 @@ class Gossip:
 
     def _local_push_pull(self, join: bool) -> bytes:
         user = self._delegate.local_state() if self._delegate else b""
-        return seal(self._key, encode(PushPull(join, tuple(self._table.rows()), user)))
+        return self._auth.seal(encode(PushPull(join, tuple(self._table.rows()), user)))
 
     def _merge(self, msg: PushPull) -> None:
         self._carry(self._table.merge_rows(msg.members, self._clock.now()))
@@ -301,11 +295,7 @@ class Gossip:
             reply = await self._push_pull.exchange(
                 addr, self._local_push_pull(join), self.config.push_pull_timeout
             )
-            try:
-                msg = decode(open_sealed(self._key, reply))
-            except AuthError:
-                self.stats.bad_mac += 1
-                raise
+            msg = decode(self._open(reply))
             if not isinstance(msg, PushPull):
                 raise DecodeError("expected a push-pull reply")
         except Exception:
@@ -497,8 +487,7 @@ class Gossip:
         """Encode `msgs` and fill the rest of the packet with piggybacked updates."""
         parts = [encode(m) for m in msgs]
         budget = self.config.max_packet_size - COMPOUND_OVERHEAD - sum(len(p) + 1 for p in parts)
-        if self._key is not None:
-            budget -= MAC_SIZE
+        budget -= self._auth.overhead
         piggy = self._queue.take(budget)
         budget -= sum(len(p) + 1 for p in piggy)
         if self._delegate is not None and budget > 64:
@@ -514,7 +503,7 @@ class Gossip:
         if not parts or (require_payload and not piggy):
             return None
         body = parts[0] if len(parts) == 1 else encode_compound(parts)
-        return seal(self._key, body)
+        return self._auth.seal(body)
 
     async def _send(self, addr: str, msgs: list[Message], require_payload: bool = False) -> None:
         packet = self._build_packet(msgs, require_payload)
@@ -541,14 +530,24 @@ class Gossip:
             return
         self.stats.packets_received += 1
         try:
-            msg = decode(open_sealed(self._key, data))
+            msg = decode(self._open(data))
         except AuthError:
-            self.stats.bad_mac += 1
             return
         except DecodeError:
             self.stats.malformed += 1
             return
         self._handle(msg, from_addr)
+
+    def _open(self, packet: bytes) -> bytes:
+        """Authenticate a packet or push-pull payload (counted when refused)."""
+        try:
+            return self._auth.open(packet)
+        except StalePacket:
+            self.stats.stale += 1
+            raise
+        except AuthError:
+            self.stats.bad_mac += 1
+            raise
 
     def _handle(self, msg: Message, from_addr: str) -> None:
         match msg:

@@ -13,7 +13,14 @@ from typing import Any
 import orjson
 
 from cluster.clock import Clock
-from cluster.errors import AquilaError, BadRequest, NotFound, Unavailable, from_code
+from cluster.errors import (
+    AquilaError,
+    BadRequest,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+    from_code,
+)
 from cluster.memnet import MemNetwork
 from cluster.peers import PeerError
 from cluster.remote import COLLECTION_PREFIX, PUSH_PULL_PATH, STATE_PATH, PeerService
@@ -44,7 +51,7 @@ class MemoryPeers:
         self.addr = addr
 
     async def request(
-        self, addr: str, method: str, path: str, body: Any = None, *,
+        self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
         timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
     ) -> Any:
         hub = self._hub
@@ -60,6 +67,8 @@ class MemoryPeers:
         service = hub.services.get(addr)
         if service is None:
             raise PeerError(f"node {addr} did not answer: ConnectionRefusedError")
+        if to != service.node_id:  # as a signature names its recipient
+            raise Unauthorized(f"{addr}: peer request refused: addressed to {to!r}")
         wire = orjson.loads(orjson.dumps(body)) if body is not None else None
         try:
             answer = await _route(service, method, path, wire)

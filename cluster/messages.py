@@ -1,16 +1,14 @@
-"""Gossip wire messages, packet authentication and piggyback packing.
+"""Gossip wire messages and piggyback packing.
 
 Every message is a JSON object (orjson; no object serialisation) with a type id `t` and a version `v`.
-A packet is one message, usually a compound; with a cluster secret it is prefixed by an
-HMAC-SHA256 over the body, and a packet whose MAC is missing or wrong is dropped.
+A packet is one message, usually a compound; with a cluster secret it is sealed with a MAC,
+a timestamp and a nonce (`packet_auth`), and a packet whose MAC is missing or wrong is dropped.
 """
 
 from __future__ import annotations
 
 import base64
 import enum
-import hashlib
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -291,35 +289,6 @@ def decode(data: bytes) -> Message:
     if not isinstance(obj, dict):
         raise DecodeError("message is not an object")
     return from_obj(obj)
-
-
-# --- authentication -------------------------------------------------------------------
-
-
-def derive_key(secret: str | None) -> bytes | None:
-    """Derive the packet MAC key from the operator's secret (domain-separated, so the same
-    secret used elsewhere never yields the same key)."""
-    if not secret:
-        return None
-    return hmac.new(secret.encode(), b"aquila-gossip-mac-v1", hashlib.sha256).digest()
-
-
-def seal(key: bytes | None, body: bytes) -> bytes:
-    if key is None:
-        return body
-    return hmac.new(key, body, hashlib.sha256).digest() + body
-
-
-def open_sealed(key: bytes | None, packet: bytes) -> bytes:
-    """Return the body of an authenticated packet, or raise AuthError."""
-    if key is None:
-        return packet
-    if len(packet) <= MAC_SIZE:
-        raise AuthError("packet too short for a MAC")
-    mac, body = packet[:MAC_SIZE], packet[MAC_SIZE:]
-    if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
-        raise AuthError("bad MAC")
-    return body
 
 
 # --- piggyback queue ------------------------------------------------------------------

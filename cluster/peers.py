@@ -1,33 +1,17 @@
 """Typed async client for other nodes' internal routes; maps HTTP errors back to
-`cluster.errors`. With a cluster secret, every request carries an HMAC of its method, path
-and body, which the receiving node checks before anything else."""
+`cluster.errors`. With a cluster secret, every request is signed (`peer_auth`): its sender,
+method, path, body and time, which the receiving node checks before anything else."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from cluster.errors import AquilaError, Unavailable, from_code
-
-AUTH_HEADER = "X-Aquila-Peer-Auth"
-
-
-def peer_signature(secret: str | None, method: str, path: str, body: bytes) -> str:
-    if not secret:
-        return ""
-    key = hashlib.sha256(b"aquila-peer:" + secret.encode()).digest()
-    msg = method.upper().encode() + b"\n" + path.encode() + b"\n" + hashlib.sha256(body).digest()
-    return hmac.new(key, msg, hashlib.sha256).hexdigest()
-
-
-def check_signature(secret: str | None, method: str, path: str, body: bytes, sig: str) -> bool:
-    if not secret:
-        return True
-    return hmac.compare_digest(peer_signature(secret, method, path, body), sig or "")
+from cluster.peer_auth import PeerSigner
 
 
 class PeerError(Unavailable):
@@ -35,8 +19,8 @@ class PeerError(Unavailable):
 
 
 class Peers:
-    def __init__(self, secret: str | None, timeout_s: float = 10.0) -> None:
-        self._secret = secret
+    def __init__(self, secret: str | None, timeout_s: float = 10.0, *, sender: str) -> None:
+        self._signer = PeerSigner(secret, sender)
         self._timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
 
@@ -52,21 +36,27 @@ class Peers:
             self._session = None
 
     async def request(
-        self, addr: str, method: str, path: str, body: Any = None, *,
+        self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
         timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
     ) -> Any:
-        """JSON (or raw bytes when `raw` is given) to http://addr/path; the decoded answer."""
+        """JSON (or raw bytes when `raw` is given) to http://addr/path; the decoded answer.
+
+        `to` is the node id expected at `addr`, which alone may accept the request; None
+        only for a push-pull to an address whose node is not known yet (a seed)."""
         if self._session is None:
             raise Unavailable("peer client is not started")
         data = raw if raw is not None else (b"" if body is None else orjson.dumps(body))
-        headers = {"Content-Type": "application/json"}
-        sig = peer_signature(self._secret, method, path, data)
-        if sig:
-            headers[AUTH_HEADER] = sig
+        # Sign the path exactly as it goes on the request line (quoted, with its query).
+        try:
+            url = URL(f"http://{addr}{path}")
+        except ValueError as exc:
+            raise PeerError(f"bad peer address {addr!r}: {exc}") from None
+        headers = {"Content-Type": "application/json",
+                   **self._signer.headers(method, url.raw_path_qs, data, to)}
         t = aiohttp.ClientTimeout(total=timeout or self._timeout_s)
         try:
             async with self._session.request(
-                method, f"http://{addr}{path}", data=data or None, headers=headers, timeout=t
+                method, url, data=data or None, headers=headers, timeout=t
             ) as resp:
                 payload = await resp.read()
                 if resp.status >= 400:

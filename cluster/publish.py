@@ -33,7 +33,8 @@ class Publisher:
         for attempt in range(5 if require_all else 1):
             targets = self._view.peers_to_tell()
             results = await asyncio.gather(
-                *(push_entries(self._peers, m.addr, [entry], PUSH_TIMEOUT_S) for m in targets),
+                *(push_entries(self._peers, m.id, m.addr, [entry], PUSH_TIMEOUT_S)
+                  for m in targets),
                 return_exceptions=True,
             )
             failed = [m.id for m, r in zip(targets, results, strict=True)

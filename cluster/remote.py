@@ -42,9 +42,12 @@ class PeerClient(Protocol):
     that could not reach the node is transient (`Unavailable`)."""
 
     async def request(
-        self, addr: str, method: str, path: str, body: Any = None, *,
+        self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
         timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
-    ) -> Any: ...
+    ) -> Any:
+        """`to` is the node id expected at `addr`, which alone may accept the request (None
+        only for a push-pull to a seed whose id is not known yet)."""
+        ...
 
 
 # -- search: the one format built per query batch, memoised per request ---------------------
@@ -151,7 +154,7 @@ class RemoteReplica:
         if addr is None:
             raise Unavailable(f"node {self.node} is unknown")
         return await self._peers.request(
-            addr, method, collection_path(name, op), body,
+            addr, method, collection_path(name, op), body, to=self.node,
             timeout=self._timeout_s if timeout is None else timeout,
         )
 
@@ -210,10 +213,12 @@ class RemoteReplica:
 
 
 async def push_entries(
-    peers: PeerClient, addr: str, entries: list[CollectionEntry], timeout: float  # noqa: ASYNC109
+    peers: PeerClient, node: str, addr: str, entries: list[CollectionEntry],
+    timeout: float,  # noqa: ASYNC109
 ) -> None:
     """Hand state changes straight to a peer (gossip would get them there later)."""
-    await peers.request(addr, "POST", STATE_PATH, encode_entries(entries), timeout=timeout)
+    await peers.request(addr, "POST", STATE_PATH, encode_entries(entries), to=node,
+                        timeout=timeout)
 
 
 class PeerService:
@@ -221,9 +226,10 @@ class PeerService:
     a peer's request, asks this node's replica, encodes the answer."""
 
     def __init__(
-        self, local: Replica, state: ClusterState,
+        self, node_id: str, local: Replica, state: ClusterState,
         merge: Callable[[list[CollectionEntry]], object], hlc: HybridClock,
     ) -> None:
+        self.node_id = node_id
         self.local = local
         self.state = state
         self._merge = merge  # adopts entries into the cluster state (ClusterRuntime.merge)
@@ -318,3 +324,6 @@ _OPS = {
     "purge": PeerService.purge,
     "drop_shard": PeerService.drop_shard,
 }
+
+# The POST routes of replica operations (`collection_path(name, op)`); stats is a GET.
+COLLECTION_OPS = tuple(_OPS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,10 +86,7 @@ class ClusterService:
         rng: random.Random | None = None,
         settings: ClusterSettings | None = None,
         initial: ClusterState | None = None,
-        wall_ms: Callable[[], int] | None = None,
     ) -> ClusterService:
-        """`wall_ms` is the wall clock that versions writes (milliseconds since the epoch,
-        shared by every node); the system's unless given."""
         s = settings or ClusterSettings()
         runtime = ClusterRuntime(node_id, backend, persist, clock, initial)
         gossip = Gossip(node_id, addr, transport, push_pull, clock, rng or random.Random(),
@@ -98,7 +95,8 @@ class ClusterService:
         view = MemberView(node_id, gossip, clock)
         runtime.member_listeners.append(view.changed)
         state = runtime.state
-        hlc = HybridClock(wall_ms)
+        # Versions come from the clock's wall time (shared by every node, unlike `now`).
+        hlc = HybridClock(lambda: int(clock.wall() * 1000))
         local = LocalReplica(node_id, backend, state)
         replicas = Replicas(
             node_id, local,
@@ -123,7 +121,7 @@ class ClusterService:
             repair=repair,
             rebalancer=rebalancer,
             healer=Healer(state, view, replicas, writes, repair, rebalancer, clock, s.healer),
-            peer_service=PeerService(local, state, runtime.merge, hlc),
+            peer_service=PeerService(node_id, local, state, runtime.merge, hlc),
         )
 
     async def start(self) -> None:

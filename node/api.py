@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from cluster.errors import AquilaError, BadRequest, PayloadTooLarge, Unauthorized
+from cluster.errors import AquilaError, BadRequest, PayloadTooLarge
 from cluster.fastparse import parse_documents_fast
 from cluster.requests import (
     check_id,
@@ -21,6 +21,7 @@ from cluster.requests import (
     parse_search,
 )
 from cluster.spec import parse_spec
+from node.access import check_access
 from node.keys import BLOCKING, CONFIG, METRICS, READY, SERVICE
 from node.openapi import openapi_document
 
@@ -44,6 +45,7 @@ def error_response(err: AquilaError) -> web.Response:
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "already_exists",
@@ -62,13 +64,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     status = 500
     try:
         config = request.app[CONFIG]
-        if (
-            config.api_key
-            and request.path != "/healthz"
-            and not request.path.startswith("/internal/")
-            and request.headers.get("Authorization", "") != f"Bearer {config.api_key}"
-        ):
-            raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
+        check_access(config, request.method, name if route is not None else request.path,
+                     request.headers.get("Authorization", ""))
         length = request.content_length
         if length is not None and length > config.max_wire_bytes:
             raise PayloadTooLarge(

@@ -11,6 +11,8 @@ from typing import Any
 
 from node.config import NodeConfig, load_config
 
+log = logging.getLogger("aquila")
+
 
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run a node (one-node cluster unless --seeds)")
@@ -21,7 +23,11 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--node-id", help="stable node id (AQUILA_NODE_ID; generated once)")
     p.add_argument("--advertise", help="host:port peers use to reach this node (AQUILA_ADVERTISE)")
     p.add_argument("--api-key", help="require Bearer auth on public routes (AQUILA_API_KEY)")
-    p.add_argument("--cluster-secret", help="authenticate peer traffic (AQUILA_CLUSTER_SECRET)")
+    p.add_argument("--read-key", help="a Bearer key for reads only (AQUILA_READ_KEY)")
+    p.add_argument("--cluster-secret", help="authenticate peer traffic (AQUILA_CLUSTER_SECRET); "
+                   "required unless --host is a loopback address")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="run without a cluster secret on a non-loopback address (AQUILA_INSECURE)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +56,12 @@ def serve(config: NodeConfig) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if config.open_on_network:
+        log.warning(
+            "INSECURE: listening on %s without a cluster secret or API key (--insecure): anyone "
+            "who can reach this address can read, change and delete all data and join the "
+            "cluster", config.host or "all addresses",
+        )
     try:
         import uvloop
 

@@ -39,8 +39,9 @@ class HttpPushPull:
         self._peers = peers
 
     async def exchange(self, addr: str, payload: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
+        # Addressed to whoever answers: a seed's node id is not known before the exchange.
         out = await self._peers.request(addr, "POST", PUSH_PULL_PATH, raw=payload,
-                                        timeout=timeout)
+                                        to=None, timeout=timeout)
         if not isinstance(out, bytes):
             raise OSError(f"{addr}: unexpected push-pull answer")
         return out
@@ -64,7 +65,8 @@ def cluster_settings(config: NodeConfig) -> ClusterSettings:
             push_pull_interval=config.push_pull_interval_s,
             suspicion_mult=config.suspicion_mult,
         ),
-        cluster_secret=config.cluster_secret,
+        # The API key when there is no secret: never unkeyed gossip.
+        cluster_secret=config.peer_secret,
     )
 
 
@@ -100,7 +102,8 @@ class ClusterNode:
         initial = ClusterState()
         if state_path.exists():
             initial.merge(ClusterState.decode_entries(state_path.read_bytes()))
-        own = None if peers is not None else Peers(config.peer_secret, config.peer_timeout_s)
+        own = None if peers is not None else Peers(config.peer_secret, config.peer_timeout_s,
+                                                   sender=node_id)
         client: PeerClient = peers if peers is not None else own  # type: ignore[assignment]
         service = ClusterService.build(
             node_id,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from cluster.errors import Unavailable
 from cluster.spec import CollectionSpec
 from node.batcher import SearchBatcher
 from node.blocking import Blocking
+from node.files import remove_stale_temps, write_atomic
 from node.index import VectorIndex
 from node.locks import RWLock
 from node.search import run_batch, search_filtered
@@ -36,6 +36,14 @@ from node.shard import IndexOps, Shard
 from node.store import Record, Store, WriteBatch
 
 log = logging.getLogger(__name__)
+
+SPEC_FILE = "spec.json"
+
+
+def meta_bytes(spec: CollectionSpec, uid: str, shards: list[int]) -> bytes:
+    """The content of a collection's spec.json: its spec, its incarnation and the shards this
+    node holds of it (the record its store's keys are read by: see `Collection.open`)."""
+    return orjson.dumps({"spec": spec.to_json(), "shards": shards, "uid": uid})
 
 
 class IndexState:
@@ -77,6 +85,7 @@ class Collection:
             self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
         self.closed = False
+        self._saving = asyncio.Lock()  # one snapshot written at a time; `close` waits for it
         # Incarnation of the collection in the cluster state (see CollectionEntry.uid).
         self.uid = ""
 
@@ -101,9 +110,15 @@ class Collection:
     def _open_sync(self, shards: list[int]) -> None:
         """Shards' bookkeeping from the store; the index from its snapshot plus the changes
         it does not cover, or rebuilt from the store when missing, damaged or stale."""
+        remove_stale_temps(self.root)
         self.store.open()
         if self.store.get_meta() is None:
             self.store.put_meta(orjson.dumps(self.spec.to_json()))
+        # The keys of a shard not recorded as held are what a crash in the middle of a drop
+        # left (see `drop_shard`): garbage, never read.
+        for s in sorted(self.store.shards_present() - set(shards)):
+            log.info("%s: removing the rest of dropped shard %d", self.spec.name, s)
+            self.store.drop_shard(s)
         for s in shards:
             shard = Shard(self.spec, s, self.store)
             shard.load()
@@ -129,23 +144,45 @@ class Collection:
             index.add(ops.vectors(self.spec.dim, self.spec.metric),
                       np.asarray(ops.add_keys, dtype=np.int64))
 
-    async def add_shard(self, s: int) -> None:
-        """Take a shard on (a move's target): its documents join the index as they arrive."""
-        if s in self.shards:
+    def _record_sync(self, shards: list[int]) -> None:
+        """Durably record the shards held here. The engine serialises the calls that change
+        the shard set (`add_shards`, `drop_shard`), so each record is the latest."""
+        write_atomic(self.root / SPEC_FILE, meta_bytes(self.spec, self.uid, shards))
+
+    async def add_shards(self, ss: Iterable[int]) -> None:
+        """Take shards on (a move's target): its documents join the index as they arrive.
+        Recorded as held before any write can reach them, so that a crash never leaves
+        written documents of a shard the record does not list."""
+        new = sorted(set(ss) - set(self.shards))
+        if not new:
             return
-        shard = Shard(self.spec, s, self.store)
-        await self.blocking.write(shard.load)
-        async with self._exclusive():
-            await self.blocking.write(self._apply_sync, shard.changes_after(0))
-            self.shards[s] = shard
+        # Whatever an interrupted drop left of them is not theirs.
+        await self.blocking.write(self._clear_sync, new)
+        await self.blocking.write(self._record_sync, sorted({*self.shards, *new}))
+        for s in new:
+            shard = Shard(self.spec, s, self.store)
+            await self.blocking.write(shard.load)
+            async with self._exclusive():
+                await self.blocking.write(self._apply_sync, shard.changes_after(0))
+                self.shards[s] = shard
+
+    def _clear_sync(self, shards: list[int]) -> None:
+        for s in shards:
+            if self.store.has_shard(s):
+                self.store.drop_shard(s)
 
     async def drop_shard(self, s: int) -> None:
+        """Let a shard go (it moved away). The record of the shards held is rewritten first:
+        that is the commit point. Its keys then go in one batch; a crash between the two
+        leaves keys of a shard not held, which nothing reads and `open` removes."""
         async with self._exclusive():
-            shard = self.shards.pop(s, None)
-            if shard is not None:
-                await self.blocking.write(self.index.remove, shard.keys())
-                await self.blocking.write(self.store.drop_shard, s)
-                self.snapshot_seqs.pop(s, None)
+            if self.closed or s not in self.shards:
+                return
+            await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
+            shard = self.shards.pop(s)
+            self.snapshot_seqs.pop(s, None)
+            await self.blocking.write(self.index.remove, shard.keys())
+            await self.blocking.write(self.store.drop_shard, s)
 
     async def close(self, *, snapshot: bool = True) -> None:
         if self.closed:
@@ -154,14 +191,14 @@ class Collection:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A snapshot being written finishes first: written later, it could land in the
+        # folder of the next incarnation of this name.
+        async with self._saving:
+            pass
         async with self._exclusive():
             if snapshot and self._dirty():
                 await self.blocking.write(self._snapshot_sync)
             await self.blocking.write(self.store.close)
-
-    async def destroy(self) -> None:
-        await self.close(snapshot=False)
-        await self.blocking.write(shutil.rmtree, self.root, True)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:
@@ -395,12 +432,15 @@ class Collection:
         """Serialise under the locks (quick), write the file outside them."""
         if self.closed or self.training or not self._dirty():
             return
-        async with self.rw.read():
-            covered = {s: sh.applied_seq for s, sh in self.shards.items()}
-            payload = await self.blocking.write(self.index.serialize)
-            index = self.index
-        await self.blocking.background(index.save, self.snap_path, covered, payload)
-        self.snapshot_seqs = covered
+        async with self._saving:
+            if self.closed:
+                return
+            async with self.rw.read():
+                covered = {s: sh.applied_seq for s, sh in self.shards.items()}
+                payload = await self.blocking.write(self.index.serialize)
+                index = self.index
+            await self.blocking.background(index.save, self.snap_path, covered, payload)
+            self.snapshot_seqs = covered
 
 
 def _incoming(doc_id: str, rec: Record) -> Incoming:

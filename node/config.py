@@ -5,6 +5,7 @@ reads the environment."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -32,11 +33,18 @@ class NodeConfig:
     # host:port peers and clients use to reach this node (containers bind 0.0.0.0 but are
     # reached by service name). None: host:port.
     advertise: str | None = None
-    # When set, every public request but GET /healthz needs `Authorization: Bearer <key>`.
+    # When set, every public request but GET /healthz and GET /readyz (probes) needs
+    # `Authorization: Bearer <key>` (full access).
     api_key: str | None = None
+    # When set, `Authorization: Bearer <read key>` gives the read routes only (node/access.py);
+    # anything else with it is 403. Without an api_key it makes the node keyed all the same.
+    read_key: str | None = None
     # When set, gossip packets and peer requests are authenticated with it (HMAC-SHA256); a
-    # node without it cannot join.
+    # node without it cannot join. Without it the api_key serves (see peer_secret).
     cluster_secret: str | None = None
+    # Production mode (any bind address but loopback) refuses to start without a cluster
+    # secret; this lets it run unauthenticated anyway, with a warning at every start.
+    insecure: bool = False
     # fsync the RocksDB write-ahead log before acknowledging a write. Off trades the last
     # moments of acknowledged writes on power loss (not on process crash) for speed.
     fsync: bool = True
@@ -88,6 +96,11 @@ class NodeConfig:
         return self.cluster_secret or self.api_key
 
     @property
+    def open_on_network(self) -> bool:
+        """Peer traffic unauthenticated on an address others can reach (only with insecure)."""
+        return not self.peer_secret and not is_loopback(self.host)
+
+    @property
     def max_wire_bytes(self) -> int:
         """Hard cap on the bytes of a body as sent (see max_body_bytes)."""
         return 2 * self.max_body_bytes
@@ -113,7 +126,24 @@ class NodeConfig:
             parse_hostport(s)
         if self.advertise:
             parse_hostport(self.advertise)
+        if self.open_on_network and not self.insecure:
+            raise ValueError(
+                f"refusing to listen on {self.host or 'all addresses'} without a cluster "
+                "secret (not a loopback address, so production mode): set --cluster-secret "
+                "(AQUILA_CLUSTER_SECRET), or --insecure (AQUILA_INSECURE=true) to run open"
+            )
         return self
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: development mode (Elasticsearch decides the same way).
+    Other names count as reachable from elsewhere, whatever they resolve to today."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 

@@ -1,6 +1,7 @@
 """Peer-to-peer routes (`/internal/v1/...`): gossip push-pull, state pushes, and the shard
-operations a coordinator sends to replicas. With a cluster secret every request must carry
-a valid HMAC; anything else is refused before it is read further."""
+operations a coordinator sends to replicas. With a cluster secret (or an API key, which then
+serves as one) every request must carry a valid, fresh, unreplayed signature
+(`cluster.peer_auth`); anything else is refused with 401 before its body is read."""
 
 from __future__ import annotations
 
@@ -14,20 +15,29 @@ from aiohttp import web
 
 from cluster.errors import BadRequest, Unauthorized
 from cluster.messages import AuthError, DecodeError
-from cluster.peers import AUTH_HEADER, check_signature
+from cluster.peer_auth import PeerAuthError, PeerVerifier
+from cluster.remote import COLLECTION_OPS
 from node.api import json_response
-from node.keys import CONFIG, SERVICE
+from node.keys import CLUSTER, CONFIG, SERVICE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+async def _authenticate(request: web.Request, verifier: PeerVerifier) -> None:
+    """Check the signature from the request line and headers alone, then read the body (at
+    most the size limit: aiohttp's client_max_size) and check it is the one signed."""
+    try:
+        signed = verifier.check_headers(request.method, request.raw_path, request.headers,
+                                        request.app[CLUSTER].node_id)
+        if signed is not None:
+            verifier.check_body(signed, await request.read())
+    except PeerAuthError as exc:
+        raise Unauthorized(f"peer request refused: {exc}") from None
+
+
 async def _authed_body(request: web.Request) -> bytes:
-    body = await request.read()
-    secret = request.app[CONFIG].peer_secret
-    if not check_signature(secret, request.method, request.path, body,
-                           request.headers.get(AUTH_HEADER, "")):
-        raise Unauthorized("peer request without a valid cluster signature")
-    return body
+    """The body `_peer_route` authenticated (aiohttp keeps it once read)."""
+    return await request.read()
 
 
 def _json(body: bytes) -> object:
@@ -44,12 +54,14 @@ async def _request_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _peer_route(handler: Handler) -> Handler:
-    """A peer request missing a field or carrying one of the wrong type is a 400, not a
-    500: the sender is another node, but it may be another version (or not a node)."""
+def _peer_route(handler: Handler, verifier: PeerVerifier) -> Handler:
+    """Every peer route is authenticated first. A peer request missing a field or carrying
+    one of the wrong type is a 400, not a 500: the sender is another node, but it may be
+    another version (or not a node)."""
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
+        await _authenticate(request, verifier)
         try:
             return await handler(request)
         except (KeyError, ValueError, TypeError, binascii.Error) as exc:
@@ -59,11 +71,11 @@ def _peer_route(handler: Handler) -> Handler:
 
 
 async def push_pull(request: web.Request) -> web.Response:
-    body = await request.read()  # sealed by gossip's own HMAC
+    body = await _authed_body(request)  # and sealed by gossip's own MAC
     try:
         out = request.app[SERVICE].gossip.handle_push_pull(body)
-    except AuthError:
-        raise Unauthorized("push-pull with a wrong cluster secret") from None
+    except AuthError as exc:
+        raise Unauthorized(f"push-pull refused: {exc}") from None
     except DecodeError as exc:
         raise BadRequest(f"bad push-pull payload: {exc}") from None
     return web.Response(body=out, content_type="application/octet-stream")
@@ -79,22 +91,27 @@ async def stats(request: web.Request) -> web.Response:
     return json_response(await request.app[SERVICE].peer_service.stats(request.match_info["name"]))
 
 
-async def collection_op(request: web.Request) -> web.Response:
-    """A replica operation (write, search, get, stream, ...): decoded, served and encoded
-    by `cluster.remote.PeerService`."""
-    body = await _request_object(request)
-    op, name = request.match_info["op"], request.match_info["name"]
-    return json_response(await request.app[SERVICE].peer_service.collection_op(op, name, body))
+def _collection_op(op: str) -> Handler:
+    """A replica operation's route (write, search, get, stream, ...): the body decoded,
+    served and the answer encoded by `cluster.remote.PeerService`."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await _request_object(request)
+        service = request.app[SERVICE].peer_service
+        return json_response(await service.collection_op(op, request.match_info["name"], body))
+
+    handler.__name__ = op
+    return handler
 
 
 def add_internal_routes(app: web.Application) -> None:
+    verifier = PeerVerifier(app[CONFIG].peer_secret)  # one replay memory per node
     c = "/internal/v1/collections/{name}"
-    ops = "{op:write|search|get|stream|digests|buckets|drop_shard|purge}"
     routes: list[tuple[str, str, Handler]] = [
         ("POST", "/internal/v1/pushpull", push_pull),
         ("POST", "/internal/v1/state", state),
         ("GET", c + "/stats", stats),
-        ("POST", c + "/" + ops, collection_op),
     ]
+    routes += [("POST", f"{c}/{op}", _collection_op(op)) for op in COLLECTION_OPS]
     for method, path, handler in routes:
-        app.router.add_route(method, path, _peer_route(handler))
+        app.router.add_route(method, path, _peer_route(handler, verifier))

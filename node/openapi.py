@@ -196,13 +196,20 @@ def openapi_document() -> dict[str, Any]:
             "title": "Aquila",
             "version": "1",
             "description": "Distributed vector database. Every node serves the whole API; "
-            "with an API key, send `Authorization: Bearer <key>` (all but /healthz).",
+            "when the node has an API key (or a read key) configured, send "
+            "`Authorization: Bearer <key>` on all but /healthz and /readyz; without one, no "
+            "key is needed. The read key gives GET routes, search, count and scroll only "
+            "(403 `forbidden` otherwise).",
         },
         "components": {
             "schemas": _SCHEMAS,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "Required only when the node has a key configured.",
+            }},
         },
-        "security": [{"bearer": []}],
+        # Bearer, or nothing when the node has no key (an empty requirement is optional).
+        "security": [{"bearer": []}, {}],
         "paths": {
             "/v1/collections": {
                 "get": {"summary": "List collections", "responses": {"200": _resp("collections")}}
@@ -333,6 +340,7 @@ def openapi_document() -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     "summary": "Readiness",
+                    "security": [],
                     "responses": {"200": _resp("ready"), **_errors(503)},
                 }
             },

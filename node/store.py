@@ -34,6 +34,8 @@ _HEADER = struct.Struct(">QqQBIH")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
+# The tags of the keys that belong to one shard.
+_SHARD_TAGS = (b"C", b"D", b"Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,9 +209,36 @@ class Store:
             it.next()
 
     def drop_shard(self, shard: int) -> None:
-        """Remove every key of one shard (after it moved to another node)."""
-        for tag in (b"C", b"D", b"Q"):
+        """Remove every key of one shard (after it moved to another node), in one batch."""
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        for tag in _SHARD_TAGS:
             start = _shard_key(tag, shard)
             end = _shard_key(tag, shard + 1) if shard + 1 < 65536 else tag + b"\xff\xff\xff"
-            self.db.delete_range(start, end)
-        self.db.flush_wal(self._fsync)
+            wb.delete_range(start, end)
+        self.db.write(wb, self._write_opts)
+
+    def has_shard(self, shard: int) -> bool:
+        """Whether any key of the shard is stored."""
+        for tag in _SHARD_TAGS:
+            it = self.db.iter()
+            it.seek(_shard_key(tag, shard))
+            if it.valid() and it.key().startswith(_shard_key(tag, shard)):
+                return True
+        return False
+
+    def shards_present(self) -> set[int]:
+        """Every shard with a key stored: one seek per shard found, not a scan of its keys."""
+        found: set[int] = set()
+        for tag in _SHARD_TAGS:
+            it = self.db.iter()
+            it.seek(tag)
+            while it.valid():
+                key = it.key()
+                if not key.startswith(tag) or len(key) < 3:
+                    break
+                shard = _U16.unpack_from(key, 1)[0]
+                found.add(shard)
+                if shard + 1 >= 65536:
+                    break
+                it.seek(_shard_key(tag, shard + 1))
+        return found

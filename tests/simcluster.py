@@ -34,8 +34,6 @@ from cluster.state import ClusterState, CollectionEntry
 
 T = TypeVar("T")
 
-# Wall time the versions start from (any fixed value: every node reads the same clock).
-EPOCH_MS = 1_700_000_000_000
 POLL_S = 0.05
 
 FAST_GOSSIP = GossipConfig(probe_interval=0.5, probe_timeout=0.25, gossip_interval=0.1,
@@ -103,7 +101,7 @@ class SimCluster:
             node.id, node.addr, node.backend, persist, self.hub.client(node.addr),
             self.net.transport(node.addr), self.net.push_pull(node.addr), self.clock,
             rng=random.Random(self.seed * 1000 + index), settings=self.settings,
-            initial=initial, wall_ms=lambda: EPOCH_MS + int(self.clock.now() * 1000),
+            initial=initial,
         )
         node.service = svc
         self.hub.serve(node.addr, svc.peer_service)

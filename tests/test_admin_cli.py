@@ -158,6 +158,27 @@ def test_api_key(tmp_path: Path) -> None:
         n.stop()
 
 
+def test_every_command_sends_the_key(tmp_path: Path) -> None:
+    """A read key lets `status` through and gets every acting command a one-line 403; the
+    key is sent by every command, from the flag or from AQUILA_API_KEY."""
+    n = start(tmp_path, "ro", api_key="k", read_key="r")
+    try:
+        assert aquila("status", "--node", n.addr, "--api-key", "r").code == 0
+        acting = [["join", "--seeds", "127.0.0.1:1"], ["rebalance"], ["rebalance", "--dry-run"],
+                  ["leave"]]
+        for args in acting:
+            for run in (aquila(*args, "--node", n.addr, "--api-key", "r"),
+                        aquila(*args, "--node", n.addr, env={"AQUILA_API_KEY": "r"})):
+                run.assert_one_line_error()
+                assert run.err.startswith("aquila: forbidden: "), (args, run)
+            run = aquila(*args, "--node", n.addr)
+            run.assert_one_line_error()
+            assert run.err.startswith("aquila: unauthorized: "), (args, run)
+        assert aquila("rebalance", "--dry-run", "--node", n.addr, "--api-key", "k").code == 0
+    finally:
+        n.stop()
+
+
 # -- rebalance and leave on one node ----------------------------------------------------------------
 def test_rebalance_dry_run_on_one_node_is_balanced(node: NodeProc) -> None:
     run = aquila("rebalance", "--node", node.addr, "--dry-run")

@@ -587,6 +587,7 @@ async def test_openapi(node: Node) -> None:
         "dimension_mismatch",
         "invalid_vector",
         "unauthorized",
+        "forbidden",
         "not_found",
         "already_exists",
         "payload_too_large",

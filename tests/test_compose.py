@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -56,17 +57,55 @@ def _container_targets(service: dict[str, Any]) -> list[str]:
     return targets
 
 
-def _published(service: dict[str, Any]) -> list[tuple[int, int, str]]:
+def _published(
+    service: dict[str, Any], environ: dict[str, str] | None = None
+) -> list[tuple[int, int, str]]:
     """(host port, container port, protocol) for each published port."""
-    out: list[tuple[int, int, str]] = []
+    return [(p, t, proto) for _, p, t, proto in _bindings(service, environ or {})]
+
+
+def _bindings(service: dict[str, Any], environ: dict[str, str]) -> list[tuple[str, int, int, str]]:
+    """(host address, host port, container port, protocol) for each published port, with the
+    variables of `environ` substituted; "" for the address means every interface."""
+    out: list[tuple[str, int, int, str]] = []
     for port in service.get("ports", []):
         if isinstance(port, dict):
-            out.append((int(port["published"]), int(port["target"]), port.get("protocol", "tcp")))
+            out.append((_interpolate(str(port.get("host_ip", "")), environ),
+                        int(port["published"]), int(port["target"]), port.get("protocol", "tcp")))
             continue
-        spec, _, proto = str(port).partition("/")
+        spec, _, proto = _interpolate(str(port), environ).partition("/")
         parts = spec.split(":")
         assert len(parts) >= 2, f"port {port!r} is not published on the host"
-        out.append((int(parts[-2]), int(parts[-1]), proto or "tcp"))
+        host = ":".join(parts[:-2])
+        out.append((host, int(parts[-2]), int(parts[-1]), proto or "tcp"))
+    return out
+
+
+class MissingVariable(Exception):
+    pass
+
+
+_VAR = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}$]*))?\}")
+
+
+def _interpolate(text: str, environ: dict[str, str]) -> str:
+    """Compose's variable substitution (the forms used here: `${V}`, `${V:-default}`,
+    `${V-default}`, `${V:?error}`, `${V?error}`, `$$`), as `docker compose` applies it."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group("name"), m.group("op"), m.group("arg") or ""
+        value = environ.get(name)
+        unset = value is None or (value == "" and op is not None and op.startswith(":"))
+        if op is not None and op.endswith("?") and unset:
+            raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+        if op is not None and op.endswith("-") and unset:
+            return arg
+        return value or ""
+
+    out = _VAR.sub(sub, text)
+    assert "${" not in out, f"substitution compose would not understand in {text!r}"
     return out
 
 
@@ -118,7 +157,10 @@ def test_service_shape(services: dict[str, dict[str, Any]], name: str) -> None:
     assert isinstance(hc, dict) and not hc.get("disable", False)
     test = hc["test"]
     test_text = " ".join(test) if isinstance(test, list) else str(test)
+    # /readyz is open to probes (no key), and the image has python but no curl.
     assert "/readyz" in test_text and "urllib" in test_text
+    assert isinstance(test, list) and test[:2] == ["CMD", "python"], test
+    assert "Authorization" not in test_text
     published = _published(svc)
     assert any(target == NODE_PORT and proto == "tcp" for _, target, proto in published)
 
@@ -142,13 +184,41 @@ def test_host_ports(services: dict[str, dict[str, Any]]) -> None:
     assert host_ports == [8470, 8471, 8472]
 
 
+@pytest.mark.parametrize("name", SERVICES)
+def test_published_on_loopback_unless_told(services: dict[str, dict[str, Any]], name: str) -> None:
+    """Published on 127.0.0.1 by default; AQUILA_PUBLISH_HOST chooses another address. Only
+    the HTTP port: gossip (UDP) stays between the containers."""
+    default = _bindings(services[name], {})
+    assert default and all(host == "127.0.0.1" for host, _, _, _ in default), default
+    assert all(proto == "tcp" for _, _, _, proto in default), default
+    told = _bindings(services[name], {"AQUILA_PUBLISH_HOST": "0.0.0.0"})
+    assert {host for host, _, _, _ in told} == {"0.0.0.0"}
+
+
+def test_interpolation_helper_is_compose_s() -> None:
+    """The substitution the tests above rely on, on known cases."""
+    env = {"SET": "v", "EMPTY": ""}
+    assert _interpolate("${SET:-d}:${UNSET:-d}:${EMPTY:-d}:${EMPTY-d}:$$x", env) == "v:d:d::$x"
+    assert _interpolate("${SET:?e}${EMPTY?e}", env) == "v"
+    with pytest.raises(MissingVariable):
+        _interpolate("${EMPTY:?e}", env)
+    with pytest.raises(MissingVariable):
+        _interpolate("${UNSET?e}", env)
+
+
 def test_environment(services: dict[str, dict[str, Any]]) -> None:
     envs = {name: _env(services[name]) for name in SERVICES}
     for name, env in envs.items():
         bad = [k for k in env if not k.startswith("AQUILA_")]
         assert not bad, f"{name}: non-AQUILA_ env keys {bad}"
         assert env.get("AQUILA_ADVERTISE") == f"{name}:{NODE_PORT}"
-        assert env.get("AQUILA_CLUSTER_SECRET") == "${AQUILA_CLUSTER_SECRET:-change-me}"
+        secret = env.get("AQUILA_CLUSTER_SECRET", "")
+        # Required (`:?`): unset or empty, compose refuses to start; no default secret.
+        assert secret.startswith("${AQUILA_CLUSTER_SECRET:?"), secret
+        assert _interpolate(secret, {"AQUILA_CLUSTER_SECRET": "s3cret"}) == "s3cret"
+        for environ in ({}, {"AQUILA_CLUSTER_SECRET": ""}):
+            with pytest.raises(MissingVariable, match="AQUILA_CLUSTER_SECRET"):
+                _interpolate(secret, environ)
     ids = [envs[name].get("AQUILA_NODE_ID") for name in SERVICES]
     assert all(ids), "every node needs AQUILA_NODE_ID"
     assert len(set(ids)) == len(ids), f"node ids not distinct: {ids}"

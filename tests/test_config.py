@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from node.config import ENV_NAMES, MIB, NodeConfig, load_config
+from node.config import ENV_NAMES, MIB, NodeConfig, is_loopback, load_config
 
 
 def test_defaults() -> None:
@@ -171,3 +171,36 @@ def test_config_is_frozen() -> None:
     c = load_config({}, environ={})
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.port = 1  # type: ignore[misc]
+
+
+# -- development and production mode ---------------------------------------------------------
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("127.255.0.9", True), ("::1", True),
+     ("[::1]", True), ("localhost", True), ("LOCALHOST", True), ("0.0.0.0", False),
+     ("::", False), ("", False), ("10.0.0.5", False), ("128.0.0.1", False),
+     ("aquila1", False), ("localhost.example.com", False)],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5", "::", "aquila1"])
+def test_production_mode_needs_a_secret(host: str) -> None:
+    with pytest.raises(ValueError, match="refusing to listen .* without a cluster secret") as info:
+        load_config({"host": host}, environ={})
+    assert "\n" not in str(info.value)
+    # A secret, or an API key (which then serves as the secret), or --insecure lets it start.
+    assert load_config({"host": host, "cluster_secret": "s"}, environ={}).peer_secret == "s"
+    assert load_config({"host": host}, environ={"AQUILA_API_KEY": "k"}).peer_secret == "k"
+    c = load_config({"host": host}, environ={"AQUILA_INSECURE": "true"})
+    assert c.insecure and c.open_on_network and c.peer_secret is None
+    # A read key is handed to clients: it never serves as the cluster secret.
+    with pytest.raises(ValueError, match="without a cluster secret"):
+        load_config({"host": host, "read_key": "r"}, environ={})
+
+
+def test_development_mode_runs_open_on_loopback() -> None:
+    for host in ("127.0.0.1", "127.0.0.7", "::1", "localhost"):
+        c = load_config({"host": host}, environ={})
+        assert c.peer_secret is None and not c.open_on_network and not c.insecure

@@ -327,7 +327,6 @@ async def test_wrong_method(coll: Node, method: str, path: str, allowed: str) ->
 
 # -- auth -----------------------------------------------------------------------------------
 PUBLIC_ROUTES: list[tuple[str, str, Any, int]] = [
-    ("GET", "/readyz", None, 200),
     ("GET", "/metrics", None, 200),
     ("GET", "/openapi.json", None, 200),
     ("GET", "/v1/collections", None, 200),
@@ -359,11 +358,15 @@ async def test_api_key(start_node: StartNode) -> None:
         {"Authorization": "Bearer"},
         {"X-Api-Key": "s3cret"},
     ]
-    # /healthz needs no key.
+    # The probes, /healthz and /readyz, need no key.
     assert await ok_json(await c.get("/healthz")) == {"status": "ok"}
     assert await ok_json(await c.get("/healthz", headers={"Authorization": "Bearer x"})) == {
         "status": "ok"
     }
+    for headers in bad_headers:
+        resp = await c.get("/readyz", headers=headers)
+        await resp.read()
+        assert resp.status == 200, (headers, resp.status)
     await c.put("/v1/collections/c", json={"dim": DIM}, headers=good)
     for method, path, body, status in PUBLIC_ROUTES:
         for headers in bad_headers:

@@ -20,7 +20,7 @@ import pytest
 from cluster.clock import ManualClock
 from cluster.digests import BUCKETS, bucket_of
 from cluster.docs import Incoming
-from cluster.errors import BadRequest, NotFound, Unavailable
+from cluster.errors import BadRequest, NotFound, Unauthorized, Unavailable
 from cluster.filters import parse_filter
 from cluster.hlc import HybridClock
 from cluster.membackend import MemoryBackend
@@ -67,7 +67,8 @@ class Pair:
         self.backend = MemoryBackend()
         self.local = LocalReplica("a", self.backend, self.state)
         self.hlc = HybridClock()
-        self.hub.serve(ADDR["a"], PeerService(self.local, self.state, self.state.merge, self.hlc))
+        self.hub.serve(ADDR["a"],
+                       PeerService("a", self.local, self.state, self.state.merge, self.hlc))
         self.addrs: dict[str, str] = dict(ADDR)
         self.remote = RemoteReplica("a", self.addrs.get, self.hub.client(ADDR["b"]), 5.0)
 
@@ -185,7 +186,12 @@ async def test_remote_errors_keep_their_kind() -> None:
     # Another node's malformed answer is a bad request of the caller, as over HTTP.
     with pytest.raises(BadRequest, match="malformed peer request"):
         await p.hub.client(ADDR["b"]).request(ADDR["a"], "POST",
-                                              "/internal/v1/collections/c/get", {"id": "x"})
+                                              "/internal/v1/collections/c/get", {"id": "x"},
+                                              to="a")
+    # A request meant for another node is refused, as a signature naming it would be.
+    with pytest.raises(Unauthorized):
+        await p.hub.client(ADDR["b"]).request(ADDR["a"], "GET",
+                                              "/internal/v1/collections/c/stats", to="z")
     # A node that is not (or no longer) a member, or does not listen, is transient.
     del p.addrs["a"]
     with pytest.raises(Unavailable, match="unknown"):

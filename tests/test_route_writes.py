@@ -102,10 +102,11 @@ class FakePeers:
         self.requests: list[tuple[str, str]] = []
 
     async def request(
-        self, addr: str, method: str, path: str, body: Any = None, *,
+        self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Any:
         node = NODE_AT[addr]
+        assert to == node  # signed for the node expected at addr: no other may accept it
         self.requests.append((node, path))
         assert timeout is not None and timeout > 0
         if node in self.down:

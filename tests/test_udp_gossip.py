@@ -35,11 +35,9 @@ from cluster.messages import (
     Suspect,
     User,
     decode,
-    derive_key,
     encode,
-    open_sealed,
-    seal,
 )
+from cluster.packet_auth import PacketAuth
 from cluster.transport import Receiver
 from cluster.udp import UdpTransport
 
@@ -184,14 +182,15 @@ def test_newer_version_with_extra_fields_still_decodes() -> None:
 
 
 def test_mac_rejects_tampering_and_wrong_keys() -> None:
-    key = derive_key("s3cret")
-    packet = seal(key, encode(Ack(1)))
-    assert decode(open_sealed(key, packet)) == Ack(1)
+    clock = ManualClock()
+    sender = PacketAuth("s3cret", "a", clock)
+    packet = sender.seal(encode(Ack(1)))
     tampered = packet[:-2] + b"2}"
-    for k, p in [(key, tampered), (derive_key("other"), packet), (key, encode(Ack(1)))]:
+    for secret, p in [("s3cret", tampered), ("other", packet), ("s3cret", encode(Ack(1)))]:
         with pytest.raises(AuthError):
-            open_sealed(k, p)
-    assert derive_key(None) is None and seal(None, b"x") == b"x"
+            PacketAuth(secret, "b", clock).open(p)
+    assert decode(PacketAuth("s3cret", "b", clock).open(packet)) == Ack(1)
+    assert PacketAuth(None, "a", clock).seal(b"x") == b"x"
 
 
 def test_queue_replaces_stale_updates_and_respects_limit() -> None:

@@ -1,0 +1,153 @@
+"""Crash an engine operation at a chosen step, for real: `python -m tests.crash_points DATA
+SCENARIO K` opens the engine on DATA, then runs SCENARIO's operation with every file-system
+step (rename, replace, mkdir, rmdir, unlink, fsync) and every store step (open, write,
+drop_shard, put_meta) counted, and SIGKILLs itself just before step K. Run to the end (K past
+the last step), it prints the steps it made and exits without closing anything.
+
+The parent (tests/test_crash_safety.py) prepares DATA with `prepare`, and reads what a restart
+finds with `observe`: it must be the state before the operation or the state after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from cluster.docs import Incoming
+from cluster.spec import CollectionSpec, IndexSpec
+from node.blocking import Blocking
+from node.collection import Tuning
+from node.engine import Engine
+from node.store import Store
+
+SPEC = CollectionSpec("c", 4, "l2", 2, 1, IndexSpec("flat"))
+OTHER = CollectionSpec("other", 4, "ip", 1, 1, IndexSpec("flat"))
+SCENARIOS = ("create", "drop", "recreate", "drop_shard", "add_shard", "write_and_snapshot")
+
+
+def doc(i: int, version: int = 1) -> Incoming:
+    return Incoming(f"d{i}", np.full(4, float(i), np.float32), orjson.dumps({"i": i}), version, "n1")
+
+
+def engine_on(data: Path, blocking: Blocking) -> Engine:
+    return Engine(data, blocking, Tuning(), fsync=True)
+
+
+async def prepare(scenario: str, data: Path) -> None:
+    """The state before the operation: `other` always, `c` unless the operation creates it."""
+    blocking = Blocking(2)
+    engine = engine_on(data, blocking)
+    try:
+        await engine.start()
+        other = await engine.ensure(OTHER, [0], "o1")
+        await other.write({0: [doc(i) for i in range(5)]})
+        if scenario != "create":
+            shards = [0] if scenario == "add_shard" else [0, 1]
+            coll = await engine.ensure(SPEC, shards, "u1")
+            await coll.write({s: [doc(i) for i in range(s * 10, s * 10 + 6)] for s in shards})
+            await coll.write({0: [Incoming("d1", None, b"", 2, "n1")]})
+        await engine.close()
+    finally:
+        blocking.close()
+
+
+async def operate(scenario: str, engine: Engine) -> None:
+    if scenario == "create":
+        await engine.ensure(SPEC, [0, 1], "u1")
+    elif scenario == "drop":
+        await engine.drop("c")
+    elif scenario == "recreate":
+        await engine.ensure(SPEC, [0, 1], "u2")
+    elif scenario == "drop_shard":
+        await engine.drop_shard("c", 1)
+    elif scenario == "add_shard":
+        await engine.ensure(SPEC, [0, 1], "u1")
+    elif scenario == "write_and_snapshot":
+        coll = engine.get("c")
+        await coll.write({0: [doc(100), Incoming("d2", None, b"", 5, "n1")], 1: [doc(101)]})
+        await coll.snapshot()
+    else:
+        raise ValueError(scenario)
+
+
+async def observe(data: Path) -> dict[str, Any]:
+    """What a restart finds: per collection its incarnation, its shards and their records,
+    its index's size (which must equal its live documents), and the shards its store has
+    keys of (which must be the shards it holds)."""
+    blocking = Blocking(2)
+    engine = engine_on(data, blocking)
+    try:
+        await engine.start()
+        out: dict[str, Any] = {}
+        for name, coll in sorted(engine.collections.items()):
+            records = {}
+            for s in sorted(coll.shards):
+                page, _ = await coll.stream_shard(s, None, 1000)
+                records[s] = [(d.id, d.version, d.vector is None, d.metadata.decode())
+                              for d in page]
+            live = sum(not dead for rs in records.values() for _, _, dead, _ in rs)
+            assert coll.count() == live == coll.index.ntotal, (name, coll.count(), live)
+            present = await blocking.write(coll.store.shards_present)
+            assert present <= set(coll.shards), (name, present, coll.shards)
+            out[name] = {"uid": coll.uid, "shards": sorted(coll.shards), "records": records}
+        await engine.close()
+        return out
+    finally:
+        blocking.close()
+
+
+def count_steps(crash_at: int) -> list[str]:
+    """Count every step from now on; SIGKILL this process just before step `crash_at`."""
+    steps: list[str] = []
+    lock = threading.Lock()
+
+    def hook(owner: Any, name: str) -> None:
+        orig: Callable[..., Any] = getattr(owner, name)
+        label = f"{getattr(owner, '__name__', owner)}.{name}"
+
+        @functools.wraps(orig)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                if len(steps) == crash_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                steps.append(label)
+            return orig(*args, **kwargs)
+
+        setattr(owner, name, counted)
+
+    for fn in ("rename", "replace", "mkdir", "rmdir", "unlink", "fsync"):
+        hook(os, fn)
+    for fn in ("open", "write", "drop_shard", "put_meta"):
+        hook(Store, fn)
+    return steps
+
+
+async def child(data: Path, scenario: str, crash_at: int) -> list[str]:
+    blocking = Blocking(2)
+    engine = engine_on(data, blocking)
+    await engine.start()
+    steps = count_steps(crash_at)
+    await operate(scenario, engine)
+    return steps
+
+
+def main() -> None:
+    data, scenario, crash_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    steps = asyncio.run(child(data, scenario, crash_at))
+    sys.stdout.write(orjson.dumps(steps).decode() + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # as abruptly as a crash right after the operation: nothing closed
+
+
+if __name__ == "__main__":
+    main()
