@@ -140,11 +140,6 @@ class PushPull:
 Message = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | User | Compound | PushPull
 
 
-def leave(node: str, incarnation: int) -> Dead:
-    """A graceful leave is a dead message about oneself (memberlist does the same)."""
-    return Dead(incarnation=incarnation, node=node, from_=node)
-
-
 # --- encoding -------------------------------------------------------------------------
 
 

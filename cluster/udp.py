@@ -42,14 +42,6 @@ class UdpTransport:
         self._transport: asyncio.DatagramTransport | None = None
         self._resolved: dict[str, tuple[tuple[str, int], float]] = {}
 
-    @property
-    def local_addr(self) -> tuple[str, int]:
-        """The bound address (useful with port 0)."""
-        if self._transport is None:
-            raise RuntimeError("transport not started")
-        sockname = self._transport.get_extra_info("sockname")
-        return str(sockname[0]), int(sockname[1])
-
     async def start(self, receiver: Receiver) -> None:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(

@@ -18,7 +18,6 @@ vectors.
 
 from __future__ import annotations
 
-import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,10 +139,6 @@ class Store:
         if self._db is not None:
             self._db.close()
             self._db = None
-
-    def destroy(self) -> None:
-        self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
 
     # -- metadata -------------------------------------------------------------------------
     def get_meta(self) -> bytes | None:
