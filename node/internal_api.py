@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from cluster.errors import BadRequest, Unauthorized
+from cluster.errors import BadRequest, Unauthorized, Unavailable
+from cluster.gossip import GossipError
 from cluster.messages import AuthError, DecodeError
 from cluster.peer_auth import PeerAuthError, PeerVerifier
 from cluster.remote import COLLECTION_OPS
@@ -78,6 +79,8 @@ async def push_pull(request: web.Request) -> web.Response:
         raise Unauthorized(f"push-pull refused: {exc}") from None
     except DecodeError as exc:
         raise BadRequest(f"bad push-pull payload: {exc}") from None
+    except GossipError as exc:  # stopped: this node is shutting down, try another
+        raise Unavailable(f"push-pull refused: {exc}") from None
     return web.Response(body=out, content_type="application/octet-stream")
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from aiohttp import ClientResponse
 
+from node.keys import SERVICE
 from tests.conftest import Node, StartNode, expect_error, ok_json
 
 DIM = 4
@@ -474,3 +475,11 @@ async def test_malformed_peer_requests_are_400(coll: Node, path: str, body: byte
     resp = await coll.client.post(path, data=body, headers={"Content-Type": "application/json"})
     await expect_error(resp, 400, "bad_request")
     assert await count(coll) == 1
+
+
+async def test_push_pull_to_a_node_whose_gossip_has_stopped_is_503(node: Node) -> None:
+    """A node shutting down refuses push-pulls with a retryable 503, not an internal error."""
+    await node.client.server.app[SERVICE].gossip.stop()
+    resp = await node.client.post("/internal/v1/pushpull", data=b"\x00" * 40)
+    message = await expect_error(resp, 503, "unavailable")
+    assert "stopped" in message
