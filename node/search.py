@@ -6,7 +6,7 @@ when vectors are asked for)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -14,10 +14,10 @@ import orjson
 from cluster.docs import Hit
 from cluster.filters import Filter
 from cluster.sharding import shard_of
-from node.index import LABEL_BITS, global_keys, shard_selector
-
-if TYPE_CHECKING:
-    from node.collection import Collection
+from cluster.spec import CollectionSpec
+from node.index import LABEL_BITS, VectorIndex, global_keys, shard_selector
+from node.shard import Shard
+from node.store import Store
 
 # A filtered search over at most this many matching documents scans every list of the index
 # (exact for flat and ivf_flat); more matches go through the usual nprobe lists first.
@@ -25,8 +25,17 @@ EXACT_FILTER_MAX = 50_000
 _MASK = (1 << LABEL_BITS) - 1
 
 
+class Searchable(Protocol):
+    """What a search reads of a collection's local part (`node.collection.Collection`)."""
+
+    spec: CollectionSpec
+    index: VectorIndex
+    shards: dict[int, Shard]
+    store: Store
+
+
 def run_batch(
-    coll: Collection, q: np.ndarray, k: int, nprobe: int, wanted: tuple[int, ...],
+    coll: Searchable, q: np.ndarray, k: int, nprobe: int, wanted: tuple[int, ...],
     with_vectors: bool,
 ) -> list[list[Hit]]:
     """One FAISS call for the whole batch; restricted to `wanted` when that is not every
@@ -39,7 +48,7 @@ def run_batch(
 
 
 def matching_keys(
-    coll: Collection, predicate: Callable[[Any], bool], wanted: tuple[int, ...]
+    coll: Searchable, predicate: Callable[[Any], bool], wanted: tuple[int, ...]
 ) -> np.ndarray:
     """Index keys of the live documents of these shards whose metadata matches: from the
     shards' payload indexes for a parsed filter, by evaluating any other predicate."""
@@ -55,7 +64,7 @@ def matching_keys(
 
 
 def search_filtered(
-    coll: Collection,
+    coll: Searchable,
     q: np.ndarray,
     k: int,
     nprobe: int,
@@ -79,7 +88,7 @@ def search_filtered(
 
 
 def resolve(
-    coll: Collection, scores: np.ndarray, keys: np.ndarray, with_vectors: bool
+    coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_vectors: bool
 ) -> list[list[Hit]]:
     """Index answers (best first, key -1 for none) to documents."""
     shards = coll.shards
@@ -102,7 +111,7 @@ def resolve(
     return out
 
 
-def _fill_vectors(coll: Collection, rows: list[list[Hit]]) -> None:
+def _fill_vectors(coll: Searchable, rows: list[list[Hit]]) -> None:
     n = coll.spec.shards
     keys = [(shard_of(h.id, n), h.id) for row in rows for h in row]
     recs = iter(coll.store.get_records_multi(keys))
