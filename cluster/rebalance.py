@@ -25,11 +25,11 @@ from typing import Any
 from cluster.antientropy import Repair
 from cluster.clock import Clock
 from cluster.errors import Unavailable
+from cluster.placement import ShardMap
 from cluster.publish import Publisher
 from cluster.rebalance_plan import Move, plan
 from cluster.replica import Replicas
-from cluster.state import ClusterState, CollectionEntry
-from cluster.state import Move as MapMove
+from cluster.state import ClusterState, CollectionEntry, Moving
 from cluster.view import MemberView
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class RunStats:
     seconds: float = 0.0
 
 
-def current_maps(state: ClusterState) -> tuple[dict[str, list[list[str]]], dict[str, int]]:
+def current_maps(state: ClusterState) -> tuple[dict[str, ShardMap], dict[str, int]]:
     live = state.live()
     maps = {n: [list(r) for r in e.replicas] for n, e in live.items()}
     return maps, {n: e.spec.replication for n, e in live.items()}
@@ -176,7 +176,7 @@ class Rebalancer:
         # 1. announce
         self._enter(t, Stage.ANNOUNCE)
         await self._update(m.collection, m.shard,
-                           moving=MapMove(m.from_node, m.to_node, 0.0, self.node_id))
+                           moving=Moving(m.from_node, m.to_node, 0.0, self.node_id))
         # 2. copy
         self._enter(t, Stage.COPY)
         t.total = int((await self._replicas.of(source).stats(m.collection))

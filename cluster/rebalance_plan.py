@@ -36,7 +36,7 @@ import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-ShardMap = list[list[str]]
+from cluster.placement import ShardMap
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ MAX_REPLICATION = 16
 @dataclass(frozen=True)
 class IndexSpec:
     type: str = "ivf_flat"
-    # None: chosen from each shard's size when it trains (about 4·√n).
+    # None: chosen from the size of the index when it trains (about 4·√n; one index per node
+    # over its local shards).
     nlist: int | None = None
     nprobe: int = 16
 

@@ -22,8 +22,9 @@ from cluster.spec import CollectionSpec, check_name
 
 
 @dataclass(frozen=True)
-class Move:
-    """A replica on its way from one node to another (rebalance, leave, self-healing)."""
+class Moving:
+    """The map's mark on a shard whose replica is on its way from one node to another
+    (rebalance, leave, self-healing); the move itself is a `rebalance_plan.Move`."""
 
     from_node: str | None
     to_node: str
@@ -45,7 +46,7 @@ class CollectionEntry:
     epoch: int
     origin: str  # node that made this version
     deleted: bool = False
-    moving: tuple[Move | None, ...] = ()
+    moving: tuple[Moving | None, ...] = ()
     # Identity of this incarnation of the collection: a collection deleted and created again
     # under the same name (even with the same settings) must not find the old one's data.
     uid: str = ""
@@ -59,7 +60,7 @@ class CollectionEntry:
                                  digest_size=8).hexdigest()
         return (self.epoch, self.origin, digest)
 
-    def move_of(self, shard: int) -> Move | None:
+    def move_of(self, shard: int) -> Moving | None:
         return self.moving[shard] if shard < len(self.moving) else None
 
     def shards_of(self, node: str) -> list[int]:
@@ -85,7 +86,7 @@ class CollectionEntry:
     @staticmethod
     def from_json(d: dict[str, Any]) -> CollectionEntry:
         moving = tuple(
-            Move(m["from"], m["to"], float(m.get("progress", 0.0)), str(m.get("driver", "")))
+            Moving(m["from"], m["to"], float(m.get("progress", 0.0)), str(m.get("driver", "")))
             if m else None
             for m in d.get("moving", [])
         )

@@ -21,7 +21,7 @@ R = TypeVar("R")
 
 
 def _training_threads() -> None:
-    # Training may use every core but one: serving keeps a core while a shard trains.
+    # Training may use every core but one: serving keeps a core while an index trains.
     import faiss
 
     faiss.omp_set_num_threads(max(1, (os.cpu_count() or 2) - 1))

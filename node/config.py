@@ -54,11 +54,12 @@ class NodeConfig:
     # float32 data with float64 digits, in about 76 MiB. A body beyond twice this is refused
     # before it is read.
     max_body_bytes: int = 64 * MIB
-    # A shard searches exactly (flat) until it holds this many vectors, then trains IVF.
+    # A collection's index on a node (one over all its local shards) searches exactly (flat)
+    # until it holds this many vectors, then trains IVF.
     train_min: int = 4096
-    # Retrain a trained shard once it has grown this many times since its last training.
+    # Retrain a trained index once it has grown this many times since its last training.
     retrain_growth: float = 4.0
-    # Snapshot a shard's index this often (seconds) when it has changed since the last one.
+    # Snapshot a collection's index this often (seconds) when it has changed since the last one.
     snapshot_interval_s: float = 30.0
     # Most query rows grouped into one FAISS call by the dynamic batcher.
     search_batch_rows: int = 512

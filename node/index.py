@@ -107,7 +107,7 @@ class VectorIndex:
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, min(nbits, 8), metric)
         else:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
-        index.cp.min_points_per_centroid = 5  # small shards train without FAISS's warnings
+        index.cp.min_points_per_centroid = 5  # small indexes train without FAISS's warnings
         # 64 points per list and 10 k-means rounds: on the WordNet set a third of the time of
         # FAISS's defaults (256, 25) for 0.002 less recall@10, which keeps retraining a large
         # index in the background affordable.

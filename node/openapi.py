@@ -75,7 +75,7 @@ _SCHEMAS: dict[str, Any] = {
                     "nlist": {
                         "type": ["integer", "null"],
                         "minimum": 1,
-                        "description": "null: about 4·√n, chosen per shard when it trains",
+                        "description": "null: about 4·√n, chosen per node when its index trains",
                     },
                     "nprobe": {"type": "integer", "minimum": 1, "default": 16},
                 },

@@ -29,7 +29,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from node.app import make_app
 from node.config import NodeConfig, load_config
 
-# A small training threshold so IVF shards train on a few hundred documents in tests.
+# A small training threshold so IVF indexes train on a few hundred documents in tests.
 TEST_TRAIN_MIN = 64
 
 

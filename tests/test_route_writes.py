@@ -28,7 +28,7 @@ from cluster.peers import PeerError
 from cluster.remote import RemoteReplica
 from cluster.replica import LocalReplica, Replicas
 from cluster.spec import CollectionSpec, IndexSpec
-from cluster.state import ClusterState, CollectionEntry, Move
+from cluster.state import ClusterState, CollectionEntry, Moving
 from cluster.view import MemberView
 from cluster.writes import WritePath, needed_acks
 
@@ -40,7 +40,7 @@ NODE_AT = {addr: n for n, addr in ADDR.items()}
 
 def make_entry(
     replicas: tuple[tuple[str, ...], ...] = (("a", "b", "c"), ("b", "c", "a")),
-    moving: tuple[Move | None, ...] = (None, None),
+    moving: tuple[Moving | None, ...] = (None, None),
 ) -> CollectionEntry:
     return CollectionEntry(SPEC, replicas, 1, "a", moving=moving, uid="uid-1")
 
@@ -311,7 +311,7 @@ async def test_non_transient_error_propagates(consistency: str) -> None:
 async def test_move_target_gets_writes_but_does_not_count_as_ack() -> None:
     # Shard 0 is moving from c to d: d must receive writes, but only a, b, c acknowledge.
     cl = Cluster()
-    entry = make_entry(moving=(Move("c", "d", 0.5), None))
+    entry = make_entry(moving=(Moving("c", "d", 0.5), None))
     c_gate = cl.backends["c"].gate = asyncio.Event()
     task = asyncio.ensure_future(cl.writes.route_writes(entry, {0: docs(0)}, "all"))
     await settle()

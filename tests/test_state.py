@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.spec import CollectionSpec, IndexSpec
-from cluster.state import ClusterState, CollectionEntry, Move
+from cluster.state import ClusterState, CollectionEntry, Moving
 
 # Deterministic: the same examples on every run, nothing stored between runs.
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)
@@ -33,7 +33,7 @@ def entry(
     deleted: bool = False,
     uid: str = "u1",
     replicas: tuple[tuple[str, ...], ...] = (("n0", "n1"), ("n1", "n2")),
-    moving: tuple[Move | None, ...] = (None, None),
+    moving: tuple[Moving | None, ...] = (None, None),
 ) -> CollectionEntry:
     return CollectionEntry(spec(name), replicas, epoch, origin, deleted, moving, uid)
 
@@ -50,8 +50,8 @@ def through_wire(e: CollectionEntry) -> CollectionEntry:
     [
         entry(),
         entry(deleted=True, uid="", epoch=7, origin="n3"),
-        entry(moving=(Move("n0", "n3", 0.25), None)),
-        entry(moving=(Move(None, "n3", 0.0), Move("n2", "n0", 1.0))),
+        entry(moving=(Moving("n0", "n3", 0.25), None)),
+        entry(moving=(Moving(None, "n3", 0.0), Moving("n2", "n0", 1.0))),
         entry(replicas=((),), moving=()),
     ],
 )
@@ -60,12 +60,12 @@ def test_entry_json_round_trip(e: CollectionEntry) -> None:
 
 
 def test_entry_json_shape() -> None:
-    e = entry(moving=(Move("n0", "n3", 1 / 3, "n5"), None), uid="abc", deleted=True)
+    e = entry(moving=(Moving("n0", "n3", 1 / 3, "n5"), None), uid="abc", deleted=True)
     d = e.to_json()
     assert d["replicas"] == [["n0", "n1"], ["n1", "n2"]]
     assert d["moving"] == [{"from": "n0", "to": "n3", "progress": 0.3333, "driver": "n5"}, None]
     # The public shard map shows the contract's fields only.
-    assert Move("n0", "n3", 1 / 3, "n5").public() == {"from": "n0", "to": "n3", "progress": 0.3333}
+    assert Moving("n0", "n3", 1 / 3, "n5").public() == {"from": "n0", "to": "n3", "progress": 0.3333}
     assert (d["epoch"], d["origin"], d["deleted"], d["uid"]) == (1, "n0", True, "abc")
     assert d["spec"]["index"] == {"type": "ivf_pq", "nlist": None, "nprobe": 8}
 
@@ -80,17 +80,17 @@ def test_entry_from_json_defaults_for_optional_fields() -> None:
 
 
 def test_shards_of_includes_move_targets() -> None:
-    e = entry(replicas=(("n0", "n1"), ("n1", "n2")), moving=(None, Move("n2", "n3", 0.5)))
+    e = entry(replicas=(("n0", "n1"), ("n1", "n2")), moving=(None, Moving("n2", "n3", 0.5)))
     assert e.shards_of("n1") == [0, 1]
     assert e.shards_of("n3") == [1]
     assert e.shards_of("n9") == []
-    assert e.move_of(1) == Move("n2", "n3", 0.5)
+    assert e.move_of(1) == Moving("n2", "n3", 0.5)
 
 
 moves = st.one_of(
     st.none(),
     st.builds(
-        Move,
+        Moving,
         st.one_of(st.none(), st.sampled_from(NODES)),
         st.sampled_from(NODES),
         # to_json rounds progress to 4 places: generate values it keeps exactly.
