@@ -99,16 +99,20 @@ class Driver:
     """Calls a method by name on a sync Client or an AsyncClient (run on its own loop), so
     every unit test runs against both."""
 
-    def __init__(self, mode: str, nodes: list[str], fake: Callable[[httpx.Request], Any],
-                 **settings: Any) -> None:
+    def __init__(self, mode: str, nodes: list[str],
+                 fake: Callable[[httpx.Request], Any] | None = None, **settings: Any) -> None:
+        """Over `fake` when given, else over real sockets (and no proxy from the environment)."""
         self.mode = mode
         self.loop: asyncio.AbstractEventLoop | None = None
+        if fake is None:
+            settings.setdefault("trust_env", False)
         if mode == "sync":
-            self.client: Client | AsyncClient = Client(
-                nodes, transport=httpx.MockTransport(fake), **settings)
+            transport = None if fake is None else httpx.MockTransport(fake)
+            self.client: Client | AsyncClient = Client(nodes, transport=transport, **settings)
         else:
             self.loop = asyncio.new_event_loop()
-            self.client = AsyncClient(nodes, transport=httpx.MockTransport(fake), **settings)
+            atransport = None if fake is None else httpx.MockTransport(fake)
+            self.client = AsyncClient(nodes, transport=atransport, **settings)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.client, name)
