@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 from tests.datasets import Sample, load_sample
 from tests.e2e.conftest import Cluster, in_private_netns
 from tests.procs import NodeProc

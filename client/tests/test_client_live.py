@@ -12,10 +12,19 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import Driver
-from live import API_KEY, Deployment, cosine_top, create, sample_rows, seed, start_cluster3, start_node
+from live import (
+    API_KEY,
+    Deployment,
+    cosine_top,
+    create,
+    sample_rows,
+    seed,
+    start_cluster3,
+    start_node,
+)
+from tests.e2e.conftest import in_private_netns
 
 import aquila_client as aq
-from tests.e2e.conftest import in_private_netns
 
 N = 800  # sample rows seeded into the shared collection
 WN = "wn"
