@@ -101,9 +101,11 @@ def transport_error(exc: httpx.TransportError, url: str) -> TransportError:
 
 
 def final_error(errors: list[AquilaError]) -> AquilaError:
-    """The error to raise when no node gave an answer: the last one, its message naming what
-    every node said, so a caller sees at once that the whole cluster was tried."""
-    last = errors[-1]
+    """The error to raise when no node gave an answer. A node's own answer (503) says more
+    than a dead node's silence, so the last answer wins over transport failures; its message
+    names what every node said, so a caller sees at once that the whole cluster was tried."""
+    answered = [e for e in errors if e.status is not None]
+    last = answered[-1] if answered else errors[-1]
     if len(errors) == 1:
         return last
     said = "; ".join(f"{e.node}: {e.code}: {e.message}" for e in errors)
@@ -111,4 +113,3 @@ def final_error(errors: list[AquilaError]) -> AquilaError:
                      node=last.node)
     out.attempts = list(errors)
     return out
-

@@ -5,6 +5,7 @@ requests (the v1 upsert), so these tests do not depend on the client's columnar 
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,24 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from tests.datasets import Sample, load_sample
-from tests.e2e.conftest import Cluster, in_private_netns
-from tests.procs import NodeProc
+from tests.procs import NodeProc, wait_until
 
 API_KEY = "client-test-key"
 # Small training threshold so IVF shards train on the few hundred documents of a test.
 SETTINGS: dict[str, Any] = {"api_key": API_KEY, "train_min": 64}
+# Fast failure detection, as in tests/e2e/conftest.py: the logic is the same.
+FAST: dict[str, Any] = {
+    "probe_interval_s": 0.3,
+    "probe_timeout_s": 0.15,
+    "gossip_interval_s": 0.1,
+    "push_pull_interval_s": 2.0,
+    "suspicion_mult": 3,
+    "peer_timeout_s": 3,
+}
+
+
+def in_private_netns() -> bool:
+    return os.environ.get("AQUILA_NETNS") == "1"
 
 
 def free_port() -> int:
@@ -40,15 +53,25 @@ def free_port() -> int:
 class Deployment:
     kind: str  # "node" or "cluster3"
     nodes: list[NodeProc]
-    cluster: Cluster | None = None
 
     @property
     def addrs(self) -> list[str]:
         return [n.addr for n in self.nodes]
 
+    def states(self, observer: NodeProc) -> dict[str, str]:
+        """Member id → state as `observer` sees it."""
+        status, body = observer.call("GET", "/v1/cluster", timeout=3)
+        assert status == 200, body
+        return {m["id"]: m["state"] for m in body["members"]}
+
+    def wait_states(self, want: dict[str, str], observers: list[NodeProc] | None = None,
+                    timeout: float = 30.0) -> None:
+        for obs in observers or self.nodes:
+            wait_until(lambda obs=obs: all(self.states(obs).get(k) == v  # type: ignore[misc]
+                                           for k, v in want.items()),
+                       timeout, f"{obs.addr} to see {want}")
+
     def stop(self) -> None:
-        if self.cluster is not None:
-            self.cluster.stop()
         for n in self.nodes:
             n.stop()
 
@@ -63,16 +86,30 @@ def start_node(root: Path, **settings: Any) -> Deployment:
     return Deployment("node", [node])
 
 
+def cluster_node(root: Path, i: int, seeded: bool = True, **settings: Any) -> NodeProc:
+    """Node n{i} on 127.0.0.{i + 1}:8470 (namespace only), seeded with n1 unless told not."""
+    extra = {**SETTINGS, **FAST, **settings, "node_id": f"n{i}"}
+    if i > 1 and seeded:
+        extra["seeds"] = "127.0.0.2:8470"
+    return NodeProc(root / f"n{i}", host=f"127.0.0.{i + 1}", port=8470, **extra)
+
+
 def start_cluster3(root: Path, **settings: Any) -> Deployment:
+    """Three nodes on 127.0.0.2-4 (as tests/e2e/conftest.py starts them), all alive."""
     if not in_private_netns():
         raise RuntimeError("a 3-node cluster needs the private network namespace")
-    c = Cluster(root, 3, **{**SETTINGS, **settings})
+    dep = Deployment("cluster3", [cluster_node(root, i, **settings) for i in (1, 2, 3)])
     try:
-        c.start()
+        dep.nodes[0].start()
+        for node in dep.nodes[1:]:
+            node.start(wait_ready=False)
+        for node in dep.nodes[1:]:
+            node.wait_ready()
+        dep.wait_states({"n1": "alive", "n2": "alive", "n3": "alive"})
     except BaseException:
-        c.stop()
+        dep.stop()
         raise
-    return Deployment("cluster3", c.nodes, c)
+    return dep
 
 
 def create(node: NodeProc, name: str, dim: int, **spec: Any) -> None:

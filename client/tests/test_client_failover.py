@@ -117,6 +117,15 @@ def test_all_nodes_failing_raises_the_last_error_naming_every_node(make_driver: 
     assert len(info.value.attempts) == 3
 
 
+def test_a_node_answer_wins_over_a_dead_node(make_driver: Any, fake: FakeNodes) -> None:
+    fake.on("n1:1", lambda r: error(503, "unavailable", "shard 3 has no live replica"))
+    db = make_driver(NODES)  # n2 and n3 refuse connections
+    with pytest.raises(aq.Unavailable) as info:
+        db.search("docs", np.ones(2), allow_partial=False)
+    assert info.value.node == "n1:1" and info.value.status == 503
+    assert [e.code for e in info.value.attempts] == ["unavailable", "transport", "transport"]
+
+
 def test_all_nodes_down_is_a_transport_error(make_driver: Any, fake: FakeNodes) -> None:
     db = make_driver(NODES)
     with pytest.raises(aq.TransportError) as info:

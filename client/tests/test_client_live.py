@@ -17,12 +17,12 @@ from live import (
     Deployment,
     cosine_top,
     create,
+    in_private_netns,
     sample_rows,
     seed,
     start_cluster3,
     start_node,
 )
-from tests.e2e.conftest import in_private_netns
 
 import aquila_client as aq
 
@@ -129,7 +129,7 @@ def test_documents_round_trip_exactly(db: Driver, deployment: Deployment) -> Non
     create(deployment.nodes[0], name, 5, shards=2)
     rng = np.random.default_rng(7)
     vecs = rng.standard_normal((4, 5)).astype(np.float32)
-    vecs[0, :] = [1e-38, -0.0, 3.4e38, 1.0000001, np.float32(np.pi)]
+    vecs[0, :] = np.array([1e-38, -0.0, 3.4e38, 1.0000001, np.pi], dtype=np.float32)
     ids = ["a/b c?#%", "ünï/cødé", "plain", "x" * 256]
     meta = [{"n": i, "nested": {"tags": ["t", i]}} for i in range(4)]
     seed(deployment.nodes[0], name, vecs, ids, meta)
