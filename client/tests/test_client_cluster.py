@@ -3,6 +3,7 @@ node killed mid-use, the calls going on through the others; join and leave of a 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,18 @@ def test_a_node_killed_mid_use(cluster: Deployment, mode: str) -> None:
         said = {e.node: e.code for e in info.value.attempts}
         assert said == {cluster.addrs[0]: "transport", cluster.addrs[1]: "unavailable",
                         cluster.addrs[2]: "unavailable"}
+
+        # A paused node keeps its socket open and answers nothing: the client's timeout.
+        n2 = cluster.nodes[1]
+        n2.signal(signal.SIGSTOP)
+        impatient = Driver(mode, [n2.addr], api_key=API_KEY, timeout=0.5)
+        try:
+            with pytest.raises(aq.RequestTimeout) as waited:
+                impatient.healthz()
+            assert waited.value.node == n2.addr
+        finally:
+            n2.signal(signal.SIGCONT)
+            impatient.close()
     finally:
         db.close()
 
