@@ -93,10 +93,9 @@ class ClientBase:
 
 def _reply(resp: httpx.Response) -> Reply:
     body: Any = None
-    text = resp.text
     if resp.content:
         try:
             body = json.loads(resp.content)
-        except ValueError:
+        except ValueError:  # includes UnicodeDecodeError
             body = None
-    return Reply(resp.status_code, body, text)
+    return Reply(resp.status_code, body, resp.content)

@@ -64,7 +64,11 @@ class Retry(enum.Enum):
 class Reply:
     status: int
     json: Any  # the decoded body, or None when it is not JSON
-    text: str
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,9 @@ def as_matrix(vectors: VectorsIn, what: str) -> tuple[npt.NDArray[np.float32], b
     return np.ascontiguousarray(arr, dtype=np.float32), False
 
 
-def vectors_b64(matrix: npt.NDArray[np.float32]) -> str:
-    """The columnar form: little-endian float32, row after row, base64."""
-    return base64.b64encode(np.ascontiguousarray(matrix, dtype="<f4").tobytes()).decode("ascii")
+def vectors_b64(matrix: npt.NDArray[np.float32]) -> bytes:
+    """The columnar form: little-endian float32, row after row, base64 (ASCII bytes)."""
+    return base64.b64encode(np.ascontiguousarray(matrix, dtype="<f4").tobytes())
 
 
 def query_rows(matrix: npt.NDArray[np.float32], what: str) -> list[list[float]]:
@@ -180,7 +184,7 @@ def upsert(
         id_list = as_str_list(ids, "ids")
         if len(id_list) != n:
             raise ValueError(f"{len(id_list)} ids for {n} vectors")
-    body: dict[str, Any] = {"ids": id_list, "vectors_b64": vectors_b64(matrix)}
+    rest: dict[str, Any] = {}
     if metadata is not None:
         meta = [{} if m is None else m for m in metadata]
         if len(meta) != n:
@@ -188,11 +192,15 @@ def upsert(
         for i, m in enumerate(meta):
             if not isinstance(m, Mapping):
                 raise TypeError(f"metadata[{i}] must be a dict, got {type(m).__name__}")
-        body["metadata"] = [dict(m) for m in meta]
+        rest["metadata"] = [dict(m) for m in meta]
     if consistency is not None:
-        body["consistency"] = consistency
+        rest["consistency"] = consistency
+    # The base64 text goes in as it is: it needs no JSON escaping, and running tens of MB of it
+    # through the JSON encoder would cost more than everything else in the request.
+    body = b"".join([b'{"ids":', dumps(id_list), b',"vectors_b64":"', vectors_b64(matrix), b'"',
+                     b"," + dumps(rest)[1:] if rest else b"}"])
     return Call("POST", f"/v1/collections/{seg(collection)}/documents",
-                lambda r: UpsertResult.from_json(r.json), dumps(body))
+                lambda r: UpsertResult.from_json(r.json), body)
 
 
 def get_document(collection: str, doc_id: str, vector: bool) -> Call[Document]:
