@@ -72,7 +72,7 @@ class AsyncClient(ClientBase):
                         call.method, url + call.path, content=call.body, params=call.params,
                         headers=self._headers_for(call), timeout=self._timeout(call),
                     )
-                except httpx.TransportError as exc:
+                except httpx.RequestError as exc:
                     raise self._on_transport_error(call, exc, url) from None
                 return self._on_response(call, resp, url)
             except Attempt as failed:

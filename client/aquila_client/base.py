@@ -66,7 +66,7 @@ class ClientBase:
             return {}
         return {"Content-Type": "application/json"}
 
-    def _on_transport_error(self, call: Call[Any], exc: httpx.TransportError,
+    def _on_transport_error(self, call: Call[Any], exc: httpx.RequestError,
                             url: str) -> Attempt:
         return Attempt(transport_error(exc, url), may_retry(call, classify(exc)))
 

@@ -56,7 +56,7 @@ class Failure(enum.Enum):
     UNAVAILABLE = "unavailable"  # the node answered 503: it changed nothing
 
 
-def classify(exc: httpx.TransportError) -> Failure:
+def classify(exc: httpx.RequestError) -> Failure:
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return Failure.NOT_SENT
     return Failure.MAYBE_SENT
@@ -94,7 +94,7 @@ def node_of(url: str) -> str:
     return url.split("://", 1)[-1]
 
 
-def transport_error(exc: httpx.TransportError, url: str) -> TransportError:
+def transport_error(exc: httpx.RequestError, url: str) -> TransportError:
     cls = RequestTimeout if isinstance(exc, httpx.TimeoutException) else TransportError
     detail = str(exc) or type(exc).__name__
     return cls(f"{type(exc).__name__}: {detail}", node=node_of(url))

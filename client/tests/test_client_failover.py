@@ -148,6 +148,24 @@ def test_an_upsert_is_retried_after_a_timeout_with_the_same_ids(make_driver: Any
     assert fake.body(0) == fake.body(1)  # same ids, same vectors: idempotent
 
 
+@pytest.mark.parametrize("exc", [httpx.RemoteProtocolError, httpx.ReadError,
+                                 httpx.DecodingError, httpx.ConnectTimeout])
+def test_any_request_failure_is_a_transport_error_and_reads_move_on(
+    make_driver: Any, fake: FakeNodes, exc: type[httpx.RequestError]
+) -> None:
+    def fail(r: httpx.Request) -> httpx.Response:
+        raise exc("broken", request=r)
+
+    fake.on("n1:1", fail)
+    db = make_driver(["n1:1"])
+    with pytest.raises(aq.TransportError) as info:
+        db.list_collections()
+    assert info.value.status is None and "broken" in info.value.message
+    assert isinstance(info.value, aq.RequestTimeout) == issubclass(exc, httpx.TimeoutException)
+    fake.answer(OK_LIST, node="n2:1")
+    assert make_driver(["n1:1", "n2:1"]).list_collections() == []
+
+
 @pytest.mark.parametrize("method, args", [
     ("delete_collection", ("docs",)),
     ("delete_document", ("docs", "a")),
