@@ -35,7 +35,17 @@ from aquila_client.text import SentenceEncoder
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "tests" / "data" / "wordnet-sample"
-FULL = REPO.parent / "shared" / "data" / "wordnet-minilm-384"
+FULL_NAME = Path("shared") / "data" / "wordnet-minilm-384"  # beside the repository
+
+
+def full_set() -> Path:
+    """The shared set: in shared/ beside the repository (or beside a folder above it, as for a
+    git worktree)."""
+    for parent in REPO.parents:
+        if (parent / FULL_NAME / "base.jsonl").is_file():
+            return parent / FULL_NAME
+    raise SystemExit(f"semantic_search: no {FULL_NAME} beside {REPO} or a folder above it; "
+                     "give --data DIR")
 POS = ("noun", "verb", "adj", "adv")
 
 
@@ -49,7 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", type=Path, default=SAMPLE,
                      help="a folder with base.jsonl and base.f16.npy (default: the sample)")
-    src.add_argument("--full", action="store_true", help=f"the whole set in {FULL}")
+    src.add_argument("--full", action="store_true",
+                     help=f"the whole set ({FULL_NAME} beside the repository)")
     p.add_argument("--collection", default="wordnet")
     p.add_argument("--index", default="ivf_flat", choices=("ivf_flat", "ivf_sq8", "flat"))
     p.add_argument("--limit", type=int, help="import only the first N synsets")
@@ -63,7 +74,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the answers as JSON")
     args = p.parse_args(argv)
     if args.full:
-        args.data = FULL
+        args.data = full_set()
+    for name in ("base.jsonl", "base.f16.npy"):
+        if not args.skip_import and not (args.data / name).is_file():
+            p.error(f"no {name} in {args.data}")
     if args.batch < 1 or args.k < 1 or (args.limit is not None and args.limit < 1):
         p.error("--batch, --k and --limit are positive")
     return args
