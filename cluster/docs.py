@@ -1,8 +1,8 @@
-"""Documents as they travel between coordinator and replicas."""
+"""Documents as the cluster layer handles them: a write on its way to a replica (`Incoming`)
+and a search hit (`Hit`); their wire form is `cluster.remote`'s."""
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,70 +28,6 @@ class Hit:
     metadata: bytes  # the stored JSON object
     vector: bytes  # float32 little-endian
     shard: int = -1  # the shard it came from (fan-out keeps one answer per shard)
-
-
-def encode_writes(by_shard: dict[int, list[Incoming]]) -> list[dict[str, Any]]:
-    """Wire form of a write batch: vectors as base64 float32, metadata as raw JSON."""
-    out = []
-    for shard, docs in by_shard.items():
-        out.append({
-            "shard": shard,
-            "docs": [
-                {
-                    "id": d.id,
-                    "v": None if d.vector is None
-                    else base64.b64encode(d.vector.astype("<f4").tobytes()).decode(),
-                    "m": orjson.Fragment(d.metadata or b"{}"),
-                    "ver": d.version,
-                    "w": d.writer,
-                }
-                for d in docs
-            ],
-        })
-    return out
-
-
-def decode_writes(raw: list[dict[str, Any]], dim: int) -> dict[int, list[Incoming]]:
-    by_shard: dict[int, list[Incoming]] = {}
-    for part in raw:
-        docs = []
-        for d in part["docs"]:
-            vec = None
-            if d["v"] is not None:
-                vec = np.frombuffer(base64.b64decode(d["v"]), dtype="<f4")
-                if vec.shape != (dim,):
-                    raise ValueError(f"vector of {d['id']!r} has the wrong dimension")
-            docs.append(Incoming(d["id"], vec, orjson.dumps(d["m"]) if vec is not None else b"",
-                                 int(d["ver"]), str(d["w"])))
-        by_shard[int(part["shard"])] = docs
-    return by_shard
-
-
-def encode_hits(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[list[list[Any]]]:
-    return [
-        # Metadata travels as a JSON string: the coordinator passes it on as it is, instead of
-        # parsing it and writing it again.
-        [[h.id, h.score, (h.metadata or b"{}").decode() if metadata else None,
-          base64.b64encode(h.vector).decode() if vector else None, h.shard] for h in row]
-        for row in rows
-    ]
-
-
-def decode_hits(raw: list[list[list[Any]]]) -> list[list[Hit]]:
-    return [
-        [Hit(h[0], float(h[1]), _meta_bytes(h[2]),
-             base64.b64decode(h[3]) if h[3] else b"", int(h[4]) if len(h) > 4 else -1)
-         for h in row]
-        for row in raw
-    ]
-
-
-def _meta_bytes(m: Any) -> bytes:
-    if m is None:
-        return b"{}"
-    if isinstance(m, str):
-        return m.encode()
-    return orjson.dumps(m)  # a peer that sent the object itself
 
 
 def hit_json(h: Hit, metadata: bool, vector: bool) -> dict[str, Any]:

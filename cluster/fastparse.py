@@ -14,7 +14,8 @@ import uuid
 import numpy as np
 import simdjson
 
-from cluster.requests import CONSISTENCY, DocBatch, valid_id
+from cluster.operations import CONSISTENCY, DocBatch
+from cluster.requests import valid_id
 
 _DOC_FIELDS = frozenset(("id", "vector", "metadata"))
 _BODY_FIELDS = frozenset(("documents", "consistency"))

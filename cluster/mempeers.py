@@ -1,5 +1,5 @@
 """The peer client's in-process twin: requests to other nodes' internal routes go, through
-JSON as on the wire, straight to the target's `remote.PeerService`, so the whole replica
+JSON as on the wire, straight to the target's handler (`remote.PeerService`), so the whole replica
 protocol (codecs included) runs between many nodes in one process. The in-memory network's
 faults apply: a paused or cut-off node hangs until the caller's timeout (on the injected
 clock), a stopped one refuses at once. Gossip's push-pull travels by `memnet`.
@@ -8,7 +8,7 @@ clock), a stopped one refuses at once. Gossip's push-pull travels by `memnet`.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -16,14 +16,20 @@ from cluster.clock import Clock
 from cluster.errors import (
     AquilaError,
     BadRequest,
-    NotFound,
     Unauthorized,
     Unavailable,
     from_code,
 )
 from cluster.memnet import MemNetwork
-from cluster.peers import PeerError
-from cluster.remote import COLLECTION_PREFIX, PUSH_PULL_PATH, STATE_PATH, PeerService
+from cluster.peer_client import PUSH_PULL_PATH, PeerError
+
+
+class PeerHandler(Protocol):
+    """A node's internal routes (`remote.PeerService`)."""
+
+    node_id: str
+
+    async def handle(self, method: str, path: str, body: Any) -> Any: ...
 
 
 class MemoryPeerNet:
@@ -32,10 +38,10 @@ class MemoryPeerNet:
     def __init__(self, net: MemNetwork, clock: Clock) -> None:
         self.net = net
         self.clock = clock
-        self.services: dict[str, PeerService] = {}
+        self.services: dict[str, PeerHandler] = {}
         self.requests = 0
 
-    def serve(self, addr: str, service: PeerService) -> None:
+    def serve(self, addr: str, service: PeerHandler) -> None:
         self.services[addr] = service
 
     def stop(self, addr: str) -> None:
@@ -71,7 +77,7 @@ class MemoryPeers:
             raise Unauthorized(f"{addr}: peer request refused: addressed to {to!r}")
         wire = orjson.loads(orjson.dumps(body)) if body is not None else None
         try:
-            answer = await _route(service, method, path, wire)
+            answer = await service.handle(method, path, wire)
         except AquilaError as exc:
             err = from_code(exc.code, f"{addr}: {exc.message}")
             if exc.status >= 500 and not isinstance(err, Unavailable):
@@ -80,16 +86,3 @@ class MemoryPeers:
         except (KeyError, ValueError, TypeError) as exc:  # as node.internal_api answers
             raise BadRequest(f"{addr}: malformed peer request: {type(exc).__name__}: {exc}") from None
         return orjson.loads(orjson.dumps(answer))
-
-
-async def _route(service: PeerService, method: str, path: str, body: Any) -> Any:
-    if (method, path) == ("POST", STATE_PATH):
-        return service.state_push(body)
-    if not path.startswith(COLLECTION_PREFIX):
-        raise NotFound(f"no route {method} {path}")
-    name, _, op = path[len(COLLECTION_PREFIX):].partition("/")
-    if (method, op) == ("GET", "stats"):
-        return await service.stats(name)
-    if method != "POST":
-        raise BadRequest(f"{method} is not allowed on {path}")
-    return await service.collection_op(op, name, body)

@@ -1,4 +1,4 @@
-"""Typed async client for other nodes' internal routes; maps HTTP errors back to
+"""The HTTP client for other nodes' internal routes (a `peer_client.PeerClient`); maps HTTP errors back to
 `cluster.errors`. With a cluster secret, every request is signed (`peer_auth`): its sender,
 method, path, body and time, which the receiving node checks before anything else."""
 
@@ -12,10 +12,7 @@ from yarl import URL
 
 from cluster.errors import AquilaError, Unavailable, from_code
 from cluster.peer_auth import PeerSigner
-
-
-class PeerError(Unavailable):
-    """A peer could not be reached or did not answer in time: worth trying another replica."""
+from cluster.peer_client import PeerError
 
 
 class Peers:

@@ -9,7 +9,7 @@ import asyncio
 from cluster.clock import Clock
 from cluster.errors import Unavailable
 from cluster.membership import State
-from cluster.remote import PeerClient, push_entries
+from cluster.peer_client import STATE_PATH, PeerClient
 from cluster.runtime import ClusterRuntime
 from cluster.state import CollectionEntry
 from cluster.view import MemberView
@@ -29,12 +29,13 @@ class Publisher:
         """Adopt `entry` and push it to every member alive or suspect. With `require_all`,
         retry until every alive member has acknowledged it, or raise Unavailable."""
         self._runtime.publish(entry)
+        body = [entry.to_json()]  # as ClusterState.decode_entries reads it
         failed: list[str] = []
         for attempt in range(5 if require_all else 1):
             targets = self._view.peers_to_tell()
             results = await asyncio.gather(
-                *(push_entries(self._peers, m.id, m.addr, [entry], PUSH_TIMEOUT_S)
-                  for m in targets),
+                *(self._peers.request(m.addr, "POST", STATE_PATH, body, to=m.id,
+                                      timeout=PUSH_TIMEOUT_S) for m in targets),
                 return_exceptions=True,
             )
             failed = [m.id for m, r in zip(targets, results, strict=True)

@@ -12,8 +12,8 @@ from cluster.clock import Clock
 from cluster.docs import Hit, hit_json
 from cluster.errors import AquilaError, NotFound, Unavailable
 from cluster.fanout import fan_out
+from cluster.operations import SearchRequest
 from cluster.replica import Replicas
-from cluster.requests import SearchRequest
 from cluster.sharding import shard_of
 from cluster.state import CollectionEntry
 from cluster.view import MemberView

@@ -13,41 +13,90 @@ from __future__ import annotations
 import base64
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+import orjson
 
-from cluster.docs import Hit, Incoming, decode_hits, decode_writes, encode_hits, encode_writes
-from cluster.errors import NotFound, Unavailable
+from cluster.docs import Hit, Incoming
+from cluster.errors import BadRequest, NotFound, Unavailable
 from cluster.filters import parse_filter
 from cluster.hlc import HybridClock
+from cluster.operations import SearchRequest
+from cluster.peer_client import (
+    COLLECTION_PREFIX,
+    STATE_PATH,
+    PeerClient,
+    collection_path,
+)
 from cluster.replica import Replica, WriteResult
-from cluster.requests import SearchRequest
 from cluster.spec import CollectionSpec
 from cluster.state import ClusterState, CollectionEntry
 
-STATE_PATH = "/internal/v1/state"
-PUSH_PULL_PATH = "/internal/v1/pushpull"
-COLLECTION_PREFIX = "/internal/v1/collections/"
+
+# -- documents and hits -------------------------------------------------------------------
+def encode_writes(by_shard: dict[int, list[Incoming]]) -> list[dict[str, Any]]:
+    """Wire form of a write batch: vectors as base64 float32, metadata as raw JSON."""
+    out = []
+    for shard, docs in by_shard.items():
+        out.append({
+            "shard": shard,
+            "docs": [
+                {
+                    "id": d.id,
+                    "v": None if d.vector is None
+                    else base64.b64encode(d.vector.astype("<f4").tobytes()).decode(),
+                    "m": orjson.Fragment(d.metadata or b"{}"),
+                    "ver": d.version,
+                    "w": d.writer,
+                }
+                for d in docs
+            ],
+        })
+    return out
 
 
-def collection_path(name: str, op: str) -> str:
-    """The internal route of operation `op` on collection `name`."""
-    return f"{COLLECTION_PREFIX}{name}/{op}"
+def decode_writes(raw: list[dict[str, Any]], dim: int) -> dict[int, list[Incoming]]:
+    by_shard: dict[int, list[Incoming]] = {}
+    for part in raw:
+        docs = []
+        for d in part["docs"]:
+            vec = None
+            if d["v"] is not None:
+                vec = np.frombuffer(base64.b64decode(d["v"]), dtype="<f4")
+                if vec.shape != (dim,):
+                    raise ValueError(f"vector of {d['id']!r} has the wrong dimension")
+            docs.append(Incoming(d["id"], vec, orjson.dumps(d["m"]) if vec is not None else b"",
+                                 int(d["ver"]), str(d["w"])))
+        by_shard[int(part["shard"])] = docs
+    return by_shard
 
 
-class PeerClient(Protocol):
-    """Requests to other nodes' internal routes (`cluster.peers.Peers` over HTTP,
-    `cluster.mempeers.MemoryPeers` in one process). Failures raise `AquilaError`s; one
-    that could not reach the node is transient (`Unavailable`)."""
+def encode_hits(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[list[list[Any]]]:
+    return [
+        # Metadata travels as a JSON string: the coordinator passes it on as it is, instead of
+        # parsing it and writing it again.
+        [[h.id, h.score, (h.metadata or b"{}").decode() if metadata else None,
+          base64.b64encode(h.vector).decode() if vector else None, h.shard] for h in row]
+        for row in rows
+    ]
 
-    async def request(
-        self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
-        timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
-    ) -> Any:
-        """`to` is the node id expected at `addr`, which alone may accept the request (None
-        only for a push-pull to a seed whose id is not known yet)."""
-        ...
+
+def decode_hits(raw: list[list[list[Any]]]) -> list[list[Hit]]:
+    return [
+        [Hit(h[0], float(h[1]), _meta_bytes(h[2]),
+             base64.b64decode(h[3]) if h[3] else b"", int(h[4]) if len(h) > 4 else -1)
+         for h in row]
+        for row in raw
+    ]
+
+
+def _meta_bytes(m: Any) -> bytes:
+    if m is None:
+        return b"{}"
+    if isinstance(m, str):
+        return m.encode()
+    return orjson.dumps(m)  # a peer that sent the object itself
 
 
 # -- search: the one format built per query batch, memoised per request ---------------------
@@ -131,10 +180,6 @@ def decode_records(raw: dict[str, Any], shard: int, dim: int) -> list[Incoming]:
     return decode_writes(raw["writes"], dim).get(shard, [])
 
 
-def encode_entries(entries: list[CollectionEntry]) -> list[dict[str, Any]]:
-    return [e.to_json() for e in entries]
-
-
 class RemoteReplica:
     """A peer's copies, through its internal routes. `addr_of` says where the node is now
     (None: not a member, or no longer)."""
@@ -210,15 +255,6 @@ class RemoteReplica:
         if self._addr_of(self.node) is None:
             return  # gone: its copy goes with it, or is dropped as an orphan if it returns
         await self._ask("POST", name, "drop_shard", {"shard": shard})
-
-
-async def push_entries(
-    peers: PeerClient, node: str, addr: str, entries: list[CollectionEntry],
-    timeout: float,  # noqa: ASYNC109
-) -> None:
-    """Hand state changes straight to a peer (gossip would get them there later)."""
-    await peers.request(addr, "POST", STATE_PATH, encode_entries(entries), to=node,
-                        timeout=timeout)
 
 
 class PeerService:
@@ -301,6 +337,20 @@ class PeerService:
     async def drop_shard(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         await self.local.drop_shard(name, int(body["shard"]))
         return {"dropped": True}
+
+    async def handle(self, method: str, path: str, body: Any) -> Any:
+        """Serve a decoded request to an internal route (the in-process network's entry
+        point; over HTTP, node.http.internal_api routes each path itself)."""
+        if (method, path) == ("POST", STATE_PATH):
+            return self.state_push(body)
+        if not path.startswith(COLLECTION_PREFIX):
+            raise NotFound(f"no route {method} {path}")
+        name, _, op = path[len(COLLECTION_PREFIX):].partition("/")
+        if (method, op) == ("GET", "stats"):
+            return await self.stats(name)
+        if method != "POST":
+            raise BadRequest(f"{method} is not allowed on {path}")
+        return await self.collection_op(op, name, body)
 
     async def collection_op(self, op: str, name: str, body: Any) -> Any:
         """Dispatch by route name (the in-process network's entry point)."""

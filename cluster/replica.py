@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from cluster.backend import ShardBackend
 from cluster.docs import Hit, Incoming
 from cluster.errors import Unavailable
-from cluster.requests import SearchRequest
+from cluster.operations import SearchRequest
 from cluster.spec import CollectionSpec
 from cluster.state import ClusterState
 

@@ -1,4 +1,5 @@
-"""Parsing and validating the bodies of document and search requests, pure.
+"""Parsing and validating the bodies of document and search requests into typed requests
+(`cluster.operations`), pure.
 
 A rejected request changes nothing: everything is checked here, before any write, and a batch
 with one bad document is rejected whole with the document's position in the message.
@@ -9,39 +10,17 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import numpy as np
 import orjson
 
 from cluster.errors import BadRequest, DimensionMismatch, InvalidVector
-from cluster.filters import Predicate, parse_filter
+from cluster.filters import parse_filter
+from cluster.operations import CONSISTENCY, DocBatch, SearchRequest
 
 MAX_ID_CHARS = 256
 MAX_K = 1000
-CONSISTENCY = ("one", "quorum", "all")
-
-
-@dataclass
-class DocBatch:
-    ids: list[str]
-    vectors: np.ndarray  # n × dim float32
-    metadata: list[bytes]  # JSON objects, serialised
-    consistency: str
-
-
-@dataclass(eq=False)  # by identity: the peer codec memoises its wire form per request
-class SearchRequest:
-    vectors: np.ndarray  # nq × dim float32
-    k: int
-    nprobe: int | None
-    filter: Any
-    predicate: Predicate | None
-    include_metadata: bool
-    include_vector: bool
-    allow_partial: bool
-    timeout_ms: int | None
 
 
 _NUMBER_TYPES = frozenset((int, float))

@@ -7,20 +7,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 import orjson
 
-from cluster.backend import ShardBackend
 from cluster.clock import Clock
 from cluster.errors import Unavailable
 from cluster.membership import Member
+from cluster.spec import CollectionSpec
 from cluster.state import ClusterState, CollectionEntry
 
 log = logging.getLogger(__name__)
 
 Persist = Callable[[bytes], Awaitable[None]]
+
+
+class LocalShards(Protocol):
+    """What reconciling needs of this node's storage (a narrow `ShardBackend`)."""
+
+    def has(self, name: str) -> bool: ...
+
+    async def ensure(self, spec: CollectionSpec, shards: Iterable[int], uid: str) -> None: ...
+
+    async def drop_collection(self, name: str) -> None: ...
 
 # After a failed reconciliation, try again this much later.
 RETRY_S = 1.0
@@ -76,7 +86,7 @@ class ClusterRuntime:
     def __init__(
         self,
         node_id: str,
-        backend: ShardBackend,
+        backend: LocalShards,
         persist: Persist,
         clock: Clock,
         initial: ClusterState | None = None,

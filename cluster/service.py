@@ -24,10 +24,11 @@ from cluster.gossip import Gossip, GossipConfig, JoinError
 from cluster.healer import Healer, HealerConfig
 from cluster.hlc import HybridClock
 from cluster.lifecycle import Collections
+from cluster.peer_client import PeerClient
 from cluster.publish import Publisher
 from cluster.reads import ReadPath
 from cluster.rebalance import Rebalancer
-from cluster.remote import PeerClient, PeerService, RemoteReplica
+from cluster.remote import PeerService, RemoteReplica
 from cluster.replica import LocalReplica, Replicas
 from cluster.runtime import ClusterRuntime, Persist
 from cluster.state import ClusterState

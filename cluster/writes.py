@@ -15,8 +15,8 @@ from cluster.docs import Incoming
 from cluster.errors import AquilaError, BadRequest, NotFound, Unavailable
 from cluster.hints import Hints
 from cluster.hlc import HybridClock
+from cluster.operations import CONSISTENCY, DocBatch
 from cluster.replica import Replicas, WriteResult
-from cluster.requests import CONSISTENCY, DocBatch
 from cluster.sharding import shard_of
 from cluster.state import ClusterState, CollectionEntry
 from cluster.view import MemberView

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from cluster.clock import Clock
 from cluster.errors import Unavailable
-from cluster.remote import PeerClient
+from cluster.peer_client import PeerClient
 from cluster.transport import Transport
 from node.api import add_public_routes, error_middleware
 from node.blocking import Blocking

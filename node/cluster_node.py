@@ -17,8 +17,8 @@ from cluster.clock import Clock, SystemClock
 from cluster.gossip import GossipConfig
 from cluster.healer import HealerConfig
 from cluster.membership import Member, State
+from cluster.peer_client import PUSH_PULL_PATH, PeerClient
 from cluster.peers import Peers
-from cluster.remote import PUSH_PULL_PATH, PeerClient
 from cluster.service import ClusterService, ClusterSettings
 from cluster.state import ClusterState
 from cluster.transport import Transport

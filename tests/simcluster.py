@@ -27,7 +27,7 @@ from cluster.membackend import MemoryBackend
 from cluster.membership import State
 from cluster.memnet import MemNetwork
 from cluster.mempeers import MemoryPeerNet
-from cluster.requests import DocBatch
+from cluster.operations import DocBatch
 from cluster.service import ClusterService, ClusterSettings
 from cluster.spec import CollectionSpec, IndexSpec
 from cluster.state import ClusterState, CollectionEntry

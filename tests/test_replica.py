@@ -26,10 +26,10 @@ from cluster.hlc import HybridClock
 from cluster.membackend import MemoryBackend
 from cluster.memnet import MemNetwork
 from cluster.mempeers import MemoryPeerNet
-from cluster.peers import PeerError
+from cluster.operations import SearchRequest
+from cluster.peer_client import PeerError
 from cluster.remote import PeerService, RemoteReplica
 from cluster.replica import LocalReplica, Replica, Replicas
-from cluster.requests import SearchRequest
 from cluster.sharding import shard_of
 from cluster.spec import CollectionSpec, IndexSpec
 from cluster.state import ClusterState, CollectionEntry

@@ -20,12 +20,12 @@ import orjson
 import pytest
 
 from cluster.clock import ManualClock
-from cluster.docs import Incoming, decode_writes
+from cluster.docs import Incoming
 from cluster.errors import AquilaError, BadRequest, Unavailable
 from cluster.hlc import HybridClock
 from cluster.membership import Member, State
-from cluster.peers import PeerError
-from cluster.remote import RemoteReplica
+from cluster.peer_client import PeerError
+from cluster.remote import RemoteReplica, decode_writes
 from cluster.replica import LocalReplica, Replicas
 from cluster.spec import CollectionSpec, IndexSpec
 from cluster.state import ClusterState, CollectionEntry, Moving

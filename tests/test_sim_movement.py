@@ -16,8 +16,8 @@ import pytest
 from cluster.docs import Incoming
 from cluster.healer import HealerConfig
 from cluster.membership import State
+from cluster.operations import SearchRequest
 from cluster.rebalance import Stage, Transfer, plan_moves
-from cluster.requests import SearchRequest
 from cluster.sharding import shard_of
 from cluster.state import CollectionEntry
 from tests.simcluster import SimCluster, SimNode, batch, records, spec
