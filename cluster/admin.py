@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cluster.config_parse import parse_hostport
+from aquila.cluster.model.config_parse import parse_hostport
 
 DEFAULT_NODE = "127.0.0.1:8470"
 # Per-request timeout. Join waits for the node's own join deadline (10 s) and gets more.

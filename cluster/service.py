@@ -17,24 +17,24 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.antientropy import Repair
-from cluster.backend import ShardBackend
-from cluster.clock import Clock
-from cluster.gossip import Gossip, GossipConfig, JoinError
-from cluster.healer import Healer, HealerConfig
-from cluster.hlc import HybridClock
-from cluster.lifecycle import Collections
-from cluster.peer_client import PeerClient
-from cluster.publish import Publisher
-from cluster.reads import ReadPath
-from cluster.rebalance import Rebalancer
-from cluster.remote import PeerService, RemoteReplica
-from cluster.replica import LocalReplica, Replicas
-from cluster.runtime import ClusterRuntime, Persist
-from cluster.state import ClusterState
-from cluster.transport import PushPullTransport, Transport
-from cluster.view import MemberView
-from cluster.writes import WritePath
+from aquila.cluster.clock import Clock
+from aquila.cluster.membership.gossip import Gossip, GossipConfig, JoinError
+from aquila.cluster.membership.transport import PushPullTransport, Transport
+from aquila.cluster.membership.view import MemberView
+from aquila.cluster.model.hlc import HybridClock
+from aquila.cluster.movement.healer import Healer, HealerConfig
+from aquila.cluster.movement.rebalance import Rebalancer
+from aquila.cluster.movement.repair import Repair
+from aquila.cluster.peers.client import PeerClient
+from aquila.cluster.replication.backend import ShardBackend
+from aquila.cluster.replication.lifecycle import Collections
+from aquila.cluster.replication.reads import ReadPath
+from aquila.cluster.replication.remote import PeerService, RemoteReplica
+from aquila.cluster.replication.replica import LocalReplica, Replicas
+from aquila.cluster.replication.writes import WritePath
+from aquila.cluster.state.entries import ClusterState
+from aquila.cluster.state.publish import Publisher
+from aquila.cluster.state.runtime import ClusterRuntime, Persist
 
 log = logging.getLogger(__name__)
 

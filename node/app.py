@@ -12,21 +12,21 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cluster.clock import Clock
-from cluster.errors import Unavailable
-from cluster.peer_client import PeerClient
-from cluster.transport import Transport
-from node.api import add_public_routes, error_middleware
-from node.blocking import Blocking
-from node.cluster_api import add_cluster_routes
-from node.cluster_node import ClusterNode
-from node.collection import Tuning
-from node.config import NodeConfig
-from node.engine import Engine
-from node.files import write_atomic
-from node.internal_api import add_internal_routes
-from node.keys import BLOCKING, CLUSTER, CONFIG, METRICS, READY, SERVICE
-from node.metrics import Metrics
+from aquila.cluster.clock import Clock
+from aquila.cluster.membership.transport import Transport
+from aquila.cluster.model.errors import Unavailable
+from aquila.cluster.peers.client import PeerClient
+from aquila.node.blocking import Blocking
+from aquila.node.cluster_node import ClusterNode
+from aquila.node.config import NodeConfig
+from aquila.node.files import write_atomic
+from aquila.node.http.api import add_public_routes, error_middleware
+from aquila.node.http.cluster_api import add_cluster_routes
+from aquila.node.http.internal_api import add_internal_routes
+from aquila.node.keys import BLOCKING, CLUSTER, CONFIG, METRICS, READY, SERVICE
+from aquila.node.metrics import Metrics
+from aquila.node.storage.collection import Tuning
+from aquila.node.storage.engine import Engine
 
 log = logging.getLogger(__name__)
 

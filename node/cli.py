@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Any
 
-from node.config import NodeConfig, load_config
+from aquila.node.config import NodeConfig, load_config
 
 log = logging.getLogger("aquila")
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aquila", description="Aquila vector database")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    from cluster.admin import add_admin_parsers
+    from aquila.cluster.admin import add_admin_parsers
 
     add_admin_parsers(sub)
     args = parser.parse_args(argv)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aquila: {exc}", file=sys.stderr)
             return 2
         return serve(config)
-    from cluster.admin import run_admin
+    from aquila.cluster.admin import run_admin
 
     return run_admin(args)
 
@@ -79,7 +79,7 @@ def serve(config: NodeConfig) -> int:
 async def _serve(config: NodeConfig) -> None:
     from aiohttp import web
 
-    from node.app import make_app
+    from aquila.node.app import make_app
 
     app = make_app(config)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -13,21 +13,21 @@ from typing import Any
 
 import orjson
 
-from cluster.clock import Clock, SystemClock
-from cluster.gossip import GossipConfig
-from cluster.healer import HealerConfig
-from cluster.membership import Member, State
-from cluster.peer_client import PUSH_PULL_PATH, PeerClient
-from cluster.peers import Peers
-from cluster.service import ClusterService, ClusterSettings
-from cluster.state import ClusterState
-from cluster.transport import Transport
-from cluster.udp import UdpTransport
-from node.backend import EngineBackend
-from node.blocking import Blocking
-from node.config import NodeConfig
-from node.engine import Engine
-from node.files import write_atomic
+from aquila.cluster.clock import Clock, SystemClock
+from aquila.cluster.membership.gossip import GossipConfig
+from aquila.cluster.membership.table import Member, State
+from aquila.cluster.membership.transport import Transport
+from aquila.cluster.membership.udp import UdpTransport
+from aquila.cluster.movement.healer import HealerConfig
+from aquila.cluster.peers.client import PUSH_PULL_PATH, PeerClient
+from aquila.cluster.peers.http import Peers
+from aquila.cluster.service import ClusterService, ClusterSettings
+from aquila.cluster.state.entries import ClusterState
+from aquila.node.blocking import Blocking
+from aquila.node.config import NodeConfig
+from aquila.node.files import write_atomic
+from aquila.node.storage.backend import EngineBackend
+from aquila.node.storage.engine import Engine
 
 log = logging.getLogger(__name__)
 

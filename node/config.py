@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.config_parse import parse_hostport
+from aquila.cluster.model.config_parse import parse_hostport
 
 MIB = 1024 * 1024
 
@@ -36,7 +36,7 @@ class NodeConfig:
     # When set, every public request but GET /healthz and GET /readyz (probes) needs
     # `Authorization: Bearer <key>` (full access).
     api_key: str | None = None
-    # When set, `Authorization: Bearer <read key>` gives the read routes only (node/access.py);
+    # When set, `Authorization: Bearer <read key>` gives the read routes only (node/http/access.py);
     # anything else with it is 403. Without an api_key it makes the node keyed all the same.
     read_key: str | None = None
     # When set, gossip packets and peer requests are authenticated with it (HMAC-SHA256); a

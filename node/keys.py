@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from node.config import NodeConfig
+from aquila.node.config import NodeConfig
 
 if TYPE_CHECKING:
-    from cluster.service import ClusterService
-    from node.blocking import Blocking
-    from node.cluster_node import ClusterNode
-    from node.metrics import Metrics
+    from aquila.cluster.service import ClusterService
+    from aquila.node.blocking import Blocking
+    from aquila.node.cluster_node import ClusterNode
+    from aquila.node.metrics import Metrics
 
 CONFIG = web.AppKey("config", NodeConfig)
 SERVICE: web.AppKey[ClusterService] = web.AppKey("service")

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faiss
 import numpy as np
-from bench_common import REPO_ROOT, K, log
+from bench_common import K, log
 from bench_data import Dataset, normalise, recall_at_k
 
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from cluster.sharding import shard_of  # noqa: E402  (needs the repo on sys.path)
+from aquila.cluster.model.sharding import shard_of
 
 
 def _single_threaded_faiss() -> None:

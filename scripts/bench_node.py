@@ -56,7 +56,7 @@ def aquila_command() -> list[str]:
     found = shutil.which("aquila")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; from node.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from aquila.node.cli import main; sys.exit(main())"]
 
 
 # ---------------------------------------------------------------------------------------

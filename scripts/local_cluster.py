@@ -64,7 +64,7 @@ def aquila_command() -> list[str]:
             exe = str(candidate)
     if exe is not None:
         return [exe]
-    return [sys.executable, "-c", "import sys; from node.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from aquila.node.cli import main; sys.exit(main())"]
 
 
 def start_node(node: Node, seed: str | None, secret: str | None, api_key: str | None) -> None:

@@ -26,8 +26,8 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from node.app import make_app
-from node.config import NodeConfig, load_config
+from aquila.node.app import make_app
+from aquila.node.config import NodeConfig, load_config
 
 # A small training threshold so IVF indexes train on a few hundred documents in tests.
 TEST_TRAIN_MIN = 64

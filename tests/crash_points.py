@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from cluster.docs import Incoming
-from cluster.spec import CollectionSpec, IndexSpec
-from node.blocking import Blocking
-from node.collection import Tuning
-from node.engine import Engine
-from node.store import Store
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.node.blocking import Blocking
+from aquila.node.storage.collection import Tuning
+from aquila.node.storage.engine import Engine
+from aquila.node.storage.store import Store
 
 SPEC = CollectionSpec("c", 4, "l2", 2, 1, IndexSpec("flat"))
 OTHER = CollectionSpec("other", 4, "ip", 1, 1, IndexSpec("flat"))

@@ -71,7 +71,7 @@ class NodeProc:
     def start(self, wait_ready: bool = True, timeout: float = 60.0) -> NodeProc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AQUILA_")}
         env.update({f"AQUILA_{k.upper()}": str(v) for k, v in self.settings.items()})
-        cmd = [sys.executable, "-m", "node", "serve", "--host", self.host,
+        cmd = [sys.executable, "-m", "aquila.node", "serve", "--host", self.host,
                "--port", str(self.port), "--data", str(self.data_dir)]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -19,18 +19,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from cluster.clock import ManualClock
-from cluster.docs import Incoming
-from cluster.gossip import GossipConfig
-from cluster.healer import HealerConfig
-from cluster.membackend import MemoryBackend
-from cluster.membership import State
-from cluster.memnet import MemNetwork
-from cluster.mempeers import MemoryPeerNet
-from cluster.operations import DocBatch
-from cluster.service import ClusterService, ClusterSettings
-from cluster.spec import CollectionSpec, IndexSpec
-from cluster.state import ClusterState, CollectionEntry
+from aquila.cluster.clock import ManualClock
+from aquila.cluster.membership.gossip import GossipConfig
+from aquila.cluster.membership.memnet import MemNetwork
+from aquila.cluster.membership.table import State
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.operations import DocBatch
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.cluster.movement.healer import HealerConfig
+from aquila.cluster.peers.memory import MemoryPeerNet
+from aquila.cluster.replication.membackend import MemoryBackend
+from aquila.cluster.service import ClusterService, ClusterSettings
+from aquila.cluster.state.entries import ClusterState, CollectionEntry
 
 T = TypeVar("T")
 

@@ -10,10 +10,10 @@ import orjson
 import pytest
 from yarl import URL
 
-from cluster.errors import Forbidden, Unauthorized
-from cluster.peer_auth import PeerSigner
-from node.access import check_access
-from node.config import NodeConfig
+from aquila.cluster.model.errors import Forbidden, Unauthorized
+from aquila.cluster.peers.auth import PeerSigner
+from aquila.node.config import NodeConfig
+from aquila.node.http.access import check_access
 from tests.conftest import Node, StartNode, expect_error, ok_json
 
 FULL = {"Authorization": "Bearer full-key"}

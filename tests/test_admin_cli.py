@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from cluster.admin import AdminError, http_error_line, move_progress, wait_for_moves
+from aquila.cluster.admin import AdminError, http_error_line, move_progress, wait_for_moves
 from tests.conftest import free_port
 from tests.procs import NodeProc, http, wait_until
 
@@ -38,7 +38,7 @@ def aquila(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -
     # The CLI must not pick up a key or anything else from the test runner's environment.
     base = {k: v for k, v in os.environ.items() if not k.startswith("AQUILA_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "node", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "aquila.node", *args], capture_output=True, text=True,
         env={**base, **(env or {})}, timeout=timeout,
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)

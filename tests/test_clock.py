@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from cluster.clock import ManualClock, SystemClock
+from aquila.cluster.clock import ManualClock, SystemClock
 
 
 async def settle() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from node.config import ENV_NAMES, MIB, NodeConfig, is_loopback, load_config
+from aquila.node.config import ENV_NAMES, MIB, NodeConfig, is_loopback, load_config
 
 
 def test_defaults() -> None:

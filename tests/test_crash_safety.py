@@ -21,10 +21,10 @@ import numpy as np
 import orjson
 import pytest
 
-from node.blocking import Blocking
-from node.collection import Tuning
-from node.engine import Engine
-from node.files import remove_stale_temps, write_atomic
+from aquila.node.blocking import Blocking
+from aquila.node.files import remove_stale_temps, write_atomic
+from aquila.node.storage.collection import Tuning
+from aquila.node.storage.engine import Engine
 from tests.conftest import free_port, wait_for
 from tests.crash_points import SCENARIOS, SPEC, doc, observe, prepare
 from tests.procs import NodeProc, wait_until
@@ -182,7 +182,7 @@ async def test_start_leaves_what_is_not_a_collection_alone(
     (root / ".dropping-0123" / "junk").write_bytes(b"x")
     (root / ".creating-4567").mkdir()  # its spec.json never written
     engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
-    with caplog.at_level(logging.WARNING, logger="node.engine"):
+    with caplog.at_level(logging.WARNING, logger="aquila.node.storage.engine"):
         await engine.start()
     assert engine.collections == {}
     assert (root / "notes" / "readme.txt").read_text() == "mine"
@@ -243,7 +243,7 @@ async def test_a_failed_drop_record_changes_nothing(
     def full(*_: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("node.collection.write_atomic", full)
+    monkeypatch.setattr("aquila.node.storage.collection.write_atomic", full)
     with pytest.raises(OSError):
         await engine.drop_shard("c", 1)
     monkeypatch.undo()
@@ -356,7 +356,7 @@ async def test_a_snapshot_being_written_never_lands_in_the_next_incarnation(
 ) -> None:
     """A collection re-created while its old incarnation's index snapshot is being written:
     the new incarnation must not find the old index in its folder."""
-    from node.index import VectorIndex
+    from aquila.node.storage.index import VectorIndex
 
     engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
     await engine.start()

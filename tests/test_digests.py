@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.digests import BUCKETS, bucket_of, digests, newer
-from cluster.docs import Incoming
+from aquila.cluster.model.digests import BUCKETS, bucket_of, digests, newer
+from aquila.cluster.model.documents import Incoming
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.docs import Incoming
-from cluster.spec import CollectionSpec, IndexSpec
-from node.blocking import Blocking
-from node.collection import Tuning
-from node.engine import Engine
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.node.blocking import Blocking
+from aquila.node.storage.collection import Tuning
+from aquila.node.storage.engine import Engine
 from tests.conftest import wait_for
 
 SPEC = CollectionSpec("c", 4, "l2", 2, 1, IndexSpec("flat"))
@@ -155,7 +155,7 @@ async def test_writes_during_training_all_reach_the_trained_index(
     version = 0
 
     async def write(docs: list[Incoming]) -> None:
-        from cluster.sharding import shard_of
+        from aquila.cluster.model.sharding import shard_of
 
         by: dict[int, list[Incoming]] = {}
         for d in docs:

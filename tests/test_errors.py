@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from aiohttp import ClientResponse
 
-from node.keys import SERVICE
+from aquila.node.keys import SERVICE
 from tests.conftest import Node, StartNode, expect_error, ok_json
 
 DIM = 4

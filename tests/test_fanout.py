@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from cluster.clock import ManualClock
-from cluster.docs import Hit
-from cluster.errors import BadRequest, Unavailable
-from cluster.fanout import HEDGE_SHARE, FanoutResult, assign, fan_out
+from aquila.cluster.clock import ManualClock
+from aquila.cluster.model.documents import Hit
+from aquila.cluster.model.errors import BadRequest, Unavailable
+from aquila.cluster.replication.fanout import HEDGE_SHARE, FanoutResult, assign, fan_out
 
 NQ = 2
 K = 3

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.errors import AquilaError
-from cluster.fastparse import parse_documents_fast
-from cluster.requests import parse_documents
+from aquila.cluster.model.errors import AquilaError
+from aquila.node.http.fastparse import parse_documents_fast
+from aquila.node.http.parse import parse_documents
 
 DIM = 4
 numbers = st.one_of(

@@ -1,4 +1,4 @@
-"""Metadata filters: cluster/filters.py unit tests, and filtered search over HTTP (the k best
+"""Metadata filters: cluster/model/filters.py unit tests, and filtered search over HTTP (the k best
 MATCHING documents, not the matches among the k best)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.errors import BadRequest
-from cluster.filters import parse_filter
+from aquila.cluster.model.errors import BadRequest
+from aquila.cluster.model.filters import parse_filter
 from tests.conftest import Node, brute_force, expect_error
 
 DOC: dict[str, Any] = {

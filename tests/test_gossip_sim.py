@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from cluster.clock import ManualClock
-from cluster.gossip import Gossip, GossipConfig, JoinError
-from cluster.membership import Member, State
-from cluster.memnet import MemNetwork
-from cluster.messages import Dead, Suspect
-from cluster.suspicion import retransmit_limit, suspicion_timeout
+from aquila.cluster.clock import ManualClock
+from aquila.cluster.membership.gossip import Gossip, GossipConfig, JoinError
+from aquila.cluster.membership.memnet import MemNetwork
+from aquila.cluster.membership.messages import Dead, Suspect
+from aquila.cluster.membership.suspicion import retransmit_limit, suspicion_timeout
+from aquila.cluster.membership.table import Member, State
 
 pytestmark = pytest.mark.simulation
 

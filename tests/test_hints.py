@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.docs import Incoming
-from cluster.hints import Hints
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.replication.hints import Hints
 
 
 def doc(doc_id: str, version: int = 1, writer: str = "n0", deleted: bool = False) -> Incoming:

@@ -7,7 +7,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.hlc import HybridClock
+from aquila.cluster.model.hlc import HybridClock
 
 PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from cluster.clock import ManualClock
-from cluster.memnet import MemNetwork
-from cluster.mempeers import MemoryPeerNet
-from node.app import make_app
-from node.config import load_config
-from node.keys import READY, SERVICE
+from aquila.cluster.clock import ManualClock
+from aquila.cluster.membership.memnet import MemNetwork
+from aquila.cluster.peers.memory import MemoryPeerNet
+from aquila.node.app import make_app
+from aquila.node.config import load_config
+from aquila.node.keys import READY, SERVICE
 from tests.conftest import brute_force, free_port, ok_json, wait_for
 
 

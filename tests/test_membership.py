@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.membership import MemberTable, State, TableParams
-from cluster.messages import Alive, Dead, MemberRow, Suspect
+from aquila.cluster.membership.messages import Alive, Dead, MemberRow, Suspect
+from aquila.cluster.membership.table import MemberTable, State, TableParams
 
 PARAMS = TableParams(
     suspicion_mult=4, suspicion_max_timeout_mult=6, probe_interval=1.0, dead_node_reclaim_time=0.0

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.merge import merge_topk
+from aquila.cluster.model.merge import merge_topk
 
 PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 

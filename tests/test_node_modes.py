@@ -26,7 +26,7 @@ needs_netns = pytest.mark.skipif(
 
 def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("AQUILA_")}
-    return subprocess.run([sys.executable, "-m", "node", "serve", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "aquila.node", "serve", *args], capture_output=True,
                           text=True, env={**base, **(env or {})}, timeout=60)
 
 
@@ -95,7 +95,7 @@ def test_insecure_flag_starts(tmp_path: Path) -> None:
     log = tmp_path / "flag.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "serve", "--host", "0.0.0.0", "--port", str(port),
+            [sys.executable, "-m", "aquila.node", "serve", "--host", "0.0.0.0", "--port", str(port),
              "--advertise", f"127.0.0.1:{port}", "--data", str(tmp_path / "d"), "--insecure"],
             stdout=out, stderr=subprocess.STDOUT,
             env={k: v for k, v in os.environ.items() if not k.startswith("AQUILA_")},

@@ -9,8 +9,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.filters import parse_filter
-from node.payload_index import PayloadIndex
+from aquila.cluster.model.filters import parse_filter
+from aquila.node.storage.payload_index import PayloadIndex
 
 KEYS = ["a", "b", "c.d"]
 scalars = st.one_of(

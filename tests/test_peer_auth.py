@@ -1,5 +1,5 @@
-"""Peer request signatures (cluster/peer_auth.py), gossip packet seals (cluster/packet_auth.py)
-and the replay memory both use (cluster/replay.py): each field tampered with, stale, future
+"""Peer request signatures (cluster/peers/auth.py), gossip packet seals (cluster/membership/packet_auth.py)
+and the replay memory both use (cluster/model/replay.py): each field tampered with, stale, future
 and replayed messages are refused; valid ones are accepted once."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import struct
 
 import pytest
 
-from cluster.clock import ManualClock
-from cluster.gossip import Gossip, GossipConfig
-from cluster.membership import State
-from cluster.memnet import MemNetwork
-from cluster.messages import MAC_SIZE, Ack, AuthError, decode, encode
-from cluster.packet_auth import PacketAuth, StalePacket
-from cluster.peer_auth import (
+from aquila.cluster.clock import ManualClock
+from aquila.cluster.membership.gossip import Gossip, GossipConfig
+from aquila.cluster.membership.memnet import MemNetwork
+from aquila.cluster.membership.messages import MAC_SIZE, Ack, AuthError, decode, encode
+from aquila.cluster.membership.packet_auth import PacketAuth, StalePacket
+from aquila.cluster.membership.table import State
+from aquila.cluster.model.replay import WINDOW_S, NotFresh, ReplayGuard
+from aquila.cluster.peers.auth import (
     BODY_HEADER,
     NONCE_HEADER,
     RECIPIENT_HEADER,
@@ -27,7 +28,6 @@ from cluster.peer_auth import (
     PeerSigner,
     PeerVerifier,
 )
-from cluster.replay import WINDOW_S, NotFresh, ReplayGuard
 
 NOW = 1_700_000_000.0
 PATH = "/internal/v1/collections/c/write?x=1"

@@ -9,8 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.placement import _with_spread_primaries, place, primary_counts, replica_counts
-from cluster.rebalance_plan import apply, plan
+from aquila.cluster.model.placement import (
+    _with_spread_primaries,
+    place,
+    primary_counts,
+    replica_counts,
+)
+from aquila.cluster.movement.plan import apply, plan
 
 NODES = [f"n{i}" for i in range(8)]
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.placement import place
-from cluster.rebalance_plan import Move, apply, plan
+from aquila.cluster.model.placement import place
+from aquila.cluster.movement.plan import Move, apply, plan
 
 Maps = dict[str, list[list[str]]]
 

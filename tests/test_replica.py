@@ -17,26 +17,26 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cluster.clock import ManualClock
-from cluster.digests import BUCKETS, bucket_of
-from cluster.docs import Incoming
-from cluster.errors import BadRequest, NotFound, Unauthorized, Unavailable
-from cluster.filters import parse_filter
-from cluster.hlc import HybridClock
-from cluster.membackend import MemoryBackend
-from cluster.memnet import MemNetwork
-from cluster.mempeers import MemoryPeerNet
-from cluster.operations import SearchRequest
-from cluster.peer_client import PeerError
-from cluster.remote import PeerService, RemoteReplica
-from cluster.replica import LocalReplica, Replica, Replicas
-from cluster.sharding import shard_of
-from cluster.spec import CollectionSpec, IndexSpec
-from cluster.state import ClusterState, CollectionEntry
-from node.backend import EngineBackend
-from node.blocking import Blocking
-from node.collection import Tuning
-from node.engine import Engine
+from aquila.cluster.clock import ManualClock
+from aquila.cluster.membership.memnet import MemNetwork
+from aquila.cluster.model.digests import BUCKETS, bucket_of
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.errors import BadRequest, NotFound, Unauthorized, Unavailable
+from aquila.cluster.model.filters import parse_filter
+from aquila.cluster.model.hlc import HybridClock
+from aquila.cluster.model.operations import SearchRequest
+from aquila.cluster.model.sharding import shard_of
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.cluster.peers.client import PeerError
+from aquila.cluster.peers.memory import MemoryPeerNet
+from aquila.cluster.replication.membackend import MemoryBackend
+from aquila.cluster.replication.remote import PeerService, RemoteReplica
+from aquila.cluster.replication.replica import LocalReplica, Replica, Replicas
+from aquila.cluster.state.entries import ClusterState, CollectionEntry
+from aquila.node.blocking import Blocking
+from aquila.node.storage.backend import EngineBackend
+from aquila.node.storage.collection import Tuning
+from aquila.node.storage.engine import Engine
 
 SPEC = CollectionSpec("c", 4, "l2", 3, 1, IndexSpec("flat"))
 ADDR = {"a": "10.0.0.1:1", "b": "10.0.0.2:1"}

@@ -19,18 +19,18 @@ import numpy as np
 import orjson
 import pytest
 
-from cluster.clock import ManualClock
-from cluster.docs import Incoming
-from cluster.errors import AquilaError, BadRequest, Unavailable
-from cluster.hlc import HybridClock
-from cluster.membership import Member, State
-from cluster.peer_client import PeerError
-from cluster.remote import RemoteReplica, decode_writes
-from cluster.replica import LocalReplica, Replicas
-from cluster.spec import CollectionSpec, IndexSpec
-from cluster.state import ClusterState, CollectionEntry, Moving
-from cluster.view import MemberView
-from cluster.writes import WritePath, needed_acks
+from aquila.cluster.clock import ManualClock
+from aquila.cluster.membership.table import Member, State
+from aquila.cluster.membership.view import MemberView
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.errors import AquilaError, BadRequest, Unavailable
+from aquila.cluster.model.hlc import HybridClock
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.cluster.peers.client import PeerError
+from aquila.cluster.replication.remote import RemoteReplica, decode_writes
+from aquila.cluster.replication.replica import LocalReplica, Replicas
+from aquila.cluster.replication.writes import WritePath, needed_acks
+from aquila.cluster.state.entries import ClusterState, CollectionEntry, Moving
 
 SPEC = CollectionSpec("docs", dim=2, shards=2, replication=3, index=IndexSpec("flat"))
 NODES = ["a", "b", "c", "d", "e"]

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cluster.docs import Incoming
-from cluster.healer import HealerConfig
-from cluster.membership import State
-from cluster.operations import SearchRequest
-from cluster.rebalance import Stage, Transfer, plan_moves
-from cluster.sharding import shard_of
-from cluster.state import CollectionEntry
+from aquila.cluster.membership.table import State
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.operations import SearchRequest
+from aquila.cluster.model.sharding import shard_of
+from aquila.cluster.movement.healer import HealerConfig
+from aquila.cluster.movement.rebalance import Stage, Transfer, plan_moves
+from aquila.cluster.state.entries import CollectionEntry
 from tests.simcluster import SimCluster, SimNode, batch, records, spec
 
 N_DOCS = 240

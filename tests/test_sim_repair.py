@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from cluster.digests import BUCKETS
-from cluster.docs import Incoming
-from cluster.healer import HealerConfig
-from cluster.membership import State
-from cluster.sharding import shard_of
+from aquila.cluster.membership.table import State
+from aquila.cluster.model.digests import BUCKETS
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.sharding import shard_of
+from aquila.cluster.movement.healer import HealerConfig
 from tests.simcluster import SimCluster, SimNode, batch, records, spec
 
 

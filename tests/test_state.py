@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.spec import CollectionSpec, IndexSpec
-from cluster.state import ClusterState, CollectionEntry, Moving
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.cluster.state.entries import ClusterState, CollectionEntry, Moving
 
 # Deterministic: the same examples on every run, nothing stored between runs.
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.suspicion import (
+from aquila.cluster.membership.suspicion import (
     Awareness,
     Suspicion,
     push_pull_scale,

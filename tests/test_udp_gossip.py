@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from cluster.clock import ManualClock, SystemClock
-from cluster.gossip import Gossip, GossipConfig, JoinError
-from cluster.membership import State
-from cluster.memnet import MemNetwork
-from cluster.messages import (
+from aquila.cluster.clock import ManualClock, SystemClock
+from aquila.cluster.membership.gossip import Gossip, GossipConfig, JoinError
+from aquila.cluster.membership.memnet import MemNetwork
+from aquila.cluster.membership.messages import (
     MAX_PACKET_SIZE,
     Ack,
     Alive,
@@ -37,9 +36,10 @@ from cluster.messages import (
     decode,
     encode,
 )
-from cluster.packet_auth import PacketAuth
-from cluster.transport import Receiver
-from cluster.udp import UdpTransport
+from aquila.cluster.membership.packet_auth import PacketAuth
+from aquila.cluster.membership.table import State
+from aquila.cluster.membership.transport import Receiver
+from aquila.cluster.membership.udp import UdpTransport
 
 FAST = GossipConfig(
     probe_interval=0.1,

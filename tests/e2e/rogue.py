@@ -18,16 +18,24 @@ from typing import Any
 
 import orjson
 
-from cluster.clock import SystemClock
-from cluster.gossip import Gossip, GossipConfig, JoinError
-from cluster.membership import Member
-from cluster.messages import Alive, Compound, Dead, PushPull, Suspect, User, encode
-from cluster.packet_auth import PacketAuth
-from cluster.peers import Peers
-from cluster.spec import CollectionSpec
-from cluster.state import CollectionEntry
-from cluster.udp import UdpTransport, split_addr
-from node.cluster_node import HttpPushPull
+from aquila.cluster.clock import SystemClock
+from aquila.cluster.membership.gossip import Gossip, GossipConfig, JoinError
+from aquila.cluster.membership.messages import (
+    Alive,
+    Compound,
+    Dead,
+    PushPull,
+    Suspect,
+    User,
+    encode,
+)
+from aquila.cluster.membership.packet_auth import PacketAuth
+from aquila.cluster.membership.table import Member
+from aquila.cluster.membership.udp import UdpTransport, split_addr
+from aquila.cluster.model.spec import CollectionSpec
+from aquila.cluster.peers.http import Peers
+from aquila.cluster.state.entries import CollectionEntry
+from aquila.node.cluster_node import HttpPushPull
 
 ROGUE = "rogue"
 

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cluster.clock import SystemClock
-from cluster.messages import MemberRow, PushPull, encode
-from cluster.packet_auth import PacketAuth
+from aquila.cluster.clock import SystemClock
+from aquila.cluster.membership.messages import MemberRow, PushPull, encode
+from aquila.cluster.membership.packet_auth import PacketAuth
 from tests.e2e.conftest import FAST
 from tests.e2e.rogue import tombstones
 from tests.procs import NodeProc, http, wait_until

@@ -1,0 +1,5 @@
+"""Requests between nodes: the `PeerClient` protocol and the internal routes' paths, the
+HTTP client, request signatures (sender, recipient, time, nonce), and the in-process twin
+that carries requests between nodes of one process over `membership.memnet`.
+
+May import: model, clock, membership."""

@@ -1,0 +1,36 @@
+"""Requests to other nodes' internal routes, as the cluster layer makes them: the client
+protocol (answered over HTTP by `peers.Peers`, in one process by `mempeers.MemoryPeers`), the
+error for a node that cannot be reached, and the routes' paths."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aquila.cluster.model.errors import Unavailable
+
+STATE_PATH = "/internal/v1/state"
+PUSH_PULL_PATH = "/internal/v1/pushpull"
+COLLECTION_PREFIX = "/internal/v1/collections/"
+
+
+def collection_path(name: str, op: str) -> str:
+    """The internal route of operation `op` on collection `name`."""
+    return f"{COLLECTION_PREFIX}{name}/{op}"
+
+
+class PeerError(Unavailable):
+    """A peer could not be reached or did not answer in time: worth trying another replica."""
+
+
+class PeerClient(Protocol):
+    """Failures raise `AquilaError`s: the peer's own, rebuilt from its answer, or PeerError
+    (transient) when it could not be reached."""
+
+    async def request(
+        self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
+        timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        """JSON `body` (or `raw` bytes: push-pull) to the route `path` of the node at `addr`;
+        the decoded answer. `to` is the node id expected at `addr`, which alone may accept
+        the request (None only for a push-pull to a seed whose id is not known yet)."""
+        ...

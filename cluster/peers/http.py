@@ -1,0 +1,79 @@
+"""The HTTP client for other nodes' internal routes (a `peer_client.PeerClient`); maps HTTP errors back to
+`cluster.model.errors`. With a cluster secret, every request is signed (`cluster.peers.auth`): its sender,
+method, path, body and time, which the receiving node checks before anything else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from aquila.cluster.model.errors import AquilaError, Unavailable, from_code
+from aquila.cluster.peers.auth import PeerSigner
+from aquila.cluster.peers.client import PeerError
+
+
+class Peers:
+    def __init__(self, secret: str | None, timeout_s: float = 10.0, *, sender: str) -> None:
+        self._signer = PeerSigner(secret, sender)
+        self._timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=30),
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
+        timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        """JSON (or raw bytes when `raw` is given) to http://addr/path; the decoded answer.
+
+        `to` is the node id expected at `addr`, which alone may accept the request; None
+        only for a push-pull to an address whose node is not known yet (a seed)."""
+        if self._session is None:
+            raise Unavailable("peer client is not started")
+        data = raw if raw is not None else (b"" if body is None else orjson.dumps(body))
+        # Sign the path exactly as it goes on the request line (quoted, with its query).
+        try:
+            url = URL(f"http://{addr}{path}")
+        except ValueError as exc:
+            raise PeerError(f"bad peer address {addr!r}: {exc}") from None
+        headers = {"Content-Type": "application/json",
+                   **self._signer.headers(method, url.raw_path_qs, data, to)}
+        t = aiohttp.ClientTimeout(total=timeout or self._timeout_s)
+        try:
+            async with self._session.request(
+                method, url, data=data or None, headers=headers, timeout=t
+            ) as resp:
+                payload = await resp.read()
+                if resp.status >= 400:
+                    raise _error_from(resp.status, payload, addr)
+                if raw is not None and resp.content_type != "application/json":
+                    return payload
+                return orjson.loads(payload) if payload else None
+        except AquilaError:
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
+
+
+def _error_from(status: int, payload: bytes, addr: str) -> AquilaError:
+    try:
+        err = orjson.loads(payload)["error"]
+        e = from_code(err["code"], f"{addr}: {err['message']}")
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        e = from_code("unavailable" if status >= 500 else "bad_request",
+                      f"{addr} answered {status}")
+    if status >= 500 and not isinstance(e, Unavailable):
+        return PeerError(e.message)
+    return e

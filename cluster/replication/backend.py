@@ -1,0 +1,69 @@
+"""What the cluster layer needs from the node's local storage (implemented in node/)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import numpy as np
+
+from aquila.cluster.model.documents import Hit, Incoming
+from aquila.cluster.model.spec import CollectionSpec
+
+
+class ShardBackend(Protocol):
+    def has(self, name: str) -> bool: ...
+
+    def local_shards(self, name: str) -> list[int]: ...
+
+    async def ensure(self, spec: CollectionSpec, shards: Iterable[int], uid: str) -> None:
+        """Open (creating when new) these local shards of the collection incarnation `uid`;
+        a local collection of that name from another incarnation is dropped first."""
+        ...
+
+    async def drop_collection(self, name: str) -> None: ...
+
+    async def drop_shard(self, name: str, shard: int) -> None: ...
+
+    async def write(
+        self, spec: CollectionSpec, by_shard: dict[int, list[Incoming]]
+    ) -> dict[int, tuple[int, int]]:
+        """Durable on return; per shard (documents changed, live documents deleted)."""
+        ...
+
+    async def get(self, spec: CollectionSpec, shard: int, doc_id: str) -> Hit | None: ...
+
+    async def search(
+        self,
+        spec: CollectionSpec,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None,
+        predicate: Callable[[Any], bool] | None,
+        shards: Iterable[int],
+        with_vectors: bool = False,
+    ) -> list[list[Hit]]: ...
+
+    def shard_stats(self, name: str) -> dict[int, dict[str, Any]]:
+        """Per local shard: {"count", "index_state"}."""
+        ...
+
+    def stream_shard(
+        self, spec: CollectionSpec, shard: int, after_key: str | None, limit: int
+    ) -> Awaitable[tuple[list[Incoming], str | None]]:
+        """A page of the shard's records (tombstones included) in id order, for transfers."""
+        ...
+
+    async def shard_digests(self, spec: CollectionSpec, shard: int, buckets: int) -> list[str]:
+        """Per hash bucket, a digest of the shard's (id, version, writer) records."""
+        ...
+
+    async def purge_tombstones(self, spec: CollectionSpec, shard: int, before: int) -> int:
+        """Forget the shard's tombstones with versions below `before`; how many."""
+        ...
+
+    async def bucket_records(
+        self, spec: CollectionSpec, shard: int, wanted: list[int], buckets: int
+    ) -> list[Incoming]:
+        """The shard's records (tombstones included) that fall in the wanted buckets."""
+        ...

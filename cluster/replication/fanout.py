@@ -1,0 +1,147 @@
+"""Scatter-gather search over nodes with a deadline, replica retry and hedging.
+
+One request per node covering all the shards it serves for the whole query batch; the caller
+orders each shard's replicas (local first, then alive, then suspect). A node that fails has
+its shards retried at once on their next replica; a node that is merely slow (paused, say)
+has its shards asked of their next replica too once a hedge delay has passed, and whichever
+answers first serves the shard. Every hit names its shard, so answers that overlap are cut
+to one per shard before the merge. When the deadline comes, shards still without an answer
+are reported missing; the caller decides between a partial answer and 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from aquila.cluster.clock import Clock
+from aquila.cluster.model.documents import Hit
+from aquila.cluster.model.errors import AquilaError
+from aquila.cluster.model.merge import merge_topk
+
+# Ask one node for these shards within `budget` seconds; one list of hits per query.
+AskNode = Callable[[str, list[int], float], Awaitable[list[list[Hit]]]]
+
+# Hedge a slow node after this share of the budget, at most after HEDGE_MAX_S seconds.
+HEDGE_SHARE = 0.25
+HEDGE_MAX_S = 1.0
+
+
+@dataclass
+class FanoutResult:
+    rows: list[list[Hit]]
+    missing: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def assign(
+    candidates: dict[int, list[str]], tried: dict[int, int], shards: Sequence[int]
+) -> dict[str, list[int]]:
+    """Group these shards by the node of their next untried candidate."""
+    plan: dict[str, list[int]] = {}
+    for shard in shards:
+        nodes = candidates[shard]
+        i = tried.get(shard, 0)
+        if i < len(nodes):
+            plan.setdefault(nodes[i], []).append(shard)
+    return plan
+
+
+async def fan_out(
+    candidates: dict[int, list[str]],
+    ask: AskNode,
+    nq: int,
+    k: int,
+    larger_is_better: bool,
+    clock: Clock,
+    timeout_s: float,
+) -> FanoutResult:
+    """Search every shard of `candidates` (shard → replica nodes in preference order)."""
+    deadline = clock.now() + timeout_s
+    pending = {s for s, nodes in candidates.items() if nodes}
+    nodes = {n[0] for s, n in candidates.items() if s in pending}
+    if len(nodes) == 1 and all(len(candidates[s]) == 1 for s in pending):
+        # One node and no alternative (a one-node cluster): one awaited call, no tasks.
+        return await _single(next(iter(nodes)), candidates, ask, nq, clock, timeout_s)
+    tried: dict[int, int] = {}
+    inflight: dict[asyncio.Future[list[list[Hit]]], tuple[str, list[int]]] = {}
+    answers: list[list[list[Hit]]] = []
+    errors: list[str] = []
+
+    def launch(shards: Sequence[int]) -> None:
+        budget = deadline - clock.now()
+        for node, group in assign(candidates, tried, shards).items():
+            for s in group:
+                tried[s] = tried.get(s, 0) + 1
+            inflight[asyncio.ensure_future(ask(node, group, budget))] = (node, group)
+
+    launch(sorted(pending))
+    hedge_at: float | None = clock.now() + min(timeout_s * HEDGE_SHARE, HEDGE_MAX_S)
+    try:
+        while pending and inflight:
+            now = clock.now()
+            if now >= deadline:
+                break
+            wait_s = deadline - now if hedge_at is None else max(0.0, min(hedge_at, deadline) - now)
+            done = await clock.wait_first(list(inflight), wait_s)
+            for task in done:
+                node, group = inflight.pop(task)
+                exc = task.exception()
+                if exc is None:
+                    fresh = [s for s in group if s in pending]
+                    rows = task.result()
+                    if len(fresh) < len(group):  # a hedge answered some of it first
+                        rows = [[h for h in row if h.shard in fresh] for row in rows]
+                    if fresh:
+                        answers.append(rows)
+                        pending.difference_update(fresh)
+                    continue
+                if isinstance(exc, AquilaError) and not exc.transient:
+                    raise exc  # the request itself is bad: another replica would say the same
+                errors.append(f"{node}: {exc}")
+                launch([s for s in group if s in pending])
+            if not done and hedge_at is not None and clock.now() >= hedge_at:
+                hedge_at = None  # once: hedging every round would double the load under stress
+                slow = [s for s in sorted(pending) if tried.get(s, 0) < len(candidates[s])]
+                if slow:
+                    errors.append(f"hedged shard(s) {slow} after a slow answer")
+                    launch(slow)
+    finally:
+        for task in inflight:
+            task.cancel()
+    missing = sorted(pending | {s for s, n in candidates.items() if not n})
+    if missing:
+        errors.extend(f"{n}: no answer within the deadline"
+                      for n in sorted({n for n, _ in inflight.values()}))
+    return FanoutResult(merge_rows(answers, nq, k, larger_is_better),
+                        missing, errors)
+
+
+async def _single(
+    node: str, candidates: dict[int, list[str]], ask: AskNode, nq: int, clock: Clock,
+    timeout_s: float,
+) -> FanoutResult:
+    shards = sorted(s for s, n in candidates.items() if n)
+    empty = sorted(s for s, n in candidates.items() if not n)
+    try:
+        rows = await clock.wait_for(ask(node, shards, timeout_s), timeout_s)
+    except AquilaError as exc:
+        if not exc.transient:
+            raise
+        return FanoutResult([[] for _ in range(nq)], sorted(shards + empty), [f"{node}: {exc}"])
+    except TimeoutError:
+        return FanoutResult([[] for _ in range(nq)], sorted(shards + empty),
+                            [f"{node}: no answer within the deadline"])
+    return FanoutResult(rows, empty)
+
+
+def merge_rows(
+    answers: Sequence[list[list[Hit]]], nq: int, k: int, larger_is_better: bool
+) -> list[list[Hit]]:
+    """Per query, the best k hits over every answer (the same merge as in a node)."""
+    out = []
+    for q in range(nq):
+        lists = [[(h.score, h) for h in a[q]] for a in answers if q < len(a)]
+        out.append([h for _, h in merge_topk(lists, k, larger_is_better=larger_is_better)])
+    return out

@@ -1,0 +1,266 @@
+"""aiohttp handlers: parse, call the service, serialise. No logic here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from aquila.cluster.model.errors import AquilaError, BadRequest, PayloadTooLarge
+from aquila.cluster.model.spec import parse_spec
+from aquila.node.http.access import check_access
+from aquila.node.http.fastparse import parse_documents_fast
+from aquila.node.http.openapi import openapi_document
+from aquila.node.http.parse import (
+    check_id,
+    compact_size,
+    loads_overflowing,
+    parse_documents,
+    parse_ids,
+    parse_search,
+)
+from aquila.node.keys import BLOCKING, CONFIG, METRICS, READY, SERVICE
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def error_response(err: AquilaError) -> web.Response:
+    return json_response(err.to_json(), err.status)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "already_exists",
+    413: "payload_too_large",
+    503: "unavailable",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as {"error": {"code", "message"}} with its status."""
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        config = request.app[CONFIG]
+        check_access(config, request.method, name if route is not None else request.path,
+                     request.headers.get("Authorization", ""))
+        length = request.content_length
+        if length is not None and length > config.max_wire_bytes:
+            raise PayloadTooLarge(
+                f"body of {length} bytes exceeds the limit of {config.max_body_bytes} bytes"
+            )
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except AquilaError as err:
+        status = err.status
+        return error_response(err)
+    except web.HTTPRequestEntityTooLarge:
+        status = 413
+        return error_response(
+            PayloadTooLarge(f"body exceeds the limit of {request.app[CONFIG].max_body_bytes} bytes")
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status = exc.status
+        message = exc.reason
+        if exc.status == 404:
+            message = f"no route {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        code = _HTTP_CODES.get(exc.status, "bad_request")
+        resp = json_response({"error": {"code": code, "message": message}}, exc.status)
+        if "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+    except Exception:
+        # A bug, not bad input: logged with its traceback, answered in the contract's shape.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(AquilaError("internal error; see the node's log"))
+    finally:
+        metrics.observe(request.method, name, status, time.perf_counter() - t0)
+
+
+# Bodies above this are decoded on a thread: a 10,000-document batch (76 MB) takes half a
+# second to decode and check, which would stall every request and gossip on the loop. Smaller
+# ones (1,000 documents: 40 ms) stay on the loop, where they are cheaper: a thread costs
+# ingest throughput in handing the GIL back and forth.
+_DECODE_ON_THREAD_BYTES = 16 * 1024 * 1024
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("a JSON body is required")
+    limit = request.app[CONFIG].max_body_bytes
+    if len(raw) > _DECODE_ON_THREAD_BYTES:
+        return await request.app[BLOCKING].parse(decode_body, raw, limit)
+    return decode_body(raw, limit)
+
+
+def decode_body(raw: bytes, limit: int) -> Any:
+    """The JSON body, or the contract's 400 / 413 (blocking: big bodies come on a thread)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes") from None
+        if "number is infinity" in str(exc):
+            try:
+                return loads_overflowing(raw)
+            except ValueError:
+                pass
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if len(raw) > limit and compact_size(body) > limit:
+        raise PayloadTooLarge(
+            f"body exceeds the limit of {limit} bytes (vectors counted at float32 precision)"
+        )
+    return body
+
+
+# -- collections ----------------------------------------------------------------------------
+async def put_collection(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    spec = parse_spec(name, await read_json(request))
+    desc, created = await request.app[SERVICE].collections.create(spec)
+    return json_response(desc, 201 if created else 200)
+
+
+async def list_collections(request: web.Request) -> web.Response:
+    return json_response({"collections": await request.app[SERVICE].collections.list_all()})
+
+
+async def get_collection(request: web.Request) -> web.Response:
+    return json_response(await request.app[SERVICE].collections.get(request.match_info["name"]))
+
+
+async def delete_collection(request: web.Request) -> web.Response:
+    await request.app[SERVICE].collections.delete(request.match_info["name"])
+    return json_response({"deleted": True})
+
+
+# -- documents ----------------------------------------------------------------------------
+# Batches of more documents than this are validated on a thread (the decoded body is already
+# in memory; checking 10,000 vectors element by element takes a while).
+_VALIDATE_ON_THREAD_DOCS = 2000
+
+
+async def upsert(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    entry = service.collections.entry(request.match_info["name"])
+    dim = entry.spec.dim
+    raw = await request.read()
+    batch = None
+    if raw and len(raw) <= request.app[CONFIG].max_body_bytes:
+        # The fast path takes well-formed batches; anything else gets the general one.
+        if len(raw) > _DECODE_ON_THREAD_BYTES:
+            batch = await request.app[BLOCKING].parse(parse_documents_fast, raw, dim)
+        else:
+            batch = parse_documents_fast(raw, dim)
+    if batch is None:
+        body = await read_json(request)
+        docs = body.get("documents") if isinstance(body, dict) else None
+        if isinstance(docs, list) and len(docs) > _VALIDATE_ON_THREAD_DOCS:
+            batch = await request.app[BLOCKING].parse(parse_documents, body, dim)
+        else:
+            batch = parse_documents(body, dim)
+    return json_response(await service.writes.upsert(entry, batch))
+
+
+async def get_document(request: web.Request) -> web.Response:
+    flag = request.query.get("vector", "false").lower()
+    if flag not in ("true", "false", "1", "0"):
+        raise BadRequest("'vector' must be true or false")
+    service = request.app[SERVICE]
+    entry = service.collections.entry(request.match_info["name"])
+    doc_id = check_id(request.match_info["doc_id"])
+    return json_response(await service.reads.get_document(entry, doc_id, flag in ("true", "1")))
+
+
+async def delete_documents(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    entry = service.collections.entry(request.match_info["name"])
+    body = await read_json(request)
+    ids = parse_ids(body)
+    n = await service.writes.delete(entry, ids, body.get("consistency", "quorum"))
+    return json_response({"deleted": n})
+
+
+async def delete_document(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    entry = service.collections.entry(request.match_info["name"])
+    await service.writes.delete_one(entry, check_id(request.match_info["doc_id"]))
+    return json_response({"deleted": 1})
+
+
+async def search(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    entry = service.collections.entry(request.match_info["name"])
+    req = parse_search(await read_json(request), entry.spec.dim)
+    return json_response(await service.reads.search(entry, req))
+
+
+# -- operations ---------------------------------------------------------------------------
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if not request.app[READY].is_set():
+        return error_response(_not_ready())
+    return json_response({"status": "ready"})
+
+
+def _not_ready() -> AquilaError:
+    from aquila.cluster.model.errors import Unavailable
+
+    return Unavailable("the node is starting: loading shards or joining")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+def add_public_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi)
+    r.add_get("/v1/collections", list_collections)
+    r.add_put("/v1/collections/{name}", put_collection)
+    r.add_get("/v1/collections/{name}", get_collection)
+    r.add_delete("/v1/collections/{name}", delete_collection)
+    r.add_post("/v1/collections/{name}/documents", upsert)
+    r.add_post("/v1/collections/{name}/documents/delete", delete_documents)
+    r.add_get("/v1/collections/{name}/documents/{doc_id:.+}", get_document)
+    r.add_delete("/v1/collections/{name}/documents/{doc_id:.+}", delete_document)
+    r.add_post("/v1/collections/{name}/search", search)

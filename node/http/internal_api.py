@@ -1,0 +1,120 @@
+"""Peer-to-peer routes (`/internal/v1/...`): gossip push-pull, state pushes, and the shard
+operations a coordinator sends to replicas. With a cluster secret (or an API key, which then
+serves as one) every request must carry a valid, fresh, unreplayed signature
+(`cluster.peers.auth`); anything else is refused with 401 before its body is read."""
+
+from __future__ import annotations
+
+import binascii
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from aquila.cluster.membership.gossip import GossipError
+from aquila.cluster.membership.messages import AuthError, DecodeError
+from aquila.cluster.model.errors import BadRequest, Unauthorized, Unavailable
+from aquila.cluster.peers.auth import PeerAuthError, PeerVerifier
+from aquila.cluster.replication.remote import COLLECTION_OPS
+from aquila.node.http.api import json_response
+from aquila.node.keys import CLUSTER, CONFIG, SERVICE
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def _authenticate(request: web.Request, verifier: PeerVerifier) -> None:
+    """Check the signature from the request line and headers alone, then read the body (at
+    most the size limit: aiohttp's client_max_size) and check it is the one signed."""
+    try:
+        signed = verifier.check_headers(request.method, request.raw_path, request.headers,
+                                        request.app[CLUSTER].node_id)
+        if signed is not None:
+            verifier.check_body(signed, await request.read())
+    except PeerAuthError as exc:
+        raise Unauthorized(f"peer request refused: {exc}") from None
+
+
+async def _authed_body(request: web.Request) -> bytes:
+    """The body `_peer_route` authenticated (aiohttp keeps it once read)."""
+    return await request.read()
+
+
+def _json(body: bytes) -> object:
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+async def _request_object(request: web.Request) -> dict[str, Any]:
+    body = _json(await _authed_body(request))
+    if not isinstance(body, dict):
+        raise BadRequest("a peer request body is a JSON object")
+    return body
+
+
+def _peer_route(handler: Handler, verifier: PeerVerifier) -> Handler:
+    """Every peer route is authenticated first. A peer request missing a field or carrying
+    one of the wrong type is a 400, not a 500: the sender is another node, but it may be
+    another version (or not a node)."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        await _authenticate(request, verifier)
+        try:
+            return await handler(request)
+        except (KeyError, ValueError, TypeError, binascii.Error) as exc:
+            raise BadRequest(f"malformed peer request: {type(exc).__name__}: {exc}") from None
+
+    return wrapped
+
+
+async def push_pull(request: web.Request) -> web.Response:
+    body = await _authed_body(request)  # and sealed by gossip's own MAC
+    try:
+        out = request.app[SERVICE].gossip.handle_push_pull(body)
+    except AuthError as exc:
+        raise Unauthorized(f"push-pull refused: {exc}") from None
+    except DecodeError as exc:
+        raise BadRequest(f"bad push-pull payload: {exc}") from None
+    except GossipError as exc:  # stopped: this node is shutting down, try another
+        raise Unavailable(f"push-pull refused: {exc}") from None
+    return web.Response(body=out, content_type="application/octet-stream")
+
+
+async def state(request: web.Request) -> web.Response:
+    body = _json(await _authed_body(request))
+    return json_response(request.app[SERVICE].peer_service.state_push(body))
+
+
+async def stats(request: web.Request) -> web.Response:
+    await _authed_body(request)
+    return json_response(await request.app[SERVICE].peer_service.stats(request.match_info["name"]))
+
+
+def _collection_op(op: str) -> Handler:
+    """A replica operation's route (write, search, get, stream, ...): the body decoded,
+    served and the answer encoded by `cluster.replication.remote.PeerService`."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await _request_object(request)
+        service = request.app[SERVICE].peer_service
+        return json_response(await service.collection_op(op, request.match_info["name"], body))
+
+    handler.__name__ = op
+    return handler
+
+
+def add_internal_routes(app: web.Application) -> None:
+    verifier = PeerVerifier(app[CONFIG].peer_secret)  # one replay memory per node
+    c = "/internal/v1/collections/{name}"
+    routes: list[tuple[str, str, Handler]] = [
+        ("POST", "/internal/v1/pushpull", push_pull),
+        ("POST", "/internal/v1/state", state),
+        ("GET", c + "/stats", stats),
+    ]
+    routes += [("POST", f"{c}/{op}", _collection_op(op)) for op in COLLECTION_OPS]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, _peer_route(handler, verifier))

@@ -1,0 +1,257 @@
+"""Parsing and validating the bodies of document and search requests into typed requests
+(`cluster.model.operations`), pure.
+
+A rejected request changes nothing: everything is checked here, before any write, and a batch
+with one bad document is rejected whole with the document's position in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from typing import Any, TypeGuard
+
+import numpy as np
+import orjson
+
+from aquila.cluster.model.errors import BadRequest, DimensionMismatch, InvalidVector
+from aquila.cluster.model.filters import parse_filter
+from aquila.cluster.model.operations import CONSISTENCY, DocBatch, SearchRequest
+
+MAX_ID_CHARS = 256
+MAX_K = 1000
+
+
+_NUMBER_TYPES = frozenset((int, float))
+
+
+def _vector_rows(raw: Any, dim: int, what: str) -> np.ndarray:
+    """An n × dim float32 array from a list of lists, or the right 400 naming the row."""
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest(f"'{what}' must be a non-empty list of vectors")
+    # Every element of every row must be a JSON number: numpy alone would take numeric
+    # strings ("1.5") and booleans as numbers. map(type) keeps this check at C speed.
+    for i, v in enumerate(raw):
+        if not isinstance(v, list) or len(v) != dim or not _NUMBER_TYPES.issuperset(map(type, v)):
+            _one_vector(v, dim, f"{what}[{i}]")
+            raise InvalidVector(f"{what}[{i}]: a vector must be a list of {dim} numbers")
+    try:
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, caught below
+            arr = np.array(raw, dtype=np.float32)
+    except (OverflowError, ValueError):  # an integer beyond any float
+        for i, v in enumerate(raw):
+            try:
+                np.array(v, dtype=np.float64)
+            except (OverflowError, ValueError):
+                raise InvalidVector(f"{what}[{i}]: a value overflows float32") from None
+        raise
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        if np.isfinite(np.asarray(raw[i], dtype=np.float64)).all():
+            raise InvalidVector(f"{what}[{i}]: a value overflows float32")
+        raise InvalidVector(f"{what}[{i}]: NaN or Inf is not allowed")
+    return arr
+
+
+def _one_vector(v: Any, dim: int, where: str) -> None:
+    if not isinstance(v, list):
+        raise InvalidVector(f"{where}: a vector must be a list of numbers")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int | float):
+            raise InvalidVector(f"{where}: a vector holds only numbers, got {type(x).__name__}")
+    if len(v) != dim:
+        raise DimensionMismatch(f"{where}: expected dimension {dim}, got {len(v)}")
+
+
+def loads_overflowing(raw: bytes) -> Any:
+    """Parse a body orjson refused because a number overflows a double (`1e400`): valid JSON
+    that stands for ±Inf. Such a number inside a vector becomes ±inf, so validation answers
+    `invalid_vector`; anywhere else it is a `bad_request`. Raises ValueError when the body is
+    malformed for other reasons too."""
+    body = json.loads(raw, parse_constant=_no_constant)
+    try:
+        orjson.dumps(body)  # what orjson cannot represent (lone surrogates) stays malformed
+    except orjson.JSONEncodeError as exc:
+        raise ValueError(str(exc)) from None
+    if _overflow_outside_vectors(body):
+        raise BadRequest("a number outside any vector is too large for a double")
+    return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _has_overflow(v: Any) -> bool:
+    if isinstance(v, float):
+        return not math.isfinite(v)
+    if isinstance(v, list):
+        return any(_has_overflow(x) for x in v)
+    if isinstance(v, dict):
+        return any(_has_overflow(x) for x in v.values())
+    return False
+
+
+def _overflow_outside_vectors(body: Any) -> bool:
+    """Non-finite numbers anywhere but a search's `vector`/`vectors` or a document's `vector`."""
+    if not isinstance(body, dict):
+        return _has_overflow(body)
+    for key, val in body.items():
+        if key in ("vector", "vectors"):
+            continue
+        if key == "documents" and isinstance(val, list):
+            for d in val:
+                items = d.items() if isinstance(d, dict) else [("", d)]
+                if any(_has_overflow(x) for k, x in items if k != "vector"):
+                    return True
+        elif _has_overflow(val):
+            return True
+    return False
+
+
+def parse_documents(body: Any, dim: int) -> DocBatch:
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    docs = body.get("documents")
+    if not isinstance(docs, list) or not docs:
+        raise BadRequest("'documents' must be a non-empty list")
+    consistency = body.get("consistency", "quorum")
+    if consistency not in CONSISTENCY:
+        raise BadRequest(f"'consistency' must be one of {', '.join(CONSISTENCY)}")
+    ids: list[str] = []
+    metas: list[bytes] = []
+    raw_vectors: list[Any] = []
+    for i, d in enumerate(docs):
+        where = f"documents[{i}]"
+        if not isinstance(d, dict):
+            raise BadRequest(f"{where}: a document must be an object")
+        unknown = set(d) - {"id", "vector", "metadata"}
+        if unknown:
+            raise BadRequest(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        doc_id = d.get("id")
+        if doc_id is None:
+            doc_id = str(uuid.uuid4())
+        elif not valid_id(doc_id):
+            raise BadRequest(f"{where}: 'id' must be a string of 1 to {MAX_ID_CHARS} characters")
+        meta = d.get("metadata", {})
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            raise BadRequest(f"{where}: 'metadata' must be a JSON object")
+        if "vector" not in d:
+            raise BadRequest(f"{where}: 'vector' is required")
+        v = d["vector"]
+        if not isinstance(v, list):
+            raise InvalidVector(f"{where}: 'vector' must be a list of numbers")
+        if len(v) != dim:
+            _one_vector(v, dim, where)
+        ids.append(doc_id)
+        metas.append(orjson.dumps(meta))
+        raw_vectors.append(v)
+    return DocBatch(ids, _vector_rows(raw_vectors, dim, "documents"), metas, consistency)
+
+
+def parse_ids(body: Any) -> list[str]:
+    if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
+        raise BadRequest("body must be an object with a list 'ids'")
+    ids = body["ids"]
+    for i, doc_id in enumerate(ids):
+        if not valid_id(doc_id):
+            raise BadRequest(f"ids[{i}]: an id is a string of 1 to {MAX_ID_CHARS} characters")
+    return list(dict.fromkeys(ids))
+
+
+def valid_id(doc_id: Any) -> TypeGuard[str]:
+    """A document id: a string of 1 to MAX_ID_CHARS characters."""
+    return isinstance(doc_id, str) and 1 <= len(doc_id) <= MAX_ID_CHARS
+
+
+def check_id(doc_id: str) -> str:
+    if not valid_id(doc_id):
+        raise BadRequest(f"an id is a string of 1 to {MAX_ID_CHARS} characters")
+    return doc_id
+
+
+def parse_search(body: Any, dim: int) -> SearchRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    known = {"vectors", "vector", "k", "nprobe", "filter", "include", "allow_partial", "timeout_ms"}
+    unknown = set(body) - known
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if ("vectors" in body) == ("vector" in body):
+        raise BadRequest("give exactly one of 'vector' or 'vectors'")
+    if "vector" in body:
+        if not isinstance(body["vector"], list):
+            raise InvalidVector("'vector' must be a list of numbers")
+        if len(body["vector"]) != dim:
+            _one_vector(body["vector"], dim, "vector")
+        vectors = _vector_rows([body["vector"]], dim, "vector")
+    else:
+        raw = body["vectors"]
+        if isinstance(raw, list):
+            for i, v in enumerate(raw):
+                if not isinstance(v, list) or len(v) != dim:
+                    _one_vector(v, dim, f"vectors[{i}]")
+        vectors = _vector_rows(raw, dim, "vectors")
+    k = body.get("k", 10)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise BadRequest(f"'k' must be an integer from 1 to {MAX_K}")
+    nprobe = body.get("nprobe")
+    if nprobe is not None and (
+        isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1
+    ):
+        raise BadRequest("'nprobe' must be a positive integer")
+    include = body.get("include", ["metadata"])
+    if not isinstance(include, list) or set(include) - {"metadata", "vector"}:
+        raise BadRequest("'include' is a list of 'metadata' and 'vector'")
+    allow_partial = body.get("allow_partial", True)
+    if not isinstance(allow_partial, bool):
+        raise BadRequest("'allow_partial' must be a boolean")
+    timeout_ms = body.get("timeout_ms")
+    if timeout_ms is not None and (
+        isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms < 1
+    ):
+        raise BadRequest("'timeout_ms' must be a positive integer")
+    flt = body.get("filter")
+    return SearchRequest(
+        vectors=vectors,
+        k=k,
+        nprobe=nprobe,
+        filter=flt,
+        predicate=parse_filter(flt),
+        include_metadata="metadata" in include,
+        include_vector="vector" in include,
+        allow_partial=allow_partial,
+        timeout_ms=timeout_ms,
+    )
+
+
+def compact_size(body: Any) -> int:
+    """Bytes of `body` as compact JSON with every vector written at float32 precision: what
+    the body limit measures, so that the digits a client's JSON library spends on float64
+    renderings of float32 data do not count."""
+
+    def shrink(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: _as_f32(v) if k in ("vector", "vectors") else shrink(v)
+                    for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [shrink(x) for x in obj]
+        return obj
+
+    return len(orjson.dumps(shrink(body), option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def _as_f32(v: Any) -> Any:
+    if isinstance(v, list) and v and _NUMBER_TYPES.issuperset(map(type, v)):
+        try:
+            with np.errstate(over="ignore"):
+                return np.asarray(v, dtype=np.float32)
+        except OverflowError:  # an integer beyond any float: validation rejects it later
+            return v
+    if isinstance(v, list):
+        return [_as_f32(x) for x in v]
+    return v

@@ -1,0 +1,448 @@
+"""A collection's local part on this node: its store, its local shards' bookkeeping, the one
+FAISS index over all of them, and the background work (training, snapshots) that keeps it
+fast. Searching lives in `node.storage.search`.
+
+Concurrency: durable writes are serialised by `write_mutex`; each then queues on `apply_lock`
+(FIFO, taken before `write_mutex` is let go, so index updates keep the order of the writes)
+to update the index under `rw.write()`, while the next write is already being prepared.
+Searches and snapshots take `rw.read()`; changes of the shard set and index swaps take all
+three (`_exclusive`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from aquila.cluster.model.digests import BUCKETS, bucket_of, digests, format_digests
+from aquila.cluster.model.documents import Hit, Incoming
+from aquila.cluster.model.errors import Unavailable
+from aquila.cluster.model.spec import CollectionSpec
+from aquila.node.blocking import Blocking
+from aquila.node.files import remove_stale_temps, write_atomic
+from aquila.node.storage.batcher import SearchBatcher
+from aquila.node.storage.index import VectorIndex
+from aquila.node.storage.locks import RWLock
+from aquila.node.storage.search import run_batch, search_filtered
+from aquila.node.storage.shard import IndexOps, Shard
+from aquila.node.storage.store import Record, Store, WriteBatch
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "spec.json"
+
+
+def meta_bytes(spec: CollectionSpec, uid: str, shards: list[int]) -> bytes:
+    """The content of a collection's spec.json: its spec, its incarnation and the shards this
+    node holds of it (the record its store's keys are read by: see `Collection.open`)."""
+    return orjson.dumps({"spec": spec.to_json(), "shards": shards, "uid": uid})
+
+
+class IndexState:
+    BUFFERING = "buffering"
+    """Exact flat search: too few vectors to train IVF yet."""
+    TRAINING = "training"
+    """An IVF index is being trained in the background; the current index keeps serving."""
+    TRAINED = "trained"
+    """Serving from a trained IVF index (or a collection of type flat, which never trains)."""
+
+
+@dataclass(frozen=True)
+class Tuning:
+    train_min: int = 4096
+    retrain_growth: float = 4.0
+    search_batch_rows: int = 512
+    search_parallel: int = 4
+
+
+class Collection:
+    def __init__(
+        self, spec: CollectionSpec, root: Path, blocking: Blocking, tuning: Tuning, fsync: bool
+    ) -> None:
+        self.spec = spec
+        self.root = root
+        self.store = Store(root / "db", fsync=fsync)
+        self.snap_path = root / "index.faiss"
+        self.blocking = blocking
+        self.tuning = tuning
+        self.shards: dict[int, Shard] = {}
+        self.index = VectorIndex.flat(spec.dim, spec.metric)
+        self.snapshot_seqs: dict[int, int] = {}
+        self.training = False
+        self.rw = RWLock()
+        self.write_mutex = asyncio.Lock()
+        self.apply_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._batcher: SearchBatcher[list[Hit]] = SearchBatcher(
+            self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
+        )
+        self.closed = False
+        self._saving = asyncio.Lock()  # one snapshot written at a time; `close` waits for it
+        # Incarnation of the collection in the cluster state (see CollectionEntry.uid).
+        self.uid = ""
+
+    @property
+    def larger_is_better(self) -> bool:
+        return self.spec.metric != "l2"
+
+    @property
+    def state(self) -> str:
+        if self.training:
+            return IndexState.TRAINING
+        if self.index.trained or self.spec.index.type == "flat":
+            return IndexState.TRAINED
+        return IndexState.BUFFERING
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def open(self, local_shards: Iterable[int]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        await self.blocking.write(self._open_sync, sorted(set(local_shards)))
+        self._maybe_train()
+
+    def _open_sync(self, shards: list[int]) -> None:
+        """Shards' bookkeeping from the store; the index from its snapshot plus the changes
+        it does not cover, or rebuilt from the store when missing, damaged or stale."""
+        remove_stale_temps(self.root)
+        self.store.open()
+        if self.store.get_meta() is None:
+            self.store.put_meta(orjson.dumps(self.spec.to_json()))
+        # The keys of a shard not recorded as held are what a crash in the middle of a drop
+        # left (see `drop_shard`): garbage, never read.
+        for s in sorted(self.store.shards_present() - set(shards)):
+            log.info("%s: removing the rest of dropped shard %d", self.spec.name, s)
+            self.store.drop_shard(s)
+        for s in shards:
+            shard = Shard(self.spec, s, self.store)
+            shard.load()
+            self.shards[s] = shard
+        loaded = VectorIndex.load(self.snap_path)
+        if loaded is not None and set(loaded[1]) <= set(shards):
+            self.index, covered = loaded
+            for s, shard in self.shards.items():
+                self._apply_sync(shard.changes_after(covered.get(s, 0)))
+            self.snapshot_seqs = covered
+        else:
+            if self.snap_path.exists():
+                log.warning("%s: snapshot damaged or stale; rebuilding from the store",
+                            self.spec.name)
+            self.index = VectorIndex.flat(self.spec.dim, self.spec.metric)
+            for shard in self.shards.values():
+                self.index.add(*shard.live_vectors(None))
+
+    def _apply_sync(self, ops: IndexOps, index: VectorIndex | None = None) -> None:
+        index = self.index if index is None else index
+        index.remove(np.asarray(ops.remove, dtype=np.int64))
+        if ops.add_keys:
+            index.add(ops.vectors(self.spec.dim, self.spec.metric),
+                      np.asarray(ops.add_keys, dtype=np.int64))
+
+    def _record_sync(self, shards: list[int]) -> None:
+        """Durably record the shards held here. The engine serialises the calls that change
+        the shard set (`add_shards`, `drop_shard`), so each record is the latest."""
+        write_atomic(self.root / SPEC_FILE, meta_bytes(self.spec, self.uid, shards))
+
+    async def add_shards(self, ss: Iterable[int]) -> None:
+        """Take shards on (a move's target): its documents join the index as they arrive.
+        Recorded as held before any write can reach them, so that a crash never leaves
+        written documents of a shard the record does not list."""
+        new = sorted(set(ss) - set(self.shards))
+        if not new:
+            return
+        # Whatever an interrupted drop left of them is not theirs.
+        await self.blocking.write(self._clear_sync, new)
+        await self.blocking.write(self._record_sync, sorted({*self.shards, *new}))
+        for s in new:
+            shard = Shard(self.spec, s, self.store)
+            await self.blocking.write(shard.load)
+            async with self._exclusive():
+                await self.blocking.write(self._apply_sync, shard.changes_after(0))
+                self.shards[s] = shard
+
+    def _clear_sync(self, shards: list[int]) -> None:
+        for s in shards:
+            if self.store.has_shard(s):
+                self.store.drop_shard(s)
+
+    async def drop_shard(self, s: int) -> None:
+        """Let a shard go (it moved away). The record of the shards held is rewritten first:
+        that is the commit point. Its keys then go in one batch; a crash between the two
+        leaves keys of a shard not held, which nothing reads and `open` removes."""
+        async with self._exclusive():
+            if self.closed or s not in self.shards:
+                return
+            await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
+            shard = self.shards.pop(s)
+            self.snapshot_seqs.pop(s, None)
+            await self.blocking.write(self.index.remove, shard.keys())
+            await self.blocking.write(self.store.drop_shard, s)
+
+    async def close(self, *, snapshot: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A snapshot being written finishes first: written later, it could land in the
+        # folder of the next incarnation of this name.
+        async with self._saving:
+            pass
+        async with self._exclusive():
+            if snapshot and self._dirty():
+                await self.blocking.write(self._snapshot_sync)
+            await self.blocking.write(self.store.close)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """No write being prepared, none waiting to reach the index, no search running."""
+        async with self.write_mutex, self.apply_lock, self.rw.write():
+            yield
+
+    # -- writes ---------------------------------------------------------------------------
+    async def write(self, by_shard: dict[int, list[Incoming]]) -> dict[int, tuple[int, int]]:
+        """Upserts and deletes, durable on return; per shard (documents changed, live
+        documents deleted)."""
+        missing = [s for s in by_shard if s not in self.shards]
+        if missing:
+            raise Unavailable(f"shard(s) {missing} of {self.spec.name!r} are not on this node")
+        async with self.write_mutex:
+            ops = await self.blocking.write(self._write_sync, by_shard)
+            await self.apply_lock.acquire()
+        try:
+            async with self.rw.write():
+                await self.blocking.write(self._apply_all_sync, ops)
+        finally:
+            self.apply_lock.release()
+        self._maybe_train()
+        return {s: (o.applied, o.deleted) for s, o in ops.items()}
+
+    def _write_sync(self, by_shard: dict[int, list[Incoming]]) -> dict[int, IndexOps]:
+        batch = WriteBatch()
+        before = {s: (self.shards[s].next_seq, self.shards[s].next_label) for s in by_shard}
+        try:
+            ops = {s: self.shards[s].prepare_writes(docs, batch) for s, docs in by_shard.items()}
+            self.store.write(batch)
+            for s, o in ops.items():
+                self.shards[s].durable(o)
+        except BaseException:
+            for s, (seq, label) in before.items():
+                self.shards[s].rollback(seq, label)
+            raise
+        return ops
+
+    def _apply_all_sync(self, ops: dict[int, IndexOps]) -> None:
+        merged = IndexOps()
+        for o in ops.values():
+            merged.remove += o.remove
+            merged.add_keys += o.add_keys
+            merged.add_vectors += o.add_vectors
+        self._apply_sync(merged)
+        for s, o in ops.items():
+            self.shards[s].applied(o)
+
+    # -- reads ----------------------------------------------------------------------------
+    async def get(self, shard: int, doc_id: str) -> Record | None:
+        recs = await self.blocking.search(self.store.get_records, shard, [doc_id])
+        rec = recs[0]
+        return None if rec is None or rec.tombstone else rec
+
+    async def stream_shard(
+        self, shard: int, after: str | None, limit: int
+    ) -> tuple[list[Incoming], str | None]:
+        """A page of the shard's records, tombstones included, in id order (for transfers);
+        the id to continue after, None at the end."""
+        return await self.blocking.search(self._stream_sync, shard, after, limit)
+
+    def _stream_sync(
+        self, shard: int, after: str | None, limit: int
+    ) -> tuple[list[Incoming], str | None]:
+        out: list[Incoming] = []
+        for doc_id, rec in self.store.iter_docs(shard, after):
+            out.append(_incoming(doc_id, rec))
+            if len(out) >= limit:
+                return out, doc_id
+        return out, None
+
+    async def digests(self, shard: int, buckets: int) -> list[str]:
+        """Per bucket of ids, the digest of the shard's records: kept current in memory for
+        the usual bucket count, computed by a scan for any other."""
+        if buckets == BUCKETS and shard in self.shards:
+            async with self.write_mutex:  # no write half-counted
+                return format_digests(self.shards[shard].digests)
+        return await self.blocking.search(self._digests_sync, shard, buckets)
+
+    def _digests_sync(self, shard: int, buckets: int) -> list[str]:
+        return digests(
+            ((doc_id, rec.version, rec.writer) for doc_id, rec in self.store.iter_docs(shard)),
+            buckets,
+        )
+
+    async def bucket_records(self, shard: int, wanted: list[int], buckets: int) -> list[Incoming]:
+        return await self.blocking.search(self._bucket_sync, shard, set(wanted), buckets)
+
+    def _bucket_sync(self, shard: int, wanted: set[int], buckets: int) -> list[Incoming]:
+        return [
+            _incoming(doc_id, rec)
+            for doc_id, rec in self.store.iter_docs(shard)
+            if bucket_of(doc_id, buckets) in wanted
+        ]
+
+    async def purge_tombstones(self, shard: int, before: int) -> int:
+        if shard not in self.shards:
+            return 0
+        async with self.write_mutex, self.apply_lock:
+            return await self.blocking.write(self._purge_sync, shard, before)
+
+    def _purge_sync(self, shard: int, before: int) -> int:
+        batch = WriteBatch()
+        gone = []
+        for doc_id, rec in self.store.iter_docs(shard):
+            if rec.tombstone and rec.version < before:
+                batch.forget(shard, doc_id, rec)
+                gone.append((doc_id, rec))
+        if gone:
+            self.store.write(batch)
+            for doc_id, rec in gone:
+                self.shards[shard].forget(doc_id, rec)
+        return len(gone)
+
+    def count(self) -> int:
+        return sum(s.count for s in self.shards.values())
+
+    def shard_states(self) -> dict[int, dict[str, Any]]:
+        state = self.state
+        return {
+            n: {"shard": n, "count": s.count, "index_state": state}
+            for n, s in sorted(self.shards.items())
+        }
+
+    async def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None,
+        predicate: Callable[[Any], bool] | None = None,
+        shards: Iterable[int] | None = None,
+        with_vectors: bool = False,
+    ) -> list[list[Hit]]:
+        """The best `k` hits per query over the given local shards (all when None); their
+        stored vectors too when asked."""
+        from aquila.node.storage.index import prepare
+
+        q = prepare(queries, self.spec.metric)
+        probe = nprobe or self.spec.index.nprobe
+        wanted = tuple(sorted(self.shards if shards is None else shards))
+        absent = [s for s in wanted if s not in self.shards]
+        if absent:
+            raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
+        if predicate is None:
+            rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
+            return [row[:k] for row in rows]
+        async with self.rw.read():
+            return await self.blocking.search(
+                search_filtered, self, q, k, probe, predicate, wanted, with_vectors
+            )
+
+    async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[list[Hit]]:
+        probe, wanted, with_vectors = key
+        async with self.rw.read():
+            return await self.blocking.search(run_batch, self, q, k, probe, wanted, with_vectors)
+
+    # -- background -----------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def wants_training(self) -> bool:
+        n = self.count()
+        if self.training or self.spec.index.type == "flat" or n < self.tuning.train_min:
+            return False
+        if not self.index.trained:
+            return True
+        return n >= self.tuning.retrain_growth * max(1, self.index.trained_at)
+
+    def _maybe_train(self) -> None:
+        if not self.closed and self.wants_training():
+            self.training = True
+            self._spawn(self._train())
+
+    def _training_set(self, upto: dict[int, int]) -> VectorIndex:
+        parts = [self.shards[s].live_vectors(q) for s, q in upto.items() if s in self.shards]
+        vectors = np.vstack([p[0] for p in parts])
+        keys = np.concatenate([p[1] for p in parts])
+        return VectorIndex.train_ivf(self.spec, vectors, keys)
+
+    async def _train(self) -> None:
+        """Train in the background while the current index serves; swap it in under the
+        write mutex after replaying the writes that came meanwhile."""
+        try:
+            upto = {s: sh.applied_seq for s, sh in self.shards.items()}
+            log.info("%s: training on %d vectors", self.spec.name, self.count())
+            new = await self.blocking.background(self._training_set, upto)
+            # Catch up with the writes made while training, without any lock (the new index
+            # is nobody else's yet), so that the swap below only replays the last few.
+            mark = {s: sh.applied_seq for s, sh in self.shards.items()}
+            await self.blocking.background(self._catch_up_sync, new, upto)
+            async with self._exclusive():
+                if set(upto) != set(self.shards) or set(mark) != set(upto):
+                    log.info("%s: shards changed while training; training again", self.spec.name)
+                else:
+                    await self.blocking.write(self._swap_sync, new, mark)
+                    log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
+        except Exception:
+            log.exception("%s: training failed", self.spec.name)
+        finally:
+            self.training = False
+        await self.snapshot()
+        self._maybe_train()
+
+    def _catch_up_sync(self, new: VectorIndex, upto: dict[int, int]) -> None:
+        for s, q in upto.items():
+            shard = self.shards.get(s)
+            if shard is not None:
+                self._apply_sync(shard.changes_after(q), new)
+
+    def _swap_sync(self, new: VectorIndex, upto: dict[int, int]) -> None:
+        old, self.index = self.index, new
+        try:
+            for s, shard in self.shards.items():
+                self._apply_sync(shard.changes_after(upto[s]))
+        except BaseException:
+            self.index = old
+            raise
+
+    def _dirty(self) -> bool:
+        return any(sh.applied_seq > self.snapshot_seqs.get(s, 0) for s, sh in self.shards.items())
+
+    def _snapshot_sync(self) -> None:
+        covered = {s: sh.applied_seq for s, sh in self.shards.items()}
+        self.index.save(self.snap_path, covered)
+        self.snapshot_seqs = covered
+
+    async def snapshot(self) -> None:
+        """Serialise under the locks (quick), write the file outside them."""
+        if self.closed or self.training or not self._dirty():
+            return
+        async with self._saving:
+            if self.closed:
+                return
+            async with self.rw.read():
+                covered = {s: sh.applied_seq for s, sh in self.shards.items()}
+                payload = await self.blocking.write(self.index.serialize)
+                index = self.index
+            await self.blocking.background(index.save, self.snap_path, covered, payload)
+            self.snapshot_seqs = covered
+
+
+def _incoming(doc_id: str, rec: Record) -> Incoming:
+    vec = None if rec.tombstone else rec.vector_array()
+    return Incoming(doc_id, vec, rec.metadata, rec.version, rec.writer)

@@ -1,0 +1,121 @@
+"""Searching a collection's local index (blocking; runs on a search thread under the
+collection's read lock): the batched unfiltered path, the filtered path, and turning index
+keys into documents from the shards' in-memory label and metadata maps (RocksDB is read only
+when vectors are asked for)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+from aquila.cluster.model.documents import Hit
+from aquila.cluster.model.filters import Filter
+from aquila.cluster.model.sharding import shard_of
+from aquila.cluster.model.spec import CollectionSpec
+from aquila.node.storage.index import LABEL_BITS, VectorIndex, global_keys, shard_selector
+from aquila.node.storage.shard import Shard
+from aquila.node.storage.store import Store
+
+# A filtered search over at most this many matching documents scans every list of the index
+# (exact for flat and ivf_flat); more matches go through the usual nprobe lists first.
+EXACT_FILTER_MAX = 50_000
+_MASK = (1 << LABEL_BITS) - 1
+
+
+class Searchable(Protocol):
+    """What a search reads of a collection's local part (`node.storage.collection.Collection`)."""
+
+    spec: CollectionSpec
+    index: VectorIndex
+    shards: dict[int, Shard]
+    store: Store
+
+
+def run_batch(
+    coll: Searchable, q: np.ndarray, k: int, nprobe: int, wanted: tuple[int, ...],
+    with_vectors: bool,
+) -> list[list[Hit]]:
+    """One FAISS call for the whole batch; restricted to `wanted` when that is not every
+    local shard."""
+    if coll.index.ntotal == 0:
+        return [[] for _ in range(len(q))]
+    sel = None if len(wanted) == len(coll.shards) else shard_selector(list(wanted))
+    d, keys = coll.index.search(q, k, nprobe, selector=sel)
+    return resolve(coll, d, keys, with_vectors)
+
+
+def matching_keys(
+    coll: Searchable, predicate: Callable[[Any], bool], wanted: tuple[int, ...]
+) -> np.ndarray:
+    """Index keys of the live documents of these shards whose metadata matches: from the
+    shards' payload indexes for a parsed filter, by evaluating any other predicate."""
+    parts = []
+    for s in wanted:
+        shard = coll.shards[s]
+        if isinstance(predicate, Filter):
+            labels = sorted(shard.payload.evaluate(predicate, shard.meta))
+        else:
+            labels = [lab for lab, meta in shard.meta.items() if predicate(orjson.loads(meta))]
+        parts.append(global_keys(s, np.asarray(labels, dtype=np.int64)))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def search_filtered(
+    coll: Searchable,
+    q: np.ndarray,
+    k: int,
+    nprobe: int,
+    predicate: Callable[[Any], bool],
+    wanted: tuple[int, ...],
+    with_vectors: bool,
+) -> list[list[Hit]]:
+    """The k best *matching* documents, not the matches among the k best: the index search
+    is restricted to the matches. Few matches: every list is scanned (exact for flat and
+    ivf_flat). Many: the usual nprobe lists, widened to all when they hold fewer than k."""
+    allowed = matching_keys(coll, predicate, wanted)
+    if len(allowed) == 0:
+        return [[] for _ in range(len(q))]
+    kk = min(k, len(allowed))
+    every_list = int(getattr(coll.index.index, "nlist", 1))
+    probe = every_list if len(allowed) <= EXACT_FILTER_MAX else nprobe
+    d, keys = coll.index.search(q, kk, probe, allowed=allowed)
+    if probe < every_list and (keys >= 0).sum(axis=1).min() < kk:
+        d, keys = coll.index.search(q, kk, every_list, allowed=allowed)
+    return resolve(coll, d, keys, with_vectors)
+
+
+def resolve(
+    coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_vectors: bool
+) -> list[list[Hit]]:
+    """Index answers (best first, key -1 for none) to documents."""
+    shards = coll.shards
+    out: list[list[Hit]] = []
+    for srow, krow in zip(scores.tolist(), keys.tolist(), strict=True):
+        hits = []
+        for score, key in zip(srow, krow, strict=True):
+            if key < 0:
+                break
+            shard = shards.get(key >> LABEL_BITS)
+            if shard is None:
+                continue
+            label = key & _MASK
+            meta = shard.meta.get(label)
+            if meta is not None:  # None: deleted since (the index catches up right after)
+                hits.append(Hit(shard.labels[label], score, meta, b"", shard.shard))
+        out.append(hits)
+    if with_vectors:
+        _fill_vectors(coll, out)
+    return out
+
+
+def _fill_vectors(coll: Searchable, rows: list[list[Hit]]) -> None:
+    n = coll.spec.shards
+    keys = [(shard_of(h.id, n), h.id) for row in rows for h in row]
+    recs = iter(coll.store.get_records_multi(keys))
+    for row in rows:
+        for h in row:
+            rec = next(recs)
+            h.vector = rec.vector if rec is not None else b""

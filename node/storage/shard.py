@@ -1,0 +1,199 @@
+"""One local shard's bookkeeping: its slice of the collection's store, its counters and its
+label map, and the index changes its writes imply. The vectors themselves live in the
+collection's node-wide index (`node.storage.index`), under global keys `shard << 40 | label`.
+
+Invariants: every live document of the shard (and nothing else of it) is in the index under
+its key once every change up to `applied_seq` has been applied; the change log replays what a
+snapshot does not cover.
+
+Methods here are blocking (RocksDB) and run on `node.blocking` threads; the collection
+serialises mutations and excludes them from searches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aquila.cluster.model.digests import BUCKETS, bucket_of, record_hash
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.spec import CollectionSpec
+from aquila.node.storage.index import LABEL_BITS, global_key, global_keys, prepare
+from aquila.node.storage.payload_index import PayloadIndex
+from aquila.node.storage.store import Record, Store, WriteBatch
+
+
+@dataclass
+class IndexOps:
+    """What a durable write batch (or a replay) changes in the index, applied after it."""
+
+    remove: list[int] = field(default_factory=list)  # global keys
+    add_keys: list[int] = field(default_factory=list)  # global keys
+    add_vectors: list[np.ndarray] = field(default_factory=list)  # raw float32 rows
+    add_meta: list[bytes] = field(default_factory=list)  # metadata of the added documents
+    gone: list[int] = field(default_factory=list)  # labels that became tombstones
+    new_labels: dict[int, str] = field(default_factory=dict)
+    count_delta: int = 0
+    digest_delta: dict[int, int] = field(default_factory=dict)  # bucket → XOR to apply
+    last_seq: int = 0
+    applied: int = 0  # documents that changed (a stale version changes nothing)
+    deleted: int = 0  # live documents turned into tombstones
+
+    def vectors(self, dim: int, metric: str) -> np.ndarray:
+        if not self.add_vectors:
+            return np.zeros((0, dim), np.float32)
+        return prepare(np.vstack(self.add_vectors), metric)
+
+
+class Shard:
+    def __init__(self, spec: CollectionSpec, shard: int, store: Store) -> None:
+        self.spec = spec
+        self.shard = shard
+        self.store = store
+        self.labels: dict[int, str] = {}  # every label given (tombstones too) → id
+        self.meta: dict[int, bytes] = {}  # live documents' metadata, by label
+        # Anti-entropy digests of the records, kept current write by write (no scans).
+        self.digests = [0] * BUCKETS
+        # Metadata keys filters have used, indexed (built on first use, kept current).
+        self.payload = PayloadIndex()
+        self.next_seq = 1
+        self.next_label = 1
+        self.count = 0
+        self.applied_seq = 0
+
+    def load(self) -> None:
+        """Counters, labels and metadata from the store (the index is the collection's)."""
+        self.next_seq, self.next_label, self.count = self.store.counters(self.shard)
+        self.labels, self.meta = {}, {}
+        self.digests = [0] * BUCKETS
+        self.payload = PayloadIndex()
+        for doc_id, rec in self.store.iter_docs(self.shard):
+            self.labels[rec.label] = doc_id
+            self.digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
+            if not rec.tombstone:
+                self.meta[rec.label] = rec.metadata
+        self.applied_seq = self.next_seq - 1
+
+    def keys(self) -> np.ndarray:
+        """Global keys of every label this shard ever gave (live or not)."""
+        return global_keys(self.shard, np.fromiter(self.labels, dtype=np.int64))
+
+    def live_vectors(self, max_seq: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Every live document's prepared vector and global key, with seq ≤ max_seq if given."""
+        vecs: list[bytes] = []
+        labels: list[int] = []
+        for _, rec in self.store.iter_docs(self.shard):
+            if rec.tombstone or (max_seq is not None and rec.seq > max_seq):
+                continue
+            vecs.append(rec.vector)
+            labels.append(rec.label)
+        if not vecs:
+            return np.zeros((0, self.spec.dim), np.float32), np.zeros(0, np.int64)
+        x = np.frombuffer(b"".join(vecs), dtype="<f4").reshape(len(vecs), self.spec.dim)
+        return prepare(x, self.spec.metric), global_keys(self.shard, np.asarray(labels))
+
+    def changes_after(self, after_seq: int) -> IndexOps:
+        """The index changes of every change logged after `after_seq` (replay)."""
+        ops = IndexOps()
+        changes = list(self.store.iter_changes(self.shard, after_seq))
+        if not changes:
+            return ops
+        recs = self.store.get_records(self.shard, [doc_id for _, doc_id in changes])
+        for rec in recs:
+            if rec is None:
+                continue
+            key = global_key(self.shard, rec.label)
+            ops.remove.append(key)
+            if not rec.tombstone:
+                ops.add_keys.append(key)
+                ops.add_vectors.append(rec.vector_array())
+        return ops
+
+    def prepare_writes(self, docs: list[Incoming], batch: WriteBatch) -> IndexOps:
+        """Stage `docs` (upserts and deletes) into `batch`; last writer wins per document.
+
+        Counters advance here and are written in the same batch: `rollback` undoes them when
+        the write fails, and a crash leaves none of it."""
+        ops = IndexOps()
+        olds = self.store.get_records(self.shard, [d.id for d in docs])
+        staged: dict[str, Record] = {}
+        # Index additions by key: a later write of the same id in this batch replaces (or,
+        # for a delete, cancels) an earlier one, since removals are applied before additions.
+        adds: dict[int, tuple[np.ndarray, bytes]] = {}
+        count = self.count
+        for doc, old in zip(docs, olds, strict=True):
+            old = staged.get(doc.id, old)
+            tomb = doc.vector is None
+            if old is not None and (doc.version, doc.writer) <= (old.version, old.writer):
+                continue
+            # A delete of an unknown id is still recorded as a tombstone: a replica may see
+            # the delete before the write it deletes, which must then lose to it.
+            label = old.label if old is not None else self.next_label
+            if old is None:
+                self.next_label += 1
+                ops.new_labels[label] = doc.id
+            rec = Record(
+                version=doc.version,
+                label=label,
+                seq=self.next_seq,
+                tombstone=tomb,
+                writer=doc.writer,
+                vector=b"" if doc.vector is None else doc.vector.astype("<f4").tobytes(),
+                metadata=b"" if tomb else doc.metadata,
+            )
+            self.next_seq += 1
+            batch.put_doc(self.shard, doc.id, rec, old)
+            b = bucket_of(doc.id)
+            change = record_hash(doc.id, rec.version, rec.writer)
+            if old is not None:
+                change ^= record_hash(doc.id, old.version, old.writer)
+            ops.digest_delta[b] = ops.digest_delta.get(b, 0) ^ change
+            staged[doc.id] = rec
+            key = global_key(self.shard, label)
+            was_live = old is not None and not old.tombstone
+            if was_live:
+                ops.remove.append(key)
+            if not tomb:
+                adds[key] = (doc.vector, rec.metadata)  # type: ignore[assignment]
+            elif was_live:
+                adds.pop(key, None)
+                ops.gone.append(label)
+            delta = (0 if tomb else 1) - (1 if was_live else 0)
+            ops.count_delta += delta
+            count += delta
+            ops.deleted += int(tomb and was_live)
+            ops.applied += int(not tomb or was_live)
+        ops.add_keys = list(adds)
+        ops.add_vectors = [v for v, _ in adds.values()]
+        ops.add_meta = [m for _, m in adds.values()]
+        batch.put_counters(self.shard, self.next_seq, self.next_label, count)
+        ops.last_seq = self.next_seq - 1
+        return ops
+
+    def durable(self, ops: IndexOps) -> None:
+        """Record that `ops`' write reached the store (the index follows shortly)."""
+        self.count += ops.count_delta
+        for b, x in ops.digest_delta.items():
+            self.digests[b] ^= x
+
+    def forget(self, doc_id: str, rec: Record) -> None:
+        """A purged tombstone leaves the digests and the label map."""
+        self.digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
+        self.labels.pop(rec.label, None)
+        self.meta.pop(rec.label, None)
+
+    def rollback(self, seq: int, label: int) -> None:
+        self.next_seq, self.next_label = seq, label
+
+    def applied(self, ops: IndexOps) -> None:
+        """Record that `ops` reached the index."""
+        self.labels.update(ops.new_labels)  # (the count moved when the write was made durable)
+        for label in ops.gone:
+            self.payload.update(label, self.meta.pop(label, None), None)
+        mask = (1 << LABEL_BITS) - 1
+        for key, meta in zip(ops.add_keys, ops.add_meta, strict=True):
+            label = key & mask
+            self.payload.update(label, self.meta.get(label), meta)
+            self.meta[label] = meta
+        self.applied_seq = max(self.applied_seq, ops.last_seq)

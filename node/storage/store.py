@@ -1,0 +1,239 @@
+"""The RocksDB (rocksdict) store of one collection on this node: the source of truth.
+
+One database per collection (deleting a collection removes its directory). Key layout, every
+key of a shard behind a 2-byte big-endian shard number so a shard is one contiguous range:
+
+    b"M"                          -> collection spec (JSON)
+    b"C" shard                    -> counters: next seq, next label, live documents (3 × u64)
+    b"D" shard id                 -> document record (see `Record`); tombstones too
+    b"Q" shard seq(u64 BE)        -> id: the change log, one entry per document (its latest
+                                     change), so replay after a snapshot reads only what came after
+
+A document's label is a stable int64 within its shard, kept for its whole life (tombstone
+included), so updates and deletes remove exactly the old vector from the index. The label →
+id map and the live documents' metadata are held in memory by each shard (`node.storage.shard`),
+rebuilt from the records at start, so searches read nothing from RocksDB unless they ask for
+vectors.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rocksdict
+
+FLAG_TOMBSTONE = 1
+_BLOCK_CACHE_BYTES = 128 << 20
+# version, label, seq, flags, dim, writer length
+_HEADER = struct.Struct(">QqQBIH")
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+_COUNTERS = struct.Struct(">QQQ")
+# The tags of the keys that belong to one shard.
+_SHARD_TAGS = (b"C", b"D", b"Q")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One document (or its tombstone) as stored."""
+
+    version: int
+    label: int
+    seq: int
+    tombstone: bool
+    writer: str
+    vector: bytes  # float32, little-endian, dim × 4 bytes; empty for a tombstone
+    metadata: bytes  # JSON object; empty for a tombstone
+
+    def encode(self) -> bytes:
+        w = self.writer.encode()
+        dim = len(self.vector) // 4
+        flags = FLAG_TOMBSTONE if self.tombstone else 0
+        head = _HEADER.pack(self.version, self.label, self.seq, flags, dim, len(w))
+        return b"".join((head, w, self.vector, self.metadata))
+
+    @staticmethod
+    def decode(raw: bytes) -> Record:
+        version, label, seq, flags, dim, wlen = _HEADER.unpack_from(raw)
+        off = _HEADER.size
+        writer = raw[off : off + wlen].decode()
+        off += wlen
+        vector = raw[off : off + dim * 4]
+        metadata = raw[off + dim * 4 :]
+        return Record(version, label, seq, bool(flags & FLAG_TOMBSTONE), writer, vector, metadata)
+
+    def vector_array(self) -> np.ndarray:
+        return np.frombuffer(self.vector, dtype="<f4")
+
+
+def _shard_key(tag: bytes, shard: int) -> bytes:
+    return tag + _U16.pack(shard)
+
+
+def doc_key(shard: int, doc_id: str) -> bytes:
+    return _shard_key(b"D", shard) + doc_id.encode()
+
+
+def change_key(shard: int, seq: int) -> bytes:
+    return _shard_key(b"Q", shard) + _U64.pack(seq)
+
+
+class WriteBatch:
+    """Changes to several shards of one collection, made durable together by `Store.write`."""
+
+    def __init__(self) -> None:
+        self._wb = rocksdict.WriteBatch(raw_mode=True)
+        self.count = 0
+
+    def put_doc(self, shard: int, doc_id: str, rec: Record, old: Record | None) -> None:
+        self._wb.put(doc_key(shard, doc_id), rec.encode())
+        if old is not None:
+            self._wb.delete(change_key(shard, old.seq))
+        self._wb.put(change_key(shard, rec.seq), doc_id.encode())
+        self.count += 1
+
+    def forget(self, shard: int, doc_id: str, rec: Record) -> None:
+        """Remove every trace of a document (a tombstone past its grace period)."""
+        self._wb.delete(doc_key(shard, doc_id))
+        self._wb.delete(change_key(shard, rec.seq))
+        self.count += 1
+
+    def put_counters(self, shard: int, next_seq: int, next_label: int, live: int) -> None:
+        self._wb.put(_shard_key(b"C", shard), _COUNTERS.pack(next_seq, next_label, live))
+
+
+class Store:
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path = path
+        self._fsync = fsync
+        self._db: rocksdict.Rdict | None = None
+
+    def open(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        opts = rocksdict.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.set_max_background_jobs(2)
+        # Bloom filters: every upsert first looks its id up, and new ids miss; without a
+        # filter each miss reads a block of every level.
+        table = rocksdict.BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        table.set_block_cache(rocksdict.Cache(_BLOCK_CACHE_BYTES))
+        table.set_cache_index_and_filter_blocks(True)
+        opts.set_block_based_table_factory(table)
+        self._db = rocksdict.Rdict(str(self.path), opts)
+        wo = rocksdict.WriteOptions()
+        wo.sync = self._fsync
+        self._write_opts = wo
+
+    @property
+    def db(self) -> rocksdict.Rdict:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- metadata -------------------------------------------------------------------------
+    def get_meta(self) -> bytes | None:
+        v = self.db.get(b"M")
+        return bytes(v) if v is not None else None
+
+    def put_meta(self, raw: bytes) -> None:
+        self.db.put(b"M", raw, self._write_opts)
+
+    # -- documents ------------------------------------------------------------------------
+    def get_records(self, shard: int, ids: list[str]) -> list[Record | None]:
+        if not ids:
+            return []
+        raws: list[bytes | None] = self.db.get([doc_key(shard, i) for i in ids])  # type: ignore[assignment]
+        return [Record.decode(r) if r is not None else None for r in raws]
+
+    def get_records_multi(self, keys: list[tuple[int, str]]) -> list[Record | None]:
+        if not keys:
+            return []
+        raws: list[bytes | None] = self.db.get([doc_key(s, i) for s, i in keys])  # type: ignore[assignment]
+        return [Record.decode(r) if r is not None else None for r in raws]
+
+    def write(self, batch: WriteBatch) -> None:
+        """Durable (through the WAL, fsynced when configured) once this returns."""
+        self.db.write(batch._wb, self._write_opts)
+
+    def counters(self, shard: int) -> tuple[int, int, int]:
+        """(next seq, next label, live documents) of a shard."""
+        raw = self.db.get(_shard_key(b"C", shard))
+        if raw is None:
+            return 1, 1, 0
+        seq, label, live = _COUNTERS.unpack(raw)
+        return int(seq), int(label), int(live)
+
+    def _scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        it = self.db.iter()
+        it.seek(start or prefix)
+        while it.valid():
+            key = it.key()
+            if not key.startswith(prefix):
+                break
+            yield key, it.value()
+            it.next()
+
+    def iter_docs(self, shard: int, after: str | None = None) -> Iterator[tuple[str, Record]]:
+        """Every record of the shard (tombstones too) in id order, after `after` if given."""
+        prefix = _shard_key(b"D", shard)
+        n = len(prefix)
+        start = prefix if after is None else doc_key(shard, after) + b"\x00"
+        for key, raw in self._scan(prefix, start):
+            yield key[n:].decode(), Record.decode(raw)
+
+    def iter_changes(self, shard: int, after_seq: int) -> Iterator[tuple[int, str]]:
+        """(seq, id) of every document whose latest change is after `after_seq`, in order."""
+        prefix = _shard_key(b"Q", shard)
+        it = self.db.iter()
+        it.seek(change_key(shard, after_seq + 1))
+        while it.valid():
+            key = it.key()
+            if not key.startswith(prefix):
+                break
+            yield _U64.unpack(key[3:])[0], it.value().decode()
+            it.next()
+
+    def drop_shard(self, shard: int) -> None:
+        """Remove every key of one shard (after it moved to another node), in one batch."""
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        for tag in _SHARD_TAGS:
+            start = _shard_key(tag, shard)
+            end = _shard_key(tag, shard + 1) if shard + 1 < 65536 else tag + b"\xff\xff\xff"
+            wb.delete_range(start, end)
+        self.db.write(wb, self._write_opts)
+
+    def has_shard(self, shard: int) -> bool:
+        """Whether any key of the shard is stored."""
+        for tag in _SHARD_TAGS:
+            it = self.db.iter()
+            it.seek(_shard_key(tag, shard))
+            if it.valid() and it.key().startswith(_shard_key(tag, shard)):
+                return True
+        return False
+
+    def shards_present(self) -> set[int]:
+        """Every shard with a key stored: one seek per shard found, not a scan of its keys."""
+        found: set[int] = set()
+        for tag in _SHARD_TAGS:
+            it = self.db.iter()
+            it.seek(tag)
+            while it.valid():
+                key = it.key()
+                if not key.startswith(tag) or len(key) < 3:
+                    break
+                shard = _U16.unpack_from(key, 1)[0]
+                found.add(shard)
+                if shard + 1 >= 65536:
+                    break
+                it.seek(_shard_key(tag, shard + 1))
+        return found
