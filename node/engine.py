@@ -15,6 +15,7 @@ from cluster.spec import CollectionSpec
 from node.blocking import Blocking
 from node.collection import Collection, Tuning
 from node.files import write_atomic
+from node.paths import collection_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class Engine:
             log.info("opened %s: %d documents", spec.name, coll.count())
 
     def _new(self, spec: CollectionSpec) -> Collection:
-        return Collection(spec, self.root / spec.name, self.blocking, self.tuning, self.fsync)
+        root = collection_dir(self.root, spec.name)
+        return Collection(spec, root, self.blocking, self.tuning, self.fsync)
 
     def get(self, name: str) -> Collection:
         coll = self.collections.get(name)
