@@ -420,8 +420,10 @@ class Coordinator:
         self, node: str, entry: CollectionEntry, by_shard: dict[int, list[Incoming]]
     ) -> dict[int, tuple[int, int]]:
         if node == self.node_id:
-            await self.backend.ensure(entry.spec, by_shard, entry.uid)
-            return await self.backend.write(entry.spec, by_shard)
+            # The same check a replica makes: `entry` may be older than the map by now.
+            current = self.runtime.entry_for_write(entry.spec.name, entry.uid, entry.spec)
+            await self.runtime.open_for_write(current, by_shard)
+            return await self.backend.write(current.spec, by_shard)
         body = {"spec": entry.spec.to_json(), "uid": entry.uid,
                 "writes": encode_writes(by_shard)}
         out = await self.ask_peer(node, "POST", entry.spec.name, "write", body)
