@@ -21,6 +21,7 @@ from cluster.membership import Effects, Member, MemberTable, State, TableParams
 from cluster.messages import (
     COMPOUND_OVERHEAD,
     MAC_SIZE,
+    MAX_META_SIZE,
     MAX_PACKET_SIZE,
     Ack,
     Alive,
@@ -50,8 +51,6 @@ __all__ = ["Delegate", "Gossip", "GossipConfig", "GossipError", "GossipStats", "
 
 log = logging.getLogger(__name__)
 
-# Encoded metadata must leave room for other updates in a 1400-byte packet.
-MAX_META_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -109,6 +108,8 @@ class GossipStats:
     packets_received: int = 0
     bad_mac: int = 0  # dropped: missing or wrong MAC (wrong cluster secret, forgery)
     malformed: int = 0  # dropped: not a message we can decode
+    oversized: int = 0  # dropped unread: larger than any packet a member sends
+    unknown_target: int = 0  # indirect probes of an address that is no member's
     probes: int = 0
     probe_failures: int = 0
     refutes: int = 0
@@ -401,19 +402,25 @@ class Gossip:
         finally:
             del self._pending[seq]
 
-    async def _relay_probe(self, req: IndirectPing) -> None:
-        """Probe `req.target` on behalf of `req.source_addr`; relay the ack, or nack."""
+    async def _relay_probe(self, req: IndirectPing, reply_to: str) -> None:
+        """Probe `req.target` for the node at `reply_to` (where the request came from, not
+        an address written in it); relay the ack, or nack."""
         seq = self._next_seq()
         pending = _Pending(asyncio.get_running_loop().create_future())
         self._pending[seq] = pending
         try:
             await self._send(req.target_addr, [Ping(seq, req.target, self.id, self.addr)])
             if await self._wait(pending.ack, self.config.probe_timeout):
-                await self._send(req.source_addr, [Ack(req.seq)])
+                await self._send(reply_to, [Ack(req.seq)])
             elif req.nack:
-                await self._send(req.source_addr, [Nack(req.seq)])
+                await self._send(reply_to, [Nack(req.seq)])
         finally:
             del self._pending[seq]
+
+    def _is_member_at(self, node: str, addr: str) -> bool:
+        """Is `addr` the address of member `node` (other than us) as our table knows it?"""
+        m = self._table.get(node)
+        return m is not None and node != self.id and m.addr == addr
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -540,6 +547,9 @@ class Gossip:
         if not self._running:
             return
         self.stats.packets_received += 1
+        if len(data) > self.config.max_packet_size:
+            self.stats.oversized += 1  # never decoded: no member sends one this large
+            return
         try:
             msg = decode(open_sealed(self._key, data))
         except AuthError:
@@ -551,16 +561,22 @@ class Gossip:
         self._handle(msg, from_addr)
 
     def _handle(self, msg: Message, from_addr: str) -> None:
+        # Replies go to the packet's real source, never to an address written in the message:
+        # a forged source address must not turn us into a reflector at a third party.
         match msg:
             case Compound():
-                for part in msg.parts:
+                for part in msg.parts:  # compounds do not nest (see messages.from_obj)
                     self._handle(part, from_addr)
             case Ping():
                 # A ping for another id means the sender has a stale address for us.
                 if msg.target == self.id:
-                    self._spawn(self._send(msg.source_addr, [Ack(msg.seq)]))
+                    self._spawn(self._send(from_addr, [Ack(msg.seq)]))
             case IndirectPing():
-                self._spawn(self._relay_probe(msg))
+                # The one third address the protocol needs: probed only if it is a member's.
+                if self._is_member_at(msg.target, msg.target_addr):
+                    self._spawn(self._relay_probe(msg, from_addr))
+                else:
+                    self.stats.unknown_target += 1
             case Ack():
                 p = self._pending.get(msg.seq)
                 if p is not None and not p.ack.done():
