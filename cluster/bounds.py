@@ -30,6 +30,8 @@ MAX_EPOCH = 2**62
 # versions this node issues stay far from the top however far ahead a peer claims to be.
 MAX_VERSION = 2**63 - 1
 MAX_OBSERVED_VERSION = 2**62
+# Document counts a peer reports (a shard's count, documents written or deleted).
+MAX_COUNT = 2**53
 # Probe sequence numbers: ours count up from 1; anything the size of an int64 is fine.
 MAX_SEQ = 2**62
 

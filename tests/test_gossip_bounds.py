@@ -47,6 +47,7 @@ from cluster.messages import (
     seal,
     to_obj,
 )
+from tests.fuzz import dumps, mutate
 
 PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -83,67 +84,14 @@ simple = st.one_of(
 messages: st.SearchStrategy[Message] = st.one_of(
     simple, st.builds(Compound, st.lists(simple, max_size=4).map(tuple)))
 
-junk = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.sampled_from([
-        2**64 - 1, 2**64, 2**63, 2**62, 2**62 + 1, -1, 1e300, 1.5, -0.0]) |
-    st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
-                                                                max_size=3),
-    max_leaves=8,
-)
-
-
-def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
-# Values a forger tries on a field: the edges of every bound, the wrong types, deep nesting.
-tricky = st.sampled_from([
-    2**64, 2**70, 1e300, -(2**64), 2**64 - 1, MAX_INCARNATION, MAX_INCARNATION + 1, -1,
-]) | st.sampled_from([
-    2**63, MAX_INCARNATION - 1, 0, 1.0, True, None, "1", "", [], {}, "10.0.0.1:1/x", "a" * 200,
-]) | st.integers(1, 400).map(lambda n: json.loads("[" * n + "]" * n))
-
-
-def _is_int(obj: Any, path: tuple[Any, ...]) -> bool:
-    for key in path:
-        obj = obj[key]
-    return isinstance(obj, int) and not isinstance(obj, bool)
-
-
 @st.composite
 def mutated(draw: st.DrawFn) -> bytes:
-    """A valid message with a field or two replaced (an edge value, a wrong type, junk) or
-    deleted, sometimes wrapped in compounds: encoded by Python's json, which writes any
-    integer (a forger's 2^64 too)."""
-    obj: Any = json.loads(json.dumps(to_obj(draw(messages))))
-    for _ in range(draw(st.integers(0, 2))):
-        paths = _paths(obj)
-        numbers = [p for p in paths if p and p[-1] not in ("t", "v") and _is_int(obj, p)]
-        if numbers and draw(st.booleans()):  # the fields a forger most likes to push
-            paths = numbers
-        path = draw(st.sampled_from(paths))
-        value = draw(tricky | junk)
-        if not path:
-            obj = value
-            continue
-        parent = obj
-        for key in path[:-1]:
-            parent = parent[key]
-        if isinstance(parent, dict) and draw(st.integers(0, 5)) == 0:
-            del parent[path[-1]]
-        else:
-            parent[path[-1]] = value
+    """A valid message with a field or two replaced or deleted (tests/fuzz.py), sometimes
+    wrapped in compounds."""
+    obj: Any = mutate(draw, json.loads(json.dumps(to_obj(draw(messages)))), skip=("t", "v"))
     for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
         obj = {"t": 7, "v": 1, "parts": [obj]}
-    return json.dumps(obj).encode()
+    return dumps(obj)
 
 
 def assert_only_decode_errors(data: bytes) -> None:
