@@ -13,11 +13,14 @@ from urllib.parse import quote
 
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from cluster.bounds import MAX_METADATA_DEPTH
 from cluster.errors import BadRequest
 from cluster.fastparse import parse_documents_fast
+from cluster.peers import PeerError, Peers
 from cluster.requests import parse_documents
 from node.keys import CLUSTER
 from tests.conftest import Node, StartNode, expect_error, ok_json
@@ -416,3 +419,37 @@ async def test_join_takes_at_most_32_seeds(node: Node) -> None:
     seeds = [f"127.0.0.{i}:1" for i in range(1, 34)]
     resp = await node.client.post("/v1/cluster/join", json={"seeds": seeds})
     await expect_error(resp, 400, "bad_request")
+
+
+# --- answers from peers ---------------------------------------------------------------------
+
+
+async def test_a_peers_answer_is_read_within_a_limit_and_never_inflated() -> None:
+    """What answers at an address given to join may be anything: a body without end, or a
+    gzip bomb. The peer client stops at its limit and does not inflate."""
+    packer = zlib.compressobj(9, wbits=31)
+    bomb_body = b"".join([packer.compress(b" " * (1 << 20)) for _ in range(4)]
+                         + [packer.flush()])
+
+    async def endless(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" + b"0," * 5000 + b"0]", content_type="application/json")
+
+    async def bomb_answer(request: web.Request) -> web.Response:
+        return web.Response(body=bomb_body, content_type="application/json",
+                            headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_post("/big", endless)
+    app.router.add_post("/bomb", bomb_answer)
+    async with TestServer(app, host="127.0.0.1") as server:
+        peers = Peers(None, max_answer_bytes=8000)
+        await peers.start()
+        try:
+            addr = f"127.0.0.1:{server.port}"
+            with pytest.raises(PeerError, match="more than 8000 bytes"):
+                await peers.request(addr, "POST", "/big", {})
+            assert len(bomb_body) < 8000  # 4 MiB once inflated
+            with pytest.raises(PeerError, match="something else than JSON"):
+                await peers.request(addr, "POST", "/bomb", {})
+        finally:
+            await peers.close()
