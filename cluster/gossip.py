@@ -51,6 +51,10 @@ __all__ = ["Delegate", "Gossip", "GossipConfig", "GossipError", "GossipStats", "
 
 log = logging.getLogger(__name__)
 
+# Indirect probes this node runs for others at once; more requests wait for none, they are
+# dropped (the requester then counts a missing nack, as for a lost packet).
+MAX_RELAYS = 64
+
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,7 @@ class Gossip:
             lambda: retransmit_limit(cfg.retransmit_mult, self._table.num_live())
         )
         self._pending: dict[int, _Pending] = {}
+        self._relays = 0  # indirect probes under way for others
         self._seq = 0
         self._probe_order: list[str] = []
         self._probe_index = 0
@@ -415,6 +420,7 @@ class Gossip:
             elif req.nack:
                 await self._send(reply_to, [Nack(req.seq)])
         finally:
+            self._relays -= 1
             del self._pending[seq]
 
     def _is_member_at(self, node: str, addr: str) -> bool:
@@ -572,11 +578,13 @@ class Gossip:
                 if msg.target == self.id:
                     self._spawn(self._send(from_addr, [Ack(msg.seq)]))
             case IndirectPing():
-                # The one third address the protocol needs: probed only if it is a member's.
-                if self._is_member_at(msg.target, msg.target_addr):
-                    self._spawn(self._relay_probe(msg, from_addr))
-                else:
+                # The one third address the protocol needs: probed only if it is a member's,
+                # and only so many at once (a flood of requests must not become one of pings).
+                if not self._is_member_at(msg.target, msg.target_addr):
                     self.stats.unknown_target += 1
+                elif self._relays < MAX_RELAYS:
+                    self._relays += 1  # counted now: the task starts later
+                    self._spawn(self._relay_probe(msg, from_addr))
             case Ack():
                 p = self._pending.get(msg.seq)
                 if p is not None and not p.ack.done():

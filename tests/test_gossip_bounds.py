@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from cluster.bounds import MAX_INCARNATION, MAX_SEQ
 from cluster.clock import ManualClock
-from cluster.gossip import Gossip, GossipConfig
+from cluster.gossip import MAX_RELAYS, Gossip, GossipConfig
 from cluster.membership import State
 from cluster.memnet import MemNetwork
 from cluster.messages import (
@@ -354,3 +354,16 @@ def test_a_node_fed_mutated_packets_keeps_gossiping(packets: list[bytes]) -> Non
         await n.stop()
 
     asyncio.run(scenario())
+
+
+async def test_a_flood_of_indirect_probes_runs_a_bounded_number(net: Net) -> None:
+    net.net.pause(B)  # b answers nothing: every relay waits its whole timeout
+    for seq in range(500):
+        await net.attacker.send(A, encode(IndirectPing(seq, "b", B, True, "x", VICTIM)))
+    await net.settle()
+    assert net.a._relays == MAX_RELAYS
+    await net.run(1.0)
+    assert net.a._relays == 0
+    nacks = [m for m in net.received(ATTACKER) if isinstance(m, Nack)]
+    assert len(nacks) == MAX_RELAYS
+    net.net.resume(B)
