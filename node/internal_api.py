@@ -71,7 +71,7 @@ def _peer_route(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
-        except (KeyError, ValueError, TypeError, OverflowError, binascii.Error) as exc:
+        except (KeyError, ValueError, TypeError, binascii.Error) as exc:
             raise BadRequest(f"malformed peer request: {type(exc).__name__}: {exc}") from None
 
     return wrapped

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from cluster.bounds import MAX_INCARNATION
-from cluster.messages import Dead, encode, seal
+from cluster.messages import Dead, encode
 from tests.e2e.conftest import FAST, in_private_netns
 from tests.procs import NodeProc, wait_until
 
@@ -53,9 +53,9 @@ def refused(result: tuple[int, Any], status: int, code: str) -> None:
 
 
 def forge(node: NodeProc, body: bytes) -> None:
-    """A gossip datagram from this process (no cluster secret: packets are plain bodies)."""
+    """A gossip datagram from this process (no cluster secret: packets are bare bodies)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.sendto(seal(None, body), (node.host, node.port))
+        s.sendto(body, (node.host, node.port))
 
 
 class Pair:
