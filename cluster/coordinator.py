@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 
 from cluster.backend import ShardBackend
+from cluster.bounds import MAX_COUNT, BoundsError, checked_int
 from cluster.clock import Clock
 from cluster.docs import Hit, Incoming, decode_hits, encode_writes, hit_json
 from cluster.errors import AlreadyExists, AquilaError, BadRequest, NotFound, Unavailable
@@ -31,7 +32,7 @@ from cluster.placement import place
 from cluster.requests import DocBatch, check_id, parse_documents, parse_ids, parse_search
 from cluster.runtime import ClusterRuntime
 from cluster.sharding import shard_of
-from cluster.spec import CollectionSpec, check_name
+from cluster.spec import MAX_SHARDS, CollectionSpec, check_name
 from cluster.state import CollectionEntry
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,22 @@ def needed_acks(consistency: str, replicas: int) -> int:
     if consistency == "all":
         return replicas
     return replicas // 2 + 1
+
+
+INDEX_STATES = ("buffering", "training", "trained")
+
+
+def peer_stats(raw: Any) -> dict[int, dict[str, Any]]:
+    """A peer's per-shard stats, checked (BoundsError otherwise): they reach the client."""
+    if not isinstance(raw, dict):
+        raise BoundsError("shard stats are an object")
+    out: dict[int, dict[str, Any]] = {}
+    for s, v in raw.items():
+        shard = checked_int(int(s), 0, MAX_SHARDS - 1, "shard")
+        if not isinstance(v, dict) or v.get("index_state") not in INDEX_STATES:
+            raise BoundsError("a shard's stats name its index_state")
+        out[shard] = {**v, "count": checked_int(v.get("count"), 0, MAX_COUNT, "count")}
+    return out
 
 
 class Coordinator:
@@ -206,7 +223,7 @@ class Coordinator:
         if node == self.node_id:
             return self.backend.shard_stats(name)
         raw = await self.ask_peer(node, "GET", name, "stats", timeout=timeout)
-        return {int(s): v for s, v in raw.items()}
+        return peer_stats(raw)
 
     def owns(self, name: str, shard: int) -> bool:
         """Does the map give this node the shard (as a replica or a move's target)?"""
@@ -421,12 +438,17 @@ class Coordinator:
         self, node: str, entry: CollectionEntry, by_shard: dict[int, list[Incoming]]
     ) -> dict[int, tuple[int, int]]:
         if node == self.node_id:
-            await self.backend.ensure(entry.spec, by_shard, entry.uid)
-            return await self.backend.write(entry.spec, by_shard)
+            # The same check a replica makes: `entry` may be older than the map by now.
+            current = self.runtime.entry_for_write(entry.spec.name, entry.uid, entry.spec)
+            await self.runtime.open_for_write(current, by_shard)
+            return await self.backend.write(current.spec, by_shard)
         body = {"spec": entry.spec.to_json(), "uid": entry.uid,
                 "writes": encode_writes(by_shard)}
         out = await self.ask_peer(node, "POST", entry.spec.name, "write", body)
-        return {int(s): (int(v[0]), int(v[1])) for s, v in out["shards"].items()}
+        # A peer's counts reach the client's answer: bounded like everything from a peer.
+        return {checked_int(int(s), 0, entry.spec.shards - 1, "shard"):
+                (checked_int(v[0], 0, MAX_COUNT, "count"), checked_int(v[1], 0, MAX_COUNT, "count"))
+                for s, v in out["shards"].items()}
 
     # -- reads ----------------------------------------------------------------------------
     async def get_document(self, name: str, doc_id: str, with_vector: bool) -> dict[str, Any]:

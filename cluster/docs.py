@@ -9,6 +9,17 @@ from typing import Any
 import numpy as np
 import orjson
 
+from cluster.bounds import (
+    MAX_NODE_ID_CHARS,
+    MAX_VERSION,
+    BoundsError,
+    checked_int,
+    checked_list,
+    checked_str,
+)
+from cluster.requests import valid_id
+from cluster.spec import MAX_SHARDS
+
 
 @dataclass
 class Incoming:
@@ -51,20 +62,47 @@ def encode_writes(by_shard: dict[int, list[Incoming]]) -> list[dict[str, Any]]:
     return out
 
 
-def decode_writes(raw: list[dict[str, Any]], dim: int) -> dict[int, list[Incoming]]:
+def decode_writes(
+    raw: Any, dim: int, shards: int = MAX_SHARDS
+) -> dict[int, list[Incoming]]:
+    """A write batch from a peer, every field checked (ValueError otherwise): shard numbers
+    below `shards`, valid ids, finite vectors of `dim`, metadata objects, versions and
+    writers within bounds."""
     by_shard: dict[int, list[Incoming]] = {}
-    for part in raw:
+    for part in checked_list(raw, MAX_SHARDS, "writes"):
+        if not isinstance(part, dict):
+            raise BoundsError("a write part is an object")
+        shard = checked_int(part.get("shard"), 0, shards - 1, "shard")
         docs = []
-        for d in part["docs"]:
+        for d in checked_list(part.get("docs"), 1 << 20, "docs"):
+            if not isinstance(d, dict) or not valid_id(d.get("id")):
+                raise BoundsError("a document has a string id of 1 to 256 characters")
+            version = checked_int(d.get("ver"), 0, MAX_VERSION, "version")
+            writer = checked_str(d.get("w"), MAX_NODE_ID_CHARS, "writer")
             vec = None
-            if d["v"] is not None:
-                vec = np.frombuffer(base64.b64decode(d["v"]), dtype="<f4")
+            if d.get("v") is not None:
+                vec = np.frombuffer(base64.b64decode(d["v"], validate=True), dtype="<f4")
                 if vec.shape != (dim,):
                     raise ValueError(f"vector of {d['id']!r} has the wrong dimension")
-            docs.append(Incoming(d["id"], vec, orjson.dumps(d["m"]) if vec is not None else b"",
-                                 int(d["ver"]), str(d["w"])))
-        by_shard[int(part["shard"])] = docs
+                if not np.isfinite(vec).all():
+                    raise ValueError(f"vector of {d['id']!r} is not finite")
+            docs.append(Incoming(d["id"], vec, _metadata(d) if vec is not None else b"",
+                                 version, writer))
+        by_shard[shard] = docs
     return by_shard
+
+
+def _metadata(d: dict[str, Any]) -> bytes:
+    """A document's metadata, re-encoded: an object, and (unlike what a client may send,
+    see MAX_METADATA_DEPTH) as deep as data stored by older versions may be, within what
+    JSON encoding allows."""
+    meta = d.get("m")
+    if not isinstance(meta, dict):
+        raise BoundsError(f"metadata of {d['id']!r} is not an object")
+    try:
+        return orjson.dumps(meta)
+    except orjson.JSONEncodeError as exc:  # nested beyond orjson's 255 levels
+        raise BoundsError(f"metadata of {d['id']!r}: {exc}") from None
 
 
 def encode_hits(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[list[list[Any]]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -15,6 +15,7 @@ import orjson
 from cluster.backend import ShardBackend
 from cluster.errors import Unavailable
 from cluster.membership import Member
+from cluster.spec import CollectionSpec
 from cluster.state import ClusterState, CollectionEntry
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,35 @@ class ClusterRuntime:
         raw = orjson.dumps([entry.to_json()])
         if len(raw) < 1200:  # larger entries travel by push-pull and direct pushes
             self.delegate.enqueue(raw, self.members_count())
+
+    def entry_for_write(
+        self, name: str, expect_uid: str | None = None, expect_spec: CollectionSpec | None = None
+    ) -> CollectionEntry:
+        """The entry a write to collection `name` applies to: this node's own map decides
+        its settings and incarnation, never the sender. A sender that believes in another
+        incarnation (a coordinator that missed a delete-and-recreate, a replayed request) or
+        names a collection this map does not know (yet) gets a transient error and changes
+        nothing; the coordinator hands the write off and retries once the maps agree."""
+        entry = self.state.get(name)
+        if entry is None:
+            raise Unavailable(f"collection {name!r} is not in this node's cluster map (yet)")
+        if (expect_uid is not None and expect_uid != entry.uid) or (
+            expect_spec is not None and expect_spec != entry.spec
+        ):
+            raise Unavailable(
+                f"the write is for another incarnation of {name!r} than this node's map has "
+                f"(epoch {entry.epoch}); the maps have not converged yet"
+            )
+        return entry
+
+    async def open_for_write(self, entry: CollectionEntry, shards: Iterable[int]) -> None:
+        """Open the shards of a write that the map gives this node (a move's target takes
+        the shard's writes before it has reconciled); shards it does not give are not
+        created here (writing to them fails unless they are still open: a move's source)."""
+        mine = set(entry.shards_of(self.node_id))
+        wanted = sorted(s for s in set(shards) if s in mine)
+        if wanted:
+            await self.backend.ensure(entry.spec, wanted, entry.uid)
 
     def member_changed(self, member: Member) -> None:
         for fn in self.member_listeners:

@@ -10,11 +10,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from cluster.bounds import depth_exceeds
 from cluster.errors import AquilaError, BadRequest, PayloadTooLarge
 from cluster.fastparse import parse_documents_fast
-from cluster.requests import compact_size, loads_overflowing
+from cluster.requests import MAX_BODY_DEPTH, compact_size, loads_overflowing
 from cluster.spec import parse_spec
 from node.access import check_access
+from node.body import read_body
 from node.keys import BLOCKING, CONFIG, METRICS, READY, SERVICE
 from node.openapi import openapi_document
 
@@ -104,8 +106,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 _DECODE_ON_THREAD_BYTES = 16 * 1024 * 1024
 
 
-async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
+async def read_raw(request: web.Request) -> bytes:
+    """The body as sent, decompressed and within the wire limit (see node/body.py)."""
+    return await read_body(request, request.app[CONFIG].max_wire_bytes)
+
+
+async def read_json(request: web.Request, raw: bytes | None = None) -> Any:
+    """The JSON body (`raw`: the body when the handler has read it already)."""
+    if raw is None:
+        raw = await read_raw(request)
     if not raw:
         raise BadRequest("a JSON body is required")
     limit = request.app[CONFIG].max_body_bytes
@@ -127,6 +136,8 @@ def decode_body(raw: bytes, limit: int) -> Any:
             except ValueError:
                 pass
         raise BadRequest(f"malformed JSON: {exc}") from None
+    if len(raw) > limit and depth_exceeds(body, MAX_BODY_DEPTH):  # compact_size recurses
+        raise BadRequest(f"body nested deeper than {MAX_BODY_DEPTH} levels")
     if len(raw) > limit and compact_size(body) > limit:
         raise PayloadTooLarge(
             f"body exceeds the limit of {limit} bytes (vectors counted at float32 precision)"
@@ -160,7 +171,7 @@ async def upsert(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     service = request.app[SERVICE]
     entry = service.entry(name)
-    raw = await request.read()
+    raw = await read_raw(request)
     if raw and len(raw) <= request.app[CONFIG].max_body_bytes:
         # The fast path takes well-formed batches; anything else gets the general one.
         if len(raw) > _DECODE_ON_THREAD_BYTES:
@@ -169,7 +180,7 @@ async def upsert(request: web.Request) -> web.Response:
             batch = parse_documents_fast(raw, entry.spec.dim)
         if batch is not None:
             return json_response(await service.upsert_batch(entry, batch))
-    return json_response(await service.upsert(name, await read_json(request)))
+    return json_response(await service.upsert(name, await read_json(request, raw)))
 
 
 async def get_document(request: web.Request) -> web.Response:

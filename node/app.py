@@ -41,7 +41,9 @@ def node_identity(config: NodeConfig) -> str:
 
 
 def make_app(config: NodeConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_wire_bytes)
+    # Bodies are decompressed by node/body.py, which counts the limit as it inflates.
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_wire_bytes,
+                          handler_args={"auto_decompress": False})
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[READY] = asyncio.Event()

@@ -137,6 +137,9 @@ class Cluster:
             return None
 
         runtime = ClusterRuntime("a", cast(Any, self.backends["a"]), persist)
+        # The coordinator's own map knows the collection: its local writes are checked
+        # against it (the incarnation comes from the map, see ClusterRuntime.entry_for_write).
+        runtime.state.merge([make_entry()])
         self.coord = Coordinator("a", runtime, cast(Any, self.backends["a"]),
                                  cast(Any, self.peers), self.members, ManualClock())
 
