@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from aquila.cluster.model.config_parse import parse_hostport
+from aquila.cluster.model.config_parse import format_hostport, parse_hostport
 
 DEFAULT_NODE = "127.0.0.1:8470"
 # Per-request timeout. Join waits for the node's own join deadline (10 s) and gets more.
@@ -58,11 +58,11 @@ def node_arg(value: str) -> str:
         host, port = parse_hostport(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return f"{host}:{port}"
+    return format_hostport(host, port)
 
 
 def seeds_arg(value: str) -> list[str]:
-    seeds = [node_arg(s) for s in value.split(",") if s.strip()]
+    seeds = [node_arg(s.strip()) for s in value.split(",") if s.strip()]
     if not seeds:
         raise argparse.ArgumentTypeError("expected host:port[,host:port...]")
     return seeds

@@ -54,7 +54,9 @@ def make_app(
     """The node's application. The system clock, gossip over UDP and the HTTP peer client
     unless others are given (a fake clock, `memnet`, `mempeers`); given ones are started and
     closed by whoever gave them."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_wire_bytes)
+    # Bodies are decompressed by node/http/body.py, which counts the limit as it inflates.
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_wire_bytes,
+                          handler_args={"auto_decompress": False})
     app[CONFIG] = config
     app.cleanup_ctx.append(functools.partial(_storage, clock=clock, transport=transport,
                                              peers=peers))

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aquila.cluster.model.config_parse import parse_hostport
+from aquila.cluster.model.bounds import MAX_SEEDS
+from aquila.cluster.model.config_parse import format_hostport, parse_hostport
 
 MIB = 1024 * 1024
 
@@ -108,7 +109,7 @@ class NodeConfig:
 
     @property
     def addr(self) -> str:
-        return self.advertise or f"{self.host}:{self.port}"
+        return self.advertise or format_hostport(self.host, self.port)
 
     def validate(self) -> NodeConfig:
         if not 0 < self.port < 65536:
@@ -123,6 +124,8 @@ class NodeConfig:
             raise ValueError("search_threads must be at least 1")
         if self.retrain_growth <= 1:
             raise ValueError("retrain_growth must be above 1")
+        if len(self.seeds) > MAX_SEEDS:
+            raise ValueError(f"at most {MAX_SEEDS} seeds, got {len(self.seeds)}")
         for s in self.seeds:
             parse_hostport(s)
         if self.advertise:

@@ -102,6 +102,28 @@ async def test_write_opens_the_shards_and_applies_last_writer_wins(
     assert (await rep.stats("c"))[0]["count"] == 1
 
 
+async def test_only_this_nodes_map_decides_what_a_write_may_change(
+    pair: tuple[Pair, Replica],
+) -> None:
+    p, rep = pair
+    # Another incarnation, other settings, an unknown collection: refused, nothing opened.
+    with pytest.raises(Unavailable, match="another incarnation"):
+        await rep.write(SPEC, "u0", {0: [doc(1)]})
+    other = CollectionSpec("c", 4, "ip", 3, 1, IndexSpec("flat"))
+    with pytest.raises(Unavailable, match="another incarnation"):
+        await rep.write(other, "u1", {0: [doc(1)]})
+    with pytest.raises(Unavailable, match="not in this node's cluster map"):
+        await rep.write(CollectionSpec("zz", 4), "u1", {0: [doc(1)]})
+    # A shard the map gives another node is not created here.
+    with pytest.raises(Unavailable, match="not open on this node"):
+        await rep.write(SPEC, "u1", {2: [doc(2)]})
+    assert p.backend.local_shards("c") == []
+    await rep.write(SPEC, "u1", {0: [doc(1)]})
+    with pytest.raises(Unavailable, match=r"\[2\] of 'c' are not on this node"):
+        await rep.write(SPEC, "u1", {2: [doc(2)]})
+    assert p.backend.local_shards("c") == [0]
+
+
 async def test_remote_write_advances_the_receivers_version_clock() -> None:
     p = Pair()
     future = p.hlc.next() + 1_000_000
@@ -171,7 +193,10 @@ async def test_drop_shard_refuses_a_shard_the_map_still_assigns(
     pair: tuple[Pair, Replica],
 ) -> None:
     p, rep = pair
-    await rep.write(SPEC, "u1", {0: [doc(1)], 2: [doc(2)]})
+    await rep.write(SPEC, "u1", {0: [doc(1)]})
+    # A copy of shard 2, which the map gives to b (left over from a move, say).
+    await p.backend.ensure(SPEC, [2], "u1")
+    await p.backend.write(SPEC, {2: [doc(2)]})
     with pytest.raises(Unavailable, match="still assigned"):
         await rep.drop_shard("c", 0)
     await rep.drop_shard("c", 2)

@@ -140,6 +140,9 @@ class Cluster:
 
         view = MemberView("a", self.members, ManualClock())
         state = ClusterState()
+        # The coordinator's own map knows the collection: its local writes are checked
+        # against it (the incarnation comes from the map, see ClusterState.entry_for_write).
+        state.merge([make_entry()])
         replicas = Replicas(
             "a", LocalReplica("a", cast(Any, self.backends["a"]), state),
             lambda node: RemoteReplica(node, view.addr_of, self.peers, 10.0),

@@ -19,6 +19,7 @@ from typing import Any
 from aquila.cluster.clock import Clock
 from aquila.cluster.membership.messages import (
     COMPOUND_OVERHEAD,
+    MAX_META_SIZE,
     MAX_PACKET_SIZE,
     Ack,
     Alive,
@@ -47,8 +48,10 @@ __all__ = ["Delegate", "Gossip", "GossipConfig", "GossipError", "GossipStats", "
 
 log = logging.getLogger(__name__)
 
-# Encoded metadata must leave room for other updates in a 1400-byte packet.
-MAX_META_SIZE = 512
+# Indirect probes this node runs for others at once; more requests wait for none, they are
+# dropped (the requester then counts a missing nack, as for a lost packet).
+MAX_RELAYS = 64
+
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class GossipStats:
     bad_mac: int = 0  # dropped: missing or wrong MAC (wrong cluster secret, forgery)
     stale: int = 0  # dropped: authentic but stale, from the future, replayed, or our own
     malformed: int = 0  # dropped: not a message we can decode
+    oversized: int = 0  # dropped unread: larger than any packet a member sends
+    unknown_target: int = 0  # indirect probes of an address that is no member's
     probes: int = 0
     probe_failures: int = 0
     refutes: int = 0
@@ -171,6 +176,7 @@ class Gossip:
             lambda: retransmit_limit(cfg.retransmit_mult, self._table.num_live())
         )
         self._pending: dict[int, _Pending] = {}
+        self._relays = 0  # indirect probes under way for others
         self._seq = 0
         self._probe_order: list[str] = []
         self._probe_index = 0
@@ -391,19 +397,26 @@ class Gossip:
         finally:
             del self._pending[seq]
 
-    async def _relay_probe(self, req: IndirectPing) -> None:
-        """Probe `req.target` on behalf of `req.source_addr`; relay the ack, or nack."""
+    async def _relay_probe(self, req: IndirectPing, reply_to: str) -> None:
+        """Probe `req.target` for the node at `reply_to` (where the request came from, not
+        an address written in it); relay the ack, or nack."""
         seq = self._next_seq()
         pending = _Pending(asyncio.get_running_loop().create_future())
         self._pending[seq] = pending
         try:
             await self._send(req.target_addr, [Ping(seq, req.target, self.id, self.addr)])
             if await self._wait(pending.ack, self.config.probe_timeout):
-                await self._send(req.source_addr, [Ack(req.seq)])
+                await self._send(reply_to, [Ack(req.seq)])
             elif req.nack:
-                await self._send(req.source_addr, [Nack(req.seq)])
+                await self._send(reply_to, [Nack(req.seq)])
         finally:
+            self._relays -= 1
             del self._pending[seq]
+
+    def _is_member_at(self, node: str, addr: str) -> bool:
+        """Is `addr` the address of member `node` (other than us) as our table knows it?"""
+        m = self._table.get(node)
+        return m is not None and node != self.id and m.addr == addr
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -529,6 +542,9 @@ class Gossip:
         if not self._running:
             return
         self.stats.packets_received += 1
+        if len(data) > self.config.max_packet_size:
+            self.stats.oversized += 1  # never decoded: no member sends one this large
+            return
         try:
             msg = decode(self._open(data))
         except AuthError:
@@ -550,16 +566,24 @@ class Gossip:
             raise
 
     def _handle(self, msg: Message, from_addr: str) -> None:
+        # Replies go to the packet's real source, never to an address written in the message:
+        # a forged source address must not turn us into a reflector at a third party.
         match msg:
             case Compound():
-                for part in msg.parts:
+                for part in msg.parts:  # compounds do not nest (see messages.from_obj)
                     self._handle(part, from_addr)
             case Ping():
                 # A ping for another id means the sender has a stale address for us.
                 if msg.target == self.id:
-                    self._spawn(self._send(msg.source_addr, [Ack(msg.seq)]))
+                    self._spawn(self._send(from_addr, [Ack(msg.seq)]))
             case IndirectPing():
-                self._spawn(self._relay_probe(msg))
+                # The one third address the protocol needs: probed only if it is a member's,
+                # and only so many at once (a flood of requests must not become one of pings).
+                if not self._is_member_at(msg.target, msg.target_addr):
+                    self.stats.unknown_target += 1
+                elif self._relays < MAX_RELAYS:
+                    self._relays += 1  # counted now: the task starts later
+                    self._spawn(self._relay_probe(msg, from_addr))
             case Ack():
                 p = self._pending.get(msg.seq)
                 if p is not None and not p.ack.done():

@@ -1,7 +1,8 @@
 """An in-memory network twin for running many gossip nodes in one process.
 
 Deliveries are scheduled with `loop.call_soon`, never with real time, so a simulation
-driven by a ManualClock is deterministic. Faults: per-link drop probability (seeded RNG),
+driven by a ManualClock is deterministic. Like UDP, a datagram arrives with its sender's own
+address (whatever the message inside says) and nothing above 64 KiB is delivered. Faults: per-link drop probability (seeded RNG),
 one-way partitions, and paused nodes (like SIGSTOP: nothing in, nothing out).
 """
 
@@ -15,6 +16,9 @@ from aquila.cluster.clock import Clock
 from aquila.cluster.membership.transport import Receiver
 
 PushPullHandler = Callable[[bytes], bytes]
+
+# The largest UDP payload over IPv4: anything larger is never delivered.
+MAX_DATAGRAM = 65_507
 
 
 class MemNetwork:
@@ -75,7 +79,8 @@ class MemNetwork:
         self.sent += 1
         p = self._drop.get((src, dst), self.default_drop)
         if (
-            not self._reachable(src, dst)
+            len(data) > MAX_DATAGRAM  # UDP refuses to send it (EMSGSIZE)
+            or not self._reachable(src, dst)
             or dst not in self._receivers
             or (p > 0 and self._rng.random() < p)
         ):

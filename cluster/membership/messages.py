@@ -15,6 +15,20 @@ from typing import Any
 
 import orjson
 
+from aquila.cluster.model.bounds import (
+    MAX_ADDR_CHARS,
+    MAX_COMPOUND_PARTS,
+    MAX_INCARNATION,
+    MAX_MEMBERS,
+    MAX_NODE_ID_CHARS,
+    MAX_SEQ,
+    BoundsError,
+    checked_int,
+    checked_list,
+    checked_str,
+)
+from aquila.cluster.model.config_parse import parse_hostport
+
 # Bumped when a message gains a field older nodes must not ignore. Decoders accept newer
 # versions and read the fields they know (unknown fields are ignored), like memberlist's
 # protocol version range.
@@ -24,6 +38,11 @@ PROTOCOL_VERSION = 1
 MAX_PACKET_SIZE = 1400
 
 MAC_SIZE = 32
+
+# Encoded member metadata must leave room for other updates in a packet.
+MAX_META_SIZE = 512
+# Base64 of user data (the cluster state in a push-pull): 64 MiB of state.
+MAX_USER_CHARS = 1 << 26
 
 
 class MsgType(enum.IntEnum):
@@ -228,46 +247,99 @@ def encode_compound(parts: list[bytes]) -> bytes:
 COMPOUND_OVERHEAD = len(encode_compound([]))
 
 
-def from_obj(obj: Any) -> Message:
+def _inc(v: Any, accusation: bool = False) -> int:
+    # An accusation must leave room for the accused's refutation (one more), which must
+    # still decode everywhere: see cluster/model/bounds.py.
+    return checked_int(v, 0, MAX_INCARNATION - 1 if accusation else MAX_INCARNATION,
+                       "incarnation")
+
+
+def _seq(v: Any) -> int:
+    return checked_int(v, 0, MAX_SEQ, "seq")
+
+
+def _node(v: Any) -> str:
+    return checked_str(v, MAX_NODE_ID_CHARS, "node id", min_chars=1)
+
+
+def _addr(v: Any) -> str:
+    """A member address: host:port and nothing else (it is where we send packets)."""
+    parse_hostport(checked_str(v, MAX_ADDR_CHARS, "address"))
+    return str(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise BoundsError("expected a boolean")
+    return v
+
+
+def _meta(v: Any) -> dict[str, Any]:
+    """Member metadata: an object whose encoding fits the size gossip allows."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or len(orjson.dumps(v)) > MAX_META_SIZE:
+        raise BoundsError(f"meta must be an object of at most {MAX_META_SIZE} bytes encoded")
+    return v
+
+
+def _row(r: Any) -> MemberRow:
+    if not isinstance(r, list) or len(r) != 5:
+        raise BoundsError("a member row is [node, addr, state, incarnation, meta]")
+    n, a, state, i, m = r
+    if state not in ("alive", "suspect", "dead", "left"):
+        raise BoundsError(f"unknown member state {state!r}")
+    return MemberRow(_node(n), _addr(a), state, _inc(i, accusation=state != "alive"), _meta(m))
+
+
+def from_obj(obj: Any, *, nested: bool = False) -> Message:
+    """The message in a decoded JSON object; DecodeError unless every field has its type and
+    lies within its bounds (cluster/model/bounds.py). Compounds do not nest, so decoding never
+    recurses more than once."""
     try:
+        if not isinstance(obj, dict):
+            raise DecodeError("message is not an object")
         t = obj["t"]
-        if not isinstance(obj.get("v"), int):
+        if isinstance(obj.get("v"), bool) or not isinstance(obj.get("v"), int):
             raise DecodeError("message without a version")
         if t == MsgType.PING:
-            return Ping(int(obj["seq"]), str(obj["target"]), str(obj["sid"]), str(obj["saddr"]))
+            return Ping(_seq(obj["seq"]), _node(obj["target"]), _node(obj["sid"]),
+                        _addr(obj["saddr"]))
         if t == MsgType.INDIRECT_PING:
             return IndirectPing(
-                int(obj["seq"]),
-                str(obj["target"]),
-                str(obj["taddr"]),
-                bool(obj["nack"]),
-                str(obj["sid"]),
-                str(obj["saddr"]),
+                _seq(obj["seq"]),
+                _node(obj["target"]),
+                _addr(obj["taddr"]),
+                _bool(obj["nack"]),
+                _node(obj["sid"]),
+                _addr(obj["saddr"]),
             )
         if t == MsgType.ACK:
-            return Ack(int(obj["seq"]))
+            return Ack(_seq(obj["seq"]))
         if t == MsgType.NACK:
-            return Nack(int(obj["seq"]))
+            return Nack(_seq(obj["seq"]))
         if t == MsgType.ALIVE:
-            meta = obj.get("meta") or {}
-            if not isinstance(meta, dict):
-                raise DecodeError("meta must be an object")
-            return Alive(int(obj["inc"]), str(obj["node"]), str(obj["addr"]), meta)
+            return Alive(_inc(obj["inc"]), _node(obj["node"]), _addr(obj["addr"]),
+                         _meta(obj.get("meta")))
         if t == MsgType.SUSPECT:
-            return Suspect(int(obj["inc"]), str(obj["node"]), str(obj["from"]))
+            return Suspect(_inc(obj["inc"], True), _node(obj["node"]), _node(obj["from"]))
         if t == MsgType.DEAD:
-            return Dead(int(obj["inc"]), str(obj["node"]), str(obj["from"]))
+            return Dead(_inc(obj["inc"], True), _node(obj["node"]), _node(obj["from"]))
         if t == MsgType.USER:
-            return User(base64.b64decode(obj["data"], validate=True))
+            return User(base64.b64decode(checked_str(obj["data"], MAX_USER_CHARS, "data"),
+                                         validate=True))
         if t == MsgType.COMPOUND:
-            return Compound(tuple(from_obj(p) for p in obj["parts"]))
+            if nested:
+                raise DecodeError("a compound inside a compound")
+            parts = checked_list(obj["parts"], MAX_COMPOUND_PARTS, "parts")
+            return Compound(tuple(from_obj(p, nested=True) for p in parts))
         if t == MsgType.PUSH_PULL:
-            members = tuple(
-                MemberRow(str(n), str(a), str(s), int(i), dict(m))
-                for n, a, s, i, m in obj["members"]
-            )
+            members = checked_list(obj["members"], MAX_MEMBERS, "members")
             return PushPull(
-                bool(obj["join"]), members, base64.b64decode(obj["user"], validate=True)
+                _bool(obj["join"]),
+                tuple(_row(r) for r in members),
+                base64.b64decode(checked_str(obj["user"], MAX_USER_CHARS, "user"),
+                                 validate=True),
             )
     except DecodeError:
         raise

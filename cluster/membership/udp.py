@@ -8,6 +8,7 @@ import logging
 import socket
 
 from aquila.cluster.membership.transport import Receiver
+from aquila.cluster.model.config_parse import format_hostport
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class _Protocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         try:
-            self._receiver(data, f"{addr[0]}:{addr[1]}")
+            self._receiver(data, format_hostport(str(addr[0]), int(addr[1])))
         except Exception:  # a bad packet must never kill the socket
             log.exception("gossip receiver failed")
 

@@ -4,6 +4,8 @@
 `{"key": "a.b", "match": v}`, `{"key": ..., "in": [v...]}` or
 `{"key": ..., "range": {"gte"|"gt"|"lte"|"lt": number}}`. `should` needs at least one match
 when present. A key is a dotted path into the metadata object; a missing key matches nothing.
+At most MAX_FILTER_CONDITIONS conditions in all clauses together, and MAX_FILTER_IN_VALUES
+values in one `in`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aquila.cluster.model.bounds import MAX_FILTER_CONDITIONS, MAX_FILTER_IN_VALUES
 from aquila.cluster.model.errors import BadRequest
 
 Predicate = Callable[[Any], bool]
@@ -101,6 +104,8 @@ def _cond(c: Any, where: str) -> Cond:
         values = c["in"]
         if not isinstance(values, list) or not all(_scalar(v) for v in values):
             raise BadRequest(f"{where}: 'in' takes a list of scalars")
+        if len(values) > MAX_FILTER_IN_VALUES:
+            raise BadRequest(f"{where}: 'in' takes at most {MAX_FILTER_IN_VALUES} values")
         return Cond(path, "in", tuple(values))
     bounds = c["range"]
     if not isinstance(bounds, dict) or not bounds or set(bounds) - set(_RANGE_OPS):
@@ -119,10 +124,17 @@ def parse_filter(spec: Any) -> Filter | None:
     unknown = set(spec) - {"must", "should", "must_not"}
     if unknown:
         raise BadRequest(f"unknown filter clause(s): {', '.join(sorted(unknown))}")
-    clauses: dict[str, tuple[Cond, ...]] = {}
+    raw: dict[str, list[Any]] = {}
     for clause in ("must", "should", "must_not"):
         conds = spec.get(clause, [])
         if not isinstance(conds, list):
             raise BadRequest(f"filter.{clause} must be a list of conditions")
-        clauses[clause] = tuple(_cond(c, f"filter.{clause}[{i}]") for i, c in enumerate(conds))
+        raw[clause] = conds
+    total = sum(len(c) for c in raw.values())
+    if total > MAX_FILTER_CONDITIONS:  # each is evaluated per candidate document
+        raise BadRequest(
+            f"a filter has at most {MAX_FILTER_CONDITIONS} conditions in all, got {total}"
+        )
+    clauses = {clause: tuple(_cond(c, f"filter.{clause}[{i}]") for i, c in enumerate(conds))
+               for clause, conds in raw.items()}
     return Filter(clauses["must"], clauses["should"], clauses["must_not"])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from aquila.cluster.model.bounds import MAX_OBSERVED_VERSION
+
 
 class HybridClock:
     def __init__(self, wall_ms: Callable[[], int] | None = None) -> None:
@@ -23,4 +25,8 @@ class HybridClock:
         return max(0, self._wall_ms() - int(seconds * 1000)) << 16
 
     def observe(self, version: int) -> None:
-        self._last = max(self._last, version)
+        """Issue versions above `version` from now on, unless it lies beyond any plausible
+        clock (MAX_OBSERVED_VERSION, the year 4199): adopting a forged or corrupt version
+        near 2^63 would leave no room for the versions this node issues next."""
+        if version <= MAX_OBSERVED_VERSION:
+            self._last = max(self._last, version)

@@ -5,13 +5,20 @@ body itself."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
 from aquila.cluster.model.filters import Predicate
 
 CONSISTENCY = ("one", "quorum", "all")
+MAX_ID_CHARS = 256
+MAX_K = 1000
+
+
+def valid_id(doc_id: Any) -> TypeGuard[str]:
+    """A document id: a string of 1 to MAX_ID_CHARS characters."""
+    return isinstance(doc_id, str) and 1 <= len(doc_id) <= MAX_ID_CHARS
 
 
 @dataclass

@@ -8,7 +8,8 @@ from typing import Any
 
 from aquila.cluster.model.errors import BadRequest
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Matched with fullmatch: `$` would also accept a trailing newline ("a\n").
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 METRICS = ("l2", "ip", "cosine")
 INDEX_TYPES = ("ivf_flat", "ivf_sq8", "ivf_pq", "flat")
 MAX_DIM = 65536
@@ -38,12 +39,17 @@ class CollectionSpec:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> CollectionSpec:
-        return cls(**{**d, "index": IndexSpec(**d["index"])})
+    def from_json(cls, d: Any) -> CollectionSpec:
+        """A spec as `to_json` wrote it, checked as a PUT body is: it may come from a peer
+        (BadRequest when it is not a valid spec, its name included)."""
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise BadRequest("a collection spec is an object with a string 'name'")
+        return parse_spec(d["name"], d)
 
 
-def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+def check_name(name: Any) -> str:
+    """`name` if it is a valid collection name: the only names that reach a path on disk."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise BadRequest(f"collection name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
     return name
 

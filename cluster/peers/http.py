@@ -14,17 +14,26 @@ from aquila.cluster.model.errors import AquilaError, Unavailable, from_code
 from aquila.cluster.peers.auth import PeerSigner
 from aquila.cluster.peers.client import PeerError
 
+# The largest answer read from a peer (a page of a shard in a move, a search's hits, the
+# cluster state in a push-pull): an address given to join may be anything, and what answers
+# there must not make this node read without end.
+MAX_ANSWER_BYTES = 1 << 30
+
 
 class Peers:
-    def __init__(self, secret: str | None, timeout_s: float = 10.0, *, sender: str) -> None:
+    def __init__(self, secret: str | None, timeout_s: float = 10.0, *, sender: str,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self._signer = PeerSigner(secret, sender)
         self._timeout_s = timeout_s
+        self._max_answer = max_answer_bytes
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=30),
             json_serialize=lambda o: orjson.dumps(o).decode(),
+            # Nodes never compress; an answer that claims to is not inflated (a bomb).
+            auto_decompress=False,
         )
 
     async def close(self) -> None:
@@ -55,16 +64,28 @@ class Peers:
             async with self._session.request(
                 method, url, data=data or None, headers=headers, timeout=t
             ) as resp:
-                payload = await resp.read()
+                payload = await _read_capped(resp, self._max_answer, addr)
                 if resp.status >= 400:
                     raise _error_from(resp.status, payload, addr)
                 if raw is not None and resp.content_type != "application/json":
                     return payload
-                return orjson.loads(payload) if payload else None
+                try:
+                    return orjson.loads(payload) if payload else None
+                except orjson.JSONDecodeError:
+                    raise PeerError(f"node {addr} answered something else than JSON") from None
         except AquilaError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int, addr: str) -> bytes:
+    out = bytearray()
+    async for chunk in resp.content.iter_any():
+        out += chunk
+        if len(out) > limit:
+            raise PeerError(f"node {addr} answered more than {limit} bytes")
+    return bytes(out)
 
 
 def _error_from(status: int, payload: bytes, addr: str) -> AquilaError:

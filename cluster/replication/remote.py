@@ -3,9 +3,11 @@ in one place: a peer's `Replica` (`RemoteReplica`, over the peer client), the di
 push, and the serving side (`PeerService`) that the HTTP routes (`node.http.internal_api`) and the
 in-process network (`cluster.peers.memory`) hand decoded requests to.
 
-Formats: JSON bodies; vectors as base64 float32 little-endian; metadata as raw JSON. A field
-missing or of the wrong type raises KeyError / ValueError / TypeError, which the HTTP layer
-answers with 400 (the sender may be another version, or not a node).
+Formats: JSON bodies; vectors as base64 float32 little-endian; metadata as raw JSON. Nothing
+from a peer is trusted: every field is checked and bounded (`model.bounds`) and a field missing,
+of the wrong type or out of bounds raises KeyError / ValueError / TypeError, which the HTTP
+layer answers with 400 (the sender may be another version, or not a node); what a peer answers
+is checked too before it reaches a client.
 """
 
 from __future__ import annotations
@@ -18,12 +20,27 @@ from typing import Any
 import numpy as np
 import orjson
 
+from aquila.cluster.model.bounds import (
+    MAX_COUNT,
+    MAX_DIGEST_BUCKETS,
+    MAX_NODE_ID_CHARS,
+    MAX_NPROBE,
+    MAX_QUERIES,
+    MAX_QUERY_RESULTS,
+    MAX_STREAM_LIMIT,
+    MAX_UID_CHARS,
+    MAX_VERSION,
+    BoundsError,
+    checked_int,
+    checked_list,
+    checked_str,
+)
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import BadRequest, NotFound, Unavailable
 from aquila.cluster.model.filters import parse_filter
 from aquila.cluster.model.hlc import HybridClock
-from aquila.cluster.model.operations import SearchRequest
-from aquila.cluster.model.spec import CollectionSpec
+from aquila.cluster.model.operations import MAX_ID_CHARS, MAX_K, SearchRequest, valid_id
+from aquila.cluster.model.spec import MAX_SHARDS, CollectionSpec, check_name
 from aquila.cluster.peers.client import (
     COLLECTION_PREFIX,
     STATE_PATH,
@@ -56,20 +73,47 @@ def encode_writes(by_shard: dict[int, list[Incoming]]) -> list[dict[str, Any]]:
     return out
 
 
-def decode_writes(raw: list[dict[str, Any]], dim: int) -> dict[int, list[Incoming]]:
+def decode_writes(
+    raw: Any, dim: int, shards: int = MAX_SHARDS
+) -> dict[int, list[Incoming]]:
+    """A write batch from a peer, every field checked (ValueError otherwise): shard numbers
+    below `shards`, valid ids, finite vectors of `dim`, metadata objects, versions and
+    writers within bounds."""
     by_shard: dict[int, list[Incoming]] = {}
-    for part in raw:
+    for part in checked_list(raw, MAX_SHARDS, "writes"):
+        if not isinstance(part, dict):
+            raise BoundsError("a write part is an object")
+        shard = checked_int(part.get("shard"), 0, shards - 1, "shard")
         docs = []
-        for d in part["docs"]:
+        for d in checked_list(part.get("docs"), 1 << 20, "docs"):
+            if not isinstance(d, dict) or not valid_id(d.get("id")):
+                raise BoundsError("a document has a string id of 1 to 256 characters")
+            version = checked_int(d.get("ver"), 0, MAX_VERSION, "version")
+            writer = checked_str(d.get("w"), MAX_NODE_ID_CHARS, "writer")
             vec = None
-            if d["v"] is not None:
-                vec = np.frombuffer(base64.b64decode(d["v"]), dtype="<f4")
+            if d.get("v") is not None:
+                vec = np.frombuffer(base64.b64decode(d["v"], validate=True), dtype="<f4")
                 if vec.shape != (dim,):
                     raise ValueError(f"vector of {d['id']!r} has the wrong dimension")
-            docs.append(Incoming(d["id"], vec, orjson.dumps(d["m"]) if vec is not None else b"",
-                                 int(d["ver"]), str(d["w"])))
-        by_shard[int(part["shard"])] = docs
+                if not np.isfinite(vec).all():
+                    raise ValueError(f"vector of {d['id']!r} is not finite")
+            docs.append(Incoming(d["id"], vec, _metadata(d) if vec is not None else b"",
+                                 version, writer))
+        by_shard[shard] = docs
     return by_shard
+
+
+def _metadata(d: dict[str, Any]) -> bytes:
+    """A document's metadata, re-encoded: an object, and (unlike what a client may send,
+    see MAX_METADATA_DEPTH) as deep as data stored by older versions may be, within what
+    JSON encoding allows."""
+    meta = d.get("m")
+    if not isinstance(meta, dict):
+        raise BoundsError(f"metadata of {d['id']!r} is not an object")
+    try:
+        return orjson.dumps(meta)
+    except orjson.JSONEncodeError as exc:  # nested beyond orjson's 255 levels
+        raise BoundsError(f"metadata of {d['id']!r}: {exc}") from None
 
 
 def encode_hits(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[list[list[Any]]]:
@@ -118,14 +162,32 @@ def encode_search(req: SearchRequest, shards: list[int]) -> dict[str, Any]:
     return {**body, "shards": shards}
 
 
-def decode_search(body: dict[str, Any], dim: int) -> tuple[SearchRequest, list[int]]:
-    vectors = np.frombuffer(base64.b64decode(body["vectors"]), dtype="<f4")
+def decode_search(body: dict[str, Any], spec: CollectionSpec) -> tuple[SearchRequest, list[int]]:
+    """A peer's search, every field checked against this node's spec of the collection."""
+    nq = checked_int(body.get("nq"), 1, MAX_QUERIES, "nq")
+    k = checked_int(body.get("k"), 1, MAX_K, "k")
+    if nq * k > MAX_QUERY_RESULTS:
+        raise BadRequest(f"nq × k must be at most {MAX_QUERY_RESULTS}")
+    raw = base64.b64decode(checked_str(body.get("vectors"), 4 * nq * spec.dim * 2, "vectors"),
+                           validate=True)
+    if len(raw) != 4 * nq * spec.dim:
+        raise BadRequest(f"vectors must hold {nq} × {spec.dim} float32 values")
+    q = np.frombuffer(raw, dtype="<f4").reshape(nq, spec.dim)
+    if not np.isfinite(q).all():
+        raise BadRequest("query vectors must be finite")
+    nprobe = body.get("nprobe")
+    if nprobe is not None:
+        nprobe = checked_int(nprobe, 1, MAX_NPROBE, "nprobe")
     include = body.get("include", ["metadata"])
+    if not isinstance(include, list) or not set(include) <= {"metadata", "vector"}:
+        raise BadRequest("'include' is a list of 'metadata' and 'vector'")
+    shards = [checked_int(s, 0, spec.shards - 1, "shard")
+              for s in checked_list(body.get("shards"), spec.shards, "shards")]
     flt = body.get("filter")
     req = SearchRequest(
-        vectors=vectors.reshape(int(body["nq"]), dim),
-        k=int(body["k"]),
-        nprobe=body.get("nprobe"),
+        vectors=q,
+        k=k,
+        nprobe=nprobe,
         filter=flt,
         predicate=parse_filter(flt),
         include_metadata="metadata" in include,
@@ -133,7 +195,7 @@ def decode_search(body: dict[str, Any], dim: int) -> tuple[SearchRequest, list[i
         allow_partial=True,
         timeout_ms=None,
     )
-    return req, [int(s) for s in body["shards"]]
+    return req, shards
 
 
 def encode_rows(rows: list[list[Hit]], req: SearchRequest) -> dict[str, Any]:
@@ -150,8 +212,12 @@ def encode_write_result(out: WriteResult) -> dict[str, Any]:
     return {"shards": {str(s): list(v) for s, v in out.items()}}
 
 
-def decode_write_result(raw: dict[str, Any]) -> WriteResult:
-    return {int(s): (int(v[0]), int(v[1])) for s, v in raw["shards"].items()}
+def decode_write_result(raw: dict[str, Any], shards: int) -> WriteResult:
+    """A replica's acknowledgement; its counts reach the client's answer, so they are bounded
+    like everything from a peer."""
+    return {checked_int(int(s), 0, shards - 1, "shard"):
+            (checked_int(v[0], 0, MAX_COUNT, "count"), checked_int(v[1], 0, MAX_COUNT, "count"))
+            for s, v in raw["shards"].items()}
 
 
 def encode_doc(hit: Hit | None) -> dict[str, Any]:
@@ -168,16 +234,28 @@ def encode_stats(stats: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {str(s): v for s, v in stats.items()}
 
 
-def decode_stats(raw: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    return {int(s): v for s, v in raw.items()}
+INDEX_STATES = ("buffering", "training", "trained")
+
+
+def decode_stats(raw: Any) -> dict[int, dict[str, Any]]:
+    """A peer's per-shard stats, checked (BoundsError otherwise): they reach the client."""
+    if not isinstance(raw, dict):
+        raise BoundsError("shard stats are an object")
+    out: dict[int, dict[str, Any]] = {}
+    for s, v in raw.items():
+        shard = checked_int(int(s), 0, MAX_SHARDS - 1, "shard")
+        if not isinstance(v, dict) or v.get("index_state") not in INDEX_STATES:
+            raise BoundsError("a shard's stats name its index_state")
+        out[shard] = {**v, "count": checked_int(v.get("count"), 0, MAX_COUNT, "count")}
+    return out
 
 
 def encode_page(shard: int, docs: list[Incoming], nxt: str | None) -> dict[str, Any]:
     return {"writes": encode_writes({shard: docs}), "next": nxt}
 
 
-def decode_records(raw: dict[str, Any], shard: int, dim: int) -> list[Incoming]:
-    return decode_writes(raw["writes"], dim).get(shard, [])
+def decode_records(raw: dict[str, Any], shard: int, spec: CollectionSpec) -> list[Incoming]:
+    return decode_writes(raw["writes"], spec.dim, spec.shards).get(shard, [])
 
 
 class RemoteReplica:
@@ -213,7 +291,7 @@ class RemoteReplica:
         self, spec: CollectionSpec, uid: str, by_shard: dict[int, list[Incoming]]
     ) -> WriteResult:
         raw = await self._ask("POST", spec.name, "write", encode_write(spec, uid, by_shard))
-        return decode_write_result(raw)
+        return decode_write_result(raw, spec.shards)
 
     async def get(self, spec: CollectionSpec, shard: int, doc_id: str) -> Hit | None:
         return decode_doc(await self._ask("POST", spec.name, "get", {"shard": shard, "id": doc_id}))
@@ -234,7 +312,7 @@ class RemoteReplica:
     ) -> tuple[list[Incoming], str | None]:
         raw = await self._object(spec.name, "stream",
                                  {"shard": shard, "after": after, "limit": limit})
-        return decode_records(raw, shard, spec.dim), raw["next"]
+        return decode_records(raw, shard, spec), raw["next"]
 
     async def digests(self, spec: CollectionSpec, shard: int, buckets: int) -> list[str]:
         raw = await self._object(spec.name, "digests", {"shard": shard, "buckets": buckets})
@@ -245,7 +323,7 @@ class RemoteReplica:
     ) -> list[Incoming]:
         raw = await self._object(spec.name, "buckets",
                                  {"shard": shard, "buckets": wanted, "of": buckets})
-        return decode_records(raw, shard, spec.dim)
+        return decode_records(raw, shard, spec)
 
     async def purge(self, spec: CollectionSpec, shard: int, before: int) -> int:
         raw = await self._object(spec.name, "purge", {"shard": shard, "before": before})
@@ -258,8 +336,10 @@ class RemoteReplica:
 
 
 class PeerService:
-    """The serving side of the internal routes (push-pull aside, which is gossip's): decodes
-    a peer's request, asks this node's replica, encodes the answer."""
+    """The serving side of the internal routes (push-pull aside, which is gossip's): checks
+    and decodes a peer's request against this node's own map (a peer's word is never taken
+    for a collection's settings or incarnation), asks this node's replica, encodes the
+    answer. A malformed field raises ValueError (BoundsError), KeyError or TypeError: 400."""
 
     def __init__(
         self, node_id: str, local: Replica, state: ClusterState,
@@ -271,11 +351,9 @@ class PeerService:
         self._merge = merge  # adopts entries into the cluster state (ClusterRuntime.merge)
         self.hlc = hlc
 
-    def spec_of(self, name: str, raw: object = None) -> CollectionSpec:
-        """The spec a request names (a write carries it: the target of a move may not know
-        the collection yet), else the one in this node's map."""
-        if isinstance(raw, dict):
-            return CollectionSpec.from_json(raw)
+    def _spec(self, name: str) -> CollectionSpec:
+        """The collection's spec in this node's own map."""
+        name = check_name(name)
         entry = self.state.get(name)
         if entry is None:
             raise NotFound(f"collection {name!r} does not exist")
@@ -283,59 +361,76 @@ class PeerService:
 
     def state_push(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, list):
-            raise ValueError("a state push is a list of entries")
+            raise BoundsError("cluster state is a list of entries")
         self._merge([CollectionEntry.from_json(d) for d in body])
         return {"epoch": self.state.epoch}
 
     async def write(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        spec = self.spec_of(name, body.get("spec"))
-        by_shard = decode_writes(body["writes"], spec.dim)
+        name = check_name(name)
+        # What the coordinator believes the collection is: only compared with this node's map.
+        expect_spec = None
+        if body.get("spec") is not None:
+            expect_spec = CollectionSpec.from_json(body["spec"])
+            if expect_spec.name != name:
+                raise BadRequest(f"the spec names {expect_spec.name!r}, the path {name!r}")
+        uid = body.get("uid")
+        expect_uid = None if uid is None else checked_str(uid, MAX_UID_CHARS, "uid")
+        entry = self.state.entry_for_write(name, expect_uid, expect_spec)
+        by_shard = decode_writes(body.get("writes"), entry.spec.dim, entry.spec.shards)
         for docs in by_shard.values():
             for d in docs:
                 self.hlc.observe(d.version)
-        out = await self.local.write(spec, str(body.get("uid", "")), by_shard)
-        return encode_write_result(out)
+        return encode_write_result(await self.local.write(entry.spec, entry.uid, by_shard))
 
     async def search(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        spec = self.spec_of(name)
-        req, shards = decode_search(body, spec.dim)
+        spec = self._spec(name)
+        req, shards = decode_search(body, spec)
         rows = await self.local.search(spec, req, shards, 0.0)
         return encode_rows(rows, req)
 
     async def get(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        spec = self.spec_of(name)
-        return encode_doc(await self.local.get(spec, int(body["shard"]), str(body["id"])))
+        spec = self._spec(name)
+        doc_id = body.get("id")
+        if not valid_id(doc_id):
+            raise BadRequest(f"'id' must be a string of 1 to {MAX_ID_CHARS} characters")
+        return encode_doc(await self.local.get(spec, _shard(body, spec), doc_id))
 
     async def stats(self, name: str) -> dict[str, Any]:
-        return encode_stats(await self.local.stats(name))
+        return encode_stats(await self.local.stats(check_name(name)))
 
     async def stream(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        spec = self.spec_of(name)
-        shard = int(body["shard"])
-        docs, nxt = await self.local.stream(spec, shard, body.get("after"),
-                                            int(body.get("limit", 1000)))
+        spec = self._spec(name)
+        shard = _shard(body, spec)
+        after = body.get("after")
+        if after is not None and not valid_id(after):
+            raise BadRequest("'after' is a document id or null")
+        limit = checked_int(body.get("limit", 1000), 1, MAX_STREAM_LIMIT, "limit")
+        docs, nxt = await self.local.stream(spec, shard, after, limit)
         return encode_page(shard, docs, nxt)
 
     async def digests(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        spec = self.spec_of(name)
-        out = await self.local.digests(spec, int(body["shard"]), int(body["buckets"]))
-        return {"digests": out}
+        spec = self._spec(name)
+        buckets = checked_int(body.get("buckets"), 1, MAX_DIGEST_BUCKETS, "buckets")
+        return {"digests": await self.local.digests(spec, _shard(body, spec), buckets)}
 
     async def buckets(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        spec = self.spec_of(name)
-        shard = int(body["shard"])
-        docs = await self.local.bucket_records(
-            spec, shard, [int(b) for b in body["buckets"]], int(body["of"])
-        )
+        spec = self._spec(name)
+        shard = _shard(body, spec)
+        of = checked_int(body.get("of"), 1, MAX_DIGEST_BUCKETS, "of")
+        wanted = [checked_int(b, 0, of - 1, "bucket")
+                  for b in checked_list(body.get("buckets"), of, "buckets")]
+        docs = await self.local.bucket_records(spec, shard, wanted, of)
         return {"writes": encode_writes({shard: docs})}
 
     async def purge(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        spec = self.spec_of(name)
-        n = await self.local.purge(spec, int(body["shard"]), int(body["before"]))
-        return {"purged": n}
+        spec = self._spec(name)
+        before = checked_int(body.get("before"), 0, MAX_VERSION, "before")
+        return {"purged": await self.local.purge(spec, _shard(body, spec), before)}
 
     async def drop_shard(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        await self.local.drop_shard(name, int(body["shard"]))
+        # The collection may be gone from the map already: bound by the largest shard count.
+        shard = checked_int(body.get("shard"), 0, MAX_SHARDS - 1, "shard")
+        await self.local.drop_shard(check_name(name), shard)
         return {"dropped": True}
 
     async def handle(self, method: str, path: str, body: Any) -> Any:
@@ -377,3 +472,7 @@ _OPS = {
 
 # The POST routes of replica operations (`collection_path(name, op)`); stats is a GET.
 COLLECTION_OPS = tuple(_OPS)
+
+
+def _shard(body: dict[str, Any], spec: CollectionSpec) -> int:
+    return checked_int(body.get("shard"), 0, spec.shards - 1, "shard")

@@ -30,8 +30,9 @@ class Replica(Protocol):
     async def write(
         self, spec: CollectionSpec, uid: str, by_shard: dict[int, list[Incoming]]
     ) -> WriteResult:
-        """Durable on return. Opens the shards of incarnation `uid` first (a move's target
-        learns of its new shard by its first write)."""
+        """Durable on return. Refused (Unavailable) unless this node's map has the
+        collection as `spec` and `uid` say; opens the shards the map gives the node first (a
+        move's target learns of its new shard by its first write)."""
         ...
 
     async def get(self, spec: CollectionSpec, shard: int, doc_id: str) -> Hit | None:
@@ -88,8 +89,17 @@ class LocalReplica:
     async def write(
         self, spec: CollectionSpec, uid: str, by_shard: dict[int, list[Incoming]]
     ) -> WriteResult:
-        await self.backend.ensure(spec, by_shard, uid)
-        return await self.backend.write(spec, by_shard)
+        # The same check a replica makes for a peer: the sender's entry may be older than
+        # this node's map by now, which alone decides settings and incarnation.
+        entry = self.state.entry_for_write(spec.name, uid, spec)
+        # Open the shards the map gives this node (a move's target takes the shard's writes
+        # before it has reconciled); others are not created here (writing to them fails
+        # unless they are still open: a move's source).
+        mine = set(entry.shards_of(self.node_id))
+        wanted = sorted(s for s in by_shard if s in mine)
+        if wanted:
+            await self.backend.ensure(entry.spec, wanted, entry.uid)
+        return await self.backend.write(entry.spec, by_shard)
 
     async def get(self, spec: CollectionSpec, shard: int, doc_id: str) -> Hit | None:
         return await self.backend.get(spec, shard, doc_id)

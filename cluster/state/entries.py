@@ -17,7 +17,17 @@ from typing import Any
 
 import orjson
 
-from aquila.cluster.model.errors import NotFound
+from aquila.cluster.model.bounds import (
+    MAX_EPOCH,
+    MAX_NODE_ID_CHARS,
+    MAX_REPLICAS_PER_SHARD,
+    MAX_UID_CHARS,
+    BoundsError,
+    checked_int,
+    checked_list,
+    checked_str,
+)
+from aquila.cluster.model.errors import BadRequest, NotFound, Unavailable
 from aquila.cluster.model.spec import CollectionSpec, check_name
 
 
@@ -84,21 +94,53 @@ class CollectionEntry:
         }
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> CollectionEntry:
-        moving = tuple(
-            Moving(m["from"], m["to"], float(m.get("progress", 0.0)), str(m.get("driver", "")))
-            if m else None
-            for m in d.get("moving", [])
+    def from_json(d: Any) -> CollectionEntry:
+        """An entry as `to_json` wrote it. Entries arrive from peers (gossip, push-pull, state
+        pushes): every field is checked, the spec as a PUT body is, and a BoundsError (a
+        ValueError) says what is wrong."""
+        if not isinstance(d, dict):
+            raise BoundsError("a cluster-state entry is an object")
+        try:
+            spec = CollectionSpec.from_json(d.get("spec"))
+        except BadRequest as exc:
+            raise BoundsError(exc.message) from None
+        replicas = tuple(
+            tuple(_node_id(n) for n in checked_list(r, MAX_REPLICAS_PER_SHARD, "replicas"))
+            for r in checked_list(d.get("replicas"), spec.shards, "replicas")
         )
+        deleted = d.get("deleted", False)
+        if not isinstance(deleted, bool):
+            raise BoundsError("'deleted' must be a boolean")
         return CollectionEntry(
-            CollectionSpec.from_json(d["spec"]),
-            tuple(tuple(r) for r in d["replicas"]),
-            int(d["epoch"]),
-            str(d["origin"]),
-            bool(d.get("deleted", False)),
-            moving,
-            str(d.get("uid", "")),
+            spec,
+            replicas,
+            checked_int(d.get("epoch"), 0, MAX_EPOCH, "epoch"),
+            _node_id(d.get("origin")),
+            deleted,
+            tuple(_move(m) for m in checked_list(d.get("moving", []), spec.shards, "moving")),
+            checked_str(d.get("uid", ""), MAX_UID_CHARS, "uid"),
         )
+
+
+def _node_id(v: Any) -> str:
+    return checked_str(v, MAX_NODE_ID_CHARS, "node id", min_chars=1)
+
+
+def _move(m: Any) -> Moving | None:
+    if m is None:
+        return None
+    if not isinstance(m, dict):
+        raise BoundsError("a move is an object or null")
+    progress = m.get("progress", 0.0)
+    if isinstance(progress, bool) or not isinstance(progress, int | float) \
+            or not 0.0 <= progress <= 1.0:
+        raise BoundsError("a move's progress is a number from 0 to 1")
+    return Moving(
+        None if m.get("from") is None else _node_id(m.get("from")),
+        _node_id(m.get("to")),
+        float(progress),
+        checked_str(m.get("driver", ""), MAX_NODE_ID_CHARS, "driver"),
+    )
 
 
 @dataclass
@@ -123,6 +165,26 @@ class ClusterState:
             raise NotFound(f"collection {name!r} does not exist")
         return e
 
+    def entry_for_write(
+        self, name: str, expect_uid: str | None = None, expect_spec: CollectionSpec | None = None
+    ) -> CollectionEntry:
+        """The entry a write to collection `name` applies to: this node's own map decides
+        its settings and incarnation, never the sender. A sender that believes in another
+        incarnation (a coordinator that missed a delete-and-recreate, a replayed request) or
+        names a collection this map does not know (yet) gets a transient error and changes
+        nothing; the coordinator hands the write off and retries once the maps agree."""
+        entry = self.get(name)
+        if entry is None:
+            raise Unavailable(f"collection {name!r} is not in this node's cluster map (yet)")
+        if (expect_uid is not None and expect_uid != entry.uid) or (
+            expect_spec is not None and expect_spec != entry.spec
+        ):
+            raise Unavailable(
+                f"the write is for another incarnation of {name!r} than this node's map has "
+                f"(epoch {entry.epoch}); the maps have not converged yet"
+            )
+        return entry
+
     def merge(self, entries: Iterable[CollectionEntry]) -> list[CollectionEntry]:
         """Keep the newer of ours and theirs per collection; returns the entries that won."""
         changed = []
@@ -135,6 +197,8 @@ class ClusterState:
 
     def next_entry(self, entry: CollectionEntry, origin: str, **changes: Any) -> CollectionEntry:
         """A new version of `entry` made by `origin`, ordered after everything seen so far."""
+        if self.epoch >= MAX_EPOCH:  # unreachable by counting; refused rather than wrapped
+            raise BoundsError(f"the cluster-state epoch has reached its maximum {MAX_EPOCH}")
         return replace(entry, epoch=self.epoch + 1, origin=origin, **changes)
 
     def encode(self) -> bytes:
@@ -142,4 +206,8 @@ class ClusterState:
 
     @staticmethod
     def decode_entries(raw: bytes) -> list[CollectionEntry]:
-        return [CollectionEntry.from_json(d) for d in orjson.loads(raw)]
+        """Entries from a peer (ValueError when any is malformed or out of bounds)."""
+        entries = orjson.loads(raw)
+        if not isinstance(entries, list):
+            raise BoundsError("cluster state is a list of entries")
+        return [CollectionEntry.from_json(d) for d in entries]

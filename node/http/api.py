@@ -10,12 +10,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from aquila.cluster.model.bounds import depth_exceeds
 from aquila.cluster.model.errors import AquilaError, BadRequest, PayloadTooLarge
 from aquila.cluster.model.spec import parse_spec
 from aquila.node.http.access import check_access
+from aquila.node.http.body import read_body
 from aquila.node.http.fastparse import parse_documents_fast
 from aquila.node.http.openapi import openapi_document
 from aquila.node.http.parse import (
+    MAX_BODY_DEPTH,
     check_id,
     compact_size,
     loads_overflowing,
@@ -111,8 +114,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 _DECODE_ON_THREAD_BYTES = 16 * 1024 * 1024
 
 
-async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
+async def read_raw(request: web.Request) -> bytes:
+    """The body as sent, decompressed and within the wire limit (see node/http/body.py)."""
+    return await read_body(request, request.app[CONFIG].max_wire_bytes)
+
+
+async def read_json(request: web.Request, raw: bytes | None = None) -> Any:
+    """The JSON body (`raw`: the body when the handler has read it already)."""
+    if raw is None:
+        raw = await read_raw(request)
     if not raw:
         raise BadRequest("a JSON body is required")
     limit = request.app[CONFIG].max_body_bytes
@@ -134,6 +144,8 @@ def decode_body(raw: bytes, limit: int) -> Any:
             except ValueError:
                 pass
         raise BadRequest(f"malformed JSON: {exc}") from None
+    if len(raw) > limit and depth_exceeds(body, MAX_BODY_DEPTH):  # compact_size recurses
+        raise BadRequest(f"body nested deeper than {MAX_BODY_DEPTH} levels")
     if len(raw) > limit and compact_size(body) > limit:
         raise PayloadTooLarge(
             f"body exceeds the limit of {limit} bytes (vectors counted at float32 precision)"
@@ -172,7 +184,7 @@ async def upsert(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     entry = service.collections.entry(request.match_info["name"])
     dim = entry.spec.dim
-    raw = await request.read()
+    raw = await read_raw(request)
     batch = None
     if raw and len(raw) <= request.app[CONFIG].max_body_bytes:
         # The fast path takes well-formed batches; anything else gets the general one.
@@ -181,7 +193,7 @@ async def upsert(request: web.Request) -> web.Response:
         else:
             batch = parse_documents_fast(raw, dim)
     if batch is None:
-        body = await read_json(request)
+        body = await read_json(request, raw)
         docs = body.get("documents") if isinstance(body, dict) else None
         if isinstance(docs, list) and len(docs) > _VALIDATE_ON_THREAD_DOCS:
             batch = await request.app[BLOCKING].parse(parse_documents, body, dim)

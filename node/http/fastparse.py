@@ -12,10 +12,11 @@ from __future__ import annotations
 import uuid
 
 import numpy as np
+import orjson
 import simdjson
 
-from aquila.cluster.model.operations import CONSISTENCY, DocBatch
-from aquila.node.http.parse import valid_id
+from aquila.cluster.model.bounds import MAX_METADATA_DEPTH, depth_exceeds
+from aquila.cluster.model.operations import CONSISTENCY, DocBatch, valid_id
 
 _DOC_FIELDS = frozenset(("id", "vector", "metadata"))
 _BODY_FIELDS = frozenset(("documents", "consistency"))
@@ -58,7 +59,10 @@ def parse_documents_fast(raw: bytes, dim: int) -> DocBatch | None:
             if meta is None:
                 metas.append(b"{}")
             elif isinstance(meta, simdjson.Object):
-                metas.append(_mini(meta))
+                mini = _mini(meta)
+                if _may_be_too_deep(mini):
+                    return None
+                metas.append(mini)
             else:
                 return None
             ids.append(doc_id)
@@ -67,6 +71,15 @@ def parse_documents_fast(raw: bytes, dim: int) -> DocBatch | None:
     if not np.isfinite(vectors).all():
         return None
     return DocBatch(ids, vectors, metas, str(consistency))
+
+
+def _may_be_too_deep(mini: bytes) -> bool:
+    """Metadata that may nest deeper than allowed: left to the general path, which says so.
+    Counting brackets (in strings too) is a cheap upper bound of the depth; only metadata
+    with more than the limit's worth of them is decoded and measured."""
+    if mini.count(b"{") + mini.count(b"[") <= MAX_METADATA_DEPTH:
+        return False
+    return depth_exceeds(orjson.loads(mini), MAX_METADATA_DEPTH)
 
 
 def _mini(node: simdjson.Object | simdjson.Array) -> bytes:

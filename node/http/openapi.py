@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from aquila.cluster.model.bounds import (
+    MAX_DELETE_IDS,
+    MAX_FILTER_CONDITIONS,
+    MAX_FILTER_IN_VALUES,
+    MAX_METADATA_DEPTH,
+    MAX_NPROBE,
+    MAX_QUERIES,
+    MAX_QUERY_RESULTS,
+    MAX_SEEDS,
+    MAX_TIMEOUT_MS,
+)
 from aquila.cluster.model.errors import ERRORS_BY_CODE
 
 _ERR = {"$ref": "#/components/schemas/Error"}
@@ -127,7 +138,10 @@ _SCHEMAS: dict[str, Any] = {
                             "description": "a UUID is generated when absent",
                         },
                         "vector": _VEC,
-                        "metadata": {"type": "object"},
+                        "metadata": {
+                            "type": "object",
+                            "description": f"nested at most {MAX_METADATA_DEPTH} levels deep",
+                        },
                     },
                 },
             },
@@ -142,20 +156,26 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "vector": _VEC,
-            "vectors": {"type": "array", "items": _VEC},
+            "vectors": {
+                "type": "array",
+                "items": _VEC,
+                "maxItems": MAX_QUERIES,
+                "description": f"queries × k at most {MAX_QUERY_RESULTS}",
+            },
             "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
-            "nprobe": {"type": "integer", "minimum": 1},
+            "nprobe": {"type": "integer", "minimum": 1, "maximum": MAX_NPROBE},
             "filter": {
                 "type": "object",
                 "description": "{must, should, must_not}: lists of {key, match | in | range}; the k best "
-                "matching documents are returned",
+                f"matching documents are returned. At most {MAX_FILTER_CONDITIONS} conditions in "
+                f"all, and {MAX_FILTER_IN_VALUES} values in one `in`",
             },
             "include": {
                 "type": "array",
                 "items": {"type": "string", "enum": ["metadata", "vector"]},
             },
             "allow_partial": {"type": "boolean", "default": True},
-            "timeout_ms": {"type": "integer", "minimum": 1},
+            "timeout_ms": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_MS},
         },
     },
     "SearchResult": {
@@ -258,7 +278,7 @@ def openapi_document() -> dict[str, Any]:
             },
             c + "/documents/delete": {
                 "post": {
-                    "summary": "Delete a batch of ids",
+                    "summary": f"Delete a batch of ids (at most {MAX_DELETE_IDS})",
                     "parameters": [_NAME],
                     "responses": {"200": _resp("{deleted: n}"), **_errors(400, 401, 404, 503)},
                 }
@@ -310,7 +330,12 @@ def openapi_document() -> dict[str, Any]:
                         "content": {"application/json": {"schema": {
                             "type": "object",
                             "required": ["seeds"],
-                            "properties": {"seeds": {"type": "array", "items": {"type": "string"}}},
+                            "properties": {"seeds": {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": MAX_SEEDS,
+                                "items": {"type": "string", "description": "host:port"},
+                            }},
                         }}},
                     },
                     "responses": {"200": _resp("joined"), **_errors(400, 503)},

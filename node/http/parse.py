@@ -10,17 +10,34 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from typing import Any, TypeGuard
+from typing import Any
 
 import numpy as np
 import orjson
 
+from aquila.cluster.model.bounds import (
+    MAX_DELETE_IDS,
+    MAX_METADATA_DEPTH,
+    MAX_NPROBE,
+    MAX_QUERIES,
+    MAX_QUERY_RESULTS,
+    MAX_TIMEOUT_MS,
+    depth_exceeds,
+)
 from aquila.cluster.model.errors import BadRequest, DimensionMismatch, InvalidVector
 from aquila.cluster.model.filters import parse_filter
-from aquila.cluster.model.operations import CONSISTENCY, DocBatch, SearchRequest
+from aquila.cluster.model.operations import (
+    CONSISTENCY,
+    MAX_ID_CHARS,
+    MAX_K,
+    DocBatch,
+    SearchRequest,
+    valid_id,
+)
 
-MAX_ID_CHARS = 256
-MAX_K = 1000
+# Nesting of a whole request body: documents and their metadata, with room to spare. Deeper
+# bodies are refused before any code walks them recursively.
+MAX_BODY_DEPTH = MAX_METADATA_DEPTH + 8
 
 
 _NUMBER_TYPES = frozenset((int, float))
@@ -70,7 +87,12 @@ def loads_overflowing(raw: bytes) -> Any:
     that stands for ±Inf. Such a number inside a vector becomes ±inf, so validation answers
     `invalid_vector`; anywhere else it is a `bad_request`. Raises ValueError when the body is
     malformed for other reasons too."""
-    body = json.loads(raw, parse_constant=_no_constant)
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    if depth_exceeds(body, MAX_BODY_DEPTH):  # the checks below recurse
+        raise ValueError("nested too deep")
     try:
         orjson.dumps(body)  # what orjson cannot represent (lone surrogates) stays malformed
     except orjson.JSONEncodeError as exc:
@@ -140,6 +162,10 @@ def parse_documents(body: Any, dim: int) -> DocBatch:
             meta = {}
         if not isinstance(meta, dict):
             raise BadRequest(f"{where}: 'metadata' must be a JSON object")
+        if depth_exceeds(meta, MAX_METADATA_DEPTH):
+            raise BadRequest(
+                f"{where}: 'metadata' is nested too deep (at most {MAX_METADATA_DEPTH} levels)"
+            )
         if "vector" not in d:
             raise BadRequest(f"{where}: 'vector' is required")
         v = d["vector"]
@@ -157,15 +183,12 @@ def parse_ids(body: Any) -> list[str]:
     if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
         raise BadRequest("body must be an object with a list 'ids'")
     ids = body["ids"]
+    if len(ids) > MAX_DELETE_IDS:
+        raise BadRequest(f"at most {MAX_DELETE_IDS} ids in one delete, got {len(ids)}")
     for i, doc_id in enumerate(ids):
         if not valid_id(doc_id):
             raise BadRequest(f"ids[{i}]: an id is a string of 1 to {MAX_ID_CHARS} characters")
     return list(dict.fromkeys(ids))
-
-
-def valid_id(doc_id: Any) -> TypeGuard[str]:
-    """A document id: a string of 1 to MAX_ID_CHARS characters."""
-    return isinstance(doc_id, str) and 1 <= len(doc_id) <= MAX_ID_CHARS
 
 
 def check_id(doc_id: str) -> str:
@@ -191,6 +214,8 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
         vectors = _vector_rows([body["vector"]], dim, "vector")
     else:
         raw = body["vectors"]
+        if isinstance(raw, list) and len(raw) > MAX_QUERIES:
+            raise BadRequest(f"at most {MAX_QUERIES} query vectors, got {len(raw)}")
         if isinstance(raw, list):
             for i, v in enumerate(raw):
                 if not isinstance(v, list) or len(v) != dim:
@@ -199,11 +224,15 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
     k = body.get("k", 10)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise BadRequest(f"'k' must be an integer from 1 to {MAX_K}")
+    if len(vectors) * k > MAX_QUERY_RESULTS:
+        raise BadRequest(
+            f"queries × k must be at most {MAX_QUERY_RESULTS}, got {len(vectors)} × {k}"
+        )
     nprobe = body.get("nprobe")
     if nprobe is not None and (
-        isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1
+        isinstance(nprobe, bool) or not isinstance(nprobe, int) or not 1 <= nprobe <= MAX_NPROBE
     ):
-        raise BadRequest("'nprobe' must be a positive integer")
+        raise BadRequest(f"'nprobe' must be an integer from 1 to {MAX_NPROBE}")
     include = body.get("include", ["metadata"])
     if not isinstance(include, list) or set(include) - {"metadata", "vector"}:
         raise BadRequest("'include' is a list of 'metadata' and 'vector'")
@@ -212,9 +241,10 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
         raise BadRequest("'allow_partial' must be a boolean")
     timeout_ms = body.get("timeout_ms")
     if timeout_ms is not None and (
-        isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms < 1
+        isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int)
+        or not 1 <= timeout_ms <= MAX_TIMEOUT_MS
     ):
-        raise BadRequest("'timeout_ms' must be a positive integer")
+        raise BadRequest(f"'timeout_ms' must be an integer from 1 to {MAX_TIMEOUT_MS}")
     flt = body.get("filter")
     return SearchRequest(
         vectors=vectors,

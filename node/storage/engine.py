@@ -37,6 +37,7 @@ from aquila.cluster.model.spec import NAME_RE, CollectionSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import fsync_dir, remove_stale_temps, write_atomic
 from aquila.node.storage.collection import SPEC_FILE, Collection, Tuning, meta_bytes
+from aquila.node.storage.paths import collection_dir
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Engine:
         except (OSError, ValueError, KeyError, TypeError):
             name = None
         if isinstance(name, str) and NAME_RE.fullmatch(name):
-            final = self.root / name
+            final = self.root / name  # a plain name: a direct child of the root
             if not os.path.lexists(final):
                 log.info("finishing the interrupted creation of %s", name)
                 os.rename(staged, final)
@@ -136,7 +137,8 @@ class Engine:
         _remove(staged)
 
     def _new(self, spec: CollectionSpec) -> Collection:
-        return Collection(spec, self.root / spec.name, self.blocking, self.tuning, self.fsync)
+        root = collection_dir(self.root, spec.name)
+        return Collection(spec, root, self.blocking, self.tuning, self.fsync)
 
     def get(self, name: str) -> Collection:
         coll = self.collections.get(name)
@@ -189,7 +191,7 @@ class Engine:
         """Put the staged folder in place of the old incarnation's (if any): the old one
         renamed away first (at start a staged folder without a collection folder is rolled
         forward), then the staged one renamed into place; the old one then removed."""
-        final = self.root / name
+        final = collection_dir(self.root, name)
         trash: Path | None = None
         if os.path.lexists(final):
             if replacing:

@@ -1,0 +1,113 @@
+"""Bounds on everything that arrives from the network, in one place.
+
+Nothing a client or a peer sends is trusted to be small, well typed or sane: every number is
+checked to be an integer (a float such as `1e300` is not one) within a named range before it
+is used, every string and list has a length limit, and every nesting a depth limit. The
+ranges leave room for what the node itself derives from them: an incarnation one above an
+accusation, an epoch one above the highest seen, versions from a clock that has observed the
+highest accepted version; all of them stay encodable by orjson (below 2^64) and by the
+store's 64-bit fields.
+
+The checked helpers raise `BoundsError`, a ValueError: the gossip decoder turns it into a
+DecodeError, the peer routes into a 400, the cluster-state decoder into an ignored update.
+Limits of the public API are answered as 400 `bad_request` by the request parsers, which
+take their numbers from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# --- numbers peers send ---------------------------------------------------------------------
+
+# Gossip incarnations. Accusations (suspect, dead) must stay below the maximum so that the
+# accused can always refute with one more, and that refutation still decodes everywhere.
+MAX_INCARNATION = 2**62
+# Cluster-state epochs: every change takes the highest seen + 1.
+MAX_EPOCH = 2**62
+# Document versions (hybrid logical clock: Unix milliseconds << 16). Stored as unsigned 64
+# bits; the clock itself never adopts one above MAX_OBSERVED_VERSION (the year 4199), so the
+# versions this node issues stay far from the top however far ahead a peer claims to be.
+MAX_VERSION = 2**63 - 1
+MAX_OBSERVED_VERSION = 2**62
+# Document counts a peer reports (a shard's count, documents written or deleted).
+MAX_COUNT = 2**53
+# Probe sequence numbers: ours count up from 1; anything the size of an int64 is fine.
+MAX_SEQ = 2**62
+
+# --- sizes of what peers send ---------------------------------------------------------------
+
+MAX_NODE_ID_CHARS = 128
+MAX_ADDR_CHARS = 300  # a 253-character host name, brackets, colon and port
+MAX_UID_CHARS = 64
+# Members in one push-pull, parts in one compound packet.
+MAX_MEMBERS = 4096
+MAX_COMPOUND_PARTS = 256
+# Replicas listed for one shard in the map (replication is at most 16; a move adds one).
+MAX_REPLICAS_PER_SHARD = 64
+# A peer's request for a page of a shard (transfers ask for 1,000).
+MAX_STREAM_LIMIT = 10_000
+# Hash buckets of an anti-entropy digest (256 in use).
+MAX_DIGEST_BUCKETS = 4096
+
+# --- the public API (400 bad_request beyond) --------------------------------------------------
+
+MAX_QUERIES = 1000  # query vectors in one search
+MAX_QUERY_RESULTS = 100_000  # queries × k in one search
+MAX_FILTER_CONDITIONS = 100  # conditions of a filter, must + should + must_not
+MAX_FILTER_IN_VALUES = 1000  # values of one `in` condition
+MAX_DELETE_IDS = 10_000  # ids in one delete
+MAX_SEEDS = 32  # seeds of one join (and of --seeds)
+MAX_TIMEOUT_MS = 600_000  # a search's timeout_ms
+MAX_NPROBE = 1 << 20
+# Nesting of a document's metadata: {"a": {"b": 1}} has depth 2, {} depth 1.
+MAX_METADATA_DEPTH = 32
+
+
+class BoundsError(ValueError):
+    """A value from the network outside its type or range."""
+
+
+def checked_int(value: Any, lo: int, hi: int, what: str) -> int:
+    """`value` if it is an integer (not a bool, not a float) from `lo` to `hi`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BoundsError(f"{what} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise BoundsError(f"{what} must be from {lo} to {hi}")
+    return value
+
+
+def checked_str(value: Any, max_chars: int, what: str, *, min_chars: int = 0) -> str:
+    """`value` if it is a string of `min_chars` to `max_chars` characters."""
+    if not isinstance(value, str):
+        raise BoundsError(f"{what} must be a string, got {type(value).__name__}")
+    if not min_chars <= len(value) <= max_chars:
+        raise BoundsError(f"{what} must have {min_chars} to {max_chars} characters")
+    return value
+
+
+def checked_list(value: Any, max_len: int, what: str) -> list[Any]:
+    """`value` if it is a list of at most `max_len` items."""
+    if not isinstance(value, list):
+        raise BoundsError(f"{what} must be a list, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise BoundsError(f"{what} may hold at most {max_len} items, got {len(value)}")
+    return value
+
+
+def depth_exceeds(value: Any, limit: int) -> bool:
+    """Does `value` (decoded JSON) nest objects and arrays more than `limit` deep? Iterative,
+    so that no nesting, however deep, reaches Python's recursion limit."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children: Any = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False

@@ -1,0 +1,97 @@
+"""node/http/body.py: a body's limit applies to its decompressed size, counted as it inflates."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aquila.cluster.model.errors import BadRequest, PayloadTooLarge
+from aquila.node.http.body import read_body
+
+PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)
+
+
+class Chunks:
+    """A request's content, delivered in pieces; counts the pieces that were asked for."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data = data
+        self.size = size
+        self.pulled = 0
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for i in range(0, len(self.data), self.size):
+            self.pulled += 1
+            yield self.data[i : i + self.size]
+
+
+def request(data: bytes, encoding: str | None, size: int = 16384) -> tuple[web.Request, Chunks]:
+    content = Chunks(data, size)
+    headers = {"Content-Encoding": encoding} if encoding else {}
+    return cast(web.Request, SimpleNamespace(headers=headers, content=content)), content
+
+
+def pack(data: bytes, encoding: str) -> bytes:
+    if encoding == "gzip":
+        return zlib.compress(data, wbits=31)
+    if encoding == "deflate":
+        return zlib.compress(data)
+    return data
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_a_bomb_is_refused_after_inflating_just_past_the_limit() -> None:
+    """64 MiB of zeros in 64 KiB of gzip: refused within the first piece of input, having
+    inflated at most one step (1 MiB) past the limit, never the whole."""
+    packer = zlib.compressobj(9, wbits=31)
+    packed = b"".join([packer.compress(bytes(1 << 20)) for _ in range(64)] + [packer.flush()])
+    assert len(packed) < 128 * 1024
+    req, content = request(packed, "gzip", size=4096)
+    with pytest.raises(PayloadTooLarge):
+        run(read_body(req, 100_000))
+    assert content.pulled <= 2, content.pulled  # the rest of the body was never read
+    assert content.pulled < len(packed) // 4096
+
+
+@PROPERTY
+@given(
+    data=st.binary(max_size=5000) | st.integers(0, 20_000).map(lambda n: b"a" * n),
+    encoding=st.sampled_from([None, "identity", "gzip", "x-gzip", "deflate"]),
+    limit=st.integers(1, 12_000),
+    size=st.integers(1, 3000),
+)
+def test_the_body_or_413_exactly_at_the_limit(data: bytes, encoding: str | None, limit: int,
+                                             size: int) -> None:
+    wire = pack(data, "gzip" if encoding == "x-gzip" else encoding or "identity")
+    req, _ = request(wire, encoding, size)
+    if len(data) > limit:
+        with pytest.raises(PayloadTooLarge):
+            run(read_body(req, limit))
+    else:
+        assert run(read_body(req, limit)) == data
+
+
+@pytest.mark.parametrize(("encoding", "wire"), [
+    ("gzip", b"not gzip"),
+    ("gzip", zlib.compress(b"{}" * 100, wbits=31)[:-3]),
+    ("gzip", zlib.compress(b"{}", wbits=31) + b"x"),
+    ("deflate", b"\x78\x9c\x00\x00"),
+    ("br", b"{}"),
+    ("gzip, gzip", b"{}"),
+    ("zstd", b"{}"),
+])
+def test_what_does_not_decompress_is_400(encoding: str, wire: bytes) -> None:
+    req, _ = request(wire, encoding)
+    with pytest.raises(BadRequest):
+        run(read_body(req, 1 << 20))
