@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from aquila.cluster.clock import Clock
+from aquila.cluster.clock import Clock, SystemClock
 from aquila.cluster.membership.transport import Transport
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.peers.client import PeerClient
@@ -57,6 +57,7 @@ def make_app(
     # Bodies are decompressed by node/http/body.py, which counts the limit as it inflates.
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_wire_bytes,
                           handler_args={"auto_decompress": False})
+    clock = clock or SystemClock()
     app[CONFIG] = config
     app.cleanup_ctx.append(functools.partial(_storage, clock=clock, transport=transport,
                                              peers=peers))
@@ -64,7 +65,7 @@ def make_app(
     app[READY] = asyncio.Event()
     add_public_routes(app)
     add_cluster_routes(app)
-    add_internal_routes(app)
+    add_internal_routes(app, clock)
     return app
 
 
@@ -94,7 +95,7 @@ async def _join_then_ready(app: web.Application, cluster: ClusterNode) -> None:
 async def _storage(
     app: web.Application,
     *,
-    clock: Clock | None,
+    clock: Clock,
     transport: Transport | None,
     peers: PeerClient | None,
 ) -> AsyncIterator[None]:

@@ -102,8 +102,9 @@ class ClusterNode:
         initial = ClusterState()
         if state_path.exists():
             initial.merge(ClusterState.decode_entries(state_path.read_bytes()))
+        clock = clock or SystemClock()
         own = None if peers is not None else Peers(config.peer_secret, config.peer_timeout_s,
-                                                   sender=node_id)
+                                                   sender=node_id, wall=clock.wall)
         client: PeerClient = peers if peers is not None else own  # type: ignore[assignment]
         service = ClusterService.build(
             node_id,
@@ -113,7 +114,7 @@ class ClusterNode:
             client,
             transport or UdpTransport(config.host, config.port),
             HttpPushPull(client),
-            clock or SystemClock(),
+            clock,
             rng=random.Random(),
             settings=cluster_settings(config),
             initial=initial,

@@ -4,6 +4,8 @@ method, path, body and time, which the receiving node checks before anything els
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -22,8 +24,10 @@ MAX_ANSWER_BYTES = 1 << 30
 
 class Peers:
     def __init__(self, secret: str | None, timeout_s: float = 10.0, *, sender: str,
-                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
-        self._signer = PeerSigner(secret, sender)
+                 max_answer_bytes: int = MAX_ANSWER_BYTES,
+                 wall: Callable[[], float] = time.time) -> None:
+        # `wall`: the clock's wall time, which signatures carry (peers check freshness).
+        self._signer = PeerSigner(secret, sender, wall)
         self._timeout_s = timeout_s
         self._max_answer = max_answer_bytes
         self._session: aiohttp.ClientSession | None = None

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from aquila.cluster.clock import Clock
 from aquila.cluster.membership.gossip import GossipError
 from aquila.cluster.membership.messages import AuthError, DecodeError
 from aquila.cluster.model.errors import BadRequest, Unauthorized, Unavailable
@@ -107,8 +108,9 @@ def _collection_op(op: str) -> Handler:
     return handler
 
 
-def add_internal_routes(app: web.Application) -> None:
-    verifier = PeerVerifier(app[CONFIG].peer_secret)  # one replay memory per node
+def add_internal_routes(app: web.Application, clock: Clock) -> None:
+    # One replay memory per node; freshness is judged by the node's clock.
+    verifier = PeerVerifier(app[CONFIG].peer_secret, clock.wall)
     c = "/internal/v1/collections/{name}"
     routes: list[tuple[str, str, Handler]] = [
         ("POST", "/internal/v1/pushpull", push_pull),
