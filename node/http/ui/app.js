@@ -295,9 +295,21 @@ async function search(collection, id, k) {
   return { ...res, hits };
 }
 
-function metadataText(meta) {
-  const text = JSON.stringify(meta === undefined ? {} : meta);
-  return text.length > 600 ? text.slice(0, 600) + "…" : text;
+// Metadata as "key value" pairs (nested values as JSON), shortened; the whole object stays in
+// the cell's data-meta attribute.
+function metadataCell(meta) {
+  const obj = meta && typeof meta === "object" && !Array.isArray(meta) ? meta : {};
+  const cell = h("td", { class: "meta", "data-meta": JSON.stringify(meta === undefined ? {} : meta) });
+  const keys = Object.keys(obj);
+  for (const key of keys.slice(0, 8)) {
+    const v = obj[key];
+    let text = typeof v === "string" ? v : JSON.stringify(v);
+    if (text.length > 300) text = text.slice(0, 300) + "…";
+    cell.append(h("span", { class: "pair" }, h("span", { class: "mk", text: key }), h("span", { class: "mv", text })));
+  }
+  if (keys.length > 8) cell.append(h("span", { class: "dim", text: `… ${keys.length - 8} more` }));
+  if (!keys.length) cell.append(h("span", { class: "dim", text: "no metadata" }));
+  return cell;
 }
 
 async function runSearch(ev) {
@@ -319,7 +331,7 @@ async function runSearch(ev) {
         h("td", { class: "num dim", text: i + 1 }),
         h("td", {}, link),
         h("td", { class: "num score", text: hit.score.toFixed(4) }),
-        h("td", { class: "meta", text: metadataText(hit.metadata) }));
+        metadataCell(hit.metadata));
     });
     table.querySelector("tbody").replaceChildren(...rows);
     table.hidden = rows.length === 0;
