@@ -4,10 +4,12 @@ the dashboard's files and the OpenAPI description's security and strictness."""
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import io
 import json
 import logging
 import re
+import tomllib
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +21,7 @@ from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import Unavailable
 from aquila.node import logs
 from aquila.node.config import NodeConfig
-from aquila.node.http.dashboard import CSP, UI_DIR
+from aquila.node.http.dashboard import CSP, FILES, UI_DIR
 from aquila.node.http.openapi import openapi_document
 from tests.conftest import Node, StartNode, expect_error, ok_json, wait_for
 
@@ -229,6 +231,16 @@ def test_dashboard_files_run_under_the_policy() -> None:
         assert "@import" not in text
     assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "eval(" not in js
     assert "sessionStorage" in js and "localStorage" not in js  # the key: this tab only
+
+
+def test_dashboard_files_ship_with_the_package() -> None:
+    """`pip install .` must carry every file of the page (package data, not code)."""
+    conf = tomllib.loads((UI_DIR.parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "aquila.node.http.ui" in conf["packages"]
+    patterns = conf["package-data"]["aquila.node.http.ui"]
+    files = sorted(p.name for p in UI_DIR.iterdir())
+    assert files == sorted(FILES) == ["app.js", "index.html", "style.css"]
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
 
 
 async def test_dashboard_key_travels_only_as_a_bearer_header() -> None:
