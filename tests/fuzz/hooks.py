@@ -2,8 +2,9 @@
 SCHEMATHESIS_HOOKS: they steer generated requests towards stored data.
 
 - Generated collection names rarely exist: half of the requests on documents and searches
-  are sent to a collection known to exist instead (the one the test filled, "docs", and those
-  the run created), never to the one the test guards, which no request may name.
+  (all of them in the stateful phase) are sent to a collection known to exist instead (the
+  one the test filled, "docs", and those the run created), never to the one the test
+  guards, which no request may name.
 - Generated vectors rarely have the collection's dim: lists of numbers sent to a known
   collection are cycled or cut to its dim, so they reach the store and the index.
 
@@ -42,16 +43,23 @@ def _fit_body(body: dict[str, Any], dim: int) -> dict[str, Any]:
     return out
 
 
+def _phase(case: Any) -> str:
+    phase = getattr(getattr(case, "meta", None), "phase", None)
+    return str(getattr(phase, "name", ""))
+
+
 def _retarget(case: Any) -> None:
     """Every other request on documents or searches goes to a known collection (chosen by
-    a checksum of the case, so that a run is repeatable from its seed)."""
+    a checksum of the case, so that a run is repeatable from its seed); in the stateful
+    phase every one, since its scenarios start from an upsert (a POST) and follow the links
+    from the documents it wrote."""
     params = case.path_parameters or {}
     if "name" not in params or params["name"] in DIMS:
         return
     if not any(part in case.operation.path for part in DATA_PATHS):
         return
     pick = zlib.crc32(repr((case.method, params, case.body)).encode())
-    if pick % 2:
+    if pick % 2 or _phase(case) == "stateful":
         names = sorted(DIMS)
         case.path_parameters = {**params, "name": names[(pick // 2) % len(names)]}
 
