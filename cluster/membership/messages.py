@@ -19,6 +19,7 @@ from aquila.cluster.model.bounds import (
     MAX_ADDR_CHARS,
     MAX_COMPOUND_PARTS,
     MAX_INCARNATION,
+    MAX_MEMBER_META_DEPTH,
     MAX_MEMBERS,
     MAX_NODE_ID_CHARS,
     MAX_SEQ,
@@ -26,6 +27,7 @@ from aquila.cluster.model.bounds import (
     checked_int,
     checked_list,
     checked_str,
+    depth_exceeds,
 )
 from aquila.cluster.model.config_parse import parse_hostport
 
@@ -275,10 +277,14 @@ def _bool(v: Any) -> bool:
 
 
 def _meta(v: Any) -> dict[str, Any]:
-    """Member metadata: an object whose encoding fits the size gossip allows."""
+    """Member metadata: an object whose encoding fits the size gossip allows, nested little
+    enough that it still encodes inside a push-pull row (orjson stops at 255 levels, and a
+    row's metadata sits three levels in)."""
     if v is None:
         return {}
-    if not isinstance(v, dict) or len(orjson.dumps(v)) > MAX_META_SIZE:
+    if not isinstance(v, dict) or depth_exceeds(v, MAX_MEMBER_META_DEPTH):
+        raise BoundsError(f"meta must be an object nested at most {MAX_MEMBER_META_DEPTH} deep")
+    if len(orjson.dumps(v)) > MAX_META_SIZE:
         raise BoundsError(f"meta must be an object of at most {MAX_META_SIZE} bytes encoded")
     return v
 
