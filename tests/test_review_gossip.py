@@ -10,12 +10,16 @@ import orjson
 import pytest
 
 from aquila.cluster.membership.messages import (
+    Alive,
     DecodeError,
     PushPull,
     decode,
     encode,
+    encode_compound,
 )
-from tests.test_gossip_bounds import A, Net
+from aquila.cluster.membership.table import State
+from aquila.cluster.model.bounds import MAX_INCARNATION
+from tests.test_gossip_bounds import A, B, Net
 
 
 @pytest.fixture
@@ -59,3 +63,30 @@ async def test_a_deep_metadata_alive_does_not_break_push_pull(net: Net) -> None:
     reply = decode(net.a.handle_push_pull(encode(PushPull(False, (), b""))))
     assert isinstance(reply, PushPull)
     assert net.loops_alive()
+
+
+async def test_a_forged_alive_at_the_ceiling_does_not_make_a_node_undecodable(
+    net: Net,
+) -> None:
+    """An Alive about b at the largest incarnation, with other metadata, sent to b: b refuted
+    with one more, above what any peer decodes, so every packet b sent (its acks too, the
+    refutation piggybacked on them) was dropped and the others declared b dead, for good."""
+    await net.forge(B, encode(Alive(MAX_INCARNATION, "b", B, {"x": 1})))
+    await net.run(5.0)
+    assert net.b.local_member().incarnation <= MAX_INCARNATION
+    for row in net.b._table.rows():  # everything b says about itself still decodes
+        decode(encode(PushPull(False, (row,), b"")))
+    assert net.a.member("b").state == State.ALIVE  # type: ignore[union-attr]
+    assert net.loops_alive()
+
+
+async def test_one_undecodable_part_costs_only_itself(net: Net) -> None:
+    """A compound is decoded part by part: an accusation beyond the bounds beside a valid
+    Alive drops the accusation only."""
+    alive = encode(Alive(1, "q", "10.0.0.7:1"))
+    bad = b'{"t":5,"v":1,"inc":%d,"node":"b","from":"x"}' % MAX_INCARNATION
+    before = net.a.stats.malformed
+    await net.forge(A, encode_compound([bad, alive]))
+    await net.run(0.1)
+    assert net.a.member("q") is not None
+    assert net.a.stats.malformed == before + 1

@@ -364,6 +364,34 @@ def decode(data: bytes) -> Message:
     return from_obj(obj)
 
 
+def decode_packet(data: bytes) -> tuple[list[Message], int]:
+    """The messages of a gossip packet and how many of its parts were dropped. A compound's
+    parts are decoded one by one, as memberlist does: a part this node cannot decode (out of
+    bounds, or a newer peer's) costs only itself, never the acks and updates beside it, so
+    one bad update piggybacked on a node's every packet cannot get that node declared dead.
+    DecodeError when the packet as a whole is not a message."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("t") != MsgType.COMPOUND:
+        return [from_obj(obj)], 0
+    # The envelope checked as from_obj checks it, then each part on its own.
+    try:
+        if isinstance(obj.get("v"), bool) or not isinstance(obj.get("v"), int):
+            raise DecodeError("message without a version")
+        parts = checked_list(obj.get("parts"), MAX_COMPOUND_PARTS, "parts")
+    except BoundsError as exc:
+        raise DecodeError(f"malformed message: {exc}") from exc
+    out: list[Message] = []
+    for p in parts:
+        try:
+            out.append(from_obj(p, nested=True))
+        except DecodeError:
+            continue
+    return out, len(parts) - len(out)
+
+
 # --- piggyback queue ------------------------------------------------------------------
 
 
