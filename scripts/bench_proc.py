@@ -97,3 +97,12 @@ def tree_cpu_s(pid: int) -> float:
         if int(c[1]) == pid:
             total += int(c[11]) + int(c[12])
     return total / tck
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent busy (user, nice, system, irq, softirq, steal) since boot,
+    from /proc/stat. Over a point, busy − server − load generator = what other processes
+    took: on a shared machine that is the noise in the figure."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")

@@ -67,6 +67,7 @@ from pgref_server import BENCH_USER, DEFAULT_SETTINGS, PgRefError, PgServer
 # re-exported so that benchmarks import them from here.
 __all__ = [
     "BENCH_USER",
+    "POINT_HEADERS",
     "DEFAULT_SETTINGS",
     "METRICS",
     "Column",
@@ -92,6 +93,7 @@ __all__ = [
     "measure_recall",
     "metadata_columns",
     "pgbench_point",
+    "point_rows",
     "prepare",
     "recall_of",
     "report",
@@ -216,7 +218,8 @@ def measure_points(
             f"pgvector{where} ef_search={ef}: recall@{k} {rec.recall:.4f} "
             f"({rec.mean_returned:.1f} returned), {pb.tps:,.0f} q/s (c={clients}), p50 "
             f"{pb.lat_p50_ms:.2f} ms p99 {pb.lat_p99_ms:.2f} ms, cores: server "
-            f"{pb.server_cpu_s / pb.seconds:.2f} pgbench {pb.client_cpu_s / pb.seconds:.2f}"
+            f"{pb.server_cpu_s / pb.seconds:.2f} pgbench {pb.client_cpu_s / pb.seconds:.2f} "
+            f"others {(pb.machine_cpu_s - pb.server_cpu_s - pb.client_cpu_s) / pb.seconds:.2f}"
         )
     return points
 
@@ -284,6 +287,12 @@ def run_reference(
             efs = filter_ef_search or list(ef_search)[:2]
             filtered += measure_points(srv, fgt, nq, efs, filt=f, **common)
         return PgRefResult(prep, points, filtered)
+    except Exception as exc:
+        import psycopg
+
+        if isinstance(exc, psycopg.Error):  # a RuntimeError for the benchmarks' handlers
+            raise PgRefError(f"{type(exc).__name__}: {exc}") from exc
+        raise
     finally:
         if own:
             srv.stop()
@@ -307,6 +316,8 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def point_rows(points: Sequence[PgPoint]) -> list[list[str]]:
+    """Table rows under POINT_HEADERS; "other cores": what processes other than PostgreSQL and
+    pgbench took over the point (the machine is shared)."""
     return [
         [
             p.recall.filter or "-",
@@ -317,6 +328,7 @@ def point_rows(points: Sequence[PgPoint]) -> list[list[str]]:
             f"{p.load.lat_p99_ms:.2f}",
             f"{p.load.server_cpu_s / p.load.seconds:.2f}",
             f"{p.load.client_cpu_s / p.load.seconds:.2f}",
+            f"{(p.load.machine_cpu_s - p.load.server_cpu_s - p.load.client_cpu_s) / p.load.seconds:.2f}",
             str(p.load.failed),
         ]
         for p in points
@@ -332,6 +344,7 @@ POINT_HEADERS = [
     "p99 ms",
     "srv cores",
     "pgbench cores",
+    "other cores",
     "failed",
 ]
 

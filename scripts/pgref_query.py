@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_proc import run_measured, tree_cpu_s
+from bench_proc import machine_busy_s, run_measured, tree_cpu_s
 from pgref_load import METRICS, Column
 from pgref_server import PgRefError, PgServer, ident, pgbench_binary
 
@@ -240,6 +240,7 @@ class PgbenchResult:
     lat_p99_ms: float
     server_cpu_s: float  # postmaster and its backends
     client_cpu_s: float  # pgbench's own
+    machine_cpu_s: float  # every core's busy time (others = this − server − pgbench)
     filter: str | None = None
     iterative_scan: str | None = None
     pgbench: str = ""
@@ -323,6 +324,7 @@ def pgbench_point(
     ]
     try:
         cpu0 = tree_cpu_s(pg.pid)
+        busy0 = machine_busy_s()
         fin = run_measured(
             cmd,
             timeout_s=seconds + 60,
@@ -331,6 +333,7 @@ def pgbench_point(
             out_dir=wd,
             name=tag,
         )
+        busy1 = machine_busy_s()
         cpu1 = tree_cpu_s(pg.pid)
         if fin.returncode != 0:
             raise PgRefError(f"pgbench exited with {fin.returncode}:\n{fin.stderr[-2000:]}")
@@ -357,6 +360,7 @@ def pgbench_point(
         lat_p99_ms=p(99),
         server_cpu_s=cpu1 - cpu0,
         client_cpu_s=fin.cpu_s,
+        machine_cpu_s=busy1 - busy0,
         filter=None if filt is None else filt.sql(),
         iterative_scan=settings.get("hnsw.iterative_scan"),
         pgbench=binary,

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from bench_proc import run_measured, tree_cpu_s
+from bench_proc import machine_busy_s, run_measured, tree_cpu_s
 
 MARKER = "WRKJSON "
 
@@ -136,14 +136,21 @@ class WrkResult:
     mib_read: float
     client_cpu_s: float  # wrk's own user + system seconds
     server_cpu_s: float = float("nan")  # of server_pid's process tree, when given
+    machine_cpu_s: float = float("nan")  # every core's busy time (others = this − both)
     notes: list[str] = field(default_factory=list)
 
     @property
     def ok_rps(self) -> float:
         return self.ok / self.seconds if self.seconds > 0 else float("nan")
 
+    @property
+    def other_cpu_s(self) -> float:
+        """CPU seconds of everything but the server and wrk over the run (NaN without
+        server_pid)."""
+        return self.machine_cpu_s - self.server_cpu_s - self.client_cpu_s
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok_rps": self.ok_rps}
+        return {**asdict(self), "ok_rps": self.ok_rps, "other_cpu_s": self.other_cpu_s}
 
 
 def wrk_binary() -> str:
@@ -285,7 +292,9 @@ def run_wrk(
             auth,
         ]
         cpu0 = tree_cpu_s(server_pid) if server_pid is not None else float("nan")
+        busy0 = machine_busy_s()
         fin = run_measured(cmd, timeout_s=seconds + timeout_s + 30, out_dir=wd, name="wrk")
+        busy1 = machine_busy_s()
         cpu1 = tree_cpu_s(server_pid) if server_pid is not None else float("nan")
         if fin.returncode != 0:
             raise WrkError(f"wrk exited with {fin.returncode}:\n{fin.stderr[-2000:]}")
@@ -300,6 +309,7 @@ def run_wrk(
             client_cpu_s=fin.cpu_s,
         )
         res.server_cpu_s = cpu1 - cpu0
+        res.machine_cpu_s = busy1 - busy0
         if res.requests == 0:
             raise WrkError(f"no request completed against {url}{path}: {raw['errors']}")
         return res
