@@ -271,18 +271,18 @@ def report_refs(args: argparse.Namespace, ds: Dataset, results: dict[str, Any]) 
                     "-" if f is None else f"{w['ok_rps'] / f['qps_threads']:.2f}",
                     "-" if fc is None else f"{core / fc:.2f}",
                     "-" if math.isnan(pq) else f"{mark}{pq:,.0f}",
-                    "-" if math.isnan(pq) else f"{w['ok_rps'] / pq:.2f}",
+                    "-" if math.isnan(pq) else f"{'≤' if mark else ''}{w['ok_rps'] / pq:.2f}",
                     f"{core:,.0f}",
                     "-" if math.isnan(pc) else f"{mark_c}{pc:,.0f}",
-                    "-" if math.isnan(pc) else f"{core / pc:.2f}",
+                    "-" if math.isnan(pc) else f"{'≤' if mark_c else ''}{core / pc:.2f}",
                 ]
             )
         heads = ["nprobe", "recall", "q/s", "FAISS recall", "FAISS q/s", "÷FAISS", "÷FAISS/core"]
         heads += ["pgvector q/s", "÷pgvector", "q/s/core", "pgvector q/s/core", "÷pgvector/core"]
         print(fmt_table(heads, rows))
         print(
-            "  '>' = below pgvector's lowest measured recall: its lowest ef_search answers better "
-            "at that rate"
+            "  '>', '≤': below pgvector's lowest measured recall; its lowest ef_search already "
+            "answers better at that rate"
         )
     if pg:
         from pgref import POINT_HEADERS, PgbenchResult, PgPoint, RecallResult, point_rows
