@@ -92,6 +92,8 @@ class NodeConfig:
     transfer_docs_per_s: float = 10_000.0
     # Python logging level name.
     log_level: str = "INFO"
+    # One line per event: "json" (for log shippers and jq) or "text" (for a terminal).
+    log_format: str = "text"
 
     @property
     def peer_secret(self) -> str | None:
@@ -140,6 +142,8 @@ class NodeConfig:
             parse_hostport(s)
         if self.advertise:
             parse_hostport(self.advertise)
+        if self.log_format not in ("json", "text"):
+            raise ValueError(f"log_format must be json or text, not {self.log_format!r}")
         if self.open_on_network and not self.insecure:
             raise ValueError(
                 f"refusing to listen on {self.host or 'all addresses'} without a cluster "
