@@ -31,6 +31,7 @@ from aquila.node.files import remove_stale_temps, write_atomic
 from aquila.node.storage.batcher import SearchBatcher
 from aquila.node.storage.index import VectorIndex
 from aquila.node.storage.locks import RWLock
+from aquila.node.storage.paging import count_shards, scroll_shard
 from aquila.node.storage.search import run_batch, search_filtered
 from aquila.node.storage.shard import IndexOps, Shard
 from aquila.node.storage.store import Record, Store, WriteBatch
@@ -350,6 +351,31 @@ class Collection:
             return await self.blocking.search(
                 search_filtered, self, q, k, probe, predicate, wanted, with_vectors
             )
+
+    async def count_matching(
+        self, shards: list[int], predicate: Callable[[Any], bool] | None
+    ) -> dict[int, int]:
+        """Per local shard, its live documents that `predicate` admits."""
+        self._have(shards)
+        if predicate is None:
+            return count_shards(self, shards, None)
+        async with self.rw.read():
+            return await self.blocking.search(count_shards, self, shards, predicate)
+
+    async def scroll(
+        self, shard: int, after: str | None, limit: int,
+        predicate: Callable[[Any], bool] | None, with_vectors: bool,
+    ) -> tuple[list[Hit], str | None]:
+        """A page of the shard's live documents in id order (see `paging.scroll_shard`)."""
+        self._have([shard])
+        async with self.rw.read():
+            return await self.blocking.search(
+                scroll_shard, self, shard, after, limit, predicate, with_vectors)
+
+    def _have(self, shards: Iterable[int]) -> None:
+        absent = [s for s in shards if s not in self.shards]
+        if absent:
+            raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
 
     async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[list[Hit]]:
         probe, wanted, with_vectors = key
