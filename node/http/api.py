@@ -15,7 +15,7 @@ from aquila.cluster.model.errors import AquilaError, BadRequest, PayloadTooLarge
 from aquila.cluster.model.spec import parse_spec
 from aquila.node.http.access import check_access
 from aquila.node.http.body import read_body
-from aquila.node.http.columnar import is_columnar, parse_columnar
+from aquila.node.http.columnar import is_columnar, parse_columnar, parse_columnar_fast
 from aquila.node.http.fastparse import parse_documents_fast
 from aquila.node.http.openapi import openapi_document
 from aquila.node.http.parse import (
@@ -191,14 +191,14 @@ async def upsert(request: web.Request) -> web.Response:
     dim = entry.spec.dim
     raw = await read_raw(request)
     batch = None
-    # The columnar form is told by its field (a cheap scan); it never takes the fast path.
-    columnar = b'"vectors_b64"' in raw
-    if raw and not columnar and len(raw) <= request.app[CONFIG].max_body_bytes:
-        # The fast path takes well-formed batches; anything else gets the general one.
+    if raw and len(raw) <= request.app[CONFIG].max_body_bytes:
+        # The fast paths take well-formed batches; anything else gets the general one. The
+        # columnar form is told by its field (a cheap scan).
+        fast = parse_columnar_fast if b'"vectors_b64"' in raw else parse_documents_fast
         if len(raw) > _DECODE_ON_THREAD_BYTES:
-            batch = await request.app[BLOCKING].parse(parse_documents_fast, raw, dim)
+            batch = await request.app[BLOCKING].parse(fast, raw, dim)
         else:
-            batch = parse_documents_fast(raw, dim)
+            batch = fast(raw, dim)
     if batch is None:
         body = await read_json(request, raw)
         if is_columnar(body):

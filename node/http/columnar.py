@@ -13,16 +13,17 @@ generated, as for documents without an id.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import uuid
 from typing import Any
 
 import numpy as np
 import orjson
+import pybase64
+import simdjson
 
 from aquila.cluster.model.bounds import MAX_METADATA_DEPTH, depth_exceeds
-from aquila.cluster.model.errors import BadRequest, DimensionMismatch, InvalidVector
+from aquila.cluster.model.errors import AquilaError, BadRequest, DimensionMismatch, InvalidVector
 from aquila.cluster.model.operations import CONSISTENCY, MAX_ID_CHARS, DocBatch
 
 FIELDS = frozenset(("ids", "vectors_b64", "metadata", "consistency"))
@@ -33,6 +34,60 @@ def is_columnar(body: Any) -> bool:
     """Is this decoded upsert body the columnar form (rather than `documents`)?"""
     return isinstance(body, dict) and "documents" not in body and (
         "vectors_b64" in body or "ids" in body)
+
+
+def parse_columnar_fast(raw: bytes, dim: int) -> DocBatch | None:
+    """The batch in a well-formed columnar body, read by simdjson (no Python object for the
+    metadata: each object's minified text is taken as it is, as the documents form's fast
+    path does); None for anything unusual, which `parse_columnar` then reads and names."""
+    try:
+        root = simdjson.Parser().parse(raw)
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    if not isinstance(root, simdjson.Object):
+        return None
+    keys = list(root.keys())
+    if len(keys) != len(set(keys)) or not set(keys) <= FIELDS:
+        return None
+    consistency = root.get("consistency", "quorum")
+    b64, ids = root.get("vectors_b64"), root.get("ids")
+    if consistency not in CONSISTENCY or not isinstance(b64, str) \
+            or not isinstance(ids, simdjson.Array) or len(ids) == 0:
+        return None
+    id_list = ids.as_list()
+    meta = root.get("metadata")
+    n = len(id_list)
+    metas: list[bytes | None] = [_EMPTY] * n
+    try:
+        raw_vectors = pybase64.b64decode(b64, validate=True)
+        _check_ids(id_list)
+        if isinstance(meta, simdjson.Array) and len(meta) == n:
+            metas = [_mini(m) for m in meta]
+        elif meta is not None:
+            return None
+    except (AquilaError, binascii.Error, ValueError, TypeError):
+        return None
+    if len(raw_vectors) != n * 4 * dim or None in metas:
+        return None
+    vectors = np.frombuffer(raw_vectors, dtype="<f4").reshape(n, dim).astype(np.float32,
+                                                                            copy=False)
+    if not np.isfinite(vectors).all():
+        return None
+    return DocBatch(id_list, vectors, metas, str(consistency))  # type: ignore[arg-type]
+
+
+def _mini(m: Any) -> bytes | None:
+    """A metadata object's minified text; None when it is not an object or may nest too
+    deep (the general path says which)."""
+    if m is None:
+        return _EMPTY
+    if not isinstance(m, simdjson.Object):
+        return None
+    out: bytes | str = m.mini
+    mini = out.encode() if isinstance(out, str) else out
+    if mini.count(b"{") + mini.count(b"[") > MAX_METADATA_DEPTH:
+        return None
+    return mini
 
 
 def parse_columnar(body: dict[str, Any], dim: int) -> DocBatch:
@@ -70,7 +125,8 @@ def _vector_bytes(b64: Any) -> bytes:
     if not isinstance(b64, str):
         raise BadRequest("'vectors_b64' must be a base64 string of little-endian float32")
     try:
-        return base64.b64decode(b64, validate=True)
+        # pybase64: SIMD, several times the standard library's speed on megabytes of vectors.
+        return pybase64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):  # ValueError: characters beyond ASCII
         raise BadRequest("'vectors_b64' is not valid base64") from None
 
