@@ -34,7 +34,7 @@ from aquila.cluster.admin import DEFAULT_NODE, describe_os_error, node_arg
 from aquila.cluster.model.spec import NAME_RE
 from aquila.node.importer.progress import Reporter, reporter
 from aquila.node.importer.sources import BadRow, Batch, Source, SourceError, open_source
-from aquila.node.importer.state import ImportState, default_path, fingerprint
+from aquila.node.importer.state import FLUSH_S, ImportState, default_path, fingerprint
 from aquila.node.importer.upload import ImportFailed, Uploader, body_of
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_ROWS = 0, 1, 3
@@ -292,6 +292,13 @@ async def _pump(source: Source, dim: int, args: argparse.Namespace, state: Impor
             state.finished(batch.index, bad)
             progress.advance(batch.size)
 
+    async def flush() -> None:
+        # Batches stored just before a stall (a node holding the rest) are written down too.
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            state.save()
+
+    flusher = asyncio.ensure_future(flush())
     tasks = [asyncio.ensure_future(read())] + [asyncio.ensure_future(send())
                                                for _ in range(args.concurrency)]
     try:
@@ -300,9 +307,9 @@ async def _pump(source: Source, dim: int, args: argparse.Namespace, state: Impor
         outcome.error = str(exc)
     finally:
         stop.set()
-        for t in tasks:
+        for t in [*tasks, flusher]:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, flusher, return_exceptions=True)
 
 
 def _next_body(batches: Iterator[Batch], consistency: str | None) -> tuple[Batch, bytes] | None:

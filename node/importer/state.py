@@ -6,7 +6,8 @@ The file (`.aquila-import-<collection>-<digest>.json` in the working directory u
 and the bad rows met so far; it is tied to the import by a fingerprint of the collection, the
 batch size and each input file's path, size and modification time, so a changed file or other
 settings start afresh. It is rewritten (whole, then renamed over the old one) at most every
-`FLUSH_S` seconds and when the import stops; a batch acknowledged after the last write is
+`FLUSH_S` seconds while batches are acknowledged, every `FLUSH_S` seconds besides, and when
+the import stops; a batch acknowledged after the last write is
 simply sent again, which changes nothing (upserts are idempotent). A finished import removes
 its file.
 """
