@@ -5,8 +5,10 @@ reads the environment."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
+import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -96,13 +98,21 @@ class NodeConfig:
     @property
     def peer_secret(self) -> str | None:
         """What authenticates peer requests: the cluster secret, or else the API key, so that
-        a node with an API key never serves its internal routes to anyone without it."""
-        return self.cluster_secret or self.api_key
+        a node with an API key never serves its internal routes to anyone without it. A node
+        keyed by a read key alone has no credential a peer could hold (the read key is
+        handed to clients, it never serves): its peer traffic is keyed by a secret made at
+        start that nobody knows, so it serves alone rather than open to anyone."""
+        return self.cluster_secret or self.api_key or (
+            self._unshared_secret if self.read_key else None)
+
+    @functools.cached_property
+    def _unshared_secret(self) -> str:
+        return secrets.token_hex(32)
 
     @property
     def open_on_network(self) -> bool:
         """Peer traffic unauthenticated on an address others can reach (only with insecure)."""
-        return not self.peer_secret and not is_loopback(self.host)
+        return not (self.cluster_secret or self.api_key) and not is_loopback(self.host)
 
     @property
     def max_wire_bytes(self) -> int:

@@ -36,6 +36,7 @@ from aquila.cluster.membership.messages import (
     Suspect,
     User,
     decode,
+    decode_packet,
     encode,
     encode_compound,
 )
@@ -555,13 +556,16 @@ class Gossip:
             self.stats.oversized += 1  # never decoded: no member sends one this large
             return
         try:
-            msg = decode(self._open(data))
+            msgs, dropped = decode_packet(self._open(data))
         except AuthError:
             return
         except DecodeError:
             self.stats.malformed += 1
             return
-        self._handle(msg, from_addr)
+        if dropped:
+            self.stats.malformed += 1
+        for msg in msgs:
+            self._handle(msg, from_addr)
 
     def _open(self, packet: bytes) -> bytes:
         """Authenticate a packet or push-pull payload (counted when refused)."""

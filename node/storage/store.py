@@ -19,7 +19,7 @@ vectors.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +56,8 @@ class Record:
     metadata: bytes  # JSON object; empty for a tombstone
 
     def encode(self) -> bytes:
-        w = self.writer.encode()
-        dim = len(self.vector) // 4
-        flags = FLAG_TOMBSTONE if self.tombstone else 0
-        head = _HEADER.pack(self.version, self.label, self.seq, flags, dim, len(w))
-        return b"".join((head, w, self.vector, self.metadata))
+        return encode_record(self.version, self.label, self.seq, self.tombstone,
+                             self.writer.encode(), self.vector, self.metadata)
 
     @staticmethod
     def decode(raw: bytes) -> Record:
@@ -74,6 +71,14 @@ class Record:
 
     def vector_array(self) -> np.ndarray:
         return np.frombuffer(self.vector, dtype="<f4")
+
+
+def encode_record(version: int, label: int, seq: int, tombstone: bool, writer: bytes,
+                  vector: bytes, metadata: bytes) -> bytes:
+    """A record's stored form (see `Record`), from its parts: the writer already encoded."""
+    head = _HEADER.pack(version, label, seq, FLAG_TOMBSTONE if tombstone else 0,
+                        len(vector) // 4, len(writer))
+    return b"".join((head, writer, vector, metadata))
 
 
 def _shard_key(tag: bytes, shard: int) -> bytes:
@@ -101,6 +106,17 @@ class WriteBatch:
             self._wb.delete(change_key(shard, old.seq))
         self._wb.put(change_key(shard, rec.seq), doc_id.encode())
         self.count += 1
+
+    @property
+    def raw_put(self) -> Callable[[bytes, bytes], None]:
+        """The batch's own put, for callers that build keys and values themselves."""
+        put: Callable[[bytes, bytes], None] = self._wb.put
+        return put
+
+    @property
+    def raw_delete(self) -> Callable[[bytes], None]:
+        delete: Callable[[bytes], None] = self._wb.delete
+        return delete
 
     def forget(self, shard: int, doc_id: str, rec: Record) -> None:
         """Remove every trace of a document (a tombstone past its grace period)."""
