@@ -325,7 +325,7 @@ def parse_scroll(body: Any, shards: int) -> ScrollRequest:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SCROLL_LIMIT:
         raise BadRequest(f"'limit' must be an integer from 1 to {MAX_SCROLL_LIMIT}")
     include = body.get("include", ["metadata"])
-    if not isinstance(include, list) or set(include) - {"metadata", "vector"}:
+    if not isinstance(include, list) or not all(i in ("metadata", "vector") for i in include):
         raise BadRequest("'include' is a list of 'metadata' and 'vector'")
     cursor = body.get("cursor")
     flt = body.get("filter")

@@ -6,7 +6,8 @@ SCHEMATHESIS_HOOKS: they steer generated requests towards stored data.
   one the test filled, "docs", and those the run created), never to the one the test
   guards, which no request may name.
 - Generated vectors rarely have the collection's dim: lists of numbers sent to a known
-  collection are cycled or cut to its dim, so they reach the store and the index.
+  collection are cycled or cut to its dim, and a columnar upsert's base64 is made to hold
+  one row of that dim per id, so they reach the store and the index.
 
 Anything else is left as generated (whatever made a negative case negative stays), and
 schemathesis checks a changed case against the schema again.
@@ -14,14 +15,16 @@ schemathesis checks a changed case against the schema again.
 
 from __future__ import annotations
 
+import base64
 import zlib
 from typing import Any
 
+import numpy as np
 import schemathesis
 
 # Collection name → dim: the one the test filled, and those the run created (one worker).
 DIMS: dict[str, int] = {"docs": 4}
-DATA_PATHS = ("/documents", "/search")
+DATA_PATHS = ("/documents", "/search", "/count", "/scroll")
 
 
 def _fit(v: Any, dim: int) -> Any:
@@ -30,8 +33,20 @@ def _fit(v: Any, dim: int) -> Any:
     return (v * dim)[:dim] if numbers else v
 
 
+def _fit_columnar(out: dict[str, Any], dim: int) -> None:
+    """A columnar upsert's vectors as as many rows of `dim` as it has ids (their values
+    made from the generated text, so they vary with it)."""
+    ids = out.get("ids")
+    rows = len(ids) if isinstance(ids, list) and ids else 1
+    seed = zlib.crc32(out["vectors_b64"].encode())
+    values = np.random.default_rng(seed).standard_normal(rows * dim).astype("<f4")
+    out["vectors_b64"] = base64.b64encode(values.tobytes()).decode()
+
+
 def _fit_body(body: dict[str, Any], dim: int) -> dict[str, Any]:
     out = dict(body)
+    if isinstance(out.get("vectors_b64"), str) and "documents" not in out:
+        _fit_columnar(out, dim)
     if "vector" in out:
         out["vector"] = _fit(out["vector"], dim)
     if isinstance(out.get("vectors"), list):
