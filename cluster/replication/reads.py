@@ -38,8 +38,10 @@ class ReadStats:
     searches: int = 0
     partial: int = 0  # answered without some shards (allow_partial)
     refused: int = 0  # 503: shards missing and allow_partial false
-    retried: int = 0  # shards asked again of another replica after one failed
-    hedged: int = 0  # shards asked of another replica too after a slow answer
+    # Shards asked again of another replica after one failed (retried) or too after a slow
+    # answer (hedged), by searches, counts and scrolls.
+    retried: int = 0
+    hedged: int = 0
 
 
 class ReadPath:
@@ -163,6 +165,11 @@ class ReadPath:
         raw = b"".join(found[i] for i in ids)
         return np.frombuffer(raw, dtype="<f4").reshape(len(ids), spec.dim).astype(np.float32)
 
+    def _count_retries(self, retried: int, hedged: int) -> None:
+        """Counts and scrolls ask replicas as searches do: their retries and hedges count."""
+        self.stats.retried += retried
+        self.stats.hedged += hedged
+
     async def count(self, entry: CollectionEntry, req: CountRequest) -> dict[str, Any]:
         """Each shard counted by one of its replicas (retried, hedged and bounded in time as
         a search is); a shard with no replica that answered is listed as missing."""
@@ -175,6 +182,7 @@ class ReadPath:
             return await replicas.of(node).count(spec, req, shards, budget)
 
         got = await gather_shards(candidates, ask, _only, self._clock, timeout_s)
+        self._count_retries(got.retried, got.hedged)
         missing = sorted(set(got.missing) | set(unreachable))
         if missing and not req.allow_partial:
             raise Unavailable(f"shard(s) {missing} have no live replica that answered; "
@@ -209,6 +217,7 @@ class ReadPath:
             ask = functools.partial(_scroll_one, replicas, spec, req, after, req.limit - len(docs))
             got = await gather_shards({shard: candidates.get(shard, [])}, ask, _same,
                                       self._clock, left)
+            self._count_retries(got.retried, got.hedged)
             if not got.answers:
                 if not req.allow_partial:
                     raise Unavailable(
