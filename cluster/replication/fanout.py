@@ -36,6 +36,10 @@ class FanoutResult:
     rows: list[list[Hit]]
     missing: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # Shards asked of their next replica: after a failure (retried), after a slow answer
+    # (hedged). For the node's metrics.
+    retried: int = 0
+    hedged: int = 0
 
 
 def assign(
@@ -59,6 +63,8 @@ class Gathered(Generic[A]):
     answers: list[A]
     missing: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    retried: int = 0  # shards asked of their next replica after a failure
+    hedged: int = 0  # ... after a slow answer
 
 
 async def gather_shards(
@@ -82,6 +88,7 @@ async def gather_shards(
     inflight: dict[asyncio.Future[A], tuple[str, list[int]]] = {}
     answers: list[A] = []
     errors: list[str] = []
+    counts = {"retried": 0, "hedged": 0}
 
     def launch(shards: Sequence[int]) -> None:
         budget = deadline - clock.now()
@@ -114,12 +121,15 @@ async def gather_shards(
                 if isinstance(exc, AquilaError) and not exc.transient:
                     raise exc  # the request itself is bad: another replica would say the same
                 errors.append(f"{node}: {exc}")
-                launch([s for s in group if s in pending])
+                again = [s for s in group if s in pending]
+                counts["retried"] += sum(1 for s in again if tried.get(s, 0) < len(candidates[s]))
+                launch(again)
             if not done and hedge_at is not None and clock.now() >= hedge_at:
                 hedge_at = None  # once: hedging every round would double the load under stress
                 slow = [s for s in sorted(pending) if tried.get(s, 0) < len(candidates[s])]
                 if slow:
                     errors.append(f"hedged shard(s) {slow} after a slow answer")
+                    counts["hedged"] += len(slow)
                     launch(slow)
     finally:
         for task in inflight:
@@ -128,7 +138,7 @@ async def gather_shards(
     if missing:
         errors.extend(f"{n}: no answer within the deadline"
                       for n in sorted({n for n, _ in inflight.values()}))
-    return Gathered(answers, missing, errors)
+    return Gathered(answers, missing, errors, counts["retried"], counts["hedged"])
 
 
 async def _single(
@@ -164,7 +174,7 @@ async def fan_out(
         rows = rows if len(rows) == nq else [[] for _ in range(nq)]
     else:
         rows = merge_rows(got.answers, nq, k, larger_is_better)
-    return FanoutResult(rows, got.missing, got.errors)
+    return FanoutResult(rows, got.missing, got.errors, got.retried, got.hedged)
 
 
 def _hits_of(rows: list[list[Hit]], shards: list[int]) -> list[list[Hit]]:
