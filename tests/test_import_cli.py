@@ -41,6 +41,7 @@ class Gate:
     after: int | None = None
     upserts: int = 0
     opened: asyncio.Event = field(default_factory=asyncio.Event)
+    refuse: bool = False  # answer the held ones 503 at once instead
 
     @web.middleware
     async def middleware(self, request: web.Request,
@@ -49,6 +50,9 @@ class Gate:
         if request.method == "POST" and request.path.endswith("/documents"):
             self.upserts += 1
             if self.after is not None and self.upserts > self.after:
+                if self.refuse:
+                    return web.json_response(
+                        {"error": {"code": "unavailable", "message": "not now"}}, status=503)
                 await self.opened.wait()
         return await handler(request)
 
@@ -272,6 +276,23 @@ async def test_sigterm_keeps_the_progress(served: Served, sample_files: Files,
     served.gate.opened.set()
     run = await aquila_import(tmp_path, *npy_args(served, sample_files), "--batch", "500")
     assert run.code == 0 and "resuming: 3 of 10 batches" in run.err, run.err
+    await check_sample(served.node)
+
+
+async def test_a_cluster_that_stops_taking_writes_ends_the_import(
+    served: Served, sample_files: Files, tmp_path: Path
+) -> None:
+    """Every retry refused: the import stops (it does not hang with batches queued), keeps
+    its progress, and a rerun once the cluster takes writes again finishes it."""
+    served.gate.after, served.gate.refuse = 10, True
+    run = await aquila_import(tmp_path, *npy_args(served, sample_files), "--batch", "100",
+                              "--concurrency", "3", "--retries", "1")
+    assert run.code == 1, run.err
+    assert "no node stored a batch after 2 attempts" in run.err and "503" in run.err
+    assert "run the same command again" in run.err
+    served.gate.after = None
+    run = await aquila_import(tmp_path, *npy_args(served, sample_files), "--batch", "100")
+    assert run.code == 0 and "resuming: 10 of 50 batches" in run.err, run.err
     await check_sample(served.node)
 
 

@@ -35,7 +35,7 @@ from aquila.cluster.model.spec import NAME_RE
 from aquila.node.importer.progress import Reporter, reporter
 from aquila.node.importer.sources import BadRow, Batch, Source, SourceError, open_source
 from aquila.node.importer.state import FLUSH_S, ImportState, default_path, fingerprint
-from aquila.node.importer.upload import ImportFailed, Uploader, body_of
+from aquila.node.importer.upload import RETRIES, ImportFailed, Uploader, body_of
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_ROWS = 0, 1, 3
 # Bad rows listed at the end (all are counted).
@@ -88,6 +88,9 @@ def add_import_parser(sub: Any) -> None:
                    help="with a .npy: a .jsonl file of metadata objects, one per line")
     p.add_argument("--consistency", choices=("one", "quorum", "all"),
                    help="acknowledgements per write (the node's default: quorum)")
+    p.add_argument("--retries", type=int, default=RETRIES,
+                   help=f"attempts after the first for a batch a node could not take ({RETRIES}; "
+                        "pauses grow from 0.5 s to 10 s)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first bad row instead of leaving it out")
     p.add_argument("--state", type=Path,
@@ -231,7 +234,7 @@ async def _import(session: aiohttp.ClientSession, args: argparse.Namespace,
         print(f"resuming: {state.resumed} of {batches} batches were stored by an earlier run "
               f"({state_path})", file=err)
     uploader = Uploader(session, args.node, args.collection, api_key, source.where,
-                        args.consistency)
+                        args.consistency, retries=max(0, args.retries))
     done_rows = sum(min(args.batch, source.rows - b * args.batch) for b in state.done)
     progress = reporter(args.progress, err)
     outcome = Outcome()
@@ -259,21 +262,21 @@ async def _pump(source: Source, dim: int, args: argparse.Namespace, state: Impor
     stop = asyncio.Event()
 
     async def read() -> None:
-        try:
-            while not stop.is_set():
-                item = await asyncio.to_thread(_next_body, batches, uploader.consistency)
-                if item is None:
-                    break
-                batch = item[0]
-                if args.strict and batch.bad:
-                    first = batch.bad[0]
-                    outcome.error = f"{first.where}: {first.reason} (--strict)"
-                    outcome.bad.append(first)
-                    break
-                await ready.put(item)
-        finally:
-            for _ in range(args.concurrency):
-                await ready.put(None)
+        while not stop.is_set():
+            item = await asyncio.to_thread(_next_body, batches, uploader.consistency)
+            if item is None:
+                break
+            batch = item[0]
+            if args.strict and batch.bad:
+                first = batch.bad[0]
+                outcome.error = f"{first.where}: {first.reason} (--strict)"
+                outcome.bad.append(first)
+                break
+            await ready.put(item)
+        # The uploaders finish what is queued, then stop. (Not when this task is cancelled:
+        # the uploaders are then cancelled too, and a full queue would never take these.)
+        for _ in range(args.concurrency):
+            await ready.put(None)
 
     async def send() -> None:
         while (item := await ready.get()) is not None:

@@ -58,7 +58,7 @@ def body_of(batch: Batch, consistency: str | None) -> bytes:
 class Uploader:
     def __init__(self, session: aiohttp.ClientSession, nodes: list[str], collection: str,
                  api_key: str | None, where: Callable[[int], str],
-                 consistency: str | None = None,
+                 consistency: str | None = None, retries: int = RETRIES,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.session = session
         self.nodes = nodes
@@ -70,6 +70,7 @@ class Uploader:
         self.where = where  # a row's place in the input, for a person
         self._next = 0
         self._sleep = sleep
+        self.max_retries = retries
         self.retries = 0  # transient failures retried, for the summary
 
     async def send(self, batch: Batch, body: bytes | None = None) -> list[BadRow]:
@@ -91,7 +92,7 @@ class Uploader:
     async def _post(self, body: bytes) -> None:
         pause = PAUSE_S
         last = ""
-        for attempt in range(RETRIES + 1):
+        for attempt in range(self.max_retries + 1):
             node = self.nodes[(self._next + attempt) % len(self.nodes)]
             try:
                 async with self.session.post(f"http://{node}{self.path}", data=body,
@@ -109,11 +110,12 @@ class Uploader:
                 if resp.status not in (408, 429, 500, 502, 503, 504):
                     raise ImportFailed(f"{node} answered {resp.status} {code}: {message}")
                 last = f"{node}: {resp.status} {code}: {message}"
-            if attempt < RETRIES:
+            if attempt < self.max_retries:
                 self.retries += 1
                 await self._sleep(pause)
                 pause = min(pause * 2, PAUSE_MAX_S)
-        raise ImportFailed(f"no node stored a batch after {RETRIES + 1} attempts; last: {last}")
+        raise ImportFailed(f"no node stored a batch after {self.max_retries + 1} attempts; "
+                           f"last: {last}")
 
 
 def _error(raw: bytes, status: int) -> tuple[str, str]:
