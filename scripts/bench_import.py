@@ -16,7 +16,9 @@ ids.txt (one id a line) and metadata.jsonl ({"text", "pos"} a line). Then, `--re
   documents arrive, as it would for a user.
 
 Each figure comes with the CPU seconds of each side and of everything else on the machine
-(it is shared: what others take is the noise in the figure).
+(it is shared: what others take is the noise in the figure). Unless `--no-index-build`, each
+side then also gets the time until an ANN index serves every row: pgvector's HNSW build
+(m 16, ef_construction 64) after the COPY; Aquila's wait until every shard is "trained".
 
     scripts/bench_setup.sh                    # once: PostgreSQL with pgvector, its user
     python scripts/bench_import.py            # the whole set, one round
@@ -96,6 +98,9 @@ class Point:
     own_cpu_s: float  # the server's (and, for Aquila, the import command's) CPU seconds
     others_cpu_s: float  # every other process on the machine meanwhile
     note: str = ""
+    # From the start of the load until an ANN index serves every row (pgvector: COPY then
+    # CREATE INDEX ... USING hnsw; Aquila: the import, then every shard "trained"); 0: not run.
+    indexed_s: float = 0.0
 
 
 def free_port() -> int:
@@ -155,10 +160,21 @@ def aquila_point(files: Files, work: Path, args: argparse.Namespace, round_: int
             raise RuntimeError(f"the node holds {count} documents, not {files.rows}")
         said = re.search(r"\(([\d,]+) docs/s\)", run.stdout)
         own = server_cpu + run.cpu_s
-        return Point("aquila import", files.rows, run.seconds, files.rows / run.seconds, own,
-                     max(0.0, busy - own),
-                     f"index {args.index or 'ivf_flat'}; the command said "
-                     f"{said.group(1) if said else '?'} docs/s")
+        point = Point("aquila import", files.rows, run.seconds, files.rows / run.seconds, own,
+                      max(0.0, busy - own),
+                      f"index {args.index or 'ivf_flat'}; the command said "
+                      f"{said.group(1) if said else '?'} docs/s")
+        if args.index_build:
+            t0 = time.monotonic()
+            while True:
+                desc = get_json(f"http://{HOST}:{port}/v1/collections/wn")
+                if {st["index_state"] for st in desc["shard_states"]} == {"trained"}:
+                    break
+                if time.monotonic() - t0 > 3600:
+                    raise RuntimeError("the index did not train within an hour")
+                time.sleep(0.25)
+            point.indexed_s = run.seconds + time.monotonic() - t0
+        return point
     finally:
         node.send_signal(signal.SIGTERM)
         try:
@@ -168,9 +184,9 @@ def aquila_point(files: Files, work: Path, args: argparse.Namespace, round_: int
             node.wait()
 
 
-def pgvector_point(files: Files) -> Point:
+def pgvector_point(files: Files, index_build: bool) -> Point:
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    from pgref import PgServer, load_table, metadata_columns
+    from pgref import PgServer, build_hnsw, load_table, metadata_columns
 
     columns = metadata_columns(files.meta)
     with PgServer() as pg:
@@ -179,19 +195,27 @@ def pgvector_point(files: Files) -> Point:
         res = load_table(pg, np.arange(files.rows, dtype=np.int64), files.vectors, columns)
         wall = time.perf_counter() - t0
         pg_cpu, busy = tree_cpu_s(pg.pid) - cpu0, machine_busy_s() - busy0
+        # The set is L2-normalised: inner product is cosine.
+        hnsw = build_hnsw(pg, metric="ip") if index_build else None
     # load_table's own process encodes the stream (off COPY's clock) and drives psycopg.
-    return Point("pgvector COPY", res.rows, res.seconds, res.rows_per_s, pg_cpu,
-                 max(0.0, busy - pg_cpu - wall),
-                 f"binary COPY of {res.mib:.0f} MiB ({res.mib_per_s:.0f} MiB/s), one "
-                 f"transaction; table {res.table_mib:.0f} MiB; encoding {res.encode_s:.1f} s "
-                 "off the clock")
+    point = Point("pgvector COPY", res.rows, res.seconds, res.rows_per_s, pg_cpu,
+                  max(0.0, busy - pg_cpu - wall),
+                  f"binary COPY of {res.mib:.0f} MiB ({res.mib_per_s:.0f} MiB/s), one "
+                  f"transaction; encoding {res.encode_s:.1f} s off the clock")
+    if hnsw is not None:
+        point.indexed_s = res.seconds + hnsw.seconds
+        point.note += f"; HNSW (m 16, ef_construction 64) {hnsw.seconds:.1f} s"
+    return point
 
 
 def table(points: list[Point]) -> str:
-    rows = [["system", "rows", "seconds", "rows/s", "own CPU s", "others' CPU s", ""]]
+    rows = [["system", "rows", "seconds", "rows/s", "own CPU s", "others' CPU s",
+             "with an ANN index: s", "rows/s", ""]]
     for p in points:
+        indexed = [f"{p.indexed_s:.1f}", f"{p.rows / p.indexed_s:,.0f}"] if p.indexed_s \
+            else ["-", "-"]
         rows.append([p.system, f"{p.rows:,}", f"{p.seconds:.2f}", f"{p.rows_per_s:,.0f}",
-                     f"{p.own_cpu_s:.1f}", f"{p.others_cpu_s:.1f}", p.note])
+                     f"{p.own_cpu_s:.1f}", f"{p.others_cpu_s:.1f}", *indexed, p.note])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
              for r in rows]
@@ -210,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=4, help="aquila import --concurrency")
     p.add_argument("--repeat", type=int, default=1, help="rounds, alternating the two (1)")
     p.add_argument("--no-pgvector", action="store_true", help="Aquila alone")
+    p.add_argument("--no-index-build", dest="index_build", action="store_false",
+                   help="skip the time until an ANN index serves every row (pgvector's HNSW "
+                        "build, Aquila's training)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--keep", action="store_true", help="keep the working folder")
     args = p.parse_args(argv)
@@ -224,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({time.perf_counter() - t0:.1f} s)")
         for r in range(args.repeat):
             if not args.no_pgvector:
-                points.append(pgvector_point(files))
+                points.append(pgvector_point(files, args.index_build))
                 log(f"round {r + 1}: pgvector COPY {points[-1].rows_per_s:,.0f} rows/s")
             points.append(aquila_point(files, work, args, r))
             log(f"round {r + 1}: aquila import {points[-1].rows_per_s:,.0f} rows/s")
