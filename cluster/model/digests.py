@@ -29,18 +29,6 @@ def record_hash(doc_id: str, version: int, writer: str) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
-def bucket_of_bytes(doc_id: bytes) -> int:
-    """`bucket_of` for the id's UTF-8 bytes and the usual BUCKETS (the write path's form)."""
-    # 256 divides 2^64: the big-endian value modulo 256 is the digest's last byte.
-    return hashlib.blake2b(doc_id, digest_size=8, person=b"aq-ae").digest()[7]
-
-
-def record_hash_bytes(doc_id: bytes, version: int, writer: bytes) -> int:
-    """`record_hash` from the id's and the writer's UTF-8 bytes."""
-    h = hashlib.blake2b(b"%b\x00%d\x00%b" % (doc_id, version, writer), digest_size=16)
-    return int.from_bytes(h.digest(), "big")
-
-
 def digests(records: Iterable[tuple[str, int, str]], buckets: int = BUCKETS) -> list[str]:
     """Per bucket, an order-independent digest of (id, version, writer) of its records."""
     acc = [0] * buckets

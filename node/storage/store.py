@@ -150,6 +150,7 @@ class Store:
         wo = rocksdict.WriteOptions()
         wo.sync = self._fsync
         self._write_opts = wo
+        self._batch_opts = rocksdict.WriteOptions()  # not synced: `write` syncs apart
 
     @property
     def db(self) -> rocksdict.Rdict:
@@ -197,8 +198,18 @@ class Store:
         return [Record.decode(r) if r is not None else None for r in raws]
 
     def write(self, batch: WriteBatch) -> None:
-        """Durable (through the WAL, fsynced when configured) once this returns."""
-        self.db.write(batch._wb, self._write_opts)
+        """Durable (through the WAL, fsynced when configured) once this returns.
+
+        The batch is written to the WAL and the memtable first, then the WAL is fsynced by a
+        call of its own: rocksdict holds the GIL for the whole of a write, a synced one's
+        fsync included, which would stop every other thread of the node (the event loop
+        too) for each batch's fsync; its flush_wal lets the GIL go. The durability is the
+        same (RocksDB's FlushWAL(sync) is SyncWAL: every WAL file up to the current one is
+        fsynced before it returns); the records may be read in the meantime, before they
+        are acknowledged."""
+        self.db.write(batch._wb, self._batch_opts)
+        if self._fsync:
+            self.db.flush_wal(True)
 
     def counters(self, shard: int) -> tuple[int, int, int]:
         """(next seq, next label, live documents) of a shard."""
