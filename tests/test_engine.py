@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +190,48 @@ async def test_writes_during_training_all_reach_the_trained_index(
     assert [h[0].id for h in hits] == ids
     await engine.close()
 
+
+
+async def test_retraining_waits_for_a_stream_of_writes_to_pause(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """The first training starts as soon as there is enough to train on; a retraining waits
+    while writes keep arriving (a bulk load) and starts once they pause, or once it has waited
+    retrain_max_wait_s though they go on."""
+    spec = CollectionSpec("r", 8, "l2", 1, 1, IndexSpec("ivf_flat", nlist=8))
+    tuning = Tuning(train_min=200, retrain_growth=2, retrain_quiet_s=0.5,
+                    retrain_max_wait_s=3600)
+    engine = Engine(tmp_path, blocking, tuning, fsync=False)
+    await engine.start()
+    coll = await engine.ensure(spec, [0], "u")
+    rng = np.random.default_rng(3)
+    written = 0
+
+    async def batch(n: int) -> None:
+        nonlocal written
+        await coll.write({0: [Incoming(f"x{written + i}", rng.standard_normal(8).astype(np.float32),
+                                       b"{}", 1, "n1") for i in range(n)]})
+        written += n
+
+    await batch(250)  # past train_min: the first training starts at once
+    await wait_for(lambda: coll.index.trained and not coll.training, 30)
+    first = coll.index.trained_at
+    assert first >= 200
+    # Past retrain_growth × first, writes still streaming: no retraining yet.
+    await batch(2 * first + 10 - written)
+    assert coll.wants_training() and not coll.training
+    assert coll.index.trained_at == first
+    # Once writes pause for retrain_quiet_s, the retraining starts by itself.
+    await wait_for(lambda: coll.index.trained_at > first and not coll.training, 30)
+    second = coll.index.trained_at
+    assert second >= 2 * first
+    # Writes that never pause: the retraining waits retrain_max_wait_s, then starts anyway.
+    coll.tuning = replace(tuning, retrain_max_wait_s=0.3)
+    await batch(2 * second + 10 - written)
+    assert not coll.training and coll.index.trained_at == second
+    deadline = time.monotonic() + 30
+    while not coll.training and coll.index.trained_at == second:
+        assert time.monotonic() < deadline, "the retraining never started"
+        await batch(5)  # back to back: never a pause of retrain_quiet_s
+    await wait_for(lambda: not coll.training and coll.index.trained_at > second, 30)
+    await engine.close()

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -84,6 +85,12 @@ class IndexState:
 class Tuning:
     train_min: int = 4096
     retrain_growth: float = 4.0
+    # A retraining waits while writes stream in (a bulk load) until they pause this long, for
+    # at most retrain_max_wait_s: training and the write path would share the same cores, and
+    # the vectors that keep coming would be added to both indexes. The index being replaced
+    # keeps serving meanwhile (its lists grow longer; recall at a given nprobe holds).
+    retrain_quiet_s: float = 1.0
+    retrain_max_wait_s: float = 30.0
     search_batch_rows: int = 512
     search_parallel: int = 4
 
@@ -112,6 +119,9 @@ class Collection:
             self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
         self.closed = False
+        self._last_write = -math.inf  # time.monotonic() of the last write taken
+        self._recheck: asyncio.TimerHandle | None = None  # a deferred retraining's next look
+        self._wanted_since: float | None = None  # when a deferred retraining was first wanted
         self._saving = asyncio.Lock()  # one snapshot written at a time; `close` waits for it
         # Incarnation of the collection in the cluster state (see CollectionEntry.uid).
         self.uid = ""
@@ -217,6 +227,8 @@ class Collection:
         if self.closed:
             return
         self.closed = True
+        if self._recheck is not None:
+            self._recheck.cancel()
         driver = self._driver
         for t in [*self._tasks, *([driver] if driver else [])]:
             t.cancel()
@@ -248,6 +260,7 @@ class Collection:
         takes the queued writes, stages them into one RocksDB batch, makes it durable with
         one fsync, and hands the index updates on, while the next group is staged."""
         self._have(by_shard)
+        self._last_write = time.monotonic()
         loop = asyncio.get_running_loop()
         queued = _Queued(by_shard, loop.create_future(), sum(map(len, by_shard.values())))
         self._queue.append(queued)
@@ -516,10 +529,33 @@ class Collection:
             return True
         return n >= self.tuning.retrain_growth * max(1, self.index.trained_at)
 
+    def _retrain_deferred(self) -> float:
+        """Seconds a wanted retraining still waits for writes to pause (0: not deferred)."""
+        if not self.index.trained:
+            return 0.0  # the first training: until it, searches are exact scans
+        now = time.monotonic()
+        if self._wanted_since is None:
+            self._wanted_since = now
+        quiet = self._last_write + self.tuning.retrain_quiet_s - now
+        waited = self._wanted_since + self.tuning.retrain_max_wait_s - now
+        return max(0.0, min(quiet, waited))
+
     def _maybe_train(self) -> None:
-        if not self.closed and self.wants_training():
-            self.training = True
-            self._spawn(self._train())
+        if self.closed or not self.wants_training():
+            self._wanted_since = None
+            return
+        wait = self._retrain_deferred()
+        if wait > 0:
+            if self._recheck is None:
+                self._recheck = asyncio.get_running_loop().call_later(wait, self._look_again)
+            return
+        self.training = True
+        self._wanted_since = None
+        self._spawn(self._train())
+
+    def _look_again(self) -> None:
+        self._recheck = None
+        self._maybe_train()
 
     def _training_set(self, upto: dict[int, int]) -> VectorIndex:
         parts = [self.shards[s].live_vectors(q) for s, q in upto.items() if s in self.shards]
