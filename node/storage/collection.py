@@ -25,13 +25,16 @@ import orjson
 from aquila.cluster.model.digests import BUCKETS, bucket_of, digests, format_digests
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
+from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import remove_stale_temps, write_atomic
 from aquila.node.storage.batcher import SearchBatcher
+from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
 from aquila.node.storage.index import VectorIndex
 from aquila.node.storage.locks import RWLock
-from aquila.node.storage.search import run_batch, search_filtered
+from aquila.node.storage.matches import DEFAULT_CAPACITY
+from aquila.node.storage.search import run_batch
 from aquila.node.storage.shard import IndexOps, Shard
 from aquila.node.storage.store import Record, Store, WriteBatch
 
@@ -61,11 +64,19 @@ class Tuning:
     retrain_growth: float = 4.0
     search_batch_rows: int = 512
     search_parallel: int = 4
+    # Filters whose match sets each shard keeps (0: none, every search evaluates its filter).
+    filter_cache: int = DEFAULT_CAPACITY
+    # Bytes of selectors and gathered vectors kept per collection for recent filters.
+    filter_group_bytes: int = 128 << 20
+    # One planner path for every filtered search ("exact", "selector", "postfilter"): for
+    # tests and benchmarks; None lets the planner choose per shard.
+    filter_path: str | None = None
 
 
 class Collection:
     def __init__(
-        self, spec: CollectionSpec, root: Path, blocking: Blocking, tuning: Tuning, fsync: bool
+        self, spec: CollectionSpec, root: Path, blocking: Blocking, tuning: Tuning, fsync: bool,
+        plan_counts: dict[str, int] | None = None,
     ) -> None:
         self.spec = spec
         self.root = root
@@ -84,6 +95,15 @@ class Collection:
         self._batcher: SearchBatcher[list[Hit]] = SearchBatcher(
             self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
+        # Filtered searches batch by filter too: one plan and one FAISS call per group of
+        # shards for every concurrent search with the same filter.
+        self._filtered: SearchBatcher[tuple[list[Hit], list[dict[str, Any]]]] = SearchBatcher(
+            self._run_filtered, max_rows=tuning.search_batch_rows,
+            parallel=tuning.search_parallel,
+        )
+        self.groups = GroupCache(max_bytes=tuning.filter_group_bytes)
+        # Per planner path, shards searched that way (one per query and shard): /metrics.
+        self.plan_counts = {} if plan_counts is None else plan_counts
         self.closed = False
         self._saving = asyncio.Lock()  # one snapshot written at a time; `close` waits for it
         # Incarnation of the collection in the cluster state (see CollectionEntry.uid).
@@ -120,7 +140,7 @@ class Collection:
             log.info("%s: removing the rest of dropped shard %d", self.spec.name, s)
             self.store.drop_shard(s)
         for s in shards:
-            shard = Shard(self.spec, s, self.store)
+            shard = Shard(self.spec, s, self.store, self.tuning.filter_cache)
             shard.load()
             self.shards[s] = shard
         loaded = VectorIndex.load(self.snap_path)
@@ -160,7 +180,7 @@ class Collection:
         await self.blocking.write(self._clear_sync, new)
         await self.blocking.write(self._record_sync, sorted({*self.shards, *new}))
         for s in new:
-            shard = Shard(self.spec, s, self.store)
+            shard = Shard(self.spec, s, self.store, self.tuning.filter_cache)
             await self.blocking.write(shard.load)
             async with self._exclusive():
                 await self.blocking.write(self._apply_sync, shard.changes_after(0))
@@ -332,9 +352,11 @@ class Collection:
         predicate: Callable[[Any], bool] | None = None,
         shards: Iterable[int] | None = None,
         with_vectors: bool = False,
+        plans: dict[int, dict[str, Any]] | None = None,
     ) -> list[list[Hit]]:
         """The best `k` hits per query over the given local shards (all when None); their
-        stored vectors too when asked."""
+        stored vectors too when asked. `plans`, when given, receives how each shard was
+        searched (see `node.storage.planner`)."""
         from aquila.node.storage.index import prepare
 
         q = prepare(queries, self.spec.metric)
@@ -345,16 +367,33 @@ class Collection:
             raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
         if predicate is None:
             rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
+            if plans is not None:
+                plans.update({s: {"shard": s, "path": "unfiltered",
+                                  "documents": self.shards[s].count} for s in wanted})
             return [row[:k] for row in rows]
-        async with self.rw.read():
-            return await self.blocking.search(
-                search_filtered, self, q, k, probe, predicate, wanted, with_vectors
-            )
+        how = FilterQuery.of(predicate) if isinstance(predicate, Filter) else predicate
+        answers = await self._filtered.submit((probe, wanted, with_vectors, how), q, k)
+        if plans is not None and answers:
+            plans.update({p["shard"]: p for p in answers[0][1]})
+        return [row[:k] for row, _ in answers]
 
     async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[list[Hit]]:
         probe, wanted, with_vectors = key
         async with self.rw.read():
             return await self.blocking.search(run_batch, self, q, k, probe, wanted, with_vectors)
+
+    async def _run_filtered(
+        self, key: Any, q: np.ndarray, k: int
+    ) -> list[tuple[list[Hit], list[dict[str, Any]]]]:
+        probe, wanted, with_vectors, how = key
+        async with self.rw.read():
+            rows, plans = await self.blocking.search(
+                search_planned, self, q, k, probe, how, wanted, with_vectors,
+                self.tuning.filter_path,
+            )
+        for p in plans:
+            self.plan_counts[p["path"]] = self.plan_counts.get(p["path"], 0) + len(q)
+        return [(row, plans) for row in rows]
 
     # -- background -----------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -78,6 +78,9 @@ class Engine:
         self.tuning = tuning
         self.fsync = fsync
         self.collections: dict[str, Collection] = {}
+        # Filtered-search planner paths taken, per shard and query, over every collection
+        # (kept here so that dropping a collection does not take counts back).
+        self.plan_counts: dict[str, int] = {}
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -138,7 +141,7 @@ class Engine:
 
     def _new(self, spec: CollectionSpec) -> Collection:
         root = collection_dir(self.root, spec.name)
-        return Collection(spec, root, self.blocking, self.tuning, self.fsync)
+        return Collection(spec, root, self.blocking, self.tuning, self.fsync, self.plan_counts)
 
     def get(self, name: str) -> Collection:
         coll = self.collections.get(name)

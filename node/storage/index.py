@@ -11,10 +11,11 @@ Cosine collections store unit vectors and search by inner product; callers norma
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ _SNAP_MAGIC = b"AQIX2\n"
 # trained-at count, kind (0 flat, 1 ivf), crc32 of meta + payload, meta length, payload length
 _SNAP_HEADER = struct.Struct(">QBIQQ")
 LABEL_BITS = 40
+_MASK = (1 << LABEL_BITS) - 1
+# Every VectorIndex object gets its own generation: what is derived from one (list numbers,
+# gathered vectors) is never taken for another's after a training swap or a reload.
+_GENERATIONS = itertools.count(1)
 
 
 def global_key(shard: int, label: int) -> int:
@@ -78,10 +83,20 @@ class VectorIndex:
     index: Any  # faiss.Index
     trained: bool  # an IVF index (False: exact flat)
     trained_at: int  # vectors it was trained on (0 for flat)
+    generation: int = field(default_factory=lambda: next(_GENERATIONS))
+    # IVF only, built on first use, then kept current by add and remove: per shard, the
+    # inverted list holding each label (-1: none), so a filter's matches per list are counted
+    # with one bincount (see `lists_of`).
+    _lists: dict[int, np.ndarray] | None = field(default=None, repr=False)
+    _sizes: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def nlist(self) -> int:
+        return int(self.index.nlist) if self.trained else 1
 
     @staticmethod
     def flat(dim: int, metric: str) -> VectorIndex:
@@ -124,12 +139,98 @@ class VectorIndex:
         return VectorIndex(index, True, n)
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
-        if len(labels):
+        if not len(labels):
+            return
+        if not self.trained:
             self.index.add_with_ids(vectors, labels)
+            return
+        # The coarse assignment add_with_ids would make, made here so the list numbers are
+        # known: the same work, and `lists_of` stays current.
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(labels, dtype=np.int64)
+        _, assign = self.index.quantizer.search(x, 1)
+        assign = np.ascontiguousarray(assign[:, 0])
+        self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids),
+                            faiss.swig_ptr(assign))
+        self._note_lists(ids, assign)
 
     def remove(self, labels: np.ndarray) -> None:
         if len(labels):
-            self.index.remove_ids(np.ascontiguousarray(labels, dtype=np.int64))
+            keys = np.ascontiguousarray(labels, dtype=np.int64)
+            self.index.remove_ids(keys)
+            if self.trained:
+                self._note_lists(keys, np.full(len(keys), -1, dtype=np.int64))
+
+    # -- inverted lists, for filtered searches --------------------------------------------
+    def _note_lists(self, keys: np.ndarray, lists: np.ndarray) -> None:
+        self._sizes = None
+        if self._lists is None:
+            return
+        shards = keys >> LABEL_BITS
+        for s in np.unique(shards).tolist():
+            pick = shards == s
+            self._lists[s] = _put(self._lists.get(s), keys[pick] & _MASK, lists[pick])
+
+    def lists_of(self, shard: int) -> np.ndarray:
+        """IVF: per label of the shard, the inverted list holding its vector (-1: none or
+        beyond the array). Built from the lists on first use (one pass over their ids)."""
+        if self._lists is None:
+            built: dict[int, np.ndarray] = {}
+            ivf, inv = self.index, self.index.invlists
+            parts = [(no, inv.list_size(no)) for no in range(ivf.nlist)]
+            keys = np.concatenate(
+                [faiss.rev_swig_ptr(inv.get_ids(no), n).copy() for no, n in parts if n]
+                or [np.zeros(0, np.int64)]
+            )
+            lists = np.repeat(np.arange(ivf.nlist, dtype=np.int64), [n for _, n in parts])
+            shards = keys >> LABEL_BITS
+            for s in np.unique(shards).tolist():
+                pick = shards == s
+                built[s] = _put(None, keys[pick] & _MASK, lists[pick])
+            self._lists = built
+        return self._lists.get(shard, np.zeros(0, np.int32))
+
+    def list_sizes(self) -> np.ndarray:
+        """IVF: the number of vectors in each inverted list."""
+        if self._sizes is None:
+            inv = self.index.invlists
+            self._sizes = np.fromiter((inv.list_size(no) for no in range(self.index.nlist)),
+                                      dtype=np.int64, count=self.index.nlist)
+        return self._sizes
+
+    def coarse(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """IVF: per query, its `n` nearest lists, nearest first (distances, list numbers)."""
+        d, lists = self.index.quantizer.search(queries, max(1, min(n, self.nlist)))
+        return d, lists
+
+    def search_lists(
+        self, queries: np.ndarray, k: int, dist: np.ndarray, lists: np.ndarray, sel: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """IVF: search each query in its own lists (a row of `lists`, -1 for none; `dist`
+        the coarse distances), only ids `sel` admits when given."""
+        n = len(queries)
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        lists = np.ascontiguousarray(lists, dtype=np.int64)
+        dist = np.ascontiguousarray(dist, dtype=np.float32)
+        k = max(1, k)
+        scores = np.empty((n, k), dtype=np.float32)
+        keys = np.empty((n, k), dtype=np.int64)
+        params = faiss.SearchParametersIVF(nprobe=lists.shape[1], sel=sel)
+        # The Python wrapper of search_preassigned refuses parameters (hence no selector);
+        # the C++ call takes them.
+        self.index.search_preassigned_c(
+            n, faiss.swig_ptr(x), k, faiss.swig_ptr(lists), faiss.swig_ptr(dist),
+            faiss.swig_ptr(scores), faiss.swig_ptr(keys), False, params,
+        )
+        return scores, keys
+
+    def vectors_of(self, keys: np.ndarray) -> np.ndarray:
+        """The stored (prepared) vectors of these keys, as the index holds them (decoded for
+        quantised indexes)."""
+        if not len(keys):
+            return np.zeros((0, self.index.d), np.float32)
+        out: np.ndarray = self.index.reconstruct_batch(np.ascontiguousarray(keys, np.int64))
+        return out
 
     def search(
         self,
@@ -196,3 +297,15 @@ class VectorIndex:
         if kind:
             faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
         return VectorIndex(index, bool(kind), int(trained_at)), covered
+
+
+def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """`arr[labels] = values` on an int32 array defaulting to -1, grown to fit."""
+    need = int(labels.max()) + 1 if len(labels) else 0
+    if arr is None or need > len(arr):
+        grown = np.full(max(need, 2 * (0 if arr is None else len(arr)), 16), -1, np.int32)
+        if arr is not None:
+            grown[: len(arr)] = arr
+        arr = grown
+    arr[labels] = values
+    return arr

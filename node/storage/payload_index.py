@@ -1,7 +1,8 @@
 """A shard's payload index: for each metadata key a filter has used, the labels of the live
 documents by value (and by number, for ranges). Built the first time a key is filtered on,
-then kept current write by write, so a filtered search combines sets instead of parsing every
-document's metadata. The semantics are those of `cluster.model.filters` (tested against it)."""
+then kept current write by write, so a filtered search combines masks over labels instead of
+parsing every document's metadata. The semantics are those of `cluster.model.filters` (tested
+against it)."""
 
 from __future__ import annotations
 
@@ -70,29 +71,31 @@ class KeyIndex:
         if self.num.pop(label, None) is not None:
             self._sorted = None
 
-    def match(self, values: Iterable[Any]) -> set[int]:
-        out: set[int] = set()
+    def match(self, values: Iterable[Any], mask: np.ndarray) -> None:
+        """Set the labels whose value equals one of `values` in `mask`."""
         for w in values:
-            out |= self.eq.get(_norm(w), set())
-        return out
+            labels = self.eq.get(_norm(w))
+            if labels:
+                mask[np.fromiter(labels, dtype=np.int64, count=len(labels))] = True
 
-    def in_range(self, bounds: Iterable[tuple[str, float]]) -> set[int]:
+    def in_range(self, bounds: Iterable[tuple[str, float]], mask: np.ndarray) -> None:
+        """Set the labels whose number lies within `bounds` in `mask`."""
         if self._sorted is None:
             labels = np.fromiter(self.num.keys(), dtype=np.int64, count=len(self.num))
             values = np.fromiter(self.num.values(), dtype=np.float64, count=len(self.num))
             self._sorted = (values, labels)
         values, labels = self._sorted
-        mask = np.ones(len(values), dtype=bool)
+        inside = np.ones(len(values), dtype=bool)
         for op, b in bounds:
             if op == "gte":
-                mask &= values >= b
+                inside &= values >= b
             elif op == "gt":
-                mask &= values > b
+                inside &= values > b
             elif op == "lte":
-                mask &= values <= b
+                inside &= values <= b
             else:
-                mask &= values < b
-        return set(labels[mask].tolist())
+                inside &= values < b
+        mask[labels[inside]] = True
 
 
 class PayloadIndex:
@@ -123,17 +126,38 @@ class PayloadIndex:
             if new is not None:
                 ki.add(label, _lookup(new_doc or {}, p))
 
-    def evaluate(self, flt: Filter, meta: dict[int, bytes]) -> set[int]:
-        """Labels of the live documents that `flt` admits."""
+    def mask(self, flt: Filter, meta: dict[int, bytes], size: int) -> np.ndarray:
+        """A boolean mask over labels 0..size-1 (every label of `meta` below size) of the live
+        documents that `flt` admits: numpy operations over label arrays, no per-document
+        Python objects."""
         self.ensure((c.path for c in (*flt.must, *flt.should, *flt.must_not)), meta)
 
-        def cond(c: Cond) -> set[int]:
+        def cond(c: Cond) -> np.ndarray:
+            out = np.zeros(size, dtype=bool)
             ki = self.keys[c.path]
-            return ki.in_range(c.bounds) if c.kind == "range" else ki.match(c.values)
+            if c.kind == "range":
+                ki.in_range(c.bounds, out)
+            else:
+                ki.match(c.values, out)
+            return out
 
-        result = set.intersection(*(cond(c) for c in flt.must)) if flt.must else set(meta)
+        if flt.must:
+            result = cond(flt.must[0])
+            for c in flt.must[1:]:
+                result &= cond(c)
+        else:  # every live document
+            result = np.zeros(size, dtype=bool)
+            result[np.fromiter(meta, dtype=np.int64, count=len(meta))] = True
         if flt.should:
-            result &= set().union(*(cond(c) for c in flt.should))
-        if flt.must_not:
-            result -= set().union(*(cond(c) for c in flt.must_not))
+            some = np.zeros(size, dtype=bool)
+            for c in flt.should:
+                some |= cond(c)
+            result &= some
+        for c in flt.must_not:
+            result &= ~cond(c)
         return result
+
+    def evaluate(self, flt: Filter, meta: dict[int, bytes]) -> set[int]:
+        """Labels of the live documents that `flt` admits."""
+        size = max(meta, default=-1) + 1
+        return set(np.flatnonzero(self.mask(flt, meta, size)).tolist())

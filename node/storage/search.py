@@ -1,27 +1,21 @@
 """Searching a collection's local index (blocking; runs on a search thread under the
-collection's read lock): the batched unfiltered path, the filtered path, and turning index
-keys into documents from the shards' in-memory label and metadata maps (RocksDB is read only
-when vectors are asked for)."""
+collection's read lock): the batched unfiltered path, and turning index keys into documents
+from the shards' in-memory label and metadata maps (RocksDB is read only when vectors are asked
+for). The filtered path is `node.storage.filtered`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
-import orjson
 
 from aquila.cluster.model.documents import Hit
-from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.node.storage.index import LABEL_BITS, VectorIndex, global_keys, shard_selector
+from aquila.node.storage.index import LABEL_BITS, VectorIndex, shard_selector
 from aquila.node.storage.shard import Shard
 from aquila.node.storage.store import Store
 
-# A filtered search over at most this many matching documents scans every list of the index
-# (exact for flat and ivf_flat); more matches go through the usual nprobe lists first.
-EXACT_FILTER_MAX = 50_000
 _MASK = (1 << LABEL_BITS) - 1
 
 
@@ -44,46 +38,6 @@ def run_batch(
         return [[] for _ in range(len(q))]
     sel = None if len(wanted) == len(coll.shards) else shard_selector(list(wanted))
     d, keys = coll.index.search(q, k, nprobe, selector=sel)
-    return resolve(coll, d, keys, with_vectors)
-
-
-def matching_keys(
-    coll: Searchable, predicate: Callable[[Any], bool], wanted: tuple[int, ...]
-) -> np.ndarray:
-    """Index keys of the live documents of these shards whose metadata matches: from the
-    shards' payload indexes for a parsed filter, by evaluating any other predicate."""
-    parts = []
-    for s in wanted:
-        shard = coll.shards[s]
-        if isinstance(predicate, Filter):
-            labels = sorted(shard.payload.evaluate(predicate, shard.meta))
-        else:
-            labels = [lab for lab, meta in shard.meta.items() if predicate(orjson.loads(meta))]
-        parts.append(global_keys(s, np.asarray(labels, dtype=np.int64)))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def search_filtered(
-    coll: Searchable,
-    q: np.ndarray,
-    k: int,
-    nprobe: int,
-    predicate: Callable[[Any], bool],
-    wanted: tuple[int, ...],
-    with_vectors: bool,
-) -> list[list[Hit]]:
-    """The k best *matching* documents, not the matches among the k best: the index search
-    is restricted to the matches. Few matches: every list is scanned (exact for flat and
-    ivf_flat). Many: the usual nprobe lists, widened to all when they hold fewer than k."""
-    allowed = matching_keys(coll, predicate, wanted)
-    if len(allowed) == 0:
-        return [[] for _ in range(len(q))]
-    kk = min(k, len(allowed))
-    every_list = int(getattr(coll.index.index, "nlist", 1))
-    probe = every_list if len(allowed) <= EXACT_FILTER_MAX else nprobe
-    d, keys = coll.index.search(q, kk, probe, allowed=allowed)
-    if probe < every_list and (keys >= 0).sum(axis=1).min() < kk:
-        d, keys = coll.index.search(q, kk, every_list, allowed=allowed)
     return resolve(coll, d, keys, with_vectors)
 
 

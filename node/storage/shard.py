@@ -15,11 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 from aquila.cluster.model.digests import BUCKETS, bucket_of, record_hash
 from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.storage.index import LABEL_BITS, global_key, global_keys, prepare
+from aquila.node.storage.matches import DEFAULT_CAPACITY, MatchSet, ShardFilters, canonical
 from aquila.node.storage.payload_index import PayloadIndex
 from aquila.node.storage.store import Record, Store, WriteBatch
 
@@ -47,7 +50,8 @@ class IndexOps:
 
 
 class Shard:
-    def __init__(self, spec: CollectionSpec, shard: int, store: Store) -> None:
+    def __init__(self, spec: CollectionSpec, shard: int, store: Store,
+                 filter_cache: int = DEFAULT_CAPACITY) -> None:
         self.spec = spec
         self.shard = shard
         self.store = store
@@ -57,6 +61,8 @@ class Shard:
         self.digests = [0] * BUCKETS
         # Metadata keys filters have used, indexed (built on first use, kept current).
         self.payload = PayloadIndex()
+        # The match sets of recent filters (bitmaps over labels, kept current by writes).
+        self.filters = ShardFilters(filter_cache)
         self.next_seq = 1
         self.next_label = 1
         self.count = 0
@@ -68,12 +74,22 @@ class Shard:
         self.labels, self.meta = {}, {}
         self.digests = [0] * BUCKETS
         self.payload = PayloadIndex()
+        self.filters.clear()
         for doc_id, rec in self.store.iter_docs(self.shard):
             self.labels[rec.label] = doc_id
             self.digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
             if not rec.tombstone:
                 self.meta[rec.label] = rec.metadata
         self.applied_seq = self.next_seq - 1
+
+    def matches(self, flt: Filter, key: str | None = None) -> tuple[MatchSet, bool]:
+        """The live documents `flt` admits, as a match set over labels, and whether it came
+        from the cache: the one evaluation that searches, counts and scrolls share. `key`:
+        `canonical(flt)` when the caller has it. Call under the collection's read lock."""
+        return self.filters.get(
+            flt, canonical(flt) if key is None else key,
+            lambda: self.payload.mask(flt, self.meta, self.next_label),
+        )
 
     def keys(self) -> np.ndarray:
         """Global keys of every label this shard ever gave (live or not)."""
@@ -192,8 +208,13 @@ class Shard:
         for label in ops.gone:
             self.payload.update(label, self.meta.pop(label, None), None)
         mask = (1 << LABEL_BITS) - 1
+        added = []
         for key, meta in zip(ops.add_keys, ops.add_meta, strict=True):
             label = key & mask
             self.payload.update(label, self.meta.get(label), meta)
             self.meta[label] = meta
+            added.append(label)
+        self.filters.written(
+            ops.gone, added, lambda: [orjson.loads(m) if m else {} for m in ops.add_meta]
+        )
         self.applied_seq = max(self.applied_seq, ops.last_seq)
