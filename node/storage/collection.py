@@ -85,7 +85,7 @@ class Collection:
         self.blocking = blocking
         self.tuning = tuning
         self.shards: dict[int, Shard] = {}
-        self.index = VectorIndex.flat(spec.dim, spec.metric)
+        self.index = VectorIndex.flat(spec.dim, spec.metric, spec.shards)
         self.snapshot_seqs: dict[int, int] = {}
         self.training = False
         self.rw = RWLock()
@@ -143,7 +143,7 @@ class Collection:
             shard = Shard(self.spec, s, self.store, self.tuning.filter_cache)
             shard.load()
             self.shards[s] = shard
-        loaded = VectorIndex.load(self.snap_path)
+        loaded = VectorIndex.load(self.snap_path, self.spec.shards)
         if loaded is not None and set(loaded[1]) <= set(shards):
             self.index, covered = loaded
             for s, shard in self.shards.items():
@@ -153,7 +153,7 @@ class Collection:
             if self.snap_path.exists():
                 log.warning("%s: snapshot damaged or stale; rebuilding from the store",
                             self.spec.name)
-            self.index = VectorIndex.flat(self.spec.dim, self.spec.metric)
+            self.index = VectorIndex.flat(self.spec.dim, self.spec.metric, self.spec.shards)
             for shard in self.shards.values():
                 self.index.add(*shard.live_vectors(None))
 

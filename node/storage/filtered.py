@@ -31,7 +31,6 @@ from aquila.node.storage.index import (
     faiss,
     faiss_metric,
     global_keys,
-    shard_selector,
 )
 from aquila.node.storage.matches import MatchSet, canonical
 from aquila.node.storage.planner import (
@@ -59,7 +58,6 @@ COARSE_SLACK = 2.0
 # hold far fewer matches than the shard as a whole) is finished with a selector.
 CANDIDATE_SLACK = 1.5
 CANDIDATE_ROUNDS = 3
-SELECTOR_BYTES_PER_ID = 48  # FAISS IDSelectorBatch: a hash set node and bucket, a bloom filter
 
 
 @dataclass(frozen=True)
@@ -229,7 +227,7 @@ class _Run:
             sel = self._selector(group)
             scores, keys = self._search(self.q, min(self.k, matches), dist, lists, sel)
             return scores, keys, note
-        shards = None if everyone else shard_selector(list(group))
+        shards = None if everyone else self.index.shards_selector(group, self._below(group))
         scores, keys, asked, left = self._postfilter(dist, lists, shards, matches, documents,
                                                      group)
         if len(left):
@@ -241,10 +239,14 @@ class _Run:
             note["finished_with_selector"] = len(left)
         return scores, keys, note | {"candidates": asked}
 
+    def _below(self, group: tuple[int, ...]) -> int:
+        return max(self.coll.shards[s].next_label for s in group)
+
     def _selector(self, group: tuple[int, ...]) -> Any:
         def build() -> tuple[Any, int]:
-            keys = self._keys(group)
-            return faiss.IDSelectorBatch(keys), len(keys) * SELECTOR_BYTES_PER_ID
+            below = self._below(group)
+            sel = self.index.selector({s: self.sets[s].labels() for s in group}, below)
+            return sel, (below << self.index.bits) // 8
 
         return self._cached("selector", group, build)
 

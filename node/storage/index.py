@@ -2,9 +2,13 @@
 (flat) while small, IVF once trained.
 
 One index serves every local shard of the collection, so a search costs one FAISS call and
-one coarse quantisation instead of one per shard. Its labels are global keys
+one coarse quantisation instead of one per shard. Callers name documents by global keys
 `shard << 40 | label` (the document's stable label within its shard), so a shard's vectors can
-be removed when it moves away and a search can be restricted to some shards (`shard_selector`).
+be removed when it moves away and a search can be restricted to some shards. Inside FAISS the
+same document has the id `label << b | shard`, `b` the bits of the collection's shard count:
+ids stay dense, so a set of documents (some shards', a filter's matches) is a bitmap of about
+one bit per document of the collection, which FAISS tests in a nanosecond
+(`IDSelectorBitmap`). This module translates both ways; nothing else sees FAISS ids.
 Cosine collections store unit vectors and search by inner product; callers normalise
 (see `prepare`).
 """
@@ -29,9 +33,11 @@ from aquila.node.files import write_atomic
 # FAISS's bundled stubs lag its API (SearchParametersIVF keywords, DirectMap, ...).
 faiss: Any = _faiss
 
-_SNAP_MAGIC = b"AQIX2\n"
-# trained-at count, kind (0 flat, 1 ivf), crc32 of meta + payload, meta length, payload length
-_SNAP_HEADER = struct.Struct(">QBIQQ")
+# 3: FAISS ids interleave the shard below the label (2 had global keys; it is rebuilt).
+_SNAP_MAGIC = b"AQIX3\n"
+# trained-at count, kind (0 flat, 1 ivf), shard bits, crc32 of meta + payload, meta length,
+# payload length
+_SNAP_HEADER = struct.Struct(">QBBIQQ")
 LABEL_BITS = 40
 _MASK = (1 << LABEL_BITS) - 1
 # Every VectorIndex object gets its own generation: what is derived from one (list numbers,
@@ -47,14 +53,9 @@ def global_keys(shard: int, labels: np.ndarray) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64) + np.int64(shard << LABEL_BITS)
 
 
-def shard_selector(shards: list[int]) -> Any:
-    """A FAISS selector admitting only these shards' keys (ranges, so no per-id table)."""
-    sel: Any = None
-    for s in shards:
-        r = faiss.IDSelectorRange(s << LABEL_BITS, (s + 1) << LABEL_BITS)
-        sel = r if sel is None else faiss.IDSelectorOr(sel, r)
-        sel.keep = r  # keep the child alive: FAISS holds it by raw pointer
-    return sel
+def shard_bits(shards: int) -> int:
+    """Bits of a FAISS id that name the shard, for a collection of this many shards."""
+    return max(1, (shards - 1).bit_length())
 
 
 def faiss_metric(metric: str) -> int:
@@ -83,12 +84,15 @@ class VectorIndex:
     index: Any  # faiss.Index
     trained: bool  # an IVF index (False: exact flat)
     trained_at: int  # vectors it was trained on (0 for flat)
+    bits: int  # `shard_bits` of the collection: FAISS id = label << bits | shard
     generation: int = field(default_factory=lambda: next(_GENERATIONS))
     # IVF only, built on first use, then kept current by add and remove: per shard, the
     # inverted list holding each label (-1: none), so a filter's matches per list are counted
     # with one bincount (see `lists_of`).
     _lists: dict[int, np.ndarray] | None = field(default=None, repr=False)
     _sizes: np.ndarray | None = field(default=None, repr=False)
+    # Per set of shards, a bitmap selector of their ids and the labels it covers.
+    _shard_sels: dict[tuple[int, ...], tuple[int, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -99,9 +103,42 @@ class VectorIndex:
         return int(self.index.nlist) if self.trained else 1
 
     @staticmethod
-    def flat(dim: int, metric: str) -> VectorIndex:
+    def flat(dim: int, metric: str, shards: int) -> VectorIndex:
         base = faiss.IndexFlat(dim, faiss_metric(metric))
-        return VectorIndex(faiss.IndexIDMap2(base), False, 0)
+        return VectorIndex(faiss.IndexIDMap2(base), False, 0, shard_bits(shards))
+
+    # -- global keys and FAISS ids ----------------------------------------------------------
+    def ids(self, keys: np.ndarray) -> np.ndarray:
+        """FAISS ids of global keys."""
+        keys = np.asarray(keys, dtype=np.int64)
+        return np.ascontiguousarray(((keys & _MASK) << self.bits) | (keys >> LABEL_BITS))
+
+    def keys(self, ids: np.ndarray) -> np.ndarray:
+        """Global keys of FAISS ids (-1 stays -1: no result)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        keys = ((ids & ((1 << self.bits) - 1)) << LABEL_BITS) | (ids >> self.bits)
+        return np.where(ids < 0, -1, keys)
+
+    def selector(self, labels: dict[int, np.ndarray], below: int) -> Any:
+        """A FAISS selector of these labels of these shards (all below `below`): a bitmap of
+        `below << bits` bits, about one per document of the collection."""
+        slots = np.zeros(below << self.bits, dtype=bool)
+        for s, ls in labels.items():
+            slots[(np.asarray(ls, dtype=np.int64) << self.bits) | s] = True
+        return _bitmap(np.packbits(slots, bitorder="little"))
+
+    def shards_selector(self, shards: tuple[int, ...], below: int) -> Any:
+        """A FAISS selector of every id of these shards with a label below `below`; kept per
+        set of shards and rebuilt only when labels pass twice the bound it was built for."""
+        hit = self._shard_sels.get(shards)
+        if hit is not None and hit[0] >= below:
+            return hit[1]
+        bound = max(1024, 1 << max(0, below - 1).bit_length() + 1)
+        slot = np.zeros(1 << self.bits, dtype=bool)
+        slot[list(shards)] = True
+        sel = _bitmap(np.packbits(np.tile(slot, bound), bitorder="little"))
+        self._shard_sels[shards] = (bound, sel)
+        return sel
 
     @staticmethod
     def train_ivf(spec: CollectionSpec, vectors: np.ndarray, labels: np.ndarray) -> VectorIndex:
@@ -135,29 +172,30 @@ class VectorIndex:
         index.train(sample)
         # A hash table from label to list position makes remove_ids and reconstruct O(1).
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        index.add_with_ids(vectors, labels)
-        return VectorIndex(index, True, n)
+        out = VectorIndex(index, True, n, shard_bits(spec.shards))
+        index.add_with_ids(vectors, out.ids(labels))
+        return out
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         if not len(labels):
             return
+        ids = self.ids(labels)
         if not self.trained:
-            self.index.add_with_ids(vectors, labels)
+            self.index.add_with_ids(vectors, ids)
             return
         # The coarse assignment add_with_ids would make, made here so the list numbers are
         # known: the same work, and `lists_of` stays current.
         x = np.ascontiguousarray(vectors, dtype=np.float32)
-        ids = np.ascontiguousarray(labels, dtype=np.int64)
         _, assign = self.index.quantizer.search(x, 1)
         assign = np.ascontiguousarray(assign[:, 0])
         self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids),
                             faiss.swig_ptr(assign))
-        self._note_lists(ids, assign)
+        self._note_lists(np.asarray(labels, dtype=np.int64), assign)
 
     def remove(self, labels: np.ndarray) -> None:
         if len(labels):
-            keys = np.ascontiguousarray(labels, dtype=np.int64)
-            self.index.remove_ids(keys)
+            keys = np.asarray(labels, dtype=np.int64)
+            self.index.remove_ids(self.ids(keys))
             if self.trained:
                 self._note_lists(keys, np.full(len(keys), -1, dtype=np.int64))
 
@@ -178,10 +216,10 @@ class VectorIndex:
             built: dict[int, np.ndarray] = {}
             ivf, inv = self.index, self.index.invlists
             parts = [(no, inv.list_size(no)) for no in range(ivf.nlist)]
-            keys = np.concatenate(
+            keys = self.keys(np.concatenate(
                 [faiss.rev_swig_ptr(inv.get_ids(no), n).copy() for no, n in parts if n]
                 or [np.zeros(0, np.int64)]
-            )
+            ))
             lists = np.repeat(np.arange(ivf.nlist, dtype=np.int64), [n for _, n in parts])
             shards = keys >> LABEL_BITS
             for s in np.unique(shards).tolist():
@@ -222,41 +260,33 @@ class VectorIndex:
             n, faiss.swig_ptr(x), k, faiss.swig_ptr(lists), faiss.swig_ptr(dist),
             faiss.swig_ptr(scores), faiss.swig_ptr(keys), False, params,
         )
-        return scores, keys
+        return scores, self.keys(keys)
 
     def vectors_of(self, keys: np.ndarray) -> np.ndarray:
         """The stored (prepared) vectors of these keys, as the index holds them (decoded for
         quantised indexes)."""
         if not len(keys):
             return np.zeros((0, self.index.d), np.float32)
-        out: np.ndarray = self.index.reconstruct_batch(np.ascontiguousarray(keys, np.int64))
+        out: np.ndarray = self.index.reconstruct_batch(self.ids(keys))
         return out
 
     def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        nprobe: int,
-        allowed: np.ndarray | None = None,
-        selector: Any = None,
+        self, queries: np.ndarray, k: int, nprobe: int, selector: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, keys), each nq × k; key -1 where fewer than k were found.
-
-        `allowed`: only these keys may be returned (a filter); `selector`: a FAISS selector
-        (some shards). None for all.
-        """
+        """(scores, global keys), each nq × k; key -1 where fewer than k were found.
+        `selector`: only ids it admits (`selector`, `shards_selector`); None for all."""
         k = max(1, min(k, max(1, self.ntotal)))
-        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else selector
         if self.trained:
             params = faiss.SearchParametersIVF(
-                nprobe=max(1, min(nprobe, self.index.nlist)), sel=sel
+                nprobe=max(1, min(nprobe, self.index.nlist)), sel=selector
             )
-            return self.index.search(queries, k, params=params)  # type: ignore[no-any-return]
-        if sel is not None:
-            return self.index.search(  # type: ignore[no-any-return]
-                queries, k, params=faiss.SearchParameters(sel=sel)
-            )
-        return self.index.search(queries, k)  # type: ignore[no-any-return]
+            scores, ids = self.index.search(queries, k, params=params)
+        elif selector is not None:
+            scores, ids = self.index.search(queries, k,
+                                            params=faiss.SearchParameters(sel=selector))
+        else:
+            scores, ids = self.index.search(queries, k)
+        return scores, self.keys(ids)
 
     # -- snapshots ------------------------------------------------------------------------
     def serialize(self) -> bytes:
@@ -268,15 +298,14 @@ class VectorIndex:
         mid-write leaves the previous snapshot in place."""
         payload = self.serialize() if payload is None else payload
         meta = orjson.dumps({str(s): q for s, q in covered.items()})
-        head = _SNAP_HEADER.pack(
-            self.trained_at, int(self.trained), zlib.crc32(meta + payload), len(meta), len(payload)
-        )
+        head = _SNAP_HEADER.pack(self.trained_at, int(self.trained), self.bits,
+                                 zlib.crc32(meta + payload), len(meta), len(payload))
         write_atomic(path, _SNAP_MAGIC + head, meta, payload)
 
     @staticmethod
-    def load(path: Path) -> tuple[VectorIndex, dict[int, int]] | None:
-        """(index, covered seq per shard), or None when missing or damaged (the caller
-        rebuilds from the store)."""
+    def load(path: Path, shards: int) -> tuple[VectorIndex, dict[int, int]] | None:
+        """(index, covered seq per shard), or None when missing, damaged or of another
+        layout (the caller rebuilds from the store)."""
         try:
             raw = path.read_bytes()
         except OSError:
@@ -284,9 +313,10 @@ class VectorIndex:
         n0 = len(_SNAP_MAGIC)
         if len(raw) < n0 + _SNAP_HEADER.size or raw[:n0] != _SNAP_MAGIC:
             return None
-        trained_at, kind, crc, meta_len, length = _SNAP_HEADER.unpack_from(raw, n0)
+        trained_at, kind, bits, crc, meta_len, length = _SNAP_HEADER.unpack_from(raw, n0)
         body = raw[n0 + _SNAP_HEADER.size :]
-        if len(body) != meta_len + length or zlib.crc32(body) != crc:
+        if (len(body) != meta_len + length or zlib.crc32(body) != crc
+                or bits != shard_bits(shards)):
             return None
         covered = {int(s): int(q) for s, q in orjson.loads(body[:meta_len]).items()}
         payload = body[meta_len:]
@@ -296,7 +326,7 @@ class VectorIndex:
             return None
         if kind:
             faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
-        return VectorIndex(index, bool(kind), int(trained_at)), covered
+        return VectorIndex(index, bool(kind), int(trained_at), bits), covered
 
 
 def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -309,3 +339,8 @@ def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray) -> np.n
         arr = grown
     arr[labels] = values
     return arr
+
+
+def _bitmap(bits: np.ndarray) -> Any:
+    # FAISS reads the array by raw pointer; its Python wrapper keeps it alive with the selector.
+    return faiss.IDSelectorBitmap(bits)

@@ -4,13 +4,13 @@ its documents match (pure; `node.storage.filtered` carries the plans out).
 - `exact`: few match. Their vectors (gathered once per filter and kept) are scored directly:
   exact, and cheaper than any index walk when the matches are fewer than the vectors an index
   search would score.
-- `selector`: many match. The IVF index is searched with a FAISS selector of the matches
-  (built once per filter and kept): only matches are scored, so each probed list costs little
-  more than a membership test per vector; the lists probed are widened per query until they
-  hold as many matches as an unfiltered search scores vectors (`probes`).
+- `selector`: many match. The IVF index is searched with a FAISS bitmap selector of the
+  matches (built once per filter and kept): only matches are scored, and every other vector
+  of a probed list costs one bit test; the lists probed are widened per query until they hold
+  as many matches as an unfiltered search scores vectors (`probes`).
 - `postfilter`: nearly all match. The index is searched unfiltered for more candidates than k
-  and the non-matches dropped, widening until k matches are found: no selector to build or
-  hold, and scoring a few non-matches costs less than testing every vector.
+  and the non-matches dropped, widening until k matches are found: scoring the few
+  non-matches costs about what testing every vector would.
 - `none`: nothing matches; the shard is not searched.
 
 The choice is by an estimate of the work of each path, in nanoseconds, from constants measured
@@ -32,10 +32,10 @@ SCORE_NS = 10.0
 SCORE_NS_PER_DIM = 0.25
 # Scoring gathered vectors all at once (a matrix product) costs about half as much a vector.
 EXACT_SHARE = 0.5
-# One selector membership test (a bloom filter, then a hash set) per vector walked past.
-TEST_NS = 4.0
-# Beyond this share of matches a selector would hold nearly every id for little gain:
-# post-filtering scores at most 1/0.75 as many vectors as an unfiltered search.
+# One selector membership test (a bit of a bitmap) per vector walked past.
+TEST_NS = 3.0
+# From this share of matches on, post-filtering (which scores at most 1/0.75 as many vectors
+# as an unfiltered search) is weighed against the selector; below it, it is not an option.
 POSTFILTER_FROM = 0.75
 # Vectors gathered for the exact path are kept with the filter; this bounds their memory.
 EXACT_MAX_BYTES = 16 << 20
@@ -80,12 +80,11 @@ def costs(matches: int, documents: int, shape: IndexShape) -> dict[str, float]:
     out: dict[str, float] = {}
     if matches * shape.dim * 4 <= EXACT_MAX_BYTES:
         out[EXACT] = matches * score * EXACT_SHARE
-    if share < POSTFILTER_FROM:
-        if matches <= target:  # widening ends with every list: every vector tested
-            out[SELECTOR] = documents * TEST_NS + matches * score
-        else:
-            out[SELECTOR] = target * score + target / share * TEST_NS
+    if matches <= target:  # widening ends with every list: every vector tested
+        out[SELECTOR] = documents * TEST_NS + matches * score
     else:
+        out[SELECTOR] = target * score + target / share * TEST_NS
+    if share >= POSTFILTER_FROM:
         out[POSTFILTER] = min(float(documents), target / share) * score
     return out
 

@@ -12,7 +12,7 @@ import numpy as np
 from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.node.storage.index import LABEL_BITS, VectorIndex, shard_selector
+from aquila.node.storage.index import LABEL_BITS, VectorIndex
 from aquila.node.storage.shard import Shard
 from aquila.node.storage.store import Store
 
@@ -36,7 +36,10 @@ def run_batch(
     local shard."""
     if coll.index.ntotal == 0:
         return [[] for _ in range(len(q))]
-    sel = None if len(wanted) == len(coll.shards) else shard_selector(list(wanted))
+    sel = None
+    if len(wanted) < len(coll.shards):
+        below = max(coll.shards[s].next_label for s in wanted)
+        sel = coll.index.shards_selector(wanted, below)
     d, keys = coll.index.search(q, k, nprobe, selector=sel)
     return resolve(coll, d, keys, with_vectors)
 
