@@ -117,6 +117,7 @@ async def _storage(
     await cluster.start()
     app[METRICS].watch_cluster(cluster.metrics_snapshot)
     app[METRICS].watch_collections(lambda: {n: c.count() for n, c in engine.collections.items()})
+    app[METRICS].watch_plans(lambda: dict(engine.plan_counts))
     snapshots = asyncio.get_running_loop().create_task(
         engine.snapshot_loop(config.snapshot_interval_s, cluster.service.clock)
     )

@@ -23,6 +23,20 @@ class _Collections:
         yield g
 
 
+class _SearchPlans:
+    """Filtered-search planner paths taken (one per query and shard), read when scraped."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        c = CounterMetricFamily("aquila_search_plans", "Shards searched, per query, by planner "
+                                "path (exact, selector, postfilter, none)", labels=["path"])
+        for path, n in sorted(self._counts().items()):
+            c.add_metric([path], n)
+        yield c
+
+
 class _Cluster:
     """Gossip counters, member states, hinted hand-off and Lifeguard health, read when
     scraped."""
@@ -71,6 +85,9 @@ class Metrics:
 
     def watch_collections(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_Collections(counts))  # type: ignore[arg-type]
+
+    def watch_plans(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_SearchPlans(counts))  # type: ignore[arg-type]
 
     def watch_cluster(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_Cluster(snapshot))  # type: ignore[arg-type]

@@ -42,3 +42,4 @@ class SearchRequest:
     include_vector: bool
     allow_partial: bool
     timeout_ms: int | None
+    explain: bool = False  # answer with each shard's plan (how it was searched)

@@ -42,7 +42,11 @@ class ShardBackend(Protocol):
         predicate: Callable[[Any], bool] | None,
         shards: Iterable[int],
         with_vectors: bool = False,
-    ) -> list[list[Hit]]: ...
+        plans: dict[int, dict[str, Any]] | None = None,
+    ) -> list[list[Hit]]:
+        """Per query, the best k hits over these local shards. `plans`, when given, receives
+        per shard how it was searched ({"shard", "path", ...})."""
+        ...
 
     def shard_stats(self, name: str) -> dict[int, dict[str, Any]]:
         """Per local shard: {"count", "index_state"}."""

@@ -101,6 +101,7 @@ class MemoryBackend:
         predicate: Callable[[Any], bool] | None,
         shards: Iterable[int],
         with_vectors: bool = False,
+        plans: dict[int, dict[str, Any]] | None = None,
     ) -> list[list[Hit]]:
         wanted = sorted(shards)
         coll = self._open(spec.name, wanted)
@@ -109,6 +110,12 @@ class MemoryBackend:
             if d.vector is not None
             and (predicate is None or predicate(orjson.loads(d.metadata)))
         ]
+        if plans is not None:  # every search here is brute force over the matches
+            for s in wanted:
+                live = sum(1 for d in coll.shards[s].values() if d.vector is not None)
+                plans[s] = {"shard": s, "documents": live, "path": "unfiltered"}
+                if predicate is not None:
+                    plans[s] |= {"path": "exact", "matches": sum(1 for x, _, _ in docs if x == s)}
         if not docs:
             return [[] for _ in range(len(queries))]
         x = np.vstack([v for _, _, v in docs]).astype(np.float32)

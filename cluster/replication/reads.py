@@ -81,9 +81,16 @@ class ReadPath:
         timeout_s = req.timeout_ms / 1000 if req.timeout_ms else self.search_timeout_s
         candidates, unreachable = self.search_candidates(entry)
         replicas = self._replicas
+        plans: dict[int, dict[str, Any]] | None = {} if req.explain else None
 
         async def ask(node: str, shards: list[int], budget: float) -> list[list[Hit]]:
-            return await replicas.of(node).search(spec, req, shards, budget)
+            if plans is None:
+                return await replicas.of(node).search(spec, req, shards, budget)
+            got: dict[int, dict[str, Any]] = {}
+            rows = await replicas.of(node).search(spec, req, shards, budget, got)
+            for s, p in got.items():  # the first answer for a shard is the one used
+                plans.setdefault(s, {**p, "node": node})
+            return rows
 
         result = await fan_out(
             candidates, ask, len(req.vectors), req.k, spec.metric != "l2", self._clock, timeout_s
@@ -94,10 +101,13 @@ class ReadPath:
                 f"shard(s) {missing} have no live replica that answered; "
                 f"{'; '.join(result.errors) or 'no replica alive'}"
             )
-        return {
+        out = {
             "results": [[hit_json(h, req.include_metadata, req.include_vector) for h in row]
                         for row in result.rows],
             "partial": bool(missing),
             "missing_shards": missing,
             "took_ms": round((self._clock.now() - t0) * 1000, 3),
         }
+        if plans is not None:
+            out["plans"] = [plans[s] for s in sorted(plans)]
+        return out

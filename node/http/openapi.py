@@ -176,6 +176,32 @@ _SCHEMAS: dict[str, Any] = {
             },
             "allow_partial": {"type": "boolean", "default": True},
             "timeout_ms": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_MS},
+            "explain": {
+                "type": "boolean", "default": False,
+                "description": "answer with `plans`: how each shard was searched",
+            },
+        },
+    },
+    "SearchPlan": {
+        "type": "object",
+        "description": "How one shard was searched. `path`: `unfiltered`; for a filter, "
+        "`exact` (few matches: their vectors scored directly), `selector` (many: the index "
+        "searched with a bitmap of the matches, its lists widened until they hold as many "
+        "matches as an unfiltered search scores vectors), `postfilter` (nearly all: the index "
+        "searched unfiltered for `candidates` and the non-matches dropped) or `none` (nothing "
+        "matches). `matches` of the shard's `documents` match; `cached`: the filter's match "
+        "set was kept from an earlier search; `nprobe`: the most lists a query probed.",
+        "properties": {
+            "shard": {"type": "integer"},
+            "node": {"type": "string"},
+            "path": {"type": "string",
+                     "enum": ["unfiltered", "exact", "selector", "postfilter", "none"]},
+            "matches": {"type": "integer"},
+            "documents": {"type": "integer"},
+            "cached": {"type": "boolean"},
+            "nprobe": {"type": "integer"},
+            "nprobe_mean": {"type": "number"},
+            "candidates": {"type": "integer"},
         },
     },
     "SearchResult": {
@@ -203,6 +229,10 @@ _SCHEMAS: dict[str, Any] = {
             "partial": {"type": "boolean"},
             "missing_shards": {"type": "array", "items": {"type": "integer"}},
             "took_ms": {"type": "number"},
+            "plans": {
+                "type": "array", "items": {"$ref": "#/components/schemas/SearchPlan"},
+                "description": "with `explain`: one per shard that answered, by shard",
+            },
         },
     },
 }

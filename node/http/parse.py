@@ -200,7 +200,8 @@ def check_id(doc_id: str) -> str:
 def parse_search(body: Any, dim: int) -> SearchRequest:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    known = {"vectors", "vector", "k", "nprobe", "filter", "include", "allow_partial", "timeout_ms"}
+    known = {"vectors", "vector", "k", "nprobe", "filter", "include", "allow_partial", "timeout_ms",
+             "explain"}
     unknown = set(body) - known
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -245,6 +246,9 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
         or not 1 <= timeout_ms <= MAX_TIMEOUT_MS
     ):
         raise BadRequest(f"'timeout_ms' must be an integer from 1 to {MAX_TIMEOUT_MS}")
+    explain = body.get("explain", False)
+    if not isinstance(explain, bool):
+        raise BadRequest("'explain' must be a boolean")
     flt = body.get("filter")
     return SearchRequest(
         vectors=vectors,
@@ -256,6 +260,7 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
         include_vector="vector" in include,
         allow_partial=allow_partial,
         timeout_ms=timeout_ms,
+        explain=explain,
     )
 
 
