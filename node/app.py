@@ -22,8 +22,11 @@ from aquila.node.config import NodeConfig
 from aquila.node.files import write_atomic
 from aquila.node.http.api import add_public_routes, error_middleware
 from aquila.node.http.cluster_api import add_cluster_routes
+from aquila.node.http.dashboard import add_ui_routes
 from aquila.node.http.internal_api import add_internal_routes
+from aquila.node.http.observe import request_context
 from aquila.node.keys import BLOCKING, CLUSTER, CONFIG, METRICS, READY, SERVICE
+from aquila.node.logs import set_node
 from aquila.node.metrics import Metrics
 from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
@@ -55,7 +58,8 @@ def make_app(
     unless others are given (a fake clock, `memnet`, `mempeers`); given ones are started and
     closed by whoever gave them."""
     # Bodies are decompressed by node/http/body.py, which counts the limit as it inflates.
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_wire_bytes,
+    app = web.Application(middlewares=[request_context, error_middleware],
+                          client_max_size=config.max_wire_bytes,
                           handler_args={"auto_decompress": False})
     clock = clock or SystemClock()
     app[CONFIG] = config
@@ -66,6 +70,7 @@ def make_app(
     add_public_routes(app)
     add_cluster_routes(app)
     add_internal_routes(app, clock)
+    add_ui_routes(app)
     return app
 
 
@@ -108,7 +113,9 @@ async def _storage(
         search_batch_rows=config.search_batch_rows,
     )
     engine = Engine(Path(config.data_dir), blocking, tuning, config.fsync)
+    engine.on_trained = app[METRICS].trained
     node_id = node_identity(config)
+    set_node(node_id)
     await engine.start()
     cluster = ClusterNode.build(node_id, config, engine, blocking, clock=clock,
                                 transport=transport, peers=peers)
@@ -116,19 +123,21 @@ async def _storage(
     app[SERVICE] = cluster.service
     await cluster.start()
     app[METRICS].watch_cluster(cluster.metrics_snapshot)
-    app[METRICS].watch_collections(lambda: {n: c.count() for n, c in engine.collections.items()})
+    app[METRICS].watch_storage(lambda: {n: c.figures() for n, c in engine.collections.items()})
     app[METRICS].watch_plans(lambda: dict(engine.plan_counts))
-    snapshots = asyncio.get_running_loop().create_task(
-        engine.snapshot_loop(config.snapshot_interval_s, cluster.service.clock)
-    )
-    joining = asyncio.get_running_loop().create_task(_join_then_ready(app, cluster))
+    loop = asyncio.get_running_loop()
+    tasks = [
+        loop.create_task(engine.snapshot_loop(config.snapshot_interval_s, cluster.service.clock)),
+        loop.create_task(app[METRICS].watch_loop_lag(cluster.service.clock)),
+        loop.create_task(_join_then_ready(app, cluster)),
+    ]
     try:
         yield
     finally:
         app[READY].clear()
-        for task in (joining, snapshots):
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(joining, snapshots, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await cluster.stop()
         await engine.close()
         blocking.close()

@@ -28,6 +28,8 @@ def _serve_parser(sub: Any) -> None:
                    "required unless --host is a loopback address")
     p.add_argument("--insecure", action="store_true", default=None,
                    help="run without a cluster secret on a non-loopback address (AQUILA_INSECURE)")
+    p.add_argument("--log-format", choices=("json", "text"),
+                   help="one line per event as JSON or text (AQUILA_LOG_FORMAT, text)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(config: NodeConfig) -> int:
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from aquila.node.logs import configure
+
+    configure(config.log_level, config.log_format)
     if config.open_on_network:
         log.warning(
             "INSECURE: listening on %s without a cluster secret or API key (--insecure): anyone "

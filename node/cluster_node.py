@@ -130,14 +130,28 @@ class ClusterNode:
         members: dict[str, int] = {}
         for m in gossip.members():
             members[m.state.value] = members.get(m.state.value, 0) + 1
-        hints = self.service.writes.hints
+        service = self.service
+        hints = service.writes.hints
+        writes = service.writes.stats
+        stages: dict[str, int] = {}
+        for t in service.rebalancer.active.values():
+            stages[t.stage.value] = stages.get(t.stage.value, 0) + 1
         return {
             "gossip": dataclasses.asdict(gossip.stats),
             "members": members,
             "health": gossip.health_score,
             "hints_pending": hints.pending(),
             "hints_dropped": hints.dropped,
-            "epoch": self.service.runtime.state.epoch,
+            "hints_added": hints.added,
+            "hints_replayed": hints.replayed,
+            "epoch": service.runtime.state.epoch,
+            "reads": dataclasses.asdict(service.reads.stats),
+            "writes": {"refused": dict(writes.refused), "short": dict(writes.short),
+                       "degraded": writes.degraded},
+            "repair": dataclasses.asdict(service.repair.stats),
+            "moves": dataclasses.asdict(service.rebalancer.stats),
+            "moves_active": stages,
+            "healer": dataclasses.asdict(service.healer.stats),
         }
 
     async def known_peers(self) -> list[str]:

@@ -5,8 +5,10 @@ reads the environment."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
+import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,17 +92,27 @@ class NodeConfig:
     transfer_docs_per_s: float = 10_000.0
     # Python logging level name.
     log_level: str = "INFO"
+    # One line per event: "json" (for log shippers and jq) or "text" (for a terminal).
+    log_format: str = "text"
 
     @property
     def peer_secret(self) -> str | None:
         """What authenticates peer requests: the cluster secret, or else the API key, so that
-        a node with an API key never serves its internal routes to anyone without it."""
-        return self.cluster_secret or self.api_key
+        a node with an API key never serves its internal routes to anyone without it. A node
+        keyed by a read key alone has no credential a peer could hold (the read key is
+        handed to clients, it never serves): its peer traffic is keyed by a secret made at
+        start that nobody knows, so it serves alone rather than open to anyone."""
+        return self.cluster_secret or self.api_key or (
+            self._unshared_secret if self.read_key else None)
+
+    @functools.cached_property
+    def _unshared_secret(self) -> str:
+        return secrets.token_hex(32)
 
     @property
     def open_on_network(self) -> bool:
         """Peer traffic unauthenticated on an address others can reach (only with insecure)."""
-        return not self.peer_secret and not is_loopback(self.host)
+        return not (self.cluster_secret or self.api_key) and not is_loopback(self.host)
 
     @property
     def max_wire_bytes(self) -> int:
@@ -130,6 +142,8 @@ class NodeConfig:
             parse_hostport(s)
         if self.advertise:
             parse_hostport(self.advertise)
+        if self.log_format not in ("json", "text"):
+            raise ValueError(f"log_format must be json or text, not {self.log_format!r}")
         if self.open_on_network and not self.insecure:
             raise ValueError(
                 f"refusing to listen on {self.host or 'all addresses'} without a cluster "

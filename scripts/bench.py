@@ -27,6 +27,7 @@ of the client (JSON encoding, HTTP) competing with the server for CPU.
     python scripts/bench.py --synthetic 50000 --quick
     python scripts/bench.py --cluster 3 --limit 50000      # 1 vs 3 nodes (bench_cluster.py)
     python scripts/bench.py --rebalance --limit 50000      # 3 → 4 nodes (bench_rebalance.py)
+    python scripts/bench.py --pgvector --loadgen wrk       # wrk load, pgvector (bench_refs.py)
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ from bench_local_cluster import in_netns, maybe_reexec_in_netns
 from bench_node import Node, call, restart, rss_mib_of, wait_ready
 from bench_profile import profile_server
 from bench_rebalance import REBALANCE_CONCURRENCY, run_rebalance
+from bench_refs import add_args as add_ref_args
+from bench_refs import ensure_tools, report_refs, run_pgvector, wrk_points
 from bench_report import new_results, report, report_cluster, report_rebalance, run_and_record
 
 
@@ -135,7 +138,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir and log")
     p.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    add_ref_args(p)
     args = p.parse_args(argv)
+    if args.loadgen == "wrk":
+        args.concurrency = [1]  # the Python client only measures recall; wrk the load
     if args.quick:
         args.limit = args.limit or 20_000
         args.queries = min(args.queries, 500)
@@ -206,6 +212,8 @@ async def run(args: argparse.Namespace, ds: Dataset, tmp: Path, results: dict[st
                         f"client {r.client_cpu_s:.1f}s over {r.seconds:.1f}s"
                     )
             results["rest"] = [r.__dict__ for r in rest]
+            if args.loadgen == "wrk":
+                results["wrk"] = await wrk_points(session, node, ds, args, tmp, rest)
 
             if args.profile > 0:
                 results["profile"] = await profile_server(session, node, ds, args, tmp)
@@ -259,11 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cluster or args.rebalance:
         return main_multi(args, sys.argv[1:] if argv is None else argv)
+    ensure_tools(args)
     ds = load_dataset(args)
     results = new_results(args, ds)
     log(results["environment"]["note"])
-    status = run_and_record(args, results, lambda tmp: asyncio.run(run(args, ds, tmp, results)))
+
+    def body(tmp: Path) -> None:
+        asyncio.run(run(args, ds, tmp, results))
+        if args.pgvector:  # after the node has stopped: the two never share the cores
+            run_pgvector(args, ds, results)
+
+    status = run_and_record(args, results, body)
     report(args, ds, results)
+    report_refs(args, ds, results)
     return status
 
 

@@ -9,8 +9,10 @@ if [ "$(id -u)" = 0 ]; then
   missing=""
   command -v nft >/dev/null || missing="$missing nftables"
   command -v ip >/dev/null || missing="$missing iproute2"
+  # The dashboard's test drives headless Chromium (tests/e2e/test_dashboard.py).
+  command -v chromium >/dev/null || missing="$missing chromium"
   if [ -n "$missing" ]; then
-    echo "test: installing$missing (partition and multi-node tests)"
+    echo "test: installing$missing (partition, multi-node and dashboard tests)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
       || echo "test: could not install$missing; the tests that need them will skip" >&2
   fi

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import zlib
-from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -22,15 +22,20 @@ PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=
 class Chunks:
     """A request's content, delivered in pieces; counts the pieces that were asked for."""
 
-    def __init__(self, data: bytes, size: int) -> None:
+    def __init__(self, data: bytes, size: int, stall_after: int | None = None) -> None:
         self.data = data
         self.size = size
         self.pulled = 0
+        self.stall_after = stall_after  # pieces delivered before the sender goes quiet
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        for i in range(0, len(self.data), self.size):
-            self.pulled += 1
-            yield self.data[i : i + self.size]
+    async def readany(self) -> bytes:
+        if self.stall_after is not None and self.pulled >= self.stall_after:
+            await asyncio.Event().wait()  # a client that never sends the rest
+        start = self.pulled * self.size
+        if start >= len(self.data):
+            return b""
+        self.pulled += 1
+        return self.data[start : start + self.size]
 
 
 def request(data: bytes, encoding: str | None, size: int = 16384) -> tuple[web.Request, Chunks]:
@@ -95,3 +100,14 @@ def test_what_does_not_decompress_is_400(encoding: str, wire: bytes) -> None:
     req, _ = request(wire, encoding)
     with pytest.raises(BadRequest):
         run(read_body(req, 1 << 20))
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+def test_a_body_that_stops_arriving_is_400(monkeypatch: pytest.MonkeyPatch,
+                                           encoding: str | None) -> None:
+    monkeypatch.setattr("aquila.node.http.body.IDLE_TIMEOUT_S", 0.05)
+    req, content = request(pack(os.urandom(100_000), encoding or ""), encoding, size=1000)
+    content.stall_after = 3
+    with pytest.raises(BadRequest, match="no part of the body arrived"):
+        run(read_body(req, 1 << 20))
+    assert content.pulled == 3

@@ -234,6 +234,7 @@ async def test_transient_error_falls_back_to_other_replicas_once() -> None:
     assert result.missing == []
     assert nodes.asked("a") == [[0, 1]]  # the node that failed is not asked again
     assert sorted(nodes.asked("b") + nodes.asked("c")) == [[0], [1]]
+    assert (result.retried, result.hedged) == (2, 0)  # counted for the node's metrics
 
 
 async def test_slow_node_is_hedged_to_the_next_replica() -> None:
@@ -247,6 +248,7 @@ async def test_slow_node_is_hedged_to_the_next_replica() -> None:
     assert elapsed < TIMEOUT * 0.75
     assert elapsed == pytest.approx(TIMEOUT * HEDGE_SHARE)  # answered right at the hedge
     assert sorted(nodes.asked("b") + nodes.asked("c")) == [[0], [1], [2]]
+    assert (result.retried, result.hedged) == (0, 2)  # shards 0 and 1 hedged
     await asyncio.sleep(0)
     assert nodes.cancelled == ["a"]  # the abandoned request is cancelled
 

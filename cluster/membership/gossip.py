@@ -36,6 +36,7 @@ from aquila.cluster.membership.messages import (
     Suspect,
     User,
     decode,
+    decode_packet,
     encode,
     encode_compound,
 )
@@ -43,6 +44,7 @@ from aquila.cluster.membership.packet_auth import PacketAuth, StalePacket
 from aquila.cluster.membership.suspicion import Awareness, push_pull_scale, retransmit_limit
 from aquila.cluster.membership.table import Effects, Member, MemberTable, State, TableParams
 from aquila.cluster.membership.transport import Delegate, PushPullTransport, Transport
+from aquila.cluster.model.errors import expected
 
 __all__ = ["Delegate", "Gossip", "GossipConfig", "GossipError", "GossipStats", "JoinError"]
 
@@ -182,6 +184,8 @@ class Gossip:
         self._probe_index = 0
         self._wake: asyncio.Future[None] | None = None
         self._tasks = _Tasks()
+        # Each member's state when last logged: a change of state is one info line.
+        self._logged: dict[str, State] = {node_id: State.ALIVE}
         self._running = False
         self._stopped = False
 
@@ -479,6 +483,11 @@ class Gossip:
 
     def _notify(self, effects: Effects) -> None:
         for m in effects.changed:
+            if self._logged.get(m.id) != m.state:
+                self._logged[m.id] = m.state
+                log.info("member %s at %s is %s (incarnation %d)", m.id, m.addr, m.state.value,
+                         m.incarnation, extra={"event": "member_state", "member": m.id,
+                                               "state": m.state.value})
             if m.id != self.id and m.id not in self._probe_order:
                 # A new member joins the current probe round at a random later position,
                 # so it is probed within this round, not only after the reshuffle.
@@ -535,8 +544,9 @@ class Gossip:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.spawned.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("gossip task failed", exc_info=task.exception())
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("gossip task failed: %s", exc, exc_info=None if expected(exc) else exc)
 
     def _on_packet(self, data: bytes, from_addr: str) -> None:
         if not self._running:
@@ -546,13 +556,16 @@ class Gossip:
             self.stats.oversized += 1  # never decoded: no member sends one this large
             return
         try:
-            msg = decode(self._open(data))
+            msgs, dropped = decode_packet(self._open(data))
         except AuthError:
             return
         except DecodeError:
             self.stats.malformed += 1
             return
-        self._handle(msg, from_addr)
+        if dropped:
+            self.stats.malformed += 1
+        for msg in msgs:
+            self._handle(msg, from_addr)
 
     def _open(self, packet: bytes) -> bytes:
         """Authenticate a packet or push-pull payload (counted when refused)."""

@@ -19,6 +19,7 @@ from aquila.cluster.model.bounds import (
     MAX_ADDR_CHARS,
     MAX_COMPOUND_PARTS,
     MAX_INCARNATION,
+    MAX_MEMBER_META_DEPTH,
     MAX_MEMBERS,
     MAX_NODE_ID_CHARS,
     MAX_SEQ,
@@ -26,6 +27,7 @@ from aquila.cluster.model.bounds import (
     checked_int,
     checked_list,
     checked_str,
+    depth_exceeds,
 )
 from aquila.cluster.model.config_parse import parse_hostport
 
@@ -275,10 +277,14 @@ def _bool(v: Any) -> bool:
 
 
 def _meta(v: Any) -> dict[str, Any]:
-    """Member metadata: an object whose encoding fits the size gossip allows."""
+    """Member metadata: an object whose encoding fits the size gossip allows, nested little
+    enough that it still encodes inside a push-pull row (orjson stops at 255 levels, and a
+    row's metadata sits three levels in)."""
     if v is None:
         return {}
-    if not isinstance(v, dict) or len(orjson.dumps(v)) > MAX_META_SIZE:
+    if not isinstance(v, dict) or depth_exceeds(v, MAX_MEMBER_META_DEPTH):
+        raise BoundsError(f"meta must be an object nested at most {MAX_MEMBER_META_DEPTH} deep")
+    if len(orjson.dumps(v)) > MAX_META_SIZE:
         raise BoundsError(f"meta must be an object of at most {MAX_META_SIZE} bytes encoded")
     return v
 
@@ -356,6 +362,34 @@ def decode(data: bytes) -> Message:
     if not isinstance(obj, dict):
         raise DecodeError("message is not an object")
     return from_obj(obj)
+
+
+def decode_packet(data: bytes) -> tuple[list[Message], int]:
+    """The messages of a gossip packet and how many of its parts were dropped. A compound's
+    parts are decoded one by one, as memberlist does: a part this node cannot decode (out of
+    bounds, or a newer peer's) costs only itself, never the acks and updates beside it, so
+    one bad update piggybacked on a node's every packet cannot get that node declared dead.
+    DecodeError when the packet as a whole is not a message."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("t") != MsgType.COMPOUND:
+        return [from_obj(obj)], 0
+    # The envelope checked as from_obj checks it, then each part on its own.
+    try:
+        if isinstance(obj.get("v"), bool) or not isinstance(obj.get("v"), int):
+            raise DecodeError("message without a version")
+        parts = checked_list(obj.get("parts"), MAX_COMPOUND_PARTS, "parts")
+    except BoundsError as exc:
+        raise DecodeError(f"malformed message: {exc}") from exc
+    out: list[Message] = []
+    for p in parts:
+        try:
+            out.append(from_obj(p, nested=True))
+        except DecodeError:
+            continue
+    return out, len(parts) - len(out)
 
 
 # --- piggyback queue ------------------------------------------------------------------

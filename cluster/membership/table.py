@@ -14,6 +14,7 @@ from typing import Any
 
 from aquila.cluster.membership.messages import Alive, Dead, MemberRow, Suspect
 from aquila.cluster.membership.suspicion import Suspicion, suspicion_timeout
+from aquila.cluster.model.bounds import MAX_INCARNATION
 
 
 class State(enum.StrEnum):
@@ -123,7 +124,10 @@ class MemberTable:
     def _refute(self, accused: int) -> Effects:
         """Beat the accusation's incarnation and announce ourselves alive."""
         me = self._members[self.local_id]
-        me.incarnation = max(me.incarnation + 1, accused + 1)
+        # Never above what every peer decodes: a refutation beyond it would be dropped with
+        # the packet carrying it. Accusations decode only below the ceiling, so each can be
+        # beaten; an Alive about us at the ceiling (forged) is answered at the ceiling.
+        me.incarnation = min(MAX_INCARNATION, max(me.incarnation + 1, accused + 1))
         return Effects(
             broadcasts=[self.local_alive()], changed=[dataclasses.replace(me)], refuted=True
         )

@@ -40,6 +40,9 @@ MAX_SEQ = 2**62
 MAX_NODE_ID_CHARS = 128
 MAX_ADDR_CHARS = 300  # a 253-character host name, brackets, colon and port
 MAX_UID_CHARS = 64
+# Nesting of a member's gossip metadata (nodes send {}): it must still encode where it is
+# carried, inside a push-pull row, far below orjson's 255 levels.
+MAX_MEMBER_META_DEPTH = 16
 # Members in one push-pull, parts in one compound packet.
 MAX_MEMBERS = 4096
 MAX_COMPOUND_PARTS = 256

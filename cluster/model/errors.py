@@ -74,3 +74,10 @@ ERRORS_BY_CODE: dict[str, type[AquilaError]] = {
 def from_code(code: str, message: str) -> AquilaError:
     """Rebuild a typed error from a peer's error body."""
     return ERRORS_BY_CODE.get(code, AquilaError)(message)
+
+
+def expected(exc: BaseException) -> bool:
+    """A failure the cluster meets in its normal life (bad input, a peer unreachable, slow
+    or refusing, a deadline): worth one line in the log, never a traceback. Anything else is
+    a bug, logged with its traceback."""
+    return isinstance(exc, AquilaError | TimeoutError)

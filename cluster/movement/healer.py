@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from aquila.cluster.clock import Clock
 from aquila.cluster.membership.view import MemberView
+from aquila.cluster.model.errors import expected
 from aquila.cluster.movement.plan import Move
 from aquila.cluster.movement.rebalance import Rebalancer, plan_moves
 from aquila.cluster.movement.repair import Repair
@@ -39,6 +40,14 @@ class HealerConfig:
     # Seconds between two looks for shard copies the map no longer assigns (one request per
     # node and collection).
     orphan_interval_s: float = 5.0
+
+
+@dataclass
+class HealerStats:
+    """Counters of the healer's work on this node (read by /metrics)."""
+
+    heal_moves: int = 0  # replica moves started to restore a dead node's shards
+    orphans_dropped: int = 0  # shard copies dropped because the map no longer assigns them
 
 
 class Healer:
@@ -65,6 +74,7 @@ class Healer:
         self._last_ae = 0.0
         self._last_orphans = 0.0
         self._orphans: dict[tuple[str, str, int], int] = {}
+        self.stats = HealerStats()
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -81,8 +91,8 @@ class Healer:
                 await self.round()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("healer round failed")
+            except Exception as exc:  # a peer gone mid-round is expected; the next round retries
+                log.warning("healer round failed: %s", exc, exc_info=not expected(exc))
 
     async def round(self) -> None:
         clock, view = self._clock, self._view
@@ -125,11 +135,15 @@ class Healer:
         moves = [m for m in plan_moves(state, live)
                  if (m.from_node is None or m.from_node in gone) and copyable(m)]
         if moves:
-            log.info("self-healing: %d replica move(s) away from %s", len(moves), sorted(gone))
+            log.info("self-healing: %d replica move(s) away from %s", len(moves), sorted(gone),
+                     extra={"event": "heal", "moves": len(moves), "gone": sorted(gone)})
+            self.stats.heal_moves += len(moves)
             stats = await self.rebalancer.run(moves)
             failed = [t for t in stats.transfers if t.error]
             if failed:
                 log.warning("self-healing: %d move(s) failed", len(failed))
+            else:
+                log.info("self-healing: %d replica move(s) done", len(moves))
 
     async def collect_orphans(self) -> None:
         """Drop shard copies no longer in the map, once seen orphaned on two rounds in a row
@@ -151,7 +165,10 @@ class Healer:
                 node, name, shard = key
                 try:
                     await self._replicas.of(node).drop_shard(name, shard)
-                    log.info("dropped orphaned copy of %s/%d on %s", name, shard, node)
+                    self.stats.orphans_dropped += 1
+                    log.info("dropped orphaned copy of %s/%d on %s", name, shard, node,
+                             extra={"event": "orphan_dropped", "collection": name,
+                                    "shard": shard, "peer": node})
                     seen.pop(key, None)
                 except Exception as exc:
                     log.debug("orphan %s/%d on %s: %s", name, shard, node, exc)

@@ -24,7 +24,7 @@ from typing import Any
 
 from aquila.cluster.clock import Clock
 from aquila.cluster.membership.view import MemberView
-from aquila.cluster.model.errors import Unavailable
+from aquila.cluster.model.errors import Unavailable, expected
 from aquila.cluster.model.placement import ShardMap
 from aquila.cluster.movement.plan import Move, plan
 from aquila.cluster.movement.repair import Repair
@@ -67,6 +67,16 @@ class Transfer:
         if self.stage in (Stage.SWITCH, Stage.DROP, Stage.DONE):
             return 1.0
         return min(0.99, self.copied / self.total) if self.total else 0.0
+
+
+@dataclass
+class MoveStats:
+    """Counters of the moves this node drove, over its lifetime (read by /metrics)."""
+
+    done: int = 0
+    failed: int = 0
+    documents: int = 0  # records copied to targets (tombstones included)
+    bytes: int = 0  # their vectors and metadata
 
 
 @dataclass
@@ -113,6 +123,7 @@ class Rebalancer:
         # Copy throttle per move (0: as fast as the nodes go), so that serving keeps its share.
         self.docs_per_s = docs_per_s
         self.active: dict[tuple[str, int], Transfer] = {}
+        self.stats = MoveStats()
         # Called as each transfer enters a stage (progress reports, tests).
         self.on_stage: Callable[[Transfer], None] | None = None
         self._lock = asyncio.Lock()
@@ -151,14 +162,12 @@ class Rebalancer:
             await self._slots[n].acquire()
         try:
             await self._stages(t, stats)
+            self.stats.done += 1
             self._enter(t, Stage.DONE)
-            log.info("moved %s/%d %s→%s: %d documents", m.collection, m.shard, m.from_node,
-                     m.to_node, t.copied)
         except Exception as exc:
             t.error = str(exc)
+            self.stats.failed += 1
             self._enter(t, Stage.FAILED)
-            log.warning("move %s/%d %s→%s failed: %s", m.collection, m.shard, m.from_node,
-                        m.to_node, exc)
             await self._clear_move(m)
         finally:
             for n in nodes:
@@ -166,6 +175,15 @@ class Rebalancer:
 
     def _enter(self, t: Transfer, stage: Stage) -> None:
         t.stage = stage
+        m = t.move
+        detail = f": {t.copied} documents" if stage == Stage.DONE else ""
+        detail = f": {t.error}" if stage == Stage.FAILED else detail
+        log.log(logging.WARNING if stage == Stage.FAILED else logging.INFO,
+                "move %s/%d %s→%s: %s%s", m.collection, m.shard, m.from_node, m.to_node,
+                stage.value, detail,
+                extra={"event": "move_stage", "collection": m.collection, "shard": m.shard,
+                       "from": m.from_node, "to": m.to_node, "stage": stage.value,
+                       "copied": t.copied})
         if self.on_stage is not None:
             self.on_stage(t)
 
@@ -213,10 +231,13 @@ class Rebalancer:
             docs, after = await src.stream(entry.spec, m.shard, after, PAGE)
             if docs:
                 await dst.write(entry.spec, entry.uid, {m.shard: docs})
+                size = sum(len(d.metadata) + (d.vector.nbytes if d.vector is not None else 0)
+                           for d in docs)
                 t.copied += len(docs)
                 stats.documents += len(docs)
-                stats.bytes += sum(len(d.metadata) + (d.vector.nbytes if d.vector is not None
-                                                      else 0) for d in docs)
+                stats.bytes += size
+                self.stats.documents += len(docs)
+                self.stats.bytes += size
             if self.docs_per_s > 0:
                 ahead = t.copied / self.docs_per_s - (clock.now() - started)
                 if ahead > 0:
@@ -258,8 +279,9 @@ class Rebalancer:
             entry = self._state.entry(m.collection)
             if entry.move_of(m.shard) is not None:
                 await self._update(m.collection, m.shard, moving=None)
-        except Exception:
-            log.exception("clearing the failed move of %s/%d", m.collection, m.shard)
+        except Exception as exc:
+            log.warning("clearing the failed move of %s/%d: %s", m.collection, m.shard, exc,
+                        exc_info=not expected(exc))
 
     async def clear_abandoned(self) -> int:
         """Clear moves nobody carries out any more: this node's own that it is not running

@@ -10,6 +10,7 @@ other record, so a delete missed by a replica is repaired too.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from aquila.cluster.membership.view import MemberView
 from aquila.cluster.model.digests import BUCKETS, newer
@@ -23,9 +24,20 @@ log = logging.getLogger(__name__)
 SEND_BATCH = 1000
 
 
+@dataclass
+class RepairStats:
+    """Anti-entropy counters (read by the node's /metrics)."""
+
+    compared: int = 0  # replica pairs whose digests were compared
+    differing: int = 0  # of those, pairs that differed
+    records: int = 0  # records sent to repair a replica
+    failures: int = 0  # comparisons that failed (a replica unreachable)
+
+
 class Repair:
     def __init__(self, state: ClusterState, view: MemberView, replicas: Replicas,
                  hlc: HybridClock) -> None:
+        self.stats = RepairStats()
         self._state = state
         self._view = view
         self._replicas = replicas
@@ -39,8 +51,10 @@ class Repair:
         da = await rep_a.digests(spec, shard, BUCKETS)
         db = await rep_b.digests(spec, shard, BUCKETS)
         differ = [i for i, (x, y) in enumerate(zip(da, db, strict=True)) if x != y]
+        self.stats.compared += 1
         if not differ:
             return 0
+        self.stats.differing += 1
         ra = {d.id: d for d in await rep_a.bucket_records(spec, shard, differ, BUCKETS)}
         rb = {d.id: d for d in await rep_b.bucket_records(spec, shard, differ, BUCKETS)}
         to_b = [d for i, d in ra.items() if newer(d, rb.get(i))]
@@ -48,9 +62,12 @@ class Repair:
         for rep, docs in ((rep_a, to_a), (rep_b, to_b)):
             for i in range(0, len(docs), SEND_BATCH):
                 await rep.write(spec, entry.uid, {shard: docs[i : i + SEND_BATCH]})
+                self.stats.records += len(docs[i : i + SEND_BATCH])
         if to_a or to_b:
             log.info("anti-entropy %s/%d: %d → %s, %d → %s", spec.name, shard,
-                     len(to_a), a, len(to_b), b)
+                     len(to_a), a, len(to_b), b,
+                     extra={"event": "anti_entropy", "collection": spec.name, "shard": shard,
+                            "records": len(to_a) + len(to_b)})
         return len(to_a) + len(to_b)
 
     async def sync_led_shards(self, tombstone_grace_s: float = 0.0) -> int:
@@ -74,6 +91,7 @@ class Repair:
                         sent += await self.sync_pair(entry, shard, live[0], other)
                     except Exception as exc:  # one unreachable replica must not stop the pass
                         complete = False
+                        self.stats.failures += 1
                         log.debug("anti-entropy %s/%d with %s: %s", entry.spec.name, shard,
                                   other, exc)
                 if complete and tombstone_grace_s > 0:

@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import AquilaError, Unavailable, from_code
 from aquila.cluster.peers.auth import PeerSigner
 from aquila.cluster.peers.client import PeerError
@@ -63,6 +64,9 @@ class Peers:
             raise PeerError(f"bad peer address {addr!r}: {exc}") from None
         headers = {"Content-Type": "application/json",
                    **self._signer.headers(method, url.raw_path_qs, data, to)}
+        rid = request_id.current.get()
+        if rid is not None:  # the client request this serves: the peer logs it too
+            headers[request_id.HEADER] = rid
         t = aiohttp.ClientTimeout(total=timeout or self._timeout_s)
         try:
             async with self._session.request(

@@ -33,6 +33,10 @@ class FanoutResult:
     rows: list[list[Hit]]
     missing: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # Shards asked of their next replica: after a failure (retried), after a slow answer
+    # (hedged). For the node's metrics.
+    retried: int = 0
+    hedged: int = 0
 
 
 def assign(
@@ -68,6 +72,7 @@ async def fan_out(
     inflight: dict[asyncio.Future[list[list[Hit]]], tuple[str, list[int]]] = {}
     answers: list[list[list[Hit]]] = []
     errors: list[str] = []
+    counts = {"retried": 0, "hedged": 0}
 
     def launch(shards: Sequence[int]) -> None:
         budget = deadline - clock.now()
@@ -100,12 +105,15 @@ async def fan_out(
                 if isinstance(exc, AquilaError) and not exc.transient:
                     raise exc  # the request itself is bad: another replica would say the same
                 errors.append(f"{node}: {exc}")
-                launch([s for s in group if s in pending])
+                again = [s for s in group if s in pending]
+                counts["retried"] += sum(1 for s in again if tried.get(s, 0) < len(candidates[s]))
+                launch(again)
             if not done and hedge_at is not None and clock.now() >= hedge_at:
                 hedge_at = None  # once: hedging every round would double the load under stress
                 slow = [s for s in sorted(pending) if tried.get(s, 0) < len(candidates[s])]
                 if slow:
                     errors.append(f"hedged shard(s) {slow} after a slow answer")
+                    counts["hedged"] += len(slow)
                     launch(slow)
     finally:
         for task in inflight:
@@ -115,7 +123,7 @@ async def fan_out(
         errors.extend(f"{n}: no answer within the deadline"
                       for n in sorted({n for n, _ in inflight.values()}))
     return FanoutResult(merge_rows(answers, nq, k, larger_is_better),
-                        missing, errors)
+                        missing, errors, counts["retried"], counts["hedged"])
 
 
 async def _single(

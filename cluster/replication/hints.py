@@ -15,6 +15,9 @@ class Hints:
         self._by_node: dict[str, dict[tuple[str, int], dict[str, Incoming]]] = defaultdict(dict)
         self._count = 0
         self.dropped = 0
+        # Documents taken in, and handed to their replica (counted by WritePath): /metrics.
+        self.added = 0
+        self.replayed = 0
 
     def add(self, node: str, collection: str, shard: int, docs: list[Incoming]) -> None:
         held = self._by_node[node]
@@ -26,6 +29,7 @@ class Hints:
                     self.dropped += 1
                     continue
                 self._count += 1
+                self.added += 1
             if old is None or (d.version, d.writer) > (old.version, old.writer):
                 bucket[d.id] = d
         if bucket:

@@ -3,6 +3,7 @@ to one replica of every shard (`fanout`), merged (`merge`), and answered whole o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,21 @@ from aquila.cluster.replication.replica import Replicas
 from aquila.cluster.state.entries import CollectionEntry
 
 
+@dataclass
+class ReadStats:
+    """Counters of the searches this node coordinated (read by the node's /metrics)."""
+
+    searches: int = 0
+    partial: int = 0  # answered without some shards (allow_partial)
+    refused: int = 0  # 503: shards missing and allow_partial false
+    retried: int = 0  # shards asked again of another replica after one failed
+    hedged: int = 0  # shards asked of another replica too after a slow answer
+
+
 class ReadPath:
     def __init__(self, view: MemberView, replicas: Replicas, clock: Clock,
                  search_timeout_s: float = 10.0) -> None:
+        self.stats = ReadStats()
         self._view = view
         self._replicas = replicas
         self._clock = clock
@@ -96,11 +109,18 @@ class ReadPath:
             candidates, ask, len(req.vectors), req.k, spec.metric != "l2", self._clock, timeout_s
         )
         missing = sorted(set(result.missing) | set(unreachable))
+        stats = self.stats
+        stats.searches += 1
+        stats.retried += result.retried
+        stats.hedged += result.hedged
         if missing and not req.allow_partial:
+            stats.refused += 1
             raise Unavailable(
                 f"shard(s) {missing} have no live replica that answered; "
                 f"{'; '.join(result.errors) or 'no replica alive'}"
             )
+        if missing:
+            stats.partial += 1
         out = {
             "results": [[hit_json(h, req.include_metadata, req.include_vector) for h in row]
                         for row in result.rows],

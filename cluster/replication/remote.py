@@ -417,7 +417,7 @@ class PeerService:
     def state_push(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, list):
             raise BoundsError("cluster state is a list of entries")
-        self._merge([CollectionEntry.from_json(d) for d in body])
+        self._merge([CollectionEntry.from_json(d).check_routable() for d in body])
         return {"epoch": self.state.epoch}
 
     async def write(self, name: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import asyncio
 import functools
 import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 from aquila.cluster.membership.view import MemberView
@@ -44,9 +45,22 @@ def write_targets(entry: CollectionEntry, shard: int) -> list[str]:
     return nodes
 
 
+@dataclass
+class WriteStats:
+    """Counters of the writes this node coordinated (read by the node's /metrics)."""
+
+    # By consistency: refused before anything was sent (too few live replicas), and sent but
+    # short of the acknowledgements the consistency asks for (503 after a replica failed).
+    refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    short: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # Answered, but some replica missed the write (kept as a hint for it).
+    degraded: int = 0
+
+
 class WritePath:
     def __init__(self, node_id: str, state: ClusterState, view: MemberView, replicas: Replicas,
                  hlc: HybridClock, hints: Hints | None = None) -> None:
+        self.stats = WriteStats()
         self.node_id = node_id
         self._state = state
         self._view = view
@@ -93,6 +107,7 @@ class WritePath:
             need[shard] = needed_acks(consistency, len(replicas))
             usable = self._view.ordered(write_targets(entry, shard))
             if sum(1 for n in usable if n in replicas) < need[shard]:
+                self.stats.refused[consistency] += 1
                 raise Unavailable(
                     f"shard {shard} has {len(usable)} live replica(s) of {len(replicas)}; "
                     f"consistency {consistency!r} needs {need[shard]}"
@@ -100,10 +115,12 @@ class WritePath:
             for node in usable:
                 per_node[node][shard] = docs
         # Only now that no shard refuses the write: a refused write leaves nothing behind.
+        missed = False
         for shard, docs in by_shard.items():
             reached = {n for n, shards in per_node.items() if shard in shards}
             for node in set(write_targets(entry, shard)) - reached:
                 self.hints.add(node, entry.spec.name, shard, docs)
+                missed = True
         acks: dict[int, int] = defaultdict(int)
         results: WriteResult = {}
         tasks = {
@@ -138,9 +155,12 @@ class WritePath:
                 )
         short = [s for s in need if acks[s] < need[s]]
         if short:
+            self.stats.short[consistency] += 1
             raise Unavailable(
                 f"shard(s) {short} did not reach consistency {consistency!r}: {'; '.join(errors)}"
             )
+        if missed or errors:
+            self.stats.degraded += 1
         return results
 
     async def _write_to(
@@ -178,8 +198,10 @@ class WritePath:
                     delivered += len(part)
             except AquilaError:
                 self.hints.add(node, name, shard, docs)
+        self.hints.replayed += delivered
         if delivered:
-            log.info("handed %d hinted write(s) to %s", delivered, node)
+            log.info("handed %d hinted write(s) to %s", delivered, node,
+                     extra={"event": "hints_replayed", "peer": node, "documents": delivered})
         return delivered
 
     async def finish_background(self) -> None:

@@ -93,6 +93,18 @@ class CollectionEntry:
             "uid": self.uid,
         }
 
+    def check_routable(self) -> CollectionEntry:
+        """This entry, if its map can be routed by: a live collection lists the nodes of each
+        of its shards (reads, writes and placement index the map by shard). BoundsError
+        otherwise; said of entries from peers, whose map this node would adopt."""
+        if not self.deleted and (len(self.replicas) != self.spec.shards
+                                 or not all(self.replicas)):
+            raise BoundsError(
+                f"the map of {self.spec.name!r} must list the nodes of each of its "
+                f"{self.spec.shards} shards"
+            )
+        return self
+
     @staticmethod
     def from_json(d: Any) -> CollectionEntry:
         """An entry as `to_json` wrote it. Entries arrive from peers (gossip, push-pull, state
@@ -210,4 +222,4 @@ class ClusterState:
         entries = orjson.loads(raw)
         if not isinstance(entries, list):
             raise BoundsError("cluster state is a list of entries")
-        return [CollectionEntry.from_json(d) for d in entries]
+        return [CollectionEntry.from_json(d).check_routable() for d in entries]

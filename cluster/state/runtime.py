@@ -14,7 +14,7 @@ import orjson
 
 from aquila.cluster.clock import Clock
 from aquila.cluster.membership.table import Member
-from aquila.cluster.model.errors import Unavailable
+from aquila.cluster.model.errors import Unavailable, expected
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.cluster.state.entries import ClusterState, CollectionEntry
 
@@ -150,8 +150,9 @@ class ClusterRuntime:
                     self._reconciled.set()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("reconciling local shards with the cluster state failed")
+            except Exception as exc:
+                log.warning("reconciling local shards with the cluster state failed: %s", exc,
+                            exc_info=not expected(exc))
                 await self.clock.sleep(RETRY_S)
                 self._dirty.set()
 

@@ -258,7 +258,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_document())
+    return json_response(openapi_document(request.app[CONFIG]))
 
 
 def add_public_routes(app: web.Application) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import AsyncIterator
 
 from aiohttp import StreamReader, hdrs, web
 
@@ -17,6 +18,9 @@ from aquila.cluster.model.errors import BadRequest, PayloadTooLarge
 
 # Inflate at most this much per step, yielding to the event loop between steps.
 _STEP = 1 << 20
+# A body that sends nothing for this long is refused (400): a client trickling a body, or
+# never finishing it, must not hold a handler and its buffer for ever (slowloris).
+IDLE_TIMEOUT_S = 30.0
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 
@@ -35,9 +39,22 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     raise BadRequest(f"Content-Encoding {encoding!r} is not supported (gzip or deflate are)")
 
 
+async def _chunks(content: StreamReader) -> AsyncIterator[bytes]:
+    """The body's chunks as they come; BadRequest when none comes for IDLE_TIMEOUT_S."""
+    while True:
+        try:
+            async with asyncio.timeout(IDLE_TIMEOUT_S):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise BadRequest(f"no part of the body arrived for {IDLE_TIMEOUT_S:g} s") from None
+        if not chunk:
+            return
+        yield chunk
+
+
 async def _read_plain(content: StreamReader, limit: int) -> bytes:
     out = bytearray()
-    async for chunk in content.iter_any():
+    async for chunk in _chunks(content):
         out += chunk
         if len(out) > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
@@ -47,7 +64,7 @@ async def _read_plain(content: StreamReader, limit: int) -> bytes:
 async def _inflate(content: StreamReader, encoding: str, limit: int) -> bytes:
     out = bytearray()
     inflater: zlib._Decompress | None = None
-    async for chunk in content.iter_any():
+    async for chunk in _chunks(content):
         if inflater is None:
             inflater = zlib.decompressobj(_wbits(encoding, chunk))
         data = chunk

@@ -1,4 +1,9 @@
-"""The OpenAPI 3 description of the whole public API (served at GET /openapi.json)."""
+"""The OpenAPI 3.1 description of the whole public API (served at GET /openapi.json), as
+strict as the server: every pattern, bound, enum and required field the server enforces, the
+fields it refuses when unknown, each error status a route can answer, and the security that
+this node's configuration asks for (none without a key; a bearer key with one). A schema-driven
+fuzzer (tests/test_fuzz_openapi.py) holds the two to each other.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,30 @@ from aquila.cluster.model.bounds import (
     MAX_TIMEOUT_MS,
 )
 from aquila.cluster.model.errors import ERRORS_BY_CODE
+from aquila.cluster.model.operations import CONSISTENCY, MAX_ID_CHARS, MAX_K
+from aquila.cluster.model.spec import INDEX_TYPES, MAX_DIM, MAX_REPLICATION, MAX_SHARDS, METRICS
+from aquila.node.config import NodeConfig
+from aquila.node.http.access import OPEN_ROUTES, is_read
 
 _ERR = {"$ref": "#/components/schemas/Error"}
 # Every code an error can carry: the contract's, 405's and that of an unexpected failure.
 ERROR_CODES = [*ERRORS_BY_CODE, "method_not_allowed", "internal"]
+NAME_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+# A collection's settings that the server bounds (spec.py's nlist and nprobe).
+MAX_INDEX_PARAM = 1 << 20
+
+# What each error status means; the routes list the statuses they can answer.
+_ERROR_TEXT = {
+    400: "bad_request, dimension_mismatch or invalid_vector: malformed JSON, a missing, "
+         "unknown or wrong field, a name or id outside its pattern; nothing was changed",
+    401: "unauthorized: no key or a wrong one (Authorization: Bearer <key>)",
+    403: "forbidden: the read key may not do this",
+    404: "not_found: no such collection or document",
+    409: "already_exists: the collection exists with other settings",
+    413: "payload_too_large: the body is over the node's limit (counted decompressed)",
+    503: "unavailable: too few live replicas for the consistency asked, shards missing with "
+         "allow_partial false, or the node is not ready; a retry may help",
+}
 
 
 def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -28,385 +53,519 @@ def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    return {str(c): _resp("error", _ERR) for c in codes}
+    return {str(c): _resp(_ERROR_TEXT.get(c, "error"), _ERR) for c in codes}
 
 
 def _body(ref: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}}
 
 
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: list[str], closed: bool = False, extra: dict[str, Any] | None = None,
+         **props: Any) -> dict[str, Any]:
+    """An object schema; `closed`: the server refuses fields it does not know. `extra`:
+    properties whose names are Python keywords (from, in)."""
+    out: dict[str, Any] = {"type": "object", "required": required,
+                           "properties": {**props, **(extra or {})}}
+    if closed:
+        out["additionalProperties"] = False
+    return out
+
+
 _NAME = {
     "name": "name",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+    "description": "a collection name",
+    "schema": {"type": "string", "pattern": NAME_PATTERN},
 }
 _DOC = {
     "name": "doc_id",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+    "description": "a document id (percent-encoded)",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
 }
-_VEC = {"type": "array", "items": {"type": "number"}}
+_INT = {"type": "integer", "minimum": 0}
+_VEC = {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": MAX_DIM,
+        "description": "as many numbers as the collection's dim (float32: NaN, Inf and values "
+                       "beyond float32 are refused)"}
+_SCALAR = {"type": ["string", "number", "boolean", "null"]}
+_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}
+_CONSISTENCY = {"type": "string", "enum": list(CONSISTENCY), "default": "quorum"}
+
+_COND_KEY = {"type": "string", "minLength": 1, "description": "a dotted path into the metadata"}
 
 _SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
+    "Error": _obj(["error"], error=_obj(
+        ["code", "message"],
+        code={"type": "string", "enum": ERROR_CODES},
+        message={"type": "string"},
+    )),
+    "IndexSettings": {
+        "type": ["object", "null"],
+        "additionalProperties": False,
         "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {
-                    "code": {
-                        "type": "string",
-                        "enum": ERROR_CODES,
-                    },
-                    "message": {"type": "string"},
-                },
-            }
+            "type": {"type": "string", "enum": list(INDEX_TYPES), "default": "ivf_flat"},
+            "nlist": {
+                "type": ["integer", "null"], "minimum": 1, "maximum": MAX_INDEX_PARAM,
+                "description": "null: about 4·√n, chosen per node when its index trains",
+            },
+            "nprobe": {"type": "integer", "minimum": 1, "maximum": MAX_INDEX_PARAM,
+                       "default": 16},
         },
     },
     "CollectionSettings": {
-        "type": "object",
-        "required": ["dim"],
-        "properties": {
-            "dim": {"type": "integer", "minimum": 1, "maximum": 65536},
-            "metric": {"type": "string", "enum": ["l2", "ip", "cosine"], "default": "l2"},
-            "shards": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 8},
-            "replication": {"type": "integer", "minimum": 1, "default": 1},
-            "index": {
-                "type": "object",
-                "properties": {
-                    "type": {
-                        "type": "string",
-                        "enum": ["ivf_flat", "ivf_sq8", "ivf_pq", "flat"],
-                        "default": "ivf_flat",
-                    },
-                    "nlist": {
-                        "type": ["integer", "null"],
-                        "minimum": 1,
-                        "description": "null: about 4·√n, chosen per node when its index trains",
-                    },
-                    "nprobe": {"type": "integer", "minimum": 1, "default": 16},
-                },
-            },
+        **_obj(
+            ["dim"], closed=True,
+            dim={"type": "integer", "minimum": 1, "maximum": MAX_DIM},
+            metric={"type": "string", "enum": list(METRICS), "default": "l2"},
+            shards={"type": "integer", "minimum": 1, "maximum": MAX_SHARDS, "default": 8},
+            replication={"type": "integer", "minimum": 1, "maximum": MAX_REPLICATION,
+                         "default": 1},
+            index=_ref("IndexSettings"),
+            name={"description": "ignored: the path names the collection"},
+        ),
+        "description": "ivf_pq needs a dim with a divisor from 2 to 64",
+    },
+    "Collection": _obj(
+        ["name", "dim", "metric", "shards", "replication", "index", "count", "shard_states"],
+        name={"type": "string", "pattern": NAME_PATTERN},
+        dim={"type": "integer", "minimum": 1, "maximum": MAX_DIM},
+        metric={"type": "string", "enum": list(METRICS)},
+        shards={"type": "integer", "minimum": 1, "maximum": MAX_SHARDS},
+        replication={"type": "integer", "minimum": 1, "maximum": MAX_REPLICATION},
+        index=_obj(["type", "nlist", "nprobe"],
+                   type={"type": "string", "enum": list(INDEX_TYPES)},
+                   nlist={"type": ["integer", "null"]},
+                   nprobe={"type": "integer"}),
+        count=_INT,
+        shard_states={"type": "array", "items": _obj(
+            ["shard", "replicas", "count", "index_state"],
+            shard=_INT,
+            replicas={"type": "array", "items": {"type": "string"}},
+            count=_INT,
+            index_state={"type": "string", "enum": ["buffering", "training", "trained"]},
+        )},
+    ),
+    "Upsert": _obj(
+        ["documents"],
+        documents={
+            "type": "array",
+            "minItems": 1,
+            "items": _obj(
+                ["vector"], closed=True,
+                id={**_ID, "type": ["string", "null"],
+                    "description": "a UUID is generated when absent or null"},
+                vector=_VEC,
+                metadata={"type": ["object", "null"],
+                          "description": f"nested at most {MAX_METADATA_DEPTH} levels deep"},
+            ),
         },
+        consistency=_CONSISTENCY,
+    ),
+    "DeleteIds": _obj(
+        ["ids"],
+        ids={"type": "array", "items": _ID, "maxItems": MAX_DELETE_IDS},
+        consistency=_CONSISTENCY,
+    ),
+    "Condition": {
+        "oneOf": [
+            _obj(["key", "match"], closed=True, key=_COND_KEY, match=_SCALAR),
+            _obj(["key", "in"], closed=True, key=_COND_KEY,
+                 extra={"in": {"type": "array", "items": _SCALAR,
+                               "maxItems": MAX_FILTER_IN_VALUES}}),
+            _obj(["key", "range"], closed=True, key=_COND_KEY, range={
+                "type": "object", "minProperties": 1, "additionalProperties": False,
+                "properties": {op: {"type": "number"} for op in ("gte", "gt", "lte", "lt")},
+            }),
+        ],
     },
-    "Collection": {
-        "allOf": [
-            {"$ref": "#/components/schemas/CollectionSettings"},
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string"},
-                    "count": {"type": "integer"},
-                    "shard_states": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "properties": {
-                                "shard": {"type": "integer"},
-                                "replicas": {"type": "array", "items": {"type": "string"}},
-                                "count": {"type": "integer"},
-                                "index_state": {
-                                    "type": "string",
-                                    "enum": ["buffering", "training", "trained"],
-                                },
-                            },
-                        },
-                    },
-                },
-            },
-        ]
-    },
-    "Upsert": {
-        "type": "object",
-        "required": ["documents"],
+    "Filter": {
+        "type": ["object", "null"],
+        "additionalProperties": False,
+        "description": f"The k best documents that match are returned. At most "
+                       f"{MAX_FILTER_CONDITIONS} conditions in all clauses together.",
         "properties": {
-            "documents": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "required": ["vector"],
-                    "properties": {
-                        "id": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": 256,
-                            "description": "a UUID is generated when absent",
-                        },
-                        "vector": _VEC,
-                        "metadata": {
-                            "type": "object",
-                            "description": f"nested at most {MAX_METADATA_DEPTH} levels deep",
-                        },
-                    },
-                },
-            },
-            "consistency": {
-                "type": "string",
-                "enum": ["one", "quorum", "all"],
-                "default": "quorum",
-            },
+            clause: {"type": "array", "items": _ref("Condition"),
+                     "maxItems": MAX_FILTER_CONDITIONS}
+            for clause in ("must", "should", "must_not")
         },
     },
     "Search": {
-        "type": "object",
-        "properties": {
-            "vector": _VEC,
-            "vectors": {
-                "type": "array",
-                "items": _VEC,
-                "maxItems": MAX_QUERIES,
-                "description": f"queries × k at most {MAX_QUERY_RESULTS}",
-            },
-            "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
-            "nprobe": {"type": "integer", "minimum": 1, "maximum": MAX_NPROBE},
-            "filter": {
-                "type": "object",
-                "description": "{must, should, must_not}: lists of {key, match | in | range}; the k best "
-                f"matching documents are returned. At most {MAX_FILTER_CONDITIONS} conditions in "
-                f"all, and {MAX_FILTER_IN_VALUES} values in one `in`",
-            },
-            "include": {
-                "type": "array",
-                "items": {"type": "string", "enum": ["metadata", "vector"]},
-            },
-            "allow_partial": {"type": "boolean", "default": True},
-            "timeout_ms": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_MS},
-            "explain": {
-                "type": "boolean", "default": False,
-                "description": "answer with `plans`: how each shard was searched",
-            },
-        },
+        **_obj(
+            [], closed=True,
+            vector=_VEC,
+            vectors={"type": "array", "items": _VEC, "minItems": 1, "maxItems": MAX_QUERIES,
+                     "description": f"queries × k at most {MAX_QUERY_RESULTS}"},
+            k={"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
+            nprobe={"type": ["integer", "null"], "minimum": 1, "maximum": MAX_NPROBE},
+            filter=_ref("Filter"),
+            include={"type": "array", "items": {"type": "string",
+                                                "enum": ["metadata", "vector"]},
+                     "default": ["metadata"]},
+            allow_partial={"type": "boolean", "default": True},
+            timeout_ms={"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TIMEOUT_MS},
+            explain={"type": "boolean", "default": False,
+                     "description": "answer with `plans`: how each shard was searched"},
+        ),
+        "description": "exactly one of vector (one query) or vectors",
+        "oneOf": [{"required": ["vector"]}, {"required": ["vectors"]}],
     },
+    "Hit": _obj(
+        ["id", "score"],
+        id={"type": "string"},
+        score={"type": "number", "description": "squared L2 (smaller is better) for l2; "
+               "inner product or cosine similarity (larger is better)"},
+        metadata={"type": "object"},
+        vector={"type": "array", "items": {"type": "number"}},
+    ),
     "SearchPlan": {
-        "type": "object",
+        **_obj(
+            ["shard", "path"],
+            shard=_INT,
+            node={"type": "string"},
+            path={"type": "string",
+                  "enum": ["unfiltered", "exact", "selector", "postfilter", "none"]},
+            matches=_INT, documents=_INT, cached={"type": "boolean"},
+            nprobe=_INT, nprobe_mean={"type": "number", "minimum": 0}, candidates=_INT,
+        ),
         "description": "How one shard was searched. `path`: `unfiltered`; for a filter, "
         "`exact` (few matches: their vectors scored directly), `selector` (many: the index "
         "searched with a bitmap of the matches, its lists widened until they hold as many "
-        "matches as an unfiltered search scores vectors), `postfilter` (nearly all: the index "
-        "searched unfiltered for `candidates` and the non-matches dropped) or `none` (nothing "
-        "matches). `matches` of the shard's `documents` match; `cached`: the filter's match "
-        "set was kept from an earlier search; `nprobe`: the most lists a query probed.",
-        "properties": {
-            "shard": {"type": "integer"},
-            "node": {"type": "string"},
-            "path": {"type": "string",
-                     "enum": ["unfiltered", "exact", "selector", "postfilter", "none"]},
-            "matches": {"type": "integer"},
-            "documents": {"type": "integer"},
-            "cached": {"type": "boolean"},
-            "nprobe": {"type": "integer"},
-            "nprobe_mean": {"type": "number"},
-            "candidates": {"type": "integer"},
-        },
+        "matches as an unfiltered search scores vectors), `postfilter` (nearly all: the "
+        "index searched unfiltered for `candidates` and the non-matches dropped) or `none` "
+        "(nothing matches). `matches` of the shard's `documents` match; `cached`: the "
+        "filter's match set was kept from an earlier search; `nprobe`: the most lists a "
+        "query probed.",
     },
-    "SearchResult": {
-        "type": "object",
-        "properties": {
-            "results": {
-                "type": "array",
-                "items": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "id": {"type": "string"},
-                            "score": {
-                                "type": "number",
-                                "description": "squared L2 (smaller is better) for l2; inner product or cosine similarity "
-                                "(larger is better)",
-                            },
-                            "metadata": {"type": "object"},
-                            "vector": _VEC,
-                        },
-                    },
-                },
-            },
-            "partial": {"type": "boolean"},
-            "missing_shards": {"type": "array", "items": {"type": "integer"}},
-            "took_ms": {"type": "number"},
-            "plans": {
-                "type": "array", "items": {"$ref": "#/components/schemas/SearchPlan"},
-                "description": "with `explain`: one per shard that answered, by shard",
-            },
-        },
+    "SearchResult": _obj(
+        ["results", "partial", "missing_shards", "took_ms"],
+        results={"type": "array", "items": {"type": "array", "items": _ref("Hit")},
+                 "description": "one list per query, best first"},
+        partial={"type": "boolean"},
+        missing_shards={"type": "array", "items": _INT},
+        took_ms={"type": "number", "minimum": 0},
+        plans={"type": "array", "items": _ref("SearchPlan"),
+               "description": "with `explain`: one per shard that answered, by shard"},
+    ),
+    "Document": _obj(
+        ["id", "metadata"],
+        id={"type": "string"},
+        metadata={"type": "object"},
+        vector={"type": "array", "items": {"type": "number"}},
+    ),
+    "Member": _obj(
+        ["id", "addr", "state", "incarnation"],
+        id={"type": "string"},
+        addr={"type": "string"},
+        state={"type": "string", "enum": ["alive", "suspect", "dead", "left"]},
+        incarnation=_INT,
+    ),
+    "Move": _obj(
+        ["collection", "shard", "from", "to"],
+        collection={"type": "string"}, shard=_INT,
+        extra={"from": {"type": ["string", "null"], "description": "null: a new replica"}},
+        to={"type": "string"},
+    ),
+}
+
+_CLUSTER = _obj(
+    ["node", "epoch", "members"],
+    node=_obj(["id", "addr"], id={"type": "string"}, addr={"type": "string"}),
+    epoch=_INT,
+    members={"type": "array", "items": _ref("Member")},
+)
+_SHARDS = _obj(
+    ["epoch", "collections"],
+    epoch=_INT,
+    collections={"type": "object", "additionalProperties": {"type": "array", "items": _obj(
+        ["shard", "replicas", "moving"],
+        shard=_INT,
+        replicas={"type": "array", "items": {"type": "string"}},
+        moving={"oneOf": [{"type": "null"}, _obj(
+            ["from", "to", "progress"],
+            extra={"from": {"type": ["string", "null"]}},
+            to={"type": "string"},
+            progress={"type": "number", "minimum": 0, "maximum": 1},
+        )]},
+    )}},
+)
+_MOVES = _obj(["moves"], moves={"type": "array", "items": _ref("Move")})
+
+
+def _text(desc: str, media: str) -> dict[str, Any]:
+    return {"description": desc, "content": {media: {"schema": {"type": "string"}}}}
+
+
+def _link(op: str, **params: str) -> dict[str, Any]:
+    return {"operationId": op, "parameters": {f"path.{k}": v for k, v in params.items()}}
+
+
+# From a collection to its documents and searches (fuzzers follow these, as clients do).
+_FROM_COLLECTION = {
+    "GetCollection": _link("getCollection", name="$request.path.name"),
+    "Upsert": _link("upsert", name="$request.path.name"),
+    "Search": _link("search", name="$request.path.name"),
+}
+_FROM_UPSERT = {
+    "GetDocument": _link("getDocument", name="$request.path.name",
+                         doc_id="$response.body#/ids/0"),
+    "DeleteDocument": _link("deleteDocument", name="$request.path.name",
+                            doc_id="$response.body#/ids/0"),
+    "SearchWithStoredVector": {
+        **_link("search", name="$request.path.name"),
+        "requestBody": {"vector": "$request.body#/documents/0/vector", "k": 5},
     },
 }
 
 
-def openapi_document() -> dict[str, Any]:
+def _get_document(params: tuple[dict[str, Any], ...] = (_NAME, _DOC),
+                  suffix: str = "") -> dict[str, Any]:
+    return {
+        "operationId": "getDocument" + suffix,
+        "summary": "Get a document",
+        "parameters": [
+            *params,
+            {"name": "vector", "in": "query", "description": "true: add the vector",
+             "schema": {"type": "string",
+                        "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0)$"}},
+        ],
+        "responses": {"200": _resp("document", _ref("Document")), **_errors(400, 404, 503)},
+    }
+
+
+def _delete_document(params: tuple[dict[str, Any], ...] = (_NAME, _DOC),
+                     suffix: str = "") -> dict[str, Any]:
+    return {
+        "operationId": "deleteDocument" + suffix,
+        "summary": "Delete a document",
+        "parameters": list(params),
+        "responses": {"200": _resp("deleted", _obj(["deleted"], deleted={"const": 1})),
+                      **_errors(400, 404, 503)},
+    }
+
+
+def _paths() -> dict[str, Any]:
     c = "/v1/collections/{name}"
     return {
+        "/v1/collections": {
+            "get": {"operationId": "listCollections", "summary": "List collections",
+                    "responses": {"200": _resp("collections", _obj(
+                        ["collections"],
+                        collections={"type": "array", "items": _ref("Collection")}))}},
+        },
+        c: {
+            "put": {
+                "operationId": "createCollection",
+                "summary": "Create a collection (idempotent)",
+                "parameters": [_NAME],
+                "requestBody": _body("#/components/schemas/CollectionSettings"),
+                "responses": {
+                    "201": {**_resp("created", _ref("Collection")), "links": _FROM_COLLECTION},
+                    "200": {**_resp("exists with the same settings", _ref("Collection")),
+                            "links": _FROM_COLLECTION},
+                    **_errors(400, 409, 503),
+                },
+            },
+            "get": {
+                "operationId": "getCollection",
+                "summary": "Describe a collection",
+                "parameters": [_NAME],
+                "responses": {"200": _resp("description", _ref("Collection")),
+                              **_errors(400, 404)},
+            },
+            "delete": {
+                "operationId": "deleteCollection",
+                "summary": "Delete a collection and its files",
+                "parameters": [_NAME],
+                "responses": {"200": _resp("deleted", _obj(["deleted"],
+                                                           deleted={"const": True})),
+                              **_errors(400, 404, 503)},
+            },
+        },
+        c + "/documents": {
+            "post": {
+                "operationId": "upsert",
+                "summary": "Upsert a batch; answered once durable per consistency",
+                "description": (
+                    "An existing id is replaced. The body limit (64 MiB by default, "
+                    "AQUILA_MAX_BODY_BYTES) counts vectors at float32 precision, so a batch "
+                    "of 10,000 documents of dim 384 fits however the client writes its "
+                    "floats; a body over twice the limit is refused unread (413)."
+                ),
+                "parameters": [_NAME],
+                "requestBody": _body("#/components/schemas/Upsert"),
+                "responses": {
+                    "200": {**_resp("ids and count", _obj(
+                        ["ids", "upserted"], ids={"type": "array", "items": _ID},
+                        upserted=_INT)), "links": _FROM_UPSERT},
+                    **_errors(400, 404, 503),
+                },
+            }
+        },
+        c + "/documents/delete": {
+            # This path is also the document whose id is "delete", which GET and DELETE name
+            # as they do any other (the server answers them: its Allow header lists them).
+            "get": {**_get_document((_NAME,), "NamedDelete"),
+                    "summary": "Get the document whose id is 'delete'"},
+            "delete": {**_delete_document((_NAME,), "NamedDelete"),
+                       "summary": "Delete the document whose id is 'delete'"},
+            "post": {
+                "operationId": "deleteDocuments",
+                "summary": f"Delete a batch of ids (at most {MAX_DELETE_IDS})",
+                "parameters": [_NAME],
+                "requestBody": _body("#/components/schemas/DeleteIds"),
+                "responses": {"200": _resp("live documents deleted",
+                                           _obj(["deleted"], deleted=_INT)),
+                              **_errors(400, 404, 503)},
+            }
+        },
+        c + "/documents/{doc_id}": {"get": _get_document(), "delete": _delete_document()},
+        c + "/search": {
+            "post": {
+                "operationId": "search",
+                "summary": "k nearest documents for each query vector",
+                "parameters": [_NAME],
+                "requestBody": _body("#/components/schemas/Search"),
+                "responses": {"200": _resp("results", _ref("SearchResult")),
+                              **_errors(400, 404, 503)},
+            }
+        },
+        "/v1/cluster": {
+            "get": {"operationId": "cluster", "summary": "This node and the members it sees",
+                    "responses": {"200": _resp("members", _CLUSTER)}},
+        },
+        "/v1/cluster/shards": {
+            "get": {"operationId": "shards", "summary": "Shard map with moves in progress",
+                    "responses": {"200": _resp("shard map", _SHARDS)}},
+        },
+        "/v1/cluster/join": {
+            "post": {
+                "operationId": "join",
+                "summary": "Join this node to the seeds' cluster",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": _obj(["seeds"], seeds={
+                        "type": "array", "minItems": 1, "maxItems": MAX_SEEDS,
+                        "items": {"type": "string", "description": "host:port"},
+                    }),
+                }}},
+                "responses": {"200": _resp("joined", _obj(["joined", "members"],
+                                                          joined=_INT, members=_INT)),
+                              **_errors(400, 503)},
+            }
+        },
+        "/v1/cluster/leave": {
+            "post": {"operationId": "leave",
+                     "summary": "Hand this node's shards away, then leave",
+                     "responses": {"200": _resp("left", _obj(
+                         ["moves", "left"], moves=_MOVES["properties"]["moves"],
+                         left={"const": True})), **_errors(503)}},
+        },
+        "/v1/cluster/rebalance": {
+            "post": {
+                "operationId": "rebalance",
+                "summary": "Plan (dry_run) or start a rebalance",
+                "requestBody": {"content": {"application/json": {"schema": {
+                    "type": "object",
+                    "properties": {"dry_run": {"type": "boolean", "default": False}},
+                }}}},
+                "responses": {"200": _resp("moves", _MOVES), **_errors(400, 503)},
+            }
+        },
+        "/healthz": {
+            "get": {"operationId": "healthz", "summary": "Liveness",
+                    "responses": {"200": _resp("ok", _obj(["status"],
+                                                          status={"const": "ok"}))}},
+        },
+        "/readyz": {
+            "get": {"operationId": "readyz", "summary": "Readiness",
+                    "responses": {"200": _resp("ready", _obj(["status"],
+                                                             status={"const": "ready"})),
+                                  **_errors(503)}},
+        },
+        "/metrics": {
+            "get": {"operationId": "metrics", "summary": "Prometheus metrics",
+                    "responses": {"200": _text("text exposition format", "text/plain")}},
+        },
+        "/openapi.json": {
+            "get": {"operationId": "openapi", "summary": "This document",
+                    "responses": {"200": _resp("OpenAPI", _obj(["openapi", "paths"]))}},
+        },
+        "/ui": {
+            "get": {"operationId": "dashboard",
+                    "summary": "The dashboard (a web page; it asks for the key itself)",
+                    "responses": {"200": _text("the page", "text/html")}},
+        },
+        "/ui/{file}": {
+            "get": {
+                "operationId": "dashboardFile",
+                "summary": "The dashboard's script and style sheet",
+                "parameters": [{"name": "file", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "the file", "content": {
+                        m: {"schema": {"type": "string"}}
+                        for m in ("text/javascript", "text/css", "text/html")}},
+                    **_errors(404),
+                },
+            },
+        },
+    }
+
+
+def _apply_access(paths: dict[str, Any], config: NodeConfig) -> None:
+    """Per route, the security and the error statuses the node's keys and body limit add."""
+    keyed = bool(config.api_key or config.read_key)
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            responses = op["responses"]
+            extra: list[int] = []
+            if method not in ("get", "delete"):
+                extra.append(413)
+            if keyed and (method.upper(), path) in OPEN_ROUTES:
+                op["security"] = []
+            elif keyed:
+                extra.append(401)
+                if config.read_key and not is_read(method.upper(), path):
+                    extra.append(403)
+            for code in extra:
+                responses.setdefault(str(code), _errors(code)[str(code)])
+
+
+def openapi_document(config: NodeConfig | None = None) -> dict[str, Any]:
+    """The description of this node's API; `config` decides its security (none: no key)."""
+    config = config or NodeConfig()
+    paths = _paths()
+    _apply_access(paths, config)
+    keyed = bool(config.api_key or config.read_key)
+    access = (
+        "This node has a key configured: send `Authorization: Bearer <key>` on every request "
+        "but /healthz, /readyz and the dashboard (/ui). The read key, when configured, gives "
+        "the GET routes, search, count and scroll only (403 `forbidden` otherwise)."
+        if keyed else
+        "This node has no key configured: no request needs one."
+    )
+    components: dict[str, Any] = {"schemas": _SCHEMAS}
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "Aquila",
             "version": "1",
-            "description": "Distributed vector database. Every node serves the whole API; "
-            "when the node has an API key (or a read key) configured, send "
-            "`Authorization: Bearer <key>` on all but /healthz and /readyz; without one, no "
-            "key is needed. The read key gives GET routes, search, count and scroll only "
-            "(403 `forbidden` otherwise).",
+            "description": "Distributed vector database. Every node serves the whole API. "
+            + access + " Errors are `{\"error\": {\"code\", \"message\"}}`; a rejected request "
+            "changes nothing. Any request with a body over the node's limit is answered 413.",
         },
-        "components": {
-            "schemas": _SCHEMAS,
-            "securitySchemes": {"bearer": {
-                "type": "http", "scheme": "bearer",
-                "description": "Required only when the node has a key configured.",
-            }},
-        },
-        # Bearer, or nothing when the node has no key (an empty requirement is optional).
-        "security": [{"bearer": []}, {}],
-        "paths": {
-            "/v1/collections": {
-                "get": {"summary": "List collections", "responses": {"200": _resp("collections")}}
-            },
-            c: {
-                "put": {
-                    "summary": "Create a collection (idempotent)",
-                    "parameters": [_NAME],
-                    "requestBody": _body("#/components/schemas/CollectionSettings"),
-                    "responses": {
-                        "201": _resp("created", {"$ref": "#/components/schemas/Collection"}),
-                        "200": _resp("exists with the same settings"),
-                        **_errors(400, 401, 409),
-                    },
-                },
-                "get": {
-                    "summary": "Describe a collection",
-                    "parameters": [_NAME],
-                    "responses": {
-                        "200": _resp("description", {"$ref": "#/components/schemas/Collection"}),
-                        **_errors(401, 404),
-                    },
-                },
-                "delete": {
-                    "summary": "Delete a collection and its files",
-                    "parameters": [_NAME],
-                    "responses": {"200": _resp("deleted"), **_errors(401, 404)},
-                },
-            },
-            c + "/documents": {
-                "post": {
-                    "summary": "Upsert a batch; answered once durable per consistency",
-                    "description": (
-                        "An existing id is replaced. The body limit (64 MiB by default, "
-                        "AQUILA_MAX_BODY_BYTES) counts vectors at float32 precision, so a batch "
-                        "of 10,000 documents of dim 384 fits however the client writes its "
-                        "floats; a body over twice the limit is refused unread (413)."
-                    ),
-                    "parameters": [_NAME],
-                    "requestBody": _body("#/components/schemas/Upsert"),
-                    "responses": {
-                        "200": _resp("ids and count"),
-                        **_errors(400, 401, 404, 413, 503),
-                    },
-                }
-            },
-            c + "/documents/delete": {
-                "post": {
-                    "summary": f"Delete a batch of ids (at most {MAX_DELETE_IDS})",
-                    "parameters": [_NAME],
-                    "responses": {"200": _resp("{deleted: n}"), **_errors(400, 401, 404, 503)},
-                }
-            },
-            c + "/documents/{doc_id}": {
-                "get": {
-                    "summary": "Get a document",
-                    "parameters": [
-                        _NAME,
-                        _DOC,
-                        {"name": "vector", "in": "query", "schema": {"type": "boolean"}},
-                    ],
-                    "responses": {"200": _resp("document"), **_errors(400, 401, 404)},
-                },
-                "delete": {
-                    "summary": "Delete a document",
-                    "parameters": [_NAME, _DOC],
-                    "responses": {"200": _resp("{deleted: 1}"), **_errors(401, 404)},
-                },
-            },
-            c + "/search": {
-                "post": {
-                    "summary": "k nearest documents for each query vector",
-                    "parameters": [_NAME],
-                    "requestBody": _body("#/components/schemas/Search"),
-                    "responses": {
-                        "200": _resp("results", {"$ref": "#/components/schemas/SearchResult"}),
-                        **_errors(400, 401, 404, 413, 503),
-                    },
-                }
-            },
-            "/v1/cluster": {
-                "get": {
-                    "summary": "This node and the members it sees",
-                    "responses": {"200": _resp("members")},
-                }
-            },
-            "/v1/cluster/shards": {
-                "get": {
-                    "summary": "Shard map with moves in progress",
-                    "responses": {"200": _resp("shard map")},
-                }
-            },
-            "/v1/cluster/join": {
-                "post": {
-                    "summary": "Join this node to the seeds' cluster",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": {
-                            "type": "object",
-                            "required": ["seeds"],
-                            "properties": {"seeds": {
-                                "type": "array",
-                                "minItems": 1,
-                                "maxItems": MAX_SEEDS,
-                                "items": {"type": "string", "description": "host:port"},
-                            }},
-                        }}},
-                    },
-                    "responses": {"200": _resp("joined"), **_errors(400, 503)},
-                }
-            },
-            "/v1/cluster/leave": {
-                "post": {
-                    "summary": "Hand this node's shards away, then leave",
-                    "responses": {"200": _resp("left"), **_errors(503)},
-                }
-            },
-            "/v1/cluster/rebalance": {
-                "post": {
-                    "summary": "Plan (dry_run) or start a rebalance",
-                    "requestBody": {
-                        "content": {"application/json": {"schema": {
-                            "type": "object",
-                            "properties": {"dry_run": {"type": "boolean", "default": False}},
-                        }}},
-                    },
-                    "responses": {"200": _resp("moves"), **_errors(400, 503)},
-                }
-            },
-            "/healthz": {
-                "get": {"summary": "Liveness", "security": [], "responses": {"200": _resp("ok")}}
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness",
-                    "security": [],
-                    "responses": {"200": _resp("ready"), **_errors(503)},
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "responses": {"200": {"description": "text exposition format"}},
-                }
-            },
-            "/openapi.json": {
-                "get": {"summary": "This document", "responses": {"200": _resp("OpenAPI")}}
-            },
-        },
+        "components": components,
+        "paths": paths,
     }
+    if keyed:
+        components["securitySchemes"] = {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "The node's API key, or its read key for reads.",
+        }}
+        doc["security"] = [{"bearer": []}]
+    return doc

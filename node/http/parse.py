@@ -235,7 +235,8 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
     ):
         raise BadRequest(f"'nprobe' must be an integer from 1 to {MAX_NPROBE}")
     include = body.get("include", ["metadata"])
-    if not isinstance(include, list) or set(include) - {"metadata", "vector"}:
+    # Checked item by item: a list or object among them cannot go into a set.
+    if not isinstance(include, list) or not all(i in ("metadata", "vector") for i in include):
         raise BadRequest("'include' is a list of 'metadata' and 'vector'")
     allow_partial = body.get("allow_partial", True)
     if not isinstance(allow_partial, bool):

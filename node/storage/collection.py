@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,8 @@ class Collection:
         self._saving = asyncio.Lock()  # one snapshot written at a time; `close` waits for it
         # Incarnation of the collection in the cluster state (see CollectionEntry.uid).
         self.uid = ""
+        # Called with the seconds each training took (the node's metrics).
+        self.on_trained: Callable[[float], None] | None = None
 
     @property
     def larger_is_better(self) -> bool:
@@ -337,6 +340,12 @@ class Collection:
     def count(self) -> int:
         return sum(s.count for s in self.shards.values())
 
+    def figures(self) -> dict[str, Any]:
+        """What /metrics shows of this collection on this node (cheap: no I/O)."""
+        return {"documents": self.count(), "vectors": self.index.ntotal,
+                "index_state": self.state, "faiss_bytes": self.index.memory_bytes(),
+                "rocksdb_bytes": self.store.memory_bytes()}
+
     def shard_states(self) -> dict[int, dict[str, Any]]:
         state = self.state
         return {
@@ -426,7 +435,10 @@ class Collection:
         try:
             upto = {s: sh.applied_seq for s, sh in self.shards.items()}
             log.info("%s: training on %d vectors", self.spec.name, self.count())
+            t0 = time.perf_counter()
             new = await self.blocking.background(self._training_set, upto)
+            if self.on_trained is not None:
+                self.on_trained(time.perf_counter() - t0)
             # Catch up with the writes made while training, without any lock (the new index
             # is nobody else's yet), so that the swap below only replays the last few.
             mark = {s: sh.applied_seq for s, sh in self.shards.items()}

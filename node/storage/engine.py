@@ -21,11 +21,12 @@ collection is logged and left alone, and one in the way of a create is moved asi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,8 @@ class Engine:
         # (kept here so that dropping a collection does not take counts back).
         self.plan_counts: dict[str, int] = {}
         self._lock = asyncio.Lock()
+        # Called with a collection's name and the seconds a training took (node metrics).
+        self.on_trained: Callable[[str, float], None] | None = None
 
     async def start(self) -> None:
         """Finish or undo what a crash interrupted, then open every collection found on disk
@@ -141,7 +144,10 @@ class Engine:
 
     def _new(self, spec: CollectionSpec) -> Collection:
         root = collection_dir(self.root, spec.name)
-        return Collection(spec, root, self.blocking, self.tuning, self.fsync, self.plan_counts)
+        coll = Collection(spec, root, self.blocking, self.tuning, self.fsync, self.plan_counts)
+        if self.on_trained is not None:
+            coll.on_trained = functools.partial(self.on_trained, spec.name)
+        return coll
 
     def get(self, name: str) -> Collection:
         coll = self.collections.get(name)

@@ -288,6 +288,15 @@ class VectorIndex:
             scores, ids = self.index.search(queries, k)
         return scores, self.keys(ids)
 
+    def memory_bytes(self) -> int:
+        """An estimate of the memory the index holds (for /metrics): per vector its code and
+        its 64-bit id, and the id map's hash entry; an IVF index's centroids too."""
+        n, d = self.ntotal, int(self.index.d)
+        if self.trained:
+            code = int(faiss.extract_index_ivf(self.index).code_size)
+            return n * (code + 8 + 16) + int(self.index.nlist) * d * 4
+        return n * (d * 4 + 8 + 16)
+
     # -- snapshots ------------------------------------------------------------------------
     def serialize(self) -> bytes:
         """The index as bytes (quick; call while mutations are excluded)."""

@@ -28,6 +28,12 @@ import rocksdict
 
 FLAG_TOMBSTONE = 1
 _BLOCK_CACHE_BYTES = 128 << 20
+# RocksDB's memory, by where it goes.
+_MEMORY_PROPERTIES = {
+    "memtables": "rocksdb.cur-size-all-mem-tables",
+    "table_readers": "rocksdb.estimate-table-readers-mem",
+    "block_cache": "rocksdb.block-cache-usage",
+}
 # version, label, seq, flags, dim, writer length
 _HEADER = struct.Struct(">QqQBIH")
 _U16 = struct.Struct(">H")
@@ -134,6 +140,19 @@ class Store:
         if self._db is None:
             raise RuntimeError("store is not open")
         return self._db
+
+    def memory_bytes(self) -> dict[str, int]:
+        """RocksDB's own figures of the memory it holds (for /metrics); empty when closed."""
+        db = self._db
+        if db is None:
+            return {}
+        out = {}
+        try:
+            for kind, prop in _MEMORY_PROPERTIES.items():
+                out[kind] = int(db.property_int_value(prop) or 0)
+        except Exception:  # closed by another thread meanwhile: nothing to report
+            return {}
+        return out
 
     def close(self) -> None:
         if self._db is not None:

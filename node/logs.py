@@ -1,0 +1,125 @@
+"""The node's log: one line per event, as JSON (`--log-format json`, for machines) or text
+(for a terminal), each with the node's id and the id of the client request it serves
+(`cluster.model.request_id`), so that one grep follows a request across nodes.
+
+Fields given with `extra={...}` become fields of the JSON line (`key=value` in text). A
+traceback stays on its event's line (escaped newlines in text), so that no line of the log
+is a fragment of another event.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import orjson
+from aiohttp.http_exceptions import HttpProcessingError
+
+from aquila.cluster.model import request_id
+from aquila.cluster.model.errors import expected
+
+FORMATS = ("json", "text")
+
+# Attributes every LogRecord has: anything else on a record came from `extra`.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message", "asctime", "request_id", "node",
+}
+
+
+def _expected(exc: BaseException | None) -> bool:
+    """The cluster's expected failures, and a client's malformed HTTP (aiohttp logs those
+    with a traceback) or a connection it dropped."""
+    return exc is not None and (expected(exc) or isinstance(exc, HttpProcessingError
+                                                             | ConnectionResetError))
+
+
+class _Context(logging.Filter):
+    """Stamps every record with the node id and the current request id, and turns the
+    traceback of an expected failure, wherever it was logged, into a few words."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.current.get()
+        record.node = self.node
+        exc = record.exc_info[1] if record.exc_info else None
+        if _expected(exc):
+            record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", ()
+            record.exc_info, record.exc_text = None, None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    t = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        node = getattr(record, "node", None)
+        if node:
+            out["node"] = node
+        rid = getattr(record, "request_id", None)
+        if rid:
+            out["request_id"] = rid
+        for k, v in _extras(record).items():
+            out.setdefault(k, v)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exc"] = record.exc_text
+        return orjson.dumps(out, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [_timestamp(record), record.levelname, f"{record.name}:", record.getMessage()]
+        fields = dict(_extras(record))
+        node = getattr(record, "node", None)
+        rid = getattr(record, "request_id", None)
+        if rid:
+            fields = {"request_id": rid, **fields}
+        if node:
+            fields = {"node": node, **fields}
+        parts += [f"{k}={v}" for k, v in fields.items()]
+        line = " ".join(str(p) for p in parts)
+        if record.exc_info:
+            line += " | " + self.formatException(record.exc_info)
+        return line.replace("\r", "\\r").replace("\n", "\\n")
+
+
+_context = _Context()
+
+
+def configure(level: str, fmt: str) -> None:
+    """Route every logger of the process to stderr in this format, at this level."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_context)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def set_node(node_id: str) -> None:
+    """The node id stamped on every line from now on (known once the data dir is read)."""
+    _context.node = node_id

@@ -1,0 +1,77 @@
+"""schemathesis hooks of the fuzz run (tests/test_fuzz_openapi.py), loaded through
+SCHEMATHESIS_HOOKS: they steer generated requests towards stored data.
+
+- Generated collection names rarely exist: half of the requests on documents and searches
+  are sent to a collection known to exist instead (the one the test filled, "docs", and those
+  the run created), never to the one the test guards, which no request may name.
+- Generated vectors rarely have the collection's dim: lists of numbers sent to a known
+  collection are cycled or cut to its dim, so they reach the store and the index.
+
+Anything else is left as generated (whatever made a negative case negative stays), and
+schemathesis checks a changed case against the schema again.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import schemathesis
+
+# Collection name → dim: the one the test filled, and those the run created (one worker).
+DIMS: dict[str, int] = {"docs": 4}
+DATA_PATHS = ("/documents", "/search")
+
+
+def _fit(v: Any, dim: int) -> Any:
+    numbers = isinstance(v, list) and v and all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+    return (v * dim)[:dim] if numbers else v
+
+
+def _fit_body(body: dict[str, Any], dim: int) -> dict[str, Any]:
+    out = dict(body)
+    if "vector" in out:
+        out["vector"] = _fit(out["vector"], dim)
+    if isinstance(out.get("vectors"), list):
+        out["vectors"] = [_fit(v, dim) for v in out["vectors"]]
+    if isinstance(out.get("documents"), list):
+        out["documents"] = [{**d, "vector": _fit(d["vector"], dim)}
+                            if isinstance(d, dict) and "vector" in d else d
+                            for d in out["documents"]]
+    return out
+
+
+def _retarget(case: Any) -> None:
+    """Every other request on documents or searches goes to a known collection (chosen by
+    a checksum of the case, so that a run is repeatable from its seed)."""
+    params = case.path_parameters or {}
+    if "name" not in params or params["name"] in DIMS:
+        return
+    if not any(part in case.operation.path for part in DATA_PATHS):
+        return
+    pick = zlib.crc32(repr((case.method, params, case.body)).encode())
+    if pick % 2:
+        names = sorted(DIMS)
+        case.path_parameters = {**params, "name": names[(pick // 2) % len(names)]}
+
+
+@schemathesis.hook
+def map_case(context: Any, case: Any) -> Any:
+    _retarget(case)
+    dim = DIMS.get((case.path_parameters or {}).get("name"))
+    if dim is not None and isinstance(case.body, dict):
+        case.body = _fit_body(case.body, dim)  # assigned, not mutated: schemathesis re-checks
+    return case
+
+
+@schemathesis.hook
+def after_call(context: Any, case: Any, response: Any) -> None:
+    if case.method.upper() != "PUT" or response.status_code not in (200, 201):
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        return
+    if isinstance(body, dict) and isinstance(body.get("dim"), int):
+        DIMS[body["name"]] = body["dim"]
