@@ -157,7 +157,7 @@ def search_planned(
     groups: dict[str, tuple[int, ...]] = {}
     for p in plans:
         groups[p.path] = (*groups.get(p.path, ()), p.shard)
-    run = _Run(coll, q, k, shape, predicate, sets, wanted)
+    run = _Run(coll, q, k, shape, predicate, sets)
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     notes: dict[str, dict[str, Any]] = {}
     if index.ntotal:
@@ -179,13 +179,11 @@ class _Run:
     """One batch's filtered search, group by group."""
 
     def __init__(self, coll: Searchable, q: np.ndarray, k: int, shape: IndexShape,
-                 predicate: Any, sets: dict[int, tuple[MatchSet, bool]],
-                 wanted: tuple[int, ...]) -> None:
+                 predicate: Any, sets: dict[int, tuple[MatchSet, bool]]) -> None:
         self.coll, self.q, self.k, self.shape = coll, q, k, shape
         self.index = coll.index
         self.sets = {s: ms for s, (ms, _) in sets.items()}
         self.key = predicate.key if isinstance(predicate, FilterQuery) else None
-        self.wanted = wanted
         self._coarse: tuple[np.ndarray, np.ndarray] | None = None
 
     def _cached(self, what: str, group: tuple[int, ...], build: Callable[[], tuple[T, int]]
