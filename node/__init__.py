@@ -6,5 +6,6 @@ wiring of the cluster layer (`aquila.cluster`, which it may import; never the re
     blocking     the one place threads start (FAISS, RocksDB, big bodies)
     cluster_node the cluster service wired to the engine, HTTP peers, UDP gossip and files
     app          make_app(config, clock=, transport=, peers=) and the start and stop order
+    importer     the `aquila import` command (a client of the REST API)
     cli, config, keys, files, metrics
 """

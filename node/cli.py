@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     from aquila.cluster.admin import add_admin_parsers
+    from aquila.node.importer.command import add_import_parser
 
     add_admin_parsers(sub)
+    add_import_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         flags = {k: v for k, v in vars(args).items() if k != "command"}
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aquila: {exc}", file=sys.stderr)
             return 2
         return serve(config)
+    if args.command == "import":
+        from aquila.node.importer.command import run_import
+
+        return run_import(args)
     from aquila.cluster.admin import run_admin
 
     return run_admin(args)

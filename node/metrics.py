@@ -106,9 +106,9 @@ class _Cluster:
         yield _counter("aquila_search_refused", "Searches refused with 503 because shards "
                        "were missing and allow_partial was false", reads["refused"])
         yield _counter("aquila_search_retries", "Shards asked again of another replica after "
-                       "one failed", reads["retried"])
+                       "one failed (searches, counts, scrolls)", reads["retried"])
         yield _counter("aquila_search_hedges", "Shards asked of another replica too after a "
-                       "slow answer (hedged)", reads["hedged"])
+                       "slow answer (hedged; searches, counts, scrolls)", reads["hedged"])
         yield _labelled("aquila_write_refused", "Writes refused before sending: too few live "
                         "replicas for the consistency", "consistency", writes["refused"])
         yield _labelled("aquila_write_acks_short", "Writes sent but acknowledged by fewer "

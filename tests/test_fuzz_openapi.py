@@ -110,7 +110,8 @@ def test_fuzz_the_api_against_its_own_description(tmp_path: Path) -> None:
             generated = re.search(r"(\d+) generated", out)
             assert generated and int(generated.group(1)) >= 500, out[-3000:]
             links = re.search(r"API Links:\s+(\d+) covered", out)
-            assert links and int(links.group(1)) >= 1, out[-3000:]  # the stateful phase ran
+            # The stateful phase followed links from the documents it wrote to their reads.
+            assert links and int(links.group(1)) >= 2, out[-3000:]
         for name, node in nodes.items():
             assert node.call("GET", "/healthz")[0] == 200
             assert snapshot(node) == before[name], f"the {name} node's guarded data changed"

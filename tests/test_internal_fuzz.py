@@ -46,6 +46,9 @@ def valid_bodies(node: Node) -> dict[str, Any]:
                    "filter": {"must": [{"key": "a", "in": [1, 2]}],
                               "must_not": [{"key": "b", "range": {"gte": 1}}]}},
         "get": {"shard": 0, "id": "keep"},
+        "count": {"shards": [0, 1], "filter": {"must": [{"key": "a", "match": 1}]}},
+        "scroll": {"shard": 1, "after": "a", "limit": 5, "vector": True,
+                   "filter": {"should": [{"key": "a", "range": {"lt": 3}}]}},
         "stream": {"shard": 1, "after": None, "limit": 10},
         "digests": {"shard": 0, "buckets": 256},
         "buckets": {"shard": 0, "buckets": [0, 7, 255], "of": 256},
@@ -96,7 +99,7 @@ async def fuzz_routes(node: Node, bodies: st.SearchStrategy[tuple[str, bytes]]) 
     return seen
 
 
-ROUTES = ["write", "search", "get", "stream", "digests", "buckets", "purge", "drop_shard",
+ROUTES = ["write", "search", "get", "count", "scroll", "stream", "digests", "buckets", "purge", "drop_shard",
           "state", "pushpull"]
 
 

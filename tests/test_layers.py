@@ -20,6 +20,8 @@ ALLOWED: dict[str, set[str]] = {
 ALLOWED["cluster.service"] = {f"cluster.{p}" for p in CLUSTER_ORDER}
 ALLOWED["cluster.admin"] = {"cluster.model"}
 ALLOWED["node.storage"] = {"cluster.model", "cluster.clock", "node.blocking", "node.files"}
+# The import command is a client: it talks HTTP to a node, as the admin commands do.
+ALLOWED["node.importer"] = {"cluster.model", "cluster.admin"}
 ALLOWED["node.http"] = {f"cluster.{p}" for p in CLUSTER_ORDER} | {
     "cluster.service", "node.config", "node.keys", "node.blocking", "node.metrics",
 }

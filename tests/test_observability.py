@@ -246,8 +246,8 @@ def test_dashboard_files_ship_with_the_package() -> None:
 async def test_dashboard_key_travels_only_as_a_bearer_header() -> None:
     js = (UI_DIR / "app.js").read_text()
     assert "headers.Authorization = `Bearer ${key}`" in js
-    # The one line to change when the server answers a query by stored id itself.
-    assert re.search(r"this becomes: return \{ id, k, include: \[\"metadata\"\] \}", js)
+    # The neighbours of a stored document are asked by its id (the server's search by id).
+    assert 'return { id, k, include: ["metadata"] };' in js
 
 
 # -- the OpenAPI description ---------------------------------------------------------------
@@ -300,6 +300,15 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("PUT", "/v1/collections/d", {"dim": 2, "index": {"kind": "flat"}}),
     ("POST", "/v1/collections/c/documents", {"documents": [{"vector": [0, 0], "extra": 1}]}),
     ("GET", "/v1/collections/c/documents/a?vector=yes", None),
+    ("POST", "/v1/collections/c/search", {"id": "a", "vector": [0, 0]}),
+    ("POST", "/v1/collections/c/search", {"ids": []}),
+    ("POST", "/v1/collections/c/scroll", {"include": [{}]}),
+    ("POST", "/v1/collections/c/scroll", {"limit": 1001}),
+    ("POST", "/v1/collections/c/scroll", {"cursor": ""}),
+    ("POST", "/v1/collections/c/count", {"limit": 5}),
+    ("POST", "/v1/collections/c/documents", {"vectors_b64": "AAAA", "extra": 1}),
+    ("POST", "/v1/collections/c/documents", {"vectors_b64": "AA=A"}),
+    ("POST", "/v1/collections/c/documents", {"ids": ["x"]}),
 ]
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from aquila.cluster.membership.table import State
 from aquila.cluster.model.errors import Unavailable
-from aquila.cluster.model.operations import SearchRequest
+from aquila.cluster.model.operations import CountRequest, SearchRequest
 from aquila.cluster.movement.healer import HealerConfig
 from aquila.cluster.movement.rebalance import plan_moves
 from tests.simcluster import SimCluster, batch, spec
@@ -89,6 +89,11 @@ async def test_hedges_and_retries_are_counted(sim: SimCluster) -> None:
     out = await sim.run(n1.svc.reads.search(entry, query(timeout_ms=2000)))
     assert out["partial"]  # both holders of those shards are silent
     assert stats.hedged >= len(remote_first)
+    # A count asks the replicas as a search does: its hedges count too.
+    searched = stats.hedged
+    got = await sim.run(n1.svc.reads.count(entry, CountRequest(None, None, True, 2000)))
+    assert got["partial"] and stats.hedged >= searched + len(remote_first)
+    assert stats.searches == 1
 
 
 async def test_repair_and_move_counters(sim: SimCluster) -> None:

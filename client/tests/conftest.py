@@ -4,9 +4,9 @@ Unit tests drive `Client` and `AsyncClient` alike through `Driver` over httpx's 
 (`FakeNodes` answers as scripted, per node, and records every request). Integration tests
 start real `aquila serve` processes (see test_client_node.py, test_client_cluster.py).
 
-`needs_v2`: a test of a route the server does not have yet (columnar upsert, count, scroll,
-search by id, recall, read keys). Skipped unless AQUILA_V2_TESTS=1; once the server has them,
-set it (or drop the marker).
+`needs_v2`: a test of a v2 feature the server does not have yet (the search by `recall`; the
+columnar upsert, count, scroll, search by id and read keys are served and tested). Skipped
+unless AQUILA_V2_TESTS=1; once the server has it, drop the marker.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ V2_ENV = "AQUILA_V2_TESTS"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "needs_v2: needs a v2 server route (columnar upsert, count, scroll, search by id, "
-        f"recall, read keys); skipped unless {V2_ENV}=1",
+        "needs_v2: needs a v2 server feature not built yet (search by recall); skipped "
+        f"unless {V2_ENV}=1",
     )
 
 
@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if os.environ.get(V2_ENV) == "1":
         return
     skip = pytest.mark.skip(
-        reason=f"needs a v2 server route that is not built yet; run with {V2_ENV}=1 once it is"
+        reason=f"needs a v2 server feature that is not built yet; run with {V2_ENV}=1 once it is"
     )
     for item in items:
         if "needs_v2" in item.keywords:

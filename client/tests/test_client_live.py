@@ -1,6 +1,6 @@
 """The client against real nodes: a single `aquila serve` (anywhere) and a 3-node cluster (in
 the private network namespace), sync and async alike, for every route the server has today.
-Tests of the v2 routes are in test_client_live_v2.py (marked needs_v2)."""
+Tests of the v2 routes are in test_client_live_v2.py."""
 
 from __future__ import annotations
 

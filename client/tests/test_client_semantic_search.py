@@ -1,7 +1,7 @@
 """scripts/semantic_search.py against a real node on the committed sample: its answers are the
 exact nearest synsets of the encoded question (flat index), with and without the pos filter.
-The full run imports through the columnar upsert (needs_v2); asking alone runs today on data
-seeded with the v1 JSON upsert."""
+The full run imports through the columnar upsert; asking alone runs on data seeded with the
+v1 JSON upsert."""
 
 from __future__ import annotations
 
@@ -91,7 +91,6 @@ def test_a_clear_line_when_the_node_is_unreachable() -> None:
     assert out.stderr.startswith("semantic_search: ") and "127.0.0.1:9" in out.stderr
 
 
-@pytest.mark.needs_v2
 def test_imports_the_sample_and_answers(node: Deployment) -> None:
     out = run(node, "--json")
     assert out.returncode == 0, out.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 
 
-@dataclass
+@dataclass(slots=True)
 class Incoming:
     """A document write as it reaches a replica: already validated and versioned."""
 

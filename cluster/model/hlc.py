@@ -20,6 +20,12 @@ class HybridClock:
         self._last = max(self._wall_ms() << 16, self._last + 1)
         return self._last
 
+    def next_many(self, n: int) -> int:
+        """The first of `n` consecutive versions (the same as `n` calls of `next`)."""
+        first = self.next()
+        self._last = first + max(n, 1) - 1
+        return first
+
     def version_before(self, seconds: float) -> int:
         """The smallest version a write made `seconds` ago could carry."""
         return max(0, self._wall_ms() - int(seconds * 1000)) << 16

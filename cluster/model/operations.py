@@ -33,7 +33,7 @@ class DocBatch:
 
 @dataclass(eq=False)  # by identity: the peer codec memoises its wire form per request
 class SearchRequest:
-    vectors: np.ndarray  # nq × dim float32
+    vectors: np.ndarray  # nq × dim float32 (0 × dim until `query_ids` are looked up)
     k: int
     nprobe: int | None
     filter: Any  # as the client gave it (a peer parses it again)
@@ -43,3 +43,40 @@ class SearchRequest:
     allow_partial: bool
     timeout_ms: int | None
     explain: bool = False  # answer with each shard's plan (how it was searched)
+    # A search by stored documents: their vectors are the queries, and each is left out of
+    # its own results (the read path looks them up, asks for k + 1 and drops the document).
+    query_ids: list[str] | None = None
+
+
+# Documents in one page of a scroll.
+MAX_SCROLL_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class CountRequest:
+    filter: Any  # as the client gave it (a peer parses it again)
+    predicate: Predicate | None
+    allow_partial: bool
+    timeout_ms: int | None
+
+
+@dataclass(frozen=True)
+class ScrollPosition:
+    """Where a scroll goes on: in `shard`, after the document id `after` (None: from the
+    shard's first document). Shards are walked in order, a shard's documents in id order."""
+
+    uid: str  # the collection's incarnation the scroll began in
+    shard: int
+    after: str | None
+
+
+@dataclass(frozen=True)
+class ScrollRequest:
+    filter: Any
+    predicate: Predicate | None
+    limit: int
+    position: ScrollPosition | None  # None: from the start (uid not known yet)
+    include_metadata: bool
+    include_vector: bool
+    allow_partial: bool
+    timeout_ms: int | None

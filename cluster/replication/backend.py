@@ -48,6 +48,23 @@ class ShardBackend(Protocol):
         per shard how it was searched ({"shard", "path", ...})."""
         ...
 
+    async def count(
+        self, spec: CollectionSpec, shards: Iterable[int],
+        predicate: Callable[[Any], bool] | None,
+    ) -> dict[int, int]:
+        """Per shard, its live documents that `predicate` admits (every one without)."""
+        ...
+
+    async def scroll(
+        self, spec: CollectionSpec, shard: int, after: str | None, limit: int,
+        predicate: Callable[[Any], bool] | None, with_vectors: bool,
+    ) -> tuple[list[Hit], str | None]:
+        """Up to `limit` live documents of the shard that `predicate` admits, ids after
+        `after`, in id order (the store's key order: UTF-8 bytes, the same as code points);
+        and the id to go on after, None once the shard is done. A page may hold fewer than
+        `limit` documents and still not be the last (the work per call is bounded)."""
+        ...
+
     def shard_stats(self, name: str) -> dict[int, dict[str, Any]]:
         """Per local shard: {"count", "index_state"}."""
         ...

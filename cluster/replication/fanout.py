@@ -1,4 +1,5 @@
-"""Scatter-gather search over nodes with a deadline, replica retry and hedging.
+"""Scatter-gather over nodes with a deadline, replica retry and hedging: searches, and any
+other per-shard operation (count, a scroll page) through `gather_shards`.
 
 One request per node covering all the shards it serves for the whole query batch; the caller
 orders each shard's replicas (local first, then alive, then suspect). A node that fails has
@@ -14,12 +15,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from aquila.cluster.clock import Clock
 from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.errors import AquilaError
 from aquila.cluster.model.merge import merge_topk
 
+A = TypeVar("A")
 # Ask one node for these shards within `budget` seconds; one list of hits per query.
 AskNode = Callable[[str, list[int], float], Awaitable[list[list[Hit]]]]
 
@@ -52,25 +55,38 @@ def assign(
     return plan
 
 
-async def fan_out(
+@dataclass
+class Gathered(Generic[A]):
+    """One answer per group of shards that answered (overlaps already cut away), the shards
+    with no answer, and what went wrong on the way."""
+
+    answers: list[A]
+    missing: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    retried: int = 0  # shards asked of their next replica after a failure
+    hedged: int = 0  # ... after a slow answer
+
+
+async def gather_shards(
     candidates: dict[int, list[str]],
-    ask: AskNode,
-    nq: int,
-    k: int,
-    larger_is_better: bool,
+    ask: Callable[[str, list[int], float], Awaitable[A]],
+    restrict: Callable[[A, list[int]], A],
     clock: Clock,
     timeout_s: float,
-) -> FanoutResult:
-    """Search every shard of `candidates` (shard → replica nodes in preference order)."""
+) -> Gathered[A]:
+    """Ask one replica of every shard of `candidates` (shard → replica nodes in preference
+    order), with retry, hedging and the deadline; `restrict(answer, shards)` cuts a node's
+    answer down to some of the shards it was asked about (the others came first from a hedge).
+    Any per-shard operation reuses this: search, count, scroll."""
     deadline = clock.now() + timeout_s
     pending = {s for s, nodes in candidates.items() if nodes}
     nodes = {n[0] for s, n in candidates.items() if s in pending}
     if len(nodes) == 1 and all(len(candidates[s]) == 1 for s in pending):
         # One node and no alternative (a one-node cluster): one awaited call, no tasks.
-        return await _single(next(iter(nodes)), candidates, ask, nq, clock, timeout_s)
+        return await _single(next(iter(nodes)), candidates, ask, clock, timeout_s)
     tried: dict[int, int] = {}
-    inflight: dict[asyncio.Future[list[list[Hit]]], tuple[str, list[int]]] = {}
-    answers: list[list[list[Hit]]] = []
+    inflight: dict[asyncio.Future[A], tuple[str, list[int]]] = {}
+    answers: list[A] = []
     errors: list[str] = []
     counts = {"retried": 0, "hedged": 0}
 
@@ -95,11 +111,11 @@ async def fan_out(
                 exc = task.exception()
                 if exc is None:
                     fresh = [s for s in group if s in pending]
-                    rows = task.result()
+                    answer = task.result()
                     if len(fresh) < len(group):  # a hedge answered some of it first
-                        rows = [[h for h in row if h.shard in fresh] for row in rows]
+                        answer = restrict(answer, fresh)
                     if fresh:
-                        answers.append(rows)
+                        answers.append(answer)
                         pending.difference_update(fresh)
                     continue
                 if isinstance(exc, AquilaError) and not exc.transient:
@@ -122,26 +138,48 @@ async def fan_out(
     if missing:
         errors.extend(f"{n}: no answer within the deadline"
                       for n in sorted({n for n, _ in inflight.values()}))
-    return FanoutResult(merge_rows(answers, nq, k, larger_is_better),
-                        missing, errors, counts["retried"], counts["hedged"])
+    return Gathered(answers, missing, errors, counts["retried"], counts["hedged"])
 
 
 async def _single(
-    node: str, candidates: dict[int, list[str]], ask: AskNode, nq: int, clock: Clock,
-    timeout_s: float,
-) -> FanoutResult:
+    node: str, candidates: dict[int, list[str]],
+    ask: Callable[[str, list[int], float], Awaitable[A]], clock: Clock, timeout_s: float,
+) -> Gathered[A]:
     shards = sorted(s for s, n in candidates.items() if n)
     empty = sorted(s for s, n in candidates.items() if not n)
     try:
-        rows = await clock.wait_for(ask(node, shards, timeout_s), timeout_s)
+        answer = await clock.wait_for(ask(node, shards, timeout_s), timeout_s)
     except AquilaError as exc:
         if not exc.transient:
             raise
-        return FanoutResult([[] for _ in range(nq)], sorted(shards + empty), [f"{node}: {exc}"])
+        return Gathered([], sorted(shards + empty), [f"{node}: {exc}"])
     except TimeoutError:
-        return FanoutResult([[] for _ in range(nq)], sorted(shards + empty),
-                            [f"{node}: no answer within the deadline"])
-    return FanoutResult(rows, empty)
+        return Gathered([], sorted(shards + empty), [f"{node}: no answer within the deadline"])
+    return Gathered([answer], empty)
+
+
+async def fan_out(
+    candidates: dict[int, list[str]],
+    ask: AskNode,
+    nq: int,
+    k: int,
+    larger_is_better: bool,
+    clock: Clock,
+    timeout_s: float,
+) -> FanoutResult:
+    """Search every shard of `candidates` (shard → replica nodes in preference order)."""
+    got = await gather_shards(candidates, ask, _hits_of, clock, timeout_s)
+    if len(got.answers) == 1:
+        rows = got.answers[0]  # one node answered for every shard: nothing to merge
+        rows = rows if len(rows) == nq else [[] for _ in range(nq)]
+    else:
+        rows = merge_rows(got.answers, nq, k, larger_is_better)
+    return FanoutResult(rows, got.missing, got.errors, got.retried, got.hedged)
+
+
+def _hits_of(rows: list[list[Hit]], shards: list[int]) -> list[list[Hit]]:
+    keep = set(shards)
+    return [[h for h in row if h.shard in keep] for row in rows]
 
 
 def merge_rows(

@@ -29,9 +29,15 @@ class _Collection:
     shards: dict[int, dict[str, Incoming]] = field(default_factory=dict)
 
 
+def _admits(d: Incoming, predicate: Callable[[Any], bool] | None) -> bool:
+    return d.vector is not None and (predicate is None or predicate(orjson.loads(d.metadata)))
+
+
 class MemoryBackend:
-    def __init__(self) -> None:
+    def __init__(self, scan_limit: int = 20_000) -> None:
         self.collections: dict[str, _Collection] = {}
+        # Records one scroll page may look at (the engine's paging.SCAN_LIMIT).
+        self.scan_limit = scan_limit
 
     def _open(self, name: str, shards: Iterable[int] = ()) -> _Collection:
         coll = self.collections.get(name)
@@ -137,6 +143,34 @@ class MemoryBackend:
                 for i in order
             ])
         return out
+
+    async def count(
+        self, spec: CollectionSpec, shards: Iterable[int],
+        predicate: Callable[[Any], bool] | None,
+    ) -> dict[int, int]:
+        wanted = sorted(shards)
+        coll = self._open(spec.name, wanted)
+        return {s: sum(1 for d in coll.shards[s].values() if _admits(d, predicate))
+                for s in wanted}
+
+    async def scroll(
+        self, spec: CollectionSpec, shard: int, after: str | None, limit: int,
+        predicate: Callable[[Any], bool] | None, with_vectors: bool,
+    ) -> tuple[list[Hit], str | None]:
+        held = self._open(spec.name, [shard]).shards[shard]
+        out: list[Hit] = []
+        ids = sorted(i for i in held if after is None or i > after)
+        for looked, doc_id in enumerate(ids, 1):
+            d = held[doc_id]
+            if _admits(d, predicate):
+                assert d.vector is not None
+                out.append(Hit(doc_id, 0.0, d.metadata,
+                               d.vector.astype("<f4").tobytes() if with_vectors else b"", shard))
+                if len(out) >= limit:
+                    return out, doc_id
+            if looked >= self.scan_limit:
+                return out, doc_id
+        return out, None
 
     def shard_stats(self, name: str) -> dict[int, dict[str, Any]]:
         coll = self.collections.get(name)

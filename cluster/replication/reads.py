@@ -1,9 +1,13 @@
-"""The read path: a get from the first replica that has the document, and a search fanned out
-to one replica of every shard (`fanout`), merged (`merge`), and answered whole or partial."""
+"""The read path: a get from the first replica that has the document; a search fanned out to
+one replica of every shard (`fanout`), merged (`merge`), and answered whole or partial (by
+vectors, or by stored documents whose vectors the gets fetch); a count fanned out the same
+way; and a scroll, a page at a time, shard after shard."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import functools
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -11,11 +15,18 @@ import orjson
 
 from aquila.cluster.clock import Clock
 from aquila.cluster.membership.view import MemberView
+from aquila.cluster.model.cursor import encode_cursor
 from aquila.cluster.model.documents import Hit, hit_json
 from aquila.cluster.model.errors import AquilaError, NotFound, Unavailable
-from aquila.cluster.model.operations import SearchRequest
+from aquila.cluster.model.operations import (
+    CountRequest,
+    ScrollPosition,
+    ScrollRequest,
+    SearchRequest,
+)
 from aquila.cluster.model.sharding import shard_of
-from aquila.cluster.replication.fanout import fan_out
+from aquila.cluster.model.spec import CollectionSpec
+from aquila.cluster.replication.fanout import fan_out, gather_shards
 from aquila.cluster.replication.replica import Replicas
 from aquila.cluster.state.entries import CollectionEntry
 
@@ -27,8 +38,10 @@ class ReadStats:
     searches: int = 0
     partial: int = 0  # answered without some shards (allow_partial)
     refused: int = 0  # 503: shards missing and allow_partial false
-    retried: int = 0  # shards asked again of another replica after one failed
-    hedged: int = 0  # shards asked of another replica too after a slow answer
+    # Shards asked again of another replica after one failed (retried) or too after a slow
+    # answer (hedged), by searches, counts and scrolls.
+    retried: int = 0
+    hedged: int = 0
 
 
 class ReadPath:
@@ -92,6 +105,12 @@ class ReadPath:
         t0 = self._clock.now()
         spec = entry.spec
         timeout_s = req.timeout_ms / 1000 if req.timeout_ms else self.search_timeout_s
+        k = req.k
+        if req.query_ids is not None:
+            # By stored documents: their vectors are the queries; one more hit each, since
+            # each document finds itself (dropped below).
+            req = replace(req, vectors=await self._stored_vectors(entry, req.query_ids),
+                          k=k + 1)
         candidates, unreachable = self.search_candidates(entry)
         replicas = self._replicas
         plans: dict[int, dict[str, Any]] | None = {} if req.explain else None
@@ -121,9 +140,13 @@ class ReadPath:
             )
         if missing:
             stats.partial += 1
+        rows = result.rows
+        if req.query_ids is not None:
+            rows = [[h for h in row if h.id != own][:k]
+                    for own, row in zip(req.query_ids, rows, strict=True)]
         out = {
             "results": [[hit_json(h, req.include_metadata, req.include_vector) for h in row]
-                        for row in result.rows],
+                        for row in rows],
             "partial": bool(missing),
             "missing_shards": missing,
             "took_ms": round((self._clock.now() - t0) * 1000, 3),
@@ -131,3 +154,133 @@ class ReadPath:
         if plans is not None:
             out["plans"] = [plans[s] for s in sorted(plans)]
         return out
+
+    async def _stored_vectors(self, entry: CollectionEntry, ids: list[str]) -> np.ndarray:
+        """The stored vectors of these documents, through the read path's get (404 for one
+        that does not exist), a few lookups at a time."""
+        spec = entry.spec
+        gate = asyncio.Semaphore(_LOOKUPS_AT_ONCE)
+
+        async def one(doc_id: str) -> bytes:
+            async with gate:
+                hit = await self.get(entry, shard_of(doc_id, spec.shards), doc_id)
+            if hit is None:
+                raise NotFound(f"document {doc_id!r} does not exist in {spec.name!r}")
+            if len(hit.vector) != 4 * spec.dim:
+                raise Unavailable(f"a replica answered document {doc_id!r} without its vector")
+            return hit.vector
+
+        unique = list(dict.fromkeys(ids))
+        found = dict(zip(unique, await asyncio.gather(*(one(i) for i in unique)), strict=True))
+        raw = b"".join(found[i] for i in ids)
+        return np.frombuffer(raw, dtype="<f4").reshape(len(ids), spec.dim).astype(np.float32)
+
+    def _count_retries(self, retried: int, hedged: int) -> None:
+        """Counts and scrolls ask replicas as searches do: their retries and hedges count."""
+        self.stats.retried += retried
+        self.stats.hedged += hedged
+
+    async def count(self, entry: CollectionEntry, req: CountRequest) -> dict[str, Any]:
+        """Each shard counted by one of its replicas (retried, hedged and bounded in time as
+        a search is); a shard with no replica that answered is listed as missing."""
+        spec = entry.spec
+        timeout_s = req.timeout_ms / 1000 if req.timeout_ms else self.search_timeout_s
+        candidates, unreachable = self.search_candidates(entry)
+        replicas = self._replicas
+
+        async def ask(node: str, shards: list[int], budget: float) -> dict[int, int]:
+            return await replicas.of(node).count(spec, req, shards, budget)
+
+        got = await gather_shards(candidates, ask, _only, self._clock, timeout_s)
+        self._count_retries(got.retried, got.hedged)
+        missing = sorted(set(got.missing) | set(unreachable))
+        if missing and not req.allow_partial:
+            raise Unavailable(f"shard(s) {missing} have no live replica that answered; "
+                              f"{'; '.join(got.errors) or 'no replica alive'}")
+        return {"count": sum(n for counts in got.answers for n in counts.values()),
+                "partial": bool(missing), "missing_shards": missing}
+
+    async def scroll(self, entry: CollectionEntry, req: ScrollRequest) -> dict[str, Any]:
+        """A page of the collection: shards in order, a shard's documents in id order, from
+        the request's cursor on. Each shard's page comes from one replica (retried and
+        hedged as a search's shards are). A shard with no replica that answered is a 503
+        (the same cursor may be tried again), or, with `allow_partial`, skipped: listed in
+        `missing_shards`, and its documents are not in this scroll."""
+        spec = entry.spec
+        pos = req.position
+        if pos is not None and pos.uid != entry.uid:
+            raise NotFound(f"the cursor is of an earlier incarnation of {spec.name!r} (it was "
+                           "deleted and created again): start again with a null cursor")
+        shard, after = (0, None) if pos is None else (pos.shard, pos.after)
+        timeout_s = req.timeout_ms / 1000 if req.timeout_ms else self.search_timeout_s
+        deadline = self._clock.now() + timeout_s
+        candidates, _ = self.search_candidates(entry)
+        replicas = self._replicas
+        docs: list[Hit] = []
+        missing: list[int] = []
+        visited = 0
+        while shard < spec.shards and len(docs) < req.limit and visited < SCROLL_SHARDS_PER_PAGE:
+            left = deadline - self._clock.now()
+            if left <= 0:
+                break
+            visited += 1
+            ask = functools.partial(_scroll_one, replicas, spec, req, after, req.limit - len(docs))
+            got = await gather_shards({shard: candidates.get(shard, [])}, ask, _same,
+                                      self._clock, left)
+            self._count_retries(got.retried, got.hedged)
+            if not got.answers:
+                if not req.allow_partial:
+                    raise Unavailable(
+                        f"shard {shard} has no live replica that answered; "
+                        f"{'; '.join(got.errors) or 'no replica alive'}. The same cursor may "
+                        "be tried again; allow_partial skips the shard")
+                missing.append(shard)
+                shard, after = shard + 1, None
+                continue
+            page, nxt = got.answers[0]
+            docs.extend(page)
+            if nxt is not None:
+                after = nxt
+                break
+            shard, after = shard + 1, None
+        cursor = None
+        if shard < spec.shards:
+            cursor = encode_cursor(ScrollPosition(entry.uid, shard, after))
+        return {
+            "documents": [_doc_json(h, req.include_metadata, req.include_vector) for h in docs],
+            "next_cursor": cursor,
+            "partial": bool(missing),
+            "missing_shards": missing,
+        }
+
+
+# Shards one scroll page may go through (each a request to a replica that looks at a bounded
+# number of records): a filter that matches little still costs a bounded amount per page.
+SCROLL_SHARDS_PER_PAGE = 8
+# Lookups of query documents in flight at once (a search by up to 1,000 stored ids).
+_LOOKUPS_AT_ONCE = 32
+
+
+async def _scroll_one(
+    replicas: Replicas, spec: CollectionSpec, req: ScrollRequest, after: str | None,
+    limit: int, node: str, shards: list[int], budget: float,
+) -> tuple[list[Hit], str | None]:
+    return await replicas.of(node).scroll(spec, req, shards[0], after, limit, budget)
+
+
+def _only(counts: dict[int, int], shards: list[int]) -> dict[int, int]:
+    return {s: counts[s] for s in shards if s in counts}
+
+
+def _same(page: tuple[list[Hit], str | None], shards: list[int]
+          ) -> tuple[list[Hit], str | None]:
+    return page  # one shard per request: never cut
+
+
+def _doc_json(h: Hit, metadata: bool, vector: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": h.id}
+    if metadata:
+        out["metadata"] = orjson.Fragment(h.metadata or b"{}")
+    if vector:
+        out["vector"] = np.frombuffer(h.vector, dtype="<f4").tolist()
+    return out

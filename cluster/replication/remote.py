@@ -39,7 +39,15 @@ from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import BadRequest, NotFound, Unavailable
 from aquila.cluster.model.filters import parse_filter
 from aquila.cluster.model.hlc import HybridClock
-from aquila.cluster.model.operations import MAX_ID_CHARS, MAX_K, SearchRequest, valid_id
+from aquila.cluster.model.operations import (
+    MAX_ID_CHARS,
+    MAX_K,
+    MAX_SCROLL_LIMIT,
+    CountRequest,
+    ScrollRequest,
+    SearchRequest,
+    valid_id,
+)
 from aquila.cluster.model.spec import MAX_SHARDS, CollectionSpec, check_name
 from aquila.cluster.peers.client import (
     COLLECTION_PREFIX,
@@ -167,9 +175,11 @@ def encode_search(req: SearchRequest, shards: list[int]) -> dict[str, Any]:
 def decode_search(body: dict[str, Any], spec: CollectionSpec) -> tuple[SearchRequest, list[int]]:
     """A peer's search, every field checked against this node's spec of the collection."""
     nq = checked_int(body.get("nq"), 1, MAX_QUERIES, "nq")
-    k = checked_int(body.get("k"), 1, MAX_K, "k")
-    if nq * k > MAX_QUERY_RESULTS:
-        raise BadRequest(f"nq × k must be at most {MAX_QUERY_RESULTS}")
+    # A search by stored documents asks for one more hit than the client (it drops the
+    # document itself), so k + 1 and one more per query are within bounds.
+    k = checked_int(body.get("k"), 1, MAX_K + 1, "k")
+    if nq * k > MAX_QUERY_RESULTS + nq:
+        raise BadRequest(f"nq × k must be at most {MAX_QUERY_RESULTS} (+ nq)")
     raw = base64.b64decode(checked_str(body.get("vectors"), 4 * nq * spec.dim * 2, "vectors"),
                            validate=True)
     if len(raw) != 4 * nq * spec.dim:
@@ -252,6 +262,102 @@ def _plan(p: Any, shards: list[int]) -> dict[str, Any]:
     if isinstance(mean, int | float) and not isinstance(mean, bool) and 0 <= mean <= MAX_COUNT:
         plan["nprobe_mean"] = float(mean)
     return plan
+
+
+# -- count and scroll -----------------------------------------------------------------------
+def encode_count(req: CountRequest, shards: list[int]) -> dict[str, Any]:
+    return {"filter": req.filter, "shards": shards}
+
+
+def decode_count(body: dict[str, Any], spec: CollectionSpec) -> tuple[CountRequest, list[int]]:
+    """A peer's count, checked against this node's spec of the collection."""
+    shards = [checked_int(s, 0, spec.shards - 1, "shard")
+              for s in checked_list(body.get("shards"), spec.shards, "shards")]
+    flt = body.get("filter")
+    return CountRequest(flt, parse_filter(flt), True, None), shards
+
+
+def encode_counts(counts: dict[int, int]) -> dict[str, Any]:
+    return {"counts": {str(s): n for s, n in counts.items()}}
+
+
+def decode_counts(raw: Any, shards: list[int]) -> dict[int, int]:
+    """A replica's counts, bounded, for the shards it was asked about only."""
+    counts = raw.get("counts") if isinstance(raw, dict) else None
+    if not isinstance(counts, dict):
+        raise BoundsError("a count answer holds 'counts'")
+    asked = set(shards)
+    out = {}
+    for s, n in counts.items():
+        shard = checked_int(int(s), 0, MAX_SHARDS - 1, "shard")
+        if shard not in asked:
+            raise BoundsError(f"a count answer names shard {shard}, which was not asked")
+        out[shard] = checked_int(n, 0, MAX_COUNT, "count")
+    if set(out) != asked:
+        raise BoundsError("a count answer leaves out shards it was asked about")
+    return out
+
+
+def encode_scroll(req: ScrollRequest, shard: int, after: str | None, limit: int
+                  ) -> dict[str, Any]:
+    return {"shard": shard, "after": after, "limit": limit, "filter": req.filter,
+            "vector": req.include_vector}
+
+
+def decode_scroll(body: dict[str, Any], spec: CollectionSpec
+                  ) -> tuple[ScrollRequest, int, str | None, int]:
+    """A peer's scroll page request, checked against this node's spec of the collection."""
+    shard = checked_int(body.get("shard"), 0, spec.shards - 1, "shard")
+    after = body.get("after")
+    if after is not None and not valid_id(after):
+        raise BadRequest("'after' is a document id or null")
+    limit = checked_int(body.get("limit"), 1, MAX_SCROLL_LIMIT, "limit")
+    vector = body.get("vector", False)
+    if not isinstance(vector, bool):
+        raise BadRequest("'vector' is a boolean")
+    flt = body.get("filter")
+    req = ScrollRequest(flt, parse_filter(flt), limit, None, True, vector, True, None)
+    return req, shard, after, limit
+
+
+def encode_page_of(docs: list[Hit], nxt: str | None, vector: bool) -> dict[str, Any]:
+    return {"docs": [[h.id, (h.metadata or b"{}").decode(),
+                      base64.b64encode(h.vector).decode() if vector else None] for h in docs],
+            "next": nxt}
+
+
+def decode_page_of(raw: Any, spec: CollectionSpec, shard: int, after: str | None, limit: int,
+                   vector: bool) -> tuple[list[Hit], str | None]:
+    """A replica's scroll page, checked before it reaches a client: at most `limit` documents
+    with valid ids in increasing order after `after`, metadata objects, vectors of the
+    collection's dimension, and a place to go on from that is not behind them."""
+    if not isinstance(raw, dict):
+        raise BoundsError("a scroll page is an object")
+    docs = checked_list(raw.get("docs"), limit, "docs")
+    nxt = raw.get("next")
+    out: list[Hit] = []
+    last = after
+    for d in docs:
+        if not isinstance(d, list) or len(d) != 3 or not valid_id(d[0]):
+            raise BoundsError("a scroll document is [id, metadata, vector]")
+        if last is not None and not d[0] > last:
+            raise BoundsError("a scroll page is not in id order after its start")
+        last = d[0]
+        meta = checked_str(d[1], 1 << 26, "metadata").encode()
+        try:
+            if not isinstance(orjson.loads(meta), dict):
+                raise BoundsError("scroll metadata is not an object")
+        except orjson.JSONDecodeError:
+            raise BoundsError("scroll metadata is not JSON") from None
+        vec = b""
+        if vector:
+            vec = base64.b64decode(checked_str(d[2], 8 * spec.dim, "vector"), validate=True)
+            if len(vec) != 4 * spec.dim:
+                raise BoundsError("a scroll vector has the wrong dimension")
+        out.append(Hit(d[0], 0.0, meta, vec, shard))
+    if nxt is not None and (not valid_id(nxt) or (last is not None and nxt < last)):
+        raise BoundsError("a scroll page goes on from an id behind its documents")
+    return out, nxt
 
 
 # -- the other operations: (request, answer) codecs ---------------------------------------
@@ -357,6 +463,20 @@ class RemoteReplica:
             plans.update(decode_plans(out.get("plans", []), shards))
         return decode_hits(out["results"])
 
+    async def count(
+        self, spec: CollectionSpec, req: CountRequest, shards: list[int], budget: float
+    ) -> dict[int, int]:
+        raw = await self._ask("POST", spec.name, "count", encode_count(req, shards), budget)
+        return decode_counts(raw, shards)
+
+    async def scroll(
+        self, spec: CollectionSpec, req: ScrollRequest, shard: int, after: str | None,
+        limit: int, budget: float,
+    ) -> tuple[list[Hit], str | None]:
+        raw = await self._ask("POST", spec.name, "scroll",
+                              encode_scroll(req, shard, after, limit), budget)
+        return decode_page_of(raw, spec, shard, after, limit, req.include_vector)
+
     async def stats(
         self, name: str, timeout: float | None = None  # noqa: ASYNC109
     ) -> dict[int, dict[str, Any]]:
@@ -451,6 +571,17 @@ class PeerService:
             raise BadRequest(f"'id' must be a string of 1 to {MAX_ID_CHARS} characters")
         return encode_doc(await self.local.get(spec, _shard(body, spec), doc_id))
 
+    async def count(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        spec = self._spec(name)
+        req, shards = decode_count(body, spec)
+        return encode_counts(await self.local.count(spec, req, shards, 0.0))
+
+    async def scroll(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        spec = self._spec(name)
+        req, shard, after, limit = decode_scroll(body, spec)
+        docs, nxt = await self.local.scroll(spec, req, shard, after, limit, 0.0)
+        return encode_page_of(docs, nxt, req.include_vector)
+
     async def stats(self, name: str) -> dict[str, Any]:
         return encode_stats(await self.local.stats(check_name(name)))
 
@@ -518,6 +649,8 @@ class PeerService:
 _OPS = {
     "write": PeerService.write,
     "search": PeerService.search,
+    "count": PeerService.count,
+    "scroll": PeerService.scroll,
     "get": PeerService.get,
     "stream": PeerService.stream,
     "digests": PeerService.digests,

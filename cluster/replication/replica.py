@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
-from aquila.cluster.model.operations import SearchRequest
+from aquila.cluster.model.operations import CountRequest, ScrollRequest, SearchRequest
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.cluster.replication.backend import ShardBackend
 from aquila.cluster.state.entries import ClusterState
@@ -45,6 +45,20 @@ class Replica(Protocol):
     ) -> list[list[Hit]]:
         """Per query, the best `req.k` hits over these shards, within `budget` seconds;
         `plans`, when given, receives how each shard was searched."""
+        ...
+
+    async def count(
+        self, spec: CollectionSpec, req: CountRequest, shards: list[int], budget: float
+    ) -> dict[int, int]:
+        """Per shard, its live documents that the request's filter admits."""
+        ...
+
+    async def scroll(
+        self, spec: CollectionSpec, req: ScrollRequest, shard: int, after: str | None,
+        limit: int, budget: float,
+    ) -> tuple[list[Hit], str | None]:
+        """Up to `limit` live documents of the shard that the request's filter admits, with
+        ids after `after`, in id order; and the id to go on after (None: the shard is done)."""
         ...
 
     async def stats(
@@ -114,6 +128,18 @@ class LocalReplica:
             spec, req.vectors, req.k, req.nprobe, req.predicate, shards, req.include_vector,
             plans,
         )
+
+    async def count(
+        self, spec: CollectionSpec, req: CountRequest, shards: list[int], budget: float
+    ) -> dict[int, int]:
+        return await self.backend.count(spec, shards, req.predicate)
+
+    async def scroll(
+        self, spec: CollectionSpec, req: ScrollRequest, shard: int, after: str | None,
+        limit: int, budget: float,
+    ) -> tuple[list[Hit], str | None]:
+        return await self.backend.scroll(spec, shard, after, limit, req.predicate,
+                                         req.include_vector)
 
     async def stats(
         self, name: str, timeout: float | None = None  # noqa: ASYNC109

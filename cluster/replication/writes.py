@@ -72,10 +72,11 @@ class WritePath:
     async def upsert(self, entry: CollectionEntry, batch: DocBatch) -> dict[str, Any]:
         """Version and route a validated batch."""
         by_shard: dict[int, list[Incoming]] = defaultdict(list)
+        shards, node = entry.spec.shards, self.node_id
+        version = self.hlc.next_many(len(batch.ids))
         for doc_id, vec, meta in zip(batch.ids, batch.vectors, batch.metadata, strict=True):
-            by_shard[shard_of(doc_id, entry.spec.shards)].append(
-                Incoming(doc_id, vec, meta, self.hlc.next(), self.node_id)
-            )
+            by_shard[shard_of(doc_id, shards)].append(Incoming(doc_id, vec, meta, version, node))
+            version += 1
         await self.route_writes(entry, dict(by_shard), batch.consistency)
         return {"ids": batch.ids, "upserted": len(batch.ids)}
 

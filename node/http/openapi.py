@@ -20,8 +20,9 @@ from aquila.cluster.model.bounds import (
     MAX_SEEDS,
     MAX_TIMEOUT_MS,
 )
+from aquila.cluster.model.cursor import MAX_CURSOR_CHARS
 from aquila.cluster.model.errors import ERRORS_BY_CODE
-from aquila.cluster.model.operations import CONSISTENCY, MAX_ID_CHARS, MAX_K
+from aquila.cluster.model.operations import CONSISTENCY, MAX_ID_CHARS, MAX_K, MAX_SCROLL_LIMIT
 from aquila.cluster.model.spec import INDEX_TYPES, MAX_DIM, MAX_REPLICATION, MAX_SHARDS, METRICS
 from aquila.node.config import NodeConfig
 from aquila.node.http.access import OPEN_ROUTES, is_read
@@ -30,6 +31,8 @@ _ERR = {"$ref": "#/components/schemas/Error"}
 # Every code an error can carry: the contract's, 405's and that of an unexpected failure.
 ERROR_CODES = [*ERRORS_BY_CODE, "method_not_allowed", "internal"]
 NAME_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+# Standard base64 with its padding, as the columnar upsert decodes it (strictly).
+BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 # A collection's settings that the server bounds (spec.py's nlist and nprobe).
 MAX_INDEX_PARAM = 1 << 20
 
@@ -151,7 +154,22 @@ _SCHEMAS: dict[str, Any] = {
             index_state={"type": "string", "enum": ["buffering", "training", "trained"]},
         )},
     ),
-    "Upsert": _obj(
+    "Upsert": {
+        "description": "a batch as documents, or columnar (ids, vectors in base64, metadata)",
+        "oneOf": [_ref("UpsertDocuments"), _ref("UpsertColumnar")],
+    },
+    "UpsertColumnar": _obj(
+        ["vectors_b64"], closed=True,
+        ids={"type": "array", "items": _ID, "minItems": 1,
+             "description": "one per row; UUIDs are generated when absent"},
+        vectors_b64={"type": "string", "pattern": BASE64_PATTERN,
+                     "description": "base64 of little-endian float32, len(ids) × dim"},
+        metadata={"type": ["array", "null"], "items": {"type": ["object", "null"]},
+                  "description": "one object (or null) per id, nested at most "
+                                 f"{MAX_METADATA_DEPTH} levels deep"},
+        consistency=_CONSISTENCY,
+    ),
+    "UpsertDocuments": _obj(
         ["documents"],
         documents={
             "type": "array",
@@ -201,6 +219,10 @@ _SCHEMAS: dict[str, Any] = {
             vector=_VEC,
             vectors={"type": "array", "items": _VEC, "minItems": 1, "maxItems": MAX_QUERIES,
                      "description": f"queries × k at most {MAX_QUERY_RESULTS}"},
+            id={**_ID, "description": "a stored document: its vector is the query, and it is "
+                "left out of its own results"},
+            ids={"type": "array", "items": _ID, "minItems": 1, "maxItems": MAX_QUERIES,
+                 "description": "stored documents, one query each (as id)"},
             k={"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
             nprobe={"type": ["integer", "null"], "minimum": 1, "maximum": MAX_NPROBE},
             filter=_ref("Filter"),
@@ -212,8 +234,8 @@ _SCHEMAS: dict[str, Any] = {
             explain={"type": "boolean", "default": False,
                      "description": "answer with `plans`: how each shard was searched"},
         ),
-        "description": "exactly one of vector (one query) or vectors",
-        "oneOf": [{"required": ["vector"]}, {"required": ["vectors"]}],
+        "description": "exactly one of vector (one query), vectors, id or ids",
+        "oneOf": [{"required": [q]} for q in ("vector", "vectors", "id", "ids")],
     },
     "Hit": _obj(
         ["id", "score"],
@@ -251,6 +273,47 @@ _SCHEMAS: dict[str, Any] = {
         took_ms={"type": "number", "minimum": 0},
         plans={"type": "array", "items": _ref("SearchPlan"),
                "description": "with `explain`: one per shard that answered, by shard"},
+    ),
+    "Count": {
+        **_obj([], closed=True, filter=_ref("Filter"),
+               allow_partial={"type": "boolean", "default": True},
+               timeout_ms={"type": ["integer", "null"], "minimum": 1,
+                           "maximum": MAX_TIMEOUT_MS}),
+        "type": ["object", "null"],
+        "description": "no body (or null) counts every document",
+    },
+    "CountResult": _obj(
+        ["count", "partial", "missing_shards"],
+        count=_INT, partial={"type": "boolean"},
+        missing_shards={"type": "array", "items": _INT},
+    ),
+    "Scroll": {
+        **_obj([], closed=True, filter=_ref("Filter"),
+               limit={"type": "integer", "minimum": 1, "maximum": MAX_SCROLL_LIMIT,
+                      "default": 100},
+               cursor={"type": ["string", "null"], "minLength": 1,
+                       "maxLength": MAX_CURSOR_CHARS,
+                       "description": "next_cursor as a page answered it; null: the start"},
+               include={"type": "array", "items": {"type": "string",
+                                                   "enum": ["metadata", "vector"]},
+                        "default": ["metadata"]},
+               allow_partial={"type": "boolean", "default": False},
+               timeout_ms={"type": ["integer", "null"], "minimum": 1,
+                           "maximum": MAX_TIMEOUT_MS}),
+        "type": ["object", "null"],
+        "description": "following the cursors from null to null returns every document that "
+                       "existed for the whole scroll exactly once",
+    },
+    "ScrollPage": _obj(
+        ["documents", "next_cursor", "partial", "missing_shards"],
+        documents={"type": "array", "items": _obj(
+            ["id"], id={"type": "string"},
+            metadata={"type": "object", "description": "when include has metadata"},
+            vector={"type": "array", "items": {"type": "number"},
+                    "description": "when include has vector"})},
+        next_cursor={"type": ["string", "null"]},
+        partial={"type": "boolean"},
+        missing_shards={"type": "array", "items": _INT},
     ),
     "Document": _obj(
         ["id", "metadata"],
@@ -310,16 +373,20 @@ _FROM_COLLECTION = {
     "GetCollection": _link("getCollection", name="$request.path.name"),
     "Upsert": _link("upsert", name="$request.path.name"),
     "Search": _link("search", name="$request.path.name"),
+    "Count": _link("count", name="$request.path.name"),
+    "Scroll": _link("scroll", name="$request.path.name"),
 }
 _FROM_UPSERT = {
     "GetDocument": _link("getDocument", name="$request.path.name",
                          doc_id="$response.body#/ids/0"),
     "DeleteDocument": _link("deleteDocument", name="$request.path.name",
                             doc_id="$response.body#/ids/0"),
-    "SearchWithStoredVector": {
+    "SearchByStoredId": {
         **_link("search", name="$request.path.name"),
-        "requestBody": {"vector": "$request.body#/documents/0/vector", "k": 5},
+        "requestBody": {"id": "$response.body#/ids/0", "k": 5},
     },
+    "Count": _link("count", name="$request.path.name"),
+    "Scroll": _link("scroll", name="$request.path.name"),
 }
 
 
@@ -428,10 +495,32 @@ def _paths() -> dict[str, Any]:
         c + "/search": {
             "post": {
                 "operationId": "search",
-                "summary": "k nearest documents for each query vector",
+                "summary": "k nearest documents for each query (a vector or a stored document)",
                 "parameters": [_NAME],
                 "requestBody": _body("#/components/schemas/Search"),
                 "responses": {"200": _resp("results", _ref("SearchResult")),
+                              **_errors(400, 404, 503)},
+            }
+        },
+        c + "/count": {
+            "post": {
+                "operationId": "count",
+                "summary": "Count the documents (that match a filter)",
+                "parameters": [_NAME],
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": _ref("Count")}}},
+                "responses": {"200": _resp("count", _ref("CountResult")),
+                              **_errors(400, 404, 503)},
+            }
+        },
+        c + "/scroll": {
+            "post": {
+                "operationId": "scroll",
+                "summary": "A page of documents (that match a filter), and the cursor of the next",
+                "parameters": [_NAME],
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": _ref("Scroll")}}},
+                "responses": {"200": _resp("page", _ref("ScrollPage")),
                               **_errors(400, 404, 503)},
             }
         },

@@ -24,13 +24,17 @@ from aquila.cluster.model.bounds import (
     MAX_TIMEOUT_MS,
     depth_exceeds,
 )
+from aquila.cluster.model.cursor import decode_cursor
 from aquila.cluster.model.errors import BadRequest, DimensionMismatch, InvalidVector
 from aquila.cluster.model.filters import parse_filter
 from aquila.cluster.model.operations import (
     CONSISTENCY,
     MAX_ID_CHARS,
     MAX_K,
+    MAX_SCROLL_LIMIT,
+    CountRequest,
     DocBatch,
+    ScrollRequest,
     SearchRequest,
     valid_id,
 )
@@ -200,14 +204,17 @@ def check_id(doc_id: str) -> str:
 def parse_search(body: Any, dim: int) -> SearchRequest:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    known = {"vectors", "vector", "k", "nprobe", "filter", "include", "allow_partial", "timeout_ms",
-             "explain"}
+    known = {"vectors", "vector", "id", "ids", "k", "nprobe", "filter", "include",
+             "allow_partial", "timeout_ms", "explain"}
     unknown = set(body) - known
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    if ("vectors" in body) == ("vector" in body):
-        raise BadRequest("give exactly one of 'vector' or 'vectors'")
-    if "vector" in body:
+    if sum(q in body for q in ("vector", "vectors", "id", "ids")) != 1:
+        raise BadRequest("give exactly one of 'vector', 'vectors', 'id' or 'ids'")
+    query_ids = _query_ids(body)
+    if query_ids is not None:
+        vectors = np.zeros((len(query_ids), dim), np.float32)  # looked up by the read path
+    elif "vector" in body:
         if not isinstance(body["vector"], list):
             raise InvalidVector("'vector' must be a list of numbers")
         if len(body["vector"]) != dim:
@@ -238,18 +245,9 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
     # Checked item by item: a list or object among them cannot go into a set.
     if not isinstance(include, list) or not all(i in ("metadata", "vector") for i in include):
         raise BadRequest("'include' is a list of 'metadata' and 'vector'")
-    allow_partial = body.get("allow_partial", True)
-    if not isinstance(allow_partial, bool):
-        raise BadRequest("'allow_partial' must be a boolean")
-    timeout_ms = body.get("timeout_ms")
-    if timeout_ms is not None and (
-        isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int)
-        or not 1 <= timeout_ms <= MAX_TIMEOUT_MS
-    ):
-        raise BadRequest(f"'timeout_ms' must be an integer from 1 to {MAX_TIMEOUT_MS}")
-    explain = body.get("explain", False)
-    if not isinstance(explain, bool):
-        raise BadRequest("'explain' must be a boolean")
+    allow_partial = _flag(body, "allow_partial", True)
+    timeout_ms = _timeout_ms(body)
+    explain = _flag(body, "explain", False)
     flt = body.get("filter")
     return SearchRequest(
         vectors=vectors,
@@ -262,6 +260,86 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
         allow_partial=allow_partial,
         timeout_ms=timeout_ms,
         explain=explain,
+        query_ids=query_ids,
+    )
+
+
+def _query_ids(body: dict[str, Any]) -> list[str] | None:
+    """The stored documents a search asks by (`id` or `ids`), or None."""
+    if "id" in body:
+        if not valid_id(body["id"]):
+            raise BadRequest(f"'id' must be a string of 1 to {MAX_ID_CHARS} characters")
+        return [body["id"]]
+    if "ids" not in body:
+        return None
+    ids = body["ids"]
+    if not isinstance(ids, list) or not ids:
+        raise BadRequest("'ids' must be a non-empty list of document ids")
+    if len(ids) > MAX_QUERIES:
+        raise BadRequest(f"at most {MAX_QUERIES} query ids, got {len(ids)}")
+    for i, doc_id in enumerate(ids):
+        if not valid_id(doc_id):
+            raise BadRequest(f"ids[{i}]: an id is a string of 1 to {MAX_ID_CHARS} characters")
+    return list(ids)
+
+
+def _timeout_ms(body: dict[str, Any]) -> int | None:
+    timeout_ms = body.get("timeout_ms")
+    if timeout_ms is not None and (
+        isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int)
+        or not 1 <= timeout_ms <= MAX_TIMEOUT_MS
+    ):
+        raise BadRequest(f"'timeout_ms' must be an integer from 1 to {MAX_TIMEOUT_MS}")
+    return timeout_ms
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be a boolean")
+    return value
+
+
+def _known(body: Any, known: set[str]) -> dict[str, Any]:
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    unknown = set(body) - known
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    return body
+
+
+def parse_count(body: Any) -> CountRequest:
+    """`{"filter"?, "allow_partial"? (default true), "timeout_ms"?}`; an empty body counts all."""
+    body = _known(body, {"filter", "allow_partial", "timeout_ms"})
+    flt = body.get("filter")
+    return CountRequest(flt, parse_filter(flt), _flag(body, "allow_partial", True),
+                        _timeout_ms(body))
+
+
+def parse_scroll(body: Any, shards: int) -> ScrollRequest:
+    """`{"filter"?, "limit"? (1..1000, 100), "cursor"? (str or null), "include"?,
+    "allow_partial"? (default false: a scroll is a walk over everything), "timeout_ms"?}`."""
+    body = _known(body, {"filter", "limit", "cursor", "include", "allow_partial", "timeout_ms"})
+    limit = body.get("limit", 100)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SCROLL_LIMIT:
+        raise BadRequest(f"'limit' must be an integer from 1 to {MAX_SCROLL_LIMIT}")
+    include = body.get("include", ["metadata"])
+    if not isinstance(include, list) or not all(i in ("metadata", "vector") for i in include):
+        raise BadRequest("'include' is a list of 'metadata' and 'vector'")
+    cursor = body.get("cursor")
+    flt = body.get("filter")
+    return ScrollRequest(
+        filter=flt,
+        predicate=parse_filter(flt),
+        limit=limit,
+        position=None if cursor is None else decode_cursor(cursor, shards),
+        include_metadata="metadata" in include,
+        include_vector="vector" in include,
+        allow_partial=_flag(body, "allow_partial", False),
+        timeout_ms=_timeout_ms(body),
     )
 
 

@@ -73,6 +73,18 @@ class EngineBackend:
             queries, k, nprobe, predicate, shards, with_vectors, plans
         )
 
+    async def count(
+        self, spec: CollectionSpec, shards: Iterable[int],
+        predicate: Callable[[Any], bool] | None,
+    ) -> dict[int, int]:
+        return await self._open(spec.name).count_matching(list(shards), predicate)
+
+    async def scroll(
+        self, spec: CollectionSpec, shard: int, after: str | None, limit: int,
+        predicate: Callable[[Any], bool] | None, with_vectors: bool,
+    ) -> tuple[list[Hit], str | None]:
+        return await self._open(spec.name).scroll(shard, after, limit, predicate, with_vectors)
+
     def shard_stats(self, name: str) -> dict[int, dict[str, Any]]:
         coll = self.engine.collections.get(name)
         return coll.shard_states() if coll is not None else {}

@@ -2,8 +2,9 @@
 FAISS index over all of them, and the background work (training, snapshots) that keeps it
 fast. Searching lives in `node.storage.search`.
 
-Concurrency: durable writes are serialised by `write_mutex`; each then queues on `apply_lock`
-(FIFO, taken before `write_mutex` is let go, so index updates keep the order of the writes)
+Concurrency: writes are made durable in groups (group commit, one driver task), serialised by
+`write_mutex`; each group then queues on `apply_lock` (FIFO, taken before `write_mutex` is let
+go, so index updates keep the order of the writes)
 to update the index under `rw.write()`, while the next write is already being prepared.
 Searches and snapshots take `rw.read()`; changes of the shard set and index swaps take all
 three (`_exclusive`).
@@ -12,6 +13,7 @@ three (`_exclusive`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -35,6 +37,7 @@ from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
 from aquila.node.storage.index import VectorIndex
 from aquila.node.storage.locks import RWLock
 from aquila.node.storage.matches import DEFAULT_CAPACITY
+from aquila.node.storage.paging import count_shards, scroll_shard
 from aquila.node.storage.search import run_batch
 from aquila.node.storage.shard import IndexOps, Shard
 from aquila.node.storage.store import Record, Store, WriteBatch
@@ -48,6 +51,27 @@ def meta_bytes(spec: CollectionSpec, uid: str, shards: list[int]) -> bytes:
     """The content of a collection's spec.json: its spec, its incarnation and the shards this
     node holds of it (the record its store's keys are read by: see `Collection.open`)."""
     return orjson.dumps({"spec": spec.to_json(), "shards": shards, "uid": uid})
+
+
+# Documents one group commit takes at most (one RocksDB batch, one fsync).
+GROUP_MAX_DOCS = 20_000
+
+
+@dataclass(eq=False)
+class _Queued:
+    """A write waiting for the group commit, and its writer's future."""
+
+    by_shard: dict[int, list[Incoming]]
+    done: asyncio.Future[dict[int, tuple[int, int]]]
+    docs: int
+
+    def settle(self, outcome: dict[int, tuple[int, int]] | BaseException) -> None:
+        if self.done.done():  # the writer gave up (cancelled): nobody to tell
+            return
+        if isinstance(outcome, BaseException):
+            self.done.set_exception(outcome)
+        else:
+            self.done.set_result(outcome)
 
 
 class IndexState:
@@ -93,6 +117,8 @@ class Collection:
         self.write_mutex = asyncio.Lock()
         self.apply_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: collections.deque[_Queued] = collections.deque()  # writes to make durable
+        self._driver: asyncio.Task[None] | None = None
         self._batcher: SearchBatcher[list[Hit]] = SearchBatcher(
             self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
@@ -211,9 +237,13 @@ class Collection:
         if self.closed:
             return
         self.closed = True
-        for t in list(self._tasks):
+        driver = self._driver
+        for t in [*self._tasks, *([driver] if driver else [])]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *([driver] if driver else []),
+                             return_exceptions=True)
+        self._closing(self._queue)
+        self._queue.clear()
         # A snapshot being written finishes first: written later, it could land in the
         # folder of the next incarnation of this name.
         async with self._saving:
@@ -232,44 +262,126 @@ class Collection:
     # -- writes ---------------------------------------------------------------------------
     async def write(self, by_shard: dict[int, list[Incoming]]) -> dict[int, tuple[int, int]]:
         """Upserts and deletes, durable on return; per shard (documents changed, live
-        documents deleted)."""
-        missing = [s for s in by_shard if s not in self.shards]
-        if missing:
-            raise Unavailable(f"shard(s) {missing} of {self.spec.name!r} are not on this node")
-        async with self.write_mutex:
-            ops = await self.blocking.write(self._write_sync, by_shard)
-            await self.apply_lock.acquire()
+        documents deleted).
+
+        Writes that arrive together are made durable together (group commit): one driver
+        takes the queued writes, stages them into one RocksDB batch, makes it durable with
+        one fsync, and hands the index updates on, while the next group is staged."""
+        self._have(by_shard)
+        loop = asyncio.get_running_loop()
+        queued = _Queued(by_shard, loop.create_future(), sum(map(len, by_shard.values())))
+        self._queue.append(queued)
+        if self._driver is None:
+            self._driver = loop.create_task(self._drive())
+        return await queued.done
+
+    async def _drive(self) -> None:
+        try:
+            while self._queue and not self.closed:
+                async with self.write_mutex:
+                    group = self._take_group()
+                    if not group:
+                        continue
+                    try:
+                        ops = await self.blocking.write(
+                            self._write_sync, [q.by_shard for q in group])
+                    except Exception as exc:
+                        for q in group:
+                            q.settle(exc)
+                        continue
+                    except BaseException:
+                        self._closing(group)
+                        raise
+                    try:
+                        await self.apply_lock.acquire()
+                    except BaseException:
+                        self._closing(group)
+                        raise
+                self._spawn(self._apply(group, ops))
+        finally:
+            self._driver = None
+            if self.closed:
+                self._closing(self._queue)
+                self._queue.clear()
+
+    def _closing(self, writes: Iterable[_Queued]) -> None:
+        for q in writes:
+            q.settle(Unavailable(f"collection {self.spec.name!r} is closing"))
+
+    def _take_group(self) -> list[_Queued]:
+        """The longest prefix of the queue whose writes name no document twice (a later
+        write of an id must see the earlier one as stored), within GROUP_MAX_DOCS."""
+        group: list[_Queued] = []
+        seen: set[tuple[int, str]] = set()
+        docs = 0
+        while self._queue:
+            q = self._queue[0]
+            if q.done.done():  # its writer gave up before it was taken
+                self._queue.popleft()
+                continue
+            if group and docs + q.docs > GROUP_MAX_DOCS:
+                break
+            absent = [s for s in q.by_shard if s not in self.shards]
+            if absent:  # dropped since it was queued
+                self._queue.popleft()
+                q.settle(Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on "
+                                     "this node"))
+                continue
+            if len(self._queue) > 1 or group:
+                keys = {(s, d.id) for s, ds in q.by_shard.items() for d in ds}
+                if group and not seen.isdisjoint(keys):
+                    break
+                seen |= keys
+            group.append(self._queue.popleft())
+            docs += q.docs
+        return group
+
+    async def _apply(self, group: list[_Queued], ops: list[dict[int, IndexOps]]) -> None:
+        """The group's index updates (apply_lock is held, taken by the driver)."""
         try:
             async with self.rw.write():
                 await self.blocking.write(self._apply_all_sync, ops)
+        except Exception as exc:
+            log.exception("%s: a durable write did not reach the index", self.spec.name)
+            for q in group:  # durable, but the index did not follow: the writers hear of it
+                q.settle(exc)
+            return
+        except BaseException:
+            self._closing(group)
+            raise
         finally:
             self.apply_lock.release()
+        for q, o in zip(group, ops, strict=True):
+            q.settle({s: (x.applied, x.deleted) for s, x in o.items()})
         self._maybe_train()
-        return {s: (o.applied, o.deleted) for s, o in ops.items()}
 
-    def _write_sync(self, by_shard: dict[int, list[Incoming]]) -> dict[int, IndexOps]:
+    def _write_sync(self, group: list[dict[int, list[Incoming]]]) -> list[dict[int, IndexOps]]:
         batch = WriteBatch()
-        before = {s: (self.shards[s].next_seq, self.shards[s].next_label) for s in by_shard}
+        touched = {s for by_shard in group for s in by_shard}
+        before = {s: (self.shards[s].next_seq, self.shards[s].next_label) for s in touched}
         try:
-            ops = {s: self.shards[s].prepare_writes(docs, batch) for s, docs in by_shard.items()}
+            ops = [{s: self.shards[s].prepare_writes(docs, batch) for s, docs in by_shard.items()}
+                   for by_shard in group]
             self.store.write(batch)
-            for s, o in ops.items():
-                self.shards[s].durable(o)
+            for o in ops:
+                for s, x in o.items():
+                    self.shards[s].durable(x)
         except BaseException:
             for s, (seq, label) in before.items():
                 self.shards[s].rollback(seq, label)
             raise
         return ops
 
-    def _apply_all_sync(self, ops: dict[int, IndexOps]) -> None:
+    def _apply_all_sync(self, ops: list[dict[int, IndexOps]]) -> None:
         merged = IndexOps()
-        for o in ops.values():
+        for o in (x for by_shard in ops for x in by_shard.values()):
             merged.remove += o.remove
             merged.add_keys += o.add_keys
             merged.add_vectors += o.add_vectors
         self._apply_sync(merged)
-        for s, o in ops.items():
-            self.shards[s].applied(o)
+        for by_shard in ops:
+            for s, o in by_shard.items():
+                self.shards[s].applied(o)
 
     # -- reads ----------------------------------------------------------------------------
     async def get(self, shard: int, doc_id: str) -> Record | None:
@@ -385,6 +497,31 @@ class Collection:
         if plans is not None and answers:
             plans.update({p["shard"]: p for p in answers[0][1]})
         return [row[:k] for row, _ in answers]
+
+    async def count_matching(
+        self, shards: list[int], predicate: Callable[[Any], bool] | None
+    ) -> dict[int, int]:
+        """Per local shard, its live documents that `predicate` admits."""
+        self._have(shards)
+        if predicate is None:
+            return count_shards(self, shards, None)
+        async with self.rw.read():
+            return await self.blocking.search(count_shards, self, shards, predicate)
+
+    async def scroll(
+        self, shard: int, after: str | None, limit: int,
+        predicate: Callable[[Any], bool] | None, with_vectors: bool,
+    ) -> tuple[list[Hit], str | None]:
+        """A page of the shard's live documents in id order (see `paging.scroll_shard`)."""
+        self._have([shard])
+        async with self.rw.read():
+            return await self.blocking.search(
+                scroll_shard, self, shard, after, limit, predicate, with_vectors)
+
+    def _have(self, shards: Iterable[int]) -> None:
+        absent = [s for s in shards if s not in self.shards]
+        if absent:
+            raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
 
     async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[list[Hit]]:
         probe, wanted, with_vectors = key

@@ -19,7 +19,7 @@ vectors.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +56,8 @@ class Record:
     metadata: bytes  # JSON object; empty for a tombstone
 
     def encode(self) -> bytes:
-        w = self.writer.encode()
-        dim = len(self.vector) // 4
-        flags = FLAG_TOMBSTONE if self.tombstone else 0
-        head = _HEADER.pack(self.version, self.label, self.seq, flags, dim, len(w))
-        return b"".join((head, w, self.vector, self.metadata))
+        return encode_record(self.version, self.label, self.seq, self.tombstone,
+                             self.writer.encode(), self.vector, self.metadata)
 
     @staticmethod
     def decode(raw: bytes) -> Record:
@@ -74,6 +71,14 @@ class Record:
 
     def vector_array(self) -> np.ndarray:
         return np.frombuffer(self.vector, dtype="<f4")
+
+
+def encode_record(version: int, label: int, seq: int, tombstone: bool, writer: bytes,
+                  vector: bytes, metadata: bytes) -> bytes:
+    """A record's stored form (see `Record`), from its parts: the writer already encoded."""
+    head = _HEADER.pack(version, label, seq, FLAG_TOMBSTONE if tombstone else 0,
+                        len(vector) // 4, len(writer))
+    return b"".join((head, writer, vector, metadata))
 
 
 def _shard_key(tag: bytes, shard: int) -> bytes:
@@ -101,6 +106,17 @@ class WriteBatch:
             self._wb.delete(change_key(shard, old.seq))
         self._wb.put(change_key(shard, rec.seq), doc_id.encode())
         self.count += 1
+
+    @property
+    def raw_put(self) -> Callable[[bytes, bytes], None]:
+        """The batch's own put, for callers that build keys and values themselves."""
+        put: Callable[[bytes, bytes], None] = self._wb.put
+        return put
+
+    @property
+    def raw_delete(self) -> Callable[[bytes], None]:
+        delete: Callable[[bytes], None] = self._wb.delete
+        return delete
 
     def forget(self, shard: int, doc_id: str, rec: Record) -> None:
         """Remove every trace of a document (a tombstone past its grace period)."""
@@ -134,6 +150,7 @@ class Store:
         wo = rocksdict.WriteOptions()
         wo.sync = self._fsync
         self._write_opts = wo
+        self._batch_opts = rocksdict.WriteOptions()  # not synced: `write` syncs apart
 
     @property
     def db(self) -> rocksdict.Rdict:
@@ -181,8 +198,18 @@ class Store:
         return [Record.decode(r) if r is not None else None for r in raws]
 
     def write(self, batch: WriteBatch) -> None:
-        """Durable (through the WAL, fsynced when configured) once this returns."""
-        self.db.write(batch._wb, self._write_opts)
+        """Durable (through the WAL, fsynced when configured) once this returns.
+
+        The batch is written to the WAL and the memtable first, then the WAL is fsynced by a
+        call of its own: rocksdict holds the GIL for the whole of a write, a synced one's
+        fsync included, which would stop every other thread of the node (the event loop
+        too) for each batch's fsync; its flush_wal lets the GIL go. The durability is the
+        same (RocksDB's FlushWAL(sync) is SyncWAL: every WAL file up to the current one is
+        fsynced before it returns); the records may be read in the meantime, before they
+        are acknowledged."""
+        self.db.write(batch._wb, self._batch_opts)
+        if self._fsync:
+            self.db.flush_wal(True)
 
     def counters(self, shard: int) -> tuple[int, int, int]:
         """(next seq, next label, live documents) of a shard."""

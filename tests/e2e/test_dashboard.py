@@ -134,10 +134,9 @@ def test_dashboard_shows_the_cluster_and_searches(
     shown = b.evaluate(
         "[...document.querySelectorAll('#search-results tbody tr')].map(tr => [tr.dataset.id,"
         " tr.querySelector('.score').textContent, tr.querySelector('.meta').dataset.meta])")
-    stored = n1.call("GET", f"/v1/collections/wordnet/documents/{doc_id}?vector=true")[1]
-    res = n1.call("POST", "/v1/collections/wordnet/search",
-                  {"vector": stored["vector"], "k": 9})[1]
-    hits = [h for h in res["results"][0] if h["id"] != doc_id][:8]
+    res = n1.call("POST", "/v1/collections/wordnet/search", {"id": doc_id, "k": 8})[1]
+    hits = res["results"][0]
+    assert len(hits) == 8 and doc_id not in [h["id"] for h in hits]
     assert [r[0] for r in shown] == [h["id"] for h in hits]
     assert [r[1] for r in shown] == [f"{h['score']:.4f}" for h in hits]
     assert [json.loads(r[2]) for r in shown] == [h["metadata"] for h in hits]

@@ -280,12 +280,12 @@ async function refresh() {
 }
 
 // -- search ---------------------------------------------------------------------------------
-// The body of a search for the neighbours of a stored document. Until the node answers a query
-// by id itself, this fetches the stored vector and asks for one more hit (the document finds
-// itself). Once it does (contract v2), this becomes: return { id, k, include: ["metadata"] };
+// The body of a search for the neighbours of a stored document: the node looks the document's
+// vector up itself and leaves the document out of its own results (contract v2). A node
+// without search by id would need: fetch .../documents/{id}?vector=true, then
+// { vector: doc.vector, k: k + 1 } (the filter below drops the document itself).
 async function neighboursQuery(collection, id, k) {
-  const doc = await api(`/v1/collections/${enc(collection)}/documents/${enc(id)}?vector=true`);
-  return { vector: doc.vector, k: k + 1, include: ["metadata"] };
+  return { id, k, include: ["metadata"] };
 }
 
 async function search(collection, id, k) {
