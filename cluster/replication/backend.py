@@ -43,9 +43,11 @@ class ShardBackend(Protocol):
         shards: Iterable[int],
         with_vectors: bool = False,
         plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
     ) -> list[list[Hit]]:
         """Per query, the best k hits over these local shards. `plans`, when given, receives
-        per shard how it was searched ({"shard", "path", ...})."""
+        per shard how it was searched ({"shard", "path", "nprobe", ...}). `recall`: in place
+        of `nprobe`, the target recall the node picks its probes for."""
         ...
 
     async def count(

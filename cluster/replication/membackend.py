@@ -108,6 +108,7 @@ class MemoryBackend:
         shards: Iterable[int],
         with_vectors: bool = False,
         plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
     ) -> list[list[Hit]]:
         wanted = sorted(shards)
         coll = self._open(spec.name, wanted)
@@ -119,7 +120,7 @@ class MemoryBackend:
         if plans is not None:  # every search here is brute force over the matches
             for s in wanted:
                 live = sum(1 for d in coll.shards[s].values() if d.vector is not None)
-                plans[s] = {"shard": s, "documents": live, "path": "unfiltered"}
+                plans[s] = {"shard": s, "documents": live, "path": "unfiltered", "nprobe": 1}
                 if predicate is not None:
                     plans[s] |= {"path": "exact", "matches": sum(1 for x, _, _ in docs if x == s)}
         if not docs:

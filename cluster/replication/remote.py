@@ -48,6 +48,7 @@ from aquila.cluster.model.operations import (
     SearchRequest,
     valid_id,
 )
+from aquila.cluster.model.recall import check_target
 from aquila.cluster.model.spec import MAX_SHARDS, CollectionSpec, check_name
 from aquila.cluster.peers.client import (
     COLLECTION_PREFIX,
@@ -169,6 +170,8 @@ def encode_search(req: SearchRequest, shards: list[int]) -> dict[str, Any]:
         }
         if req.explain:  # only then: a peer that predates plans sees the body it knows
             body["explain"] = True
+        if req.recall is not None:  # each node picks its own probes for it
+            body["recall"] = req.recall
     return {**body, "shards": shards}
 
 
@@ -199,6 +202,9 @@ def decode_search(body: dict[str, Any], spec: CollectionSpec) -> tuple[SearchReq
     explain = body.get("explain", False)
     if not isinstance(explain, bool):
         raise BadRequest("'explain' must be a boolean")
+    recall = body.get("recall")
+    if recall is not None:
+        recall = check_target(recall)
     req = SearchRequest(
         vectors=q,
         k=k,
@@ -210,6 +216,7 @@ def decode_search(body: dict[str, Any], spec: CollectionSpec) -> tuple[SearchReq
         allow_partial=True,
         timeout_ms=None,
         explain=explain,
+        recall=recall,
     )
     return req, shards
 
@@ -459,7 +466,7 @@ class RemoteReplica:
         plans: dict[int, dict[str, Any]] | None = None,
     ) -> list[list[Hit]]:
         out = await self._ask("POST", spec.name, "search", encode_search(req, shards), budget)
-        if plans is not None and req.explain:
+        if plans is not None and (req.explain or req.recall is not None):
             plans.update(decode_plans(out.get("plans", []), shards))
         return decode_hits(out["results"])
 
@@ -560,7 +567,9 @@ class PeerService:
     async def search(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         spec = self._spec(name)
         req, shards = decode_search(body, spec)
-        plans: dict[int, dict[str, Any]] | None = {} if req.explain else None
+        # A search by recall answers with its plans too: they say the nprobe used.
+        plans: dict[int, dict[str, Any]] | None = (
+            {} if req.explain or req.recall is not None else None)
         rows = await self.local.search(spec, req, shards, 0.0, plans)
         return encode_rows(rows, req, plans)
 

@@ -126,7 +126,7 @@ class LocalReplica:
     ) -> list[list[Hit]]:
         return await self.backend.search(
             spec, req.vectors, req.k, req.nprobe, req.predicate, shards, req.include_vector,
-            plans,
+            plans, req.recall,
         )
 
     async def count(

@@ -23,6 +23,7 @@ from aquila.cluster.model.bounds import (
 from aquila.cluster.model.cursor import MAX_CURSOR_CHARS
 from aquila.cluster.model.errors import ERRORS_BY_CODE
 from aquila.cluster.model.operations import CONSISTENCY, MAX_ID_CHARS, MAX_K, MAX_SCROLL_LIMIT
+from aquila.cluster.model.recall import MAX_RECALL, MIN_RECALL
 from aquila.cluster.model.spec import INDEX_TYPES, MAX_DIM, MAX_REPLICATION, MAX_SHARDS, METRICS
 from aquila.node.config import NodeConfig
 from aquila.node.http.access import OPEN_ROUTES, is_read
@@ -152,6 +153,12 @@ _SCHEMAS: dict[str, Any] = {
             replicas={"type": "array", "items": {"type": "string"}},
             count=_INT,
             index_state={"type": "string", "enum": ["buffering", "training", "trained"]},
+            index=_obj(["nlist", "vectors", "trained_at", "recall_curve"],
+                       nlist=_INT, vectors=_INT, trained_at=_INT,
+                       recall_curve={"type": "array", "description": "[nprobe, recall@10] "
+                                     "measured when the index was trained; a search by "
+                                     "`recall` takes the first nprobe that reached it",
+                                     "items": {"type": "array", "items": {"type": "number"}}}),
         )},
     ),
     "Upsert": {
@@ -225,6 +232,9 @@ _SCHEMAS: dict[str, Any] = {
                  "description": "stored documents, one query each (as id)"},
             k={"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
             nprobe={"type": ["integer", "null"], "minimum": 1, "maximum": MAX_NPROBE},
+            recall={"type": ["number", "null"], "minimum": MIN_RECALL, "maximum": MAX_RECALL,
+                    "description": "in place of nprobe: each node searches with the fewest "
+                    "probes that reached this recall@10 when it calibrated its index"},
             filter=_ref("Filter"),
             include={"type": "array", "items": {"type": "string",
                                                 "enum": ["metadata", "vector"]},
@@ -273,6 +283,10 @@ _SCHEMAS: dict[str, Any] = {
         took_ms={"type": "number", "minimum": 0},
         plans={"type": "array", "items": _ref("SearchPlan"),
                "description": "with `explain`: one per shard that answered, by shard"},
+        nprobe={**_INT, "description": "with `recall`: the most probes a node used"},
+        nprobes={"type": "array", "description": "with `recall`: the probes used per shard",
+                 "items": _obj(["shard", "node", "nprobe"], shard=_INT,
+                               node={"type": "string"}, nprobe=_INT)},
     ),
     "Count": {
         **_obj([], closed=True, filter=_ref("Filter"),

@@ -68,9 +68,10 @@ class EngineBackend:
         shards: Iterable[int],
         with_vectors: bool = False,
         plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
     ) -> list[list[Hit]]:
         return await self._open(spec.name).search(
-            queries, k, nprobe, predicate, shards, with_vectors, plans
+            queries, k, nprobe, predicate, shards, with_vectors, plans, recall
         )
 
     async def count(

@@ -458,10 +458,17 @@ class Collection:
                 "index_state": self.state, "faiss_bytes": self.index.memory_bytes(),
                 "rocksdb_bytes": self.store.memory_bytes()}
 
+    def index_info(self) -> dict[str, Any]:
+        """The index's shape and its recall curve (what a search by `recall` chooses from)."""
+        index = self.index
+        return {"nlist": index.nlist, "vectors": index.ntotal, "trained_at": index.trained_at,
+                "recall_curve": [[n, r] for n, r in index.curve]}
+
     def shard_states(self) -> dict[int, dict[str, Any]]:
         state = self.state
+        info = self.index_info()
         return {
-            n: {"shard": n, "count": s.count, "index_state": state}
+            n: {"shard": n, "count": s.count, "index_state": state, "index": info}
             for n, s in sorted(self.shards.items())
         }
 
@@ -474,14 +481,20 @@ class Collection:
         shards: Iterable[int] | None = None,
         with_vectors: bool = False,
         plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
     ) -> list[list[Hit]]:
         """The best `k` hits per query over the given local shards (all when None); their
         stored vectors too when asked. `plans`, when given, receives how each shard was
-        searched (see `node.storage.planner`)."""
+        searched (see `node.storage.planner`), with the nprobe used. `recall`: in place of
+        `nprobe`, the fewest probes that reached it when the index was calibrated."""
         from aquila.node.storage.index import prepare
 
         q = prepare(queries, self.spec.metric)
-        probe = nprobe or self.spec.index.nprobe
+        if recall is not None:
+            probe = self.index.nprobe_for(recall)
+        else:
+            probe = nprobe or self.spec.index.nprobe
+        used = max(1, min(probe, self.index.nlist))
         wanted = tuple(sorted(self.shards if shards is None else shards))
         absent = [s for s in wanted if s not in self.shards]
         if absent:
@@ -489,13 +502,13 @@ class Collection:
         if predicate is None:
             rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
             if plans is not None:
-                plans.update({s: {"shard": s, "path": "unfiltered",
+                plans.update({s: {"shard": s, "path": "unfiltered", "nprobe": used,
                                   "documents": self.shards[s].count} for s in wanted})
             return [row[:k] for row in rows]
         how = FilterQuery.of(predicate) if isinstance(predicate, Filter) else predicate
         answers = await self._filtered.submit((probe, wanted, with_vectors, how), q, k)
         if plans is not None and answers:
-            plans.update({p["shard"]: p for p in answers[0][1]})
+            plans.update({p["shard"]: {"nprobe": used, **p} for p in answers[0][1]})
         return [row[:k] for row, _ in answers]
 
     async def count_matching(
@@ -564,7 +577,9 @@ class Collection:
         parts = [self.shards[s].live_vectors(q) for s, q in upto.items() if s in self.shards]
         vectors = np.vstack([p[0] for p in parts])
         keys = np.concatenate([p[1] for p in parts])
-        return VectorIndex.train_ivf(self.spec, vectors, keys)
+        index = VectorIndex.train_ivf(self.spec, vectors, keys)
+        index.calibrate(vectors, keys, self.spec.metric)
+        return index
 
     async def _train(self) -> None:
         """Train in the background while the current index serves; swap it in under the

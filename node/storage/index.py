@@ -27,6 +27,7 @@ import faiss as _faiss
 import numpy as np
 import orjson
 
+from aquila.cluster.model.recall import Curve, checked_curve, ladder, monotone, nprobe_for
 from aquila.cluster.model.spec import CollectionSpec, pq_m
 from aquila.node.files import write_atomic
 
@@ -43,6 +44,10 @@ _MASK = (1 << LABEL_BITS) - 1
 # Every VectorIndex object gets its own generation: what is derived from one (list numbers,
 # gathered vectors) is never taken for another's after a training swap or a reload.
 _GENERATIONS = itertools.count(1)
+# Calibration (search by target recall): stored documents used as queries, and the k their
+# recall is measured at.
+CALIBRATION_QUERIES = 300
+CALIBRATION_K = 10
 
 
 def global_key(shard: int, label: int) -> int:
@@ -86,6 +91,9 @@ class VectorIndex:
     trained_at: int  # vectors it was trained on (0 for flat)
     bits: int  # `shard_bits` of the collection: FAISS id = label << bits | shard
     generation: int = field(default_factory=lambda: next(_GENERATIONS))
+    # IVF: recall@CALIBRATION_K by nprobe, measured when trained (see `calibrate`); kept in
+    # the snapshot with the index.
+    curve: Curve = field(default_factory=list)
     # IVF only, built on first use, then kept current by add and remove: per shard, the
     # inverted list holding each label (-1: none), so a filter's matches per list are counted
     # with one bincount (see `lists_of`).
@@ -101,6 +109,40 @@ class VectorIndex:
     @property
     def nlist(self) -> int:
         return int(self.index.nlist) if self.trained else 1
+
+    def nprobe_for(self, recall: float) -> int:
+        """The fewest probes that reached `recall` when the index was calibrated (1 for an
+        exact index, which every search scans whole)."""
+        return nprobe_for(self.curve, recall) if self.trained else 1
+
+    def calibrate(self, vectors: np.ndarray, keys: np.ndarray, metric: str,
+                  queries: int = CALIBRATION_QUERIES, seed: int = 0) -> Curve:
+        """Measure recall@CALIBRATION_K against exact search for a ladder of nprobe values
+        and keep the curve. The queries are stored documents (`vectors`, under `keys`, what
+        the index was built from), each left out of its own answer and its own ground truth,
+        so that they are held out as a client's query would be. Slow (an exact search of
+        `queries` over `vectors`): call from a background thread."""
+        n = len(vectors)
+        if not self.trained or n < 2:
+            self.curve = []
+            return self.curve
+        k = min(CALIBRATION_K, n - 1)
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, min(queries, n), replace=False))
+        q = np.ascontiguousarray(vectors[rows])
+        _, truth = faiss.knn(q, vectors, k + 1, metric=faiss_metric(metric))
+        want = [set(keys[t[t != r][:k]].tolist()) for t, r in zip(truth, rows, strict=True)]
+        own = keys[rows]
+        points: list[tuple[int, float]] = []
+        for nprobe in ladder(self.nlist):
+            _, found = self.search(q, k + 1, nprobe)
+            hit = sum(len(w & set(f[f != o][:k].tolist()))
+                      for w, f, o in zip(want, found, own, strict=True))
+            points.append((nprobe, hit / max(1, k * len(rows))))
+            if points[-1][1] >= 0.9999:  # every larger nprobe finds them all too
+                break
+        self.curve = monotone(points)
+        return self.curve
 
     @staticmethod
     def flat(dim: int, metric: str, shards: int) -> VectorIndex:
@@ -306,7 +348,8 @@ class VectorIndex:
         """Write atomically with the change-log position each shard's part covers: a crash
         mid-write leaves the previous snapshot in place."""
         payload = self.serialize() if payload is None else payload
-        meta = orjson.dumps({str(s): q for s, q in covered.items()})
+        meta = orjson.dumps({"covered": {str(s): q for s, q in covered.items()},
+                             "curve": self.curve})
         head = _SNAP_HEADER.pack(self.trained_at, int(self.trained), self.bits,
                                  zlib.crc32(meta + payload), len(meta), len(payload))
         write_atomic(path, _SNAP_MAGIC + head, meta, payload)
@@ -327,7 +370,15 @@ class VectorIndex:
         if (len(body) != meta_len + length or zlib.crc32(body) != crc
                 or bits != shard_bits(shards)):
             return None
-        covered = {int(s): int(q) for s, q in orjson.loads(body[:meta_len]).items()}
+        meta = orjson.loads(body[:meta_len])
+        curve: Curve = []
+        if isinstance(meta, dict) and "covered" in meta:
+            try:
+                curve = checked_curve(meta.get("curve", []))
+            except ValueError:
+                return None
+            meta = meta["covered"]
+        covered = {int(s): int(q) for s, q in meta.items()}
         payload = body[meta_len:]
         try:
             index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
@@ -335,7 +386,7 @@ class VectorIndex:
             return None
         if kind:
             faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
-        return VectorIndex(index, bool(kind), int(trained_at), bits), covered
+        return VectorIndex(index, bool(kind), int(trained_at), bits, curve=curve), covered
 
 
 def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray) -> np.ndarray:
