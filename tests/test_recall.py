@@ -19,6 +19,7 @@ from aquila.cluster.model.errors import BadRequest
 from aquila.cluster.model.recall import check_target, checked_curve, ladder, monotone, nprobe_for
 from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.cluster.replication.reads import nprobes_used
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
@@ -116,7 +117,9 @@ async def test_exact_index_answers_any_target_with_one_probe(
                           for i, v in enumerate(smp.base[:500])]})
     plans: dict[int, dict[str, Any]] = {}
     await coll.search(smp.queries[:5], 10, None, plans=plans, recall=0.999)
-    assert plans[0]["nprobe"] == 1
+    assert "nprobe" not in plans[0]  # no lists probed: the answer says the whole index, 1
+    assert nprobes_used(plans) == {"nprobe": 1, "nprobes": [{"shard": 0, "node": "",
+                                                             "nprobe": 1}]}
     await engine.close()
 
 

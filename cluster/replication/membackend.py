@@ -120,7 +120,7 @@ class MemoryBackend:
         if plans is not None:  # every search here is brute force over the matches
             for s in wanted:
                 live = sum(1 for d in coll.shards[s].values() if d.vector is not None)
-                plans[s] = {"shard": s, "documents": live, "path": "unfiltered", "nprobe": 1}
+                plans[s] = {"shard": s, "documents": live, "path": "unfiltered"}
                 if predicate is not None:
                     plans[s] |= {"path": "exact", "matches": sum(1 for x, _, _ in docs if x == s)}
         if not docs:
@@ -177,9 +177,13 @@ class MemoryBackend:
         coll = self.collections.get(name)
         if coll is None:
             return {}
+        # Brute force: one list, as an engine's exact (flat) index reports it.
+        index = {"nlist": 1, "trained_at": 0, "recall_curve": [],
+                 "vectors": sum(d.vector is not None for ds in coll.shards.values()
+                                for d in ds.values())}
         return {
             s: {"shard": s, "count": sum(1 for d in docs.values() if d.vector is not None),
-                "index_state": "trained"}
+                "index_state": "trained", "index": index}
             for s, docs in sorted(coll.shards.items())
         }
 

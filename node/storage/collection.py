@@ -34,13 +34,13 @@ from aquila.node.blocking import Blocking
 from aquila.node.files import remove_stale_temps, write_atomic
 from aquila.node.storage.batcher import SearchBatcher
 from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
-from aquila.node.storage.index import VectorIndex
+from aquila.node.storage.index import LABEL_BITS, VectorIndex
 from aquila.node.storage.locks import RWLock
 from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
 from aquila.node.storage.search import run_batch
 from aquila.node.storage.shard import IndexOps, Shard
-from aquila.node.storage.store import Record, Store, WriteBatch
+from aquila.node.storage.store import LAYOUT, Record, Store, WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,12 @@ class Collection:
         self.store.open()
         if self.store.get_meta() is None:
             self.store.put_meta(orjson.dumps(self.spec.to_json()))
+            self.store.put_layout()
+        elif self.store.layout() < LAYOUT:
+            for s in sorted(self.store.shards_present() & set(shards)):
+                log.info("%s: upgrading shard %d's keys (once)", self.spec.name, s)
+                Shard.upgrade(self.store, s)
+            self.store.put_layout()
         # The keys of a shard not recorded as held are what a crash in the middle of a drop
         # left (see `drop_shard`): garbage, never read.
         for s in sorted(self.store.shards_present() - set(shards)):
@@ -185,6 +191,14 @@ class Collection:
             self.index = VectorIndex.flat(self.spec.dim, self.spec.metric, self.spec.shards)
             for shard in self.shards.values():
                 self.index.add(*shard.live_vectors(None))
+        self._set_live(self.index.all_keys())
+
+    def _set_live(self, keys: np.ndarray) -> None:
+        """Each shard's live bitmap from the keys its index holds (which are exactly its
+        live documents, once the change log is replayed)."""
+        shard_of = keys >> LABEL_BITS
+        for s, shard in self.shards.items():
+            shard.set_live(keys[shard_of == s] & ((1 << LABEL_BITS) - 1))
 
     def _apply_sync(self, ops: IndexOps, index: VectorIndex | None = None) -> None:
         index = self.index if index is None else index
@@ -212,7 +226,9 @@ class Collection:
             shard = Shard(self.spec, s, self.store, self.tuning.filter_cache)
             await self.blocking.write(shard.load)
             async with self._exclusive():
-                await self.blocking.write(self._apply_sync, shard.changes_after(0))
+                ops = shard.changes_after(0)
+                await self.blocking.write(self._apply_sync, ops)
+                shard.set_live(np.asarray(ops.add_keys, dtype=np.int64) & ((1 << LABEL_BITS) - 1))
                 self.shards[s] = shard
 
     def _clear_sync(self, shards: list[int]) -> None:
@@ -362,6 +378,8 @@ class Collection:
         try:
             ops = [{s: self.shards[s].prepare_writes(docs, batch) for s, docs in by_shard.items()}
                    for by_shard in group]
+            for s in touched:
+                self.shards[s].stage_totals(batch, [o[s] for o in ops if s in o])
             self.store.write(batch)
             for o in ops:
                 for s, x in o.items():
@@ -438,15 +456,12 @@ class Collection:
 
     def _purge_sync(self, shard: int, before: int) -> int:
         batch = WriteBatch()
-        gone = []
-        for doc_id, rec in self.store.iter_docs(shard):
-            if rec.tombstone and rec.version < before:
-                batch.forget(shard, doc_id, rec)
-                gone.append((doc_id, rec))
+        gone = [(doc_id, rec) for doc_id, rec in self.store.iter_docs(shard)
+                if rec.tombstone and rec.version < before]
         if gone:
+            self.shards[shard].forget(gone, batch)
             self.store.write(batch)
-            for doc_id, rec in gone:
-                self.shards[shard].forget(doc_id, rec)
+            self.shards[shard].forgotten()
         return len(gone)
 
     def count(self) -> int:
@@ -494,7 +509,9 @@ class Collection:
             probe = self.index.nprobe_for(recall)
         else:
             probe = nprobe or self.spec.index.nprobe
-        used = max(1, min(probe, self.index.nlist))
+        # The probes a plan names (an exact index probes no lists: a search by recall then
+        # reports 1, the whole index).
+        probed = {"nprobe": max(1, min(probe, self.index.nlist))} if self.index.trained else {}
         wanted = tuple(sorted(self.shards if shards is None else shards))
         absent = [s for s in wanted if s not in self.shards]
         if absent:
@@ -502,13 +519,13 @@ class Collection:
         if predicate is None:
             rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
             if plans is not None:
-                plans.update({s: {"shard": s, "path": "unfiltered", "nprobe": used,
+                plans.update({s: {"shard": s, "path": "unfiltered", **probed,
                                   "documents": self.shards[s].count} for s in wanted})
             return [row[:k] for row in rows]
         how = FilterQuery.of(predicate) if isinstance(predicate, Filter) else predicate
         answers = await self._filtered.submit((probe, wanted, with_vectors, how), q, k)
         if plans is not None and answers:
-            plans.update({p["shard"]: {"nprobe": used, **p} for p in answers[0][1]})
+            plans.update({p["shard"]: {**probed, **p} for p in answers[0][1]})
         return [row[:k] for row, _ in answers]
 
     async def count_matching(

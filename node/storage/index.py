@@ -251,6 +251,18 @@ class VectorIndex:
             pick = shards == s
             self._lists[s] = _put(self._lists.get(s), keys[pick] & _MASK, lists[pick])
 
+    def all_keys(self) -> np.ndarray:
+        """The global key of every vector held (one pass over the ids; at start)."""
+        if not self.trained:
+            ids = faiss.vector_to_array(self.index.id_map)
+        else:
+            inv = self.index.invlists
+            parts = [(no, inv.list_size(no)) for no in range(self.index.nlist)]
+            ids = np.concatenate(
+                [faiss.rev_swig_ptr(inv.get_ids(no), n).copy() for no, n in parts if n]
+                or [np.zeros(0, np.int64)])
+        return self.keys(np.asarray(ids, dtype=np.int64))
+
     def lists_of(self, shard: int) -> np.ndarray:
         """IVF: per label of the shard, the inverted list holding its vector (-1: none or
         beyond the array). Built from the lists on first use (one pass over their ids)."""

@@ -6,8 +6,8 @@ against it)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -16,6 +16,15 @@ from aquila.cluster.model.filters import Cond, Filter
 
 Path = tuple[str, ...]
 _MISSING = object()
+
+
+class MetaSource(Protocol):
+    """The live documents' metadata by label: a dict, or a shard's view of its store
+    (`shard.ShardMeta`), which iterates the live labels and reads `items` from the store."""
+
+    def __iter__(self) -> Iterator[int]: ...
+
+    def items(self) -> Iterable[tuple[int, bytes]]: ...
 
 
 def _lookup(doc: Any, path: Path) -> Any:
@@ -102,13 +111,13 @@ class PayloadIndex:
     def __init__(self) -> None:
         self.keys: dict[Path, KeyIndex] = {}
 
-    def ensure(self, paths: Iterable[Path], meta: dict[int, bytes]) -> None:
+    def ensure(self, paths: Iterable[Path], meta: MetaSource) -> None:
         """Index these keys over the live documents (one pass over their metadata)."""
         missing = [p for p in dict.fromkeys(paths) if p not in self.keys]
         if not missing:
             return
         built = {p: KeyIndex() for p in missing}
-        for label, raw in list(meta.items()):
+        for label, raw in meta.items():
             doc = orjson.loads(raw) if raw else {}
             for p, ki in built.items():
                 ki.add(label, _lookup(doc, p))
@@ -126,7 +135,7 @@ class PayloadIndex:
             if new is not None:
                 ki.add(label, _lookup(new_doc or {}, p))
 
-    def mask(self, flt: Filter, meta: dict[int, bytes], size: int) -> np.ndarray:
+    def mask(self, flt: Filter, meta: MetaSource, size: int) -> np.ndarray:
         """A boolean mask over labels 0..size-1 (every label of `meta` below size) of the live
         documents that `flt` admits: numpy operations over label arrays, no per-document
         Python objects."""
@@ -147,7 +156,7 @@ class PayloadIndex:
                 result &= cond(c)
         else:  # every live document
             result = np.zeros(size, dtype=bool)
-            result[np.fromiter(meta, dtype=np.int64, count=len(meta))] = True
+            result[np.fromiter(meta, dtype=np.int64)] = True
         if flt.should:
             some = np.zeros(size, dtype=bool)
             for c in flt.should:
@@ -157,7 +166,7 @@ class PayloadIndex:
             result &= ~cond(c)
         return result
 
-    def evaluate(self, flt: Filter, meta: dict[int, bytes]) -> set[int]:
+    def evaluate(self, flt: Filter, meta: MetaSource) -> set[int]:
         """Labels of the live documents that `flt` admits."""
         size = max(meta, default=-1) + 1
         return set(np.flatnonzero(self.mask(flt, meta, size)).tolist())

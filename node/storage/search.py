@@ -1,7 +1,8 @@
 """Searching a collection's local index (blocking; runs on a search thread under the
-collection's read lock): the batched unfiltered path, and turning index keys into documents
-from the shards' in-memory label and metadata maps (RocksDB is read only when vectors are asked
-for). The filtered path is `node.storage.filtered`."""
+collection's read lock): the batched unfiltered path, and turning index keys into documents:
+two multi-gets of the store per batch (the hits' ids by label, then their records), through
+RocksDB's block cache; nothing per document is kept in memory. The filtered path is
+`node.storage.filtered`."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from typing import Protocol
 import numpy as np
 
 from aquila.cluster.model.documents import Hit
-from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.storage.index import LABEL_BITS, VectorIndex
 from aquila.node.storage.shard import Shard
-from aquila.node.storage.store import Store
+from aquila.node.storage.store import Record, Store, doc_key, label_key, record_meta
 
 _MASK = (1 << LABEL_BITS) - 1
 
@@ -47,32 +47,35 @@ def run_batch(
 def resolve(
     coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_vectors: bool
 ) -> list[list[Hit]]:
-    """Index answers (best first, key -1 for none) to documents."""
+    """Index answers (best first, key -1 for none) to documents: their ids and records read
+    from the store, a hit whose record is gone or a tombstone left out (deleted since: the
+    index catches up right after)."""
     shards = coll.shards
-    out: list[list[Hit]] = []
-    for srow, krow in zip(scores.tolist(), keys.tolist(), strict=True):
-        hits = []
+    found: list[tuple[int, float, int, int]] = []  # row, score, shard, label
+    for r, (srow, krow) in enumerate(zip(scores.tolist(), keys.tolist(), strict=True)):
         for score, key in zip(srow, krow, strict=True):
             if key < 0:
                 break
-            shard = shards.get(key >> LABEL_BITS)
-            if shard is None:
-                continue
-            label = key & _MASK
-            meta = shard.meta.get(label)
-            if meta is not None:  # None: deleted since (the index catches up right after)
-                hits.append(Hit(shard.labels[label], score, meta, b"", shard.shard))
-        out.append(hits)
-    if with_vectors:
-        _fill_vectors(coll, out)
+            if key >> LABEL_BITS in shards:
+                found.append((r, score, key >> LABEL_BITS, key & _MASK))
+    out: list[list[Hit]] = [[] for _ in range(len(scores))]
+    if not found:
+        return out
+    store = coll.store
+    ids = store.raw_records([label_key(s, lab) for _, _, s, lab in found])
+    raws = store.raw_records([doc_key(s, "") + i for (_, _, s, _), i in zip(found, ids,
+                                                                          strict=True)
+                              if i is not None])
+    it = iter(raws)
+    for (r, score, s, label), doc_id in zip(found, ids, strict=True):
+        if doc_id is None:
+            continue
+        raw = next(it)
+        if raw is None:
+            continue
+        own, tomb, meta = record_meta(raw)
+        if tomb or own != label:
+            continue
+        vec = Record.decode(raw).vector if with_vectors else b""
+        out[r].append(Hit(doc_id.decode(), score, meta, vec, s))
     return out
-
-
-def _fill_vectors(coll: Searchable, rows: list[list[Hit]]) -> None:
-    n = coll.spec.shards
-    keys = [(shard_of(h.id, n), h.id) for row in rows for h in row]
-    recs = iter(coll.store.get_records_multi(keys))
-    for row in rows:
-        for h in row:
-            rec = next(recs)
-            h.vector = rec.vector if rec is not None else b""
