@@ -17,7 +17,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from aquila.node.storage.paging import count_shards, scroll_shard
 from aquila.node.storage.search import run_batch
 from aquila.node.storage.shard import IndexOps, Shard
 from aquila.node.storage.store import LAYOUT, Record, Store, WriteBatch
+from aquila.node.storage.training import release_memory, train_streamed
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ def meta_bytes(spec: CollectionSpec, uid: str, shards: list[int]) -> bytes:
 
 # Documents one group commit takes at most (one RocksDB batch, one fsync).
 GROUP_MAX_DOCS = 20_000
+# Vectors read from the store at a time while training.
+TRAIN_CHUNK = 65_536
 
 
 @dataclass(eq=False)
@@ -190,7 +193,8 @@ class Collection:
                             self.spec.name)
             self.index = VectorIndex.flat(self.spec.dim, self.spec.metric, self.spec.shards)
             for shard in self.shards.values():
-                self.index.add(*shard.live_vectors(None))
+                for vectors, keys in shard.live_chunks(None):
+                    self.index.add(vectors, keys)
         self._set_live(self.index.all_keys())
 
     def _set_live(self, keys: np.ndarray) -> None:
@@ -591,11 +595,19 @@ class Collection:
             self._spawn(self._train())
 
     def _training_set(self, upto: dict[int, int]) -> VectorIndex:
-        parts = [self.shards[s].live_vectors(q) for s, q in upto.items() if s in self.shards]
-        vectors = np.vstack([p[0] for p in parts])
-        keys = np.concatenate([p[1] for p in parts])
-        index = VectorIndex.train_ivf(self.spec, vectors, keys)
-        index.calibrate(vectors, keys, self.spec.metric)
+        """A new IVF index over the shards' documents up to `upto`, streamed from the store
+        (`node.storage.training`): no copy of every vector beside the new index."""
+        spec = self.spec
+
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for s, q in upto.items():
+                if s in self.shards:
+                    yield from self.shards[s].live_chunks(q, TRAIN_CHUNK)
+
+        index = train_streamed(spec, self.count(), chunks)
+        if index is None:
+            raise RuntimeError("no vectors to train on")
+        release_memory()
         return index
 
     async def _train(self) -> None:
@@ -618,6 +630,9 @@ class Collection:
                 else:
                     await self.blocking.write(self._swap_sync, new, mark)
                     log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
+            del new
+            # The old index's memory, freed by the swap, back to the system (outside locks).
+            await self.blocking.background(release_memory)
         except Exception:
             log.exception("%s: training failed", self.spec.name)
         finally:

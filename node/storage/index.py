@@ -131,14 +131,24 @@ class VectorIndex:
         rows = np.sort(rng.choice(n, min(queries, n), replace=False))
         q = np.ascontiguousarray(vectors[rows])
         _, truth = faiss.knn(q, vectors, k + 1, metric=faiss_metric(metric))
-        want = [set(keys[t[t != r][:k]].tolist()) for t, r in zip(truth, rows, strict=True)]
-        own = keys[rows]
+        return self.calibrate_against(q, keys[rows], keys[truth])
+
+    def calibrate_against(self, q: np.ndarray, own: np.ndarray, truth: np.ndarray) -> Curve:
+        """`calibrate` with the exact answers known: `q` stored vectors (keys `own`), `truth`
+        the keys of their CALIBRATION_K + 1 nearest stored vectors, best first (themselves
+        among them; left out of both sides)."""
+        if not self.trained or not len(q):
+            self.curve = []
+            return self.curve
+        k = min(CALIBRATION_K, truth.shape[1] - 1)
+        want = [set(t[(t != o) & (t >= 0)][:k].tolist()) for t, o in zip(truth, own, strict=True)]
+        total = sum(len(w) for w in want)
         points: list[tuple[int, float]] = []
         for nprobe in ladder(self.nlist):
             _, found = self.search(q, k + 1, nprobe)
             hit = sum(len(w & set(f[f != o][:k].tolist()))
                       for w, f, o in zip(want, found, own, strict=True))
-            points.append((nprobe, hit / max(1, k * len(rows))))
+            points.append((nprobe, hit / max(1, total)))
             if points[-1][1] >= 0.9999:  # every larger nprobe finds them all too
                 break
         self.curve = monotone(points)
@@ -185,9 +195,24 @@ class VectorIndex:
     @staticmethod
     def train_ivf(spec: CollectionSpec, vectors: np.ndarray, labels: np.ndarray) -> VectorIndex:
         """Train an IVF index of the collection's type on `vectors` and add them. Slow: call
-        from a background thread; FAISS releases the GIL."""
-        n, dim = vectors.shape
-        nlist = choose_nlist(n, spec.index.nlist)
+        from a background thread; FAISS releases the GIL. (A collection trains streamed
+        from its store: `node.storage.training`.)"""
+        n = len(vectors)
+        out = VectorIndex.new_ivf(spec, choose_nlist(n, spec.index.nlist), n)
+        sample = vectors
+        max_train = 64 * out.nlist
+        if n > max_train:
+            rng = np.random.default_rng(0)
+            sample = vectors[rng.choice(n, max_train, replace=False)]
+        out.index.train(sample)
+        out.add(vectors, labels)
+        return out
+
+    @staticmethod
+    def new_ivf(spec: CollectionSpec, nlist: int, n: int) -> VectorIndex:
+        """An untrained IVF index of the collection's type with `nlist` lists, for about `n`
+        vectors (ivf_pq's code size depends on it); train it, then `add`."""
+        dim = spec.dim
         metric = faiss_metric(spec.metric)
         quantizer = faiss.IndexFlat(dim, metric)
         kind = spec.index.type
@@ -206,17 +231,9 @@ class VectorIndex:
         # FAISS's defaults (256, 25) for 0.002 less recall@10, which keeps retraining a large
         # index in the background affordable.
         index.cp.niter = 10
-        sample = vectors
-        max_train = 64 * nlist
-        if n > max_train:
-            rng = np.random.default_rng(0)
-            sample = vectors[rng.choice(n, max_train, replace=False)]
-        index.train(sample)
         # A hash table from label to list position makes remove_ids and reconstruct O(1).
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        out = VectorIndex(index, True, n, shard_bits(spec.shards))
-        index.add_with_ids(vectors, out.ids(labels))
-        return out
+        return VectorIndex(index, True, n, shard_bits(spec.shards))
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
         if not len(labels):
@@ -352,18 +369,21 @@ class VectorIndex:
         return n * (d * 4 + 8 + 16)
 
     # -- snapshots ------------------------------------------------------------------------
-    def serialize(self) -> bytes:
-        """The index as bytes (quick; call while mutations are excluded)."""
-        return bytes(faiss.serialize_index(self.index).tobytes())
+    def serialize(self) -> memoryview:
+        """The index's bytes (quick; call while mutations are excluded): one copy of the
+        index, not two (the snapshot of a large index is as large as the index)."""
+        return memoryview(faiss.serialize_index(self.index))
 
-    def save(self, path: Path, covered: dict[int, int], payload: bytes | None = None) -> None:
+    def save(self, path: Path, covered: dict[int, int],
+             payload: memoryview | None = None) -> None:
         """Write atomically with the change-log position each shard's part covers: a crash
         mid-write leaves the previous snapshot in place."""
         payload = self.serialize() if payload is None else payload
         meta = orjson.dumps({"covered": {str(s): q for s, q in covered.items()},
                              "curve": self.curve})
         head = _SNAP_HEADER.pack(self.trained_at, int(self.trained), self.bits,
-                                 zlib.crc32(meta + payload), len(meta), len(payload))
+                                 zlib.crc32(payload, zlib.crc32(meta)), len(meta),
+                                 payload.nbytes)
         write_atomic(path, _SNAP_MAGIC + head, meta, payload)
 
     @staticmethod
@@ -378,11 +398,11 @@ class VectorIndex:
         if len(raw) < n0 + _SNAP_HEADER.size or raw[:n0] != _SNAP_MAGIC:
             return None
         trained_at, kind, bits, crc, meta_len, length = _SNAP_HEADER.unpack_from(raw, n0)
-        body = raw[n0 + _SNAP_HEADER.size :]
+        body = memoryview(raw)[n0 + _SNAP_HEADER.size :]  # views: no copy of the index
         if (len(body) != meta_len + length or zlib.crc32(body) != crc
                 or bits != shard_bits(shards)):
             return None
-        meta = orjson.loads(body[:meta_len])
+        meta = orjson.loads(bytes(body[:meta_len]))
         curve: Curve = []
         if isinstance(meta, dict) and "covered" in meta:
             try:

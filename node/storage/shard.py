@@ -186,19 +186,13 @@ class Shard:
         """Global keys of the shard's live documents (all it has in the index)."""
         return global_keys(self.shard, self.live_labels())
 
-    def live_vectors(self, max_seq: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """Every live document's prepared vector and global key, with seq ≤ max_seq if given."""
-        vecs: list[bytes] = []
-        labels: list[int] = []
-        for _, rec in self.store.iter_docs(self.shard):
-            if rec.tombstone or (max_seq is not None and rec.seq > max_seq):
-                continue
-            vecs.append(rec.vector)
-            labels.append(rec.label)
-        if not vecs:
-            return np.zeros((0, self.spec.dim), np.float32), np.zeros(0, np.int64)
-        x = np.frombuffer(b"".join(vecs), dtype="<f4").reshape(len(vecs), self.spec.dim)
-        return prepare(x, self.spec.metric), global_keys(self.shard, np.asarray(labels))
+    def live_chunks(self, max_seq: int | None, chunk: int = 65_536
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The live documents' prepared vectors and global keys, with seq ≤ max_seq if
+        given, a chunk at a time (the chunk's buffer is reused: consume it before the next)."""
+        for rows, labels in self.store.iter_live_vectors(self.shard, max_seq, chunk,
+                                                         self.spec.dim):
+            yield prepare(rows, self.spec.metric), global_keys(self.shard, labels)
 
     def changes_after(self, after_seq: int) -> IndexOps:
         """The index changes of every change logged after `after_seq` (replay)."""

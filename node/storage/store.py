@@ -265,6 +265,32 @@ class Store:
         got: list[bytes | None] = self.db.get([k for k in keys])  # type: ignore[assignment]
         return got
 
+    def iter_live_vectors(self, shard: int, max_seq: int | None, chunk: int, dim: int
+                          ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(float32 rows, labels) of the shard's live documents with seq ≤ max_seq (every one
+        if None), `chunk` rows at a time, each chunk filled in place: no copy of the whole."""
+        rows = np.empty((chunk, dim), np.float32)
+        labels = np.empty(chunk, np.int64)
+        flat = rows.reshape(-1).view(np.uint8)
+        width = dim * 4
+        n = 0
+        unpack = _HEADER.unpack_from
+        for _, raw in self._scan(_shard_key(b"D", shard)):
+            _, label, seq, flags, vdim, wlen = unpack(raw)
+            if flags & FLAG_TOMBSTONE or (max_seq is not None and seq > max_seq):
+                continue
+            if vdim != dim:
+                raise ValueError(f"a record of shard {shard} has dimension {vdim}, not {dim}")
+            off = _HEADER.size + wlen
+            flat[n * width:(n + 1) * width] = np.frombuffer(raw, np.uint8, width, off)
+            labels[n] = label
+            n += 1
+            if n == chunk:
+                yield rows, labels
+                n = 0
+        if n:
+            yield rows[:n], labels[:n]
+
     def iter_live_metadata(self, shard: int) -> Iterator[tuple[int, bytes]]:
         """(label, metadata) of every live document of the shard, in id order: the records'
         headers and metadata only (building a payload index, evaluating an ad-hoc filter)."""
