@@ -115,7 +115,7 @@ def index_info(raw: Any) -> dict[str, Any]:
         return {}
     try:
         info = {name: checked_int(raw.get(name), 0, MAX_COUNT, name)
-                for name in ("nlist", "vectors", "trained_at")}
+                for name in ("nlist", "vectors", "trained_at", "nlist_target", "retrain_at")}
         curve = checked_curve(raw.get("recall_curve", []))
     except BoundsError:
         return {}

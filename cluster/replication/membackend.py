@@ -178,7 +178,8 @@ class MemoryBackend:
         if coll is None:
             return {}
         # Brute force: one list, as an engine's exact (flat) index reports it.
-        index = {"nlist": 1, "trained_at": 0, "recall_curve": [],
+        index = {"nlist": 1, "trained_at": 0, "recall_curve": [], "nlist_target": 1,
+                 "retrain_at": 0,
                  "vectors": sum(d.vector is not None for ds in coll.shards.values()
                                 for d in ds.values())}
         return {

@@ -153,8 +153,10 @@ _SCHEMAS: dict[str, Any] = {
             replicas={"type": "array", "items": {"type": "string"}},
             count=_INT,
             index_state={"type": "string", "enum": ["buffering", "training", "trained"]},
-            index=_obj(["nlist", "vectors", "trained_at", "recall_curve"],
-                       nlist=_INT, vectors=_INT, trained_at=_INT,
+            index=_obj(["nlist", "vectors", "trained_at", "nlist_target", "retrain_at",
+                        "recall_curve"],
+                       nlist=_INT, vectors=_INT, trained_at=_INT, nlist_target=_INT,
+                       retrain_at=_INT,
                        recall_curve={"type": "array", "description": "[nprobe, recall@10] "
                                      "measured when the index was trained; a search by "
                                      "`recall` takes the first nprobe that reached it",

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from aquila.node.blocking import Blocking
 from aquila.node.files import remove_stale_temps, write_atomic
 from aquila.node.storage.batcher import SearchBatcher
 from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
-from aquila.node.storage.index import LABEL_BITS, VectorIndex
+from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist
 from aquila.node.storage.locks import RWLock
 from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
@@ -89,7 +90,7 @@ class IndexState:
 @dataclass(frozen=True)
 class Tuning:
     train_min: int = 4096
-    retrain_growth: float = 4.0
+    retrain_growth: float = 2.0
     search_batch_rows: int = 512
     search_parallel: int = 4
     # Filters whose match sets each shard keeps (0: none, every search evaluates its filter).
@@ -478,9 +479,17 @@ class Collection:
                 "rocksdb_bytes": self.store.memory_bytes()}
 
     def index_info(self) -> dict[str, Any]:
-        """The index's shape and its recall curve (what a search by `recall` chooses from)."""
+        """The index's shape and its recall curve (what a search by `recall` chooses from):
+        its nlist beside the nlist its size calls for now (the lists grow longer, and a
+        search at one nprobe scans more, until the retrain at `retrain_at` vectors)."""
         index = self.index
+        n = self.count()
+        ivf = self.spec.index.type != "flat" and n >= self.tuning.train_min
+        retrain = (self.tuning.train_min if not index.trained
+                   else math.ceil(self.tuning.retrain_growth * max(1, index.trained_at)))
         return {"nlist": index.nlist, "vectors": index.ntotal, "trained_at": index.trained_at,
+                "nlist_target": choose_nlist(n, self.spec.index.nlist) if ivf else 1,
+                "retrain_at": retrain if self.spec.index.type != "flat" else 0,
                 "recall_curve": [[n, r] for n, r in index.curve]}
 
     def shard_states(self) -> dict[int, dict[str, Any]]:
