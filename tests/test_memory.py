@@ -108,7 +108,7 @@ async def test_churn_leaves_no_trace_in_memory(tmp_path: Path, blocking: Blockin
     assert coll.count() == 3000 and coll.index.ntotal == 3000
     for s, shard in coll.shards.items():
         assert len(shard.live_labels()) == shard.count
-        assert len(shard.payload.keys[("g",)].num) == shard.count
+        assert shard.payload.keys[("g",)].numbers() == shard.count
         assert shard.digests == scanned_digests(coll, s)
     # A restart reads the counters and digests back, not the records: the same figures.
     await engine.close()

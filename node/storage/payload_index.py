@@ -1,7 +1,7 @@
-"""A shard's payload index: for each metadata key a filter has used, the labels of the live
-documents by value (and by number, for ranges). Built the first time a key is filtered on,
-then kept current write by write, so a filtered search combines masks over labels instead of
-parsing every document's metadata. The semantics are those of `cluster.model.filters` (tested
+"""A shard's payload index: for each metadata key a filter has used, the live documents'
+values as columns over labels (a value code and a number per label). Built the first time a
+key is filtered on, then kept current write by write, so a filtered search combines masks
+over labels instead of parsing every document's metadata. The semantics are those of `cluster.model.filters` (tested
 against it)."""
 
 from __future__ import annotations
@@ -50,51 +50,74 @@ def _eq_keys(v: Any, out: set[tuple[str, Any]]) -> None:
 
 
 class KeyIndex:
+    """One metadata key, columnar: per label, the code of its scalar value (an int32 array,
+    -1 for none) and its number (a float64 array, NaN for none); codes name the distinct
+    values. A value that is a list (it matches when any element does) keeps its codes in a
+    small dict by label: the only per-document objects, for list values only."""
+
     def __init__(self) -> None:
-        self.eq: dict[tuple[str, Any], set[int]] = {}
-        self.num: dict[int, float] = {}  # label → value, for numbers that are not in lists
-        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+        self.codes: dict[tuple[str, Any], int] = {}
+        self.code = np.full(0, -1, np.int32)
+        self.num = np.full(0, np.nan, np.float64)
+        self.lists: dict[int, np.ndarray] = {}
+
+    def _fit(self, label: int) -> None:
+        if label >= len(self.code):
+            size = max(label + 1, len(self.code) * 5 // 4, 64)
+            code = np.full(size, -1, np.int32)
+            code[: len(self.code)] = self.code
+            num = np.full(size, np.nan, np.float64)
+            num[: len(self.num)] = self.num
+            self.code, self.num = code, num
+
+    def _code(self, key: tuple[str, Any]) -> int:
+        c = self.codes.get(key)
+        if c is None:
+            c = self.codes[key] = len(self.codes)
+        return c
 
     def add(self, label: int, value: Any) -> None:
         if value is _MISSING:
             return
-        keys: set[tuple[str, Any]] = set()
-        _eq_keys(value, keys)
-        for k in keys:
-            self.eq.setdefault(k, set()).add(label)
+        self._fit(label)
+        if isinstance(value, list):
+            keys: set[tuple[str, Any]] = set()
+            _eq_keys(value, keys)
+            if keys:
+                self.lists[label] = np.fromiter((self._code(k) for k in keys), np.int32)
+        elif value is None or isinstance(value, str | int | float | bool):
+            self.code[label] = self._code(_norm(value))
         if isinstance(value, int | float) and not isinstance(value, bool):
             self.num[label] = float(value)
-            self._sorted = None
 
     def remove(self, label: int, value: Any) -> None:
-        if value is _MISSING:
+        if value is _MISSING or label >= len(self.code):
             return
-        keys: set[tuple[str, Any]] = set()
-        _eq_keys(value, keys)
-        for k in keys:
-            labels = self.eq.get(k)
-            if labels is not None:
-                labels.discard(label)
-                if not labels:
-                    del self.eq[k]
-        if self.num.pop(label, None) is not None:
-            self._sorted = None
+        self.code[label] = -1
+        self.num[label] = np.nan
+        self.lists.pop(label, None)
+
+    def numbers(self) -> int:
+        """Labels that have a number (for tests and figures)."""
+        return int(np.count_nonzero(~np.isnan(self.num)))
 
     def match(self, values: Iterable[Any], mask: np.ndarray) -> None:
         """Set the labels whose value equals one of `values` in `mask`."""
-        for w in values:
-            labels = self.eq.get(_norm(w))
-            if labels:
-                mask[np.fromiter(labels, dtype=np.int64, count=len(labels))] = True
+        wanted = {c for c in (self.codes.get(_norm(w)) for w in values) if c is not None}
+        if not wanted:
+            return
+        n = min(len(mask), len(self.code))
+        want = np.fromiter(wanted, np.int32)
+        mask[:n] |= np.isin(self.code[:n], want)
+        for label, codes in self.lists.items():
+            if label < len(mask) and np.isin(codes, want).any():
+                mask[label] = True
 
     def in_range(self, bounds: Iterable[tuple[str, float]], mask: np.ndarray) -> None:
         """Set the labels whose number lies within `bounds` in `mask`."""
-        if self._sorted is None:
-            labels = np.fromiter(self.num.keys(), dtype=np.int64, count=len(self.num))
-            values = np.fromiter(self.num.values(), dtype=np.float64, count=len(self.num))
-            self._sorted = (values, labels)
-        values, labels = self._sorted
-        inside = np.ones(len(values), dtype=bool)
+        n = min(len(mask), len(self.num))
+        values = self.num[:n]
+        inside = ~np.isnan(values)
         for op, b in bounds:
             if op == "gte":
                 inside &= values >= b
@@ -104,7 +127,7 @@ class KeyIndex:
                 inside &= values <= b
             else:
                 inside &= values < b
-        mask[labels[inside]] = True
+        mask[:n] |= inside
 
 
 class PayloadIndex:
