@@ -685,6 +685,9 @@ class Collection:
                 index = self.index
             await self.blocking.background(index.save, self.snap_path, covered, payload)
             self.snapshot_seqs = covered
+            del payload
+            # What writes and the serialised copy left in the C heap, back to the system.
+            await self.blocking.background(release_memory)
 
 
 def _incoming(doc_id: str, rec: Record) -> Incoming:

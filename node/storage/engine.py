@@ -39,6 +39,7 @@ from aquila.node.blocking import Blocking
 from aquila.node.files import fsync_dir, remove_stale_temps, write_atomic
 from aquila.node.storage.collection import SPEC_FILE, Collection, Tuning, meta_bytes
 from aquila.node.storage.paths import collection_dir
+from aquila.node.storage.training import limit_arenas
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def _remove(path: Path) -> None:
 
 class Engine:
     def __init__(self, data_dir: Path, blocking: Blocking, tuning: Tuning, fsync: bool) -> None:
+        limit_arenas()
         self.root = data_dir / "collections"
         self.blocking = blocking
         self.tuning = tuning

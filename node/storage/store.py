@@ -176,6 +176,11 @@ class Store:
         wo.sync = self._fsync
         self._write_opts = wo
         self._batch_opts = rocksdict.WriteOptions()  # not synced: `write` syncs apart
+        # Scans (training, rebuilds, transfers, purges) read every block once: they go
+        # around the block cache, which keeps what searches read (their hits' records).
+        self._scan_opts = rocksdict.ReadOptions()
+        self._scan_opts.fill_cache(False)  # type: ignore[call-arg]
+        self._scan_opts.set_readahead_size(2 << 20)
 
     @property
     def db(self) -> rocksdict.Rdict:
@@ -308,7 +313,7 @@ class Store:
         return int(seq), int(label), int(live)
 
     def _scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        it = self.db.iter()
+        it = self.db.iter(self._scan_opts)
         it.seek(start or prefix)
         while it.valid():
             key = it.key()
