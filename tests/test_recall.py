@@ -102,6 +102,9 @@ async def test_chosen_nprobe_reaches_the_target_on_held_out_queries(
     assert again.index.trained and again.index.curve == curve
     info = again.shard_states()[0]["index"]
     assert info["recall_curve"] == [[n, r] for n, r in curve]
+    # Trained on all 5,000: nlist is what 5,000 calls for, until twice as many.
+    assert info["trained_at"] == 5000 and info["retrain_at"] == 10_000
+    assert info["nlist"] == info["nlist_target"] == 283
     await engine.close()
 
 
