@@ -74,8 +74,9 @@ def storage_bytes() -> int:
 async def churn(coll: Collection, rounds: int, per: int, start: int,
                 rng: np.random.Generator) -> None:
     for r in range(start, start + rounds):
-        await coll.write(docs(f"c{r}-", per, rng, version=10))
-        await coll.write(deletes(f"c{r}-", per, version=11))
+        # (Built on a thread: under tracemalloc it takes long enough to hold the loop up.)
+        await coll.write(await asyncio.to_thread(docs, f"c{r}-", per, rng, 10))
+        await coll.write(await asyncio.to_thread(deletes, f"c{r}-", per, 11))
 
 
 async def test_churn_leaves_no_trace_in_memory(tmp_path: Path, blocking: Blocking) -> None:
@@ -109,21 +110,21 @@ async def test_churn_leaves_no_trace_in_memory(tmp_path: Path, blocking: Blockin
     for s, shard in coll.shards.items():
         assert len(shard.live_labels()) == shard.count
         assert shard.payload.keys[("g",)].numbers() == shard.count
-        assert shard.digests == scanned_digests(coll, s)
+        assert shard.digests == await asyncio.to_thread(scanned_digests, coll, s)
     # A restart reads the counters and digests back, not the records: the same figures.
     await engine.close()
     engine = Engine(tmp_path, blocking, Tuning(train_min=1000), fsync=False)
     await engine.start()
     coll = engine.get("c")
     for s, shard in coll.shards.items():
-        assert shard.digests == scanned_digests(coll, s)
+        assert shard.digests == await asyncio.to_thread(scanned_digests, coll, s)
         assert len(shard.live_labels()) == shard.count
     assert coll.count() == 3000
     # Purging the tombstones takes their keys (label map included) and keeps digests right.
     purged = sum([await coll.purge_tombstones(s, 12) for s in range(SHARDS)])
     assert purged == 70 * 500
     for s, shard in coll.shards.items():
-        assert shard.digests == scanned_digests(coll, s)
+        assert shard.digests == await asyncio.to_thread(scanned_digests, coll, s)
         labels = [k for k, _ in coll.store._scan(label_key(s, 0)[:3])]
         assert len(labels) == shard.count
     rows = await coll.search(q, 5, None)
@@ -142,7 +143,7 @@ async def test_a_store_of_the_old_layout_is_upgraded_once(tmp_path: Path, blocki
     coll = await engine.ensure(spec, range(SHARDS), "u")
     await coll.write(docs("d", 300, rng))
     await coll.write(deletes("d", 100, version=2))
-    want = {s: scanned_digests(coll, s) for s in range(SHARDS)}
+    want = {s: await asyncio.to_thread(scanned_digests, coll, s) for s in range(SHARDS)}
     await engine.close()
     # Back to layout 1: no L, G or F keys.
     store = Store(tmp_path / "collections" / "c" / "db", fsync=False)
@@ -205,8 +206,8 @@ async def test_start_rebuilds_what_a_scan_gives(tmp_path: Path, blocking: Blocki
     coll = engine.get("c")
     assert coll.count() == 800 - 200 + 100 + 300
     for s, shard in coll.shards.items():
-        assert shard.live_labels().tolist() == live_by_scan(coll, s)
-        assert shard.digests == scanned_digests(coll, s)
+        assert shard.live_labels().tolist() == await asyncio.to_thread(live_by_scan, coll, s)
+        assert shard.digests == await asyncio.to_thread(scanned_digests, coll, s)
     rows = await coll.search(rng.standard_normal((2, DIM)).astype(np.float32), 1000, 8)
     want = {f"a{i}" for i in (*range(100), *range(200, 800))} | {f"b{i}" for i in range(300)}
     assert {h.id for h in rows[0]} == want

@@ -39,6 +39,7 @@ _SNAP_MAGIC = b"AQIX3\n"
 # trained-at count, kind (0 flat, 1 ivf), shard bits, crc32 of meta + payload, meta length,
 # payload length
 _SNAP_HEADER = struct.Struct(">QBBIQQ")
+_READ_CHUNK = 8 << 20
 LABEL_BITS = 40
 _MASK = (1 << LABEL_BITS) - 1
 # Every VectorIndex object gets its own generation: what is derived from one (list numbers,
@@ -389,20 +390,31 @@ class VectorIndex:
     @staticmethod
     def load(path: Path, shards: int) -> tuple[VectorIndex, dict[int, int]] | None:
         """(index, covered seq per shard), or None when missing, damaged or of another
-        layout (the caller rebuilds from the store)."""
+        layout (the caller rebuilds from the store). The file is read twice, a chunk at a
+        time: once for its checksum (FAISS never reads a damaged index), then by FAISS
+        straight into the index's structures (no copy of the whole file in memory)."""
+        n0 = len(_SNAP_MAGIC) + _SNAP_HEADER.size
         try:
-            raw = path.read_bytes()
-        except OSError:
+            with path.open("rb") as f:
+                head = f.read(n0)
+                if len(head) < n0 or head[: len(_SNAP_MAGIC)] != _SNAP_MAGIC:
+                    return None
+                trained_at, kind, bits, crc, meta_len, length = _SNAP_HEADER.unpack_from(
+                    head, len(_SNAP_MAGIC))
+                size = path.stat().st_size
+                if size != n0 + meta_len + length or bits != shard_bits(shards):
+                    return None
+                raw_meta = f.read(meta_len)
+                check = zlib.crc32(raw_meta)
+                while chunk := f.read(_READ_CHUNK):
+                    check = zlib.crc32(chunk, check)
+                if check != crc:
+                    return None
+                f.seek(n0 + meta_len)
+                index = faiss.read_index(faiss.PyCallbackIOReader(f.read, _READ_CHUNK))
+        except (OSError, RuntimeError):
             return None
-        n0 = len(_SNAP_MAGIC)
-        if len(raw) < n0 + _SNAP_HEADER.size or raw[:n0] != _SNAP_MAGIC:
-            return None
-        trained_at, kind, bits, crc, meta_len, length = _SNAP_HEADER.unpack_from(raw, n0)
-        body = memoryview(raw)[n0 + _SNAP_HEADER.size :]  # views: no copy of the index
-        if (len(body) != meta_len + length or zlib.crc32(body) != crc
-                or bits != shard_bits(shards)):
-            return None
-        meta = orjson.loads(bytes(body[:meta_len]))
+        meta = orjson.loads(raw_meta)
         curve: Curve = []
         if isinstance(meta, dict) and "covered" in meta:
             try:
@@ -411,11 +423,6 @@ class VectorIndex:
                 return None
             meta = meta["covered"]
         covered = {int(s): int(q) for s, q in meta.items()}
-        payload = body[meta_len:]
-        try:
-            index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
-        except RuntimeError:
-            return None
         if kind:
             faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
         return VectorIndex(index, bool(kind), int(trained_at), bits, curve=curve), covered
