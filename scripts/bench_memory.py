@@ -71,6 +71,19 @@ def columnar(ids: list[str], x: np.ndarray) -> bytes:
     })
 
 
+async def memory_parts(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """MiB of the node's FAISS estimate and of RocksDB's own figures, from /metrics."""
+    async with session.get(f"{url}/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(("aquila_faiss_memory_bytes{", "aquila_rocksdb_memory_bytes{")):
+            name, value = line.rsplit(" ", 1)
+            kind = name.split('kind="')[1].split('"')[0] if 'kind="' in name else "faiss"
+            out[kind] = out.get(kind, 0.0) + round(float(value) / 2**20, 1)
+    return out
+
+
 def du_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -165,6 +178,7 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
             out["rss_mib"] = round(rss, 1)
             out["rss_over_raw"] = round(rss * 2**20 / raw, 3)
             out["rss_bytes_per_vector"] = round(rss * 2**20 / len(x), 1)
+            out["memory_parts_mib"] = await memory_parts(s, url)
             out["disk_over_raw"] = round(du_bytes(data / "node") / raw, 3)
             sb = await call(s, "POST", f"{url}/v1/collections/{COLLECTION}/search",
                             orjson.dumps({"vector": q[0].tolist(), "k": K, "recall": 0.95}))
@@ -188,6 +202,9 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
             desc = await call(s, "GET", f"{url}/v1/collections/{COLLECTION}")
             out["count_after_restart"] = desc["count"]
             out["rss_mib_after_restart"] = round(rss_mib_of(node.pid), 1)
+            out["rss_after_restart_over_raw"] = round(
+                out["rss_mib_after_restart"] * 2**20 / raw, 3)
+            out["memory_parts_after_restart_mib"] = await memory_parts(s, url)
     finally:
         node.stop()
     if out.get("nlist"):
