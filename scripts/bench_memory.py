@@ -251,7 +251,7 @@ async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             await asyncio.gather(*(search_for(10, rest) for _ in range(2)))
             out["p99_ms_at_rest"] = round(pct(rest, 99), 2)
             deleted = [0]
-            series: list[tuple[float, float]] = []
+            series: list[tuple[float, float, dict[str, float]]] = []
             stop = time.perf_counter() + args.churn
             rng = np.random.default_rng(args.seed + 2)
 
@@ -270,10 +270,11 @@ async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             async def sampler() -> None:
                 t0 = time.perf_counter()
                 while time.perf_counter() < stop:
-                    series.append((round(time.perf_counter() - t0), round(rss_mib_of(node.pid),
-                                                                          1)))
+                    # RocksDB's memtables and block cache grow to their bounds meanwhile.
+                    series.append((round(time.perf_counter() - t0),
+                                   round(rss_mib_of(node.pid), 1), await memory_parts(s, url)))
                     log(f"churn: {series[-1][0]}s rss {series[-1][1]} MiB, "
-                        f"{deleted[0]} deleted")
+                        f"{deleted[0]} deleted, {series[-1][2]}")
                     await asyncio.sleep(5)
 
             during: list[float] = []
@@ -283,7 +284,7 @@ async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             out.update(deleted=deleted[0], count_after=desc["count"], rss_series=series,
                        p99_ms_during=round(pct(during, 99), 2),
                        searches_during=len(during))
-            after_min = [r for t, r in series if t >= 60] or [r for _, r in series]
+            after_min = [r for t, r, _ in series if t >= 60] or [r for _, r, _ in series]
             out["rss_growth_after_first_minute"] = round(max(after_min) / min(after_min) - 1, 3)
     finally:
         node.stop()
