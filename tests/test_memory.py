@@ -90,6 +90,11 @@ async def test_churn_leaves_no_trace_in_memory(tmp_path: Path, blocking: Blockin
     flt = parse_filter({"must": [{"key": "g", "match": 3}]})
     assert flt is not None
     q = rng.standard_normal((4, DIM)).astype(np.float32)
+    # A tracemalloc snapshot and the garbage collection before it hold the GIL for a second
+    # or more on a busy machine, from a thread: the loop waits for the GIL meanwhile, which the
+    # blocked-loop check would take for work done on the loop. Nothing here runs on the loop.
+    loop = asyncio.get_running_loop()
+    loop.slow_callback_duration = 10.0
     tracemalloc.start()
     try:
         # Warm up: the payload index, a cached match set, the structures' capacities.
@@ -101,6 +106,7 @@ async def test_churn_leaves_no_trace_in_memory(tmp_path: Path, blocking: Blockin
         after = await asyncio.to_thread(storage_bytes)
     finally:
         tracemalloc.stop()
+        loop.slow_callback_duration = 0.5
     churned = 60 * 500
     # One bit per label given stays (the live bitmap, a cached filter's bitmap: 0.4 bytes a
     # document with their growth), and what the last write and search left around; a
