@@ -218,3 +218,25 @@ async def test_start_rebuilds_what_a_scan_gives(tmp_path: Path, blocking: Blocki
     want = {f"a{i}" for i in (*range(100), *range(200, 800))} | {f"b{i}" for i in range(300)}
     assert {h.id for h in rows[0]} == want
     await engine.close()
+
+
+async def test_counters_of_a_group_commit_survive_a_restart(tmp_path: Path, blocking: Blocking
+                                                             ) -> None:
+    """Writes queued together are made durable in one batch: a shard written by several of
+    them stores the counters and digests of all of them, not of the last alone."""
+    rng = np.random.default_rng(11)
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    spec = CollectionSpec("c", DIM, "l2", SHARDS, 1, IndexSpec("flat"))
+    coll = await engine.ensure(spec, range(SHARDS), "u")
+    await asyncio.gather(*(coll.write(docs(f"g{w}-", 50, rng)) for w in range(5)))
+    assert coll.count() == 250
+    await engine.close()
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = engine.get("c")
+    assert coll.count() == 250
+    for s, shard in coll.shards.items():
+        assert shard.count == len(await asyncio.to_thread(live_by_scan, coll, s))
+        assert shard.digests == await asyncio.to_thread(scanned_digests, coll, s)
+    await engine.close()
