@@ -124,6 +124,7 @@ async def _storage(
     await cluster.start()
     app[METRICS].watch_cluster(cluster.metrics_snapshot)
     app[METRICS].watch_storage(lambda: {n: c.figures() for n, c in engine.collections.items()})
+    app[METRICS].watch_plans(lambda: dict(engine.plan_counts))
     loop = asyncio.get_running_loop()
     tasks = [
         loop.create_task(engine.snapshot_loop(config.snapshot_interval_s, cluster.service.clock)),

@@ -60,8 +60,10 @@ class NodeConfig:
     # A collection's index on a node (one over all its local shards) searches exactly (flat)
     # until it holds this many vectors, then trains IVF.
     train_min: int = 4096
-    # Retrain a trained index once it has grown this many times since its last training.
-    retrain_growth: float = 4.0
+    # Retrain a trained index once it has grown this many times since its last training: at
+    # 2, nlist (about 4·√n) grows by √2 a step, so lists are at most twice their trained
+    # length (training streams from the store, so retraining often costs CPU, not memory).
+    retrain_growth: float = 2.0
     # Snapshot a collection's index this often (seconds) when it has changed since the last one.
     snapshot_interval_s: float = 30.0
     # Most query rows grouped into one FAISS call by the dynamic batcher.

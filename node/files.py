@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 TMP_SUFFIX = ".tmp"
 
 
-def write_atomic(path: Path, *parts: bytes) -> None:
+def write_atomic(path: Path, *parts: bytes | memoryview) -> None:
     """Write `parts` to `path` so that a crash leaves either the old file or the new one,
     whole: a temporary file, fsynced, renamed over it, then the directory fsynced (without
     that the rename itself may be lost on power failure).

@@ -64,6 +64,18 @@ class _Storage:
         yield from (docs, vectors, state, faiss, rocks)
 
 
+class _SearchPlans:
+    """Filtered-search planner paths taken (one per query and shard), read when scraped."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        yield _labelled("aquila_search_plans", "Shards searched with a filter, per query, by "
+                        "planner path (exact, selector, postfilter, none)", "path",
+                        self._counts())
+
+
 class _Cluster:
     """The cluster layer's counters, read when scraped."""
 
@@ -181,6 +193,9 @@ class Metrics:
 
     def watch_storage(self, figures: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self.registry.register(_Storage(figures))  # type: ignore[arg-type]
+
+    def watch_plans(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_SearchPlans(counts))  # type: ignore[arg-type]
 
     def watch_cluster(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_Cluster(snapshot))  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ of the client (JSON encoding, HTTP) competing with the server for CPU.
     python scripts/bench.py --synthetic 50000 --quick
     python scripts/bench.py --cluster 3 --limit 50000      # 1 vs 3 nodes (bench_cluster.py)
     python scripts/bench.py --rebalance --limit 50000      # 3 → 4 nodes (bench_rebalance.py)
+    python scripts/bench.py --filtered                     # filters vs unfiltered vs pgvector
     python scripts/bench.py --pgvector --loadgen wrk       # wrk load, pgvector (bench_refs.py)
 """
 
@@ -45,6 +46,8 @@ from bench_cluster import run_cluster
 from bench_common import COLLECTION, READY_TIMEOUT_S, REQUEST_TIMEOUT_S, log
 from bench_data import DEFAULT_DATA, Dataset, load_dataset
 from bench_faiss import build_searchers, faiss_points
+from bench_filtered import add_args as add_filtered_args
+from bench_filtered import main as main_filtered
 from bench_load import (
     PointResult,
     create_collection,
@@ -139,6 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir and log")
     p.add_argument("--out", type=Path, default=Path("bench-results.json"))
     add_ref_args(p)
+    add_filtered_args(p)
     args = p.parse_args(argv)
     if args.loadgen == "wrk":
         args.concurrency = [1]  # the Python client only measures recall; wrk the load
@@ -265,6 +269,8 @@ async def run(args: argparse.Namespace, ds: Dataset, tmp: Path, results: dict[st
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.filtered:
+        return main_filtered(args)
     if args.cluster or args.rebalance:
         return main_multi(args, sys.argv[1:] if argv is None else argv)
     ensure_tools(args)

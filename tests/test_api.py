@@ -44,7 +44,10 @@ def assert_description(desc: dict[str, Any], node: Node, **want: Any) -> None:
     states = desc["shard_states"]
     assert [s["shard"] for s in states] == list(range(desc["shards"]))
     for s in states:
-        assert set(s) == {"shard", "replicas", "count", "index_state"}
+        assert set(s) == {"shard", "replicas", "count", "index_state", "index"}
+        # The index the shard's replica serves from (nlist, recall curve: test_recall.py).
+        assert set(s["index"]) == {"nlist", "vectors", "trained_at", "nlist_target",
+                                   "retrain_at", "recall_curve"}
         assert s["replicas"] == [node_id(node)]
         assert isinstance(s["count"], int) and s["count"] >= 0
         assert s["index_state"] in ("buffering", "training", "trained")

@@ -80,3 +80,34 @@ async def test_two_nodes_over_the_memory_network(
         assert not body["partial"]
         assert [[h["id"] for h in row] for row in body["results"]] == \
             [[f"d{j}" for j in row] for row in rows]
+
+
+async def test_filtered_search_and_its_plans_across_two_nodes(
+    pair: tuple[TestClient[Any, Any], TestClient[Any, Any]],
+) -> None:
+    """Each shard filters where it lives; the plans come back from both nodes."""
+    a, b = pair
+    await ok_json(await a.put("/v1/collections/f", json={
+        "dim": 8, "shards": 4, "replication": 1, "index": {"type": "flat"}}), 201)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    docs = [{"id": f"d{i}", "vector": x[i].tolist(), "metadata": {"g": i % 3}}
+            for i in range(300)]
+    await ok_json(await b.post("/v1/collections/f/documents",
+                               json={"documents": docs, "consistency": "all"}))
+    q = rng.standard_normal((3, 8)).astype(np.float32)
+    keep = np.array([i % 3 == 1 for i in range(300)])
+    rows, _ = brute_force(x[keep], q, 10, "l2")
+    ids = np.flatnonzero(keep)
+    for client in (a, b):
+        body = await ok_json(await client.post("/v1/collections/f/search", json={
+            "vectors": q.tolist(), "k": 10, "explain": True,
+            "filter": {"must": [{"key": "g", "match": 1}]}}))
+        assert [[h["id"] for h in row] for row in body["results"]] == \
+            [[f"d{ids[j]}" for j in row] for row in rows]
+        plans = body["plans"]
+        assert [p["shard"] for p in plans] == [0, 1, 2, 3]
+        assert {p["node"] for p in plans} == {"a", "b"}
+        assert {p["path"] for p in plans} == {"exact"}
+        assert sum(p["matches"] for p in plans) == 100
+        assert sum(p["documents"] for p in plans) == 300

@@ -166,13 +166,15 @@ class SearchResult:
     """One `QueryResult` per query, in query order (index it, or iterate over it).
 
     `partial` and `missing_shards`: shards that had no live replica (their documents are not in
-    the answer). `nprobe`: the probes the node used, when it says (a search by `recall`)."""
+    the answer). `nprobe`: the most probes a node used, when it says (a search by `recall`);
+    `nprobes`: the probes used per shard."""
 
     results: list[QueryResult]
     partial: bool
     missing_shards: list[int]
     took_ms: float
     nprobe: int | None = None
+    nprobes: dict[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.results)
@@ -198,6 +200,9 @@ class SearchResult:
             missing_shards=[int(s) for s in _list(d.get("missing_shards", []), "missing_shards")],
             took_ms=float(d.get("took_ms", 0.0)),
             nprobe=None if nprobe is None else int(nprobe),
+            nprobes=None if d.get("nprobes") is None else {
+                int(_obj(p, "nprobes")["shard"]): int(p["nprobe"])
+                for p in _list(d["nprobes"], "nprobes")},
         )
 
 

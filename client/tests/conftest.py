@@ -4,9 +4,9 @@ Unit tests drive `Client` and `AsyncClient` alike through `Driver` over httpx's 
 (`FakeNodes` answers as scripted, per node, and records every request). Integration tests
 start real `aquila serve` processes (see test_client_node.py, test_client_cluster.py).
 
-`needs_v2`: a test of a v2 feature the server does not have yet (the search by `recall`; the
-columnar upsert, count, scroll, search by id and read keys are served and tested). Skipped
-unless AQUILA_V2_TESTS=1; once the server has it, drop the marker.
+`needs_v2`: a test of a v2 feature the server does not have yet (none now: the columnar
+upsert, count, scroll, search by id, search by recall and read keys are served and tested).
+Skipped unless AQUILA_V2_TESTS=1; once the server has it, drop the marker.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ V2_ENV = "AQUILA_V2_TESTS"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "needs_v2: needs a v2 server feature not built yet (search by recall); skipped "
+        "needs_v2: needs a v2 server feature not built yet; skipped "
         f"unless {V2_ENV}=1",
     )
 

@@ -1,7 +1,5 @@
 """The client against real nodes on the v2 routes: columnar upsert, count, scroll, search by
-stored id, recall, and read-only keys. Written to the contract; the search by `recall`, which
-the server does not have yet, is marked needs_v2 and skipped (run with AQUILA_V2_TESTS=1 once
-it does)."""
+stored id, recall, and read-only keys. Written to the contract."""
 
 from __future__ import annotations
 
@@ -139,7 +137,6 @@ def test_search_by_stored_id(db: Driver, loaded: str) -> None:
         db.search(loaded, id="no-such-document")
 
 
-@pytest.mark.needs_v2
 def test_search_by_recall_reports_its_nprobe(db: Driver) -> None:
     s, base, ids, meta = sample_rows(N)
     name = "recall_" + db.mode
@@ -148,6 +145,7 @@ def test_search_by_recall_reports_its_nprobe(db: Driver) -> None:
         db.upsert(name, base, ids=ids, metadata=meta)
         res = db.search(name, s.queries[:20], k=10, recall=0.95)
         assert res.nprobe is not None and 1 <= res.nprobe <= 16
+        assert res.nprobes and max(res.nprobes.values()) == res.nprobe
         with pytest.raises(aq.BadRequest):
             db.search(name, s.queries[:1], recall=1.5)
     finally:

@@ -42,9 +42,12 @@ class SearchRequest:
     include_vector: bool
     allow_partial: bool
     timeout_ms: int | None
+    explain: bool = False  # answer with each shard's plan (how it was searched)
     # A search by stored documents: their vectors are the queries, and each is left out of
     # its own results (the read path looks them up, asks for k + 1 and drops the document).
     query_ids: list[str] | None = None
+    # In place of nprobe: the recall each node picks its probes for (`model.recall`).
+    recall: float | None = None
 
 
 # Documents in one page of a scroll.

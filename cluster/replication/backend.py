@@ -42,7 +42,13 @@ class ShardBackend(Protocol):
         predicate: Callable[[Any], bool] | None,
         shards: Iterable[int],
         with_vectors: bool = False,
-    ) -> list[list[Hit]]: ...
+        plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
+    ) -> list[list[Hit]]:
+        """Per query, the best k hits over these local shards. `plans`, when given, receives
+        per shard how it was searched ({"shard", "path", "nprobe", ...}). `recall`: in place
+        of `nprobe`, the target recall the node picks its probes for."""
+        ...
 
     async def count(
         self, spec: CollectionSpec, shards: Iterable[int],

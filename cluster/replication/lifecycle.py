@@ -10,8 +10,10 @@ import uuid
 from typing import Any
 
 from aquila.cluster.membership.view import MemberView
+from aquila.cluster.model.bounds import MAX_COUNT, BoundsError, checked_int
 from aquila.cluster.model.errors import AlreadyExists
 from aquila.cluster.model.placement import place
+from aquila.cluster.model.recall import checked_curve
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.cluster.replication.replica import Replicas
 from aquila.cluster.state.entries import CollectionEntry
@@ -79,6 +81,7 @@ class Collections:
                 "replicas": list(reps),
                 "count": int(st.get("count", 0)),
                 "index_state": st.get("index_state", "buffering"),
+                **index_info(st.get("index")),
             })
         return {
             **entry.spec.to_json(),
@@ -102,3 +105,18 @@ class Collections:
                     out[s] = by_node[node][s]
                     break
         return out
+
+
+def index_info(raw: Any) -> dict[str, Any]:
+    """A shard's index as its replica reports it (nlist, vectors, trained-at count, recall
+    curve), checked and bounded since it reaches the client; nothing when it is malformed
+    or not reported (a node that predates it)."""
+    if not isinstance(raw, dict):
+        return {}
+    try:
+        info = {name: checked_int(raw.get(name), 0, MAX_COUNT, name)
+                for name in ("nlist", "vectors", "trained_at", "nlist_target", "retrain_at")}
+        curve = checked_curve(raw.get("recall_curve", []))
+    except BoundsError:
+        return {}
+    return {"index": {**info, "recall_curve": [[n, r] for n, r in curve]}}

@@ -107,6 +107,8 @@ class MemoryBackend:
         predicate: Callable[[Any], bool] | None,
         shards: Iterable[int],
         with_vectors: bool = False,
+        plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
     ) -> list[list[Hit]]:
         wanted = sorted(shards)
         coll = self._open(spec.name, wanted)
@@ -115,6 +117,12 @@ class MemoryBackend:
             if d.vector is not None
             and (predicate is None or predicate(orjson.loads(d.metadata)))
         ]
+        if plans is not None:  # every search here is brute force over the matches
+            for s in wanted:
+                live = sum(1 for d in coll.shards[s].values() if d.vector is not None)
+                plans[s] = {"shard": s, "documents": live, "path": "unfiltered"}
+                if predicate is not None:
+                    plans[s] |= {"path": "exact", "matches": sum(1 for x, _, _ in docs if x == s)}
         if not docs:
             return [[] for _ in range(len(queries))]
         x = np.vstack([v for _, _, v in docs]).astype(np.float32)
@@ -169,9 +177,14 @@ class MemoryBackend:
         coll = self.collections.get(name)
         if coll is None:
             return {}
+        # Brute force: one list, as an engine's exact (flat) index reports it.
+        index = {"nlist": 1, "trained_at": 0, "recall_curve": [], "nlist_target": 1,
+                 "retrain_at": 0,
+                 "vectors": sum(d.vector is not None for ds in coll.shards.values()
+                                for d in ds.values())}
         return {
             s: {"shard": s, "count": sum(1 for d in docs.values() if d.vector is not None),
-                "index_state": "trained"}
+                "index_state": "trained", "index": index}
             for s, docs in sorted(coll.shards.items())
         }
 

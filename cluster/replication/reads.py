@@ -113,9 +113,18 @@ class ReadPath:
                           k=k + 1)
         candidates, unreachable = self.search_candidates(entry)
         replicas = self._replicas
+        # A search by recall gathers the plans too: they say which nprobe each node used.
+        by_recall = req.recall is not None
+        plans: dict[int, dict[str, Any]] | None = {} if req.explain or by_recall else None
 
         async def ask(node: str, shards: list[int], budget: float) -> list[list[Hit]]:
-            return await replicas.of(node).search(spec, req, shards, budget)
+            if plans is None:
+                return await replicas.of(node).search(spec, req, shards, budget)
+            got: dict[int, dict[str, Any]] = {}
+            rows = await replicas.of(node).search(spec, req, shards, budget, got)
+            for s, p in got.items():  # the first answer for a shard is the one used
+                plans.setdefault(s, {**p, "node": node})
+            return rows
 
         result = await fan_out(
             candidates, ask, len(req.vectors), req.k, spec.metric != "l2", self._clock, timeout_s
@@ -137,13 +146,18 @@ class ReadPath:
         if req.query_ids is not None:
             rows = [[h for h in row if h.id != own][:k]
                     for own, row in zip(req.query_ids, rows, strict=True)]
-        return {
+        out = {
             "results": [[hit_json(h, req.include_metadata, req.include_vector) for h in row]
                         for row in rows],
             "partial": bool(missing),
             "missing_shards": missing,
             "took_ms": round((self._clock.now() - t0) * 1000, 3),
         }
+        if plans is not None and req.explain:
+            out["plans"] = [plans[s] for s in sorted(plans)]
+        if plans is not None and by_recall:
+            out |= nprobes_used(plans)
+        return out
 
     async def _stored_vectors(self, entry: CollectionEntry, ids: list[str]) -> np.ndarray:
         """The stored vectors of these documents, through the read path's get (404 for one
@@ -274,3 +288,11 @@ def _doc_json(h: Hit, metadata: bool, vector: bool) -> dict[str, Any]:
     if vector:
         out["vector"] = np.frombuffer(h.vector, dtype="<f4").tolist()
     return out
+
+
+def nprobes_used(plans: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """What a search by recall says of its probes: per shard, the nprobe the node that
+    answered for it chose, and the largest of them (one figure for the whole answer)."""
+    per = [{"shard": s, "node": p.get("node", ""), "nprobe": int(p.get("nprobe", 1))}
+           for s, p in sorted(plans.items())]
+    return {"nprobe": max((x["nprobe"] for x in per), default=1), "nprobes": per}

@@ -48,6 +48,7 @@ from aquila.cluster.model.operations import (
     SearchRequest,
     valid_id,
 )
+from aquila.cluster.model.recall import check_target
 from aquila.cluster.model.spec import MAX_SHARDS, CollectionSpec, check_name
 from aquila.cluster.peers.client import (
     COLLECTION_PREFIX,
@@ -167,6 +168,10 @@ def encode_search(req: SearchRequest, shards: list[int]) -> dict[str, Any]:
             "nq": len(req.vectors), "k": req.k, "nprobe": req.nprobe, "filter": req.filter,
             "include": ["metadata"] * req.include_metadata + ["vector"] * req.include_vector,
         }
+        if req.explain:  # only then: a peer that predates plans sees the body it knows
+            body["explain"] = True
+        if req.recall is not None:  # each node picks its own probes for it
+            body["recall"] = req.recall
     return {**body, "shards": shards}
 
 
@@ -194,6 +199,12 @@ def decode_search(body: dict[str, Any], spec: CollectionSpec) -> tuple[SearchReq
     shards = [checked_int(s, 0, spec.shards - 1, "shard")
               for s in checked_list(body.get("shards"), spec.shards, "shards")]
     flt = body.get("filter")
+    explain = body.get("explain", False)
+    if not isinstance(explain, bool):
+        raise BadRequest("'explain' must be a boolean")
+    recall = body.get("recall")
+    if recall is not None:
+        recall = check_target(recall)
     req = SearchRequest(
         vectors=q,
         k=k,
@@ -204,12 +215,60 @@ def decode_search(body: dict[str, Any], spec: CollectionSpec) -> tuple[SearchReq
         include_vector="vector" in include,
         allow_partial=True,
         timeout_ms=None,
+        explain=explain,
+        recall=recall,
     )
     return req, shards
 
 
-def encode_rows(rows: list[list[Hit]], req: SearchRequest) -> dict[str, Any]:
-    return {"results": encode_hits(rows, req.include_metadata, req.include_vector)}
+def encode_rows(rows: list[list[Hit]], req: SearchRequest,
+                plans: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"results": encode_hits(rows, req.include_metadata,
+                                                  req.include_vector)}
+    if plans is not None:
+        out["plans"] = [plans[s] for s in sorted(plans)]
+    return out
+
+
+# What a shard's plan may say, as a peer reports it: each field checked and bounded, since the
+# plans reach the client's answer.
+PLAN_PATHS = ("exact", "selector", "postfilter", "none", "unfiltered")
+_PLAN_COUNTS = ("matches", "documents", "nprobe", "candidates", "finished_with_selector")
+
+
+def decode_plans(raw: Any, shards: list[int]) -> dict[int, dict[str, Any]]:
+    """A peer's plans of the shards it was asked for. Plans only explain an answer: one that
+    is malformed is left out (the hits it came with still count); fields not known are
+    dropped, and numbers bounded."""
+    out: dict[int, dict[str, Any]] = {}
+    if not isinstance(raw, list):
+        return out
+    for p in raw[: len(shards)]:
+        try:
+            plan = _plan(p, shards)
+        except BoundsError:
+            continue
+        out[plan["shard"]] = plan
+    return out
+
+
+def _plan(p: Any, shards: list[int]) -> dict[str, Any]:
+    if not isinstance(p, dict):
+        raise BoundsError("a plan is an object")
+    shard = checked_int(p.get("shard"), 0, MAX_COUNT, "shard")
+    path = p.get("path")
+    if shard not in shards or path not in PLAN_PATHS:
+        raise BoundsError("a plan names a shard asked for and a known path")
+    plan: dict[str, Any] = {"shard": shard, "path": path}
+    for name in _PLAN_COUNTS:
+        if p.get(name) is not None:
+            plan[name] = checked_int(p[name], 0, MAX_COUNT, name)
+    if isinstance(p.get("cached"), bool):
+        plan["cached"] = p["cached"]
+    mean = p.get("nprobe_mean")
+    if isinstance(mean, int | float) and not isinstance(mean, bool) and 0 <= mean <= MAX_COUNT:
+        plan["nprobe_mean"] = float(mean)
+    return plan
 
 
 # -- count and scroll -----------------------------------------------------------------------
@@ -403,9 +462,12 @@ class RemoteReplica:
         return decode_doc(await self._ask("POST", spec.name, "get", {"shard": shard, "id": doc_id}))
 
     async def search(
-        self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float
+        self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float,
+        plans: dict[int, dict[str, Any]] | None = None,
     ) -> list[list[Hit]]:
         out = await self._ask("POST", spec.name, "search", encode_search(req, shards), budget)
+        if plans is not None and (req.explain or req.recall is not None):
+            plans.update(decode_plans(out.get("plans", []), shards))
         return decode_hits(out["results"])
 
     async def count(
@@ -505,8 +567,11 @@ class PeerService:
     async def search(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         spec = self._spec(name)
         req, shards = decode_search(body, spec)
-        rows = await self.local.search(spec, req, shards, 0.0)
-        return encode_rows(rows, req)
+        # A search by recall answers with its plans too: they say the nprobe used.
+        plans: dict[int, dict[str, Any]] | None = (
+            {} if req.explain or req.recall is not None else None)
+        rows = await self.local.search(spec, req, shards, 0.0, plans)
+        return encode_rows(rows, req, plans)
 
     async def get(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         spec = self._spec(name)

@@ -40,9 +40,11 @@ class Replica(Protocol):
         ...
 
     async def search(
-        self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float
+        self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float,
+        plans: dict[int, dict[str, Any]] | None = None,
     ) -> list[list[Hit]]:
-        """Per query, the best `req.k` hits over these shards, within `budget` seconds."""
+        """Per query, the best `req.k` hits over these shards, within `budget` seconds;
+        `plans`, when given, receives how each shard was searched."""
         ...
 
     async def count(
@@ -119,10 +121,12 @@ class LocalReplica:
         return await self.backend.get(spec, shard, doc_id)
 
     async def search(
-        self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float
+        self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float,
+        plans: dict[int, dict[str, Any]] | None = None,
     ) -> list[list[Hit]]:
         return await self.backend.search(
-            spec, req.vectors, req.k, req.nprobe, req.predicate, shards, req.include_vector
+            spec, req.vectors, req.k, req.nprobe, req.predicate, shards, req.include_vector,
+            plans, req.recall,
         )
 
     async def count(

@@ -23,6 +23,7 @@ from aquila.cluster.model.bounds import (
 from aquila.cluster.model.cursor import MAX_CURSOR_CHARS
 from aquila.cluster.model.errors import ERRORS_BY_CODE
 from aquila.cluster.model.operations import CONSISTENCY, MAX_ID_CHARS, MAX_K, MAX_SCROLL_LIMIT
+from aquila.cluster.model.recall import MAX_RECALL, MIN_RECALL
 from aquila.cluster.model.spec import INDEX_TYPES, MAX_DIM, MAX_REPLICATION, MAX_SHARDS, METRICS
 from aquila.node.config import NodeConfig
 from aquila.node.http.access import OPEN_ROUTES, is_read
@@ -152,6 +153,14 @@ _SCHEMAS: dict[str, Any] = {
             replicas={"type": "array", "items": {"type": "string"}},
             count=_INT,
             index_state={"type": "string", "enum": ["buffering", "training", "trained"]},
+            index=_obj(["nlist", "vectors", "trained_at", "nlist_target", "retrain_at",
+                        "recall_curve"],
+                       nlist=_INT, vectors=_INT, trained_at=_INT, nlist_target=_INT,
+                       retrain_at=_INT,
+                       recall_curve={"type": "array", "description": "[nprobe, recall@10] "
+                                     "measured when the index was trained; a search by "
+                                     "`recall` takes the first nprobe that reached it",
+                                     "items": {"type": "array", "items": {"type": "number"}}}),
         )},
     ),
     "Upsert": {
@@ -225,12 +234,17 @@ _SCHEMAS: dict[str, Any] = {
                  "description": "stored documents, one query each (as id)"},
             k={"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
             nprobe={"type": ["integer", "null"], "minimum": 1, "maximum": MAX_NPROBE},
+            recall={"type": ["number", "null"], "minimum": MIN_RECALL, "maximum": MAX_RECALL,
+                    "description": "in place of nprobe: each node searches with the fewest "
+                    "probes that reached this recall@10 when it calibrated its index"},
             filter=_ref("Filter"),
             include={"type": "array", "items": {"type": "string",
                                                 "enum": ["metadata", "vector"]},
                      "default": ["metadata"]},
             allow_partial={"type": "boolean", "default": True},
             timeout_ms={"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TIMEOUT_MS},
+            explain={"type": "boolean", "default": False,
+                     "description": "answer with `plans`: how each shard was searched"},
         ),
         "description": "exactly one of vector (one query), vectors, id or ids",
         "oneOf": [{"required": [q]} for q in ("vector", "vectors", "id", "ids")],
@@ -243,6 +257,25 @@ _SCHEMAS: dict[str, Any] = {
         metadata={"type": "object"},
         vector={"type": "array", "items": {"type": "number"}},
     ),
+    "SearchPlan": {
+        **_obj(
+            ["shard", "path"],
+            shard=_INT,
+            node={"type": "string"},
+            path={"type": "string",
+                  "enum": ["unfiltered", "exact", "selector", "postfilter", "none"]},
+            matches=_INT, documents=_INT, cached={"type": "boolean"},
+            nprobe=_INT, nprobe_mean={"type": "number", "minimum": 0}, candidates=_INT,
+        ),
+        "description": "How one shard was searched. `path`: `unfiltered`; for a filter, "
+        "`exact` (few matches: their vectors scored directly), `selector` (many: the index "
+        "searched with a bitmap of the matches, its lists widened until they hold as many "
+        "matches as an unfiltered search scores vectors), `postfilter` (nearly all: the "
+        "index searched unfiltered for `candidates` and the non-matches dropped) or `none` "
+        "(nothing matches). `matches` of the shard's `documents` match; `cached`: the "
+        "filter's match set was kept from an earlier search; `nprobe`: the most lists a "
+        "query probed.",
+    },
     "SearchResult": _obj(
         ["results", "partial", "missing_shards", "took_ms"],
         results={"type": "array", "items": {"type": "array", "items": _ref("Hit")},
@@ -250,6 +283,12 @@ _SCHEMAS: dict[str, Any] = {
         partial={"type": "boolean"},
         missing_shards={"type": "array", "items": _INT},
         took_ms={"type": "number", "minimum": 0},
+        plans={"type": "array", "items": _ref("SearchPlan"),
+               "description": "with `explain`: one per shard that answered, by shard"},
+        nprobe={**_INT, "description": "with `recall`: the most probes a node used"},
+        nprobes={"type": "array", "description": "with `recall`: the probes used per shard",
+                 "items": _obj(["shard", "node", "nprobe"], shard=_INT,
+                               node={"type": "string"}, nprobe=_INT)},
     ),
     "Count": {
         **_obj([], closed=True, filter=_ref("Filter"),

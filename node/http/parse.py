@@ -38,6 +38,7 @@ from aquila.cluster.model.operations import (
     SearchRequest,
     valid_id,
 )
+from aquila.cluster.model.recall import check_target
 
 # Nesting of a whole request body: documents and their metadata, with room to spare. Deeper
 # bodies are refused before any code walks them recursively.
@@ -204,8 +205,8 @@ def check_id(doc_id: str) -> str:
 def parse_search(body: Any, dim: int) -> SearchRequest:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    known = {"vectors", "vector", "id", "ids", "k", "nprobe", "filter", "include",
-             "allow_partial", "timeout_ms"}
+    known = {"vectors", "vector", "id", "ids", "k", "nprobe", "recall", "filter", "include",
+             "allow_partial", "timeout_ms", "explain"}
     unknown = set(body) - known
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -241,12 +242,18 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
         isinstance(nprobe, bool) or not isinstance(nprobe, int) or not 1 <= nprobe <= MAX_NPROBE
     ):
         raise BadRequest(f"'nprobe' must be an integer from 1 to {MAX_NPROBE}")
+    recall = body.get("recall")
+    if recall is not None:
+        if nprobe is not None:
+            raise BadRequest("give 'nprobe' or 'recall', not both")
+        recall = check_target(recall)
     include = body.get("include", ["metadata"])
     # Checked item by item: a list or object among them cannot go into a set.
     if not isinstance(include, list) or not all(i in ("metadata", "vector") for i in include):
         raise BadRequest("'include' is a list of 'metadata' and 'vector'")
     allow_partial = _flag(body, "allow_partial", True)
     timeout_ms = _timeout_ms(body)
+    explain = _flag(body, "explain", False)
     flt = body.get("filter")
     return SearchRequest(
         vectors=vectors,
@@ -258,7 +265,9 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
         include_vector="vector" in include,
         allow_partial=allow_partial,
         timeout_ms=timeout_ms,
+        explain=explain,
         query_ids=query_ids,
+        recall=recall,
     )
 
 

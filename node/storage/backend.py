@@ -67,9 +67,11 @@ class EngineBackend:
         predicate: Callable[[Any], bool] | None,
         shards: Iterable[int],
         with_vectors: bool = False,
+        plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
     ) -> list[list[Hit]]:
         return await self._open(spec.name).search(
-            queries, k, nprobe, predicate, shards, with_vectors
+            queries, k, nprobe, predicate, shards, with_vectors, plans, recall
         )
 
     async def count(

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +29,20 @@ import orjson
 from aquila.cluster.model.digests import BUCKETS, bucket_of, digests, format_digests
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
+from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import remove_stale_temps, write_atomic
 from aquila.node.storage.batcher import SearchBatcher
-from aquila.node.storage.index import VectorIndex
+from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
+from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist
 from aquila.node.storage.locks import RWLock
+from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
-from aquila.node.storage.search import run_batch, search_filtered
+from aquila.node.storage.search import run_batch
 from aquila.node.storage.shard import IndexOps, Shard
-from aquila.node.storage.store import Record, Store, WriteBatch
+from aquila.node.storage.store import LAYOUT, Record, Store, WriteBatch
+from aquila.node.storage.training import release_memory, train_streamed
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ def meta_bytes(spec: CollectionSpec, uid: str, shards: list[int]) -> bytes:
 
 # Documents one group commit takes at most (one RocksDB batch, one fsync).
 GROUP_MAX_DOCS = 20_000
+# Vectors read from the store at a time while training.
+TRAIN_CHUNK = 65_536
 
 
 @dataclass(eq=False)
@@ -84,7 +90,7 @@ class IndexState:
 @dataclass(frozen=True)
 class Tuning:
     train_min: int = 4096
-    retrain_growth: float = 4.0
+    retrain_growth: float = 2.0
     # A retraining waits while writes stream in (a bulk load) until they pause this long, for
     # at most retrain_max_wait_s: training and the write path would share the same cores, and
     # the vectors that keep coming would be added to both indexes. The index being replaced
@@ -93,11 +99,19 @@ class Tuning:
     retrain_max_wait_s: float = 30.0
     search_batch_rows: int = 512
     search_parallel: int = 4
+    # Filters whose match sets each shard keeps (0: none, every search evaluates its filter).
+    filter_cache: int = DEFAULT_CAPACITY
+    # Bytes of selectors and gathered vectors kept per collection for recent filters.
+    filter_group_bytes: int = 128 << 20
+    # One planner path for every filtered search ("exact", "selector", "postfilter"): for
+    # tests and benchmarks; None lets the planner choose per shard.
+    filter_path: str | None = None
 
 
 class Collection:
     def __init__(
-        self, spec: CollectionSpec, root: Path, blocking: Blocking, tuning: Tuning, fsync: bool
+        self, spec: CollectionSpec, root: Path, blocking: Blocking, tuning: Tuning, fsync: bool,
+        plan_counts: dict[str, int] | None = None,
     ) -> None:
         self.spec = spec
         self.root = root
@@ -106,7 +120,7 @@ class Collection:
         self.blocking = blocking
         self.tuning = tuning
         self.shards: dict[int, Shard] = {}
-        self.index = VectorIndex.flat(spec.dim, spec.metric)
+        self.index = VectorIndex.flat(spec.dim, spec.metric, spec.shards)
         self.snapshot_seqs: dict[int, int] = {}
         self.training = False
         self.rw = RWLock()
@@ -118,6 +132,15 @@ class Collection:
         self._batcher: SearchBatcher[list[Hit]] = SearchBatcher(
             self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
+        # Filtered searches batch by filter too: one plan and one FAISS call per group of
+        # shards for every concurrent search with the same filter.
+        self._filtered: SearchBatcher[tuple[list[Hit], list[dict[str, Any]]]] = SearchBatcher(
+            self._run_filtered, max_rows=tuning.search_batch_rows,
+            parallel=tuning.search_parallel,
+        )
+        self.groups = GroupCache(max_bytes=tuning.filter_group_bytes)
+        # Per planner path, shards searched that way (one per query and shard): /metrics.
+        self.plan_counts = {} if plan_counts is None else plan_counts
         self.closed = False
         self._last_write = -math.inf  # time.monotonic() of the last write taken
         self._recheck: asyncio.TimerHandle | None = None  # a deferred retraining's next look
@@ -153,16 +176,22 @@ class Collection:
         self.store.open()
         if self.store.get_meta() is None:
             self.store.put_meta(orjson.dumps(self.spec.to_json()))
+            self.store.put_layout()
+        elif self.store.layout() < LAYOUT:
+            for s in sorted(self.store.shards_present() & set(shards)):
+                log.info("%s: upgrading shard %d's keys (once)", self.spec.name, s)
+                Shard.upgrade(self.store, s)
+            self.store.put_layout()
         # The keys of a shard not recorded as held are what a crash in the middle of a drop
         # left (see `drop_shard`): garbage, never read.
         for s in sorted(self.store.shards_present() - set(shards)):
             log.info("%s: removing the rest of dropped shard %d", self.spec.name, s)
             self.store.drop_shard(s)
         for s in shards:
-            shard = Shard(self.spec, s, self.store)
+            shard = Shard(self.spec, s, self.store, self.tuning.filter_cache)
             shard.load()
             self.shards[s] = shard
-        loaded = VectorIndex.load(self.snap_path)
+        loaded = VectorIndex.load(self.snap_path, self.spec.shards)
         if loaded is not None and set(loaded[1]) <= set(shards):
             self.index, covered = loaded
             for s, shard in self.shards.items():
@@ -172,9 +201,18 @@ class Collection:
             if self.snap_path.exists():
                 log.warning("%s: snapshot damaged or stale; rebuilding from the store",
                             self.spec.name)
-            self.index = VectorIndex.flat(self.spec.dim, self.spec.metric)
+            self.index = VectorIndex.flat(self.spec.dim, self.spec.metric, self.spec.shards)
             for shard in self.shards.values():
-                self.index.add(*shard.live_vectors(None))
+                for vectors, keys in shard.live_chunks(None):
+                    self.index.add(vectors, keys)
+        self._set_live(self.index.all_keys())
+
+    def _set_live(self, keys: np.ndarray) -> None:
+        """Each shard's live bitmap from the keys its index holds (which are exactly its
+        live documents, once the change log is replayed)."""
+        shard_of = keys >> LABEL_BITS
+        for s, shard in self.shards.items():
+            shard.set_live(keys[shard_of == s] & ((1 << LABEL_BITS) - 1))
 
     def _apply_sync(self, ops: IndexOps, index: VectorIndex | None = None) -> None:
         index = self.index if index is None else index
@@ -199,10 +237,12 @@ class Collection:
         await self.blocking.write(self._clear_sync, new)
         await self.blocking.write(self._record_sync, sorted({*self.shards, *new}))
         for s in new:
-            shard = Shard(self.spec, s, self.store)
+            shard = Shard(self.spec, s, self.store, self.tuning.filter_cache)
             await self.blocking.write(shard.load)
             async with self._exclusive():
-                await self.blocking.write(self._apply_sync, shard.changes_after(0))
+                ops = shard.changes_after(0)
+                await self.blocking.write(self._apply_sync, ops)
+                shard.set_live(np.asarray(ops.add_keys, dtype=np.int64) & ((1 << LABEL_BITS) - 1))
                 self.shards[s] = shard
 
     def _clear_sync(self, shards: list[int]) -> None:
@@ -355,6 +395,8 @@ class Collection:
         try:
             ops = [{s: self.shards[s].prepare_writes(docs, batch) for s, docs in by_shard.items()}
                    for by_shard in group]
+            for s in touched:
+                self.shards[s].stage_totals(batch, [o[s] for o in ops if s in o])
             self.store.write(batch)
             for o in ops:
                 for s, x in o.items():
@@ -431,15 +473,12 @@ class Collection:
 
     def _purge_sync(self, shard: int, before: int) -> int:
         batch = WriteBatch()
-        gone = []
-        for doc_id, rec in self.store.iter_docs(shard):
-            if rec.tombstone and rec.version < before:
-                batch.forget(shard, doc_id, rec)
-                gone.append((doc_id, rec))
+        gone = [(doc_id, rec) for doc_id, rec in self.store.iter_docs(shard)
+                if rec.tombstone and rec.version < before]
         if gone:
+            self.shards[shard].forget(gone, batch)
             self.store.write(batch)
-            for doc_id, rec in gone:
-                self.shards[shard].forget(doc_id, rec)
+            self.shards[shard].forgotten()
         return len(gone)
 
     def count(self) -> int:
@@ -451,10 +490,25 @@ class Collection:
                 "index_state": self.state, "faiss_bytes": self.index.memory_bytes(),
                 "rocksdb_bytes": self.store.memory_bytes()}
 
+    def index_info(self) -> dict[str, Any]:
+        """The index's shape and its recall curve (what a search by `recall` chooses from):
+        its nlist beside the nlist its size calls for now (the lists grow longer, and a
+        search at one nprobe scans more, until the retrain at `retrain_at` vectors)."""
+        index = self.index
+        n = self.count()
+        ivf = self.spec.index.type != "flat" and n >= self.tuning.train_min
+        retrain = (self.tuning.train_min if not index.trained
+                   else math.ceil(self.tuning.retrain_growth * max(1, index.trained_at)))
+        return {"nlist": index.nlist, "vectors": index.ntotal, "trained_at": index.trained_at,
+                "nlist_target": choose_nlist(n, self.spec.index.nlist) if ivf else 1,
+                "retrain_at": retrain if self.spec.index.type != "flat" else 0,
+                "recall_curve": [[n, r] for n, r in index.curve]}
+
     def shard_states(self) -> dict[int, dict[str, Any]]:
         state = self.state
+        info = self.index_info()
         return {
-            n: {"shard": n, "count": s.count, "index_state": state}
+            n: {"shard": n, "count": s.count, "index_state": state, "index": info}
             for n, s in sorted(self.shards.items())
         }
 
@@ -466,24 +520,38 @@ class Collection:
         predicate: Callable[[Any], bool] | None = None,
         shards: Iterable[int] | None = None,
         with_vectors: bool = False,
+        plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
     ) -> list[list[Hit]]:
         """The best `k` hits per query over the given local shards (all when None); their
-        stored vectors too when asked."""
+        stored vectors too when asked. `plans`, when given, receives how each shard was
+        searched (see `node.storage.planner`), with the nprobe used. `recall`: in place of
+        `nprobe`, the fewest probes that reached it when the index was calibrated."""
         from aquila.node.storage.index import prepare
 
         q = prepare(queries, self.spec.metric)
-        probe = nprobe or self.spec.index.nprobe
+        if recall is not None:
+            probe = self.index.nprobe_for(recall)
+        else:
+            probe = nprobe or self.spec.index.nprobe
+        # The probes a plan names (an exact index probes no lists: a search by recall then
+        # reports 1, the whole index).
+        probed = {"nprobe": max(1, min(probe, self.index.nlist))} if self.index.trained else {}
         wanted = tuple(sorted(self.shards if shards is None else shards))
         absent = [s for s in wanted if s not in self.shards]
         if absent:
             raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
         if predicate is None:
             rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
+            if plans is not None:
+                plans.update({s: {"shard": s, "path": "unfiltered", **probed,
+                                  "documents": self.shards[s].count} for s in wanted})
             return [row[:k] for row in rows]
-        async with self.rw.read():
-            return await self.blocking.search(
-                search_filtered, self, q, k, probe, predicate, wanted, with_vectors
-            )
+        how = FilterQuery.of(predicate) if isinstance(predicate, Filter) else predicate
+        answers = await self._filtered.submit((probe, wanted, with_vectors, how), q, k)
+        if plans is not None and answers:
+            plans.update({p["shard"]: {**probed, **p} for p in answers[0][1]})
+        return [row[:k] for row, _ in answers]
 
     async def count_matching(
         self, shards: list[int], predicate: Callable[[Any], bool] | None
@@ -514,6 +582,19 @@ class Collection:
         probe, wanted, with_vectors = key
         async with self.rw.read():
             return await self.blocking.search(run_batch, self, q, k, probe, wanted, with_vectors)
+
+    async def _run_filtered(
+        self, key: Any, q: np.ndarray, k: int
+    ) -> list[tuple[list[Hit], list[dict[str, Any]]]]:
+        probe, wanted, with_vectors, how = key
+        async with self.rw.read():
+            rows, plans = await self.blocking.search(
+                search_planned, self, q, k, probe, how, wanted, with_vectors,
+                self.tuning.filter_path,
+            )
+        for p in plans:
+            self.plan_counts[p["path"]] = self.plan_counts.get(p["path"], 0) + len(q)
+        return [(row, plans) for row in rows]
 
     # -- background -----------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -558,10 +639,20 @@ class Collection:
         self._maybe_train()
 
     def _training_set(self, upto: dict[int, int]) -> VectorIndex:
-        parts = [self.shards[s].live_vectors(q) for s, q in upto.items() if s in self.shards]
-        vectors = np.vstack([p[0] for p in parts])
-        keys = np.concatenate([p[1] for p in parts])
-        return VectorIndex.train_ivf(self.spec, vectors, keys)
+        """A new IVF index over the shards' documents up to `upto`, streamed from the store
+        (`node.storage.training`): no copy of every vector beside the new index."""
+        spec = self.spec
+
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for s, q in upto.items():
+                if s in self.shards:
+                    yield from self.shards[s].live_chunks(q, TRAIN_CHUNK)
+
+        index = train_streamed(spec, self.count(), chunks)
+        if index is None:
+            raise RuntimeError("no vectors to train on")
+        release_memory()
+        return index
 
     async def _train(self) -> None:
         """Train in the background while the current index serves; swap it in under the
@@ -583,6 +674,9 @@ class Collection:
                 else:
                     await self.blocking.write(self._swap_sync, new, mark)
                     log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
+            del new
+            # The old index's memory, freed by the swap, back to the system (outside locks).
+            await self.blocking.background(release_memory)
         except Exception:
             log.exception("%s: training failed", self.spec.name)
         finally:
@@ -626,6 +720,9 @@ class Collection:
                 index = self.index
             await self.blocking.background(index.save, self.snap_path, covered, payload)
             self.snapshot_seqs = covered
+            del payload
+            # What writes and the serialised copy left in the C heap, back to the system.
+            await self.blocking.background(release_memory)
 
 
 def _incoming(doc_id: str, rec: Record) -> Incoming:

@@ -39,6 +39,7 @@ from aquila.node.blocking import Blocking
 from aquila.node.files import fsync_dir, remove_stale_temps, write_atomic
 from aquila.node.storage.collection import SPEC_FILE, Collection, Tuning, meta_bytes
 from aquila.node.storage.paths import collection_dir
+from aquila.node.storage.training import limit_arenas
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,15 @@ def _remove(path: Path) -> None:
 
 class Engine:
     def __init__(self, data_dir: Path, blocking: Blocking, tuning: Tuning, fsync: bool) -> None:
+        limit_arenas()
         self.root = data_dir / "collections"
         self.blocking = blocking
         self.tuning = tuning
         self.fsync = fsync
         self.collections: dict[str, Collection] = {}
+        # Filtered-search planner paths taken, per shard and query, over every collection
+        # (kept here so that dropping a collection does not take counts back).
+        self.plan_counts: dict[str, int] = {}
         self._lock = asyncio.Lock()
         # Called with a collection's name and the seconds a training took (node metrics).
         self.on_trained: Callable[[str, float], None] | None = None
@@ -141,7 +146,7 @@ class Engine:
 
     def _new(self, spec: CollectionSpec) -> Collection:
         root = collection_dir(self.root, spec.name)
-        coll = Collection(spec, root, self.blocking, self.tuning, self.fsync)
+        coll = Collection(spec, root, self.blocking, self.tuning, self.fsync, self.plan_counts)
         if self.on_trained is not None:
             coll.on_trained = functools.partial(self.on_trained, spec.name)
         return coll

@@ -2,19 +2,24 @@
 (flat) while small, IVF once trained.
 
 One index serves every local shard of the collection, so a search costs one FAISS call and
-one coarse quantisation instead of one per shard. Its labels are global keys
+one coarse quantisation instead of one per shard. Callers name documents by global keys
 `shard << 40 | label` (the document's stable label within its shard), so a shard's vectors can
-be removed when it moves away and a search can be restricted to some shards (`shard_selector`).
+be removed when it moves away and a search can be restricted to some shards. Inside FAISS the
+same document has the id `label << b | shard`, `b` the bits of the collection's shard count:
+ids stay dense, so a set of documents (some shards', a filter's matches) is a bitmap of about
+one bit per document of the collection, which FAISS tests in a nanosecond
+(`IDSelectorBitmap`). This module translates both ways; nothing else sees FAISS ids.
 Cosine collections store unit vectors and search by inner product; callers normalise
 (see `prepare`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +27,28 @@ import faiss as _faiss
 import numpy as np
 import orjson
 
+from aquila.cluster.model.recall import Curve, checked_curve, ladder, monotone, nprobe_for
 from aquila.cluster.model.spec import CollectionSpec, pq_m
 from aquila.node.files import write_atomic
 
 # FAISS's bundled stubs lag its API (SearchParametersIVF keywords, DirectMap, ...).
 faiss: Any = _faiss
 
-_SNAP_MAGIC = b"AQIX2\n"
-# trained-at count, kind (0 flat, 1 ivf), crc32 of meta + payload, meta length, payload length
-_SNAP_HEADER = struct.Struct(">QBIQQ")
+# 3: FAISS ids interleave the shard below the label (2 had global keys; it is rebuilt).
+_SNAP_MAGIC = b"AQIX3\n"
+# trained-at count, kind (0 flat, 1 ivf), shard bits, crc32 of meta + payload, meta length,
+# payload length
+_SNAP_HEADER = struct.Struct(">QBBIQQ")
+_READ_CHUNK = 8 << 20
 LABEL_BITS = 40
+_MASK = (1 << LABEL_BITS) - 1
+# Every VectorIndex object gets its own generation: what is derived from one (list numbers,
+# gathered vectors) is never taken for another's after a training swap or a reload.
+_GENERATIONS = itertools.count(1)
+# Calibration (search by target recall): stored documents used as queries, and the k their
+# recall is measured at.
+CALIBRATION_QUERIES = 300
+CALIBRATION_K = 10
 
 
 def global_key(shard: int, label: int) -> int:
@@ -42,14 +59,9 @@ def global_keys(shard: int, labels: np.ndarray) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64) + np.int64(shard << LABEL_BITS)
 
 
-def shard_selector(shards: list[int]) -> Any:
-    """A FAISS selector admitting only these shards' keys (ranges, so no per-id table)."""
-    sel: Any = None
-    for s in shards:
-        r = faiss.IDSelectorRange(s << LABEL_BITS, (s + 1) << LABEL_BITS)
-        sel = r if sel is None else faiss.IDSelectorOr(sel, r)
-        sel.keep = r  # keep the child alive: FAISS holds it by raw pointer
-    return sel
+def shard_bits(shards: int) -> int:
+    """Bits of a FAISS id that name the shard, for a collection of this many shards."""
+    return max(1, (shards - 1).bit_length())
 
 
 def faiss_metric(metric: str) -> int:
@@ -78,22 +90,130 @@ class VectorIndex:
     index: Any  # faiss.Index
     trained: bool  # an IVF index (False: exact flat)
     trained_at: int  # vectors it was trained on (0 for flat)
+    bits: int  # `shard_bits` of the collection: FAISS id = label << bits | shard
+    generation: int = field(default_factory=lambda: next(_GENERATIONS))
+    # IVF: recall@CALIBRATION_K by nprobe, measured when trained (see `calibrate`); kept in
+    # the snapshot with the index.
+    curve: Curve = field(default_factory=list)
+    # IVF only, built on first use, then kept current by add and remove: per shard, the
+    # inverted list holding each label (-1: none), so a filter's matches per list are counted
+    # with one bincount (see `lists_of`).
+    _lists: dict[int, np.ndarray] | None = field(default=None, repr=False)
+    _sizes: np.ndarray | None = field(default=None, repr=False)
+    # Per set of shards, a bitmap selector of their ids and the labels it covers.
+    _shard_sels: dict[tuple[int, ...], tuple[int, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def nlist(self) -> int:
+        return int(self.index.nlist) if self.trained else 1
+
+    def nprobe_for(self, recall: float) -> int:
+        """The fewest probes that reached `recall` when the index was calibrated (1 for an
+        exact index, which every search scans whole)."""
+        return nprobe_for(self.curve, recall) if self.trained else 1
+
+    def calibrate(self, vectors: np.ndarray, keys: np.ndarray, metric: str,
+                  queries: int = CALIBRATION_QUERIES, seed: int = 0) -> Curve:
+        """Measure recall@CALIBRATION_K against exact search for a ladder of nprobe values
+        and keep the curve. The queries are stored documents (`vectors`, under `keys`, what
+        the index was built from), each left out of its own answer and its own ground truth,
+        so that they are held out as a client's query would be. Slow (an exact search of
+        `queries` over `vectors`): call from a background thread."""
+        n = len(vectors)
+        if not self.trained or n < 2:
+            self.curve = []
+            return self.curve
+        k = min(CALIBRATION_K, n - 1)
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, min(queries, n), replace=False))
+        q = np.ascontiguousarray(vectors[rows])
+        _, truth = faiss.knn(q, vectors, k + 1, metric=faiss_metric(metric))
+        return self.calibrate_against(q, keys[rows], keys[truth])
+
+    def calibrate_against(self, q: np.ndarray, own: np.ndarray, truth: np.ndarray) -> Curve:
+        """`calibrate` with the exact answers known: `q` stored vectors (keys `own`), `truth`
+        the keys of their CALIBRATION_K + 1 nearest stored vectors, best first (themselves
+        among them; left out of both sides)."""
+        if not self.trained or not len(q):
+            self.curve = []
+            return self.curve
+        k = min(CALIBRATION_K, truth.shape[1] - 1)
+        want = [set(t[(t != o) & (t >= 0)][:k].tolist()) for t, o in zip(truth, own, strict=True)]
+        total = sum(len(w) for w in want)
+        points: list[tuple[int, float]] = []
+        for nprobe in ladder(self.nlist):
+            _, found = self.search(q, k + 1, nprobe)
+            hit = sum(len(w & set(f[f != o][:k].tolist()))
+                      for w, f, o in zip(want, found, own, strict=True))
+            points.append((nprobe, hit / max(1, total)))
+            if points[-1][1] >= 0.9999:  # every larger nprobe finds them all too
+                break
+        self.curve = monotone(points)
+        return self.curve
+
     @staticmethod
-    def flat(dim: int, metric: str) -> VectorIndex:
+    def flat(dim: int, metric: str, shards: int) -> VectorIndex:
         base = faiss.IndexFlat(dim, faiss_metric(metric))
-        return VectorIndex(faiss.IndexIDMap2(base), False, 0)
+        return VectorIndex(faiss.IndexIDMap2(base), False, 0, shard_bits(shards))
+
+    # -- global keys and FAISS ids ----------------------------------------------------------
+    def ids(self, keys: np.ndarray) -> np.ndarray:
+        """FAISS ids of global keys."""
+        keys = np.asarray(keys, dtype=np.int64)
+        return np.ascontiguousarray(((keys & _MASK) << self.bits) | (keys >> LABEL_BITS))
+
+    def keys(self, ids: np.ndarray) -> np.ndarray:
+        """Global keys of FAISS ids (-1 stays -1: no result)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        keys = ((ids & ((1 << self.bits) - 1)) << LABEL_BITS) | (ids >> self.bits)
+        return np.where(ids < 0, -1, keys)
+
+    def selector(self, labels: dict[int, np.ndarray], below: int) -> Any:
+        """A FAISS selector of these labels of these shards (all below `below`): a bitmap of
+        `below << bits` bits, about one per document of the collection."""
+        slots = np.zeros(below << self.bits, dtype=bool)
+        for s, ls in labels.items():
+            slots[(np.asarray(ls, dtype=np.int64) << self.bits) | s] = True
+        return _bitmap(np.packbits(slots, bitorder="little"))
+
+    def shards_selector(self, shards: tuple[int, ...], below: int) -> Any:
+        """A FAISS selector of every id of these shards with a label below `below`; kept per
+        set of shards and rebuilt only when labels pass twice the bound it was built for."""
+        hit = self._shard_sels.get(shards)
+        if hit is not None and hit[0] >= below:
+            return hit[1]
+        bound = max(1024, 1 << max(0, below - 1).bit_length() + 1)
+        slot = np.zeros(1 << self.bits, dtype=bool)
+        slot[list(shards)] = True
+        sel = _bitmap(np.packbits(np.tile(slot, bound), bitorder="little"))
+        self._shard_sels[shards] = (bound, sel)
+        return sel
 
     @staticmethod
     def train_ivf(spec: CollectionSpec, vectors: np.ndarray, labels: np.ndarray) -> VectorIndex:
         """Train an IVF index of the collection's type on `vectors` and add them. Slow: call
-        from a background thread; FAISS releases the GIL."""
-        n, dim = vectors.shape
-        nlist = choose_nlist(n, spec.index.nlist)
+        from a background thread; FAISS releases the GIL. (A collection trains streamed
+        from its store: `node.storage.training`.)"""
+        n = len(vectors)
+        out = VectorIndex.new_ivf(spec, choose_nlist(n, spec.index.nlist), n)
+        sample = vectors
+        max_train = 64 * out.nlist
+        if n > max_train:
+            rng = np.random.default_rng(0)
+            sample = vectors[rng.choice(n, max_train, replace=False)]
+        out.index.train(sample)
+        out.add(vectors, labels)
+        return out
+
+    @staticmethod
+    def new_ivf(spec: CollectionSpec, nlist: int, n: int) -> VectorIndex:
+        """An untrained IVF index of the collection's type with `nlist` lists, for about `n`
+        vectors (ivf_pq's code size depends on it); train it, then `add`."""
+        dim = spec.dim
         metric = faiss_metric(spec.metric)
         quantizer = faiss.IndexFlat(dim, metric)
         kind = spec.index.type
@@ -112,50 +232,133 @@ class VectorIndex:
         # FAISS's defaults (256, 25) for 0.002 less recall@10, which keeps retraining a large
         # index in the background affordable.
         index.cp.niter = 10
-        sample = vectors
-        max_train = 64 * nlist
-        if n > max_train:
-            rng = np.random.default_rng(0)
-            sample = vectors[rng.choice(n, max_train, replace=False)]
-        index.train(sample)
         # A hash table from label to list position makes remove_ids and reconstruct O(1).
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        index.add_with_ids(vectors, labels)
-        return VectorIndex(index, True, n)
+        return VectorIndex(index, True, n, shard_bits(spec.shards))
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
-        if len(labels):
-            self.index.add_with_ids(vectors, labels)
+        if not len(labels):
+            return
+        ids = self.ids(labels)
+        if not self.trained:
+            self.index.add_with_ids(vectors, ids)
+            return
+        # The coarse assignment add_with_ids would make, made here so the list numbers are
+        # known: the same work, and `lists_of` stays current.
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        _, assign = self.index.quantizer.search(x, 1)
+        assign = np.ascontiguousarray(assign[:, 0])
+        self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids),
+                            faiss.swig_ptr(assign))
+        self._note_lists(np.asarray(labels, dtype=np.int64), assign)
 
     def remove(self, labels: np.ndarray) -> None:
         if len(labels):
-            self.index.remove_ids(np.ascontiguousarray(labels, dtype=np.int64))
+            keys = np.asarray(labels, dtype=np.int64)
+            self.index.remove_ids(self.ids(keys))
+            if self.trained:
+                self._note_lists(keys, np.full(len(keys), -1, dtype=np.int64))
+
+    # -- inverted lists, for filtered searches --------------------------------------------
+    def _note_lists(self, keys: np.ndarray, lists: np.ndarray) -> None:
+        self._sizes = None
+        if self._lists is None:
+            return
+        shards = keys >> LABEL_BITS
+        for s in np.unique(shards).tolist():
+            pick = shards == s
+            self._lists[s] = _put(self._lists.get(s), keys[pick] & _MASK, lists[pick])
+
+    def all_keys(self) -> np.ndarray:
+        """The global key of every vector held (one pass over the ids; at start)."""
+        if not self.trained:
+            ids = faiss.vector_to_array(self.index.id_map)
+        else:
+            inv = self.index.invlists
+            parts = [(no, inv.list_size(no)) for no in range(self.index.nlist)]
+            ids = np.concatenate(
+                [faiss.rev_swig_ptr(inv.get_ids(no), n).copy() for no, n in parts if n]
+                or [np.zeros(0, np.int64)])
+        return self.keys(np.asarray(ids, dtype=np.int64))
+
+    def lists_of(self, shard: int) -> np.ndarray:
+        """IVF: per label of the shard, the inverted list holding its vector (-1: none or
+        beyond the array). Built from the lists on first use (one pass over their ids)."""
+        if self._lists is None:
+            built: dict[int, np.ndarray] = {}
+            ivf, inv = self.index, self.index.invlists
+            parts = [(no, inv.list_size(no)) for no in range(ivf.nlist)]
+            keys = self.keys(np.concatenate(
+                [faiss.rev_swig_ptr(inv.get_ids(no), n).copy() for no, n in parts if n]
+                or [np.zeros(0, np.int64)]
+            ))
+            lists = np.repeat(np.arange(ivf.nlist, dtype=np.int64), [n for _, n in parts])
+            shards = keys >> LABEL_BITS
+            for s in np.unique(shards).tolist():
+                pick = shards == s
+                built[s] = _put(None, keys[pick] & _MASK, lists[pick])
+            self._lists = built
+        return self._lists.get(shard, np.zeros(0, np.int32))
+
+    def list_sizes(self) -> np.ndarray:
+        """IVF: the number of vectors in each inverted list."""
+        if self._sizes is None:
+            inv = self.index.invlists
+            self._sizes = np.fromiter((inv.list_size(no) for no in range(self.index.nlist)),
+                                      dtype=np.int64, count=self.index.nlist)
+        return self._sizes
+
+    def coarse(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """IVF: per query, its `n` nearest lists, nearest first (distances, list numbers)."""
+        d, lists = self.index.quantizer.search(queries, max(1, min(n, self.nlist)))
+        return d, lists
+
+    def search_lists(
+        self, queries: np.ndarray, k: int, dist: np.ndarray, lists: np.ndarray, sel: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """IVF: search each query in its own lists (a row of `lists`, -1 for none; `dist`
+        the coarse distances), only ids `sel` admits when given."""
+        n = len(queries)
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        lists = np.ascontiguousarray(lists, dtype=np.int64)
+        dist = np.ascontiguousarray(dist, dtype=np.float32)
+        k = max(1, k)
+        scores = np.empty((n, k), dtype=np.float32)
+        keys = np.empty((n, k), dtype=np.int64)
+        params = faiss.SearchParametersIVF(nprobe=lists.shape[1], sel=sel)
+        # The Python wrapper of search_preassigned refuses parameters (hence no selector);
+        # the C++ call takes them.
+        self.index.search_preassigned_c(
+            n, faiss.swig_ptr(x), k, faiss.swig_ptr(lists), faiss.swig_ptr(dist),
+            faiss.swig_ptr(scores), faiss.swig_ptr(keys), False, params,
+        )
+        return scores, self.keys(keys)
+
+    def vectors_of(self, keys: np.ndarray) -> np.ndarray:
+        """The stored (prepared) vectors of these keys, as the index holds them (decoded for
+        quantised indexes)."""
+        if not len(keys):
+            return np.zeros((0, self.index.d), np.float32)
+        out: np.ndarray = self.index.reconstruct_batch(self.ids(keys))
+        return out
 
     def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        nprobe: int,
-        allowed: np.ndarray | None = None,
-        selector: Any = None,
+        self, queries: np.ndarray, k: int, nprobe: int, selector: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, keys), each nq × k; key -1 where fewer than k were found.
-
-        `allowed`: only these keys may be returned (a filter); `selector`: a FAISS selector
-        (some shards). None for all.
-        """
+        """(scores, global keys), each nq × k; key -1 where fewer than k were found.
+        `selector`: only ids it admits (`selector`, `shards_selector`); None for all."""
         k = max(1, min(k, max(1, self.ntotal)))
-        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else selector
         if self.trained:
             params = faiss.SearchParametersIVF(
-                nprobe=max(1, min(nprobe, self.index.nlist)), sel=sel
+                nprobe=max(1, min(nprobe, self.index.nlist)), sel=selector
             )
-            return self.index.search(queries, k, params=params)  # type: ignore[no-any-return]
-        if sel is not None:
-            return self.index.search(  # type: ignore[no-any-return]
-                queries, k, params=faiss.SearchParameters(sel=sel)
-            )
-        return self.index.search(queries, k)  # type: ignore[no-any-return]
+            scores, ids = self.index.search(queries, k, params=params)
+        elif selector is not None:
+            scores, ids = self.index.search(queries, k,
+                                            params=faiss.SearchParameters(sel=selector))
+        else:
+            scores, ids = self.index.search(queries, k)
+        return scores, self.keys(ids)
 
     def memory_bytes(self) -> int:
         """An estimate of the memory the index holds (for /metrics): per vector its code and
@@ -167,41 +370,76 @@ class VectorIndex:
         return n * (d * 4 + 8 + 16)
 
     # -- snapshots ------------------------------------------------------------------------
-    def serialize(self) -> bytes:
-        """The index as bytes (quick; call while mutations are excluded)."""
-        return bytes(faiss.serialize_index(self.index).tobytes())
+    def serialize(self) -> memoryview:
+        """The index's bytes (quick; call while mutations are excluded): one copy of the
+        index, not two (the snapshot of a large index is as large as the index)."""
+        return memoryview(faiss.serialize_index(self.index))
 
-    def save(self, path: Path, covered: dict[int, int], payload: bytes | None = None) -> None:
+    def save(self, path: Path, covered: dict[int, int],
+             payload: memoryview | None = None) -> None:
         """Write atomically with the change-log position each shard's part covers: a crash
         mid-write leaves the previous snapshot in place."""
         payload = self.serialize() if payload is None else payload
-        meta = orjson.dumps({str(s): q for s, q in covered.items()})
-        head = _SNAP_HEADER.pack(
-            self.trained_at, int(self.trained), zlib.crc32(meta + payload), len(meta), len(payload)
-        )
+        meta = orjson.dumps({"covered": {str(s): q for s, q in covered.items()},
+                             "curve": self.curve})
+        head = _SNAP_HEADER.pack(self.trained_at, int(self.trained), self.bits,
+                                 zlib.crc32(payload, zlib.crc32(meta)), len(meta),
+                                 payload.nbytes)
         write_atomic(path, _SNAP_MAGIC + head, meta, payload)
 
     @staticmethod
-    def load(path: Path) -> tuple[VectorIndex, dict[int, int]] | None:
-        """(index, covered seq per shard), or None when missing or damaged (the caller
-        rebuilds from the store)."""
+    def load(path: Path, shards: int) -> tuple[VectorIndex, dict[int, int]] | None:
+        """(index, covered seq per shard), or None when missing, damaged or of another
+        layout (the caller rebuilds from the store). The file is read twice, a chunk at a
+        time: once for its checksum (FAISS never reads a damaged index), then by FAISS
+        straight into the index's structures (no copy of the whole file in memory)."""
+        n0 = len(_SNAP_MAGIC) + _SNAP_HEADER.size
         try:
-            raw = path.read_bytes()
-        except OSError:
+            with path.open("rb") as f:
+                head = f.read(n0)
+                if len(head) < n0 or head[: len(_SNAP_MAGIC)] != _SNAP_MAGIC:
+                    return None
+                trained_at, kind, bits, crc, meta_len, length = _SNAP_HEADER.unpack_from(
+                    head, len(_SNAP_MAGIC))
+                size = path.stat().st_size
+                if size != n0 + meta_len + length or bits != shard_bits(shards):
+                    return None
+                raw_meta = f.read(meta_len)
+                check = zlib.crc32(raw_meta)
+                while chunk := f.read(_READ_CHUNK):
+                    check = zlib.crc32(chunk, check)
+                if check != crc:
+                    return None
+                f.seek(n0 + meta_len)
+                index = faiss.read_index(faiss.PyCallbackIOReader(f.read, _READ_CHUNK))
+        except (OSError, RuntimeError):
             return None
-        n0 = len(_SNAP_MAGIC)
-        if len(raw) < n0 + _SNAP_HEADER.size or raw[:n0] != _SNAP_MAGIC:
-            return None
-        trained_at, kind, crc, meta_len, length = _SNAP_HEADER.unpack_from(raw, n0)
-        body = raw[n0 + _SNAP_HEADER.size :]
-        if len(body) != meta_len + length or zlib.crc32(body) != crc:
-            return None
-        covered = {int(s): int(q) for s, q in orjson.loads(body[:meta_len]).items()}
-        payload = body[meta_len:]
-        try:
-            index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
-        except RuntimeError:
-            return None
+        meta = orjson.loads(raw_meta)
+        curve: Curve = []
+        if isinstance(meta, dict) and "covered" in meta:
+            try:
+                curve = checked_curve(meta.get("curve", []))
+            except ValueError:
+                return None
+            meta = meta["covered"]
+        covered = {int(s): int(q) for s, q in meta.items()}
         if kind:
             faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
-        return VectorIndex(index, bool(kind), int(trained_at)), covered
+        return VectorIndex(index, bool(kind), int(trained_at), bits, curve=curve), covered
+
+
+def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """`arr[labels] = values` on an int32 array defaulting to -1, grown to fit."""
+    need = int(labels.max()) + 1 if len(labels) else 0
+    if arr is None or need > len(arr):
+        grown = np.full(max(need, 2 * (0 if arr is None else len(arr)), 16), -1, np.int32)
+        if arr is not None:
+            grown[: len(arr)] = arr
+        arr = grown
+    arr[labels] = values
+    return arr
+
+
+def _bitmap(bits: np.ndarray) -> Any:
+    # FAISS reads the array by raw pointer; its Python wrapper keeps it alive with the selector.
+    return faiss.IDSelectorBitmap(bits)

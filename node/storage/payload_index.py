@@ -1,12 +1,13 @@
-"""A shard's payload index: for each metadata key a filter has used, the labels of the live
-documents by value (and by number, for ranges). Built the first time a key is filtered on,
-then kept current write by write, so a filtered search combines sets instead of parsing every
-document's metadata. The semantics are those of `cluster.model.filters` (tested against it)."""
+"""A shard's payload index: for each metadata key a filter has used, the live documents'
+values as columns over labels (a value code and a number per label). Built the first time a
+key is filtered on, then kept current write by write, so a filtered search combines masks
+over labels instead of parsing every document's metadata. The semantics are those of `cluster.model.filters` (tested
+against it)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -15,6 +16,15 @@ from aquila.cluster.model.filters import Cond, Filter
 
 Path = tuple[str, ...]
 _MISSING = object()
+
+
+class MetaSource(Protocol):
+    """The live documents' metadata by label: a dict, or a shard's view of its store
+    (`shard.ShardMeta`), which iterates the live labels and reads `items` from the store."""
+
+    def __iter__(self) -> Iterator[int]: ...
+
+    def items(self) -> Iterable[tuple[int, bytes]]: ...
 
 
 def _lookup(doc: Any, path: Path) -> Any:
@@ -40,72 +50,97 @@ def _eq_keys(v: Any, out: set[tuple[str, Any]]) -> None:
 
 
 class KeyIndex:
+    """One metadata key, columnar: per label, the code of its scalar value (an int32 array,
+    -1 for none) and its number (a float64 array, NaN for none); codes name the distinct
+    values. A value that is a list (it matches when any element does) keeps its codes in a
+    small dict by label: the only per-document objects, for list values only."""
+
     def __init__(self) -> None:
-        self.eq: dict[tuple[str, Any], set[int]] = {}
-        self.num: dict[int, float] = {}  # label → value, for numbers that are not in lists
-        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+        self.codes: dict[tuple[str, Any], int] = {}
+        self.code = np.full(0, -1, np.int32)
+        self.num = np.full(0, np.nan, np.float64)
+        self.lists: dict[int, np.ndarray] = {}
+
+    def _fit(self, label: int) -> None:
+        if label >= len(self.code):
+            size = max(label + 1, len(self.code) * 5 // 4, 64)
+            code = np.full(size, -1, np.int32)
+            code[: len(self.code)] = self.code
+            num = np.full(size, np.nan, np.float64)
+            num[: len(self.num)] = self.num
+            self.code, self.num = code, num
+
+    def _code(self, key: tuple[str, Any]) -> int:
+        c = self.codes.get(key)
+        if c is None:
+            c = self.codes[key] = len(self.codes)
+        return c
 
     def add(self, label: int, value: Any) -> None:
         if value is _MISSING:
             return
-        keys: set[tuple[str, Any]] = set()
-        _eq_keys(value, keys)
-        for k in keys:
-            self.eq.setdefault(k, set()).add(label)
+        self._fit(label)
+        if isinstance(value, list):
+            keys: set[tuple[str, Any]] = set()
+            _eq_keys(value, keys)
+            if keys:
+                self.lists[label] = np.fromiter((self._code(k) for k in keys), np.int32)
+        elif value is None or isinstance(value, str | int | float | bool):
+            self.code[label] = self._code(_norm(value))
         if isinstance(value, int | float) and not isinstance(value, bool):
             self.num[label] = float(value)
-            self._sorted = None
 
     def remove(self, label: int, value: Any) -> None:
-        if value is _MISSING:
+        if value is _MISSING or label >= len(self.code):
             return
-        keys: set[tuple[str, Any]] = set()
-        _eq_keys(value, keys)
-        for k in keys:
-            labels = self.eq.get(k)
-            if labels is not None:
-                labels.discard(label)
-                if not labels:
-                    del self.eq[k]
-        if self.num.pop(label, None) is not None:
-            self._sorted = None
+        self.code[label] = -1
+        self.num[label] = np.nan
+        self.lists.pop(label, None)
 
-    def match(self, values: Iterable[Any]) -> set[int]:
-        out: set[int] = set()
-        for w in values:
-            out |= self.eq.get(_norm(w), set())
-        return out
+    def numbers(self) -> int:
+        """Labels that have a number (for tests and figures)."""
+        return int(np.count_nonzero(~np.isnan(self.num)))
 
-    def in_range(self, bounds: Iterable[tuple[str, float]]) -> set[int]:
-        if self._sorted is None:
-            labels = np.fromiter(self.num.keys(), dtype=np.int64, count=len(self.num))
-            values = np.fromiter(self.num.values(), dtype=np.float64, count=len(self.num))
-            self._sorted = (values, labels)
-        values, labels = self._sorted
-        mask = np.ones(len(values), dtype=bool)
+    def match(self, values: Iterable[Any], mask: np.ndarray) -> None:
+        """Set the labels whose value equals one of `values` in `mask`."""
+        wanted = {c for c in (self.codes.get(_norm(w)) for w in values) if c is not None}
+        if not wanted:
+            return
+        n = min(len(mask), len(self.code))
+        want = np.fromiter(wanted, np.int32)
+        mask[:n] |= np.isin(self.code[:n], want)
+        for label, codes in self.lists.items():
+            if label < len(mask) and np.isin(codes, want).any():
+                mask[label] = True
+
+    def in_range(self, bounds: Iterable[tuple[str, float]], mask: np.ndarray) -> None:
+        """Set the labels whose number lies within `bounds` in `mask`."""
+        n = min(len(mask), len(self.num))
+        values = self.num[:n]
+        inside = ~np.isnan(values)
         for op, b in bounds:
             if op == "gte":
-                mask &= values >= b
+                inside &= values >= b
             elif op == "gt":
-                mask &= values > b
+                inside &= values > b
             elif op == "lte":
-                mask &= values <= b
+                inside &= values <= b
             else:
-                mask &= values < b
-        return set(labels[mask].tolist())
+                inside &= values < b
+        mask[:n] |= inside
 
 
 class PayloadIndex:
     def __init__(self) -> None:
         self.keys: dict[Path, KeyIndex] = {}
 
-    def ensure(self, paths: Iterable[Path], meta: dict[int, bytes]) -> None:
+    def ensure(self, paths: Iterable[Path], meta: MetaSource) -> None:
         """Index these keys over the live documents (one pass over their metadata)."""
         missing = [p for p in dict.fromkeys(paths) if p not in self.keys]
         if not missing:
             return
         built = {p: KeyIndex() for p in missing}
-        for label, raw in list(meta.items()):
+        for label, raw in meta.items():
             doc = orjson.loads(raw) if raw else {}
             for p, ki in built.items():
                 ki.add(label, _lookup(doc, p))
@@ -123,17 +158,38 @@ class PayloadIndex:
             if new is not None:
                 ki.add(label, _lookup(new_doc or {}, p))
 
-    def evaluate(self, flt: Filter, meta: dict[int, bytes]) -> set[int]:
-        """Labels of the live documents that `flt` admits."""
+    def mask(self, flt: Filter, meta: MetaSource, size: int) -> np.ndarray:
+        """A boolean mask over labels 0..size-1 (every label of `meta` below size) of the live
+        documents that `flt` admits: numpy operations over label arrays, no per-document
+        Python objects."""
         self.ensure((c.path for c in (*flt.must, *flt.should, *flt.must_not)), meta)
 
-        def cond(c: Cond) -> set[int]:
+        def cond(c: Cond) -> np.ndarray:
+            out = np.zeros(size, dtype=bool)
             ki = self.keys[c.path]
-            return ki.in_range(c.bounds) if c.kind == "range" else ki.match(c.values)
+            if c.kind == "range":
+                ki.in_range(c.bounds, out)
+            else:
+                ki.match(c.values, out)
+            return out
 
-        result = set.intersection(*(cond(c) for c in flt.must)) if flt.must else set(meta)
+        if flt.must:
+            result = cond(flt.must[0])
+            for c in flt.must[1:]:
+                result &= cond(c)
+        else:  # every live document
+            result = np.zeros(size, dtype=bool)
+            result[np.fromiter(meta, dtype=np.int64)] = True
         if flt.should:
-            result &= set().union(*(cond(c) for c in flt.should))
-        if flt.must_not:
-            result -= set().union(*(cond(c) for c in flt.must_not))
+            some = np.zeros(size, dtype=bool)
+            for c in flt.should:
+                some |= cond(c)
+            result &= some
+        for c in flt.must_not:
+            result &= ~cond(c)
         return result
+
+    def evaluate(self, flt: Filter, meta: MetaSource) -> set[int]:
+        """Labels of the live documents that `flt` admits."""
+        size = max(meta, default=-1) + 1
+        return set(np.flatnonzero(self.mask(flt, meta, size)).tolist())

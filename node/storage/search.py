@@ -1,27 +1,21 @@
 """Searching a collection's local index (blocking; runs on a search thread under the
-collection's read lock): the batched unfiltered path, the filtered path, and turning index
-keys into documents from the shards' in-memory label and metadata maps (RocksDB is read only
-when vectors are asked for)."""
+collection's read lock): the batched unfiltered path, and turning index keys into documents:
+two multi-gets of the store per batch (the hits' ids by label, then their records), through
+RocksDB's block cache; nothing per document is kept in memory. The filtered path is
+`node.storage.filtered`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
-import orjson
 
 from aquila.cluster.model.documents import Hit
-from aquila.cluster.model.filters import Filter
-from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.node.storage.index import LABEL_BITS, VectorIndex, global_keys, shard_selector
+from aquila.node.storage.index import LABEL_BITS, VectorIndex
 from aquila.node.storage.shard import Shard
-from aquila.node.storage.store import Store
+from aquila.node.storage.store import Record, Store, doc_key, label_key, record_meta
 
-# A filtered search over at most this many matching documents scans every list of the index
-# (exact for flat and ivf_flat); more matches go through the usual nprobe lists first.
-EXACT_FILTER_MAX = 50_000
 _MASK = (1 << LABEL_BITS) - 1
 
 
@@ -42,80 +36,46 @@ def run_batch(
     local shard."""
     if coll.index.ntotal == 0:
         return [[] for _ in range(len(q))]
-    sel = None if len(wanted) == len(coll.shards) else shard_selector(list(wanted))
+    sel = None
+    if len(wanted) < len(coll.shards):
+        below = max(coll.shards[s].next_label for s in wanted)
+        sel = coll.index.shards_selector(wanted, below)
     d, keys = coll.index.search(q, k, nprobe, selector=sel)
-    return resolve(coll, d, keys, with_vectors)
-
-
-def matching_keys(
-    coll: Searchable, predicate: Callable[[Any], bool], wanted: tuple[int, ...]
-) -> np.ndarray:
-    """Index keys of the live documents of these shards whose metadata matches: from the
-    shards' payload indexes for a parsed filter, by evaluating any other predicate."""
-    parts = []
-    for s in wanted:
-        shard = coll.shards[s]
-        if isinstance(predicate, Filter):
-            labels = sorted(shard.payload.evaluate(predicate, shard.meta))
-        else:
-            labels = [lab for lab, meta in shard.meta.items() if predicate(orjson.loads(meta))]
-        parts.append(global_keys(s, np.asarray(labels, dtype=np.int64)))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def search_filtered(
-    coll: Searchable,
-    q: np.ndarray,
-    k: int,
-    nprobe: int,
-    predicate: Callable[[Any], bool],
-    wanted: tuple[int, ...],
-    with_vectors: bool,
-) -> list[list[Hit]]:
-    """The k best *matching* documents, not the matches among the k best: the index search
-    is restricted to the matches. Few matches: every list is scanned (exact for flat and
-    ivf_flat). Many: the usual nprobe lists, widened to all when they hold fewer than k."""
-    allowed = matching_keys(coll, predicate, wanted)
-    if len(allowed) == 0:
-        return [[] for _ in range(len(q))]
-    kk = min(k, len(allowed))
-    every_list = int(getattr(coll.index.index, "nlist", 1))
-    probe = every_list if len(allowed) <= EXACT_FILTER_MAX else nprobe
-    d, keys = coll.index.search(q, kk, probe, allowed=allowed)
-    if probe < every_list and (keys >= 0).sum(axis=1).min() < kk:
-        d, keys = coll.index.search(q, kk, every_list, allowed=allowed)
     return resolve(coll, d, keys, with_vectors)
 
 
 def resolve(
     coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_vectors: bool
 ) -> list[list[Hit]]:
-    """Index answers (best first, key -1 for none) to documents."""
+    """Index answers (best first, key -1 for none) to documents: their ids and records read
+    from the store, a hit whose record is gone or a tombstone left out (deleted since: the
+    index catches up right after)."""
     shards = coll.shards
-    out: list[list[Hit]] = []
-    for srow, krow in zip(scores.tolist(), keys.tolist(), strict=True):
-        hits = []
+    found: list[tuple[int, float, int, int]] = []  # row, score, shard, label
+    for r, (srow, krow) in enumerate(zip(scores.tolist(), keys.tolist(), strict=True)):
         for score, key in zip(srow, krow, strict=True):
             if key < 0:
                 break
-            shard = shards.get(key >> LABEL_BITS)
-            if shard is None:
-                continue
-            label = key & _MASK
-            meta = shard.meta.get(label)
-            if meta is not None:  # None: deleted since (the index catches up right after)
-                hits.append(Hit(shard.labels[label], score, meta, b"", shard.shard))
-        out.append(hits)
-    if with_vectors:
-        _fill_vectors(coll, out)
+            if key >> LABEL_BITS in shards:
+                found.append((r, score, key >> LABEL_BITS, key & _MASK))
+    out: list[list[Hit]] = [[] for _ in range(len(scores))]
+    if not found:
+        return out
+    store = coll.store
+    ids = store.raw_records([label_key(s, lab) for _, _, s, lab in found])
+    raws = store.raw_records([doc_key(s, "") + i for (_, _, s, _), i in zip(found, ids,
+                                                                          strict=True)
+                              if i is not None])
+    it = iter(raws)
+    for (r, score, s, label), doc_id in zip(found, ids, strict=True):
+        if doc_id is None:
+            continue
+        raw = next(it)
+        if raw is None:
+            continue
+        own, tomb, meta = record_meta(raw)
+        if tomb or own != label:
+            continue
+        vec = Record.decode(raw).vector if with_vectors else b""
+        out[r].append(Hit(doc_id.decode(), score, meta, vec, s))
     return out
-
-
-def _fill_vectors(coll: Searchable, rows: list[list[Hit]]) -> None:
-    n = coll.spec.shards
-    keys = [(shard_of(h.id, n), h.id) for row in rows for h in row]
-    recs = iter(coll.store.get_records_multi(keys))
-    for row in rows:
-        for h in row:
-            rec = next(recs)
-            h.vector = rec.vector if rec is not None else b""

@@ -1,10 +1,16 @@
-"""One local shard's bookkeeping: its slice of the collection's store, its counters and its
-label map, and the index changes its writes imply. The vectors themselves live in the
-collection's node-wide index (`node.storage.index`), under global keys `shard << 40 | label`.
+"""One local shard's bookkeeping: its slice of the collection's store, its counters, its
+digests and a bitmap of its live labels, and the index changes its writes imply. The vectors
+themselves live in the collection's node-wide index (`node.storage.index`), under global keys
+`shard << 40 | label`.
+
+Nothing here is held per document but one bit per label given (the live bitmap): ids and
+metadata are read from the store when a search returns them (`node.storage.search`), so a
+deleted document costs nothing in memory once its delete is durable, and a start reads the
+counters and digests (kept in the store, written with every batch) instead of every record.
 
 Invariants: every live document of the shard (and nothing else of it) is in the index under
-its key once every change up to `applied_seq` has been applied; the change log replays what a
-snapshot does not cover.
+its key, and its bit is set, once every change up to `applied_seq` has been applied; the
+change log replays what a snapshot does not cover.
 
 Methods here are blocking (RocksDB) and run on `node.blocking` threads; the collection
 serialises mutations and excludes them from searches.
@@ -13,14 +19,24 @@ serialises mutations and excludes them from searches.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 from aquila.cluster.model.digests import BUCKETS, bucket_of, record_hash
 from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.storage.index import LABEL_BITS, global_key, global_keys, prepare
+from aquila.node.storage.matches import (
+    DEFAULT_CAPACITY,
+    MatchSet,
+    ShardFilters,
+    bits_labels,
+    canonical,
+)
 from aquila.node.storage.payload_index import PayloadIndex
 from aquila.node.storage.store import (
     _HEADER,
@@ -30,6 +46,7 @@ from aquila.node.storage.store import (
     WriteBatch,
     change_key,
     doc_key,
+    label_key,
 )
 
 _F4 = np.dtype("<f4")
@@ -44,7 +61,9 @@ class IndexOps:
     add_vectors: list[bytes] = field(default_factory=list)  # raw float32 rows, little-endian
     add_meta: list[bytes] = field(default_factory=list)  # metadata of the added documents
     gone: list[int] = field(default_factory=list)  # labels that became tombstones
-    new_labels: dict[int, str] = field(default_factory=dict)
+    # Metadata of the documents written or deleted that were live before (their payload
+    # index entries go): by label, read with the old records the write looked up anyway.
+    old_meta: dict[int, bytes] = field(default_factory=dict)
     count_delta: int = 0
     digest_delta: dict[int, int] = field(default_factory=dict)  # bucket → XOR to apply
     last_seq: int = 0
@@ -58,52 +77,122 @@ class IndexOps:
         return prepare(rows, metric)
 
 
+class ShardMeta:
+    """The live documents' metadata of a shard, read as a mapping from label (what the
+    payload index and ad-hoc filters read): labels from the live bitmap, metadata from the
+    store (a scan: for building a payload index or evaluating an ad-hoc filter, not for
+    searches)."""
+
+    def __init__(self, shard: Shard) -> None:
+        self._shard = shard
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._shard.live_labels().tolist())
+
+    def __len__(self) -> int:
+        return self._shard.count
+
+    def items(self) -> Iterator[tuple[int, bytes]]:
+        return self._shard.store.iter_live_metadata(self._shard.shard)
+
+    def values(self) -> Iterator[bytes]:
+        return (m for _, m in self.items())
+
+
 class Shard:
-    def __init__(self, spec: CollectionSpec, shard: int, store: Store) -> None:
+    def __init__(self, spec: CollectionSpec, shard: int, store: Store,
+                 filter_cache: int = DEFAULT_CAPACITY) -> None:
         self.spec = spec
         self.shard = shard
         self.store = store
-        self.labels: dict[int, str] = {}  # every label given (tombstones too) → id
-        self.meta: dict[int, bytes] = {}  # live documents' metadata, by label
-        # Anti-entropy digests of the records, kept current write by write (no scans).
+        # One bit per label given, set while its document is live (packed, little-endian
+        # bit order as `matches` lays bitmaps out).
+        self.live = np.zeros(0, np.uint8)
+        self.meta = ShardMeta(self)
+        # Anti-entropy digests of the records, kept current write by write (no scans), and
+        # stored with every batch that changes them.
         self.digests = [0] * BUCKETS
         # Metadata keys filters have used, indexed (built on first use, kept current).
         self.payload = PayloadIndex()
+        # The match sets of recent filters (bitmaps over labels, kept current by writes).
+        self.filters = ShardFilters(filter_cache)
         self.next_seq = 1
         self.next_label = 1
         self.count = 0
         self.applied_seq = 0
+        self._forgotten: dict[int, int] = {}  # purged digests' change, once durable
 
     def load(self) -> None:
-        """Counters, labels and metadata from the store (the index is the collection's)."""
+        """Counters and digests from the store (no scan of the records); the live bitmap
+        follows from the index once it is loaded (`set_live`)."""
         self.next_seq, self.next_label, self.count = self.store.counters(self.shard)
-        self.labels, self.meta = {}, {}
-        self.digests = [0] * BUCKETS
+        self.digests = self.store.digests(self.shard, BUCKETS)
+        self.live = np.zeros(0, np.uint8)
         self.payload = PayloadIndex()
-        for doc_id, rec in self.store.iter_docs(self.shard):
-            self.labels[rec.label] = doc_id
-            self.digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
-            if not rec.tombstone:
-                self.meta[rec.label] = rec.metadata
+        self.filters.clear()
         self.applied_seq = self.next_seq - 1
 
-    def keys(self) -> np.ndarray:
-        """Global keys of every label this shard ever gave (live or not)."""
-        return global_keys(self.shard, np.fromiter(self.labels, dtype=np.int64))
+    @staticmethod
+    def upgrade(store: Store, shard: int, chunk: int = 50_000) -> None:
+        """Write what layout 1 did not store (label → id keys, per-bucket digests) from one
+        scan of the shard's records: once, at the first start after an upgrade."""
+        digests = [0] * BUCKETS
+        batch = WriteBatch()
+        for doc_id, rec in store.iter_docs(shard):
+            batch.put_label(shard, rec.label, doc_id.encode())
+            digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
+            batch.count += 1
+            if batch.count >= chunk:
+                store.write(batch)
+                batch = WriteBatch()
+        for b, value in enumerate(digests):
+            if value:
+                batch.put_digest(shard, b, value)
+        store.write(batch)
 
-    def live_vectors(self, max_seq: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """Every live document's prepared vector and global key, with seq ≤ max_seq if given."""
-        vecs: list[bytes] = []
-        labels: list[int] = []
-        for _, rec in self.store.iter_docs(self.shard):
-            if rec.tombstone or (max_seq is not None and rec.seq > max_seq):
-                continue
-            vecs.append(rec.vector)
-            labels.append(rec.label)
-        if not vecs:
-            return np.zeros((0, self.spec.dim), np.float32), np.zeros(0, np.int64)
-        x = np.frombuffer(b"".join(vecs), dtype="<f4").reshape(len(vecs), self.spec.dim)
-        return prepare(x, self.spec.metric), global_keys(self.shard, np.asarray(labels))
+    # -- the live bitmap ------------------------------------------------------------------
+    def set_live(self, labels: np.ndarray) -> None:
+        """The live labels, all at once (after the index is loaded or rebuilt)."""
+        self.live = np.zeros(0, np.uint8)
+        self._mark(np.asarray(labels, dtype=np.int64), True)
+
+    def _mark(self, labels: np.ndarray, on: bool) -> None:
+        if not len(labels):
+            return
+        need = (int(labels.max()) >> 3) + 1
+        if need > len(self.live):
+            grown = np.zeros(max(need, len(self.live) * 5 // 4, 64), np.uint8)
+            grown[: len(self.live)] = self.live
+            self.live = grown
+        bit = np.uint8(1) << (labels & 7).astype(np.uint8)
+        if on:
+            np.bitwise_or.at(self.live, labels >> 3, bit)
+        else:
+            np.bitwise_and.at(self.live, labels >> 3, ~bit)
+
+    def live_labels(self) -> np.ndarray:
+        return bits_labels(self.live)
+
+    def matches(self, flt: Filter, key: str | None = None) -> tuple[MatchSet, bool]:
+        """The live documents `flt` admits, as a match set over labels, and whether it came
+        from the cache: the one evaluation that searches, counts and scrolls share. `key`:
+        `canonical(flt)` when the caller has it. Call under the collection's read lock."""
+        return self.filters.get(
+            flt, canonical(flt) if key is None else key,
+            lambda: self.payload.mask(flt, self.meta, self.next_label),
+        )
+
+    def keys(self) -> np.ndarray:
+        """Global keys of the shard's live documents (all it has in the index)."""
+        return global_keys(self.shard, self.live_labels())
+
+    def live_chunks(self, max_seq: int | None, chunk: int = 65_536
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The live documents' prepared vectors and global keys, with seq ≤ max_seq if
+        given, a chunk at a time (the chunk's buffer is reused: consume it before the next)."""
+        for rows, labels in self.store.iter_live_vectors(self.shard, max_seq, chunk,
+                                                         self.spec.dim):
+            yield prepare(rows, self.spec.metric), global_keys(self.shard, labels)
 
     def changes_after(self, after_seq: int) -> IndexOps:
         """The index changes of every change logged after `after_seq` (replay)."""
@@ -148,6 +237,8 @@ class Shard:
         blake2b = hashlib.blake2b
         put, delete = batch.raw_put, batch.raw_delete
         pack_seq = _U64.pack
+        label_prefix = label_key(shard, 0)[:3]
+        old_meta = ops.old_meta
         writers: dict[str, bytes] = {}
         digest_delta = ops.digest_delta
         remove, add_keys, add_vectors, add_meta = (
@@ -162,14 +253,17 @@ class Shard:
                     continue
                 label = old.label
                 was_live = not old.tombstone
+                if was_live:
+                    old_meta[label] = old.metadata
             else:
                 label = next_label
                 next_label += 1
-                ops.new_labels[label] = doc.id
             wb = writers.get(writer)
             if wb is None:
                 wb = writers[writer] = writer.encode()
             idb = doc.id.encode()
+            if old is None:
+                put(label_prefix + pack_seq(label), idb)
             vec = doc.vector
             # The record as `store.encode_record` lays it out, and the digests as
             # `digests.record_hash` and `digests.bucket_of` compute them, inline: this loop is where
@@ -209,7 +303,6 @@ class Shard:
                 applied += 1
         ops.count_delta, ops.applied, ops.deleted = count_delta, applied, deleted
         self.next_seq, self.next_label = seq, next_label
-        batch.put_counters(shard, seq, next_label, self.count + count_delta)
         ops.last_seq = seq - 1
         return ops
 
@@ -234,7 +327,9 @@ class Shard:
             label = old.label if old is not None else self.next_label
             if old is None:
                 self.next_label += 1
-                ops.new_labels[label] = doc.id
+                batch.put_label(self.shard, label, doc.id.encode())
+            elif doc.id not in staged and not old.tombstone:  # live before this batch
+                ops.old_meta[label] = old.metadata
             rec = Record(
                 version=doc.version,
                 label=label,
@@ -269,9 +364,21 @@ class Shard:
         ops.add_keys = list(adds)
         ops.add_vectors = [v for v, _ in adds.values()]
         ops.add_meta = [m for _, m in adds.values()]
-        batch.put_counters(self.shard, self.next_seq, self.next_label, count)
         ops.last_seq = self.next_seq - 1
         return ops
+
+    def stage_totals(self, batch: WriteBatch, ops: list[IndexOps]) -> None:
+        """The counters and the changed buckets' digests after `ops` (every write of this
+        shard in `batch`), into the batch: once per shard and batch, so that several writes
+        of one shard in a group commit add up."""
+        delta: dict[int, int] = {}
+        for o in ops:
+            for b, x in o.digest_delta.items():
+                delta[b] = delta.get(b, 0) ^ x
+        for b, x in delta.items():
+            batch.put_digest(self.shard, b, self.digests[b] ^ x)
+        batch.put_counters(self.shard, self.next_seq, self.next_label,
+                           self.count + sum(o.count_delta for o in ops))
 
     def durable(self, ops: IndexOps) -> None:
         """Record that `ops`' write reached the store (the index follows shortly)."""
@@ -279,23 +386,41 @@ class Shard:
         for b, x in ops.digest_delta.items():
             self.digests[b] ^= x
 
-    def forget(self, doc_id: str, rec: Record) -> None:
-        """A purged tombstone leaves the digests and the label map."""
-        self.digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
-        self.labels.pop(rec.label, None)
-        self.meta.pop(rec.label, None)
+    def forget(self, gone: list[tuple[str, Record]], batch: WriteBatch) -> None:
+        """Purged tombstones leave the store (their record, change and label keys) and the
+        digests: staged into `batch`; `self.digests` moves when `forgotten` is called after
+        the batch is durable."""
+        delta: dict[int, int] = {}
+        for doc_id, rec in gone:
+            batch.forget(self.shard, doc_id, rec)
+            b = bucket_of(doc_id)
+            delta[b] = delta.get(b, 0) ^ record_hash(doc_id, rec.version, rec.writer)
+        for b, x in delta.items():
+            batch.put_digest(self.shard, b, self.digests[b] ^ x)
+        self._forgotten = delta
+
+    def forgotten(self) -> None:
+        for b, x in self._forgotten.items():
+            self.digests[b] ^= x
+        self._forgotten = {}
 
     def rollback(self, seq: int, label: int) -> None:
         self.next_seq, self.next_label = seq, label
 
     def applied(self, ops: IndexOps) -> None:
-        """Record that `ops` reached the index."""
-        self.labels.update(ops.new_labels)  # (the count moved when the write was made durable)
+        """Record that `ops` reached the index (the count moved when it was made durable)."""
+        old = ops.old_meta
         for label in ops.gone:
-            self.payload.update(label, self.meta.pop(label, None), None)
+            self.payload.update(label, old.get(label), None)
         mask = (1 << LABEL_BITS) - 1
+        added = []
         for key, meta in zip(ops.add_keys, ops.add_meta, strict=True):
             label = key & mask
-            self.payload.update(label, self.meta.get(label), meta)
-            self.meta[label] = meta
+            self.payload.update(label, old.get(label), meta)
+            added.append(label)
+        self._mark(np.asarray(ops.gone, dtype=np.int64), False)
+        self._mark(np.asarray(added, dtype=np.int64), True)
+        self.filters.written(
+            ops.gone, added, lambda: [orjson.loads(m) if m else {} for m in ops.add_meta]
+        )
         self.applied_seq = max(self.applied_seq, ops.last_seq)

@@ -8,12 +8,15 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
     b"D" shard id                 -> document record (see `Record`); tombstones too
     b"Q" shard seq(u64 BE)        -> id: the change log, one entry per document (its latest
                                      change), so replay after a snapshot reads only what came after
+    b"L" shard label(u64 BE)      -> id: every label given and not purged (tombstones' too)
+    b"G" shard bucket(u16 BE)     -> the anti-entropy digest of the bucket (16 bytes), written
+                                     in the batch of every change to the bucket
+    b"F"                          -> the layout's version (absent: 1, before L and G existed)
 
 A document's label is a stable int64 within its shard, kept for its whole life (tombstone
-included), so updates and deletes remove exactly the old vector from the index. The label →
-id map and the live documents' metadata are held in memory by each shard (`node.storage.shard`),
-rebuilt from the records at start, so searches read nothing from RocksDB unless they ask for
-vectors.
+included), so updates and deletes remove exactly the old vector from the index. Nothing per
+document is held in memory: a search reads its hits' ids (L) and records (D) here, through
+the block cache, and a start reads the counters and digests of each shard, not its records.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
 # The tags of the keys that belong to one shard.
-_SHARD_TAGS = (b"C", b"D", b"Q")
+_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G")
+LAYOUT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,20 @@ def change_key(shard: int, seq: int) -> bytes:
     return _shard_key(b"Q", shard) + _U64.pack(seq)
 
 
+def label_key(shard: int, label: int) -> bytes:
+    return _shard_key(b"L", shard) + _U64.pack(label)
+
+
+def digest_key(shard: int, bucket: int) -> bytes:
+    return _shard_key(b"G", shard) + _U16.pack(bucket)
+
+
+def record_meta(raw: bytes) -> tuple[int, bool, bytes]:
+    """(label, tombstone, metadata) of a stored record, without decoding the rest."""
+    _, label, _, flags, dim, wlen = _HEADER.unpack_from(raw)
+    return label, bool(flags & FLAG_TOMBSTONE), raw[_HEADER.size + wlen + dim * 4:]
+
+
 class WriteBatch:
     """Changes to several shards of one collection, made durable together by `Store.write`."""
 
@@ -122,7 +140,14 @@ class WriteBatch:
         """Remove every trace of a document (a tombstone past its grace period)."""
         self._wb.delete(doc_key(shard, doc_id))
         self._wb.delete(change_key(shard, rec.seq))
+        self._wb.delete(label_key(shard, rec.label))
         self.count += 1
+
+    def put_label(self, shard: int, label: int, doc_id: bytes) -> None:
+        self._wb.put(label_key(shard, label), doc_id)
+
+    def put_digest(self, shard: int, bucket: int, value: int) -> None:
+        self._wb.put(digest_key(shard, bucket), value.to_bytes(16, "big"))
 
     def put_counters(self, shard: int, next_seq: int, next_label: int, live: int) -> None:
         self._wb.put(_shard_key(b"C", shard), _COUNTERS.pack(next_seq, next_label, live))
@@ -151,6 +176,11 @@ class Store:
         wo.sync = self._fsync
         self._write_opts = wo
         self._batch_opts = rocksdict.WriteOptions()  # not synced: `write` syncs apart
+        # Scans (training, rebuilds, transfers, purges) read every block once: they go
+        # around the block cache, which keeps what searches read (their hits' records).
+        self._scan_opts = rocksdict.ReadOptions()
+        self._scan_opts.fill_cache(False)  # type: ignore[call-arg]
+        self._scan_opts.set_readahead_size(2 << 20)
 
     @property
     def db(self) -> rocksdict.Rdict:
@@ -211,6 +241,69 @@ class Store:
         if self._fsync:
             self.db.flush_wal(True)
 
+    def layout(self) -> int:
+        raw = self.db.get(b"F")
+        return 1 if raw is None else int(_U16.unpack(raw)[0])
+
+    def put_layout(self, version: int = LAYOUT) -> None:
+        self.db.put(b"F", _U16.pack(version), self._write_opts)
+
+    def digests(self, shard: int, buckets: int) -> list[int]:
+        """The shard's stored digests, one per bucket (0 for a bucket never written)."""
+        out = [0] * buckets
+        prefix = _shard_key(b"G", shard)
+        for key, raw in self._scan(prefix):
+            b = _U16.unpack_from(key, 3)[0]
+            if b < buckets:
+                out[b] = int.from_bytes(raw, "big")
+        return out
+
+    def ids_of_labels(self, shard: int, labels: list[int]) -> list[bytes | None]:
+        if not labels:
+            return []
+        got: list[bytes | None] = self.db.get([label_key(shard, lab) for lab in labels])  # type: ignore[assignment]
+        return got
+
+    def raw_records(self, keys: list[bytes]) -> list[bytes | None]:
+        if not keys:
+            return []
+        got: list[bytes | None] = self.db.get([k for k in keys])  # type: ignore[assignment]
+        return got
+
+    def iter_live_vectors(self, shard: int, max_seq: int | None, chunk: int, dim: int
+                          ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(float32 rows, labels) of the shard's live documents with seq ≤ max_seq (every one
+        if None), `chunk` rows at a time, each chunk filled in place: no copy of the whole."""
+        rows = np.empty((chunk, dim), np.float32)
+        labels = np.empty(chunk, np.int64)
+        flat = rows.reshape(-1).view(np.uint8)
+        width = dim * 4
+        n = 0
+        unpack = _HEADER.unpack_from
+        for _, raw in self._scan(_shard_key(b"D", shard)):
+            _, label, seq, flags, vdim, wlen = unpack(raw)
+            if flags & FLAG_TOMBSTONE or (max_seq is not None and seq > max_seq):
+                continue
+            if vdim != dim:
+                raise ValueError(f"a record of shard {shard} has dimension {vdim}, not {dim}")
+            off = _HEADER.size + wlen
+            flat[n * width:(n + 1) * width] = np.frombuffer(raw, np.uint8, width, off)
+            labels[n] = label
+            n += 1
+            if n == chunk:
+                yield rows, labels
+                n = 0
+        if n:
+            yield rows[:n], labels[:n]
+
+    def iter_live_metadata(self, shard: int) -> Iterator[tuple[int, bytes]]:
+        """(label, metadata) of every live document of the shard, in id order: the records'
+        headers and metadata only (building a payload index, evaluating an ad-hoc filter)."""
+        for _, raw in self._scan(_shard_key(b"D", shard)):
+            label, tomb, meta = record_meta(raw)
+            if not tomb:
+                yield label, meta
+
     def counters(self, shard: int) -> tuple[int, int, int]:
         """(next seq, next label, live documents) of a shard."""
         raw = self.db.get(_shard_key(b"C", shard))
@@ -220,7 +313,7 @@ class Store:
         return int(seq), int(label), int(live)
 
     def _scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        it = self.db.iter()
+        it = self.db.iter(self._scan_opts)
         it.seek(start or prefix)
         while it.valid():
             key = it.key()

@@ -1,0 +1,128 @@
+"""Training a collection's IVF index without a second copy of its vectors in memory: the
+vectors are streamed from the store in chunks, twice. The first pass keeps a uniform sample
+(what k-means trains on: 64 points per list), the second adds every chunk to the trained
+index and, for the calibration (search by recall), keeps the exact nearest neighbours of a few
+stored documents over all of them, chunk by chunk. Memory beyond the new index: the sample and
+one chunk.
+
+Blocking (RocksDB reads, FAISS training): runs on the background thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from aquila.cluster.model.spec import CollectionSpec
+from aquila.node.storage.index import (
+    CALIBRATION_K,
+    CALIBRATION_QUERIES,
+    VectorIndex,
+    choose_nlist,
+    faiss,
+    faiss_metric,
+)
+
+Chunks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # (prepared vectors, keys)
+SAMPLE_PER_LIST = 64
+
+
+class Truth:
+    """The exact k+1 nearest stored vectors of some queries, merged chunk by chunk."""
+
+    def __init__(self, queries: np.ndarray, k: int, metric: str) -> None:
+        self.q = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = k
+        self.metric = metric
+        self.larger_is_better = metric != "l2"
+        worst = -np.inf if self.larger_is_better else np.inf
+        self.scores = np.full((len(queries), k), worst, dtype=np.float32)
+        self.keys = np.full((len(queries), k), -1, dtype=np.int64)
+
+    def add(self, vectors: np.ndarray, keys: np.ndarray) -> None:
+        if not len(vectors) or not len(self.q):
+            return
+        kk = min(self.k, len(vectors))
+        s, rows = faiss.knn(self.q, np.ascontiguousarray(vectors), kk,
+                            metric=faiss_metric(self.metric))
+        scores = np.concatenate([self.scores, s], axis=1)
+        cand = np.concatenate([self.keys, np.where(rows >= 0, keys[np.maximum(rows, 0)], -1)],
+                              axis=1)
+        order = np.argsort(-scores if self.larger_is_better else scores, axis=1,
+                           kind="stable")[:, : self.k]
+        self.scores = np.take_along_axis(scores, order, 1)
+        self.keys = np.take_along_axis(cand, order, 1)
+
+
+def train_streamed(spec: CollectionSpec, n: int, chunks: Chunks,
+                   seed: int = 0) -> VectorIndex | None:
+    """An IVF index of the collection's type over every vector `chunks()` yields (about `n`
+    of them), trained on a uniform sample, calibrated; None when there are none."""
+    nlist = choose_nlist(max(1, n), spec.index.nlist)
+    want = min(n, SAMPLE_PER_LIST * nlist)
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(max(1, n), dtype=bool)
+    chosen[rng.choice(n, want, replace=False) if n else []] = True
+    sample_v: list[np.ndarray] = []
+    sample_k: list[np.ndarray] = []
+    seen = 0
+    for vectors, keys in chunks():
+        # Rows beyond the count taken at the start (written since) are not sampled.
+        pick = chosen[seen: seen + len(vectors)]
+        sample_v.append(vectors[: len(pick)][pick].copy())
+        sample_k.append(keys[: len(pick)][pick].copy())
+        seen += len(vectors)
+    if not seen:
+        return None
+    sample = np.concatenate(sample_v)
+    sample_keys = np.concatenate(sample_k)
+    del sample_v, sample_k
+    index = VectorIndex.new_ivf(spec, choose_nlist(seen, spec.index.nlist), seen)
+    index.index.train(sample)
+    # Calibration queries: stored documents, from the sample (uniform already).
+    qrows = rng.permutation(len(sample))[:CALIBRATION_QUERIES]
+    queries, qkeys = sample[qrows].copy(), sample_keys[qrows].copy()
+    del sample, sample_keys
+    truth = Truth(queries, CALIBRATION_K + 1, spec.metric)
+    total = 0
+    for vectors, keys in chunks():
+        index.add(vectors, keys)
+        truth.add(vectors, keys)
+        total += len(vectors)
+    index.trained_at = total
+    index.calibrate_against(queries, qkeys, truth.keys)
+    return index
+
+
+# glibc's mallopt parameter: how many heaps (arenas) threads may spread their allocations
+# over; each keeps the memory freed in it. FAISS, RocksDB and the node's thread pools would
+# otherwise get up to eight a core.
+_M_ARENA_MAX = -8
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name is not None else None
+    except OSError:
+        return None
+
+
+def limit_arenas(arenas: int = 2) -> None:
+    """Fewer malloc arenas: memory freed by one thread is reused by the next instead of
+    staying behind in an arena of its own (glibc only; elsewhere nothing)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_ARENA_MAX, arenas)
+
+
+def release_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim): a training
+    frees hundreds of megabytes in blocks that glibc would otherwise keep for later, counted
+    in the node's RSS."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc
+        libc.malloc_trim(0)

@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""What one node costs per vector (issue 14): memory and disk against the raw float32 vectors,
+restart after SIGKILL, REST search beside in-process FAISS on the same data, and RSS under
+churn.
+
+Per index type (`--types`), a fresh `aquila serve` gets N seeded clustered vectors (l2, the
+collection's default settings but for its type) over REST in the columnar form, from
+`--clients` concurrent clients in batches of `--batch`; once every shard is trained the run
+reports the node's RSS and its ratio to N × dim × 4 bytes, the data folder against the same,
+REST search q/s at `--nprobe` under wrk (8 connections, single queries) beside in-process
+FAISS (IVF-flat of the node's nlist, the same nprobe, single queries on 2 threads), the nprobe
+a search by `recall` 0.95 picks, and the time from SIGKILL to /readyz and a first search.
+
+`--churn S`: instead, a node holding `--churn-live` documents (dim `--churn-dim`) while one
+client upserts 500 new ids and deletes them, over and over, for S seconds and 2 clients search:
+RSS every 5 s, the deletes made, search p99 during churn beside p99 at rest.
+
+    python scripts/bench_memory.py --n 1000000              # about 10 minutes per type
+    python scripts/bench_memory.py --churn 180
+
+The machine is shared: every figure is printed with `uptime`'s load."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import faiss
+import numpy as np
+import orjson
+from bench_common import COLLECTION, JSON_HEADERS, log, pct
+from bench_node import Node, call, rss_mib_of, wait_ready
+from wrkload import run_wrk, search_bodies, write_bodies
+
+K = 10
+
+
+def load_avg() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def clustered(n: int, dim: int, seed: int, chunk: int = 100_000) -> np.ndarray:
+    """Seeded Gaussian blobs (√n of them) around random centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(8, int(np.sqrt(n))), dim)).astype(np.float32)
+    out = np.empty((n, dim), np.float32)
+    for lo in range(0, n, chunk):
+        m = min(chunk, n - lo)
+        c = rng.integers(0, len(centres), m)
+        out[lo:lo + m] = centres[c] + rng.standard_normal((m, dim)).astype(np.float32)
+    return out
+
+
+def columnar(ids: list[str], x: np.ndarray) -> bytes:
+    return orjson.dumps({
+        "ids": ids, "vectors_b64": base64.b64encode(x.astype("<f4").tobytes()).decode(),
+        "metadata": [{"g": int(i) % 100} for i in range(len(ids))],
+    })
+
+
+async def memory_parts(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """MiB of the node's FAISS estimate and of RocksDB's own figures, from /metrics."""
+    async with session.get(f"{url}/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(("aquila_faiss_memory_bytes{", "aquila_rocksdb_memory_bytes{")):
+            name, value = line.rsplit(" ", 1)
+            kind = name.split('kind="')[1].split('"')[0] if 'kind="' in name else "faiss"
+            out[kind] = out.get(kind, 0.0) + round(float(value) / 2**20, 1)
+    return out
+
+
+def du_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+async def ingest(session: aiohttp.ClientSession, url: str, x: np.ndarray, batch: int,
+                 clients: int, prefix: str = "") -> float:
+    """Seconds to upsert every row of x (ids prefix + row number)."""
+    starts = list(range(0, len(x), batch))
+    t0 = time.perf_counter()
+
+    async def worker(w: int) -> None:
+        for lo in starts[w::clients]:
+            ids = [f"{prefix}{i}" for i in range(lo, min(lo + batch, len(x)))]
+            body = await asyncio.to_thread(columnar, ids, x[lo:lo + len(ids)])
+            await call(session, "POST", f"{url}/v1/collections/{COLLECTION}/documents", body)
+
+    await asyncio.gather(*(worker(w) for w in range(clients)))
+    return time.perf_counter() - t0
+
+
+async def wait_settled(session: aiohttp.ClientSession, url: str, n: int,
+                       limit_s: float = 3600) -> dict[str, Any]:
+    """The description once every shard is trained, nothing trains and the count is n."""
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        desc = await call(session, "GET", f"{url}/v1/collections/{COLLECTION}")
+        states = {s["index_state"] for s in desc["shard_states"]}
+        if states == {"trained"} and desc["count"] == n:
+            return dict(desc)
+        await asyncio.sleep(1)
+    raise RuntimeError("the collection did not settle")
+
+
+def faiss_qps(x: np.ndarray, q: np.ndarray, nlist: int, nprobe: int, seconds: float
+              ) -> tuple[float, float]:
+    """In-process IVF-flat of this nlist: single-query searches per second on 2 threads, and
+    the resident bytes its lists hold per vector."""
+    quantizer = faiss.IndexFlatL2(x.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist)
+    rng = np.random.default_rng(0)
+    index.train(x[rng.choice(len(x), min(len(x), 64 * nlist), replace=False)])
+    index.add(x)
+    index.nprobe = nprobe
+    faiss.omp_set_num_threads(1)
+    done = [0, 0]
+    stop = time.perf_counter() + seconds
+
+    def run(t: int) -> None:
+        i = t
+        while time.perf_counter() < stop:
+            index.search(q[i % len(q): i % len(q) + 1], K)
+            i += 2
+            done[t] += 1
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(2)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(done) / (time.perf_counter() - t0), (index.code_size + 8)
+
+
+async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.ndarray,
+                   root: Path) -> dict[str, Any]:
+    data = root / itype
+    data.mkdir()
+    env = {"AQUILA_FSYNC": "true", "AQUILA_SNAPSHOT_INTERVAL_S": "5",
+           "AQUILA_LOG_LEVEL": "INFO"}
+    node = Node(data / "node", data / "node.log", env)
+    (data / "node").mkdir()
+    node.start()
+    out: dict[str, Any] = {"type": itype, "n": len(x), "dim": x.shape[1]}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+            url = node.base_url
+            await wait_ready(s, node, 120)
+            body = {"dim": x.shape[1], "metric": "l2", "index": {"type": itype}}
+            await call(s, "PUT", f"{url}/v1/collections/{COLLECTION}", orjson.dumps(body))
+            secs = await ingest(s, url, x, args.batch, args.clients)
+            out["ingest_docs_per_s"] = round(len(x) / secs)
+            log(f"{itype}: ingested {len(x)} in {secs:.1f}s; waiting for training")
+            t0 = time.perf_counter()
+            desc = await wait_settled(s, url, len(x))
+            out["settled_after_ingest_s"] = round(time.perf_counter() - t0, 1)
+            info = desc["shard_states"][0].get("index", {})
+            out["nlist"], out["trained_at"] = info.get("nlist"), info.get("trained_at")
+            out["recall_curve"] = info.get("recall_curve")
+            await asyncio.sleep(args.snapshot_wait)  # the periodic snapshot catches up
+            raw = len(x) * x.shape[1] * 4
+            rss = rss_mib_of(node.pid)
+            out["rss_mib"] = round(rss, 1)
+            out["rss_over_raw"] = round(rss * 2**20 / raw, 3)
+            out["rss_bytes_per_vector"] = round(rss * 2**20 / len(x), 1)
+            out["memory_parts_mib"] = await memory_parts(s, url)
+            out["disk_over_raw"] = round(du_bytes(data / "node") / raw, 3)
+            sb = await call(s, "POST", f"{url}/v1/collections/{COLLECTION}/search",
+                            orjson.dumps({"vector": q[0].tolist(), "k": K, "recall": 0.95}))
+            out["recall_0.95_nprobe"] = sb.get("nprobe")
+            bodies = data / "bodies.txt"
+            write_bodies(bodies, search_bodies(q, k=K, nprobe=args.nprobe))
+            w = await asyncio.to_thread(
+                run_wrk, url, f"/v1/collections/{COLLECTION}/search", bodies, connections=8,
+                threads=2, seconds=args.search_s, server_pid=node.pid, work_dir=data)
+            out["rest_qps"], out["rest_p99_ms"] = round(w.rps), round(w.lat_p99_ms, 2)
+            out["rest_non2xx"] = w.non2xx
+            # SIGKILL, then the time until /readyz and a first answer.
+            node.signal(signal.SIGKILL)
+            await asyncio.to_thread(node.wait_exit, 60)
+            t0 = time.perf_counter()
+            node.start()
+            out["restart_ready_s"] = round(await wait_ready(s, node, 600), 2)
+            await call(s, "POST", f"{url}/v1/collections/{COLLECTION}/search",
+                       orjson.dumps({"vector": q[0].tolist(), "k": K}))
+            out["restart_first_search_s"] = round(time.perf_counter() - t0, 2)
+            desc = await call(s, "GET", f"{url}/v1/collections/{COLLECTION}")
+            out["count_after_restart"] = desc["count"]
+            out["rss_mib_after_restart"] = round(rss_mib_of(node.pid), 1)
+            out["rss_after_restart_over_raw"] = round(
+                out["rss_mib_after_restart"] * 2**20 / raw, 3)
+            out["memory_parts_after_restart_mib"] = await memory_parts(s, url)
+    finally:
+        node.stop()
+    if out.get("nlist"):
+        qps, per_vec = await asyncio.to_thread(faiss_qps, x, q, int(out["nlist"]),
+                                               args.nprobe, args.search_s)
+        out["faiss_qps"] = round(qps)
+        out["rest_over_faiss"] = round(out["rest_qps"] / qps, 3)
+        out["faiss_ivf_flat_bytes_per_vector"] = per_vec
+    out["uptime"] = load_avg()
+    return out
+
+
+async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    dim = args.churn_dim
+    x = clustered(args.churn_live, dim, args.seed)
+    q = clustered(200, dim, args.seed + 1)
+    node = Node(root / "node", root / "node.log", {"AQUILA_FSYNC": "true"})
+    (root / "node").mkdir()
+    node.start()
+    out: dict[str, Any] = {"live": args.churn_live, "dim": dim, "seconds": args.churn}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+            url = node.base_url
+            await wait_ready(s, node, 120)
+            body = {"dim": dim, "metric": "l2", "index": {"type": "ivf_flat"}}
+            await call(s, "PUT", f"{url}/v1/collections/{COLLECTION}", orjson.dumps(body))
+            await ingest(s, url, x, 2000, 2)
+            await wait_settled(s, url, len(x))
+            search_url = f"{url}/v1/collections/{COLLECTION}/search"
+
+            async def search_for(seconds: float, lat: list[float]) -> None:
+                stop = time.perf_counter() + seconds
+                i = 0
+                while time.perf_counter() < stop:
+                    t = time.perf_counter()
+                    async with s.post(search_url, data=orjson.dumps(
+                            {"vector": q[i % len(q)].tolist(), "k": K}),
+                            headers=JSON_HEADERS) as r:
+                        await r.read()
+                    lat.append((time.perf_counter() - t) * 1000)
+                    i += 1
+
+            rest: list[float] = []
+            await asyncio.gather(*(search_for(10, rest) for _ in range(2)))
+            out["p99_ms_at_rest"] = round(pct(rest, 99), 2)
+            deleted = [0]
+            series: list[tuple[float, float, dict[str, float]]] = []
+            stop = time.perf_counter() + args.churn
+            rng = np.random.default_rng(args.seed + 2)
+
+            async def writer() -> None:
+                r = 0
+                while time.perf_counter() < stop:
+                    ids = [f"c{r}-{i}" for i in range(500)]
+                    xs = x[rng.integers(0, len(x), 500)] + 0.01
+                    await call(s, "POST", f"{url}/v1/collections/{COLLECTION}/documents",
+                               columnar(ids, xs))
+                    await call(s, "POST", f"{url}/v1/collections/{COLLECTION}/documents/delete",
+                               orjson.dumps({"ids": ids}))
+                    deleted[0] += 500
+                    r += 1
+
+            async def sampler() -> None:
+                t0 = time.perf_counter()
+                while time.perf_counter() < stop:
+                    # RocksDB's memtables and block cache grow to their bounds meanwhile.
+                    series.append((round(time.perf_counter() - t0),
+                                   round(rss_mib_of(node.pid), 1), await memory_parts(s, url)))
+                    log(f"churn: {series[-1][0]}s rss {series[-1][1]} MiB, "
+                        f"{deleted[0]} deleted, {series[-1][2]}")
+                    await asyncio.sleep(5)
+
+            during: list[float] = []
+            await asyncio.gather(writer(), sampler(),
+                                 *(search_for(args.churn, during) for _ in range(2)))
+            desc = await call(s, "GET", f"{url}/v1/collections/{COLLECTION}")
+            out.update(deleted=deleted[0], count_after=desc["count"], rss_series=series,
+                       p99_ms_during=round(pct(during, 99), 2),
+                       searches_during=len(during))
+            after_min = [r for t, r, _ in series if t >= 60] or [r for _, r, _ in series]
+            out["rss_growth_after_first_minute"] = round(max(after_min) / min(after_min) - 1, 3)
+    finally:
+        node.stop()
+    out["uptime"] = load_avg()
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
+    root = Path(tempfile.mkdtemp(prefix="aquila-mem-"))
+    log(f"working in {root}; {load_avg()}")
+    results = []
+    try:
+        if args.churn:
+            results.append(await churn(args, root))
+        else:
+            x = clustered(args.n, args.dim, args.seed)
+            q = clustered(1000, args.dim, args.seed + 1)
+            for itype in args.types.split(","):
+                r = await one_type(args, itype, x, q, root)
+                log(json.dumps(r))
+                results.append(r)
+    finally:
+        if not args.keep:
+            await asyncio.to_thread(shutil.rmtree, root, True)
+    return results
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=96)
+    p.add_argument("--types", default="ivf_flat,ivf_sq8")
+    p.add_argument("--clients", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2000)
+    p.add_argument("--nprobe", type=int, default=64)
+    p.add_argument("--search-s", type=float, default=15.0)
+    p.add_argument("--snapshot-wait", type=float, default=8.0)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--churn", type=float, default=0.0, help="seconds of churn (churn mode)")
+    p.add_argument("--churn-live", type=int, default=50_000)
+    p.add_argument("--churn-dim", type=int, default=50)
+    p.add_argument("--json", type=Path, help="write the results here too")
+    p.add_argument("--keep", action="store_true")
+    args = p.parse_args()
+    results = asyncio.run(main_async(args))
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    sys.exit(main())
