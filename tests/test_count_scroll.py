@@ -95,6 +95,51 @@ async def test_count_and_scroll_agree_with_the_sample(node: Node, flt: Any, admi
                 assert "vector" not in d
 
 
+async def test_counts_share_filtered_searchs_match_sets_and_follow_writes(node: Node) -> None:
+    """A count with a filter evaluates it once per shard into the match sets filtered search
+    reads (a search after it finds them cached), and the kept sets follow writes: counts and
+    scrolls after upserts, updates and deletes equal brute force over what is stored."""
+    await load(node, n=800)
+    ids, x, metas = sample_docs(800)
+    model = dict(zip(ids, metas, strict=True))
+    flts: list[tuple[dict[str, Any], Any]] = [
+        ({"must": [{"key": "pos", "match": "noun"}]}, lambda m: m["pos"] == "noun"),
+        ({"must": [{"key": "row", "range": {"gte": 100, "lt": 500}}]},
+         lambda m: 100 <= m["row"] < 500),
+        ({"must_not": [{"key": "pos", "match": "verb"}]}, lambda m: m["pos"] != "verb"),
+    ]
+
+    async def check() -> None:
+        for flt, admits in flts:
+            want = sorted(i for i, m in model.items() if admits(m))
+            assert (await count(node, filter=flt))["count"] == len(want)
+            assert sorted(d["id"] for d in await scroll_all(node, filter=flt, limit=500)) == want
+
+    await check()
+    for flt, _ in flts:
+        got = await node.search(NAME, vector=x[0].tolist(), k=3, filter=flt, explain=True)
+        assert [p["cached"] for p in got["plans"]] == [True] * 4
+    rng = np.random.default_rng(3)
+    for step in range(4):
+        new = [f"n{step}-{j}" for j in range(40)]
+        new_meta = [{"pos": ["noun", "verb", "adj"][j % 3], "row": int(rng.integers(0, 800))}
+                    for j in range(40)]
+        await ok_json(await node.post_json(f"/v1/collections/{NAME}/documents", columnar(
+            new, rng.standard_normal((40, x.shape[1])).astype(np.float32), new_meta)))
+        model.update(zip(new, new_meta, strict=True))
+        upd = rng.choice(sorted(model), 30, replace=False).tolist()
+        upd_meta = [{"pos": "verb" if j % 2 else "noun", "row": 250 + j} for j in range(30)]
+        await ok_json(await node.post_json(f"/v1/collections/{NAME}/documents", columnar(
+            upd, rng.standard_normal((30, x.shape[1])).astype(np.float32), upd_meta)))
+        model.update(zip(upd, upd_meta, strict=True))
+        gone = rng.choice(sorted(model), 25, replace=False).tolist()
+        await ok_json(await node.post_json(f"/v1/collections/{NAME}/documents/delete",
+                                           {"ids": gone}))
+        for i in gone:
+            del model[i]
+        await check()
+
+
 async def test_an_empty_body_counts_and_scrolls_everything(node: Node) -> None:
     await load(node, n=300)
     for route in ("count", "scroll"):

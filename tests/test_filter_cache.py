@@ -1,6 +1,7 @@
 """Random filters under random writes give the same answers with and without the per-filter
 caches (the shards' match sets and the collection's selectors, gathered vectors and list
-counts), on a flat index (where both also equal brute force) and on a trained IVF index."""
+counts), on a flat index (where both also equal brute force) and on a trained IVF index; the
+counts and scrolls that read the same match sets equal the model's."""
 
 from __future__ import annotations
 
@@ -93,6 +94,16 @@ async def scenario(itype: str, path: str | None, initial: list[dict[str, Any]],
                         got = [[h.score for h in r] for r in ra]
                         for g, w in zip(got, want, strict=True):
                             assert np.allclose(g, w, atol=1e-4)
+                    # Counts and scrolls read the same match sets: equal to the model's
+                    # with the cache (kept current by the writes so far) and without.
+                    admitted = sorted(i for i, (_, m) in model.items() if flt(m))
+                    for _, coll in (a, b):
+                        counts = await coll.count_matching(list(range(SHARDS)), flt)
+                        assert sum(counts.values()) == len(admitted)
+                        pages = [await coll.scroll(s, None, 10_000, flt, False)
+                                 for s in range(SHARDS)]
+                        assert all(after is None for _, after in pages)
+                        assert sorted(h.id for hits, _ in pages for h in hits) == admitted
 
             await write([(f"i{i}", vector(i), m) for i, m in enumerate(initial)])
             if itype != "flat":
