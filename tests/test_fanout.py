@@ -8,12 +8,14 @@ no test waits on real time.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
 
-from aquila.cluster.clock import ManualClock
+from aquila.cluster.clock import ManualClock, track
 from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.errors import BadRequest, Unavailable
 from aquila.cluster.replication.fanout import HEDGE_SHARE, FanoutResult, assign, fan_out
@@ -161,6 +163,36 @@ async def test_non_transient_error_propagates() -> None:
     with pytest.raises(BadRequest):
         await run(nodes, {0: ["a"], 1: ["b", "c"]})
     assert nodes.asked("c") == []  # another replica would say the same: not asked
+
+
+async def test_no_failure_is_left_unretrieved() -> None:
+    """A non-transient error ends the fan-out while other nodes failed in the same round, or
+    are still running and fail after their cancellation: asyncio must never have to report
+    "Task exception was never retrieved" (the conftest fixture fails the test if it does)."""
+    nodes = FakeNodes(behaviour={"a": BAD, "b": DOWN, "c": DOWN})
+    with pytest.raises(BadRequest):
+        await run(nodes, {0: ["a"], 1: ["b"], 2: ["c"]})
+    nodes = FakeNodes(behaviour={"a": BAD, "b": NEVER})
+    with pytest.raises(BadRequest):
+        await run(nodes, {0: ["a"], 1: ["b"]})
+
+
+async def test_background_failures_are_logged_and_retrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Background work (`track`: a rebalance, a file write) that fails is logged when it ends,
+    never left for asyncio to report as "never retrieved"."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def fails() -> None:
+        raise OSError("disk gone")
+
+    track(asyncio.ensure_future(fails()), tasks, logging.getLogger("test"))
+    assert len(tasks) == 1
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not tasks
+    assert "disk gone" in caplog.text
 
 
 async def test_no_shards_at_all() -> None:

@@ -311,6 +311,20 @@ async def test_non_transient_error_propagates(consistency: str) -> None:
     assert "c" not in cl.writes.hints.nodes()  # a bad request is not handed off either
 
 
+async def test_failures_beside_a_non_transient_error_are_retrieved() -> None:
+    """Replicas that fail in the same round as the one whose error is raised: their errors
+    are consumed (the conftest fixture fails the test on "Task exception was never
+    retrieved"), and the unreachable ones are still handed off."""
+    for bad in "bc":
+        cl = Cluster()
+        cl.peers.errors[bad] = BadRequest("vector of 's0-0' has the wrong dimension")
+        cl.peers.down.add("c" if bad == "b" else "b")
+        cl.backends["a"].gate = asyncio.Event()
+        with pytest.raises(BadRequest):
+            await cl.writes.route_writes(make_entry(), BATCH, "all")
+        await cl.finish_background()
+
+
 async def test_move_target_gets_writes_but_does_not_count_as_ack() -> None:
     # Shard 0 is moving from c to d: d must receive writes, but only a, b, c acknowledge.
     cl = Cluster()

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from aquila.cluster.clock import Clock
+from aquila.cluster.clock import Clock, abandon
 from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.errors import AquilaError
 from aquila.cluster.model.merge import merge_topk
@@ -132,8 +132,10 @@ async def gather_shards(
                     counts["hedged"] += len(slow)
                     launch(slow)
     finally:
-        for task in inflight:
-            task.cancel()
+        # Slower replicas, hedges that lost and tasks finished in the same round as an error
+        # raised above: cancelled, and whatever they end with consumed (never "exception was
+        # never retrieved").
+        abandon(list(inflight))
     missing = sorted(pending | {s for s, n in candidates.items() if not n})
     if missing:
         errors.extend(f"{n}: no answer within the deadline"
