@@ -15,7 +15,7 @@ from yarl import URL
 from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import AquilaError, Unavailable, from_code
 from aquila.cluster.peers.auth import PeerSigner
-from aquila.cluster.peers.client import PeerError
+from aquila.cluster.peers.client import FRAME_TYPE, PeerError
 
 # The largest answer read from a peer (a page of a shard in a move, a search's hits, the
 # cluster state in a push-pull): an address given to join may be anything, and what answers
@@ -62,7 +62,7 @@ class Peers:
             url = URL(f"http://{addr}{path}")
         except ValueError as exc:
             raise PeerError(f"bad peer address {addr!r}: {exc}") from None
-        headers = {"Content-Type": "application/json",
+        headers = {"Content-Type": "application/json" if raw is None else FRAME_TYPE,
                    **self._signer.headers(method, url.raw_path_qs, data, to)}
         rid = request_id.current.get()
         if rid is not None:  # the client request this serves: the peer logs it too
