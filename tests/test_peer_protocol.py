@@ -1,0 +1,241 @@
+"""The binary frames of the peer protocol (cluster/replication/frames.py): every frame decodes
+to what was encoded; every truncation, any byte added, another version or kind is refused with
+the typed FrameError (a 400), never another exception; and fields out of bounds likewise."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aquila.cluster.model.documents import Hit, Incoming
+from aquila.cluster.model.errors import BadRequest
+from aquila.cluster.replication import frames
+from aquila.cluster.replication.frames import FrameError
+
+PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=list(HealthCheck))
+DIM = 3
+SHARDS = 8
+
+ids = st.text(min_size=1, max_size=12)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+scores = st.floats(allow_nan=False, allow_infinity=False)
+metas = st.dictionaries(st.text(max_size=4), st.integers(-(2**53), 2**53) | st.text(max_size=4),
+                        max_size=3).map(orjson.dumps)
+vectors = st.lists(finite, min_size=DIM, max_size=DIM).map(
+    lambda v: np.array(v, dtype="<f4"))
+
+
+@st.composite
+def search_args(draw: st.DrawFn) -> tuple[Any, ...]:
+    nq = draw(st.integers(1, 4))
+    q = np.array(draw(st.lists(st.lists(finite, min_size=DIM, max_size=DIM),
+                               min_size=nq, max_size=nq)), dtype="<f4")
+    k = draw(st.integers(1, 20))
+    nprobe = draw(st.none() | st.integers(1, 1 << 20))
+    shards = draw(st.lists(st.integers(0, SHARDS - 1), max_size=SHARDS, unique=True))
+    flt = draw(st.none() | st.just({"must": [{"key": "a", "match": 1}]}))
+    flags = draw(st.integers(0, 7))
+    return q, k, nprobe, shards, flt, flags
+
+
+@st.composite
+def hit_rows(draw: st.DrawFn) -> tuple[list[list[Hit]], int, int, list[int], Any]:
+    flags = draw(st.integers(0, 3))
+    k = draw(st.integers(1, 6))
+    shards = draw(st.lists(st.integers(0, SHARDS - 1), min_size=1, max_size=SHARDS,
+                           unique=True))
+    rows = []
+    for _ in range(draw(st.integers(1, 4))):
+        n = draw(st.integers(0, k))
+        rows.append([
+            Hit(draw(ids), draw(scores),
+                draw(metas) if flags & frames.WITH_METADATA else b"{}",
+                draw(vectors).tobytes() if flags & frames.WITH_VECTOR else b"",
+                draw(st.sampled_from(shards)))
+            for _ in range(n)
+        ])
+    plans = draw(st.none() | st.just([{"shard": shards[0], "path": "exact"}]))
+    return rows, flags, k, shards, plans
+
+
+@st.composite
+def write_batches(draw: st.DrawFn) -> dict[int, list[Incoming]]:
+    out = {}
+    for shard in draw(st.lists(st.integers(0, SHARDS - 1), max_size=3, unique=True)):
+        docs = []
+        for _ in range(draw(st.integers(1, 4))):
+            live = draw(st.booleans())
+            docs.append(Incoming(draw(ids), draw(vectors) if live else None,
+                                 draw(metas) if live else b"",
+                                 draw(st.integers(0, 2**63 - 1)), draw(st.text(max_size=8))))
+        out[shard] = docs
+    return out
+
+
+def same_hits(a: list[list[Hit]], b: list[list[Hit]]) -> bool:
+    return [[(h.id, h.score, h.metadata, h.vector, h.shard) for h in r] for r in a] == \
+        [[(h.id, h.score, h.metadata, h.vector, h.shard) for h in r] for r in b]
+
+
+def refused_everywhere(frame: bytes, decode: Callable[[bytes], object]) -> None:
+    """Every strict prefix, the frame with a byte added, with another version and with another
+    kind: a FrameError each."""
+    decode(frame)  # the frame itself is fine
+    for cut in range(len(frame)):
+        with pytest.raises(FrameError):
+            decode(frame[:cut])
+    for bad in (frame + b"\x00", bytes([frames.VERSION + 1]) + frame[1:],
+                bytes([0]) + frame[1:], frame[:1] + bytes([(frame[1] % 4) + 1 + 4]) + frame[2:]):
+        with pytest.raises(FrameError):
+            decode(bad)
+
+
+@PROPS
+@given(search_args())
+def test_search_round_trip_and_refusals(args: tuple[Any, ...]) -> None:
+    q, k, nprobe, shards, flt, flags = args
+    frame = frames.encode_search(q, k, nprobe, shards, flt, flags)
+    got = frames.decode_search(frame, DIM, SHARDS)
+    assert np.array_equal(got.vectors, q) and got.vectors.dtype == np.float32
+    assert (got.k, got.nprobe, got.shards, got.filter, got.flags) == (k, nprobe, shards, flt,
+                                                                      flags)
+    refused_everywhere(frame, lambda b: frames.decode_search(b, DIM, SHARDS))
+
+
+@PROPS
+@given(hit_rows())
+def test_hits_round_trip_and_refusals(case: tuple[list[list[Hit]], int, int, list[int], Any]
+                                      ) -> None:
+    rows, flags, k, shards, plans = case
+    frame = frames.encode_hits(rows, flags, DIM, plans)
+
+    def decode(b: bytes) -> frames.HitsFrame:
+        return frames.decode_hits(b, len(rows), k, flags, DIM, shards)
+
+    got = decode(frame)
+    assert same_hits(got.rows, rows) and got.plans == plans
+    refused_everywhere(frame, decode)
+
+
+@PROPS
+@given(write_batches(), st.none() | st.text(max_size=10))
+def test_write_round_trip_and_refusals(by_shard: dict[int, list[Incoming]],
+                                       uid: str | None) -> None:
+    spec = {"name": "c", "dim": DIM}
+    frame = frames.encode_write(spec, uid, DIM, by_shard)
+    got = frames.decode_write(frame, DIM, SHARDS)
+    assert (got.spec, got.uid, got.dim) == (spec, uid, DIM)
+    assert list(got.by_shard) == list(by_shard)
+    for shard, docs in by_shard.items():
+        back = got.by_shard[shard]
+        assert [(d.id, d.version, d.writer) for d in back] == \
+            [(d.id, d.version, d.writer) for d in docs]
+        for a, b in zip(back, docs, strict=True):
+            assert (a.vector is None) == (b.vector is None)
+            if b.vector is not None:
+                assert a.vector is not None and np.array_equal(a.vector, b.vector)
+                assert orjson.loads(a.metadata) == orjson.loads(b.metadata)
+    refused_everywhere(frame, lambda b: frames.decode_write(b, DIM, SHARDS))
+
+
+@PROPS
+@given(st.integers(0, SHARDS - 1), ids)
+def test_get_round_trip_and_refusals(shard: int, doc_id: str) -> None:
+    frame = frames.encode_get(shard, doc_id)
+    assert frames.decode_get(frame, SHARDS) == (shard, doc_id)
+    refused_everywhere(frame, lambda b: frames.decode_get(b, SHARDS))
+
+
+@PROPS
+@given(st.binary(max_size=200), st.sampled_from(["search", "hits", "write", "get"]))
+def test_random_bytes_are_a_frame_error_or_a_frame(raw: bytes, kind: str) -> None:
+    decoders: dict[str, Callable[[bytes], object]] = {
+        "search": lambda b: frames.decode_search(b, DIM, SHARDS),
+        "hits": lambda b: frames.decode_hits(b, 1, 5, 3, DIM, [0, 1]),
+        "write": lambda b: frames.decode_write(b, DIM, SHARDS),
+        "get": lambda b: frames.decode_get(b, SHARDS),
+    }
+    for head in (b"", bytes([frames.VERSION, frames.SEARCH]), bytes([frames.VERSION, frames.HITS]),
+                 bytes([frames.VERSION, frames.WRITE]), bytes([frames.VERSION, frames.GET])):
+        with contextlib.suppress(FrameError):  # anything else fails the test
+            decoders[kind](head + raw)
+
+
+def test_frame_error_is_a_400() -> None:
+    assert issubclass(FrameError, BadRequest) and FrameError("x").status == 400
+
+
+Q = np.zeros((1, DIM), dtype="<f4")
+
+
+BAD_SEARCHES = [
+    (frames.encode_search(np.zeros((1, DIM + 1), "<f4"), 5, None, [0], None, 0), "dimension"),
+    (frames.encode_search(Q, 0, None, [0], None, 0), "k must be"),
+    (frames.encode_search(Q, 2000, None, [0], None, 0), "k must be"),
+    (frames.encode_search(Q, 5, None, [SHARDS], None, 0), "shards must be below"),
+    (frames.encode_search(Q, 5, None, [0], None, 8), "flags"),
+    (frames.encode_search(np.full((1, DIM), np.inf, "<f4"), 5, None, [0], None, 0), "finite"),
+    (frames.encode_search(np.zeros((0, DIM), "<f4"), 5, None, [0], None, 0), "nq"),
+    (struct.pack("<BBIIIIBH", 1, 1, 1000, DIM, 1001, 0, 0, 0), "nq × k"),
+    # A count that promises far more than the frame holds: refused before anything is read.
+    (struct.pack("<BBIIIIBH", 1, 1, 1, DIM, 5, 0, 0, 0) + struct.pack("<I", 1 << 30), "filter"),
+]
+
+
+@pytest.mark.parametrize(("frame", "why"), BAD_SEARCHES,
+                         ids=[f"{i}-{why}" for i, (_, why) in enumerate(BAD_SEARCHES)])
+def test_search_fields_out_of_bounds(frame: bytes, why: str) -> None:
+    with pytest.raises(FrameError, match=why):
+        frames.decode_search(frame, DIM, SHARDS)
+
+
+def test_hits_out_of_bounds() -> None:
+    def hits(**kw: Any) -> bytes:
+        h = {"id": "a", "score": 1.0, "metadata": b"{}", "vector": b"", "shard": 0, **kw}
+        return frames.encode_hits([[Hit(**h)]], 1, DIM)
+
+    with pytest.raises(FrameError, match="shard that was not asked"):
+        frames.decode_hits(hits(shard=5), 1, 5, 1, DIM, [0, 1])
+    with pytest.raises(FrameError, match="finite"):
+        frames.decode_hits(hits(score=float("nan")), 1, 5, 1, DIM, [0])
+    with pytest.raises(FrameError, match="256 characters"):
+        frames.decode_hits(hits(id="x" * 257), 1, 5, 1, DIM, [0])
+    two = frames.encode_hits([[Hit("a", 1.0, b"{}", b"", 0)] * 2], 1, DIM)
+    with pytest.raises(FrameError, match="hit count"):
+        frames.decode_hits(two, 1, 1, 1, DIM, [0])
+    split = frames.encode_hits([[], [Hit("a", 1.0, b"{}", b"", 0)] * 2], 1, DIM)
+    with pytest.raises(FrameError, match="more than 1 hits"):
+        frames.decode_hits(split, 2, 1, 1, DIM, [0])
+    with pytest.raises(FrameError, match="dim must be"):  # vectors asked for, none sent
+        frames.decode_hits(hits(), 1, 5, 3, DIM, [0])
+
+
+def test_write_out_of_bounds() -> None:
+    doc = Incoming("a", np.zeros(DIM, "<f4"), b"{}", 5, "n1")
+    with pytest.raises(FrameError, match="dimension"):
+        frames.decode_write(frames.encode_write(None, None, DIM, {0: [doc]}), DIM + 1)
+    with pytest.raises(FrameError, match="shard must be"):
+        frames.decode_write(frames.encode_write(None, None, DIM, {9: [doc]}), DIM, SHARDS)
+    for meta in (b"[1]", b"{", b"1"):
+        bad = Incoming("a", np.zeros(DIM, "<f4"), meta, 5, "n1")
+        with pytest.raises(FrameError, match="not a JSON object"):
+            frames.decode_write(frames.encode_write(None, None, DIM, {0: [bad]}), DIM)
+    nan = Incoming("a", np.full(DIM, np.nan, "<f4"), b"{}", 5, "n1")
+    with pytest.raises(FrameError, match="finite"):
+        frames.decode_write(frames.encode_write(None, None, DIM, {0: [nan]}), DIM)
+    with pytest.raises(FrameError, match="appears twice"):
+        one = frames.encode_write(None, None, DIM, {0: [doc]})
+        head = len(one) - len(frames.encode_write(None, None, DIM, {}))
+        body = one[-head:]
+        twice = one[:-head - 2] + struct.pack("<H", 2) + body + body
+        # the part count sits just before the first part
+        frames.decode_write(twice, DIM)
