@@ -4,6 +4,7 @@ the typed FrameError (a 400), never another exception; and fields out of bounds 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import struct
 from collections.abc import Callable
@@ -16,9 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aquila.cluster.model.documents import Hit, Incoming
-from aquila.cluster.model.errors import BadRequest
+from aquila.cluster.model.errors import BadRequest, Unavailable
+from aquila.cluster.model.operations import SearchRequest
 from aquila.cluster.replication import frames
+from aquila.cluster.replication.coalesce import Coalescer
 from aquila.cluster.replication.frames import FrameError
+from tests.simcluster import SimCluster, batch
+from tests.simcluster import spec as simspec
 
 PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                  suppress_health_check=list(HealthCheck))
@@ -239,3 +244,125 @@ def test_write_out_of_bounds() -> None:
         twice = one[:-head - 2] + struct.pack("<H", 2) + body + body
         # the part count sits just before the first part
         frames.decode_write(twice, DIM)
+
+
+# --- sub-searches that arrive together travel together (coalesce.py) -------------------------
+
+
+class GatedNode:
+    """A node's search as the coalescer sends it: records each request's vectors; answers,
+    per query, one hit named after the query's first value; holds while `gate` is closed."""
+
+    def __init__(self) -> None:
+        self.sent: list[np.ndarray] = []
+        self.gate = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def send(self, vectors: np.ndarray, budget: float) -> list[list[Hit]]:
+        self.sent.append(vectors)
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return [[Hit(f"q{v[0]:g}", float(v[0]), b"{}", b"", 0)] for v in vectors]
+
+
+def queries(*firsts: float) -> np.ndarray:
+    return np.array([[f, 0.0] for f in firsts], dtype=np.float32)
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_coalescer_sends_alone_at_low_load_and_together_under_load() -> None:
+    node, co = GatedNode(), Coalescer(parallel=1)
+    first = asyncio.ensure_future(co.search("k", queries(1), 1.0, node.send))
+    await settle()
+    assert len(node.sent) == 1  # nothing in flight: it went at once
+    later = [asyncio.ensure_future(co.search("k", queries(f, f + 0.5), 1.0, node.send))
+             for f in (2, 3, 4)]
+    other = asyncio.ensure_future(co.search("other", queries(9), 1.0, node.send))
+    await settle()
+    assert len(node.sent) == 2  # the other key went at once; "k" queued behind the first
+    node.gate.set()
+    assert [h.id for r in await first for h in r] == ["q1"]
+    rows = [await t for t in later]
+    assert [[h.id for r in got for h in r] for got in rows] == \
+        [["q2", "q2.5"], ["q3", "q3.5"], ["q4", "q4.5"]]
+    assert [h.id for r in await other for h in r] == ["q9"]
+    # The three queued searches went as one request of their six queries.
+    assert len(node.sent) == 3 and node.sent[2].shape == (6, 2) and co.batches == 1
+    assert co._running == {} and co._queues == {}  # nothing left behind
+
+
+async def test_coalescer_failure_reaches_every_waiter_and_gave_up_ones_are_left_out() -> None:
+    node, co = GatedNode(), Coalescer(parallel=1)
+    first = asyncio.ensure_future(co.search("k", queries(1), 1.0, node.send))
+    await settle()
+    waiting = [asyncio.ensure_future(co.search("k", queries(f), 1.0, node.send))
+               for f in (2, 3, 4)]
+    await settle()
+    waiting[1].cancel()  # its caller's deadline came
+    node.fail = Unavailable("node gone")
+    node.gate.set()
+    with pytest.raises(Unavailable):
+        await first
+    for i in (0, 2):
+        with pytest.raises(Unavailable):
+            await waiting[i]
+    assert [v.shape[0] for v in node.sent] == [1, 2]  # the one that gave up was not sent
+    assert co._running == {} and co._queues == {}
+
+
+async def test_coalescer_caps_the_rows_of_a_request() -> None:
+    node, co = GatedNode(), Coalescer(parallel=1, max_rows=3)
+    first = asyncio.ensure_future(co.search("k", queries(1), 1.0, node.send))
+    await settle()
+    rest = [asyncio.ensure_future(co.search("k", queries(*range(10 * f, 10 * f + 2)), 1.0,
+                                            node.send)) for f in (1, 2, 3)]
+    big = asyncio.ensure_future(co.search("k", queries(*range(100, 105)), 1.0, node.send))
+    await settle()
+    node.gate.set()
+    await asyncio.gather(first, *rest, big)
+    # 2 + 2 > 3: each queued search of two goes alone; one above the cap goes alone too.
+    assert [v.shape[0] for v in node.sent] == [1, 2, 2, 2, 5]
+    assert [h.id for r in await big for h in r] == [f"q{i}" for i in range(100, 105)]
+
+
+async def test_concurrent_searches_through_the_cluster_equal_one_by_one() -> None:
+    """Through the in-process cluster (RemoteReplica, frames, MemoryPeers, PeerService):
+    searches sent all at once give exactly the answers they give one at a time, in fewer
+    peer requests."""
+    sim = SimCluster(3)
+    await sim.start()
+    try:
+        n1 = sim.node("n1")
+        await sim.run(n1.svc.collections.create(simspec("c", shards=6, replication=1)))
+        ids = [f"d{i:03d}" for i in range(90)]
+        await sim.run(n1.svc.writes.upsert(n1.svc.collections.entry("c"), batch(ids)))
+        entry = n1.svc.collections.entry("c")
+        rng = np.random.default_rng(3)
+        qs = rng.normal(size=(24, 4)).astype(np.float32)
+
+        def req(i: int) -> SearchRequest:
+            return SearchRequest(qs[i : i + 1], 5, None, None, None, True, True, False, None)
+
+        alone = []
+        before = sim.hub.requests
+        for i in range(len(qs)):
+            alone.append(orjson.loads(orjson.dumps(
+                (await sim.run(n1.svc.reads.search(entry, req(i))))["results"])))
+        one_by_one = sim.hub.requests - before
+        before = sim.hub.requests
+        together = await sim.run(asyncio.gather(*(n1.svc.reads.search(entry, req(i))
+                                                  for i in range(len(qs)))))
+        got = [orjson.loads(orjson.dumps(t["results"])) for t in together]
+        # The same hits; scores up to float32 rounding (a batch is computed as a matrix).
+        assert [[[(h["id"], h["metadata"], h["vector"]) for h in r] for r in g] for g in got] \
+            == [[[(h["id"], h["metadata"], h["vector"]) for h in r] for r in a] for a in alone]
+        assert [h["score"] for g in got for r in g for h in r] == pytest.approx(
+            [h["score"] for a in alone for r in a for h in r], rel=1e-5)
+        assert sim.hub.requests - before < one_by_one / 2
+    finally:
+        await sim.stop()

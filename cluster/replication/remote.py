@@ -60,6 +60,7 @@ from aquila.cluster.peers.client import (
     collection_path,
 )
 from aquila.cluster.replication import frames
+from aquila.cluster.replication.coalesce import Coalescer
 from aquila.cluster.replication.frames import FrameError
 from aquila.cluster.replication.replica import Replica, WriteResult
 from aquila.cluster.state.entries import ClusterState, CollectionEntry
@@ -434,6 +435,7 @@ class RemoteReplica:
         self._addr_of = addr_of
         self._peers = peers
         self._timeout_s = timeout_s
+        self._coalescer = Coalescer()
 
     async def _ask(self, method: str, name: str, op: str, body: Any = None,
                    timeout: float | None = None) -> Any:  # noqa: ASYNC109
@@ -493,12 +495,20 @@ class RemoteReplica:
     ) -> list[list[Hit]]:
         flags = (frames.WITH_METADATA * req.include_metadata
                  | frames.WITH_VECTOR * req.include_vector | frames.EXPLAIN * req.explain)
-        frame = frames.encode_search(req.vectors, req.k, req.nprobe, shards, req.filter, flags)
-        answer = await self._frame(spec.name, "search", frame, budget)
-        got = self._hits(answer, len(req.vectors), req.k, flags, spec.dim, shards, "search")
-        if plans is not None and req.explain:
-            plans.update(decode_plans(got.plans or [], shards))
-        return got.rows
+
+        async def send(vectors: np.ndarray, budget: float) -> list[list[Hit]]:
+            frame = frames.encode_search(vectors, req.k, req.nprobe, shards, req.filter, flags)
+            answer = await self._frame(spec.name, "search", frame, budget)
+            got = self._hits(answer, len(vectors), req.k, flags, spec.dim, shards, "search")
+            if plans is not None and req.explain:
+                plans.update(decode_plans(got.plans or [], shards))
+            return got.rows
+
+        if req.explain:  # its plans are its own
+            return await send(req.vectors, budget)
+        # Searches alike but for their vectors share a request (see coalesce.py).
+        key = (spec, tuple(shards), req.k, req.nprobe, flags, orjson.dumps(req.filter))
+        return await self._coalescer.search(key, req.vectors, budget, send)
 
     async def count(
         self, spec: CollectionSpec, req: CountRequest, shards: list[int], budget: float
