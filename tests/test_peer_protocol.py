@@ -212,7 +212,7 @@ def test_hits_out_of_bounds() -> None:
         frames.decode_hits(hits(shard=5), 1, 5, 1, DIM, [0, 1])
     with pytest.raises(FrameError, match="finite"):
         frames.decode_hits(hits(score=float("nan")), 1, 5, 1, DIM, [0])
-    with pytest.raises(FrameError, match="256 characters"):
+    with pytest.raises(FrameError, match="1 to 256 characters"):
         frames.decode_hits(hits(id="x" * 257), 1, 5, 1, DIM, [0])
     two = frames.encode_hits([[Hit("a", 1.0, b"{}", b"", 0)] * 2], 1, DIM)
     with pytest.raises(FrameError, match="hit count"):

@@ -15,7 +15,12 @@ their content type (FRAME_TYPE).
 
 from __future__ import annotations
 
+import itertools
+import math
 import struct
+import sys
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +47,7 @@ SEARCH, HITS, WRITE, GET = 1, 2, 3, 4
 # Flags of a search request and of a hits answer.
 WITH_METADATA, WITH_VECTOR, EXPLAIN = 1, 2, 4
 
-# Bytes of an id and of a writer (UTF-8: up to 4 per character), of the JSON parts.
-_MAX_ID_BYTES = 4 * MAX_ID_CHARS
-_MAX_WRITER_BYTES = 4 * MAX_NODE_ID_CHARS
+# Bytes of a JSON part.
 MAX_JSON_PART = 1 << 20
 # Documents in one write frame (a node sends batches of at most 10,000 per request).
 MAX_WRITE_DOCS = 1 << 20
@@ -56,11 +59,26 @@ class FrameError(BadRequest):
     out of bounds."""
 
 
+# Small columns (lengths, counts, scores) through `array`, which costs far less per call than
+# numpy for a few values; numpy for the vectors. Typecodes of fixed sizes, little-endian.
+_LITTLE = sys.byteorder == "little"
+_SIZES = {"B": 1, "H": 2, "h": 2, "I": 4, "Q": 8, "d": 8}
+assert all(array(t).itemsize == n for t, n in _SIZES.items())
+_U32 = struct.Struct("<I")
+
+
+def _column(typecode: str, values: Iterable[Any]) -> bytes:
+    a = array(typecode, values)
+    if not _LITTLE:
+        a.byteswap()
+    return a.tobytes()
+
+
 class _Reader:
     """Reads a frame front to back; every read is checked against the bytes left."""
 
     def __init__(self, buf: bytes, kind: int) -> None:
-        self.buf = memoryview(buf)
+        self.buf = buf
         self.pos = 0
         if len(buf) < 2:
             raise FrameError("truncated frame: no header")
@@ -70,53 +88,60 @@ class _Reader:
             raise FrameError(f"frame kind {buf[1]} where {kind} was expected")
         self.pos = 2
 
-    def take(self, n: int, what: str) -> memoryview:
+    def take(self, n: int, what: str) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
             raise FrameError(f"truncated frame: {what} runs past its end")
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
-    def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
-        s = struct.Struct("<" + fmt)
+    def unpack(self, s: struct.Struct, what: str) -> tuple[Any, ...]:
         return s.unpack(self.take(s.size, what))
 
     def uint(self, fmt: str, lo: int, hi: int, what: str) -> int:
-        value = int(self.unpack(fmt, what)[0])
-        if not lo <= value <= hi:
-            raise FrameError(f"{what} must be from {lo} to {hi}, got {value}")
-        return value
+        value = int(self.unpack(struct.Struct("<" + fmt), what)[0])
+        return _bounded(value, lo, hi, what)
 
-    def array(self, dtype: str, count: int, what: str) -> np.ndarray:
-        size = np.dtype(dtype).itemsize
-        return np.frombuffer(self.take(size * count, what), dtype=dtype)
+    def column(self, typecode: str, count: int, what: str) -> list[Any]:
+        a = array(typecode)
+        a.frombytes(self.take(_SIZES[typecode] * count, what))
+        if not _LITTLE:
+            a.byteswap()
+        return a.tolist()
 
-    def strings(self, count: int, max_bytes: int, what: str, least: int = 1) -> list[str]:
-        """A column of `count` strings: their lengths (u16), then their UTF-8 bytes."""
-        lens = self.array("<u2", count, f"{what} lengths")
-        if count and (int(lens.max()) > max_bytes or int(lens.min()) < least):
-            raise FrameError(f"{what} must be {least} to {max_bytes} bytes")
-        blob = bytes(self.take(int(lens.sum(dtype=np.int64)), what))
-        ends = np.cumsum(lens, dtype=np.int64).tolist()
+    def matrix(self, rows: int, dim: int, what: str) -> np.ndarray:
+        return np.frombuffer(self.take(4 * rows * dim, what), dtype="<f4").reshape(rows, dim)
+
+    def strings(self, count: int, max_chars: int, what: str, least: int = 1) -> list[str]:
+        """A column of `count` strings of `least` to `max_chars` characters: their lengths in
+        bytes (u16), then their UTF-8 bytes."""
+        lens = self.column("H", count, f"{what} lengths")
+        longest = max(lens, default=0)
+        if count and (longest > 4 * max_chars or min(lens) < least):
+            raise FrameError(f"{what} must be {least} to {max_chars} characters")
+        blob = self.take(sum(lens), what)
         try:
-            return [blob[a:b].decode() for a, b in zip(_starts(ends), ends, strict=True)]
+            out = [blob[a:b].decode() for a, b in _spans(lens)]
         except UnicodeDecodeError:
             raise FrameError(f"{what} is not UTF-8") from None
+        # Characters are counted only when some string has more bytes than `max_chars`.
+        if longest > max_chars and max(map(len, out)) > max_chars:
+            raise FrameError(f"{what} must be {least} to {max_chars} characters")
+        return out
 
     def blobs(self, count: int, what: str) -> list[bytes]:
         """A column of `count` byte strings: their lengths (u32), then the bytes."""
-        lens = self.array("<u4", count, f"{what} lengths")
-        blob = bytes(self.take(int(lens.sum(dtype=np.int64)), what))
-        ends = np.cumsum(lens, dtype=np.int64).tolist()
-        return [blob[a:b] for a, b in zip(_starts(ends), ends, strict=True)]
+        lens = self.column("I", count, f"{what} lengths")
+        blob = self.take(sum(lens), what)
+        return [blob[a:b] for a, b in _spans(lens)]
 
     def json(self, what: str) -> Any:
         """A JSON part (u32 length; empty: None)."""
-        n = self.uint("I", 0, MAX_JSON_PART, f"{what} length")
+        n = _bounded(self.unpack(_U32, f"{what} length")[0], 0, MAX_JSON_PART, f"{what} length")
         if n == 0:
             return None
         try:
-            return orjson.loads(bytes(self.take(n, what)))
+            return orjson.loads(self.take(n, what))
         except orjson.JSONDecodeError as exc:
             raise FrameError(f"{what} is not JSON: {exc}") from None
 
@@ -125,9 +150,16 @@ class _Reader:
             raise FrameError(f"{len(self.buf) - self.pos} byte(s) after the end of the frame")
 
 
-def _starts(ends: list[int]) -> list[int]:
-    """Where the pieces that end at `ends` start."""
-    return [0, *ends[:-1]] if ends else []
+def _bounded(value: int, lo: int, hi: int, what: str) -> int:
+    if not lo <= value <= hi:
+        raise FrameError(f"{what} must be from {lo} to {hi}, got {value}")
+    return value
+
+
+def _spans(lens: list[int]) -> zip[tuple[int, int]]:
+    """(start, end) of pieces of these lengths laid end to end."""
+    ends = list(itertools.accumulate(lens))
+    return zip([0, *ends[:-1]] if ends else [], ends, strict=True)
 
 
 def _json_part(value: Any) -> bytes:
@@ -137,11 +169,11 @@ def _json_part(value: Any) -> bytes:
 
 def _strings(values: list[str]) -> bytes:
     raw = [v.encode() for v in values]
-    return np.fromiter(map(len, raw), "<u2", len(raw)).tobytes() + b"".join(raw)
+    return _column("H", map(len, raw)) + b"".join(raw)
 
 
 def _blobs(values: list[bytes]) -> bytes:
-    return np.fromiter(map(len, values), "<u4", len(values)).tobytes() + b"".join(values)
+    return _column("I", map(len, values)) + b"".join(values)
 
 
 # -- search ---------------------------------------------------------------------------------
@@ -155,12 +187,16 @@ class SearchFrame:
     flags: int
 
 
+_SEARCH_HEAD = struct.Struct("<IIIIBH")  # nq, dim, k, nprobe (0: none), flags, shard count
+
+
 def encode_search(vectors: np.ndarray, k: int, nprobe: int | None, shards: list[int],
                   flt: Any, flags: int) -> bytes:
     nq, dim = vectors.shape
     return b"".join((
-        struct.pack("<BBIIIIBH", VERSION, SEARCH, nq, dim, k, nprobe or 0, flags, len(shards)),
-        np.asarray(shards, dtype="<u2").tobytes(),
+        bytes((VERSION, SEARCH)),
+        _SEARCH_HEAD.pack(nq, dim, k, nprobe or 0, flags, len(shards)),
+        _column("H", shards),
         _json_part(flt),
         np.ascontiguousarray(vectors, dtype="<f4").tobytes(),
     ))
@@ -169,37 +205,41 @@ def encode_search(vectors: np.ndarray, k: int, nprobe: int | None, shards: list[
 def decode_search(buf: bytes, dim: int, shards: int) -> SearchFrame:
     """A search of a collection of this dimension and shard count, every field bounded."""
     r = _Reader(buf, SEARCH)
-    nq = r.uint("I", 1, MAX_QUERIES, "nq")
-    if r.uint("I", 0, MAX_DIM, "dim") != dim:
+    nq, fdim, k, nprobe, flags, n = r.unpack(_SEARCH_HEAD, "header")
+    _bounded(nq, 1, MAX_QUERIES, "nq")
+    if fdim != dim:
         raise FrameError(f"the query vectors are not of the collection's dimension {dim}")
     # A search by stored documents asks for one more hit than the client.
-    k = r.uint("I", 1, MAX_K + 1, "k")
+    _bounded(k, 1, MAX_K + 1, "k")
     if nq * k > MAX_QUERY_RESULTS + nq:
         raise FrameError(f"nq × k must be at most {MAX_QUERY_RESULTS} (+ nq)")
-    nprobe = r.uint("I", 0, MAX_NPROBE, "nprobe")
-    flags = r.uint("B", 0, WITH_METADATA | WITH_VECTOR | EXPLAIN, "flags")
-    n = r.uint("H", 0, shards, "shard count")
-    wanted = r.array("<u2", n, "shards")
-    if n and int(wanted.max()) >= shards:
+    _bounded(nprobe, 0, MAX_NPROBE, "nprobe")
+    _bounded(flags, 0, WITH_METADATA | WITH_VECTOR | EXPLAIN, "flags")
+    _bounded(n, 0, shards, "shard count")
+    wanted = r.column("H", n, "shards")
+    if n and max(wanted) >= shards:
         raise FrameError(f"shards must be below {shards}")
     flt = r.json("filter")
-    vectors = r.array("<f4", nq * dim, "vectors").reshape(nq, dim)
+    vectors = r.matrix(nq, dim, "vectors")
     r.end()
     if not np.isfinite(vectors).all():
         raise FrameError("query vectors must be finite")
-    return SearchFrame(vectors, k, nprobe or None, wanted.tolist(), flt, flags)
+    return SearchFrame(vectors, k, nprobe or None, wanted, flt, flags)
 
 
 # -- hits: a search's answer, and a get's -----------------------------------------------------
+_HITS_HEAD = struct.Struct("<IIBI")  # queries, dim (0: no vectors), flags, hits
+
+
 def encode_hits(rows: list[list[Hit]], flags: int, dim: int, plans: Any = None) -> bytes:
     hits = [h for row in rows for h in row]
-    total = len(hits)
     parts = [
-        struct.pack("<BBIIBI", VERSION, HITS, len(rows), dim if flags & WITH_VECTOR else 0,
-                    flags & (WITH_METADATA | WITH_VECTOR), total),
-        np.fromiter(map(len, rows), "<u4", len(rows)).tobytes(),
-        np.fromiter((h.score for h in hits), "<f8", total).tobytes(),
-        np.fromiter((h.shard for h in hits), "<i2", total).tobytes(),  # -1: not said
+        bytes((VERSION, HITS)),
+        _HITS_HEAD.pack(len(rows), dim if flags & WITH_VECTOR else 0,
+                        flags & (WITH_METADATA | WITH_VECTOR), len(hits)),
+        _column("I", map(len, rows)),
+        _column("d", [h.score for h in hits]),
+        _column("h", [h.shard for h in hits]),  # -1: not said (a get's)
         _strings([h.id for h in hits]),
     ]
     if flags & WITH_METADATA:
@@ -222,33 +262,33 @@ def decode_hits(buf: bytes, nq: int, k: int, flags: int, dim: int,
     vectors `flags` asked for, from these shards (a get's: [-1]): checked before it reaches a
     client."""
     r = _Reader(buf, HITS)
-    r.uint("I", nq, nq, "query count")
+    fnq, fdim, fflags, total = r.unpack(_HITS_HEAD, "header")
     want = flags & (WITH_METADATA | WITH_VECTOR)
-    r.uint("I", dim if want & WITH_VECTOR else 0, dim if want & WITH_VECTOR else 0, "dim")
-    r.uint("B", want, want, "flags")
-    total = r.uint("I", 0, nq * k, "hit count")
-    counts = r.array("<u4", nq, "counts")
-    if nq and (int(counts.max()) > k or int(counts.sum(dtype=np.int64)) != total):
+    _bounded(fnq, nq, nq, "query count")
+    _bounded(fdim, dim if want & WITH_VECTOR else 0, dim if want & WITH_VECTOR else 0, "dim")
+    _bounded(fflags, want, want, "flags")
+    _bounded(total, 0, nq * k, "hit count")
+    counts = r.column("I", nq, "counts")
+    if nq and (max(counts) > k or sum(counts) != total):
         raise FrameError(f"a row holds more than {k} hits, or the rows do not add up")
-    scores = r.array("<f8", total, "scores")
-    of = r.array("<i2", total, "shards")
-    if total and not np.isin(of, shards).all():
+    scores = r.column("d", total, "scores")
+    of = r.column("h", total, "shards")
+    if not set(of) <= set(shards):
         raise FrameError("a hit names a shard that was not asked for")
-    if not np.isfinite(scores).all():
+    if not all(map(math.isfinite, scores)):
         raise FrameError("scores must be finite")
-    ids = r.strings(total, _MAX_ID_BYTES, "ids")
-    if any(len(i) > MAX_ID_CHARS for i in ids):
-        raise FrameError(f"ids have at most {MAX_ID_CHARS} characters")
+    ids = r.strings(total, MAX_ID_CHARS, "ids")
     metas = r.blobs(total, "metadata") if want & WITH_METADATA else [b"{}"] * total
-    vecs = bytes(r.take(4 * dim * total, "vectors")) if want & WITH_VECTOR else b""
+    step = 4 * dim
+    vecs = r.take(step * total, "vectors") if want & WITH_VECTOR else b""
     plans = r.json("plans")
     r.end()
-    step = 4 * dim
-    hits = [Hit(i, s, m, vecs[j * step : (j + 1) * step] if vecs else b"", sh)
-            for j, (i, s, m, sh) in enumerate(zip(ids, scores.tolist(), metas, of.tolist(),
-                                                  strict=True))]
-    ends = np.cumsum(counts, dtype=np.int64).tolist()
-    return HitsFrame([hits[a:b] for a, b in zip(_starts(ends), ends, strict=True)], plans)
+    if vecs:
+        hits = [Hit(i, s, m, vecs[j * step : (j + 1) * step], sh)
+                for j, (i, s, m, sh) in enumerate(zip(ids, scores, metas, of, strict=True))]
+    else:
+        hits = list(map(Hit, ids, scores, metas, itertools.repeat(b""), of))
+    return HitsFrame([hits[a:b] for a, b in _spans(counts)], plans)
 
 
 # -- write ------------------------------------------------------------------------------------
@@ -269,9 +309,9 @@ def encode_write(spec: Any, uid: str | None, dim: int,
         parts += [
             struct.pack("<HI", shard, len(docs)),
             _strings([d.id for d in docs]),
-            np.fromiter((d.version for d in docs), "<u8", len(docs)).tobytes(),
+            _column("Q", [d.version for d in docs]),
             _strings([d.writer for d in docs]),
-            np.fromiter((d.vector is not None for d in docs), "u1", len(docs)).tobytes(),
+            _column("B", [d.vector is not None for d in docs]),
             b"".join(np.ascontiguousarray(d.vector, dtype="<f4").tobytes() for d in live),
             _blobs([d.metadata or b"{}" for d in live]),
         ]
@@ -296,30 +336,28 @@ def decode_write(buf: bytes, dim: int | None = None, shards: int = MAX_SHARDS) -
         shard = r.uint("H", 0, shards - 1, "shard")
         n = r.uint("I", 1, left, "document count")
         left -= n
-        ids = r.strings(n, _MAX_ID_BYTES, "ids")
-        versions = r.array("<u8", n, "versions")
-        if int(versions.max()) > MAX_VERSION:
+        ids = r.strings(n, MAX_ID_CHARS, "ids")
+        versions = r.column("Q", n, "versions")
+        if max(versions) > MAX_VERSION:
             raise FrameError(f"versions must be at most {MAX_VERSION}")
-        writers = r.strings(n, _MAX_WRITER_BYTES, "writers", least=0)
-        live = r.array("u1", n, "live flags")
-        if int(live.max()) > 1:
+        writers = r.strings(n, MAX_NODE_ID_CHARS, "writers", least=0)
+        live = r.column("B", n, "live flags")
+        if max(live) > 1:
             raise FrameError("a live flag is 0 or 1")
-        nlive = int(live.sum())
-        vectors = r.array("<f4", nlive * fdim, "vectors").reshape(nlive, fdim)
+        nlive = sum(live)
+        vectors = r.matrix(nlive, fdim, "vectors")
         if not np.isfinite(vectors).all():
             raise FrameError("vectors must be finite")
         metas = r.blobs(nlive, "metadata")
         docs = []
         j = 0
         for i, doc_id in enumerate(ids):
-            if len(doc_id) > MAX_ID_CHARS or len(writers[i]) > MAX_NODE_ID_CHARS:
-                raise FrameError("an id or a writer is too long")
             if live[i]:
                 docs.append(Incoming(doc_id, vectors[j], _metadata(metas[j], doc_id),
-                                     int(versions[i]), writers[i]))
+                                     versions[i], writers[i]))
                 j += 1
             else:
-                docs.append(Incoming(doc_id, None, b"", int(versions[i]), writers[i]))
+                docs.append(Incoming(doc_id, None, b"", versions[i], writers[i]))
         if shard in by_shard:
             raise FrameError(f"shard {shard} appears twice")
         by_shard[shard] = docs
@@ -341,14 +379,12 @@ def _metadata(meta: bytes, doc_id: str) -> bytes:
 
 # -- get --------------------------------------------------------------------------------------
 def encode_get(shard: int, doc_id: str) -> bytes:
-    return struct.pack("<BBH", VERSION, GET, shard) + _strings([doc_id])
+    return bytes((VERSION, GET)) + struct.pack("<H", shard) + _strings([doc_id])
 
 
 def decode_get(buf: bytes, shards: int) -> tuple[int, str]:
     r = _Reader(buf, GET)
     shard = r.uint("H", 0, shards - 1, "shard")
-    (doc_id,) = r.strings(1, _MAX_ID_BYTES, "id")
+    (doc_id,) = r.strings(1, MAX_ID_CHARS, "id")
     r.end()
-    if len(doc_id) > MAX_ID_CHARS:
-        raise FrameError(f"ids have at most {MAX_ID_CHARS} characters")
     return shard, doc_id
