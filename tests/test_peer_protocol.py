@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import BadRequest, Unavailable
 from aquila.cluster.model.operations import SearchRequest
+from aquila.cluster.peers.lean import LeanClient, LeanError
 from aquila.cluster.replication import frames
 from aquila.cluster.replication.coalesce import Coalescer
 from aquila.cluster.replication.frames import FrameError
@@ -366,3 +367,123 @@ async def test_concurrent_searches_through_the_cluster_equal_one_by_one() -> Non
         assert sim.hub.requests - before < one_by_one / 2
     finally:
         await sim.stop()
+
+
+# --- the lean client of the frames (cluster/peers/lean.py), against a scripted server ---------
+
+
+CLOSE = b"<close>"
+
+
+class Scripted:
+    """A TCP server on 127.0.0.1 that reads one request at a time and answers with the next
+    of `answers` (raw bytes, in pieces with a pause between); None closes the connection, as
+    does an answer that ends with CLOSE once it is written."""
+
+    def __init__(self, answers: list[list[bytes] | None]) -> None:
+        self.answers = answers
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                self.requests.append(head + await reader.readexactly(length))
+                answer = self.answers.pop(0)
+                if answer is None:
+                    break
+                if answer[-1] == CLOSE:
+                    self.answers.clear()  # after this answer, the connection closes
+                for piece in answer:
+                    if piece == CLOSE:
+                        break
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def ok(body: bytes, *extra: bytes) -> list[bytes]:
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-aquila-frame\r\n"
+            + b"".join(e + b"\r\n" for e in extra)
+            + b"Content-Length: %d\r\n\r\n" % len(body))
+    return [head[:10], head[10:] + body[:3], body[3:]]  # in pieces, as TCP may deliver it
+
+
+async def test_lean_client_keeps_connections_and_reads_answers_in_pieces() -> None:
+    srv = Scripted([ok(b"first answer"), ok(b"second")])
+    port = await srv.start()
+    client = LeanClient(1 << 20)
+    try:
+        got = await client.request("x:1", "127.0.0.1", port, "POST", "/p?q=1",
+                                   {"X-A": "b"}, b"body!")
+        assert got == (200, "application/x-aquila-frame", b"first answer")
+        assert await client.request("x:1", "127.0.0.1", port, "POST", "/p", {}, b"") == \
+            (200, "application/x-aquila-frame", b"second")
+        assert srv.connections == 1  # kept alive and reused
+        assert srv.requests[0].startswith(b"POST /p?q=1 HTTP/1.1\r\nHost: x:1\r\n")
+        assert srv.requests[0].endswith(b"\r\nX-A: b\r\n\r\nbody!")
+    finally:
+        client.close()
+        await srv.stop()
+
+
+async def test_lean_client_retries_once_on_a_connection_the_peer_closed() -> None:
+    srv = Scripted([ok(b"one"), None, ok(b"two")])
+    port = await srv.start()
+    client = LeanClient(1 << 20)
+    try:
+        assert (await client.request("a", "127.0.0.1", port, "POST", "/", {}, b""))[2] == b"one"
+        # The server takes the next request and closes without an answer: sent again, anew.
+        assert (await client.request("a", "127.0.0.1", port, "POST", "/", {}, b""))[2] == b"two"
+        assert srv.connections == 2 and len(srv.requests) == 3
+    finally:
+        client.close()
+        await srv.stop()
+
+
+@pytest.mark.parametrize("answer", [
+    [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"],
+    [b"HTTP/1.1 200 OK\r\n\r\nno length"],
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n"],
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\ntoo long"],
+    [b"SSH-2.0-OpenSSH\r\n\r\n"],
+    [b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70_000 + b"\r\n\r\n"],
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", CLOSE],  # truncated
+], ids=["chunked", "no-length", "too-long", "extra-bytes", "not-http", "huge-head", "cut"])
+async def test_lean_client_refuses_what_is_not_a_stated_answer(answer: list[bytes]) -> None:
+    srv = Scripted([answer, None])
+    port = await srv.start()
+    client = LeanClient(1 << 20)
+    try:
+        with pytest.raises(LeanError):
+            await asyncio.wait_for(
+                client.request("a", "127.0.0.1", port, "POST", "/", {}, b""), 5)
+    finally:
+        client.close()
+        await srv.stop()
+
+
+async def test_lean_client_cannot_connect() -> None:
+    srv = Scripted([])
+    port = await srv.start()
+    await srv.stop()
+    with pytest.raises(LeanError, match="cannot connect"):
+        await LeanClient(1 << 20).request("a", "127.0.0.1", port, "POST", "/", {}, b"")
