@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import time
 from collections.abc import Awaitable, Collection
 from typing import Any, Protocol, TypeVar
@@ -39,6 +40,36 @@ class Clock(Protocol):
     ) -> set[asyncio.Future[Any]]:
         """Until one of `futures` is done or `timeout` seconds have passed; the done ones."""
         ...
+
+
+def consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a finished future's outcome, so that asyncio never reports it as "exception was
+    never retrieved": a done callback for tasks whose failure is handled elsewhere or no
+    longer matters (a hedged request that lost, background work that logs its own)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def track(task: asyncio.Task[Any], tasks: set[asyncio.Task[Any]], log: logging.Logger) -> None:
+    """Keep background work in `tasks` while it runs (the loop holds tasks weakly only) and
+    log its failure when it ends: nobody awaits it, so nobody else would retrieve it."""
+    tasks.add(task)
+
+    def done(t: asyncio.Task[Any]) -> None:
+        tasks.discard(t)
+        exc = None if t.cancelled() else t.exception()
+        if exc is not None:
+            log.error("background task %s failed: %s", t.get_coro(), exc, exc_info=exc)
+
+    task.add_done_callback(done)
+
+
+def abandon(futures: Collection[asyncio.Future[Any]]) -> None:
+    """Cancel these futures and consume whatever they end with: the ones already done (their
+    exception included) and the ones that finish with an error despite the cancellation."""
+    for fut in futures:
+        fut.cancel()
+        fut.add_done_callback(consume)
 
 
 class SystemClock:

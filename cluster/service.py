@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from aquila.cluster.clock import Clock
+from aquila.cluster.clock import Clock, track
 from aquila.cluster.membership.gossip import Gossip, GossipConfig, JoinError
 from aquila.cluster.membership.transport import PushPullTransport, Transport
 from aquila.cluster.membership.view import MemberView
@@ -140,9 +140,7 @@ class ClusterService:
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run background work (a rebalance) that outlives the request that started it."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        track(asyncio.get_running_loop().create_task(coro), self._tasks, log)
 
     async def join(self, seeds: list[str], deadline_s: float = 120.0) -> int:
         """Join through the seeds, retrying until one answers or the deadline passes."""

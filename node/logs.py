@@ -58,9 +58,20 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
 
 
+# The formatted second of the last line (one tuple: threads log too): lines come many a
+# second (one per request), and formatting a date is most of what a line costs to format.
+_second: tuple[float, str] = (-1.0, "")
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    t = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    global _second
+    secs, frac = divmod(record.created, 1.0)
+    ms = min(999, int(frac * 1000))  # truncated, as isoformat(timespec="milliseconds")
+    last = _second
+    if secs != last[0]:
+        t = datetime.datetime.fromtimestamp(secs, datetime.UTC)
+        last = _second = (secs, t.strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{last[1]}.{ms:03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -118,6 +129,8 @@ def configure(level: str, fmt: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # No line shows the process's name: not looked up (through multiprocessing) per record.
+    logging.logMultiprocessing = False
 
 
 def set_node(node_id: str) -> None:

@@ -275,3 +275,47 @@ async def event_loop_never_blocked(request: pytest.FixtureRequest) -> AsyncItera
         logger.removeHandler(handler)
         loop.set_debug(False)
     assert not handler.seen, f"the event loop was blocked: {handler.seen[:3]}"
+
+
+# Modules whose tests fail on any exception that asyncio reports as never retrieved (a task
+# whose failure nobody looked at: a lost hedge, a write to a replica after the answer): the
+# cluster logic, in process. asyncio reports such a task only when it is freed, which may be
+# long after; so every task made during the test is recorded, and one that ended with an
+# exception nobody retrieved fails the test at its end.
+_LOST_EXCEPTIONS_CHECKED = ("test_sim_", "test_fanout", "test_route_writes", "test_replica",
+                            "test_hints", "test_inprocess_nodes", "test_peer_protocol")
+
+
+@pytest.fixture(autouse=True)
+async def no_lost_task_exceptions(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    if not request.node.module.__name__.rpartition(".")[2].startswith(_LOST_EXCEPTIONS_CHECKED):
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+    made: list[asyncio.Task[Any]] = []
+    previous = loop.get_exception_handler()
+    factory = loop.get_task_factory()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        seen.append(f"{context.get('message')}: {context.get('exception')!r}")
+        loop.default_exception_handler(context)
+
+    def recording(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> Any:
+        task = (asyncio.Task(coro, loop=loop, **kw) if factory is None
+                else factory(loop, coro, **kw))
+        made.append(task)
+        return task
+
+    loop.set_exception_handler(handler)
+    loop.set_task_factory(recording)
+    try:
+        yield
+        for _ in range(3):
+            await asyncio.sleep(0)  # done callbacks scheduled by the last steps run
+    finally:
+        loop.set_task_factory(factory)
+        loop.set_exception_handler(previous)
+    lost = [f"{t.get_coro()}: {t.exception()!r}" for t in made
+            if t.done() and not t.cancelled() and t._log_traceback]
+    assert not seen and not lost, f"never retrieved: {(seen + lost)[:3]}"

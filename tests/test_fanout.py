@@ -8,15 +8,26 @@ no test waits on real time.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from aquila.cluster.clock import ManualClock
+from aquila.cluster.clock import ManualClock, track
 from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.errors import BadRequest, Unavailable
-from aquila.cluster.replication.fanout import HEDGE_SHARE, FanoutResult, assign, fan_out
+from aquila.cluster.model.merge import merge_topk
+from aquila.cluster.replication.fanout import (
+    HEDGE_SHARE,
+    FanoutResult,
+    assign,
+    fan_out,
+    merge_rows,
+)
 
 NQ = 2
 K = 3
@@ -163,6 +174,36 @@ async def test_non_transient_error_propagates() -> None:
     assert nodes.asked("c") == []  # another replica would say the same: not asked
 
 
+async def test_no_failure_is_left_unretrieved() -> None:
+    """A non-transient error ends the fan-out while other nodes failed in the same round, or
+    are still running and fail after their cancellation: asyncio must never have to report
+    "Task exception was never retrieved" (the conftest fixture fails the test if it does)."""
+    nodes = FakeNodes(behaviour={"a": BAD, "b": DOWN, "c": DOWN})
+    with pytest.raises(BadRequest):
+        await run(nodes, {0: ["a"], 1: ["b"], 2: ["c"]})
+    nodes = FakeNodes(behaviour={"a": BAD, "b": NEVER})
+    with pytest.raises(BadRequest):
+        await run(nodes, {0: ["a"], 1: ["b"]})
+
+
+async def test_background_failures_are_logged_and_retrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Background work (`track`: a rebalance, a file write) that fails is logged when it ends,
+    never left for asyncio to report as "never retrieved"."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def fails() -> None:
+        raise OSError("disk gone")
+
+    track(asyncio.ensure_future(fails()), tasks, logging.getLogger("test"))
+    assert len(tasks) == 1
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not tasks
+    assert "disk gone" in caplog.text
+
+
 async def test_no_shards_at_all() -> None:
     nodes = FakeNodes()
     result, _ = await run(nodes, {})
@@ -281,3 +322,45 @@ async def test_every_replica_silent_keeps_the_deadline() -> None:
     assert result.missing == [0, 1]
     assert elapsed < TIMEOUT + SLACK
     assert elapsed == pytest.approx(TIMEOUT)
+
+
+# --- the merge on arrays equals the merge of lists it replaced ------------------------------
+
+
+def old_merge_rows(answers: list[list[list[Hit]]], nq: int, k: int,
+                   larger_is_better: bool) -> list[list[Hit]]:
+    """fanout.merge_rows as it was: a heap merge of hit objects, query by query."""
+    out = []
+    for q in range(nq):
+        lists = [[(h.score, h) for h in a[q]] for a in answers if q < len(a)]
+        out.append([h for _, h in merge_topk(lists, k, larger_is_better=larger_is_better)])
+    return out
+
+
+@st.composite
+def node_answers(draw: st.DrawFn) -> tuple[list[list[list[Hit]]], int, int, bool]:
+    """Per node, per query, a row sorted best first; scores from a small set (many ties), and
+    some answers with fewer rows than queries."""
+    larger = draw(st.booleans())
+    nq = draw(st.integers(1, 5))
+    k = draw(st.integers(0, 8))
+    answers = []
+    for n in range(draw(st.integers(0, 4))):
+        rows = []
+        for q in range(draw(st.integers(0, nq))):
+            scores = draw(st.lists(st.sampled_from([-1.5, -0.0, 0.0, 0.25, 0.5, 2.0])
+                                   | st.floats(-5, 5), max_size=8))
+            rows.append([Hit(f"n{n}q{q}h{j}", s, b"{}", b"", n)
+                         for j, s in enumerate(sorted(scores, reverse=larger))])
+        answers.append(rows)
+    return answers, nq, k, larger
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(node_answers())
+def test_array_merge_equals_the_heap_merge(case: tuple[list[list[list[Hit]]], int, int, bool]
+                                           ) -> None:
+    answers, nq, k, larger = case
+    got = merge_rows(answers, nq, k, larger)
+    want = old_merge_rows(answers, nq, k, larger)
+    assert [[h.id for h in row] for row in got] == [[h.id for h in row] for row in want]

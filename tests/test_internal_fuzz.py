@@ -21,6 +21,9 @@ from hypothesis import strategies as st
 
 from aquila.cluster.membership.messages import PushPull, to_obj
 from aquila.cluster.membership.table import MemberRow
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.peers.client import FRAME_TYPE
+from aquila.cluster.replication import frames
 from aquila.node.keys import SERVICE
 from tests.conftest import Node, ok_json
 from tests.fuzz import dumps, mutate
@@ -77,8 +80,10 @@ async def fuzz_routes(node: Node, bodies: st.SearchStrategy[tuple[str, bytes]]) 
     seen: list[int] = []
 
     async def send(route: str, body: bytes) -> tuple[int, Any]:
-        resp = await node.client.post(url(route), data=body,
-                                      headers={"Content-Type": "application/json"})
+        kind = "application/json"
+        if route.endswith(FRAME):
+            route, kind = route.removesuffix(FRAME), FRAME_TYPE
+        resp = await node.client.post(url(route), data=body, headers={"Content-Type": kind})
         raw = await resp.read()
         return resp.status, raw
 
@@ -124,4 +129,45 @@ async def test_mutated_valid_bodies_are_never_a_500(coll: Node, route: str) -> N
 
     seen = await fuzz_routes(coll, bodies())
     assert any(s < 300 for s in seen) or route == "drop_shard"  # valid ones got through too
+    assert any(400 <= s < 500 for s in seen)
+
+
+FRAME = "+frame"
+
+
+def valid_frames() -> dict[str, bytes]:
+    """One valid binary frame per route that takes them, for collection "c" (dim 2, 2 shards)."""
+    vec = np.array([1.0, 2.0], dtype="<f4")
+    doc = Incoming("fz", vec, b'{"k":[1,{"x":"y"}]}', 5 << 16, "peer")
+    return {
+        "search": frames.encode_search(vec.reshape(1, 2), 3, 4, [0, 1],
+                                       {"must": [{"key": "a", "in": [1, 2]}]},
+                                       frames.WITH_METADATA | frames.WITH_VECTOR | frames.EXPLAIN),
+        "write": frames.encode_write(None, None, 2, {0: [doc, Incoming("gone", None, b"", 6 << 16,
+                                                                         "peer")]}),
+        "get": frames.encode_get(0, "keep"),
+    }
+
+
+@pytest.mark.parametrize("route", ["search", "write", "get"])
+async def test_frames_cut_or_mutated_are_never_a_500(coll: Node, route: str) -> None:
+    """The binary frames: the valid one is served; every truncation is a 400; random byte
+    changes (lengths, counts, flags, version) a 2xx or a 4xx, never a 500."""
+    valid = valid_frames()[route]
+    first = await coll.client.post(url(route), data=valid, headers={"Content-Type": FRAME_TYPE})
+    assert first.status == 200, await first.text()
+    for cut in range(len(valid)):
+        resp = await coll.client.post(url(route), data=valid[:cut],
+                                      headers={"Content-Type": FRAME_TYPE})
+        assert resp.status == 400, (cut, await resp.text())
+        assert (await resp.json())["error"]["code"] == "bad_request"
+
+    @st.composite
+    def bodies(draw: st.DrawFn) -> tuple[str, bytes]:
+        raw = bytearray(valid)
+        for _ in range(draw(st.integers(1, 4))):
+            raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+        return route + FRAME, bytes(raw)
+
+    seen = await fuzz_routes(coll, bodies())
     assert any(400 <= s < 500 for s in seen)

@@ -3,8 +3,8 @@ hints for replicas that miss a write, refusal before writing, and errors that mu
 retried.
 
 Each node is a FakeBackend; the coordinator ("a") writes to its own through its LocalReplica
-and to the others through RemoteReplica and FakePeers, which sends the body through JSON as
-the wire would. A backend
+and to the others through RemoteReplica and FakePeers, which decodes the write's binary frame
+as the receiving node would. A backend
 with a closed `gate` holds its writes, which lets a test see exactly when route_writes
 returns without sleeping.
 """
@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 import numpy as np
-import orjson
 import pytest
 
 from aquila.cluster.clock import ManualClock
@@ -27,7 +26,8 @@ from aquila.cluster.model.errors import AquilaError, BadRequest, Unavailable
 from aquila.cluster.model.hlc import HybridClock
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.cluster.peers.client import PeerError
-from aquila.cluster.replication.remote import RemoteReplica, decode_writes
+from aquila.cluster.replication.frames import decode_write
+from aquila.cluster.replication.remote import RemoteReplica
 from aquila.cluster.replication.replica import LocalReplica, Replicas
 from aquila.cluster.replication.writes import WritePath, needed_acks
 from aquila.cluster.state.entries import ClusterState, CollectionEntry, Moving
@@ -103,7 +103,7 @@ class FakePeers:
 
     async def request(
         self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
     ) -> Any:
         node = NODE_AT[addr]
         assert to == node  # signed for the node expected at addr: no other may accept it
@@ -114,12 +114,14 @@ class FakePeers:
         if node in self.errors:
             raise self.errors[node]
         assert (method, path) == ("POST", f"/internal/v1/collections/{SPEC.name}/write")
-        wire = orjson.loads(orjson.dumps(body))
-        assert set(wire) == {"spec", "uid", "writes"}
-        spec = CollectionSpec.from_json(wire["spec"])
-        by_shard = decode_writes(wire["writes"], spec.dim)
+        assert body is None and raw is not None  # a write travels as a binary frame
+        frame = decode_write(raw)
+        assert frame.spec is not None and frame.uid is not None
+        spec = CollectionSpec.from_json(frame.spec)
+        assert frame.dim == spec.dim
+        by_shard = frame.by_shard
         backend = self.backends[node]
-        await backend.ensure(spec, list(by_shard), wire["uid"])
+        await backend.ensure(spec, list(by_shard), frame.uid)
         out = await backend.write(spec, by_shard)
         return {"shards": {str(s): [a, d] for s, (a, d) in out.items()}}
 
@@ -309,6 +311,20 @@ async def test_non_transient_error_propagates(consistency: str) -> None:
         await task
     await cl.finish_background()
     assert "c" not in cl.writes.hints.nodes()  # a bad request is not handed off either
+
+
+async def test_failures_beside_a_non_transient_error_are_retrieved() -> None:
+    """Replicas that fail in the same round as the one whose error is raised: their errors
+    are consumed (the conftest fixture fails the test on "Task exception was never
+    retrieved"), and the unreachable ones are still handed off."""
+    for bad in "bc":
+        cl = Cluster()
+        cl.peers.errors[bad] = BadRequest("vector of 's0-0' has the wrong dimension")
+        cl.peers.down.add("c" if bad == "b" else "b")
+        cl.backends["a"].gate = asyncio.Event()
+        with pytest.raises(BadRequest):
+            await cl.writes.route_writes(make_entry(), BATCH, "all")
+        await cl.finish_background()
 
 
 async def test_move_target_gets_writes_but_does_not_count_as_ack() -> None:

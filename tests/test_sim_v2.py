@@ -178,3 +178,20 @@ async def test_scroll_while_writes_go_on_and_shards_move(sim: SimCluster) -> Non
     assert n4 is not None and sim.node("n1").svc.collections.entry("c").shards_of("n4")
     assert len(seen) == len(set(seen)), "a document came twice"
     assert stable <= set(seen)
+
+
+async def test_search_by_recall_names_the_probes_of_every_node(sim: SimCluster) -> None:
+    """The target travels to every node holding a shard (in the peer frame), and each node's
+    plans come back with the hits, so the answer names the nprobe used for every shard."""
+    await fill(sim, replication=1)
+    svc = sim.node("n1").svc
+    entry = svc.collections.entry("c")
+    req = SearchRequest(np.zeros((1, 4), np.float32), 5, None, None, None, True, False, True,
+                        None, recall=0.9)
+    out = await sim.run(svc.reads.search(entry, req))
+    assert len(out["results"][0]) == 5
+    per = out["nprobes"]
+    assert [p["shard"] for p in per] == list(range(SHARDS))
+    owners = {s: reps[0] for s, reps in enumerate(entry.replicas)}
+    assert {p["node"] for p in per} == set(owners.values()) and len(set(owners.values())) > 1
+    assert all(p["node"] == owners[p["shard"]] and p["nprobe"] >= 1 for p in per)

@@ -11,6 +11,9 @@ from aquila.cluster.model.errors import Unavailable
 STATE_PATH = "/internal/v1/state"
 PUSH_PULL_PATH = "/internal/v1/pushpull"
 COLLECTION_PREFIX = "/internal/v1/collections/"
+# The content type of a binary frame of the peer protocol (`replication.frames`); a raw body
+# to any other route than push-pull travels as one, and an answer of this type is one.
+FRAME_TYPE = "application/x-aquila-frame"
 
 
 def collection_path(name: str, op: str) -> str:
@@ -30,7 +33,7 @@ class PeerClient(Protocol):
         self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
         timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
     ) -> Any:
-        """JSON `body` (or `raw` bytes: push-pull) to the route `path` of the node at `addr`;
-        the decoded answer. `to` is the node id expected at `addr`, which alone may accept
+        """JSON `body` (or `raw` bytes: push-pull, a binary frame) to the route `path` of the
+        node at `addr`; the decoded answer (bytes when the node answered with bytes). `to` is the node id expected at `addr`, which alone may accept
         the request (None only for a push-pull to a seed whose id is not known yet)."""
         ...

@@ -4,6 +4,7 @@ method, path, body and time, which the receiving node checks before anything els
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,8 @@ from yarl import URL
 from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import AquilaError, Unavailable, from_code
 from aquila.cluster.peers.auth import PeerSigner
-from aquila.cluster.peers.client import PeerError
+from aquila.cluster.peers.client import FRAME_TYPE, PUSH_PULL_PATH, PeerError
+from aquila.cluster.peers.lean import LeanClient, LeanError
 
 # The largest answer read from a peer (a page of a shard in a move, a search's hits, the
 # cluster state in a push-pull): an address given to join may be anything, and what answers
@@ -32,8 +34,11 @@ class Peers:
         self._timeout_s = timeout_s
         self._max_answer = max_answer_bytes
         self._session: aiohttp.ClientSession | None = None
+        # Binary frames (search, write, get) go through the lean client.
+        self._lean: LeanClient | None = None
 
     async def start(self) -> None:
+        self._lean = LeanClient(self._max_answer)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=30),
             json_serialize=lambda o: orjson.dumps(o).decode(),
@@ -42,6 +47,9 @@ class Peers:
         )
 
     async def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
+            self._lean = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -62,11 +70,14 @@ class Peers:
             url = URL(f"http://{addr}{path}")
         except ValueError as exc:
             raise PeerError(f"bad peer address {addr!r}: {exc}") from None
-        headers = {"Content-Type": "application/json",
+        headers = {"Content-Type": "application/json" if raw is None else FRAME_TYPE,
                    **self._signer.headers(method, url.raw_path_qs, data, to)}
         rid = request_id.current.get()
         if rid is not None:  # the client request this serves: the peer logs it too
             headers[request_id.HEADER] = rid
+        if raw is not None and path != PUSH_PULL_PATH:  # a frame: the lean client
+            return await self._lean_request(addr, url, method, headers, data,
+                                            timeout or self._timeout_s)
         t = aiohttp.ClientTimeout(total=timeout or self._timeout_s)
         try:
             async with self._session.request(
@@ -85,6 +96,26 @@ class Peers:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
+
+
+    async def _lean_request(self, addr: str, url: URL, method: str, headers: dict[str, str],
+                            data: bytes, timeout: float) -> Any:  # noqa: ASYNC109
+        if self._lean is None or url.host is None:
+            raise Unavailable("peer client is not started")
+        try:
+            async with asyncio.timeout(timeout):
+                status, ctype, payload = await self._lean.request(
+                    addr, url.host, url.port or 80, method, url.raw_path_qs, headers, data)
+        except (TimeoutError, LeanError, OSError) as exc:
+            raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
+        if status >= 400:
+            raise _error_from(status, payload, addr)
+        if ctype != "application/json":
+            return payload
+        try:
+            return orjson.loads(payload) if payload else None
+        except orjson.JSONDecodeError:
+            raise PeerError(f"node {addr} answered something else than JSON") from None
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int, addr: str) -> bytes:

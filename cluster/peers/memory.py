@@ -1,5 +1,6 @@
 """The peer client's in-process twin: requests to other nodes' internal routes go, through
-JSON as on the wire, straight to the target's handler (`remote.PeerService`), so the whole replica
+JSON as on the wire (or the binary frames of the hot paths, as bytes), straight to the
+target's handler (`remote.PeerService`), so the whole replica
 protocol (codecs included) runs between many nodes in one process. The in-memory network's
 faults apply: a paused or cut-off node hangs until the caller's timeout (on the injected
 clock), a stopped one refuses at once. Gossip's push-pull travels by `memnet`.
@@ -29,7 +30,8 @@ class PeerHandler(Protocol):
 
     node_id: str
 
-    async def handle(self, method: str, path: str, body: Any) -> Any: ...
+    async def handle(self, method: str, path: str, body: Any, raw: bytes | None = None
+                     ) -> Any: ...
 
 
 class MemoryPeerNet:
@@ -62,9 +64,7 @@ class MemoryPeers:
     ) -> Any:
         hub = self._hub
         hub.requests += 1
-        if raw is not None:  # gossip's push-pull: memnet carries it
-            if path != PUSH_PULL_PATH:
-                raise ValueError(f"raw bodies go to {PUSH_PULL_PATH} only")
+        if raw is not None and path == PUSH_PULL_PATH:  # gossip's push-pull: memnet carries it
             return await hub.net.push_pull(self.addr).exchange(addr, raw, timeout or 10.0)
         if not hub.net.reachable(self.addr, addr):
             await hub.clock.sleep(timeout or 10.0)
@@ -77,7 +77,8 @@ class MemoryPeers:
             raise Unauthorized(f"{addr}: peer request refused: addressed to {to!r}")
         wire = orjson.loads(orjson.dumps(body)) if body is not None else None
         try:
-            answer = await service.handle(method, path, wire)
+            # A frame (`raw`) goes as its bytes, through the same codecs as over HTTP.
+            answer = await service.handle(method, path, wire, None if raw is None else bytes(raw))
         except AquilaError as exc:
             err = from_code(exc.code, f"{addr}: {exc.message}")
             if exc.status >= 500 and not isinstance(err, Unavailable):
@@ -85,4 +86,6 @@ class MemoryPeers:
             raise err from None
         except (KeyError, ValueError, TypeError) as exc:  # as node.internal_api answers
             raise BadRequest(f"{addr}: malformed peer request: {type(exc).__name__}: {exc}") from None
+        if isinstance(answer, bytes):
+            return bytes(answer)
         return orjson.loads(orjson.dumps(answer))

@@ -3,7 +3,10 @@ in one place: a peer's `Replica` (`RemoteReplica`, over the peer client), the di
 push, and the serving side (`PeerService`) that the HTTP routes (`node.http.internal_api`) and the
 in-process network (`cluster.peers.memory`) hand decoded requests to.
 
-Formats: JSON bodies; vectors as base64 float32 little-endian; metadata as raw JSON. Nothing
+Formats: the hot paths (search, write, get) in binary frames (`frames`: raw arrays, columns of
+length-prefixed bytes, a version byte); the rest, and any request sent as JSON (the routes
+take both, by content type), in JSON bodies with vectors as base64 float32 little-endian and
+metadata as raw JSON. Nothing
 from a peer is trusted: every field is checked and bounded (`model.bounds`) and a field missing,
 of the wrong type or out of bounds raises KeyError / ValueError / TypeError, which the HTTP
 layer answers with 400 (the sender may be another version, or not a node); what a peer answers
@@ -54,8 +57,12 @@ from aquila.cluster.peers.client import (
     COLLECTION_PREFIX,
     STATE_PATH,
     PeerClient,
+    PeerError,
     collection_path,
 )
+from aquila.cluster.replication import frames
+from aquila.cluster.replication.coalesce import Coalescer
+from aquila.cluster.replication.frames import FrameError
 from aquila.cluster.replication.replica import Replica, WriteResult
 from aquila.cluster.state.entries import ClusterState, CollectionEntry
 
@@ -435,6 +442,7 @@ class RemoteReplica:
         self._addr_of = addr_of
         self._peers = peers
         self._timeout_s = timeout_s
+        self._coalescer = Coalescer()
 
     async def _ask(self, method: str, name: str, op: str, body: Any = None,
                    timeout: float | None = None) -> Any:  # noqa: ASYNC109
@@ -446,6 +454,27 @@ class RemoteReplica:
             timeout=self._timeout_s if timeout is None else timeout,
         )
 
+    async def _frame(self, name: str, op: str, raw: bytes, timeout: float | None = None  # noqa: ASYNC109
+                     ) -> Any:
+        addr = self._addr_of(self.node)
+        if addr is None:
+            raise Unavailable(f"node {self.node} is unknown")
+        return await self._peers.request(
+            addr, "POST", collection_path(name, op), None, to=self.node, raw=raw,
+            timeout=self._timeout_s if timeout is None else timeout,
+        )
+
+    def _hits(self, answer: Any, nq: int, k: int, flags: int, dim: int, shards: list[int],
+              op: str) -> frames.HitsFrame:
+        """A peer's hits frame, checked; anything else from it is the node's failure (another
+        replica may answer), not the client's."""
+        if not isinstance(answer, bytes):
+            raise PeerError(f"node {self.node} answered {op} with something else than a frame")
+        try:
+            return frames.decode_hits(answer, nq, k, flags, dim, shards)
+        except FrameError as exc:
+            raise PeerError(f"node {self.node} answered {op} with a bad frame: {exc}") from None
+
     async def _object(self, name: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         raw = await self._ask("POST", name, op, body)
         if not isinstance(raw, dict):
@@ -455,20 +484,40 @@ class RemoteReplica:
     async def write(
         self, spec: CollectionSpec, uid: str, by_shard: dict[int, list[Incoming]]
     ) -> WriteResult:
-        raw = await self._ask("POST", spec.name, "write", encode_write(spec, uid, by_shard))
+        frame = frames.encode_write(spec.to_json(), uid, spec.dim, by_shard)
+        raw = await self._frame(spec.name, "write", frame)
+        if not isinstance(raw, dict):
+            raise PeerError(f"node {self.node} answered a write with something else than JSON")
         return decode_write_result(raw, spec.shards)
 
     async def get(self, spec: CollectionSpec, shard: int, doc_id: str) -> Hit | None:
-        return decode_doc(await self._ask("POST", spec.name, "get", {"shard": shard, "id": doc_id}))
+        answer = await self._frame(spec.name, "get", frames.encode_get(shard, doc_id))
+        both = frames.WITH_METADATA | frames.WITH_VECTOR
+        rows = self._hits(answer, 1, 1, both, spec.dim, [-1, shard], "get").rows
+        return rows[0][0] if rows[0] else None
 
     async def search(
         self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float,
         plans: dict[int, dict[str, Any]] | None = None,
     ) -> list[list[Hit]]:
-        out = await self._ask("POST", spec.name, "search", encode_search(req, shards), budget)
-        if plans is not None and (req.explain or req.recall is not None):
-            plans.update(decode_plans(out.get("plans", []), shards))
-        return decode_hits(out["results"])
+        flags = (frames.WITH_METADATA * req.include_metadata
+                 | frames.WITH_VECTOR * req.include_vector | frames.EXPLAIN * req.explain)
+
+        async def send(vectors: np.ndarray, budget: float) -> list[list[Hit]]:
+            frame = frames.encode_search(vectors, req.k, req.nprobe, shards, req.filter, flags,
+                                          req.recall)
+            answer = await self._frame(spec.name, "search", frame, budget)
+            got = self._hits(answer, len(vectors), req.k, flags, spec.dim, shards, "search")
+            if plans is not None and (req.explain or req.recall is not None):
+                plans.update(decode_plans(got.plans or [], shards))
+            return got.rows
+
+        if req.explain:  # its plans are its own
+            return await send(req.vectors, budget)
+        # Searches alike but for their vectors share a request (see coalesce.py).
+        key = (spec, tuple(shards), req.k, req.nprobe, req.recall, flags,
+               orjson.dumps(req.filter))
+        return await self._coalescer.search(key, req.vectors, budget, send)
 
     async def count(
         self, spec: CollectionSpec, req: CountRequest, shards: list[int], budget: float
@@ -573,6 +622,54 @@ class PeerService:
         rows = await self.local.search(spec, req, shards, 0.0, plans)
         return encode_rows(rows, req, plans)
 
+    # -- the binary frames of the hot paths (the JSON forms above and below stay served) ---
+    async def search_frame(self, name: str, raw: bytes) -> bytes:
+        spec = self._spec(name)
+        f = frames.decode_search(raw, spec.dim, spec.shards)
+        req = SearchRequest(
+            vectors=f.vectors, k=f.k, nprobe=f.nprobe, filter=f.filter,
+            predicate=parse_filter(f.filter),
+            include_metadata=bool(f.flags & frames.WITH_METADATA),
+            include_vector=bool(f.flags & frames.WITH_VECTOR),
+            allow_partial=True, timeout_ms=None, explain=bool(f.flags & frames.EXPLAIN),
+            recall=f.recall,
+        )
+        # A search by recall answers with its plans too: they say the nprobe used.
+        plans: dict[int, dict[str, Any]] | None = (
+            {} if req.explain or req.recall is not None else None)
+        rows = await self.local.search(spec, req, f.shards, 0.0, plans)
+        return frames.encode_hits(rows, f.flags, spec.dim,
+                                  None if plans is None else [plans[s] for s in sorted(plans)])
+
+    async def write_frame(self, name: str, raw: bytes) -> dict[str, Any]:
+        name = check_name(name)
+        f = frames.decode_write(raw)
+        expect_spec = None if f.spec is None else CollectionSpec.from_json(f.spec)
+        if expect_spec is not None and expect_spec.name != name:
+            raise BadRequest(f"the spec names {expect_spec.name!r}, the path {name!r}")
+        entry = self.state.entry_for_write(name, f.uid, expect_spec)
+        if f.dim != entry.spec.dim or any(s >= entry.spec.shards for s in f.by_shard):
+            raise FrameError("the write does not fit the collection's dimension and shards")
+        for docs in f.by_shard.values():
+            for d in docs:
+                self.hlc.observe(d.version)
+        return encode_write_result(await self.local.write(entry.spec, entry.uid, f.by_shard))
+
+    async def get_frame(self, name: str, raw: bytes) -> bytes:
+        spec = self._spec(name)
+        shard, doc_id = frames.decode_get(raw, spec.shards)
+        hit = await self.local.get(spec, shard, doc_id)
+        both = frames.WITH_METADATA | frames.WITH_VECTOR
+        return frames.encode_hits([[] if hit is None else [hit]], both, spec.dim)
+
+    async def frame_op(self, op: str, name: str, raw: bytes) -> Any:
+        """Serve a binary frame to a replica operation: the answer's frame (bytes), or a small
+        JSON answer (a write's acknowledgement)."""
+        handler = _FRAME_OPS.get(op)
+        if handler is None:
+            raise BadRequest(f"operation {op!r} takes JSON, not a frame")
+        return await handler(self, name, raw)
+
     async def get(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         spec = self._spec(name)
         doc_id = body.get("id")
@@ -629,9 +726,14 @@ class PeerService:
         await self.local.drop_shard(check_name(name), shard)
         return {"dropped": True}
 
-    async def handle(self, method: str, path: str, body: Any) -> Any:
-        """Serve a decoded request to an internal route (the in-process network's entry
-        point; over HTTP, node.http.internal_api routes each path itself)."""
+    async def handle(self, method: str, path: str, body: Any, raw: bytes | None = None) -> Any:
+        """Serve a decoded request (or a frame: `raw`) to an internal route (the in-process
+        network's entry point; over HTTP, node.http.internal_api routes each path itself)."""
+        if raw is not None:
+            name, _, op = path.removeprefix(COLLECTION_PREFIX).partition("/")
+            if method != "POST" or not path.startswith(COLLECTION_PREFIX):
+                raise NotFound(f"no frame route {method} {path}")
+            return await self.frame_op(op, name, raw)
         if (method, path) == ("POST", STATE_PATH):
             return self.state_push(body)
         if not path.startswith(COLLECTION_PREFIX):
@@ -666,6 +768,12 @@ _OPS = {
     "buckets": PeerService.buckets,
     "purge": PeerService.purge,
     "drop_shard": PeerService.drop_shard,
+}
+
+_FRAME_OPS = {
+    "search": PeerService.search_frame,
+    "write": PeerService.write_frame,
+    "get": PeerService.get_frame,
 }
 
 # The POST routes of replica operations (`collection_path(name, op)`); stats is a GET.

@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from aquila.cluster.clock import consume
 from aquila.cluster.membership.view import MemberView
 from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.errors import AquilaError, BadRequest, NotFound, Unavailable
@@ -148,6 +149,8 @@ class WritePath:
                             prev = results.get(shard, (0, 0))
                             results[shard] = (max(prev[0], applied), max(prev[1], deleted))
         finally:
+            for t in tasks:  # those not looked at above (an error raised first) included
+                t.add_done_callback(consume)
             for t in pending:  # slower replicas finish in the background
                 self._background.add(t)
                 t.add_done_callback(self._background.discard)

@@ -18,6 +18,7 @@ from aquila.cluster.membership.gossip import GossipError
 from aquila.cluster.membership.messages import AuthError, DecodeError
 from aquila.cluster.model.errors import BadRequest, Unauthorized, Unavailable
 from aquila.cluster.peers.auth import PeerAuthError, PeerVerifier
+from aquila.cluster.peers.client import FRAME_TYPE
 from aquila.cluster.replication.remote import COLLECTION_OPS
 from aquila.node.http.api import json_response
 from aquila.node.keys import CLUSTER, CONFIG, SERVICE
@@ -100,8 +101,14 @@ def _collection_op(op: str) -> Handler:
     served and the answer encoded by `cluster.replication.remote.PeerService`."""
 
     async def handler(request: web.Request) -> web.Response:
-        body = await _request_object(request)
         service = request.app[SERVICE].peer_service
+        if request.content_type == FRAME_TYPE:  # a binary frame (search, write, get)
+            out = await service.frame_op(op, request.match_info["name"],
+                                         await _authed_body(request))
+            if isinstance(out, bytes):
+                return web.Response(body=out, content_type=FRAME_TYPE)
+            return json_response(out)
+        body = await _request_object(request)
         return json_response(await service.collection_op(op, request.match_info["name"], body))
 
     handler.__name__ = op

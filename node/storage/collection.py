@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from aquila.cluster.clock import track
 from aquila.cluster.model.digests import BUCKETS, bucket_of, digests, format_digests
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
@@ -598,9 +599,7 @@ class Collection:
 
     # -- background -----------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        track(asyncio.get_running_loop().create_task(coro), self._tasks, log)
 
     def wants_training(self) -> bool:
         n = self.count()

@@ -1,0 +1,115 @@
+"""Sub-searches to one node that arrive together travel together.
+
+Under concurrent load every client search asks every node for its shards: one peer request
+per node per search, each with its own HTTP round trip, request handling and FAISS call on
+the peer. Concurrent sub-searches for the same node with the same parameters (collection,
+shards, k, nprobe, filter, what to include) are alike but for their query vectors, so they
+can share one request: while `parallel` requests for a key are in flight, later ones queue,
+and the queue leaves as one frame of all their queries as soon as a request returns. At low
+load nothing waits (a search goes at once, alone); under load the per-query cost of a peer
+request shrinks with the batch. Each caller still waits under its own deadline: one that
+gives up leaves the batch to the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+
+import numpy as np
+
+from aquila.cluster.clock import track
+from aquila.cluster.model.documents import Hit
+
+log = logging.getLogger(__name__)
+
+# Send these query vectors (one frame) within `budget` seconds: per query, its hits.
+Send = Callable[[np.ndarray, float], Awaitable[list[list[Hit]]]]
+
+
+@dataclass
+class _Waiting:
+    vectors: np.ndarray
+    budget: float
+    send: Send  # alike for every search of a key
+    future: asyncio.Future[list[list[Hit]]]
+
+
+class Coalescer:
+    """Per key, at most `parallel` requests in flight; what comes meanwhile goes together, at
+    most `max_rows` query vectors a request (a search larger than that goes alone)."""
+
+    def __init__(self, parallel: int = 2, max_rows: int = 256) -> None:
+        self.parallel = parallel
+        self.max_rows = max_rows
+        self._running: dict[Hashable, int] = {}
+        self._queues: dict[Hashable, list[_Waiting]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0  # requests that carried more than one search (for tests, metrics)
+
+    async def search(self, key: Hashable, vectors: np.ndarray, budget: float,
+                     send: Send) -> list[list[Hit]]:
+        if self._running.get(key, 0) < self.parallel and not self._queues.get(key):
+            self._running[key] = self._running.get(key, 0) + 1
+            try:
+                return await send(vectors, budget)
+            finally:
+                self._done(key)
+        fut: asyncio.Future[list[list[Hit]]] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key, []).append(_Waiting(vectors, budget, send, fut))
+        return await fut
+
+    def _done(self, key: Hashable) -> None:
+        self._running[key] -= 1
+        queue = self._queues.get(key)
+        while queue and self._running[key] < self.parallel:
+            batch = self._take(queue)
+            if not batch:
+                break
+            self._running[key] += 1
+            track(asyncio.get_running_loop().create_task(self._execute(key, batch)),
+                  self._tasks, log)
+        if not queue:
+            self._queues.pop(key, None)
+        if not self._running[key]:
+            del self._running[key]
+
+    def _take(self, queue: list[_Waiting]) -> list[_Waiting]:
+        batch: list[_Waiting] = []
+        rows = 0
+        while queue:
+            w = queue[0]
+            if w.future.done():  # its caller gave up while it waited
+                queue.pop(0)
+                continue
+            if batch and rows + len(w.vectors) > self.max_rows:
+                break
+            batch.append(queue.pop(0))
+            rows += len(w.vectors)
+        return batch
+
+    async def _execute(self, key: Hashable, batch: list[_Waiting]) -> None:
+        try:
+            vectors = (batch[0].vectors if len(batch) == 1
+                       else np.concatenate([w.vectors for w in batch]))
+            if len(batch) > 1:
+                self.batches += 1
+            rows = await batch[0].send(vectors, max(w.budget for w in batch))
+            start = 0
+            for w in batch:
+                n = len(w.vectors)
+                if not w.future.done():
+                    w.future.set_result(rows[start : start + n])
+                start += n
+        except Exception as exc:  # every waiter gets the failure (and retrieves it)
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+        except BaseException:  # cancelled (the node is shutting down): so are the waiters
+            for w in batch:
+                w.future.cancel()
+            raise
+        finally:
+            self._done(key)
