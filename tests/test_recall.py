@@ -171,3 +171,36 @@ def test_peer_codec_carries_the_target() -> None:
     assert got.recall == 0.95 and got.nprobe is None and shards == [0, 1]
     with pytest.raises(BadRequest):
         decode_search({**body, "recall": 7}, spec)
+
+
+async def test_compressed_indexes_rerank_to_ivf_flat_recall(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ivf_sq8 and ivf_pq search more candidates than asked and re-rank them with the stored
+    vectors: at the same nprobe they reach ivf_flat's recall, which their codes alone do not
+    (ivf_pq's least of all), and the scores they answer with are the exact ones."""
+    from aquila.node.storage import search
+
+    smp = load_sample()
+    got: dict[tuple[str, bool], float] = {}
+    for itype in ("ivf_flat", "ivf_sq8", "ivf_pq"):
+        engine, coll = await load(tmp_path / itype, blocking, itype)
+        for rerank in (True, False):
+            with monkeypatch.context() as m:
+                if not rerank:
+                    m.setattr(search, "OVERSAMPLE", {})
+                rows = await coll.search(smp.queries, 10, 16)
+            got[itype, rerank] = recall_at_k([[int(h.id) for h in row] for row in rows],
+                                             smp.gt_I, 10)
+            if rerank and itype != "ivf_flat":  # re-ranked: the exact scores, in order
+                for q, row in zip(smp.queries, rows, strict=True):
+                    exact = [float(q @ smp.base[int(h.id)]) for h in row]
+                    assert [h.score for h in row] == pytest.approx(exact, abs=1e-4)
+                    assert [h.score for h in row] == sorted((h.score for h in row),
+                                                            reverse=True)
+        await engine.close()
+    flat = got["ivf_flat", True]
+    assert got["ivf_flat", False] == flat  # nothing to re-rank
+    for itype in ("ivf_sq8", "ivf_pq"):
+        assert got[itype, True] >= flat - 0.01, got
+    assert got["ivf_pq", False] < flat - 0.1, got  # the codes alone misrank

@@ -43,7 +43,7 @@ from aquila.node.storage.planner import (
     choose,
     probes,
 )
-from aquila.node.storage.search import resolve
+from aquila.node.storage.search import candidates, resolve
 from aquila.node.storage.shard import Shard
 from aquila.node.storage.store import Store
 
@@ -157,7 +157,9 @@ def search_planned(
     groups: dict[str, tuple[int, ...]] = {}
     for p in plans:
         groups[p.path] = (*groups.get(p.path, ()), p.shard)
-    run = _Run(coll, q, k, shape, predicate, sets)
+    # A compressed index's candidates are re-ranked with their stored vectors (`resolve`).
+    want = candidates(coll, k)
+    run = _Run(coll, q, want, shape, predicate, sets)
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     notes: dict[str, dict[str, Any]] = {}
     if index.ntotal:
@@ -168,11 +170,12 @@ def search_planned(
                 scores, keys, note = run.indexed(path, groups[path])
                 parts.append((scores, keys))
                 notes[path] = note
-    scores, keys = _merge(parts, len(q), k, coll.spec.metric != "l2")
+    scores, keys = _merge(parts, len(q), want, coll.spec.metric != "l2")
     out = [p.json() | notes.get(p.path, {}) for p in plans]
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s: filtered search of %d queries: %s", coll.spec.name, len(q), out)
-    return resolve(coll, scores, keys, with_vectors), out
+    return resolve(coll, scores, keys, with_vectors,
+                   rescore=(q, k) if want > k else None), out
 
 
 class _Run:

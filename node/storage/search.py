@@ -40,16 +40,47 @@ def run_batch(
     if len(wanted) < len(coll.shards):
         below = max(coll.shards[s].next_label for s in wanted)
         sel = coll.index.shards_selector(wanted, below)
-    d, keys = coll.index.search(q, k, nprobe, selector=sel)
-    return resolve(coll, d, keys, with_vectors)
+    want = candidates(coll, k)
+    d, keys = coll.index.search(q, want, nprobe, selector=sel)
+    return resolve(coll, d, keys, with_vectors, rescore=(q, k) if want > k else None)
+
+
+# Candidates a compressed index is asked for, per hit wanted, before they are re-ranked with
+# their exact vectors: its codes alone misrank near neighbours (ivf_pq's most of all).
+OVERSAMPLE = {"ivf_sq8": 4, "ivf_pq": 10}
+# Candidates per query re-ranked at most (each is a record read through the block cache).
+MAX_CANDIDATES = 1024
+
+
+def candidates(coll: Searchable, k: int) -> int:
+    """How many candidates per query to ask the index for, to return `k` hits."""
+    factor = OVERSAMPLE.get(coll.spec.index.type, 1) if coll.index.trained else 1
+    return max(k, min(k * factor, MAX_CANDIDATES))
+
+
+def exact_scores(metric: str, q: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Row by row, the score the index would give query q[i] and stored vector v[i] had it
+    kept them exactly (q prepared as the index's queries are: unit length for cosine)."""
+    if metric == "l2":
+        diff = q - v
+        out: np.ndarray = (diff * diff).sum(axis=1)
+        return out
+    dots: np.ndarray = (q * v).sum(axis=1)
+    if metric == "cosine":
+        norms = np.linalg.norm(v, axis=1)
+        norms[norms == 0] = 1.0
+        dots = dots / norms
+    return dots
 
 
 def resolve(
-    coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_vectors: bool
+    coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_vectors: bool,
+    rescore: tuple[np.ndarray, int] | None = None,
 ) -> list[list[Hit]]:
     """Index answers (best first, key -1 for none) to documents: their ids and records read
     from the store, a hit whose record is gone or a tombstone left out (deleted since: the
-    index catches up right after)."""
+    index catches up right after). `rescore` (the prepared queries, k): the candidates are
+    scored again with their stored vectors, and the k best kept per query."""
     shards = coll.shards
     found: list[tuple[int, float, int, int]] = []  # row, score, shard, label
     for r, (srow, krow) in enumerate(zip(scores.tolist(), keys.tolist(), strict=True)):
@@ -76,6 +107,30 @@ def resolve(
         own, tomb, meta = record_meta(raw)
         if tomb or own != label:
             continue
-        vec = Record.decode(raw).vector if with_vectors else b""
+        vec = Record.decode(raw).vector if with_vectors or rescore else b""
         out[r].append(Hit(doc_id.decode(), score, meta, vec, s))
+    if rescore is not None:
+        out = _rescored(coll.spec.metric, out, *rescore, with_vectors)
+    return out
+
+
+def _rescored(metric: str, rows: list[list[Hit]], q: np.ndarray, k: int, with_vectors: bool
+              ) -> list[list[Hit]]:
+    """Each row's hits scored again with their stored vectors, the k best kept, best first."""
+    hits = [h for row in rows for h in row]
+    if not hits:
+        return rows
+    which = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
+    v = np.frombuffer(b"".join(h.vector for h in hits), dtype="<f4").reshape(len(hits), -1)
+    exact = exact_scores(metric, q[which], v).tolist()
+    out: list[list[Hit]] = []
+    at = 0
+    for row in rows:
+        scored = [
+            Hit(h.id, score, h.metadata, h.vector if with_vectors else b"", h.shard)
+            for h, score in zip(row, exact[at : at + len(row)], strict=True)
+        ]
+        at += len(row)
+        scored.sort(key=lambda h: h.score, reverse=metric != "l2")
+        out.append(scored[:k])
     return out
