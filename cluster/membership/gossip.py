@@ -97,6 +97,10 @@ class GossipConfig:
     max_packet_size: int = MAX_PACKET_SIZE
 
 
+def _is_alive(m: Member) -> bool:
+    return m.state == State.ALIVE
+
+
 class GossipError(Exception):
     pass
 
@@ -181,6 +185,7 @@ class Gossip:
         self._relays = 0  # indirect probes under way for others
         self._seq = 0
         self._probe_order: list[str] = []
+        self._probe_set: set[str] = set()  # the ids in _probe_order, for O(1) membership
         self._probe_index = 0
         self._wake: asyncio.Future[None] | None = None
         self._tasks = _Tasks()
@@ -317,10 +322,10 @@ class Gossip:
         while True:
             n = self._table.num_live()
             await self._clock.sleep(push_pull_scale(self.config.push_pull_interval, n))
-            peers = self._live_peers(alive_only=True)
-            if not peers:
+            picked = self._table.sample(self._rng, 1, _is_alive)
+            if not picked:
                 continue
-            peer = self._rng.choice(peers)
+            peer = picked[0]
             try:
                 await self._push_pull_with(peer.addr, join=False)
             except Exception as exc:  # a failed sync is retried next period
@@ -341,7 +346,8 @@ class Gossip:
         """Round robin over a shuffled member list, reshuffled each round (memberlist)."""
         for _ in range(len(self._probe_order) + 1):
             if self._probe_index >= len(self._probe_order):
-                self._probe_order = [m.id for m in self._table.members() if m.id != self.id]
+                self._probe_order = [i for i in self._table.ids() if i != self.id]
+                self._probe_set = set(self._probe_order)
                 self._rng.shuffle(self._probe_order)
                 self._probe_index = 0
                 if not self._probe_order:
@@ -375,8 +381,11 @@ class Gossip:
                 return
 
             # No direct ack: maybe the path is bad, not the node. Ask k others to try.
-            peers = [p for p in self._live_peers(alive_only=True) if p.id != target.id]
-            helpers = self._rng.sample(peers, min(cfg.indirect_checks, len(peers)))
+            helpers = self._table.sample(
+                self._rng,
+                cfg.indirect_checks,
+                lambda m: m.state == State.ALIVE and m.id != target.id,
+            )
             req = IndirectPing(seq, target.id, target.addr, True, self.id, self.addr)
             for h in helpers:
                 await self._send(h.addr, [req])
@@ -452,19 +461,18 @@ class Gossip:
             await self._gossip_once()
 
     async def _gossip_once(self) -> None:
+        if not self._queue and self._delegate is None:
+            return  # nothing to piggyback, so no packet would be sent
         now = self._clock.now()
+        dead_time = self.config.gossip_to_the_dead_time
         # Also gossip to the recently dead, so a node wrongly declared dead hears it and
         # refutes (memberlist GossipToTheDeadTime).
-        candidates = [
-            m
-            for m in self._table.members()
-            if m.id != self.id
-            and (
-                not m.dead_or_left
-                or now - m.state_change_time < self.config.gossip_to_the_dead_time
-            )
-        ]
-        for m in self._rng.sample(candidates, min(self.config.gossip_nodes, len(candidates))):
+        picked = self._table.sample(
+            self._rng,
+            self.config.gossip_nodes,
+            lambda m: not m.dead_or_left or now - m.state_change_time < dead_time,
+        )
+        for m in picked:
             await self._send(m.addr, [], require_payload=True)
 
     def _broadcast(self, update: Alive | Suspect | Dead) -> None:
@@ -488,20 +496,14 @@ class Gossip:
                 log.info("member %s at %s is %s (incarnation %d)", m.id, m.addr, m.state.value,
                          m.incarnation, extra={"event": "member_state", "member": m.id,
                                                "state": m.state.value})
-            if m.id != self.id and m.id not in self._probe_order:
+            if m.id != self.id and m.id not in self._probe_set:
                 # A new member joins the current probe round at a random later position,
                 # so it is probed within this round, not only after the reshuffle.
                 pos = self._rng.randint(self._probe_index, len(self._probe_order))
                 self._probe_order.insert(pos, m.id)
+                self._probe_set.add(m.id)
             if self._delegate is not None:
                 self._delegate.notify_change(m)
-
-    def _live_peers(self, alive_only: bool = False) -> list[Member]:
-        return [
-            m
-            for m in self._table.members()
-            if m.id != self.id and (m.state == State.ALIVE if alive_only else not m.dead_or_left)
-        ]
 
     # --- packets --------------------------------------------------------------------------
 
