@@ -39,7 +39,7 @@ RETRY_S = 1.0
 class StateDelegate:
     """The gossip `Delegate`: carries cluster-state entries on gossip traffic."""
 
-    def __init__(self, runtime: ClusterRuntime) -> None:
+    def __init__(self, runtime: StateReplica) -> None:
         self._rt = runtime
         self._queue: list[list[Any]] = []  # [encoded entry, transmits left]
 
@@ -82,42 +82,25 @@ class StateDelegate:
         self._rt.member_changed(member)
 
 
-class ClusterRuntime:
-    def __init__(
-        self,
-        node_id: str,
-        backend: LocalShards,
-        persist: Persist,
-        clock: Clock,
-        initial: ClusterState | None = None,
-    ) -> None:
+class StateReplica:
+    """This node's copy of the cluster state and its spreading over gossip, without storage:
+    what the scale simulator (`cluster/sim/`) runs a thousand of in one process."""
+
+    def __init__(self, node_id: str, initial: ClusterState | None = None) -> None:
         self.node_id = node_id
-        self.backend = backend
-        self.clock = clock
         self.state = initial or ClusterState()
         self.delegate = StateDelegate(self)
-        self._persist = persist
-        self._dirty = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._reconciled = asyncio.Event()
         self.member_listeners: list[Callable[[Member], None]] = []
         self.members_count: Callable[[], int] = lambda: 1
-
-    async def start(self) -> None:
-        self._dirty.set()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     def merge(self, entries: list[CollectionEntry]) -> list[CollectionEntry]:
         changed = self.state.merge(entries)
         if changed:
-            self._reconciled.clear()
-            self._dirty.set()
+            self._changed()
         return changed
+
+    def _changed(self) -> None:
+        """Called after a merge changed the state."""
 
     def publish(self, entry: CollectionEntry) -> None:
         """Adopt a change made here and start spreading it by gossip."""
@@ -129,6 +112,39 @@ class ClusterRuntime:
     def member_changed(self, member: Member) -> None:
         for fn in self.member_listeners:
             fn(member)
+
+
+class ClusterRuntime(StateReplica):
+    """The replicated state of a real node: persisted, and its local shards reconciled with it."""
+
+    def __init__(
+        self,
+        node_id: str,
+        backend: LocalShards,
+        persist: Persist,
+        clock: Clock,
+        initial: ClusterState | None = None,
+    ) -> None:
+        super().__init__(node_id, initial)
+        self.backend = backend
+        self.clock = clock
+        self._persist = persist
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._reconciled = asyncio.Event()
+
+    async def start(self) -> None:
+        self._dirty.set()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _changed(self) -> None:
+        self._reconciled.clear()
+        self._dirty.set()
 
     async def wait_reconciled(self, timeout: float) -> None:  # noqa: ASYNC109
         """Until local shards match the map (Unavailable if that takes over `timeout`)."""
