@@ -480,6 +480,8 @@ class Gossip:
         self._queue.queue(update.node, encode(update))
 
     def _carry(self, effects: Effects) -> None:
+        if not (effects.broadcasts or effects.changed or effects.refuted):
+            return  # old news, most of what arrives: nothing to gossip, notify or re-time
         for b in effects.broadcasts:
             self._broadcast(b)
         if effects.refuted:
