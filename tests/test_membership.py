@@ -110,6 +110,23 @@ def test_stale_accusation_about_us_is_ignored() -> None:
     assert not effects.refuted and t.local.incarnation == 3
 
 
+@pytest.mark.parametrize("kind", ["suspect", "dead"])
+def test_stale_accusation_about_us_is_answered_with_our_alive(kind: str) -> None:
+    # Its sender missed our refutation: announce again, same incarnation, so it hears us
+    # before its own timer declares us dead. About another member, nothing happens.
+    t = MemberTable("me", "me:1", {"z": 1}, 0.0, PARAMS)
+    t.update_meta({"z": 2})  # incarnation 2
+    msg = Suspect(1, "me", "o") if kind == "suspect" else Dead(1, "me", "o")
+    effects = t.apply(msg, 1.0)
+    assert effects.broadcasts == [Alive(2, "me", "me:1", {"z": 2})]
+    assert not effects.refuted and not effects.changed and t.local.incarnation == 2
+    other = table_with(State.ALIVE, inc=5)
+    stale = Suspect(4, "x", "o") if kind == "suspect" else Dead(4, "x", "o")
+    assert other.apply(stale, 1.0).broadcasts == []
+    t.leave(2.0)
+    assert t.apply(msg, 3.0).broadcasts == []  # leaving: we do not come back
+
+
 def test_alive_about_us_with_other_meta_is_refuted() -> None:
     t = MemberTable("me", "me:1", {}, 0.0, PARAMS)
     assert not t.apply(Alive(1, "me", "me:1", {}), 1.0).refuted  # our own echo

@@ -230,10 +230,22 @@ class MemberTable:
             self._set_state(m, State.ALIVE, now)
         return Effects(broadcasts=[a], changed=[dataclasses.replace(m)])
 
+    def _stale(self, m: Member) -> Effects:
+        """An accusation of an older incarnation of `m`. When `m` is us, its sender missed
+        our refutation and will declare us dead when its timer runs out: announce ourselves
+        again at the same incarnation (nothing to beat, so not a refutation). The alive rides
+        our next packets, among them the ack to that node's probe (a node probes a member
+        it hears is suspect next, see Gossip._notify), so it hears us in time."""
+        if m.id == self.local_id and not self.leaving:
+            return Effects(broadcasts=[self.local_alive()])
+        return Effects()
+
     def apply_suspect(self, s: Suspect, now: float) -> Effects:
         m = self._members.get(s.node)
-        if m is None or s.incarnation < m.incarnation:
+        if m is None:
             return Effects()
+        if s.incarnation < m.incarnation:
+            return self._stale(m)
         existing = self._suspicions.get(s.node)
         if existing is not None:
             # Already suspect: a new, independent accuser shortens the timeout (Lifeguard),
@@ -261,8 +273,10 @@ class MemberTable:
 
     def apply_dead(self, d: Dead, now: float) -> Effects:
         m = self._members.get(d.node)
-        if m is None or d.incarnation < m.incarnation:
+        if m is None:
             return Effects()
+        if d.incarnation < m.incarnation:
+            return self._stale(m)
         self._suspicions.pop(d.node, None)
         if m.dead_or_left:
             return Effects()
