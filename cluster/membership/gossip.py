@@ -378,6 +378,7 @@ class Gossip:
             await self._send(target.addr, msgs)
             if await self._wait(pending.ack, cfg.probe_timeout):
                 self._awareness.apply_delta(-1)
+                self._probe_again_if_suspect(target.id)
                 return
 
             # No direct ack: maybe the path is bad, not the node. Ask k others to try.
@@ -390,6 +391,7 @@ class Gossip:
             for h in helpers:
                 await self._send(h.addr, [req])
             if await self._wait(pending.ack, sent + interval - self._clock.now()):
+                self._probe_again_if_suspect(target.id)
                 return
 
             # Lifeguard: helpers that should have nacked but did not suggest the fault is
@@ -409,6 +411,14 @@ class Gossip:
             )
         finally:
             del self._pending[seq]
+
+    def _probe_again_if_suspect(self, node: str) -> None:
+        """It answered, yet we still suspect it: its refutation has not reached us, or it had
+        not heard of the suspicion. Our ping told it (see MemberTable._stale); probe it again
+        next period, and that ack carries its alive."""
+        m = self._table.get(node)
+        if m is not None and m.state == State.SUSPECT:
+            self._probe_order.insert(self._probe_index, node)
 
     async def _relay_probe(self, req: IndirectPing, reply_to: str) -> None:
         """Probe `req.target` for the node at `reply_to` (where the request came from, not
@@ -498,6 +508,11 @@ class Gossip:
                 log.info("member %s at %s is %s (incarnation %d)", m.id, m.addr, m.state.value,
                          m.incarnation, extra={"event": "member_state", "member": m.id,
                                                "state": m.state.value})
+            if m.state == State.SUSPECT and m.id != self.id:
+                # Probe a member we hear is suspect next (in place of the next in the
+                # round): if it refuted and we missed that, its ack carries the alive (see
+                # MemberTable._stale); if it is down, our failed probe confirms the suspicion.
+                self._probe_order.insert(self._probe_index, m.id)
             if m.id != self.id and m.id not in self._probe_set:
                 # A new member joins the current probe round at a random later position,
                 # so it is probed within this round, not only after the reshuffle.
