@@ -172,3 +172,14 @@ def test_encoded_sync_round_trips() -> None:
     assert isinstance(msg, Sync) and msg.kind == REPLY
     assert msg.digest == {n: e.version for n, e in state.collections.items()}
     assert msg.entries == [state.collections["y"]]
+
+
+def test_gossiped_news_is_passed_on_and_old_news_is_not() -> None:
+    a = replica("node-a", entry("x", 1))
+    new = orjson.dumps([entry("y", 1).to_json()])
+    a.delegate.notify_msg(new)
+    assert "y" in a.state.collections
+    assert a.delegate.get_broadcasts(1400) == [new]
+    b = replica("node-b", entry("y", 1))
+    b.delegate.notify_msg(new)  # already known: nothing to pass on
+    assert b.delegate.get_broadcasts(1400) == []

@@ -135,7 +135,12 @@ class StateDelegate:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("ignored a cluster-state message that does not decode: %s", exc)
             return
-        self._rt.merge(entries)
+        # Passed on like any rumour: what was news here is news to others, so a change
+        # spreads to everyone in O(log n) gossip rounds even where its direct push failed.
+        for entry in self._rt.merge(entries):
+            raw = orjson.dumps([entry.to_json()])
+            if len(raw) < 1200:
+                self.enqueue(raw, self._rt.members_count())
 
     def notify_change(self, member: Member) -> None:
         self._rt.member_changed(member)
