@@ -319,38 +319,75 @@ class _Planner:
         self, pending: list[tuple[str, int, str | None]], target: Mapping[str, int]
     ) -> dict[int, list[str]]:
         """Which pending replica of a collection can go to which node below target: a
-        matching (a node takes at most one replica of a shard, and none of a shard it holds),
-        solved as a flow so that as many as possible land where they are wanted."""
+        matching (a node takes at most one replica of a shard, and none of a shard it holds)
+        with as many replicas as possible landing where they are wanted, on the least loaded
+        nodes when there is a choice.
+
+        A min-cost flow whose cost is the node's rank by load, solved greedily: feasible sets
+        of landing places form a polymatroid, so taking nodes cheapest first, each as often
+        as an augmenting path lets it, is optimal. One path per replica, where a flow solver
+        needed a phase per distinct rank.
+        """
         if not pending:
             return {}
         name = pending[0][0]
         count = self.count[name]
-        shards = sorted({shard for _, shard, _ in pending})
-        # Rank by load (the cost prefers the least loaded nodes when there is a choice), but
-        # only nodes below target get a place in the graph: any other is a dead end.
+        spare: dict[int, int] = {}
+        for _, shard, _ in pending:
+            spare[shard] = spare.get(shard, 0) + 1
+        shards = sorted(spare)
+        replicas = {shard: set(self.maps[name][shard]) for shard in shards}
+        at: dict[int, list[str]] = {shard: [] for shard in shards}
         if self._ranked is None:
             self._ranked = sorted(self.live, key=lambda node: (self.load[node], node))
-        ranked = self._ranked
-        nodes = [(j, node) for j, node in enumerate(ranked) if target[node] > count[node]]
-        graph = _FlowGraph(2 + len(shards) + len(nodes))
-        source, sink = 0, 1 + len(shards) + len(nodes)
-        arcs: dict[tuple[int, str], int] = {}
-        for i, shard in enumerate(shards):
-            graph.add(source, 1 + i, sum(1 for p in pending if p[1] == shard), 0)
-            replicas = self.maps[name][shard]
-            for k, (j, node) in enumerate(nodes):
-                if node not in replicas:
-                    arcs[(shard, node)] = graph.add(1 + i, 1 + len(shards) + k, 1, j)
-        for k, (_, node) in enumerate(nodes):
-            graph.add(1 + len(shards) + k, sink, target[node] - count[node], 0)
-        graph.min_cost_flow(source, sink, len(pending))
-        matched: dict[int, list[str]] = {shard: [] for shard in shards}
-        for (shard, node), arc in arcs.items():
-            if graph.used(arc):
-                matched[shard].append(node)
-        for nodes_of_shard in matched.values():
+        left = len(pending)
+        for node in self._ranked:
+            room = target[node] - count[node]
+            while room > 0 and left > 0 and self._augment(node, shards, spare, replicas, at):
+                room -= 1
+                left -= 1
+            if left == 0:
+                break
+        for nodes_of_shard in at.values():
             nodes_of_shard.sort()  # the order of self.live
-        return matched
+        return at
+
+    @staticmethod
+    def _augment(
+        node: str,
+        shards: list[int],
+        spare: dict[int, int],
+        replicas: Mapping[int, set[str]],
+        at: dict[int, list[str]],
+    ) -> bool:
+        """Give `node` one more pending replica, moving others along a shortest chain if
+        every shard it can take is already given out (breadth first over shards)."""
+
+        def takes(who: str, shard: int) -> bool:
+            return who not in replicas[shard] and who not in at[shard]
+
+        # came[shard] = (node that takes it on this path, shard that node leaves or None)
+        came: dict[int, tuple[str, int | None]] = {}
+        frontier: list[tuple[str, int | None]] = [(node, None)]
+        while frontier:
+            nxt: list[tuple[str, int | None]] = []
+            for who, leaving in frontier:
+                for shard in shards:
+                    if shard in came or not takes(who, shard):
+                        continue
+                    came[shard] = (who, leaving)
+                    if spare[shard] > 0:
+                        spare[shard] -= 1
+                        while True:  # flip the path back to `node`
+                            taker, left_from = came[shard]
+                            at[shard].append(taker)
+                            if left_from is None:
+                                return True
+                            at[left_from].remove(taker)
+                            shard = left_from
+                    nxt.extend((other, shard) for other in at[shard] if other != who)
+            frontier = nxt
+        return False
 
     def _fill(self, pending: list[tuple[str, int, str | None]]) -> None:
         """Place one collection's pending replicas: below target where the matching puts
