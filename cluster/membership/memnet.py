@@ -77,8 +77,12 @@ class MemNetwork:
 
     def slow_down(self, addr: str, lo: float, hi: float) -> None:
         """`addr` handles each packet (and push-pull) it receives after a delay drawn from
-        [lo, hi] seconds of clock time: an overloaded node whose answers come late."""
-        self._slow[addr] = (lo, hi)
+        [lo, hi] seconds of clock time: an overloaded node whose answers come late. A
+        delay of 0 makes it normal again."""
+        if hi > 0:
+            self._slow[addr] = (lo, hi)
+        else:
+            self._slow.pop(addr, None)
 
     def _reachable(self, src: str, dst: str) -> bool:
         return (
