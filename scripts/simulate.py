@@ -185,11 +185,13 @@ def main() -> None:
     results["command"] = "python " + " ".join(sys.argv)
 
     if "gossip" in sections:
-        runs = []
+        # Sizes run separately accumulate: a size run again replaces its earlier result.
+        runs = {r["n"]: r for r in results.get("gossip", [])}
         for n in (int(x) for x in args.sizes.split(",")):
             log(f"gossip at {n} nodes")
-            runs.append(asyncio.run(gossip_at(n, args.periods, args.seed, args.trials)))
-            results["gossip"] = runs
+            runs[n] = asyncio.run(gossip_at(n, args.periods, args.seed, args.trials))
+            runs[n]["command"] = results["command"]
+            results["gossip"] = [runs[k] for k in sorted(runs)]
             save(args.out, results)
     if "placement" in sections:
         from aquila.cluster.sim import place as sim_place
