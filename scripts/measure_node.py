@@ -11,8 +11,10 @@
   clients (k=10, nprobe=16). Every latency is kept: scripts/simulate.py draws from them.
 - memory: one node per index type; loads N1 then N2 seeded random vectors of dim 384 (and
   small metadata), waits for training, reads VmRSS after each: (RSS2 − RSS1)/(N2 − N1) is the
-  memory one more vector costs (index, RocksDB, Python), the fixed part cancelling out.
-  Also the data directory's bytes per vector.
+  memory one more vector costs (index, RocksDB, Python), the fixed part cancelling out. N1 and
+  N2 sit between two retrainings (an index is retrained at 4× the size it was trained at:
+  ~4K, ~16K, ~66K, ~262K vectors); RocksDB's memtables (bounded) add noise. Also the data
+  directory's bytes per vector.
 - faiss: the same index types built in-process on N random vectors: serialized bytes per
   vector and the time of one query (one thread, nprobe 16), to scale search cost per node.
 
@@ -35,7 +37,7 @@ import orjson
 from bench_common import COLLECTION, JSON_HEADERS, OPT_NP, REPO_ROOT, log, pct, temp_dir
 from bench_data import Dataset, load_real
 from bench_load import create_collection, run_workers, upload, upsert_bodies, wait_trained
-from bench_node import Node, call, rss_mib_of, wait_ready
+from bench_node import Node, call, cpu_seconds_of, rss_mib_of, wait_ready
 
 OUT = REPO_ROOT / "scripts" / "out"
 SAMPLE = REPO_ROOT / "tests" / "data" / "wordnet-sample"
@@ -53,9 +55,18 @@ def save(name: str, key: str, value: Any) -> Path:
     return path
 
 
-async def start(tmp: Path, name: str, session: aiohttp.ClientSession) -> Node:
+# glibc keeps freed memory in its arenas, so RSS would lag behind what the node holds (an
+# index retrained and freed, then its pages reused): small mmap and trim thresholds make RSS
+# follow the live allocations.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072",
+              "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+async def start(
+    tmp: Path, name: str, session: aiohttp.ClientSession, env: dict[str, str] | None = None
+) -> Node:
     node = Node(tmp / name, tmp / f"{name}.log",
-                {"AQUILA_FSYNC": "false", "AQUILA_TRAIN_MIN": str(TRAIN_MIN)})
+                {"AQUILA_FSYNC": "false", "AQUILA_TRAIN_MIN": str(TRAIN_MIN), **(env or {})})
     (tmp / name).mkdir()
     node.start()
     await wait_ready(session, node, 120)
@@ -85,6 +96,16 @@ async def latency(args: argparse.Namespace) -> None:
                     out[f"clients_{clients}_ms"] = [round(x * 1000, 4) for x in lat]
                     log(f"{clients} client(s): p50 {pct(lat, 50) * 1000:.2f} ms, "
                         f"p99 {pct(lat, 99) * 1000:.2f} ms, max {max(lat) * 1000:.1f} ms")
+                # Throughput and the node's CPU per search: what one sub-search costs a node
+                # besides FAISS itself (which is ~0.05 ms on 5,000 vectors).
+                cpu0, t0 = cpu_seconds_of(node.pid), time.perf_counter()
+                await timed_searches(session, url, bodies, 16, args.queries)
+                wall, cpu = time.perf_counter() - t0, cpu_seconds_of(node.pid) - cpu0
+                total = args.queries + min(200, args.queries)  # with the warm-up
+                out["clients_16_qps"] = round(total / wall)
+                out["server_cpu_ms_per_search"] = round(cpu / total * 1000, 3)
+                log(f"16 clients: {out['clients_16_qps']} q/s, node CPU "
+                    f"{out['server_cpu_ms_per_search']} ms per search")
                 out["fanout_overhead_ms_per_node"] = await request_cost(session, node)
                 log(f"one more node asked costs {out['fanout_overhead_ms_per_node']} ms")
             finally:
@@ -153,7 +174,7 @@ async def memory(args: argparse.Namespace) -> None:
     async with aiohttp.ClientSession() as session:
         with temp_dir(False) as tmp:
             for itype in args.types.split(","):
-                node = await start(tmp, itype, session)
+                node = await start(tmp, itype, session, MALLOC_ENV)
                 try:
                     empty = rss_mib_of(node.pid)
                     await create_collection(session, node.base_url, {
@@ -237,8 +258,30 @@ def faiss_costs(args: argparse.Namespace) -> None:
         }
         log(f"{itype}: {size / n:.0f} B/vector, one query {pct(per_query, 50) * 1000:.2f} ms "
             f"(p50, one thread, {n:,} vectors)")
+    out["python_bytes_per_document"] = python_per_document(min(n, 200_000))
+    log(f"per-document Python state (id, metadata): {out['python_bytes_per_document']} B")
     path = save("node.json", f"faiss_{n}", out)
     log(f"written to {path}")
+
+
+def python_per_document(n: int) -> dict[str, int]:
+    """What a shard keeps in Python per document (node/shard.py: labels label → id, meta
+    label → metadata bytes), measured with tracemalloc for WordNet-like ids and metadata."""
+    import tracemalloc
+
+    sample = [orjson.loads(line) for line in (SAMPLE / "base.jsonl").read_bytes().splitlines()]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    labels: dict[int, str] = {}
+    meta: dict[int, bytes] = {}
+    for i in range(n):
+        row = sample[i % len(sample)]
+        labels[i + 1] = f"{row['id']}-{i}"
+        meta[i + 1] = orjson.dumps({"text": row["text"], "pos": row["pos"]})
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    metadata = sum(len(v) for v in meta.values()) / n
+    return {"total": round(used / n), "of_which_metadata_bytes": round(metadata)}
 
 
 def main() -> None:
@@ -248,8 +291,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=3000)
     p.add_argument("--shards", type=int, default=8)
     p = sub.add_parser("memory")
-    p.add_argument("--n1", type=int, default=50_000)
-    p.add_argument("--n2", type=int, default=150_000)
+    p.add_argument("--n1", type=int, default=80_000)
+    p.add_argument("--n2", type=int, default=240_000)
     p.add_argument("--types", default="flat,ivf_flat,ivf_sq8,ivf_pq")
     p = sub.add_parser("faiss")
     p.add_argument("--n", type=int, default=1_000_000)
