@@ -205,3 +205,41 @@ def test_broadcast_queue_matches_a_sorting_reference(
                     ref.remove(b)
             assert got == want
         assert len(q) == len(ref)
+
+
+def test_metadata_kept_per_document_costs_its_length_not_a_buffer() -> None:
+    # A shard keeps every live document's metadata bytes (node/storage/shard.py); orjson's
+    # results hold a ~4 KiB buffer each, which at 100M documents is 400 GB. Every decoding
+    # path that builds them (peer writes, the general upsert parser, the columnar form's
+    # general parser) must keep only the bytes.
+    import base64
+    import tracemalloc
+
+    import orjson
+
+    from aquila.cluster.replication.remote import decode_writes
+    from aquila.node.http.columnar import parse_columnar
+    from aquila.node.http.parse import parse_documents
+
+    n, dim = 2_000, 4
+    meta = {"text": "x" * 100, "pos": "noun"}
+    vec = np.ones(dim, dtype="<f4").tobytes()
+    wire = [{"shard": 0, "docs": [{"id": f"d{i}", "v": base64.b64encode(vec).decode(),
+                                   "m": meta, "ver": 1, "w": "n"} for i in range(n)]}]
+    body = {"documents": [{"id": f"d{i}", "vector": [1.0] * dim, "metadata": meta}
+                          for i in range(n)]}
+    columnar = {"ids": [f"d{i}" for i in range(n)],
+                "vectors_b64": base64.b64encode(vec * n).decode(), "metadata": [meta] * n}
+    builds = {
+        "peer writes": lambda: decode_writes(wire, dim),
+        "documents": lambda: parse_documents(body, dim),
+        "columnar": lambda: parse_columnar(columnar, dim),
+    }
+    for what, build in builds.items():
+        tracemalloc.start()
+        kept = build()
+        used, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert kept
+        assert used / n < 1_000, f"{what}: {used / n:.0f} bytes a document"
+    assert len(orjson.dumps(meta)) < 200
