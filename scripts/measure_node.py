@@ -271,6 +271,8 @@ def python_per_document(n: int) -> dict[str, int]:
     label → metadata bytes), measured with tracemalloc for WordNet-like ids and metadata."""
     import tracemalloc
 
+    from cluster.docs import json_bytes
+
     sample = [orjson.loads(line) for line in (SAMPLE / "base.jsonl").read_bytes().splitlines()]
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
@@ -279,7 +281,7 @@ def python_per_document(n: int) -> dict[str, int]:
     for i in range(n):
         row = sample[i % len(sample)]
         labels[i + 1] = f"{row['id']}-{i}"
-        meta[i + 1] = orjson.dumps({"text": row["text"], "pos": row["pos"]})
+        meta[i + 1] = json_bytes({"text": row["text"], "pos": row["pos"]})
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     metadata = sum(len(v) for v in meta.values()) / n
