@@ -62,6 +62,7 @@ def run_all(latency: dict[str, Any], seed: int = 1, overhead_ms: float | None = 
     per_request = overhead_ms if overhead_ms is not None else float(
         latency["latency"].get("fanout_overhead_ms_per_node", 0.0))
     configs: list[tuple[str, dict[str, Any]]] = [
+        ("1 replica, slowest node only (no coordinator cost)", {"free": True}),
         ("1 replica", {}),
         (f"2 replicas, hedged after {default_hedge_ms:.0f} ms (fanout.py default)",
          {"replicas": 2, "hedge_ms": default_hedge_ms}),
@@ -72,8 +73,10 @@ def run_all(latency: dict[str, Any], seed: int = 1, overhead_ms: float | None = 
     ]
     rows = []
     for width in WIDTHS:
-        for label, kw in configs:
-            lat = fan_out_ms(samples, width, rng, **kw) + per_request * width
+        for label, options in configs:
+            kw = {k: v for k, v in options.items() if k != "free"}
+            cost = 0.0 if options.get("free") else per_request * width
+            lat = fan_out_ms(samples, width, rng, **kw) + cost
             rows.append({
                 "width": width, "config": label,
                 "p50_ms": round(float(np.percentile(lat, 50)), 2),
