@@ -73,10 +73,10 @@ async def test_killed_node_is_declared_dead_by_all_within_the_suspicion_bound() 
 
 
 async def test_no_false_deaths_at_ten_percent_loss() -> None:
-    sim = await booted(40, seed=4)
+    sim = await booted(50, seed=4)
     try:
         sim.net.default_drop = 0.10
-        r = await sim_runs.false_deaths(sim, 250 * sim.config.probe_interval)
+        r = await sim_runs.false_deaths(sim, 400 * sim.config.probe_interval)
         assert r["false_deaths"] == 0, r
         # The loss did bite: probes failed, members were suspected and refuted.
         assert r["failed_probes"] > 0 and r["refutations"] > 0
@@ -88,9 +88,9 @@ async def test_no_false_deaths_at_ten_percent_loss() -> None:
 
 
 async def test_no_false_deaths_with_slow_members() -> None:
-    sim = await booted(30, seed=5)
+    sim = await booted(40, seed=5)
     try:
-        r = await sim_runs.slow_members(sim, 3, 150 * sim.config.probe_interval)
+        r = await sim_runs.slow_members(sim, 3, 200 * sim.config.probe_interval)
         assert r["false_deaths"] == 0, r
     finally:
         await sim.stop()
