@@ -235,7 +235,7 @@ def faiss_costs(args: argparse.Namespace) -> None:
     for itype in args.types.split(","):
         quantizer = faiss.IndexFlatL2(DIM)
         if itype == "flat":
-            index: Any = faiss.IndexIDMap2(faiss.IndexFlatL2(DIM))  # as node/index.py
+            index: Any = faiss.IndexIDMap2(faiss.IndexFlatL2(DIM))  # as node/storage/index.py
         elif itype == "ivf_flat":
             index = faiss.IndexIVFFlat(quantizer, DIM, nlist)
         elif itype == "ivf_sq8":
@@ -245,7 +245,7 @@ def faiss_costs(args: argparse.Namespace) -> None:
             index = faiss.IndexIVFPQ(quantizer, DIM, nlist, 48, 8)
         t0 = time.perf_counter()
         if not index.is_trained:
-            # As the node trains (node/index.py train_ivf): 10 k-means rounds, 64 points a
+            # As the node trains (node/storage/index.py train_ivf): 10 k-means rounds, 64 points a
             # list, and a hash table from label to list position.
             index.cp.niter = 10
             index.train(base[: min(n, 64 * nlist)])
@@ -282,11 +282,11 @@ def rss_bytes() -> int:
 
 
 def python_per_document(n: int) -> dict[str, int]:
-    """What a shard keeps in Python per document (node/shard.py: labels label → id, meta
+    """What a shard keeps in Python per document (node/storage/shard.py: labels label → id, meta
     label → metadata bytes), measured with tracemalloc for WordNet-like ids and metadata."""
     import tracemalloc
 
-    from cluster.docs import json_bytes
+    from aquila.cluster.model.documents import json_bytes
 
     sample = [orjson.loads(line) for line in (SAMPLE / "base.jsonl").read_bytes().splitlines()]
     tracemalloc.start()
