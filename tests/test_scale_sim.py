@@ -243,3 +243,31 @@ def test_metadata_kept_per_document_costs_its_length_not_a_buffer() -> None:
         assert kept
         assert used / n < 1_000, f"{what}: {used / n:.0f} bytes a document"
     assert len(orjson.dumps(meta)) < 200
+
+
+async def test_a_storm_of_suspicions_does_not_stall_the_probe_round() -> None:
+    # A member heard to be suspect is probed early (its ack carries a refutation we missed),
+    # but at most every other period and from a bounded queue: when a tenth of a cluster
+    # fails at once, or a peer floods us with accusations, the round robin still goes on.
+    from aquila.cluster.membership.messages import Suspect
+    from aquila.cluster.membership.table import State
+
+    sim = await booted(40, seed=9)
+    try:
+        me = sim.nodes[0].gossip
+        accused = [n.id for n in sim.nodes[1:31]]
+        for nid in accused:
+            m = me.member(nid)
+            assert m is not None
+            me.inject(Suspect(m.incarnation, nid, sim.nodes[39].id))
+        assert sum(me.member(nid).state == State.SUSPECT for nid in accused) == 30  # type: ignore[union-attr]
+        queued = list(me._suspects)
+        assert 1 <= len(queued) <= 8 and set(queued) <= set(accused)
+        targets = [me._next_probe_target() for _ in range(20)]
+        # Every other target is a queued suspect while the queue lasts ...
+        assert [t.id for t in targets[: 2 * len(queued) : 2] if t is not None] == queued
+        # ... and the others follow the round robin, which keeps moving.
+        rest = [t.id for t in targets[1::2] if t is not None]
+        assert len(rest) == 10 and len(set(rest)) == 10
+    finally:
+        await sim.stop()

@@ -97,6 +97,10 @@ class GossipConfig:
     max_packet_size: int = MAX_PACKET_SIZE
 
 
+# Suspects queued for an early probe, at most (see Gossip._probe_suspect).
+_SUSPECTS_QUEUED = 8
+
+
 def _is_alive(m: Member) -> bool:
     return m.state == State.ALIVE
 
@@ -187,6 +191,9 @@ class Gossip:
         self._probe_order: list[str] = []
         self._probe_set: set[str] = set()  # the ids in _probe_order, for O(1) membership
         self._probe_index = 0
+        # Suspects to probe before the round robin (see _notify), every other period at most.
+        self._suspects: list[str] = []
+        self._probed_suspect = False
         self._wake: asyncio.Future[None] | None = None
         self._tasks = _Tasks()
         # Each member's state when last logged: a change of state is one info line.
@@ -343,7 +350,15 @@ class Gossip:
             await self._clock.sleep(max(0.0, start + period - self._clock.now()))
 
     def _next_probe_target(self) -> Member | None:
-        """Round robin over a shuffled member list, reshuffled each round (memberlist)."""
+        """Round robin over a shuffled member list, reshuffled each round (memberlist);
+        every other period, a member we hear is suspect first (see _notify)."""
+        if not self._probed_suspect:
+            while self._suspects:
+                m = self._table.get(self._suspects.pop(0))
+                if m is not None and m.state == State.SUSPECT:
+                    self._probed_suspect = True
+                    return m
+        self._probed_suspect = False
         for _ in range(len(self._probe_order) + 1):
             if self._probe_index >= len(self._probe_order):
                 self._probe_order = [i for i in self._table.ids() if i != self.id]
@@ -418,7 +433,20 @@ class Gossip:
         next period, and that ack carries its alive."""
         m = self._table.get(node)
         if m is not None and m.state == State.SUSPECT:
-            self._probe_order.insert(self._probe_index, node)
+            self._probe_suspect(node)
+
+    def _probe_suspect(self, node: str) -> None:
+        """Queue a suspect to be probed soon. Bounded: a queue full of members still suspect
+        drops the newcomer (under a storm of suspicions the round robin must go on)."""
+        if node in self._suspects:
+            return
+        if len(self._suspects) >= _SUSPECTS_QUEUED:
+            self._suspects = [
+                x for x in self._suspects
+                if (m := self._table.get(x)) is not None and m.state == State.SUSPECT
+            ]
+        if len(self._suspects) < _SUSPECTS_QUEUED:
+            self._suspects.append(node)
 
     async def _relay_probe(self, req: IndirectPing, reply_to: str) -> None:
         """Probe `req.target` for the node at `reply_to` (where the request came from, not
@@ -509,10 +537,10 @@ class Gossip:
                          m.incarnation, extra={"event": "member_state", "member": m.id,
                                                "state": m.state.value})
             if m.state == State.SUSPECT and m.id != self.id:
-                # Probe a member we hear is suspect next (in place of the next in the
-                # round): if it refuted and we missed that, its ack carries the alive (see
-                # MemberTable._stale); if it is down, our failed probe confirms the suspicion.
-                self._probe_order.insert(self._probe_index, m.id)
+                # Probe a member we hear is suspect soon: if it refuted and we missed that,
+                # its ack carries the alive (see MemberTable._stale); if it is down, our
+                # failed probe confirms the suspicion.
+                self._probe_suspect(m.id)
             if m.id != self.id and m.id not in self._probe_set:
                 # A new member joins the current probe round at a random later position,
                 # so it is probed within this round, not only after the reshuffle.
