@@ -64,7 +64,8 @@ class StateDelegate:
 
     def enqueue(self, raw: bytes, members: int) -> None:
         limit = 4 * max(1, math.ceil(math.log10(members + 1)))
-        self._queue.append([raw, limit])
+        # Exactly its length: orjson's result keeps a ~4 KiB buffer (see json_bytes).
+        self._queue.append([bytes(memoryview(raw)), limit])
 
     def spread(self, entry: CollectionEntry) -> None:
         """Start spreading a change made here: by gossip when it fits in a packet, and with
