@@ -48,18 +48,23 @@ def log(msg: str) -> None:
 
 
 async def gossip_at(
-    n: int, periods: int, seed: int, trials: int, big_limit: float = 3600.0
+    n: int, periods: int, seed: int, trials: int, big_limit: float = 3600.0, warm: bool = False
 ) -> dict[str, Any]:
     wall = time.perf_counter()
     sim = SimCluster(n, seed=seed)
-    out: dict[str, Any] = {"n": n, "periods": periods, "seed": seed}
+    out: dict[str, Any] = {"n": n, "periods": periods, "seed": seed, "warm": warm}
 
     def step(what: str) -> None:
         log(f"  n={n} {what}: sim {sim.clock.now():.0f} s, wall {time.perf_counter() - wall:.0f} s")
 
-    out["cold_start"] = await sim_runs.cold_start(sim)
+    if warm:
+        await sim.warm_boot()
+        out["cold_start"] = None
+        step("warm start")
+    else:
+        out["cold_start"] = await sim_runs.cold_start(sim)
+        step("cold start")
     out["quiesce_s"] = round(await sim_runs.quiesce(sim), 2)
-    step("cold start")
     out["one_join"] = await sim_runs.one_join(sim)
     await sim_runs.quiesce(sim)
     window = max(60.0, 2 * push_pull_scale(sim.config.push_pull_interval, n))
@@ -117,8 +122,10 @@ def gossip_table(results: list[dict[str, Any]]) -> str:
         dead = sum(f["all_dead_s"] for f in fail) / len(fail)
         fd = " / ".join(str(r["false_deaths"][f"{x:.2f}"]["false_deaths"]) for x in LOSSES)
         load = r["load"]
+        cold = ("not run (warm start)" if r["cold_start"] is None
+                else f"{r['cold_start']['seconds']:.1f} s")
         rows.append(
-            f"| {r['n']:,} | {r['cold_start']['seconds']:.1f} s"
+            f"| {r['n']:,} | {cold}"
             f" | {r['one_join']['seconds']:.2f} s ({r['one_join']['gossip_rounds']:.0f} rounds,"
             f" {r['one_join']['rounds_per_log2_n']:.2f}·log₂n)"
             f" | {first:.1f} s | {dead:.1f} s ({fail[0]['suspicion_lo_s']:.1f}–"
@@ -175,6 +182,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,100,1000", help="cluster sizes for the gossip section")
     ap.add_argument("--periods", type=int, default=1000, help="probe periods per loss run")
     ap.add_argument("--trials", type=int, default=3, help="killed nodes per size")
+    ap.add_argument("--warm", action="store_true",
+                    help="start the nodes knowing each other instead of joining (no cold start)")
     ap.add_argument("--big-limit", type=float, default=3600.0,
                     help="simulated seconds to wait for the 64-shard entry to reach everyone")
     ap.add_argument("--seed", type=int, default=1)
@@ -194,7 +203,7 @@ def main() -> None:
         runs = {r["n"]: r for r in results.get("gossip", [])}
         for n in (int(x) for x in args.sizes.split(",")):
             log(f"gossip at {n} nodes")
-            runs[n] = asyncio.run(gossip_at(n, args.periods, args.seed, args.trials, args.big_limit))
+            runs[n] = asyncio.run(gossip_at(n, args.periods, args.seed, args.trials, args.big_limit, args.warm))
             runs[n]["command"] = results["command"]
             results["gossip"] = [runs[k] for k in sorted(runs)]
             save(args.out, results)
