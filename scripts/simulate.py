@@ -48,7 +48,8 @@ def log(msg: str) -> None:
 
 
 async def gossip_at(
-    n: int, periods: int, seed: int, trials: int, big_limit: float = 3600.0, warm: bool = False
+    n: int, periods: int, seed: int, trials: int, big_limit: float = 3600.0, warm: bool = False,
+    window_s: float = 0.0, settle_s: float = 60.0,
 ) -> dict[str, Any]:
     wall = time.perf_counter()
     sim = SimCluster(n, seed=seed)
@@ -67,7 +68,7 @@ async def gossip_at(
     out["quiesce_s"] = round(await sim_runs.quiesce(sim), 2)
     out["one_join"] = await sim_runs.one_join(sim)
     await sim_runs.quiesce(sim)
-    window = max(60.0, 2 * push_pull_scale(sim.config.push_pull_interval, n))
+    window = window_s or max(60.0, 2 * push_pull_scale(sim.config.push_pull_interval, n))
     out["load"] = await sim_runs.steady_load(sim, window)
     step("join, load")
 
@@ -98,7 +99,7 @@ async def gossip_at(
         sim.net.default_drop = loss
         out["false_deaths"][f"{loss:.2f}"] = await sim_runs.false_deaths(sim, periods)
         sim.net.default_drop = 0.0
-        await sim.run(60.0)  # let suspicions from the loss settle
+        await sim.run(settle_s)  # let suspicions from the loss settle
         step(f"{loss:.0%} loss")
     slow = min(5, max(1, n // 20))
     out["slow"] = await sim_runs.slow_members(sim, slow, periods)
@@ -184,6 +185,10 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3, help="killed nodes per size")
     ap.add_argument("--warm", action="store_true",
                     help="start the nodes knowing each other instead of joining (no cold start)")
+    ap.add_argument("--window", type=float, default=0.0,
+                    help="simulated seconds of the load measurement (0: two push-pull intervals)")
+    ap.add_argument("--settle", type=float, default=60.0,
+                    help="simulated seconds after each loss run for its suspicions to settle")
     ap.add_argument("--big-limit", type=float, default=3600.0,
                     help="simulated seconds to wait for the 64-shard entry to reach everyone")
     ap.add_argument("--seed", type=int, default=1)
@@ -203,7 +208,8 @@ def main() -> None:
         runs = {r["n"]: r for r in results.get("gossip", [])}
         for n in (int(x) for x in args.sizes.split(",")):
             log(f"gossip at {n} nodes")
-            runs[n] = asyncio.run(gossip_at(n, args.periods, args.seed, args.trials, args.big_limit, args.warm))
+            runs[n] = asyncio.run(gossip_at(n, args.periods, args.seed, args.trials, args.big_limit,
+                                            args.warm, args.window, args.settle))
             runs[n]["command"] = results["command"]
             results["gossip"] = [runs[k] for k in sorted(runs)]
             save(args.out, results)
