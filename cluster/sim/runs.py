@@ -127,6 +127,10 @@ async def detect_failure(sim: SimCluster, victim: SimNode, limit: float = 300.0)
     every other member?"""
     others = [x for x in sim.running() if x is not victim]
     start = sim.clock.now()
+    # Only suspicions from now on: a member may have been suspected before (a warm start
+    # probes members not yet started; loss), which is not this failure's detection.
+    sim.seen.first_suspected.pop(victim.id, None)
+    sim.seen.dead.pop(victim.id, None)
     await sim.kill(victim)
     took = await sim.run(
         limit,
