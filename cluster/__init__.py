@@ -14,4 +14,5 @@ checks this), and nothing here imports `aquila.node`:
     movement     moving data: rebalance plans and their driver, self-healing, repair
     service      one node's cluster side assembled from all of the above
     admin        the `aquila` admin commands (model only: they talk HTTP to a node)
+    sim          the scale simulator (every layer below service; nothing imports it)
 """

@@ -19,6 +19,8 @@ ALLOWED: dict[str, set[str]] = {
 }
 ALLOWED["cluster.service"] = {f"cluster.{p}" for p in CLUSTER_ORDER}
 ALLOWED["cluster.admin"] = {"cluster.model"}
+# The scale simulator runs the protocol code of every layer; no node code imports it.
+ALLOWED["cluster.sim"] = {f"cluster.{p}" for p in CLUSTER_ORDER}
 ALLOWED["node.storage"] = {"cluster.model", "cluster.clock", "node.blocking", "node.files"}
 # The import command is a client: it talks HTTP to a node, as the admin commands do.
 ALLOWED["node.importer"] = {"cluster.model", "cluster.admin"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 from hypothesis import given
@@ -107,6 +108,23 @@ def test_stale_accusation_about_us_is_ignored() -> None:
     t.update_meta({"v": 2})  # incarnation 3 now
     effects = t.apply(Suspect(2, "me", "o"), 1.0)
     assert not effects.refuted and t.local.incarnation == 3
+
+
+@pytest.mark.parametrize("kind", ["suspect", "dead"])
+def test_stale_accusation_about_us_is_answered_with_our_alive(kind: str) -> None:
+    # Its sender missed our refutation: announce again, same incarnation, so it hears us
+    # before its own timer declares us dead. About another member, nothing happens.
+    t = MemberTable("me", "me:1", {"z": 1}, 0.0, PARAMS)
+    t.update_meta({"z": 2})  # incarnation 2
+    msg = Suspect(1, "me", "o") if kind == "suspect" else Dead(1, "me", "o")
+    effects = t.apply(msg, 1.0)
+    assert effects.broadcasts == [Alive(2, "me", "me:1", {"z": 2})]
+    assert not effects.refuted and not effects.changed and t.local.incarnation == 2
+    other = table_with(State.ALIVE, inc=5)
+    stale = Suspect(4, "x", "o") if kind == "suspect" else Dead(4, "x", "o")
+    assert other.apply(stale, 1.0).broadcasts == []
+    t.leave(2.0)
+    assert t.apply(msg, 3.0).broadcasts == []  # leaving: we do not come back
 
 
 def test_alive_about_us_with_other_meta_is_refuted() -> None:
@@ -243,3 +261,54 @@ def test_local_node_always_refutes(kind: str, claim: int, bumps: int) -> None:
         assert effects.refuted and t.local.incarnation > claim
     else:
         assert not effects.refuted and t.local.incarnation == before
+
+
+many_updates = st.lists(
+    st.tuples(
+        st.sampled_from(["alive", "suspect", "dead", "leave", "expire"]),
+        st.integers(0, 5),
+        st.integers(1, 4),
+    ),
+    max_size=40,
+)
+
+
+@given(many_updates, st.integers(0, 2**32 - 1))
+def test_live_count_and_sampling_match_a_scan(
+    seq: list[tuple[str, int, int]], seed: int
+) -> None:
+    # num_live is kept as a counter and sample() picks by rejection from an id list: both
+    # must agree with a scan of the members after any sequence of updates.
+    t = MemberTable("me", "me:1", {}, 0.0, PARAMS)
+    for i, (kind, who, inc) in enumerate(seq):
+        node = f"n{who}" if who else "me"
+        if kind == "alive":
+            t.apply(Alive(inc, node, f"{node}:1"), float(i))
+        elif kind == "suspect":
+            t.apply(Suspect(inc, node, "o"), float(i))
+        elif kind in ("dead", "leave"):
+            t.apply(Dead(inc, node, node if kind == "leave" else "o"), float(i))
+        else:
+            t.expire(float(i) + 100.0)
+        members = t.members()
+        assert t.num_live() == sum(1 for m in members if not m.dead_or_left)
+        assert t.ids() == [m.id for m in members]
+    rng = random.Random(seed)
+    alive = {m.id for m in t.members() if m.state == State.ALIVE and m.id != "me"}
+    for k in range(4):
+        got = [m.id for m in t.sample(rng, k, lambda m: m.state == State.ALIVE)]
+        assert len(got) == len(set(got)) == min(k, len(alive)) and set(got) <= alive
+
+
+def test_sampling_is_uniform() -> None:
+    t = MemberTable("me", "me:1", {}, 0.0, PARAMS)
+    for i in range(20):
+        t.apply(Alive(1, f"n{i}", f"n{i}:1"), 0.0)
+    t.apply(Dead(1, "n0", "o"), 0.0)
+    rng = random.Random(1)
+    seen = {f"n{i}": 0 for i in range(1, 20)}
+    for _ in range(6_000):
+        for m in t.sample(rng, 3, lambda m: m.state == State.ALIVE):
+            seen[m.id] += 1
+    # 18,000 picks over 19 members: 947 each expected; a biased pick would be far off.
+    assert all(800 < c < 1_100 for c in seen.values()), seen

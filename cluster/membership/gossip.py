@@ -97,6 +97,14 @@ class GossipConfig:
     max_packet_size: int = MAX_PACKET_SIZE
 
 
+# Suspects queued for an early probe, at most (see Gossip._probe_suspect).
+_SUSPECTS_QUEUED = 8
+
+
+def _is_alive(m: Member) -> bool:
+    return m.state == State.ALIVE
+
+
 class GossipError(Exception):
     pass
 
@@ -181,7 +189,11 @@ class Gossip:
         self._relays = 0  # indirect probes under way for others
         self._seq = 0
         self._probe_order: list[str] = []
+        self._probe_set: set[str] = set()  # the ids in _probe_order, for O(1) membership
         self._probe_index = 0
+        # Suspects to probe before the round robin (see _notify), every other period at most.
+        self._suspects: list[str] = []
+        self._probed_suspect = False
         self._wake: asyncio.Future[None] | None = None
         self._tasks = _Tasks()
         # Each member's state when last logged: a change of state is one info line.
@@ -317,10 +329,10 @@ class Gossip:
         while True:
             n = self._table.num_live()
             await self._clock.sleep(push_pull_scale(self.config.push_pull_interval, n))
-            peers = self._live_peers(alive_only=True)
-            if not peers:
+            picked = self._table.sample(self._rng, 1, _is_alive)
+            if not picked:
                 continue
-            peer = self._rng.choice(peers)
+            peer = picked[0]
             try:
                 await self._push_pull_with(peer.addr, join=False)
             except Exception as exc:  # a failed sync is retried next period
@@ -338,10 +350,19 @@ class Gossip:
             await self._clock.sleep(max(0.0, start + period - self._clock.now()))
 
     def _next_probe_target(self) -> Member | None:
-        """Round robin over a shuffled member list, reshuffled each round (memberlist)."""
+        """Round robin over a shuffled member list, reshuffled each round (memberlist);
+        every other period, a member we hear is suspect first (see _notify)."""
+        if not self._probed_suspect:
+            while self._suspects:
+                m = self._table.get(self._suspects.pop(0))
+                if m is not None and m.state == State.SUSPECT:
+                    self._probed_suspect = True
+                    return m
+        self._probed_suspect = False
         for _ in range(len(self._probe_order) + 1):
             if self._probe_index >= len(self._probe_order):
-                self._probe_order = [m.id for m in self._table.members() if m.id != self.id]
+                self._probe_order = [i for i in self._table.ids() if i != self.id]
+                self._probe_set = set(self._probe_order)
                 self._rng.shuffle(self._probe_order)
                 self._probe_index = 0
                 if not self._probe_order:
@@ -372,15 +393,20 @@ class Gossip:
             await self._send(target.addr, msgs)
             if await self._wait(pending.ack, cfg.probe_timeout):
                 self._awareness.apply_delta(-1)
+                self._probe_again_if_suspect(target.id)
                 return
 
             # No direct ack: maybe the path is bad, not the node. Ask k others to try.
-            peers = [p for p in self._live_peers(alive_only=True) if p.id != target.id]
-            helpers = self._rng.sample(peers, min(cfg.indirect_checks, len(peers)))
+            helpers = self._table.sample(
+                self._rng,
+                cfg.indirect_checks,
+                lambda m: m.state == State.ALIVE and m.id != target.id,
+            )
             req = IndirectPing(seq, target.id, target.addr, True, self.id, self.addr)
             for h in helpers:
                 await self._send(h.addr, [req])
             if await self._wait(pending.ack, sent + interval - self._clock.now()):
+                self._probe_again_if_suspect(target.id)
                 return
 
             # Lifeguard: helpers that should have nacked but did not suggest the fault is
@@ -400,6 +426,27 @@ class Gossip:
             )
         finally:
             del self._pending[seq]
+
+    def _probe_again_if_suspect(self, node: str) -> None:
+        """It answered, yet we still suspect it: its refutation has not reached us, or it had
+        not heard of the suspicion. Our ping told it (see MemberTable._stale); probe it again
+        next period, and that ack carries its alive."""
+        m = self._table.get(node)
+        if m is not None and m.state == State.SUSPECT:
+            self._probe_suspect(node)
+
+    def _probe_suspect(self, node: str) -> None:
+        """Queue a suspect to be probed soon. Bounded: a queue full of members still suspect
+        drops the newcomer (under a storm of suspicions the round robin must go on)."""
+        if node in self._suspects:
+            return
+        if len(self._suspects) >= _SUSPECTS_QUEUED:
+            self._suspects = [
+                x for x in self._suspects
+                if (m := self._table.get(x)) is not None and m.state == State.SUSPECT
+            ]
+        if len(self._suspects) < _SUSPECTS_QUEUED:
+            self._suspects.append(node)
 
     async def _relay_probe(self, req: IndirectPing, reply_to: str) -> None:
         """Probe `req.target` for the node at `reply_to` (where the request came from, not
@@ -452,19 +499,18 @@ class Gossip:
             await self._gossip_once()
 
     async def _gossip_once(self) -> None:
+        if not self._queue and self._delegate is None:
+            return  # nothing to piggyback, so no packet would be sent
         now = self._clock.now()
+        dead_time = self.config.gossip_to_the_dead_time
         # Also gossip to the recently dead, so a node wrongly declared dead hears it and
         # refutes (memberlist GossipToTheDeadTime).
-        candidates = [
-            m
-            for m in self._table.members()
-            if m.id != self.id
-            and (
-                not m.dead_or_left
-                or now - m.state_change_time < self.config.gossip_to_the_dead_time
-            )
-        ]
-        for m in self._rng.sample(candidates, min(self.config.gossip_nodes, len(candidates))):
+        picked = self._table.sample(
+            self._rng,
+            self.config.gossip_nodes,
+            lambda m: not m.dead_or_left or now - m.state_change_time < dead_time,
+        )
+        for m in picked:
             await self._send(m.addr, [], require_payload=True)
 
     def _broadcast(self, update: Alive | Suspect | Dead) -> None:
@@ -472,6 +518,8 @@ class Gossip:
         self._queue.queue(update.node, encode(update))
 
     def _carry(self, effects: Effects) -> None:
+        if not (effects.broadcasts or effects.changed or effects.refuted):
+            return  # old news, most of what arrives: nothing to gossip, notify or re-time
         for b in effects.broadcasts:
             self._broadcast(b)
         if effects.refuted:
@@ -488,20 +536,19 @@ class Gossip:
                 log.info("member %s at %s is %s (incarnation %d)", m.id, m.addr, m.state.value,
                          m.incarnation, extra={"event": "member_state", "member": m.id,
                                                "state": m.state.value})
-            if m.id != self.id and m.id not in self._probe_order:
+            if m.state == State.SUSPECT and m.id != self.id:
+                # Probe a member we hear is suspect soon: if it refuted and we missed that,
+                # its ack carries the alive (see MemberTable._stale); if it is down, our
+                # failed probe confirms the suspicion.
+                self._probe_suspect(m.id)
+            if m.id != self.id and m.id not in self._probe_set:
                 # A new member joins the current probe round at a random later position,
                 # so it is probed within this round, not only after the reshuffle.
                 pos = self._rng.randint(self._probe_index, len(self._probe_order))
                 self._probe_order.insert(pos, m.id)
+                self._probe_set.add(m.id)
             if self._delegate is not None:
                 self._delegate.notify_change(m)
-
-    def _live_peers(self, alive_only: bool = False) -> list[Member]:
-        return [
-            m
-            for m in self._table.members()
-            if m.id != self.id and (m.state == State.ALIVE if alive_only else not m.dead_or_left)
-        ]
 
     # --- packets --------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 Deliveries are scheduled with `loop.call_soon`, never with real time, so a simulation
 driven by a ManualClock is deterministic. Like UDP, a datagram arrives with its sender's own
-address (whatever the message inside says) and nothing above 64 KiB is delivered. Faults: per-link drop probability (seeded RNG),
-one-way partitions, and paused nodes (like SIGSTOP: nothing in, nothing out).
+address (whatever the message inside says) and nothing above 64 KiB is delivered. Faults:
+per-link drop probability (seeded RNG), one-way partitions, paused nodes (like SIGSTOP:
+nothing in, nothing out) and slow nodes (whatever they receive is handled after a delay on the
+clock). Counters of packets, bytes and push-pull exchanges let the simulator report load.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ class MemNetwork:
         self.default_drop = 0.0
         self._blocked: set[tuple[str, str]] = set()
         self._paused: set[str] = set()
-        self.in_flight = 0
+        self._slow: dict[str, tuple[float, float]] = {}
+        self.in_flight = 0  # packets queued with call_soon (not the delayed ones)
+        self.delayed = 0  # packets held back by a slow receiver
         self.sent = 0
         self.dropped = 0
+        self.bytes_sent = 0
+        self.push_pulls = 0
+        self.push_pull_bytes = 0  # request and reply payloads
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -68,6 +75,15 @@ class MemNetwork:
         """Can a request from src reach dst and its answer come back?"""
         return self._reachable(src, dst) and self._reachable(dst, src)
 
+    def slow_down(self, addr: str, lo: float, hi: float) -> None:
+        """`addr` handles each packet (and push-pull) it receives after a delay drawn from
+        [lo, hi] seconds of clock time: an overloaded node whose answers come late. A
+        delay of 0 makes it normal again."""
+        if hi > 0:
+            self._slow[addr] = (lo, hi)
+        else:
+            self._slow.pop(addr, None)
+
     def _reachable(self, src: str, dst: str) -> bool:
         return (
             src not in self._paused and dst not in self._paused and (src, dst) not in self._blocked
@@ -77,6 +93,7 @@ class MemNetwork:
 
     def _send(self, src: str, dst: str, data: bytes) -> None:
         self.sent += 1
+        self.bytes_sent += len(data)
         p = self._drop.get((src, dst), self.default_drop)
         if (
             len(data) > MAX_DATAGRAM  # UDP refuses to send it (EMSGSIZE)
@@ -86,8 +103,20 @@ class MemNetwork:
         ):
             self.dropped += 1
             return
+        slow = self._slow.get(dst)
+        if slow is not None:
+            self.delayed += 1
+            delay = self._rng.uniform(*slow)
+            asyncio.get_running_loop().create_task(self._deliver_late(delay, src, dst, data))
+            return
         self.in_flight += 1
         asyncio.get_running_loop().call_soon(self._deliver, src, dst, data)
+
+    async def _deliver_late(self, delay: float, src: str, dst: str, data: bytes) -> None:
+        await self._clock.sleep(delay)
+        self.delayed -= 1
+        self.in_flight += 1
+        self._deliver(src, dst, data)
 
     def _deliver(self, src: str, dst: str, data: bytes) -> None:
         self.in_flight -= 1
@@ -107,7 +136,13 @@ class MemNetwork:
             await self._clock.sleep(limit)
             raise TimeoutError(f"push-pull to {dst} timed out")
         await asyncio.sleep(0)  # a real round trip never completes synchronously
-        return handler(payload)
+        slow = self._slow.get(dst)
+        if slow is not None:
+            await self._clock.sleep(self._rng.uniform(*slow))
+        reply = handler(payload)
+        self.push_pulls += 1
+        self.push_pull_bytes += len(payload) + len(reply)
+        return reply
 
 
 class MemTransport:

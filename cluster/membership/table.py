@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +87,11 @@ class MemberTable:
         }
         self._suspicions: dict[str, Suspicion] = {}
         self.leaving = False
+        # Members are never removed, so ids can be kept in a list for O(1) random picks, and
+        # the live count kept up to date: the gossip loops ask for both many times a second,
+        # and a scan of a thousand members each time dominated a 1,000-node simulation.
+        self._ids: list[str] = [local_id]
+        self._live = 1
 
     # --- reads ------------------------------------------------------------------------
 
@@ -101,7 +108,36 @@ class MemberTable:
 
     def num_live(self) -> int:
         """Members not dead or left (suspects count: they may still be fine)."""
-        return sum(1 for m in self._members.values() if not m.dead_or_left)
+        return self._live
+
+    def ids(self) -> list[str]:
+        """Every member's id, ourselves included, in the order they were first seen."""
+        return list(self._ids)
+
+    def sample(self, rng: random.Random, k: int, accept: Callable[[Member], bool]) -> list[Member]:
+        """Up to `k` distinct other members for which `accept` holds, uniformly at random
+        (copies, like `members`).
+
+        Rejection sampling over the id list costs O(k) while most members qualify, instead
+        of a scan of all of them; when few qualify it falls back to sampling the exact list.
+        """
+        ids, n = self._ids, len(self._ids)
+        picked: list[Member] = []
+        seen: set[int] = set()
+        for _ in range(4 * k + 8):
+            if len(picked) == k:
+                break
+            i = rng.randrange(n)
+            if i in seen:
+                continue
+            seen.add(i)
+            m = self._members[ids[i]]
+            if m.id != self.local_id and accept(m):
+                picked.append(m)
+        if len(picked) < k:
+            pool = [m for m in self._members.values() if m.id != self.local_id and accept(m)]
+            picked = rng.sample(pool, min(k, len(pool)))
+        return [dataclasses.replace(m) for m in picked]
 
     def local_alive(self) -> Alive:
         me = self._members[self.local_id]
@@ -118,6 +154,12 @@ class MemberTable:
 
     def next_deadline(self) -> float | None:
         return min((s.deadline() for s in self._suspicions.values()), default=None)
+
+    def _set_state(self, m: Member, state: State, now: float) -> None:
+        was_out = m.dead_or_left
+        m.state = state
+        m.state_change_time = now
+        self._live += int(was_out) - int(m.dead_or_left)
 
     # --- local node ---------------------------------------------------------------------
 
@@ -153,6 +195,8 @@ class MemberTable:
             # A node we have never seen: a join.
             m = Member(a.node, a.addr, State.ALIVE, a.incarnation, now, dict(a.meta))
             self._members[a.node] = m
+            self._ids.append(a.node)
+            self._live += 1
             return Effects(broadcasts=[a], changed=[dataclasses.replace(m)])
 
         updates_addr = False
@@ -183,14 +227,25 @@ class MemberTable:
         m.meta = dict(a.meta)
         m.addr = a.addr
         if m.state != State.ALIVE:
-            m.state = State.ALIVE
-            m.state_change_time = now
+            self._set_state(m, State.ALIVE, now)
         return Effects(broadcasts=[a], changed=[dataclasses.replace(m)])
+
+    def _stale(self, m: Member) -> Effects:
+        """An accusation of an older incarnation of `m`. When `m` is us, its sender missed
+        our refutation and will declare us dead when its timer runs out: announce ourselves
+        again at the same incarnation (nothing to beat, so not a refutation). The alive rides
+        our next packets, among them the ack to that node's probe (a node probes a member
+        it hears is suspect next, see Gossip._notify), so it hears us in time."""
+        if m.id == self.local_id and not self.leaving:
+            return Effects(broadcasts=[self.local_alive()])
+        return Effects()
 
     def apply_suspect(self, s: Suspect, now: float) -> Effects:
         m = self._members.get(s.node)
-        if m is None or s.incarnation < m.incarnation:
+        if m is None:
             return Effects()
+        if s.incarnation < m.incarnation:
+            return self._stale(m)
         existing = self._suspicions.get(s.node)
         if existing is not None:
             # Already suspect: a new, independent accuser shortens the timeout (Lifeguard),
@@ -204,8 +259,7 @@ class MemberTable:
             return self._refute(s.incarnation)  # never mark ourselves suspect
 
         m.incarnation = s.incarnation
-        m.state = State.SUSPECT
-        m.state_change_time = now
+        self._set_state(m, State.SUSPECT, now)
         # We have no phase relation with peers, so aim to hit the nominal timeout two probe
         # intervals short of the multiplier; with too few others to confirm, expect none.
         k = self.params.suspicion_mult - 2
@@ -219,16 +273,17 @@ class MemberTable:
 
     def apply_dead(self, d: Dead, now: float) -> Effects:
         m = self._members.get(d.node)
-        if m is None or d.incarnation < m.incarnation:
+        if m is None:
             return Effects()
+        if d.incarnation < m.incarnation:
+            return self._stale(m)
         self._suspicions.pop(d.node, None)
         if m.dead_or_left:
             return Effects()
         if d.node == self.local_id and not self.leaving:
             return self._refute(d.incarnation)
         m.incarnation = d.incarnation
-        m.state = State.LEFT if d.node == d.from_ else State.DEAD
-        m.state_change_time = now
+        self._set_state(m, State.LEFT if d.node == d.from_ else State.DEAD, now)
         return Effects(broadcasts=[d], changed=[dataclasses.replace(m)])
 
     def apply(self, u: Update, now: float) -> Effects:

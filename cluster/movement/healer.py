@@ -18,7 +18,7 @@ from aquila.cluster.clock import Clock
 from aquila.cluster.membership.view import MemberView
 from aquila.cluster.model.errors import expected
 from aquila.cluster.movement.plan import Move
-from aquila.cluster.movement.rebalance import Rebalancer, plan_moves
+from aquila.cluster.movement.rebalance import Rebalancer
 from aquila.cluster.movement.repair import Repair
 from aquila.cluster.replication.replica import Replicas
 from aquila.cluster.replication.writes import WritePath
@@ -132,7 +132,10 @@ class Healer:
             entry = state.get(m.collection)
             return entry is not None and bool(set(entry.replicas[m.shard]) & alive)
 
-        moves = [m for m in plan_moves(state, live)
+        planned = await self.rebalancer.plan_moves(live)
+        if self.rebalancer.busy or self.rebalancer.moves_in_map():
+            return  # a rebalance started while we planned: it will do the healing too
+        moves = [m for m in planned
                  if (m.from_node is None or m.from_node in gone) and copyable(m)]
         if moves:
             log.info("self-healing: %d replica move(s) away from %s", len(moves), sorted(gone),

@@ -18,7 +18,7 @@ import asyncio
 import enum
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,13 @@ from aquila.cluster.state.publish import Publisher
 log = logging.getLogger(__name__)
 
 PAGE = 1000
+
+# Runs a function off the event loop and awaits its result (the node's `Blocking.parse`).
+Offload = Callable[..., Awaitable[Any]]
+
+
+async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 class Stage(enum.StrEnum):
@@ -130,6 +137,8 @@ class Rebalancer:
         self._slots: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(self.per_node)
         )
+        # Where plans are computed: in line by default; the node sets a thread.
+        self.offload: Offload = _inline
 
     @property
     def busy(self) -> bool:
@@ -139,6 +148,14 @@ class Rebalancer:
         """Drivers of the moves the shard map shows under way (anywhere in the cluster)."""
         return sorted({mv.driver or "?" for e in self._state.live().values()
                        for s in range(len(e.replicas)) if (mv := e.move_of(s)) is not None})
+
+    async def plan_moves(self, live_nodes: list[str]) -> list[Move]:
+        """`plan_moves` off the event loop: with 1,000 nodes and 100,000 replicas a plan takes
+        seconds (CAPACITY.md), and a loop stalled that long stops answering probes and is
+        declared dead. The maps are copied here, on the loop; the plan works on the copies."""
+        maps, replication = current_maps(self._state)
+        moves: list[Move] = await self.offload(plan, maps, replication, live_nodes)
+        return moves
 
     async def run(self, moves: list[Move]) -> RunStats:
         """Carry out every move; returns when all are done or failed."""

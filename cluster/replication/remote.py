@@ -38,7 +38,7 @@ from aquila.cluster.model.bounds import (
     checked_list,
     checked_str,
 )
-from aquila.cluster.model.documents import Hit, Incoming
+from aquila.cluster.model.documents import Hit, Incoming, json_bytes
 from aquila.cluster.model.errors import BadRequest, NotFound, Unavailable
 from aquila.cluster.model.filters import parse_filter
 from aquila.cluster.model.hlc import HybridClock
@@ -127,7 +127,7 @@ def _metadata(d: dict[str, Any]) -> bytes:
     if not isinstance(meta, dict):
         raise BoundsError(f"metadata of {d['id']!r} is not an object")
     try:
-        return orjson.dumps(meta)
+        return json_bytes(meta)  # kept in the shard's memory: its length, not orjson's buffer
     except orjson.JSONEncodeError as exc:  # nested beyond orjson's 255 levels
         raise BoundsError(f"metadata of {d['id']!r}: {exc}") from None
 

@@ -10,7 +10,6 @@ from aquila.cluster.membership.gossip import JoinError
 from aquila.cluster.model.config_parse import parse_seeds
 from aquila.cluster.model.errors import BadRequest, Unavailable
 from aquila.cluster.movement.plan import Move
-from aquila.cluster.movement.rebalance import plan_moves
 from aquila.cluster.service import ClusterService
 from aquila.node.http.api import json_response, read_json
 from aquila.node.keys import SERVICE
@@ -82,8 +81,9 @@ async def rebalance(request: web.Request) -> web.Response:
         raise BadRequest("body is {\"dry_run\": bool}")
     node = request.app[SERVICE]
     _refuse_if_moving(node)
-    moves = plan_moves(node.runtime.state, _alive(node))
+    moves = await node.rebalancer.plan_moves(_alive(node))
     if moves and not body.get("dry_run", False):
+        _refuse_if_moving(node)  # another rebalance may have started while we planned
         node.spawn(node.rebalancer.run(moves))
     return json_response({"moves": _moves_json(moves)})
 
@@ -97,7 +97,8 @@ async def leave(request: web.Request) -> web.Response:
     if held and not others:
         raise Unavailable("no other alive node to hand this node's shards to")
     _refuse_if_moving(node)
-    moves = plan_moves(node.runtime.state, others) if others else []
+    moves = await node.rebalancer.plan_moves(others) if others else []
+    _refuse_if_moving(node)  # another rebalance may have started while we planned
     stats = await node.rebalancer.run(moves)
     failed = [t for t in stats.transfers if t.error]
     if failed:

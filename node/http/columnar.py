@@ -161,5 +161,5 @@ def _metadata(meta: Any, n: int) -> list[bytes]:
                 depth_exceeds(m, MAX_METADATA_DEPTH):
             raise BadRequest(
                 f"metadata[{i}]: nested too deep (at most {MAX_METADATA_DEPTH} levels)")
-        out.append(raw)
+        out.append(bytes(memoryview(raw)))  # kept in memory: see documents.json_bytes
     return out

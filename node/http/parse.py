@@ -25,6 +25,7 @@ from aquila.cluster.model.bounds import (
     depth_exceeds,
 )
 from aquila.cluster.model.cursor import decode_cursor
+from aquila.cluster.model.documents import json_bytes
 from aquila.cluster.model.errors import BadRequest, DimensionMismatch, InvalidVector
 from aquila.cluster.model.filters import parse_filter
 from aquila.cluster.model.operations import (
@@ -179,7 +180,7 @@ def parse_documents(body: Any, dim: int) -> DocBatch:
         if len(v) != dim:
             _one_vector(v, dim, where)
         ids.append(doc_id)
-        metas.append(orjson.dumps(meta))
+        metas.append(json_bytes(meta))  # kept in memory: its length, not orjson's buffer
         raw_vectors.append(v)
     return DocBatch(ids, _vector_rows(raw_vectors, dim, "documents"), metas, consistency)
 
