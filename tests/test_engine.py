@@ -235,3 +235,24 @@ async def test_retraining_waits_for_a_stream_of_writes_to_pause(
         await batch(5)  # back to back: never a pause of retrain_quiet_s
     await wait_for(lambda: not coll.training and coll.index.trained_at > second, 30)
     await engine.close()
+
+
+async def test_the_engine_starts_without_a_child_process(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting (and trimming the C heap) forks nothing: a fork of the node from the event
+    loop held it for half a second on a busy machine (the C library was looked up by name,
+    which runs `ldconfig -p`)."""
+    import subprocess
+
+    from aquila.node.storage.training import release_memory
+
+    def no_child(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a child process was started")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", no_child)
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    await engine.ensure(SPEC, [0, 1], "u")
+    release_memory()
+    await engine.close()

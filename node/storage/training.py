@@ -11,7 +11,7 @@ Blocking (RocksDB reads, FAISS training): runs on the background thread.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -103,10 +103,13 @@ def train_streamed(spec: CollectionSpec, n: int, chunks: Chunks,
 _M_ARENA_MAX = -8
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
+    """The C library's functions, through the process's own symbols: no lookup by name
+    (`ctypes.util.find_library` runs `ldconfig -p` in a child process, a fork of the whole
+    node each time, which held the event loop for half a second on a busy machine)."""
     try:
-        return ctypes.CDLL(name) if name is not None else None
+        return ctypes.CDLL(None)
     except OSError:
         return None
 
