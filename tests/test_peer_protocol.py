@@ -381,6 +381,26 @@ async def test_concurrent_searches_through_the_cluster_equal_one_by_one() -> Non
         await sim.stop()
 
 
+async def test_searches_coalesced_stay_within_the_peers_bound_of_queries_times_k() -> None:
+    """Searches that are each within queries × k <= 100,000 do not become, coalesced, one
+    frame beyond it (which the peer refuses, a 400 to every client of the batch)."""
+    sim = SimCluster(3)
+    await sim.start()
+    try:
+        n1 = sim.node("n1")
+        await sim.run(n1.svc.collections.create(simspec("c", shards=6, replication=1)))
+        await sim.run(n1.svc.writes.upsert(n1.svc.collections.entry("c"),
+                                           batch([f"d{i:03d}" for i in range(30)])))
+        entry = n1.svc.collections.entry("c")
+        qs = np.random.default_rng(5).normal(size=(60, 4)).astype(np.float32)
+        req = SearchRequest(qs, 1000, None, None, None, True, False, False, None)
+        got = await sim.run(asyncio.gather(*(n1.svc.reads.search(entry, req)
+                                             for _ in range(6))))
+        assert all(len(g["results"]) == 60 and len(g["results"][0]) == 30 for g in got)
+    finally:
+        await sim.stop()
+
+
 # --- the lean client of the frames (cluster/peers/lean.py), against a scripted server ---------
 
 

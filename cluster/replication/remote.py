@@ -517,7 +517,8 @@ class RemoteReplica:
         # Searches alike but for their vectors share a request (see coalesce.py).
         key = (spec, tuple(shards), req.k, req.nprobe, req.recall, flags,
                orjson.dumps(req.filter))
-        return await self._coalescer.search(key, req.vectors, budget, send)
+        return await self._coalescer.search(key, req.vectors, budget, send,
+                                            max(1, MAX_QUERY_RESULTS // req.k))
 
     async def count(
         self, spec: CollectionSpec, req: CountRequest, shards: list[int], budget: float
