@@ -401,6 +401,26 @@ async def test_searches_coalesced_stay_within_the_peers_bound_of_queries_times_k
         await sim.stop()
 
 
+async def test_searches_by_recall_sent_together_each_say_every_shards_nprobe() -> None:
+    """A search by recall says the nprobe used for every shard, also when it went to a peer
+    together with others (the peer's plans are every caller's, not the first one's)."""
+    sim = SimCluster(3)
+    await sim.start()
+    try:
+        n1 = sim.node("n1")
+        await sim.run(n1.svc.collections.create(simspec("c", shards=6, replication=1)))
+        await sim.run(n1.svc.writes.upsert(n1.svc.collections.entry("c"),
+                                           batch([f"d{i:03d}" for i in range(30)])))
+        entry = n1.svc.collections.entry("c")
+        qs = np.random.default_rng(6).normal(size=(12, 4)).astype(np.float32)
+        reqs = [SearchRequest(qs[i : i + 1], 5, None, None, None, True, False, False, None,
+                              recall=0.9) for i in range(len(qs))]
+        got = await sim.run(asyncio.gather(*(n1.svc.reads.search(entry, r) for r in reqs)))
+        assert all([p["shard"] for p in g["nprobes"]] == list(range(6)) for g in got)
+    finally:
+        await sim.stop()
+
+
 # --- the lean client of the frames (cluster/peers/lean.py), against a scripted server ---------
 
 

@@ -512,7 +512,9 @@ class RemoteReplica:
                 plans.update(decode_plans(got.plans or [], shards))
             return got.rows
 
-        if req.explain:  # its plans are its own
+        if req.explain or req.recall is not None:
+            # Their plans are the caller's own (a search by recall says its nprobe): the
+            # coalescer hands a batch's rows to each caller, its plans only to the first.
             return await send(req.vectors, budget)
         # Searches alike but for their vectors share a request (see coalesce.py).
         key = (spec, tuple(shards), req.k, req.nprobe, req.recall, flags,
