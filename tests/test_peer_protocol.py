@@ -235,6 +235,12 @@ def test_hits_out_of_bounds() -> None:
         frames.decode_hits(split, 2, 1, 1, DIM, [0])
     with pytest.raises(FrameError, match="dim must be"):  # vectors asked for, none sent
         frames.decode_hits(hits(), 1, 5, 3, DIM, [0])
+    # Metadata goes into the coordinator's answer as it is: a peer's is a JSON object or
+    # the answer is refused (not spliced into a client's JSON).
+    for meta in (b'1}],"partial":true,"x":{', b"[1]", b'{"a":NaN}'):
+        with pytest.raises(FrameError, match="metadata"):
+            frames.decode_hits(hits(metadata=meta), 1, 5, 1, DIM, [0])
+    assert frames.decode_hits(hits(metadata=b' {"a": [1]} '), 1, 5, 1, DIM, [0]).rows
 
 
 def test_write_out_of_bounds() -> None:
