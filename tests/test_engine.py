@@ -94,6 +94,31 @@ async def test_purged_tombstones_leave_no_trace(tmp_path: Path, blocking: Blocki
     await engine.close()
 
 
+async def test_purge_after_the_snapshot_does_not_resurrect_at_restart(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """A document live in the last snapshot, deleted and its tombstone purged since, then a
+    crash (no snapshot at close): the restart's replay of the change log must not leave it
+    in the index and the live bitmap (the purge took its change key with it)."""
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0], "u")
+    await coll.write({0: [doc(1, version=5), doc(2, version=5)]})
+    await coll.snapshot()
+    await coll.write({0: [Incoming("d1", None, b"", 6, "n1")]})
+    assert await coll.purge_tombstones(0, 8) == 1
+    await coll.close(snapshot=False)  # as a SIGKILL leaves it: the last snapshot
+    await engine.close()
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0], "u")
+    assert coll.count() == 1 and coll.index.ntotal == 1
+    assert coll.shards[0].live_labels().tolist() == [2]
+    hits = await coll.search(np.full((1, 4), 1, np.float32), 2, None)
+    assert [h.id for h in hits[0]] == ["d2"]
+    await engine.close()
+
+
 async def test_same_id_twice_in_one_batch(tmp_path: Path, blocking: Blocking) -> None:
     engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
     await engine.start()

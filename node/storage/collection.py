@@ -467,20 +467,32 @@ class Collection:
         ]
 
     async def purge_tombstones(self, shard: int, before: int) -> int:
+        purged, waiting = await self._purge(shard, before)
+        if waiting:
+            # A purge takes a tombstone's change key with it, so a restart would not replay
+            # its delete: the snapshot it starts from must cover the delete first.
+            await self.snapshot()
+            purged += (await self._purge(shard, before))[0]
+        return purged
+
+    async def _purge(self, shard: int, before: int) -> tuple[int, int]:
         if shard not in self.shards:
-            return 0
+            return 0, 0
         async with self.write_mutex, self.apply_lock:
             return await self.blocking.write(self._purge_sync, shard, before)
 
-    def _purge_sync(self, shard: int, before: int) -> int:
+    def _purge_sync(self, shard: int, before: int) -> tuple[int, int]:
+        """(tombstones purged, tombstones left until a snapshot covers their delete)."""
         batch = WriteBatch()
-        gone = [(doc_id, rec) for doc_id, rec in self.store.iter_docs(shard)
-                if rec.tombstone and rec.version < before]
+        covered = self.snapshot_seqs.get(shard, 0)
+        old = [(doc_id, rec) for doc_id, rec in self.store.iter_docs(shard)
+               if rec.tombstone and rec.version < before]
+        gone = [(doc_id, rec) for doc_id, rec in old if rec.seq <= covered]
         if gone:
             self.shards[shard].forget(gone, batch)
             self.store.write(batch)
             self.shards[shard].forgotten()
-        return len(gone)
+        return len(gone), len(old) - len(gone)
 
     def count(self) -> int:
         return sum(s.count for s in self.shards.values())
