@@ -119,6 +119,31 @@ async def test_purge_after_the_snapshot_does_not_resurrect_at_restart(
     await engine.close()
 
 
+async def test_a_shard_dropped_and_taken_again_is_not_read_from_the_older_snapshot(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """A shard moved away and back (its labels given afresh), then a crash before the next
+    snapshot: the restart must not load the older snapshot's vectors of that shard under
+    labels that now name other documents."""
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0, 1], "u")
+    await coll.write({1: [doc(i) for i in range(1, 4)]})
+    await coll.snapshot()
+    await coll.drop_shard(1)
+    await coll.add_shards([1])
+    await coll.write({1: [doc(50, value=50.0)]})  # label 1 again
+    await coll.close(snapshot=False)  # as a SIGKILL leaves it
+    await engine.close()
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0, 1], "u")
+    assert coll.count() == 1 and coll.index.ntotal == 1
+    hits = await coll.search(np.full((1, 4), 1, np.float32), 5, None)
+    assert [(h.id, h.score) for h in hits[0]] == [("d50", 4 * 49.0**2)]
+    await engine.close()
+
+
 async def test_same_id_twice_in_one_batch(tmp_path: Path, blocking: Blocking) -> None:
     engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
     await engine.start()

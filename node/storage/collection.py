@@ -255,12 +255,17 @@ class Collection:
         """Let a shard go (it moved away). The record of the shards held is rewritten first:
         that is the commit point. Its keys then go in one batch; a crash between the two
         leaves keys of a shard not held, which nothing reads and `open` removes."""
-        async with self._exclusive():
+        async with self._saving, self._exclusive():  # no snapshot being written meanwhile
             if self.closed or s not in self.shards:
                 return
+            # The snapshot holds the shard's vectors by label: were it taken again (labels
+            # given afresh) and the node killed before the next snapshot, a restart would
+            # load them under labels of other documents. Gone first (a crash before the
+            # record leaves the shard held, rebuilt from the store); the next is due.
+            await self.blocking.write(self.snap_path.unlink, True)
+            self.snapshot_seqs = {}
             await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
             shard = self.shards.pop(s)
-            self.snapshot_seqs.pop(s, None)
             await self.blocking.write(self.index.remove, shard.keys())
             await self.blocking.write(self.store.drop_shard, s)
 
