@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -240,6 +242,40 @@ async def test_writes_during_training_all_reach_the_trained_index(
     assert [h[0].id for h in hits] == ids
     await engine.close()
 
+
+
+async def test_a_shard_dropped_and_taken_again_while_training_is_not_swapped_in_stale(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard moved away and back while the index trains (its labels given afresh): the
+    trained index, which holds the shard's old vectors by their old labels, is not swapped
+    in as if the shard were the same."""
+    spec = CollectionSpec("t", 4, "l2", 2, 1, IndexSpec("ivf_flat", nlist=4))
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(spec, [0, 1], "u")
+    trained, go = threading.Event(), threading.Event()
+    catch_up = coll._catch_up_sync
+
+    def held(*args: Any) -> None:
+        trained.set()
+        go.wait(30)
+        catch_up(*args)
+
+    monkeypatch.setattr(coll, "_catch_up_sync", held)
+    rng = np.random.default_rng(7)
+    await coll.write({s: [Incoming(f"s{s}-{i}", rng.standard_normal(4).astype(np.float32), b"{}",
+                                   1, "n1") for i in range(60)] for s in (0, 1)})
+    await wait_for(trained.is_set, 30)
+    await coll.drop_shard(1)
+    await coll.add_shards([1])
+    await coll.write({1: [doc(7, value=7.0)]})  # label 1 of shard 1 again
+    go.set()
+    await wait_for(lambda: not coll.training, 30)
+    assert coll.count() == 61 and coll.index.ntotal == 61
+    hits = await coll.search(np.full((1, 4), 7, np.float32), 1, 4)
+    assert [(h.id, h.score) for h in hits[0]] == [("d7", 0.0)]
+    await engine.close()
 
 
 async def test_retraining_waits_for_a_stream_of_writes_to_pause(

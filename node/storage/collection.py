@@ -675,6 +675,9 @@ class Collection:
         write mutex after replaying the writes that came meanwhile."""
         try:
             upto = {s: sh.applied_seq for s, sh in self.shards.items()}
+            # The shards themselves: one dropped and taken again meanwhile has the same
+            # number but labels given afresh, which the new index would mistake for its own.
+            held = dict(self.shards)
             log.info("%s: training on %d vectors", self.spec.name, self.count())
             t0 = time.perf_counter()
             new = await self.blocking.background(self._training_set, upto)
@@ -685,7 +688,7 @@ class Collection:
             mark = {s: sh.applied_seq for s, sh in self.shards.items()}
             await self.blocking.background(self._catch_up_sync, new, upto)
             async with self._exclusive():
-                if set(upto) != set(self.shards) or set(mark) != set(upto):
+                if self.shards != held or set(mark) != set(upto):
                     log.info("%s: shards changed while training; training again", self.spec.name)
                 else:
                     await self.blocking.write(self._swap_sync, new, mark)
