@@ -165,6 +165,7 @@ def test_inside_refuses_a_planted_symlink(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("value", "want"), [
     ("a:1", ("a", 1)), ("127.0.0.1:8470", ("127.0.0.1", 8470)), ("[::1]:8470", ("::1", 8470)),
     ("aquila_1.example.com:65535", ("aquila_1.example.com", 65535)), ("h-1:80", ("h-1", 80)),
+    ("[fe80::1%eth0.100]:80", ("fe80::1%eth0.100", 80)),
 ])
 def test_good_host_ports(value: str, want: tuple[str, int]) -> None:
     assert parse_hostport(value) == want
@@ -175,6 +176,7 @@ def test_good_host_ports(value: str, want: tuple[str, int]) -> None:
     "a:1/p", "a:1#f", "a:1?q", "http://a:1", "u@a:1", " a:1", "a:1 ", "a :1", "a\t:1", "a:1\n",
     "a:0", "a:65536", "a:+1", "a:-1", "a:１", "a:", ":1", "a", "[::1:1", "::1:1", "[1.2.3.4]:1",
     "-a:1", "a-:1", "a..b:1", ".a:1", "a.:1", "x" * 64 + ":1", "a%2f:1", "[::1]:1/x", 5, None,
+    "[fe80::1%\r\nX-Evil: 1]:8470", "[fe80::1%a b]:1", "[fe80::1%]:1",
 ])
 def test_bad_host_ports(value: Any) -> None:
     with pytest.raises(ValueError):

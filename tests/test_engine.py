@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,6 +93,56 @@ async def test_purged_tombstones_leave_no_trace(tmp_path: Path, blocking: Blocki
     assert coll.count() == 1
     hits = await coll.search(np.full((1, 4), 1, np.float32), 5, None)
     assert [h.id for h in hits[0]] == ["d1"]
+    await engine.close()
+
+
+async def test_purge_after_the_snapshot_does_not_resurrect_at_restart(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """A document live in the last snapshot, deleted and its tombstone purged since, then a
+    crash (no snapshot at close): the restart's replay of the change log must not leave it
+    in the index and the live bitmap (the purge took its change key with it)."""
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0], "u")
+    await coll.write({0: [doc(1, version=5), doc(2, version=5)]})
+    await coll.snapshot()
+    await coll.write({0: [Incoming("d1", None, b"", 6, "n1")]})
+    assert await coll.purge_tombstones(0, 8) == 1
+    await coll.close(snapshot=False)  # as a SIGKILL leaves it: the last snapshot
+    await engine.close()
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0], "u")
+    assert coll.count() == 1 and coll.index.ntotal == 1
+    assert coll.shards[0].live_labels().tolist() == [2]
+    hits = await coll.search(np.full((1, 4), 1, np.float32), 2, None)
+    assert [h.id for h in hits[0]] == ["d2"]
+    await engine.close()
+
+
+async def test_a_shard_dropped_and_taken_again_is_not_read_from_the_older_snapshot(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """A shard moved away and back (its labels given afresh), then a crash before the next
+    snapshot: the restart must not load the older snapshot's vectors of that shard under
+    labels that now name other documents."""
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0, 1], "u")
+    await coll.write({1: [doc(i) for i in range(1, 4)]})
+    await coll.snapshot()
+    await coll.drop_shard(1)
+    await coll.add_shards([1])
+    await coll.write({1: [doc(50, value=50.0)]})  # label 1 again
+    await coll.close(snapshot=False)  # as a SIGKILL leaves it
+    await engine.close()
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0, 1], "u")
+    assert coll.count() == 1 and coll.index.ntotal == 1
+    hits = await coll.search(np.full((1, 4), 1, np.float32), 5, None)
+    assert [(h.id, h.score) for h in hits[0]] == [("d50", 4 * 49.0**2)]
     await engine.close()
 
 
@@ -190,6 +242,40 @@ async def test_writes_during_training_all_reach_the_trained_index(
     assert [h[0].id for h in hits] == ids
     await engine.close()
 
+
+
+async def test_a_shard_dropped_and_taken_again_while_training_is_not_swapped_in_stale(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard moved away and back while the index trains (its labels given afresh): the
+    trained index, which holds the shard's old vectors by their old labels, is not swapped
+    in as if the shard were the same."""
+    spec = CollectionSpec("t", 4, "l2", 2, 1, IndexSpec("ivf_flat", nlist=4))
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(spec, [0, 1], "u")
+    trained, go = threading.Event(), threading.Event()
+    catch_up = coll._catch_up_sync
+
+    def held(*args: Any) -> None:
+        trained.set()
+        go.wait(30)
+        catch_up(*args)
+
+    monkeypatch.setattr(coll, "_catch_up_sync", held)
+    rng = np.random.default_rng(7)
+    await coll.write({s: [Incoming(f"s{s}-{i}", rng.standard_normal(4).astype(np.float32), b"{}",
+                                   1, "n1") for i in range(60)] for s in (0, 1)})
+    await wait_for(trained.is_set, 30)
+    await coll.drop_shard(1)
+    await coll.add_shards([1])
+    await coll.write({1: [doc(7, value=7.0)]})  # label 1 of shard 1 again
+    go.set()
+    await wait_for(lambda: not coll.training, 30)
+    assert coll.count() == 61 and coll.index.ntotal == 61
+    hits = await coll.search(np.full((1, 4), 7, np.float32), 1, 4)
+    assert [(h.id, h.score) for h in hits[0]] == [("d7", 0.0)]
+    await engine.close()
 
 
 async def test_retraining_waits_for_a_stream_of_writes_to_pause(

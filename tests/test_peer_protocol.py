@@ -235,6 +235,12 @@ def test_hits_out_of_bounds() -> None:
         frames.decode_hits(split, 2, 1, 1, DIM, [0])
     with pytest.raises(FrameError, match="dim must be"):  # vectors asked for, none sent
         frames.decode_hits(hits(), 1, 5, 3, DIM, [0])
+    # Metadata goes into the coordinator's answer as it is: a peer's is a JSON object or
+    # the answer is refused (not spliced into a client's JSON).
+    for meta in (b'1}],"partial":true,"x":{', b"[1]", b'{"a":NaN}'):
+        with pytest.raises(FrameError, match="metadata"):
+            frames.decode_hits(hits(metadata=meta), 1, 5, 1, DIM, [0])
+    assert frames.decode_hits(hits(metadata=b' {"a": [1]} '), 1, 5, 1, DIM, [0]).rows
 
 
 def test_write_out_of_bounds() -> None:
@@ -377,6 +383,46 @@ async def test_concurrent_searches_through_the_cluster_equal_one_by_one() -> Non
         assert [h["score"] for g in got for r in g for h in r] == pytest.approx(
             [h["score"] for a in alone for r in a for h in r], rel=1e-5)
         assert sim.hub.requests - before < one_by_one / 2
+    finally:
+        await sim.stop()
+
+
+async def test_searches_coalesced_stay_within_the_peers_bound_of_queries_times_k() -> None:
+    """Searches that are each within queries × k <= 100,000 do not become, coalesced, one
+    frame beyond it (which the peer refuses, a 400 to every client of the batch)."""
+    sim = SimCluster(3)
+    await sim.start()
+    try:
+        n1 = sim.node("n1")
+        await sim.run(n1.svc.collections.create(simspec("c", shards=6, replication=1)))
+        await sim.run(n1.svc.writes.upsert(n1.svc.collections.entry("c"),
+                                           batch([f"d{i:03d}" for i in range(30)])))
+        entry = n1.svc.collections.entry("c")
+        qs = np.random.default_rng(5).normal(size=(60, 4)).astype(np.float32)
+        req = SearchRequest(qs, 1000, None, None, None, True, False, False, None)
+        got = await sim.run(asyncio.gather(*(n1.svc.reads.search(entry, req)
+                                             for _ in range(6))))
+        assert all(len(g["results"]) == 60 and len(g["results"][0]) == 30 for g in got)
+    finally:
+        await sim.stop()
+
+
+async def test_searches_by_recall_sent_together_each_say_every_shards_nprobe() -> None:
+    """A search by recall says the nprobe used for every shard, also when it went to a peer
+    together with others (the peer's plans are every caller's, not the first one's)."""
+    sim = SimCluster(3)
+    await sim.start()
+    try:
+        n1 = sim.node("n1")
+        await sim.run(n1.svc.collections.create(simspec("c", shards=6, replication=1)))
+        await sim.run(n1.svc.writes.upsert(n1.svc.collections.entry("c"),
+                                           batch([f"d{i:03d}" for i in range(30)])))
+        entry = n1.svc.collections.entry("c")
+        qs = np.random.default_rng(6).normal(size=(12, 4)).astype(np.float32)
+        reqs = [SearchRequest(qs[i : i + 1], 5, None, None, None, True, False, False, None,
+                              recall=0.9) for i in range(len(qs))]
+        got = await sim.run(asyncio.gather(*(n1.svc.reads.search(entry, r) for r in reqs)))
+        assert all([p["shard"] for p in g["nprobes"]] == list(range(6)) for g in got)
     finally:
         await sim.stop()
 

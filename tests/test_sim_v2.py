@@ -21,6 +21,7 @@ from aquila.cluster.model.operations import CountRequest, ScrollRequest, SearchR
 from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.movement.healer import HealerConfig
 from aquila.cluster.movement.rebalance import plan_moves
+from aquila.cluster.replication import remote
 from aquila.cluster.service import ClusterService
 from tests.simcluster import SimCluster, batch, spec
 
@@ -195,3 +196,29 @@ async def test_search_by_recall_names_the_probes_of_every_node(sim: SimCluster) 
     owners = {s: reps[0] for s, reps in enumerate(entry.replicas)}
     assert {p["node"] for p in per} == set(owners.values()) and len(set(owners.values())) > 1
     assert all(p["node"] == owners[p["shard"]] and p["nprobe"] >= 1 for p in per)
+
+
+@pytest.mark.parametrize("op", ["count", "scroll"])
+async def test_a_malformed_answer_of_the_only_replica_is_its_failure(
+    sim: SimCluster, op: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer answering a count or a page with something malformed fails as that node (the
+    shard missing, or a 503), whether or not it was the only node asked: never an unhandled
+    ValueError (a 500)."""
+    n1 = sim.node("n1").svc
+    await sim.run(n1.collections.create(spec("c", shards=1, replication=1)))
+    entry = n1.collections.entry("c")
+    via = next(n for n in ("n1", "n2", "n3") if n != entry.replicas[0][0])
+    svc = sim.node(via).svc
+    await sim.run(svc.writes.upsert(entry, batch(["a", "b"])))
+
+    async def bad(self: object, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"counts": {"x": 1}} if op == "count" else {"docs": [["a", "[1]", None]]}
+
+    monkeypatch.setitem(remote._OPS, op, bad)
+    if op == "count":
+        got = await sim.run(svc.reads.count(entry, counting()))
+        assert got == {"count": 0, "partial": True, "missing_shards": [0]}
+    else:
+        with pytest.raises(Unavailable):
+            await sim.run(svc.reads.scroll(entry, scrolling()))

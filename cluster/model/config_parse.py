@@ -18,6 +18,7 @@ from aquila.cluster.model.errors import BadRequest
 # container runtimes allow in service names.
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _PORT = re.compile(r"[0-9]{1,5}")
+_ZONE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
 
 
 def _host(host: str) -> str:
@@ -26,6 +27,10 @@ def _host(host: str) -> str:
         ip = ipaddress.ip_address(host[1:-1])  # ValueError when not an address
         if ip.version != 6:
             raise ValueError("only IPv6 addresses are bracketed")
+        # `ipaddress` takes any zone after '%' (CR, LF, spaces): the address becomes a Host
+        # header (peers/lean.py), so only what an interface name may be.
+        if ip.scope_id is not None and not _ZONE.fullmatch(ip.scope_id):
+            raise ValueError("not an interface name after '%'")
         return host[1:-1]
     if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):
         raise ValueError("not a host name or address")

@@ -35,6 +35,7 @@ class _Waiting:
     budget: float
     send: Send  # alike for every search of a key
     future: asyncio.Future[list[list[Hit]]]
+    max_rows: int  # of the key's requests: the peer bounds queries × k
 
 
 class Coalescer:
@@ -50,7 +51,9 @@ class Coalescer:
         self.batches = 0  # requests that carried more than one search (for tests, metrics)
 
     async def search(self, key: Hashable, vectors: np.ndarray, budget: float,
-                     send: Send) -> list[list[Hit]]:
+                     send: Send, max_rows: int | None = None) -> list[list[Hit]]:
+        """`max_rows`: fewer query vectors a request than the coalescer's own cap, for this
+        key (a peer refuses a frame of more than MAX_QUERY_RESULTS queries × k)."""
         if self._running.get(key, 0) < self.parallel and not self._queues.get(key):
             self._running[key] = self._running.get(key, 0) + 1
             try:
@@ -58,7 +61,9 @@ class Coalescer:
             finally:
                 self._done(key)
         fut: asyncio.Future[list[list[Hit]]] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, []).append(_Waiting(vectors, budget, send, fut))
+        self._queues.setdefault(key, []).append(_Waiting(
+            vectors, budget, send, fut,
+            self.max_rows if max_rows is None else min(max_rows, self.max_rows)))
         return await fut
 
     def _done(self, key: Hashable) -> None:
@@ -84,7 +89,7 @@ class Coalescer:
             if w.future.done():  # its caller gave up while it waited
                 queue.pop(0)
                 continue
-            if batch and rows + len(w.vectors) > self.max_rows:
+            if batch and rows + len(w.vectors) > batch[0].max_rows:
                 break
             batch.append(queue.pop(0))
             rows += len(w.vectors)

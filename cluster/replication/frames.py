@@ -294,6 +294,8 @@ def decode_hits(buf: bytes, nq: int, k: int, flags: int, dim: int,
         raise FrameError("scores must be finite")
     ids = r.strings(total, MAX_ID_CHARS, "ids")
     metas = r.blobs(total, "metadata") if want & WITH_METADATA else [b"{}"] * total
+    if want & WITH_METADATA:
+        _objects(metas)
     step = 4 * dim
     vecs = r.take(step * total, "vectors") if want & WITH_VECTOR else b""
     plans = r.json("plans")
@@ -304,6 +306,17 @@ def decode_hits(buf: bytes, nq: int, k: int, flags: int, dim: int,
     else:
         hits = list(map(Hit, ids, scores, metas, itertools.repeat(b""), of))
     return HitsFrame([hits[a:b] for a, b in _spans(counts)], plans)
+
+
+def _objects(metas: list[bytes]) -> None:
+    """Each piece of metadata a JSON object: the coordinator puts them in its clients'
+    answers as they are (`hit_json`), so a peer's must not be any other JSON, or none."""
+    try:
+        if all(m == b"{}" or isinstance(orjson.loads(m), dict) for m in metas):
+            return
+    except orjson.JSONDecodeError:
+        pass
+    raise FrameError("metadata must be JSON objects")
 
 
 # -- write ------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ is checked too before it reaches a client.
 from __future__ import annotations
 
 import base64
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -475,6 +476,15 @@ class RemoteReplica:
         except FrameError as exc:
             raise PeerError(f"node {self.node} answered {op} with a bad frame: {exc}") from None
 
+    @contextlib.contextmanager
+    def _malformed(self, op: str) -> Iterator[None]:
+        """A peer's answer that does not decode is the node's failure (another replica may
+        answer), not an unhandled error of the client's request."""
+        try:
+            yield
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PeerError(f"node {self.node} answered {op} with a bad answer: {exc}") from None
+
     async def _object(self, name: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         raw = await self._ask("POST", name, op, body)
         if not isinstance(raw, dict):
@@ -512,18 +522,22 @@ class RemoteReplica:
                 plans.update(decode_plans(got.plans or [], shards))
             return got.rows
 
-        if req.explain:  # its plans are its own
+        if req.explain or req.recall is not None:
+            # Their plans are the caller's own (a search by recall says its nprobe): the
+            # coalescer hands a batch's rows to each caller, its plans only to the first.
             return await send(req.vectors, budget)
         # Searches alike but for their vectors share a request (see coalesce.py).
         key = (spec, tuple(shards), req.k, req.nprobe, req.recall, flags,
                orjson.dumps(req.filter))
-        return await self._coalescer.search(key, req.vectors, budget, send)
+        return await self._coalescer.search(key, req.vectors, budget, send,
+                                            max(1, MAX_QUERY_RESULTS // req.k))
 
     async def count(
         self, spec: CollectionSpec, req: CountRequest, shards: list[int], budget: float
     ) -> dict[int, int]:
         raw = await self._ask("POST", spec.name, "count", encode_count(req, shards), budget)
-        return decode_counts(raw, shards)
+        with self._malformed("count"):
+            return decode_counts(raw, shards)
 
     async def scroll(
         self, spec: CollectionSpec, req: ScrollRequest, shard: int, after: str | None,
@@ -531,7 +545,8 @@ class RemoteReplica:
     ) -> tuple[list[Hit], str | None]:
         raw = await self._ask("POST", spec.name, "scroll",
                               encode_scroll(req, shard, after, limit), budget)
-        return decode_page_of(raw, spec, shard, after, limit, req.include_vector)
+        with self._malformed("scroll"):
+            return decode_page_of(raw, spec, shard, after, limit, req.include_vector)
 
     async def stats(
         self, name: str, timeout: float | None = None  # noqa: ASYNC109

@@ -255,12 +255,17 @@ class Collection:
         """Let a shard go (it moved away). The record of the shards held is rewritten first:
         that is the commit point. Its keys then go in one batch; a crash between the two
         leaves keys of a shard not held, which nothing reads and `open` removes."""
-        async with self._exclusive():
+        async with self._saving, self._exclusive():  # no snapshot being written meanwhile
             if self.closed or s not in self.shards:
                 return
+            # The snapshot holds the shard's vectors by label: were it taken again (labels
+            # given afresh) and the node killed before the next snapshot, a restart would
+            # load them under labels of other documents. Gone first (a crash before the
+            # record leaves the shard held, rebuilt from the store); the next is due.
+            await self.blocking.write(self.snap_path.unlink, True)
+            self.snapshot_seqs = {}
             await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
             shard = self.shards.pop(s)
-            self.snapshot_seqs.pop(s, None)
             await self.blocking.write(self.index.remove, shard.keys())
             await self.blocking.write(self.store.drop_shard, s)
 
@@ -467,20 +472,32 @@ class Collection:
         ]
 
     async def purge_tombstones(self, shard: int, before: int) -> int:
+        purged, waiting = await self._purge(shard, before)
+        if waiting:
+            # A purge takes a tombstone's change key with it, so a restart would not replay
+            # its delete: the snapshot it starts from must cover the delete first.
+            await self.snapshot()
+            purged += (await self._purge(shard, before))[0]
+        return purged
+
+    async def _purge(self, shard: int, before: int) -> tuple[int, int]:
         if shard not in self.shards:
-            return 0
+            return 0, 0
         async with self.write_mutex, self.apply_lock:
             return await self.blocking.write(self._purge_sync, shard, before)
 
-    def _purge_sync(self, shard: int, before: int) -> int:
+    def _purge_sync(self, shard: int, before: int) -> tuple[int, int]:
+        """(tombstones purged, tombstones left until a snapshot covers their delete)."""
         batch = WriteBatch()
-        gone = [(doc_id, rec) for doc_id, rec in self.store.iter_docs(shard)
-                if rec.tombstone and rec.version < before]
+        covered = self.snapshot_seqs.get(shard, 0)
+        old = [(doc_id, rec) for doc_id, rec in self.store.iter_docs(shard)
+               if rec.tombstone and rec.version < before]
+        gone = [(doc_id, rec) for doc_id, rec in old if rec.seq <= covered]
         if gone:
             self.shards[shard].forget(gone, batch)
             self.store.write(batch)
             self.shards[shard].forgotten()
-        return len(gone)
+        return len(gone), len(old) - len(gone)
 
     def count(self) -> int:
         return sum(s.count for s in self.shards.values())
@@ -658,6 +675,9 @@ class Collection:
         write mutex after replaying the writes that came meanwhile."""
         try:
             upto = {s: sh.applied_seq for s, sh in self.shards.items()}
+            # The shards themselves: one dropped and taken again meanwhile has the same
+            # number but labels given afresh, which the new index would mistake for its own.
+            held = dict(self.shards)
             log.info("%s: training on %d vectors", self.spec.name, self.count())
             t0 = time.perf_counter()
             new = await self.blocking.background(self._training_set, upto)
@@ -668,7 +688,7 @@ class Collection:
             mark = {s: sh.applied_seq for s, sh in self.shards.items()}
             await self.blocking.background(self._catch_up_sync, new, upto)
             async with self._exclusive():
-                if set(upto) != set(self.shards) or set(mark) != set(upto):
+                if self.shards != held or set(mark) != set(upto):
                     log.info("%s: shards changed while training; training again", self.spec.name)
                 else:
                     await self.blocking.write(self._swap_sync, new, mark)
