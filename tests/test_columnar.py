@@ -65,7 +65,8 @@ metadata = st.dictionaries(st.text(max_size=6), st.recursive(
     json_scalar, lambda inner: st.lists(inner, max_size=3)
     | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8), max_size=4)
 doc_ids = st.text(min_size=1, max_size=40)
-finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+# Within MAX_VECTOR_VALUE (1e15): what a vector may hold.
+finite32 = st.floats(-(2.0**46), 2.0**46, width=32, allow_nan=False, allow_infinity=False)
 
 
 @st.composite
@@ -217,3 +218,35 @@ async def test_refusals_over_http_change_nothing(start_node: Any) -> None:
     assert (await node.describe("c"))["count"] == 0
     ok = columnar(["a", "b"], np.ones((2, DIM), np.float32), [{"k": 1}, None])
     assert (await ok_json(await node.post_json(url, ok)))["upserted"] == 2
+
+
+async def test_values_too_large_to_score_are_refused_in_every_form(node: Node) -> None:
+    """A finite value so large that a distance over it overflows float32 (a search would then
+    find nothing): refused as invalid_vector by the documents form, the columnar form and a
+    search, and the collection stays empty."""
+    from aquila.cluster.model.bounds import MAX_VECTOR_VALUE
+
+    await node.create("c", DIM)
+    url = "/v1/collections/c/documents"
+    v = [1.0] * DIM
+    v[3] = MAX_VECTOR_VALUE * 10
+    await expect_error(await node.post_json(url, {"documents": [{"id": "a", "vector": v}]}),
+                       400, "invalid_vector")
+    x = np.ones((2, DIM), np.float32)
+    x[1, 0] = -1e20
+    msg = await expect_error(await node.post_json(url, columnar(["a", "b"], x)), 400,
+                             "invalid_vector")
+    assert "row 1" in msg
+    await expect_error(await node.post_json("/v1/collections/c/search", {"vector": v}), 400,
+                       "invalid_vector")
+    # Just above the bound: float32 would round it down to the bound, so it is checked as sent.
+    above = [1000000000000001.0] * DIM
+    await expect_error(await node.post_json(url, {"documents": [{"id": "a", "vector": above}]}),
+                       400, "invalid_vector")
+    await expect_error(await node.post_json("/v1/collections/c/search", {"vector": above}), 400,
+                       "invalid_vector")
+    assert (await node.describe("c"))["count"] == 0
+    at_bound = [MAX_VECTOR_VALUE] + [1.0] * (DIM - 1)
+    await ok_json(await node.post_json(url, {"documents": [{"id": "a", "vector": at_bound}]}))
+    hits = await node.search("c", vector=at_bound, k=1)
+    assert [h["id"] for h in hits["results"][0]] == ["a"]

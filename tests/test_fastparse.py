@@ -104,7 +104,7 @@ def test_malformed_bodies_step_aside(raw: bytes) -> None:
 valid_bodies = st.fixed_dictionaries(
     {"documents": st.lists(
         st.fixed_dictionaries(
-            {"vector": st.lists(st.one_of(st.floats(-1e30, 1e30, allow_nan=False),
+            {"vector": st.lists(st.one_of(st.floats(-1e15, 1e15, allow_nan=False),
                                           st.integers(-(10**12), 10**12)),
                                 min_size=DIM, max_size=DIM)},
             optional={"id": st.text(min_size=1, max_size=8),

@@ -32,7 +32,8 @@ DIM = 3
 SHARDS = 8
 
 ids = st.text(min_size=1, max_size=12)
-finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+# Within MAX_VECTOR_VALUE (1e15), what a vector may hold.
+finite = st.floats(-(2.0**46), 2.0**46, allow_nan=False, allow_infinity=False, width=32)
 scores = st.floats(allow_nan=False, allow_infinity=False)
 metas = st.dictionaries(st.text(max_size=4), st.integers(-(2**53), 2**53) | st.text(max_size=4),
                         max_size=3).map(orjson.dumps)
@@ -193,6 +194,7 @@ BAD_SEARCHES = [
     (frames.encode_search(Q, 5, None, [0], None, 0, float("nan")), "recall"),
     (frames.encode_search(Q, 5, 8, [0], None, 0, 0.9), "not both"),
     (frames.encode_search(np.full((1, DIM), np.inf, "<f4"), 5, None, [0], None, 0), "finite"),
+    (frames.encode_search(np.full((1, DIM), -1e20, "<f4"), 5, None, [0], None, 0), "within"),
     (frames.encode_search(np.zeros((0, DIM), "<f4"), 5, None, [0], None, 0), "nq"),
     (struct.pack("<BBIIIIBH", 1, 1, 1000, DIM, 1001, 0, 0, 0), "nq × k"),
     # A count that promises far more than the frame holds: refused before anything is read.

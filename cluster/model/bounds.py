@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 # --- numbers peers send ---------------------------------------------------------------------
 
 # Gossip incarnations. Accusations (suspect, dead) must stay below the maximum so that the
@@ -34,6 +36,19 @@ MAX_OBSERVED_VERSION = 2**62
 MAX_COUNT = 2**53
 # Probe sequence numbers: ours count up from 1; anything the size of an int64 is fine.
 MAX_SEQ = 2**62
+
+# --- vectors ---------------------------------------------------------------------------------
+# The largest magnitude of a vector's component: beyond it a squared distance or an inner product
+# over 65,536 dimensions could overflow float32 (a search would find nothing, or everything at
+# infinity). Far above any embedding's values.
+MAX_VECTOR_VALUE = 1e15
+
+
+def vectors_within(x: np.ndarray) -> np.ndarray:
+    """Per row: every component finite and within ±MAX_VECTOR_VALUE."""
+    ok: np.ndarray = (np.abs(x) <= MAX_VECTOR_VALUE).all(axis=-1)
+    return ok
+
 
 # --- sizes of what peers send ---------------------------------------------------------------
 

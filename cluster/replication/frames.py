@@ -33,7 +33,9 @@ from aquila.cluster.model.bounds import (
     MAX_QUERIES,
     MAX_QUERY_RESULTS,
     MAX_UID_CHARS,
+    MAX_VECTOR_VALUE,
     MAX_VERSION,
+    vectors_within,
 )
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import BadRequest
@@ -237,8 +239,8 @@ def decode_search(buf: bytes, dim: int, shards: int) -> SearchFrame:
     flt = r.json("filter")
     vectors = r.matrix(nq, dim, "vectors")
     r.end()
-    if not np.isfinite(vectors).all():
-        raise FrameError("query vectors must be finite")
+    if not vectors_within(vectors).all():
+        raise FrameError(f"query vectors must be finite and within ±{MAX_VECTOR_VALUE:g}")
     return SearchFrame(vectors, k, nprobe or None, wanted, flt, flags, recall)
 
 
@@ -374,8 +376,8 @@ def decode_write(buf: bytes, dim: int | None = None, shards: int = MAX_SHARDS) -
             raise FrameError("a live flag is 0 or 1")
         nlive = sum(live)
         vectors = r.matrix(nlive, fdim, "vectors")
-        if not np.isfinite(vectors).all():
-            raise FrameError("vectors must be finite")
+        if not vectors_within(vectors).all():
+            raise FrameError(f"vectors must be finite and within ±{MAX_VECTOR_VALUE:g}")
         metas = r.blobs(nlive, "metadata")
         docs = []
         j = 0

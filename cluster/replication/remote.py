@@ -33,11 +33,13 @@ from aquila.cluster.model.bounds import (
     MAX_QUERY_RESULTS,
     MAX_STREAM_LIMIT,
     MAX_UID_CHARS,
+    MAX_VECTOR_VALUE,
     MAX_VERSION,
     BoundsError,
     checked_int,
     checked_list,
     checked_str,
+    vectors_within,
 )
 from aquila.cluster.model.documents import Hit, Incoming, json_bytes
 from aquila.cluster.model.errors import BadRequest, NotFound, Unavailable
@@ -112,8 +114,8 @@ def decode_writes(
                 vec = np.frombuffer(base64.b64decode(d["v"], validate=True), dtype="<f4")
                 if vec.shape != (dim,):
                     raise ValueError(f"vector of {d['id']!r} has the wrong dimension")
-                if not np.isfinite(vec).all():
-                    raise ValueError(f"vector of {d['id']!r} is not finite")
+                if not vectors_within(vec):
+                    raise ValueError(f"vector of {d['id']!r} is not finite and within bounds")
             docs.append(Incoming(d["id"], vec, _metadata(d) if vec is not None else b"",
                                  version, writer))
         by_shard[shard] = docs
@@ -196,8 +198,8 @@ def decode_search(body: dict[str, Any], spec: CollectionSpec) -> tuple[SearchReq
     if len(raw) != 4 * nq * spec.dim:
         raise BadRequest(f"vectors must hold {nq} × {spec.dim} float32 values")
     q = np.frombuffer(raw, dtype="<f4").reshape(nq, spec.dim)
-    if not np.isfinite(q).all():
-        raise BadRequest("query vectors must be finite")
+    if not vectors_within(q).all():
+        raise BadRequest(f"query vectors must be finite and within ±{MAX_VECTOR_VALUE:g}")
     nprobe = body.get("nprobe")
     if nprobe is not None:
         nprobe = checked_int(nprobe, 1, MAX_NPROBE, "nprobe")

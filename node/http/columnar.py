@@ -22,7 +22,12 @@ import orjson
 import pybase64
 import simdjson
 
-from aquila.cluster.model.bounds import MAX_METADATA_DEPTH, depth_exceeds
+from aquila.cluster.model.bounds import (
+    MAX_METADATA_DEPTH,
+    MAX_VECTOR_VALUE,
+    depth_exceeds,
+    vectors_within,
+)
 from aquila.cluster.model.errors import AquilaError, BadRequest, DimensionMismatch, InvalidVector
 from aquila.cluster.model.operations import CONSISTENCY, MAX_ID_CHARS, DocBatch
 
@@ -71,7 +76,7 @@ def parse_columnar_fast(raw: bytes, dim: int) -> DocBatch | None:
         return None
     vectors = np.frombuffer(raw_vectors, dtype="<f4").reshape(n, dim).astype(np.float32,
                                                                             copy=False)
-    if not np.isfinite(vectors).all():
+    if not vectors_within(vectors).all():  # the general path says which and why
         return None
     return DocBatch(id_list, vectors, metas, str(consistency))  # type: ignore[arg-type]
 
@@ -114,10 +119,11 @@ def parse_columnar(body: dict[str, Any], dim: int) -> DocBatch:
                 f"{len(ids) * row} (little-endian float32, row after row)")
     n = len(ids)
     vectors = np.frombuffer(raw, dtype="<f4").reshape(n, dim).astype(np.float32, copy=False)
-    finite = np.isfinite(vectors).all(axis=1)
+    finite = vectors_within(vectors)
     if not finite.all():
         i = int(np.argmin(finite))
-        raise InvalidVector(f"vectors_b64 row {i} (id {ids[i]!r}): NaN or Inf is not allowed")
+        raise InvalidVector(f"vectors_b64 row {i} (id {ids[i]!r}): NaN, Inf or a value beyond "
+                            f"±{MAX_VECTOR_VALUE:g} is not allowed")
     return DocBatch(ids, vectors, _metadata(body.get("metadata"), n), consistency)
 
 

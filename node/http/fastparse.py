@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 import simdjson
 
-from aquila.cluster.model.bounds import MAX_METADATA_DEPTH, depth_exceeds
+from aquila.cluster.model.bounds import MAX_METADATA_DEPTH, depth_exceeds, vectors_within
 from aquila.cluster.model.operations import CONSISTENCY, DocBatch, valid_id
 
 _DOC_FIELDS = frozenset(("id", "vector", "metadata"))
@@ -48,6 +48,8 @@ def parse_documents_fast(raw: bytes, dim: int) -> DocBatch | None:
             # as_buffer flattens nested arrays: only a flat list of numbers may pass.
             if len(buf) != dim or _mini(v).count(b"[") != 1:
                 return None
+            if not vectors_within(buf):  # as sent, before float32 rounds it: the general
+                return None  # path says which and why
             with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
                 vectors[i] = buf
             doc_id = d.get("id")
@@ -68,7 +70,7 @@ def parse_documents_fast(raw: bytes, dim: int) -> DocBatch | None:
             ids.append(doc_id)
     except (ValueError, TypeError):  # a non-number in a vector, a number simdjson refuses
         return None
-    if not np.isfinite(vectors).all():
+    if not vectors_within(vectors).all():  # the general path says which and why
         return None
     return DocBatch(ids, vectors, metas, str(consistency))
 

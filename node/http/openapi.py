@@ -19,6 +19,7 @@ from aquila.cluster.model.bounds import (
     MAX_QUERY_RESULTS,
     MAX_SEEDS,
     MAX_TIMEOUT_MS,
+    MAX_VECTOR_VALUE,
 )
 from aquila.cluster.model.cursor import MAX_CURSOR_CHARS
 from aquila.cluster.model.errors import ERRORS_BY_CODE
@@ -94,9 +95,11 @@ _DOC = {
     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
 }
 _INT = {"type": "integer", "minimum": 0}
-_VEC = {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": MAX_DIM,
-        "description": "as many numbers as the collection's dim (float32: NaN, Inf and values "
-                       "beyond float32 are refused)"}
+_VEC = {"type": "array",
+        "items": {"type": "number", "minimum": -MAX_VECTOR_VALUE, "maximum": MAX_VECTOR_VALUE},
+        "minItems": 1, "maxItems": MAX_DIM,
+        "description": "as many numbers as the collection's dim (float32; NaN, Inf and values "
+                       f"beyond ±{MAX_VECTOR_VALUE:g} are refused)"}
 _SCALAR = {"type": ["string", "number", "boolean", "null"]}
 _ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}
 _CONSISTENCY = {"type": "string", "enum": list(CONSISTENCY), "default": "quorum"}

@@ -22,7 +22,9 @@ from aquila.cluster.model.bounds import (
     MAX_QUERIES,
     MAX_QUERY_RESULTS,
     MAX_TIMEOUT_MS,
+    MAX_VECTOR_VALUE,
     depth_exceeds,
+    vectors_within,
 )
 from aquila.cluster.model.cursor import decode_cursor
 from aquila.cluster.model.documents import json_bytes
@@ -75,6 +77,11 @@ def _vector_rows(raw: Any, dim: int, what: str) -> np.ndarray:
         if np.isfinite(np.asarray(raw[i], dtype=np.float64)).all():
             raise InvalidVector(f"{what}[{i}]: a value overflows float32")
         raise InvalidVector(f"{what}[{i}]: NaN or Inf is not allowed")
+    # Checked on the numbers as sent: one just above the bound may round down to it in float32.
+    big = ~vectors_within(np.asarray(raw, dtype=np.float64))
+    if big.any():
+        raise InvalidVector(f"{what}[{int(np.argmax(big))}]: a value beyond ±{MAX_VECTOR_VALUE:g} "
+                            "is not allowed")
     return arr
 
 

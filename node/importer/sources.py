@@ -24,7 +24,12 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
-from aquila.cluster.model.bounds import MAX_METADATA_DEPTH, depth_exceeds
+from aquila.cluster.model.bounds import (
+    MAX_METADATA_DEPTH,
+    MAX_VECTOR_VALUE,
+    depth_exceeds,
+    vectors_within,
+)
 from aquila.cluster.model.operations import MAX_ID_CHARS
 
 _EMPTY = b"{}"
@@ -176,11 +181,12 @@ class JsonlSource:
         if vectors:
             with np.errstate(over="ignore"):  # beyond float32: inf, refused below
                 matrix = np.asarray(vectors, dtype=np.float32)
-            finite = np.isfinite(matrix).all(axis=1)
+            finite = vectors_within(matrix)
             if not finite.all():
                 keep = np.flatnonzero(finite)
                 bad += [BadRow(rows[i], f"line {rows[i] + 1}",
-                               "the vector holds a value beyond float32 (or NaN)")
+                               "the vector holds NaN, Inf or a value beyond "
+                               f"±{MAX_VECTOR_VALUE:g}")
                         for i in np.flatnonzero(~finite)]
                 rows = [rows[i] for i in keep]
                 ids = [ids[i] for i in keep]
@@ -265,7 +271,7 @@ class NpySource:
                meta_lines: list[bytes] | None) -> Batch:
         with np.errstate(over="ignore"):
             matrix = np.ascontiguousarray(self.array[start:start + n], dtype=np.float32)
-        finite = np.asarray(np.isfinite(matrix).all(axis=1))
+        finite = np.asarray(vectors_within(matrix))
         rows: list[int] = []
         ids: list[str] = []
         metas: list[bytes] = []
@@ -273,7 +279,8 @@ class NpySource:
         for i in range(n):
             row = start + i
             if not finite[i]:
-                bad.append(BadRow(row, f"row {row}", "the vector holds NaN or infinity"))
+                bad.append(BadRow(row, f"row {row}", "the vector holds NaN, infinity or a value beyond "
+                                  f"±{MAX_VECTOR_VALUE:g}"))
                 continue
             if id_lines is None:
                 doc_id = str(row)
