@@ -62,8 +62,8 @@ def _vector_rows(raw: Any, dim: int, what: str) -> np.ndarray:
             _one_vector(v, dim, f"{what}[{i}]")
             raise InvalidVector(f"{what}[{i}]: a vector must be a list of {dim} numbers")
     try:
-        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, caught below
-            arr = np.array(raw, dtype=np.float32)
+        # As sent (float64): one just above the bound may round down to it in float32.
+        arr = np.array(raw, dtype=np.float64)
     except (OverflowError, ValueError):  # an integer beyond any float
         for i, v in enumerate(raw):
             try:
@@ -71,18 +71,11 @@ def _vector_rows(raw: Any, dim: int, what: str) -> np.ndarray:
             except (OverflowError, ValueError):
                 raise InvalidVector(f"{what}[{i}]: a value overflows float32") from None
         raise
-    bad = ~np.isfinite(arr).all(axis=1)
+    bad = ~vectors_within(arr)  # NaN and Inf (a number too large for a double) included
     if bad.any():
-        i = int(np.argmax(bad))
-        if np.isfinite(np.asarray(raw[i], dtype=np.float64)).all():
-            raise InvalidVector(f"{what}[{i}]: a value overflows float32")
-        raise InvalidVector(f"{what}[{i}]: NaN or Inf is not allowed")
-    # Checked on the numbers as sent: one just above the bound may round down to it in float32.
-    big = ~vectors_within(np.asarray(raw, dtype=np.float64))
-    if big.any():
-        raise InvalidVector(f"{what}[{int(np.argmax(big))}]: a value beyond ±{MAX_VECTOR_VALUE:g} "
-                            "is not allowed")
-    return arr
+        raise InvalidVector(f"{what}[{int(np.argmax(bad))}]: NaN, Inf or a value beyond "
+                            f"±{MAX_VECTOR_VALUE:g} is not allowed")
+    return arr.astype(np.float32)
 
 
 def _one_vector(v: Any, dim: int, where: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.node.storage.index import LABEL_BITS, VectorIndex
+from aquila.node.storage.index import LABEL_BITS, VectorIndex, prepare
 from aquila.node.storage.shard import Shard
 from aquila.node.storage.store import Record, Store, doc_key, label_key, record_meta
 
@@ -61,15 +61,12 @@ def candidates(coll: Searchable, k: int) -> int:
 def exact_scores(metric: str, q: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Row by row, the score the index would give query q[i] and stored vector v[i] had it
     kept them exactly (q prepared as the index's queries are: unit length for cosine)."""
+    v = prepare(v, metric)  # as the index holds it: unit length for cosine
     if metric == "l2":
         diff = q - v
         out: np.ndarray = (diff * diff).sum(axis=1)
         return out
     dots: np.ndarray = (q * v).sum(axis=1)
-    if metric == "cosine":
-        norms = np.linalg.norm(v, axis=1)
-        norms[norms == 0] = 1.0
-        dots = dots / norms
     return dots
 
 
