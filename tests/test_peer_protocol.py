@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,8 @@ from aquila.cluster.peers.lean import LeanClient, LeanError
 from aquila.cluster.replication import frames
 from aquila.cluster.replication.coalesce import Coalescer
 from aquila.cluster.replication.frames import FrameError
+from aquila.cluster.service import ClusterService
+from aquila.cluster.state.entries import CollectionEntry
 from tests.simcluster import SimCluster, batch
 from tests.simcluster import spec as simspec
 
@@ -351,18 +353,28 @@ async def test_coalescer_caps_the_rows_of_a_request() -> None:
     assert [h.id for r in await big for h in r] == [f"q{i}" for i in range(100, 105)]
 
 
+@contextlib.asynccontextmanager
+async def filled(documents: int) -> AsyncIterator[tuple[SimCluster, ClusterService,
+                                                        CollectionEntry]]:
+    """A 3-node in-process cluster with collection "c" (6 shards, one replica each) holding
+    `documents` documents: the cluster, n1's service and the collection's entry."""
+    sim = SimCluster(3)
+    await sim.start()
+    try:
+        svc = sim.node("n1").svc
+        await sim.run(svc.collections.create(simspec("c", shards=6, replication=1)))
+        ids = [f"d{i:03d}" for i in range(documents)]
+        await sim.run(svc.writes.upsert(svc.collections.entry("c"), batch(ids)))
+        yield sim, svc, svc.collections.entry("c")
+    finally:
+        await sim.stop()
+
+
 async def test_concurrent_searches_through_the_cluster_equal_one_by_one() -> None:
     """Through the in-process cluster (RemoteReplica, frames, MemoryPeers, PeerService):
     searches sent all at once give exactly the answers they give one at a time, in fewer
     peer requests."""
-    sim = SimCluster(3)
-    await sim.start()
-    try:
-        n1 = sim.node("n1")
-        await sim.run(n1.svc.collections.create(simspec("c", shards=6, replication=1)))
-        ids = [f"d{i:03d}" for i in range(90)]
-        await sim.run(n1.svc.writes.upsert(n1.svc.collections.entry("c"), batch(ids)))
-        entry = n1.svc.collections.entry("c")
+    async with filled(90) as (sim, svc, entry):
         rng = np.random.default_rng(3)
         qs = rng.normal(size=(24, 4)).astype(np.float32)
 
@@ -373,10 +385,10 @@ async def test_concurrent_searches_through_the_cluster_equal_one_by_one() -> Non
         before = sim.hub.requests
         for i in range(len(qs)):
             alone.append(orjson.loads(orjson.dumps(
-                (await sim.run(n1.svc.reads.search(entry, req(i))))["results"])))
+                (await sim.run(svc.reads.search(entry, req(i))))["results"])))
         one_by_one = sim.hub.requests - before
         before = sim.hub.requests
-        together = await sim.run(asyncio.gather(*(n1.svc.reads.search(entry, req(i))
+        together = await sim.run(asyncio.gather(*(svc.reads.search(entry, req(i))
                                                   for i in range(len(qs)))))
         got = [orjson.loads(orjson.dumps(t["results"])) for t in together]
         # The same hits; scores up to float32 rounding (a batch is computed as a matrix).
@@ -385,48 +397,28 @@ async def test_concurrent_searches_through_the_cluster_equal_one_by_one() -> Non
         assert [h["score"] for g in got for r in g for h in r] == pytest.approx(
             [h["score"] for a in alone for r in a for h in r], rel=1e-5)
         assert sim.hub.requests - before < one_by_one / 2
-    finally:
-        await sim.stop()
 
 
 async def test_searches_coalesced_stay_within_the_peers_bound_of_queries_times_k() -> None:
     """Searches that are each within queries × k <= 100,000 do not become, coalesced, one
     frame beyond it (which the peer refuses, a 400 to every client of the batch)."""
-    sim = SimCluster(3)
-    await sim.start()
-    try:
-        n1 = sim.node("n1")
-        await sim.run(n1.svc.collections.create(simspec("c", shards=6, replication=1)))
-        await sim.run(n1.svc.writes.upsert(n1.svc.collections.entry("c"),
-                                           batch([f"d{i:03d}" for i in range(30)])))
-        entry = n1.svc.collections.entry("c")
+    async with filled(30) as (sim, svc, entry):
         qs = np.random.default_rng(5).normal(size=(60, 4)).astype(np.float32)
         req = SearchRequest(qs, 1000, None, None, None, True, False, False, None)
-        got = await sim.run(asyncio.gather(*(n1.svc.reads.search(entry, req)
+        got = await sim.run(asyncio.gather(*(svc.reads.search(entry, req)
                                              for _ in range(6))))
         assert all(len(g["results"]) == 60 and len(g["results"][0]) == 30 for g in got)
-    finally:
-        await sim.stop()
 
 
 async def test_searches_by_recall_sent_together_each_say_every_shards_nprobe() -> None:
     """A search by recall says the nprobe used for every shard, also when it went to a peer
     together with others (the peer's plans are every caller's, not the first one's)."""
-    sim = SimCluster(3)
-    await sim.start()
-    try:
-        n1 = sim.node("n1")
-        await sim.run(n1.svc.collections.create(simspec("c", shards=6, replication=1)))
-        await sim.run(n1.svc.writes.upsert(n1.svc.collections.entry("c"),
-                                           batch([f"d{i:03d}" for i in range(30)])))
-        entry = n1.svc.collections.entry("c")
+    async with filled(30) as (sim, svc, entry):
         qs = np.random.default_rng(6).normal(size=(12, 4)).astype(np.float32)
         reqs = [SearchRequest(qs[i : i + 1], 5, None, None, None, True, False, False, None,
                               recall=0.9) for i in range(len(qs))]
-        got = await sim.run(asyncio.gather(*(n1.svc.reads.search(entry, r) for r in reqs)))
+        got = await sim.run(asyncio.gather(*(svc.reads.search(entry, r) for r in reqs)))
         assert all([p["shard"] for p in g["nprobes"]] == list(range(6)) for g in got)
-    finally:
-        await sim.stop()
 
 
 # --- the lean client of the frames (cluster/peers/lean.py), against a scripted server ---------
