@@ -104,6 +104,7 @@ class FakePeers:
     async def request(
         self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
         timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
+        max_answer: int | None = None,
     ) -> Any:
         node = NODE_AT[addr]
         assert to == node  # signed for the node expected at addr: no other may accept it

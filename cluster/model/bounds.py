@@ -95,6 +95,23 @@ def checked_int(value: Any, lo: int, hi: int, what: str) -> int:
     return value
 
 
+_ASCII_DIGITS = frozenset(b"0123456789")
+
+
+def parse_uint(text: str | bytes, hi: int, what: str) -> int:
+    """The integer 0 to `hi` that `text` writes in plain ASCII digits, no longer than `hi`
+    written out: what a peer or client sends as a number in text (a header, a JSON object's
+    key). `int()` alone also takes signs, underscores, surrounding whitespace and every
+    script's digits ("²", "١٠"), and spends quadratic time on thousands of digits."""
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    if not 0 < len(raw) <= len(str(hi)) or not _ASCII_DIGITS.issuperset(raw):
+        raise BoundsError(f"{what} must be an integer from 0 to {hi} in ASCII digits")
+    value = int(raw)
+    if value > hi:
+        raise BoundsError(f"{what} must be from 0 to {hi}")
+    return value
+
+
 def checked_str(value: Any, max_chars: int, what: str, *, min_chars: int = 0) -> str:
     """`value` if it is a string of `min_chars` to `max_chars` characters."""
     if not isinstance(value, str):

@@ -32,8 +32,11 @@ class PeerClient(Protocol):
     async def request(
         self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
         timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
+        max_answer: int | None = None,
     ) -> Any:
         """JSON `body` (or `raw` bytes: push-pull, a binary frame) to the route `path` of the
         node at `addr`; the decoded answer (bytes when the node answered with bytes). `to` is the node id expected at `addr`, which alone may accept
-        the request (None only for a push-pull to a seed whose id is not known yet)."""
+        the request (None only for a push-pull to a seed whose id is not known yet).
+        `max_answer`: the most bytes the request can be answered with (the client's own cap
+        otherwise); a longer answer is the node's failure (PeerError)."""
         ...

@@ -57,6 +57,7 @@ class Peers:
     async def request(
         self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
         timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
+        max_answer: int | None = None,
     ) -> Any:
         """JSON (or raw bytes when `raw` is given) to http://addr/path; the decoded answer.
 
@@ -77,13 +78,13 @@ class Peers:
             headers[request_id.HEADER] = rid
         if raw is not None and path != PUSH_PULL_PATH:  # a frame: the lean client
             return await self._lean_request(addr, url, method, headers, data,
-                                            timeout or self._timeout_s)
+                                            timeout or self._timeout_s, max_answer)
         t = aiohttp.ClientTimeout(total=timeout or self._timeout_s)
         try:
             async with self._session.request(
                 method, url, data=data or None, headers=headers, timeout=t
             ) as resp:
-                payload = await _read_capped(resp, self._max_answer, addr)
+                payload = await _read_capped(resp, self._cap(max_answer), addr)
                 if resp.status >= 400:
                     raise _error_from(resp.status, payload, addr)
                 if raw is not None and resp.content_type != "application/json":
@@ -98,14 +99,19 @@ class Peers:
             raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
 
 
+    def _cap(self, max_answer: int | None) -> int:
+        return self._max_answer if max_answer is None else min(max_answer, self._max_answer)
+
     async def _lean_request(self, addr: str, url: URL, method: str, headers: dict[str, str],
-                            data: bytes, timeout: float) -> Any:  # noqa: ASYNC109
+                            data: bytes, timeout: float,  # noqa: ASYNC109
+                            max_answer: int | None) -> Any:
         if self._lean is None or url.host is None:
             raise Unavailable("peer client is not started")
         try:
             async with asyncio.timeout(timeout):
                 status, ctype, payload = await self._lean.request(
-                    addr, url.host, url.port or 80, method, url.raw_path_qs, headers, data)
+                    addr, url.host, url.port or 80, method, url.raw_path_qs, headers, data,
+                    self._cap(max_answer))
         except (TimeoutError, LeanError, OSError) as exc:
             raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
         if status >= 400:

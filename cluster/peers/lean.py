@@ -18,10 +18,16 @@ import asyncio
 from collections.abc import Mapping
 from typing import cast
 
+from aquila.cluster.model.bounds import BoundsError, parse_uint
+
 # Response header blocks are small; anything larger is not a node.
 MAX_HEADER_BYTES = 64 * 1024
 # Idle connections kept per peer address.
 MAX_IDLE = 64
+# The largest Content-Length that parses at all (the answer's own bound applies after).
+_MAX_LENGTH_FIELD = 2**63 - 1
+# Optional whitespace around a header's value (RFC 9110 5.5): space and tab, nothing else.
+_OWS = " \t"
 
 
 class LeanError(Exception):
@@ -61,8 +67,9 @@ class _Connection(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_exception(exc)
 
-    def send(self, data: bytes) -> asyncio.Future[_Answer]:
+    def send(self, data: bytes, max_body: int) -> asyncio.Future[_Answer]:
         assert self.transport is not None
+        self.max_body = max_body
         self._waiter = asyncio.get_running_loop().create_future()
         self._buf.clear()
         self._head = None
@@ -101,20 +108,32 @@ class _Connection(asyncio.Protocol):
         lines = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
         del self._buf[: end + 4]
         version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if version not in ("HTTP/1.1", "HTTP/1.0") or not code.isdigit():
-            raise LeanError(f"not an HTTP answer: {lines[0][:80]!r}")
+        try:
+            if version not in ("HTTP/1.1", "HTTP/1.0") or rest[3:4] not in ("", " "):
+                raise BoundsError("not a status line")
+            status = parse_uint(rest[:3], 999, "status")
+        except BoundsError:
+            raise LeanError(f"not an HTTP answer: {lines[0][:80]!r}") from None
         length = None
         ctype = ""
         alive = version == "HTTP/1.1"
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            name = name.strip().lower()
-            value = value.strip()
+            name = name.strip(_OWS).lower()
+            value = value.strip(_OWS)
             if name == "content-length":
-                if not value.isdigit() or int(value) > self.max_body:
-                    raise LeanError(f"the peer's answer is too long ({value[:20]} bytes)")
-                length = int(value)
+                # ASCII digits only (int() takes "1_0", "+5", "²" too, or raises).
+                try:
+                    n = parse_uint(value, _MAX_LENGTH_FIELD, "Content-Length")
+                except BoundsError:
+                    raise LeanError(f"the peer's answer has a malformed length {value[:20]!r}"
+                                    ) from None
+                if n > self.max_body:
+                    raise LeanError(f"the peer's answer is too long ({n} bytes, at most "
+                                    f"{self.max_body})")
+                if length is not None and n != length:
+                    raise LeanError("the peer's answer states two lengths")
+                length = n
             elif name == "content-type":
                 ctype = value.partition(";")[0].strip().lower()
             elif name == "transfer-encoding":
@@ -123,7 +142,7 @@ class _Connection(asyncio.Protocol):
                 alive = value.lower() == "keep-alive" or (alive and value.lower() != "close")
         if length is None:
             raise LeanError("the peer's answer is not of a stated length")
-        self._head = (int(code), ctype, length, alive)
+        self._head = (status, ctype, length, alive)
         return True
 
     def abort(self) -> None:
@@ -141,11 +160,14 @@ class LeanClient:
 
     async def request(
         self, addr: str, host: str, port: int, method: str, target: str,
-        headers: Mapping[str, str], body: bytes,
+        headers: Mapping[str, str], body: bytes, max_body: int | None = None,
     ) -> tuple[int, str, bytes]:
         """(status, content type, body) of a request to `host`:`port` (`addr` as the Host
         header). The caller bounds it in time; cancelled, the connection is dropped (its
-        answer may still come)."""
+        answer may still come). `max_body`: the most the request can legitimately be
+        answered with (never above the client's own cap); an answer that states more is
+        refused before any of it is read."""
+        limit = self._max_body if max_body is None else min(max_body, self._max_body)
         head = [f"{method} {target} HTTP/1.1", f"Host: {addr}", f"Content-Length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
@@ -155,7 +177,7 @@ class LeanClient:
             if conn is None:
                 conn = await self._connect(host, port)
             try:
-                answer = await conn.send(data)
+                answer = await conn.send(data, limit)
             except LeanError:
                 conn.abort()
                 if reused and not conn.received:

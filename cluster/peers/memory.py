@@ -61,6 +61,7 @@ class MemoryPeers:
     async def request(
         self, addr: str, method: str, path: str, body: Any = None, *, to: str | None,
         timeout: float | None = None, raw: bytes | None = None,  # noqa: ASYNC109
+        max_answer: int | None = None,
     ) -> Any:
         hub = self._hub
         hub.requests += 1
@@ -87,5 +88,7 @@ class MemoryPeers:
         except (KeyError, ValueError, TypeError) as exc:  # as node.internal_api answers
             raise BadRequest(f"{addr}: malformed peer request: {type(exc).__name__}: {exc}") from None
         if isinstance(answer, bytes):
+            if max_answer is not None and len(answer) > max_answer:  # as the lean client
+                raise PeerError(f"node {addr} did not answer: its answer is too long")
             return bytes(answer)
         return orjson.loads(orjson.dumps(answer))

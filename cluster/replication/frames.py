@@ -267,6 +267,29 @@ def encode_hits(rows: list[list[Hit]], flags: int, dim: int, plans: Any = None) 
     return b"".join(parts)
 
 
+# The least an answer is allowed, whatever it answers: room for an error's JSON.
+MIN_ANSWER_BOUND = 64 * 1024
+
+
+def hits_answer_bound(nq: int, k: int, flags: int, dim: int, metadata_cap: int) -> int:
+    """The most bytes a hits frame answering `nq` queries for `k` hits each can take, with
+    the metadata (each document's at most `metadata_cap` bytes) and vectors `flags` ask for
+    (`encode_hits`): ids at their longest in UTF-8, a plans part at its largest."""
+    total = nq * k
+    per_hit = 8 + 2 + 2 + 4 * MAX_ID_CHARS  # score, shard, id length, id
+    if flags & WITH_METADATA:
+        per_hit += 4 + metadata_cap
+    if flags & WITH_VECTOR:
+        per_hit += 4 * dim
+    head = 2 + _HITS_HEAD.size + 4 * nq + 4 + MAX_JSON_PART
+    return max(MIN_ANSWER_BOUND, head + total * per_hit)
+
+
+# A write's answer: {"shards": {"<shard>": [applied, deleted]}} per shard written.
+def write_answer_bound(shards: int) -> int:
+    return MIN_ANSWER_BOUND + 64 * shards
+
+
 @dataclass
 class HitsFrame:
     rows: list[list[Hit]]

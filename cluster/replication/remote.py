@@ -39,6 +39,7 @@ from aquila.cluster.model.bounds import (
     checked_int,
     checked_list,
     checked_str,
+    parse_uint,
     vectors_within,
 )
 from aquila.cluster.model.documents import Hit, Incoming, json_bytes
@@ -148,7 +149,8 @@ def encode_hits(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[lis
 def decode_hits(raw: list[list[list[Any]]]) -> list[list[Hit]]:
     return [
         [Hit(h[0], float(h[1]), _meta_bytes(h[2]),
-             base64.b64decode(h[3]) if h[3] else b"", int(h[4]) if len(h) > 4 else -1)
+             base64.b64decode(h[3]) if h[3] else b"",
+             checked_int(h[4], -1, MAX_SHARDS - 1, "shard") if len(h) > 4 else -1)
          for h in row]
         for row in raw
     ]
@@ -306,7 +308,7 @@ def decode_counts(raw: Any, shards: list[int]) -> dict[int, int]:
     asked = set(shards)
     out = {}
     for s, n in counts.items():
-        shard = checked_int(int(s), 0, MAX_SHARDS - 1, "shard")
+        shard = parse_uint(s, MAX_SHARDS - 1, "shard")
         if shard not in asked:
             raise BoundsError(f"a count answer names shard {shard}, which was not asked")
         out[shard] = checked_int(n, 0, MAX_COUNT, "count")
@@ -390,7 +392,7 @@ def encode_write_result(out: WriteResult) -> dict[str, Any]:
 def decode_write_result(raw: dict[str, Any], shards: int) -> WriteResult:
     """A replica's acknowledgement; its counts reach the client's answer, so they are bounded
     like everything from a peer."""
-    return {checked_int(int(s), 0, shards - 1, "shard"):
+    return {parse_uint(s, shards - 1, "shard"):
             (checked_int(v[0], 0, MAX_COUNT, "count"), checked_int(v[1], 0, MAX_COUNT, "count"))
             for s, v in raw["shards"].items()}
 
@@ -418,7 +420,7 @@ def decode_stats(raw: Any) -> dict[int, dict[str, Any]]:
         raise BoundsError("shard stats are an object")
     out: dict[int, dict[str, Any]] = {}
     for s, v in raw.items():
-        shard = checked_int(int(s), 0, MAX_SHARDS - 1, "shard")
+        shard = parse_uint(s, MAX_SHARDS - 1, "shard")
         if not isinstance(v, dict) or v.get("index_state") not in INDEX_STATES:
             raise BoundsError("a shard's stats name its index_state")
         out[shard] = {**v, "count": checked_int(v.get("count"), 0, MAX_COUNT, "count")}
@@ -433,15 +435,23 @@ def decode_records(raw: dict[str, Any], shard: int, spec: CollectionSpec) -> lis
     return decode_writes(raw["writes"], spec.dim, spec.shards).get(shard, [])
 
 
+# The most metadata a document can hold unless told otherwise: a request body's hard cap at
+# the node's default settings (node.config: twice max_body_bytes).
+DEFAULT_METADATA_CAP = 128 << 20
+
+
 class RemoteReplica:
     """A peer's copies, through its internal routes. `addr_of` says where the node is now
     (None: not a member, or no longer)."""
 
     def __init__(
         self, node: str, addr_of: Callable[[str], str | None], peers: PeerClient,
-        timeout_s: float,
+        timeout_s: float, metadata_cap: int = DEFAULT_METADATA_CAP,
     ) -> None:
         self.node = node
+        # The most metadata one document can hold (what a request body can carry): it bounds
+        # the answers read from the peer (`frames.hits_answer_bound`).
+        self._metadata_cap = metadata_cap
         self._addr_of = addr_of
         self._peers = peers
         self._timeout_s = timeout_s
@@ -457,14 +467,16 @@ class RemoteReplica:
             timeout=self._timeout_s if timeout is None else timeout,
         )
 
-    async def _frame(self, name: str, op: str, raw: bytes, timeout: float | None = None  # noqa: ASYNC109
-                     ) -> Any:
+    async def _frame(self, name: str, op: str, raw: bytes, max_answer: int,
+                     timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        """The peer's answer to a frame, which may be at most `max_answer` bytes (what the
+        frame can legitimately be answered with)."""
         addr = self._addr_of(self.node)
         if addr is None:
             raise Unavailable(f"node {self.node} is unknown")
         return await self._peers.request(
             addr, "POST", collection_path(name, op), None, to=self.node, raw=raw,
-            timeout=self._timeout_s if timeout is None else timeout,
+            timeout=self._timeout_s if timeout is None else timeout, max_answer=max_answer,
         )
 
     def _hits(self, answer: Any, nq: int, k: int, flags: int, dim: int, shards: list[int],
@@ -497,14 +509,17 @@ class RemoteReplica:
         self, spec: CollectionSpec, uid: str, by_shard: dict[int, list[Incoming]]
     ) -> WriteResult:
         frame = frames.encode_write(spec.to_json(), uid, spec.dim, by_shard)
-        raw = await self._frame(spec.name, "write", frame)
+        raw = await self._frame(spec.name, "write", frame,
+                                frames.write_answer_bound(len(by_shard)))
         if not isinstance(raw, dict):
             raise PeerError(f"node {self.node} answered a write with something else than JSON")
         return decode_write_result(raw, spec.shards)
 
     async def get(self, spec: CollectionSpec, shard: int, doc_id: str) -> Hit | None:
-        answer = await self._frame(spec.name, "get", frames.encode_get(shard, doc_id))
         both = frames.WITH_METADATA | frames.WITH_VECTOR
+        answer = await self._frame(spec.name, "get", frames.encode_get(shard, doc_id),
+                                   frames.hits_answer_bound(1, 1, both, spec.dim,
+                                                            self._metadata_cap))
         rows = self._hits(answer, 1, 1, both, spec.dim, [-1, shard], "get").rows
         return rows[0][0] if rows[0] else None
 
@@ -518,7 +533,9 @@ class RemoteReplica:
         async def send(vectors: np.ndarray, budget: float) -> list[list[Hit]]:
             frame = frames.encode_search(vectors, req.k, req.nprobe, shards, req.filter, flags,
                                           req.recall)
-            answer = await self._frame(spec.name, "search", frame, budget)
+            bound = frames.hits_answer_bound(len(vectors), req.k, flags, spec.dim,
+                                             self._metadata_cap)
+            answer = await self._frame(spec.name, "search", frame, bound, budget)
             got = self._hits(answer, len(vectors), req.k, flags, spec.dim, shards, "search")
             if plans is not None and (req.explain or req.recall is not None):
                 plans.update(decode_plans(got.plans or [], shards))
@@ -575,7 +592,8 @@ class RemoteReplica:
 
     async def purge(self, spec: CollectionSpec, shard: int, before: int) -> int:
         raw = await self._object(spec.name, "purge", {"shard": shard, "before": before})
-        return int(raw["purged"])
+        with self._malformed("purge"):
+            return checked_int(raw.get("purged"), 0, MAX_COUNT, "purged")
 
     async def drop_shard(self, name: str, shard: int) -> None:
         if self._addr_of(self.node) is None:

@@ -34,7 +34,7 @@ def run_batch(
 ) -> list[list[Hit]]:
     """One FAISS call for the whole batch; restricted to `wanted` when that is not every
     local shard."""
-    if coll.index.ntotal == 0:
+    if coll.index.ntotal == 0 or not wanted:  # a peer's frame may name no shard at all
         return [[] for _ in range(len(q))]
     sel = None
     if len(wanted) < len(coll.shards):
