@@ -163,7 +163,9 @@ def aquila_point(files: Files, work: Path, args: argparse.Namespace, round_: int
         point = Point("aquila import", files.rows, run.seconds, files.rows / run.seconds, own,
                       max(0.0, busy - own),
                       f"index {args.index or 'ivf_flat'}; the command said "
-                      f"{said.group(1) if said else '?'} docs/s")
+                      f"{said.group(1) if said else '?'} docs/s; CPU per document: node "
+                      f"{server_cpu / files.rows * 1e6:.0f} µs, import command "
+                      f"{run.cpu_s / files.rows * 1e6:.0f} µs")
         if args.index_build:
             t0 = time.monotonic()
             while True:

@@ -29,6 +29,7 @@ from aquila.cluster.model.digests import BUCKETS, bucket_of, record_hash
 from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.spec import CollectionSpec
+from aquila.node.storage.bulk import stage_upserts
 from aquila.node.storage.index import LABEL_BITS, global_key, global_keys, prepare
 from aquila.node.storage.matches import (
     DEFAULT_CAPACITY,
@@ -219,6 +220,12 @@ class Shard:
         ids = [d.id for d in docs]
         olds = self.store.get_records(self.shard, ids)
         if len(set(ids)) == len(ids):
+            if all(d.vector is not None for d in docs):  # a bulk import's: by columns
+                ops = IndexOps()
+                self.next_seq, self.next_label = stage_upserts(
+                    ops, self.shard, self.spec.dim, self.next_seq, self.next_label, docs,
+                    olds, batch)
+                return ops
             return self._prepare_distinct(docs, olds, batch)
         return self._prepare_general(docs, olds, batch)
 
@@ -410,16 +417,15 @@ class Shard:
     def applied(self, ops: IndexOps) -> None:
         """Record that `ops` reached the index (the count moved when it was made durable)."""
         old = ops.old_meta
-        for label in ops.gone:
-            self.payload.update(label, old.get(label), None)
-        mask = (1 << LABEL_BITS) - 1
-        added = []
-        for key, meta in zip(ops.add_keys, ops.add_meta, strict=True):
-            label = key & mask
-            self.payload.update(label, old.get(label), meta)
-            added.append(label)
+        labels = np.asarray(ops.add_keys, dtype=np.int64) & ((1 << LABEL_BITS) - 1)
+        added: list[int] = labels.tolist()
+        if self.payload.keys:  # no key indexed: nothing to update per document
+            for label in ops.gone:
+                self.payload.update(label, old.get(label), None)
+            for label, meta in zip(added, ops.add_meta, strict=True):
+                self.payload.update(label, old.get(label), meta)
         self._mark(np.asarray(ops.gone, dtype=np.int64), False)
-        self._mark(np.asarray(added, dtype=np.int64), True)
+        self._mark(labels, True)
         self.filters.written(
             ops.gone, added, lambda: [orjson.loads(m) if m else {} for m in ops.add_meta]
         )

@@ -171,6 +171,11 @@ class Store:
         table.set_block_cache(rocksdict.Cache(_BLOCK_CACHE_BYTES))
         table.set_cache_index_and_filter_blocks(True)
         opts.set_block_based_table_factory(table)
+        # The same for the memtables (a bloom filter of 2% of their size, ~1.3 MiB each): a
+        # new id otherwise costs a skiplist search of every memtable, which made the lookup
+        # the largest part of a bulk import (~8 µs of ~30 a document; ~1 µs with it).
+        opts.set_memtable_whole_key_filtering(True)
+        opts.set_memtable_prefix_bloom_ratio(0.02)
         self._db = rocksdict.Rdict(str(self.path), opts)
         wo = rocksdict.WriteOptions()
         wo.sync = self._fsync
