@@ -18,7 +18,7 @@ from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.errors import AquilaError, BadRequest, NotFound, Unavailable
 from aquila.cluster.model.hlc import HybridClock
 from aquila.cluster.model.operations import CONSISTENCY, DocBatch
-from aquila.cluster.model.sharding import shard_of
+from aquila.cluster.model.sharding import shard_of, shards_of
 from aquila.cluster.replication.hints import Hints
 from aquila.cluster.replication.replica import Replicas, WriteResult
 from aquila.cluster.state.entries import ClusterState, CollectionEntry
@@ -75,9 +75,10 @@ class WritePath:
         by_shard: dict[int, list[Incoming]] = defaultdict(list)
         shards, node = entry.spec.shards, self.node_id
         version = self.hlc.next_many(len(batch.ids))
-        for doc_id, vec, meta in zip(batch.ids, batch.vectors, batch.metadata, strict=True):
-            by_shard[shard_of(doc_id, shards)].append(Incoming(doc_id, vec, meta, version, node))
-            version += 1
+        for doc_id, shard, vec, meta, v in zip(
+                batch.ids, shards_of(batch.ids, shards), batch.vectors, batch.metadata,
+                range(version, version + len(batch.ids)), strict=True):
+            by_shard[shard].append(Incoming(doc_id, vec, meta, v, node))
         await self.route_writes(entry, dict(by_shard), batch.consistency)
         return {"ids": batch.ids, "upserted": len(batch.ids)}
 
