@@ -303,6 +303,9 @@ async def openapi(request: web.Request) -> web.Response:
 
 def add_public_routes(app: web.Application) -> None:
     r = app.router
+    # aiohttp tries the routes under one prefix in the order they were added: the hottest
+    # first (no two of these match the same path, so the order changes nothing else).
+    r.add_post("/v1/collections/{name}/search", search)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)
@@ -315,6 +318,5 @@ def add_public_routes(app: web.Application) -> None:
     r.add_post("/v1/collections/{name}/documents/delete", delete_documents)
     r.add_get("/v1/collections/{name}/documents/{doc_id:.+}", get_document)
     r.add_delete("/v1/collections/{name}/documents/{doc_id:.+}", delete_document)
-    r.add_post("/v1/collections/{name}/search", search)
     r.add_post("/v1/collections/{name}/count", count)
     r.add_post("/v1/collections/{name}/scroll", scroll)
