@@ -28,6 +28,11 @@ class Chunks:
         self.pulled = 0
         self.stall_after = stall_after  # pieces delivered before the sender goes quiet
 
+    def is_eof(self) -> bool:
+        # As aiohttp's StreamReader: True once the whole body has arrived (it is read
+        # without a timer); a sender that stalls never gets there.
+        return self.stall_after is None
+
     async def readany(self) -> bytes:
         if self.stall_after is not None and self.pulled >= self.stall_after:
             await asyncio.Event().wait()  # a client that never sends the rest

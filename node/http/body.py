@@ -42,11 +42,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 async def _chunks(content: StreamReader) -> AsyncIterator[bytes]:
     """The body's chunks as they come; BadRequest when none comes for IDLE_TIMEOUT_S."""
     while True:
-        try:
-            async with asyncio.timeout(IDLE_TIMEOUT_S):
-                chunk = await content.readany()
-        except TimeoutError:
-            raise BadRequest(f"no part of the body arrived for {IDLE_TIMEOUT_S:g} s") from None
+        if content.is_eof():
+            # The whole body has arrived (a small one comes with its headers): readany does
+            # not wait, so no timer is armed and cancelled per chunk.
+            chunk = await content.readany()
+        else:
+            try:
+                async with asyncio.timeout(IDLE_TIMEOUT_S):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise BadRequest(
+                    f"no part of the body arrived for {IDLE_TIMEOUT_S:g} s") from None
         if not chunk:
             return
         yield chunk

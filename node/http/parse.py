@@ -203,12 +203,14 @@ def check_id(doc_id: str) -> str:
     return doc_id
 
 
+SEARCH_FIELDS = frozenset({"vectors", "vector", "id", "ids", "k", "nprobe", "recall", "filter",
+                           "include", "allow_partial", "timeout_ms", "explain"})
+
+
 def parse_search(body: Any, dim: int) -> SearchRequest:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    known = {"vectors", "vector", "id", "ids", "k", "nprobe", "recall", "filter", "include",
-             "allow_partial", "timeout_ms", "explain"}
-    unknown = set(body) - known
+    unknown = set(body) - SEARCH_FIELDS
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
     if sum(q in body for q in ("vector", "vectors", "id", "ids")) != 1:
@@ -231,6 +233,14 @@ def parse_search(body: Any, dim: int) -> SearchRequest:
                 if not isinstance(v, list) or len(v) != dim:
                     _one_vector(v, dim, f"vectors[{i}]")
         vectors = _vector_rows(raw, dim, "vectors")
+    return search_request(body, vectors, query_ids)
+
+
+def search_request(
+    body: dict[str, Any], vectors: np.ndarray, query_ids: list[str] | None
+) -> SearchRequest:
+    """The request from its valid query (`vectors`, or the documents `query_ids`) and the
+    body's other fields, each checked here (node/http/fastsearch.py shares this part)."""
     k = body.get("k", 10)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise BadRequest(f"'k' must be an integer from 1 to {MAX_K}")

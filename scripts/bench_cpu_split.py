@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""CPU per query of a search through 1 node and through N nodes, split by node and by thread
+(the event loop's thread against the others: search threads, writers, background).
+
+    python scripts/bench_cpu_split.py --nodes 3 --limit 50000 --nprobe 32
+
+Each cluster is started (127.0.0.2.. in a private network namespace when root), filled over
+REST with the first --limit WordNet vectors and trained; then the run waits until the nodes
+are idle (retraining and compaction after an ingest take cores for a while: a figure taken
+during them is not the cost of a query), warms up, and wrk sends one query per request to
+node 1 only for --seconds. Node 1 is then the coordinator of every query, the others serve
+its peer sub-searches: their CPU per query is what a peer request costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_common import COLLECTION, log
+from bench_data import DEFAULT_DATA, Dataset, load_dataset
+from bench_load import create_collection, ingest_rr, wait_trained
+from bench_local_cluster import LocalCluster, maybe_reexec_in_netns, new_session, node_env
+from bench_node import thread_cpu_of
+from wrkload import LUA_SCRIPT, MARKER, search_bodies, write_bodies
+
+IDLE_CORES = 0.05  # below this on every node, the cluster counts as idle
+IDLE_WAIT_S = 300.0
+
+
+def split_s(pid: int, before: dict[int, float]) -> tuple[float, float]:
+    """CPU seconds since `before` of (the main thread, all other threads) of a node."""
+    after = thread_cpu_of(pid)
+    main = after.get(pid, 0.0) - before.get(pid, 0.0)
+    rest = sum(v - before.get(t, 0.0) for t, v in after.items() if t != pid)
+    return main, rest
+
+
+async def wait_idle(cluster: LocalCluster) -> list[float]:
+    """Cores each node took over the last 3 s once all are below IDLE_CORES (or the wait ran
+    out: then the figure says how busy they still were)."""
+    deadline = time.monotonic() + IDLE_WAIT_S
+    while True:
+        before = [thread_cpu_of(p) for p in cluster.pids]
+        await asyncio.sleep(3)
+        cores = [sum(split_s(p, b)) / 3 for p, b in zip(cluster.pids, before, strict=True)]
+        if max(cores) < IDLE_CORES or time.monotonic() > deadline:
+            return cores
+
+
+def run_wrk(url: str, bodies: Path, script: Path, seconds: int, connections: int) -> dict[str, int]:
+    path = f"/v1/collections/{COLLECTION}/search"
+    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url + path,
+           "--", str(bodies), path, "POST", "2", ""]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith(MARKER))
+    raw = json.loads(line[len(MARKER):])
+    return {"requests": int(raw["requests"]), "duration_us": int(raw["duration_us"]),
+            "ok": sum(int(v) for k, v in raw["statuses"].items() if 200 <= int(k) < 300)}
+
+
+async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int) -> dict[str, Any]:
+    cluster = LocalCluster(root / f"c{size}", node_env(args.train_min))
+    try:
+        async with new_session(8) as session:
+            await cluster.start(session, size)
+            spec = {"dim": ds.dim, "metric": "cosine", "shards": args.shards, "replication": 1,
+                    "index": {"type": "ivf_flat"}}
+            await create_collection(session, cluster.urls[0], spec)
+            await ingest_rr(session, cluster.urls, ds, 1000, 4, cluster.cpu_seconds)
+            await wait_trained(session, cluster.nodes[0], ds.n, args.train_min)
+        bodies = root / "bodies.txt"
+        write_bodies(bodies, search_bodies(ds.queries[:1000], k=10, nprobe=args.nprobe))
+        script = root / "wrkload.lua"
+        script.write_text(LUA_SCRIPT)
+        idle = await wait_idle(cluster)
+        url = cluster.urls[0]
+        run_wrk(url, bodies, script, 5, args.connections)  # warm-up
+        before = [thread_cpu_of(p) for p in cluster.pids]
+        load0 = os.getloadavg()[0]
+        got = run_wrk(url, bodies, script, args.seconds, args.connections)
+        splits = [split_s(p, b) for p, b in zip(cluster.pids, before, strict=True)]
+        n = max(1, got["ok"])
+        per_node = [{"main_ms": 1000 * m / n, "other_ms": 1000 * r / n} for m, r in splits]
+        out: dict[str, Any] = {
+            "nodes": size, "queries": got["ok"], "errors": got["requests"] - got["ok"],
+            "qps": got["ok"] / (got["duration_us"] / 1e6), "idle_cores_before": idle,
+            "load_before": load0, "load_after": os.getloadavg()[0], "per_node": per_node,
+            "all_ms": sum(p["main_ms"] + p["other_ms"] for p in per_node),
+        }
+        log(f"{size} node(s): {out['qps']:.0f} q/s, {out['all_ms']:.3f} ms CPU per query "
+            f"(load {load0:.1f})")
+        for i, p in enumerate(per_node, 1):
+            log(f"  node {i}: main thread {p['main_ms']:.3f} ms, other threads "
+                f"{p['other_ms']:.3f} ms per query")
+        return out
+    finally:
+        await cluster.stop()
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    ds = load_dataset(args)
+    root = Path(tempfile.mkdtemp(prefix="aquila-cpu-split-"))
+    try:
+        one = await measure(args, ds, root, 1)
+        many = await measure(args, ds, root, args.nodes)
+        ratio = many["all_ms"] / one["all_ms"]
+        log(f"CPU per query, {args.nodes} nodes / 1 node: {ratio:.2f}")
+        if args.out:
+            args.out.write_text(json.dumps({"one": one, "many": many, "ratio": ratio}, indent=1))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--limit", type=int, default=50_000)
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--train-min", type=int, default=2048)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234
+    where = maybe_reexec_in_netns(Path(__file__), sys.argv[1:])
+    log(f"network: {where}")
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
