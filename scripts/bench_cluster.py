@@ -15,11 +15,15 @@ namespace with only lo (nothing leaves the machine); otherwise it uses the host'
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from bench_common import COLLECTION, log
+import orjson
+from bench_batch import faiss_batches, node_batches
+from bench_common import COLLECTION, OPT_NP, K, log
 from bench_data import Dataset
 from bench_load import create_collection, ingest_rr, query_bodies, search_load, wait_trained
 from bench_local_cluster import LocalCluster, new_session, node_env, pick_train_min, placement
@@ -55,8 +59,11 @@ async def measure_cluster(
             desc = await call(session, "GET", f"{urls[0]}/v1/collections/{COLLECTION}")
             out["placement"] = placement(desc)
             points: list[dict[str, Any]] = []
-            for p in args.nprobe:
-                bodies = query_bodies(ds, p, args.queries)
+            # Explicit nprobe (per node index: at N nodes each index is smaller and the same
+            # nprobe scans more of the data), then target recalls (each node its own probes).
+            modes = [("nprobe", p, query_bodies(ds, p, args.queries)) for p in args.nprobe]
+            modes += [("recall", r, recall_bodies(ds, r, args.queries)) for r in args.recall]
+            for mode, p, bodies in modes:
                 for c in args.concurrency:
                     await search_load(
                         session,
@@ -71,13 +78,26 @@ async def measure_cluster(
                     r = await search_load(
                         session, urls, ds, bodies, p, c, cluster.cpu_seconds, count=args.queries
                     )
-                    points.append(r.as_dict())
+                    points.append({**r.as_dict(), "mode": mode, "target": p})
                     log(
-                        f"  {size} node(s) nprobe={p} c={c}: recall {r.recall:.4f}, "
-                        f"{r.qps:,.0f} q/s, p50 {r.lat_p50_ms:.1f} ms, p99 {r.lat_p99_ms:.1f} ms, "
-                        f"failures {r.failures}, server cores {r.server_cpu_s / r.seconds:.2f}"
+                        f"  {size} node(s) {mode}={p} c={c}: recall {r.recall:.4f}, "
+                        f"{r.qps:,.0f} q/s, p50 {r.lat_p50_ms:.2f} ms, p99 {r.lat_p99_ms:.1f} ms, "
+                        f"failures {r.failures}, server cores {r.server_cpu_s / r.seconds:.2f}, "
+                        f"CPU {r.server_cpu_s * 1000 / max(1, r.ok):.2f} ms/query"
                     )
             out["points"] = points
+            if size == 1 and args.query_batch > 0:
+                out["batches"] = [
+                    await node_batches(session, urls[0], ds, args.batch_nprobe, args.query_batch,
+                                       c, cluster.cpu_seconds)
+                    for c in dict.fromkeys([1, os.cpu_count() or 1])
+                ]
+                for b in out["batches"]:
+                    log(f"  1 node, batches of {b['per_request']} (nprobe {b['nprobe']}) "
+                        f"c={b['concurrency']}: {b['qps']:,.0f} q/s, recall {b['recall']:.4f}, "
+                        f"CPU {b['server_cpu_ms_per_query']:.3f} ms/query")
+                info = desc["shard_states"][0].get("index", {})
+                out["node_index"] = info
             out["log_warnings"] = cluster.log_lines("WARNING", "ERROR", "Traceback")
     finally:
         await cluster.stop()
@@ -94,3 +114,16 @@ async def run_cluster(
     results["cluster"] = res
     for size in dict.fromkeys([1, args.cluster]):
         res["runs"].append(await measure_cluster(args, ds, tmp / f"c{size}", size, train_min))
+    one = res["runs"][0]
+    if one.get("batches") and one.get("node_index", {}).get("nlist"):
+        # After the nodes stopped: FAISS has the cores to itself, as the node had.
+        info = one["node_index"]
+        res["faiss_batches"] = await asyncio.to_thread(
+            faiss_batches, ds, int(info["nlist"]), int(info.get("trained_at", 0)),
+            args.batch_nprobe, args.query_batch)
+
+
+def recall_bodies(ds: Dataset, target: float, n: int) -> list[bytes]:
+    """One query a request, by target recall in place of nprobe."""
+    return [orjson.dumps({"vector": ds.queries[i], "k": K, "recall": target}, option=OPT_NP)
+            for i in range(n)]

@@ -31,6 +31,7 @@ from aquila.cluster.model.digests import BUCKETS, bucket_of, digests, format_dig
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.filters import Filter
+from aquila.cluster.model.recall import share_top
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import remove_stale_temps, write_atomic
@@ -549,7 +550,10 @@ class Collection:
 
         q = prepare(queries, self.spec.metric)
         if recall is not None:
-            probe = self.index.nprobe_for(recall)
+            # Holding part of the collection, this node holds part of its k best: it
+            # meets the target on its share of them (see `model.recall.share_top`).
+            probe = self.index.nprobe_for(
+                recall, share_top(k, len(self.shards), self.spec.shards))
         else:
             probe = nprobe or self.spec.index.nprobe
         # The probes a plan names (an exact index probes no lists: a search by recall then
