@@ -19,14 +19,18 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from aquila.cluster.model.bounds import BoundsError
 from aquila.cluster.model.operations import DocBatch, SearchRequest
+from aquila.cluster.model.recall import checked_rank_curve, curve_at, nprobe_for, share_top
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.storage.backend import EngineBackend
 from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
+from aquila.node.storage.index import CALIBRATION_K, LABEL_BITS, VectorIndex, prepare
 from tests.conftest import wait_for
 from tests.datasets import load_sample, recall_at_k
 from tests.simcluster import SimCluster
@@ -116,3 +120,38 @@ async def test_three_nodes_reach_one_nodes_recall_for_the_same_request(
             # A target recall costs the cluster about what it costs one node (each node
             # its probes from its own curve, whose steps are up to 1.5× apart).
             assert b["scanned"] <= 1.5 * a["scanned"], (key, a, b)
+
+
+def test_share_of_the_best_and_recall_at_m() -> None:
+    assert share_top(10, 8, 8) == 10 and share_top(10, 3, 8) == 4 and share_top(10, 2, 6) == 4
+    assert share_top(1, 1, 8) == 1 and share_top(100, 1, 3) == 34
+    by_rank = [(1, [0.9, 0.5, 0.1]), (2, [1.0, 0.8, 0.3]), (4, [1.0, 1.0, 0.9])]
+    assert curve_at(by_rank, 1) == [(1, 0.9), (2, 1.0), (4, 1.0)]
+    assert curve_at(by_rank, 3) == [(1, 0.5), (2, 0.7), (4, 0.9667)]
+    assert nprobe_for(curve_at(by_rank, 1), 0.95) == 2 and nprobe_for(curve_at(by_rank, 3), 0.9) == 4
+    assert checked_rank_curve([[2, [0.5, 1]], [1, [0.1, 0.2]]], 2) == [(1, [0.1, 0.2]),
+                                                                       (2, [0.5, 1.0])]
+    for raw in ("x", [[1]], [[1, [0.5]]], [[0, [0.5, 0.5]]], [[1, [0.5, 2]]],
+                [[1, [True, 0.5]]], [[True, [0.5, 0.5]]], [[1, [0.5, 0.5]]] * 65):
+        with pytest.raises(BoundsError):
+            checked_rank_curve(raw, 2)
+
+
+def test_calibration_by_rank_is_kept_in_the_snapshot(tmp_path: Path) -> None:
+    smp = load_sample()
+    spec = CollectionSpec("c", smp.dim, "cosine", 1, 1, IndexSpec("ivf_flat"))
+    x = prepare(smp.base[:2000], "cosine")
+    index = VectorIndex.train_ivf(spec, x, np.arange(2000, dtype=np.int64))
+    index.calibrate(x, np.arange(2000, dtype=np.int64) << LABEL_BITS, "cosine")
+    assert [n for n, _ in index.by_rank] == [n for n, _ in index.curve]
+    assert index.curve[0][1] < 0.8 and index.curve[-1][1] > 0.99
+    # recall@10 is the mean over ranks; the nearest are found first: fewer probes for top 1.
+    for (_, shares), (_, r10) in zip(index.by_rank, index.curve, strict=True):
+        assert len(shares) == CALIBRATION_K and abs(sum(shares) / len(shares) - r10) < 0.01
+    for target in (0.8, 0.9, 0.95):
+        assert index.nprobe_for(target, 1) <= index.nprobe_for(target, 4) \
+            <= index.nprobe_for(target) == nprobe_for(index.curve, target)
+    index.save(tmp_path / "snap", {0: 1})
+    loaded = VectorIndex.load(tmp_path / "snap", 1)
+    assert loaded is not None
+    assert loaded[0].by_rank == index.by_rank and loaded[0].curve == index.curve
