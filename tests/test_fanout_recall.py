@@ -30,7 +30,7 @@ from aquila.node.blocking import Blocking
 from aquila.node.storage.backend import EngineBackend
 from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
-from aquila.node.storage.index import CALIBRATION_K, LABEL_BITS, VectorIndex, prepare
+from aquila.node.storage.index import CALIBRATION_K, VectorIndex, prepare
 from tests.conftest import wait_for
 from tests.datasets import load_sample, recall_at_k
 from tests.simcluster import SimCluster
@@ -142,7 +142,7 @@ def test_calibration_by_rank_is_kept_in_the_snapshot(tmp_path: Path) -> None:
     spec = CollectionSpec("c", smp.dim, "cosine", 1, 1, IndexSpec("ivf_flat"))
     x = prepare(smp.base[:2000], "cosine")
     index = VectorIndex.train_ivf(spec, x, np.arange(2000, dtype=np.int64))
-    index.calibrate(x, np.arange(2000, dtype=np.int64) << LABEL_BITS, "cosine")
+    index.calibrate(x, np.arange(2000, dtype=np.int64), "cosine")  # shard 0: key = label
     assert [n for n, _ in index.by_rank] == [n for n, _ in index.curve]
     assert index.curve[0][1] < 0.8 and index.curve[-1][1] > 0.99
     # recall@10 is the mean over ranks; the nearest are found first: fewer probes for top 1.
