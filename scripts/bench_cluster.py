@@ -28,6 +28,7 @@ from bench_data import Dataset
 from bench_load import create_collection, ingest_rr, query_bodies, search_load, wait_trained
 from bench_local_cluster import LocalCluster, new_session, node_env, pick_train_min, placement
 from bench_node import call
+from bench_profile import profile_pids
 
 
 async def measure_cluster(
@@ -86,6 +87,8 @@ async def measure_cluster(
                         f"CPU {r.server_cpu_s * 1000 / max(1, r.ok):.2f} ms/query"
                     )
             out["points"] = points
+            if args.profile > 0 and size > 1:
+                out["profile"] = await profile_coordinator(args, ds, session, cluster, root)
             if size == 1 and args.query_batch > 0:
                 out["batches"] = [
                     await node_batches(session, urls[0], ds, args.batch_nprobe, args.query_batch,
@@ -121,6 +124,32 @@ async def run_cluster(
         res["faiss_batches"] = await asyncio.to_thread(
             faiss_batches, ds, int(info["nlist"]), int(info.get("trained_at", 0)),
             args.batch_nprobe, args.query_batch)
+
+
+async def profile_coordinator(
+    args: argparse.Namespace, ds: Dataset, session: Any, cluster: LocalCluster, root: Path
+) -> dict[str, Any]:
+    """py-spy on the first node (every query's coordinator: the load goes to it alone) and on
+    the second (a peer only), at the highest concurrency and --profile-nprobe."""
+    cmax = max(args.concurrency)
+    bodies = query_bodies(ds, args.profile_nprobe, args.queries)
+    pids = {"coordinator": cluster.nodes[0].pid, "peer": cluster.nodes[1].pid}
+
+    async def load() -> None:
+        await search_load(session, cluster.urls[:1], ds, bodies, args.profile_nprobe, cmax,
+                          cluster.cpu_seconds, count=len(bodies))
+
+    got = await profile_pids({k: v for k, v in pids.items() if v}, args.profile, root, load)
+    for name, summary in got.items():
+        if not isinstance(summary, dict):
+            continue
+        log(f"  py-spy {name}: {summary['samples']} samples; top self frames:")
+        for f in summary["self"][:15]:
+            log(f"    {f['pct']:5.1f}%  {f['frame']}")
+        log(f"  py-spy {name}: top inclusive frames:")
+        for f in summary["inclusive"][:25]:
+            log(f"    {f['pct']:5.1f}%  {f['frame']}")
+    return got
 
 
 def recall_bodies(ds: Dataset, target: float, n: int) -> list[bytes]:

@@ -377,6 +377,10 @@ def batch_lines(one: dict[str, Any], ref: dict[str, Any] | None) -> None:
             faiss_qps = ref["qps_1_thread"] if b["concurrency"] == 1 else ref["qps_all_cores"]
             which = "1 thread" if b["concurrency"] == 1 else "all cores"
             line += f"; FAISS ({which}) {faiss_qps:,.0f} q/s: {b['qps'] / faiss_qps:.2f}x"
+            faiss_cpu = ref.get("cpu_ms_per_query_1_thread")
+            if faiss_cpu:
+                line += (f"; FAISS CPU {faiss_cpu:.3f} ms/query: node/FAISS throughput per "
+                         f"CPU second {faiss_cpu / b['server_cpu_ms_per_query']:.2f}x")
         print(line)
     if ref:
         print(f"  FAISS IVF{ref['nlist']} (the node's nlist, trained on its first "

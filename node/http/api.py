@@ -17,6 +17,7 @@ from aquila.node.http.access import check_access
 from aquila.node.http.body import read_body
 from aquila.node.http.columnar import is_columnar, parse_columnar, parse_columnar_fast
 from aquila.node.http.fastparse import parse_documents_fast
+from aquila.node.http.fastsearch import parse_search_fast
 from aquila.node.http.openapi import openapi_document
 from aquila.node.http.parse import (
     MAX_BODY_DEPTH,
@@ -245,7 +246,9 @@ async def delete_document(request: web.Request) -> web.Response:
 async def search(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     entry = service.collections.entry(request.match_info["name"])
-    req = parse_search(await read_json(request), entry.spec.dim)
+    raw = await read_raw(request)  # many vectors: read straight into an array (fastsearch)
+    req = await parse_search_fast(request.app[BLOCKING], raw, entry.spec.dim)
+    req = req or parse_search(await read_json(request, raw), entry.spec.dim)
     return json_response(await service.reads.search(entry, req))
 
 
