@@ -89,6 +89,10 @@ class IndexState:
     """Serving from a trained IVF index (or a collection of type flat, which never trains)."""
 
 
+# Query rows a search thread takes at least when a batch is split over several.
+SPLIT_ROWS = 32
+
+
 @dataclass(frozen=True)
 class Tuning:
     train_min: int = 4096
@@ -602,8 +606,18 @@ class Collection:
 
     async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[list[Hit]]:
         probe, wanted, with_vectors = key
+        # A large batch (one request of many vectors, or many requests batched) is split
+        # over the search threads: FAISS runs single-threaded on each, and one request
+        # alone would otherwise leave the other cores idle.
+        parts = max(1, min(self.blocking.search_threads, len(q) // SPLIT_ROWS))
         async with self.rw.read():
-            return await self.blocking.search(run_batch, self, q, k, probe, wanted, with_vectors)
+            if parts == 1:
+                return await self.blocking.search(
+                    run_batch, self, q, k, probe, wanted, with_vectors)
+            got = await asyncio.gather(*(
+                self.blocking.search(run_batch, self, part, k, probe, wanted, with_vectors)
+                for part in np.array_split(q, parts)))
+        return [row for rows in got for row in rows]
 
     async def _run_filtered(
         self, key: Any, q: np.ndarray, k: int
