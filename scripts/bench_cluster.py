@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from bench_load import create_collection, ingest_rr, query_bodies, search_load, 
 from bench_local_cluster import LocalCluster, new_session, node_env, pick_train_min, placement
 from bench_node import call
 from bench_profile import profile_pids
+
+IDLE_SECONDS = 3.0
 
 
 async def measure_cluster(
@@ -59,6 +62,12 @@ async def measure_cluster(
             out["training"] = await wait_trained(session, cluster.nodes[0], ds.n, train_min)
             desc = await call(session, "GET", f"{urls[0]}/v1/collections/{COLLECTION}")
             out["placement"] = placement(desc)
+            # What the nodes burn with no search at all (gossip, timers): per query it weighs
+            # most at low rates, so CPU per query is given with and without it.
+            cpu0, t0 = cluster.cpu_seconds(), time.perf_counter()
+            await asyncio.sleep(IDLE_SECONDS)
+            out["idle_cores"] = (cluster.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+            log(f"  {size} node(s) idle: {out['idle_cores']:.3f} cores")
             points: list[dict[str, Any]] = []
             # Explicit nprobe (per node index: at N nodes each index is smaller and the same
             # nprobe scans more of the data), then target recalls (each node its own probes).
@@ -79,7 +88,8 @@ async def measure_cluster(
                     r = await search_load(
                         session, urls, ds, bodies, p, c, cluster.cpu_seconds, count=args.queries
                     )
-                    points.append({**r.as_dict(), "mode": mode, "target": p})
+                    points.append({**r.as_dict(), "mode": mode, "target": p,
+                                   "idle_cores": out["idle_cores"]})
                     log(
                         f"  {size} node(s) {mode}={p} c={c}: recall {r.recall:.4f}, "
                         f"{r.qps:,.0f} q/s, p50 {r.lat_p50_ms:.2f} ms, p99 {r.lat_p99_ms:.1f} ms, "

@@ -320,6 +320,12 @@ def cpu_ms(p: dict[str, Any]) -> float:
     return float(p["server_cpu_s"]) * 1000 / max(1, int(p["ok"]))
 
 
+def cpu_net_ms(p: dict[str, Any]) -> float:
+    """The same, less what the nodes burn idle (gossip, timers) over the point's time."""
+    idle = float(p.get("idle_cores", 0.0)) * float(p["seconds"])
+    return max(0.0, float(p["server_cpu_s"]) - idle) * 1000 / max(1, int(p["ok"]))
+
+
 def fanout_summary(
     pa: dict[tuple[str, float, int], dict[str, Any]],
     pb: dict[tuple[str, float, int], dict[str, Any]],
@@ -343,6 +349,8 @@ def fanout_summary(
             "cpu_ms_1": cpu_ms(pa[lo]), "cpu_ms_n": cpu_ms(pb[lo]),
             "cpu_ratio": cpu_ms(pb[lo]) / cpu_ms(pa[lo]),
             "cpu_ms_1_high": cpu_ms(pa[hi]), "cpu_ms_n_high": cpu_ms(pb[hi]),
+            "cpu_net_ms_1": cpu_net_ms(pa[lo]), "cpu_net_ms_n": cpu_net_ms(pb[lo]),
+            "cpu_net_ms_1_high": cpu_net_ms(pa[hi]), "cpu_net_ms_n_high": cpu_net_ms(pb[hi]),
         })
     return out
 
@@ -358,7 +366,12 @@ def summary_lines(summary: list[dict[str, Any]], na: int, nb: int) -> list[str]:
             f"{x['qps_n']:,.0f} ({x['qps_ratio']:.2f}x); CPU per query at c={x['c_low']} "
             f"{x['cpu_ms_1']:.2f} / {x['cpu_ms_n']:.2f} ms ({x['cpu_ratio']:.2f}x), at "
             f"c={x['c_high']} {x['cpu_ms_1_high']:.2f} / {x['cpu_ms_n_high']:.2f} ms "
-            f"({x['cpu_ms_n_high'] / x['cpu_ms_1_high']:.2f}x)"
+            f"({x['cpu_ms_n_high'] / x['cpu_ms_1_high']:.2f}x); less idle CPU: "
+            f"{x['cpu_net_ms_1']:.2f} / {x['cpu_net_ms_n']:.2f} ms "
+            f"({x['cpu_net_ms_n'] / max(1e-9, x['cpu_net_ms_1']):.2f}x) at c={x['c_low']}, "
+            f"{x['cpu_net_ms_1_high']:.2f} / {x['cpu_net_ms_n_high']:.2f} ms "
+            f"({x['cpu_net_ms_n_high'] / max(1e-9, x['cpu_net_ms_1_high']):.2f}x) at "
+            f"c={x['c_high']}"
         )
     return lines
 

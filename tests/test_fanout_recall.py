@@ -118,8 +118,10 @@ async def test_three_nodes_reach_one_nodes_recall_for_the_same_request(
             assert b["scanned"] > 1.6 * a["scanned"], (key, a, b)
         else:
             # A target recall costs the cluster about what it costs one node (each node
-            # its probes from its own curve, whose steps are up to 1.5× apart).
+            # its probes from its own curve, whose steps are up to 1.5× apart), and the
+            # cluster meets it on held-out queries as one node does.
             assert b["scanned"] <= 1.5 * a["scanned"], (key, a, b)
+            assert b["recall"] >= key[1] - 0.01, (key, b)
 
 
 def test_share_of_the_best_and_recall_at_m() -> None:
