@@ -100,12 +100,19 @@ async def measure_cluster(
             if args.profile > 0 and size > 1:
                 out["profile"] = await profile_coordinator(args, ds, session, cluster, root)
             if size == 1 and args.query_batch > 0:
+                cpu0, t0 = cluster.cpu_seconds(), time.perf_counter()
+                await asyncio.sleep(IDLE_SECONDS)
+                idle = (cluster.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
                 out["batches"] = [
                     await node_batches(session, urls[0], ds, args.batch_nprobe, args.query_batch,
                                        c, cluster.cpu_seconds)
                     for c in dict.fromkeys([1, os.cpu_count() or 1])
                 ]
                 for b in out["batches"]:
+                    b["idle_cores"] = idle
+                    b["server_cpu_net_ms_per_query"] = max(
+                        0.0, b["server_cpu_ms_per_query"] - idle * b["seconds"] * 1000
+                        / max(1, b["requests"] * b["per_request"]))
                     log(f"  1 node, batches of {b['per_request']} (nprobe {b['nprobe']}) "
                         f"c={b['concurrency']}: {b['qps']:,.0f} q/s, recall {b['recall']:.4f}, "
                         f"CPU {b['server_cpu_ms_per_query']:.3f} ms/query")

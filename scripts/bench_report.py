@@ -392,8 +392,11 @@ def batch_lines(one: dict[str, Any], ref: dict[str, Any] | None) -> None:
             line += f"; FAISS ({which}) {faiss_qps:,.0f} q/s: {b['qps'] / faiss_qps:.2f}x"
             faiss_cpu = ref.get("cpu_ms_per_query_1_thread")
             if faiss_cpu:
+                net = b.get("server_cpu_net_ms_per_query") or b["server_cpu_ms_per_query"]
                 line += (f"; FAISS CPU {faiss_cpu:.3f} ms/query: node/FAISS throughput per "
-                         f"CPU second {faiss_cpu / b['server_cpu_ms_per_query']:.2f}x")
+                         f"CPU second {faiss_cpu / b['server_cpu_ms_per_query']:.2f}x "
+                         f"({faiss_cpu / max(1e-9, net):.2f}x less the node's idle CPU, "
+                         f"{b.get('idle_cores', 0.0):.3f} cores)")
         print(line)
     if ref:
         print(f"  FAISS IVF{ref['nlist']} (the node's nlist, trained on its first "
