@@ -28,10 +28,24 @@ from bench_common import COLLECTION, OPT_NP, K, log
 from bench_data import Dataset
 from bench_load import create_collection, ingest_rr, query_bodies, search_load, wait_trained
 from bench_local_cluster import LocalCluster, new_session, node_env, pick_train_min, placement
-from bench_node import call
+from bench_node import call, cpu_seconds_of
 from bench_profile import profile_pids
 
-IDLE_SECONDS = 3.0
+IDLE_SECONDS = 3.0  # a window of idle CPU measured
+QUIET_CORES = 0.05  # nodes quieter than this are idle
+QUIET_WAIT_S = 60.0  # at most this long for them to be
+
+
+async def quiet_cores(cluster: LocalCluster) -> float:
+    """The nodes' CPU (cores) over an idle window, once below QUIET_CORES or after
+    QUIET_WAIT_S of waiting for it."""
+    deadline = time.perf_counter() + QUIET_WAIT_S
+    while True:
+        cpu0, t0 = cluster.cpu_seconds(), time.perf_counter()
+        await asyncio.sleep(IDLE_SECONDS)
+        cores = (cluster.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+        if cores < QUIET_CORES or time.perf_counter() > deadline:
+            return cores
 
 
 async def measure_cluster(
@@ -63,10 +77,9 @@ async def measure_cluster(
             desc = await call(session, "GET", f"{urls[0]}/v1/collections/{COLLECTION}")
             out["placement"] = placement(desc)
             # What the nodes burn with no search at all (gossip, timers): per query it weighs
-            # most at low rates, so CPU per query is given with and without it.
-            cpu0, t0 = cluster.cpu_seconds(), time.perf_counter()
-            await asyncio.sleep(IDLE_SECONDS)
-            out["idle_cores"] = (cluster.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+            # most at low rates, so CPU per query is given with and without it. Work left
+            # from the load (a snapshot, RocksDB's compactions) is waited out first, a while.
+            out["idle_cores"] = await quiet_cores(cluster)
             log(f"  {size} node(s) idle: {out['idle_cores']:.3f} cores")
             points: list[dict[str, Any]] = []
             # Explicit nprobe (per node index: at N nodes each index is smaller and the same
@@ -100,9 +113,7 @@ async def measure_cluster(
             if args.profile > 0 and size > 1:
                 out["profile"] = await profile_coordinator(args, ds, session, cluster, root)
             if size == 1 and args.query_batch > 0:
-                cpu0, t0 = cluster.cpu_seconds(), time.perf_counter()
-                await asyncio.sleep(IDLE_SECONDS)
-                idle = (cluster.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+                idle = await quiet_cores(cluster)
                 out["batches"] = [
                     await node_batches(session, urls[0], ds, args.batch_nprobe, args.query_batch,
                                        c, cluster.cpu_seconds)
@@ -152,11 +163,23 @@ async def profile_coordinator(
     bodies = query_bodies(ds, args.profile_nprobe, args.queries)
     pids = {"coordinator": cluster.nodes[0].pid, "peer": cluster.nodes[1].pid}
 
-    async def load() -> None:
-        await search_load(session, cluster.urls[:1], ds, bodies, args.profile_nprobe, cmax,
-                          cluster.cpu_seconds, count=len(bodies))
+    answered = 0
 
+    async def load() -> None:
+        nonlocal answered
+        r = await search_load(session, cluster.urls[:1], ds, bodies, args.profile_nprobe, cmax,
+                              cluster.cpu_seconds, count=len(bodies))
+        answered += r.ok
+
+    cpu0 = [cpu_seconds_of(n.pid) for n in cluster.nodes]
     got = await profile_pids({k: v for k, v in pids.items() if v}, args.profile, root, load)
+    # CPU per query of each node: the coordinator's share against the peers' (py-spy's own
+    # sampling costs the profiled processes a little too).
+    got["cpu_ms_per_query"] = [
+        (cpu_seconds_of(n.pid) - c) * 1000 / max(1, answered)
+        for n, c in zip(cluster.nodes, cpu0, strict=True)]
+    log(f"  CPU ms per query, coordinator then peers: "
+        f"{', '.join(f'{x:.3f}' for x in got['cpu_ms_per_query'])}")
     for name, summary in got.items():
         if not isinstance(summary, dict):
             continue
