@@ -14,6 +14,7 @@ at 3 nodes each index holds about a third of the vectors in about 1/√3 as many
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -47,8 +48,10 @@ async def measured(n: int, root: Path, blocking: Blocking) -> dict[tuple[str, fl
     engines = []
     async with AsyncExitStack() as stack:
         for node in sim.nodes.values():
-            # Trained once, on all of a node's vectors (one write): the steady state.
-            engine = Engine(root / node.id, blocking, Tuning(train_min=1000), fsync=False)
+            # Trained at last on all of a node's vectors, the steady state: any growth calls
+            # for a retraining, which waits until the writes pause (see the writes below).
+            engine = Engine(root / node.id, blocking,
+                            Tuning(train_min=1000, retrain_growth=1.01), fsync=False)
             await engine.start()
             stack.push_async_callback(engine.close)
             engines.append(engine)
@@ -62,7 +65,11 @@ async def measured(n: int, root: Path, blocking: Blocking) -> dict[tuple[str, fl
         ids = [str(i) for i in range(len(smp.base))]
         metas = [b"{}"] * len(ids)
         # Plain awaits from here: the sim's clock stays still while FAISS works on threads.
-        await svc.writes.upsert(entry, DocBatch(ids, smp.base, metas, "all"))
+        # In parts (the in-memory network runs each peer's side on this loop), back to back:
+        # the retraining after the first waits for them to pause, and takes them all.
+        for at in range(0, len(ids), 500):
+            part = slice(at, at + 500)
+            await svc.writes.upsert(entry, DocBatch(ids[part], smp.base[part], metas[part], "all"))
 
         def trained() -> bool:
             colls = [e.collections["c"] for e in engines if "c" in e.collections]
@@ -79,11 +86,15 @@ async def measured(n: int, root: Path, blocking: Blocking) -> dict[tuple[str, fl
                 filter=None, predicate=None, include_metadata=False, include_vector=False,
                 allow_partial=False, timeout_ms=None,
                 recall=value if mode == "recall" else None)
-            answer = await svc.reads.search(entry, req)
-            found = [[int(h["id"]) for h in row] for row in answer["results"]]
-            # Share of the vectors scanned: per node, its probes over its lists, by its size
-            # (a search by recall names the probes each node chose for its shards).
-            chose = {p["node"]: p["nprobe"] for p in answer.get("nprobes", [])}
+            found: list[list[int]] = []
+            chose: dict[str, int] = {}
+            for at in range(0, len(smp.queries), 50):  # a few queries a request, as above
+                answer = await svc.reads.search(
+                    entry, dataclasses.replace(req, vectors=smp.queries[at : at + 50]))
+                found += [[int(h["id"]) for h in row] for row in answer["results"]]
+                # A search by recall names the probes each node chose for its shards.
+                chose |= {p["node"]: p["nprobe"] for p in answer.get("nprobes", [])}
+            # Share of the vectors scanned: per node, its probes over its lists, by its size.
             scanned = 0.0
             for node_id, e in zip(sim.nodes, engines, strict=True):
                 coll = e.collections["c"]
