@@ -38,6 +38,7 @@ def _single_threaded_faiss() -> None:
 class Blocking:
     def __init__(self, search_threads: int | None = None) -> None:
         n = search_threads or max(2, os.cpu_count() or 2)
+        self.search_threads = n
         self._search = ThreadPoolExecutor(n, "aq-search", initializer=_single_threaded_faiss)
         # Index additions assign vectors to lists with a search of the coarse quantizer, which
         # FAISS spreads over the cores; they run one at a time (the collection orders them).

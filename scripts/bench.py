@@ -25,7 +25,8 @@ of the client (JSON encoding, HTTP) competing with the server for CPU.
     python scripts/bench.py --quick
     python scripts/bench.py --out bench-results.json
     python scripts/bench.py --synthetic 50000 --quick
-    python scripts/bench.py --cluster 3 --limit 50000      # 1 vs 3 nodes (bench_cluster.py)
+    python scripts/bench.py --cluster 3 --limit 50000      # 1 vs 3 nodes (bench_cluster.py),
+                                                           # + batches of 100 vs FAISS
     python scripts/bench.py --rebalance --limit 50000      # 3 → 4 nodes (bench_rebalance.py)
     python scripts/bench.py --filtered                     # filters vs unfiltered vs pgvector
     python scripts/bench.py --pgvector --loadgen wrk       # wrk load, pgvector (bench_refs.py)
@@ -72,6 +73,16 @@ def parse_int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
     if not out or any(x < 1 for x in out):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return out
+
+
+def parse_float_list(s: str) -> list[float]:
+    try:
+        out = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    if any(not 0.5 <= x <= 0.999 for x in out):
+        raise argparse.ArgumentTypeError(f"expected recalls from 0.5 to 0.999, got {s!r}")
     return out
 
 
@@ -131,6 +142,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--replication", type=int, default=1, help="replication factor in --cluster mode"
     )
     p.add_argument(
+        "--recall",
+        type=parse_float_list,
+        default=[0.95],
+        help="--cluster: also search by these target recalls (each node its own probes; "
+        "empty to skip)",
+    )
+    p.add_argument(
+        "--query-batch",
+        type=int,
+        default=100,
+        help="--cluster: query vectors per request of the 1-node batch figure (0 to skip)",
+    )
+    p.add_argument("--batch-nprobe", type=int, default=32, help="nprobe of the batch figure")
+    p.add_argument(
         "--window", type=float, default=5.0, help="seconds of search load before/after a rebalance"
     )
     p.add_argument(
@@ -155,6 +180,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.train_min is None:
             # 20,000 / 8 shards = 2,500 per shard, below the default 4096: train earlier.
             args.train_min = 1024
+    if args.cluster and args.nprobe == [4, 8, 16, 32, 64]:
+        args.nprobe = [32]  # the figure; the target recalls give the other view
     if args.kill_rewrites is None:
         args.kill_rewrites = 2_000 if args.quick else 10_000
     return args

@@ -187,7 +187,7 @@ async def wait_trained(
         states = [s["index_state"] for s in desc["shard_states"]]
         counts = [s["count"] for s in desc["shard_states"]]
         last = {"count": desc["count"], "states": states, "shard_counts": counts}
-        if desc["count"] == n and all(s == "trained" for s in states):
+        if desc["count"] == n and all(s == "trained" for s in states) and settled(desc):
             break
         never = [
             s["shard"]
@@ -207,6 +207,17 @@ async def wait_trained(
             raise RuntimeError(f"shards not trained within {TRAIN_TIMEOUT_S:.0f}s: {last}")
         await asyncio.sleep(TRAIN_POLL_S)
     return {"seconds_after_ingest": time.perf_counter() - t0, **last}
+
+
+def settled(desc: dict[str, Any]) -> bool:
+    """No shard's index is due a retraining: its vectors are below the count that triggers
+    the next one. Measuring while the last one of a bulk load runs (it starts once the writes
+    pause) would time the training, and search an index about to change."""
+    for s in desc["shard_states"]:
+        info = s.get("index")
+        if info and info.get("retrain_at") and info["vectors"] >= info["retrain_at"]:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------

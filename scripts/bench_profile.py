@@ -11,6 +11,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,43 @@ async def profile_server(
     summary["raw_file"] = str(keep)
     log(f"py-spy: {summary['samples']} samples over {n} runs of 500 queries -> {keep}")
     return summary
+
+
+async def profile_pids(
+    pids: dict[str, int], seconds: float, out_dir: Path, load: Callable[[], Awaitable[Any]]
+) -> dict[str, Any]:
+    """py-spy on several processes (name → pid) at once while `load()` runs again and again
+    for `seconds`: per process, the top frames (as `summarise_collapsed`)."""
+    exe = pyspy_exe()
+    if exe is None:
+        log("py-spy not installed (pip install py-spy): no profile")
+        return {"error": "py-spy not installed"}
+    procs = {}
+    for name, pid in pids.items():
+        procs[name] = await asyncio.create_subprocess_exec(
+            exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+            "--format", "raw", "--threads", "--nonblocking", "--output",
+            str(out_dir / f"pyspy-{name}.txt"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+    out: dict[str, Any] = {}
+    try:
+        deadline = time.perf_counter() + seconds + 30
+        while any(p.returncode is None for p in procs.values()) \
+                and time.perf_counter() < deadline:
+            await load()
+        for p in procs.values():
+            async with asyncio.timeout(60):
+                await p.communicate()
+    finally:
+        for p in procs.values():
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+    for name in procs:
+        raw = out_dir / f"pyspy-{name}.txt"
+        if raw.exists():
+            summary = summarise_collapsed(raw, top=30)
+            summary.pop("tids")
+            out[name] = summary
+    return out

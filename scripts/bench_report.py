@@ -43,6 +43,8 @@ def environment() -> dict[str, Any]:
         "aiohttp": aiohttp.__version__,
         "platform": platform.platform(),
         "note": f"client and server share the same {affinity} core(s)",
+        # Other work on the machine skews every figure: the 1, 5, 15-minute load at the start.
+        "loadavg_start": list(os.getloadavg()),
     }
 
 
@@ -83,6 +85,7 @@ def run_and_record(
             status = 130
         finally:
             results["wall_s"] = time.perf_counter() - t0
+            results["environment"]["loadavg_end"] = list(os.getloadavg())
             args.out.write_bytes(
                 orjson.dumps(results, option=orjson.OPT_INDENT_2 | OPT_NP | orjson.OPT_NON_STR_KEYS)
             )
@@ -249,33 +252,37 @@ def report_cluster(args: argparse.Namespace, ds: Dataset, results: dict[str, Any
                 f"{r['nodes']} node(s): ingest {r['ingest']['docs_per_s']:,.0f} docs/s; "
                 f"placement {r.get('placement', {})}"
             )
-    pa = {(p["nprobe"], p["concurrency"]): p for p in a.get("points", [])}
-    pb = {(p["nprobe"], p["concurrency"]): p for p in b.get("points", [])}
+    def key(p: dict[str, Any]) -> tuple[str, float, int]:
+        return p.get("mode", "nprobe"), p.get("target", p["nprobe"]), p["concurrency"]
+
+    pa = {key(p): p for p in a.get("points", [])}
+    pb = {key(p): p for p in b.get("points", [])}
     rows = []
-    for key in pa:
-        x, y = pa[key], pb.get(key)
+    for k in pa:
+        x, y = pa[k], pb.get(k)
         if y is None:
             continue
         rows.append(
             [
-                str(key[0]),
-                str(key[1]),
+                f"{k[0]} {k[1]:g}",
+                str(k[2]),
                 f"{x['recall']:.4f}",
                 f"{y['recall']:.4f}",
                 f"{x['qps']:,.0f}",
                 f"{y['qps']:,.0f}",
                 f"{y['qps'] / x['qps']:.2f}",
-                f"{x['lat_p50_ms']:.1f}",
-                f"{y['lat_p50_ms']:.1f}",
+                f"{x['lat_p50_ms']:.2f}",
+                f"{y['lat_p50_ms']:.2f}",
                 f"{x['lat_p99_ms']:.1f}",
                 f"{y['lat_p99_ms']:.1f}",
-                f"{x['server_cpu_s'] / x['seconds']:.2f}",
-                f"{y['server_cpu_s'] / y['seconds']:.2f}",
+                f"{cpu_ms(x):.2f}",
+                f"{cpu_ms(y):.2f}",
+                f"{cpu_ms(y) / cpu_ms(x):.2f}",
                 f"{x['failures']}/{y['failures']}",
             ]
         )
     h = [
-        "nprobe",
+        "search",
         "c",
         f"recall {na}n",
         f"recall {nb}n",
@@ -286,17 +293,114 @@ def report_cluster(args: argparse.Namespace, ds: Dataset, results: dict[str, Any
         f"p50 {nb}n",
         f"p99 {na}n",
         f"p99 {nb}n",
-        f"cores {na}n",
-        f"cores {nb}n",
+        f"cpu {na}n",
+        f"cpu {nb}n",
+        "ratio",
         "fail",
     ]
-    print("\nLatency in ms; cores = CPU seconds of all node processes per second of wall time")
+    print("\nLatency in ms; cpu = CPU ms of all node processes per query answered")
     print(fmt_table(h, rows))
+    summary = fanout_summary(pa, pb)
+    res["summary"] = summary
+    for line in summary_lines(summary, na, nb):
+        print(line)
+    batch_lines(a, res.get("faiss_batches"))
+    env = results["environment"]
+    print(f"Machine load (1/5/15 min): start {env.get('loadavg_start')}, "
+          f"end {env.get('loadavg_end')}")
     for r in runs:
         if r.get("log_warnings"):
             print(f"{r['nodes']} node(s): {len(r['log_warnings'])} WARNING/ERROR log line(s), e.g.")
             for ln in r["log_warnings"][:3]:
                 print(f"    {ln[:200]}")
+
+
+def cpu_ms(p: dict[str, Any]) -> float:
+    """CPU milliseconds of all node processes per query answered."""
+    return float(p["server_cpu_s"]) * 1000 / max(1, int(p["ok"]))
+
+
+def cpu_net_ms(p: dict[str, Any]) -> float:
+    """The same, less what the nodes burn idle (gossip, timers) over the point's time."""
+    idle = float(p.get("idle_cores", 0.0)) * float(p["seconds"])
+    return max(0.0, float(p["server_cpu_s"]) - idle) * 1000 / max(1, int(p["ok"]))
+
+
+def fanout_summary(
+    pa: dict[tuple[str, float, int], dict[str, Any]],
+    pb: dict[tuple[str, float, int], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Per way of searching (an nprobe, a target recall): the issue's figures, p50 at the
+    lowest concurrency and what fan-out adds to it, q/s at the highest and their ratio, and CPU
+    per query (of the lowest concurrency: nothing queues there) and its ratio."""
+    out = []
+    for mode, target in dict.fromkeys((m, t) for m, t, _ in pa):
+        cs = sorted(c for m, t, c in pa if (m, t) == (mode, target) and (m, t, c) in pb)
+        if not cs:
+            continue
+        lo, hi = (mode, target, cs[0]), (mode, target, cs[-1])
+        out.append({
+            "mode": mode, "target": target, "c_low": cs[0], "c_high": cs[-1],
+            "recall_1": pa[lo]["recall"], "recall_n": pb[lo]["recall"],
+            "p50_1_ms": pa[lo]["lat_p50_ms"], "p50_n_ms": pb[lo]["lat_p50_ms"],
+            "p50_added_ms": pb[lo]["lat_p50_ms"] - pa[lo]["lat_p50_ms"],
+            "qps_1": pa[hi]["qps"], "qps_n": pb[hi]["qps"],
+            "qps_ratio": pb[hi]["qps"] / pa[hi]["qps"],
+            "cpu_ms_1": cpu_ms(pa[lo]), "cpu_ms_n": cpu_ms(pb[lo]),
+            "cpu_ratio": cpu_ms(pb[lo]) / cpu_ms(pa[lo]),
+            "cpu_ms_1_high": cpu_ms(pa[hi]), "cpu_ms_n_high": cpu_ms(pb[hi]),
+            "cpu_net_ms_1": cpu_net_ms(pa[lo]), "cpu_net_ms_n": cpu_net_ms(pb[lo]),
+            "cpu_net_ms_1_high": cpu_net_ms(pa[hi]), "cpu_net_ms_n_high": cpu_net_ms(pb[hi]),
+        })
+    return out
+
+
+def summary_lines(summary: list[dict[str, Any]], na: int, nb: int) -> list[str]:
+    lines = [f"\nFan-out, {na} vs {nb} nodes (goals: added p50 <= 0.4 ms, q/s ratio >= 0.6, "
+             "CPU ratio <= 2):"]
+    for x in summary:
+        lines.append(
+            f"  {x['mode']} {x['target']:g}: recall {x['recall_1']:.4f} / {x['recall_n']:.4f}; "
+            f"p50 at c={x['c_low']} {x['p50_1_ms']:.2f} / {x['p50_n_ms']:.2f} ms "
+            f"(+{x['p50_added_ms']:.2f}); q/s at c={x['c_high']} {x['qps_1']:,.0f} / "
+            f"{x['qps_n']:,.0f} ({x['qps_ratio']:.2f}x); CPU per query at c={x['c_low']} "
+            f"{x['cpu_ms_1']:.2f} / {x['cpu_ms_n']:.2f} ms ({x['cpu_ratio']:.2f}x), at "
+            f"c={x['c_high']} {x['cpu_ms_1_high']:.2f} / {x['cpu_ms_n_high']:.2f} ms "
+            f"({x['cpu_ms_n_high'] / x['cpu_ms_1_high']:.2f}x); less idle CPU: "
+            f"{x['cpu_net_ms_1']:.2f} / {x['cpu_net_ms_n']:.2f} ms "
+            f"({x['cpu_net_ms_n'] / max(1e-9, x['cpu_net_ms_1']):.2f}x) at c={x['c_low']}, "
+            f"{x['cpu_net_ms_1_high']:.2f} / {x['cpu_net_ms_n_high']:.2f} ms "
+            f"({x['cpu_net_ms_n_high'] / max(1e-9, x['cpu_net_ms_1_high']):.2f}x) at "
+            f"c={x['c_high']}"
+        )
+    return lines
+
+
+def batch_lines(one: dict[str, Any], ref: dict[str, Any] | None) -> None:
+    """The 1-node batch figure beside FAISS in-process (same nlist, nprobe, batches)."""
+    batches = one.get("batches") or []
+    if not batches:
+        return
+    print(f"\nOne node, {batches[0]['per_request']} query vectors per request, nprobe "
+          f"{batches[0]['nprobe']} (goal: >= 0.7x in-process FAISS batch throughput):")
+    for b in batches:
+        line = (f"  node c={b['concurrency']}: {b['qps']:,.0f} q/s, recall {b['recall']:.4f}, "
+                f"CPU {b['server_cpu_ms_per_query']:.3f} ms/query")
+        if ref:
+            faiss_qps = ref["qps_1_thread"] if b["concurrency"] == 1 else ref["qps_all_cores"]
+            which = "1 thread" if b["concurrency"] == 1 else "all cores"
+            line += f"; FAISS ({which}) {faiss_qps:,.0f} q/s: {b['qps'] / faiss_qps:.2f}x"
+            faiss_cpu = ref.get("cpu_ms_per_query_1_thread")
+            if faiss_cpu:
+                net = b.get("server_cpu_net_ms_per_query") or b["server_cpu_ms_per_query"]
+                line += (f"; FAISS CPU {faiss_cpu:.3f} ms/query: node/FAISS throughput per "
+                         f"CPU second {faiss_cpu / b['server_cpu_ms_per_query']:.2f}x "
+                         f"({faiss_cpu / max(1e-9, net):.2f}x less the node's idle CPU, "
+                         f"{b.get('idle_cores', 0.0):.3f} cores)")
+        print(line)
+    if ref:
+        print(f"  FAISS IVF{ref['nlist']} (the node's nlist, trained on its first "
+              f"{ref['trained_on']:,}) recall {ref['recall']:.4f}")
 
 
 def report_rebalance(results: dict[str, Any], concurrency: int) -> None:

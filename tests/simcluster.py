@@ -28,6 +28,7 @@ from aquila.cluster.model.operations import DocBatch
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.cluster.movement.healer import HealerConfig
 from aquila.cluster.peers.memory import MemoryPeerNet
+from aquila.cluster.replication.backend import ShardBackend
 from aquila.cluster.replication.membackend import MemoryBackend
 from aquila.cluster.service import ClusterService, ClusterSettings
 from aquila.cluster.state.entries import ClusterState, CollectionEntry
@@ -45,6 +46,8 @@ class SimNode:
     id: str
     addr: str
     backend: MemoryBackend = field(default_factory=MemoryBackend)
+    # In place of `backend` when set: other storage (a real engine, for what FAISS decides).
+    storage: ShardBackend | None = None
     state_file: bytes = b""  # what the runtime persisted last (survives a kill)
     service: ClusterService | None = None
 
@@ -98,7 +101,7 @@ class SimCluster:
 
         index = int(node.id[1:])
         svc = ClusterService.build(
-            node.id, node.addr, node.backend, persist, self.hub.client(node.addr),
+            node.id, node.addr, node.storage or node.backend, persist, self.hub.client(node.addr),
             self.net.transport(node.addr), self.net.push_pull(node.addr), self.clock,
             rng=random.Random(self.seed * 1000 + index), settings=self.settings,
             initial=initial,

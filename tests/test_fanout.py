@@ -11,6 +11,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from aquila.cluster.clock import ManualClock, track
 from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.errors import BadRequest, Unavailable
 from aquila.cluster.model.merge import merge_topk
+from aquila.cluster.replication import fanout
 from aquila.cluster.replication.fanout import (
     HEDGE_SHARE,
     FanoutResult,
@@ -361,6 +363,9 @@ def node_answers(draw: st.DrawFn) -> tuple[list[list[list[Hit]]], int, int, bool
 def test_array_merge_equals_the_heap_merge(case: tuple[list[list[list[Hit]]], int, int, bool]
                                            ) -> None:
     answers, nq, k, larger = case
-    got = merge_rows(answers, nq, k, larger)
     want = old_merge_rows(answers, nq, k, larger)
-    assert [[h.id for h in row] for row in got] == [[h.id for h in row] for row in want]
+    # Both ways of merging: sorted in Python (small merges), and on arrays (the rest).
+    for small in (fanout.SMALL_MERGE, -1):
+        with mock.patch.object(fanout, "SMALL_MERGE", small):
+            got = merge_rows(answers, nq, k, larger)
+        assert [[h.id for h in row] for row in got] == [[h.id for h in row] for row in want]

@@ -21,6 +21,9 @@ MAX_RECALL = 0.999
 MAX_CURVE_POINTS = 64
 
 Curve = list[tuple[int, float]]
+# Per nprobe, the share of calibration queries whose r-th nearest neighbour was found, for r =
+# 1, 2, ... CALIBRATION_K: recall@m for any m up to it is the mean of the first m.
+RankCurve = list[tuple[int, list[float]]]
 
 
 def check_target(raw: Any, field: str = "recall") -> float:
@@ -64,6 +67,40 @@ def nprobe_for(curve: Sequence[tuple[int, float]], target: float) -> int:
         if r >= target:
             return n
     return curve[-1][0]
+
+
+def curve_at(by_rank: Sequence[tuple[int, Sequence[float]]], top: int) -> Curve:
+    """recall@top by nprobe from a curve by rank (made non-decreasing as every curve is)."""
+    return monotone([(n, sum(p[:top]) / len(p[:top])) for n, p in by_rank if p])
+
+
+def share_top(k: int, held: int, shards: int) -> int:
+    """Of a search's k best over the whole collection, about how many rank among a node's
+    own best when its index holds `held` of the collection's `shards` (ids hash evenly over
+    shards): the global k best are each node's own best, k·held/shards of them. A node that
+    meets a target recall@k·held/shards over its own data meets the target recall@k of the
+    whole, where recall@k of its own data would ask for more than that (it holds the k best of
+    the collection only in part; its k-th best is far down the collection's ranking)."""
+    return max(1, math.ceil(k * held / max(1, shards)))
+
+
+def checked_rank_curve(raw: Any, k: int) -> RankCurve:
+    """A curve by rank as a snapshot keeps it: bounded, nprobe ascending, k shares each."""
+    if not isinstance(raw, list) or len(raw) > MAX_CURVE_POINTS:
+        raise BoundsError(f"a rank curve is a list of at most {MAX_CURVE_POINTS} points")
+    out: RankCurve = []
+    for p in raw:
+        if not isinstance(p, list | tuple) or len(p) != 2 or not isinstance(p[1], list) \
+                or len(p[1]) != k:
+            raise BoundsError(f"a rank curve's point is [nprobe, [{k} shares]]")
+        n = p[0]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NPROBE:
+            raise BoundsError("a rank curve's nprobe is an integer")
+        if not all(isinstance(r, int | float) and not isinstance(r, bool) and 0 <= r <= 1
+                   for r in p[1]):
+            raise BoundsError("a rank curve's share is a number from 0 to 1")
+        out.append((n, [float(r) for r in p[1]]))
+    return sorted(out)
 
 
 def checked_curve(raw: Any) -> Curve:

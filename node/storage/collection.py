@@ -31,6 +31,7 @@ from aquila.cluster.model.digests import BUCKETS, bucket_of, digests, format_dig
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.filters import Filter
+from aquila.cluster.model.recall import share_top
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import remove_stale_temps, write_atomic
@@ -86,6 +87,10 @@ class IndexState:
     """An IVF index is being trained in the background; the current index keeps serving."""
     TRAINED = "trained"
     """Serving from a trained IVF index (or a collection of type flat, which never trains)."""
+
+
+# Query rows a search thread takes at least when a batch is split over several.
+SPLIT_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -549,7 +554,10 @@ class Collection:
 
         q = prepare(queries, self.spec.metric)
         if recall is not None:
-            probe = self.index.nprobe_for(recall)
+            # Holding part of the collection, this node holds part of its k best: it
+            # meets the target on its share of them (see `model.recall.share_top`).
+            probe = self.index.nprobe_for(
+                recall, share_top(k, len(self.shards), self.spec.shards))
         else:
             probe = nprobe or self.spec.index.nprobe
         # The probes a plan names (an exact index probes no lists: a search by recall then
@@ -598,8 +606,18 @@ class Collection:
 
     async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[list[Hit]]:
         probe, wanted, with_vectors = key
+        # A large batch (one request of many vectors, or many requests batched) is split
+        # over the search threads: FAISS runs single-threaded on each, and one request
+        # alone would otherwise leave the other cores idle.
+        parts = max(1, min(self.blocking.search_threads, len(q) // SPLIT_ROWS))
         async with self.rw.read():
-            return await self.blocking.search(run_batch, self, q, k, probe, wanted, with_vectors)
+            if parts == 1:
+                return await self.blocking.search(
+                    run_batch, self, q, k, probe, wanted, with_vectors)
+            got = await asyncio.gather(*(
+                self.blocking.search(run_batch, self, part, k, probe, wanted, with_vectors)
+                for part in np.array_split(q, parts)))
+        return [row for rows in got for row in rows]
 
     async def _run_filtered(
         self, key: Any, q: np.ndarray, k: int

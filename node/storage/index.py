@@ -27,7 +27,16 @@ import faiss as _faiss
 import numpy as np
 import orjson
 
-from aquila.cluster.model.recall import Curve, checked_curve, ladder, monotone, nprobe_for
+from aquila.cluster.model.recall import (
+    Curve,
+    RankCurve,
+    checked_curve,
+    checked_rank_curve,
+    curve_at,
+    ladder,
+    monotone,
+    nprobe_for,
+)
 from aquila.cluster.model.spec import CollectionSpec, pq_m
 from aquila.node.files import write_atomic
 
@@ -95,6 +104,11 @@ class VectorIndex:
     # IVF: recall@CALIBRATION_K by nprobe, measured when trained (see `calibrate`); kept in
     # the snapshot with the index.
     curve: Curve = field(default_factory=list)
+    # The same calibration by rank (see `model.recall.RankCurve`): what recall@m costs for m
+    # below CALIBRATION_K, for a node holding part of a collection. Empty in a snapshot of an
+    # older version: recall@CALIBRATION_K serves for every m then.
+    by_rank: RankCurve = field(default_factory=list)
+    _at: dict[int, Curve] = field(default_factory=dict, repr=False)
     # IVF only, built on first use, then kept current by add and remove: per shard, the
     # inverted list holding each label (-1: none), so a filter's matches per list are counted
     # with one bincount (see `lists_of`).
@@ -111,10 +125,18 @@ class VectorIndex:
     def nlist(self) -> int:
         return int(self.index.nlist) if self.trained else 1
 
-    def nprobe_for(self, recall: float) -> int:
+    def nprobe_for(self, recall: float, top: int = CALIBRATION_K) -> int:
         """The fewest probes that reached `recall` when the index was calibrated (1 for an
-        exact index, which every search scans whole)."""
-        return nprobe_for(self.curve, recall) if self.trained else 1
+        exact index, which every search scans whole): recall@CALIBRATION_K, or recall@`top`
+        when fewer (the share of a search's best that a node's part holds, `share_top`)."""
+        if not self.trained:
+            return 1
+        if top >= CALIBRATION_K or not self.by_rank:
+            return nprobe_for(self.curve, recall)
+        curve = self._at.get(top)
+        if curve is None:
+            curve = self._at[top] = curve_at(self.by_rank, top)
+        return nprobe_for(curve, recall)
 
     def calibrate(self, vectors: np.ndarray, keys: np.ndarray, metric: str,
                   queries: int = CALIBRATION_QUERIES, seed: int = 0) -> Curve:
@@ -138,21 +160,31 @@ class VectorIndex:
         """`calibrate` with the exact answers known: `q` stored vectors (keys `own`), `truth`
         the keys of their CALIBRATION_K + 1 nearest stored vectors, best first (themselves
         among them; left out of both sides)."""
+        self._at = {}
         if not self.trained or not len(q):
-            self.curve = []
+            self.curve, self.by_rank = [], []
             return self.curve
         k = min(CALIBRATION_K, truth.shape[1] - 1)
-        want = [set(t[(t != o) & (t >= 0)][:k].tolist()) for t, o in zip(truth, own, strict=True)]
-        total = sum(len(w) for w in want)
+        ranked = [t[(t != o) & (t >= 0)][:k].tolist() for t, o in zip(truth, own, strict=True)]
+        total = sum(len(w) for w in ranked)
+        # Queries that have an r-th neighbour at all, per rank r.
+        have = np.bincount([r for w in ranked for r in range(len(w))], minlength=k)
         points: list[tuple[int, float]] = []
+        by_rank: RankCurve = []
         for nprobe in ladder(self.nlist):
             _, found = self.search(q, k + 1, nprobe)
-            hit = sum(len(w & set(f[f != o][:k].tolist()))
-                      for w, f, o in zip(want, found, own, strict=True))
-            points.append((nprobe, hit / max(1, total)))
+            per_rank = np.zeros(k)
+            for w, f, o in zip(ranked, found, own, strict=True):
+                got = set(f[f != o][:k].tolist())
+                for r, key in enumerate(w):
+                    per_rank[r] += key in got
+            points.append((nprobe, float(per_rank.sum()) / max(1, total)))
+            by_rank.append((nprobe, [round(float(x), 4)
+                                     for x in per_rank / np.maximum(have, 1)]))
             if points[-1][1] >= 0.9999:  # every larger nprobe finds them all too
                 break
         self.curve = monotone(points)
+        self.by_rank = by_rank if k == CALIBRATION_K else []
         return self.curve
 
     @staticmethod
@@ -381,7 +413,7 @@ class VectorIndex:
         mid-write leaves the previous snapshot in place."""
         payload = self.serialize() if payload is None else payload
         meta = orjson.dumps({"covered": {str(s): q for s, q in covered.items()},
-                             "curve": self.curve})
+                             "curve": self.curve, "by_rank": self.by_rank})
         head = _SNAP_HEADER.pack(self.trained_at, int(self.trained), self.bits,
                                  zlib.crc32(payload, zlib.crc32(meta)), len(meta),
                                  payload.nbytes)
@@ -416,16 +448,19 @@ class VectorIndex:
             return None
         meta = orjson.loads(raw_meta)
         curve: Curve = []
+        by_rank: RankCurve = []
         if isinstance(meta, dict) and "covered" in meta:
             try:
                 curve = checked_curve(meta.get("curve", []))
+                by_rank = checked_rank_curve(meta.get("by_rank", []), CALIBRATION_K)
             except ValueError:
                 return None
             meta = meta["covered"]
         covered = {int(s): int(q) for s, q in meta.items()}
         if kind:
             faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
-        return VectorIndex(index, bool(kind), int(trained_at), bits, curve=curve), covered
+        return VectorIndex(index, bool(kind), int(trained_at), bits, curve=curve,
+                           by_rank=by_rank), covered
 
 
 def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray) -> np.ndarray:
