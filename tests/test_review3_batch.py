@@ -4,10 +4,19 @@ general path only) and fail with t-batch's fast path; skipped until its author f
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
-from tests.conftest import StartNode, expect_error
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.node.blocking import Blocking
+from aquila.node.storage.collection import Tuning
+from aquila.node.storage.engine import Engine
+from tests.conftest import StartNode, expect_error, wait_for
 
 DIM = 8
 # t-batch's fast path takes bodies of 32 KiB and more (FAST_SEARCH_BYTES).
@@ -63,3 +72,50 @@ async def test_a_search_body_over_the_limit_is_refused_by_the_fast_path_too(
     resp = await node.client.post("/v1/collections/c/search", data=small.encode(),
                                   headers={"Content-Type": "application/json"})
     assert resp.status == 200
+
+
+@pytest.mark.skip(reason="defect in t-batch: Collection._run_batch gathers the parts of a "
+                         "split batch with asyncio.gather, which raises at the first part's "
+                         "error and leaves rw.read() while the other parts still search the "
+                         "index on their threads")
+async def test_a_failed_part_of_a_split_batch_waits_for_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search returns (or raises) only once no thread of it reads the index any more: the
+    read lock it holds is what keeps index updates and swaps away from FAISS."""
+    from aquila.node.storage.search import run_batch as real
+
+    blocking = Blocking(2)
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(CollectionSpec("c", 4, "l2", 1, 1, IndexSpec("flat")), [0], "u")
+    await coll.write({0: [Incoming(f"d{i}", np.full(4, float(i), np.float32), b"{}", 1, "n1")
+                          for i in range(10)]})
+    running, release = [0], threading.Event()
+    lock = threading.Lock()
+
+    def run(c: Any, q: np.ndarray, *args: Any) -> Any:
+        with lock:
+            running[0] += 1
+        try:
+            if q[0, 0] < 0:  # the part that fails
+                raise RuntimeError("a part failed")
+            release.wait(5)  # the part still searching
+            return real(c, q, *args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    q = np.ones((128, 4), np.float32)
+    q[0] = -1.0  # the first part fails at once; the others are still in FAISS
+    monkeypatch.setattr("aquila.node.storage.collection.run_batch", run)
+    try:
+        with pytest.raises(RuntimeError):
+            await coll.search(q, 3, None)
+        still = running[0]
+    finally:
+        release.set()
+    await wait_for(lambda: running[0] == 0, 10, what="the parts to end")
+    await engine.close()
+    blocking.close()
+    assert still == 0, f"{still} part(s) still read the index after the search ended"

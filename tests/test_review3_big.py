@@ -37,17 +37,16 @@ def doc(i: int) -> Incoming:
 async def test_a_trained_index_is_snapshotted_after_a_snapshot_during_its_training(
     tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aquila.node.storage import collection as collection_mod
+    from aquila.node.storage.training import train_streamed as real
 
     gate, started = threading.Event(), threading.Event()
-    real = collection_mod.train_streamed
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         started.set()
         gate.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(collection_mod, "train_streamed", slow)
+    monkeypatch.setattr("aquila.node.storage.collection.train_streamed", slow)
     spec = CollectionSpec("s", 4, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
     await engine.start()
@@ -63,7 +62,7 @@ async def test_a_trained_index_is_snapshotted_after_a_snapshot_during_its_traini
     await wait_for(lambda: not coll.training and coll.index.trained, 30,
                    what="the training to end")
     await engine.close()
-    monkeypatch.setattr(collection_mod, "train_streamed", real)
+    monkeypatch.setattr("aquila.node.storage.collection.train_streamed", real)
     # A restart serves the trained index from its snapshot: no training again.
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
     await engine.start()
