@@ -128,6 +128,10 @@ class Collection:
         self.shards: dict[int, Shard] = {}
         self.index = VectorIndex.flat(spec.dim, spec.metric, spec.shards)
         self.snapshot_seqs: dict[int, int] = {}
+        # The trained index the snapshot file holds (None: not a trained one). A training's
+        # swap changes no change-log position: without this, a snapshot taken after the last
+        # write and before the swap left the new index unsaved (a restart trained again).
+        self._saved: VectorIndex | None = None
         self.training = False
         self.rw = RWLock()
         self.write_mutex = asyncio.Lock()
@@ -203,6 +207,7 @@ class Collection:
             for s, shard in self.shards.items():
                 self._apply_sync(shard.changes_after(covered.get(s, 0)))
             self.snapshot_seqs = covered
+            self._saved = self.index
         else:
             if self.snap_path.exists():
                 log.warning("%s: snapshot damaged or stale; rebuilding from the store",
@@ -268,7 +273,7 @@ class Collection:
             # load them under labels of other documents. Gone first (a crash before the
             # record leaves the shard held, rebuilt from the store); the next is due.
             await self.blocking.write(self.snap_path.unlink, True)
-            self.snapshot_seqs = {}
+            self.snapshot_seqs, self._saved = {}, None
             await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
             shard = self.shards.pop(s)
             await self.blocking.write(self.index.remove, shard.keys())
@@ -737,12 +742,15 @@ class Collection:
             raise
 
     def _dirty(self) -> bool:
+        if self.index.trained and self.index is not self._saved:
+            return True
         return any(sh.applied_seq > self.snapshot_seqs.get(s, 0) for s, sh in self.shards.items())
 
     def _snapshot_sync(self) -> None:
         covered = {s: sh.applied_seq for s, sh in self.shards.items()}
         self.index.save(self.snap_path, covered)
         self.snapshot_seqs = covered
+        self._saved = self.index
 
     async def snapshot(self) -> None:
         """Serialise under the locks (quick), write the file outside them."""
@@ -757,6 +765,7 @@ class Collection:
                 index = self.index
             await self.blocking.background(index.save, self.snap_path, covered, payload)
             self.snapshot_seqs = covered
+            self._saved = index
             del payload
             # What writes and the serialised copy left in the C heap, back to the system.
             await self.blocking.background(release_memory)
