@@ -619,10 +619,15 @@ class Collection:
             if parts == 1:
                 return await self.blocking.search(
                     run_batch, self, q, k, probe, wanted, with_vectors)
+            # Every part ends before the read lock is left, a failed one too: the lock is
+            # what keeps index updates and swaps away from the parts still in FAISS.
             got = await asyncio.gather(*(
                 self.blocking.search(run_batch, self, part, k, probe, wanted, with_vectors)
-                for part in np.array_split(q, parts)))
-        return [row for rows in got for row in rows]
+                for part in np.array_split(q, parts)), return_exceptions=True)
+        for rows in got:
+            if isinstance(rows, BaseException):
+                raise rows
+        return [row for rows in got if not isinstance(rows, BaseException) for row in rows]
 
     async def _run_filtered(
         self, key: Any, q: np.ndarray, k: int

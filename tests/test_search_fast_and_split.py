@@ -1,6 +1,6 @@
-"""Defects found in review of t-batch's search fast path (node/http/fastsearch.py): what the
-general path (orjson, then parse_search) refuses must stay refused. These pass on main (the
-general path only) and fail with t-batch's fast path; skipped until its author fixes them."""
+"""Defects found in review of a search fast path and of split batches: what the general path
+(orjson, then parse_search) refuses must stay refused by the fast path (node/http/fastsearch.py),
+and a split batch leaves its read lock only once every part has ended."""
 
 from __future__ import annotations
 
@@ -23,9 +23,6 @@ DIM = 8
 PAD = b" " * (40 * 1024)
 
 
-@pytest.mark.skip(reason="defect in t-batch: fastsearch.search_from_json counts '[' of the "
-                         "other fields in their minified form, where an escaped '\\u005b' in a "
-                         "string is a literal '[', so one nested array in a vector is not seen")
 async def test_a_nested_vector_stays_refused_whatever_a_filter_string_holds(
     start_node: StartNode,
 ) -> None:
@@ -47,9 +44,6 @@ async def test_a_nested_vector_stays_refused_whatever_a_filter_string_holds(
     await expect_error(resp, 400, "invalid_vector")
 
 
-@pytest.mark.skip(reason="defect in t-batch: api.search hands bodies of up to twice "
-                         "max_body_bytes (max_wire_bytes) to the fast path, which never applies "
-                         "the body limit that decode_body applies (413 payload_too_large)")
 async def test_a_search_body_over_the_limit_is_refused_by_the_fast_path_too(
     start_node: StartNode,
 ) -> None:
@@ -74,10 +68,6 @@ async def test_a_search_body_over_the_limit_is_refused_by_the_fast_path_too(
     assert resp.status == 200
 
 
-@pytest.mark.skip(reason="defect in t-batch: Collection._run_batch gathers the parts of a "
-                         "split batch with asyncio.gather, which raises at the first part's "
-                         "error and leaves rw.read() while the other parts still search the "
-                         "index on their threads")
 async def test_a_failed_part_of_a_split_batch_waits_for_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
