@@ -112,12 +112,15 @@ async def ingest(session: aiohttp.ClientSession, url: str, x: np.ndarray, batch:
 
 async def wait_settled(session: aiohttp.ClientSession, url: str, n: int,
                        limit_s: float = 3600) -> dict[str, Any]:
-    """The description once every shard is trained, nothing trains and the count is n."""
+    """The description once every shard is trained, nothing trains, no retraining is due
+    (one waits for writes to pause, up to half a minute) and the count is n."""
     deadline = time.perf_counter() + limit_s
     while time.perf_counter() < deadline:
         desc = await call(session, "GET", f"{url}/v1/collections/{COLLECTION}")
         states = {s["index_state"] for s in desc["shard_states"]}
-        if states == {"trained"} and desc["count"] == n:
+        due = any(s.get("index", {}).get("retrain_at", 0) and
+                  s["index"]["retrain_at"] <= desc["count"] for s in desc["shard_states"])
+        if states == {"trained"} and desc["count"] == n and not due:
             return dict(desc)
         await asyncio.sleep(1)
     raise RuntimeError("the collection did not settle")
