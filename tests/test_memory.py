@@ -7,6 +7,7 @@ Start reads no record (the persisted bookkeeping rebuilds to exactly what a full
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -24,7 +25,9 @@ from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
+from aquila.node.storage.index import VectorIndex, global_keys
 from aquila.node.storage.store import Store, label_key
+from aquila.node.storage.training import compacted
 from tests.conftest import wait_for
 
 SHARDS = 2
@@ -240,3 +243,48 @@ async def test_counters_of_a_group_commit_survive_a_restart(tmp_path: Path, bloc
         assert shard.count == len(await asyncio.to_thread(live_by_scan, coll, s))
         assert shard.digests == await asyncio.to_thread(scanned_digests, coll, s)
     await engine.close()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def test_a_trained_index_is_compacted_to_its_size(tmp_path: Path) -> None:
+    """Added to chunk by chunk, each inverted list grows by doubling and holds a third or so
+    more than its vectors (what a restart from the snapshot never has); the compacted index
+    answers the same and holds no more than its vectors, ids and id map, and the scratch
+    file is gone."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc's mallinfo2 is needed to count the heap")
+    libc.mallinfo2.restype = _MallInfo2
+
+    def in_use() -> int:
+        m = libc.mallinfo2()
+        return int(m.uordblks + m.hblkhd)
+
+    dim, n = 32, 60_000
+    spec = CollectionSpec("c", dim, "l2", 1, 1, IndexSpec("ivf_flat"))
+    x = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    index = VectorIndex.new_ivf(spec, 64, n)
+    index.index.train(x[: 64 * 64])
+    gc.collect()
+    base = in_use()
+    for lo in range(0, n, 500):
+        index.add(x[lo:lo + 500], global_keys(0, np.arange(lo, lo + 500)))
+    grown = in_use() - base
+    scores, keys = index.search(x[:50], 10, 8)
+    out = compacted(index, tmp_path / ".compact.tmp")
+    gc.collect()
+    held = in_use() - base
+    raw = n * (dim * 4 + 8)  # codes and ids
+    assert grown > 1.2 * raw  # the doubling's slack (besides the id map's ~40 B a vector)
+    assert held < grown - 0.15 * raw, (grown, held, raw)
+    s2, k2 = out.search(x[:50], 10, 8)
+    assert (k2 == keys).all() and np.allclose(s2, scores)
+    assert list(tmp_path.iterdir()) == []
+    assert np.allclose(out.vectors_of(global_keys(0, np.arange(5))), x[:5])  # the id map
+    out.remove(global_keys(0, np.arange(5)))
+    assert out.ntotal == n - 5

@@ -33,7 +33,7 @@ from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.blocking import Blocking
-from aquila.node.files import remove_stale_temps, write_atomic
+from aquila.node.files import TMP_SUFFIX, remove_stale_temps, write_atomic
 from aquila.node.storage.batcher import SearchBatcher
 from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist
@@ -43,7 +43,7 @@ from aquila.node.storage.paging import count_shards, scroll_shard
 from aquila.node.storage.search import run_batch
 from aquila.node.storage.shard import IndexOps, Shard
 from aquila.node.storage.store import LAYOUT, Record, Store, WriteBatch
-from aquila.node.storage.training import release_memory, train_streamed
+from aquila.node.storage.training import compacted, release_memory, train_streamed
 
 log = logging.getLogger(__name__)
 
@@ -668,7 +668,7 @@ class Collection:
         if index is None:
             raise RuntimeError("no vectors to train on")
         release_memory()
-        return index
+        return compacted(index, self.root / f".compact{TMP_SUFFIX}")
 
     async def _train(self) -> None:
         """Train in the background while the current index serves; swap it in under the
@@ -694,7 +694,11 @@ class Collection:
                     await self.blocking.write(self._swap_sync, new, mark)
                     log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
             del new
-            # The old index's memory, freed by the swap, back to the system (outside locks).
+            # The old index's memory, freed by the swap, back to the system (outside locks);
+            # the memtables flushed: a training follows a pause in the writes, and what a
+            # bulk load left in them would stay there until the next writes fill them.
+            if not self.closed:
+                self.store.flush_memtables()
             await self.blocking.background(release_memory)
         except Exception:
             log.exception("%s: training failed", self.spec.name)

@@ -201,6 +201,12 @@ class Store:
             return {}
         return out
 
+    def flush_memtables(self) -> None:
+        """Start writing the memtables out to table files (returns at once), which frees
+        them."""
+        if self._db is not None:
+            self._db.flush(False)
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
