@@ -196,7 +196,8 @@ class Collection:
         if loaded is not None and set(loaded[1]) <= set(shards):
             self.index, covered = loaded
             for s, shard in self.shards.items():
-                self._apply_sync(shard.changes_after(covered.get(s, 0)))
+                for ops in shard.replay(covered.get(s, 0)):
+                    self._apply_sync(ops)
             self.snapshot_seqs = covered
         else:
             if self.snap_path.exists():
@@ -711,13 +712,15 @@ class Collection:
         for s, q in upto.items():
             shard = self.shards.get(s)
             if shard is not None:
-                self._apply_sync(shard.changes_after(q), new)
+                for ops in shard.replay(q):
+                    self._apply_sync(ops, new)
 
     def _swap_sync(self, new: VectorIndex, upto: dict[int, int]) -> None:
         old, self.index = self.index, new
         try:
             for s, shard in self.shards.items():
-                self._apply_sync(shard.changes_after(upto[s]))
+                for ops in shard.replay(upto[s]):
+                    self._apply_sync(ops)
         except BaseException:
             self.index = old
             raise

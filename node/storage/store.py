@@ -221,10 +221,15 @@ class Store:
         self.db.put(b"M", raw, self._write_opts)
 
     # -- documents ------------------------------------------------------------------------
-    def get_records(self, shard: int, ids: list[str]) -> list[Record | None]:
+    def get_records(self, shard: int, ids: list[str], *, cache: bool = True
+                    ) -> list[Record | None]:
+        """The records of these ids (None where absent); `cache=False` for reads that do
+        not come back (a replay): they go around the block cache."""
         if not ids:
             return []
-        raws: list[bytes | None] = self.db.get([doc_key(shard, i) for i in ids])  # type: ignore[assignment]
+        keys = [doc_key(shard, i) for i in ids]
+        opts = None if cache else self._scan_opts
+        raws: list[bytes | None] = self.db.get(keys, read_opt=opts)  # type: ignore[assignment,arg-type]
         return [Record.decode(r) if r is not None else None for r in raws]
 
     def get_records_multi(self, keys: list[tuple[int, str]]) -> list[Record | None]:
@@ -339,7 +344,7 @@ class Store:
     def iter_changes(self, shard: int, after_seq: int) -> Iterator[tuple[int, str]]:
         """(seq, id) of every document whose latest change is after `after_seq`, in order."""
         prefix = _shard_key(b"Q", shard)
-        it = self.db.iter()
+        it = self.db.iter(self._scan_opts)  # read once (a replay): around the block cache
         it.seek(change_key(shard, after_seq + 1))
         while it.valid():
             key = it.key()
