@@ -734,7 +734,8 @@ class Collection:
         self.snapshot_seqs = covered
 
     async def snapshot(self) -> None:
-        """Serialise under the locks (quick), write the file outside them."""
+        """Write the file under the locks (into the page cache), make it durable outside
+        them."""
         if self.closed or self.training or not self._dirty():
             return
         async with self._saving:
@@ -742,12 +743,15 @@ class Collection:
                 return
             async with self.rw.read():
                 covered = {s: sh.applied_seq for s, sh in self.shards.items()}
-                payload = await self.blocking.write(self.index.serialize)
                 index = self.index
-            await self.blocking.background(index.save, self.snap_path, covered, payload)
+                staged = await self.blocking.write(index.stage, self.snap_path, covered)
+            try:
+                await self.blocking.background(index.save, self.snap_path, covered, staged)
+            except BaseException:  # cancelled before the commit (which cleans up after itself)
+                staged.unlink(missing_ok=True)
+                raise
             self.snapshot_seqs = covered
-            del payload
-            # What writes and the serialised copy left in the C heap, back to the system.
+            # What writes left in the C heap, back to the system.
             await self.blocking.background(release_memory)
 
 
