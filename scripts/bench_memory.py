@@ -89,9 +89,9 @@ def du_bytes(path: Path) -> int:
 
 
 async def ingest(session: aiohttp.ClientSession, url: str, x: np.ndarray, batch: int,
-                 clients: int, prefix: str = "") -> float:
-    """Seconds to upsert every row of x (ids prefix + row number)."""
-    starts = list(range(0, len(x), batch))
+                 clients: int, prefix: str = "", first: int = 0) -> float:
+    """Seconds to upsert every row of x from row `first` on (ids prefix + row number)."""
+    starts = list(range(first, len(x), batch))
     t0 = time.perf_counter()
     done = [0]
     every = max(batch, len(x) // 20)
@@ -124,6 +124,54 @@ async def wait_settled(session: aiohttp.ClientSession, url: str, n: int,
             return dict(desc)
         await asyncio.sleep(1)
     raise RuntimeError("the collection did not settle")
+
+
+class AttachedNode(Node):
+    """A node this run did not start (`--attach PID`: a run that lost its driver, picked up
+    where it was): signalled and waited for by pid until this run starts it again."""
+
+    def __init__(self, pid: int, env: dict[str, str]) -> None:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        data = Path(argv[argv.index("--data") + 1])
+        super().__init__(data, data.parent / "node.log", env,
+                         host=argv[argv.index("--host") + 1],
+                         port=int(argv[argv.index("--port") + 1]))
+        self._pid = pid
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else self._pid
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return super().alive()
+        try:
+            return Path(f"/proc/{self._pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None:
+            super().signal(sig)
+        elif self.alive():
+            os.kill(self._pid, sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        if self.proc is not None:
+            return super().wait_exit(timeout)
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pid {self._pid} still running")
+            time.sleep(0.05)
+        return 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            super().stop()
+        elif self.alive():
+            os.kill(self._pid, signal.SIGTERM)
+            self.wait_exit(120)
 
 
 class PeakRss:
@@ -257,14 +305,21 @@ def faiss_qps(x: np.ndarray, q: np.ndarray, nlist: int, nprobe: int, seconds: fl
 
 async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.ndarray,
                    truth: np.ndarray, root: Path) -> dict[str, Any]:
-    data = root / itype
-    data.mkdir()
     env = {"AQUILA_FSYNC": "true", "AQUILA_SNAPSHOT_INTERVAL_S": str(args.snapshot_interval),
            "AQUILA_LOG_LEVEL": "INFO"}
-    node = Node(data / "node", data / "node.log", env)
-    (data / "node").mkdir()
-    node.start()
+    node: Node
+    if args.attach:
+        node = AttachedNode(args.attach, env)
+        data = node.data_dir.parent
+    else:
+        data = root / itype
+        data.mkdir()
+        node = Node(data / "node", data / "node.log", env)
+        (data / "node").mkdir()
+        node.start()
     out: dict[str, Any] = {"type": itype, "n": len(x), "dim": x.shape[1]}
+    if args.attach:
+        out["attached_from_row"] = args.first_row
     raw = len(x) * x.shape[1] * 4
     peak = PeakRss(node)
     try:
@@ -272,10 +327,11 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
             url = node.base_url
             await wait_ready(s, node, 120)
             body = {"dim": x.shape[1], "metric": "l2", "index": {"type": itype}}
-            await call(s, "PUT", f"{url}/v1/collections/{COLLECTION}", orjson.dumps(body))
+            if not args.attach:
+                await call(s, "PUT", f"{url}/v1/collections/{COLLECTION}", orjson.dumps(body))
             peak.phase = "ingest"
-            secs = await ingest(s, url, x, args.batch, args.clients)
-            out["ingest_docs_per_s"] = round(len(x) / secs)
+            secs = await ingest(s, url, x, args.batch, args.clients, first=args.first_row)
+            out["ingest_docs_per_s"] = round((len(x) - args.first_row) / secs)
             out["ingest_s"] = round(secs, 1)
             log(f"{itype}: ingested {len(x)} in {secs:.1f}s "
                 f"(rss {rss_mib_of(node.pid):.0f} MiB); waiting for training")
@@ -454,6 +510,9 @@ def main() -> int:
     p.add_argument("--churn", type=float, default=0.0, help="seconds of churn (churn mode)")
     p.add_argument("--churn-live", type=int, default=50_000)
     p.add_argument("--churn-dim", type=int, default=50)
+    p.add_argument("--attach", type=int, default=0, metavar="PID",
+                   help="go on with a node a lost run started (one type), from --first-row")
+    p.add_argument("--first-row", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
