@@ -359,6 +359,7 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
             rest = [r for r in out["search"] if r.get("nprobe") == args.nprobe]
             if rest:
                 out["rest_qps"], out["rest_p99_ms"] = rest[0]["qps"], rest[0]["p99_ms"]
+                out["rest_nprobe"] = args.nprobe
             out["rss_mib_after_search"] = round(rss_mib_of(node.pid), 1)
             for sig in (signal.SIGKILL, signal.SIGTERM):
                 peak.phase = f"restart_{sig.name}"
@@ -487,7 +488,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=96)
@@ -515,12 +516,52 @@ def main() -> int:
     p.add_argument("--first-row", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--keep", action="store_true")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The per-type figures as a text table (what `bench.py --synthetic N --types ...`
+    prints)."""
+    lines = []
+    for r in results:
+        if "type" not in r:
+            continue
+        lines.append(f"{r['type']}  n={r['n']:,} dim={r['dim']}  ({r.get('uptime', '')})")
+        lines.append(f"  ingest {r.get('ingest_docs_per_s', 0):,} docs/s; trained "
+                     f"{r.get('settled_after_ingest_s')} s after the last write "
+                     f"(nlist {r.get('nlist')}, trained on {r.get('trained_at')})")
+        lines.append(f"  RSS {r.get('rss_mib')} MiB = {r.get('rss_over_raw')}x raw after ingest; "
+                     f"{r.get('rss_mib_after_restart')} MiB = "
+                     f"{r.get('rss_after_restart_over_raw')}x after a restart; peaks "
+                     f"{r.get('rss_peak_mib')}; disk {r.get('disk_over_raw')}x raw")
+        for q in r.get("search", []):
+            what = (f"nprobe {q['nprobe']}" if "nprobe" in q
+                    else f"recall {q['recall']} (nprobe {q.get('nprobe_used')})")
+            lines.append(f"  {what:<28} recall@10 {q['recall_at_10']:.4f}  "
+                         f"{q['qps']:>6,} q/s  p99 {q['p99_ms']} ms")
+        for sig in ("SIGKILL", "SIGTERM"):
+            rs = r.get(f"restart_{sig}")
+            if rs:
+                lines.append(f"  restart after {sig}: ready {rs['ready_s']} s, first search "
+                             f"{rs['first_search_s']} s (stop {rs['stop_s']} s)")
+        if r.get("faiss_qps"):
+            lines.append(f"  in-process FAISS ivf_flat nprobe {r.get('rest_nprobe', '')}: "
+                         f"{r['faiss_qps']:,} q/s; REST/FAISS {r.get('rest_over_faiss')}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = asyncio.run(main_async(args))
-    text = json.dumps(results, indent=1)
-    print(text)
     if args.json:
-        args.json.write_text(text)
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main() -> int:
+    args = parse_args()
+    results = run(args)
+    print(json.dumps(results, indent=1))
+    print(table(results))
     return 0
 
 

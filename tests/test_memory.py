@@ -179,7 +179,7 @@ def live_by_scan(coll: Collection, shard: int) -> list[int]:
     return sorted(r.label for _, r in coll.store.iter_docs(shard) if not r.tombstone)
 
 
-@pytest.mark.parametrize("damage", ["none", "stale", "flipped", "truncated", "missing"])
+@pytest.mark.parametrize("damage", ["none", "stale", "staged", "flipped", "truncated", "missing"])
 async def test_start_rebuilds_what_a_scan_gives(tmp_path: Path, blocking: Blocking,
                                                 damage: str) -> None:
     """Whatever the snapshot (current, older than the change log, damaged, cut short, gone),
@@ -202,6 +202,9 @@ async def test_start_rebuilds_what_a_scan_gives(tmp_path: Path, blocking: Blocki
     path = tmp_path / "collections" / "c" / "index.faiss"
     if damage == "stale":
         path.write_bytes(snap)
+    elif damage == "staged":  # killed between a snapshot's write and its rename
+        (path.parent / f".{path.name}.x1y2z3.tmp").write_bytes(path.read_bytes())
+        path.write_bytes(snap)
     elif damage == "flipped":
         raw = bytearray(path.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
@@ -213,6 +216,7 @@ async def test_start_rebuilds_what_a_scan_gives(tmp_path: Path, blocking: Blocki
     engine = Engine(tmp_path, blocking, tuning, fsync=False)
     await engine.start()
     coll = engine.get("c")
+    assert not list(path.parent.glob("*.tmp"))
     assert coll.count() == 800 - 200 + 100 + 300
     for s, shard in coll.shards.items():
         assert shard.live_labels().tolist() == await asyncio.to_thread(live_by_scan, coll, s)
