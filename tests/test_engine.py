@@ -342,3 +342,18 @@ async def test_the_engine_starts_without_a_child_process(
     await engine.ensure(SPEC, [0, 1], "u")
     release_memory()
     await engine.close()
+
+
+async def test_background_work_yields_the_cores_to_serving(blocking: Blocking) -> None:
+    """Training and snapshots run at a lower priority than the threads that serve (a write
+    batch waited seconds for a core while millions of vectors trained)."""
+    import os
+
+    from aquila.node.blocking import BACKGROUND_NICE
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    own = await blocking.write(nice)
+    assert await blocking.background(nice) == max(own, BACKGROUND_NICE)
+    assert await blocking.search(nice) == own
