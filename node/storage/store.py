@@ -187,6 +187,8 @@ class Store:
         self._scan_opts = rocksdict.ReadOptions()
         self._scan_opts.fill_cache(False)  # type: ignore[call-arg]
         self._scan_opts.set_readahead_size(2 << 20)
+        self._lookup_opts = rocksdict.ReadOptions()  # point reads that do not come back
+        self._lookup_opts.fill_cache(False)  # type: ignore[call-arg]
 
     @property
     def db(self) -> rocksdict.Rdict:
@@ -230,11 +232,11 @@ class Store:
     def get_records(self, shard: int, ids: list[str], *, cache: bool = True
                     ) -> list[Record | None]:
         """The records of these ids (None where absent); `cache=False` for reads that do
-        not come back (a replay): they go around the block cache."""
+        not come back (a replay, a write's look-up): they go around the block cache."""
         if not ids:
             return []
         keys = [doc_key(shard, i) for i in ids]
-        opts = None if cache else self._scan_opts
+        opts = None if cache else self._lookup_opts
         raws: list[bytes | None] = self.db.get(keys, read_opt=opts)  # type: ignore[assignment,arg-type]
         return [Record.decode(r) if r is not None else None for r in raws]
 
