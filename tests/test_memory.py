@@ -292,3 +292,26 @@ def test_a_trained_index_is_compacted_to_its_size(tmp_path: Path) -> None:
     assert np.allclose(out.vectors_of(global_keys(0, np.arange(5))), x[:5])  # the id map
     out.remove(global_keys(0, np.arange(5)))
     assert out.ntotal == n - 5
+
+
+async def test_a_replay_goes_around_the_block_cache(tmp_path: Path, blocking: Blocking) -> None:
+    """The records a replay reads (the writes made during a training, the tail a start
+    replays) are read once: they do not take the block cache, which keeps what searches
+    read (a training's catch-up filled all 128 MiB of it after a bulk load)."""
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10**9), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(CollectionSpec("c", 64, "l2", 1, 1, IndexSpec("ivf_flat")),
+                               [0], "u")
+    x = np.random.default_rng(3).standard_normal((20_000, 64)).astype(np.float32)
+    for lo in range(0, len(x), 2000):
+        await coll.write({0: [Incoming(f"d{i}", x[i], b"{}", 1, "n")
+                              for i in range(lo, lo + 2000)]})
+    await asyncio.to_thread(coll.store.db.flush)
+    before = coll.store.memory_bytes()["block_cache"]
+    ops = await asyncio.to_thread(lambda: list(coll.shards[0].replay(0)))
+    assert sum(len(o.add_keys) for o in ops) == len(x)
+    assert coll.store.memory_bytes()["block_cache"] - before < 1 << 20
+    # A cached read of the same records fills it.
+    await asyncio.to_thread(coll.store.get_records, 0, [f"d{i}" for i in range(len(x))])
+    assert coll.store.memory_bytes()["block_cache"] - before > 4 << 20
+    await engine.close()

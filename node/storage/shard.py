@@ -233,10 +233,7 @@ class Shard:
         Counters advance here and are written in the same batch: `rollback` undoes them when
         the write fails, and a crash leaves none of it."""
         ids = [d.id for d in docs]
-        # Around the block cache (which keeps what searches read): in a bulk load every id is
-        # new, and the blocks read for the bloom filters' false positives filled the cache
-        # (125 MiB after a million documents), never to be read again.
-        olds = self.store.get_records(self.shard, ids, cache=False)
+        olds = self.store.get_records(self.shard, ids)
         if len(set(ids)) == len(ids):
             return self._prepare_distinct(docs, olds, batch)
         return self._prepare_general(docs, olds, batch)

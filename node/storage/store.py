@@ -236,8 +236,14 @@ class Store:
         if not ids:
             return []
         keys = [doc_key(shard, i) for i in ids]
-        opts = None if cache else self._lookup_opts
-        raws: list[bytes | None] = self.db.get(keys, read_opt=opts)  # type: ignore[assignment,arg-type]
+        raws: list[bytes | None]
+        if cache:
+            raws = self.db.get(keys)  # type: ignore[assignment,arg-type]
+        else:
+            # One get each: rocksdict's multi-get ignores the read options' fill_cache (a
+            # replay after a training filled the whole cache with records read once).
+            get, opts = self.db.get, self._lookup_opts
+            raws = [get(k, read_opt=opts) for k in keys]
         return [Record.decode(r) if r is not None else None for r in raws]
 
     def get_records_multi(self, keys: list[tuple[int, str]]) -> list[Record | None]:
