@@ -6,7 +6,9 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,38 @@ def write_atomic(path: Path, *parts: bytes | memoryview) -> None:
                 f.write(part)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def stage_file(path: Path, fill: Callable[[BinaryIO], None]) -> Path:
+    """The first half of `write_atomic` for a file too large to hold in memory: a temporary
+    file beside `path` with what `fill` wrote into it (in the page cache, not yet durable).
+    `commit_file` makes it `path`; a crash in between leaves a temporary file that
+    `remove_stale_temps` removes."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def commit_file(tmp: Path, path: Path) -> None:
+    """The second half: `tmp` fsynced, renamed over `path`, the directory fsynced."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -25,6 +25,7 @@ of the client (JSON encoding, HTTP) competing with the server for CPU.
     python scripts/bench.py --quick
     python scripts/bench.py --out bench-results.json
     python scripts/bench.py --synthetic 50000 --quick
+    python scripts/bench.py --synthetic 1000000 --types ivf_flat,ivf_sq8  # per type (issue 14)
     python scripts/bench.py --cluster 3 --limit 50000      # 1 vs 3 nodes (bench_cluster.py),
                                                            # + batches of 100 vs FAISS
     python scripts/bench.py --rebalance --limit 50000      # 3 → 4 nodes (bench_rebalance.py)
@@ -96,7 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--synthetic", type=int, metavar="N", help="use N seeded synthetic vectors instead"
     )
-    p.add_argument("--dim", type=int, default=384, help="dimension of --synthetic vectors")
+    p.add_argument("--dim", type=int, help="dimension of --synthetic vectors (384; 96 with "
+                   "--types)")
     p.add_argument("--seed", type=int, default=1234, help="seed of --synthetic")
     p.add_argument("--limit", type=int, help="use only the first N base vectors")
     p.add_argument("--shards", type=int, default=8)
@@ -164,11 +166,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--rebalance-timeout", type=float, default=900.0, help="give the rebalance this long"
     )
+    p.add_argument(
+        "--types",
+        help="instead, with --synthetic N: one node per index type (comma-separated, e.g. "
+        "ivf_flat,ivf_sq8): ingest rate, RSS and disk against the raw vectors, time to trained, "
+        "recall and q/s at several nprobe and target recalls, restarts after SIGKILL and "
+        "SIGTERM (scripts/bench_memory.py)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir and log")
     p.add_argument("--out", type=Path, default=Path("bench-results.json"))
     add_ref_args(p)
     add_filtered_args(p)
     args = p.parse_args(argv)
+    if args.dim is None:
+        args.dim = 96 if args.types else 384
+    if args.types and not args.synthetic:
+        p.error("--types needs --synthetic N")
     if args.loadgen == "wrk":
         args.concurrency = [1]  # the Python client only measures recall; wrk the load
     if args.quick:
@@ -296,6 +309,8 @@ async def run(args: argparse.Namespace, ds: Dataset, tmp: Path, results: dict[st
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.types:
+        return main_types(args)
     if args.filtered:
         return main_filtered(args)
     if args.cluster or args.rebalance:
@@ -314,6 +329,25 @@ def main(argv: list[str] | None = None) -> int:
     report(args, ds, results)
     report_refs(args, ds, results)
     return status
+
+
+def main_types(args: argparse.Namespace) -> int:
+    """--synthetic N --types A,B: scripts/bench_memory.py's per-type node benchmark (the
+    figures of issue 14), its table printed, its figures written to --out."""
+    import bench_memory
+
+    nprobes = ",".join(f"nprobe={p}" for p in args.nprobe)
+    margs = bench_memory.parse_args([
+        "--n", str(args.synthetic), "--dim", str(args.dim), "--types", args.types,
+        "--batch", "2000", "--clients", "2", "--queries", str(min(args.queries, 1000)),
+        "--settings", f"{nprobes},recall=0.9,recall=0.95,recall=0.99",
+        "--nprobe", str(max(args.nprobe)), "--json", str(args.out),
+        *(["--keep"] if args.keep else []),
+    ])
+    results = bench_memory.run(margs)
+    print(bench_memory.table(results))
+    print(f"\nAll figures: {args.out.resolve()}")
+    return 0
 
 
 def main_multi(args: argparse.Namespace, argv: list[str]) -> int:

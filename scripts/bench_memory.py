@@ -43,7 +43,7 @@ import numpy as np
 import orjson
 from bench_common import COLLECTION, JSON_HEADERS, log, pct
 from bench_node import Node, call, rss_mib_of, wait_ready
-from wrkload import run_wrk, search_bodies, write_bodies
+from wrkload import run_wrk, write_bodies
 
 K = 10
 
@@ -89,16 +89,22 @@ def du_bytes(path: Path) -> int:
 
 
 async def ingest(session: aiohttp.ClientSession, url: str, x: np.ndarray, batch: int,
-                 clients: int, prefix: str = "") -> float:
-    """Seconds to upsert every row of x (ids prefix + row number)."""
-    starts = list(range(0, len(x), batch))
+                 clients: int, prefix: str = "", first: int = 0) -> float:
+    """Seconds to upsert every row of x from row `first` on (ids prefix + row number)."""
+    starts = list(range(first, len(x), batch))
     t0 = time.perf_counter()
+    done = [0]
+    every = max(batch, len(x) // 20)
 
     async def worker(w: int) -> None:
         for lo in starts[w::clients]:
             ids = [f"{prefix}{i}" for i in range(lo, min(lo + batch, len(x)))]
             body = await asyncio.to_thread(columnar, ids, x[lo:lo + len(ids)])
             await call(session, "POST", f"{url}/v1/collections/{COLLECTION}/documents", body)
+            done[0] += len(ids)
+            if done[0] % every < len(ids):
+                t = time.perf_counter() - t0
+                log(f"ingest: {done[0]} in {t:.0f}s ({done[0] / t:.0f}/s)")
 
     await asyncio.gather(*(worker(w) for w in range(clients)))
     return time.perf_counter() - t0
@@ -106,15 +112,164 @@ async def ingest(session: aiohttp.ClientSession, url: str, x: np.ndarray, batch:
 
 async def wait_settled(session: aiohttp.ClientSession, url: str, n: int,
                        limit_s: float = 3600) -> dict[str, Any]:
-    """The description once every shard is trained, nothing trains and the count is n."""
+    """The description once every shard is trained, nothing trains, no retraining is due
+    (one waits for writes to pause, up to half a minute) and the count is n."""
     deadline = time.perf_counter() + limit_s
     while time.perf_counter() < deadline:
         desc = await call(session, "GET", f"{url}/v1/collections/{COLLECTION}")
         states = {s["index_state"] for s in desc["shard_states"]}
-        if states == {"trained"} and desc["count"] == n:
+        due = any(s.get("index", {}).get("retrain_at", 0) and
+                  s["index"]["retrain_at"] <= desc["count"] for s in desc["shard_states"])
+        if states == {"trained"} and desc["count"] == n and not due:
             return dict(desc)
         await asyncio.sleep(1)
     raise RuntimeError("the collection did not settle")
+
+
+class AttachedNode(Node):
+    """A node this run did not start (`--attach PID`: a run that lost its driver, picked up
+    where it was): signalled and waited for by pid until this run starts it again."""
+
+    def __init__(self, pid: int, env: dict[str, str]) -> None:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        data = Path(argv[argv.index("--data") + 1])
+        super().__init__(data, data.parent / "node.log", env,
+                         host=argv[argv.index("--host") + 1],
+                         port=int(argv[argv.index("--port") + 1]))
+        self._pid = pid
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else self._pid
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return super().alive()
+        try:
+            return Path(f"/proc/{self._pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None:
+            super().signal(sig)
+        elif self.alive():
+            os.kill(self._pid, sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        if self.proc is not None:
+            return super().wait_exit(timeout)
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pid {self._pid} still running")
+            time.sleep(0.05)
+        return 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            super().stop()
+        elif self.alive():
+            os.kill(self._pid, signal.SIGTERM)
+            self.wait_exit(120)
+
+
+class PeakRss:
+    """The node's largest RSS, sampled every second in a thread (training and snapshot
+    spikes between the figures taken at rest), and its phase."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.peaks: dict[str, float] = {}
+        self.phase = "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            r = rss_mib_of(self.node.pid) if self.node.alive() else float("nan")
+            if r == r and r > self.peaks.get(self.phase, 0.0):
+                self.peaks[self.phase] = round(r, 1)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+
+def exact_truth(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Row numbers of every query's K nearest rows of x (l2), exact, in chunks of x."""
+    best_d = np.full((len(q), K), np.inf, np.float32)
+    best_i = np.full((len(q), K), -1, np.int64)
+    for lo in range(0, len(x), 1_000_000):
+        d, i = faiss.knn(q, x[lo:lo + 1_000_000], K)
+        d = np.concatenate([best_d, d], 1)
+        i = np.concatenate([best_i, i + lo], 1)
+        order = np.argsort(d, axis=1, kind="stable")[:, :K]
+        best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    return best_i
+
+
+def parse_settings(text: str) -> list[dict[str, float]]:
+    """"nprobe=8,nprobe=64,recall=0.95" -> [{"nprobe": 8}, {"nprobe": 64}, {"recall": 0.95}]."""
+    out: list[dict[str, float]] = []
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in ("nprobe", "recall"):
+            raise argparse.ArgumentTypeError(f"{part}: nprobe=N or recall=R")
+        out.append({key: int(value) if key == "nprobe" else float(value)})
+    return out
+
+
+async def recall_and_qps(s: aiohttp.ClientSession, node: Node, q: np.ndarray,
+                         truth: np.ndarray, settings: list[dict[str, float]], seconds: float,
+                         work: Path) -> list[dict[str, Any]]:
+    """Per setting (an nprobe or a target recall): recall@K against the exact answers (the
+    queries in batches of 100), the nprobe the node used, and REST q/s and p99 under wrk
+    (8 connections, single queries)."""
+    url = f"{node.base_url}/v1/collections/{COLLECTION}/search"
+    out = []
+    for setting in settings:
+        hits = 0
+        used: set[int] = set()
+        for lo in range(0, len(q), 100):
+            body = orjson.dumps({"vectors": q[lo:lo + 100], "k": K, **setting},
+                                option=orjson.OPT_SERIALIZE_NUMPY)
+            r = await call(s, "POST", url, body)
+            if r.get("nprobe") is not None:
+                used.add(int(r["nprobe"]))
+            for row, want in zip(r["results"], truth[lo:lo + 100], strict=True):
+                hits += len({int(h["id"]) for h in row} & set(want.tolist()))
+        one: dict[str, Any] = {**setting, "recall_at_10": round(hits / truth.size, 4),
+                               "nprobe_used": sorted(used)}
+        bodies = work / "bodies.txt"
+        write_bodies(bodies, [orjson.dumps({"vector": v, "k": K, **setting},
+                                           option=orjson.OPT_SERIALIZE_NUMPY) for v in q])
+        w = await asyncio.to_thread(
+            run_wrk, node.base_url, f"/v1/collections/{COLLECTION}/search", bodies,
+            connections=8, threads=2, seconds=seconds, server_pid=node.pid, work_dir=work)
+        one.update(qps=round(w.rps), p99_ms=round(w.lat_p99_ms, 2), non2xx=w.non2xx)
+        log(f"search {setting}: {one}")
+        out.append(one)
+    return out
+
+
+async def restart_after(s: aiohttp.ClientSession, node: Node, sig: signal.Signals,
+                        q: np.ndarray) -> dict[str, float]:
+    """Stop the node by `sig`, start it again: the seconds the stop took, until /readyz and
+    until a first search answered."""
+    t0 = time.perf_counter()
+    node.signal(sig)
+    await asyncio.to_thread(node.wait_exit, 600)
+    stopped = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    node.start()
+    ready = await wait_ready(s, node, 1800)
+    await call(s, "POST", f"{node.base_url}/v1/collections/{COLLECTION}/search",
+               orjson.dumps({"vector": q[0].tolist(), "k": K}))
+    return {"stop_s": round(stopped, 2), "ready_s": round(ready, 2),
+            "first_search_s": round(time.perf_counter() - t0, 2)}
 
 
 def faiss_qps(x: np.ndarray, q: np.ndarray, nlist: int, nprobe: int, seconds: float
@@ -123,6 +278,7 @@ def faiss_qps(x: np.ndarray, q: np.ndarray, nlist: int, nprobe: int, seconds: fl
     the resident bytes its lists hold per vector."""
     quantizer = faiss.IndexFlatL2(x.shape[1])
     index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist)
+    index.cp.niter = 10  # as the node trains (node.storage.index.new_ivf)
     rng = np.random.default_rng(0)
     index.train(x[rng.choice(len(x), min(len(x), 64 * nlist), replace=False)])
     index.add(x)
@@ -148,66 +304,83 @@ def faiss_qps(x: np.ndarray, q: np.ndarray, nlist: int, nprobe: int, seconds: fl
 
 
 async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.ndarray,
-                   root: Path) -> dict[str, Any]:
-    data = root / itype
-    data.mkdir()
-    env = {"AQUILA_FSYNC": "true", "AQUILA_SNAPSHOT_INTERVAL_S": "5",
+                   truth: np.ndarray, root: Path) -> dict[str, Any]:
+    env = {"AQUILA_FSYNC": "true", "AQUILA_SNAPSHOT_INTERVAL_S": str(args.snapshot_interval),
            "AQUILA_LOG_LEVEL": "INFO"}
-    node = Node(data / "node", data / "node.log", env)
-    (data / "node").mkdir()
-    node.start()
+    node: Node
+    if args.attach:
+        node = AttachedNode(args.attach, env)
+        data = node.data_dir.parent
+    else:
+        data = root / itype
+        data.mkdir()
+        node = Node(data / "node", data / "node.log", env)
+        (data / "node").mkdir()
+        node.start()
     out: dict[str, Any] = {"type": itype, "n": len(x), "dim": x.shape[1]}
+    if args.attach:
+        out["attached_from_row"] = args.first_row
+    raw = len(x) * x.shape[1] * 4
+    peak = PeakRss(node)
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as s:
             url = node.base_url
             await wait_ready(s, node, 120)
             body = {"dim": x.shape[1], "metric": "l2", "index": {"type": itype}}
-            await call(s, "PUT", f"{url}/v1/collections/{COLLECTION}", orjson.dumps(body))
-            secs = await ingest(s, url, x, args.batch, args.clients)
-            out["ingest_docs_per_s"] = round(len(x) / secs)
-            log(f"{itype}: ingested {len(x)} in {secs:.1f}s; waiting for training")
+            if not args.attach:
+                await call(s, "PUT", f"{url}/v1/collections/{COLLECTION}", orjson.dumps(body))
+            peak.phase = "ingest"
+            secs = await ingest(s, url, x, args.batch, args.clients, first=args.first_row)
+            out["ingest_docs_per_s"] = round((len(x) - args.first_row) / secs)
+            out["ingest_s"] = round(secs, 1)
+            log(f"{itype}: ingested {len(x)} in {secs:.1f}s "
+                f"(rss {rss_mib_of(node.pid):.0f} MiB); waiting for training")
+            peak.phase = "training"
             t0 = time.perf_counter()
-            desc = await wait_settled(s, url, len(x))
+            desc = await wait_settled(s, url, len(x), args.settle_timeout)
             out["settled_after_ingest_s"] = round(time.perf_counter() - t0, 1)
+            out["trained_after_start_s"] = round(secs + out["settled_after_ingest_s"], 1)
             info = desc["shard_states"][0].get("index", {})
             out["nlist"], out["trained_at"] = info.get("nlist"), info.get("trained_at")
             out["recall_curve"] = info.get("recall_curve")
+            log(f"{itype}: trained (nlist {out['nlist']}) after "
+                f"{out['settled_after_ingest_s']}s; rss {rss_mib_of(node.pid):.0f} MiB")
+            peak.phase = "snapshot"
             await asyncio.sleep(args.snapshot_wait)  # the periodic snapshot catches up
-            raw = len(x) * x.shape[1] * 4
             rss = rss_mib_of(node.pid)
             out["rss_mib"] = round(rss, 1)
             out["rss_over_raw"] = round(rss * 2**20 / raw, 3)
             out["rss_bytes_per_vector"] = round(rss * 2**20 / len(x), 1)
             out["memory_parts_mib"] = await memory_parts(s, url)
             out["disk_over_raw"] = round(du_bytes(data / "node") / raw, 3)
-            sb = await call(s, "POST", f"{url}/v1/collections/{COLLECTION}/search",
-                            orjson.dumps({"vector": q[0].tolist(), "k": K, "recall": 0.95}))
-            out["recall_0.95_nprobe"] = sb.get("nprobe")
-            bodies = data / "bodies.txt"
-            write_bodies(bodies, search_bodies(q, k=K, nprobe=args.nprobe))
-            w = await asyncio.to_thread(
-                run_wrk, url, f"/v1/collections/{COLLECTION}/search", bodies, connections=8,
-                threads=2, seconds=args.search_s, server_pid=node.pid, work_dir=data)
-            out["rest_qps"], out["rest_p99_ms"] = round(w.rps), round(w.lat_p99_ms, 2)
-            out["rest_non2xx"] = w.non2xx
-            # SIGKILL, then the time until /readyz and a first answer.
-            node.signal(signal.SIGKILL)
-            await asyncio.to_thread(node.wait_exit, 60)
-            t0 = time.perf_counter()
-            node.start()
-            out["restart_ready_s"] = round(await wait_ready(s, node, 600), 2)
-            await call(s, "POST", f"{url}/v1/collections/{COLLECTION}/search",
-                       orjson.dumps({"vector": q[0].tolist(), "k": K}))
-            out["restart_first_search_s"] = round(time.perf_counter() - t0, 2)
+            peak.phase = "search"
+            out["search"] = await recall_and_qps(s, node, q, truth, args.settings,
+                                                 args.search_s, data)
+            rest = [r for r in out["search"] if r.get("nprobe") == args.nprobe]
+            if rest:
+                out["rest_qps"], out["rest_p99_ms"] = rest[0]["qps"], rest[0]["p99_ms"]
+                out["rest_nprobe"] = args.nprobe
+            out["rss_mib_after_search"] = round(rss_mib_of(node.pid), 1)
+            for sig in (signal.SIGKILL, signal.SIGTERM):
+                peak.phase = f"restart_{sig.name}"
+                r = await restart_after(s, node, sig, q)
+                out[f"restart_{sig.name}"] = r
+                log(f"{itype}: restart after {sig.name}: {r}")
+            out["restart_ready_s"] = out["restart_SIGKILL"]["ready_s"]
             desc = await call(s, "GET", f"{url}/v1/collections/{COLLECTION}")
             out["count_after_restart"] = desc["count"]
+            peak.phase = "after_restart"
+            await call(s, "POST", f"{url}/v1/collections/{COLLECTION}/search",
+                       orjson.dumps({"vector": q[0].tolist(), "k": K, "nprobe": args.nprobe}))
             out["rss_mib_after_restart"] = round(rss_mib_of(node.pid), 1)
             out["rss_after_restart_over_raw"] = round(
                 out["rss_mib_after_restart"] * 2**20 / raw, 3)
             out["memory_parts_after_restart_mib"] = await memory_parts(s, url)
     finally:
+        out["rss_peak_mib"] = peak.stop()
         node.stop()
-    if out.get("nlist"):
+    log(json.dumps(out))
+    if out.get("nlist") and args.faiss_ref and out.get("rest_qps"):
         qps, per_vec = await asyncio.to_thread(faiss_qps, x, q, int(out["nlist"]),
                                                args.nprobe, args.search_s)
         out["faiss_qps"] = round(qps)
@@ -300,10 +473,13 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.churn:
             results.append(await churn(args, root))
         else:
-            x = clustered(args.n, args.dim, args.seed)
-            q = clustered(1000, args.dim, args.seed + 1)
+            # The queries: held-out points of the same blobs (not stored).
+            both = clustered(args.n + args.queries, args.dim, args.seed)
+            x, q = both[:args.n], np.ascontiguousarray(both[args.n:])
+            truth = await asyncio.to_thread(exact_truth, x, q)
+            log(f"{len(x)} vectors and the exact answers of {len(q)} queries ready")
             for itype in args.types.split(","):
-                r = await one_type(args, itype, x, q, root)
+                r = await one_type(args, itype, x, q, truth, root)
                 log(json.dumps(r))
                 results.append(r)
     finally:
@@ -312,28 +488,80 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=96)
-    p.add_argument("--types", default="ivf_flat,ivf_sq8")
+    p.add_argument("--types", "--index", default="ivf_flat,ivf_sq8",
+                   help="index types, comma-separated")
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--batch", type=int, default=2000)
     p.add_argument("--nprobe", type=int, default=64)
     p.add_argument("--search-s", type=float, default=15.0)
+    p.add_argument("--settings", type=parse_settings,
+                   default=parse_settings("nprobe=8,nprobe=16,nprobe=64,recall=0.9,recall=0.95"),
+                   help="search settings measured: nprobe=N and recall=R, comma-separated")
+    p.add_argument("--queries", type=int, default=500)
+    p.add_argument("--settle-timeout", type=float, default=4 * 3600.0)
+    p.add_argument("--snapshot-interval", type=float, default=5.0)
+    p.add_argument("--no-faiss-ref", dest="faiss_ref", action="store_false",
+                   help="skip the in-process FAISS reference")
     p.add_argument("--snapshot-wait", type=float, default=8.0)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--churn", type=float, default=0.0, help="seconds of churn (churn mode)")
     p.add_argument("--churn-live", type=int, default=50_000)
     p.add_argument("--churn-dim", type=int, default=50)
+    p.add_argument("--attach", type=int, default=0, metavar="PID",
+                   help="go on with a node a lost run started (one type), from --first-row")
+    p.add_argument("--first-row", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--keep", action="store_true")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The per-type figures as a text table (what `bench.py --synthetic N --types ...`
+    prints)."""
+    lines = []
+    for r in results:
+        if "type" not in r:
+            continue
+        lines.append(f"{r['type']}  n={r['n']:,} dim={r['dim']}  ({r.get('uptime', '')})")
+        lines.append(f"  ingest {r.get('ingest_docs_per_s', 0):,} docs/s; trained "
+                     f"{r.get('settled_after_ingest_s')} s after the last write "
+                     f"(nlist {r.get('nlist')}, trained on {r.get('trained_at')})")
+        lines.append(f"  RSS {r.get('rss_mib')} MiB = {r.get('rss_over_raw')}x raw after ingest; "
+                     f"{r.get('rss_mib_after_restart')} MiB = "
+                     f"{r.get('rss_after_restart_over_raw')}x after a restart; peaks "
+                     f"{r.get('rss_peak_mib')}; disk {r.get('disk_over_raw')}x raw")
+        for q in r.get("search", []):
+            what = (f"nprobe {q['nprobe']}" if "nprobe" in q
+                    else f"recall {q['recall']} (nprobe {q.get('nprobe_used')})")
+            lines.append(f"  {what:<28} recall@10 {q['recall_at_10']:.4f}  "
+                         f"{q['qps']:>6,} q/s  p99 {q['p99_ms']} ms")
+        for sig in ("SIGKILL", "SIGTERM"):
+            rs = r.get(f"restart_{sig}")
+            if rs:
+                lines.append(f"  restart after {sig}: ready {rs['ready_s']} s, first search "
+                             f"{rs['first_search_s']} s (stop {rs['stop_s']} s)")
+        if r.get("faiss_qps"):
+            lines.append(f"  in-process FAISS ivf_flat nprobe {r.get('rest_nprobe', '')}: "
+                         f"{r['faiss_qps']:,} q/s; REST/FAISS {r.get('rest_over_faiss')}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = asyncio.run(main_async(args))
-    text = json.dumps(results, indent=1)
-    print(text)
     if args.json:
-        args.json.write_text(text)
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main() -> int:
+    args = parse_args()
+    results = run(args)
+    print(json.dumps(results, indent=1))
+    print(table(results))
     return 0
 
 

@@ -342,3 +342,53 @@ async def test_the_engine_starts_without_a_child_process(
     await engine.ensure(SPEC, [0, 1], "u")
     release_memory()
     await engine.close()
+
+
+async def test_background_work_yields_the_cores_to_serving(blocking: Blocking) -> None:
+    """Training and snapshots run at a lower priority than the threads that serve (a write
+    batch waited seconds for a core while millions of vectors trained)."""
+    import os
+
+    from aquila.node.blocking import BACKGROUND_NICE
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    own = await blocking.write(nice)
+    assert await blocking.background(nice) == max(own, BACKGROUND_NICE)
+    assert await blocking.search(nice) == own
+
+
+async def test_snapshots_go_on_while_an_index_trains(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot of the serving index is written while a training runs (skipped, the change
+    log a restart replays grew for as long as the training took), and a restart then
+    replays only what came after it."""
+    from aquila.node.storage import collection as collection_mod
+
+    gate, started = threading.Event(), threading.Event()
+    real = collection_mod.train_streamed
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        gate.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(collection_mod, "train_streamed", slow)
+    spec = CollectionSpec("s", 4, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(spec, [0], "u")
+    try:
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await wait_for(started.is_set, what="the training to start")
+        await coll.write({0: [doc(i) for i in range(150, 180)]})
+        assert coll.training
+        await coll.snapshot()
+        assert coll.snapshot_seqs == {0: coll.shards[0].applied_seq}
+        assert coll.snap_path.exists()
+    finally:
+        gate.set()
+    await wait_for(lambda: not coll.training, 30, what="the training to end")
+    await engine.close()

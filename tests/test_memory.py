@@ -7,6 +7,7 @@ Start reads no record (the persisted bookkeeping rebuilds to exactly what a full
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -24,7 +25,9 @@ from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
+from aquila.node.storage.index import VectorIndex, global_keys
 from aquila.node.storage.store import Store, label_key
+from aquila.node.storage.training import compacted
 from tests.conftest import wait_for
 
 SHARDS = 2
@@ -176,7 +179,7 @@ def live_by_scan(coll: Collection, shard: int) -> list[int]:
     return sorted(r.label for _, r in coll.store.iter_docs(shard) if not r.tombstone)
 
 
-@pytest.mark.parametrize("damage", ["none", "stale", "flipped", "truncated", "missing"])
+@pytest.mark.parametrize("damage", ["none", "stale", "staged", "flipped", "truncated", "missing"])
 async def test_start_rebuilds_what_a_scan_gives(tmp_path: Path, blocking: Blocking,
                                                 damage: str) -> None:
     """Whatever the snapshot (current, older than the change log, damaged, cut short, gone),
@@ -199,6 +202,9 @@ async def test_start_rebuilds_what_a_scan_gives(tmp_path: Path, blocking: Blocki
     path = tmp_path / "collections" / "c" / "index.faiss"
     if damage == "stale":
         path.write_bytes(snap)
+    elif damage == "staged":  # killed between a snapshot's write and its rename
+        (path.parent / f".{path.name}.x1y2z3.tmp").write_bytes(path.read_bytes())
+        path.write_bytes(snap)
     elif damage == "flipped":
         raw = bytearray(path.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
@@ -210,6 +216,7 @@ async def test_start_rebuilds_what_a_scan_gives(tmp_path: Path, blocking: Blocki
     engine = Engine(tmp_path, blocking, tuning, fsync=False)
     await engine.start()
     coll = engine.get("c")
+    assert not list(path.parent.glob("*.tmp"))
     assert coll.count() == 800 - 200 + 100 + 300
     for s, shard in coll.shards.items():
         assert shard.live_labels().tolist() == await asyncio.to_thread(live_by_scan, coll, s)
@@ -239,4 +246,72 @@ async def test_counters_of_a_group_commit_survive_a_restart(tmp_path: Path, bloc
     for s, shard in coll.shards.items():
         assert shard.count == len(await asyncio.to_thread(live_by_scan, coll, s))
         assert shard.digests == await asyncio.to_thread(scanned_digests, coll, s)
+    await engine.close()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def test_a_trained_index_is_compacted_to_its_size(tmp_path: Path) -> None:
+    """Added to chunk by chunk, each inverted list grows by doubling and holds a third or so
+    more than its vectors (what a restart from the snapshot never has); the compacted index
+    answers the same and holds no more than its vectors, ids and id map, and the scratch
+    file is gone."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc's mallinfo2 is needed to count the heap")
+    libc.mallinfo2.restype = _MallInfo2
+
+    def in_use() -> int:
+        m = libc.mallinfo2()
+        return int(m.uordblks + m.hblkhd)
+
+    dim, n = 32, 60_000
+    spec = CollectionSpec("c", dim, "l2", 1, 1, IndexSpec("ivf_flat"))
+    x = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    index = VectorIndex.new_ivf(spec, 64, n)
+    index.index.train(x[: 64 * 64])
+    gc.collect()
+    base = in_use()
+    for lo in range(0, n, 500):
+        index.add(x[lo:lo + 500], global_keys(0, np.arange(lo, lo + 500)))
+    grown = in_use() - base
+    scores, keys = index.search(x[:50], 10, 8)
+    out = compacted(index, tmp_path / ".compact.tmp")
+    gc.collect()
+    held = in_use() - base
+    raw = n * (dim * 4 + 8)  # codes and ids
+    assert grown > 1.2 * raw  # the doubling's slack (besides the id map's ~40 B a vector)
+    assert held < grown - 0.15 * raw, (grown, held, raw)
+    s2, k2 = out.search(x[:50], 10, 8)
+    assert (k2 == keys).all() and np.allclose(s2, scores)
+    assert list(tmp_path.iterdir()) == []
+    assert np.allclose(out.vectors_of(global_keys(0, np.arange(5))), x[:5])  # the id map
+    out.remove(global_keys(0, np.arange(5)))
+    assert out.ntotal == n - 5
+
+
+async def test_a_replay_goes_around_the_block_cache(tmp_path: Path, blocking: Blocking) -> None:
+    """The records a replay reads (the writes made during a training, the tail a start
+    replays) are read once: they do not take the block cache, which keeps what searches
+    read (a training's catch-up filled all 128 MiB of it after a bulk load)."""
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10**9), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(CollectionSpec("c", 64, "l2", 1, 1, IndexSpec("ivf_flat")),
+                               [0], "u")
+    x = np.random.default_rng(3).standard_normal((20_000, 64)).astype(np.float32)
+    for lo in range(0, len(x), 2000):
+        await coll.write({0: [Incoming(f"d{i}", x[i], b"{}", 1, "n")
+                              for i in range(lo, lo + 2000)]})
+    await asyncio.to_thread(coll.store.db.flush)
+    before = coll.store.memory_bytes()["block_cache"]
+    ops = await asyncio.to_thread(lambda: list(coll.shards[0].replay(0)))
+    assert sum(len(o.add_keys) for o in ops) == len(x)
+    assert coll.store.memory_bytes()["block_cache"] - before < 1 << 20
+    # A cached read of the same records fills it.
+    await asyncio.to_thread(coll.store.get_records, 0, [f"d{i}" for i in range(len(x))])
+    assert coll.store.memory_bytes()["block_cache"] - before > 4 << 20
     await engine.close()

@@ -21,7 +21,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss as _faiss
 import numpy as np
@@ -38,7 +38,7 @@ from aquila.cluster.model.recall import (
     nprobe_for,
 )
 from aquila.cluster.model.spec import CollectionSpec, pq_m
-from aquila.node.files import write_atomic
+from aquila.node.files import commit_file, stage_file
 
 # FAISS's bundled stubs lag its API (SearchParametersIVF keywords, DirectMap, ...).
 faiss: Any = _faiss
@@ -402,22 +402,38 @@ class VectorIndex:
         return n * (d * 4 + 8 + 16)
 
     # -- snapshots ------------------------------------------------------------------------
-    def serialize(self) -> memoryview:
-        """The index's bytes (quick; call while mutations are excluded): one copy of the
-        index, not two (the snapshot of a large index is as large as the index)."""
-        return memoryview(faiss.serialize_index(self.index))
-
-    def save(self, path: Path, covered: dict[int, int],
-             payload: memoryview | None = None) -> None:
-        """Write atomically with the change-log position each shard's part covers: a crash
-        mid-write leaves the previous snapshot in place."""
-        payload = self.serialize() if payload is None else payload
+    def stage(self, path: Path, covered: dict[int, int]) -> Path:
+        """Write the snapshot (with the change-log position each shard's part covers) into
+        a temporary file beside `path`, not yet durable (call while mutations are excluded;
+        `save` makes it the snapshot). FAISS writes the index straight into the file, a
+        list at a time: no copy of the index in memory (serialising one into a buffer held
+        two or three, the buffer growing by doubling: gigabytes at 10M vectors)."""
         meta = orjson.dumps({"covered": {str(s): q for s, q in covered.items()},
                              "curve": self.curve, "by_rank": self.by_rank})
-        head = _SNAP_HEADER.pack(self.trained_at, int(self.trained), self.bits,
-                                 zlib.crc32(payload, zlib.crc32(meta)), len(meta),
-                                 payload.nbytes)
-        write_atomic(path, _SNAP_MAGIC + head, meta, payload)
+        n0 = len(_SNAP_MAGIC) + _SNAP_HEADER.size
+
+        def fill(f: BinaryIO) -> None:
+            f.write(bytes(n0))  # the header, once the checksum is known
+            f.write(meta)
+            crc, size = zlib.crc32(meta), 0
+
+            def put(chunk: bytes) -> int:
+                nonlocal crc, size
+                crc = zlib.crc32(chunk, crc)
+                size += len(chunk)
+                return f.write(chunk)
+
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(put, _READ_CHUNK))
+            f.seek(0)
+            f.write(_SNAP_MAGIC + _SNAP_HEADER.pack(self.trained_at, int(self.trained),
+                                                    self.bits, crc, len(meta), size))
+
+        return stage_file(path, fill)
+
+    def save(self, path: Path, covered: dict[int, int], staged: Path | None = None) -> None:
+        """Write atomically (`staged` by `stage`, or now): a crash mid-write leaves the
+        previous snapshot in place."""
+        commit_file(self.stage(path, covered) if staged is None else staged, path)
 
     @staticmethod
     def load(path: Path, shards: int) -> tuple[VectorIndex, dict[int, int]] | None:

@@ -19,6 +19,7 @@ serialises mutations and excludes them from searches.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ _F4 = np.dtype("<f4")
 # `digests.bucket_of`'s hash, keyed once: a copy of it costs less than a new one (~0.4 µs
 # of a document's write).
 _BUCKET_HASH = hashlib.blake2b(digest_size=8, person=b"aq-ae")
+REPLAY_CHUNK = 16_384  # changes read and applied at a time by a replay
 
 
 @dataclass
@@ -200,10 +202,24 @@ class Shard:
     def changes_after(self, after_seq: int) -> IndexOps:
         """The index changes of every change logged after `after_seq` (replay)."""
         ops = IndexOps()
-        changes = list(self.store.iter_changes(self.shard, after_seq))
-        if not changes:
-            return ops
-        recs = self.store.get_records(self.shard, [doc_id for _, doc_id in changes])
+        for part in self.replay(after_seq):
+            ops.remove += part.remove
+            ops.add_keys += part.add_keys
+            ops.add_vectors += part.add_vectors
+        return ops
+
+    def replay(self, after_seq: int, chunk: int = REPLAY_CHUNK) -> Iterator[IndexOps]:
+        """`changes_after`, `chunk` changes at a time: the tail a training of millions of
+        vectors leaves behind (the writes made meanwhile) is never in memory at once. Each
+        document is in the change log once (its latest change), so the chunks apply in any
+        grouping."""
+        changes = self.store.iter_changes(self.shard, after_seq)
+        while part := list(itertools.islice(changes, chunk)):
+            yield self._ops_of([doc_id for _, doc_id in part])
+
+    def _ops_of(self, ids: list[str]) -> IndexOps:
+        ops = IndexOps()
+        recs = self.store.get_records(self.shard, ids, cache=False)
         for rec in recs:
             if rec is None:
                 continue

@@ -1,5 +1,5 @@
-"""Defects found in review of t-big (snapshots during a training). Passes on main, fails on
-t-big; skipped until its author fixes it."""
+"""Snapshots taken while an index trains (which a restart needs, or it replays all the writes
+made meanwhile) must not leave the trained index unsaved once it serves."""
 
 from __future__ import annotations
 
@@ -31,12 +31,6 @@ def doc(i: int) -> Incoming:
     return Incoming(f"d{i}", v, b"{}", 1, "n1")
 
 
-@pytest.mark.skip(reason="defect in t-big: a snapshot taken while an index trains covers "
-                         "every change, so Collection._dirty() is False after the swap and the "
-                         "trained index is never written: a restart loads the untrained one. "
-                         "t-review3's Collection._saved fixes it once merged (keep "
-                         "`self._saved = index` after the commit in t-big's snapshot()); "
-                         "then unskip")
 async def test_a_trained_index_is_snapshotted_after_a_snapshot_during_its_training(
     tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
 ) -> None:
