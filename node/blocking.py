@@ -49,6 +49,10 @@ def _single_threaded_faiss() -> None:
     faiss.omp_set_num_threads(1)
 
 
+# The name (prefix) of the background pool's threads (trainings).
+BACKGROUND_THREADS = "aq-bg"
+
+
 class Blocking:
     def __init__(self, search_threads: int | None = None) -> None:
         n = search_threads or max(2, os.cpu_count() or 2)
@@ -57,7 +61,8 @@ class Blocking:
         # Index additions assign vectors to lists with a search of the coarse quantizer, which
         # FAISS spreads over the cores; they run one at a time (the collection orders them).
         self._write = ThreadPoolExecutor(2, "aq-write")
-        self._background = ThreadPoolExecutor(1, "aq-bg", initializer=_training_threads)
+        self._background = ThreadPoolExecutor(1, BACKGROUND_THREADS,
+                                              initializer=_training_threads)
         # Decoding and validating big request bodies (pure Python and orjson).
         self._parse = ThreadPoolExecutor(2, "aq-parse")
 
@@ -81,5 +86,9 @@ class Blocking:
         return await loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
 
     def close(self) -> None:
-        for pool in (self._search, self._write, self._background, self._parse):
+        """Wait for the request and write threads; not for a background job (a training of
+        millions of vectors runs for many minutes and cannot be interrupted inside FAISS's
+        k-means): it is abandoned (`aquila serve` then exits without waiting for its thread)."""
+        for pool in (self._search, self._write, self._parse):
             pool.shutdown(wait=True, cancel_futures=True)
+        self._background.shutdown(wait=False, cancel_futures=True)

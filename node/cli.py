@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
 from typing import Any
 
 from aquila.node.config import NodeConfig, load_config
@@ -80,7 +82,22 @@ def serve(config: NodeConfig) -> int:
     except OSError as exc:
         print(f"aquila: cannot serve on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1
+    if _abandoned_background():
+        # Everything is durable and every store closed; only a training runs on, inside
+        # FAISS's k-means, which no flag can stop (an hour at 10M vectors). Python would
+        # wait for it at exit; the stop must not.
+        log.info("stopped; a training in progress is abandoned and starts again at the "
+                 "next start")
+        logging.shutdown()
+        os._exit(0)
     return 0
+
+
+def _abandoned_background() -> bool:
+    from aquila.node.blocking import BACKGROUND_THREADS
+
+    return any(t.name.startswith(BACKGROUND_THREADS) and t.is_alive()
+               for t in threading.enumerate())
 
 
 async def _serve(config: NodeConfig) -> None:

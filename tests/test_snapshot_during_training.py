@@ -50,7 +50,7 @@ async def test_a_trained_index_is_snapshotted_after_a_snapshot_during_its_traini
     coll = await engine.ensure(spec, [0], "u")
     try:
         # A bulk load, then no more writes: the training starts, and a periodic snapshot
-        # comes while it runs (here called; main skips it, t-big writes the serving index).
+        # comes while it runs (here called: it writes the index that serves).
         await coll.write({0: [doc(i) for i in range(150)]})
         await wait_for(started.is_set, what="the training to start")
         await coll.snapshot()
@@ -69,3 +69,60 @@ async def test_a_trained_index_is_snapshotted_after_a_snapshot_during_its_traini
         assert coll.count() == 150
     finally:
         await engine.close()
+
+
+async def test_a_close_during_a_training_neither_waits_for_it_nor_lets_it_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop (SIGTERM) while millions of vectors train must not wait for the training: the
+    pool does not wait for the background thread, and the training stops at its next chunk of
+    the store once the collection is closed (starting again at the next start)."""
+    from aquila.node.storage import training
+
+    real = training.train_streamed
+    gate, started, ended = threading.Event(), threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def held(spec: Any, n: int, chunks: Any, seed: int = 0) -> Any:
+        def gated() -> Any:
+            for i, chunk in enumerate(chunks()):
+                if i == 0:
+                    started.set()
+                    gate.wait(60)  # a long k-means, say, between two chunks
+                yield chunk
+
+        try:
+            return real(spec, n, gated, seed)
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+        finally:
+            ended.set()
+
+    monkeypatch.setattr("aquila.node.storage.collection.train_streamed", held)
+    monkeypatch.setattr("aquila.node.storage.collection.TRAIN_CHUNK", 16)
+    blocking = Blocking(2)
+    spec = CollectionSpec("s", 4, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(spec, [0], "u")
+    try:
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await wait_for(started.is_set, what="the training to start")
+        await engine.close()
+        blocking.close()  # returns with the training still held: it does not wait for it
+        assert not ended.is_set()
+    finally:
+        gate.set()
+    await wait_for(ended.is_set, 30, what="the training thread to end")
+    assert outcome and type(outcome[0]).__name__ == "TrainingStopped", outcome
+    # The store is whole: a restart finds every document and trains again.
+    blocking = Blocking(2)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(spec, [0], "u")
+        assert coll.count() == 150
+    finally:
+        await engine.close()
+        blocking.close()

@@ -63,6 +63,11 @@ GROUP_MAX_DOCS = 20_000
 TRAIN_CHUNK = 65_536
 
 
+class TrainingStopped(Exception):
+    """The collection closed while its index trained (the training starts again at the next
+    start, from the store)."""
+
+
 @dataclass(eq=False)
 class _Queued:
     """A write waiting for the group commit, and its writer's future."""
@@ -691,7 +696,10 @@ class Collection:
         def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             for s, q in upto.items():
                 if s in self.shards:
-                    yield from self.shards[s].live_chunks(q, TRAIN_CHUNK)
+                    for chunk in self.shards[s].live_chunks(q, TRAIN_CHUNK):
+                        if self.closed:  # a stop does not wait for the rest of a training
+                            raise TrainingStopped(self.spec.name)
+                        yield chunk
 
         index = train_streamed(spec, self.count(), chunks)
         if index is None:
@@ -729,6 +737,8 @@ class Collection:
             if not self.closed:  # a flush waits for the memtable switch: off the loop
                 await self.blocking.write(self.store.flush_memtables)
             await self.blocking.background(release_memory)
+        except TrainingStopped:
+            log.info("%s: training stopped by the close", self.spec.name)
         except Exception:
             log.exception("%s: training failed", self.spec.name)
         finally:
