@@ -116,6 +116,8 @@ class VectorIndex:
     _sizes: np.ndarray | None = field(default=None, repr=False)
     # Per set of shards, a bitmap selector of their ids and the labels it covers.
     _shard_sels: dict[tuple[int, ...], tuple[int, Any]] = field(default_factory=dict, repr=False)
+    # Search parameters without a selector, per nprobe (see `search`).
+    _params: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -381,9 +383,15 @@ class VectorIndex:
         `selector`: only ids it admits (`selector`, `shards_selector`); None for all."""
         k = max(1, min(k, max(1, self.ntotal)))
         if self.trained:
-            params = faiss.SearchParametersIVF(
-                nprobe=max(1, min(nprobe, self.index.nlist)), sel=selector
-            )
+            probe = max(1, min(nprobe, self.index.nlist))
+            # Without a selector they are the same for every search at an nprobe: made once
+            # (a SWIG object, ~10 µs to build and fill), at most nlist of them; FAISS only
+            # reads them, so concurrent searches share them.
+            params = None if selector is not None else self._params.get(probe)
+            if params is None:
+                params = faiss.SearchParametersIVF(nprobe=probe, sel=selector)
+                if selector is None:
+                    self._params[probe] = params
             scores, ids = self.index.search(queries, k, params=params)
         elif selector is not None:
             scores, ids = self.index.search(queries, k,
