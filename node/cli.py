@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from aquila.node.config import NodeConfig, load_config
@@ -89,15 +90,21 @@ def serve(config: NodeConfig) -> int:
         log.info("stopped; a training in progress is abandoned and starts again at the "
                  "next start")
         logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(0)
     return 0
 
 
 def _abandoned_background() -> bool:
+    """A background thread still busy: an idle one ends at once after the pool's shutdown."""
     from aquila.node.blocking import BACKGROUND_THREADS
 
-    return any(t.name.startswith(BACKGROUND_THREADS) and t.is_alive()
-               for t in threading.enumerate())
+    threads = [t for t in threading.enumerate() if t.name.startswith(BACKGROUND_THREADS)]
+    deadline = time.monotonic() + 1.0
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return any(t.is_alive() for t in threads)
 
 
 async def _serve(config: NodeConfig) -> None:

@@ -126,3 +126,28 @@ async def test_a_close_during_a_training_neither_waits_for_it_nor_lets_it_go_on(
     finally:
         await engine.close()
         blocking.close()
+
+
+def test_serve_exits_without_waiting_only_when_a_background_job_runs() -> None:
+    """`aquila serve` skips Python's wait for the pool's threads at exit only when a job (a
+    training) is still running in one; idle threads end at the pool's shutdown."""
+    from aquila.node.cli import _abandoned_background
+
+    idle = Blocking(2)
+    idle.close()
+    assert not _abandoned_background()
+    busy = Blocking(2)
+    gate, started = threading.Event(), threading.Event()
+
+    def job() -> None:
+        started.set()
+        gate.wait(30)
+
+    busy._background.submit(job)
+    assert started.wait(10)
+    busy.close()
+    try:
+        assert _abandoned_background()
+    finally:
+        gate.set()
+    assert not _abandoned_background()
