@@ -176,6 +176,17 @@ class Store:
         table.set_bloom_filter(10, False)
         table.set_block_cache(rocksdict.Cache(_BLOCK_CACHE_BYTES))
         table.set_cache_index_and_filter_blocks(True)
+        # Partitioned filters and a two-level index: a table file's filter and index are
+        # cut in blocks of 4 KiB, cached one by one, with only their small top level pinned.
+        # Whole, they grow with the file (tombstones included: ~5 MiB of filter for 4M keys
+        # after 1.5M deletes) past the block cache's shard (128 MiB / 64 shards), where they
+        # cannot stay: every point look-up read the whole filter (and decompressed the
+        # index) again, ~0.5 ms a key, and the buffers fragmented the heap.
+        table.set_index_type(rocksdict.BlockBasedIndexType.two_level_index_search())
+        table.set_partition_filters(True)
+        table.set_metadata_block_size(4096)
+        table.set_pin_top_level_index_and_filter(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
         opts.set_block_based_table_factory(table)
         # The same for the memtables (a bloom filter of 2% of their size, ~1.3 MiB each): a
         # new id otherwise costs a skiplist search of every memtable, which made the lookup
