@@ -22,19 +22,12 @@ def write_atomic(path: Path, *parts: bytes | memoryview) -> None:
 
     The temporary file has a name of its own (two writers of one file must not write into
     the same one) in the same directory (a rename is atomic only within one file system)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+
+    def fill(f: BinaryIO) -> None:
+        for part in parts:
+            f.write(part)
+
+    commit_file(stage_file(path, fill), path)
 
 
 def stage_file(path: Path, fill: Callable[[BinaryIO], None]) -> Path:

@@ -31,6 +31,18 @@ def doc(i: int) -> Incoming:
     return Incoming(f"d{i}", v, b"{}", 1, "n1")
 
 
+SPEC = CollectionSpec("s", 4, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
+
+
+async def started_with_a_load(tmp_path: Path, blocking: Blocking) -> tuple[Engine, Any]:
+    """An engine whose collection has just had the bulk load that starts its training."""
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0], "u")
+    await coll.write({0: [doc(i) for i in range(150)]})
+    return engine, coll
+
+
 async def test_a_trained_index_is_snapshotted_after_a_snapshot_during_its_training(
     tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -44,14 +56,10 @@ async def test_a_trained_index_is_snapshotted_after_a_snapshot_during_its_traini
         return real(*args, **kwargs)
 
     monkeypatch.setattr("aquila.node.storage.collection.train_streamed", slow)
-    spec = CollectionSpec("s", 4, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
-    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
-    await engine.start()
-    coll = await engine.ensure(spec, [0], "u")
+    # A bulk load, then no more writes: the training starts, and a periodic snapshot comes
+    # while it runs (here called: it writes the index that serves).
+    engine, coll = await started_with_a_load(tmp_path, blocking)
     try:
-        # A bulk load, then no more writes: the training starts, and a periodic snapshot
-        # comes while it runs (here called: it writes the index that serves).
-        await coll.write({0: [doc(i) for i in range(150)]})
         await wait_for(started.is_set, what="the training to start")
         await coll.snapshot()
     finally:
@@ -63,7 +71,7 @@ async def test_a_trained_index_is_snapshotted_after_a_snapshot_during_its_traini
     # A restart serves the trained index from its snapshot: no training again.
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
     await engine.start()
-    coll = await engine.ensure(spec, [0], "u")
+    coll = await engine.ensure(SPEC, [0], "u")
     try:
         assert coll.index.trained, "the restart loaded an untrained index"
         assert coll.count() == 150
@@ -102,12 +110,8 @@ async def test_a_close_during_a_training_neither_waits_for_it_nor_lets_it_go_on(
     monkeypatch.setattr("aquila.node.storage.collection.train_streamed", held)
     monkeypatch.setattr("aquila.node.storage.collection.TRAIN_CHUNK", 16)
     blocking = Blocking(2)
-    spec = CollectionSpec("s", 4, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
-    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
-    await engine.start()
-    coll = await engine.ensure(spec, [0], "u")
+    engine, coll = await started_with_a_load(tmp_path, blocking)
     try:
-        await coll.write({0: [doc(i) for i in range(150)]})
         await wait_for(started.is_set, what="the training to start")
         await engine.close()
         blocking.close()  # returns with the training still held: it does not wait for it
@@ -121,7 +125,7 @@ async def test_a_close_during_a_training_neither_waits_for_it_nor_lets_it_go_on(
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
     await engine.start()
     try:
-        coll = await engine.ensure(spec, [0], "u")
+        coll = await engine.ensure(SPEC, [0], "u")
         assert coll.count() == 150
     finally:
         await engine.close()
