@@ -8,15 +8,25 @@ measured with one request at a time and with as many as the machine has cores, a
 single-threaded and with every core: node at c=1 against FAISS on 1 thread is the per-request
 overhead (JSON in and out, records), node at c=cores against FAISS on every core the machine's
 throughput.
+
+Standalone (1 node, or N with batches sent to node 1 so the others serve its peer
+sub-searches; rounds of FAISS and the node interleaved; --profile S runs py-spy on each node):
+
+    python scripts/bench_batch.py --limit 50000 --nprobe 32 --per 100 [--nodes 3] [--profile 10]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import os
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,8 +34,13 @@ import faiss
 import numpy as np
 import orjson
 from bench_common import COLLECTION, JSON_HEADERS, OPT_NP, K, log
-from bench_data import Dataset, normalise, recall_at_k
+from bench_cpu_split import wait_idle
+from bench_data import DEFAULT_DATA, Dataset, load_dataset, normalise, recall_at_k
 from bench_faiss import new_ivf
+from bench_load import create_collection, ingest_rr, wait_trained
+from bench_local_cluster import LocalCluster, maybe_reexec_in_netns, new_session, node_env
+from bench_node import call, cpu_seconds_of
+from bench_profile import profile_pids
 
 BATCH_SECONDS = 4.0  # measured per point (after one pass of warm-up)
 
@@ -87,11 +102,21 @@ def faiss_batches(
 ) -> dict[str, Any]:
     """In-process FAISS over an IVFFlat of the node's nlist, the same batches: queries/s on
     one thread and on every core (best of 3 passes each), and its recall@10."""
+    return faiss_timed(faiss_index(ds, nlist, trained_on), ds, nlist, trained_on, nprobe, per)
+
+
+def faiss_index(ds: Dataset, nlist: int, trained_on: int) -> faiss.IndexIVFFlat:
+    """An IVFFlat of the node's nlist, trained as the node's was (on the first vectors)."""
     xb = normalise(ds.base)
     index = new_ivf(ds.dim, nlist)
     prefix = xb[: trained_on if 0 < trained_on <= ds.n else ds.n]
     index.train(prefix[: 256 * nlist] if len(prefix) > 256 * nlist else prefix)
     index.add(xb)
+    return index
+
+
+def faiss_timed(index: faiss.IndexIVFFlat, ds: Dataset, nlist: int, trained_on: int,
+                nprobe: int, per: int) -> dict[str, Any]:
     n = (len(ds.queries) // per) * per
     xq = normalise(ds.queries[:n])
     params = faiss.SearchParametersIVF(nprobe=min(nprobe, nlist))
@@ -116,3 +141,104 @@ def faiss_batches(
         f"{out['qps_1_thread']:,.0f} q/s on 1 thread, {out['qps_all_cores']:,.0f} q/s on "
         f"{os.cpu_count()} cores")
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Standalone: python scripts/bench_batch.py [--nodes N] [--profile S]
+# ---------------------------------------------------------------------------------------
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    """N nodes (1 by default), filled and trained, idle; then rounds of: FAISS in-process on
+    the same batches, then batches sent to node 1 (the coordinator; the others, if any, serve
+    its peer sub-searches), c=1 and c=cores. CPU per query is per node (from /proc)."""
+    ds = load_dataset(args)
+    root = Path(tempfile.mkdtemp(prefix="aquila-bench-batch-"))
+    cluster = LocalCluster(root, node_env(args.train_min))
+    out: dict[str, Any] = {"rounds": [], "load": []}
+    try:
+        async with new_session(8) as session:
+            await cluster.start(session, args.nodes)
+            spec = {"dim": ds.dim, "metric": "cosine", "shards": args.shards, "replication": 1,
+                    "index": {"type": "ivf_flat"}}
+            await create_collection(session, cluster.urls[0], spec)
+            await ingest_rr(session, cluster.urls, ds, 1000, 4, cluster.cpu_seconds)
+            await wait_trained(session, cluster.nodes[0], ds.n, args.train_min)
+            desc = await call(session, "GET",
+                              f"{cluster.urls[0]}/v1/collections/{COLLECTION}")
+            info = desc["shard_states"][0]["index"]
+            nlist, trained_on = int(info["nlist"]), int(info.get("trained_at", 0))
+            index = await asyncio.to_thread(faiss_index, ds, nlist, trained_on)
+            idle = await wait_idle(cluster)
+            log(f"{args.nodes} node(s) idle ({', '.join(f'{c:.3f}' for c in idle)} cores); "
+                f"nlist {nlist}")
+            url = cluster.urls[0]
+            for r in range(args.rounds):
+                load = os.getloadavg()[0]
+                ref = await asyncio.to_thread(faiss_timed, index, ds, nlist, trained_on,
+                                              args.nprobe, args.per)
+                faiss_cpu = ref["cpu_ms_per_query_1_thread"]
+                row: dict[str, Any] = {"faiss": ref, "load": load, "node": []}
+                for c in dict.fromkeys([1, os.cpu_count() or 1]):
+                    marks: list[list[float]] = []  # per node, at the start and the end
+
+                    def cpu(marks: list[list[float]] = marks) -> float:
+                        marks.append([cpu_seconds_of(p) for p in cluster.pids])
+                        return sum(marks[-1])
+
+                    b = await node_batches(session, url, ds, args.nprobe, args.per, c, cpu)
+                    n = max(1, b["requests"] * b["per_request"])
+                    b["per_node_cpu_ms"] = [(y - x) * 1000 / n
+                                            for x, y in zip(marks[0], marks[1], strict=True)]
+                    b["faiss_cpu_per_node_cpu"] = faiss_cpu / b["server_cpu_ms_per_query"]
+                    row["node"].append(b)
+                    log(f"round {r + 1} c={c}: node {b['qps']:,.0f} q/s, recall "
+                        f"{b['recall']:.4f}, CPU {b['server_cpu_ms_per_query']:.3f} ms/query "
+                        f"(per node {', '.join(f'{x:.3f}' for x in b['per_node_cpu_ms'])}); "
+                        f"FAISS 1 thread {ref['qps_1_thread']:,.0f} q/s, CPU "
+                        f"{faiss_cpu:.3f} ms/query: FAISS CPU / node CPU "
+                        f"{b['faiss_cpu_per_node_cpu']:.2f}x (load {load:.1f})")
+                out["rounds"].append(row)
+            if args.profile > 0:
+                pids = {f"n{i}": p for i, p in enumerate(cluster.pids, 1)}
+
+                async def one_pass() -> None:
+                    await node_batches(session, url, ds, args.nprobe, args.per, 1,
+                                       cluster.cpu_seconds)
+
+                prof = await profile_pids(pids, args.profile, root, one_pass)
+                for name, summary in prof.items():
+                    shutil.copy(root / f"pyspy-{name}.txt", Path(f"pyspy-batch-{name}.txt"))
+                    log(f"py-spy {name}: {summary['samples']} samples "
+                        f"(pyspy-batch-{name}.txt); self:")
+                    for f in summary["self"][:15]:
+                        log(f"  {f['pct']:5.1f}%  {f['frame']}")
+                out["profile"] = prof
+    finally:
+        await cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--limit", type=int, default=50_000)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--per", type=int, default=100, help="query vectors per request")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--train-min", type=int, default=2048)
+    p.add_argument("--profile", type=float, default=0.0, help="py-spy every node this long")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234
+    where = maybe_reexec_in_netns(Path(__file__), sys.argv[1:])
+    log(f"network: {where}")
+    res = asyncio.run(main_async(args))
+    if args.out:
+        args.out.write_text(orjson.dumps(res, option=OPT_NP | orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,7 @@ from bench_data import DEFAULT_DATA, load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aquila.cluster.model.documents import Incoming  # noqa: E402
+from aquila.cluster.model.documents import Incoming, hit_json  # noqa: E402
 from aquila.cluster.model.sharding import shard_of  # noqa: E402
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec  # noqa: E402
 from aquila.node.blocking import Blocking  # noqa: E402
@@ -57,6 +57,7 @@ async def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=1, help="query vectors per search")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--synthetic", type=int, default=0)
@@ -89,7 +90,9 @@ async def main() -> None:
             await asyncio.sleep(2)
             if time.process_time() - c0 < 0.1 and not coll.training:
                 break
-        qs = [prepare(ds.queries[i : i + 1], "cosine") for i in range(args.queries)]
+        per = args.batch
+        qs = [prepare(ds.queries[i : i + per], "cosine") for i in range(0, args.queries, per)]
+        nq = sum(len(q) for q in qs)
         faiss.omp_set_num_threads(1)
         if args.spin:
             print(f"spinning pid {os.getpid()}", flush=True)
@@ -105,26 +108,27 @@ async def main() -> None:
             await engine.close()
             blocking.close()
             return
-        print(f"n={ds.n} nlist={coll.index.nlist} k={args.k} queries={args.queries}")
+        print(f"n={ds.n} nlist={coll.index.nlist} k={args.k} queries={args.queries} "
+              f"batch={per}")
         for nprobe in args.nprobe:
             want = candidates(coll, args.k)
 
             def faiss_only() -> int:
                 for q in qs:
                     coll.index.search(q, want, nprobe)
-                return len(qs)
+                return nq
 
             def faiss_raw() -> int:
                 params = faiss.SearchParametersIVF(nprobe=nprobe)
                 for q in qs:
                     coll.index.index.search(q, want, params=params)
-                return len(qs)
+                return nq
 
             def resolve_only() -> int:
                 for q in qs:
                     d, keys = coll.index.search(q, want, nprobe)
                     resolve(coll, d, keys, False)
-                return len(qs)
+                return nq
 
             from aquila.node.storage.index import LABEL_BITS
             from aquila.node.storage.store import doc_key, label_key
@@ -132,7 +136,7 @@ async def main() -> None:
             lkeys, dkeys = [], []
             for q in qs:
                 _, keys = coll.index.search(q, want, nprobe)
-                ks = [int(x) for x in keys[0] if x >= 0]
+                ks = [int(x) for x in keys.reshape(-1) if x >= 0]
                 lk = [label_key(x >> LABEL_BITS, x & ((1 << LABEL_BITS) - 1)) for x in ks]
                 ids = coll.store.raw_records(lk)
                 lkeys.append(lk)
@@ -142,23 +146,42 @@ async def main() -> None:
             def label_gets() -> int:
                 for lk in lkeys:
                     coll.store.raw_records(lk)
-                return len(qs)
+                return nq
 
             def record_gets() -> int:
                 for dk in dkeys:
                     coll.store.raw_records(dk)
-                return len(qs)
+                return nq
 
             def single_gets() -> int:
                 get = coll.store.db.get
                 for dk in dkeys:
                     for key in dk:
                         get(key)
-                return len(qs)
+                return nq
+
+            answers = [resolve(coll, *coll.index.search(q, want, nprobe), False) for q in qs]
+
+            def answer_json() -> int:
+                # The REST answer of each search's hits (metadata included, no vectors).
+                for rows in answers:
+                    orjson.dumps({"results": [[hit_json(h, True, False) for h in row]
+                                              for row in rows]})
+                return nq
 
             async def one_caller() -> None:
                 for q in qs:
                     await coll.search(q, args.k, nprobe)
+
+            async def one_caller_unsplit() -> None:
+                # A request's batch on one search thread (not split over the threads).
+                from aquila.node.storage import collection as cmod
+
+                split, cmod.SPLIT_ROWS = cmod.SPLIT_ROWS, 1 << 30
+                try:
+                    await one_caller()
+                finally:
+                    cmod.SPLIT_ROWS = split
 
             async def eight() -> None:
                 it = iter(qs)
@@ -195,12 +218,15 @@ async def main() -> None:
                 rows.setdefault("  multi_get k label keys", []).append(timed(label_gets))
                 rows.setdefault("  multi_get k records", []).append(timed(record_gets))
                 rows.setdefault("  k single gets of records", []).append(timed(single_gets))
+                rows.setdefault("  hits -> REST answer JSON", []).append(timed(answer_json))
                 rows.setdefault("Collection.search 1 caller", []).append(
-                    await atimed(one_caller, len(qs)))
+                    await atimed(one_caller, nq))
+                rows.setdefault("Collection.search 1 caller, unsplit", []).append(
+                    await atimed(one_caller_unsplit, nq))
                 rows.setdefault("Collection.search 8 callers", []).append(
-                    await atimed(eight, len(qs)))
+                    await atimed(eight, nq))
                 rows.setdefault("VectorIndex.search via pool, 8", []).append(
-                    await atimed(faiss_threads, len(qs)))
+                    await atimed(faiss_threads, nq))
             print(f"\nnprobe {nprobe}: µs per query, best of {args.rounds} (wall / CPU)")
             for name, vals in rows.items():
                 w = min(v[0] for v in vals)
