@@ -205,10 +205,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                        cluster.cpu_seconds)
 
                 prof = await profile_pids(pids, args.profile, root, one_pass)
+                keep = (args.out or Path("bench-batch.json")).parent
                 for name, summary in prof.items():
-                    shutil.copy(root / f"pyspy-{name}.txt", Path(f"pyspy-batch-{name}.txt"))
-                    log(f"py-spy {name}: {summary['samples']} samples "
-                        f"(pyspy-batch-{name}.txt); self:")
+                    kept = keep / f"pyspy-batch-{name}.txt"
+                    shutil.copy(root / f"pyspy-{name}.txt", kept)
+                    log(f"py-spy {name}: {summary['samples']} samples ({kept}); self:")
                     for f in summary["self"][:15]:
                         log(f"  {f['pct']:5.1f}%  {f['frame']}")
                 out["profile"] = prof
