@@ -39,7 +39,7 @@ from bench_data import DEFAULT_DATA, Dataset, load_dataset, normalise, recall_at
 from bench_faiss import new_ivf
 from bench_load import create_collection, ingest_rr, wait_trained
 from bench_local_cluster import LocalCluster, maybe_reexec_in_netns, new_session, node_env
-from bench_node import call, cpu_seconds_of
+from bench_node import call, thread_cpu_of
 from bench_profile import profile_pids
 
 BATCH_SECONDS = 4.0  # measured per point (after one pass of warm-up)
@@ -178,21 +178,25 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 faiss_cpu = ref["cpu_ms_per_query_1_thread"]
                 row: dict[str, Any] = {"faiss": ref, "load": load, "node": []}
                 for c in dict.fromkeys([1, os.cpu_count() or 1]):
-                    marks: list[list[float]] = []  # per node, at the start and the end
+                    # Per node and kind of thread, at the start and at the end.
+                    marks: list[list[dict[str, float]]] = []
 
-                    def cpu(marks: list[list[float]] = marks) -> float:
-                        marks.append([cpu_seconds_of(p) for p in cluster.pids])
-                        return sum(marks[-1])
+                    def cpu(marks: list[list[dict[str, float]]] = marks) -> float:
+                        marks.append([threads_cpu(p) for p in cluster.pids])
+                        return sum(sum(m.values()) for m in marks[-1])
 
                     b = await node_batches(session, url, ds, args.nprobe, args.per, c, cpu)
                     n = max(1, b["requests"] * b["per_request"])
-                    b["per_node_cpu_ms"] = [(y - x) * 1000 / n
-                                            for x, y in zip(marks[0], marks[1], strict=True)]
+                    b["per_node_thread_cpu_ms"] = [
+                        {t: (y.get(t, 0.0) - x.get(t, 0.0)) * 1000 / n for t in y}
+                        for x, y in zip(marks[0], marks[1], strict=True)]
+                    b["per_node_cpu_ms"] = [sum(t.values())
+                                            for t in b["per_node_thread_cpu_ms"]]
                     b["faiss_cpu_per_node_cpu"] = faiss_cpu / b["server_cpu_ms_per_query"]
                     row["node"].append(b)
                     log(f"round {r + 1} c={c}: node {b['qps']:,.0f} q/s, recall "
                         f"{b['recall']:.4f}, CPU {b['server_cpu_ms_per_query']:.3f} ms/query "
-                        f"(per node {', '.join(f'{x:.3f}' for x in b['per_node_cpu_ms'])}); "
+                        f"(per node {', '.join(_threads(t) for t in b['per_node_thread_cpu_ms'])}); "
                         f"FAISS 1 thread {ref['qps_1_thread']:,.0f} q/s, CPU "
                         f"{faiss_cpu:.3f} ms/query: FAISS CPU / node CPU "
                         f"{b['faiss_cpu_per_node_cpu']:.2f}x (load {load:.1f})")
@@ -217,6 +221,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
     return out
+
+
+def threads_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a node's event-loop thread and of all its other threads (searches
+    above all; writes, background work and RocksDB's own threads are idle meanwhile)."""
+    out = {"loop": 0.0, "threads": 0.0}
+    for tid, sec in thread_cpu_of(pid).items():
+        out["loop" if tid == pid else "threads"] += sec
+    return out
+
+
+def _threads(ms: dict[str, float]) -> str:
+    return f"{sum(ms.values()):.3f} = loop {ms['loop']:.3f} + threads {ms['threads']:.3f}"
 
 
 def main() -> None:
