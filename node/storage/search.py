@@ -14,7 +14,7 @@ from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, prepare
 from aquila.node.storage.shard import Shard
-from aquila.node.storage.store import Record, Store, doc_key, record_meta
+from aquila.node.storage.store import Record, Store, doc_key, label_key, record_meta
 
 _MASK = (1 << LABEL_BITS) - 1
 
@@ -77,67 +77,37 @@ def resolve(
     """Index answers (best first, key -1 for none) to documents: their ids and records read
     from the store, a hit whose record is gone or a tombstone left out (deleted since: the
     index catches up right after). `rescore` (the prepared queries, k): the candidates are
-    scored again with their stored vectors, and the k best kept per query.
-
-    The whole batch at once: the hits are picked on arrays, a document found by several
-    queries is read once (one multi-get of labels, one of records for the batch), and each
-    record gives only what the answer holds (its metadata; its vector when asked for or
-    re-scored): per hit there is one `Hit` to make and nothing else."""
+    scored again with their stored vectors, and the k best kept per query."""
+    shards = coll.shards
+    found: list[tuple[int, float, int, int]] = []  # row, score, shard, label
+    for r, (srow, krow) in enumerate(zip(scores.tolist(), keys.tolist(), strict=True)):
+        for score, key in zip(srow, krow, strict=True):
+            if key < 0:
+                break
+            if key >> LABEL_BITS in shards:
+                found.append((r, score, key >> LABEL_BITS, key & _MASK))
     out: list[list[Hit]] = [[] for _ in range(len(scores))]
-    keys = np.asarray(keys, dtype=np.int64)
-    if not keys.size:
+    if not found:
         return out
-    shard_of = keys >> LABEL_BITS
-    # A row ends at its first -1 (FAISS pads a row with them), and hits of shards not held
-    # here (any more) are left out.
-    take = np.logical_and.accumulate(keys >= 0, axis=1) & np.isin(
-        shard_of, np.fromiter(coll.shards, np.int64, len(coll.shards)))
-    if not take.any():
-        return out
-    rows_of = np.nonzero(take)[0]
-    picked = keys[take]
-    unique, which = np.unique(picked, return_inverse=True)
-    docs = _documents(coll.store, unique, with_vectors or rescore is not None)
-    for r, score, d, s in zip(rows_of.tolist(), scores[take].tolist(), which.tolist(),
-                              (picked >> LABEL_BITS).tolist(), strict=True):
-        doc = docs[d]
-        if doc is not None:
-            out[r].append(Hit(doc[0], score, doc[1], doc[2], s))
-    if rescore is not None:
-        out = _rescored(coll.spec.metric, out, *rescore, with_vectors)
-    return out
-
-
-# Bytes of a label key: tag, shard (u16), label (u64), big-endian as `store.label_key` has it.
-_LABEL_KEY = np.dtype([("tag", "S1"), ("shard", ">u2"), ("label", ">u8")])
-
-
-def _documents(store: Store, keys: np.ndarray, vectors: bool
-               ) -> list[tuple[str, bytes, bytes] | None]:
-    """For each (distinct) index key, the live document it stands for: (id, metadata,
-    vector or b""), or None when its record is gone, a tombstone or now of another label.
-
-    Both reads go in key order (the label keys are, as `keys` is sorted): neighbouring keys
-    share index and data blocks, and a batch's reads cost a quarter to a third less."""
-    shards, labels = keys >> LABEL_BITS, keys & _MASK
-    packed = np.empty(len(keys), _LABEL_KEY)
-    packed["tag"], packed["shard"], packed["label"] = b"L", shards, labels
-    raw = packed.tobytes()
-    width = _LABEL_KEY.itemsize
-    ids = store.raw_records([raw[i : i + width] for i in range(0, len(raw), width)])
-    prefixes = {s: doc_key(s, "") for s in set(shards.tolist())}
-    wanted = sorted((prefixes[s] + i, d, lab) for d, (s, lab, i) in enumerate(
-        zip(shards.tolist(), labels.tolist(), ids, strict=True)) if i is not None)
-    records = store.raw_records([key for key, _, _ in wanted])
-    out: list[tuple[str, bytes, bytes] | None] = [None] * len(keys)
-    cut = len(doc_key(0, ""))
-    for (key, d, label), rec in zip(wanted, records, strict=True):
-        if rec is None:
+    store = coll.store
+    ids = store.raw_records([label_key(s, lab) for _, _, s, lab in found])
+    raws = store.raw_records([doc_key(s, "") + i for (_, _, s, _), i in zip(found, ids,
+                                                                          strict=True)
+                              if i is not None])
+    it = iter(raws)
+    for (r, score, s, label), doc_id in zip(found, ids, strict=True):
+        if doc_id is None:
             continue
-        own, tomb, meta = record_meta(rec)
+        raw = next(it)
+        if raw is None:
+            continue
+        own, tomb, meta = record_meta(raw)
         if tomb or own != label:
             continue
-        out[d] = (key[cut:].decode(), meta, Record.decode(rec).vector if vectors else b"")
+        vec = Record.decode(raw).vector if with_vectors or rescore else b""
+        out[r].append(Hit(doc_id.decode(), score, meta, vec, s))
+    if rescore is not None:
+        out = _rescored(coll.spec.metric, out, *rescore, with_vectors)
     return out
 
 
