@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -47,6 +47,7 @@ from aquila.node.storage.store import LAYOUT, Record, Store, WriteBatch
 from aquila.node.storage.training import compacted, release_memory, train_streamed
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SPEC_FILE = "spec.json"
 
@@ -789,16 +790,38 @@ class Collection:
             async with self.rw.read():
                 covered = {s: sh.applied_seq for s, sh in self.shards.items()}
                 index = self.index
-                staged = await self.blocking.write(index.stage, self.snap_path, covered)
+                stage = asyncio.ensure_future(
+                    self.blocking.write(index.stage, self.snap_path, covered))
+                try:
+                    staged = await _to_the_end(stage)
+                except asyncio.CancelledError:
+                    if not stage.cancelled() and stage.exception() is None:
+                        stage.result().unlink(missing_ok=True)
+                    raise
             try:
-                await self.blocking.write(index.save, self.snap_path, covered, staged)
-            except BaseException:  # cancelled before the commit (which cleans up after itself)
+                await _to_the_end(asyncio.ensure_future(
+                    self.blocking.write(index.save, self.snap_path, covered, staged)))
+            except BaseException:  # the commit failed (it cleans up after itself) or a close
                 staged.unlink(missing_ok=True)
                 raise
             self.snapshot_seqs = covered
             self._saved = index
             # What writes left in the C heap, back to the system.
             await self.blocking.write(release_memory)
+
+
+async def _to_the_end(job: asyncio.Future[T]) -> T:
+    """`job` (a thread's work) awaited; cancelled (a close), still waited for to its end
+    before the cancellation goes on: the thread cannot be stopped, and a snapshot it writes
+    after the close returned landed in the folder of the collection's next incarnation, or
+    replaced the newer one the close wrote."""
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait([job])
+        if not job.cancelled():
+            job.exception()  # retrieved: the cancellation is what the caller hears
+        raise
 
 
 def _incoming(doc_id: str, rec: Record) -> Incoming:
