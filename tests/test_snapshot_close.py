@@ -5,14 +5,17 @@ next incarnation (or an older snapshot replace the one the close itself wrote)."
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import TMP_SUFFIX
@@ -116,3 +119,117 @@ async def test_a_close_waits_for_the_snapshot_a_training_is_writing(
     finally:
         await engine.close()
 
+
+
+async def test_a_close_during_a_trainings_swap_loses_no_write_from_the_restarted_index(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes made while a trained index catches up are replayed into it by the swap, under
+    the collection's locks. A close (SIGTERM) during that replay must not snapshot the new
+    index half caught up with change-log positions saying it holds every write: the restart
+    would replay nothing, and those documents would never be found again."""
+    from aquila.node.storage.collection import Collection
+    from aquila.node.storage.shard import Shard
+
+    real_catch_up, real_replay = Collection._catch_up_sync, Shard.replay
+    caught_up, go_on = threading.Event(), threading.Event()
+    swapping, swapped = threading.Event(), threading.Event()
+
+    def catch_up(self: Collection, new: VectorIndex, upto: dict[int, int]) -> None:
+        real_catch_up(self, new, upto)
+        caught_up.set()
+        go_on.wait(30)  # the writes below come now: the swap replays them
+
+    def replay(self: Shard, after_seq: int, chunk: int = 16_384) -> Any:
+        if go_on.is_set() and threading.current_thread().name.startswith("aq-write"):
+            swapping.set()  # the swap's replay (writes and snapshots never replay)
+            try:
+                swapped.wait(3)  # a replay of many writes takes a while (bounded, for the fix)
+                yield from real_replay(self, after_seq, chunk)
+            finally:
+                swapped.set()
+            return
+        yield from real_replay(self, after_seq, chunk)
+
+    monkeypatch.setattr(Collection, "_catch_up_sync", catch_up)
+    monkeypatch.setattr(Shard, "replay", replay)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0], "u")
+    await coll.write({0: [doc(i) for i in range(150)]})
+    try:
+        await wait_for(caught_up.is_set, 30, what="the training to catch up")
+        late = [doc(i) for i in range(150, 170)]
+        await coll.write({0: late})  # acknowledged: durable
+        go_on.set()
+        await wait_for(swapping.is_set, 30, what="the swap's replay")
+        await engine.close()
+    finally:
+        go_on.set()
+        swapped.set()
+    monkeypatch.setattr(Collection, "_catch_up_sync", real_catch_up)
+    monkeypatch.setattr(Shard, "replay", real_replay)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        assert coll.count() == 170
+        assert coll.index.ntotal == 170, "documents written during the catch-up are not indexed"
+        queries = np.stack([d.vector for d in late if d.vector is not None])
+        rows = await coll.search(queries, 1, 4)  # every list probed: exact
+        assert [r[0].id for r in rows] == [d.id for d in late]
+    finally:
+        await engine.close()
+
+
+async def test_a_close_writes_no_snapshot_while_a_write_is_applied_to_the_index(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The close cancels the task applying a durable write to the index; the thread applying
+    it goes on. The close's snapshot must wait for it: FAISS writing an index into the file
+    while another thread adds to it reads lists being reallocated (a torn snapshot, or a
+    crash at the stop)."""
+    from aquila.node.storage.collection import Collection
+
+    real_apply, real_stage = Collection._apply_all_sync, VectorIndex.stage
+    applying, released = threading.Event(), threading.Event()
+    inside: list[int] = []
+    clashes: list[str] = []
+
+    def apply(self: Collection, ops: Any) -> None:
+        inside.append(1)
+        try:
+            applying.set()
+            released.wait(3)  # a large group's vectors take a while to add (bounded, for the fix)
+            real_apply(self, ops)
+        finally:
+            inside.pop()
+
+    def stage(self: VectorIndex, path: Path, covered: dict[int, int]) -> Path:
+        if inside:
+            clashes.append("a snapshot was written while a write was applied to its index")
+        return real_stage(self, path, covered)
+
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(SPEC, [0], "u")
+    await coll.write({0: [doc(i) for i in range(10)]})
+    monkeypatch.setattr(Collection, "_apply_all_sync", apply)
+    monkeypatch.setattr(VectorIndex, "stage", stage)
+    writing = asyncio.ensure_future(coll.write({0: [doc(i) for i in range(10, 20)]}))
+    try:
+        await wait_for(applying.is_set, 30, what="the write to reach the index")
+        await engine.close()
+    finally:
+        released.set()
+    with pytest.raises(Unavailable):  # durable, but the close came first: not acknowledged
+        await writing
+    assert not clashes, clashes
+    monkeypatch.setattr(Collection, "_apply_all_sync", real_apply)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        assert coll.count() == 20 and coll.index.ntotal == 20
+    finally:
+        await engine.close()

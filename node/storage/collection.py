@@ -395,8 +395,9 @@ class Collection:
     async def _apply(self, group: list[_Queued], ops: list[dict[int, IndexOps]]) -> None:
         """The group's index updates (apply_lock is held, taken by the driver)."""
         try:
-            async with self.rw.write():
-                await self.blocking.write(self._apply_all_sync, ops)
+            async with self.rw.write():  # a close waits for the index to be left whole
+                await _to_the_end(asyncio.ensure_future(
+                    self.blocking.write(self._apply_all_sync, ops)))
         except Exception as exc:
             log.exception("%s: a durable write did not reach the index", self.spec.name)
             for q in group:  # durable, but the index did not follow: the writers hear of it
@@ -729,7 +730,10 @@ class Collection:
                 if self.shards != held or set(mark) != set(upto):
                     log.info("%s: shards changed while training; training again", self.spec.name)
                 else:
-                    await self.blocking.write(self._swap_sync, new, mark)
+                    # Not left half done by a close: it would snapshot the new index with
+                    # positions saying it holds the writes the swap had still to replay.
+                    await _to_the_end(asyncio.ensure_future(
+                        self.blocking.write(self._swap_sync, new, mark)))
                     log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
             del new
             # The old index's memory, freed by the swap, back to the system (outside locks);
@@ -812,9 +816,10 @@ class Collection:
 
 async def _to_the_end(job: asyncio.Future[T]) -> T:
     """`job` (a thread's work) awaited; cancelled (a close), still waited for to its end
-    before the cancellation goes on: the thread cannot be stopped, and a snapshot it writes
-    after the close returned landed in the folder of the collection's next incarnation, or
-    replaced the newer one the close wrote."""
+    before the cancellation goes on (and the locks held are left): the thread cannot be
+    stopped, and what it does after the close returned clashed with the close's snapshot (an
+    index changing while it is written) or came after it (a snapshot written into the folder
+    of the collection's next incarnation)."""
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:
