@@ -233,3 +233,34 @@ async def test_a_close_writes_no_snapshot_while_a_write_is_applied_to_the_index(
         assert coll.count() == 20 and coll.index.ntotal == 20
     finally:
         await engine.close()
+
+
+async def test_a_stop_whose_last_snapshot_fails_still_closes_everything(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The close's snapshot only spares the next start a replay: when it cannot be written
+    (the disk full, say), the stop must still close every store (and go on to the other
+    collections). It raised out of the close instead: the stores stayed open (this process
+    could not open the folder again: RocksDB's lock) and `aquila serve`'s cleanup stopped
+    there, leaving its thread pools to Python's exit, which waits for a training to end."""
+    other = CollectionSpec("t", 4, "l2", 1, 1, IndexSpec("flat"))
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
+    await engine.start()
+    for spec in (SPEC, other):
+        coll = await engine.ensure(spec, [0], "u")
+        await coll.write({0: [doc(i) for i in range(20)]})
+
+    def full(*_: Any) -> Path:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(VectorIndex, "stage", full)
+        await engine.close()
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
+    await engine.start()
+    try:
+        for spec in (SPEC, other):
+            coll = await engine.ensure(spec, [0], "u")
+            assert coll.count() == 20 and coll.index.ntotal == 20
+    finally:
+        await engine.close()

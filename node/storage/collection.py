@@ -304,9 +304,14 @@ class Collection:
         async with self._saving:
             pass
         async with self._exclusive():
-            if snapshot and self._dirty():
-                await self.blocking.write(self._snapshot_sync)
-            await self.blocking.write(self.store.close)
+            try:
+                if snapshot and self._dirty():
+                    await self.blocking.write(self._snapshot_sync)
+            except Exception:  # it spares the next start a replay: the close goes on
+                log.exception("%s: no snapshot at the close (the next start replays the "
+                              "change log)", self.spec.name)
+            finally:
+                await self.blocking.write(self.store.close)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:
