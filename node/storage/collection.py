@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -47,6 +47,7 @@ from aquila.node.storage.store import LAYOUT, Record, Store, WriteBatch
 from aquila.node.storage.training import compacted, release_memory, train_streamed
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SPEC_FILE = "spec.json"
 
@@ -303,9 +304,14 @@ class Collection:
         async with self._saving:
             pass
         async with self._exclusive():
-            if snapshot and self._dirty():
-                await self.blocking.write(self._snapshot_sync)
-            await self.blocking.write(self.store.close)
+            try:
+                if snapshot and self._dirty():
+                    await self.blocking.write(self._snapshot_sync)
+            except Exception:  # it spares the next start a replay: the close goes on
+                log.exception("%s: no snapshot at the close (the next start replays the "
+                              "change log)", self.spec.name)
+            finally:
+                await self.blocking.write(self.store.close)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:
@@ -394,8 +400,9 @@ class Collection:
     async def _apply(self, group: list[_Queued], ops: list[dict[int, IndexOps]]) -> None:
         """The group's index updates (apply_lock is held, taken by the driver)."""
         try:
-            async with self.rw.write():
-                await self.blocking.write(self._apply_all_sync, ops)
+            async with self.rw.write():  # a close waits for the index to be left whole
+                await _to_the_end(asyncio.ensure_future(
+                    self.blocking.write(self._apply_all_sync, ops)))
         except Exception as exc:
             log.exception("%s: a durable write did not reach the index", self.spec.name)
             for q in group:  # durable, but the index did not follow: the writers hear of it
@@ -728,7 +735,10 @@ class Collection:
                 if self.shards != held or set(mark) != set(upto):
                     log.info("%s: shards changed while training; training again", self.spec.name)
                 else:
-                    await self.blocking.write(self._swap_sync, new, mark)
+                    # Not left half done by a close: it would snapshot the new index with
+                    # positions saying it holds the writes the swap had still to replay.
+                    await _to_the_end(asyncio.ensure_future(
+                        self.blocking.write(self._swap_sync, new, mark)))
                     log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
             del new
             # The old index's memory, freed by the swap, back to the system (outside locks);
@@ -789,16 +799,39 @@ class Collection:
             async with self.rw.read():
                 covered = {s: sh.applied_seq for s, sh in self.shards.items()}
                 index = self.index
-                staged = await self.blocking.write(index.stage, self.snap_path, covered)
+                stage = asyncio.ensure_future(
+                    self.blocking.write(index.stage, self.snap_path, covered))
+                try:
+                    staged = await _to_the_end(stage)
+                except asyncio.CancelledError:
+                    if not stage.cancelled() and stage.exception() is None:
+                        stage.result().unlink(missing_ok=True)
+                    raise
             try:
-                await self.blocking.write(index.save, self.snap_path, covered, staged)
-            except BaseException:  # cancelled before the commit (which cleans up after itself)
+                await _to_the_end(asyncio.ensure_future(
+                    self.blocking.write(index.save, self.snap_path, covered, staged)))
+            except BaseException:  # the commit failed (it cleans up after itself) or a close
                 staged.unlink(missing_ok=True)
                 raise
             self.snapshot_seqs = covered
             self._saved = index
             # What writes left in the C heap, back to the system.
             await self.blocking.write(release_memory)
+
+
+async def _to_the_end(job: asyncio.Future[T]) -> T:
+    """`job` (a thread's work) awaited; cancelled (a close), still waited for to its end
+    before the cancellation goes on (and the locks held are left): the thread cannot be
+    stopped, and what it does after the close returned clashed with the close's snapshot (an
+    index changing while it is written) or came after it (a snapshot written into the folder
+    of the collection's next incarnation)."""
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait([job])
+        if not job.cancelled():
+            job.exception()  # retrieved: the cancellation is what the caller hears
+        raise
 
 
 def _incoming(doc_id: str, rec: Record) -> Incoming:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from aquila.node.storage.index import (
     faiss_metric,
 )
 
+log = logging.getLogger(__name__)
 Chunks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # (prepared vectors, keys)
 SAMPLE_PER_LIST = 64
 
@@ -108,7 +110,12 @@ def compacted(index: VectorIndex, scratch: Path) -> VectorIndex:
     if not index.trained:
         return index
     try:
-        faiss.write_index(index.index, str(scratch))
+        try:  # through Python's file: an error at the close raises (FAISS's only prints)
+            with open(scratch, "wb") as f:
+                faiss.write_index(index.index, faiss.PyCallbackIOWriter(f.write, 8 << 20))
+        except (OSError, RuntimeError) as exc:  # no room (say): the training is kept whole
+            log.warning("index lists left as they are: no scratch file (%s)", exc)
+            return index
         index.index = None
         release_memory()
         fresh = faiss.read_index(str(scratch))
