@@ -138,6 +138,10 @@ async def _storage(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await cluster.stop()
-        await engine.close()
-        blocking.close()
+        try:
+            await cluster.stop()
+        finally:
+            try:
+                await engine.close()
+            finally:
+                blocking.close()  # else Python's exit would wait for a training

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from aquila.node.config import NodeConfig, load_config
 
@@ -83,17 +83,28 @@ def serve(config: NodeConfig) -> int:
     except OSError as exc:
         print(f"aquila: cannot serve on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1
+    except BaseException as exc:
+        # A stop that failed must not hang on a training either: say why, then go.
+        if not _abandoned_background():
+            raise
+        log.error("stopped on an error; a training in progress is abandoned",
+                  exc_info=exc if isinstance(exc, Exception) else None)
+        _exit_now(1)
     if _abandoned_background():
         # Everything is durable and every store closed; only a training runs on, inside
         # FAISS's k-means, which no flag can stop (an hour at 10M vectors). Python would
         # wait for it at exit; the stop must not.
         log.info("stopped; a training in progress is abandoned and starts again at the "
                  "next start")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> NoReturn:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _abandoned_background() -> bool:

@@ -155,3 +155,35 @@ def test_serve_exits_without_waiting_only_when_a_background_job_runs() -> None:
     finally:
         gate.set()
     assert not _abandoned_background()
+
+
+@pytest.mark.parametrize("abandoned", [True, False])
+def test_serve_that_fails_does_not_wait_for_a_training(
+        abandoned: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A stop that ends on an error exits at once (code 1, the error logged) when a training
+    still runs; with nothing left running, the error goes up as any other."""
+    import uvloop
+
+    from aquila.node import cli, logs
+    from aquila.node.config import NodeConfig
+
+    def broken(coro: Any) -> None:
+        coro.close()
+        raise RuntimeError("cleanup failed")
+
+    def exit_now(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(uvloop, "install", lambda: None)
+    monkeypatch.setattr(logs, "configure", lambda *a: None)
+    monkeypatch.setattr(cli.asyncio, "run", broken)
+    monkeypatch.setattr(cli, "_abandoned_background", lambda: abandoned)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    config = NodeConfig(data_dir=str(tmp_path)).validate()
+    if abandoned:
+        with pytest.raises(SystemExit) as stop:
+            cli.serve(config)
+        assert stop.value.code == 1
+    else:
+        with pytest.raises(RuntimeError, match="cleanup failed"):
+            cli.serve(config)
