@@ -3,6 +3,8 @@ made meanwhile) must not leave the trained index unsaved once it serves."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -176,10 +178,10 @@ def test_serve_that_fails_does_not_wait_for_a_training(
 
     monkeypatch.setattr(uvloop, "install", lambda: None)
     monkeypatch.setattr(logs, "configure", lambda *a: None)
-    monkeypatch.setattr(cli.asyncio, "run", broken)
+    monkeypatch.setattr(asyncio, "run", broken)
     monkeypatch.setattr(cli, "_abandoned_background", lambda: abandoned)
-    monkeypatch.setattr(cli.os, "_exit", exit_now)
-    config = NodeConfig(data_dir=str(tmp_path)).validate()
+    monkeypatch.setattr(os, "_exit", exit_now)
+    config = NodeConfig(data_dir=tmp_path).validate()
     if abandoned:
         with pytest.raises(SystemExit) as stop:
             cli.serve(config)
