@@ -43,7 +43,14 @@ from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
 from aquila.node.storage.search import run_batch
 from aquila.node.storage.shard import IndexOps, Shard
-from aquila.node.storage.store import LAYOUT, Record, Store, WriteBatch
+from aquila.node.storage.store import (
+    DEFAULT_MEMORY_BYTES,
+    LAYOUT,
+    Record,
+    RocksMemory,
+    Store,
+    WriteBatch,
+)
 from aquila.node.storage.training import compacted, release_memory, train_streamed
 
 log = logging.getLogger(__name__)
@@ -110,6 +117,8 @@ class Tuning:
     retrain_max_wait_s: float = 30.0
     search_batch_rows: int = 512
     search_parallel: int = 4
+    # RocksDB's memory of the node (see store.RocksMemory): every collection's, as one.
+    rocksdb_memory_bytes: int = DEFAULT_MEMORY_BYTES
     # Filters whose match sets each shard keeps (0: none, every search evaluates its filter).
     filter_cache: int = DEFAULT_CAPACITY
     # Bytes of selectors and gathered vectors kept per collection for recent filters.
@@ -122,11 +131,11 @@ class Tuning:
 class Collection:
     def __init__(
         self, spec: CollectionSpec, root: Path, blocking: Blocking, tuning: Tuning, fsync: bool,
-        plan_counts: dict[str, int] | None = None,
+        plan_counts: dict[str, int] | None = None, memory: RocksMemory | None = None,
     ) -> None:
         self.spec = spec
         self.root = root
-        self.store = Store(root / "db", fsync=fsync)
+        self.store = Store(root / "db", fsync=fsync, memory=memory)
         self.snap_path = root / "index.faiss"
         self.blocking = blocking
         self.tuning = tuning

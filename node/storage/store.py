@@ -30,12 +30,18 @@ import numpy as np
 import rocksdict
 
 FLAG_TOMBSTONE = 1
-_BLOCK_CACHE_BYTES = 128 << 20
-# RocksDB's memory, by where it goes.
+# The node's RocksDB memory (block cache and memtables together), by default and its bounds.
+DEFAULT_MEMORY_BYTES = 256 << 20
+MIN_MEMORY_BYTES = 32 << 20
+MAX_MEMORY_BYTES = 1 << 40
+# The part of it memtables may take, over every store of the node, before the store being
+# written flushes; and one store's memtable at most (flushed when full).
+_MEMTABLE_SHARE = 4
+_WRITE_BUFFER_BYTES = 32 << 20
+# RocksDB's memory of one store, by where it goes (the block cache's is the node's: below).
 _MEMORY_PROPERTIES = {
     "memtables": "rocksdb.cur-size-all-mem-tables",
     "table_readers": "rocksdb.estimate-table-readers-mem",
-    "block_cache": "rocksdb.block-cache-usage",
 }
 # version, label, seq, flags, dim, writer length
 _HEADER = struct.Struct(">QqQBIH")
@@ -153,10 +159,47 @@ class WriteBatch:
         self._wb.put(_shard_key(b"C", shard), _COUNTERS.pack(next_seq, next_label, live))
 
 
+class RocksMemory:
+    """The RocksDB memory of a node, one budget for all its stores: one LRU block cache
+    (data, index and filter blocks) to which a write buffer manager charges every store's
+    memtables, so that blocks and memtables together stay within `capacity`. A memtable
+    growing evicts blocks; past a quarter of the capacity in memtables, the store being
+    written flushes its largest.
+
+    The cap is not strict (RocksDB's strict_capacity_limit, which rocksdict does not expose
+    anyway, fails a read when the cache is full of pinned blocks, and a write's charge would
+    not be refused): the pinned top levels of indexes and filters and a memtable being
+    written may take it over for a while. Writes never stall on it either (allow_stall off):
+    rocksdict holds the GIL through a write, and a stalled write would stop the whole node
+    until a flush ended."""
+
+    def __init__(self, capacity: int = DEFAULT_MEMORY_BYTES) -> None:
+        if not MIN_MEMORY_BYTES <= capacity <= MAX_MEMORY_BYTES:
+            raise ValueError(f"RocksDB memory must be {MIN_MEMORY_BYTES >> 20} MiB to "
+                             f"{MAX_MEMORY_BYTES >> 20} MiB, not {capacity} bytes")
+        self.capacity = capacity
+        self.cache = rocksdict.Cache(capacity)
+        self.write_buffers = rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(
+            capacity // _MEMTABLE_SHARE, False, self.cache)
+        # One store's memtable: the whole memtable share in a small budget.
+        self.write_buffer_bytes = min(_WRITE_BUFFER_BYTES, capacity // _MEMTABLE_SHARE)
+
+    def used(self) -> int:
+        """Bytes the cache holds: blocks of every store and the memtables charged to it."""
+        return int(self.cache.get_usage())
+
+    def memtables(self) -> int:
+        """Bytes of memtables of every store (what the write buffer manager charges)."""
+        return int(self.write_buffers.get_usage())
+
+
 class Store:
-    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True, memory: RocksMemory | None = None
+                 ) -> None:
+        """`memory`: the node's budget shared by its stores; a budget of its own if None."""
         self.path = path
         self._fsync = fsync
+        self.memory = memory if memory is not None else RocksMemory()
         self._db: rocksdict.Rdict | None = None
 
     def open(self) -> None:
@@ -174,7 +217,9 @@ class Store:
         # filter each miss reads a block of every level.
         table = rocksdict.BlockBasedOptions()
         table.set_bloom_filter(10, False)
-        table.set_block_cache(rocksdict.Cache(_BLOCK_CACHE_BYTES))
+        # The node's one cache, memtables charged to it (see RocksMemory); indexes and
+        # filters are blocks in it too, not held beside it by the table readers.
+        table.set_block_cache(self.memory.cache)
         table.set_cache_index_and_filter_blocks(True)
         # Partitioned filters and a two-level index: a table file's filter and index are
         # cut in blocks of 4 KiB, cached one by one, with only their small top level pinned.
@@ -193,6 +238,8 @@ class Store:
         # the largest part of a bulk import (~8 µs of ~30 a document; ~1 µs with it).
         opts.set_memtable_whole_key_filtering(True)
         opts.set_memtable_prefix_bloom_ratio(0.02)
+        opts.set_write_buffer_manager(self.memory.write_buffers)
+        opts.set_write_buffer_size(self.memory.write_buffer_bytes)
         self._db = rocksdict.Rdict(str(self.path), opts)
         wo = rocksdict.WriteOptions()
         wo.sync = self._fsync
@@ -213,7 +260,10 @@ class Store:
         return self._db
 
     def memory_bytes(self) -> dict[str, int]:
-        """RocksDB's own figures of the memory it holds (for /metrics); empty when closed."""
+        """RocksDB's own figures of the memory it holds (for /metrics); empty when closed.
+        `memtables` and `table_readers` are this store's; `block_cache` and `cache_capacity`
+        the node's budget (see RocksMemory), shared by its stores: the cache in use holds
+        the memtables of every store beside the blocks, as charged to it."""
         db = self._db
         if db is None:
             return {}
@@ -223,6 +273,8 @@ class Store:
                 out[kind] = int(db.property_int_value(prop) or 0)
         except Exception:  # closed by another thread meanwhile: nothing to report
             return {}
+        out["block_cache"] = self.memory.used()
+        out["cache_capacity"] = self.memory.capacity
         return out
 
     def flush_memtables(self) -> None:
