@@ -389,6 +389,36 @@ class Store:
         if n:
             yield rows[:n], labels[:n]
 
+    def old_tombstones(self, shard: int, before: int
+                       ) -> Callable[[], tuple[list[str], float]]:
+        """A scan of the shard's records as they are now (its iterator made here, read when
+        called): the ids of its tombstones whose version is below `before`, and the least
+        version of the others (inf if none). From the records' headers, no object per record
+        (a shard under churn holds millions of tombstones)."""
+        prefix = _shard_key(b"D", shard)
+        it = self.db.iter(self._scan_opts)
+        it.seek(prefix)
+
+        def scan() -> tuple[list[str], float]:
+            n = len(prefix)
+            unpack = _HEADER.unpack_from
+            ids: list[str] = []
+            least = float("inf")
+            while it.valid():
+                key = it.key()
+                if not key.startswith(prefix):
+                    break
+                version, _, _, flags, _, _ = unpack(it.value())
+                if flags & FLAG_TOMBSTONE:
+                    if version < before:
+                        ids.append(key[n:].decode())
+                    elif version < least:
+                        least = version
+                it.next()
+            return ids, least
+
+        return scan
+
     def iter_live_metadata(self, shard: int) -> Iterator[tuple[int, bytes]]:
         """(label, metadata) of every live document of the shard, in id order: the records'
         headers and metadata only (building a payload index, evaluating an ad-hoc filter)."""
