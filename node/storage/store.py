@@ -31,7 +31,10 @@ import rocksdict
 
 FLAG_TOMBSTONE = 1
 # The node's RocksDB memory (block cache and memtables together), by default and its bounds.
-DEFAULT_MEMORY_BYTES = 256 << 20
+# What the cache serves is a search's hits' records and a write's look-ups' filter and index
+# partitions; under churn it also fills with blocks of table files compacted away since, so
+# it is full within a minute at 64 MiB, where at 256 MiB RSS grew with it for 5 minutes.
+DEFAULT_MEMORY_BYTES = 64 << 20
 MIN_MEMORY_BYTES = 32 << 20
 MAX_MEMORY_BYTES = 1 << 40
 # The part of it memtables may take, over every store of the node, before the store being
