@@ -486,9 +486,9 @@ async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     now = time.perf_counter()
                     parts = await memory_parts(s, url)
                     rss = round(rss_mib_of(node.pid), 1)
-                    # block_cache is the node's RocksDB budget in use: blocks and the
+                    # budget_used is the node's RocksDB budget in use: blocks and the
                     # memtables charged to it; the rest is Python, FAISS's own and the heap.
-                    other = rss - parts.get("faiss", 0) - parts.get("block_cache", 0) - \
+                    other = rss - parts.get("faiss", 0) - parts.get("budget_used", 0) - \
                         parts.get("table_readers", 0)
                     window = [ms for t, ms in during[last_s:] if t >= last_t]
                     series.append({

@@ -264,9 +264,10 @@ class Store:
 
     def memory_bytes(self) -> dict[str, int]:
         """RocksDB's own figures of the memory it holds (for /metrics); empty when closed.
-        `memtables` and `table_readers` are this store's; `block_cache` and `cache_capacity`
-        the node's budget (see RocksMemory), shared by its stores: the cache in use holds
-        the memtables of every store beside the blocks, as charged to it."""
+        `memtables` and `table_readers` are this store's; the others the node's, shared by
+        its stores (see RocksMemory): `block_cache` the blocks in the cache, `budget_used`
+        the cache in use (the blocks and every store's memtables, charged to it), `budget`
+        its capacity."""
         db = self._db
         if db is None:
             return {}
@@ -276,8 +277,10 @@ class Store:
                 out[kind] = int(db.property_int_value(prop) or 0)
         except Exception:  # closed by another thread meanwhile: nothing to report
             return {}
-        out["block_cache"] = self.memory.used()
-        out["cache_capacity"] = self.memory.capacity
+        used = self.memory.used()
+        out["block_cache"] = max(0, used - self.memory.memtables())
+        out["budget_used"] = used
+        out["budget"] = self.memory.capacity
         return out
 
     def flush_memtables(self) -> None:
