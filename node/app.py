@@ -18,7 +18,7 @@ from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.peers.client import PeerClient
 from aquila.node.blocking import Blocking
 from aquila.node.cluster_node import ClusterNode
-from aquila.node.config import NodeConfig
+from aquila.node.config import MIB, NodeConfig
 from aquila.node.files import write_atomic
 from aquila.node.http.api import add_public_routes, error_middleware
 from aquila.node.http.cluster_api import add_cluster_routes
@@ -111,6 +111,7 @@ async def _storage(
         train_min=config.train_min,
         retrain_growth=config.retrain_growth,
         search_batch_rows=config.search_batch_rows,
+        rocksdb_memory_bytes=config.rocksdb_memory_mib * MIB,
     )
     engine = Engine(Path(config.data_dir), blocking, tuning, config.fsync)
     engine.on_trained = app[METRICS].trained

@@ -66,6 +66,9 @@ class NodeConfig:
     retrain_growth: float = 2.0
     # Snapshot a collection's index this often (seconds) when it has changed since the last one.
     snapshot_interval_s: float = 30.0
+    # RocksDB's memory on this node, every collection's block cache and memtables in one
+    # budget (MiB; memtables at most a quarter of it). Bounded: 32 MiB to 1 TiB.
+    rocksdb_memory_mib: int = 64
     # Most query rows grouped into one FAISS call by the dynamic batcher.
     search_batch_rows: int = 512
     # Threads that run FAISS searches; None = one per core (at least 2).
@@ -132,6 +135,9 @@ class NodeConfig:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.train_min < 1:
             raise ValueError("train_min must be positive")
+        if not 32 <= self.rocksdb_memory_mib <= 1 << 20:
+            raise ValueError("rocksdb_memory_mib must be 32 (MiB) to 1048576 (1 TiB), "
+                             f"not {self.rocksdb_memory_mib}")
         if self.snapshot_interval_s <= 0:
             raise ValueError("snapshot_interval_s must be positive")
         if self.search_threads is not None and self.search_threads < 1:

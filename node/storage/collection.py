@@ -43,7 +43,14 @@ from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
 from aquila.node.storage.search import run_batch
 from aquila.node.storage.shard import IndexOps, Shard
-from aquila.node.storage.store import LAYOUT, Record, Store, WriteBatch
+from aquila.node.storage.store import (
+    DEFAULT_MEMORY_BYTES,
+    LAYOUT,
+    Record,
+    RocksMemory,
+    Store,
+    WriteBatch,
+)
 from aquila.node.storage.training import compacted, release_memory, train_streamed
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,9 @@ def meta_bytes(spec: CollectionSpec, uid: str, shards: list[int]) -> bytes:
     return orjson.dumps({"spec": spec.to_json(), "shards": shards, "uid": uid})
 
 
+# A shard's tombstones are scanned for purging at least this often (seconds), even when the
+# last scan found none old enough (see Collection._purge).
+PURGE_RESCAN_S = 3600.0
 # Documents one group commit takes at most (one RocksDB batch, one fsync).
 GROUP_MAX_DOCS = 20_000
 # Vectors read from the store at a time while training.
@@ -111,6 +121,8 @@ class Tuning:
     retrain_max_wait_s: float = 30.0
     search_batch_rows: int = 512
     search_parallel: int = 4
+    # RocksDB's memory of the node (see store.RocksMemory): every collection's, as one.
+    rocksdb_memory_bytes: int = DEFAULT_MEMORY_BYTES
     # Filters whose match sets each shard keeps (0: none, every search evaluates its filter).
     filter_cache: int = DEFAULT_CAPACITY
     # Bytes of selectors and gathered vectors kept per collection for recent filters.
@@ -123,11 +135,11 @@ class Tuning:
 class Collection:
     def __init__(
         self, spec: CollectionSpec, root: Path, blocking: Blocking, tuning: Tuning, fsync: bool,
-        plan_counts: dict[str, int] | None = None,
+        plan_counts: dict[str, int] | None = None, memory: RocksMemory | None = None,
     ) -> None:
         self.spec = spec
         self.root = root
-        self.store = Store(root / "db", fsync=fsync)
+        self.store = Store(root / "db", fsync=fsync, memory=memory)
         self.snap_path = root / "index.faiss"
         self.blocking = blocking
         self.tuning = tuning
@@ -166,6 +178,12 @@ class Collection:
         self.uid = ""
         # Called with the seconds each training took (the node's metrics).
         self.on_trained: Callable[[float], None] | None = None
+        # Per shard, from the last purge: a version below which no tombstone is stored, and
+        # when to scan again anyway. A purge that could find nothing old enough makes no scan
+        # of every record (millions under churn, at every anti-entropy pass). Deletes lower
+        # it, and those written while a scan runs are noted for it.
+        self._tombstone_floor: dict[int, tuple[float, float]] = {}
+        self._deletes_since_scan: dict[int, float] = {}
 
     @property
     def larger_is_better(self) -> bool:
@@ -283,6 +301,7 @@ class Collection:
             self.snapshot_seqs, self._saved = {}, None
             await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
             shard = self.shards.pop(s)
+            self._tombstone_floor.pop(s, None)
             await self.blocking.write(self.index.remove, shard.keys())
             await self.blocking.write(self.store.drop_shard, s)
 
@@ -329,6 +348,13 @@ class Collection:
         one fsync, and hands the index updates on, while the next group is staged."""
         self._have(by_shard)
         self._last_write = time.monotonic()
+        for s, docs in by_shard.items():  # a delete lowers the shard's tombstone floor
+            low = _least_delete(docs)
+            if low < self._deletes_since_scan.get(s, -math.inf):
+                self._deletes_since_scan[s] = low
+            floor = self._tombstone_floor.get(s)
+            if floor is not None and low < floor[0]:
+                self._tombstone_floor[s] = (low, floor[1])
         loop = asyncio.get_running_loop()
         queued = _Queued(by_shard, loop.create_future(), sum(map(len, by_shard.values())))
         self._queue.append(queued)
@@ -506,15 +532,39 @@ class Collection:
     async def _purge(self, shard: int, before: int) -> tuple[int, int]:
         if shard not in self.shards:
             return 0, 0
-        async with self.write_mutex, self.apply_lock:
-            return await self.blocking.write(self._purge_sync, shard, before)
+        floor = self._tombstone_floor.get(shard)
+        if floor is not None and before <= floor[0] and time.monotonic() < floor[1]:
+            return 0, 0
+        # The scan reads every record's header outside the locks (under them it held writes
+        # for seconds under churn); what it finds is read again under them. It starts under
+        # the write mutex, where no write is between staged and durable: it sees every write
+        # made before, and the deletes queued or written after are noted for the floor.
+        due = time.monotonic() + PURGE_RESCAN_S
+        async with self.write_mutex:
+            self._deletes_since_scan[shard] = min(
+                [_least_delete(q.by_shard.get(shard, [])) for q in self._queue], default=math.inf)
+            scan = await self.blocking.write(self.store.old_tombstones, shard, before)
+        try:
+            ids, least = await self.blocking.write(scan)
+            purged = waiting = 0
+            if ids and shard in self.shards:
+                async with self.write_mutex, self.apply_lock:
+                    purged, waiting = await self.blocking.write(self._purge_sync, shard, before,
+                                                                ids)
+        finally:
+            noted = self._deletes_since_scan.pop(shard, -math.inf)
+        if shard in self.shards and not waiting:  # those waiting: scanned for again
+            self._tombstone_floor[shard] = (min(least, noted), due)
+        return purged, waiting
 
-    def _purge_sync(self, shard: int, before: int) -> tuple[int, int]:
-        """(tombstones purged, tombstones left until a snapshot covers their delete)."""
+    def _purge_sync(self, shard: int, before: int, ids: list[str]) -> tuple[int, int]:
+        """(tombstones purged, tombstones left until a snapshot covers their delete), of the
+        candidates `ids` that are still tombstones older than `before`."""
         batch = WriteBatch()
         covered = self.snapshot_seqs.get(shard, 0)
-        old = [(doc_id, rec) for doc_id, rec in self.store.iter_docs(shard)
-               if rec.tombstone and rec.version < before]
+        recs = self.store.get_records(shard, ids, cache=False)
+        old = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
+               if rec is not None and rec.tombstone and rec.version < before]
         gone = [(doc_id, rec) for doc_id, rec in old if rec.seq <= covered]
         if gone:
             self.shards[shard].forget(gone, batch)
@@ -832,6 +882,11 @@ async def _to_the_end(job: asyncio.Future[T]) -> T:
         if not job.cancelled():
             job.exception()  # retrieved: the cancellation is what the caller hears
         raise
+
+
+def _least_delete(docs: list[Incoming]) -> float:
+    """The least version of the deletes among `docs` (inf if none)."""
+    return min([d.version for d in docs if d.vector is None], default=math.inf)
 
 
 def _incoming(doc_id: str, rec: Record) -> Incoming:

@@ -39,6 +39,7 @@ from aquila.node.blocking import Blocking
 from aquila.node.files import fsync_dir, remove_stale_temps, write_atomic
 from aquila.node.storage.collection import SPEC_FILE, Collection, Tuning, meta_bytes
 from aquila.node.storage.paths import collection_dir
+from aquila.node.storage.store import RocksMemory
 from aquila.node.storage.training import limit_arenas
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class Engine:
         self.blocking = blocking
         self.tuning = tuning
         self.fsync = fsync
+        # One RocksDB memory budget for every collection of the node.
+        self.memory = RocksMemory(tuning.rocksdb_memory_bytes)
         self.collections: dict[str, Collection] = {}
         # Filtered-search planner paths taken, per shard and query, over every collection
         # (kept here so that dropping a collection does not take counts back).
@@ -146,7 +149,8 @@ class Engine:
 
     def _new(self, spec: CollectionSpec) -> Collection:
         root = collection_dir(self.root, spec.name)
-        coll = Collection(spec, root, self.blocking, self.tuning, self.fsync, self.plan_counts)
+        coll = Collection(spec, root, self.blocking, self.tuning, self.fsync, self.plan_counts,
+                          self.memory)
         if self.on_trained is not None:
             coll.on_trained = functools.partial(self.on_trained, spec.name)
         return coll

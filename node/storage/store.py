@@ -30,12 +30,21 @@ import numpy as np
 import rocksdict
 
 FLAG_TOMBSTONE = 1
-_BLOCK_CACHE_BYTES = 128 << 20
-# RocksDB's memory, by where it goes.
+# The node's RocksDB memory (block cache and memtables together), by default and its bounds.
+# What the cache serves is a search's hits' records and a write's look-ups' filter and index
+# partitions; under churn it also fills with blocks of table files compacted away since, so
+# it is full within a minute at 64 MiB, where at 256 MiB RSS grew with it for 5 minutes.
+DEFAULT_MEMORY_BYTES = 64 << 20
+MIN_MEMORY_BYTES = 32 << 20
+MAX_MEMORY_BYTES = 1 << 40
+# The part of it memtables may take, over every store of the node, before the store being
+# written flushes; and one store's memtable at most (flushed when full).
+_MEMTABLE_SHARE = 4
+_WRITE_BUFFER_BYTES = 32 << 20
+# RocksDB's memory of one store, by where it goes (the block cache's is the node's: below).
 _MEMORY_PROPERTIES = {
     "memtables": "rocksdb.cur-size-all-mem-tables",
     "table_readers": "rocksdb.estimate-table-readers-mem",
-    "block_cache": "rocksdb.block-cache-usage",
 }
 # version, label, seq, flags, dim, writer length
 _HEADER = struct.Struct(">QqQBIH")
@@ -153,10 +162,47 @@ class WriteBatch:
         self._wb.put(_shard_key(b"C", shard), _COUNTERS.pack(next_seq, next_label, live))
 
 
+class RocksMemory:
+    """The RocksDB memory of a node, one budget for all its stores: one LRU block cache
+    (data, index and filter blocks) to which a write buffer manager charges every store's
+    memtables, so that blocks and memtables together stay within `capacity`. A memtable
+    growing evicts blocks; past a quarter of the capacity in memtables, the store being
+    written flushes its largest.
+
+    The cap is not strict (RocksDB's strict_capacity_limit, which rocksdict does not expose
+    anyway, fails a read when the cache is full of pinned blocks, and a write's charge would
+    not be refused): the pinned top levels of indexes and filters and a memtable being
+    written may take it over for a while. Writes never stall on it either (allow_stall off):
+    rocksdict holds the GIL through a write, and a stalled write would stop the whole node
+    until a flush ended."""
+
+    def __init__(self, capacity: int = DEFAULT_MEMORY_BYTES) -> None:
+        if not MIN_MEMORY_BYTES <= capacity <= MAX_MEMORY_BYTES:
+            raise ValueError(f"RocksDB memory must be {MIN_MEMORY_BYTES >> 20} MiB to "
+                             f"{MAX_MEMORY_BYTES >> 20} MiB, not {capacity} bytes")
+        self.capacity = capacity
+        self.cache = rocksdict.Cache(capacity)
+        self.write_buffers = rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(
+            capacity // _MEMTABLE_SHARE, False, self.cache)
+        # One store's memtable: the whole memtable share in a small budget.
+        self.write_buffer_bytes = min(_WRITE_BUFFER_BYTES, capacity // _MEMTABLE_SHARE)
+
+    def used(self) -> int:
+        """Bytes the cache holds: blocks of every store and the memtables charged to it."""
+        return int(self.cache.get_usage())
+
+    def memtables(self) -> int:
+        """Bytes of memtables of every store (what the write buffer manager charges)."""
+        return int(self.write_buffers.get_usage())
+
+
 class Store:
-    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True, memory: RocksMemory | None = None
+                 ) -> None:
+        """`memory`: the node's budget shared by its stores; a budget of its own if None."""
         self.path = path
         self._fsync = fsync
+        self.memory = memory if memory is not None else RocksMemory()
         self._db: rocksdict.Rdict | None = None
 
     def open(self) -> None:
@@ -174,7 +220,9 @@ class Store:
         # filter each miss reads a block of every level.
         table = rocksdict.BlockBasedOptions()
         table.set_bloom_filter(10, False)
-        table.set_block_cache(rocksdict.Cache(_BLOCK_CACHE_BYTES))
+        # The node's one cache, memtables charged to it (see RocksMemory); indexes and
+        # filters are blocks in it too, not held beside it by the table readers.
+        table.set_block_cache(self.memory.cache)
         table.set_cache_index_and_filter_blocks(True)
         # Partitioned filters and a two-level index: a table file's filter and index are
         # cut in blocks of 4 KiB, cached one by one, with only their small top level pinned.
@@ -193,6 +241,8 @@ class Store:
         # the largest part of a bulk import (~8 µs of ~30 a document; ~1 µs with it).
         opts.set_memtable_whole_key_filtering(True)
         opts.set_memtable_prefix_bloom_ratio(0.02)
+        opts.set_write_buffer_manager(self.memory.write_buffers)
+        opts.set_write_buffer_size(self.memory.write_buffer_bytes)
         self._db = rocksdict.Rdict(str(self.path), opts)
         wo = rocksdict.WriteOptions()
         wo.sync = self._fsync
@@ -213,7 +263,11 @@ class Store:
         return self._db
 
     def memory_bytes(self) -> dict[str, int]:
-        """RocksDB's own figures of the memory it holds (for /metrics); empty when closed."""
+        """RocksDB's own figures of the memory it holds (for /metrics); empty when closed.
+        `memtables` and `table_readers` are this store's; the others the node's, shared by
+        its stores (see RocksMemory): `block_cache` the blocks in the cache, `budget_used`
+        the cache in use (the blocks and every store's memtables, charged to it), `budget`
+        its capacity."""
         db = self._db
         if db is None:
             return {}
@@ -223,6 +277,10 @@ class Store:
                 out[kind] = int(db.property_int_value(prop) or 0)
         except Exception:  # closed by another thread meanwhile: nothing to report
             return {}
+        used = self.memory.used()
+        out["block_cache"] = max(0, used - self.memory.memtables())
+        out["budget_used"] = used
+        out["budget"] = self.memory.capacity
         return out
 
     def flush_memtables(self) -> None:
@@ -336,6 +394,36 @@ class Store:
                 n = 0
         if n:
             yield rows[:n], labels[:n]
+
+    def old_tombstones(self, shard: int, before: int
+                       ) -> Callable[[], tuple[list[str], float]]:
+        """A scan of the shard's records as they are now (its iterator made here, read when
+        called): the ids of its tombstones whose version is below `before`, and the least
+        version of the others (inf if none). From the records' headers, no object per record
+        (a shard under churn holds millions of tombstones)."""
+        prefix = _shard_key(b"D", shard)
+        it = self.db.iter(self._scan_opts)
+        it.seek(prefix)
+
+        def scan() -> tuple[list[str], float]:
+            n = len(prefix)
+            unpack = _HEADER.unpack_from
+            ids: list[str] = []
+            least = float("inf")
+            while it.valid():
+                key = it.key()
+                if not key.startswith(prefix):
+                    break
+                version, _, _, flags, _, _ = unpack(it.value())
+                if flags & FLAG_TOMBSTONE:
+                    if version < before:
+                        ids.append(key[n:].decode())
+                    elif version < least:
+                        least = version
+                it.next()
+            return ids, least
+
+        return scan
 
     def iter_live_metadata(self, shard: int) -> Iterator[tuple[int, bytes]]:
         """(label, metadata) of every live document of the shard, in id order: the records'
