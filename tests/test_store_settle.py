@@ -9,7 +9,15 @@ from pathlib import Path
 
 import rocksdict
 
+from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.sharding import shard_of
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.node.blocking import Blocking
+from aquila.node.storage.collection import Tuning
+from aquila.node.storage.engine import Engine
 from aquila.node.storage.store import RocksMemory, Store, doc_key
+from tests.conftest import wait_for
+from tests.datasets import load_sample
 
 MIB = 1 << 20
 
@@ -43,3 +51,67 @@ def test_a_reopened_store_reads_through_the_nodes_cache(tmp_path: Path) -> None:
         assert memory.used() - before > MIB // 2
     finally:
         store.close()
+
+
+def flushed_files(store: Store, batches: int, first: int = 0) -> None:
+    """`batches` level-0 files (one flush each), of keys overlapping one another."""
+    for b in range(batches):
+        fill(store, first + b, 400 * 7, size=200)  # the same key range each time
+        store.db.flush(True)
+
+
+def test_a_settled_store_has_no_file_left_at_level_0(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s", fsync=False)
+    store.open()
+    try:
+        flushed_files(store, 3)
+        assert store.level0_files() == 3  # below the trigger: left there by RocksDB
+        fill(store, 10_000, 500, size=200)  # in the memtable: flushed by the settle too
+        store.settle(timeout_s=60)
+        assert store.level0_files() == 0
+        assert store.db.property_int_value("rocksdb.num-immutable-mem-table") == 0
+        assert store.raw_records([doc_key(0, "k10000"), doc_key(0, "k2")]) != [None, None]
+        # The trigger is back at its default: writes go on flushing without a compaction
+        # each time.
+        flushed_files(store, 2, first=20_000)
+        assert store.level0_files() == 2
+    finally:
+        store.close()
+
+
+def test_a_settle_ends_when_the_store_is_closed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s", fsync=False)
+    store.open()
+    store.close()
+    store.settle(timeout_s=60)  # nothing to do, no error
+    assert store._db is None
+
+
+async def test_after_a_training_the_store_settles_to_no_file_at_level_0(tmp_path: Path) -> None:
+    """A bulk load then its training: the training's end flushes the memtables and compacts
+    level 0 (what the load's flushes and its own left there) into the level below."""
+    smp = load_sample()
+    blocking = Blocking(2)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=1000), fsync=False)
+    await engine.start()
+    try:
+        spec = CollectionSpec("c", smp.dim, "cosine", 4, 1, IndexSpec("ivf_flat"))
+        coll = await engine.ensure(spec, range(4), "u")
+        store = coll.store
+        for lo in range(0, 3000, 500):
+            by: dict[int, list[Incoming]] = {}
+            for i in range(lo, lo + 500):
+                by.setdefault(shard_of(str(i), 4), []).append(
+                    Incoming(str(i), smp.base[i], b"{}", 1, "n"))
+            await coll.write(by)
+            store.db.flush(True)  # as a long load's memtables fill: a level-0 file each
+        assert store.level0_files() >= 2
+        await wait_for(lambda: coll.state == "trained", 60, what="the index to train")
+        await wait_for(lambda: store.level0_files() == 0
+                       and not store.db.property_int_value("rocksdb.num-immutable-mem-table"),
+                       60, what="level 0 to be compacted")
+        rows = await coll.search(smp.queries[:5], 10, 8)
+        assert all(len(r) == 10 for r in rows)
+    finally:
+        await engine.close()
+        blocking.close()
