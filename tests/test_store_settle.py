@@ -15,7 +15,7 @@ from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
-from aquila.node.storage.store import RocksMemory, Store, doc_key
+from aquila.node.storage.store import RocksMemory, Store, WriteBatch, doc_key
 from tests.conftest import wait_for
 from tests.datasets import load_sample
 
@@ -115,3 +115,33 @@ async def test_after_a_training_the_store_settles_to_no_file_at_level_0(tmp_path
     finally:
         await engine.close()
         blocking.close()
+
+
+def test_a_settle_ends_when_writes_resume(tmp_path: Path) -> None:
+    """A write while level 0 is being compacted ends the settle and sets the trigger back:
+    writes that go on are not compacted at every flush."""
+    store = Store(tmp_path / "s", fsync=False)
+    store.open()
+    try:
+        flushed_files(store, 3)
+        real = store.level0_files
+        polls: list[int] = []
+
+        def written_meanwhile() -> int:
+            polls.append(1)
+            if len(polls) == 2:  # after the trigger was lowered: a write comes
+                wb = WriteBatch()
+                wb.put_label(0, 1, b"x")
+                store.write(wb)
+            return real() + 1  # never empty: only the write can end the settle
+
+        store.level0_files = written_meanwhile  # type: ignore[method-assign]
+        store.settle(timeout_s=60)
+        assert len(polls) == 2  # the write seen at the next poll, the settle over
+        store.level0_files = real  # type: ignore[method-assign]
+        # The trigger is back at its default: two more flushes stay at level 0.
+        store.db.compact_range(None, None)
+        flushed_files(store, 2, first=20_000)
+        assert store.level0_files() == 2
+    finally:
+        store.close()

@@ -216,6 +216,7 @@ class Store:
         # Held by `close` and by each step of `settle` (on another thread): rocksdict's
         # close fails while another call is inside the database.
         self._guard = threading.Lock()
+        self._writes = 0  # write batches so far: a settle ends when writes resume
 
     def open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -317,7 +318,10 @@ class Store:
         background threads compact (the level-0 trigger lowered to one file until level 0
         is empty or `timeout_s` passed, then set back): a compaction of level 0 only, not
         of the whole store, that blocks no write and that a close stops. Waits for it (a
-        background thread's job); returns at once when the store is closed meanwhile."""
+        background thread's job); ends when the store is closed or written meanwhile (the
+        trigger back at once: while writes go on, a compaction at every flush would rewrite
+        the level below each time)."""
+        writes = self._writes
         with self._guard:
             if self._db is None:
                 return
@@ -330,7 +334,8 @@ class Store:
         try:
             while time.monotonic() < end:
                 with self._guard:
-                    if self._db is None or (self.level0_files() == 0 and not self._flushing()):
+                    if (self._db is None or self._writes != writes
+                            or (self.level0_files() == 0 and not self._flushing())):
                         return
                 time.sleep(_SETTLE_POLL_S)
         finally:
@@ -390,6 +395,7 @@ class Store:
         fsynced before it returns); the records may be read in the meantime, before they
         are acknowledged."""
         self.db.write(batch._wb, self._batch_opts)
+        self._writes += 1
         if self._fsync:
             self.db.flush_wal(True)
 
