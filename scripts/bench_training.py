@@ -8,6 +8,7 @@ centroids. Per variant: training seconds, add seconds per 1M vectors, recall@10 
 scripts/bench_memory.py makes them.
 
     python scripts/bench_training.py --n 2000000 --nlist 4000,10000
+    python scripts/bench_training.py --n 6200000 --streamed ivf_sq8   # as a node retrains
 
 The machine is shared: every figure is printed with `uptime`'s load."""
 
@@ -15,16 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import faiss
 import numpy as np
 from bench_memory import clustered
 
-from aquila.node.storage.training import two_level_centroids
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.node.storage.index import global_keys
+from aquila.node.storage.training import train_streamed, two_level_centroids
 
 K = 10
 PROBES = (1, 2, 4, 8, 16, 32)
@@ -119,6 +123,28 @@ def run_variant(name: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, nlis
     return res
 
 
+def streamed(x: np.ndarray, kind: str) -> None:
+    """The node's whole training (`train_streamed`: sample pass, k-means, add pass with the
+    calibration's exact answers) over x in the store's chunks, as the node's background
+    thread runs it: one FAISS thread at nice 10."""
+    os.nice(10)
+    faiss.omp_set_num_threads(1)
+    spec = CollectionSpec("c", x.shape[1], "l2", 1, 1, IndexSpec(kind))
+    step = 65_536
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for lo in range(0, len(x), step):
+            yield x[lo: lo + step], global_keys(0, np.arange(lo, min(lo + step, len(x))))
+
+    t0 = time.perf_counter()
+    index = train_streamed(spec, len(x), chunks)
+    assert index is not None
+    print(json.dumps({"streamed": kind, "n": len(x), "nlist": index.nlist,
+                      "seconds": round(time.perf_counter() - t0, 1),
+                      "curve": index.curve[:8],
+                      "load": load_avg().split("load average: ")[1]}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=2_000_000)
@@ -128,7 +154,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--streamed", metavar="TYPE",
+                   help="time the node's whole training of an index of this type instead")
     args = p.parse_args()
+    if args.streamed:
+        streamed(clustered(args.n, args.dim, args.seed), args.streamed)
+        return
     faiss.omp_set_num_threads(args.threads)
     allx = clustered(args.n + args.queries, args.dim, args.seed)
     x, q = allx[: args.n], np.ascontiguousarray(allx[args.n:])

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from aquila.node.storage.index import (
     faiss,
     faiss_metric,
 )
+
+log = logging.getLogger(__name__)
 
 Chunks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # (prepared vectors, keys)
 SAMPLE_PER_LIST = 64
@@ -178,7 +182,9 @@ def train_streamed(spec: CollectionSpec, n: int, chunks: Chunks,
     sample_keys = np.concatenate(sample_k)
     del sample_v, sample_k
     index = VectorIndex.new_ivf(spec, choose_nlist(seen, spec.index.nlist), seen)
+    took, points = [time.perf_counter()], len(sample)
     train_quantizer(index.index, sample, spec.metric, rng)
+    took.append(time.perf_counter())
     # Calibration queries: stored documents, from the sample (uniform already).
     qrows = rng.permutation(len(sample))[:CALIBRATION_QUERIES]
     queries, qkeys = sample[qrows].copy(), sample_keys[qrows].copy()
@@ -190,7 +196,14 @@ def train_streamed(spec: CollectionSpec, n: int, chunks: Chunks,
         truth.add(vectors, keys)
         total += len(vectors)
     index.trained_at = total
+    took.append(time.perf_counter())
     index.calibrate_against(queries, qkeys, truth.keys)
+    took.append(time.perf_counter())
+    # Where a training's time goes (the sample pass reads the store: see the collection's log
+    # of the whole).
+    log.info("%s: k-means %.1f s (%d lists from %d points), add and exact answers %.1f s "
+             "(%d vectors), calibration %.1f s", spec.name, took[1] - took[0], index.nlist,
+             points, took[2] - took[1], total, took[3] - took[2])
     return index
 
 
