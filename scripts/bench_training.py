@@ -8,6 +8,7 @@ centroids. Per variant: training seconds, add seconds per 1M vectors, recall@10 
 scripts/bench_memory.py makes them.
 
     python scripts/bench_training.py --n 2000000 --nlist 4000,10000
+    python scripts/bench_training.py --data /work/shared/data/wordnet-minilm-384 --nlist 1312
     python scripts/bench_training.py --n 6200000 --streamed ivf_sq8   # as a node retrains
 
 The machine is shared: every figure is printed with `uptime`'s load."""
@@ -20,6 +21,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -57,13 +59,13 @@ def flat_train(x: np.ndarray, nlist: int, per_list: int, niter: int) -> Any:
 
 
 def two_level_train(x: np.ndarray, nlist: int, per_list: int, niter: int,
-                    refine: int = 0) -> Any:
+                    refine: int = 0, rounds: int = 1) -> Any:
     index = new_ivf(x.shape[1], nlist, niter)
     sample = sample_of(x, per_list * nlist)
     rows = np.random.default_rng(1).choice(len(sample), min(len(sample), refine * nlist),
                                            replace=False)
     index.quantizer.add(two_level_centroids(sample, nlist, index.cp, faiss.METRIC_L2,
-                                            sample[rows] if refine else None))
+                                            sample[rows] if refine else None, rounds))
     index.train(sample)  # the quantizer is trained: only what else the index needs
     return index
 
@@ -154,6 +156,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--data", type=Path,
+                   help="a dataset directory (base.f16.npy, query.f16.npy) instead of blobs")
     p.add_argument("--streamed", metavar="TYPE",
                    help="time the node's whole training of an index of this type instead")
     args = p.parse_args()
@@ -161,8 +165,13 @@ def main() -> None:
         streamed(clustered(args.n, args.dim, args.seed), args.streamed)
         return
     faiss.omp_set_num_threads(args.threads)
-    allx = clustered(args.n + args.queries, args.dim, args.seed)
-    x, q = allx[: args.n], np.ascontiguousarray(allx[args.n:])
+    if args.data:  # unit vectors (cosine): l2 ranks them as inner product does
+        x = np.ascontiguousarray(np.load(args.data / "base.f16.npy").astype(np.float32))
+        q = np.ascontiguousarray(
+            np.load(args.data / "query.f16.npy")[: args.queries].astype(np.float32))
+    else:
+        allx = clustered(args.n + args.queries, args.dim, args.seed)
+        x, q = allx[: args.n], np.ascontiguousarray(allx[args.n:])
     _, truth = faiss.knn(q, x, K)
     print(load_avg(), flush=True)
     for nlist in (int(v) for v in args.nlist.split(",")):
@@ -170,15 +179,16 @@ def main() -> None:
             kind, _, rest = v.partition("-")
             per_list = int(kind.removeprefix("flat").removeprefix("2lvl"))
             niter = int(rest[2:]) if rest.startswith("it") else 10
-            refine = int(rest[1:]) if rest.startswith("r") else 0
+            refine, _, times = rest[1:].partition("x") if rest.startswith("r") else ("0", "", "")
+            rounds = int(times or 1)
             add = add_hnsw if rest == "hnsw" else add_flat
             if kind.startswith("flat"):
                 def train(nl: int = nlist, pl: int = per_list, it: int = niter) -> Any:
                     return flat_train(x, nl, pl, it)
             else:
                 def train(nl: int = nlist, pl: int = per_list, it: int = niter,
-                          r: int = refine) -> Any:
-                    return two_level_train(x, nl, pl, it, r)
+                          r: int = int(refine), rr: int = rounds) -> Any:
+                    return two_level_train(x, nl, pl, it, r, rr)
             run_variant(v, x, q, truth, nlist, train, add)
 
 

@@ -7,22 +7,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 import pytest
 
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.node.storage import training
 from aquila.node.storage.index import VectorIndex, global_keys, prepare
 from aquila.node.storage.training import (
-    TWO_LEVEL_FROM,
     shares,
     train_quantizer,
     train_streamed,
     two_level_centroids,
 )
 
-NLIST = TWO_LEVEL_FROM  # the smallest count trained in two levels
+# Lists of the indexes here; two-level k-means from this count on (the node's threshold,
+# 4,096 lists, would need sets too large for a test: the code is the same).
+NLIST = 1024
+
+
+@pytest.fixture(autouse=True)
+def two_levels_from_nlist(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(training, "TWO_LEVEL_FROM", NLIST)
 
 
 def blobs(n: int, dim: int, seed: int) -> np.ndarray:
@@ -54,7 +62,7 @@ def test_two_level_centroids_leave_no_list_without_points() -> None:
     cp = faiss.ClusteringParameters()
     cp.niter = 10
     plain = two_level_centroids(x, NLIST, cp, faiss.METRIC_L2)
-    refined = two_level_centroids(x, NLIST, cp, faiss.METRIC_L2, x[: 16 * NLIST])
+    refined = two_level_centroids(x, NLIST, cp, faiss.METRIC_L2, x[: 32 * NLIST], 3)
     assert plain.shape == refined.shape == (NLIST, 16)
     _, a = faiss.knn(x, refined, 1)
     sizes = np.bincount(a[:, 0], minlength=NLIST)
@@ -96,11 +104,19 @@ def chunked(x: np.ndarray, size: int = 4096) -> Iterator[tuple[np.ndarray, np.nd
 
 @pytest.mark.parametrize("kind", ["ivf_flat", "ivf_sq8", "ivf_pq"])
 def test_every_type_trains_in_two_levels_calibrates_and_survives_a_snapshot(
-        kind: str, tmp_path: Path) -> None:
+        kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     n, dim = 30_000, 32
     x = prepare(blobs(n, dim, 3), "l2")
     spec = CollectionSpec("c", dim, "l2", 1, 1, IndexSpec(kind, nlist=NLIST))
+    calls: list[int] = []
+
+    def counted(*args: Any) -> np.ndarray:
+        calls.append(args[1])
+        return two_level_centroids(*args)
+
+    monkeypatch.setattr(training, "two_level_centroids", counted)
     index = train_streamed(spec, n, lambda: chunked(x))
+    assert calls == [NLIST]  # the lists came from the two levels
     assert index is not None and index.trained and index.nlist == NLIST
     assert index.ntotal == n and index.trained_at == n
     # Calibrated (ivf_pq's codes alone rank its answers: recall well below the others').

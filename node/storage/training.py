@@ -3,8 +3,8 @@ vectors are streamed from the store in chunks, twice. The first pass keeps a uni
 (what k-means trains on: 64 points per list), the second adds every chunk to the trained
 index and, for the calibration (search by recall), keeps the exact nearest neighbours of a few
 stored documents over all of them, chunk by chunk. Memory beyond the new index: the sample and
-one chunk. From TWO_LEVEL_FROM lists on, k-means runs in two levels (`two_level_centroids`):
-about 10x less work at 10k lists, for the same recall at equal nprobe.
+one chunk. From TWO_LEVEL_FROM lists on, k-means runs in two levels (`two_level_centroids`),
+then a few flat rounds over a subsample: about a quarter of the work at 10k lists.
 
 Blocking (RocksDB reads, FAISS training): runs on the background thread.
 """
@@ -37,11 +37,16 @@ log = logging.getLogger(__name__)
 
 Chunks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # (prepared vectors, keys)
 SAMPLE_PER_LIST = 64
-# From this many lists on, k-means runs in two levels (`two_level_centroids`): below it flat
-# k-means takes seconds and the two agree.
-TWO_LEVEL_FROM = 1024
-# The subsample (points per list) of the round of flat k-means after the two levels.
-REFINE_PER_LIST = 16
+# From this many lists on (about 1M vectors), k-means runs in two levels
+# (`two_level_centroids`). Below it flat k-means takes a minute or two at most, and it is a
+# little better: on the WordNet set at 1,312 lists, recall@10 at equal nprobe 0.01-0.02 above
+# two-level k-means with the rounds below (scripts/bench_training.py).
+TWO_LEVEL_FROM = 4096
+# The rounds of flat k-means after the two levels, over a subsample of this many points per
+# list: they move the lists the coarse borders cut, re-seed the empty ones, and buy back most
+# of the recall two levels alone lose (0.03 on WordNet).
+REFINE_PER_LIST = 32
+REFINE_ROUNDS = 3
 
 
 def _kmeans(x: np.ndarray, k: int, cp: Any, metric: int) -> np.ndarray:
@@ -52,12 +57,13 @@ def _kmeans(x: np.ndarray, k: int, cp: Any, metric: int) -> np.ndarray:
     return out
 
 
-def _refined(x: np.ndarray, centroids: np.ndarray, cp: Any, metric: int) -> np.ndarray:
-    """One round of flat k-means over x from these centroids (FAISS moves each to the mean
-    of its points and splits the largest clusters into those left without any)."""
+def _refined(x: np.ndarray, centroids: np.ndarray, cp: Any, metric: int,
+             rounds: int = 1) -> np.ndarray:
+    """Rounds of flat k-means over x from these centroids (FAISS moves each to the mean of
+    its points and splits the largest clusters into those left without any)."""
     k, d = centroids.shape
     one = faiss.ClusteringParameters()
-    one.niter, one.seed, one.spherical = 1, cp.seed, cp.spherical
+    one.niter, one.seed, one.spherical = rounds, cp.seed, cp.spherical
     one.min_points_per_centroid, one.max_points_per_centroid = 1, 1 << 30
     clus = faiss.Clustering(d, k, one)
     faiss.copy_array_to_vector(np.ascontiguousarray(centroids).ravel(), clus.centroids)
@@ -82,16 +88,16 @@ def shares(sizes: np.ndarray, total: int) -> np.ndarray:
 
 
 def two_level_centroids(sample: np.ndarray, nlist: int, cp: Any, metric: int,
-                        refine: np.ndarray | None = None) -> np.ndarray:
+                        refine: np.ndarray | None = None, rounds: int = 1) -> np.ndarray:
     """nlist centroids in two levels: about √nlist coarse clusters of the sample, then each
     split by its own k-means into its share of the lists (in proportion to its points).
     Flat k-means compares every point with every centroid at each round (sample × nlist:
     640k × 10k at 10k lists, half an hour on a busy core); here each point meets √nlist
     coarse centroids, then about √nlist of its own cluster's. A split by coarse clusters
     leaves some lists that no vector is nearest to (a tenth at 10k lists on blobs that a
-    coarse border cuts): one round of flat k-means over `refine` (a uniform subsample, a
-    quarter of the sample) moves every centroid to the mean of its points and re-seeds the
-    empty ones. Figures: scripts/bench_training.py."""
+    coarse border cuts), and lists beside a border are placed worse than flat k-means would:
+    `rounds` of flat k-means over `refine` (a uniform subsample) move every centroid to the
+    mean of its points and re-seed the empty ones. Figures: scripts/bench_training.py."""
     if len(sample) < nlist:
         raise ValueError(f"{len(sample)} points cannot make {nlist} lists")
     k1 = max(1, int(round(math.sqrt(nlist))))
@@ -112,7 +118,7 @@ def two_level_centroids(sample: np.ndarray, nlist: int, cp: Any, metric: int,
             out[at: at + k] = pts if k == len(pts) else _kmeans(pts, k, cp, metric)
             at += k
     if refine is not None and len(refine) >= nlist:
-        out = _refined(refine, out, cp, metric)
+        out = _refined(refine, out, cp, metric, rounds)
     return out
 
 
@@ -154,7 +160,7 @@ def train_quantizer(ivf: Any, sample: np.ndarray, metric: str,
         rows = rng.choice(len(sample), min(len(sample), REFINE_PER_LIST * nlist),
                           replace=False)
         ivf.quantizer.add(two_level_centroids(sample, nlist, ivf.cp, faiss_metric(metric),
-                                              sample[np.sort(rows)]))
+                                              sample[np.sort(rows)], REFINE_ROUNDS))
     ivf.train(sample)
 
 
