@@ -4,7 +4,7 @@ vectors are streamed from the store in chunks, twice. The first pass keeps a uni
 index and, for the calibration (search by recall), keeps the exact nearest neighbours of a few
 stored documents over all of them, chunk by chunk. Memory beyond the new index: the sample and
 one chunk. From TWO_LEVEL_FROM lists on, k-means runs in two levels (`two_level_centroids`),
-then a few flat rounds over a subsample: about a quarter of the work at 10k lists.
+then a few flat rounds over a subsample: under half the time at 10k lists.
 
 Blocking (RocksDB reads, FAISS training): runs on the background thread.
 """
