@@ -158,3 +158,24 @@ def test_a_stop_in_the_second_pass_ends_the_training() -> None:
     with pytest.raises(Stopped):
         train_streamed(spec, n, chunks)
     assert len(passes) == 2
+
+
+def test_the_calibration_stops_where_more_probes_find_nothing_more() -> None:
+    """Half of each query's true neighbours can never be found (keys the index does not
+    hold, as a compressed index's codes miss some): the curve stops rising, and the ladder
+    stops two steps later instead of going on to every list."""
+    n, dim = 4000, 16
+    x = blobs(n, dim, 5)
+    spec = CollectionSpec("c", dim, "l2", 1, 1, IndexSpec("ivf_flat"))
+    index = VectorIndex.new_ivf(spec, 64, n)
+    index.index.train(x)
+    keys = global_keys(0, np.arange(n))
+    index.add(x, keys)
+    q = x[:50]
+    _, rows = faiss.knn(q, x, 11)
+    truth = keys[rows]
+    truth[:, 6:] = global_keys(0, np.arange(10**6, 10**6 + 250).reshape(50, 5))  # absent
+    curve = index.calibrate_against(q, keys[:50], truth)
+    assert curve[-1][1] == pytest.approx(0.5, abs=0.01), curve
+    assert curve[-1][0] < 64 and curve[-1][1] == curve[-3][1], curve
+    assert index.nprobe_for(0.99) == curve[-1][0]  # the best it measured
