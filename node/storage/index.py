@@ -185,6 +185,12 @@ class VectorIndex:
                                      for x in per_rank / np.maximum(have, 1)]))
             if points[-1][1] >= 0.9999:  # every larger nprobe finds them all too
                 break
+            # A compressed index's codes stop finding more well below 1 (ivf_sq8: 0.977 from
+            # nprobe 8 of 5,657 lists on 2M blobs): once two steps found none, the rest of the
+            # ladder, up to every list, is not measured (about three exact scans of the index
+            # per query: half of that retraining's time).
+            if len(points) >= 3 and points[-1][1] <= points[-3][1]:
+                break
         self.curve = monotone(points)
         self.by_rank = by_rank if k == CALIBRATION_K else []
         return self.curve
