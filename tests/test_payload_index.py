@@ -75,3 +75,36 @@ def test_index_matches_evaluation(
     assert index.evaluate(flt, meta) == want
     # A fresh index over the final documents agrees too.
     assert PayloadIndex().evaluate(flt, meta) == want
+
+
+def test_churn_through_distinct_values_keeps_only_the_live_ones() -> None:
+    """Issue 14 (memory bounded by the live documents, whatever the churn): documents whose
+    metadata holds a value of their own (an id, a timestamp), written and deleted over and
+    over, leave no value codes behind: the index knows the live documents' values, however
+    many came and went."""
+    pi = PayloadIndex()
+    live = {label: orjson.dumps({"a": f"v{label}", "b": [label, "x"]}) for label in range(50)}
+    pi.ensure([("a",), ("b",)], live)
+    label = 50
+    for _ in range(200):  # rounds of 20 new documents written, then deleted
+        batch = list(range(label, label + 20))
+        label += 20
+        for n in batch:
+            pi.update(n, None, orjson.dumps({"a": f"v{n}", "b": [n, "x"], "c": n}))
+        for n in batch:
+            pi.update(n, orjson.dumps({"a": f"v{n}", "b": [n, "x"], "c": n}), None)
+    # A rewrite replaces a value (its old one is released), a deleted value is found no more.
+    pi.update(3, live[3], orjson.dumps({"a": "w", "b": [3, "x"]}))
+    assert len(pi.keys[("a",)].codes) == 50  # v0..v49 but v3, and "w"
+    assert len(pi.keys[("b",)].codes) == 51  # 0..49 and "x"
+    docs_now = {k: orjson.loads(v) for k, v in live.items()}
+    docs_now[3] = {"a": "w", "b": [3, "x"]}
+    meta = {k: orjson.dumps(d) for k, d in docs_now.items()}
+    for spec in ({"must": [{"key": "a", "match": "v3"}]}, {"must": [{"key": "a", "match": "w"}]},
+                 {"must": [{"key": "a", "match": "v1000"}]}, {"must": [{"key": "b", "in": [7, 999]}]},
+                 {"must": [{"key": "b", "match": "x"}]}):
+        flt = parse_filter(spec)
+        assert flt is not None
+        assert pi.evaluate(flt, meta) == {k for k, d in docs_now.items() if flt(d)}, spec
+    # Codes freed by the churn are given again: the columns' codes stay below the live values.
+    assert int(pi.keys[("a",)].code.max()) < 60

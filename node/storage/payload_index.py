@@ -52,14 +52,22 @@ def _eq_keys(v: Any, out: set[tuple[str, Any]]) -> None:
 class KeyIndex:
     """One metadata key, columnar: per label, the code of its scalar value (an int32 array,
     -1 for none) and its number (a float64 array, NaN for none); codes name the distinct
-    values. A value that is a list (it matches when any element does) keeps its codes in a
-    small dict by label: the only per-document objects, for list values only."""
+    values the live documents hold. A value that is a list (it matches when any element
+    does) keeps its codes in a small dict by label: the only per-document objects, for list
+    values only."""
 
     def __init__(self) -> None:
         self.codes: dict[tuple[str, Any], int] = {}
         self.code = np.full(0, -1, np.int32)
         self.num = np.full(0, np.nan, np.float64)
         self.lists: dict[int, np.ndarray] = {}
+        # Per code, its value and the labels holding it (scalar or in a list): a value no live
+        # document holds leaves `codes` and its code is given again, so that churn through
+        # distinct values (an id or a timestamp in the metadata) keeps nothing per deleted
+        # document.
+        self._values: list[tuple[str, Any] | None] = []
+        self._refs: list[int] = []
+        self._free: list[int] = []
 
     def _fit(self, label: int) -> None:
         if label >= len(self.code):
@@ -71,15 +79,45 @@ class KeyIndex:
             self.code, self.num = code, num
 
     def _code(self, key: tuple[str, Any]) -> int:
+        """The code of `key`, with one more holder."""
         c = self.codes.get(key)
         if c is None:
-            c = self.codes[key] = len(self.codes)
+            if self._free:
+                c = self._free.pop()
+                self._values[c] = key
+            else:
+                c = len(self._values)
+                self._values.append(key)
+                self._refs.append(0)
+            self.codes[key] = c
+        self._refs[c] += 1
         return c
+
+    def _release(self, c: int) -> None:
+        """One holder fewer of code `c`; the code is freed with its last."""
+        self._refs[c] -= 1
+        if self._refs[c] == 0:
+            key = self._values[c]
+            self._values[c] = None
+            if key is not None:
+                del self.codes[key]
+            self._free.append(c)
+
+    def _clear(self, label: int) -> None:
+        """Forget what `label` holds (its codes released)."""
+        c = int(self.code[label])
+        if c >= 0:
+            self._release(c)
+        for c in self.lists.pop(label, np.zeros(0, np.int32)).tolist():
+            self._release(c)
+        self.code[label] = -1
+        self.num[label] = np.nan
 
     def add(self, label: int, value: Any) -> None:
         if value is _MISSING:
             return
         self._fit(label)
+        self._clear(label)  # a label holds one value: a rewrite without remove replaces it
         if isinstance(value, list):
             keys: set[tuple[str, Any]] = set()
             _eq_keys(value, keys)
@@ -93,9 +131,7 @@ class KeyIndex:
     def remove(self, label: int, value: Any) -> None:
         if value is _MISSING or label >= len(self.code):
             return
-        self.code[label] = -1
-        self.num[label] = np.nan
-        self.lists.pop(label, None)
+        self._clear(label)
 
     def numbers(self) -> int:
         """Labels that have a number (for tests and figures)."""
