@@ -27,6 +27,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from aquila.node.app import make_app
+from aquila.node.blocking import Blocking
 from aquila.node.config import NodeConfig, load_config
 
 # A small training threshold so IVF indexes train on a few hundred documents in tests.
@@ -319,3 +320,11 @@ async def no_lost_task_exceptions(request: pytest.FixtureRequest) -> AsyncIterat
     lost = [f"{t.get_coro()}: {t.exception()!r}" for t in made
             if t.done() and not t.cancelled() and t._log_traceback]
     assert not seen and not lost, f"never retrieved: {(seen + lost)[:3]}"
+
+
+@pytest.fixture
+async def blocking() -> AsyncIterator[Blocking]:
+    """Search, write and background threads for an engine built in the test."""
+    b = Blocking(2)
+    yield b
+    b.close()

@@ -4,35 +4,19 @@ serves: the compaction is a saving of memory, and a failed one must not throw aw
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from aquila.cluster.model.documents import Incoming
-from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import TMP_SUFFIX
 from aquila.node.storage import training
 from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
 from tests.conftest import wait_for
-
-SPEC = CollectionSpec("s", 4, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
-
-
-@pytest.fixture
-async def blocking() -> AsyncIterator[Blocking]:
-    b = Blocking(2)
-    yield b
-    b.close()
-
-
-def doc(i: int) -> Incoming:
-    v = np.random.default_rng(i).standard_normal(4).astype(np.float32)
-    return Incoming(f"d{i}", v, b"{}", 1, "n1")
+from tests.small_ivf import SPEC, doc
 
 
 async def test_a_training_survives_a_full_disk_at_its_compaction(

@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +160,6 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_state(
 
 
 # -- what a start may delete ------------------------------------------------------------------
-@pytest.fixture
-async def blocking() -> AsyncIterator[Blocking]:
-    b = Blocking(2)
-    yield b
-    b.close()
-
-
 async def test_start_leaves_what_is_not_a_collection_alone(
     tmp_path: Path, blocking: Blocking, caplog: pytest.LogCaptureFixture
 ) -> None:

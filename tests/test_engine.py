@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,6 @@ from aquila.node.storage.engine import Engine
 from tests.conftest import wait_for
 
 SPEC = CollectionSpec("c", 4, "l2", 2, 1, IndexSpec("flat"))
-
-
-@pytest.fixture
-async def blocking() -> AsyncIterator[Blocking]:
-    b = Blocking(2)
-    yield b
-    b.close()
 
 
 def doc(i: int, version: int = 1, value: float | None = None) -> Incoming:

@@ -15,7 +15,6 @@ at 3 nodes each index holds about a third of the vectors in about 1/√3 as many
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -104,13 +103,6 @@ async def measured(n: int, root: Path, blocking: Blocking) -> dict[tuple[str, fl
                                   "scanned": scanned / len(smp.base),
                                   "nlists": [e.collections["c"].index.nlist for e in engines]}
     return out
-
-
-@pytest.fixture
-async def blocking() -> AsyncIterator[Blocking]:
-    b = Blocking(2)
-    yield b
-    b.close()
 
 
 async def test_three_nodes_reach_one_nodes_recall_for_the_same_request(

@@ -6,7 +6,6 @@ planner's choices, its plans, and writes reaching what the filters keep."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +41,6 @@ FILTERS: dict[str, dict[str, Any]] = {
 
 def metadata(i: int, pos: str) -> dict[str, Any]:
     return {"pos": pos, "r": (i * 7919) % 1000}  # a numeric field spread evenly
-
-
-@pytest.fixture
-async def blocking() -> AsyncIterator[Blocking]:
-    b = Blocking(2)
-    yield b
-    b.close()
 
 
 async def load(tmp_path: Path, blocking: Blocking, itype: str, path: str | None = None,

@@ -10,7 +10,6 @@ import asyncio
 import ctypes
 import gc
 import tracemalloc
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +31,6 @@ from tests.conftest import wait_for
 
 SHARDS = 2
 DIM = 8
-
-
-@pytest.fixture
-async def blocking() -> AsyncIterator[Blocking]:
-    b = Blocking(2)
-    yield b
-    b.close()
 
 
 def docs(prefix: str, n: int, rng: np.random.Generator, version: int = 1) -> dict[int, list[Incoming]]:

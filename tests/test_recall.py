@@ -5,7 +5,6 @@ per shard, and bad targets refused."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +44,6 @@ def test_curve_math() -> None:
         with pytest.raises(BoundsError):
             checked_curve(raw)
     assert checked_curve([[2, 0.9], [1, 0.95]]) == [(1, 0.95), (2, 0.95)]
-
-
-@pytest.fixture
-async def blocking() -> AsyncIterator[Blocking]:
-    b = Blocking(2)
-    yield b
-    b.close()
 
 
 async def load(root: Path, blocking: Blocking, itype: str = "ivf_flat"

@@ -6,7 +6,6 @@ of a shard when nothing can be old enough."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,6 @@ from tests.conftest import wait_for
 
 MIB = 1 << 20
 SPEC = CollectionSpec("c", 4, "l2", 1, 1, IndexSpec("flat"))
-
-
-@pytest.fixture
-async def blocking() -> AsyncIterator[Blocking]:
-    b = Blocking(2)
-    yield b
-    b.close()
 
 
 def doc(i: int, version: int = 1) -> Incoming:

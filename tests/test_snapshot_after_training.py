@@ -3,11 +3,9 @@ snapshot: a restart then serves it instead of the index it replaced (and trainin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
@@ -19,13 +17,6 @@ from tests.conftest import wait_for
 SPEC = CollectionSpec("s", 4, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
 # Retrainings wait for writes to pause this long: a periodic snapshot may come meanwhile.
 TUNING = Tuning(train_min=100, retrain_quiet_s=0.5)
-
-
-@pytest.fixture
-async def blocking() -> AsyncIterator[Blocking]:
-    b = Blocking(2)
-    yield b
-    b.close()
 
 
 def docs(lo: int, hi: int) -> list[Incoming]:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
@@ -23,20 +21,7 @@ from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import VectorIndex
 from tests.conftest import wait_for
-
-SPEC = CollectionSpec("s", 4, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
-
-
-@pytest.fixture
-async def blocking() -> AsyncIterator[Blocking]:
-    b = Blocking(2)
-    yield b
-    b.close()
-
-
-def doc(i: int) -> Incoming:
-    v = np.random.default_rng(i).standard_normal(4).astype(np.float32)
-    return Incoming(f"d{i}", v, b"{}", 1, "n1")
+from tests.small_ivf import SPEC, doc
 
 
 async def test_a_drop_waits_for_the_snapshot_a_training_is_writing(
@@ -118,7 +103,6 @@ async def test_a_close_waits_for_the_snapshot_a_training_is_writing(
         assert coll.index.trained and coll.count() == 150
     finally:
         await engine.close()
-
 
 
 async def test_a_close_during_a_trainings_swap_loses_no_write_from_the_restarted_index(
