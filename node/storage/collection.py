@@ -797,8 +797,6 @@ class Collection:
             if not self.closed:  # a flush waits for the memtable switch: off the loop
                 await self.blocking.write(self.store.flush_memtables)
             await self.blocking.background(release_memory)
-            if not self.closed:  # and level 0 compacted (see Store.settle), not waited for
-                self._spawn(self.blocking.background(self.store.settle))
         except TrainingStopped:
             log.info("%s: training stopped by the close", self.spec.name)
         except Exception:

@@ -22,8 +22,6 @@ the block cache, and a start reads the counters and digests of each shard, not i
 from __future__ import annotations
 
 import struct
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +47,8 @@ _MEMORY_PROPERTIES = {
     "table_readers": "rocksdb.estimate-table-readers-mem",
 }
 # Level 0 is compacted into the level below when it holds this many files (RocksDB's default):
-# while writes go on, not at every flush (each rewrites the base level it overlaps). A store
-# whose writes have settled has it lowered to one for a while (see `Store.settle`).
+# not at every flush (each rewrites the base level it overlaps).
 L0_TRIGGER = 4
-_L0_OPTION = "level0_file_num_compaction_trigger"
-SETTLE_TIMEOUT_S = 120.0
-_SETTLE_POLL_S = 0.05
 # version, label, seq, flags, dim, writer length
 _HEADER = struct.Struct(">QqQBIH")
 _U16 = struct.Struct(">H")
@@ -213,10 +207,6 @@ class Store:
         self._fsync = fsync
         self.memory = memory if memory is not None else RocksMemory()
         self._db: rocksdict.Rdict | None = None
-        # Held by `close` and by each step of `settle` (on another thread): rocksdict's
-        # close fails while another call is inside the database.
-        self._guard = threading.Lock()
-        self._writes = 0  # write batches so far: a settle ends when writes resume
 
     def open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -310,47 +300,10 @@ class Store:
     def level0_files(self) -> int:
         return int(self.db.property_int_value("rocksdb.num-files-at-level0") or 0)
 
-    def settle(self, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
-        """Once writes pause (a training's end): the memtables flushed and level 0 compacted
-        into the level below, so that every key a search reads is looked for in one sorted
-        run, not in each level-0 file a bulk load and the flush left (WordNet 50k, in
-        process: a label 1.39 -> 1.23 µs, a record 3.43 -> 2.65 µs). RocksDB's own
-        background threads compact (the level-0 trigger lowered to one file until level 0
-        is empty or `timeout_s` passed, then set back): a compaction of level 0 only, not
-        of the whole store, that blocks no write and that a close stops. Waits for it (a
-        background thread's job); ends when the store is closed or written meanwhile (the
-        trigger back at once: while writes go on, a compaction at every flush would rewrite
-        the level below each time)."""
-        writes = self._writes
-        with self._guard:
-            if self._db is None:
-                return
-            self._db.flush(False)
-            if self.level0_files() == 0 and not self._flushing():
-                return
-            # The option's change writes an OPTIONS file, holding the GIL (~10 ms).
-            self._db.set_options({_L0_OPTION: "1"})
-        end = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < end:
-                with self._guard:
-                    if (self._db is None or self._writes != writes
-                            or (self.level0_files() == 0 and not self._flushing())):
-                        return
-                time.sleep(_SETTLE_POLL_S)
-        finally:
-            with self._guard:
-                if self._db is not None:
-                    self._db.set_options({_L0_OPTION: str(L0_TRIGGER)})
-
-    def _flushing(self) -> bool:
-        return bool(self.db.property_int_value("rocksdb.num-immutable-mem-table"))
-
     def close(self) -> None:
-        with self._guard:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     # -- metadata -------------------------------------------------------------------------
     def get_meta(self) -> bytes | None:
@@ -395,7 +348,6 @@ class Store:
         fsynced before it returns); the records may be read in the meantime, before they
         are acknowledged."""
         self.db.write(batch._wb, self._batch_opts)
-        self._writes += 1
         if self._fsync:
             self.db.flush_wal(True)
 
