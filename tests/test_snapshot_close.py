@@ -24,23 +24,33 @@ from tests.conftest import wait_for
 from tests.small_ivf import SPEC, doc
 
 
-async def test_a_drop_waits_for_the_snapshot_a_training_is_writing(
-    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def hold_the_trained_snapshot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[threading.Event, threading.Event, threading.Event]:
+    """The first snapshot of a trained index (the one a training takes after its swap) held
+    until `gate` is set (3 s at most: a large index's file takes a while): `started` when it
+    is held, `ended` when it is written."""
     real = VectorIndex.stage
     started, ended, gate = threading.Event(), threading.Event(), threading.Event()
 
     def held(self: VectorIndex, path: Path, covered: dict[int, int]) -> Path:
-        if self.trained:  # the snapshot the training takes after its swap
+        if self.trained and not started.is_set():
             started.set()
             try:
-                gate.wait(3)  # a large index: its file takes a while (bounded, for the fix)
+                gate.wait(3)
                 return real(self, path, covered)
             finally:
                 ended.set()
         return real(self, path, covered)
 
     monkeypatch.setattr(VectorIndex, "stage", held)
+    return started, ended, gate
+
+
+async def test_a_drop_waits_for_the_snapshot_a_training_is_writing(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, ended, gate = hold_the_trained_snapshot(monkeypatch)
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
     await engine.start()
     try:
@@ -66,20 +76,7 @@ async def test_a_close_waits_for_the_snapshot_a_training_is_writing(
     tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """At a stop: the close's own snapshot is the last one written, and nothing is left."""
-    real = VectorIndex.stage
-    started, ended, gate = threading.Event(), threading.Event(), threading.Event()
-
-    def held(self: VectorIndex, path: Path, covered: dict[int, int]) -> Path:
-        if self.trained and not started.is_set():
-            started.set()
-            try:
-                gate.wait(3)
-                return real(self, path, covered)
-            finally:
-                ended.set()
-        return real(self, path, covered)
-
-    monkeypatch.setattr(VectorIndex, "stage", held)
+    started, ended, gate = hold_the_trained_snapshot(monkeypatch)
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
     await engine.start()
     coll = await engine.ensure(SPEC, [0], "u")
