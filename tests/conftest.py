@@ -29,6 +29,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from aquila.node.app import make_app
 from aquila.node.blocking import Blocking
 from aquila.node.config import NodeConfig, load_config
+from tests.loop_guard import LoopHolds
 
 # A small training threshold so IVF indexes train on a few hundred documents in tests.
 TEST_TRAIN_MIN = 64
@@ -245,21 +246,20 @@ def assert_well_separated(scores: npt.NDArray[np.float64], k: int, gap: float = 
     assert (d > gap).all(), "random test data has near-ties; pick another seed"
 
 
-class _SlowCallbacks(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.seen: list[str] = []
+class _NotSlowCallbacks(logging.Filter):
+    """asyncio's own slow-callback reports count garbage collection in; `LoopHolds` replaces
+    them."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if msg.startswith("Executing"):
-            self.seen.append(msg)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Executing")
 
 
 @pytest.fixture(autouse=True)
 async def event_loop_never_blocked(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    """Fail any async test during which one callback held the event loop for over 0.5 s
-    (FAISS, RocksDB or any slow work on the loop instead of a thread). The gossip simulator,
+    """Fail any async test during which one callback held the event loop for over
+    `loop.slow_callback_duration` (0.5 s: FAISS, RocksDB or any slow work on the loop instead
+    of a thread), garbage collection left out (`tests/loop_guard.py`). The loop runs in debug
+    mode meanwhile (a loop method called from another thread raises). The gossip simulator,
     which drives fifty nodes from the test's own coroutine, opts out."""
     if request.node.get_closest_marker("simulation"):
         yield
@@ -267,15 +267,16 @@ async def event_loop_never_blocked(request: pytest.FixtureRequest) -> AsyncItera
     loop = asyncio.get_running_loop()
     loop.set_debug(True)
     loop.slow_callback_duration = 0.5
-    handler = _SlowCallbacks()
+    quiet = _NotSlowCallbacks()
     logger = logging.getLogger("asyncio")
-    logger.addHandler(handler)
+    logger.addFilter(quiet)
     try:
-        yield
+        with LoopHolds(loop, lambda: loop.slow_callback_duration) as holds:
+            yield
     finally:
-        logger.removeHandler(handler)
+        logger.removeFilter(quiet)
         loop.set_debug(False)
-    assert not handler.seen, f"the event loop was blocked: {handler.seen[:3]}"
+    assert not holds.held, f"the event loop was blocked: {holds.held[:3]}"
 
 
 # Modules whose tests fail on any exception that asyncio reports as never retrieved (a task

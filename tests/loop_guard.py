@@ -1,0 +1,69 @@
+"""How long each callback of an event loop holds it, garbage collection left out: the
+tests' guard against FAISS, RocksDB or other slow work done on the loop instead of a thread
+(`conftest.event_loop_never_blocked`).
+
+asyncio's own report (debug mode, `slow_callback_duration`) counts wall time, and a full
+collection of a long test session's heap (every earlier test's leftovers: 0.2-0.5 s on this
+machine) lands in whichever callback allocates at that moment; it is the test process's
+cost, not the callback's work, so it is left out here."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+
+class CollectorTime:
+    """Seconds the cyclic garbage collector has run in this process, all threads together
+    (it holds the GIL wherever it starts)."""
+
+    seconds = 0.0
+    _started = 0.0
+
+    @classmethod
+    def track(cls, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            cls._started = time.perf_counter()
+        else:
+            cls.seconds += time.perf_counter() - cls._started
+
+
+gc.callbacks.append(CollectorTime.track)
+
+
+class LoopHolds:
+    """While entered, every callback of `loop` that held it for longer than `limit()` seconds
+    of its own (collection excluded) is described in `held`. `limit` is read at each callback,
+    so a test may widen it for a stretch (`loop.slow_callback_duration`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: Any) -> None:
+        self.loop = loop
+        self.limit = limit
+        self.held: list[str] = []
+        self._patch = pytest.MonkeyPatch()
+
+    def __enter__(self) -> LoopHolds:
+        run = asyncio.events.Handle._run
+
+        def timed(handle: asyncio.events.Handle) -> None:
+            if handle._loop is not self.loop:  # type: ignore[attr-defined]
+                return run(handle)
+            t0, gc0 = time.perf_counter(), CollectorTime.seconds
+            try:
+                return run(handle)
+            finally:
+                own = time.perf_counter() - t0 - (CollectorTime.seconds - gc0)
+                if own > self.limit():
+                    self.held.append(f"{handle!r:.600} held the loop for {own:.3f} s")
+
+        self._patch.setattr(asyncio.events.Handle, "_run", timed)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._patch.undo()

@@ -1,0 +1,46 @@
+"""The blocked-loop guard of every async test (`tests/loop_guard.py`) sees a callback that
+holds the loop, and leaves out the garbage collector's time inside one."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+from tests.loop_guard import LoopHolds
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def _one_callback(fn: object) -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.call_soon(lambda: (fn(), done.set_result(None)))  # type: ignore[operator]
+    await done
+
+
+async def test_a_callback_that_holds_the_loop_is_seen() -> None:
+    loop = asyncio.get_running_loop()
+    with LoopHolds(loop, lambda: 0.05) as holds:
+        await _one_callback(lambda: time.sleep(0.1))
+    assert len(holds.held) == 1 and "held the loop for" in holds.held[0], holds.held
+
+
+async def test_the_collectors_time_is_left_out() -> None:
+    loop = asyncio.get_running_loop()
+    garbage = [_Cycle() for _ in range(1_000_000)]
+    del garbage
+    spent: list[float] = []
+
+    def collect() -> None:
+        t0 = time.perf_counter()
+        gc.collect()
+        spent.append(time.perf_counter() - t0)
+
+    with LoopHolds(loop, lambda: 0.1) as holds:
+        await _one_callback(collect)
+    assert spent[0] > 0.1, "the collection was too quick to show anything; make more garbage"
+    assert not holds.held, holds.held
