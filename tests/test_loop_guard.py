@@ -1,5 +1,5 @@
 """The blocked-loop guard of every async test (`tests/loop_guard.py`) sees a callback that
-holds the loop, and leaves out the garbage collector's time inside one."""
+works on the loop or blocks it, and leaves out the garbage collector's time inside one."""
 
 from __future__ import annotations
 
@@ -22,10 +22,23 @@ async def _one_callback(fn: object) -> None:
     await done
 
 
-async def test_a_callback_that_holds_the_loop_is_seen() -> None:
+def _work(seconds: float) -> None:
+    start = time.thread_time()
+    while time.thread_time() - start < seconds:
+        pass
+
+
+async def test_a_callback_that_works_on_the_loop_is_seen() -> None:
     loop = asyncio.get_running_loop()
     with LoopHolds(loop, lambda: 0.05) as holds:
-        await _one_callback(lambda: time.sleep(0.1))
+        await _one_callback(lambda: _work(0.1))
+    assert len(holds.held) == 1 and "of CPU on it" in holds.held[0], holds.held
+
+
+async def test_a_callback_that_blocks_the_loop_is_seen() -> None:
+    loop = asyncio.get_running_loop()
+    with LoopHolds(loop, lambda: 0.05) as holds:
+        await _one_callback(lambda: time.sleep(0.05 * LoopHolds.WALL_FACTOR + 0.05))
     assert len(holds.held) == 1 and "held the loop for" in holds.held[0], holds.held
 
 
