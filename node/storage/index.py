@@ -307,7 +307,8 @@ class VectorIndex:
         shards = keys >> LABEL_BITS
         for s in np.unique(shards).tolist():
             pick = shards == s
-            self._lists[s] = _put(self._lists.get(s), keys[pick] & _MASK, lists[pick])
+            self._lists[s] = _put(self._lists.get(s), keys[pick] & _MASK, lists[pick],
+                                  self.index.nlist)
 
     def all_keys(self) -> np.ndarray:
         """The global key of every vector held (one pass over the ids; at start)."""
@@ -336,9 +337,9 @@ class VectorIndex:
             shards = keys >> LABEL_BITS
             for s in np.unique(shards).tolist():
                 pick = shards == s
-                built[s] = _put(None, keys[pick] & _MASK, lists[pick])
+                built[s] = _put(None, keys[pick] & _MASK, lists[pick], ivf.nlist)
             self._lists = built
-        return self._lists.get(shard, np.zeros(0, np.int32))
+        return self._lists.get(shard, np.zeros(0, _list_type(self.index.nlist)))
 
     def list_sizes(self) -> np.ndarray:
         """IVF: the number of vectors in each inverted list."""
@@ -493,11 +494,20 @@ class VectorIndex:
                            by_rank=by_rank), covered
 
 
-def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """`arr[labels] = values` on an int32 array defaulting to -1, grown to fit."""
+def _list_type(nlist: int) -> type[np.signedinteger[Any]]:
+    """The narrowest signed type for list numbers and -1: an array over every label a shard
+    ever gave (a deleted document's slot stays) costs 2 bytes a label up to 32,767 lists."""
+    return np.int16 if nlist < 2**15 else np.int32
+
+
+def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray, nlist: int
+         ) -> np.ndarray:
+    """`arr[labels] = values` on an array of list numbers defaulting to -1, grown to fit (by
+    a quarter at least: growth keeps pace with the labels given, not with a doubling)."""
     need = int(labels.max()) + 1 if len(labels) else 0
     if arr is None or need > len(arr):
-        grown = np.full(max(need, 2 * (0 if arr is None else len(arr)), 16), -1, np.int32)
+        size = max(need, (0 if arr is None else len(arr)) * 5 // 4, 16)
+        grown = np.full(size, -1, _list_type(nlist))
         if arr is not None:
             grown[: len(arr)] = arr
         arr = grown
