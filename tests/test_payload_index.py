@@ -108,3 +108,25 @@ def test_churn_through_distinct_values_keeps_only_the_live_ones() -> None:
         assert pi.evaluate(flt, meta) == {k for k, d in docs_now.items() if flt(d)}, spec
     # Codes freed by the churn are given again: the columns' codes stay below the live values.
     assert int(pi.keys[("a",)].code.max()) < 60
+
+
+def test_a_key_of_strings_keeps_no_numbers_until_one_comes() -> None:
+    """A key's numbers (8 bytes a label ever given) are kept from its first number only; the
+    labels before it have none, and a range filter finds the numbers after it."""
+    pi = PayloadIndex()
+    docs_now = {label: {"a": f"s{label % 7}"} for label in range(1000)}
+    pi.ensure([("a",)], {k: orjson.dumps(d) for k, d in docs_now.items()})
+    ki = pi.keys[("a",)]
+    assert len(ki.code) >= 1000 and ki.num.nbytes == 0
+    for label in range(1000, 1010):
+        docs_now[label] = {"a": label}
+        pi.update(label, None, orjson.dumps(docs_now[label]))
+    assert len(ki.num) == len(ki.code) and ki.numbers() == 10
+    meta = {k: orjson.dumps(d) for k, d in docs_now.items()}
+    flt = parse_filter({"must": [{"key": "a", "range": {"gte": 1005}}]})
+    assert flt is not None
+    assert pi.evaluate(flt, meta) == set(range(1005, 1010))
+    pi.update(1005, meta[1005], None)  # a deleted number is found no more
+    del docs_now[1005]
+    assert pi.evaluate(flt, {k: orjson.dumps(d) for k, d in docs_now.items()}) == set(
+        range(1006, 1010))

@@ -51,7 +51,8 @@ def _eq_keys(v: Any, out: set[tuple[str, Any]]) -> None:
 
 class KeyIndex:
     """One metadata key, columnar: per label, the code of its scalar value (an int32 array,
-    -1 for none) and its number (a float64 array, NaN for none); codes name the distinct
+    -1 for none) and its number (a float64 array, NaN for none, made at the key's first
+    number); codes name the distinct
     values the live documents hold. A value that is a list (it matches when any element
     does) keeps its codes in a small dict by label: the only per-document objects, for list
     values only."""
@@ -74,9 +75,17 @@ class KeyIndex:
             size = max(label + 1, len(self.code) * 5 // 4, 64)
             code = np.full(size, -1, np.int32)
             code[: len(self.code)] = self.code
-            num = np.full(size, np.nan, np.float64)
+            self.code = code
+            if len(self.num):
+                self._fit_numbers()
+
+    def _fit_numbers(self) -> None:
+        """The numbers' column, as long as the codes': made at the key's first number only,
+        so that a key of strings costs 4 bytes a label, not 12."""
+        if len(self.num) < len(self.code):
+            num = np.full(len(self.code), np.nan, np.float64)
             num[: len(self.num)] = self.num
-            self.code, self.num = code, num
+            self.num = num
 
     def _code(self, key: tuple[str, Any]) -> int:
         """The code of `key`, with one more holder."""
@@ -111,7 +120,8 @@ class KeyIndex:
         for c in self.lists.pop(label, np.zeros(0, np.int32)).tolist():
             self._release(c)
         self.code[label] = -1
-        self.num[label] = np.nan
+        if label < len(self.num):
+            self.num[label] = np.nan
 
     def add(self, label: int, value: Any) -> None:
         if value is _MISSING:
@@ -126,6 +136,7 @@ class KeyIndex:
         elif value is None or isinstance(value, str | int | float | bool):
             self.code[label] = self._code(_norm(value))
         if isinstance(value, int | float) and not isinstance(value, bool):
+            self._fit_numbers()
             self.num[label] = float(value)
 
     def remove(self, label: int, value: Any) -> None:
