@@ -184,6 +184,10 @@ class Collection:
         # it, and those written while a scan runs are noted for it.
         self._tombstone_floor: dict[int, tuple[float, float]] = {}
         self._deletes_since_scan: dict[int, float] = {}
+        # Per shard, the change-log position a running training's index was built up to: its
+        # catch-up replays the changes after it from the change log, which a purge must not
+        # take away (see `_purge_sync`).
+        self._training_upto: dict[int, int] | None = None
 
     @property
     def larger_is_better(self) -> bool:
@@ -562,6 +566,11 @@ class Collection:
         candidates `ids` that are still tombstones older than `before`."""
         batch = WriteBatch()
         covered = self.snapshot_seqs.get(shard, 0)
+        if self._training_upto is not None:
+            # A delete a training has still to replay into its new index (its change came
+            # after the index's start) stays until the training is in: purged, its change
+            # key went with it, and the deleted vector stayed in the new index.
+            covered = min(covered, self._training_upto.get(shard, covered))
         recs = self.store.get_records(shard, ids, cache=False)
         old = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
                if rec is not None and rec.tombstone and rec.version < before]
@@ -769,6 +778,7 @@ class Collection:
         write mutex after replaying the writes that came meanwhile."""
         try:
             upto = {s: sh.applied_seq for s, sh in self.shards.items()}
+            self._training_upto = upto
             # The shards themselves: one dropped and taken again meanwhile has the same
             # number but labels given afresh, which the new index would mistake for its own.
             held = dict(self.shards)
@@ -803,6 +813,7 @@ class Collection:
             log.exception("%s: training failed", self.spec.name)
         finally:
             self.training = False
+            self._training_upto = None
         await self.snapshot()
         self._maybe_train()
 
