@@ -374,8 +374,11 @@ class Collection:
                     if not group:
                         continue
                     try:
-                        ops = await self.blocking.write(
-                            self._write_sync, [q.by_shard for q in group])
+                        # Cancelled (a close), the thread goes on: waited for, so that the
+                        # close does not close the store under it (rocksdict refuses a close
+                        # during the WAL's fsync: "Already borrowed", the store left open).
+                        ops = await _to_the_end(asyncio.ensure_future(self.blocking.write(
+                            self._write_sync, [q.by_shard for q in group])))
                     except Exception as exc:
                         for q in group:
                             q.settle(exc)
