@@ -7,8 +7,10 @@ and after a restart its label was counted live (the live bitmap comes from the i
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,5 +64,52 @@ async def test_a_purge_during_a_training_leaves_no_deleted_vector_in_the_new_ind
         coll = await engine.ensure(SPEC, [0], "u")
         assert coll.count() == 149 and coll.index.ntotal == 149
         assert len(coll.shards[0].live_labels()) == 149
+    finally:
+        await engine.close()
+
+
+async def test_a_drop_during_a_purges_scan_lets_the_name_be_created_again(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge scans a shard's records outside the collection's locks, through an iterator
+    that keeps the database open: a drop meanwhile closed the store, but RocksDB's lock on the
+    folder stayed with the iterator, and the collection created again under that name could
+    not open its store ("lock hold by current process") until the scan ended."""
+    from aquila.node.storage.store import Store
+
+    real = Store.old_tombstones
+    scanning, ended, gate = threading.Event(), threading.Event(), threading.Event()
+
+    def held(self: Store, shard: int, before: int, **kw: Any) -> Any:
+        scan = real(self, shard, before, **kw)
+
+        def run() -> Any:
+            scanning.set()
+            try:
+                gate.wait(3)  # millions of tombstones take seconds to read (bounded)
+                return scan()
+            finally:
+                ended.set()
+
+        return run
+
+    monkeypatch.setattr(Store, "old_tombstones", held)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        await coll.write({0: [doc(i) for i in range(20)]})
+        await coll.write({0: [Incoming("d0", None, b"", 2, "n1")]})
+        await coll.snapshot()
+        purging = asyncio.ensure_future(coll.purge_tombstones(0, 10))
+        try:
+            await wait_for(scanning.is_set, 30, what="the purge's scan")
+            await engine.drop("s")
+            again = await engine.ensure(SPEC, [0], "u2")
+        finally:
+            gate.set()
+        await asyncio.gather(purging, return_exceptions=True)
+        await again.write({0: [doc(1)]})
+        assert again.count() == 1
     finally:
         await engine.close()

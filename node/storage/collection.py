@@ -174,6 +174,7 @@ class Collection:
         self._recheck: asyncio.TimerHandle | None = None  # a deferred retraining's next look
         self._wanted_since: float | None = None  # when a deferred retraining was first wanted
         self._saving = asyncio.Lock()  # one snapshot written at a time; `close` waits for it
+        self._purging = asyncio.Lock()  # one purge at a time; `close` waits for its scan
         # Incarnation of the collection in the cluster state (see CollectionEntry.uid).
         self.uid = ""
         # Called with the seconds each training took (the node's metrics).
@@ -325,6 +326,10 @@ class Collection:
         # A snapshot being written finishes first: written later, it could land in the
         # folder of the next incarnation of this name.
         async with self._saving:
+            pass
+        # A purge's scan, outside the locks below, holds the database open (an iterator):
+        # it stops at the close, and is waited for.
+        async with self._purging:
             pass
         async with self._exclusive():
             try:
@@ -537,6 +542,12 @@ class Collection:
         return purged
 
     async def _purge(self, shard: int, before: int) -> tuple[int, int]:
+        async with self._purging:
+            if self.closed:
+                return 0, 0
+            return await self._purge_locked(shard, before)
+
+    async def _purge_locked(self, shard: int, before: int) -> tuple[int, int]:
         if shard not in self.shards:
             return 0, 0
         floor = self._tombstone_floor.get(shard)
@@ -550,11 +561,14 @@ class Collection:
         async with self.write_mutex:
             self._deletes_since_scan[shard] = min(
                 [_least_delete(q.by_shard.get(shard, [])) for q in self._queue], default=math.inf)
-            scan = await self.blocking.write(self.store.old_tombstones, shard, before)
+            scan = await self.blocking.write(self.store.old_tombstones, shard, before,
+                                             stop=lambda: self.closed)
         try:
-            ids, least = await self.blocking.write(scan)
+            # Its thread waited for to its end: the close waits for this purge, and a store
+            # closed under the iterator stays open (and its folder locked) until it is let go.
+            ids, least = await _to_the_end(asyncio.ensure_future(self.blocking.write(scan)))
             purged = waiting = 0
-            if ids and shard in self.shards:
+            if ids and shard in self.shards and not self.closed:
                 async with self.write_mutex, self.apply_lock:
                     purged, waiting = await self.blocking.write(self._purge_sync, shard, before,
                                                                 ids)

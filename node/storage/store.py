@@ -21,6 +21,7 @@ the block cache, and a start reads the counters and digests of each shard, not i
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -423,21 +424,27 @@ class Store:
         if n:
             yield rows[:n], labels[:n]
 
-    def old_tombstones(self, shard: int, before: int
+    def old_tombstones(self, shard: int, before: int, *, stop: Callable[[], bool] | None = None
                        ) -> Callable[[], tuple[list[str], float]]:
         """A scan of the shard's records as they are now (its iterator made here, read when
-        called): the ids of its tombstones whose version is below `before`, and the least
-        version of the others (inf if none). From the records' headers, no object per record
-        (a shard under churn holds millions of tombstones)."""
+        called, once): the ids of its tombstones whose version is below `before`, and the
+        least version of the others (inf if none; -inf when `stop` said to stop before the
+        end). From the records' headers, no object per record (a shard under churn holds
+        millions of tombstones). The iterator holds the database open, a closed one too (its
+        folder locked for this process): it is let go when the scan ends."""
         prefix = _shard_key(b"D", shard)
         it = self.db.iter(self._scan_opts)
         it.seek(prefix)
+        held = [it]
+        del it
 
         def scan() -> tuple[list[str], float]:
+            it = held.pop()
             n = len(prefix)
             unpack = _HEADER.unpack_from
             ids: list[str] = []
             least = float("inf")
+            read = 0
             while it.valid():
                 key = it.key()
                 if not key.startswith(prefix):
@@ -448,6 +455,9 @@ class Store:
                         ids.append(key[n:].decode())
                     elif version < least:
                         least = version
+                read += 1
+                if stop is not None and not read & 4095 and stop():
+                    return ids, -math.inf
                 it.next()
             return ids, least
 
