@@ -787,6 +787,8 @@ class Collection:
         index = train_streamed(spec, self.count(), chunks)
         if index is None:
             raise RuntimeError("no vectors to train on")
+        if self.closed:  # past its last read: no index written out for nobody, maybe into
+            raise TrainingStopped(self.spec.name)  # the folder of the name's next incarnation
         release_memory()
         return compacted(index, self.root / f".compact{TMP_SUFFIX}")
 
