@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from aquila.cluster.model.documents import Incoming
@@ -111,5 +112,54 @@ async def test_a_drop_during_a_purges_scan_lets_the_name_be_created_again(
         await asyncio.gather(purging, return_exceptions=True)
         await again.write({0: [doc(1)]})
         assert again.count() == 1
+    finally:
+        await engine.close()
+
+
+async def test_a_cancelled_purge_loses_no_write_made_after_it(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge cancelled (the anti-entropy task, at a stop) while its thread stages the
+    tombstones' removal: the write locks were let go with the cancellation, a write of a
+    purged id then went through (acknowledged, its tombstone's label taken again), and the
+    purge's batch, read before it, removed the document the write had just made durable."""
+    from aquila.node.storage.shard import Shard
+
+    real_forget, real_purge = Shard.forget, Collection._purge_sync
+    forgetting, gate, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def held(self: Shard, gone: Any, batch: Any) -> None:
+        forgetting.set()
+        gate.wait(3)  # a purge of many tombstones takes a while (bounded)
+        real_forget(self, gone, batch)
+
+    def purge(self: Collection, *args: Any) -> Any:
+        try:
+            return real_purge(self, *args)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(Shard, "forget", held)
+    monkeypatch.setattr(Collection, "_purge_sync", purge)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        await coll.write({0: [doc(i) for i in range(5)]})
+        await coll.write({0: [Incoming("d0", None, b"", 2, "n1")]})
+        await coll.snapshot()
+        purging = asyncio.ensure_future(coll.purge_tombstones(0, 10))
+        try:
+            await wait_for(forgetting.is_set, 30, what="the purge's removal")
+            purging.cancel()
+            await asyncio.gather(purging, return_exceptions=True)
+            again = doc(0)
+            await coll.write({0: [Incoming("d0", again.vector, b"{}", 3, "n1")]})
+        finally:
+            gate.set()
+        await wait_for(ended.is_set, 30, what="the purge's thread to end")
+        assert await coll.get(0, "d0") is not None, "an acknowledged write was purged"
+        rows = await coll.search(np.stack([doc(0).vector]), 1, None)
+        assert [h.id for h in rows[0]] == ["d0"]
     finally:
         await engine.close()

@@ -570,8 +570,11 @@ class Collection:
             purged = waiting = 0
             if ids and shard in self.shards and not self.closed:
                 async with self.write_mutex, self.apply_lock:
-                    purged, waiting = await self.blocking.write(self._purge_sync, shard, before,
-                                                                ids)
+                    # Cancelled, the locks are kept until its thread ends: a write let in
+                    # meanwhile (of a purged id, its label taken again) was removed by the
+                    # purge's batch, read before it.
+                    purged, waiting = await _to_the_end(asyncio.ensure_future(
+                        self.blocking.write(self._purge_sync, shard, before, ids)))
         finally:
             noted = self._deletes_since_scan.pop(shard, -math.inf)
         if shard in self.shards and not waiting:  # those waiting: scanned for again
