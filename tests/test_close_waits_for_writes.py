@@ -60,3 +60,53 @@ async def test_a_close_waits_for_the_group_being_written_to_the_store(
         assert coll.count() in (10, 20) and coll.index.ntotal == coll.count()
     finally:
         await engine.close()
+
+
+async def test_a_cancelled_shard_drop_ends_before_the_close_snapshots_the_index(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard's drop (a move's last step) cancelled at a stop: its thread removing the
+    shard's vectors from the index goes on, the collection's locks were let go with the
+    cancellation, and the close's snapshot had FAISS write the index while that thread
+    changed it (a torn snapshot, or a crash at the stop)."""
+    from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+    from aquila.node.storage.index import VectorIndex
+
+    spec = CollectionSpec("c", 4, "l2", 2, 1, IndexSpec("flat"))
+    real_remove, real_stage = VectorIndex.remove, VectorIndex.stage
+    armed, removing, released = threading.Event(), threading.Event(), threading.Event()
+    inside: list[int] = []
+    clashes: list[str] = []
+
+    def remove(self: VectorIndex, keys: Any) -> None:
+        if not armed.is_set() or not len(keys):
+            return real_remove(self, keys)
+        inside.append(1)
+        try:
+            removing.set()
+            released.wait(3)  # a shard of millions of vectors takes a while (bounded)
+            return real_remove(self, keys)
+        finally:
+            inside.pop()
+
+    def stage(self: VectorIndex, path: Path, covered: dict[int, int]) -> Path:
+        if inside:
+            clashes.append("a snapshot was written while the drop removed vectors from it")
+        return real_stage(self, path, covered)
+
+    monkeypatch.setattr(VectorIndex, "remove", remove)
+    monkeypatch.setattr(VectorIndex, "stage", stage)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
+    await engine.start()
+    coll = await engine.ensure(spec, [0, 1], "u")
+    await coll.write({0: [doc(i) for i in range(10)], 1: [doc(i) for i in range(10, 20)]})
+    armed.set()
+    dropping = asyncio.ensure_future(engine.drop_shard("c", 1))
+    try:
+        await wait_for(removing.is_set, 30, what="the drop to reach the index")
+        dropping.cancel()
+        await asyncio.gather(dropping, return_exceptions=True)
+        await engine.close()
+    finally:
+        released.set()
+    assert not clashes, clashes

@@ -281,10 +281,15 @@ class Collection:
             shard = Shard(self.spec, s, self.store, self.tuning.filter_cache)
             await self.blocking.write(shard.load)
             async with self._exclusive():
-                ops = shard.changes_after(0)
-                await self.blocking.write(self._apply_sync, ops)
-                shard.set_live(np.asarray(ops.add_keys, dtype=np.int64) & ((1 << LABEL_BITS) - 1))
-                self.shards[s] = shard
+                # To its end when cancelled, as a drop (see `drop_shard`): its vectors in the
+                # index and the shard not held would outlive it.
+                await _to_the_end(asyncio.ensure_future(self._take_locked(shard)))
+
+    async def _take_locked(self, shard: Shard) -> None:
+        ops = shard.changes_after(0)
+        await self.blocking.write(self._apply_sync, ops)
+        shard.set_live(np.asarray(ops.add_keys, dtype=np.int64) & ((1 << LABEL_BITS) - 1))
+        self.shards[shard.shard] = shard
 
     def _clear_sync(self, shards: list[int]) -> None:
         for s in shards:
@@ -298,17 +303,23 @@ class Collection:
         async with self._saving, self._exclusive():  # no snapshot being written meanwhile
             if self.closed or s not in self.shards:
                 return
-            # The snapshot holds the shard's vectors by label: were it taken again (labels
-            # given afresh) and the node killed before the next snapshot, a restart would
-            # load them under labels of other documents. Gone first (a crash before the
-            # record leaves the shard held, rebuilt from the store); the next is due.
-            await self.blocking.write(self.snap_path.unlink, True)
-            self.snapshot_seqs, self._saved = {}, None
-            await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
-            shard = self.shards.pop(s)
-            self._tombstone_floor.pop(s, None)
-            await self.blocking.write(self.index.remove, shard.keys())
-            await self.blocking.write(self.store.drop_shard, s)
+            # Cancelled (a stop during a move), the drop goes on to its end under the locks:
+            # its threads cannot be stopped, and the close's snapshot would write the index
+            # while one of them removed the shard's vectors from it.
+            await _to_the_end(asyncio.ensure_future(self._drop_locked(s)))
+
+    async def _drop_locked(self, s: int) -> None:
+        # The snapshot holds the shard's vectors by label: were it taken again (labels
+        # given afresh) and the node killed before the next snapshot, a restart would
+        # load them under labels of other documents. Gone first (a crash before the
+        # record leaves the shard held, rebuilt from the store); the next is due.
+        await self.blocking.write(self.snap_path.unlink, True)
+        self.snapshot_seqs, self._saved = {}, None
+        await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
+        shard = self.shards.pop(s)
+        self._tombstone_floor.pop(s, None)
+        await self.blocking.write(self.index.remove, shard.keys())
+        await self.blocking.write(self.store.drop_shard, s)
 
     async def close(self, *, snapshot: bool = True) -> None:
         if self.closed:
