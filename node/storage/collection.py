@@ -695,7 +695,11 @@ class Collection:
         if predicate is None:
             return count_shards(self, shards, None)
         async with self.rw.read():
-            return await self.blocking.search(count_shards, self, shards, predicate)
+            # Cancelled (a hedge that lost, a deadline), the read lock is kept until the
+            # thread ends: a write let in meanwhile reached the cached match sets before the
+            # thread cached the one it had evaluated without the write.
+            return await _to_the_end(asyncio.ensure_future(
+                self.blocking.search(count_shards, self, shards, predicate)))
 
     async def scroll(
         self, shard: int, after: str | None, limit: int,
@@ -703,9 +707,9 @@ class Collection:
     ) -> tuple[list[Hit], str | None]:
         """A page of the shard's live documents in id order (see `paging.scroll_shard`)."""
         self._have([shard])
-        async with self.rw.read():
-            return await self.blocking.search(
-                scroll_shard, self, shard, after, limit, predicate, with_vectors)
+        async with self.rw.read():  # to the thread's end, as a count's
+            return await _to_the_end(asyncio.ensure_future(self.blocking.search(
+                scroll_shard, self, shard, after, limit, predicate, with_vectors)))
 
     def _have(self, shards: Iterable[int]) -> None:
         absent = [s for s in shards if s not in self.shards]
