@@ -1,8 +1,10 @@
-"""A batch that names a document twice (a delete and a write of it again, as a client's
-batch or anti-entropy may send): the cached match sets of filters are updated with the
-labels deleted and the labels written, and one label was in both. Its bit was cleared after
-it was set, and the count moved twice: the document, live and admitted by the filter, was
-missing from filtered searches, counts and scrolls for as long as the filter stayed cached."""
+"""A batch that names a document twice with a delete among its writes (the store's general
+path, which a write frame may carry: the public API sends deletes and upserts apart, and a
+group commit never puts one id twice, so today only a peer's frame does): the cached match
+sets of filters are updated with the labels deleted and the labels written, and one label
+was in both. Its bit was cleared after it was set, and the count moved twice: the document,
+live and admitted by the filter, was missing from filtered searches, counts and scrolls for
+as long as the filter stayed cached."""
 
 from __future__ import annotations
 
