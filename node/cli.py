@@ -83,6 +83,10 @@ def serve(config: NodeConfig) -> int:
         asyncio.run(_serve(config))
     except OSError as exc:
         print(f"aquila: cannot serve on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        # The collections were opened before the bind, and one not trained yet started its
+        # training: Python's exit would wait for it.
+        if _abandoned_background():
+            _exit_now(1)
         return 1
     except BaseException as exc:
         # A stop that failed must not hang on a training either: say why, then go.

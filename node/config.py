@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import math
 import os
 import secrets
 import socket
@@ -129,6 +130,12 @@ class NodeConfig:
         return self.advertise or format_hostport(self.host, self.port)
 
     def validate(self) -> NodeConfig:
+        # float() reads "nan" and "inf", which every bound below lets through (NaN compares
+        # false) and which break what sleeps on them or rounds them.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, not {value}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, not {self.port}")
         if self.max_body_bytes < 1024:

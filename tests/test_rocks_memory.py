@@ -116,9 +116,9 @@ def count_scans(coll: Collection) -> list[int]:
     calls: list[int] = []
     scan = coll.store.old_tombstones
 
-    def counted(shard: int, before: int) -> Any:
+    def counted(shard: int, before: int, **kw: Any) -> Any:
         calls.append(before)
-        return scan(shard, before)
+        return scan(shard, before, **kw)
 
     coll.store.old_tombstones = counted  # type: ignore[method-assign]
     return calls
@@ -213,8 +213,8 @@ async def test_a_delete_written_while_a_scan_runs_lowers_the_floor(
         await coll.write({0: [tombstone(1, 100)]})
         make_scan = coll.store.old_tombstones
 
-        def racing(shard: int, before: int) -> Any:
-            scan = make_scan(shard, before)
+        def racing(shard: int, before: int, **kw: Any) -> Any:
+            scan = make_scan(shard, before, **kw)
 
             def run() -> Any:  # on a write thread, the scan's iterator already made
                 asyncio.run_coroutine_threadsafe(

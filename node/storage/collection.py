@@ -174,6 +174,7 @@ class Collection:
         self._recheck: asyncio.TimerHandle | None = None  # a deferred retraining's next look
         self._wanted_since: float | None = None  # when a deferred retraining was first wanted
         self._saving = asyncio.Lock()  # one snapshot written at a time; `close` waits for it
+        self._purging = asyncio.Lock()  # one purge at a time; `close` waits for its scan
         # Incarnation of the collection in the cluster state (see CollectionEntry.uid).
         self.uid = ""
         # Called with the seconds each training took (the node's metrics).
@@ -184,6 +185,10 @@ class Collection:
         # it, and those written while a scan runs are noted for it.
         self._tombstone_floor: dict[int, tuple[float, float]] = {}
         self._deletes_since_scan: dict[int, float] = {}
+        # Per shard, the change-log position a running training's index was built up to: its
+        # catch-up replays the changes after it from the change log, which a purge must not
+        # take away (see `_purge_sync`).
+        self._training_upto: dict[int, int] | None = None
 
     @property
     def larger_is_better(self) -> bool:
@@ -276,10 +281,15 @@ class Collection:
             shard = Shard(self.spec, s, self.store, self.tuning.filter_cache)
             await self.blocking.write(shard.load)
             async with self._exclusive():
-                ops = shard.changes_after(0)
-                await self.blocking.write(self._apply_sync, ops)
-                shard.set_live(np.asarray(ops.add_keys, dtype=np.int64) & ((1 << LABEL_BITS) - 1))
-                self.shards[s] = shard
+                # To its end when cancelled, as a drop (see `drop_shard`): its vectors in the
+                # index and the shard not held would outlive it.
+                await _to_the_end(asyncio.ensure_future(self._take_locked(shard)))
+
+    async def _take_locked(self, shard: Shard) -> None:
+        ops = shard.changes_after(0)
+        await self.blocking.write(self._apply_sync, ops)
+        shard.set_live(np.asarray(ops.add_keys, dtype=np.int64) & ((1 << LABEL_BITS) - 1))
+        self.shards[shard.shard] = shard
 
     def _clear_sync(self, shards: list[int]) -> None:
         for s in shards:
@@ -293,17 +303,23 @@ class Collection:
         async with self._saving, self._exclusive():  # no snapshot being written meanwhile
             if self.closed or s not in self.shards:
                 return
-            # The snapshot holds the shard's vectors by label: were it taken again (labels
-            # given afresh) and the node killed before the next snapshot, a restart would
-            # load them under labels of other documents. Gone first (a crash before the
-            # record leaves the shard held, rebuilt from the store); the next is due.
-            await self.blocking.write(self.snap_path.unlink, True)
-            self.snapshot_seqs, self._saved = {}, None
-            await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
-            shard = self.shards.pop(s)
-            self._tombstone_floor.pop(s, None)
-            await self.blocking.write(self.index.remove, shard.keys())
-            await self.blocking.write(self.store.drop_shard, s)
+            # Cancelled (a stop during a move), the drop goes on to its end under the locks:
+            # its threads cannot be stopped, and the close's snapshot would write the index
+            # while one of them removed the shard's vectors from it.
+            await _to_the_end(asyncio.ensure_future(self._drop_locked(s)))
+
+    async def _drop_locked(self, s: int) -> None:
+        # The snapshot holds the shard's vectors by label: were it taken again (labels
+        # given afresh) and the node killed before the next snapshot, a restart would
+        # load them under labels of other documents. Gone first (a crash before the
+        # record leaves the shard held, rebuilt from the store); the next is due.
+        await self.blocking.write(self.snap_path.unlink, True)
+        self.snapshot_seqs, self._saved = {}, None
+        await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
+        shard = self.shards.pop(s)
+        self._tombstone_floor.pop(s, None)
+        await self.blocking.write(self.index.remove, shard.keys())
+        await self.blocking.write(self.store.drop_shard, s)
 
     async def close(self, *, snapshot: bool = True) -> None:
         if self.closed:
@@ -321,6 +337,10 @@ class Collection:
         # A snapshot being written finishes first: written later, it could land in the
         # folder of the next incarnation of this name.
         async with self._saving:
+            pass
+        # A purge's scan, outside the locks below, holds the database open (an iterator):
+        # it stops at the close, and is waited for.
+        async with self._purging:
             pass
         async with self._exclusive():
             try:
@@ -370,8 +390,11 @@ class Collection:
                     if not group:
                         continue
                     try:
-                        ops = await self.blocking.write(
-                            self._write_sync, [q.by_shard for q in group])
+                        # Cancelled (a close), the thread goes on: waited for, so that the
+                        # close does not close the store under it (rocksdict refuses a close
+                        # during the WAL's fsync: "Already borrowed", the store left open).
+                        ops = await _to_the_end(asyncio.ensure_future(self.blocking.write(
+                            self._write_sync, [q.by_shard for q in group])))
                     except Exception as exc:
                         for q in group:
                             q.settle(exc)
@@ -530,6 +553,12 @@ class Collection:
         return purged
 
     async def _purge(self, shard: int, before: int) -> tuple[int, int]:
+        async with self._purging:
+            if self.closed:
+                return 0, 0
+            return await self._purge_locked(shard, before)
+
+    async def _purge_locked(self, shard: int, before: int) -> tuple[int, int]:
         if shard not in self.shards:
             return 0, 0
         floor = self._tombstone_floor.get(shard)
@@ -543,14 +572,20 @@ class Collection:
         async with self.write_mutex:
             self._deletes_since_scan[shard] = min(
                 [_least_delete(q.by_shard.get(shard, [])) for q in self._queue], default=math.inf)
-            scan = await self.blocking.write(self.store.old_tombstones, shard, before)
+            scan = await self.blocking.write(self.store.old_tombstones, shard, before,
+                                             stop=lambda: self.closed)
         try:
-            ids, least = await self.blocking.write(scan)
+            # Its thread waited for to its end: the close waits for this purge, and a store
+            # closed under the iterator stays open (and its folder locked) until it is let go.
+            ids, least = await _to_the_end(asyncio.ensure_future(self.blocking.write(scan)))
             purged = waiting = 0
-            if ids and shard in self.shards:
+            if ids and shard in self.shards and not self.closed:
                 async with self.write_mutex, self.apply_lock:
-                    purged, waiting = await self.blocking.write(self._purge_sync, shard, before,
-                                                                ids)
+                    # Cancelled, the locks are kept until its thread ends: a write let in
+                    # meanwhile (of a purged id, its label taken again) was removed by the
+                    # purge's batch, read before it.
+                    purged, waiting = await _to_the_end(asyncio.ensure_future(
+                        self.blocking.write(self._purge_sync, shard, before, ids)))
         finally:
             noted = self._deletes_since_scan.pop(shard, -math.inf)
         if shard in self.shards and not waiting:  # those waiting: scanned for again
@@ -562,6 +597,11 @@ class Collection:
         candidates `ids` that are still tombstones older than `before`."""
         batch = WriteBatch()
         covered = self.snapshot_seqs.get(shard, 0)
+        if self._training_upto is not None:
+            # A delete a training has still to replay into its new index (its change came
+            # after the index's start) stays until the training is in: purged, its change
+            # key went with it, and the deleted vector stayed in the new index.
+            covered = min(covered, self._training_upto.get(shard, covered))
         recs = self.store.get_records(shard, ids, cache=False)
         old = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
                if rec is not None and rec.tombstone and rec.version < before]
@@ -655,7 +695,11 @@ class Collection:
         if predicate is None:
             return count_shards(self, shards, None)
         async with self.rw.read():
-            return await self.blocking.search(count_shards, self, shards, predicate)
+            # Cancelled (a hedge that lost, a deadline), the read lock is kept until the
+            # thread ends: a write let in meanwhile reached the cached match sets before the
+            # thread cached the one it had evaluated without the write.
+            return await _to_the_end(asyncio.ensure_future(
+                self.blocking.search(count_shards, self, shards, predicate)))
 
     async def scroll(
         self, shard: int, after: str | None, limit: int,
@@ -663,9 +707,9 @@ class Collection:
     ) -> tuple[list[Hit], str | None]:
         """A page of the shard's live documents in id order (see `paging.scroll_shard`)."""
         self._have([shard])
-        async with self.rw.read():
-            return await self.blocking.search(
-                scroll_shard, self, shard, after, limit, predicate, with_vectors)
+        async with self.rw.read():  # to the thread's end, as a count's
+            return await _to_the_end(asyncio.ensure_future(self.blocking.search(
+                scroll_shard, self, shard, after, limit, predicate, with_vectors)))
 
     def _have(self, shards: Iterable[int]) -> None:
         absent = [s for s in shards if s not in self.shards]
@@ -761,6 +805,8 @@ class Collection:
         index = train_streamed(spec, self.count(), chunks)
         if index is None:
             raise RuntimeError("no vectors to train on")
+        if self.closed:  # past its last read: no index written out for nobody, maybe into
+            raise TrainingStopped(self.spec.name)  # the folder of the name's next incarnation
         release_memory()
         return compacted(index, self.root / f".compact{TMP_SUFFIX}")
 
@@ -769,6 +815,7 @@ class Collection:
         write mutex after replaying the writes that came meanwhile."""
         try:
             upto = {s: sh.applied_seq for s, sh in self.shards.items()}
+            self._training_upto = upto
             # The shards themselves: one dropped and taken again meanwhile has the same
             # number but labels given afresh, which the new index would mistake for its own.
             held = dict(self.shards)
@@ -803,6 +850,7 @@ class Collection:
             log.exception("%s: training failed", self.spec.name)
         finally:
             self.training = False
+            self._training_upto = None
         await self.snapshot()
         self._maybe_train()
 

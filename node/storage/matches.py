@@ -97,7 +97,10 @@ class MatchSet:
 
     def written(self, flt: Filter, gone: np.ndarray, added: np.ndarray,
                 docs: Sequence[Any]) -> None:
-        """Labels deleted (`gone`) and labels written with these (parsed) documents."""
+        """Labels deleted (`gone`) and labels written with these (parsed) documents. A batch
+        that names a document twice may delete its label and write it again, or delete it
+        twice: each label counts once, as it ends (written, if it is among `added`)."""
+        gone = np.setdiff1d(gone, added)
         labels = np.concatenate([gone, added])
         if not len(labels):
             return

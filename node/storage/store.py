@@ -21,7 +21,9 @@ the block cache, and a start reads the counters and digests of each shard, not i
 
 from __future__ import annotations
 
+import math
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,8 @@ _MEMORY_PROPERTIES = {
 # Level 0 is compacted into the level below when it holds this many files (RocksDB's default):
 # not at every flush (each rewrites the base level it overlaps).
 L0_TRIGGER = 4
+# Seconds a close waits at most for the calls in flight on other threads (see Store.close).
+_CLOSE_WAIT_S = 60.0
 # version, label, seq, flags, dim, writer length
 _HEADER = struct.Struct(">QqQBIH")
 _U16 = struct.Struct(">H")
@@ -301,9 +305,23 @@ class Store:
         return int(self.db.property_int_value("rocksdb.num-files-at-level0") or 0)
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        """Close the database; calls made from now on find the store closed. rocksdict lets
+        the GIL go inside a multi-get, a WAL fsync or a flush, and refuses to close a database
+        another thread is in meanwhile ("Already borrowed"); reads by id, scrolls, transfers
+        and anti-entropy scans take no collection lock: the close waits for those in flight
+        (each one call, short) instead of leaving the store open."""
+        db, self._db = self._db, None
+        if db is None:
+            return
+        deadline = time.monotonic() + _CLOSE_WAIT_S
+        while True:
+            try:
+                db.close()
+                return
+            except RuntimeError as exc:
+                if "borrowed" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.001)  # on a write thread, never the event loop
 
     # -- metadata -------------------------------------------------------------------------
     def get_meta(self) -> bytes | None:
@@ -406,21 +424,27 @@ class Store:
         if n:
             yield rows[:n], labels[:n]
 
-    def old_tombstones(self, shard: int, before: int
+    def old_tombstones(self, shard: int, before: int, *, stop: Callable[[], bool] | None = None
                        ) -> Callable[[], tuple[list[str], float]]:
         """A scan of the shard's records as they are now (its iterator made here, read when
-        called): the ids of its tombstones whose version is below `before`, and the least
-        version of the others (inf if none). From the records' headers, no object per record
-        (a shard under churn holds millions of tombstones)."""
+        called, once): the ids of its tombstones whose version is below `before`, and the
+        least version of the others (inf if none; -inf when `stop` said to stop before the
+        end). From the records' headers, no object per record (a shard under churn holds
+        millions of tombstones). The iterator holds the database open, a closed one too (its
+        folder locked for this process): it is let go when the scan ends."""
         prefix = _shard_key(b"D", shard)
         it = self.db.iter(self._scan_opts)
         it.seek(prefix)
+        held = [it]
+        del it
 
         def scan() -> tuple[list[str], float]:
+            it = held.pop()
             n = len(prefix)
             unpack = _HEADER.unpack_from
             ids: list[str] = []
             least = float("inf")
+            read = 0
             while it.valid():
                 key = it.key()
                 if not key.startswith(prefix):
@@ -431,6 +455,9 @@ class Store:
                         ids.append(key[n:].decode())
                     elif version < least:
                         least = version
+                read += 1
+                if stop is not None and not read & 4095 and stop():
+                    return ids, -math.inf
                 it.next()
             return ids, least
 
