@@ -3,7 +3,6 @@ FAISS single-threaded), with the same answers as the queries one at a time."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -53,53 +52,6 @@ async def test_a_large_batch_is_split_over_the_search_threads(tmp_path: Path) ->
         small = await coll.search(q[: 2 * SPLIT_ROWS - 1], 10, 8)  # below two threads' worth
         assert calls[len(q):] == [2 * SPLIT_ROWS - 1] and len(small) == 2 * SPLIT_ROWS - 1
         del blocking.search
-    finally:
-        await engine.close()
-        blocking.close()
-
-
-async def test_concurrent_searches_wait_for_a_free_search_thread_then_go_together(
-        tmp_path: Path) -> None:
-    """With two search threads, two batches run at once; the searches that came meanwhile
-    wait in the batcher (not in the thread pool's queue) and go as one batch, with the same
-    answers as one at a time."""
-    smp = load_sample()
-    blocking = Blocking(2)
-    engine = Engine(tmp_path, blocking, Tuning(train_min=1000), fsync=False)
-    await engine.start()
-    try:
-        spec = CollectionSpec("c", smp.dim, "cosine", 2, 1, IndexSpec("ivf_flat"))
-        coll = await engine.ensure(spec, range(2), "u")
-        by: dict[int, list[Incoming]] = {}
-        for i, v in enumerate(smp.base[:2000]):
-            by.setdefault(shard_of(str(i), 2), []).append(
-                Incoming(str(i), v, b'{"i":%d}' % i, 1, "n"))
-        await coll.write(by)
-        await wait_for(lambda: coll.state == "trained", 60, what="the index to train")
-        q = smp.queries[:12]
-        alone = [(await coll.search(q[i : i + 1], 10, 8))[0] for i in range(len(q))]
-        calls: list[int] = []
-        running = [0, 0]  # now, most at once
-        search = blocking.search
-
-        async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
-            if getattr(fn, "__name__", "") != "run_batch":
-                return await search(fn, *args, **kwargs)
-            calls.append(len(args[1]))
-            running[0] += 1
-            running[1] = max(running)
-            try:
-                return await search(fn, *args, **kwargs)
-            finally:
-                running[0] -= 1
-
-        blocking.search = counted  # type: ignore[method-assign]
-        rows = await asyncio.gather(*(coll.search(q[i : i + 1], 10, 8) for i in range(len(q))))
-        del blocking.search
-        # The first two go at once, one per thread; the ten queued meanwhile go together.
-        assert sorted(calls) == [1, 1, 10] and running[1] == 2
-        assert [[(h.id, h.score, h.metadata) for h in r[0]] for r in rows] == \
-            [[(h.id, h.score, h.metadata) for h in row] for row in alone]
     finally:
         await engine.close()
         blocking.close()

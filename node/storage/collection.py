@@ -120,11 +120,7 @@ class Tuning:
     retrain_quiet_s: float = 1.0
     retrain_max_wait_s: float = 30.0
     search_batch_rows: int = 512
-    # Batches of searches in flight at once; None: one per search thread. More than there
-    # are threads only queues them in the pool, where they wait as the batcher's queue would,
-    # but split what was queued meanwhile into more, smaller batches (more FAISS calls, store
-    # reads and thread hand-offs for the same queries).
-    search_parallel: int | None = None
+    search_parallel: int = 4
     # RocksDB's memory of the node (see store.RocksMemory): every collection's, as one.
     rocksdb_memory_bytes: int = DEFAULT_MEMORY_BYTES
     # Filters whose match sets each shard keeps (0: none, every search evaluates its filter).
@@ -161,14 +157,14 @@ class Collection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._queue: collections.deque[_Queued] = collections.deque()  # writes to make durable
         self._driver: asyncio.Task[None] | None = None
-        parallel = tuning.search_parallel or blocking.search_threads
         self._batcher: SearchBatcher[list[Hit]] = SearchBatcher(
-            self._run_batch, max_rows=tuning.search_batch_rows, parallel=parallel
+            self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
         # Filtered searches batch by filter too: one plan and one FAISS call per group of
         # shards for every concurrent search with the same filter.
         self._filtered: SearchBatcher[tuple[list[Hit], list[dict[str, Any]]]] = SearchBatcher(
-            self._run_filtered, max_rows=tuning.search_batch_rows, parallel=parallel,
+            self._run_filtered, max_rows=tuning.search_batch_rows,
+            parallel=tuning.search_parallel,
         )
         self.groups = GroupCache(max_bytes=tuning.filter_group_bytes)
         # Per planner path, shards searched that way (one per query and shard): /metrics.
