@@ -8,7 +8,9 @@ collection's default settings but for its type) over REST in the columnar form, 
 `--clients` concurrent clients in batches of `--batch`; once every shard is trained the run
 reports the node's RSS and its ratio to N × dim × 4 bytes, the data folder against the same,
 REST search q/s at `--nprobe` under wrk (8 connections, single queries) beside in-process
-FAISS (IVF-flat of the node's nlist, the same nprobe, single queries on 2 threads), the nprobe
+FAISS on the node's own index (read from its snapshot once the node has stopped; the same
+nprobe, single queries on 2 threads, OpenMP at one thread in each, as the node's search
+threads run them; scripts/bench_rest.py interleaves the two in rounds), the nprobe
 a search by `recall` 0.95 picks, and the time from SIGKILL to /readyz and a first search.
 
 `--churn S`: instead, a node holding `--churn-live` documents (dim `--churn-dim`) while one
@@ -46,6 +48,8 @@ import orjson
 from bench_common import COLLECTION, JSON_HEADERS, log, pct
 from bench_node import Node, call, rss_mib_of, wait_ready
 from wrkload import run_wrk, write_bodies
+
+from aquila.node.storage.index import VectorIndex
 
 K = 10
 
@@ -274,35 +278,37 @@ async def restart_after(s: aiohttp.ClientSession, node: Node, sig: signal.Signal
             "first_search_s": round(time.perf_counter() - t0, 2)}
 
 
-def faiss_qps(x: np.ndarray, q: np.ndarray, nlist: int, nprobe: int, seconds: float
-              ) -> tuple[float, float]:
-    """In-process IVF-flat of this nlist: single-query searches per second on 2 threads, and
-    the resident bytes its lists hold per vector."""
-    quantizer = faiss.IndexFlatL2(x.shape[1])
-    index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist)
-    index.cp.niter = 10  # as the node trains (node.storage.index.new_ivf)
-    rng = np.random.default_rng(0)
-    index.train(x[rng.choice(len(x), min(len(x), 64 * nlist), replace=False)])
-    index.add(x)
-    index.nprobe = nprobe
-    faiss.omp_set_num_threads(1)
-    done = [0, 0]
+def faiss_qps(index_path: Path, shards: int, q: np.ndarray, nprobe: int, seconds: float,
+              threads: int = 2) -> tuple[float, float]:
+    """The node's own index (its snapshot, read with the node's loader: the same lists, the
+    same training) searched in process: single-query searches per second on `threads`
+    threads (the node's search threads on 2 cores), each with FAISS's OpenMP at one thread
+    as the node's are (the setting is per thread), at `nprobe` through the same search
+    parameters; and the resident bytes its lists hold per vector."""
+    loaded = VectorIndex.load(index_path, shards)
+    if loaded is None:
+        raise RuntimeError(f"{index_path}: the node's snapshot did not load")
+    index = loaded[0].index
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    done = [0] * threads
     stop = time.perf_counter() + seconds
 
     def run(t: int) -> None:
+        faiss.omp_set_num_threads(1)
         i = t
         while time.perf_counter() < stop:
-            index.search(q[i % len(q): i % len(q) + 1], K)
-            i += 2
+            index.search(q[i % len(q): i % len(q) + 1], K, params=params)
+            i += threads
             done[t] += 1
 
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(2)]
+    ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
     t0 = time.perf_counter()
-    for th in threads:
+    for th in ths:
         th.start()
-    for th in threads:
+    for th in ths:
         th.join()
-    return sum(done) / (time.perf_counter() - t0), (index.code_size + 8)
+    code_size = int(faiss.extract_index_ivf(index).code_size)
+    return sum(done) / (time.perf_counter() - t0), code_size + 8
 
 
 async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.ndarray,
@@ -344,6 +350,7 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
             out["trained_after_start_s"] = round(secs + out["settled_after_ingest_s"], 1)
             info = desc["shard_states"][0].get("index", {})
             out["nlist"], out["trained_at"] = info.get("nlist"), info.get("trained_at")
+            out["shards"] = desc["shards"]
             out["recall_curve"] = info.get("recall_curve")
             log(f"{itype}: trained (nlist {out['nlist']}) after "
                 f"{out['settled_after_ingest_s']}s; rss {rss_mib_of(node.pid):.0f} MiB")
@@ -383,7 +390,8 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
         node.stop()
     log(json.dumps(out))
     if out.get("nlist") and args.faiss_ref and out.get("rest_qps"):
-        qps, per_vec = await asyncio.to_thread(faiss_qps, x, q, int(out["nlist"]),
+        snap = next((data / "node").rglob("index.faiss"))  # the collection's snapshot
+        qps, per_vec = await asyncio.to_thread(faiss_qps, snap, int(out["shards"]), q,
                                                args.nprobe, args.search_s)
         out["faiss_qps"] = round(qps)
         out["rest_over_faiss"] = round(out["rest_qps"] / qps, 3)
