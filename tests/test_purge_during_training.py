@@ -163,3 +163,94 @@ async def test_a_cancelled_purge_loses_no_write_made_after_it(
         assert [h.id for h in rows[0]] == ["d0"]
     finally:
         await engine.close()
+
+
+async def test_a_cancelled_purge_stops_its_scan(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge cancelled (the healer's task at a stop, before the stores close) is waited for
+    to its thread's end: its scan of every record of the shard (seconds for millions of
+    tombstones) ran to its end under the stop, which only a close told it to cut short."""
+    from aquila.node.storage.store import Store
+
+    real = Store.old_tombstones
+    scanning, told = threading.Event(), threading.Event()
+
+    def endless(self: Store, shard: int, before: int, *, stop: Any = None) -> Any:
+        real(self, shard, before, stop=stop)()  # the real one, with the same stop
+
+        def run() -> tuple[list[str], float]:  # a scan of records without end
+            scanning.set()
+            for _ in range(1000):  # 10 s at most
+                if stop is not None and stop():
+                    told.set()
+                    break
+                threading.Event().wait(0.01)
+            return [], float("inf")
+
+        return run
+
+    monkeypatch.setattr(Store, "old_tombstones", endless)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        await coll.write({0: [Incoming("d0", None, b"", 2, "n1")]})
+        purging = asyncio.ensure_future(coll.purge_tombstones(0, 10))
+        await wait_for(scanning.is_set, 30, what="the purge's scan")
+        purging.cancel()
+        await asyncio.gather(purging, return_exceptions=True)
+        assert purging.cancelled()
+        assert told.is_set(), "the cancelled purge's scan was not told to stop"
+    finally:
+        await engine.close()
+
+
+async def test_a_cancelled_purge_stops_before_reading_every_candidate(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the write locks, a purge reads each candidate's record again (7 us each: 7 s a
+    million) before its one batch: cancelled, it stops between reads, having written nothing."""
+    from aquila.node.storage.store import Store
+
+    real, real_purge = Store.get_records, Collection._purge_sync
+    reading, gate = threading.Event(), threading.Event()
+    reads: list[int] = []
+    stops: list[Any] = []
+
+    def purge(self: Collection, *args: Any) -> Any:
+        stops.append(args[-1])  # what tells it to stop
+        return real_purge(self, *args)
+
+    def held(self: Store, shard: int, ids: list[str], *, cache: bool = True) -> Any:
+        if not cache:  # the purge's reads
+            reads.append(len(ids))
+            reading.set()
+            gate.wait(10)
+        return real(self, shard, ids, cache=cache)
+
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        n = 10_000
+        await coll.write({0: [Incoming(f"t{i}", None, b"", 2, "n1") for i in range(n)]})
+        await coll.snapshot()
+        monkeypatch.setattr(Store, "get_records", held)
+        monkeypatch.setattr(Collection, "_purge_sync", purge)
+        purging = asyncio.ensure_future(coll.purge_tombstones(0, 10))
+        try:
+            await wait_for(reading.is_set, 30, what="the purge's reads")
+            purging.cancel()
+            await wait_for(lambda: stops and callable(stops[0]) and stops[0](), 30,
+                           what="the purge's thread to be told to stop")
+        finally:
+            gate.set()
+        await asyncio.gather(purging, return_exceptions=True)
+        assert purging.cancelled()
+        assert sum(reads) < n, "the cancelled purge read every candidate"
+        monkeypatch.setattr(Store, "get_records", real)
+        page, _ = await coll.stream_shard(0, None, 2 * n)
+        assert len(page) == n, "the cancelled purge wrote its batch"
+    finally:
+        await engine.close()

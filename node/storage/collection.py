@@ -17,6 +17,7 @@ import collections
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ def meta_bytes(spec: CollectionSpec, uid: str, shards: list[int]) -> bytes:
 # A shard's tombstones are scanned for purging at least this often (seconds), even when the
 # last scan found none old enough (see Collection._purge).
 PURGE_RESCAN_S = 3600.0
+# A purge's candidates read again this many at a time, a cancellation looked at in between.
+PURGE_READ_CHUNK = 4096
 # Documents one group commit takes at most (one RocksDB batch, one fsync).
 GROUP_MAX_DOCS = 20_000
 # Vectors read from the store at a time while training.
@@ -569,15 +572,24 @@ class Collection:
         # the write mutex, where no write is between staged and durable: it sees every write
         # made before, and the deletes queued or written after are noted for the floor.
         due = time.monotonic() + PURGE_RESCAN_S
+        # Cancelled (the healer's task at a stop, before any close), its threads are told to
+        # stop as a close tells them: they are waited for, and would scan and read every
+        # record (seconds for millions of tombstones) under the stop.
+        cancelled = threading.Event()
+
+        def stop() -> bool:
+            return self.closed or cancelled.is_set()
+
         async with self.write_mutex:
             self._deletes_since_scan[shard] = min(
                 [_least_delete(q.by_shard.get(shard, [])) for q in self._queue], default=math.inf)
             scan = await self.blocking.write(self.store.old_tombstones, shard, before,
-                                             stop=lambda: self.closed)
+                                             stop=stop)
         try:
             # Its thread waited for to its end: the close waits for this purge, and a store
             # closed under the iterator stays open (and its folder locked) until it is let go.
-            ids, least = await _to_the_end(asyncio.ensure_future(self.blocking.write(scan)))
+            ids, least = await _to_the_end(asyncio.ensure_future(self.blocking.write(scan)),
+                                           cancelled.set)
             purged = waiting = 0
             if ids and shard in self.shards and not self.closed:
                 async with self.write_mutex, self.apply_lock:
@@ -585,16 +597,24 @@ class Collection:
                     # meanwhile (of a purged id, its label taken again) was removed by the
                     # purge's batch, read before it.
                     purged, waiting = await _to_the_end(asyncio.ensure_future(
-                        self.blocking.write(self._purge_sync, shard, before, ids)))
+                        self.blocking.write(self._purge_sync, shard, before, ids, stop)),
+                        cancelled.set)
         finally:
             noted = self._deletes_since_scan.pop(shard, -math.inf)
         if shard in self.shards and not waiting:  # those waiting: scanned for again
             self._tombstone_floor[shard] = (min(least, noted), due)
         return purged, waiting
 
-    def _purge_sync(self, shard: int, before: int, ids: list[str]) -> tuple[int, int]:
+    def _purge_sync(self, shard: int, before: int, ids: list[str],
+                    stop: Callable[[], bool] | None = None) -> tuple[int, int]:
         """(tombstones purged, tombstones left until a snapshot covers their delete), of the
-        candidates `ids` that are still tombstones older than `before`."""
+        candidates `ids` that are still tombstones older than `before`. When `stop` says so
+        between reads, nothing is written (all of `ids` counted as left)."""
+        recs: list[Record | None] = []
+        for i in range(0, len(ids), PURGE_READ_CHUNK):
+            if stop is not None and stop():
+                return 0, len(ids)
+            recs += self.store.get_records(shard, ids[i:i + PURGE_READ_CHUNK], cache=False)
         batch = WriteBatch()
         covered = self.snapshot_seqs.get(shard, 0)
         if self._training_upto is not None:
@@ -602,7 +622,6 @@ class Collection:
             # after the index's start) stays until the training is in: purged, its change
             # key went with it, and the deleted vector stayed in the new index.
             covered = min(covered, self._training_upto.get(shard, covered))
-        recs = self.store.get_records(shard, ids, cache=False)
         old = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
                if rec is not None and rec.tombstone and rec.version < before]
         gone = [(doc_id, rec) for doc_id, rec in old if rec.seq <= covered]
@@ -917,15 +936,18 @@ class Collection:
             await self.blocking.write(release_memory)
 
 
-async def _to_the_end(job: asyncio.Future[T]) -> T:
+async def _to_the_end(job: asyncio.Future[T], on_cancel: Callable[[], None] | None = None
+                      ) -> T:
     """`job` (a thread's work) awaited; cancelled (a close), still waited for to its end
     before the cancellation goes on (and the locks held are left): the thread cannot be
     stopped, and what it does after the close returned clashed with the close's snapshot (an
     index changing while it is written) or came after it (a snapshot written into the folder
-    of the collection's next incarnation)."""
+    of the collection's next incarnation). `on_cancel` tells the thread to cut short."""
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
         await asyncio.wait([job])
         if not job.cancelled():
             job.exception()  # retrieved: the cancellation is what the caller hears
