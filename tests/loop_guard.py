@@ -54,6 +54,9 @@ class LoopHolds:
         self._patch = pytest.MonkeyPatch()
 
     def __enter__(self) -> LoopHolds:
+        if not isinstance(self.loop, asyncio.BaseEventLoop):  # uvloop runs its own handles
+            raise TypeError(f"the loop guard cannot time the callbacks of a "
+                            f"{type(self.loop).__name__} (only asyncio's own loops')")
         run = asyncio.events.Handle._run
 
         def timed(handle: asyncio.events.Handle) -> None:

@@ -7,6 +7,8 @@ import asyncio
 import gc
 import time
 
+import pytest
+
 from tests.loop_guard import LoopHolds
 
 
@@ -57,3 +59,16 @@ async def test_the_collectors_time_is_left_out() -> None:
         await _one_callback(collect)
     assert spent[0] > 0.1, "the collection was too quick to show anything; make more garbage"
     assert not holds.held, holds.held
+
+
+def test_a_loop_whose_callbacks_it_cannot_time_is_refused() -> None:
+    """uvloop runs its own handles, not asyncio's: the guard would time none of them (and the
+    fixture's filter hides uvloop's own slow-callback reports), passing every test blind."""
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    try:
+        with pytest.raises(TypeError, match="cannot time"), LoopHolds(loop, lambda: 0.05):
+            pass
+    finally:
+        loop.close()
