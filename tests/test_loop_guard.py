@@ -72,3 +72,31 @@ def test_a_loop_whose_callbacks_it_cannot_time_is_refused() -> None:
             pass
     finally:
         loop.close()
+
+
+async def test_a_collection_on_another_thread_does_not_hide_the_loops_work() -> None:
+    """Another thread's collection stops the loop (the GIL) without costing the loop thread
+    CPU: taken off the loop's wall time, not off its CPU time, where it hid the work the
+    callback did."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    garbage = [_Cycle() for _ in range(1_000_000)]
+    del garbage
+    spent: list[float] = []
+
+    def collect() -> None:
+        t0 = time.perf_counter()
+        gc.collect()
+        spent.append(time.perf_counter() - t0)
+
+    def work_beside_a_collection() -> None:
+        t = threading.Thread(target=collect)
+        t.start()
+        _work(0.15)
+        t.join()
+
+    with LoopHolds(loop, lambda: 0.1) as holds:
+        await _one_callback(work_beside_a_collection)
+    assert spent[0] > 0.15, "the collection was too quick to show anything; make more garbage"
+    assert len(holds.held) == 1 and "of CPU on it" in holds.held[0], holds.held
