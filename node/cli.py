@@ -140,8 +140,7 @@ async def _serve(config: NodeConfig) -> None:
         await site.start()
         # What the start built (modules, the app, the stores' handles) lives as long as the
         # node: kept out of the collector's full passes, which otherwise walk it all, on the
-        # loop, for nothing (10-30 ms each, measured on a freshly imported node). A
-        # collection or shard let go later thaws it (see `engine._let_go`): it would leak.
+        # loop, for nothing (10-30 ms each, measured on a freshly imported node).
         gc.collect()
         gc.freeze()
         await stop.wait()

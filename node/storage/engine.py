@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import os
 import secrets
@@ -181,7 +180,6 @@ class Engine:
         old = self.collections.pop(spec.name, None)
         if old is not None:
             await old.close(snapshot=False)
-            _let_go()
         await self.blocking.write(self._swap_sync, spec.name, staged, old is not None)
         coll = self._new(spec)
         coll.uid = uid
@@ -242,14 +240,12 @@ class Engine:
             coll = self.collections.get(name)
             if coll is not None and shard in coll.shards:
                 await coll.drop_shard(shard)
-                _let_go()
 
     async def drop(self, name: str) -> None:
         async with self._lock:
             coll = self.get(name)
             del self.collections[name]
             await coll.close(snapshot=False)
-            _let_go()
             await self.blocking.write(self._discard_sync, coll.root)
 
     async def snapshot_loop(self, interval_s: float, clock: Clock) -> None:
@@ -265,13 +261,3 @@ class Engine:
         for coll in list(self.collections.values()):
             await coll.close()
         self.collections.clear()
-
-
-def _let_go() -> None:
-    """A collection or a shard let go (dropped, replaced, moved away). `aquila serve` freezes
-    the heap its start built out of the collector's passes (gc.freeze), the collections opened
-    then included; a collection and a shard sit in reference cycles (its batchers hold its
-    bound methods), so one of those would never be freed, its index and arrays with it. The
-    frozen heap goes back to the collector, whose next full pass frees them."""
-    if gc.get_freeze_count():
-        gc.unfreeze()
