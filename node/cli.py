@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -138,11 +137,6 @@ async def _serve(config: NodeConfig) -> None:
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=1024)
         await site.start()
-        # What the start built (modules, the app, the stores' handles) lives as long as the
-        # node: kept out of the collector's full passes, which otherwise walk it all, on the
-        # loop, for nothing (10-30 ms each, measured on a freshly imported node).
-        gc.collect()
-        gc.freeze()
         await stop.wait()
     finally:
         await runner.cleanup()
