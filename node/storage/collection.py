@@ -74,7 +74,8 @@ GROUP_MAX_DOCS = 20_000
 TRAIN_CHUNK = 65_536
 # A trained index catches up with the writes made during its training in rounds (each
 # replays what came during the one before) until a round saw at most CATCH_UP_TAIL writes
-# come, or CATCH_UP_ROUNDS were made; then its lists are compacted.
+# come, or no fewer than the round before (writes faster than the replay), or
+# CATCH_UP_ROUNDS were made; then its lists are compacted.
 CATCH_UP_ROUNDS = 4
 CATCH_UP_TAIL = 16_384
 
@@ -795,14 +796,16 @@ class Collection:
             # is nobody else's yet), in rounds while writes keep coming; then compact its
             # lists (what the catch-up added grew them by doubling) and catch up with the
             # few writes made meanwhile, so that the swap below only replays the last few.
-            since = upto
+            since, before = upto, math.inf
             for _ in range(CATCH_UP_ROUNDS):
                 mark = self._applied()
                 await self.blocking.background(self._catch_up_sync, new, since)
                 since = mark
                 now = self._applied()
-                if sum(now.get(s, q) - q for s, q in mark.items()) <= CATCH_UP_TAIL:
+                came = sum(now.get(s, q) - q for s, q in mark.items())
+                if came <= CATCH_UP_TAIL or came >= before:  # few left, or not converging
                     break
+                before = came
             new = await self.blocking.background(self._compacted_sync, new)
             mark = self._applied()
             await self.blocking.background(self._catch_up_sync, new, since)
