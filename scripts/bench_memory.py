@@ -338,8 +338,17 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
             if not args.attach:
                 await call(s, "PUT", f"{url}/v1/collections/{COLLECTION}", orjson.dumps(body))
             peak.phase = "ingest"
-            secs = await ingest(s, url, x, args.batch, args.clients, first=args.first_row)
-            out["ingest_docs_per_s"] = round((len(x) - args.first_row) / secs)
+            first = args.first_row
+            if args.pause_at and not args.attach:
+                # A first part, trained, then the rest: the retraining this makes due runs
+                # beside the ingest and catches up with what comes meanwhile.
+                await ingest(s, url, x[:args.pause_at], args.batch, args.clients)
+                await wait_settled(s, url, args.pause_at, args.settle_timeout)
+                out["rss_mib_at_pause"] = round(rss_mib_of(node.pid), 1)
+                log(f"{itype}: {args.pause_at} trained; rss {out['rss_mib_at_pause']} MiB")
+                first = args.pause_at
+            secs = await ingest(s, url, x, args.batch, args.clients, first=first)
+            out["ingest_docs_per_s"] = round((len(x) - first) / secs)
             out["ingest_s"] = round(secs, 1)
             log(f"{itype}: ingested {len(x)} in {secs:.1f}s "
                 f"(rss {rss_mib_of(node.pid):.0f} MiB); waiting for training")
@@ -599,6 +608,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attach", type=int, default=0, metavar="PID",
                    help="go on with a node a lost run started (one type), from --first-row")
     p.add_argument("--first-row", type=int, default=0)
+    p.add_argument("--pause-at", type=int, default=0, metavar="N",
+                   help="ingest N rows, wait until they are trained, then the rest (a "
+                        "retraining beside the ingest, as in a long bulk load)")
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--keep", action="store_true")
     return p.parse_args(argv)
