@@ -141,29 +141,38 @@ def test_serve_exits_without_waiting_only_when_a_background_job_runs() -> None:
     assert not _abandoned_background()
 
 
-@pytest.mark.parametrize("abandoned", [True, False])
-def test_serve_that_fails_does_not_wait_for_a_training(
-        abandoned: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A stop that ends on an error exits at once (code 1, the error logged) when a training
-    still runs; with nothing left running, the error goes up as any other."""
+def _serve_whose_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: BaseException,
+                     abandoned: bool) -> Any:
+    """`cli.serve` with its event loop's run failing with `error`, a training left running
+    or not, and `os._exit` raising SystemExit: the config to call it with."""
     import uvloop
 
     from aquila.node import cli, logs
     from aquila.node.config import NodeConfig
 
-    def broken(coro: Any) -> None:
+    def run(coro: Any) -> None:
         coro.close()
-        raise RuntimeError("cleanup failed")
+        raise error
 
     def exit_now(code: int) -> None:
         raise SystemExit(code)
 
     monkeypatch.setattr(uvloop, "install", lambda: None)
     monkeypatch.setattr(logs, "configure", lambda *a: None)
-    monkeypatch.setattr(asyncio, "run", broken)
+    monkeypatch.setattr(asyncio, "run", run)
     monkeypatch.setattr(cli, "_abandoned_background", lambda: abandoned)
     monkeypatch.setattr(os, "_exit", exit_now)
-    config = NodeConfig(data_dir=tmp_path).validate()
+    return NodeConfig(data_dir=tmp_path).validate()
+
+
+@pytest.mark.parametrize("abandoned", [True, False])
+def test_serve_that_fails_does_not_wait_for_a_training(
+        abandoned: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A stop that ends on an error exits at once (code 1, the error logged) when a training
+    still runs; with nothing left running, the error goes up as any other."""
+    from aquila.node import cli
+
+    config = _serve_whose_run(monkeypatch, tmp_path, RuntimeError("cleanup failed"), abandoned)
     if abandoned:
         with pytest.raises(SystemExit) as stop:
             cli.serve(config)
@@ -171,3 +180,24 @@ def test_serve_that_fails_does_not_wait_for_a_training(
     else:
         with pytest.raises(RuntimeError, match="cleanup failed"):
             cli.serve(config)
+
+
+@pytest.mark.parametrize("abandoned", [True, False])
+def test_serve_that_cannot_bind_does_not_wait_for_a_training(
+        abandoned: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`aquila serve` that cannot bind its port (another process holds it) exits with code 1.
+    The start had opened the collections by then, and one not trained yet starts its training
+    at the open: the bind error returned from `serve`, and Python's exit then waited for the
+    training's thread (k-means, an hour at 10M vectors) before the process ended."""
+    from aquila.node import cli
+
+    config = _serve_whose_run(monkeypatch, tmp_path, OSError(98, "Address already in use"),
+                              abandoned)
+    if abandoned:
+        with pytest.raises(SystemExit) as stop:
+            cli.serve(config)
+        assert stop.value.code == 1
+    else:
+        assert cli.serve(config) == 1
+    assert "Address already in use" in capsys.readouterr().err
