@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from typing import Any
 
 import pytest
 
@@ -44,8 +45,8 @@ async def test_a_callback_that_blocks_the_loop_is_seen() -> None:
     assert len(holds.held) == 1 and "held the loop for" in holds.held[0], holds.held
 
 
-async def test_the_collectors_time_is_left_out() -> None:
-    loop = asyncio.get_running_loop()
+def _garbage_collector() -> tuple[list[float], Any]:
+    """A million cycles made garbage, and a call that collects them, noting how long it took."""
     garbage = [_Cycle() for _ in range(1_000_000)]
     del garbage
     spent: list[float] = []
@@ -55,6 +56,12 @@ async def test_the_collectors_time_is_left_out() -> None:
         gc.collect()
         spent.append(time.perf_counter() - t0)
 
+    return spent, collect
+
+
+async def test_the_collectors_time_is_left_out() -> None:
+    loop = asyncio.get_running_loop()
+    spent, collect = _garbage_collector()
     with LoopHolds(loop, lambda: 0.1) as holds:
         await _one_callback(collect)
     assert spent[0] > 0.1, "the collection was too quick to show anything; make more garbage"
@@ -81,14 +88,7 @@ async def test_a_collection_on_another_thread_does_not_hide_the_loops_work() -> 
     import threading
 
     loop = asyncio.get_running_loop()
-    garbage = [_Cycle() for _ in range(1_000_000)]
-    del garbage
-    spent: list[float] = []
-
-    def collect() -> None:
-        t0 = time.perf_counter()
-        gc.collect()
-        spent.append(time.perf_counter() - t0)
+    spent, collect = _garbage_collector()
 
     def work_beside_a_collection() -> None:
         t = threading.Thread(target=collect)
