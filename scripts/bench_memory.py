@@ -278,6 +278,34 @@ async def restart_after(s: aiohttp.ClientSession, node: Node, sig: signal.Signal
             "first_search_s": round(time.perf_counter() - t0, 2)}
 
 
+def faiss_round(index: Any, q: np.ndarray, nprobe: int, threads: int, seconds: float
+                ) -> dict[str, Any]:
+    """Single-query searches per second of the node's own index, `threads` threads each with
+    OpenMP at one thread (the node's search threads' setting), as the node calls it."""
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    done = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def run(t: int) -> None:
+        faiss.omp_set_num_threads(1)  # OpenMP's setting is per thread
+        i = t
+        while time.perf_counter() < stop:
+            index.search(q[i % len(q): i % len(q) + 1], K, params=params)
+            i += threads
+            done[t] += 1
+
+    ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    wall = time.perf_counter() - t0
+    return {"qps": round(sum(done) / wall),
+            "cpu_per_query_us": round((time.process_time() - c0) / max(1, sum(done)) * 1e6)}
+
+
 def faiss_qps(index_path: Path, shards: int, q: np.ndarray, nprobe: int, seconds: float,
               threads: int = 2) -> tuple[float, float]:
     """The node's own index (its snapshot, read with the node's loader: the same lists, the
@@ -289,26 +317,9 @@ def faiss_qps(index_path: Path, shards: int, q: np.ndarray, nprobe: int, seconds
     if loaded is None:
         raise RuntimeError(f"{index_path}: the node's snapshot did not load")
     index = loaded[0].index
-    params = faiss.SearchParametersIVF(nprobe=nprobe)
-    done = [0] * threads
-    stop = time.perf_counter() + seconds
-
-    def run(t: int) -> None:
-        faiss.omp_set_num_threads(1)
-        i = t
-        while time.perf_counter() < stop:
-            index.search(q[i % len(q): i % len(q) + 1], K, params=params)
-            i += threads
-            done[t] += 1
-
-    ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-    t0 = time.perf_counter()
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
+    qps = faiss_round(index, q, nprobe, threads, seconds)["qps"]
     code_size = int(faiss.extract_index_ivf(index).code_size)
-    return sum(done) / (time.perf_counter() - t0), code_size + 8
+    return qps, code_size + 8
 
 
 async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.ndarray,

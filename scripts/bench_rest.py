@@ -39,17 +39,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import faiss
 import numpy as np
 import orjson
 from bench_common import COLLECTION, log
-from bench_memory import clustered, ingest, load_avg, wait_settled
+from bench_memory import clustered, faiss_round, ingest, load_avg, wait_settled
 from bench_node import Node, call, cpu_seconds_of, thread_cpu_of, wait_ready
 from bench_profile import pyspy_exe, summarise_collapsed
 from wrkload import run_wrk, write_bodies
@@ -217,34 +215,6 @@ async def rest_round(run: Running, bodies: Path, seconds: float, work: Path,
             out["profile"] = summary
             out["profile_raw"] = str(raw)
     return out
-
-
-def faiss_round(index: Any, q: np.ndarray, nprobe: int, threads: int, seconds: float
-                ) -> dict[str, Any]:
-    """Single-query searches per second of the node's own index, `threads` threads each with
-    OpenMP at one thread (the node's search threads' setting), as the node calls it."""
-    params = faiss.SearchParametersIVF(nprobe=nprobe)
-    done = [0] * threads
-    stop = time.perf_counter() + seconds
-
-    def run(t: int) -> None:
-        faiss.omp_set_num_threads(1)  # OpenMP's setting is per thread
-        i = t
-        while time.perf_counter() < stop:
-            index.search(q[i % len(q): i % len(q) + 1], K, params=params)
-            i += threads
-            done[t] += 1
-
-    ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    wall = time.perf_counter() - t0
-    return {"qps": round(sum(done) / wall),
-            "cpu_per_query_us": round((time.process_time() - c0) / max(1, sum(done)) * 1e6)}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
