@@ -84,10 +84,13 @@ async def test_memtables_of_all_stores_stay_within_their_share_of_the_budget(
                 fill(s, lo, 500)
 
         def within() -> bool:
-            return sum(s.memory_bytes()["memtables"] for s in stores) <= 9 * MIB
+            # What is charged to the cache follows the memtables with a lag (the write
+            # buffer manager gives its reservation back in steps, after a flush).
+            return (sum(s.memory_bytes()["memtables"] for s in stores) <= 9 * MIB
+                    and memory.memtables() <= 10 * MIB)
 
-        await wait_for(within, timeout_s=20, what="memtables within 8 MiB and a write")
-        assert memory.memtables() <= 10 * MIB  # what is charged follows
+        await wait_for(within, timeout_s=20,
+                       what="memtables, and what is charged for them, within 8 MiB and a write")
     finally:
         for s in stores:
             s.close()
