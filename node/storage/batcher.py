@@ -9,6 +9,7 @@ Up to `parallel` batches run at once, one per search thread.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -27,6 +28,22 @@ class _Pending(Generic[R]):
 
 
 RunBatch = Callable[[Hashable, np.ndarray, int], Awaitable[list[R]]]
+
+
+def weakly(method: RunBatch[R]) -> RunBatch[R]:
+    """An object's bound method, called through a weak reference: a batcher that the object
+    holds does not hold it in turn. Held strongly, the pair is a reference cycle, which only
+    the collector's next full pass frees: a dropped collection kept its index (gigabytes)
+    until then."""
+    ref = weakref.WeakMethod(method)  # type: ignore[arg-type]
+
+    async def run(key: Hashable, queries: np.ndarray, k: int) -> list[R]:
+        bound = ref()
+        if bound is None:
+            raise RuntimeError("searched after its owner was freed")
+        return await bound(key, queries, k)
+
+    return run
 
 
 class SearchBatcher(Generic[R]):

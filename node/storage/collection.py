@@ -36,7 +36,7 @@ from aquila.cluster.model.recall import share_top
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import TMP_SUFFIX, remove_stale_temps, write_atomic
-from aquila.node.storage.batcher import SearchBatcher
+from aquila.node.storage.batcher import SearchBatcher, weakly
 from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist
 from aquila.node.storage.locks import RWLock
@@ -167,12 +167,12 @@ class Collection:
         self._queue: collections.deque[_Queued] = collections.deque()  # writes to make durable
         self._driver: asyncio.Task[None] | None = None
         self._batcher: SearchBatcher[list[Hit]] = SearchBatcher(
-            self._run_batch, max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
+            weakly(self._run_batch), max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
         # Filtered searches batch by filter too: one plan and one FAISS call per group of
         # shards for every concurrent search with the same filter.
         self._filtered: SearchBatcher[tuple[list[Hit], list[dict[str, Any]]]] = SearchBatcher(
-            self._run_filtered, max_rows=tuning.search_batch_rows,
+            weakly(self._run_filtered), max_rows=tuning.search_batch_rows,
             parallel=tuning.search_parallel,
         )
         self.groups = GroupCache(max_bytes=tuning.filter_group_bytes)

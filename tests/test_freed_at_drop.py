@@ -1,0 +1,48 @@
+"""A dropped collection is freed at its drop, its index with it, not at the garbage
+collector's next full pass (which an idle node may not make for a long time): nothing it
+holds holds it back in a reference cycle. Its search batchers held its bound methods."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aquila.cluster.model.filters import parse_filter
+from aquila.node.blocking import Blocking
+from aquila.node.storage.collection import Tuning
+from aquila.node.storage.engine import Engine
+from tests.small_ivf import SPEC, doc
+
+
+@pytest.fixture
+def no_collector() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("no_collector")
+async def test_a_dropped_collection_is_freed_at_once(tmp_path: Path, blocking: Blocking) -> None:
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        await coll.write({0: [doc(i) for i in range(150)]})
+        rows = await coll.search(np.stack([doc(i).vector for i in range(3)]), 1, 4)
+        assert [r[0].id for r in rows] == ["d0", "d1", "d2"]
+        flt = parse_filter({"must": [{"key": "g", "match": 3}]})
+        assert await coll.search(np.stack([doc(0).vector]), 1, 4, flt) == [[]]
+        gone, index = weakref.ref(coll), weakref.ref(coll.index)
+        del coll, rows
+        await engine.drop("s")
+        assert gone() is None and index() is None
+    finally:
+        await engine.close()
