@@ -4,6 +4,7 @@ holds holds it back in a reference cycle. Its search batchers held its bound met
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 from collections.abc import Iterator
@@ -44,5 +45,23 @@ async def test_a_dropped_collection_is_freed_at_once(tmp_path: Path, blocking: B
         del coll, rows
         await engine.drop("s")
         assert gone() is None and index() is None
+    finally:
+        await engine.close()
+
+
+@pytest.mark.usefixtures("no_collector")
+async def test_a_dropped_shard_is_freed_at_once(tmp_path: Path, blocking: Blocking) -> None:
+    """Its live bitmap, digests and payload columns with it (a filter built them)."""
+    engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
+    await engine.start()
+    try:
+        spec = dataclasses.replace(SPEC, shards=2)
+        coll = await engine.ensure(spec, [0, 1], "u")
+        await coll.write({0: [doc(i) for i in range(50)], 1: [doc(i) for i in range(50, 100)]})
+        flt = parse_filter({"must": [{"key": "g", "match": 3}]})
+        assert await coll.search(np.stack([doc(0).vector]), 1, 4, flt) == [[]]
+        gone = weakref.ref(coll.shards[1])
+        await engine.drop_shard("s", 1)
+        assert 1 not in coll.shards and gone() is None
     finally:
         await engine.close()

@@ -113,7 +113,6 @@ class Shard:
         # One bit per label given, set while its document is live (packed, little-endian
         # bit order as `matches` lays bitmaps out).
         self.live = np.zeros(0, np.uint8)
-        self.meta = ShardMeta(self)
         # Anti-entropy digests of the records, kept current write by write (no scans), and
         # stored with every batch that changes them.
         self.digests = [0] * BUCKETS
@@ -127,6 +126,13 @@ class Shard:
         self.applied_seq = 0
         self._forgotten: dict[int, int] = {}  # purged digests' change, once durable
 
+
+    @property
+    def meta(self) -> ShardMeta:
+        """The live documents' metadata by label, read from the store (made on demand: kept,
+        it would hold the shard in a reference cycle, and a dropped shard, its bitmap and
+        payload columns with it, would wait for the collector's next full pass)."""
+        return ShardMeta(self)
     def load(self) -> None:
         """Counters and digests from the store (no scan of the records); the live bitmap
         follows from the index once it is loaded (`set_live`)."""
