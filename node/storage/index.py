@@ -39,6 +39,7 @@ from aquila.cluster.model.recall import (
 )
 from aquila.cluster.model.spec import CollectionSpec, pq_m
 from aquila.node.files import commit_file, stage_file
+from aquila.node.storage.label_arrays import capacity, widened
 
 # FAISS's bundled stubs lag its API (SearchParametersIVF keywords, DirectMap, ...).
 faiss: Any = _faiss
@@ -502,15 +503,13 @@ def _list_type(nlist: int) -> type[np.signedinteger[Any]]:
 
 def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray, nlist: int
          ) -> np.ndarray:
-    """`arr[labels] = values` on an array of list numbers defaulting to -1, grown to fit (by
-    a quarter at least: growth keeps pace with the labels given, not with a doubling)."""
+    """`arr[labels] = values` on an array of list numbers defaulting to -1, grown to fit
+    (`label_arrays`)."""
+    if arr is None:
+        arr = np.zeros(0, _list_type(nlist))
     need = int(labels.max()) + 1 if len(labels) else 0
-    if arr is None or need > len(arr):
-        size = max(need, (0 if arr is None else len(arr)) * 5 // 4, 16)
-        grown = np.full(size, -1, _list_type(nlist))
-        if arr is not None:
-            grown[: len(arr)] = arr
-        arr = grown
+    if need > len(arr):
+        arr = widened(arr, capacity(need, len(arr)), -1)
     arr[labels] = values
     return arr
 

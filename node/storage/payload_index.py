@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 
 from aquila.cluster.model.filters import Cond, Filter
+from aquila.node.storage.label_arrays import capacity, widened
 
 Path = tuple[str, ...]
 _MISSING = object()
@@ -52,10 +53,9 @@ def _eq_keys(v: Any, out: set[tuple[str, Any]]) -> None:
 class KeyIndex:
     """One metadata key, columnar: per label, the code of its scalar value (an int32 array,
     -1 for none) and its number (a float64 array, NaN for none, made at the key's first
-    number); codes name the distinct
-    values the live documents hold. A value that is a list (it matches when any element
-    does) keeps its codes in a small dict by label: the only per-document objects, for list
-    values only."""
+    number); codes name the distinct values the live documents hold. A value that is a list
+    (it matches when any element does) keeps its codes in a small dict by label: the only
+    per-document objects, for list values only."""
 
     def __init__(self) -> None:
         self.codes: dict[tuple[str, Any], int] = {}
@@ -72,10 +72,7 @@ class KeyIndex:
 
     def _fit(self, label: int) -> None:
         if label >= len(self.code):
-            size = max(label + 1, len(self.code) * 5 // 4, 64)
-            code = np.full(size, -1, np.int32)
-            code[: len(self.code)] = self.code
-            self.code = code
+            self.code = widened(self.code, capacity(label + 1, len(self.code)), -1)
             if len(self.num):
                 self._fit_numbers()
 
@@ -83,9 +80,7 @@ class KeyIndex:
         """The numbers' column, as long as the codes': made at the key's first number only,
         so that a key of strings costs 4 bytes a label, not 12."""
         if len(self.num) < len(self.code):
-            num = np.full(len(self.code), np.nan, np.float64)
-            num[: len(self.num)] = self.num
-            self.num = num
+            self.num = widened(self.num, len(self.code), np.nan)
 
     def _code(self, key: tuple[str, Any]) -> int:
         """The code of `key`, with one more holder."""

@@ -31,6 +31,7 @@ from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.storage.index import LABEL_BITS, global_key, global_keys, prepare
+from aquila.node.storage.label_arrays import capacity, widened
 from aquila.node.storage.matches import (
     DEFAULT_CAPACITY,
     MatchSet,
@@ -172,9 +173,7 @@ class Shard:
             return
         need = (int(labels.max()) >> 3) + 1
         if need > len(self.live):
-            grown = np.zeros(max(need, len(self.live) * 5 // 4, 64), np.uint8)
-            grown[: len(self.live)] = self.live
-            self.live = grown
+            self.live = widened(self.live, capacity(need, len(self.live)), 0)
         bit = np.uint8(1) << (labels & 7).astype(np.uint8)
         if on:
             np.bitwise_or.at(self.live, labels >> 3, bit)
