@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -292,7 +292,7 @@ class Collection:
             async with self._exclusive():
                 # To its end when cancelled, as a drop (see `drop_shard`): its vectors in the
                 # index and the shard not held would outlive it.
-                await _to_the_end(asyncio.ensure_future(self._take_locked(shard)))
+                await _to_the_end(self._take_locked(shard))
 
     async def _take_locked(self, shard: Shard) -> None:
         ops = shard.changes_after(0)
@@ -315,7 +315,7 @@ class Collection:
             # Cancelled (a stop during a move), the drop goes on to its end under the locks:
             # its threads cannot be stopped, and the close's snapshot would write the index
             # while one of them removed the shard's vectors from it.
-            await _to_the_end(asyncio.ensure_future(self._drop_locked(s)))
+            await _to_the_end(self._drop_locked(s))
 
     async def _drop_locked(self, s: int) -> None:
         # The snapshot holds the shard's vectors by label: were it taken again (labels
@@ -402,8 +402,8 @@ class Collection:
                         # Cancelled (a close), the thread goes on: waited for, so that the
                         # close does not close the store under it (rocksdict refuses a close
                         # during the WAL's fsync: "Already borrowed", the store left open).
-                        ops = await _to_the_end(asyncio.ensure_future(self.blocking.write(
-                            self._write_sync, [q.by_shard for q in group])))
+                        ops = await _to_the_end(self.blocking.write(
+                            self._write_sync, [q.by_shard for q in group]))
                     except Exception as exc:
                         for q in group:
                             q.settle(exc)
@@ -459,8 +459,7 @@ class Collection:
         """The group's index updates (apply_lock is held, taken by the driver)."""
         try:
             async with self.rw.write():  # a close waits for the index to be left whole
-                await _to_the_end(asyncio.ensure_future(
-                    self.blocking.write(self._apply_all_sync, ops)))
+                await _to_the_end(self.blocking.write(self._apply_all_sync, ops))
         except Exception as exc:
             log.exception("%s: a durable write did not reach the index", self.spec.name)
             for q in group:  # durable, but the index did not follow: the writers hear of it
@@ -594,7 +593,7 @@ class Collection:
         try:
             # Its thread waited for to its end: the close waits for this purge, and a store
             # closed under the iterator stays open (and its folder locked) until it is let go.
-            ids, least = await _to_the_end(asyncio.ensure_future(self.blocking.write(scan)),
+            ids, least = await _to_the_end(self.blocking.write(scan),
                                            cancelled.set)
             purged = waiting = 0
             if ids and shard in self.shards and not self.closed:
@@ -602,8 +601,8 @@ class Collection:
                     # Cancelled, the locks are kept until its thread ends: a write let in
                     # meanwhile (of a purged id, its label taken again) was removed by the
                     # purge's batch, read before it.
-                    purged, waiting = await _to_the_end(asyncio.ensure_future(
-                        self.blocking.write(self._purge_sync, shard, before, ids, stop)),
+                    purged, waiting = await _to_the_end(
+                        self.blocking.write(self._purge_sync, shard, before, ids, stop),
                         cancelled.set)
         finally:
             noted = self._deletes_since_scan.pop(shard, -math.inf)
@@ -723,8 +722,8 @@ class Collection:
             # Cancelled (a hedge that lost, a deadline), the read lock is kept until the
             # thread ends: a write let in meanwhile reached the cached match sets before the
             # thread cached the one it had evaluated without the write.
-            return await _to_the_end(asyncio.ensure_future(
-                self.blocking.search(count_shards, self, shards, predicate)))
+            return await _to_the_end(
+                self.blocking.search(count_shards, self, shards, predicate))
 
     async def scroll(
         self, shard: int, after: str | None, limit: int,
@@ -733,8 +732,8 @@ class Collection:
         """A page of the shard's live documents in id order (see `paging.scroll_shard`)."""
         self._have([shard])
         async with self.rw.read():  # to the thread's end, as a count's
-            return await _to_the_end(asyncio.ensure_future(self.blocking.search(
-                scroll_shard, self, shard, after, limit, predicate, with_vectors)))
+            return await _to_the_end(self.blocking.search(
+                scroll_shard, self, shard, after, limit, predicate, with_vectors))
 
     def _have(self, shards: Iterable[int]) -> None:
         absent = [s for s in shards if s not in self.shards]
@@ -846,7 +845,7 @@ class Collection:
         """Train in the background while the current index serves; swap it in under the
         write mutex after replaying the writes that came meanwhile."""
         try:
-            upto = {s: sh.applied_seq for s, sh in self.shards.items()}
+            upto = self._applied()
             self._training_upto = upto
             # The shards themselves: one dropped and taken again meanwhile has the same
             # number but labels given afresh, which the new index would mistake for its own.
@@ -879,8 +878,7 @@ class Collection:
                 else:
                     # Not left half done by a close: it would snapshot the new index with
                     # positions saying it holds the writes the swap had still to replay.
-                    await _to_the_end(asyncio.ensure_future(
-                        self.blocking.write(self._swap_sync, new, mark)))
+                    await _to_the_end(self.blocking.write(self._swap_sync, new, mark))
                     log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
             del new
             # The old index's memory, freed by the swap, back to the system (outside locks);
@@ -900,6 +898,7 @@ class Collection:
         self._maybe_train()
 
     def _applied(self) -> dict[int, int]:
+        """Per shard held, the change-log position its index has applied up to."""
         return {s: sh.applied_seq for s, sh in self.shards.items()}
 
     def _catch_up_sync(self, new: VectorIndex, upto: dict[int, int]) -> None:
@@ -931,7 +930,7 @@ class Collection:
         return any(sh.applied_seq > self.snapshot_seqs.get(s, 0) for s, sh in self.shards.items())
 
     def _snapshot_sync(self) -> None:
-        covered = {s: sh.applied_seq for s, sh in self.shards.items()}
+        covered = self._applied()
         self.index.save(self.snap_path, covered)
         self.snapshot_seqs = covered
         self._saved = self.index
@@ -949,7 +948,7 @@ class Collection:
             if self.closed:
                 return
             async with self.rw.read():
-                covered = {s: sh.applied_seq for s, sh in self.shards.items()}
+                covered = self._applied()
                 index = self.index
                 stage = asyncio.ensure_future(
                     self.blocking.write(index.stage, self.snap_path, covered))
@@ -960,8 +959,8 @@ class Collection:
                         stage.result().unlink(missing_ok=True)
                     raise
             try:
-                await _to_the_end(asyncio.ensure_future(
-                    self.blocking.write(index.save, self.snap_path, covered, staged)))
+                await _to_the_end(
+                    self.blocking.write(index.save, self.snap_path, covered, staged))
             except BaseException:  # the commit failed (it cleans up after itself) or a close
                 staged.unlink(missing_ok=True)
                 raise
@@ -972,13 +971,15 @@ class Collection:
             await self.blocking.write(release_memory)
 
 
-async def _to_the_end(job: asyncio.Future[T], on_cancel: Callable[[], None] | None = None
+async def _to_the_end(work: Awaitable[T], on_cancel: Callable[[], None] | None = None
                       ) -> T:
-    """`job` (a thread's work) awaited; cancelled (a close), still waited for to its end
-    before the cancellation goes on (and the locks held are left): the thread cannot be
-    stopped, and what it does after the close returned clashed with the close's snapshot (an
-    index changing while it is written) or came after it (a snapshot written into the folder
-    of the collection's next incarnation). `on_cancel` tells the thread to cut short."""
+    """`work` (a thread's, or a coroutine awaiting one) awaited; cancelled (a close), still
+    waited for to its end before the cancellation goes on (and the locks held are left): the
+    thread cannot be stopped, and what it does after the close returned clashed with the
+    close's snapshot (an index changing while it is written) or came after it (a snapshot
+    written into the folder of the collection's next incarnation). `on_cancel` tells the
+    thread to cut short."""
+    job = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:
