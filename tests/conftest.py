@@ -259,9 +259,9 @@ async def event_loop_never_blocked(request: pytest.FixtureRequest) -> AsyncItera
     """Fail any async test during which one callback worked on the event loop for over
     `loop.slow_callback_duration` (0.5 s of CPU: FAISS, RocksDB or any slow work on the loop
     instead of a thread) or blocked it for three times that, garbage collection left out
-    (`tests/loop_guard.py`). The loop runs in debug
-    mode meanwhile (a loop method called from another thread raises). The gossip simulator,
-    which drives fifty nodes from the test's own coroutine, opts out."""
+    (`tests/loop_guard.py`). The loop runs in debug mode meanwhile (a loop method called from
+    another thread raises). The gossip simulator, which drives fifty nodes from the test's own
+    coroutine, opts out."""
     if request.node.get_closest_marker("simulation"):
         yield
         return

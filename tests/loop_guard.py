@@ -24,7 +24,6 @@ class CollectorTime:
     (it holds the GIL wherever it starts: every thread waits), and per thread (the one it
     ran on, whose CPU it cost)."""
 
-    seconds = 0.0
     by_thread: dict[int, float] = {}
     _started = 0.0
 
@@ -33,10 +32,12 @@ class CollectorTime:
         if phase == "start":
             cls._started = time.perf_counter()
         else:
-            took = time.perf_counter() - cls._started
-            cls.seconds += took
             me = threading.get_ident()
-            cls.by_thread[me] = cls.by_thread.get(me, 0.0) + took
+            cls.by_thread[me] = cls.by_thread.get(me, 0.0) + time.perf_counter() - cls._started
+
+    @classmethod
+    def everywhere(cls) -> float:
+        return sum(cls.by_thread.values())
 
     @classmethod
     def on_this_thread(cls) -> float:
@@ -50,10 +51,9 @@ class LoopHolds:
     """While entered, every callback of `loop` that held it too long is described in `held`:
     one that worked on it (the loop thread's CPU time) for longer than `limit()` seconds, or
     kept it from running for longer than `WALL_FACTOR * limit()` (a blocking call, a thread
-    holding the GIL), collection excluded from both (any thread's from the wall
-    time, the loop thread's own from its CPU). Wall time alone would take a busy
-    machine's preemption for work on the loop: CI shares 2 cores with multi-node tests and
-    trainings. `limit` is read at each callback, so a test may widen it for a stretch
+    holding the GIL), collection excluded from both (any thread's from the wall time, the
+    loop thread's own from its CPU). Wall time alone would take a busy machine's preemption
+    for work on the loop: CI shares 2 cores with multi-node tests and trainings. `limit` is read at each callback, so a test may widen it for a stretch
     (`loop.slow_callback_duration`)."""
 
     WALL_FACTOR = 3.0
@@ -74,12 +74,12 @@ class LoopHolds:
             if handle._loop is not self.loop:  # type: ignore[attr-defined]
                 return run(handle)
             t0, cpu0 = time.perf_counter(), time.thread_time()
-            gc0, own0 = CollectorTime.seconds, CollectorTime.on_this_thread()
+            gc0, own0 = CollectorTime.everywhere(), CollectorTime.on_this_thread()
             try:
                 return run(handle)
             finally:
                 # Any thread's collection stopped the loop; only its own cost it CPU.
-                wall = time.perf_counter() - t0 - (CollectorTime.seconds - gc0)
+                wall = time.perf_counter() - t0 - (CollectorTime.everywhere() - gc0)
                 cpu = time.thread_time() - cpu0 - (CollectorTime.on_this_thread() - own0)
                 limit = self.limit()
                 if cpu > limit or wall > self.WALL_FACTOR * limit:
