@@ -49,11 +49,16 @@ REFINE_PER_LIST = 32
 REFINE_ROUNDS = 3
 
 
-def _kmeans(x: np.ndarray, k: int, cp: Any, metric: int) -> np.ndarray:
-    """k centroids of the rows of x by FAISS's k-means, with the IVF index's parameters."""
-    clus = faiss.Clustering(x.shape[1], k, cp)
-    clus.train(np.ascontiguousarray(x), faiss.IndexFlat(x.shape[1], metric))
-    out: np.ndarray = faiss.vector_to_array(clus.centroids).reshape(k, x.shape[1])
+def _kmeans(x: np.ndarray, k: int, cp: Any, metric: int,
+            start: np.ndarray | None = None) -> np.ndarray:
+    """k centroids of the rows of x by FAISS's k-means with these parameters, from the
+    centroids `start` when given (else FAISS's own seeding)."""
+    d = x.shape[1]
+    clus = faiss.Clustering(d, k, cp)
+    if start is not None:
+        faiss.copy_array_to_vector(np.ascontiguousarray(start).ravel(), clus.centroids)
+    clus.train(np.ascontiguousarray(x), faiss.IndexFlat(d, metric))
+    out: np.ndarray = faiss.vector_to_array(clus.centroids).reshape(k, d)
     return out
 
 
@@ -61,15 +66,10 @@ def _refined(x: np.ndarray, centroids: np.ndarray, cp: Any, metric: int,
              rounds: int = 1) -> np.ndarray:
     """Rounds of flat k-means over x from these centroids (FAISS moves each to the mean of
     its points and splits the largest clusters into those left without any)."""
-    k, d = centroids.shape
     one = faiss.ClusteringParameters()
     one.niter, one.seed, one.spherical = rounds, cp.seed, cp.spherical
     one.min_points_per_centroid, one.max_points_per_centroid = 1, 1 << 30
-    clus = faiss.Clustering(d, k, one)
-    faiss.copy_array_to_vector(np.ascontiguousarray(centroids).ravel(), clus.centroids)
-    clus.train(np.ascontiguousarray(x), faiss.IndexFlat(d, metric))
-    out: np.ndarray = faiss.vector_to_array(clus.centroids).reshape(k, d)
-    return out
+    return _kmeans(x, len(centroids), one, metric, centroids)
 
 
 def shares(sizes: np.ndarray, total: int) -> np.ndarray:
