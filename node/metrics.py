@@ -53,7 +53,12 @@ class _Storage:
         rocks = GaugeMetricFamily("aquila_rocksdb_memory_bytes", "Memory RocksDB reports for "
                                   "the collection's store on this node, by kind",
                                   labels=["collection", "kind"])
+        labels = GaugeMetricFamily("aquila_labels", "The collection's labels on this node, by "
+                                   "kind (given: what the arrays over labels are sized by)",
+                                   labels=["collection", "kind"])
         for name, f in figures:
+            for kind, n in sorted(f.get("labels", {}).items()):
+                labels.add_metric([name, kind], n)
             docs.add_metric([name], f["documents"])
             vectors.add_metric([name], f["vectors"])
             for s in INDEX_STATES:
@@ -61,7 +66,7 @@ class _Storage:
             faiss.add_metric([name], f["faiss_bytes"])
             for kind, n in sorted(f["rocksdb_bytes"].items()):
                 rocks.add_metric([name, kind], n)
-        yield from (docs, vectors, state, faiss, rocks)
+        yield from (docs, vectors, state, faiss, rocks, labels)
 
 
 class _SearchPlans:

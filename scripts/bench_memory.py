@@ -87,6 +87,10 @@ async def memory_parts(session: aiohttp.ClientSession, url: str) -> dict[str, fl
             name, value = line.rsplit(" ", 1)
             kind = name.split('kind="')[1].split('"')[0] if 'kind="' in name else "faiss"
             out[kind] = out.get(kind, 0.0) + round(float(value) / 2**20, 1)
+        elif line.startswith("aquila_labels{"):  # counts, not MiB
+            name, value = line.rsplit(" ", 1)
+            kind = "labels_" + name.split('kind="')[1].split('"')[0]
+            out[kind] = out.get(kind, 0.0) + float(value)
     return out
 
 
@@ -456,11 +460,17 @@ async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     env = {"AQUILA_FSYNC": "true"}
     if args.rocksdb_memory_mib:
         env["AQUILA_ROCKSDB_MEMORY_MIB"] = str(args.rocksdb_memory_mib)
+    if args.tombstone_grace_s:
+        # Tombstones purged within the run (the default grace is a day): anti-entropy, which
+        # purges them, runs as often as the grace.
+        env["AQUILA_TOMBSTONE_GRACE_S"] = str(args.tombstone_grace_s)
+        env["AQUILA_ANTI_ENTROPY_INTERVAL_S"] = str(max(1.0, args.tombstone_grace_s))
     node = Node(root / "node", root / "node.log", env)
     (root / "node").mkdir()
     node.start()
     out: dict[str, Any] = {"live": args.churn_live, "dim": dim, "seconds": args.churn,
-                           "rocksdb_memory_mib": args.rocksdb_memory_mib or "default"}
+                           "rocksdb_memory_mib": args.rocksdb_memory_mib or "default",
+                           "tombstone_grace_s": args.tombstone_grace_s or "default"}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
             url = node.base_url
@@ -538,6 +548,9 @@ async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                        p99_ms_during=round(pct([ms for _, ms in during], 99), 2),
                        searches_per_s_during=round(len(during) / elapsed),
                        **churn_figures(series), series=series)
+            if series and "labels_given" in series[0]:
+                out.update(labels_given_first=series[0]["labels_given"],
+                           labels_given_last=series[-1]["labels_given"])
             rates = [r["deletes_per_s"] for r in series[1:]]
             if rates:
                 out["deletes_per_s_min_max"] = [min(rates), max(rates)]
@@ -559,6 +572,9 @@ def churn_table(r: dict[str, Any]) -> str:
         f"{r.get('rss_growth_after_first_minute')} (goal <= 0.10); over the first minute's "
         f"peak ({r.get('rss_mib_peak_first_minute')} MiB) "
         f"{r.get('rss_growth_over_first_minute_peak')}",
+        f"  labels given {r.get('labels_given_first')} at the start of the churn, "
+        f"{r.get('labels_given_last')} at its end (tombstone grace "
+        f"{r.get('tombstone_grace_s')} s)",
         f"  search p99 {r['p99_ms_during']} ms during churn "
         f"({r['searches_per_s_during']}/s), {r['p99_ms_at_rest']} ms at rest "
         f"({r['searches_per_s_at_rest']}/s)",
@@ -614,6 +630,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--churn-sample", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--churn-deletes", type=int, default=10**12,
                    help="end the churn once this many documents are deleted (or at --churn s)")
+    p.add_argument("--tombstone-grace-s", type=float, default=0.0,
+                   help="churn: the node's tombstone grace period and anti-entropy interval "
+                        "(0: the node's defaults, a day and 30 s: nothing purged in a run)")
     p.add_argument("--rocksdb-memory-mib", type=int, default=0,
                    help="the node's AQUILA_ROCKSDB_MEMORY_MIB (0: its default)")
     p.add_argument("--attach", type=int, default=0, metavar="PID",

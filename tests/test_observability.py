@@ -179,6 +179,8 @@ async def test_metrics_answer_questions(node: Node) -> None:
     assert value(after, "aquila_index_training_seconds_count", collection="m") >= 1
     assert value(after, "aquila_faiss_memory_bytes", collection="m") >= 200 * 4 * 4
     assert value(after, "aquila_rocksdb_memory_bytes", collection="m", kind="memtables") > 0
+    assert value(after, "aquila_labels", collection="m", kind="given") == 200
+    assert value(after, "aquila_labels", collection="m", kind="bitmap_bytes") > 0
     assert value(after, "aquila_members", state="alive") == 1
     for name in ("aquila_search_partial_total", "aquila_search_hedges_total",
                  "aquila_write_degraded_total", "aquila_hints_pending",

@@ -643,7 +643,15 @@ class Collection:
         """What /metrics shows of this collection on this node (cheap: no I/O)."""
         return {"documents": self.count(), "vectors": self.index.ntotal,
                 "index_state": self.state, "faiss_bytes": self.index.memory_bytes(),
-                "rocksdb_bytes": self.store.memory_bytes()}
+                "rocksdb_bytes": self.store.memory_bytes(), "labels": self.label_figures()}
+
+    def label_figures(self) -> dict[str, int]:
+        """Over the local shards, the labels given (what the arrays over labels are sized
+        by: the live bitmap, the IVF label-to-list map, the filter columns) and the bytes
+        of the live bitmaps."""
+        shards = list(self.shards.values())
+        return {"given": sum(sh.next_label - 1 for sh in shards),
+                "bitmap_bytes": sum(len(sh.live) for sh in shards)}
 
     def index_info(self) -> dict[str, Any]:
         """The index's shape and its recall curve (what a search by `recall` chooses from):
