@@ -25,7 +25,7 @@ from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import VectorIndex, global_keys
-from aquila.node.storage.store import Store, label_key
+from aquila.node.storage.store import LAYOUT, Store, label_key
 from aquila.node.storage.training import compacted
 from tests.conftest import wait_for
 
@@ -158,7 +158,7 @@ async def test_a_store_of_the_old_layout_is_upgraded_once(tmp_path: Path, blocki
     engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
     await engine.start()
     coll = engine.get("c")
-    assert coll.store.layout() == 2
+    assert coll.store.layout() == LAYOUT
     for s, shard in coll.shards.items():
         assert shard.digests == want[s]
     rows = await coll.search(rng.standard_normal((3, DIM)).astype(np.float32), 200, None)

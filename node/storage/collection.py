@@ -225,10 +225,11 @@ class Collection:
         if self.store.get_meta() is None:
             self.store.put_meta(orjson.dumps(self.spec.to_json()))
             self.store.put_layout()
-        elif self.store.layout() < LAYOUT:
-            for s in sorted(self.store.shards_present() & set(shards)):
-                log.info("%s: upgrading shard %d's keys (once)", self.spec.name, s)
-                Shard.upgrade(self.store, s)
+        elif (layout := self.store.layout()) < LAYOUT:
+            if layout < 2:  # 2 → 3 adds the free labels' keys: none to write (see store)
+                for s in sorted(self.store.shards_present() & set(shards)):
+                    log.info("%s: upgrading shard %d's keys (once)", self.spec.name, s)
+                    Shard.upgrade(self.store, s)
             self.store.put_layout()
         # The keys of a shard not recorded as held are what a crash in the middle of a drop
         # left (see `drop_shard`): garbage, never read.
@@ -477,7 +478,7 @@ class Collection:
     def _write_sync(self, group: list[dict[int, list[Incoming]]]) -> list[dict[int, IndexOps]]:
         batch = WriteBatch()
         touched = {s for by_shard in group for s in by_shard}
-        before = {s: (self.shards[s].next_seq, self.shards[s].next_label) for s in touched}
+        before = {s: self.shards[s].mark() for s in touched}
         try:
             ops = [{s: self.shards[s].prepare_writes(docs, batch) for s, docs in by_shard.items()}
                    for by_shard in group]
@@ -488,8 +489,8 @@ class Collection:
                 for s, x in o.items():
                     self.shards[s].durable(x)
         except BaseException:
-            for s, (seq, label) in before.items():
-                self.shards[s].rollback(seq, label)
+            for s, mark in before.items():
+                self.shards[s].rollback(mark)
             raise
         return ops
 

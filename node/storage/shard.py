@@ -6,7 +6,10 @@ themselves live in the collection's node-wide index (`node.storage.index`), unde
 Nothing here is held per document but one bit per label given (the live bitmap): ids and
 metadata are read from the store when a search returns them (`node.storage.search`), so a
 deleted document costs nothing in memory once its delete is durable, and a start reads the
-counters and digests (kept in the store, written with every batch) instead of every record.
+counters, digests and free labels (kept in the store, written with every batch) instead of
+every record. A purged tombstone's label goes back to the shard's free labels, and a new
+document takes a free label before a new one is minted: the labels given (and every array
+over them) stay bounded by the peak of the labels in use, whatever the churn.
 
 Invariants: every live document of the shard (and nothing else of it) is in the index under
 its key, and its bit is set, once every change up to `applied_seq` has been applied; the
@@ -31,7 +34,7 @@ from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.storage.index import LABEL_BITS, global_key, global_keys, prepare
-from aquila.node.storage.label_arrays import capacity, widened
+from aquila.node.storage.label_arrays import FreeLabels, capacity, widened
 from aquila.node.storage.matches import (
     DEFAULT_CAPACITY,
     MatchSet,
@@ -48,6 +51,7 @@ from aquila.node.storage.store import (
     WriteBatch,
     change_key,
     doc_key,
+    free_key,
     label_key,
 )
 
@@ -126,6 +130,9 @@ class Shard:
         self.count = 0
         self.applied_seq = 0
         self._forgotten: dict[int, int] = {}  # purged digests' change, once durable
+        # Labels of purged tombstones, given again before new ones are minted.
+        self.free = FreeLabels()
+        self._freed = np.zeros(0, np.int64)  # the labels a staged purge frees, once durable
 
 
     @property
@@ -139,6 +146,7 @@ class Shard:
         follows from the index once it is loaded (`set_live`)."""
         self.next_seq, self.next_label, self.count = self.store.counters(self.shard)
         self.digests = self.store.digests(self.shard, BUCKETS)
+        self.free = FreeLabels(self.store.free_labels(self.shard))
         self.live = np.zeros(0, np.uint8)
         self.payload = PayloadIndex()
         self.filters.clear()
@@ -263,6 +271,8 @@ class Shard:
         put, delete = batch.raw_put, batch.raw_delete
         pack_seq = _U64.pack
         label_prefix = label_key(shard, 0)[:3]
+        free_prefix = free_key(shard, 0)[:3]
+        free = self.free
         old_meta = ops.old_meta
         writers: dict[str, bytes] = {}
         digest_delta = ops.digest_delta
@@ -280,6 +290,9 @@ class Shard:
                 was_live = not old.tombstone
                 if was_live:
                     old_meta[label] = old.metadata
+            elif free:
+                label = free.take()
+                delete(free_prefix + pack_seq(label))
             else:
                 label = next_label
                 next_label += 1
@@ -350,9 +363,15 @@ class Shard:
                 continue
             # A delete of an unknown id is still recorded as a tombstone: a replica may see
             # the delete before the write it deletes, which must then lose to it.
-            label = old.label if old is not None else self.next_label
-            if old is None:
+            if old is not None:
+                label = old.label
+            elif self.free:
+                label = self.free.take()
+                batch.take_free(self.shard, label)
+            else:
+                label = self.next_label
                 self.next_label += 1
+            if old is None:
                 batch.put_label(self.shard, label, doc.id.encode())
             elif doc.id not in staged and not old.tombstone:  # live before this batch
                 ops.old_meta[label] = old.metadata
@@ -424,14 +443,23 @@ class Shard:
         for b, x in delta.items():
             batch.put_digest(self.shard, b, self.digests[b] ^ x)
         self._forgotten = delta
+        self._freed = np.fromiter((rec.label for _, rec in gone), np.int64, len(gone))
 
     def forgotten(self) -> None:
+        """The purge's batch is durable: its digests move, its labels are free to give."""
         for b, x in self._forgotten.items():
             self.digests[b] ^= x
         self._forgotten = {}
+        self.free.put(self._freed)
+        self._freed = np.zeros(0, np.int64)
 
-    def rollback(self, seq: int, label: int) -> None:
-        self.next_seq, self.next_label = seq, label
+    def mark(self) -> tuple[int, int, int]:
+        """What `rollback` returns to: the counters and the free labels before a write."""
+        return self.next_seq, self.next_label, self.free.mark()
+
+    def rollback(self, mark: tuple[int, int, int]) -> None:
+        self.next_seq, self.next_label, free = mark
+        self.free.restore(free)
 
     def applied(self, ops: IndexOps) -> None:
         """Record that `ops` reached the index (the count moved when it was made durable)."""

@@ -11,10 +11,18 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
     b"L" shard label(u64 BE)      -> id: every label given and not purged (tombstones' too)
     b"G" shard bucket(u16 BE)     -> the anti-entropy digest of the bucket (16 bytes), written
                                      in the batch of every change to the bucket
-    b"F"                          -> the layout's version (absent: 1, before L and G existed)
+    b"R" shard label(u64 BE)      -> empty: a label free to give again (its tombstone purged),
+                                     written in the purge's batch, deleted in the batch of the
+                                     write that takes it
+    b"F"                          -> the layout's version (absent: 1, before L and G existed;
+                                     2 before R: the labels purged then are never given again)
 
 A document's label is a stable int64 within its shard, kept for its whole life (tombstone
-included), so updates and deletes remove exactly the old vector from the index. Nothing per
+included), so updates and deletes remove exactly the old vector from the index. A purged
+tombstone's label is given again to a later new document: labels in use (live documents and
+tombstones) stay below the peak of their number, and so do the arrays over labels in memory.
+A purge only takes tombstones whose delete the snapshot covers (`Collection._purge_sync`), so
+no index a restart loads holds the old vector under a label given again. Nothing per
 document is held in memory: a search reads its hits' ids (L) and records (D) here, through
 the block cache, and a start reads the counters and digests of each shard, not its records.
 """
@@ -59,8 +67,8 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
 # The tags of the keys that belong to one shard.
-_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G")
-LAYOUT = 2
+_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G", b"R")
+LAYOUT = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +125,10 @@ def label_key(shard: int, label: int) -> bytes:
     return _shard_key(b"L", shard) + _U64.pack(label)
 
 
+def free_key(shard: int, label: int) -> bytes:
+    return _shard_key(b"R", shard) + _U64.pack(label)
+
+
 def digest_key(shard: int, bucket: int) -> bytes:
     return _shard_key(b"G", shard) + _U16.pack(bucket)
 
@@ -153,11 +165,17 @@ class WriteBatch:
         return delete
 
     def forget(self, shard: int, doc_id: str, rec: Record) -> None:
-        """Remove every trace of a document (a tombstone past its grace period)."""
+        """Remove every trace of a document (a tombstone past its grace period); its label
+        becomes free to give again."""
         self._wb.delete(doc_key(shard, doc_id))
         self._wb.delete(change_key(shard, rec.seq))
         self._wb.delete(label_key(shard, rec.label))
+        self._wb.put(free_key(shard, rec.label), b"")
         self.count += 1
+
+    def take_free(self, shard: int, label: int) -> None:
+        """A free label given to a new document (its label key is put apart)."""
+        self._wb.delete(free_key(shard, label))
 
     def put_label(self, shard: int, label: int, doc_id: bytes) -> None:
         self._wb.put(label_key(shard, label), doc_id)
@@ -470,6 +488,14 @@ class Store:
             label, tomb, meta = record_meta(raw)
             if not tomb:
                 yield label, meta
+
+    def free_labels(self, shard: int) -> np.ndarray:
+        """The shard's labels free to give again (int64, ascending): its R keys, one read
+        each (a start reads these, not the records)."""
+        prefix = _shard_key(b"R", shard)
+        n = len(prefix)
+        return np.fromiter((_U64.unpack_from(key, n)[0] for key, _ in self._scan(prefix)),
+                           np.int64)
 
     def counters(self, shard: int) -> tuple[int, int, int]:
         """(next seq, next label, live documents) of a shard."""
