@@ -26,13 +26,17 @@ import orjson
 from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
-from aquila.node.storage.collection import Tuning
+from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
+from aquila.node.storage.index import global_key
 from aquila.node.storage.store import Store
 
 SPEC = CollectionSpec("c", 4, "l2", 2, 1, IndexSpec("flat"))
 OTHER = CollectionSpec("other", 4, "ip", 1, 1, IndexSpec("flat"))
-SCENARIOS = ("create", "drop", "recreate", "drop_shard", "add_shard", "write_and_snapshot")
+SCENARIOS = ("create", "drop", "recreate", "drop_shard", "add_shard", "write_and_snapshot",
+             "purge", "reuse")
+# Tombstones below this version are purged by the purge scenarios.
+PURGE_BEFORE = 10
 
 
 def doc(i: int, version: int = 1) -> Incoming:
@@ -56,6 +60,11 @@ async def prepare(scenario: str, data: Path) -> None:
             coll = await engine.ensure(SPEC, shards, "u1")
             await coll.write({s: [doc(i) for i in range(s * 10, s * 10 + 6)] for s in shards})
             await coll.write({0: [Incoming("d1", None, b"", 2, "n1")]})
+            if scenario in ("purge", "reuse"):  # tombstones a snapshot covers
+                await coll.write({0: [Incoming(f"d{i}", None, b"", 2, "n1") for i in (2, 4)]})
+                await coll.snapshot()
+            if scenario == "reuse":  # their labels free
+                assert await coll.purge_tombstones(0, PURGE_BEFORE) == 3
         await engine.close()
     finally:
         blocking.close()
@@ -76,6 +85,12 @@ async def operate(scenario: str, engine: Engine) -> None:
         coll = engine.get("c")
         await coll.write({0: [doc(100), Incoming("d2", None, b"", 5, "n1")], 1: [doc(101)]})
         await coll.snapshot()
+    elif scenario == "purge":
+        assert await engine.get("c").purge_tombstones(0, PURGE_BEFORE) == 3
+    elif scenario == "reuse":  # new documents take the free labels, one more is minted
+        coll = engine.get("c")
+        await coll.write({0: [doc(i) for i in range(200, 204)]})
+        await coll.snapshot()
     else:
         raise ValueError(scenario)
 
@@ -83,7 +98,9 @@ async def operate(scenario: str, engine: Engine) -> None:
 async def observe(data: Path) -> dict[str, Any]:
     """What a restart finds: per collection its incarnation, its shards and their records,
     its index's size (which must equal its live documents), and the shards its store has
-    keys of (which must be the shards it holds)."""
+    keys of (which must be the shards it holds). Per shard too, its labels: each record's,
+    the free ones and the next to mint; every label below that is either a record's or free,
+    never both, and the index holds exactly the live records' labels."""
     blocking = Blocking(2)
     engine = engine_on(data, blocking)
     try:
@@ -97,13 +114,31 @@ async def observe(data: Path) -> dict[str, Any]:
                               for d in page]
             live = sum(not dead for rs in records.values() for _, _, dead, _ in rs)
             assert coll.count() == live == coll.index.ntotal, (name, coll.count(), live)
+            labels = {s: await blocking.write(_labels, coll, s) for s in sorted(coll.shards)}
+            indexed = sorted(coll.index.all_keys().tolist())
+            assert indexed == sorted(global_key(s, lab) for s, ls in labels.items()
+                                     for lab, dead in ls["records"].values() if not dead)
             present = await blocking.write(coll.store.shards_present)
             assert present <= set(coll.shards), (name, present, coll.shards)
-            out[name] = {"uid": coll.uid, "shards": sorted(coll.shards), "records": records}
+            out[name] = {"uid": coll.uid, "shards": sorted(coll.shards), "records": records,
+                         "labels": labels}
         await engine.close()
         return out
     finally:
         blocking.close()
+
+
+def _labels(coll: Collection, s: int) -> dict[str, Any]:
+    """A shard's labels as stored, checked against each other and against its memory."""
+    records = {d: (r.label, r.tombstone) for d, r in coll.store.iter_docs(s)}
+    free = coll.store.free_labels(s).tolist()
+    shard = coll.shards[s]
+    used = sorted(lab for lab, _ in records.values())
+    assert sorted(used + free) == list(range(1, shard.next_label)), (used, free)
+    assert sorted(shard.free.labels().tolist()) == free
+    assert coll.store.ids_of_labels(s, used) == [
+        d.encode() for d, _ in sorted(records.items(), key=lambda kv: kv[1][0])]
+    return {"records": records, "free": free, "next": shard.next_label}
 
 
 def count_steps(crash_at: int) -> list[str]:
