@@ -82,6 +82,7 @@ async def test_labels_stay_bounded_under_churn(tmp_path: Path, blocking: Blockin
               f"bytes, list map {len(coll.index.lists_of(0))} slots, filter column "
               f"{len(shard.payload.keys[('g',)].code)} slots")
         assert shard.next_label - 1 == 350
+        assert coll.label_figures() == {"given": 350, "free": 50, "bitmap_bytes": 64}
         assert set(sizes[1:]) == {sizes[1]}, sizes  # nothing grew after the second cycle
         assert max(max(sz[1] * 8, *sz[2:]) for sz in sizes) < 2 * 350
         assert coll.count() == coll.index.ntotal == 300

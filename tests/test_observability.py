@@ -180,6 +180,7 @@ async def test_metrics_answer_questions(node: Node) -> None:
     assert value(after, "aquila_faiss_memory_bytes", collection="m") >= 200 * 4 * 4
     assert value(after, "aquila_rocksdb_memory_bytes", collection="m", kind="memtables") > 0
     assert value(after, "aquila_labels", collection="m", kind="given") == 200
+    assert ("aquila_labels", frozenset({("collection", "m"), ("kind", "free")})) in after
     assert value(after, "aquila_labels", collection="m", kind="bitmap_bytes") > 0
     assert value(after, "aquila_members", state="alive") == 1
     for name in ("aquila_search_partial_total", "aquila_search_hedges_total",

@@ -648,10 +648,11 @@ class Collection:
 
     def label_figures(self) -> dict[str, int]:
         """Over the local shards, the labels given (what the arrays over labels are sized
-        by: the live bitmap, the IVF label-to-list map, the filter columns) and the bytes
-        of the live bitmaps."""
+        by: the live bitmap, the IVF label-to-list map, the filter columns), those of them
+        free to give again, and the bytes of the live bitmaps."""
         shards = list(self.shards.values())
         return {"given": sum(sh.next_label - 1 for sh in shards),
+                "free": sum(len(sh.free) for sh in shards),
                 "bitmap_bytes": sum(len(sh.live) for sh in shards)}
 
     def index_info(self) -> dict[str, Any]:
