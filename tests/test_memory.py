@@ -1,6 +1,7 @@
 """Memory bounded by the live documents (issue 14): a document upserted and then deleted
 costs nothing in the shard's Python state once the delete is durable (one bit of the live
-bitmap per label ever given aside); its tombstone lives in RocksDB, is purged after its grace
+bitmap per label given aside, a label given again once its tombstone is purged:
+tests/test_label_reuse.py); its tombstone lives in RocksDB, is purged after its grace
 period, and the digests stay those a scan of the records gives, before and after a restart.
 Start reads no record (the persisted bookkeeping rebuilds to exactly what a full scan gives)."""
 

@@ -497,7 +497,8 @@ class VectorIndex:
 
 def _list_type(nlist: int) -> type[np.signedinteger[Any]]:
     """The narrowest signed type for list numbers and -1: an array over every label a shard
-    ever gave (a deleted document's slot stays) costs 2 bytes a label up to 32,767 lists."""
+    has given (a deleted document's slot stays until its label is given again) costs 2 bytes
+    a label up to 32,767 lists."""
     return np.int16 if nlist < 2**15 else np.int32
 
 
