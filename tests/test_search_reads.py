@@ -19,8 +19,8 @@ from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import LABEL_BITS
-from aquila.node.storage.search import resolve
-from aquila.node.storage.store import Store
+from aquila.node.storage.search import label_keys, resolve
+from aquila.node.storage.store import Store, label_key
 from tests.datasets import load_sample
 
 N = 400
@@ -128,3 +128,10 @@ async def test_documents_deleted_since_the_index_answered_are_left_out(
     await coll.write({shard_of(i, SHARDS): [Incoming(i, None, b"", 2, "n")] for i in gone})
     rows = resolve(coll, scores, keys, False)  # the answers read before the delete
     assert _rows(rows) == [[h for h in row if h[0] not in gone] for row in _rows(before)]
+
+
+def test_label_keys_made_on_arrays_are_the_stores() -> None:
+    pairs = [(0, 1), (3, 255), (65535, (1 << LABEL_BITS) - 1), (7, 1 << 32)]
+    shards, labels = (np.array(x, np.int64) for x in zip(*pairs, strict=True))
+    assert label_keys(shards, labels) == [label_key(s, lab) for s, lab in pairs]
+    assert label_keys(shards[:0], labels[:0]) == []

@@ -120,6 +120,14 @@ def _local_hits(
 _LABEL_KEY = np.dtype([("tag", "S1"), ("shard", ">u2"), ("label", ">u8")])
 
 
+def label_keys(shards: np.ndarray, labels: np.ndarray) -> list[bytes]:
+    """`store.label_key` of each (shard, label), made on arrays."""
+    packed = np.empty(len(labels), _LABEL_KEY)
+    packed["tag"], packed["shard"], packed["label"] = b"L", shards, labels
+    buf, size = packed.tobytes(), _LABEL_KEY.itemsize
+    return [buf[i : i + size] for i in range(0, len(buf), size)]
+
+
 def _read_documents(
     store: Store, keys: np.ndarray, with_vectors: bool
 ) -> tuple[list[str | None], list[bytes], list[bytes]]:
@@ -129,11 +137,8 @@ def _read_documents(
     n = len(keys)
     shards = keys >> LABEL_BITS
     labels = keys & _MASK
-    packed = np.empty(n, _LABEL_KEY)
-    packed["tag"], packed["shard"], packed["label"] = b"L", shards, labels
-    buf, size = packed.tobytes(), _LABEL_KEY.itemsize
     # Ascending global keys are ascending label keys: the multi-get's input is sorted.
-    found = store.raw_records([buf[i : i + size] for i in range(0, n * size, size)])
+    found = store.raw_records(label_keys(shards, labels))
     prefix = {s: doc_key(s, "") for s in set(shards.tolist())}
     wanted = [(u, prefix[s] + doc_id) for u, (s, doc_id)
               in enumerate(zip(shards.tolist(), found, strict=True)) if doc_id is not None]
