@@ -211,6 +211,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 prof = await profile_pids(pids, args.profile, root, one_pass)
                 keep = (args.out or Path("bench-batch.json")).parent
                 for name, summary in prof.items():
+                    if not isinstance(summary, dict):  # {"error": why}: no profile
+                        continue
                     kept = keep / f"pyspy-batch-{name}.txt"
                     shutil.copy(root / f"pyspy-{name}.txt", kept)
                     log(f"py-spy {name}: {summary['samples']} samples ({kept}); self:")

@@ -166,6 +166,7 @@ class Collection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._queue: collections.deque[_Queued] = collections.deque()  # writes to make durable
         self._driver: asyncio.Task[None] | None = None
+        self._batches_running = 0  # unfiltered batches searching or waiting for the lock
         self._batcher: SearchBatcher[list[Hit]] = SearchBatcher(
             weakly(self._run_batch), max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
@@ -753,18 +754,26 @@ class Collection:
     async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[list[Hit]]:
         probe, wanted, with_vectors = key
         # A large batch (one request of many vectors, or many requests batched) is split
-        # over the search threads: FAISS runs single-threaded on each, and one request
-        # alone would otherwise leave the other cores idle.
-        parts = max(1, min(self.blocking.search_threads, len(q) // SPLIT_ROWS))
-        async with self.rw.read():
-            if parts == 1:
-                return await self.blocking.search(
-                    run_batch, self, q, k, probe, wanted, with_vectors)
-            # Every part ends before the read lock is left, a failed one too: the lock is
-            # what keeps index updates and swaps away from the parts still in FAISS.
-            got = await asyncio.gather(*(
-                self.blocking.search(run_batch, self, part, k, probe, wanted, with_vectors)
-                for part in np.array_split(q, parts)), return_exceptions=True)
+        # over the search threads that the collection's other batches leave free: FAISS
+        # runs single-threaded on each, and one request alone would otherwise leave the
+        # other cores idle. With every thread taken, a split gains nothing and costs CPU:
+        # each part is a FAISS call, two multi-gets and a wake-up of the loop more, and
+        # the parts scan memory at once.
+        free = self.blocking.search_threads - self._batches_running
+        parts = max(1, min(free, len(q) // SPLIT_ROWS))
+        self._batches_running += 1
+        try:
+            async with self.rw.read():
+                if parts == 1:
+                    return await self.blocking.search(
+                        run_batch, self, q, k, probe, wanted, with_vectors)
+                # Every part ends before the read lock is left, a failed one too: the lock
+                # is what keeps index updates and swaps away from the parts still in FAISS.
+                got = await asyncio.gather(*(
+                    self.blocking.search(run_batch, self, part, k, probe, wanted, with_vectors)
+                    for part in np.array_split(q, parts)), return_exceptions=True)
+        finally:
+            self._batches_running -= 1
         for rows in got:
             if isinstance(rows, BaseException):
                 raise rows

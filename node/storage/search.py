@@ -14,7 +14,7 @@ from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, prepare
 from aquila.node.storage.shard import Shard
-from aquila.node.storage.store import Record, Store, doc_key, label_key, record_meta
+from aquila.node.storage.store import Record, Store, doc_key, record_meta
 
 _MASK = (1 << LABEL_BITS) - 1
 
@@ -77,38 +77,89 @@ def resolve(
     """Index answers (best first, key -1 for none) to documents: their ids and records read
     from the store, a hit whose record is gone or a tombstone left out (deleted since: the
     index catches up right after). `rescore` (the prepared queries, k): the candidates are
-    scored again with their stored vectors, and the k best kept per query."""
-    shards = coll.shards
-    found: list[tuple[int, float, int, int]] = []  # row, score, shard, label
-    for r, (srow, krow) in enumerate(zip(scores.tolist(), keys.tolist(), strict=True)):
-        for score, key in zip(srow, krow, strict=True):
-            if key < 0:
-                break
-            if key >> LABEL_BITS in shards:
-                found.append((r, score, key >> LABEL_BITS, key & _MASK))
+    scored again with their stored vectors, and the k best kept per query.
+
+    The whole batch's hits are read together: each document once however many queries
+    found it, in key order (two multi-gets: ids by label, then records by id), and decoded
+    once; the hits are then made from what was read, per query in the index's order."""
     out: list[list[Hit]] = [[] for _ in range(len(scores))]
-    if not found:
+    rows, at, keys_u, of = _local_hits(coll, keys)
+    if not len(rows):
         return out
-    store = coll.store
-    ids = store.raw_records([label_key(s, lab) for _, _, s, lab in found])
-    raws = store.raw_records([doc_key(s, "") + i for (_, _, s, _), i in zip(found, ids,
-                                                                          strict=True)
-                              if i is not None])
-    it = iter(raws)
-    for (r, score, s, label), doc_id in zip(found, ids, strict=True):
-        if doc_id is None:
-            continue
-        raw = next(it)
-        if raw is None:
-            continue
-        own, tomb, meta = record_meta(raw)
-        if tomb or own != label:
-            continue
-        vec = Record.decode(raw).vector if with_vectors or rescore else b""
-        out[r].append(Hit(doc_id.decode(), score, meta, vec, s))
+    ids, metas, vecs = _read_documents(coll.store, keys_u, with_vectors or rescore is not None)
+    shard = (keys_u >> LABEL_BITS).tolist()
+    hit_scores = scores.reshape(-1)[at].tolist()
+    for r, u, score in zip(rows.tolist(), of.tolist(), hit_scores, strict=True):
+        doc_id = ids[u]
+        if doc_id is not None:
+            out[r].append(Hit(doc_id, score, metas[u], vecs[u], shard[u]))
     if rescore is not None:
         out = _rescored(coll.spec.metric, out, *rescore, with_vectors)
     return out
+
+
+def _local_hits(
+    coll: Searchable, keys: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The index's answers that are documents of local shards, in answer order (query by
+    query, best first; a row ends at its first -1): their queries, their positions in the
+    flattened answer, and the distinct keys among them (ascending) with, per hit, which."""
+    if not keys.size:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, empty
+    keys = np.asarray(keys, dtype=np.int64)
+    answered = np.cumprod(keys >= 0, axis=1, dtype=bool)  # up to the first -1 of each row
+    local = np.fromiter(coll.shards, np.int64, len(coll.shards))
+    keep = answered & np.isin(keys >> LABEL_BITS, local)
+    at = np.flatnonzero(keep)
+    keys_u, of = np.unique(keys.reshape(-1)[at], return_inverse=True)
+    return at // keys.shape[1], at, keys_u, of.reshape(-1)
+
+
+# A label key (`store.label_key`) as a numpy record: tag, shard, label; big-endian, packed.
+_LABEL_KEY = np.dtype([("tag", "S1"), ("shard", ">u2"), ("label", ">u8")])
+
+
+def label_keys(shards: np.ndarray, labels: np.ndarray) -> list[bytes]:
+    """`store.label_key` of each (shard, label), made on arrays."""
+    packed = np.empty(len(labels), _LABEL_KEY)
+    packed["tag"], packed["shard"], packed["label"] = b"L", shards, labels
+    buf, size = packed.tobytes(), _LABEL_KEY.itemsize
+    return [buf[i : i + size] for i in range(0, len(buf), size)]
+
+
+def _read_documents(
+    store: Store, keys: np.ndarray, with_vectors: bool
+) -> tuple[list[str | None], list[bytes], list[bytes]]:
+    """For each of these global keys (ascending, distinct): the document's id, or None when
+    its label no longer names a live document; its metadata; its vector (b"" unless
+    `with_vectors`)."""
+    n = len(keys)
+    shards = keys >> LABEL_BITS
+    labels = keys & _MASK
+    # Ascending global keys are ascending label keys: the multi-get's input is sorted.
+    found = store.raw_records(label_keys(shards, labels))
+    prefix = {s: doc_key(s, "") for s in set(shards.tolist())}
+    wanted = [(u, prefix[s] + doc_id) for u, (s, doc_id)
+              in enumerate(zip(shards.tolist(), found, strict=True)) if doc_id is not None]
+    raws = store.raw_records([key for _, key in wanted])
+    ids: list[str | None] = [None] * n
+    metas: list[bytes] = [b""] * n
+    vecs: list[bytes] = [b""] * n
+    label_of = labels.tolist()
+    for (u, _), raw in zip(wanted, raws, strict=True):
+        if raw is None:
+            continue
+        own, tomb, meta = record_meta(raw)
+        if tomb or own != label_of[u]:  # deleted, or the label was given again since
+            continue
+        doc_id = found[u]
+        assert doc_id is not None
+        ids[u] = doc_id.decode()
+        metas[u] = meta
+        if with_vectors:
+            vecs[u] = Record.decode(raw).vector
+    return ids, metas, vecs
 
 
 def _rescored(metric: str, rows: list[list[Hit]], q: np.ndarray, k: int, with_vectors: bool
