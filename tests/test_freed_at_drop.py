@@ -17,6 +17,7 @@ from aquila.cluster.model.filters import parse_filter
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
+from tests.conftest import wait_for
 from tests.small_ivf import SPEC, doc
 
 
@@ -41,6 +42,10 @@ async def test_a_dropped_collection_is_freed_at_once(tmp_path: Path, blocking: B
         assert [r[0].id for r in rows] == ["d0", "d1", "d2"]
         flt = parse_filter({"must": [{"key": "g", "match": 3}]})
         assert await coll.search(np.stack([doc(0).vector]), 1, 4, flt) == [[]]
+        # A training's thread holds its collection until it ends (a drop does not wait for
+        # it): the drop is measured once the training the writes started is in.
+        await wait_for(lambda: coll.index.trained and not coll.training, 60,
+                       what="the training")
         gone, index = weakref.ref(coll), weakref.ref(coll.index)
         del coll, rows
         await engine.drop("s")
