@@ -29,8 +29,17 @@ from typing import Any
 from bench_common import COLLECTION, log
 from bench_data import DEFAULT_DATA, Dataset, load_dataset
 from bench_load import create_collection, ingest_rr, wait_trained
-from bench_local_cluster import LocalCluster, maybe_reexec_in_netns, new_session, node_env
+from bench_local_cluster import (
+    PORT,
+    LocalCluster,
+    check_free,
+    host_of,
+    maybe_reexec_in_netns,
+    new_session,
+    node_env,
+)
 from bench_node import thread_cpu_of
+from bench_profile import profile_pids
 from wrkload import LUA_SCRIPT, MARKER, search_bodies, write_bodies
 
 IDLE_CORES = 0.05  # below this on every node, the cluster counts as idle
@@ -59,7 +68,7 @@ async def wait_idle(cluster: LocalCluster) -> list[float]:
 
 def run_wrk(url: str, bodies: Path, script: Path, seconds: int, connections: int) -> dict[str, int]:
     path = f"/v1/collections/{COLLECTION}/search"
-    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url + path,
+    cmd = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url + path,
            "--", str(bodies), path, "POST", "2", ""]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith(MARKER))
@@ -68,8 +77,25 @@ def run_wrk(url: str, bodies: Path, script: Path, seconds: int, connections: int
             "ok": sum(int(v) for k, v in raw["statuses"].items() if 200 <= int(k) < 300)}
 
 
-async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int) -> dict[str, Any]:
-    cluster = LocalCluster(root / f"c{size}", node_env(args.train_min))
+async def ports_free(size: int, limit_s: float = 120.0) -> None:
+    """Wait for the nodes' addresses of the last cluster to be free (a stopped node's socket
+    may linger a moment)."""
+    deadline = time.monotonic() + limit_s
+    for i in range(1, size + 1):
+        while True:
+            try:
+                check_free(host_of(i), PORT)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+
+async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int,
+                  env: dict[str, str] | None = None, tag: str = "") -> dict[str, Any]:
+    await ports_free(size)
+    cluster = LocalCluster(root / f"c{size}{tag}", {**node_env(args.train_min), **(env or {})})
     try:
         async with new_session(8) as session:
             await cluster.start(session, size)
@@ -97,7 +123,16 @@ async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int) 
             "load_before": load0, "load_after": os.getloadavg()[0], "per_node": per_node,
             "all_ms": sum(p["main_ms"] + p["other_ms"] for p in per_node),
         }
-        log(f"{size} node(s): {out['qps']:.0f} q/s, {out['all_ms']:.3f} ms CPU per query "
+        if args.profile and (size > 1 or args.profile_one):
+            # After the measured run: py-spy's sampling costs the nodes CPU too.
+            async def load() -> None:
+                await asyncio.to_thread(run_wrk, url, bodies, script, 5, args.connections)
+            prof = args.profile_dir or root
+            prof.mkdir(parents=True, exist_ok=True)
+            names = {f"n{size}-{i}": p for i, p in enumerate(cluster.pids, 1)}
+            out["profile"] = await profile_pids(names, args.profile, prof, load)
+            log(f"  py-spy of {size} node(s): raw stacks in {prof}/pyspy-n{size}-*.txt")
+        log(f"{size} node(s){tag}: {out['qps']:.0f} q/s, {out['all_ms']:.3f} ms CPU per query "
             f"(load {load0:.1f})")
         for i, p in enumerate(per_node, 1):
             log(f"  node {i}: main thread {p['main_ms']:.3f} ms, other threads "
@@ -114,9 +149,17 @@ async def main_async(args: argparse.Namespace) -> None:
         one = await measure(args, ds, root, 1)
         many = await measure(args, ds, root, args.nodes)
         ratio = many["all_ms"] / one["all_ms"]
+        result: dict[str, Any] = {"one": one, "many": many, "ratio": ratio}
+        if args.ab_env:
+            env = dict(kv.split("=", 1) for kv in args.ab_env)
+            tag = " [" + " ".join(args.ab_env) + "]"
+            b = await measure(args, ds, root, args.nodes, env, tag)
+            result |= {"many_b": b, "ratio_b": b["all_ms"] / one["all_ms"], "env_b": env}
         log(f"CPU per query, {args.nodes} nodes / 1 node: {ratio:.2f}")
+        if args.ab_env:
+            log(f"CPU per query, {args.nodes} nodes{tag} / 1 node: {result['ratio_b']:.2f}")
         if args.out:
-            args.out.write_text(json.dumps({"one": one, "many": many, "ratio": ratio}, indent=1))
+            args.out.write_text(json.dumps(result, indent=1))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -133,6 +176,15 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--train-min", type=int, default=2048)
     p.add_argument("--out", type=Path)
+    p.add_argument("--profile", type=float, default=0.0,
+                   help="after the measured run, py-spy every node of the N-node cluster for "
+                        "this many seconds under the same load")
+    p.add_argument("--profile-one", action="store_true",
+                   help="profile the 1-node cluster too")
+    p.add_argument("--ab-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="measure the N-node cluster a second time with this variable in the "
+                        "nodes' environment (repeatable): an A/B in the same run")
+    p.add_argument("--profile-dir", type=Path, help="where py-spy's raw stacks go")
     args = p.parse_args()
     args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234
     where = maybe_reexec_in_netns(Path(__file__), sys.argv[1:])
