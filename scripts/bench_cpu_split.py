@@ -38,7 +38,7 @@ from bench_local_cluster import (
     new_session,
     node_env,
 )
-from bench_node import thread_cpu_of
+from bench_node import Node, thread_cpu_of
 from bench_profile import profile_pids
 from wrkload import LUA_SCRIPT, MARKER, search_bodies, write_bodies
 
@@ -142,10 +142,109 @@ async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int,
         await cluster.stop()
 
 
+class PortCluster(LocalCluster):
+    """A local cluster on its own port, so that several can run side by side."""
+
+    def __init__(self, root: Path, env: dict[str, str], port: int) -> None:
+        super().__init__(root, env)
+        self.port = port
+
+    def new_node(self) -> Node:
+        i = len(self.nodes) + 1
+        host = host_of(i)
+        check_free(host, self.port)
+        env = {**self.env, "AQUILA_NODE_ID": self.node_id(i)}
+        if i > 1:
+            env["AQUILA_SEEDS"] = f"{host_of(1)}:{self.port}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        node = Node(self.root / f"n{i}", self.root / f"n{i}.log", env, host=host,
+                    port=self.port)
+        self.nodes.append(node)
+        return node
+
+
+async def filled(args: argparse.Namespace, ds: Dataset, cluster: LocalCluster, size: int
+                 ) -> None:
+    async with new_session(8) as session:
+        await cluster.start(session, size)
+        spec = {"dim": ds.dim, "metric": "cosine", "shards": args.shards, "replication": 1,
+                "index": {"type": "ivf_flat"}}
+        await create_collection(session, cluster.urls[0], spec)
+        await ingest_rr(session, cluster.urls, ds, 1000, 4, cluster.cpu_seconds)
+        await wait_trained(session, cluster.nodes[0], ds.n, args.train_min)
+
+
+async def interleaved(args: argparse.Namespace, ds: Dataset, root: Path) -> dict[str, Any]:
+    """1 node, N nodes and (with --ab-env) N nodes with other settings, all up at once, and
+    measured in turns (--rounds of --seconds each): a change in the machine's load meanwhile
+    (other work on shared cores) weighs on each alike."""
+    variants: list[tuple[str, int, dict[str, str]]] = [("1 node", 1, {}),
+                                                        (f"{args.nodes} nodes", args.nodes, {})]
+    if args.ab_env:
+        variants.append((f"{args.nodes} nodes [{' '.join(args.ab_env)}]", args.nodes,
+                         dict(kv.split("=", 1) for kv in args.ab_env)))
+    clusters = [PortCluster(root / f"v{i}", {**node_env(args.train_min), **env}, PORT + 1 + i)
+                for i, (_, _, env) in enumerate(variants)]
+    bodies = root / "bodies.txt"
+    write_bodies(bodies, search_bodies(ds.queries[:1000], k=10, nprobe=args.nprobe))
+    script = root / "wrkload.lua"
+    script.write_text(LUA_SCRIPT)
+    try:
+        for (name, size, _), cluster in zip(variants, clusters, strict=True):
+            log(f"starting and filling: {name}")
+            await filled(args, ds, cluster, size)
+        for cluster in clusters:
+            await wait_idle(cluster)
+            run_wrk(cluster.urls[0], bodies, script, 3, args.connections)  # warm-up
+        totals = [{"ok": 0, "us": 0, "cpu": [(0.0, 0.0)] * len(c.pids)} for c in clusters]
+        loads = []
+        for r in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            order = list(zip(clusters, totals, strict=True))
+            if r % 2:
+                order.reverse()  # neither goes first every round
+            for cluster, tot in order:
+                before = [thread_cpu_of(p) for p in cluster.pids]
+                got = run_wrk(cluster.urls[0], bodies, script, args.seconds, args.connections)
+                splits = [split_s(p, b) for p, b in zip(cluster.pids, before, strict=True)]
+                tot["ok"] += got["ok"]
+                tot["us"] += got["duration_us"]
+                tot["cpu"] = [(a + m, b + o) for (a, b), (m, o)
+                              in zip(tot["cpu"], splits, strict=True)]
+        out: dict[str, Any] = {"rounds": args.rounds, "loads": loads, "variants": []}
+        for (name, size, env), tot in zip(variants, totals, strict=True):
+            n = max(1, tot["ok"])
+            per_node = [{"main_ms": 1000 * m / n, "other_ms": 1000 * o / n}
+                        for m, o in tot["cpu"]]
+            all_ms = sum(p["main_ms"] + p["other_ms"] for p in per_node)
+            out["variants"].append({"name": name, "nodes": size, "env": env, "queries": tot["ok"],
+                                    "qps": tot["ok"] / (tot["us"] / 1e6), "per_node": per_node,
+                                    "all_ms": all_ms})
+        one = out["variants"][0]
+        log(f"interleaved, {args.rounds} rounds of {args.seconds} s, {args.connections} "
+            f"connection(s), load {min(loads):.1f}-{max(loads):.1f}:")
+        for v in out["variants"]:
+            v["cpu_ratio"] = v["all_ms"] / one["all_ms"]
+            v["qps_ratio"] = v["qps"] / one["qps"]
+            log(f"{v['name']}: {v['qps']:.0f} q/s ({v['qps_ratio']:.2f}x), "
+                f"{v['all_ms']:.3f} ms CPU per query ({v['cpu_ratio']:.2f}x)")
+            for i, p in enumerate(v["per_node"], 1):
+                log(f"  node {i}: main thread {p['main_ms']:.3f} ms, other threads "
+                    f"{p['other_ms']:.3f} ms per query")
+        return out
+    finally:
+        await asyncio.gather(*(c.stop() for c in clusters))
+
+
 async def main_async(args: argparse.Namespace) -> None:
     ds = load_dataset(args)
     root = Path(tempfile.mkdtemp(prefix="aquila-cpu-split-"))
     try:
+        if args.rounds:
+            result = await interleaved(args, ds, root)
+            if args.out:
+                args.out.write_text(json.dumps(result, indent=1))
+            return
         one = await measure(args, ds, root, 1)
         many = await measure(args, ds, root, args.nodes)
         ratio = many["all_ms"] / one["all_ms"]
@@ -184,6 +283,9 @@ def main() -> None:
     p.add_argument("--ab-env", action="append", default=[], metavar="KEY=VALUE",
                    help="measure the N-node cluster a second time with this variable in the "
                         "nodes' environment (repeatable): an A/B in the same run")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="run every cluster at once and measure them in turns, this many "
+                        "rounds of --seconds each (see `interleaved`)")
     p.add_argument("--profile-dir", type=Path, help="where py-spy's raw stacks go")
     args = p.parse_args()
     args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234
