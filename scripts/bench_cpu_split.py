@@ -10,6 +10,17 @@ are idle (retraining and compaction after an ingest take cores for a while: a fi
 during them is not the cost of a query), warms up, and wrk sends one query per request to
 node 1 only for --seconds. Node 1 is then the coordinator of every query, the others serve
 its peer sub-searches: their CPU per query is what a peer request costs.
+
+On a machine whose load changes (other work on shared cores), compare in one run:
+
+    python scripts/bench_cpu_split.py --nodes 3 --rounds 3 --seconds 4 \
+        --rounds-connections 1,8,16 --ab-env AQUILA_SOME_SETTING=value
+
+starts every cluster at once (1 node, N nodes, and N nodes with the --ab-env settings), each on
+its own port, and measures them in turns, round after round: CPU per query, q/s and p50 at
+each connection count, and their ratios to one node. --profile (py-spy, Python frames) and
+--perf (perf record: CPU time by library and kernel) look at the N-node cluster after its
+measured run.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +86,7 @@ def run_wrk(url: str, bodies: Path, script: Path, seconds: int, connections: int
     line = next(x for x in out.splitlines() if x.startswith(MARKER))
     raw = json.loads(line[len(MARKER):])
     return {"requests": int(raw["requests"]), "duration_us": int(raw["duration_us"]),
+            "p50_us": int(raw["latency_us"]["p50"]),
             "ok": sum(int(v) for k, v in raw["statuses"].items() if 200 <= int(k) < 300)}
 
 
@@ -90,6 +103,22 @@ async def ports_free(size: int, limit_s: float = 120.0) -> None:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
+
+
+async def perf_pids(pids: list[int], seconds: float, out_dir: Path, size: int,
+                    load: Callable[[], object]) -> None:
+    """`perf record` (CPU time: cpu-clock, with call graphs) of every node while `load`
+    runs: where the CPU goes by library and kernel, which py-spy's wall-clock samples of
+    Python frames do not tell (a thread preempted on a busy machine looks busy to it)."""
+    procs = [await asyncio.create_subprocess_exec(
+        "perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "-g", "-p", str(pid),
+        "-o", str(out_dir / f"perf-n{size}-{i}.data"), "--", "sleep", str(seconds),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        for i, pid in enumerate(pids, 1)]
+    await asyncio.to_thread(load)
+    for p in procs:
+        await p.wait()
+    log(f"  perf of {size} node(s): {out_dir}/perf-n{size}-*.data")
 
 
 async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int,
@@ -132,6 +161,12 @@ async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int,
             names = {f"n{size}-{i}": p for i, p in enumerate(cluster.pids, 1)}
             out["profile"] = await profile_pids(names, args.profile, prof, load)
             log(f"  py-spy of {size} node(s): raw stacks in {prof}/pyspy-n{size}-*.txt")
+        if args.perf and size > 1:
+            prof = args.profile_dir or root
+            prof.mkdir(parents=True, exist_ok=True)
+            await perf_pids(cluster.pids, args.perf, prof, size,
+                            lambda: run_wrk(url, bodies, script, int(args.perf) + 2,
+                                            args.connections))
         log(f"{size} node(s){tag}: {out['qps']:.0f} q/s, {out['all_ms']:.3f} ms CPU per query "
             f"(load {load0:.1f})")
         for i, p in enumerate(per_node, 1):
@@ -196,41 +231,53 @@ async def interleaved(args: argparse.Namespace, ds: Dataset, root: Path) -> dict
         for cluster in clusters:
             await wait_idle(cluster)
             run_wrk(cluster.urls[0], bodies, script, 3, args.connections)  # warm-up
-        totals = [{"ok": 0, "us": 0, "cpu": [(0.0, 0.0)] * len(c.pids)} for c in clusters]
+        conns = [int(c) for c in args.rounds_connections.split(",")] if \
+            args.rounds_connections else [args.connections]
+        totals = [{c: {"ok": 0, "us": 0, "p50": [], "cpu": [(0.0, 0.0)] * len(cl.pids)}
+                   for c in conns} for cl in clusters]
         loads = []
         for r in range(args.rounds):
             loads.append(os.getloadavg()[0])
-            order = list(zip(clusters, totals, strict=True))
-            if r % 2:
-                order.reverse()  # neither goes first every round
-            for cluster, tot in order:
-                before = [thread_cpu_of(p) for p in cluster.pids]
-                got = run_wrk(cluster.urls[0], bodies, script, args.seconds, args.connections)
-                splits = [split_s(p, b) for p, b in zip(cluster.pids, before, strict=True)]
-                tot["ok"] += got["ok"]
-                tot["us"] += got["duration_us"]
-                tot["cpu"] = [(a + m, b + o) for (a, b), (m, o)
-                              in zip(tot["cpu"], splits, strict=True)]
+            for c in conns:
+                order = list(zip(clusters, totals, strict=True))
+                if r % 2:
+                    order.reverse()  # none goes first every round
+                for cluster, tots in order:
+                    tot = tots[c]
+                    before = [thread_cpu_of(p) for p in cluster.pids]
+                    got = run_wrk(cluster.urls[0], bodies, script, args.seconds, c)
+                    splits = [split_s(p, b) for p, b in zip(cluster.pids, before, strict=True)]
+                    tot["ok"] += got["ok"]
+                    tot["us"] += got["duration_us"]
+                    tot["p50"].append(got["p50_us"] / 1000)
+                    tot["cpu"] = [(a + m, b + o) for (a, b), (m, o)
+                                  in zip(tot["cpu"], splits, strict=True)]
         out: dict[str, Any] = {"rounds": args.rounds, "loads": loads, "variants": []}
-        for (name, size, env), tot in zip(variants, totals, strict=True):
-            n = max(1, tot["ok"])
-            per_node = [{"main_ms": 1000 * m / n, "other_ms": 1000 * o / n}
-                        for m, o in tot["cpu"]]
-            all_ms = sum(p["main_ms"] + p["other_ms"] for p in per_node)
-            out["variants"].append({"name": name, "nodes": size, "env": env, "queries": tot["ok"],
-                                    "qps": tot["ok"] / (tot["us"] / 1e6), "per_node": per_node,
-                                    "all_ms": all_ms})
-        one = out["variants"][0]
-        log(f"interleaved, {args.rounds} rounds of {args.seconds} s, {args.connections} "
-            f"connection(s), load {min(loads):.1f}-{max(loads):.1f}:")
+        for (name, size, env), tots in zip(variants, totals, strict=True):
+            by_c = {}
+            for c, tot in tots.items():
+                n = max(1, tot["ok"])
+                per_node = [{"main_ms": 1000 * m / n, "other_ms": 1000 * o / n}
+                            for m, o in tot["cpu"]]
+                by_c[c] = {"queries": tot["ok"], "qps": tot["ok"] / (tot["us"] / 1e6),
+                           "p50_ms": sorted(tot["p50"])[len(tot["p50"]) // 2],
+                           "per_node": per_node,
+                           "all_ms": sum(p["main_ms"] + p["other_ms"] for p in per_node)}
+            out["variants"].append({"name": name, "nodes": size, "env": env, "by_connections": by_c})
+        one = out["variants"][0]["by_connections"]
+        log(f"interleaved, {args.rounds} rounds of {args.seconds} s at {conns} connection(s), "
+            f"load {min(loads):.1f}-{max(loads):.1f}:")
         for v in out["variants"]:
-            v["cpu_ratio"] = v["all_ms"] / one["all_ms"]
-            v["qps_ratio"] = v["qps"] / one["qps"]
-            log(f"{v['name']}: {v['qps']:.0f} q/s ({v['qps_ratio']:.2f}x), "
-                f"{v['all_ms']:.3f} ms CPU per query ({v['cpu_ratio']:.2f}x)")
-            for i, p in enumerate(v["per_node"], 1):
-                log(f"  node {i}: main thread {p['main_ms']:.3f} ms, other threads "
-                    f"{p['other_ms']:.3f} ms per query")
+            for c, x in v["by_connections"].items():
+                x["cpu_ratio"] = x["all_ms"] / one[c]["all_ms"]
+                x["qps_ratio"] = x["qps"] / one[c]["qps"]
+                x["p50_added_ms"] = x["p50_ms"] - one[c]["p50_ms"]
+                log(f"{v['name']}, c={c}: {x['qps']:.0f} q/s ({x['qps_ratio']:.2f}x), "
+                    f"p50 {x['p50_ms']:.2f} ms ({x['p50_added_ms']:+.2f}), "
+                    f"{x['all_ms']:.3f} ms CPU per query ({x['cpu_ratio']:.2f}x)")
+                for i, p in enumerate(x["per_node"], 1):
+                    log(f"  node {i}: main thread {p['main_ms']:.3f} ms, other threads "
+                        f"{p['other_ms']:.3f} ms per query")
         return out
     finally:
         await asyncio.gather(*(c.stop() for c in clusters))
@@ -286,6 +333,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=0,
                    help="run every cluster at once and measure them in turns, this many "
                         "rounds of --seconds each (see `interleaved`)")
+    p.add_argument("--perf", type=float, default=0.0,
+                   help="after the measured run, perf record every node of the N-node "
+                        "cluster for this many seconds under the same load")
+    p.add_argument("--rounds-connections", metavar="C1,C2,...",
+                   help="with --rounds: measure at each of these connection counts in every "
+                        "round (the p50 at 1, the throughput at 16: the fan-out goals)")
     p.add_argument("--profile-dir", type=Path, help="where py-spy's raw stacks go")
     args = p.parse_args()
     args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234
