@@ -95,6 +95,13 @@ async def test_a_large_search_goes_to_a_search_thread(
     assert hops.calls == 2
     await coll.search(q[:1].astype(np.float32), 5, 1, None, [0], inline=True)  # not 10
     assert hops.calls == 3
+    # And one whose candidates are many records to read.
+    monkeypatch.setattr(collection_module, "INLINE_WORK", 10**9)
+    k = collection_module.INLINE_CANDIDATES // 2 + 1
+    await coll.search(q[:2].astype(np.float32), k, 1, None, [0], inline=True)
+    assert hops.calls == 4
+    await coll.search(q[:1].astype(np.float32), k, 1, None, [0], inline=True)
+    assert hops.calls == 4
 
 
 async def test_no_inline_search_while_a_writer_waits_or_a_batch_runs(

@@ -42,7 +42,7 @@ from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist
 from aquila.node.storage.locks import RWLock
 from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
-from aquila.node.storage.search import run_batch
+from aquila.node.storage.search import candidates, run_batch
 from aquila.node.storage.shard import IndexOps, Shard
 from aquila.node.storage.store import (
     DEFAULT_MEMORY_BYTES,
@@ -116,10 +116,12 @@ class IndexState:
 
 # Query rows a search thread takes at least when a batch is split over several.
 SPLIT_ROWS = 32
-# An inline search (see `Collection.search`) at most: query rows, and vector components
-# scanned over all of them (about 1 ms of FAISS; the records of nq × k hits read besides).
+# An inline search (see `Collection.search`) at most: query rows, vector components scanned
+# over all of them (about 1 ms of FAISS), and candidates whose records are read (two reads
+# each through the block cache).
 INLINE_ROWS = 8
 INLINE_WORK = 4_000_000
+INLINE_CANDIDATES = 256
 
 
 @dataclass(frozen=True)
@@ -709,7 +711,7 @@ class Collection:
         if absent:
             raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
         if predicate is None:
-            if inline and self._inline_ok(len(q), probe):
+            if inline and self._inline_ok(len(q), k, probe):
                 rows = run_batch(self, q, k, probe, wanted, with_vectors)
             else:
                 rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
@@ -723,11 +725,12 @@ class Collection:
             plans.update({p["shard"]: {**probed, **p} for p in answers[0][1]})
         return [row[:k] for row, _ in answers]
 
-    def _inline_ok(self, nq: int, probe: int) -> bool:
+    def _inline_ok(self, nq: int, k: int, probe: int) -> bool:
         """A search small enough to run on the event loop, now: no writer in or waiting on
         the index (nothing is awaited until it returns, so none can enter), no batch on the
         search threads."""
-        if nq > INLINE_ROWS or not self.rw.readable_now() or not self._batcher.idle:
+        if (nq > INLINE_ROWS or nq * candidates(self, k) > INLINE_CANDIDATES
+                or not self.rw.readable_now() or not self._batcher.idle):
             return False
         index = self.index
         lists = index.nlist
