@@ -10,6 +10,17 @@ are idle (retraining and compaction after an ingest take cores for a while: a fi
 during them is not the cost of a query), warms up, and wrk sends one query per request to
 node 1 only for --seconds. Node 1 is then the coordinator of every query, the others serve
 its peer sub-searches: their CPU per query is what a peer request costs.
+
+On a machine whose load changes (other work on shared cores), compare in one run:
+
+    python scripts/bench_cpu_split.py --nodes 3 --rounds 3 --seconds 4 \
+        --rounds-connections 1,8,16 --ab-env AQUILA_SOME_SETTING=value
+
+starts every cluster at once (1 node, N nodes, and N nodes with the --ab-env settings), each on
+its own port, and measures them in turns, round after round: CPU per query, q/s and p50 at
+each connection count, and their ratios to one node. --profile (py-spy, Python frames) and
+--perf (perf record: CPU time by library and kernel) look at the N-node cluster after its
+measured run.
 """
 
 from __future__ import annotations
@@ -23,14 +34,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench_common import COLLECTION, log
 from bench_data import DEFAULT_DATA, Dataset, load_dataset
 from bench_load import create_collection, ingest_rr, wait_trained
-from bench_local_cluster import LocalCluster, maybe_reexec_in_netns, new_session, node_env
-from bench_node import thread_cpu_of
+from bench_local_cluster import (
+    PORT,
+    LocalCluster,
+    check_free,
+    host_of,
+    maybe_reexec_in_netns,
+    new_session,
+    node_env,
+)
+from bench_node import Node, thread_cpu_of
+from bench_profile import profile_pids
 from wrkload import LUA_SCRIPT, MARKER, search_bodies, write_bodies
 
 IDLE_CORES = 0.05  # below this on every node, the cluster counts as idle
@@ -59,17 +80,51 @@ async def wait_idle(cluster: LocalCluster) -> list[float]:
 
 def run_wrk(url: str, bodies: Path, script: Path, seconds: int, connections: int) -> dict[str, int]:
     path = f"/v1/collections/{COLLECTION}/search"
-    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url + path,
+    cmd = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url + path,
            "--", str(bodies), path, "POST", "2", ""]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith(MARKER))
     raw = json.loads(line[len(MARKER):])
     return {"requests": int(raw["requests"]), "duration_us": int(raw["duration_us"]),
+            "p50_us": int(raw["latency_us"]["p50"]),
             "ok": sum(int(v) for k, v in raw["statuses"].items() if 200 <= int(k) < 300)}
 
 
-async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int) -> dict[str, Any]:
-    cluster = LocalCluster(root / f"c{size}", node_env(args.train_min))
+async def ports_free(size: int, limit_s: float = 120.0) -> None:
+    """Wait for the nodes' addresses of the last cluster to be free (a stopped node's socket
+    may linger a moment)."""
+    deadline = time.monotonic() + limit_s
+    for i in range(1, size + 1):
+        while True:
+            try:
+                check_free(host_of(i), PORT)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+
+async def perf_pids(pids: list[int], seconds: float, out_dir: Path, size: int,
+                    load: Callable[[], object]) -> None:
+    """`perf record` (CPU time: cpu-clock, with call graphs) of every node while `load`
+    runs: where the CPU goes by library and kernel, which py-spy's wall-clock samples of
+    Python frames do not tell (a thread preempted on a busy machine looks busy to it)."""
+    procs = [await asyncio.create_subprocess_exec(
+        "perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "-g", "-p", str(pid),
+        "-o", str(out_dir / f"perf-n{size}-{i}.data"), "--", "sleep", str(seconds),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        for i, pid in enumerate(pids, 1)]
+    await asyncio.to_thread(load)
+    for p in procs:
+        await p.wait()
+    log(f"  perf of {size} node(s): {out_dir}/perf-n{size}-*.data")
+
+
+async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int,
+                  env: dict[str, str] | None = None, tag: str = "") -> dict[str, Any]:
+    await ports_free(size)
+    cluster = LocalCluster(root / f"c{size}{tag}", {**node_env(args.train_min), **(env or {})})
     try:
         async with new_session(8) as session:
             await cluster.start(session, size)
@@ -97,7 +152,22 @@ async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int) 
             "load_before": load0, "load_after": os.getloadavg()[0], "per_node": per_node,
             "all_ms": sum(p["main_ms"] + p["other_ms"] for p in per_node),
         }
-        log(f"{size} node(s): {out['qps']:.0f} q/s, {out['all_ms']:.3f} ms CPU per query "
+        if args.profile and (size > 1 or args.profile_one):
+            # After the measured run: py-spy's sampling costs the nodes CPU too.
+            async def load() -> None:
+                await asyncio.to_thread(run_wrk, url, bodies, script, 5, args.connections)
+            prof = args.profile_dir or root
+            prof.mkdir(parents=True, exist_ok=True)
+            names = {f"n{size}-{i}": p for i, p in enumerate(cluster.pids, 1)}
+            out["profile"] = await profile_pids(names, args.profile, prof, load)
+            log(f"  py-spy of {size} node(s): raw stacks in {prof}/pyspy-n{size}-*.txt")
+        if args.perf and size > 1:
+            prof = args.profile_dir or root
+            prof.mkdir(parents=True, exist_ok=True)
+            await perf_pids(cluster.pids, args.perf, prof, size,
+                            lambda: run_wrk(url, bodies, script, int(args.perf) + 2,
+                                            args.connections))
+        log(f"{size} node(s){tag}: {out['qps']:.0f} q/s, {out['all_ms']:.3f} ms CPU per query "
             f"(load {load0:.1f})")
         for i, p in enumerate(per_node, 1):
             log(f"  node {i}: main thread {p['main_ms']:.3f} ms, other threads "
@@ -107,16 +177,135 @@ async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int) 
         await cluster.stop()
 
 
+class PortCluster(LocalCluster):
+    """A local cluster on its own port, so that several can run side by side."""
+
+    def __init__(self, root: Path, env: dict[str, str], port: int) -> None:
+        super().__init__(root, env)
+        self.port = port
+
+    def new_node(self) -> Node:
+        i = len(self.nodes) + 1
+        host = host_of(i)
+        check_free(host, self.port)
+        env = {**self.env, "AQUILA_NODE_ID": self.node_id(i)}
+        if i > 1:
+            env["AQUILA_SEEDS"] = f"{host_of(1)}:{self.port}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        node = Node(self.root / f"n{i}", self.root / f"n{i}.log", env, host=host,
+                    port=self.port)
+        self.nodes.append(node)
+        return node
+
+
+async def filled(args: argparse.Namespace, ds: Dataset, cluster: LocalCluster, size: int
+                 ) -> None:
+    async with new_session(8) as session:
+        await cluster.start(session, size)
+        spec = {"dim": ds.dim, "metric": "cosine", "shards": args.shards, "replication": 1,
+                "index": {"type": "ivf_flat"}}
+        await create_collection(session, cluster.urls[0], spec)
+        await ingest_rr(session, cluster.urls, ds, 1000, 4, cluster.cpu_seconds)
+        await wait_trained(session, cluster.nodes[0], ds.n, args.train_min)
+
+
+async def interleaved(args: argparse.Namespace, ds: Dataset, root: Path) -> dict[str, Any]:
+    """1 node, N nodes and (with --ab-env) N nodes with other settings, all up at once, and
+    measured in turns (--rounds of --seconds each): a change in the machine's load meanwhile
+    (other work on shared cores) weighs on each alike."""
+    variants: list[tuple[str, int, dict[str, str]]] = [("1 node", 1, {}),
+                                                        (f"{args.nodes} nodes", args.nodes, {})]
+    if args.ab_env:
+        variants.append((f"{args.nodes} nodes [{' '.join(args.ab_env)}]", args.nodes,
+                         dict(kv.split("=", 1) for kv in args.ab_env)))
+    clusters = [PortCluster(root / f"v{i}", {**node_env(args.train_min), **env}, PORT + 1 + i)
+                for i, (_, _, env) in enumerate(variants)]
+    bodies = root / "bodies.txt"
+    write_bodies(bodies, search_bodies(ds.queries[:1000], k=10, nprobe=args.nprobe))
+    script = root / "wrkload.lua"
+    script.write_text(LUA_SCRIPT)
+    try:
+        for (name, size, _), cluster in zip(variants, clusters, strict=True):
+            log(f"starting and filling: {name}")
+            await filled(args, ds, cluster, size)
+        for cluster in clusters:
+            await wait_idle(cluster)
+            run_wrk(cluster.urls[0], bodies, script, 3, args.connections)  # warm-up
+        conns = [int(c) for c in args.rounds_connections.split(",")] if \
+            args.rounds_connections else [args.connections]
+        totals = [{c: {"ok": 0, "us": 0, "p50": [], "cpu": [(0.0, 0.0)] * len(cl.pids)}
+                   for c in conns} for cl in clusters]
+        loads = []
+        for r in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            for c in conns:
+                order = list(zip(clusters, totals, strict=True))
+                if r % 2:
+                    order.reverse()  # none goes first every round
+                for cluster, tots in order:
+                    tot = tots[c]
+                    before = [thread_cpu_of(p) for p in cluster.pids]
+                    got = run_wrk(cluster.urls[0], bodies, script, args.seconds, c)
+                    splits = [split_s(p, b) for p, b in zip(cluster.pids, before, strict=True)]
+                    tot["ok"] += got["ok"]
+                    tot["us"] += got["duration_us"]
+                    tot["p50"].append(got["p50_us"] / 1000)
+                    tot["cpu"] = [(a + m, b + o) for (a, b), (m, o)
+                                  in zip(tot["cpu"], splits, strict=True)]
+        out: dict[str, Any] = {"rounds": args.rounds, "loads": loads, "variants": []}
+        for (name, size, env), tots in zip(variants, totals, strict=True):
+            by_c = {}
+            for c, tot in tots.items():
+                n = max(1, tot["ok"])
+                per_node = [{"main_ms": 1000 * m / n, "other_ms": 1000 * o / n}
+                            for m, o in tot["cpu"]]
+                by_c[c] = {"queries": tot["ok"], "qps": tot["ok"] / (tot["us"] / 1e6),
+                           "p50_ms": sorted(tot["p50"])[len(tot["p50"]) // 2],
+                           "per_node": per_node,
+                           "all_ms": sum(p["main_ms"] + p["other_ms"] for p in per_node)}
+            out["variants"].append({"name": name, "nodes": size, "env": env, "by_connections": by_c})
+        one = out["variants"][0]["by_connections"]
+        log(f"interleaved, {args.rounds} rounds of {args.seconds} s at {conns} connection(s), "
+            f"load {min(loads):.1f}-{max(loads):.1f}:")
+        for v in out["variants"]:
+            for c, x in v["by_connections"].items():
+                x["cpu_ratio"] = x["all_ms"] / one[c]["all_ms"]
+                x["qps_ratio"] = x["qps"] / one[c]["qps"]
+                x["p50_added_ms"] = x["p50_ms"] - one[c]["p50_ms"]
+                log(f"{v['name']}, c={c}: {x['qps']:.0f} q/s ({x['qps_ratio']:.2f}x), "
+                    f"p50 {x['p50_ms']:.2f} ms ({x['p50_added_ms']:+.2f}), "
+                    f"{x['all_ms']:.3f} ms CPU per query ({x['cpu_ratio']:.2f}x)")
+                for i, p in enumerate(x["per_node"], 1):
+                    log(f"  node {i}: main thread {p['main_ms']:.3f} ms, other threads "
+                        f"{p['other_ms']:.3f} ms per query")
+        return out
+    finally:
+        await asyncio.gather(*(c.stop() for c in clusters))
+
+
 async def main_async(args: argparse.Namespace) -> None:
     ds = load_dataset(args)
     root = Path(tempfile.mkdtemp(prefix="aquila-cpu-split-"))
     try:
+        if args.rounds:
+            result = await interleaved(args, ds, root)
+            if args.out:
+                args.out.write_text(json.dumps(result, indent=1))
+            return
         one = await measure(args, ds, root, 1)
         many = await measure(args, ds, root, args.nodes)
         ratio = many["all_ms"] / one["all_ms"]
+        result: dict[str, Any] = {"one": one, "many": many, "ratio": ratio}
+        if args.ab_env:
+            env = dict(kv.split("=", 1) for kv in args.ab_env)
+            tag = " [" + " ".join(args.ab_env) + "]"
+            b = await measure(args, ds, root, args.nodes, env, tag)
+            result |= {"many_b": b, "ratio_b": b["all_ms"] / one["all_ms"], "env_b": env}
         log(f"CPU per query, {args.nodes} nodes / 1 node: {ratio:.2f}")
+        if args.ab_env:
+            log(f"CPU per query, {args.nodes} nodes{tag} / 1 node: {result['ratio_b']:.2f}")
         if args.out:
-            args.out.write_text(json.dumps({"one": one, "many": many, "ratio": ratio}, indent=1))
+            args.out.write_text(json.dumps(result, indent=1))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -133,6 +322,24 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--train-min", type=int, default=2048)
     p.add_argument("--out", type=Path)
+    p.add_argument("--profile", type=float, default=0.0,
+                   help="after the measured run, py-spy every node of the N-node cluster for "
+                        "this many seconds under the same load")
+    p.add_argument("--profile-one", action="store_true",
+                   help="profile the 1-node cluster too")
+    p.add_argument("--ab-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="measure the N-node cluster a second time with this variable in the "
+                        "nodes' environment (repeatable): an A/B in the same run")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="run every cluster at once and measure them in turns, this many "
+                        "rounds of --seconds each (see `interleaved`)")
+    p.add_argument("--perf", type=float, default=0.0,
+                   help="after the measured run, perf record every node of the N-node "
+                        "cluster for this many seconds under the same load")
+    p.add_argument("--rounds-connections", metavar="C1,C2,...",
+                   help="with --rounds: measure at each of these connection counts in every "
+                        "round (the p50 at 1, the throughput at 16: the fan-out goals)")
+    p.add_argument("--profile-dir", type=Path, help="where py-spy's raw stacks go")
     args = p.parse_args()
     args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234
     where = maybe_reexec_in_netns(Path(__file__), sys.argv[1:])

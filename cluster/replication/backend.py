@@ -44,10 +44,13 @@ class ShardBackend(Protocol):
         with_vectors: bool = False,
         plans: dict[int, dict[str, Any]] | None = None,
         recall: float | None = None,
+        *,
+        inline: bool = False,
     ) -> list[list[Hit]]:
         """Per query, the best k hits over these local shards. `plans`, when given, receives
         per shard how it was searched ({"shard", "path", "nprobe", ...}). `recall`: in place
-        of `nprobe`, the target recall the node picks its probes for."""
+        of `nprobe`, the target recall the node picks its probes for. `inline`: a small
+        search may run on the calling thread (a peer's sub-search, see `Collection.search`)."""
         ...
 
     async def count(

@@ -109,6 +109,8 @@ class MemoryBackend:
         with_vectors: bool = False,
         plans: dict[int, dict[str, Any]] | None = None,
         recall: float | None = None,
+        *,
+        inline: bool = False,  # every search here is on the calling thread
     ) -> list[list[Hit]]:
         wanted = sorted(shards)
         coll = self._open(spec.name, wanted)

@@ -53,6 +53,8 @@ class ReadPath:
         self._clock = clock
         self.search_timeout_s = search_timeout_s
         self._candidates: dict[str, tuple[Any, dict[int, list[str]], list[int]]] = {}
+        # Per collection (as `_candidates`): whether a search asks another node than this one.
+        self._fans_out: dict[str, bool] = {}
 
     def search_candidates(
         self, entry: CollectionEntry
@@ -68,6 +70,8 @@ class ReadPath:
         candidates = {s: c for s, c in all_.items() if c}
         unreachable = [s for s, c in all_.items() if not c]
         self._candidates[entry.spec.name] = (key, candidates, unreachable)
+        self._fans_out[entry.spec.name] = any(
+            c[0] != self._replicas.node_id for c in candidates.values())
         return candidates, unreachable
 
     async def get_document(
@@ -113,15 +117,24 @@ class ReadPath:
                           k=k + 1)
         candidates, unreachable = self.search_candidates(entry)
         replicas = self._replicas
+        me = replicas.node_id
+        # Asking peers too, this node's own part may run on the event loop when small (see
+        # `Collection.search`), once the peers' requests are on their way: it overlaps their
+        # work, and the hop to a search thread and back costs more than such a part. Alone, a
+        # node's search goes to the search threads (they take every core).
+        inline = self._fans_out.get(spec.name, False)
         # A search by recall gathers the plans too: they say which nprobe each node used.
         by_recall = req.recall is not None
         plans: dict[int, dict[str, Any]] | None = {} if req.explain or by_recall else None
 
         async def ask(node: str, shards: list[int], budget: float) -> list[list[Hit]]:
+            here = inline and node == me
+            if here:
+                await asyncio.sleep(0)  # the peers' requests leave first
             if plans is None:
-                return await replicas.of(node).search(spec, req, shards, budget)
+                return await replicas.of(node).search(spec, req, shards, budget, inline=here)
             got: dict[int, dict[str, Any]] = {}
-            rows = await replicas.of(node).search(spec, req, shards, budget, got)
+            rows = await replicas.of(node).search(spec, req, shards, budget, got, inline=here)
             for s, p in got.items():  # the first answer for a shard is the one used
                 plans.setdefault(s, {**p, "node": node})
             return rows

@@ -526,6 +526,8 @@ class RemoteReplica:
     async def search(
         self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float,
         plans: dict[int, dict[str, Any]] | None = None,
+        *,
+        inline: bool = False,  # the peer decides for itself
     ) -> list[list[Hit]]:
         flags = (frames.WITH_METADATA * req.include_metadata
                  | frames.WITH_VECTOR * req.include_vector | frames.EXPLAIN * req.explain)
@@ -672,7 +674,8 @@ class PeerService:
         # A search by recall answers with its plans too: they say the nprobe used.
         plans: dict[int, dict[str, Any]] | None = (
             {} if req.explain or req.recall is not None else None)
-        rows = await self.local.search(spec, req, f.shards, 0.0, plans)
+        # Inline when small: the hop to a search thread costs more than such a sub-search.
+        rows = await self.local.search(spec, req, f.shards, 0.0, plans, inline=True)
         return frames.encode_hits(rows, f.flags, spec.dim,
                                   None if plans is None else [plans[s] for s in sorted(plans)])
 

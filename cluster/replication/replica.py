@@ -42,9 +42,12 @@ class Replica(Protocol):
     async def search(
         self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float,
         plans: dict[int, dict[str, Any]] | None = None,
+        *,
+        inline: bool = False,
     ) -> list[list[Hit]]:
         """Per query, the best `req.k` hits over these shards, within `budget` seconds;
-        `plans`, when given, receives how each shard was searched."""
+        `plans`, when given, receives how each shard was searched. `inline`: this node's
+        storage may run a small search on the calling thread (a peer's sub-search)."""
         ...
 
     async def count(
@@ -123,10 +126,12 @@ class LocalReplica:
     async def search(
         self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float,
         plans: dict[int, dict[str, Any]] | None = None,
+        *,
+        inline: bool = False,
     ) -> list[list[Hit]]:
         return await self.backend.search(
             spec, req.vectors, req.k, req.nprobe, req.predicate, shards, req.include_vector,
-            plans, req.recall,
+            plans, req.recall, inline=inline,
         )
 
     async def count(

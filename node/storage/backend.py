@@ -69,9 +69,11 @@ class EngineBackend:
         with_vectors: bool = False,
         plans: dict[int, dict[str, Any]] | None = None,
         recall: float | None = None,
+        *,
+        inline: bool = False,
     ) -> list[list[Hit]]:
         return await self._open(spec.name).search(
-            queries, k, nprobe, predicate, shards, with_vectors, plans, recall
+            queries, k, nprobe, predicate, shards, with_vectors, plans, recall, inline=inline
         )
 
     async def count(

@@ -54,6 +54,11 @@ class SearchBatcher(Generic[R]):
         self._queue: list[_Pending[R]] = []
         self._running = 0
 
+    @property
+    def idle(self) -> bool:
+        """No batch running and none waiting."""
+        return self._running == 0 and not self._queue
+
     async def submit(self, key: Hashable, queries: np.ndarray, k: int) -> list[R]:
         """One result per query row, computed with at least `k` neighbours."""
         fut: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()

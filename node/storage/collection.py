@@ -42,7 +42,7 @@ from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist
 from aquila.node.storage.locks import RWLock
 from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
-from aquila.node.storage.search import run_batch
+from aquila.node.storage.search import candidates, run_batch
 from aquila.node.storage.shard import IndexOps, Shard
 from aquila.node.storage.store import (
     DEFAULT_MEMORY_BYTES,
@@ -116,6 +116,12 @@ class IndexState:
 
 # Query rows a search thread takes at least when a batch is split over several.
 SPLIT_ROWS = 32
+# An inline search (see `Collection.search`) at most: query rows, vector components scanned
+# over all of them (about 1 ms of FAISS), and candidates whose records are read (two reads
+# each through the block cache).
+INLINE_ROWS = 8
+INLINE_WORK = 4_000_000
+INLINE_CANDIDATES = 256
 
 
 @dataclass(frozen=True)
@@ -688,11 +694,16 @@ class Collection:
         with_vectors: bool = False,
         plans: dict[int, dict[str, Any]] | None = None,
         recall: float | None = None,
+        *,
+        inline: bool = False,
     ) -> list[list[Hit]]:
         """The best `k` hits per query over the given local shards (all when None); their
         stored vectors too when asked. `plans`, when given, receives how each shard was
         searched (see `node.storage.planner`), with the nprobe used. `recall`: in place of
-        `nprobe`, the fewest probes that reached it when the index was calibrated."""
+        `nprobe`, the fewest probes that reached it when the index was calibrated.
+        `inline`: a small unfiltered search may run on the calling (event-loop) thread when
+        the search threads are idle, where the hop to one and back costs more than the
+        search (a peer's sub-search: its coordinator batches them under load)."""
         from aquila.node.storage.index import prepare
 
         q = prepare(queries, self.spec.metric)
@@ -711,7 +722,10 @@ class Collection:
         if absent:
             raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
         if predicate is None:
-            rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
+            if inline and self._inline_ok(len(q), k, probe):
+                rows = run_batch(self, q, k, probe, wanted, with_vectors)
+            else:
+                rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
             if plans is not None:
                 plans.update({s: {"shard": s, "path": "unfiltered", **probed,
                                   "documents": self.shards[s].count} for s in wanted})
@@ -721,6 +735,18 @@ class Collection:
         if plans is not None and answers:
             plans.update({p["shard"]: {**probed, **p} for p in answers[0][1]})
         return [row[:k] for row, _ in answers]
+
+    def _inline_ok(self, nq: int, k: int, probe: int) -> bool:
+        """A search small enough to run on the event loop, now: no writer in or waiting on
+        the index (nothing is awaited until it returns, so none can enter), no batch on the
+        search threads."""
+        if (nq > INLINE_ROWS or nq * candidates(self, k) > INLINE_CANDIDATES
+                or not self.rw.readable_now() or not self._batcher.idle):
+            return False
+        index = self.index
+        lists = index.nlist
+        scanned = index.ntotal * min(probe, lists) / lists if index.trained else index.ntotal
+        return nq * scanned * self.spec.dim <= INLINE_WORK
 
     async def count_matching(
         self, shards: list[int], predicate: Callable[[Any], bool] | None

@@ -28,6 +28,12 @@ class RWLock:
                 self._readers -= 1
                 self._cond.notify_all()
 
+    def readable_now(self) -> bool:
+        """Whether a read could start at once: no writer in and none waiting. A caller on
+        the event loop that reads without awaiting in between (an inline search) needs no
+        lock then: no writer can enter before it returns."""
+        return not self._writer and not self._writers_waiting
+
     @asynccontextmanager
     async def write(self) -> AsyncIterator[None]:
         async with self._cond:
