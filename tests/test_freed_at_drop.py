@@ -15,7 +15,7 @@ import pytest
 
 from aquila.cluster.model.filters import parse_filter
 from aquila.node.blocking import Blocking
-from aquila.node.storage.collection import Tuning
+from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from tests.conftest import wait_for
 from tests.small_ivf import SPEC, doc
@@ -31,6 +31,10 @@ def no_collector() -> Iterator[None]:
         gc.enable()
 
 
+async def _trained(coll: Collection) -> None:
+    await wait_for(lambda: coll.index.trained and not coll.training, 60, what="the training")
+
+
 @pytest.mark.usefixtures("no_collector")
 async def test_a_dropped_collection_is_freed_at_once(tmp_path: Path, blocking: Blocking) -> None:
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
@@ -44,8 +48,7 @@ async def test_a_dropped_collection_is_freed_at_once(tmp_path: Path, blocking: B
         assert await coll.search(np.stack([doc(0).vector]), 1, 4, flt) == [[]]
         # A training's thread holds its collection until it ends (a drop does not wait for
         # it): the drop is measured once the training the writes started is in.
-        await wait_for(lambda: coll.index.trained and not coll.training, 60,
-                       what="the training")
+        await _trained(coll)
         gone, index = weakref.ref(coll), weakref.ref(coll.index)
         del coll, rows
         await engine.drop("s")
