@@ -44,7 +44,7 @@ async def test_a_dropped_collection_is_freed_at_once(tmp_path: Path, blocking: B
         assert await coll.search(np.stack([doc(0).vector]), 1, 4, flt) == [[]]
         # A training's thread holds its collection until it ends (a drop does not wait for
         # it): the drop is measured once the training the writes started is in.
-        await wait_for(lambda: coll.index.trained and not coll.training, 60,
+        await wait_for(lambda c=coll: c.index.trained and not c.training, 60,
                        what="the training")
         gone, index = weakref.ref(coll), weakref.ref(coll.index)
         del coll, rows
