@@ -144,3 +144,41 @@ async def test_no_inline_search_while_a_writer_waits_or_a_batch_runs(
     assert not second.done()
     gate.set()
     assert ids_scores(await second) == ids_scores(await first)
+
+
+async def test_an_inline_search_builds_no_shard_selector(
+    coll: Collection, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A search of part of the local shards needs a bitmap over every label of the
+    # collection (times the shards' ids): built on the loop, it would cost in proportion to
+    # the labels given, which no inline bound weighs. Not built yet, the search goes to a
+    # thread (which builds it and keeps it); the next one runs inline.
+    hops = Hops(blocking, monkeypatch)
+    q = np.random.default_rng(3).standard_normal((1, 8)).astype(np.float32)
+    assert (1,) not in coll.index._shard_sels
+    threaded = await coll.search(q, 5, 1, None, [1], inline=True)
+    assert hops.calls == 1
+    assert (1,) in coll.index._shard_sels
+    inline = await coll.search(q, 5, 1, None, [1], inline=True)
+    assert hops.calls == 1
+    assert ids_scores(inline) == ids_scores(threaded)
+
+
+async def test_the_inline_bound_weighs_the_lists_probed_and_the_vectors_read(
+    coll: Collection, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops = Hops(blocking, monkeypatch)
+    q = np.random.default_rng(4).standard_normal((1, 8)).astype(np.float32)
+    index = coll.index
+    scanned = index.ntotal / index.nlist * 8  # one list's vectors, on average
+    coarse = index.nlist * 8  # the query against every list's centroid
+    # Enough for the list scanned, not for the centroids besides: to a thread.
+    monkeypatch.setattr(collection_module, "INLINE_WORK", int(scanned + coarse) - 1)
+    await coll.search(q, 5, 1, None, [0, 1, 2], inline=True)
+    assert hops.calls == 1
+    # Enough for both: inline; with the hits' vectors to read besides, to a thread.
+    monkeypatch.setattr(collection_module, "INLINE_WORK", int(scanned + coarse) + 1)
+    await coll.search(q, 5, 1, None, [0, 1, 2], inline=True)
+    assert hops.calls == 1
+    await coll.search(q, 5, 1, None, [0, 1, 2], True, inline=True)
+    assert hops.calls == 2

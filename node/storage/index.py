@@ -234,6 +234,11 @@ class VectorIndex:
         self._shard_sels[shards] = (bound, sel)
         return sel
 
+    def has_shards_selector(self, shards: tuple[int, ...], below: int) -> bool:
+        """Whether `shards_selector(shards, below)` is made already (no bitmap to build)."""
+        hit = self._shard_sels.get(shards)
+        return hit is not None and hit[0] >= below
+
     @staticmethod
     def train_ivf(spec: CollectionSpec, vectors: np.ndarray, labels: np.ndarray) -> VectorIndex:
         """Train an IVF index of the collection's type on `vectors` and add them. Slow: call
