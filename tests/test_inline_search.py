@@ -170,7 +170,7 @@ async def test_the_inline_bound_weighs_the_lists_probed_and_the_vectors_read(
     hops = Hops(blocking, monkeypatch)
     q = np.random.default_rng(4).standard_normal((1, 8)).astype(np.float32)
     index = coll.index
-    scanned = index.ntotal / index.nlist * 8  # one list's vectors, on average
+    scanned = index.imbalance() * index.ntotal / index.nlist * 8  # the vectors of one list
     coarse = index.nlist * 8  # the query against every list's centroid
     # Enough for the list scanned, not for the centroids besides: to a thread.
     monkeypatch.setattr(collection_module, "INLINE_WORK", int(scanned + coarse) - 1)
@@ -182,3 +182,25 @@ async def test_the_inline_bound_weighs_the_lists_probed_and_the_vectors_read(
     assert hops.calls == 1
     await coll.search(q, 5, 1, None, [0, 1, 2], True, inline=True)
     assert hops.calls == 2
+
+
+async def test_the_inline_bound_weighs_the_lists_as_they_are_filled(
+    coll: Collection, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Writes after the training that fall in one list (data drifting from the sample it was
+    # trained on) make that list long: a query like them scans it, not a list of average size.
+    same = np.random.default_rng(5).standard_normal(8).astype(np.float32)
+    await coll.write({0: [Incoming(f"x{i}", same, b"{}", 1, "n1") for i in range(300)]})
+    assert coll.index.trained and not coll.training
+    hops = Hops(blocking, monkeypatch)
+    index = coll.index
+    mean = index.ntotal / index.nlist
+    skew = float(index.index.invlists.imbalance_factor())
+    assert skew > 2
+    even, real = (index.nlist + mean) * 8, (index.nlist + skew * mean) * 8
+    monkeypatch.setattr(collection_module, "INLINE_WORK", int((even + real) / 2))
+    await coll.search(same[None], 5, 1, None, [0, 1, 2], inline=True)
+    assert hops.calls == 1
+    monkeypatch.setattr(collection_module, "INLINE_WORK", int(real) + 1)
+    await coll.search(same[None], 5, 1, None, [0, 1, 2], inline=True)
+    assert hops.calls == 1

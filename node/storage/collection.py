@@ -752,9 +752,10 @@ class Collection:
         if index.trained:
             lists = index.nlist
             probed = min(probe, lists)
-            # The centroids compared, then the vectors of the lists probed (on average);
+            # The centroids compared, then the vectors of the lists probed (of the size a
+            # query like the data meets: uneven lists are longer where most vectors are);
             # ivf_pq computes a distance table of 256 codes per list probed besides.
-            scanned = lists + index.ntotal * probed / lists
+            scanned = lists + index.imbalance() * index.ntotal * probed / lists
             if self.spec.index.type == "ivf_pq":
                 scanned += 256 * probed
         else:
