@@ -144,3 +144,63 @@ async def test_no_inline_search_while_a_writer_waits_or_a_batch_runs(
     assert not second.done()
     gate.set()
     assert ids_scores(await second) == ids_scores(await first)
+
+
+async def test_an_inline_search_builds_no_shard_selector(
+    coll: Collection, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A search of part of the local shards needs a bitmap over every label of the
+    # collection (times the shards' ids): built on the loop, it would cost in proportion to
+    # the labels given, which no inline bound weighs. Not built yet, the search goes to a
+    # thread (which builds it and keeps it); the next one runs inline.
+    hops = Hops(blocking, monkeypatch)
+    q = np.random.default_rng(3).standard_normal((1, 8)).astype(np.float32)
+    assert (1,) not in coll.index._shard_sels
+    threaded = await coll.search(q, 5, 1, None, [1], inline=True)
+    assert hops.calls == 1
+    assert (1,) in coll.index._shard_sels
+    inline = await coll.search(q, 5, 1, None, [1], inline=True)
+    assert hops.calls == 1
+    assert ids_scores(inline) == ids_scores(threaded)
+
+
+async def test_the_inline_bound_weighs_the_lists_probed_and_the_vectors_read(
+    coll: Collection, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops = Hops(blocking, monkeypatch)
+    q = np.random.default_rng(4).standard_normal((1, 8)).astype(np.float32)
+    index = coll.index
+    scanned = index.imbalance() * index.ntotal / index.nlist * 8  # the vectors of one list
+    coarse = index.nlist * 8  # the query against every list's centroid
+    # Enough for the list scanned, not for the centroids besides: to a thread.
+    monkeypatch.setattr(collection_module, "INLINE_WORK", int(scanned + coarse) - 1)
+    await coll.search(q, 5, 1, None, [0, 1, 2], inline=True)
+    assert hops.calls == 1
+    # Enough for both: inline; with the hits' vectors to read besides, to a thread.
+    monkeypatch.setattr(collection_module, "INLINE_WORK", int(scanned + coarse) + 1)
+    await coll.search(q, 5, 1, None, [0, 1, 2], inline=True)
+    assert hops.calls == 1
+    await coll.search(q, 5, 1, None, [0, 1, 2], True, inline=True)
+    assert hops.calls == 2
+
+
+async def test_the_inline_bound_weighs_the_lists_as_they_are_filled(
+    coll: Collection, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Writes after the training that fall in one list (data drifting from the sample it was
+    # trained on) make that list long: a query like them scans it, not a list of average size.
+    same = np.random.default_rng(5).standard_normal(8).astype(np.float32)
+    await coll.write({0: [Incoming(f"x{i}", same, b"{}", 1, "n1") for i in range(300)]})
+    assert coll.index.trained and not coll.training
+    hops = Hops(blocking, monkeypatch)
+    index = coll.index
+    mean = index.ntotal / index.nlist
+    skew = float(index.index.invlists.imbalance_factor())
+    assert skew > 2
+    even, real = (index.nlist + mean) * 8, (index.nlist + skew * mean) * 8
+    monkeypatch.setattr(collection_module, "INLINE_WORK", int((even + real) / 2))
+    await coll.search(same[None], 5, 1, None, [0, 1, 2], inline=True)
+    assert hops.calls == 1
+    monkeypatch.setattr(collection_module, "INLINE_WORK", int(real) + 1)
+    await coll.search(same[None], 5, 1, None, [0, 1, 2], inline=True)
+    assert hops.calls == 1

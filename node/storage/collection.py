@@ -117,8 +117,8 @@ class IndexState:
 # Query rows a search thread takes at least when a batch is split over several.
 SPLIT_ROWS = 32
 # An inline search (see `Collection.search`) at most: query rows, vector components scanned
-# over all of them (about 1 ms of FAISS), and candidates whose records are read (two reads
-# each through the block cache).
+# over all of them (centroids, lists probed, vectors read; about 1 ms), and candidates whose
+# records are read (two reads each through the block cache).
 INLINE_ROWS = 8
 INLINE_WORK = 4_000_000
 INLINE_CANDIDATES = 256
@@ -722,7 +722,7 @@ class Collection:
         if absent:
             raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
         if predicate is None:
-            if inline and self._inline_ok(len(q), k, probe):
+            if inline and self._inline_ok(len(q), k, probe, wanted, with_vectors):
                 rows = run_batch(self, q, k, probe, wanted, with_vectors)
             else:
                 rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
@@ -736,16 +736,32 @@ class Collection:
             plans.update({p["shard"]: {**probed, **p} for p in answers[0][1]})
         return [row[:k] for row, _ in answers]
 
-    def _inline_ok(self, nq: int, k: int, probe: int) -> bool:
+    def _inline_ok(self, nq: int, k: int, probe: int, wanted: tuple[int, ...],
+                   with_vectors: bool) -> bool:
         """A search small enough to run on the event loop, now: no writer in or waiting on
         the index (nothing is awaited until it returns, so none can enter), no batch on the
-        search threads."""
-        if (nq > INLINE_ROWS or nq * candidates(self, k) > INLINE_CANDIDATES
+        search threads, and the selector of part of the local shards already made (its
+        bitmap costs in proportion to the labels given: a search thread makes it)."""
+        if (nq > INLINE_ROWS or nq * (want := candidates(self, k)) > INLINE_CANDIDATES
                 or not self.rw.readable_now() or not self._batcher.idle):
             return False
         index = self.index
-        lists = index.nlist
-        scanned = index.ntotal * min(probe, lists) / lists if index.trained else index.ntotal
+        if wanted and len(wanted) < len(self.shards) and not index.has_shards_selector(
+                wanted, max(self.shards[s].next_label for s in wanted)):
+            return False
+        if index.trained:
+            lists = index.nlist
+            probed = min(probe, lists)
+            # The centroids compared, then the vectors of the lists probed (of the size a
+            # query like the data meets: uneven lists are longer where most vectors are);
+            # ivf_pq computes a distance table of 256 codes per list probed besides.
+            scanned = lists + index.imbalance() * index.ntotal * probed / lists
+            if self.spec.index.type == "ivf_pq":
+                scanned += 256 * probed
+        else:
+            scanned = index.ntotal
+        if with_vectors or want > k:  # the candidates' vectors read (and re-ranked)
+            scanned += want
         return nq * scanned * self.spec.dim <= INLINE_WORK
 
     async def count_matching(

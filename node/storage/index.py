@@ -119,6 +119,8 @@ class VectorIndex:
     _shard_sels: dict[tuple[int, ...], tuple[int, Any]] = field(default_factory=dict, repr=False)
     # Search parameters without a selector, per nprobe (see `search`).
     _params: dict[int, Any] = field(default_factory=dict, repr=False)
+    # IVF: the lists' imbalance factor and the vectors held when it was computed (`imbalance`).
+    _imbalance: tuple[float, int] | None = field(default=None, repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -233,6 +235,22 @@ class VectorIndex:
         sel = _bitmap(np.packbits(np.tile(slot, bound), bitorder="little"))
         self._shard_sels[shards] = (bound, sel)
         return sel
+
+    def imbalance(self) -> float:
+        """IVF: the lists' imbalance factor (n·Σ size² / total²: 1 when even), which is the
+        size of the list a query drawn like the data falls in, over the mean size. One pass
+        over the list sizes (in C++), made again once the vectors held moved by a tenth."""
+        n = self.ntotal
+        hit = self._imbalance
+        if hit is None or abs(n - hit[1]) * 10 > hit[1]:
+            factor = float(self.index.invlists.imbalance_factor()) if n else 1.0
+            hit = self._imbalance = (factor if math.isfinite(factor) else 1.0, n)
+        return hit[0]
+
+    def has_shards_selector(self, shards: tuple[int, ...], below: int) -> bool:
+        """Whether `shards_selector(shards, below)` is made already (no bitmap to build)."""
+        hit = self._shard_sels.get(shards)
+        return hit is not None and hit[0] >= below
 
     @staticmethod
     def train_ivf(spec: CollectionSpec, vectors: np.ndarray, labels: np.ndarray) -> VectorIndex:
