@@ -14,8 +14,10 @@ from aquila.node import memory
 from aquila.node.blocking import BACKGROUND_THREADS, Blocking
 from aquila.node.storage import collection as collection_module
 from aquila.node.storage.engine import Engine
+from aquila.node.storage.store import RocksMemory, Store, doc_key
 from tests.conftest import wait_for
 from tests.small_ivf import SPEC, doc
+from tests.test_rocks_memory import MIB, fill
 from tests.test_training_memory import TUNING
 
 glibc = pytest.mark.skipif(not hasattr(memory._libc(), "mallinfo2"), reason="glibc 2.33 on")
@@ -72,7 +74,7 @@ def test_malloc_figures_count_a_mapped_block() -> None:
         libc.free(block)
 
 
-async def test_trims_after_a_swap_and_a_snapshot_off_the_loop(
+async def test_trims_and_sheds_after_a_swap_and_trims_after_a_snapshot_off_the_loop(
     tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop_thread = threading.get_ident()
@@ -87,13 +89,22 @@ async def test_trims_after_a_swap_and_a_snapshot_off_the_loop(
             calls.append((me.ident or 0, me.name, coll.index.trained_at))
             return False
 
+        def shed_blocks(mem: RocksMemory) -> None:
+            me = threading.current_thread()
+            shed.append((me.ident or 0, me.name, coll.index.trained_at))
+
+        shed: list[tuple[int, str, int]] = []
         monkeypatch.setattr(collection_module, "trim", trim)
+        monkeypatch.setattr(collection_module, "shed_blocks", shed_blocks)
         await coll.write({0: [doc(i) for i in range(150)]})
         await wait_for(lambda: coll.index.trained and not coll.training, 30,
                        what="the training")
         # After the swap, on the training's thread: the trained index serves by then.
         await wait_for(lambda: any(name.startswith(BACKGROUND_THREADS) and at == 150
                                    for _, name, at in calls), 30, what="a trim after the swap")
+        # The blocks the load left in RocksDB's cache dropped after it, off the loop too.
+        assert [(name[:len(BACKGROUND_THREADS)], at) for _, name, at in shed] == \
+            [(BACKGROUND_THREADS, 150)]
         calls.clear()
         await coll.write({0: [doc(150)]})
         await coll.snapshot()
@@ -101,3 +112,29 @@ async def test_trims_after_a_swap_and_a_snapshot_off_the_loop(
         assert all(t != loop_thread for t, _, _ in calls), "a trim ran on the event loop"
     finally:
         await engine.close()
+
+
+def test_shed_blocks_empties_the_cache_and_keeps_its_capacity(tmp_path: Path) -> None:
+    """Blocks read through the cache (table files' data, index and filter blocks) leave it;
+    the capacity is what it was, and reads fill it again."""
+    mem = RocksMemory(64 * MIB)
+    store = Store(tmp_path / "db", fsync=False, memory=mem)
+    store.open()
+    try:
+        fill(store, 0, 4000)
+        store.db.flush(True)  # into a table file: reads now go through the block cache
+        ids = [f"k{i}" for i in range(4000)]
+
+        def read() -> None:
+            for i in ids:
+                store.db.get(doc_key(0, i))
+
+        read()
+        assert mem.used() > 2 * MIB
+        memory.shed_blocks(mem)
+        assert mem.used() < MIB
+        assert store.db.property_int_value("rocksdb.block-cache-capacity") == 64 * MIB
+        read()
+        assert mem.used() > 2 * MIB
+    finally:
+        store.close()

@@ -36,7 +36,7 @@ from aquila.cluster.model.recall import share_top
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import TMP_SUFFIX, remove_stale_temps, write_atomic
-from aquila.node.memory import trim
+from aquila.node.memory import shed_blocks, trim
 from aquila.node.storage.batcher import SearchBatcher, weakly
 from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist
@@ -887,6 +887,7 @@ class Collection:
             # bulk load left in them would stay there until the next writes fill them.
             if not self.closed:  # a flush waits for the memtable switch: off the loop
                 await self.blocking.write(self.store.flush_memtables)
+            await self.blocking.background(shed_blocks, self.store.memory)  # the load's blocks
             await self.blocking.background(trim)
         except TrainingStopped:
             log.info("%s: training stopped by the close", self.spec.name)
