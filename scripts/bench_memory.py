@@ -325,9 +325,10 @@ def faiss_qps(index_path: Path, shards: int, q: np.ndarray, nprobe: int, seconds
 
 async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.ndarray,
                    truth: np.ndarray, root: Path, variant: str = "",
-                   code: Path | None = None) -> dict[str, Any]:
+                   code: Path | None = None, extra: dict[str, str] | None = None
+                   ) -> dict[str, Any]:
     env = {"AQUILA_FSYNC": "true", "AQUILA_SNAPSHOT_INTERVAL_S": str(args.snapshot_interval),
-           "AQUILA_LOG_LEVEL": "INFO"}
+           "AQUILA_LOG_LEVEL": "INFO", **(extra or {})}
     if code is not None:
         env["PYTHONPATH"] = code_pythonpath(code)
     node: Node
@@ -593,13 +594,18 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             x, q = both[:args.n], np.ascontiguousarray(both[args.n:])
             truth = await asyncio.to_thread(exact_truth, x, q)
             log(f"{len(x)} vectors and the exact answers of {len(q)} queries ready")
-            # With --base, per type: the base's node, then the worktree's (one at a time).
-            variants: list[tuple[str, Path | None]] = [("", None)]
+            # With --base or --env-b, per type: the base's node, the worktree's, the
+            # worktree's with those variables (one at a time).
+            variants: list[tuple[str, Path | None, dict[str, str]]] = [("", None, {})]
+            if args.base or args.env_b:
+                variants = [("worktree", None, {})]
             if args.base:
-                variants = [("base", args.base.resolve()), ("worktree", None)]
+                variants.insert(0, ("base", args.base.resolve(), {}))
+            if args.env_b:
+                variants.append(("env_b", None, dict(kv.split("=", 1) for kv in args.env_b)))
             for itype in args.types.split(","):
-                for name, code in variants:
-                    r = await one_type(args, itype, x, q, truth, root, name, code)
+                for name, code, extra in variants:
+                    r = await one_type(args, itype, x, q, truth, root, name, code, extra)
                     log(json.dumps(r))
                     results.append(r)
     finally:
@@ -646,6 +652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also run the node of the code in DIR (DIR/node, DIR/cluster: `git "
                         "archive main node cluster | tar -x -C DIR`), before the worktree's, "
                         "per type")
+    p.add_argument("--env-b", nargs="*", metavar="KEY=VALUE",
+                   help="also run the worktree's node with these environment variables")
     p.add_argument("--trim-probe", action="store_true",
                    help="after the figures at rest, call malloc_trim(0) in the node (gdb) "
                         "and report the RSS it gave back")

@@ -26,9 +26,11 @@ def smaps_parts(pid: int) -> dict[str, float]:
     kernel may drop them), `heap` (the main arena's brk heap), `arenas` (glibc's other
     arenas: 64 MiB reservations), `stacks` (thread stacks: 8 MiB maps with a guard page),
     `anon_big` (other anonymous maps of 1 MiB and more: malloc's mapped blocks, Python's
-    arenas, OpenBLAS's buffers, FAISS's lists), `anon_small` (the rest)."""
+    arenas), `anon_small` (the rest). A glibc arena's heap is a map of up to 64 MiB that
+    starts on a 64 MiB boundary (the part not yet used is a map without access, not
+    resident): so they are told apart."""
     out = dict.fromkeys(("files", "heap", "arenas", "stacks", "anon_big", "anon_small"), 0.0)
-    size, name, guard_before = 0, "", False
+    size, start, name, guard_before = 0, 0, "", False
     last_perm = ""
     try:
         lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
@@ -37,7 +39,8 @@ def smaps_parts(pid: int) -> dict[str, float]:
     for line in lines:
         m = _MAP.match(line)
         if m:
-            size = (int(m.group(2), 16) - int(m.group(1), 16)) >> 10
+            start = int(m.group(1), 16)
+            size = (int(m.group(2), 16) - start) >> 10
             guard_before = last_perm == "---p"
             last_perm, name = m.group(3), m.group(4).strip()
             continue
@@ -54,7 +57,7 @@ def smaps_parts(pid: int) -> dict[str, float]:
             kind = "anon_small"
         elif guard_before and size in (8188, 8192, 8184):
             kind = "stacks"
-        elif 60 * 1024 <= size <= 64 * 1024:
+        elif start % (64 << 20) == 0:
             kind = "arenas"
         elif size >= 1024:
             kind = "anon_big"
