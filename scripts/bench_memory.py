@@ -421,6 +421,10 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
             out["memory_parts_after_restart_mib"] = await memory_parts(s, url)
             out["parts_after_restart"] = await asyncio.to_thread(breakdown, node.pid,
                                                                  node.log_path)
+            per = per_vector(out.get("parts_fresh", {}), out["parts_after_restart"],
+                             out["memory_parts_after_restart_mib"], len(x))
+            if per is not None:  # the README's table of bytes per vector, checked
+                out["heap_bytes_per_vector_after_restart"] = per
     finally:
         out["rss_peak_mib"] = peak.stop()
         node.stop()
@@ -434,6 +438,26 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
         out["faiss_ivf_flat_bytes_per_vector"] = per_vec
     out["uptime"] = load_avg()
     return out
+
+
+def c_heap_mib(parts: dict[str, Any]) -> float | None:
+    """The C heap in use (glibc's arenas less their free chunks, plus the blocks mapped
+    apart), from `bench_memparts.breakdown`."""
+    if "malloc_heap_mib" not in parts:
+        return None
+    return float(parts["malloc_heap_mib"] - parts["malloc_free_mib"]
+                 + parts["malloc_mapped_mib"])
+
+
+def per_vector(fresh: dict[str, Any], parts: dict[str, Any], rocks: dict[str, float],
+               n: int) -> float | None:
+    """Bytes a vector of the C heap in use, a fresh node's and RocksDB's cache taken off
+    (what the README's table of memory per vector counts: the index, its ids, its hash
+    table's entries, its centroids)."""
+    now, base = c_heap_mib(parts), c_heap_mib(fresh)
+    if now is None or base is None or not n:
+        return None
+    return round((now - base - rocks.get("budget_used", 0.0)) * 2**20 / n, 1)
 
 
 def rss_anon_mib(pid: int) -> float:
@@ -681,6 +705,9 @@ def table(results: list[dict[str, Any]]) -> str:
         for key in ("parts_fresh", "parts", "parts_after_restart"):
             if r.get(key):
                 lines.append(f"  {key}: {r[key]}")
+        if r.get("heap_bytes_per_vector_after_restart"):
+            lines.append(f"  C heap in use per vector after a restart (a fresh node's and the "
+                         f"block cache off): {r['heap_bytes_per_vector_after_restart']} bytes")
         for q in r.get("search", []):
             what = (f"nprobe {q['nprobe']}" if "nprobe" in q
                     else f"recall {q['recall']} (nprobe {q.get('nprobe_used')})")
