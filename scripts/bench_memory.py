@@ -404,6 +404,9 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
                 out["rest_qps"], out["rest_p99_ms"] = rest[0]["qps"], rest[0]["p99_ms"]
                 out["rest_nprobe"] = args.nprobe
             out["rss_mib_after_search"] = round(rss_mib_of(node.pid), 1)
+            out["memory_parts_after_search_mib"] = await memory_parts(s, url)
+            out["parts_after_search"] = await asyncio.to_thread(breakdown, node.pid,
+                                                                node.log_path)
             for sig in (signal.SIGKILL, signal.SIGTERM):
                 peak.phase = f"restart_{sig.name}"
                 r = await restart_after(s, node, sig, q)
@@ -702,7 +705,7 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"{r.get('rss_mib_after_restart')} MiB = "
                      f"{r.get('rss_after_restart_over_raw')}x after a restart; peaks "
                      f"{r.get('rss_peak_mib')}; disk {r.get('disk_over_raw')}x raw")
-        for key in ("parts_fresh", "parts", "parts_after_restart"):
+        for key in ("parts_fresh", "parts", "parts_after_search", "parts_after_restart"):
             if r.get(key):
                 lines.append(f"  {key}: {r[key]}")
         if r.get("heap_bytes_per_vector_after_restart"):
