@@ -46,7 +46,8 @@ import faiss
 import numpy as np
 import orjson
 from bench_common import COLLECTION, JSON_HEADERS, log, pct
-from bench_node import Node, call, rss_mib_of, wait_ready
+from bench_memparts import breakdown
+from bench_node import Node, call, code_pythonpath, rss_mib_of, wait_ready
 from wrkload import run_wrk, write_bodies
 
 from aquila.node.storage.index import VectorIndex
@@ -327,20 +328,26 @@ def faiss_qps(index_path: Path, shards: int, q: np.ndarray, nprobe: int, seconds
 
 
 async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.ndarray,
-                   truth: np.ndarray, root: Path) -> dict[str, Any]:
+                   truth: np.ndarray, root: Path, variant: str = "",
+                   code: Path | None = None, extra: dict[str, str] | None = None
+                   ) -> dict[str, Any]:
     env = {"AQUILA_FSYNC": "true", "AQUILA_SNAPSHOT_INTERVAL_S": str(args.snapshot_interval),
-           "AQUILA_LOG_LEVEL": "INFO"}
+           "AQUILA_LOG_LEVEL": "INFO", **(extra or {})}
+    if code is not None:
+        env["PYTHONPATH"] = code_pythonpath(code)
     node: Node
     if args.attach:
         node = AttachedNode(args.attach, env)
         data = node.data_dir.parent
     else:
-        data = root / itype
+        data = root / f"{itype}{variant and '-' + variant}"
         data.mkdir()
         node = Node(data / "node", data / "node.log", env)
         (data / "node").mkdir()
         node.start()
     out: dict[str, Any] = {"type": itype, "n": len(x), "dim": x.shape[1]}
+    if variant:
+        out["variant"] = variant
     if args.attach:
         out["attached_from_row"] = args.first_row
     raw = len(x) * x.shape[1] * 4
@@ -349,6 +356,8 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as s:
             url = node.base_url
             await wait_ready(s, node, 120)
+            if not args.attach:  # a fresh node, no collection yet
+                out["parts_fresh"] = await asyncio.to_thread(breakdown, node.pid, node.log_path)
             body = {"dim": x.shape[1], "metric": "l2", "index": {"type": itype}}
             if not args.attach:
                 await call(s, "PUT", f"{url}/v1/collections/{COLLECTION}", orjson.dumps(body))
@@ -385,6 +394,11 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
             out["rss_over_raw"] = round(rss * 2**20 / raw, 3)
             out["rss_bytes_per_vector"] = round(rss * 2**20 / len(x), 1)
             out["memory_parts_mib"] = await memory_parts(s, url)
+            # Where RSS sits (smaps, glibc), and with --trim-probe what a malloc_trim(0) then
+            # gives back (it changes the node: measured last, after the figures above).
+            out["parts"] = await asyncio.to_thread(breakdown, node.pid, node.log_path,
+                                                   args.trim_probe)
+            log(f"{itype}: parts {out['parts']}")
             out["disk_over_raw"] = round(du_bytes(data / "node") / raw, 3)
             peak.phase = "search"
             out["search"] = await recall_and_qps(s, node, q, truth, args.settings,
@@ -394,6 +408,9 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
                 out["rest_qps"], out["rest_p99_ms"] = rest[0]["qps"], rest[0]["p99_ms"]
                 out["rest_nprobe"] = args.nprobe
             out["rss_mib_after_search"] = round(rss_mib_of(node.pid), 1)
+            out["memory_parts_after_search_mib"] = await memory_parts(s, url)
+            out["parts_after_search"] = await asyncio.to_thread(breakdown, node.pid,
+                                                                node.log_path)
             for sig in (signal.SIGKILL, signal.SIGTERM):
                 peak.phase = f"restart_{sig.name}"
                 r = await restart_after(s, node, sig, q)
@@ -409,6 +426,12 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
             out["rss_after_restart_over_raw"] = round(
                 out["rss_mib_after_restart"] * 2**20 / raw, 3)
             out["memory_parts_after_restart_mib"] = await memory_parts(s, url)
+            out["parts_after_restart"] = await asyncio.to_thread(breakdown, node.pid,
+                                                                 node.log_path)
+            per = per_vector(out.get("parts_fresh", {}), out["parts_after_restart"],
+                             out["memory_parts_after_restart_mib"], len(x))
+            if per is not None:  # the README's table of bytes per vector, checked
+                out["heap_bytes_per_vector_after_restart"] = per
     finally:
         out["rss_peak_mib"] = peak.stop()
         node.stop()
@@ -422,6 +445,26 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
         out["faiss_ivf_flat_bytes_per_vector"] = per_vec
     out["uptime"] = load_avg()
     return out
+
+
+def c_heap_mib(parts: dict[str, Any]) -> float | None:
+    """The C heap in use (glibc's arenas less their free chunks, plus the blocks mapped
+    apart), from `bench_memparts.breakdown`."""
+    if "malloc_heap_mib" not in parts:
+        return None
+    return float(parts["malloc_heap_mib"] - parts["malloc_free_mib"]
+                 + parts["malloc_mapped_mib"])
+
+
+def per_vector(fresh: dict[str, Any], parts: dict[str, Any], rocks: dict[str, float],
+               n: int) -> float | None:
+    """Bytes a vector of the C heap in use, a fresh node's and RocksDB's cache taken off
+    (what the README's table of memory per vector counts: the index, its ids, its hash
+    table's entries, its centroids)."""
+    now, base = c_heap_mib(parts), c_heap_mib(fresh)
+    if now is None or base is None or not n:
+        return None
+    return round((now - base - rocks.get("budget_used", 0.0)) * 2**20 / n, 1)
 
 
 def rss_anon_mib(pid: int) -> float:
@@ -594,10 +637,20 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             x, q = both[:args.n], np.ascontiguousarray(both[args.n:])
             truth = await asyncio.to_thread(exact_truth, x, q)
             log(f"{len(x)} vectors and the exact answers of {len(q)} queries ready")
+            # With --base or --env-b, per type: the base's node, the worktree's, the
+            # worktree's with those variables (one at a time).
+            variants: list[tuple[str, Path | None, dict[str, str]]] = [("", None, {})]
+            if args.base or args.env_b:
+                variants = [("worktree", None, {})]
+            if args.base:
+                variants.insert(0, ("base", args.base.resolve(), {}))
+            if args.env_b:
+                variants.append(("env_b", None, dict(kv.split("=", 1) for kv in args.env_b)))
             for itype in args.types.split(","):
-                r = await one_type(args, itype, x, q, truth, root)
-                log(json.dumps(r))
-                results.append(r)
+                for name, code, extra in variants:
+                    r = await one_type(args, itype, x, q, truth, root, name, code, extra)
+                    log(json.dumps(r))
+                    results.append(r)
     finally:
         if not args.keep:
             await asyncio.to_thread(shutil.rmtree, root, True)
@@ -641,6 +694,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pause-at", type=int, default=0, metavar="N",
                    help="ingest N rows, wait until they are trained, then the rest (a "
                         "retraining beside the ingest, as in a long bulk load)")
+    p.add_argument("--base", type=Path,
+                   help="also run the node of the code in DIR (DIR/node, DIR/cluster: `git "
+                        "archive main node cluster | tar -x -C DIR`), before the worktree's, "
+                        "per type")
+    p.add_argument("--env-b", nargs="*", metavar="KEY=VALUE",
+                   help="also run the worktree's node with these environment variables")
+    p.add_argument("--trim-probe", action="store_true",
+                   help="after the figures at rest, call malloc_trim(0) in the node (gdb) "
+                        "and report the RSS it gave back")
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--keep", action="store_true")
     return p.parse_args(argv)
@@ -653,7 +715,8 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         if "type" not in r:
             continue
-        lines.append(f"{r['type']}  n={r['n']:,} dim={r['dim']}  ({r.get('uptime', '')})")
+        lines.append(f"{r['type']} {r.get('variant', '')} n={r['n']:,} dim={r['dim']}  "
+                     f"({r.get('uptime', '')})")
         lines.append(f"  ingest {r.get('ingest_docs_per_s', 0):,} docs/s; trained "
                      f"{r.get('settled_after_ingest_s')} s after the last write "
                      f"(nlist {r.get('nlist')}, trained on {r.get('trained_at')})")
@@ -661,6 +724,12 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"{r.get('rss_mib_after_restart')} MiB = "
                      f"{r.get('rss_after_restart_over_raw')}x after a restart; peaks "
                      f"{r.get('rss_peak_mib')}; disk {r.get('disk_over_raw')}x raw")
+        for key in ("parts_fresh", "parts", "parts_after_search", "parts_after_restart"):
+            if r.get(key):
+                lines.append(f"  {key}: {r[key]}")
+        if r.get("heap_bytes_per_vector_after_restart"):
+            lines.append(f"  C heap in use per vector after a restart (a fresh node's and the "
+                         f"block cache off): {r['heap_bytes_per_vector_after_restart']} bytes")
         for q in r.get("search", []):
             what = (f"nprobe {q['nprobe']}" if "nprobe" in q
                     else f"recall {q['recall']} (nprobe {q.get('nprobe_used')})")

@@ -97,6 +97,18 @@ def rss_mib_of(pid: int) -> float:
     return float("nan")
 
 
+def code_pythonpath(code: Path) -> str:
+    """The PYTHONPATH that runs the node of the code in `code` (DIR/node and DIR/cluster, as
+    `git archive <commit> node cluster | tar -x -C DIR` leaves them) as the `aquila` package."""
+    pkg = code / "_pkg"
+    if not pkg.exists():
+        (pkg / "aquila").mkdir(parents=True)
+        (pkg / "aquila" / "__init__.py").write_text("")
+        for part in ("node", "cluster"):
+            (pkg / "aquila" / part).symlink_to(code / part)
+    return str(pkg)
+
+
 # ---------------------------------------------------------------------------------------
 # The node subprocess
 # ---------------------------------------------------------------------------------------

@@ -48,7 +48,14 @@ import numpy as np
 import orjson
 from bench_common import COLLECTION, log
 from bench_memory import clustered, faiss_round, ingest, load_avg, wait_settled
-from bench_node import Node, call, cpu_seconds_of, thread_cpu_of, wait_ready
+from bench_node import (
+    Node,
+    call,
+    code_pythonpath,
+    cpu_seconds_of,
+    thread_cpu_of,
+    wait_ready,
+)
 from bench_profile import pyspy_exe, summarise_collapsed
 from wrkload import run_wrk, write_bodies
 
@@ -98,13 +105,7 @@ def code_env(code: Path | None, extra: dict[str, str] | None = None) -> dict[str
     `extra` variables."""
     if code is None:
         return {**ENV, **(extra or {})}
-    pkg = code / "_pkg"
-    if not pkg.exists():
-        (pkg / "aquila").mkdir(parents=True)
-        (pkg / "aquila" / "__init__.py").write_text("")
-        for part in ("node", "cluster"):
-            (pkg / "aquila" / part).symlink_to(code / part)
-    return {**ENV, **(extra or {}), "PYTHONPATH": str(pkg)}
+    return {**ENV, **(extra or {}), "PYTHONPATH": code_pythonpath(code)}
 
 
 PROFILERS: list[subprocess.Popen[bytes]] = []

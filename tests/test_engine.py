@@ -323,7 +323,7 @@ async def test_the_engine_starts_without_a_child_process(
     which runs `ldconfig -p`)."""
     import subprocess
 
-    from aquila.node.storage.training import release_memory
+    from aquila.node.memory import trim
 
     def no_child(*args: object, **kwargs: object) -> None:
         raise AssertionError("a child process was started")
@@ -332,7 +332,7 @@ async def test_the_engine_starts_without_a_child_process(
     engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
     await engine.start()
     await engine.ensure(SPEC, [0, 1], "u")
-    release_memory()
+    trim()
     await engine.close()
 
 

@@ -36,6 +36,7 @@ from aquila.cluster.model.recall import share_top
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import TMP_SUFFIX, remove_stale_temps, write_atomic
+from aquila.node.memory import shed_blocks, trim
 from aquila.node.storage.batcher import SearchBatcher, weakly
 from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist
@@ -52,7 +53,7 @@ from aquila.node.storage.store import (
     Store,
     WriteBatch,
 )
-from aquila.node.storage.training import compacted, release_memory, train_streamed
+from aquila.node.storage.training import compacted, train_streamed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -899,7 +900,7 @@ class Collection:
         the same node restarted)."""
         if self.closed:  # past its last read: no index written out for nobody, maybe into
             raise TrainingStopped(self.spec.name)  # the folder of the name's next incarnation
-        release_memory()
+        trim()
         return compacted(index, self.root / f".compact{TMP_SUFFIX}")
 
     async def _train(self) -> None:
@@ -947,7 +948,8 @@ class Collection:
             # bulk load left in them would stay there until the next writes fill them.
             if not self.closed:  # a flush waits for the memtable switch: off the loop
                 await self.blocking.write(self.store.flush_memtables)
-            await self.blocking.background(release_memory)
+            await self.blocking.background(shed_blocks, self.store.memory)  # the load's blocks
+            await self.blocking.background(trim)
         except TrainingStopped:
             log.info("%s: training stopped by the close", self.spec.name)
         except Exception:
@@ -1029,7 +1031,7 @@ class Collection:
             if index is self.index:  # not an index a training's swap replaced meanwhile
                 self._saved = index
             # What writes left in the C heap, back to the system.
-            await self.blocking.write(release_memory)
+            await self.blocking.write(trim)
 
 
 async def _to_the_end(work: Awaitable[T], on_cancel: Callable[[], None] | None = None

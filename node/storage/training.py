@@ -12,8 +12,6 @@ Blocking (RocksDB reads, FAISS training): runs on the background thread.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import logging
 import math
 import time
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from aquila.cluster.model.spec import CollectionSpec
+from aquila.node.memory import trim
 from aquila.node.storage.index import (
     CALIBRATION_K,
     CALIBRATION_QUERIES,
@@ -229,7 +228,7 @@ def compacted(index: VectorIndex, scratch: Path) -> VectorIndex:
             log.warning("index lists left as they are: no scratch file (%s)", exc)
             return index
         index.index = None
-        release_memory()
+        trim()
         fresh = faiss.read_index(str(scratch))
     finally:
         with contextlib.suppress(OSError):
@@ -237,46 +236,3 @@ def compacted(index: VectorIndex, scratch: Path) -> VectorIndex:
     faiss.extract_index_ivf(fresh).set_direct_map_type(faiss.DirectMap.Hashtable)
     index.index = fresh
     return index
-
-
-# glibc's mallopt parameters. M_ARENA_MAX: how many heaps (arenas) threads may spread their
-# allocations over; each keeps the memory freed in it. FAISS, RocksDB and the node's thread
-# pools would otherwise get up to eight a core. M_MMAP_THRESHOLD: blocks from this size up are
-# mapped apart and given back whole when freed. Set, it stays fixed; left alone glibc raises
-# it to the largest block freed so far (up to 32 MiB), after which the write path's request
-# buffers, RocksDB's memtable blocks and training's chunks are carved from the heaps, between
-# blocks that live on, and what they leave is kept (RSS after a bulk load well above the same
-# node restarted).
-_M_ARENA_MAX = -8
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 256 << 10
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """The C library's functions, through the process's own symbols: no lookup by name
-    (`ctypes.util.find_library` runs `ldconfig -p` in a child process, a fork of the whole
-    node each time, which held the event loop for half a second on a busy machine)."""
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
-
-
-def limit_arenas(arenas: int = 2) -> None:
-    """Fewer malloc arenas: memory freed by one thread is reused by the next instead of
-    staying behind in an arena of its own; large blocks always mapped apart (glibc only;
-    elsewhere nothing)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(_M_ARENA_MAX, arenas)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
-def release_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim): a training
-    frees hundreds of megabytes in blocks that glibc would otherwise keep for later, counted
-    in the node's RSS."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc
-        libc.malloc_trim(0)

@@ -1,0 +1,95 @@
+"""The node's memory beside its indexes. The C heap (glibc's malloc, through ctypes;
+elsewhere those functions do nothing): how many arenas threads spread over, which blocks are
+mapped apart, giving free pages back to the system, and malloc's own figures. And RocksDB's
+block cache, emptied of what a bulk load left in it.
+
+`trim()` walks every arena under its lock (milliseconds to tens of them on a heap of
+gigabytes), `shed_blocks()` every block of the cache: call them on a worker thread, never on
+the event loop."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aquila.node.storage.store import RocksMemory
+
+# glibc's mallopt parameters. M_ARENA_MAX: how many heaps (arenas) threads may spread their
+# allocations over; each keeps the memory freed in it. FAISS, RocksDB and the node's thread
+# pools would otherwise get up to eight a core. M_MMAP_THRESHOLD: blocks from this size up are
+# mapped apart and given back whole when freed. Set, it stays fixed; left alone glibc raises
+# it to the largest block freed so far (up to 32 MiB), after which the write path's request
+# buffers, RocksDB's memtable blocks and training's chunks are carved from the heaps, between
+# blocks that live on, and what they leave is kept (RSS after a bulk load well above the same
+# node restarted).
+_M_ARENA_MAX = -8
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 256 << 10
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library's functions, through the process's own symbols: no lookup by name
+    (`ctypes.util.find_library` runs `ldconfig -p` in a child process, a fork of the whole
+    node each time, which held the event loop for half a second on a busy machine)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 on
+        libc.mallinfo2.restype = _Mallinfo2
+        libc.mallinfo2.argtypes = []
+    return libc
+
+
+def limit_arenas(arenas: int = 2) -> None:
+    """Fewer malloc arenas: memory freed by one thread is reused by the next instead of
+    staying behind in an arena of its own; large blocks always mapped apart (glibc only;
+    elsewhere nothing). Arenas made before the call stay: call it before threads start."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_ARENA_MAX, arenas)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def trim() -> bool:
+    """Give the C heap's free pages back to the system (glibc's `malloc_trim(0)`: the top of
+    every arena and the whole free pages inside them): a training or a bulk load frees
+    hundreds of megabytes in blocks that glibc would otherwise keep for later, counted in
+    the node's RSS. True when something was given back. Blocking: on a worker thread."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    return bool(libc.malloc_trim(0))
+
+
+def malloc_figures() -> dict[str, int]:
+    """Bytes by glibc's `mallinfo2()`: `heap` the arenas' memory from the system (mapped
+    blocks apart), `mapped` the blocks mapped apart, `in_use` what is allocated from the
+    arenas, `free` what they hold free (what a trim may give back, at page granularity),
+    `releasable` the free top of the main heap. Empty where there is no mallinfo2."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return {}
+    m = libc.mallinfo2()
+    return {"heap": int(m.arena), "mapped": int(m.hblkhd), "in_use": int(m.uordblks),
+            "free": int(m.fordblks), "releasable": int(m.keepcost)}
+
+
+def shed_blocks(memory: RocksMemory) -> None:
+    """Drop every block RocksDB's cache holds that no reader holds now (the pinned top
+    levels of indexes and filters, and the memtables' charges, stay), then give the cache
+    its capacity back. After a bulk load the cache is full of what the write path's
+    look-ups read (index and filter partitions of table files compactions will rewrite, and
+    the data blocks their filters' false positives read: 18-27 MiB after 1M documents),
+    none of which a search wants. Blocking: on a worker thread."""
+    memory.cache.set_capacity(0)
+    memory.cache.set_capacity(memory.capacity)

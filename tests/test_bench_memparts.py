@@ -1,0 +1,36 @@
+"""bench_memory's split of a node's RSS (scripts/bench_memparts.py) and its bytes per vector:
+checked on this process, whose memory the test changes by known amounts."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+from bench_memory import per_vector  # noqa: E402
+from bench_memparts import breakdown, smaps_parts  # noqa: E402
+
+
+def test_a_mapped_block_counts_with_the_anonymous_maps_and_libraries_as_files() -> None:
+    before = smaps_parts(os.getpid())
+    block = np.ones(64 << 18, np.float32)  # 64 MiB, touched: a block mapped apart
+    after = smaps_parts(os.getpid())
+    assert after["anon_big"] - before["anon_big"] >= 60
+    assert after["files"] > 5  # libpython, numpy's libraries
+    assert abs(sum(after.values()) - breakdown(os.getpid(), None)["rss_mib"]) < 8
+    del block
+
+
+def test_bytes_per_vector_take_a_fresh_node_and_the_block_cache_off() -> None:
+    fresh = {"malloc_heap_mib": 15.0, "malloc_free_mib": 1.0, "malloc_mapped_mib": 1.0}
+    after = {"malloc_heap_mib": 400.0, "malloc_free_mib": 10.0, "malloc_mapped_mib": 50.0}
+    # 440 MiB in use, less 15 (fresh) and 2 (the cache): 423 MiB over 1M vectors.
+    assert per_vector(fresh, after, {"budget_used": 2.0}, 1_000_000) == round(
+        423 * 2**20 / 1e6, 1)
+    assert per_vector({}, after, {}, 10) is None

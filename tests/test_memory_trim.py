@@ -1,0 +1,140 @@
+"""The C heap given back to the system (node/memory.py): `trim` gives back free pages inside
+the heap, and a collection calls it after a training's swap and after a snapshot, each time
+on a worker thread, never on the event loop (it walks every arena under its lock)."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+
+import pytest
+
+from aquila.node import memory
+from aquila.node.blocking import BACKGROUND_THREADS, Blocking
+from aquila.node.storage import collection as collection_module
+from aquila.node.storage.engine import Engine
+from aquila.node.storage.store import RocksMemory, Store, doc_key
+from tests.conftest import wait_for
+from tests.small_ivf import SPEC, doc
+from tests.test_rocks_memory import MIB, fill
+from tests.test_training_memory import TUNING
+
+glibc = pytest.mark.skipif(not hasattr(memory._libc(), "mallinfo2"), reason="glibc 2.33 on")
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmRSS")
+
+
+@glibc
+def test_trim_gives_back_free_pages_inside_the_heap() -> None:
+    """Blocks freed below one still in use are not given back by free() (only the heap's top
+    is): they stay resident until a trim."""
+    libc = memory._libc()
+    assert libc is not None
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, count = 32 << 10, 2048  # 64 MiB in blocks under the mmap threshold: from the heap
+    memory.limit_arenas()
+    blocks = [libc.malloc(size) for _ in range(count)]
+    pin = libc.malloc(size)  # above them: the heap's top cannot shrink past it
+    try:
+        for b in blocks:
+            ctypes.memset(b, 1, size)  # resident
+        for b in blocks:
+            libc.free(b)
+        free = memory.malloc_figures()["free"]
+        assert free >= count * size * 0.9, "the freed blocks are not held by the heap"
+        before = _rss()
+        assert memory.trim()
+        assert before - _rss() >= count * size // 2, "the trim gave back less than half"
+    finally:
+        libc.free(pin)
+
+
+@glibc
+def test_malloc_figures_count_a_mapped_block() -> None:
+    libc = memory._libc()
+    assert libc is not None
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = memory.malloc_figures()
+    block = libc.malloc(64 << 20)  # over the mmap threshold: mapped apart
+    try:
+        after = memory.malloc_figures()
+        assert after["mapped"] - before["mapped"] >= 64 << 20
+        assert after["in_use"] - before["in_use"] < 1 << 20  # the arenas' own, not mapped ones
+    finally:
+        libc.free(block)
+
+
+async def test_trims_and_sheds_after_a_swap_and_trims_after_a_snapshot_off_the_loop(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop_thread = threading.get_ident()
+    calls: list[tuple[int, str, int]] = []  # (thread, its name, the index's trained_at)
+    engine = Engine(tmp_path, blocking, TUNING, fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+
+        def trim() -> bool:
+            me = threading.current_thread()
+            calls.append((me.ident or 0, me.name, coll.index.trained_at))
+            return False
+
+        def shed_blocks(mem: RocksMemory) -> None:
+            me = threading.current_thread()
+            shed.append((me.ident or 0, me.name, coll.index.trained_at))
+
+        shed: list[tuple[int, str, int]] = []
+        monkeypatch.setattr(collection_module, "trim", trim)
+        monkeypatch.setattr(collection_module, "shed_blocks", shed_blocks)
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await wait_for(lambda: coll.index.trained and not coll.training, 30,
+                       what="the training")
+        # After the swap, on the training's thread: the trained index serves by then.
+        await wait_for(lambda: any(name.startswith(BACKGROUND_THREADS) and at == 150
+                                   for _, name, at in calls), 30, what="a trim after the swap")
+        # The blocks the load left in RocksDB's cache dropped after it, off the loop too.
+        assert [(name[:len(BACKGROUND_THREADS)], at) for _, name, at in shed] == \
+            [(BACKGROUND_THREADS, 150)]
+        calls.clear()
+        await coll.write({0: [doc(150)]})
+        await coll.snapshot()
+        assert calls, "no trim after the snapshot"
+        assert all(t != loop_thread for t, _, _ in calls), "a trim ran on the event loop"
+    finally:
+        await engine.close()
+
+
+def test_shed_blocks_empties_the_cache_and_keeps_its_capacity(tmp_path: Path) -> None:
+    """Blocks read through the cache (table files' data, index and filter blocks) leave it;
+    the capacity is what it was, and reads fill it again."""
+    mem = RocksMemory(64 * MIB)
+    store = Store(tmp_path / "db", fsync=False, memory=mem)
+    store.open()
+    try:
+        fill(store, 0, 4000)
+        store.db.flush(True)  # into a table file: reads now go through the block cache
+        ids = [f"k{i}" for i in range(4000)]
+
+        def read() -> None:
+            for i in ids:
+                store.db.get(doc_key(0, i))
+
+        read()
+        assert mem.used() > 2 * MIB
+        memory.shed_blocks(mem)
+        assert mem.used() < MIB
+        assert store.db.property_int_value("rocksdb.block-cache-capacity") == 64 * MIB
+        read()
+        assert mem.used() > 2 * MIB
+    finally:
+        store.close()
