@@ -187,9 +187,10 @@ async def test_released_labels_and_the_position_survive_a_restart(
     reads: list[tuple[int, int]] = []
     orig = Store.labelled_tombstones
 
-    def spy(self: Store, shard: int, after: int, upto: int, stop: Any = None) -> list[str]:
+    def spy(self: Store, shard: int, after: int, upto: int, limit: int, stop: Any = None
+            ) -> tuple[list[str], int]:
         reads.append((after, upto))
-        return orig(self, shard, after, upto, stop)
+        return orig(self, shard, after, upto, limit, stop)
 
     monkeypatch.setattr(Store, "labelled_tombstones", spy)
     engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
@@ -212,10 +213,14 @@ async def test_released_labels_and_the_position_survive_a_restart(
         await engine.close()
 
 
-async def test_labels_stay_bounded_under_churn_without_a_purge(engine: Engine) -> None:
+async def test_labels_stay_bounded_under_churn_without_a_purge(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """300 live documents, 30 cycles of 50 new ids written then deleted, a snapshot after
     each, no purge (the default grace of a day): the labels given stop at 350, the peak in
-    use, and the tombstones hold none. Without the release they follow the deletes (1,800)."""
+    use, and the tombstones hold none (released 7 a batch). Without the release they follow
+    the deletes (1,800)."""
+    monkeypatch.setattr("aquila.node.storage.collection.RELEASE_CHUNK", 7)
     coll = await engine.ensure(FLAT, [0], "u")
     await coll.write({0: [doc(i) for i in range(300)]})
     version = 2
@@ -224,8 +229,11 @@ async def test_labels_stay_bounded_under_churn_without_a_purge(engine: Engine) -
         await coll.write({0: [doc(i, version) for i in ids]})
         await coll.write({0: [delete(i, version + 1) for i in ids]})
         await coll.snapshot()
+        assert all(labels_of(coll)[f"d{i}"] == 0 for i in ids)
         version += 2
     shard = coll.shards[0]
+    assert shard.released_seq == shard.applied_seq == coll.snapshot_seqs[0]
+    assert coll.store.released(0) == shard.released_seq
     assert shard.next_label - 1 == 350 and len(shard.free) == 50
     assert shard.count == 300 and len(labels_of(coll)) == 300 + 1500
     assert len(shard.live) <= 64  # bytes of the live bitmap: ~350 bits

@@ -61,6 +61,10 @@ T = TypeVar("T")
 SPEC_FILE = "spec.json"
 
 
+# Tombstones whose labels are released in one batch (under the write mutex) at most.
+RELEASE_CHUNK = 8192
+
+
 def meta_bytes(spec: CollectionSpec, uid: str, shards: list[int]) -> bytes:
     """The content of a collection's spec.json: its spec, its incarnation and the shards this
     node holds of it (the record its store's keys are read by: see `Collection.open`)."""
@@ -659,35 +663,42 @@ class Collection:
             return released
 
     async def _release_shard(self, s: int) -> int:
+        """`release_labels` of one shard: RELEASE_CHUNK tombstones a batch, the locks let go
+        between batches (a snapshot interval's deletes under churn are hundreds of
+        thousands)."""
         shard = self.shards.get(s)
         if shard is None:
-            return 0
-        upto = self._covered(s)
-        if upto <= shard.released_seq:
             return 0
         cancelled = threading.Event()
 
         def stop() -> bool:
             return self.closed or cancelled.is_set()
 
-        # The change log read outside the locks (its records read again under them).
-        ids = await _to_the_end(self.blocking.write(
-            self.store.labelled_tombstones, s, shard.released_seq, upto, stop), cancelled.set)
-        if stop() or self.shards.get(s) is not shard:
-            return 0
-        if not ids:  # nothing to write: the position moves in memory only
-            shard.released_seq = upto
-            return 0
-        async with self.write_mutex, self.apply_lock:
-            if self.shards.get(s) is not shard or self.closed:
-                return 0
-            return await _to_the_end(self.blocking.write(self._release_sync, shard, ids, upto),
-                                     cancelled.set)
+        released = 0
+        while (upto := self._covered(s)) > shard.released_seq:
+            # The change log read outside the locks (the records read again under them).
+            ids, reached = await _to_the_end(self.blocking.write(
+                self.store.labelled_tombstones, s, shard.released_seq, upto, RELEASE_CHUNK,
+                stop), cancelled.set)
+            if stop() or self.shards.get(s) is not shard:
+                break
+            if not ids:  # nothing to write: the position moves in memory only
+                shard.released_seq = reached
+                continue
+            async with self.write_mutex, self.apply_lock:
+                if self.shards.get(s) is not shard or self.closed:
+                    break
+                released += await _to_the_end(
+                    self.blocking.write(self._release_sync, shard, ids, reached),
+                    cancelled.set)
+        return released
 
     def _release_sync(self, shard: Shard, ids: list[str], upto: int) -> int:
         """Under the write mutex: the candidates `ids` read again, those still tombstones
         holding a label with their change at or below the position covered now released."""
         covered = min(upto, self._covered(shard.shard))
+        if covered <= shard.released_seq:  # the snapshot dropped meanwhile (a shard's drop)
+            return 0
         recs = self.store.get_records(shard.shard, ids, cache=False)
         gone = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
                 if rec is not None and rec.tombstone and rec.label != NO_LABEL

@@ -524,11 +524,12 @@ class Store:
         raw = self.db.get(_shard_key(b"P", shard))
         return 0 if raw is None else int(_U64.unpack(raw)[0])
 
-    def labelled_tombstones(self, shard: int, after: int, upto: int,
-                            stop: Callable[[], bool] | None = None) -> list[str]:
+    def labelled_tombstones(self, shard: int, after: int, upto: int, limit: int,
+                            stop: Callable[[], bool] | None = None) -> tuple[list[str], int]:
         """The ids of the shard's tombstones that still hold a label and whose change is in
-        (after, upto]: from the change log, one read of each such change's record (around
-        the block cache), not a scan of every record. Empty when `stop` says to stop."""
+        (after, upto], `limit` at most, and the position read up to (`upto` once all are
+        found): from the change log, one read of each change's record header (around the
+        block cache), not a scan of every record. ([], after) when `stop` says to stop."""
         ids: list[str] = []
         get, opts = self.db.get, self._lookup_opts
         unpack = _HEADER.unpack_from
@@ -536,14 +537,16 @@ class Store:
             if seq > upto:
                 break
             if stop is not None and not n & 4095 and stop():
-                return []
+                return [], after
             raw = get(doc_key(shard, doc_id), read_opt=opts)
             if raw is None:
                 continue
             _, label, rseq, flags, _, _ = unpack(raw)
             if flags & FLAG_TOMBSTONE and label != NO_LABEL and rseq == seq:
                 ids.append(doc_id)
-        return ids
+                if len(ids) >= limit:
+                    return ids, seq
+        return ids, upto
 
     def counters(self, shard: int) -> tuple[int, int, int]:
         """(next seq, next label, live documents) of a shard."""
