@@ -18,6 +18,7 @@ import pytest
 
 from aquila.cluster.model.digests import BUCKETS, digests
 from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.filters import parse_filter
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
@@ -286,3 +287,44 @@ async def test_a_search_during_releases_never_resolves_a_label_to_another_docume
         check(coll)
     finally:
         await engine.close()
+
+
+async def test_reads_and_a_transfer_of_tombstones_of_no_label(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """A shard holding released tombstones and a revived document: get by id, count and
+    scroll (with a filter, by the match set over labels) see exactly the live documents; a
+    transfer of its records (tombstones too) to another node's shard gives the same records
+    and digests there, and the receiving shard gives the tombstones no label."""
+    engine = Engine(tmp_path / "a", blocking, Tuning(), fsync=False)
+    other = Engine(tmp_path / "b", blocking, Tuning(), fsync=False)
+    await engine.start()
+    await other.start()
+    try:
+        coll = await engine.ensure(FLAT, [0], "u")
+        await coll.write({0: [doc(i) for i in range(8)]})
+        await coll.write({0: [delete(i) for i in (1, 3, 5)]})
+        await coll.snapshot()
+        await coll.write({0: [doc(3, 3), doc(20)]})  # d3 revived, d20 new: released labels
+        live = {"d0", "d2", "d3", "d4", "d6", "d7", "d20"}
+        assert await coll.get(0, "d1") is None and await coll.get(0, "d3") is not None
+        assert await coll.count_matching([0], None) == {0: len(live)}
+        flt = parse_filter({"must": [{"key": "i", "range": {"gte": 3}}]})
+        assert await coll.count_matching([0], flt) == {0: 5}
+        page, _ = await coll.scroll(0, None, 100, flt, False)
+        assert sorted(h.id for h in page) == ["d20", "d3", "d4", "d6", "d7"]
+        page, _ = await coll.scroll(0, None, 100, None, False)
+        assert {h.id for h in page} == live
+        check(coll)
+        recs, after = await coll.stream_shard(0, None, 1000)
+        assert after is None and len(recs) == 9
+        dest = await other.ensure(FLAT, [0], "u")
+        await dest.write({0: recs})
+        assert labels_of(dest)["d1"] == 0 and labels_of(dest)["d5"] == 0
+        assert dest.shards[0].next_label == len(live) + 1
+        assert dest.shards[0].digests == coll.shards[0].digests
+        assert await dest.count_matching([0], None) == {0: len(live)}
+        check(dest)
+    finally:
+        await engine.close()
+        await other.close()
