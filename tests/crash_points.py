@@ -34,7 +34,7 @@ from aquila.node.storage.store import Store
 SPEC = CollectionSpec("c", 4, "l2", 2, 1, IndexSpec("flat"))
 OTHER = CollectionSpec("other", 4, "ip", 1, 1, IndexSpec("flat"))
 SCENARIOS = ("create", "drop", "recreate", "drop_shard", "add_shard", "write_and_snapshot",
-             "purge", "reuse")
+             "purge", "reuse", "release", "purge_released", "revive")
 # Tombstones below this version are purged by the purge scenarios.
 PURGE_BEFORE = 10
 
@@ -60,9 +60,13 @@ async def prepare(scenario: str, data: Path) -> None:
             coll = await engine.ensure(SPEC, shards, "u1")
             await coll.write({s: [doc(i) for i in range(s * 10, s * 10 + 6)] for s in shards})
             await coll.write({0: [Incoming("d1", None, b"", 2, "n1")]})
-            if scenario in ("purge", "reuse"):  # tombstones a snapshot covers
+            if scenario in ("purge", "reuse", "release", "purge_released", "revive"):
+                # Tombstones a snapshot covers (the close's, if not this one), their labels
+                # held (the snapshot alone, not the release that follows `snapshot()`).
                 await coll.write({0: [Incoming(f"d{i}", None, b"", 2, "n1") for i in (2, 4)]})
-                await coll.snapshot()
+                await coll._save()
+            if scenario in ("purge_released", "revive"):  # their labels released
+                assert await coll.release_labels() == 3
             if scenario == "reuse":  # their labels free
                 assert await coll.purge_tombstones(0, PURGE_BEFORE) == 3
         await engine.close()
@@ -84,6 +88,18 @@ async def operate(scenario: str, engine: Engine) -> None:
     elif scenario == "write_and_snapshot":
         coll = engine.get("c")
         await coll.write({0: [doc(100), Incoming("d2", None, b"", 5, "n1")], 1: [doc(101)]})
+        await coll._save()  # (not the release after it: see "release")
+    elif scenario == "release":  # the covered tombstones' labels released
+        assert await engine.get("c").release_labels() == 3
+    elif scenario == "purge_released":  # tombstones holding no label purged: none freed
+        assert await engine.get("c").purge_tombstones(0, PURGE_BEFORE) == 3
+    elif scenario == "revive":
+        # d2 revived (its tombstone has no label: it takes a free one), d1 deleted again
+        # (a tombstone of no label stays so), an unknown id deleted (no label given), a new
+        # document (the last free label), then a snapshot (which releases nothing).
+        coll = engine.get("c")
+        await coll.write({0: [doc(2, 3), Incoming("d1", None, b"", 3, "n1"),
+                              Incoming("d77", None, b"", 3, "n1"), doc(300)]})
         await coll.snapshot()
     elif scenario == "purge":
         assert await engine.get("c").purge_tombstones(0, PURGE_BEFORE) == 3
@@ -133,11 +149,17 @@ def _labels(coll: Collection, s: int) -> dict[str, Any]:
     records = {d: (r.label, r.tombstone) for d, r in coll.store.iter_docs(s)}
     free = coll.store.free_labels(s).tolist()
     shard = coll.shards[s]
-    used = sorted(lab for lab, _ in records.values())
+    # Label 0: a tombstone's label released (no label), which no live record has.
+    assert all(dead for lab, dead in records.values() if lab == 0), records
+    held = {d: lab for d, (lab, _) in records.items() if lab != 0}
+    used = sorted(held.values())
     assert sorted(used + free) == list(range(1, shard.next_label)), (used, free)
     assert sorted(shard.free.labels().tolist()) == free
     assert coll.store.ids_of_labels(s, used) == [
-        d.encode() for d, _ in sorted(records.items(), key=lambda kv: kv[1][0])]
+        d.encode() for d, _ in sorted(held.items(), key=lambda kv: kv[1])]
+    # Every label key is a record's (none left of a released or purged label).
+    assert [k for k, _ in coll.store._scan(b"L" + s.to_bytes(2, "big"))] == [
+        b"L" + s.to_bytes(2, "big") + lab.to_bytes(8, "big") for lab in used]
     return {"records": records, "free": free, "next": shard.next_label}
 
 

@@ -23,7 +23,7 @@ from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import global_key
 from aquila.node.storage.shard import Shard
-from aquila.node.storage.store import Store
+from aquila.node.storage.store import LAYOUT, Store
 from tests.conftest import wait_for
 
 DIM = 4
@@ -283,7 +283,7 @@ async def test_a_store_of_layout_2_opens_without_a_scan(
     await engine.start()
     try:
         coll = engine.get("c")
-        assert coll.store.layout() == 3
+        assert coll.store.layout() == LAYOUT
         assert len(coll.shards[0].free) == 0 and coll.count() == 4
         await coll.write({0: [doc(10)]})
         assert labels_of(coll, 0)["d10"] == 7  # labels 1 and 2 were purged before

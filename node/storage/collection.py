@@ -48,6 +48,7 @@ from aquila.node.storage.shard import IndexOps, Shard
 from aquila.node.storage.store import (
     DEFAULT_MEMORY_BYTES,
     LAYOUT,
+    NO_LABEL,
     Record,
     RocksMemory,
     Store,
@@ -59,6 +60,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SPEC_FILE = "spec.json"
+
+
+# Tombstones whose labels are released in one batch (under the write mutex) at most.
+RELEASE_CHUNK = 8192
 
 
 def meta_bytes(spec: CollectionSpec, uid: str, shards: list[int]) -> bytes:
@@ -630,12 +635,7 @@ class Collection:
                 return 0, len(ids)
             recs += self.store.get_records(shard, ids[i:i + PURGE_READ_CHUNK], cache=False)
         batch = WriteBatch()
-        covered = self.snapshot_seqs.get(shard, 0)
-        if self._training_upto is not None:
-            # A delete a training has still to replay into its new index (its change came
-            # after the index's start) stays until the training is in: purged, its change
-            # key went with it, and the deleted vector stayed in the new index.
-            covered = min(covered, self._training_upto.get(shard, covered))
+        covered = self._covered(shard)
         old = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
                if rec is not None and rec.tombstone and rec.version < before]
         gone = [(doc_id, rec) for doc_id, rec in old if rec.seq <= covered]
@@ -644,6 +644,79 @@ class Collection:
             self.store.write(batch)
             self.shards[shard].forgotten()
         return len(gone), len(old) - len(gone)
+
+    def _covered(self, shard: int) -> int:
+        """The change-log position of the shard that the snapshot on disk covers, and the
+        index a training in progress is built from too: a delete at or below it is in every
+        index that may be loaded or trained. (One a training has still to replay into its
+        new index, its change after the index's start, is not: purged, its change key went
+        with it and the deleted vector stayed in the new index; its label given again, the
+        new index took that vector for the new document's.)"""
+        covered = self.snapshot_seqs.get(shard, 0)
+        if self._training_upto is not None:
+            covered = min(covered, self._training_upto.get(shard, covered))
+        return covered
+
+    async def release_labels(self) -> int:
+        """Release the labels of the tombstones whose delete `_covered` now covers (see
+        `Shard.release`), found from the change log past each shard's released position:
+        the labels given follow the live documents, not a grace period's tombstones. After
+        every snapshot; returns the labels released."""
+        async with self._purging:  # one purge or release at a time; a close waits for it
+            released = 0
+            for s in sorted(self.shards):
+                if self.closed:
+                    break
+                released += await self._release_shard(s)
+            return released
+
+    async def _release_shard(self, s: int) -> int:
+        """`release_labels` of one shard: RELEASE_CHUNK tombstones a batch, the locks let go
+        between batches (a snapshot interval's deletes under churn are hundreds of
+        thousands)."""
+        shard = self.shards.get(s)
+        if shard is None:
+            return 0
+        cancelled = threading.Event()
+
+        def stop() -> bool:
+            return self.closed or cancelled.is_set()
+
+        released = 0
+        while (upto := self._covered(s)) > shard.released_seq:
+            # The change log read outside the locks (the records read again under them).
+            ids, reached = await _to_the_end(self.blocking.write(
+                self.store.labelled_tombstones, s, shard.released_seq, upto, RELEASE_CHUNK,
+                stop), cancelled.set)
+            if stop() or self.shards.get(s) is not shard:
+                break
+            if not ids:  # nothing to write: the position moves in memory only
+                shard.released_seq = reached
+                continue
+            async with self.write_mutex, self.apply_lock:
+                if self.shards.get(s) is not shard or self.closed:
+                    break
+                released += await _to_the_end(
+                    self.blocking.write(self._release_sync, shard, ids, reached),
+                    cancelled.set)
+        return released
+
+    def _release_sync(self, shard: Shard, ids: list[str], upto: int) -> int:
+        """Under the write mutex: the candidates `ids` read again, those still tombstones
+        holding a label with their change at or below the position covered now released."""
+        covered = min(upto, self._covered(shard.shard))
+        if covered <= shard.released_seq:  # the snapshot dropped meanwhile (a shard's drop)
+            return 0
+        recs = self.store.get_records(shard.shard, ids, cache=False)
+        gone = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
+                if rec is not None and rec.tombstone and rec.label != NO_LABEL
+                and rec.seq <= covered]
+        batch = WriteBatch()
+        labels = shard.release(gone, covered, batch)
+        self.store.write(batch)
+        shard.free.put(labels)
+        shard.released_seq = covered
+        return len(gone)
 
     def count(self) -> int:
         return sum(s.count for s in self.shards.values())
@@ -999,6 +1072,13 @@ class Collection:
         self._saved = self.index
 
     async def snapshot(self) -> None:
+        """A snapshot if anything changed since the last, then the labels of the tombstones
+        it covers released (`release_labels`)."""
+        await self._save()
+        if not self.closed:
+            await self.release_labels()
+
+    async def _save(self) -> None:
         """Write the file under the locks (into the page cache), make it durable outside
         them. Also while a training runs (of the index that serves, the one a restart needs):
         skipped then, the change log a restart replays grew for as long as the training

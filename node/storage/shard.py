@@ -7,9 +7,10 @@ Nothing here is held per document but one bit per label given (the live bitmap):
 metadata are read from the store when a search returns them (`node.storage.search`), so a
 deleted document costs nothing in memory once its delete is durable, and a start reads the
 counters, digests and free labels (kept in the store, written with every batch) instead of
-every record. A purged tombstone's label goes back to the shard's free labels, and a new
-document takes a free label before a new one is minted: the labels given (and every array
-over them) stay bounded by the peak of the labels in use, whatever the churn.
+every record. A tombstone's label goes back to the shard's free labels once the snapshot
+covers its delete (`release`, long before the purge), and a new document takes a free label
+before a new one is minted: the labels given (and every array over them) stay bounded by the
+peak of the live documents (and of the deletes not yet snapshotted), whatever the churn.
 
 Invariants: every live document of the shard (and nothing else of it) is in the index under
 its key, and its bit is set, once every change up to `applied_seq` has been applied; the
@@ -46,6 +47,7 @@ from aquila.node.storage.payload_index import PayloadIndex
 from aquila.node.storage.store import (
     _HEADER,
     _U64,
+    NO_LABEL,
     Record,
     Store,
     WriteBatch,
@@ -133,6 +135,8 @@ class Shard:
         # Labels of purged tombstones, given again before new ones are minted.
         self.free = FreeLabels()
         self._freed = np.zeros(0, np.int64)  # the labels a staged purge frees, once durable
+        # The change-log position up to which tombstones' labels are released (see `release`).
+        self.released_seq = 0
 
 
     @property
@@ -147,6 +151,7 @@ class Shard:
         self.next_seq, self.next_label, self.count = self.store.counters(self.shard)
         self.digests = self.store.digests(self.shard, BUCKETS)
         self.free = FreeLabels(self.store.free_labels(self.shard))
+        self.released_seq = self.store.released(self.shard)
         self.live = np.zeros(0, np.uint8)
         self.payload = PayloadIndex()
         self.filters.clear()
@@ -234,7 +239,7 @@ class Shard:
         ops = IndexOps()
         recs = self.store.get_records(self.shard, ids, cache=False)
         for rec in recs:
-            if rec is None:
+            if rec is None or rec.label == NO_LABEL:  # a tombstone whose label was released
                 continue
             key = global_key(self.shard, rec.label)
             ops.remove.append(key)
@@ -283,6 +288,7 @@ class Shard:
         for doc, old in zip(docs, olds, strict=True):
             version, writer = doc.version, doc.writer
             was_live = False
+            label = NO_LABEL
             if old is not None:
                 if (version, writer) <= (old.version, old.writer):
                     continue
@@ -290,19 +296,21 @@ class Shard:
                 was_live = not old.tombstone
                 if was_live:
                     old_meta[label] = old.metadata
-            elif free:
-                label = free.take()
-                delete(free_prefix + pack_seq(label))
-            else:
-                label = next_label
-                next_label += 1
+            vec = doc.vector
+            idb = doc.id.encode()
+            # A new document, or one revived from a tombstone whose label was released,
+            # takes a label; a delete of an unknown id needs none (no vector held anywhere).
+            if label == NO_LABEL and vec is not None:
+                if free:
+                    label = free.take()
+                    delete(free_prefix + pack_seq(label))
+                else:
+                    label = next_label
+                    next_label += 1
+                put(label_prefix + pack_seq(label), idb)
             wb = writers.get(writer)
             if wb is None:
                 wb = writers[writer] = writer.encode()
-            idb = doc.id.encode()
-            if old is None:
-                put(label_prefix + pack_seq(label), idb)
-            vec = doc.vector
             # The record as `store.encode_record` lays it out, and the digests as
             # `digests.record_hash` and `digests.bucket_of` compute them, inline: this loop is where
             # a bulk import spends its time.
@@ -363,17 +371,18 @@ class Shard:
                 continue
             # A delete of an unknown id is still recorded as a tombstone: a replica may see
             # the delete before the write it deletes, which must then lose to it.
-            if old is not None:
-                label = old.label
-            elif self.free:
-                label = self.free.take()
-                batch.take_free(self.shard, label)
-            else:
-                label = self.next_label
-                self.next_label += 1
-            if old is None:
+            # A delete of an unknown id needs no label (no vector held anywhere); a new
+            # document, or one revived from a tombstone whose label was released, takes one.
+            label = NO_LABEL if old is None else old.label
+            if label == NO_LABEL and not tomb:
+                if self.free:
+                    label = self.free.take()
+                    batch.take_free(self.shard, label)
+                else:
+                    label = self.next_label
+                    self.next_label += 1
                 batch.put_label(self.shard, label, doc.id.encode())
-            elif doc.id not in staged and not old.tombstone:  # live before this batch
+            if old is not None and doc.id not in staged and not old.tombstone:  # live before
                 ops.old_meta[label] = old.metadata
             rec = Record(
                 version=doc.version,
@@ -443,7 +452,22 @@ class Shard:
         for b, x in delta.items():
             batch.put_digest(self.shard, b, self.digests[b] ^ x)
         self._forgotten = delta
-        self._freed = np.fromiter((rec.label for _, rec in gone), np.int64, len(gone))
+        self._freed = np.fromiter((rec.label for _, rec in gone if rec.label != NO_LABEL),
+                                  np.int64)
+
+    def release(self, gone: list[tuple[str, Record]], upto: int, batch: WriteBatch
+                ) -> np.ndarray:
+        """The labels of these tombstones (each holding one, its delete covered by the
+        snapshot and by any training in progress) released, and the position up to which the
+        change log is done: staged into `batch`. Returns the labels, to `free.put` once the
+        batch is durable (and `released_seq` to move). No index a restart loads or a training builds can hold
+        their old vectors then, and the index that serves removed them when their deletes
+        were applied: a search, which resolves labels under the read lock, never meets
+        them. Their counters, digests and change-log keys are unchanged."""
+        for doc_id, rec in gone:
+            batch.release(self.shard, doc_id, rec)
+        batch.put_released(self.shard, upto)
+        return np.fromiter((rec.label for _, rec in gone), np.int64, len(gone))
 
     def forgotten(self) -> None:
         """The purge's batch is durable: its digests move, its labels are free to give."""

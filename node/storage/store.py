@@ -14,15 +14,23 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
     b"R" shard label(u64 BE)      -> empty: a label free to give again (its tombstone purged),
                                      written in the purge's batch, deleted in the batch of the
                                      write that takes it
+    b"P" shard                    -> u64: the change-log position up to which the labels of
+                                     tombstones have been released (absent: 0; see below)
     b"F"                          -> the layout's version (absent: 1, before L and G existed;
-                                     2 before R: the labels purged then are never given again)
+                                     2 before R: the labels purged then are never given again;
+                                     3 before a tombstone's label was released, label 0)
 
 A document's label is a stable int64 within its shard, kept for its whole life (tombstone
 included), so updates and deletes remove exactly the old vector from the index. A purged
 tombstone's label is given again to a later new document: labels in use (live documents and
 tombstones) stay below the peak of their number, and so do the arrays over labels in memory.
-A purge only takes tombstones whose delete the snapshot covers (`Collection._purge_sync`), so
-no index a restart loads holds the old vector under a label given again. Nothing per
+A tombstone's label is released (the record rewritten with label 0, "no label", its L key
+deleted and its R key put, in one batch) as soon as the snapshot on disk and any training in
+progress cover its delete (`Collection.release_labels`, from the change log past P): no index
+a restart loads or a training builds can hold its old vector then, so a deleted document holds
+no label once its delete is durable and snapshotted, whatever the grace period before its
+purge. A delete of an unknown id is stored with label 0 at once (no vector was ever held under
+it); a write that revives a tombstone of label 0 takes a free label (or a new one). Nothing per
 document is held in memory: a search reads its hits' ids (L) and records (D) here, through
 the block cache, and a start reads the counters and digests of each shard, not its records.
 """
@@ -67,8 +75,9 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
 # The tags of the keys that belong to one shard.
-_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G", b"R")
-LAYOUT = 3
+_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G", b"R", b"P")
+LAYOUT = 4
+NO_LABEL = 0  # a tombstone's label once released (labels given start at 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +178,22 @@ class WriteBatch:
         becomes free to give again."""
         self._wb.delete(doc_key(shard, doc_id))
         self._wb.delete(change_key(shard, rec.seq))
+        if rec.label != NO_LABEL:  # released before: nothing of it left to free
+            self._wb.delete(label_key(shard, rec.label))
+            self._wb.put(free_key(shard, rec.label), b"")
+        self.count += 1
+
+    def release(self, shard: int, doc_id: str, rec: Record) -> None:
+        """A tombstone's label released: the record rewritten with no label (its change-log
+        key unchanged), the label free to give again."""
+        self._wb.put(doc_key(shard, doc_id), encode_record(
+            rec.version, NO_LABEL, rec.seq, True, rec.writer.encode(), b"", b""))
         self._wb.delete(label_key(shard, rec.label))
         self._wb.put(free_key(shard, rec.label), b"")
         self.count += 1
+
+    def put_released(self, shard: int, seq: int) -> None:
+        self._wb.put(_shard_key(b"P", shard), _U64.pack(seq))
 
     def take_free(self, shard: int, label: int) -> None:
         """A free label given to a new document (its label key is put apart)."""
@@ -496,6 +518,35 @@ class Store:
         n = len(prefix)
         return np.fromiter((_U64.unpack_from(key, n)[0] for key, _ in self._scan(prefix)),
                            np.int64)
+
+    def released(self, shard: int) -> int:
+        """The change-log position up to which the shard's tombstones' labels are released."""
+        raw = self.db.get(_shard_key(b"P", shard))
+        return 0 if raw is None else int(_U64.unpack(raw)[0])
+
+    def labelled_tombstones(self, shard: int, after: int, upto: int, limit: int,
+                            stop: Callable[[], bool] | None = None) -> tuple[list[str], int]:
+        """The ids of the shard's tombstones that still hold a label and whose change is in
+        (after, upto], `limit` at most, and the position read up to (`upto` once all are
+        found): from the change log, one read of each change's record header (around the
+        block cache), not a scan of every record. ([], after) when `stop` says to stop."""
+        ids: list[str] = []
+        get, opts = self.db.get, self._lookup_opts
+        unpack = _HEADER.unpack_from
+        for n, (seq, doc_id) in enumerate(self.iter_changes(shard, after), 1):
+            if seq > upto:
+                break
+            if stop is not None and not n & 4095 and stop():
+                return [], after
+            raw = get(doc_key(shard, doc_id), read_opt=opts)
+            if raw is None:
+                continue
+            _, label, rseq, flags, _, _ = unpack(raw)
+            if flags & FLAG_TOMBSTONE and label != NO_LABEL and rseq == seq:
+                ids.append(doc_id)
+                if len(ids) >= limit:
+                    return ids, seq
+        return ids, upto
 
     def counters(self, shard: int) -> tuple[int, int, int]:
         """(next seq, next label, live documents) of a shard."""
