@@ -8,9 +8,9 @@ SCHEMATHESIS_HOOKS: they steer generated requests towards stored data.
 - Generated vectors rarely have the collection's dim: lists of numbers sent to a known
   collection are cycled or cut to its dim, and a columnar upsert's base64 is made to hold
   one row of that dim per id, so they reach the store and the index.
-- A search or count that refuses partial answers with a deadline of a few ms gets the contract's 503
-  `unavailable` when the deadline passes first, which on a loaded machine it may: such a
-  deadline (a valid one) is raised to 5 s, so a 5xx still means a server error.
+- A search or count that refuses partial answers with a deadline of a few ms gets the
+  contract's 503 `unavailable` when the deadline passes first, which on a loaded machine it
+  may: such a deadline (a valid one) is raised to 5 s, so a 5xx still means a server error.
 
 Anything else is left as generated (whatever made a negative case negative stays), and
 schemathesis checks a changed case against the schema again.
