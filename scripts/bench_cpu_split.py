@@ -126,13 +126,7 @@ async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int,
     await ports_free(size)
     cluster = LocalCluster(root / f"c{size}{tag}", {**node_env(args.train_min), **(env or {})})
     try:
-        async with new_session(8) as session:
-            await cluster.start(session, size)
-            spec = {"dim": ds.dim, "metric": "cosine", "shards": args.shards, "replication": 1,
-                    "index": {"type": "ivf_flat"}}
-            await create_collection(session, cluster.urls[0], spec)
-            await ingest_rr(session, cluster.urls, ds, 1000, 4, cluster.cpu_seconds)
-            await wait_trained(session, cluster.nodes[0], ds.n, args.train_min)
+        await filled(args, ds, cluster, size)
         bodies = root / "bodies.txt"
         write_bodies(bodies, search_bodies(ds.queries[:1000], k=10, nprobe=args.nprobe))
         script = root / "wrkload.lua"
