@@ -25,6 +25,7 @@ from aquila.node.storage.index import global_key
 from aquila.node.storage.shard import Shard
 from aquila.node.storage.store import LAYOUT, Store
 from tests.conftest import wait_for
+from tests.held_training import hold_catch_up
 
 DIM = 4
 IVF = CollectionSpec("c", DIM, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
@@ -303,19 +304,7 @@ async def test_a_purge_while_training_frees_no_label_the_new_index_may_hold(
     """Deletes made while an index trains keep their labels until the training is in (its
     catch-up replays them); then they are purged and given again, and the new index holds
     each live document under its own label."""
-    import threading
-
-    from aquila.node.storage.index import VectorIndex
-
-    real = Collection._catch_up_sync
-    reached, go_on = threading.Event(), threading.Event()
-
-    def catch_up(self: Collection, new: VectorIndex, upto: dict[int, int]) -> None:
-        reached.set()
-        go_on.wait(30)
-        real(self, new, upto)
-
-    monkeypatch.setattr(Collection, "_catch_up_sync", catch_up)
+    reached, go_on = hold_catch_up(monkeypatch)
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
     await engine.start()
     try:

@@ -19,8 +19,8 @@ from aquila.cluster.model.documents import Incoming
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
-from aquila.node.storage.index import VectorIndex
 from tests.conftest import wait_for
+from tests.held_training import hold_catch_up
 from tests.small_ivf import SPEC, doc
 
 
@@ -28,14 +28,8 @@ async def test_a_purge_during_a_training_leaves_no_deleted_vector_in_the_new_ind
     tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_catch_up = Collection._catch_up_sync
-    trained, go_on = threading.Event(), threading.Event()
-
-    def catch_up(self: Collection, new: VectorIndex, upto: dict[int, int]) -> None:
-        trained.set()
-        go_on.wait(30)  # the delete and the purge below come now, before the catch-up
-        real_catch_up(self, new, upto)
-
-    monkeypatch.setattr(Collection, "_catch_up_sync", catch_up)
+    # The delete and the purge below come before the training's catch-up.
+    trained, go_on = hold_catch_up(monkeypatch)
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
     await engine.start()
     try:
