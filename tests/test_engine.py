@@ -323,7 +323,7 @@ async def test_the_engine_starts_without_a_child_process(
     which runs `ldconfig -p`)."""
     import subprocess
 
-    from aquila.node.memory import trim
+    from aquila.node.storage.heap import trim
 
     def no_child(*args: object, **kwargs: object) -> None:
         raise AssertionError("a child process was started")

@@ -1,4 +1,4 @@
-"""The C heap given back to the system (node/memory.py): `trim` gives back free pages inside
+"""The C heap given back to the system (node/storage/heap.py): `trim` gives back free pages inside
 the heap, and a collection calls it after a training's swap and after a snapshot, each time
 on a worker thread, never on the event loop (it walks every arena under its lock)."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from aquila.node import memory
 from aquila.node.blocking import BACKGROUND_THREADS, Blocking
 from aquila.node.storage import collection as collection_module
+from aquila.node.storage import heap
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.store import RocksMemory, Store, doc_key
 from tests.conftest import wait_for
@@ -20,7 +20,7 @@ from tests.small_ivf import SPEC, doc
 from tests.test_rocks_memory import MIB, fill
 from tests.test_training_memory import TUNING
 
-glibc = pytest.mark.skipif(not hasattr(memory._libc(), "mallinfo2"), reason="glibc 2.33 on")
+glibc = pytest.mark.skipif(not hasattr(heap._libc(), "mallinfo2"), reason="glibc 2.33 on")
 
 
 def _rss() -> int:
@@ -34,13 +34,13 @@ def _rss() -> int:
 def test_trim_gives_back_free_pages_inside_the_heap() -> None:
     """Blocks freed below one still in use are not given back by free() (only the heap's top
     is): they stay resident until a trim."""
-    libc = memory._libc()
+    libc = heap._libc()
     assert libc is not None
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     size, count = 32 << 10, 2048  # 64 MiB in blocks under the mmap threshold: from the heap
-    memory.limit_arenas()
+    heap.limit_arenas()
     blocks = [libc.malloc(size) for _ in range(count)]
     pin = libc.malloc(size)  # above them: the heap's top cannot shrink past it
     try:
@@ -48,10 +48,10 @@ def test_trim_gives_back_free_pages_inside_the_heap() -> None:
             ctypes.memset(b, 1, size)  # resident
         for b in blocks:
             libc.free(b)
-        free = memory.malloc_figures()["free"]
+        free = heap.malloc_figures()["free"]
         assert free >= count * size * 0.9, "the freed blocks are not held by the heap"
         before = _rss()
-        assert memory.trim()
+        assert heap.trim()
         assert before - _rss() >= count * size // 2, "the trim gave back less than half"
     finally:
         libc.free(pin)
@@ -59,15 +59,15 @@ def test_trim_gives_back_free_pages_inside_the_heap() -> None:
 
 @glibc
 def test_malloc_figures_count_a_mapped_block() -> None:
-    libc = memory._libc()
+    libc = heap._libc()
     assert libc is not None
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    before = memory.malloc_figures()
+    before = heap.malloc_figures()
     block = libc.malloc(64 << 20)  # over the mmap threshold: mapped apart
     try:
-        after = memory.malloc_figures()
+        after = heap.malloc_figures()
         assert after["mapped"] - before["mapped"] >= 64 << 20
         assert after["in_use"] - before["in_use"] < 1 << 20  # the arenas' own, not mapped ones
     finally:
@@ -131,7 +131,7 @@ def test_shed_blocks_empties_the_cache_and_keeps_its_capacity(tmp_path: Path) ->
 
         read()
         assert mem.used() > 2 * MIB
-        memory.shed_blocks(mem)
+        heap.shed_blocks(mem)
         assert mem.used() < MIB
         assert store.db.property_int_value("rocksdb.block-cache-capacity") == 64 * MIB
         read()

@@ -36,9 +36,9 @@ from aquila.cluster.model.recall import share_top
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import TMP_SUFFIX, remove_stale_temps, write_atomic
-from aquila.node.memory import shed_blocks, trim
 from aquila.node.storage.batcher import SearchBatcher, weakly
 from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
+from aquila.node.storage.heap import shed_blocks, trim
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist
 from aquila.node.storage.locks import RWLock
 from aquila.node.storage.matches import DEFAULT_CAPACITY

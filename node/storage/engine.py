@@ -37,8 +37,8 @@ from aquila.cluster.model.errors import NotFound
 from aquila.cluster.model.spec import NAME_RE, CollectionSpec
 from aquila.node.blocking import Blocking
 from aquila.node.files import fsync_dir, remove_stale_temps, write_atomic
-from aquila.node.memory import limit_arenas
 from aquila.node.storage.collection import SPEC_FILE, Collection, Tuning, meta_bytes
+from aquila.node.storage.heap import limit_arenas
 from aquila.node.storage.paths import collection_dir
 from aquila.node.storage.store import RocksMemory
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.node.memory import trim
+from aquila.node.storage.heap import trim
 from aquila.node.storage.index import (
     CALIBRATION_K,
     CALIBRATION_QUERIES,
