@@ -1,7 +1,8 @@
-"""Turning a batch's index answers into documents (`node.storage.search.resolve`): every
-document read once however many queries found it, the reads in key order, and the answers
-the same as before: per query in the index's order, a row ending at its first -1, keys of
-shards not held here and documents deleted since left out."""
+"""Turning a batch's index answers into documents (`node.storage.search.resolve`): from
+`FEW_HITS` answers on, every document read once however many queries found it, the reads in
+key order; on both paths (below it, hit by hit) the same answers: per query in the index's
+order, a row ending at its first -1, keys of shards not held here and documents deleted since
+left out."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
+from aquila.node.storage import search
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import LABEL_BITS
@@ -47,6 +49,13 @@ async def coll(tmp_path: Path) -> AsyncIterator[Collection]:
         blocking.close()
 
 
+@pytest.fixture(params=["arrays", "hit by hit"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test's batches resolved on arrays, then hit by hit."""
+    monkeypatch.setattr(search, "FEW_HITS", 0 if request.param == "arrays" else 1 << 30)
+    return str(request.param)
+
+
 class Reads:
     """The keys of every multi-get a store is asked for."""
 
@@ -72,6 +81,7 @@ def _index(coll: Collection, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 async def test_each_document_is_read_once_per_batch_in_key_order(
     coll: Collection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(search, "FEW_HITS", 0)
     smp = load_sample()
     q = smp.queries[[0, 1, 0, 2, 0, 1]]  # queries 0 and 1 again: the same hits
     scores, keys = _index(coll, q, 10)
@@ -88,7 +98,7 @@ async def test_each_document_is_read_once_per_batch_in_key_order(
     assert [h.metadata for h in rows[3]] == [b'{"i":%s}' % h.id.encode() for h in rows[3]]
 
 
-async def test_stored_vectors_come_with_the_hits_when_asked(coll: Collection) -> None:
+async def test_stored_vectors_come_with_the_hits_when_asked(coll: Collection, path: str) -> None:
     smp = load_sample()
     q = smp.queries[[3, 3, 4]]
     scores, keys = _index(coll, q, 5)
@@ -102,7 +112,7 @@ async def test_stored_vectors_come_with_the_hits_when_asked(coll: Collection) ->
 
 
 async def test_a_row_ends_at_its_first_gap_and_foreign_shards_are_left_out(
-    coll: Collection,
+    coll: Collection, path: str
 ) -> None:
     smp = load_sample()
     scores, keys = _index(coll, smp.queries[5:7], 6)
@@ -118,7 +128,7 @@ async def test_a_row_ends_at_its_first_gap_and_foreign_shards_are_left_out(
 
 
 async def test_documents_deleted_since_the_index_answered_are_left_out(
-    coll: Collection,
+    coll: Collection, path: str
 ) -> None:
     smp = load_sample()
     q = smp.queries[[8, 9, 8]]
@@ -135,3 +145,20 @@ def test_label_keys_made_on_arrays_are_the_stores() -> None:
     shards, labels = (np.array(x, np.int64) for x in zip(*pairs, strict=True))
     assert label_keys(shards, labels) == [label_key(s, lab) for s, lab in pairs]
     assert label_keys(shards[:0], labels[:0]) == []
+
+
+async def test_both_paths_give_the_same_answers(
+    coll: Collection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    smp = load_sample()
+    q = smp.queries[[0, 1, 0, 2, 7]]
+    scores, keys = _index(coll, q, 12)
+    keys = keys.copy()
+    keys[1, 4] = -1
+    keys[2, 0] = (SHARDS + 1) << LABEL_BITS | 3
+    answers = []
+    for few in (0, 1 << 30):
+        monkeypatch.setattr(search, "FEW_HITS", few)
+        answers.append([_rows(resolve(coll, scores, keys, vectors)) for vectors in (False, True)])
+    assert answers[0] == answers[1]
+    assert sum(len(row) for row in answers[0][0]) > 40
