@@ -15,6 +15,7 @@ import pytest
 
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, global_keys
+from aquila.node.storage.training import compacted
 
 faiss: Any = _faiss
 SHARDS = 4
@@ -174,4 +175,17 @@ def test_removing_only_absent_keys_from_an_empty_map() -> None:
     t.check()
     t.add(keys_of(rng, 100, 100))
     t.remove(np.array([global_keys(2, np.array([10**6]))[0]], dtype=np.int64))
+    t.check()
+
+
+def test_a_compacted_index_keeps_no_direct_map(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    t = Twins("ivf_sq8", rng)
+    t.add(keys_of(rng, 600, 500))
+    t.remove(keys_of(rng, 100, 500))
+    t.ours.index.set_direct_map_type(faiss.DirectMap.Hashtable)  # as if one were there
+    t.ours = compacted(t.ours, tmp_path / "scratch")
+    assert t.ours.index.direct_map.type == faiss.DirectMap.NoMap
+    t.check()
+    t.remove(np.array(sorted(t.vectors), dtype=np.int64)[::3])
     t.check()

@@ -19,6 +19,7 @@ import itertools
 import math
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -329,19 +330,15 @@ class VectorIndex:
             return 0
         inv = self.index.invlists
         code_size = int(inv.code_size)
-        order = np.argsort(lists, kind="stable")
-        ids, lists = ids[order], lists[order]
-        bounds = np.r_[np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]]), len(lists)]
         removed = 0
-        for i in range(len(bounds) - 1):
-            no = int(lists[bounds[i]])
+        for no, rows in _groups(lists):
             n = int(inv.list_size(no))
             if not n:
                 continue
             # Views of the list's arrays (the node's lists are FAISS's in-memory
             # ArrayInvertedLists: these pointers are their storage).
             own = faiss.rev_swig_ptr(inv.get_ids(no), n)
-            gone = np.isin(own, ids[bounds[i]:bounds[i + 1]])
+            gone = own == ids[rows[0]] if len(rows) == 1 else np.isin(own, ids[rows])
             k = int(np.count_nonzero(gone))
             if not k:
                 continue
@@ -386,12 +383,18 @@ class VectorIndex:
         if self._lists is None:
             built: dict[int, np.ndarray] = {}
             ivf, inv = self.index, self.index.invlists
-            parts = [(no, inv.list_size(no)) for no in range(ivf.nlist)]
-            keys = self.keys(np.concatenate(
-                [faiss.rev_swig_ptr(inv.get_ids(no), n).copy() for no, n in parts if n]
-                or [np.zeros(0, np.int64)]
-            ))
-            lists = np.repeat(np.arange(ivf.nlist, dtype=np.int64), [n for _, n in parts])
+            sizes = [int(inv.list_size(no)) for no in range(ivf.nlist)]
+            # The ids copied straight into one array (no copy per list: thousands of small
+            # blocks freed between live ones, which the heap keeps).
+            ids = np.empty(sum(sizes), dtype=np.int64)
+            at = 0
+            for no, n in enumerate(sizes):
+                if n:
+                    ids[at: at + n] = faiss.rev_swig_ptr(inv.get_ids(no), n)
+                    at += n
+            keys = self.keys(ids)
+            del ids
+            lists = np.repeat(np.arange(ivf.nlist, dtype=np.int64), sizes)
             shards = keys >> LABEL_BITS
             for s in np.unique(shards).tolist():
                 pick = shards == s
@@ -452,20 +455,24 @@ class VectorIndex:
         codes[:, :coarse] = ((lists[:, None] >> (8 * np.arange(coarse))) & 0xFF).astype(
             np.uint8)
         found = np.zeros(len(keys), dtype=bool)
-        for no in np.unique(lists[lists >= 0]).tolist():
+        for no, rows in _groups(lists):
             n = int(inv.list_size(no))
-            rows = np.flatnonzero(lists == no)
             if not n:
                 continue
             own = faiss.rev_swig_ptr(inv.get_ids(no), n)
-            sorter = np.argsort(own, kind="stable")
-            at = sorter[np.minimum(np.searchsorted(own, ids[rows], sorter=sorter), n - 1)]
-            hit = own[at] == ids[rows]
-            rows, at = rows[hit], at[hit]
-            listed = faiss.rev_swig_ptr(inv.get_codes(no), n * code_size).reshape(
-                n, code_size)
-            codes[rows, coarse:] = listed[at]
-            found[rows] = True
+            if len(rows) == 1:
+                at = np.flatnonzero(own == ids[rows[0]])[:1]
+                rows = rows[: len(at)]
+            else:
+                sorter = np.argsort(own, kind="stable")
+                at = sorter[np.minimum(np.searchsorted(own, ids[rows], sorter=sorter), n - 1)]
+                hit = own[at] == ids[rows]
+                rows, at = rows[hit], at[hit]
+            if len(at):
+                listed = faiss.rev_swig_ptr(inv.get_codes(no), n * code_size).reshape(
+                    n, code_size)
+                codes[rows, coarse:] = listed[at]
+                found[rows] = True
         if not found.all():
             missing = int(keys[np.flatnonzero(~found)[0]])
             raise RuntimeError(f"key {missing} not found")
@@ -604,6 +611,16 @@ def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray, nlist: 
         arr = widened(arr, capacity(need, len(arr)), -1)
     arr[labels] = values
     return arr
+
+
+def _groups(lists: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Per list number (-1 left out), the positions in `lists` holding it."""
+    order = np.argsort(lists, kind="stable")
+    ordered = lists[order]
+    bounds = np.r_[np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]), len(ordered)]
+    for i in range(len(bounds) - 1):
+        if bounds[i] < len(ordered) and ordered[bounds[i]] >= 0:
+            yield int(ordered[bounds[i]]), order[bounds[i]: bounds[i + 1]]
 
 
 def _bitmap(bits: np.ndarray) -> Any:
