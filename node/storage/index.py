@@ -343,6 +343,15 @@ class VectorIndex:
             if not k:
                 continue
             m = n - k
+            if k == 1:  # the usual case: the last entry takes the place of the one removed
+                at = int(gone.argmax())
+                if at != m:
+                    codes1 = faiss.rev_swig_ptr(inv.get_codes(no), n * code_size)
+                    own[at] = own[m]
+                    codes1[at * code_size: (at + 1) * code_size] = codes1[m * code_size:]
+                inv.resize(no, m)
+                removed += 1
+                continue
             holes = np.flatnonzero(gone[:m])
             movers = m + np.flatnonzero(~gone[m:])[::-1]
             if len(holes):
