@@ -52,6 +52,9 @@ def child(kind: str, path: Path) -> None:
     after_load = rss()
     if kind == "old":
         index.index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    elif kind == "legacy":  # a snapshot the old code wrote: the hash table dropped at load
+        for s in range(SHARDS):
+            index.lists_of(s)
     else:
         for s in range(SHARDS):
             index.lists_of(s)
@@ -70,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=96)
-    ap.add_argument("--child", choices=["old", "new"])
+    ap.add_argument("--child", choices=["old", "new", "legacy"])
     ap.add_argument("--path", type=Path)
     a = ap.parse_args()
     if a.child:
@@ -90,8 +93,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "index.snap"
         ours.save(path, {s: 0 for s in range(SHARDS)})
-        for kind in ("old", "new", "old", "new"):
-            out = subprocess.run([sys.executable, __file__, "--child", kind, "--path", str(path)],
+        legacy = Path(tmp) / "legacy.snap"
+        ours.index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        ours.save(legacy, {s: 0 for s in range(SHARDS)})
+        ours.index.set_direct_map_type(faiss.DirectMap.NoMap)
+        for kind in ("old", "new", "legacy", "old", "new", "legacy"):
+            snap = legacy if kind == "legacy" else path
+            out = subprocess.run([sys.executable, __file__, "--child", kind, "--path", str(snap)],
                                  check=True, capture_output=True, text=True).stdout.split()
             n, loaded, total = (int(v) for v in out[1:])
             print(f"RSS {kind}: load +{loaded / 2**20:.1f} MiB, with its "

@@ -113,7 +113,8 @@ class VectorIndex:
     _at: dict[int, Curve] = field(default_factory=dict, repr=False)
     # IVF only, built on first use, then kept current by add and remove: per shard, the
     # inverted list holding each label (-1: none), so a filter's matches per list are counted
-    # with one bincount (see `lists_of`).
+    # with one bincount (see `lists_of`), and `remove` and `vectors_of` find a label's list
+    # (the index keeps no FAISS direct map).
     _lists: dict[int, np.ndarray] | None = field(default=None, repr=False)
     _sizes: np.ndarray | None = field(default=None, repr=False)
     # Per set of shards, a bitmap selector of their ids and the labels it covers.
@@ -596,8 +597,11 @@ class VectorIndex:
         covered = {int(s): int(q) for s, q in meta.items()}
         if kind:
             # Snapshots of older versions hold FAISS's hash table direct map: dropped (see
-            # `new_ivf`).
-            faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.NoMap)
+            # `new_ivf`), its bucket array too (which emptying the table keeps: ~8 bytes a
+            # vector), by putting an empty map (of no type) in its place.
+            ivf = faiss.extract_index_ivf(index)
+            ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+            ivf.direct_map = faiss.DirectMap()
         return VectorIndex(index, bool(kind), int(trained_at), bits, curve=curve,
                            by_rank=by_rank), covered
 
