@@ -19,6 +19,7 @@ import itertools
 import math
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -112,7 +113,8 @@ class VectorIndex:
     _at: dict[int, Curve] = field(default_factory=dict, repr=False)
     # IVF only, built on first use, then kept current by add and remove: per shard, the
     # inverted list holding each label (-1: none), so a filter's matches per list are counted
-    # with one bincount (see `lists_of`).
+    # with one bincount (see `lists_of`), and `remove` and `vectors_of` find a label's list
+    # (the index keeps no FAISS direct map).
     _lists: dict[int, np.ndarray] | None = field(default=None, repr=False)
     _sizes: np.ndarray | None = field(default=None, repr=False)
     # Per set of shards, a bitmap selector of their ids and the labels it covers.
@@ -291,8 +293,9 @@ class VectorIndex:
         # FAISS's defaults (256, 25) for 0.002 less recall@10, which keeps retraining a large
         # index in the background affordable.
         index.cp.niter = 10
-        # A hash table from label to list position makes remove_ids and reconstruct O(1).
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        # No FAISS direct map (its hash table cost ~40 bytes a vector): `remove` and
+        # `vectors_of` find a label's list through the node's own label → list map.
+        index.set_direct_map_type(faiss.DirectMap.NoMap)
         return VectorIndex(index, True, n, shard_bits(spec.shards))
 
     def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
@@ -312,11 +315,72 @@ class VectorIndex:
         self._note_lists(np.asarray(labels, dtype=np.int64), assign)
 
     def remove(self, labels: np.ndarray) -> None:
-        if len(labels):
-            keys = np.asarray(labels, dtype=np.int64)
+        """Remove these keys' vectors; keys not held are ignored."""
+        if not len(labels):
+            return
+        keys = np.asarray(labels, dtype=np.int64)
+        if not self.trained:
             self.index.remove_ids(self.ids(keys))
-            if self.trained:
-                self._note_lists(keys, np.full(len(keys), -1, dtype=np.int64))
+            return
+        lists = self._list_numbers(keys)
+        held = lists >= 0
+        removed = self._remove_from_lists(self.ids(keys[held]), lists[held])
+        self.index.ntotal = self.ntotal - removed
+        self._note_lists(keys, np.full(len(keys), -1, dtype=np.int64))
+
+    def _list_numbers(self, keys: np.ndarray) -> np.ndarray:
+        """IVF: the list holding each key's vector, from the label → list map (-1: none)."""
+        out = np.full(len(keys), -1, dtype=np.int64)
+        shards = keys >> LABEL_BITS
+        for s in np.unique(shards).tolist():
+            pick = np.flatnonzero(shards == s)
+            known = self.lists_of(s)
+            labels = keys[pick] & _MASK
+            inside = labels < len(known)
+            out[pick[inside]] = known[labels[inside]]
+        return out
+
+    def _remove_from_lists(self, ids: np.ndarray, lists: np.ndarray) -> int:
+        """Remove these FAISS ids from these lists (each id's own list) as FAISS's
+        `remove_ids` does without a direct map: a list's holes, first to last, take its
+        surviving entries from the end, last first; then the list is cut. Ids not in
+        their list are ignored. Returns how many entries were removed."""
+        if not len(ids):
+            return 0
+        inv = self.index.invlists
+        code_size = int(inv.code_size)
+        removed = 0
+        for no, rows in _groups(lists):
+            n = int(inv.list_size(no))
+            if not n:
+                continue
+            # Views of the list's arrays (the node's lists are FAISS's in-memory
+            # ArrayInvertedLists: these pointers are their storage).
+            own = faiss.rev_swig_ptr(inv.get_ids(no), n)
+            gone = own == ids[rows[0]] if len(rows) == 1 else np.isin(own, ids[rows])
+            k = int(np.count_nonzero(gone))
+            if not k:
+                continue
+            m = n - k
+            if k == 1:  # the usual case: the last entry takes the place of the one removed
+                at = int(gone.argmax())
+                if at != m:
+                    codes1 = faiss.rev_swig_ptr(inv.get_codes(no), n * code_size)
+                    own[at] = own[m]
+                    codes1[at * code_size: (at + 1) * code_size] = codes1[m * code_size:]
+                inv.resize(no, m)
+                removed += 1
+                continue
+            holes = np.flatnonzero(gone[:m])
+            movers = m + np.flatnonzero(~gone[m:])[::-1]
+            if len(holes):
+                codes = faiss.rev_swig_ptr(inv.get_codes(no), n * code_size).reshape(
+                    n, code_size)
+                own[holes] = own[movers]
+                codes[holes] = codes[movers]
+            inv.resize(no, m)
+            removed += k
+        return removed
 
     # -- inverted lists, for filtered searches --------------------------------------------
     def _note_lists(self, keys: np.ndarray, lists: np.ndarray) -> None:
@@ -347,12 +411,18 @@ class VectorIndex:
         if self._lists is None:
             built: dict[int, np.ndarray] = {}
             ivf, inv = self.index, self.index.invlists
-            parts = [(no, inv.list_size(no)) for no in range(ivf.nlist)]
-            keys = self.keys(np.concatenate(
-                [faiss.rev_swig_ptr(inv.get_ids(no), n).copy() for no, n in parts if n]
-                or [np.zeros(0, np.int64)]
-            ))
-            lists = np.repeat(np.arange(ivf.nlist, dtype=np.int64), [n for _, n in parts])
+            sizes = [int(inv.list_size(no)) for no in range(ivf.nlist)]
+            # The ids copied straight into one array (no copy per list: thousands of small
+            # blocks freed between live ones, which the heap keeps).
+            ids = np.empty(sum(sizes), dtype=np.int64)
+            at = 0
+            for no, n in enumerate(sizes):
+                if n:
+                    ids[at: at + n] = faiss.rev_swig_ptr(inv.get_ids(no), n)
+                    at += n
+            keys = self.keys(ids)
+            del ids
+            lists = np.repeat(np.arange(ivf.nlist, dtype=np.int64), sizes)
             shards = keys >> LABEL_BITS
             for s in np.unique(shards).tolist():
                 pick = shards == s
@@ -399,7 +469,42 @@ class VectorIndex:
         quantised indexes)."""
         if not len(keys):
             return np.zeros((0, self.index.d), np.float32)
-        out: np.ndarray = self.index.reconstruct_batch(self.ids(keys))
+        if not self.trained:
+            out: np.ndarray = self.index.reconstruct_batch(self.ids(keys))
+            return out
+        keys = np.asarray(keys, dtype=np.int64)
+        ids, lists = self.ids(keys), self._list_numbers(keys)
+        inv = self.index.invlists
+        code_size = int(inv.code_size)
+        coarse = int(self.index.coarse_code_size())
+        # Each key's code as `sa_decode` takes it: its list number (little-endian, as
+        # FAISS's encode_listno writes it), then the list's code.
+        codes = np.empty((len(keys), coarse + code_size), dtype=np.uint8)
+        codes[:, :coarse] = ((lists[:, None] >> (8 * np.arange(coarse))) & 0xFF).astype(
+            np.uint8)
+        found = np.zeros(len(keys), dtype=bool)
+        for no, rows in _groups(lists):
+            n = int(inv.list_size(no))
+            if not n:
+                continue
+            own = faiss.rev_swig_ptr(inv.get_ids(no), n)
+            if len(rows) == 1:
+                at = np.flatnonzero(own == ids[rows[0]])[:1]
+                rows = rows[: len(at)]
+            else:
+                sorter = np.argsort(own, kind="stable")
+                at = sorter[np.minimum(np.searchsorted(own, ids[rows], sorter=sorter), n - 1)]
+                hit = own[at] == ids[rows]
+                rows, at = rows[hit], at[hit]
+            if len(at):
+                listed = faiss.rev_swig_ptr(inv.get_codes(no), n * code_size).reshape(
+                    n, code_size)
+                codes[rows, coarse:] = listed[at]
+                found[rows] = True
+        if not found.all():
+            missing = int(keys[np.flatnonzero(~found)[0]])
+            raise RuntimeError(f"key {missing} not found")
+        out = self.index.sa_decode(codes)
         return out
 
     def search(
@@ -428,11 +533,12 @@ class VectorIndex:
 
     def memory_bytes(self) -> int:
         """An estimate of the memory the index holds (for /metrics): per vector its code and
-        its 64-bit id, and the id map's hash entry; an IVF index's centroids too."""
+        its 64-bit id, and its entry in the id map (IVF: the label → list map, 2 bytes;
+        flat: FAISS's hash entry); an IVF index's centroids too."""
         n, d = self.ntotal, int(self.index.d)
         if self.trained:
             code = int(faiss.extract_index_ivf(self.index).code_size)
-            return n * (code + 8 + 16) + int(self.index.nlist) * d * 4
+            return n * (code + 8 + 2) + int(self.index.nlist) * d * 4
         return n * (d * 4 + 8 + 16)
 
     # -- snapshots ------------------------------------------------------------------------
@@ -508,7 +614,12 @@ class VectorIndex:
             meta = meta["covered"]
         covered = {int(s): int(q) for s, q in meta.items()}
         if kind:
-            faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
+            # Snapshots of older versions hold FAISS's hash table direct map: dropped (see
+            # `new_ivf`), its bucket array too (which emptying the table keeps: ~8 bytes a
+            # vector), by putting an empty map (of no type) in its place.
+            ivf = faiss.extract_index_ivf(index)
+            ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+            ivf.direct_map = faiss.DirectMap()
         return VectorIndex(index, bool(kind), int(trained_at), bits, curve=curve,
                            by_rank=by_rank), covered
 
@@ -531,6 +642,16 @@ def _put(arr: np.ndarray | None, labels: np.ndarray, values: np.ndarray, nlist: 
         arr = widened(arr, capacity(need, len(arr)), -1)
     arr[labels] = values
     return arr
+
+
+def _groups(lists: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Per list number (-1 left out), the positions in `lists` holding it."""
+    order = np.argsort(lists, kind="stable")
+    ordered = lists[order]
+    bounds = np.r_[np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]), len(ordered)]
+    for i in range(len(bounds) - 1):
+        if bounds[i] < len(ordered) and ordered[bounds[i]] >= 0:
+            yield int(ordered[bounds[i]]), order[bounds[i]: bounds[i + 1]]
 
 
 def _bitmap(bits: np.ndarray) -> Any:

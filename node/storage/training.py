@@ -233,6 +233,6 @@ def compacted(index: VectorIndex, scratch: Path) -> VectorIndex:
     finally:
         with contextlib.suppress(OSError):
             scratch.unlink()
-    faiss.extract_index_ivf(fresh).set_direct_map_type(faiss.DirectMap.Hashtable)
+    faiss.extract_index_ivf(fresh).set_direct_map_type(faiss.DirectMap.NoMap)
     index.index = fresh
     return index
