@@ -246,10 +246,9 @@ def faiss_costs(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         if not index.is_trained:
             # As the node trains (node/storage/index.py train_ivf): 10 k-means rounds, 64 points a
-            # list, and a hash table from label to list position.
+            # list, and no direct map (the node finds a label's list through its own map).
             index.cp.niter = 10
             index.train(base[: min(n, 64 * nlist)])
-            index.set_direct_map_type(faiss.DirectMap.Hashtable)
         before = rss_bytes()
         index.add_with_ids(base, np.arange(n, dtype=np.int64))
         added = rss_bytes() - before
