@@ -328,3 +328,23 @@ async def test_reads_and_a_transfer_of_tombstones_of_no_label(
     finally:
         await engine.close()
         await other.close()
+
+
+async def test_a_look_for_tombstones_reads_a_bounded_stretch_of_the_change_log(
+    engine: Engine,
+) -> None:
+    """It runs on the write thread: after a bulk load of upserts (no tombstone among them)
+    one call reads at most `limit` × 8 changes and says how far it read; calls from there on
+    find every tombstone."""
+    coll = await engine.ensure(FLAT, [0], "u")
+    await coll.write({0: [doc(i) for i in range(200)]})
+    await coll.write({0: [delete(i) for i in (3, 150, 190)]})
+    store, upto = coll.store, coll.shards[0].next_seq - 1
+    ids, reached = await engine.blocking.write(store.labelled_tombstones, 0, 0, upto, 2)
+    assert ids == [] and 0 < reached < upto
+    found, after, calls = [], 0, 0
+    while after < upto:
+        ids, after = await engine.blocking.write(store.labelled_tombstones, 0, after, upto, 2)
+        found += ids
+        calls += 1
+    assert sorted(found) == ["d150", "d190", "d3"] and calls >= 200 // 16

@@ -529,7 +529,9 @@ class Store:
         """The ids of the shard's tombstones that still hold a label and whose change is in
         (after, upto], `limit` at most, and the position read up to (`upto` once all are
         found): from the change log, one read of each change's record header (around the
-        block cache), not a scan of every record. ([], after) when `stop` says to stop."""
+        block cache), not a scan of every record; `limit` × 8 changes read at most a call
+        (it runs on the write thread: a bulk load's interval is hundreds of thousands of
+        upserts). ([], after) when `stop` says to stop."""
         ids: list[str] = []
         get, opts = self.db.get, self._lookup_opts
         unpack = _HEADER.unpack_from
@@ -538,6 +540,8 @@ class Store:
                 break
             if stop is not None and not n & 4095 and stop():
                 return [], after
+            if n > limit * 8:
+                return ids, seq - 1
             raw = get(doc_key(shard, doc_id), read_opt=opts)
             if raw is None:
                 continue
