@@ -57,3 +57,26 @@ async def test_the_label_to_list_map_follows_deletes_and_writes(
         assert lists.nbytes == 2 * len(lists)
     finally:
         await engine.close()
+
+
+async def test_a_restarted_node_has_its_map_before_the_first_write(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """Built at the start, not by the first write (under the lock every search waits for)."""
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await wait_for(lambda: coll.index.trained and not coll.training, 30, what="training")
+        await coll.snapshot()
+    finally:
+        await engine.close()
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    try:
+        coll = engine.get("s")
+        assert coll.index.trained and coll.index._lists is not None
+        assert np.array_equal(coll.index.lists_of(0)[1:151], truth(coll, 151)[1:])
+    finally:
+        await engine.close()

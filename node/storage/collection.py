@@ -261,6 +261,11 @@ class Collection:
                     self._apply_sync(ops)
             self.snapshot_seqs = covered
             self._saved = self.index
+            if self.index.trained:
+                # The label → list map (`remove` finds a label's list there): built here, at
+                # the start, not by the first write, under the lock every search waits for
+                # (one pass over the ids: 73 ms at 1M).
+                self.index.lists_of(0)
         else:
             if self.snap_path.exists():
                 log.warning("%s: snapshot damaged or stale; rebuilding from the store",
