@@ -29,6 +29,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from aquila.node.app import make_app
 from aquila.node.blocking import Blocking
 from aquila.node.config import NodeConfig, load_config
+from aquila.node.storage.collection import Collection
 from tests.loop_guard import LoopHolds
 
 # A small training threshold so IVF indexes train on a few hundred documents in tests.
@@ -68,6 +69,11 @@ async def wait_for(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def settled(coll: Collection, timeout_s: float = 30.0, what: str = "the training") -> None:
+    """Wait (`wait_for`) until `coll`'s index is trained and no training runs."""
+    await wait_for(lambda: coll.index.trained and not coll.training, timeout_s, what=what)
 
 
 async def expect_error(resp: ClientResponse, status: int, code: str) -> str:

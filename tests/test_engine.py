@@ -16,7 +16,7 @@ from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
-from tests.conftest import wait_for
+from tests.conftest import settled, wait_for
 
 SPEC = CollectionSpec("c", 4, "l2", 2, 1, IndexSpec("flat"))
 
@@ -292,7 +292,7 @@ async def test_retraining_waits_for_a_stream_of_writes_to_pause(
         written += n
 
     await batch(250)  # past train_min: the first training starts at once
-    await wait_for(lambda: coll.index.trained and not coll.training, 30)
+    await settled(coll)
     first = coll.index.trained_at
     assert first >= 200
     # Past retrain_growth × first, writes still streaming: no retraining yet.

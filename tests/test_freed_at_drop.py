@@ -15,9 +15,9 @@ import pytest
 
 from aquila.cluster.model.filters import parse_filter
 from aquila.node.blocking import Blocking
-from aquila.node.storage.collection import Collection, Tuning
+from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
-from tests.conftest import wait_for
+from tests.conftest import settled
 from tests.small_ivf import SPEC, doc
 
 
@@ -29,10 +29,6 @@ def no_collector() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-async def _trained(coll: Collection) -> None:
-    await wait_for(lambda: coll.index.trained and not coll.training, 60, what="the training")
 
 
 @pytest.mark.usefixtures("no_collector")
@@ -48,7 +44,7 @@ async def test_a_dropped_collection_is_freed_at_once(tmp_path: Path, blocking: B
         assert await coll.search(np.stack([doc(0).vector]), 1, 4, flt) == [[]]
         # A training's thread holds its collection until it ends (a drop does not wait for
         # it): the drop is measured once the training the writes started is in.
-        await _trained(coll)
+        await settled(coll, 60)
         gone, index = weakref.ref(coll), weakref.ref(coll.index)
         del coll, rows
         await engine.drop("s")

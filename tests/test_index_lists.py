@@ -14,7 +14,7 @@ from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import LABEL_BITS
-from tests.conftest import wait_for
+from tests.conftest import settled, wait_for
 from tests.small_ivf import SPEC, doc
 
 
@@ -46,8 +46,7 @@ async def test_the_label_to_list_map_follows_deletes_and_writes(
         gone = [Incoming(f"d{i}", None, b"", 2, "n1") for i in range(0, 150, 3)]
         await coll.write({0: gone})
         await coll.write({0: [doc(i) for i in range(150, 400)]})
-        await wait_for(lambda: coll.index.trained and not coll.training, 30,
-                       what="the index to settle")
+        await settled(coll, what="the index to settle")
         lists = coll.index.lists_of(0)
         given = coll.shards[0].next_label
         assert (lists.astype(np.int64) == truth(coll, len(lists))).all()
@@ -68,7 +67,7 @@ async def test_a_restarted_node_has_its_map_before_the_first_write(
     try:
         coll = await engine.ensure(SPEC, [0], "u")
         await coll.write({0: [doc(i) for i in range(150)]})
-        await wait_for(lambda: coll.index.trained and not coll.training, 30, what="training")
+        await settled(coll, what="training")
         await coll.snapshot()
     finally:
         await engine.close()

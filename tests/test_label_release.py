@@ -25,7 +25,7 @@ from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import global_key
 from aquila.node.storage.store import Store, label_key
-from tests.conftest import wait_for
+from tests.conftest import settled
 
 DIM = 4
 FLAT = CollectionSpec("c", DIM, "l2", 1, 1, IndexSpec("flat"))
@@ -253,7 +253,7 @@ async def test_a_search_during_releases_never_resolves_a_label_to_another_docume
     try:
         coll = await engine.ensure(IVF, [0], "u")
         await coll.write({0: [doc(i) for i in range(200)]})
-        await wait_for(lambda: coll.index.trained and not coll.training, 30, what="training")
+        await settled(coll, what="training")
         done = asyncio.Event()
         checked = 0
 

@@ -24,7 +24,7 @@ from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import global_key
 from aquila.node.storage.shard import Shard
 from aquila.node.storage.store import LAYOUT, Store
-from tests.conftest import wait_for
+from tests.conftest import settled, wait_for
 from tests.held_training import hold_catch_up
 
 DIM = 4
@@ -64,7 +64,7 @@ async def test_labels_stay_bounded_under_churn(tmp_path: Path, blocking: Blockin
     try:
         coll = await engine.ensure(IVF, [0], "u")
         await coll.write({0: [doc(i) for i in range(300)]})
-        await wait_for(lambda: coll.index.trained and not coll.training, 30, what="training")
+        await settled(coll, what="training")
         flt = parse_filter({"must": [{"key": "g", "match": 1}]})
         version, sizes = 2, []
         for cycle in range(40):
@@ -107,7 +107,7 @@ async def test_a_label_given_again_starts_clean(tmp_path: Path, blocking: Blocki
         coll = await engine.ensure(IVF, [0], "u")
         await coll.write({0: [doc(i, meta={"g": "x" if i == 7 else "y", "n": i})
                               for i in range(150)]})
-        await wait_for(lambda: coll.index.trained and not coll.training, 30, what="training")
+        await settled(coll, what="training")
         by_value = parse_filter({"must": [{"key": "g", "match": "x"}]})
         by_range = parse_filter({"must": [{"key": "n", "range": {"gte": 7, "lte": 7}}]})
         for flt in (by_value, by_range):  # cached, with the payload index and list map
@@ -318,7 +318,7 @@ async def test_a_purge_while_training_frees_no_label_the_new_index_may_hold(
             assert min(labels_of(coll, 0)[f"d{i}"] for i in range(200, 210)) == 151
         finally:
             go_on.set()
-        await wait_for(lambda: coll.index.trained and not coll.training, 30, what="training")
+        await settled(coll, what="training")
         assert await purge(coll) == 10
         await coll.write({0: [doc(i) for i in range(300, 310)]})
         got = labels_of(coll, 0)

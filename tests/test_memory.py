@@ -28,7 +28,7 @@ from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import VectorIndex, global_keys
 from aquila.node.storage.store import LAYOUT, Store, label_key
 from aquila.node.storage.training import compacted
-from tests.conftest import wait_for
+from tests.conftest import settled
 
 SHARDS = 2
 DIM = 8
@@ -82,7 +82,7 @@ async def test_churn_leaves_no_trace_in_memory(tmp_path: Path, blocking: Blockin
     spec = CollectionSpec("c", DIM, "l2", SHARDS, 1, IndexSpec("ivf_flat", 16, 4))
     coll = await engine.ensure(spec, range(SHARDS), "u")
     await coll.write(docs("live", 3000, rng))
-    await wait_for(lambda: coll.index.trained and not coll.training, 30, what="training")
+    await settled(coll, what="training")
     flt = parse_filter({"must": [{"key": "g", "match": 3}]})
     assert flt is not None
     q = rng.standard_normal((4, DIM)).astype(np.float32)
@@ -185,7 +185,7 @@ async def test_start_rebuilds_what_a_scan_gives(tmp_path: Path, blocking: Blocki
     spec = CollectionSpec("c", DIM, "l2", SHARDS, 1, IndexSpec("ivf_flat", 8, 8))
     coll = await engine.ensure(spec, range(SHARDS), "u")
     await coll.write(docs("a", 800, rng))
-    await wait_for(lambda: coll.index.trained and not coll.training, 30, what="training")
+    await settled(coll, what="training")
     await coll.snapshot()
     snap = coll.snap_path.read_bytes()
     await coll.write(docs("b", 300, rng))

@@ -15,7 +15,7 @@ from aquila.node.storage import collection as collection_module
 from aquila.node.storage import heap
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.store import RocksMemory, Store, doc_key
-from tests.conftest import wait_for
+from tests.conftest import settled, wait_for
 from tests.small_ivf import SPEC, doc
 from tests.test_rocks_memory import MIB, fill
 from tests.test_training_memory import TUNING
@@ -97,8 +97,7 @@ async def test_trims_and_sheds_after_a_swap_and_trims_after_a_snapshot_off_the_l
         monkeypatch.setattr(collection_module, "trim", trim)
         monkeypatch.setattr(collection_module, "shed_blocks", shed_blocks)
         await coll.write({0: [doc(i) for i in range(150)]})
-        await wait_for(lambda: coll.index.trained and not coll.training, 30,
-                       what="the training")
+        await settled(coll)
         # After the swap, on the training's thread: the trained index serves by then.
         await wait_for(lambda: any(name.startswith(BACKGROUND_THREADS) and at == 150
                                    for _, name, at in calls), 30, what="a trim after the swap")

@@ -19,7 +19,7 @@ from aquila.cluster.model.documents import Incoming
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
-from tests.conftest import wait_for
+from tests.conftest import settled, wait_for
 from tests.held_training import hold_catch_up
 from tests.small_ivf import SPEC, doc
 
@@ -42,8 +42,7 @@ async def test_a_purge_during_a_training_leaves_no_deleted_vector_in_the_new_ind
             await coll.purge_tombstones(0, 10)
         finally:
             go_on.set()
-        await wait_for(lambda: coll.index.trained and not coll.training, 30,
-                       what="the training to end")
+        await settled(coll, what="the training to end")
         assert coll.count() == 149
         assert coll.index.ntotal == 149, "the purged delete was not replayed into the new index"
         # Once the training is in, the tombstone goes at the next pass.

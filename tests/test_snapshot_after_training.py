@@ -12,7 +12,7 @@ from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
-from tests.conftest import wait_for
+from tests.conftest import settled, wait_for
 
 SPEC = CollectionSpec("s", 4, "l2", 1, 1, IndexSpec("ivf_flat", nlist=4))
 # Retrainings wait for writes to pause this long: a periodic snapshot may come meanwhile.
@@ -32,7 +32,7 @@ async def test_a_retrained_index_is_snapshotted_when_a_snapshot_covered_every_wr
     await engine.start()
     coll = await engine.ensure(SPEC, [0], "u")
     await coll.write({0: docs(0, 150)})
-    await wait_for(lambda: coll.index.trained and not coll.training, 30, what="a training")
+    await settled(coll, what="a training")
     assert coll.index.trained_at == 150
     # Twice as many: a retraining is due once the writes pause; a snapshot comes first.
     await coll.write({0: docs(150, 300)})

@@ -19,7 +19,7 @@ from aquila.node.storage import collection as collection_module
 from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import VectorIndex
-from tests.conftest import wait_for
+from tests.conftest import settled, wait_for
 from tests.small_ivf import SPEC, doc
 
 # Retrainings wait for writes to pause this long.
@@ -35,8 +35,7 @@ async def test_the_replaced_index_is_freed_at_the_swap(
     try:
         coll = await engine.ensure(SPEC, [0], "u")
         await coll.write({0: [doc(i) for i in range(150)]})
-        await wait_for(lambda: coll.index.trained and not coll.training, 30,
-                       what="the first training")
+        await settled(coll, what="the first training")
         await coll.snapshot()
         first = weakref.ref(coll.index)
         first_faiss = weakref.ref(coll.index.index)
@@ -90,8 +89,7 @@ async def test_writes_made_during_a_training_are_added_before_its_compaction(
             await coll.write({0: late})
         finally:
             go_on.set()
-        await wait_for(lambda: coll.index.trained and not coll.training, 30,
-                       what="the swap")
+        await settled(coll, what="the swap")
         assert compacted_sizes == [190], "the writes made meanwhile were added after it"
         assert coll.index.ntotal == 190
         queries = np.stack([d.vector for d in late if d.vector is not None])
