@@ -468,3 +468,55 @@ async def test_frames_to_a_node_travel_its_channel(start_node: StartNode) -> Non
         with pytest.raises(aiohttp.WSServerHandshakeError) as got:
             await s.ws_connect(f"http://{addr}{CHANNEL_PATH}")
         assert got.value.status == 401
+
+
+async def test_a_server_refuses_a_bad_field_per_request_and_a_bad_message_by_closing() -> None:
+    peer = Peer(echo, secret=None)
+    await peer.server.start_server()
+    try:
+        async with aiohttp.ClientSession() as s:
+            ws = await s.ws_connect(f"http://{peer.addr}{CHANNEL_PATH}")
+            wire.decode_hello((await ws.receive()).data)
+            # An operation this node does not know: that request is refused, a 400.
+            msg = bytearray(wire.encode_request(0, 5, "get", "c", None, b"x", None))
+            msg[wire.HEAD_SIZE] = 200
+            await ws.send_bytes(bytes(msg))
+            got = wire.decode_answer((await ws.receive()).data, None, 0)
+            assert (got.id, got.kind, got.type) == (5, wire.ERROR, 400)
+            await ws.send_bytes(wire.encode_request(1, 6, "get", "c", None, b"x", None))
+            got = wire.decode_answer((await ws.receive()).data, None, 1)
+            assert (got.id, got.kind, got.body) == (6, wire.ANSWER, b"get:c:x:-")
+            # Another version (or a replayed sequence number): the channel is closed.
+            await ws.send_bytes(b"\x02" + wire.encode_request(2, 7, "get", "c", None, b"",
+                                                              None)[1:])
+            closing = await ws.receive()
+            assert closing.type == aiohttp.WSMsgType.CLOSE
+            assert closing.data == aiohttp.WSCloseCode.PROTOCOL_ERROR
+            await ws.close()
+    finally:
+        await peer.server.close()
+
+
+async def test_a_client_breaks_a_channel_whose_answers_do_not_decode() -> None:
+    async def garbage(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(wire.encode_hello(bytes(16)))
+        await ws.receive()
+        await ws.send_bytes(b"\x09not an answer")
+        await ws.receive()
+        return ws
+
+    app = web.Application()
+    app.router.add_get(CHANNEL_PATH, garbage)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    peers = Peers(None, 5.0, sender="coordinator")
+    await peers.start()
+    try:
+        with pytest.raises(PeerError, match="channel version 9"):
+            await peers.request(f"127.0.0.1:{server.port}", "POST", collection_path("c", "get"),
+                                None, to=ME, raw=b"x")
+    finally:
+        await peers.close()
+        await server.close()
