@@ -24,7 +24,12 @@ from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import BadRequest, NotFound, Unauthorized, Unavailable
 from aquila.cluster.peers import wire
 from aquila.cluster.peers.auth import SIGNATURE_HEADER, PeerAuthError, PeerSigner, PeerVerifier
-from aquila.cluster.peers.channel import CHANNEL_PATH, Channels, ServerChannel
+from aquila.cluster.peers.channel import (
+    CHANNEL_PATH,
+    MAX_CHANNEL_FRAME,
+    Channels,
+    ServerChannel,
+)
 from aquila.cluster.peers.client import FRAME_TYPE, PeerError, collection_path
 from aquila.cluster.peers.http import Peers
 from aquila.cluster.replication import frames
@@ -185,7 +190,7 @@ class Peer:
         self.transports: list[asyncio.Transport] = []
         self.max_msg = max_msg
         self.max_in_flight = max_in_flight
-        app = web.Application()
+        app = web.Application(client_max_size=4 << 20)
         if channel:
             app.router.add_get(CHANNEL_PATH, self._channel)
         app.router.add_post("/internal/v1/collections/{name}/{op}", self._frame)
@@ -391,6 +396,16 @@ async def test_an_oversized_message_breaks_the_channel_and_the_next_reopens() ->
         assert peer.upgrades == 2
 
 
+async def test_a_frame_past_the_channels_share_goes_over_http() -> None:
+    peer = Peer(echo)
+    async with running(peer) as peers:
+        big = b"w" * (MAX_CHANNEL_FRAME + 1)
+        assert await ask(peers, peer, big) == b"search:c:" + big + b":-"
+        assert (peer.upgrades, peer.http_frames) == (0, 1)
+        assert await ask(peers, peer, b"small") == b"search:c:small:-"
+        assert (peer.upgrades, peer.http_frames) == (1, 1)
+
+
 async def test_requests_beyond_the_cap_wait_for_room() -> None:
     running_now = 0
     most = 0
@@ -463,11 +478,20 @@ async def test_frames_to_a_node_travel_its_channel(start_node: StartNode) -> Non
         finally:
             await peers.close()
     assert answers[0] == answers[1] and answers[0][0][0].id == "a"
-    # An upgrade without a signature is refused before anything else.
+    # An upgrade without a signature is refused before anything else; a signed one addressed
+    # to whoever answers (as a push-pull to a seed may be) too.
     async with aiohttp.ClientSession() as s:
         with pytest.raises(aiohttp.WSServerHandshakeError) as got:
             await s.ws_connect(f"http://{addr}{CHANNEL_PATH}")
         assert got.value.status == 401
+        anyone = PeerSigner(SECRET, "n0").headers("GET", CHANNEL_PATH, b"", None)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as got:
+            await s.ws_connect(f"http://{addr}{CHANNEL_PATH}", headers=anyone)
+        assert got.value.status == 401
+        ok = PeerSigner(SECRET, "n0").headers("GET", CHANNEL_PATH, b"", "n1")
+        ws = await s.ws_connect(f"http://{addr}{CHANNEL_PATH}", headers=ok)
+        wire.decode_hello((await ws.receive()).data)
+        await ws.close()
 
 
 async def test_a_server_refuses_a_bad_field_per_request_and_a_bad_message_by_closing() -> None:

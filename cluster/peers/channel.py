@@ -8,7 +8,8 @@ Client side (`Channels`, used by `http.Peers`): one channel per (address, node i
 the first request and shared; requests past `MAX_IN_FLIGHT` wait for room. A caller's
 timeout or cancellation drops its request only (a late answer is dropped); a channel that
 breaks fails its requests in flight with PeerError (retryable) and the next request opens a
-new one. A node that does not know the route (404/405: an older node) is remembered for
+new one. Frames above `MAX_CHANNEL_FRAME` (bulk writes) go over HTTP, so that no search
+waits behind them. A node that does not know the route (404/405: an older node) is remembered for
 `NO_CHANNEL_S`, and its frames go over HTTP meanwhile (`Channels.request` answers None).
 
 Server side (`serve`, called by node/http/internal_api.py once the handshake is
@@ -45,6 +46,9 @@ CHANNEL_PATH = "/internal/v1/channel"
 MAX_IN_FLIGHT = 256
 # How long a node without the channel route is served over HTTP before it is asked again.
 NO_CHANNEL_S = 60.0
+# A larger frame (a bulk write's batch) goes over HTTP on a connection of its own: on the
+# channel, the searches behind it would wait for its megabytes to pass.
+MAX_CHANNEL_FRAME = 1 << 20
 
 Serve = Callable[[str, str, bytes], Awaitable[Any]]  # op, collection, frame -> answer
 # After each request served: op, status, milliseconds (the node logs it; request_id is set).
@@ -82,6 +86,8 @@ class Channel:
             self._slots.release()
             raise PeerError(f"node {self.addr}: channel broken: {self.broken}")
         id_ = self._next_id
+        while id_ in self._unanswered:  # wrapped round to one abandoned, still unanswered
+            id_ = (id_ + 1) & wire.MAX_ID
         self._next_id = (id_ + 1) & wire.MAX_ID
         fut: asyncio.Future[wire.Answer] = asyncio.get_running_loop().create_future()
         msg = wire.encode_request(self._send_seq, id_, op, name, rid, body, self._send_key)
@@ -174,9 +180,9 @@ class Channels:
         # Benchmarks only (A/B against the HTTP path): AQUILA_NO_CHANNEL=1 never opens one.
         self.enabled = not os.environ.get("AQUILA_NO_CHANNEL")
 
-    def wanted(self, addr: str, op: str) -> bool:
-        """Whether a frame of `op` to `addr` goes over a channel."""
-        if not self.enabled or op not in wire.OP_CODES:
+    def wanted(self, addr: str, op: str, size: int) -> bool:
+        """Whether a frame of `op` and `size` bytes to `addr` goes over a channel."""
+        if not self.enabled or op not in wire.OP_CODES or size > MAX_CHANNEL_FRAME:
             return False
         until = self._without.get(addr)
         if until is None:

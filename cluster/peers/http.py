@@ -78,7 +78,7 @@ class Peers:
             raise Unavailable("peer client is not started")
         if raw is not None and to is not None and self._channels is not None:
             name, _, op = path.removeprefix(COLLECTION_PREFIX).partition("/")
-            if (path.startswith(COLLECTION_PREFIX) and self._channels.wanted(addr, op)
+            if (path.startswith(COLLECTION_PREFIX) and self._channels.wanted(addr, op, len(raw))
                     and wire.sendable_name(name)):
                 answer = await self._channel_request(addr, to, op, name, raw,
                                                      timeout or self._timeout_s, max_answer)

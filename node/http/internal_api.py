@@ -19,7 +19,13 @@ from aquila.cluster.membership.gossip import GossipError
 from aquila.cluster.membership.messages import AuthError, DecodeError
 from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import BadRequest, Unauthorized, Unavailable
-from aquila.cluster.peers.auth import SIGNATURE_HEADER, PeerAuthError, PeerVerifier
+from aquila.cluster.peers.auth import (
+    ANY_RECIPIENT,
+    RECIPIENT_HEADER,
+    SIGNATURE_HEADER,
+    PeerAuthError,
+    PeerVerifier,
+)
 from aquila.cluster.peers.channel import CHANNEL_PATH, MAX_IN_FLIGHT, ServerChannel
 from aquila.cluster.peers.client import FRAME_TYPE
 from aquila.cluster.peers.wire import OVERHEAD
@@ -143,6 +149,8 @@ def _channel_route(verifier: PeerVerifier) -> Handler:
 
     async def channel(request: web.Request) -> web.StreamResponse:
         await _authenticate(request, verifier)
+        if verifier.enabled and request.headers.get(RECIPIENT_HEADER) == ANY_RECIPIENT:
+            raise Unauthorized("peer request refused: a channel is addressed to one node")
         if request.can_read_body:
             raise BadRequest("a channel's upgrade has no body")
         config = request.app[CONFIG]
