@@ -1,6 +1,8 @@
 """The HTTP client for other nodes' internal routes (a `peer_client.PeerClient`); maps HTTP errors back to
 `cluster.model.errors`. With a cluster secret, every request is signed (`cluster.peers.auth`): its sender,
-method, path, body and time, which the receiving node checks before anything else."""
+method, path, body and time, which the receiving node checks before anything else. The binary
+frames (search, write, get) go over a channel per peer instead (`channel.py`), opened by such a
+signed request; to a node without one, over the lean HTTP client (`lean.py`)."""
 
 from __future__ import annotations
 
@@ -116,7 +118,6 @@ class Peers:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
-
 
     async def _channel_request(self, addr: str, to: str, op: str, name: str, raw: bytes,
                                timeout: float,  # noqa: ASYNC109
