@@ -118,6 +118,7 @@ class PeerVerifier:
         wall: Callable[[], float] = time.time,
         guard: ReplayGuard | None = None,
     ) -> None:
+        self.secret = secret
         self._key = derive_key(secret)
         self._wall = wall
         self._guard = guard or ReplayGuard()

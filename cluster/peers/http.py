@@ -1,6 +1,8 @@
 """The HTTP client for other nodes' internal routes (a `peer_client.PeerClient`); maps HTTP errors back to
 `cluster.model.errors`. With a cluster secret, every request is signed (`cluster.peers.auth`): its sender,
-method, path, body and time, which the receiving node checks before anything else."""
+method, path, body and time, which the receiving node checks before anything else. The binary
+frames (search, write, get) go over a channel per peer instead (`channel.py`), opened by such a
+signed request; to a node without one, over the lean HTTP client (`lean.py`)."""
 
 from __future__ import annotations
 
@@ -15,14 +17,17 @@ from yarl import URL
 
 from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import AquilaError, Unavailable, from_code
+from aquila.cluster.peers import wire
 from aquila.cluster.peers.auth import PeerSigner
-from aquila.cluster.peers.client import FRAME_TYPE, PUSH_PULL_PATH, PeerError
+from aquila.cluster.peers.channel import Channels
+from aquila.cluster.peers.client import COLLECTION_PREFIX, FRAME_TYPE, PUSH_PULL_PATH, PeerError
 from aquila.cluster.peers.lean import LeanClient, LeanError
 
 # The largest answer read from a peer (a page of a shard in a move, a search's hits, the
 # cluster state in a push-pull): an address given to join may be anything, and what answers
 # there must not make this node read without end.
 MAX_ANSWER_BYTES = 1 << 30
+_NO_CHANNEL = object()
 
 
 class Peers:
@@ -30,11 +35,14 @@ class Peers:
                  max_answer_bytes: int = MAX_ANSWER_BYTES,
                  wall: Callable[[], float] = time.time) -> None:
         # `wall`: the clock's wall time, which signatures carry (peers check freshness).
+        self._secret = secret
         self._signer = PeerSigner(secret, sender, wall)
         self._timeout_s = timeout_s
         self._max_answer = max_answer_bytes
         self._session: aiohttp.ClientSession | None = None
-        # Binary frames (search, write, get) go through the lean client.
+        # Binary frames (search, write, get) go over a channel per peer (`channel.py`), or
+        # through the lean client to a node without one.
+        self._channels: Channels | None = None
         self._lean: LeanClient | None = None
 
     async def start(self) -> None:
@@ -45,8 +53,13 @@ class Peers:
             # Nodes never compress; an answer that claims to is not inflated (a bomb).
             auto_decompress=False,
         )
+        self._channels = Channels(self._session, self._signer, self._secret, self._max_answer,
+                                  self._timeout_s)
 
     async def close(self) -> None:
+        if self._channels is not None:
+            await self._channels.close()
+            self._channels = None
         if self._lean is not None:
             self._lean.close()
             self._lean = None
@@ -65,6 +78,14 @@ class Peers:
         only for a push-pull to an address whose node is not known yet (a seed)."""
         if self._session is None:
             raise Unavailable("peer client is not started")
+        if raw is not None and to is not None and self._channels is not None:
+            name, _, op = path.removeprefix(COLLECTION_PREFIX).partition("/")
+            if (path.startswith(COLLECTION_PREFIX) and self._channels.wanted(addr, op, len(raw))
+                    and wire.sendable_name(name)):
+                answer = await self._channel_request(addr, to, op, name, raw,
+                                                     timeout or self._timeout_s, max_answer)
+                if answer is not _NO_CHANNEL:
+                    return answer
         data = raw if raw is not None else (b"" if body is None else orjson.dumps(body))
         # Sign the path exactly as it goes on the request line (quoted, with its query).
         try:
@@ -98,6 +119,30 @@ class Peers:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
 
+    async def _channel_request(self, addr: str, to: str, op: str, name: str, raw: bytes,
+                               timeout: float,  # noqa: ASYNC109
+                               max_answer: int | None) -> Any:
+        """A frame over the peer's channel: its answer, or _NO_CHANNEL when the peer has no
+        channel route (an older node)."""
+        assert self._channels is not None
+        try:
+            async with asyncio.timeout(timeout):
+                answer = await self._channels.request(addr, to, op, name, raw)
+        except TimeoutError:
+            raise PeerError(f"node {addr} did not answer: TimeoutError") from None
+        if answer is None:
+            return _NO_CHANNEL
+        if answer.kind == wire.ERROR:
+            raise _error_from(answer.type, answer.body, addr)
+        cap = self._cap(max_answer)
+        if len(answer.body) > cap:
+            raise PeerError(f"node {addr} answered more than {cap} bytes")
+        if answer.type == wire.FRAME:
+            return answer.body
+        try:
+            return orjson.loads(answer.body) if answer.body else None
+        except orjson.JSONDecodeError:
+            raise PeerError(f"node {addr} answered something else than JSON") from None
 
     def _cap(self, max_answer: int | None) -> int:
         return self._max_answer if max_answer is None else min(max_answer, self._max_answer)

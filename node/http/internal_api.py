@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import binascii
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,14 +17,28 @@ from aiohttp import web
 from aquila.cluster.clock import Clock
 from aquila.cluster.membership.gossip import GossipError
 from aquila.cluster.membership.messages import AuthError, DecodeError
+from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import BadRequest, Unauthorized, Unavailable
-from aquila.cluster.peers.auth import PeerAuthError, PeerVerifier
+from aquila.cluster.peers.auth import (
+    ANY_RECIPIENT,
+    RECIPIENT_HEADER,
+    SIGNATURE_HEADER,
+    PeerAuthError,
+    PeerVerifier,
+)
+from aquila.cluster.peers.channel import CHANNEL_PATH, MAX_IN_FLIGHT, ServerChannel
 from aquila.cluster.peers.client import FRAME_TYPE
+from aquila.cluster.peers.wire import OVERHEAD
 from aquila.cluster.replication.remote import COLLECTION_OPS
 from aquila.node.http.api import json_response
 from aquila.node.keys import CLUSTER, CONFIG, SERVICE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+access_log = logging.getLogger("aquila.node.http.access")
+# The channels this node serves, closed when it shuts down (else the server would wait for
+# them to end).
+_CHANNELS: web.AppKey[set[ServerChannel]] = web.AppKey("peer_channels")
 
 
 async def _authenticate(request: web.Request, verifier: PeerVerifier) -> None:
@@ -115,6 +130,52 @@ def _collection_op(op: str) -> Handler:
     return handler
 
 
+def _log_served(op: str, status: int, ms: float) -> None:
+    """A channel request's line, as the HTTP route's (node/http/observe.py): at info when it
+    serves a client request (its id is in the line), else at debug; built only if logged."""
+    level = logging.DEBUG if request_id.current.get() is None else logging.INFO
+    if access_log.isEnabledFor(level):
+        route = f"/internal/v1/collections/{{name}}/{op}"
+        ms = round(ms, 2)
+        access_log.log(level, "CHANNEL %s %d %.1f ms", route, status, ms,
+                       extra={"event": "request", "method": "POST", "route": route,
+                              "status": status, "ms": ms})
+
+
+def _channel_route(verifier: PeerVerifier) -> Handler:
+    """The peer channel (cluster/peers/channel.py): the upgrade is authenticated as any peer
+    request (its signature covers GET, the path and an empty body), then the frames it
+    carries are served by `PeerService.frame_op`."""
+
+    async def channel(request: web.Request) -> web.StreamResponse:
+        await _authenticate(request, verifier)
+        if verifier.enabled and request.headers.get(RECIPIENT_HEADER) == ANY_RECIPIENT:
+            raise Unauthorized("peer request refused: a channel is addressed to one node")
+        if request.can_read_body:
+            raise BadRequest("a channel's upgrade has no body")
+        config = request.app[CONFIG]
+        ws = web.WebSocketResponse(compress=False, autoping=True,
+                                   max_msg_size=config.max_wire_bytes + OVERHEAD)
+        await ws.prepare(request)
+        service = request.app[SERVICE].peer_service
+        ch = ServerChannel(ws, verifier.secret, request.headers.get(SIGNATURE_HEADER, ""),
+                           service.frame_op, _log_served, MAX_IN_FLIGHT)
+        request.app[_CHANNELS].add(ch)
+        try:
+            await ch.run()
+        finally:
+            request.app[_CHANNELS].discard(ch)
+        return ws
+
+    return channel
+
+
+async def _close_channels(app: web.Application) -> None:
+    channels: set[ServerChannel] = app[_CHANNELS]
+    for ch in [*channels]:
+        await ch.close()
+
+
 def add_internal_routes(app: web.Application, clock: Clock) -> None:
     # One replay memory per node; freshness is judged by the node's clock.
     verifier = PeerVerifier(app[CONFIG].peer_secret, clock.wall)
@@ -132,3 +193,7 @@ def add_internal_routes(app: web.Application, clock: Clock) -> None:
     routes[:0] = [("POST", f"{c}/{op}", _collection_op(op)) for op in ops]
     for method, path, handler in routes:
         app.router.add_route(method, path, _peer_route(handler, verifier))
+    channels: set[ServerChannel] = set()
+    app[_CHANNELS] = channels
+    app.router.add_route("GET", CHANNEL_PATH, _channel_route(verifier))
+    app.on_shutdown.append(_close_channels)

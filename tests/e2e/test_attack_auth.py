@@ -185,6 +185,9 @@ ETH_P_ALL = 0x0003
 PACKET_HOST = 0  # a copy as received (loopback shows each packet twice: sent and received)
 
 
+CHANNEL_UPGRADE = b"GET /internal/v1/channel HTTP/1.1\r\n"
+
+
 class Sniffer(threading.Thread):
     """An eavesdropper on the loopback interface (AF_PACKET; root in the namespace): keeps the
     TCP payloads and UDP datagrams sent to one address, as they went over the wire."""
@@ -227,23 +230,17 @@ class Sniffer(threading.Thread):
         self.join(5)
         self._sock.close()
 
-    def requests(self) -> list[bytes]:
-        """Every complete HTTP request seen, as raw bytes."""
-        out = []
-        for segments in self.tcp.values():
-            stream = b"".join(segments[s] for s in sorted(segments))
-            while b"\r\n\r\n" in stream:
-                head, rest = stream.split(b"\r\n\r\n", 1)
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                if len(rest) < length:
-                    break
-                out.append(head + b"\r\n\r\n" + rest[:length])
-                stream = rest[length:]
-        return out
+    def streams(self) -> list[bytes]:
+        """Each TCP connection's bytes as sent, in order."""
+        return [b"".join(segments[s] for s in sorted(segments))
+                for segments in list(self.tcp.values())]
+
+
+def channels_in(sniffer: Sniffer) -> list[bytes]:
+    """Each channel seen: its upgrade and the messages after it (on a connection that may
+    have carried HTTP requests before)."""
+    return [CHANNEL_UPGRADE + s.partition(CHANNEL_UPGRADE)[2] for s in sniffer.streams()
+            if CHANNEL_UPGRADE in s]
 
 
 def send_raw(host: str, port: int, raw: bytes) -> tuple[int, Any]:
@@ -283,30 +280,34 @@ def test_captured_peer_request_and_gossip_packet_replayed_are_refused(
     sniffer = Sniffer("127.0.0.3", 8470)
     sniffer.start()
     try:
-        # Every write through n1 reaches n2 as a signed peer write (replication 2).
+        # Every write through n1 reaches n2 as a peer write (replication 2), on the channel
+        # n1 opened to n2 by a signed upgrade (cluster/peers/channel.py).
         fill(n1, replication=2)
-        wait_until(lambda: any(b"/internal/v1/collections/c/write" in r
-                               for r in sniffer.requests()), 10, "a captured peer write")
+        wait_until(lambda: channels_in(sniffer), 10, "a captured channel")
         wait_until(lambda: len(sniffer.udp) >= 5, 10, "captured gossip packets")
     finally:
         sniffer.stop()
-    writes = [r for r in sniffer.requests() if b"/internal/v1/collections/c/write" in r]
-    assert b"X-Aquila-Peer-Signature" in writes[0]
+    channels = channels_in(sniffer)
+    head, _, messages = channels[0].partition(b"\r\n\r\n")
+    assert b"X-Aquila-Peer-Signature" in head and messages  # the writes, sealed
 
-    # The collection is dropped and created again: a replayed write of the old incarnation
-    # must not touch the new one.
+    # The collection is dropped and created again: a replayed channel (its upgrade and the
+    # writes of the old incarnation after it) must not touch the new one.
     assert n1.call("DELETE", "/v1/collections/c")[0] == 200
     wait_until(lambda: n2.call("GET", "/v1/collections/c")[0] == 404, 10, "drop seen by n2")
     fill(n1, replication=2)
-    for raw in writes:
+    for raw in channels:
         status, body = send_raw("127.0.0.3", 8470, raw)
         assert status == 401, (status, body)
         assert "replayed" in body["error"]["message"], body
     # Sent to another member, which has never seen it: refused, it was addressed to n2.
-    status, body = send_raw("127.0.0.2", 8470, writes[0])
+    status, body = send_raw("127.0.0.2", 8470, channels[0])
     assert status == 401 and "addressed to another node" in body["error"]["message"], body
     # Altered (another path under the same signature): refused for its signature.
-    forged = writes[0].replace(b"/c/write", b"/c/drop_shard", 1)
+    forged = channels[0].replace(b"/internal/v1/channel", b"/internal/v1/channeL", 1)
+    status, body = send_raw("127.0.0.3", 8470, forged)
+    assert status in (401, 404), body  # no such route, or (were there one) not its signature
+    forged = head.replace(b"X-Aquila-Peer: n1", b"X-Aquila-Peer: n3", 1) + b"\r\n\r\n"
     status, body = send_raw("127.0.0.3", 8470, forged)
     assert status == 401 and "signature" in body["error"]["message"], body
 

@@ -1,0 +1,357 @@
+"""A persistent, multiplexed channel per peer for the binary frames (search, write, get): one
+WebSocket on the node's own port (`CHANNEL_PATH`), opened by a signed handshake, carrying
+many requests at once (`wire.py`: request ids, answers in any order, a MAC and a sequence
+number per direction with a cluster secret). A frame then costs the receiving node a message
+read and a task, not an HTTP request (parsing, routing, middlewares, a Response).
+
+Client side (`Channels`, used by `http.Peers`): one channel per (address, node id), opened on
+the first request and shared; requests past `MAX_IN_FLIGHT` wait for room. A caller's
+timeout or cancellation drops its request only (a late answer is dropped); a channel that
+breaks fails its requests in flight with PeerError (retryable) and the next request opens a
+new one. Frames above `MAX_CHANNEL_FRAME` (bulk writes) go over HTTP, so that no search
+waits behind them. A node that does not know the route (404/405: an older node) is remembered for
+`NO_CHANNEL_S`, and its frames go over HTTP meanwhile (`Channels.request` answers None).
+
+Server side (`serve`, called by node/http/internal_api.py once the handshake is
+authenticated): reads requests, serves each in its own task (at most `MAX_IN_FLIGHT` at
+once; beyond that a request is refused as Unavailable, which a conforming client never
+sees) and writes each answer as it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import WSMsgType
+
+from aquila.cluster.model import request_id
+from aquila.cluster.model.errors import AquilaError, BadRequest, Unauthorized, Unavailable
+from aquila.cluster.peers import wire
+from aquila.cluster.peers.auth import SIGNATURE_HEADER, PeerSigner
+from aquila.cluster.peers.client import PeerError
+
+log = logging.getLogger(__name__)
+
+CHANNEL_PATH = "/internal/v1/channel"
+# Requests in flight on one channel (both ends hold to it).
+MAX_IN_FLIGHT = 256
+# How long a node without the channel route is served over HTTP before it is asked again.
+NO_CHANNEL_S = 60.0
+# A larger frame (a bulk write's batch) goes over HTTP on a connection of its own: on the
+# channel, the searches behind it would wait for its megabytes to pass.
+MAX_CHANNEL_FRAME = 1 << 20
+
+Serve = Callable[[str, str, bytes], Awaitable[Any]]  # op, collection, frame -> answer
+# After each request served: op, status, milliseconds (the node logs it; request_id is set).
+Served = Callable[[str, int, float], None]
+
+
+class Channel:
+    """The client's end of one open channel."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, keys: tuple[bytes, bytes] | None,
+                 addr: str, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self._ws = ws
+        self._send_key: bytes | None = None if keys is None else keys[0]
+        self._recv_key: bytes | None = None if keys is None else keys[1]
+        self.addr = addr
+        self._cap = max_in_flight
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._pending: dict[int, asyncio.Future[wire.Answer]] = {}
+        # Sent and not answered yet, the abandoned ones too: each holds a slot till answered.
+        self._unanswered: set[int] = set()
+        self._next_id = 0
+        self._send_seq = 0
+        self._recv_seq = 0
+        self.broken: Exception | None = None
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._unanswered)
+
+    async def request(self, op: str, name: str, rid: str | None, body: bytes) -> wire.Answer:
+        """The peer's answer to one frame. Raises PeerError when the channel breaks."""
+        await self._slots.acquire()
+        if self.broken is not None:
+            self._slots.release()
+            raise PeerError(f"node {self.addr}: channel broken: {self.broken}")
+        id_ = self._next_id
+        while id_ in self._unanswered:  # wrapped round to one abandoned, still unanswered
+            id_ = (id_ + 1) & wire.MAX_ID
+        self._next_id = (id_ + 1) & wire.MAX_ID
+        fut: asyncio.Future[wire.Answer] = asyncio.get_running_loop().create_future()
+        msg = wire.encode_request(self._send_seq, id_, op, name, rid, body, self._send_key)
+        self._send_seq += 1
+        self._pending[id_] = fut
+        self._unanswered.add(id_)
+        try:
+            # An uncompressed frame is written before send_bytes first yields: the sequence
+            # numbers go out in the order they were given.
+            await self._ws.send_bytes(msg)
+            return await fut
+        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+            self._break(exc)
+            raise PeerError(f"node {self.addr}: channel broken: {exc}") from None
+        finally:
+            self._pending.pop(id_, None)  # a late answer finds nobody waiting
+
+    async def _read(self) -> None:
+        reason: Exception = PeerError("channel closed")
+        try:
+            while True:
+                msg = await self._ws.receive()
+                if msg.type != WSMsgType.BINARY:
+                    if msg.type == WSMsgType.ERROR:
+                        reason = PeerError(f"channel failed: {msg.data}")
+                    else:
+                        reason = PeerError(f"channel closed ({msg.type.name})")
+                    break
+                answer = wire.decode_answer(msg.data, self._recv_key, self._recv_seq)
+                self._recv_seq += 1
+                if answer.id not in self._unanswered:
+                    raise wire.WireError(f"answer to request {answer.id}, never asked")
+                self._unanswered.discard(answer.id)
+                self._slots.release()
+                fut = self._pending.pop(answer.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(answer)
+        except wire.WireError as exc:
+            reason = exc
+        except asyncio.CancelledError:
+            reason = PeerError("channel closed by this node")
+            raise
+        except Exception as exc:  # anything else from the connection: the channel is gone
+            reason = PeerError(f"channel failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._break(reason)
+            if not self._ws.closed:
+                # No close handshake to wait for: the channel is of no more use.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._ws.close(), 1.0)
+
+    def _break(self, exc: Exception) -> None:
+        if self.broken is not None:
+            return
+        self.broken = exc
+        err = PeerError(f"node {self.addr}: channel broken: {exc}")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending.clear()
+        for _ in range(self._cap):  # wake whoever waits for room: they fail at once
+            self._slots.release()
+        if not self._reader.done() and asyncio.current_task() is not self._reader:
+            self._reader.cancel()
+
+    async def close(self) -> None:
+        self._break(PeerError("channel closed by this node"))
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._ws.close(), 1.0)
+
+
+class Channels:
+    """This node's channels to its peers, opened on demand through `session`."""
+
+    def __init__(self, session: aiohttp.ClientSession, signer: PeerSigner, secret: str | None,
+                 max_answer: int, timeout_s: float, max_in_flight: int = MAX_IN_FLIGHT,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._session = session
+        self._signer = signer
+        self._secret = secret
+        self._max_answer = max_answer
+        self._timeout_s = timeout_s
+        self._max_in_flight = max_in_flight
+        self._monotonic = monotonic
+        self._open: dict[tuple[str, str], Channel] = {}
+        self._opening: dict[tuple[str, str], asyncio.Task[Channel | None]] = {}
+        self._without: dict[str, float] = {}  # address -> until when it is asked over HTTP
+        # Benchmarks only (A/B against the HTTP path): AQUILA_NO_CHANNEL=1 never opens one.
+        self.enabled = not os.environ.get("AQUILA_NO_CHANNEL")
+
+    def wanted(self, addr: str, op: str, size: int) -> bool:
+        """Whether a frame of `op` and `size` bytes to `addr` goes over a channel."""
+        if not self.enabled or op not in wire.OP_CODES or size > MAX_CHANNEL_FRAME:
+            return False
+        until = self._without.get(addr)
+        if until is None:
+            return True
+        if self._monotonic() < until:
+            return False
+        del self._without[addr]
+        return True
+
+    async def request(self, addr: str, to: str, op: str, name: str, body: bytes
+                      ) -> wire.Answer | None:
+        """The answer of `to` at `addr` to one frame, or None when that node has no channel
+        route (the caller sends it over HTTP). The caller bounds it in time."""
+        key = (addr, to)
+        ch = self._open.get(key)
+        if ch is None or ch.broken is not None:
+            task = self._opening.get(key)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._connect(addr, to))
+                self._opening[key] = task
+                task.add_done_callback(lambda t: self._opened(key, t))
+            # Shielded: one caller's timeout does not fail the others' opening.
+            ch = await asyncio.shield(task)
+            if ch is None:
+                return None
+        rid = request_id.current.get()
+        return await ch.request(op, name, rid if request_id.valid(rid) else None, body)
+
+    def _opened(self, key: tuple[str, str], task: asyncio.Task[Channel | None]) -> None:
+        self._opening.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have given up on it
+
+    async def _connect(self, addr: str, to: str) -> Channel | None:
+        headers = self._signer.headers("GET", CHANNEL_PATH, b"", to)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                ws = await self._session.ws_connect(
+                    f"http://{addr}{CHANNEL_PATH}", headers=headers, compress=0,
+                    autoping=True, max_msg_size=self._max_answer + wire.OVERHEAD)
+                try:
+                    hello = await ws.receive()
+                    if hello.type != WSMsgType.BINARY:
+                        raise wire.WireError(f"channel closed before its hello ({hello.type})")
+                    nonce = wire.decode_hello(hello.data)
+                except BaseException:
+                    await ws.close()
+                    raise
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (404, 405):
+                self._without[addr] = self._monotonic() + NO_CHANNEL_S
+                return None
+            if exc.status == 401:
+                raise Unauthorized(f"{addr}: peer channel refused") from None
+            raise PeerError(f"node {addr} refused a channel: {exc.status}") from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
+        keys = wire.channel_keys(self._secret, headers.get(SIGNATURE_HEADER, ""), nonce)
+        ch = Channel(ws, keys, addr, self._max_in_flight)
+        old = self._open.get((addr, to))
+        self._open[(addr, to)] = ch
+        if old is not None:
+            await old.close()
+        return ch
+
+    async def close(self) -> None:
+        for task in list(self._opening.values()):
+            task.cancel()
+        channels = list(self._open.values())
+        self._open.clear()
+        for ch in channels:
+            await ch.close()
+
+
+# --- the server's end -------------------------------------------------------------------------
+
+class ServerChannel:
+    """Serves the requests of one accepted channel (`ws` prepared, the hello not yet sent)."""
+
+    def __init__(self, ws: aiohttp.web.WebSocketResponse, secret: str | None, signature: str,
+                 serve: Serve, served: Served, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self._ws = ws
+        self._nonce = os.urandom(wire.NONCE_SIZE)
+        keys = wire.channel_keys(secret, signature, self._nonce)
+        self._recv_key: bytes | None = None if keys is None else keys[0]
+        self._send_key: bytes | None = None if keys is None else keys[1]
+        self._serve = serve
+        self._served = served
+        self._cap = max_in_flight
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._send_seq = 0
+        self._recv_seq = 0
+
+    async def run(self) -> None:
+        """Until the client closes the channel or sends what is not a request; then the
+        requests in flight finish (their answers go out while the channel is open)."""
+        await self._ws.send_bytes(wire.encode_hello(self._nonce))
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                msg = await self._ws.receive()
+                if msg.type != WSMsgType.BINARY:
+                    break
+                try:
+                    req = wire.decode_request(msg.data, self._recv_key, self._recv_seq)
+                except wire.BadField as exc:  # sealed and in sequence: that request only
+                    self._recv_seq += 1
+                    await self._send_error(exc.id, BadRequest(str(exc)))
+                    continue
+                except wire.WireError as exc:
+                    log.warning("peer channel closed: %s", exc)
+                    await self._ws.close(code=aiohttp.WSCloseCode.PROTOCOL_ERROR,
+                                         message=str(exc)[:100].encode())
+                    break
+                self._recv_seq += 1
+                if len(self._tasks) >= self._cap:
+                    await self._send_error(req.id, Unavailable(
+                        f"more than {self._cap} requests in flight on one channel"))
+                    continue
+                task = loop.create_task(self._one(req))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """This node stops: no more requests are read (those in flight finish first)."""
+        with contextlib.suppress(Exception):
+            await self._ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+
+    async def _one(self, req: wire.Request) -> None:
+        rid = req.rid if request_id.valid(req.rid) else None
+        request_id.current.set(rid)  # this task's own context
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            try:
+                out = await self._serve(req.op, req.name, req.body)
+            except (KeyError, ValueError, TypeError, binascii.Error) as exc:  # as over HTTP
+                raise BadRequest(
+                    f"malformed peer request: {type(exc).__name__}: {exc}") from None
+            if isinstance(out, bytes):
+                type_, body = wire.FRAME, out
+            else:
+                type_, body = wire.JSON, orjson.dumps(out)
+            await self._send(wire.encode_answer(self._send_seq, req.id, type_, body,
+                                                self._send_key))
+        except AquilaError as err:
+            status = err.status
+            await self._send_error(req.id, err)
+        except Exception:
+            status = 500
+            log.exception("unhandled error on a peer channel's %s of %s", req.op, req.name)
+            await self._send_error(req.id, AquilaError("internal error; see the node's log"))
+        finally:
+            self._served(req.op, status, (time.perf_counter() - t0) * 1000)
+
+    async def _send_error(self, id_: int, err: AquilaError) -> None:
+        body = orjson.dumps({"error": {"code": err.code, "message": err.message}})
+        await self._send(wire.encode_error(self._send_seq, id_, err.status, body,
+                                           self._send_key))
+
+    async def _send(self, msg: bytes) -> None:
+        """Write one message, sealed with the next sequence number out. Nothing may yield
+        between sealing it and this call: send_bytes writes an uncompressed frame whole
+        before it first yields (what it awaits after is the transport's flow control)."""
+        if self._ws.closed:
+            return  # the client went away: nobody to answer
+        self._send_seq += 1
+        with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+            await self._ws.send_bytes(msg)  # closing under us: the client fails its requests
