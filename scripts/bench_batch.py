@@ -24,6 +24,8 @@ Against other code, both up at once and measured round by round, alternating (me
 
     git archive main node cluster | tar -x -C /tmp/base-batch
     python scripts/bench_batch.py --limit 50000 --nprobe 32 --per 100 --base /tmp/base-batch
+
+or against other settings (--ab-env AQUILA_X=y, repeatable; with --base, that code's).
 """
 
 from __future__ import annotations
@@ -266,8 +268,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="aquila-bench-batch-"))
     env = {**node_env(args.train_min), "AQUILA_SNAPSHOT_INTERVAL_S": str(SNAPSHOT_INTERVAL_S)}
     variants = [Variant(root, env, "this", 0, None)]
-    if args.base is not None:
-        variants.append(Variant(root, env, "base", 1, args.base.resolve()))
+    if args.base is not None or args.ab_env:
+        extra = dict(kv.split("=", 1) for kv in args.ab_env)
+        variants.append(Variant(root, {**env, **extra}, "base" if args.base else "ab-env", 1,
+                                args.base.resolve() if args.base else None))
     out: dict[str, Any] = {"rounds": [], "load": []}
     try:
         async with new_session(8) as session:
@@ -401,6 +405,9 @@ def main() -> None:
     p.add_argument("--profile", type=float, default=0.0, help="py-spy every node this long")
     p.add_argument("--base", type=Path, help="a tree of node/ and cluster/ (`git archive "
                    "main node cluster | tar -x -C DIR`) measured beside this worktree's code")
+    p.add_argument("--ab-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="the second cluster's node settings (with --base or alone: then it "
+                   "runs this worktree's code too)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234
