@@ -2,6 +2,12 @@
 against one node, beside in-process FAISS searching the same batches over an index of the
 node's own nlist (trained like the node's: on the first vectors it saw) at the same nprobe.
 
+The reference is FAISS in process on the node's own index (its snapshot, read with the
+node's loader: the same centroids and lists; one node only), beside an IVFFlat trained apart
+as the node trains (its recall is the one printed). Identical indexes in one process differ
+by up to 10% in FAISS's CPU per query (where their lists lie in memory): compare medians of
+rounds.
+
 The node searches a request's batch with one FAISS call on one of its search threads (FAISS
 single-threaded there); requests in flight at once use the other threads. So the node is
 measured with one request at a time and with as many as the machine has cores, and FAISS
@@ -13,6 +19,13 @@ Standalone (1 node, or N with batches sent to node 1 so the others serve its pee
 sub-searches; rounds of FAISS and the node interleaved; --profile S runs py-spy on each node):
 
     python scripts/bench_batch.py --limit 50000 --nprobe 32 --per 100 [--nodes 3] [--profile 10]
+
+Against other code, both up at once and measured round by round, alternating (medians):
+
+    git archive main node cluster | tar -x -C /tmp/base-batch
+    python scripts/bench_batch.py --limit 50000 --nprobe 32 --per 100 --base /tmp/base-batch
+
+or against other settings (--ab-env AQUILA_X=y, repeatable; with --base, that code's).
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import aiohttp
@@ -38,11 +52,21 @@ from bench_cpu_split import wait_idle
 from bench_data import DEFAULT_DATA, Dataset, load_dataset, normalise, recall_at_k
 from bench_faiss import new_ivf
 from bench_load import create_collection, ingest_rr, wait_trained
-from bench_local_cluster import LocalCluster, maybe_reexec_in_netns, new_session, node_env
-from bench_node import call, thread_cpu_of
+from bench_local_cluster import (
+    PORT,
+    LocalCluster,
+    check_free,
+    maybe_reexec_in_netns,
+    new_session,
+    node_env,
+)
+from bench_node import Node, call, code_pythonpath, thread_cpu_of
 from bench_profile import profile_pids
 
 BATCH_SECONDS = 4.0  # measured per point (after one pass of warm-up)
+SNAPSHOT_INTERVAL_S = 2.0  # the nodes' snapshot interval: the reference reads the snapshot
+SNAPSHOT_WAIT_S = 120.0
+FAISS_PASSES = 3  # timed passes over the batches per reference and thread count
 
 
 def batch_bodies(ds: Dataset, nprobe: int, per: int) -> list[tuple[int, bytes]]:
@@ -101,7 +125,7 @@ def faiss_batches(
     ds: Dataset, nlist: int, trained_on: int, nprobe: int, per: int
 ) -> dict[str, Any]:
     """In-process FAISS over an IVFFlat of the node's nlist, the same batches: queries/s on
-    one thread and on every core (best of 3 passes each), and its recall@10."""
+    one thread and on every core (see `faiss_timed`), and its recall@10."""
     return faiss_timed(faiss_index(ds, nlist, trained_on), ds, nlist, trained_on, nprobe, per)
 
 
@@ -115,8 +139,13 @@ def faiss_index(ds: Dataset, nlist: int, trained_on: int) -> faiss.IndexIVFFlat:
     return index
 
 
-def faiss_timed(index: faiss.IndexIVFFlat, ds: Dataset, nlist: int, trained_on: int,
-                nprobe: int, per: int) -> dict[str, Any]:
+def faiss_timed(index: faiss.IndexIVF, ds: Dataset, nlist: int, trained_on: int,
+                nprobe: int, per: int, label: str = "") -> dict[str, Any]:
+    """FAISS alone over `index`, the same batches as the node gets, on one thread and on
+    every core: q/s (the best of 3 passes) and CPU per query (their mean, as the node's
+    is a mean; the best too), after a pass of warm-up (the node's run before it took the
+    caches); recall@10 when the index's ids are the dataset's rows (not for the node's
+    own index: `label` says which)."""
     n = (len(ds.queries) // per) * per
     xq = normalise(ds.queries[:n])
     params = faiss.SearchParametersIVF(nprobe=min(nprobe, nlist))
@@ -124,84 +153,169 @@ def faiss_timed(index: faiss.IndexIVFFlat, ds: Dataset, nlist: int, trained_on: 
                            "per_request": per}
     for name, threads in (("qps_1_thread", 1), ("qps_all_cores", os.cpu_count() or 1)):
         faiss.omp_set_num_threads(threads)
-        best = cpu = float("inf")
+        walls, cpus = [], []
         labels = np.empty((0, K), np.int64)
-        for _ in range(3):
+        for i in range(1 + FAISS_PASSES):
             t0, c0 = time.perf_counter(), time.process_time()
             labels = np.vstack([index.search(xq[s : s + per], K, params=params)[1]
                                 for s in range(0, n, per)])
-            best = min(best, time.perf_counter() - t0)
-            cpu = min(cpu, time.process_time() - c0)
-        out[name] = n / best
+            if i:  # the first is the warm-up
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
+        out[name] = n / min(walls)
         # CPU per query: what the machine's other load does not change much (q/s it does).
-        out[name.replace("qps", "cpu_ms_per_query")] = cpu * 1000 / n
-        out["recall"] = recall_at_k(labels, ds.gt[:n])
+        cpu_name = name.replace("qps", "cpu_ms_per_query")
+        out[cpu_name] = sum(cpus) * 1000 / (n * len(cpus))
+        out[cpu_name + "_best"] = min(cpus) * 1000 / n
+        if not label:
+            out["recall"] = recall_at_k(labels, ds.gt[:n])
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    log(f"  FAISS IVF{nlist} batches of {per}, nprobe={nprobe}: recall {out['recall']:.4f}, "
-        f"{out['qps_1_thread']:,.0f} q/s on 1 thread, {out['qps_all_cores']:,.0f} q/s on "
-        f"{os.cpu_count()} cores")
+    what = label if label else f"recall {out['recall']:.4f}"
+    log(f"  FAISS IVF{nlist} batches of {per}, nprobe={nprobe}: {what}, "
+        f"{out['qps_1_thread']:,.0f} q/s on 1 thread ({out['cpu_ms_per_query_1_thread']:.3f} "
+        f"ms CPU a query), {out['qps_all_cores']:,.0f} q/s on {os.cpu_count()} cores")
     return out
 
 
+async def node_index(node: Node, shards: int, n: int) -> faiss.IndexIVF:
+    """The node's own index, read from its snapshot with the node's loader (the same
+    centroids and lists, in this process), once a snapshot holds all `n` vectors."""
+    from aquila.node.storage.index import VectorIndex
+
+    deadline = time.monotonic() + SNAPSHOT_WAIT_S
+    while True:
+        for path in node.data_dir.rglob("index.faiss"):
+            loaded = await asyncio.to_thread(VectorIndex.load, path, shards)
+            if loaded is not None and loaded[0].ntotal == n and loaded[0].trained:
+                index: faiss.IndexIVF = loaded[0].index
+                return index
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no snapshot of {n} vectors under {node.data_dir}")
+        await asyncio.sleep(0.5)
+
+
 # ---------------------------------------------------------------------------------------
-# Standalone: python scripts/bench_batch.py [--nodes N] [--profile S]
+# Standalone: python scripts/bench_batch.py [--nodes N] [--profile S] [--base DIR]
 # ---------------------------------------------------------------------------------------
+class Variant(LocalCluster):
+    """A local cluster of one code tree (None: this worktree's), on its own addresses:
+    variant v's node i on 127.0.0.(10·v + i + 1), so two clusters can run at once."""
+
+    def __init__(self, root: Path, env: dict[str, str], name: str, slot: int,
+                 code: Path | None) -> None:
+        if code is not None:
+            env = {**env, "PYTHONPATH": code_pythonpath(code)}
+        super().__init__(root / name, env)
+        self.name = name
+        self.slot = slot
+
+    def new_node(self) -> Node:
+        i = len(self.nodes) + 1
+        host = f"127.0.0.{10 * self.slot + i + 1}"
+        check_free(host, PORT)
+        env = {**self.env, "AQUILA_NODE_ID": self.node_id(i)}
+        if i > 1:
+            env["AQUILA_SEEDS"] = f"127.0.0.{10 * self.slot + 2}:{PORT}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        node = Node(self.root / f"n{i}", self.root / f"n{i}.log", env, host=host, port=PORT)
+        self.nodes.append(node)
+        return node
+
+
+async def filled(session: aiohttp.ClientSession, cluster: Variant, ds: Dataset,
+                 args: argparse.Namespace) -> tuple[int, int]:
+    """Start the cluster, fill it with the dataset and wait for its index: (nlist, trained
+    on)."""
+    await cluster.start(session, args.nodes)
+    spec = {"dim": ds.dim, "metric": "cosine", "shards": args.shards, "replication": 1,
+            "index": {"type": "ivf_flat"}}
+    await create_collection(session, cluster.urls[0], spec)
+    await ingest_rr(session, cluster.urls, ds, 1000, 4, cluster.cpu_seconds)
+    await wait_trained(session, cluster.nodes[0], ds.n, args.train_min)
+    desc = await call(session, "GET", f"{cluster.urls[0]}/v1/collections/{COLLECTION}")
+    info = desc["shard_states"][0]["index"]
+    return int(info["nlist"]), int(info.get("trained_at", 0))
+
+
+async def measure(session: aiohttp.ClientSession, cluster: Variant, ds: Dataset,
+                  args: argparse.Namespace, c: int, faiss_cpu: float) -> dict[str, Any]:
+    """Batches to the cluster's node 1 at concurrency c: its figures, CPU per node and
+    kind of thread, and FAISS's CPU per query over the node's."""
+    marks: list[list[dict[str, float]]] = []  # per node and kind of thread, start and end
+
+    def cpu() -> float:
+        marks.append([threads_cpu(p) for p in cluster.pids])
+        return sum(sum(m.values()) for m in marks[-1])
+
+    b = await node_batches(session, cluster.urls[0], ds, args.nprobe, args.per, c, cpu)
+    n = max(1, b["requests"] * b["per_request"])
+    b["per_node_thread_cpu_ms"] = [
+        {t: (y.get(t, 0.0) - x.get(t, 0.0)) * 1000 / n for t in y}
+        for x, y in zip(marks[0], marks[1], strict=True)]
+    b["per_node_cpu_ms"] = [sum(t.values()) for t in b["per_node_thread_cpu_ms"]]
+    b["faiss_cpu_per_node_cpu"] = faiss_cpu / b["server_cpu_ms_per_query"]
+    return b
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     """N nodes (1 by default), filled and trained, idle; then rounds of: FAISS in-process on
     the same batches, then batches sent to node 1 (the coordinator; the others, if any, serve
-    its peer sub-searches), c=1 and c=cores. CPU per query is per node (from /proc)."""
+    its peer sub-searches), c=1 and c=cores. CPU per query is per node (from /proc). With
+    --base, a second cluster runs the code in that tree, filled the same way and up at the
+    same time; each round measures both, in alternating order, and the summary gives
+    medians over the rounds."""
     ds = load_dataset(args)
     root = Path(tempfile.mkdtemp(prefix="aquila-bench-batch-"))
-    cluster = LocalCluster(root, node_env(args.train_min))
+    env = {**node_env(args.train_min), "AQUILA_SNAPSHOT_INTERVAL_S": str(SNAPSHOT_INTERVAL_S)}
+    variants = [Variant(root, env, "this", 0, None)]
+    if args.base is not None or args.ab_env:
+        extra = dict(kv.split("=", 1) for kv in args.ab_env)
+        variants.append(Variant(root, {**env, **extra}, "base" if args.base else "ab-env", 1,
+                                args.base.resolve() if args.base else None))
     out: dict[str, Any] = {"rounds": [], "load": []}
     try:
         async with new_session(8) as session:
-            await cluster.start(session, args.nodes)
-            spec = {"dim": ds.dim, "metric": "cosine", "shards": args.shards, "replication": 1,
-                    "index": {"type": "ivf_flat"}}
-            await create_collection(session, cluster.urls[0], spec)
-            await ingest_rr(session, cluster.urls, ds, 1000, 4, cluster.cpu_seconds)
-            await wait_trained(session, cluster.nodes[0], ds.n, args.train_min)
-            desc = await call(session, "GET",
-                              f"{cluster.urls[0]}/v1/collections/{COLLECTION}")
-            info = desc["shard_states"][0]["index"]
-            nlist, trained_on = int(info["nlist"]), int(info.get("trained_at", 0))
-            index = await asyncio.to_thread(faiss_index, ds, nlist, trained_on)
-            idle = await wait_idle(cluster)
-            log(f"{args.nodes} node(s) idle ({', '.join(f'{c:.3f}' for c in idle)} cores); "
-                f"nlist {nlist}")
-            url = cluster.urls[0]
+            shapes = [await filled(session, v, ds, args) for v in variants]
+            nlist, trained_on = shapes[0]
+            if len(set(shapes)) > 1:
+                log(f"the variants' indexes differ: (nlist, trained on) {shapes}")
+            apart = await asyncio.to_thread(faiss_index, ds, nlist, trained_on)
+            own = (await node_index(variants[0].nodes[0], args.shards, ds.n)
+                   if args.nodes == 1 else None)
+            for v in variants:
+                idle = await wait_idle(v)
+                log(f"{v.name}: {args.nodes} node(s) idle "
+                    f"({', '.join(f'{c:.3f}' for c in idle)} cores); nlist {nlist}")
             for r in range(args.rounds):
                 load = os.getloadavg()[0]
-                ref = await asyncio.to_thread(faiss_timed, index, ds, nlist, trained_on,
+                ref = await asyncio.to_thread(faiss_timed, apart, ds, nlist, trained_on,
                                               args.nprobe, args.per)
+                row: dict[str, Any] = {"faiss": ref, "load": load, "node": [],
+                                       "variants": {}}
+                if own is not None:
+                    # The contract's reference: FAISS in process on the same index.
+                    ref = row["faiss_own"] = await asyncio.to_thread(
+                        faiss_timed, own, ds, nlist, trained_on, args.nprobe, args.per,
+                        "the node's own index")
                 faiss_cpu = ref["cpu_ms_per_query_1_thread"]
-                row: dict[str, Any] = {"faiss": ref, "load": load, "node": []}
+                order = variants if r % 2 == 0 else variants[::-1]
                 for c in dict.fromkeys([1, os.cpu_count() or 1]):
-                    # Per node and kind of thread, at the start and at the end.
-                    marks: list[list[dict[str, float]]] = []
-
-                    def cpu(marks: list[list[dict[str, float]]] = marks) -> float:
-                        marks.append([threads_cpu(p) for p in cluster.pids])
-                        return sum(sum(m.values()) for m in marks[-1])
-
-                    b = await node_batches(session, url, ds, args.nprobe, args.per, c, cpu)
-                    n = max(1, b["requests"] * b["per_request"])
-                    b["per_node_thread_cpu_ms"] = [
-                        {t: (y.get(t, 0.0) - x.get(t, 0.0)) * 1000 / n for t in y}
-                        for x, y in zip(marks[0], marks[1], strict=True)]
-                    b["per_node_cpu_ms"] = [sum(t.values())
-                                            for t in b["per_node_thread_cpu_ms"]]
-                    b["faiss_cpu_per_node_cpu"] = faiss_cpu / b["server_cpu_ms_per_query"]
-                    row["node"].append(b)
-                    log(f"round {r + 1} c={c}: node {b['qps']:,.0f} q/s, recall "
-                        f"{b['recall']:.4f}, CPU {b['server_cpu_ms_per_query']:.3f} ms/query "
-                        f"(per node {', '.join(_threads(t) for t in b['per_node_thread_cpu_ms'])}); "
-                        f"FAISS 1 thread {ref['qps_1_thread']:,.0f} q/s, CPU "
-                        f"{faiss_cpu:.3f} ms/query: FAISS CPU / node CPU "
-                        f"{b['faiss_cpu_per_node_cpu']:.2f}x (load {load:.1f})")
+                    for v in order:
+                        b = await measure(session, v, ds, args, c, faiss_cpu)
+                        row["variants"].setdefault(v.name, []).append(b)
+                        if v is variants[0]:
+                            row["node"].append(b)
+                        log(f"round {r + 1} {v.name} c={c}: node {b['qps']:,.0f} q/s, recall "
+                            f"{b['recall']:.4f}, CPU {b['server_cpu_ms_per_query']:.3f} "
+                            f"ms/query (per node "
+                            f"{', '.join(_threads(t) for t in b['per_node_thread_cpu_ms'])}); "
+                            f"FAISS 1 thread {ref['qps_1_thread']:,.0f} q/s, CPU "
+                            f"{faiss_cpu:.3f} ms/query: FAISS CPU / node CPU "
+                            f"{b['faiss_cpu_per_node_cpu']:.2f}x (load {load:.1f})")
                 out["rounds"].append(row)
+            out["summary"] = summary(out["rounds"], [v.name for v in variants])
             if args.profile > 0:
+                cluster, url = variants[0], variants[0].urls[0]
                 pids = {f"n{i}": p for i, p in enumerate(cluster.pids, 1)}
 
                 async def one_pass() -> None:
@@ -210,18 +324,57 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
                 prof = await profile_pids(pids, args.profile, root, one_pass)
                 keep = (args.out or Path("bench-batch.json")).parent
-                for name, summary in prof.items():
-                    if not isinstance(summary, dict):  # {"error": why}: no profile
+                for name, summ in prof.items():
+                    if not isinstance(summ, dict):  # {"error": why}: no profile
                         continue
                     kept = keep / f"pyspy-batch-{name}.txt"
                     shutil.copy(root / f"pyspy-{name}.txt", kept)
-                    log(f"py-spy {name}: {summary['samples']} samples ({kept}); self:")
-                    for f in summary["self"][:15]:
+                    log(f"py-spy {name}: {summ['samples']} samples ({kept}); self:")
+                    for f in summ["self"][:15]:
                         log(f"  {f['pct']:5.1f}%  {f['frame']}")
                 out["profile"] = prof
     finally:
-        await cluster.stop()
+        for v in variants:
+            await v.stop()
         shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def summary(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Medians over the rounds, per variant and concurrency: the node's CPU per query (all
+    nodes; the event loop's and the other threads' of node 1), FAISS's CPU per query over
+    the node's (FAISS on the node's own index when there is one node, else on one trained
+    apart); with two variants, the first's CPU per query over the second's, per round."""
+    out: dict[str, Any] = {}
+    concurrencies = [b["concurrency"] for b in rounds[0]["variants"][names[0]]]
+    for i, c in enumerate(concurrencies):
+        for name in names:
+            bs = [r["variants"][name][i] for r in rounds]
+            fig = {
+                "cpu_ms_per_query": median(b["server_cpu_ms_per_query"] for b in bs),
+                "loop_ms": median(b["per_node_thread_cpu_ms"][0]["loop"] for b in bs),
+                "threads_ms": median(b["per_node_thread_cpu_ms"][0]["threads"] for b in bs),
+                "faiss_cpu_per_node_cpu": median(b["faiss_cpu_per_node_cpu"] for b in bs),
+                "qps": median(b["qps"] for b in bs),
+            }
+            out[f"{name} c={c}"] = fig
+            log(f"median of {len(bs)} rounds, {name} c={c}: CPU {fig['cpu_ms_per_query']:.3f} "
+                f"ms/query (loop {fig['loop_ms']:.3f} + threads {fig['threads_ms']:.3f}), "
+                f"FAISS CPU / node CPU {fig['faiss_cpu_per_node_cpu']:.3f}x, "
+                f"{fig['qps']:,.0f} q/s")
+        if len(names) > 1:
+            ratio = median(r["variants"][names[0]][i]["server_cpu_ms_per_query"]
+                           / r["variants"][names[1]][i]["server_cpu_ms_per_query"]
+                           for r in rounds)
+            out[f"{names[0]} / {names[1]} c={c}"] = ratio
+            log(f"median of per-round ratios, c={c}: CPU per query {names[0]} / {names[1]} "
+                f"{ratio:.3f}")
+    for key, what in (("faiss", "an index trained apart"), ("faiss_own", "the node's own index")):
+        if key in rounds[0]:
+            ms = out[f"{key}_cpu_ms_per_query"] = median(
+                r[key]["cpu_ms_per_query_1_thread"] for r in rounds)
+            log(f"median of {len(rounds)} rounds, FAISS on {what}: {ms:.3f} ms CPU a "
+                f"query on 1 thread")
     return out
 
 
@@ -250,6 +403,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--train-min", type=int, default=2048)
     p.add_argument("--profile", type=float, default=0.0, help="py-spy every node this long")
+    p.add_argument("--base", type=Path, help="a tree of node/ and cluster/ (`git archive "
+                   "main node cluster | tar -x -C DIR`) measured beside this worktree's code")
+    p.add_argument("--ab-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="the second cluster's node settings (with --base or alone: then it "
+                   "runs this worktree's code too)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234
