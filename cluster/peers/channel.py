@@ -9,7 +9,8 @@ the first request and shared; requests past `MAX_IN_FLIGHT` wait for room. A cal
 timeout or cancellation drops its request only (a late answer is dropped); a channel that
 breaks fails its requests in flight with PeerError (retryable) and the next request opens a
 new one. Frames above `MAX_CHANNEL_FRAME` (bulk writes) go over HTTP, so that no search
-waits behind them. A node that does not know the route (404/405: an older node) is remembered for
+waits behind them, and so are frames whose answer is above `MAX_CHANNEL_ANSWER` (asked again).
+A node that does not know the route (404/405: an older node) is remembered for
 `NO_CHANNEL_S`, and its frames go over HTTP meanwhile (`Channels.request` answers None).
 
 Server side (`serve`, called by node/http/internal_api.py once the handshake is
@@ -49,6 +50,12 @@ NO_CHANNEL_S = 60.0
 # A larger frame (a bulk write's batch) goes over HTTP on a connection of its own: on the
 # channel, the searches behind it would wait for its megabytes to pass.
 MAX_CHANNEL_FRAME = 1 << 20
+# The largest answer a channel carries: a larger one (hits with much metadata) is answered
+# TOO_LARGE and asked again over HTTP, where its own bound (`max_answer`) is checked before
+# it is read. The client reads no message larger than this (with the MAC checked only after
+# it is read, whatever answers at the address could otherwise make it buffer `max_answer`,
+# up to 1 GiB, whatever it asked).
+MAX_CHANNEL_ANSWER = 16 << 20
 
 Serve = Callable[[str, str, bytes], Awaitable[Any]]  # op, collection, frame -> answer
 # After each request served: op, status, milliseconds (the node logs it; request_id is set).
@@ -222,7 +229,8 @@ class Channels:
             async with asyncio.timeout(self._timeout_s):
                 ws = await self._session.ws_connect(
                     f"http://{addr}{CHANNEL_PATH}", headers=headers, compress=0,
-                    autoping=True, max_msg_size=self._max_answer + wire.OVERHEAD)
+                    autoping=True,
+                    max_msg_size=min(self._max_answer, MAX_CHANNEL_ANSWER) + wire.OVERHEAD)
                 try:
                     hello = await ws.receive()
                     if hello.type != WSMsgType.BINARY:
@@ -329,6 +337,8 @@ class ServerChannel:
                 type_, body = wire.FRAME, out
             else:
                 type_, body = wire.JSON, orjson.dumps(out)
+            if len(body) > MAX_CHANNEL_ANSWER:  # the client asks again over HTTP
+                type_, body = wire.TOO_LARGE, b""
             await self._send(wire.encode_answer(self._send_seq, req.id, type_, body,
                                                 self._send_key))
         except AquilaError as err:

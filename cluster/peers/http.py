@@ -123,7 +123,7 @@ class Peers:
                                timeout: float,  # noqa: ASYNC109
                                max_answer: int | None) -> Any:
         """A frame over the peer's channel: its answer, or _NO_CHANNEL when the peer has no
-        channel route (an older node)."""
+        channel route (an older node) or its answer is too large for one."""
         assert self._channels is not None
         try:
             async with asyncio.timeout(timeout):
@@ -134,6 +134,8 @@ class Peers:
             return _NO_CHANNEL
         if answer.kind == wire.ERROR:
             raise _error_from(answer.type, answer.body, addr)
+        if answer.type == wire.TOO_LARGE:  # past what a channel carries: over HTTP
+            return _NO_CHANNEL
         cap = self._cap(max_answer)
         if len(answer.body) > cap:
             raise PeerError(f"node {addr} answered more than {cap} bytes")

@@ -1,0 +1,82 @@
+"""Review of the peer channel (cluster/peers/channel.py) as an attacker and a maintainer: what a
+peer (or whatever answers at its address) can make a node read is bounded before it is read,
+as on the HTTP path; a peer that stops answering (stopped, half-open) breaks its channel at
+either end instead of holding it; a node stops while a client has stopped reading."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from aquila.cluster.peers import channel, wire
+from aquila.cluster.peers.channel import CHANNEL_PATH
+from aquila.cluster.peers.client import PeerError, collection_path
+from aquila.cluster.peers.http import Peers
+from tests.conftest import wait_for
+from tests.test_peer_protocol_channel import ME, Peer, running
+
+
+async def ask(peers: Peers, addr: str, body: bytes = b"q", timeout: float = 5.0,  # noqa: ASYNC109
+              max_answer: int | None = None) -> Any:
+    return await peers.request(addr, "POST", collection_path("c", "search"), None, to=ME,
+                               raw=body, timeout=timeout, max_answer=max_answer)
+
+
+@contextlib.asynccontextmanager
+async def scripted(handler: Any) -> AsyncIterator[tuple[str, Peers]]:
+    """A server whose channel route is `handler`, and a client without a secret."""
+    app = web.Application()
+    app.router.add_get(CHANNEL_PATH, handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    peers = Peers(None, 5.0, sender="coordinator")
+    await peers.start()
+    try:
+        yield f"127.0.0.1:{server.port}", peers
+    finally:
+        await peers.close()
+        await server.close()
+
+
+# --- what a peer can make this node read ------------------------------------------------------
+async def test_a_peer_cannot_make_a_client_buffer_an_answer_past_the_channels_cap() -> None:
+    """The HTTP path refuses an answer longer than the request's bound from its header, before
+    reading it; the channel read any message up to 1 GiB (its MAC checked only after)."""
+    closed: list[int | None] = []
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(wire.encode_hello(bytes(16)))
+        await ws.receive()  # the request
+        assert request.transport is not None
+        # A binary frame that says it is 1 GiB long, and a few bytes of it.
+        request.transport.write(b"\x82\x7f" + (1 << 30).to_bytes(8, "big") + b"\0" * 64)
+        msg = await ws.receive()
+        closed.append(msg.data if msg.type == aiohttp.WSMsgType.CLOSE else None)
+        return ws
+
+    async with scripted(huge) as (addr, peers):
+        with pytest.raises(PeerError, match="channel"):
+            await ask(peers, addr, timeout=10.0, max_answer=64 << 10)
+        await wait_for(lambda: closed, what="the server to see the channel closed")
+        assert closed == [aiohttp.WSCloseCode.MESSAGE_TOO_BIG]
+
+
+async def test_an_answer_past_the_channels_cap_is_asked_again_over_http() -> None:
+    big = b"a" * (getattr(channel, "MAX_CHANNEL_ANSWER", 16 << 20) + 1)
+
+    async def serve(op: str, name: str, body: bytes) -> Any:
+        return big if body == b"big" else body
+
+    peer = Peer(serve)
+    async with running(peer) as peers:
+        assert await ask(peers, peer.addr, b"big") == big
+        assert await ask(peers, peer.addr, b"small") == b"small"  # the channel went on
+        assert (peer.upgrades, peer.http_frames) == (1, 1)
