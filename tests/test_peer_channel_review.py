@@ -15,10 +15,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from aquila.cluster.peers import channel, wire
-from aquila.cluster.peers.channel import CHANNEL_PATH
+from aquila.cluster.peers.channel import CHANNEL_PATH, MAX_CHANNEL_FRAME
 from aquila.cluster.peers.client import PeerError, collection_path
 from aquila.cluster.peers.http import Peers
-from tests.conftest import wait_for
+from tests.conftest import StartNode, wait_for
 from tests.test_peer_protocol_channel import ME, Peer, running
 
 
@@ -80,3 +80,26 @@ async def test_an_answer_past_the_channels_cap_is_asked_again_over_http() -> Non
         assert await ask(peers, peer.addr, b"big") == big
         assert await ask(peers, peer.addr, b"small") == b"small"  # the channel went on
         assert (peer.upgrades, peer.http_frames) == (1, 1)
+
+
+async def test_a_node_refuses_a_channel_message_past_a_frames_size(start_node: StartNode
+                                                                   ) -> None:
+    """Clients send frames above MAX_CHANNEL_FRAME over HTTP; a node took channel messages of
+    up to twice max_body_bytes (128 MiB), MAX_IN_FLIGHT of them at once per channel."""
+    node = await start_node(node_id="n1")
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(f"http://{node.config.addr}{CHANNEL_PATH}")
+        wire.decode_hello((await ws.receive()).data)
+        body = b"x" * (MAX_CHANNEL_FRAME + wire.OVERHEAD)
+        await ws.send_bytes(wire.encode_request(0, 1, "search", "c", None, body, None))
+        msg = await ws.receive()
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE,
+                                        aiohttp.WSCloseCode.MESSAGE_TOO_BIG)
+        await ws.close()
+        # The node is up and takes the next channel.
+        ws = await s.ws_connect(f"http://{node.config.addr}{CHANNEL_PATH}")
+        wire.decode_hello((await ws.receive()).data)
+        await ws.send_bytes(wire.encode_request(0, 1, "search", "c", None, b"x", None))
+        got = wire.decode_answer((await ws.receive()).data, None, 0)
+        assert (got.id, got.kind, got.type) == (1, wire.ERROR, 404)
+        await ws.close()

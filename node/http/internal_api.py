@@ -26,7 +26,12 @@ from aquila.cluster.peers.auth import (
     PeerAuthError,
     PeerVerifier,
 )
-from aquila.cluster.peers.channel import CHANNEL_PATH, MAX_IN_FLIGHT, ServerChannel
+from aquila.cluster.peers.channel import (
+    CHANNEL_PATH,
+    MAX_CHANNEL_FRAME,
+    MAX_IN_FLIGHT,
+    ServerChannel,
+)
 from aquila.cluster.peers.client import FRAME_TYPE
 from aquila.cluster.peers.wire import OVERHEAD
 from aquila.cluster.replication.remote import COLLECTION_OPS
@@ -154,8 +159,10 @@ def _channel_route(verifier: PeerVerifier) -> Handler:
         if request.can_read_body:
             raise BadRequest("a channel's upgrade has no body")
         config = request.app[CONFIG]
-        ws = web.WebSocketResponse(compress=False, autoping=True,
-                                   max_msg_size=config.max_wire_bytes + OVERHEAD)
+        # Clients send larger frames over HTTP: a channel holds MAX_IN_FLIGHT of these at most.
+        ws = web.WebSocketResponse(
+            compress=False, autoping=True,
+            max_msg_size=min(config.max_wire_bytes, MAX_CHANNEL_FRAME) + OVERHEAD)
         await ws.prepare(request)
         service = request.app[SERVICE].peer_service
         ch = ServerChannel(ws, verifier.secret, request.headers.get(SIGNATURE_HEADER, ""),
