@@ -5,6 +5,7 @@ either end instead of holding it; a node stops while a client has stopped readin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,8 +19,9 @@ from aquila.cluster.peers import channel, wire
 from aquila.cluster.peers.channel import CHANNEL_PATH, MAX_CHANNEL_FRAME
 from aquila.cluster.peers.client import PeerError, collection_path
 from aquila.cluster.peers.http import Peers
+from aquila.node.http import internal_api
 from tests.conftest import StartNode, wait_for
-from tests.test_peer_protocol_channel import ME, Peer, running
+from tests.test_peer_protocol_channel import ME, Peer, channels_of, running
 
 
 async def ask(peers: Peers, addr: str, body: bytes = b"q", timeout: float = 5.0,  # noqa: ASYNC109
@@ -102,4 +104,50 @@ async def test_a_node_refuses_a_channel_message_past_a_frames_size(start_node: S
         await ws.send_bytes(wire.encode_request(0, 1, "search", "c", None, b"x", None))
         got = wire.decode_answer((await ws.receive()).data, None, 0)
         assert (got.id, got.kind, got.type) == (1, wire.ERROR, 404)
+        await ws.close()
+
+
+# --- a peer that stops answering --------------------------------------------------------------
+async def test_a_client_breaks_a_channel_whose_server_stops_answering(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped peer (SIGSTOP) or a half-open connection: every request on the channel timed
+    out, for as long as the kernel kept the connection; now the channel breaks (PeerError:
+    another replica) and the next request opens a new one."""
+    monkeypatch.setattr(channel, "HEARTBEAT_S", 0.2, raising=False)
+    stop = asyncio.Event()
+
+    async def stopped(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(wire.encode_hello(bytes(16)))
+        await stop.wait()  # reads nothing, answers no ping
+        return ws
+
+    async with scripted(stopped) as (addr, peers):
+        try:
+            with pytest.raises(PeerError, match="channel"):
+                await ask(peers, addr, timeout=10.0)
+            assert not channels_of(peers)._open or all(
+                ch.broken is not None for ch in channels_of(peers)._open.values())
+        finally:
+            stop.set()
+
+
+async def test_a_node_closes_a_channel_whose_client_stops_answering(
+        start_node: StartNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(internal_api, "HEARTBEAT_S", 0.2, raising=False)
+    node = await start_node(node_id="n1")
+    served = node.client.server.app[internal_api._CHANNELS]
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(f"http://{node.config.addr}{CHANNEL_PATH}", autoping=False)
+        wire.decode_hello((await ws.receive()).data)
+        assert len(served) == 1
+        async with asyncio.timeout(10.0):
+            while True:  # pings go unanswered
+                msg = await ws.receive()
+                if msg.type != aiohttp.WSMsgType.PING:
+                    break
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                            aiohttp.WSMsgType.ERROR)
+        await wait_for(lambda: not served, what="the node to let the channel go")
         await ws.close()

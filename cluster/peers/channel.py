@@ -56,6 +56,11 @@ MAX_CHANNEL_FRAME = 1 << 20
 # it is read, whatever answers at the address could otherwise make it buffer `max_answer`,
 # up to 1 GiB, whatever it asked).
 MAX_CHANNEL_ANSWER = 16 << 20
+# Both ends ping a channel idle this long; one whose peer does not answer within half of it
+# (stopped, or gone with its TCP connection left half-open) is closed: its requests fail
+# (PeerError: another replica) rather than time out one by one for as long as the kernel
+# keeps the connection, and the server lets go of what it held for it.
+HEARTBEAT_S = 10.0
 
 Serve = Callable[[str, str, bytes], Awaitable[Any]]  # op, collection, frame -> answer
 # After each request served: op, status, milliseconds (the node logs it; request_id is set).
@@ -229,7 +234,7 @@ class Channels:
             async with asyncio.timeout(self._timeout_s):
                 ws = await self._session.ws_connect(
                     f"http://{addr}{CHANNEL_PATH}", headers=headers, compress=0,
-                    autoping=True,
+                    autoping=True, heartbeat=HEARTBEAT_S,
                     max_msg_size=min(self._max_answer, MAX_CHANNEL_ANSWER) + wire.OVERHEAD)
                 try:
                     hello = await ws.receive()

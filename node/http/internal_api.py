@@ -28,6 +28,7 @@ from aquila.cluster.peers.auth import (
 )
 from aquila.cluster.peers.channel import (
     CHANNEL_PATH,
+    HEARTBEAT_S,
     MAX_CHANNEL_FRAME,
     MAX_IN_FLIGHT,
     ServerChannel,
@@ -161,7 +162,7 @@ def _channel_route(verifier: PeerVerifier) -> Handler:
         config = request.app[CONFIG]
         # Clients send larger frames over HTTP: a channel holds MAX_IN_FLIGHT of these at most.
         ws = web.WebSocketResponse(
-            compress=False, autoping=True,
+            compress=False, autoping=True, heartbeat=HEARTBEAT_S,
             max_msg_size=min(config.max_wire_bytes, MAX_CHANNEL_FRAME) + OVERHEAD)
         await ws.prepare(request)
         service = request.app[SERVICE].peer_service
