@@ -19,6 +19,7 @@ from aquila.cluster.peers import channel, wire
 from aquila.cluster.peers.channel import CHANNEL_PATH, MAX_CHANNEL_FRAME
 from aquila.cluster.peers.client import PeerError, collection_path
 from aquila.cluster.peers.http import Peers
+from aquila.cluster.replication import frames
 from aquila.node.http import internal_api
 from tests.conftest import StartNode, wait_for
 from tests.test_peer_protocol_channel import ME, Peer, channels_of, running
@@ -151,3 +152,32 @@ async def test_a_node_closes_a_channel_whose_client_stops_answering(
                             aiohttp.WSMsgType.ERROR)
         await wait_for(lambda: not served, what="the node to let the channel go")
         await ws.close()
+
+
+# --- a node that stops ------------------------------------------------------------------------
+async def test_a_node_stops_while_a_client_has_stopped_reading(start_node: StartNode) -> None:
+    """Answers pile up towards a client that reads nothing (stopped): the node's shutdown
+    closed its channel with a close that waited for the client to read them, for ever."""
+    node = await start_node(node_id="n1")
+    await node.create("c", 2, shards=1)
+    await node.upsert("c", [{"id": "a", "vector": [1.0, 2.0],
+                             "metadata": {"x": "y" * (1 << 20)}}])
+    served = node.client.server.app[internal_api._CHANNELS]
+    frame = frames.encode_get(0, "a")
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(f"http://{node.config.addr}{CHANNEL_PATH}")
+        wire.decode_hello((await ws.receive()).data)
+        for i in range(64):  # 64 MiB of answers, none read
+            await ws.send_bytes(wire.encode_request(i, i, "get", "c", None, frame, None))
+
+        def stuck() -> bool:
+            (ch,) = served
+            transport = ch._ws._req.transport if ch._ws._req else None  # type: ignore[attr-defined]
+            return transport is not None and transport.get_write_buffer_size() > 1 << 20
+
+        await wait_for(stuck, what="the node's writes to wait for the client")
+        async with asyncio.timeout(30.0):
+            await node.client.close()
+        assert not served
+        async with asyncio.timeout(30.0):
+            await ws.close()

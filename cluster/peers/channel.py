@@ -61,6 +61,8 @@ MAX_CHANNEL_ANSWER = 16 << 20
 # (PeerError: another replica) rather than time out one by one for as long as the kernel
 # keeps the connection, and the server lets go of what it held for it.
 HEARTBEAT_S = 10.0
+# How long a stopping node waits for a client to take its channel's close (it may not read).
+CLOSE_S = 1.0
 
 Serve = Callable[[str, str, bytes], Awaitable[Any]]  # op, collection, frame -> answer
 # After each request served: op, status, milliseconds (the node logs it; request_id is set).
@@ -276,8 +278,10 @@ class ServerChannel:
     """Serves the requests of one accepted channel (`ws` prepared, the hello not yet sent)."""
 
     def __init__(self, ws: aiohttp.web.WebSocketResponse, secret: str | None, signature: str,
-                 serve: Serve, served: Served, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+                 serve: Serve, served: Served, max_in_flight: int = MAX_IN_FLIGHT,
+                 transport: asyncio.Transport | None = None) -> None:
         self._ws = ws
+        self._transport = transport  # the connection's, aborted by `close` if need be
         self._nonce = os.urandom(wire.NONCE_SIZE)
         keys = wire.channel_keys(secret, signature, self._nonce)
         self._recv_key: bytes | None = None if keys is None else keys[0]
@@ -323,9 +327,16 @@ class ServerChannel:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        """This node stops: no more requests are read (those in flight finish first)."""
-        with contextlib.suppress(Exception):
-            await self._ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+        """This node stops: no more requests are read (those in flight finish first). A
+        client that does not take the close within CLOSE_S (stopped, or not reading: the
+        close would wait for it to read what is written before) has its connection aborted,
+        which also wakes the requests waiting to write to it."""
+        try:
+            await asyncio.wait_for(self._ws.close(code=aiohttp.WSCloseCode.GOING_AWAY),
+                                   CLOSE_S)
+        except Exception:  # TimeoutError: it did not
+            if self._transport is not None:
+                self._transport.abort()
 
     async def _one(self, req: wire.Request) -> None:
         rid = req.rid if request_id.valid(req.rid) else None
