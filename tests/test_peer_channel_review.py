@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from aquila.cluster.peers import channel, wire
-from aquila.cluster.peers.channel import CHANNEL_PATH, MAX_CHANNEL_FRAME
+from aquila.cluster.peers.channel import CHANNEL_PATH, MAX_CHANNEL_FRAME, ServerChannel
 from aquila.cluster.peers.client import PeerError, collection_path
 from aquila.cluster.peers.http import Peers
 from aquila.cluster.replication import frames
@@ -154,10 +154,11 @@ async def test_a_node_closes_a_channel_whose_client_stops_answering(
         await ws.close()
 
 
-# --- a node that stops ------------------------------------------------------------------------
-async def test_a_node_stops_while_a_client_has_stopped_reading(start_node: StartNode) -> None:
-    """Answers pile up towards a client that reads nothing (stopped): the node's shutdown
-    closed its channel with a close that waited for the client to read them, for ever."""
+# --- a client that stopped reading ------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def not_reading(start_node: StartNode) -> AsyncIterator[tuple[Any, set[ServerChannel]]]:
+    """A node, and a channel to it from a client that has sent 64 gets of a 1 MiB document
+    and reads nothing (stopped): the node's writes to it wait."""
     node = await start_node(node_id="n1")
     await node.create("c", 2, shards=1)
     await node.upsert("c", [{"id": "a", "vector": [1.0, 2.0],
@@ -165,9 +166,9 @@ async def test_a_node_stops_while_a_client_has_stopped_reading(start_node: Start
     served = node.client.server.app[internal_api._CHANNELS]
     frame = frames.encode_get(0, "a")
     async with aiohttp.ClientSession() as s:
-        ws = await s.ws_connect(f"http://{node.config.addr}{CHANNEL_PATH}")
+        ws = await s.ws_connect(f"http://{node.config.addr}{CHANNEL_PATH}", autoping=False)
         wire.decode_hello((await ws.receive()).data)
-        for i in range(64):  # 64 MiB of answers, none read
+        for i in range(64):
             await ws.send_bytes(wire.encode_request(i, i, "get", "c", None, frame, None))
 
         def stuck() -> bool:
@@ -176,8 +177,27 @@ async def test_a_node_stops_while_a_client_has_stopped_reading(start_node: Start
             return transport is not None and transport.get_write_buffer_size() > 1 << 20
 
         await wait_for(stuck, what="the node's writes to wait for the client")
+        try:
+            yield node, served
+        finally:
+            async with asyncio.timeout(30.0):
+                await node.client.close()
+                await ws.close()
+
+
+async def test_a_node_stops_while_a_client_has_stopped_reading(start_node: StartNode) -> None:
+    """The node's shutdown closed such a channel with a close that waited for the client to
+    read what was queued before it: for ever."""
+    async with not_reading(start_node) as (node, served):
         async with asyncio.timeout(30.0):
             await node.client.close()
         assert not served
-        async with asyncio.timeout(30.0):
-            await ws.close()
+
+
+async def test_a_node_lets_go_of_a_stopped_client_after_its_pings(
+        start_node: StartNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ping unanswered closed the channel, but gently: its connection stayed for as long as
+    its queued answers were not read, and with it the channel and its requests' tasks."""
+    monkeypatch.setattr(internal_api, "HEARTBEAT_S", 0.2, raising=False)
+    async with not_reading(start_node) as (_, served):
+        await wait_for(lambda: not served, what="the node to let the channel go")

@@ -302,6 +302,11 @@ class ServerChannel:
             while True:
                 msg = await self._ws.receive()
                 if msg.type != WSMsgType.BINARY:
+                    if msg.type == WSMsgType.ERROR and self._transport is not None:
+                        # Closed under us (a ping unanswered, a bad frame): what is queued
+                        # for the client will not be read, and the requests waiting to
+                        # write to it would wait for ever.
+                        self._transport.abort()
                     break
                 try:
                     req = wire.decode_request(msg.data, self._recv_key, self._recv_seq)
@@ -331,12 +336,11 @@ class ServerChannel:
         client that does not take the close within CLOSE_S (stopped, or not reading: the
         close would wait for it to read what is written before) has its connection aborted,
         which also wakes the requests waiting to write to it."""
-        try:
+        with contextlib.suppress(Exception):  # TimeoutError: it did not
             await asyncio.wait_for(self._ws.close(code=aiohttp.WSCloseCode.GOING_AWAY),
                                    CLOSE_S)
-        except Exception:  # TimeoutError: it did not
-            if self._transport is not None:
-                self._transport.abort()
+        if self._transport is not None and self._transport.get_write_buffer_size():
+            self._transport.abort()  # what is still queued is not being read
 
     async def _one(self, req: wire.Request) -> None:
         rid = req.rid if request_id.valid(req.rid) else None
