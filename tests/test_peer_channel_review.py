@@ -201,3 +201,22 @@ async def test_a_node_lets_go_of_a_stopped_client_after_its_pings(
     monkeypatch.setattr(internal_api, "HEARTBEAT_S", 0.2, raising=False)
     async with not_reading(start_node) as (_, served):
         await wait_for(lambda: not served, what="the node to let the channel go")
+
+
+# --- the server's cap -------------------------------------------------------------------------
+async def test_a_client_within_the_cap_is_never_refused_while_answers_drain() -> None:
+    """The server counted a request in flight until its answer had left its buffer; the client
+    counts it until the answer has arrived. With answers queued behind one another, the client
+    had room again (and used it) while the server still counted the answer it had read."""
+    big = b"x" * (12 << 20)
+
+    async def serve(op: str, name: str, body: bytes) -> Any:
+        return big
+
+    peer = Peer(serve, max_in_flight=2)
+    async with running(peer) as peers:
+        channels_of(peers)._max_in_flight = 2
+        for _ in range(5):
+            got = await asyncio.gather(*(ask(peers, peer.addr, b"%d" % i) for i in range(6)),
+                                       return_exceptions=True)
+            assert all(g == big for g in got), [g for g in got if g != big]

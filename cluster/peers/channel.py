@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import WSMsgType
+from aiohttp.abc import AbstractStreamWriter
 
 from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import AquilaError, BadRequest, Unauthorized, Unavailable
@@ -279,9 +280,11 @@ class ServerChannel:
 
     def __init__(self, ws: aiohttp.web.WebSocketResponse, secret: str | None, signature: str,
                  serve: Serve, served: Served, max_in_flight: int = MAX_IN_FLIGHT,
-                 transport: asyncio.Transport | None = None) -> None:
+                 transport: asyncio.Transport | None = None,
+                 writer: AbstractStreamWriter | None = None) -> None:
         self._ws = ws
         self._transport = transport  # the connection's, aborted by `close` if need be
+        self._writer = writer  # what `ws.prepare` answered: its drain waits for room
         self._nonce = os.urandom(wire.NONCE_SIZE)
         keys = wire.channel_keys(secret, signature, self._nonce)
         self._recv_key: bytes | None = None if keys is None else keys[0]
@@ -290,6 +293,8 @@ class ServerChannel:
         self._served = served
         self._cap = max_in_flight
         self._tasks: set[asyncio.Task[None]] = set()
+        # In flight, as the client counts them: served or being served, answer not written.
+        self._unwritten: set[asyncio.Task[None]] = set()
         self._send_seq = 0
         self._recv_seq = 0
 
@@ -320,13 +325,15 @@ class ServerChannel:
                                          message=str(exc)[:100].encode())
                     break
                 self._recv_seq += 1
-                if len(self._tasks) >= self._cap:
+                if len(self._unwritten) >= self._cap:
                     await self._send_error(req.id, Unavailable(
                         f"more than {self._cap} requests in flight on one channel"))
                     continue
                 task = loop.create_task(self._one(req))
                 self._tasks.add(task)
+                self._unwritten.add(task)
                 task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(self._unwritten.discard)
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -359,8 +366,8 @@ class ServerChannel:
                 type_, body = wire.JSON, orjson.dumps(out)
             if len(body) > MAX_CHANNEL_ANSWER:  # the client asks again over HTTP
                 type_, body = wire.TOO_LARGE, b""
-            await self._send(wire.encode_answer(self._send_seq, req.id, type_, body,
-                                                self._send_key))
+            await self._send(lambda seq: wire.encode_answer(seq, req.id, type_, body,
+                                                            self._send_key))
         except AquilaError as err:
             status = err.status
             await self._send_error(req.id, err)
@@ -373,15 +380,26 @@ class ServerChannel:
 
     async def _send_error(self, id_: int, err: AquilaError) -> None:
         body = orjson.dumps({"error": {"code": err.code, "message": err.message}})
-        await self._send(wire.encode_error(self._send_seq, id_, err.status, body,
-                                           self._send_key))
+        await self._send(lambda seq: wire.encode_error(seq, id_, err.status, body,
+                                                       self._send_key))
 
-    async def _send(self, msg: bytes) -> None:
-        """Write one message, sealed with the next sequence number out. Nothing may yield
-        between sealing it and this call: send_bytes writes an uncompressed frame whole
-        before it first yields (what it awaits after is the transport's flow control)."""
+    async def _send(self, seal: Callable[[int], bytes]) -> None:
+        """Write one message, `seal`ed with the next sequence number out, once the
+        connection takes writes: while the client reads nothing, its requests stay in flight
+        (against the cap) instead of their answers piling up for it. Written, a request is
+        no longer in flight, as for the client once the answer arrives (counted until the
+        write drained, a request the client had its answer to could fill the server's cap
+        while the client's had room). Nothing yields between sealing and writing:
+        send_bytes writes an uncompressed frame whole before it first yields."""
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+                await self._writer.drain()
+        task = asyncio.current_task()
+        if task is not None:
+            self._unwritten.discard(task)
         if self._ws.closed:
             return  # the client went away: nobody to answer
+        msg = seal(self._send_seq)
         self._send_seq += 1
         with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
             await self._ws.send_bytes(msg)  # closing under us: the client fails its requests

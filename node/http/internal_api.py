@@ -165,10 +165,11 @@ def _channel_route(verifier: PeerVerifier) -> Handler:
         ws = web.WebSocketResponse(
             compress=False, autoping=True, heartbeat=HEARTBEAT_S,
             max_msg_size=min(config.max_wire_bytes, MAX_CHANNEL_FRAME) + OVERHEAD)
-        await ws.prepare(request)
+        writer = await ws.prepare(request)
         service = request.app[SERVICE].peer_service
         ch = ServerChannel(ws, verifier.secret, request.headers.get(SIGNATURE_HEADER, ""),
-                           service.frame_op, _log_served, MAX_IN_FLIGHT, request.transport)
+                           service.frame_op, _log_served, MAX_IN_FLIGHT, request.transport,
+                           writer)
         request.app[_CHANNELS].add(ch)
         try:
             await ch.run()
