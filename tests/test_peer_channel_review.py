@@ -108,6 +108,27 @@ async def test_a_node_refuses_a_channel_message_past_a_frames_size(start_node: S
         await ws.close()
 
 
+async def test_a_frame_past_a_nodes_body_limit_is_refused_alone(start_node: StartNode) -> None:
+    """A node whose limit is below a channel's frame (a smaller max_body_bytes than its peers')
+    closed the channel on such a frame, failing every request on it, where over HTTP that
+    request alone is refused (413)."""
+    node = await start_node(node_id="n1", max_body_bytes=4096)
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(f"http://{node.config.addr}{CHANNEL_PATH}")
+        wire.decode_hello((await ws.receive()).data)
+        body = b"x" * (2 * node.config.max_wire_bytes)
+        await ws.send_bytes(wire.encode_request(0, 1, "write", "c", None, body, None))
+        msg = await ws.receive()
+        assert msg.type == aiohttp.WSMsgType.BINARY, msg
+        got = wire.decode_answer(msg.data, None, 0)
+        assert (got.id, got.kind, got.type) == (1, wire.ERROR, 413)
+        assert b"payload_too_large" in got.body
+        await ws.send_bytes(wire.encode_request(1, 2, "search", "c", None, b"x", None))
+        got = wire.decode_answer((await ws.receive()).data, None, 1)
+        assert (got.id, got.kind, got.type) == (2, wire.ERROR, 404)  # the channel went on
+        await ws.close()
+
+
 # --- a peer that stops answering --------------------------------------------------------------
 async def test_a_client_breaks_a_channel_whose_server_stops_answering(
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from aquila.cluster.clock import Clock
 from aquila.cluster.membership.gossip import GossipError
 from aquila.cluster.membership.messages import AuthError, DecodeError
 from aquila.cluster.model import request_id
-from aquila.cluster.model.errors import BadRequest, Unauthorized, Unavailable
+from aquila.cluster.model.errors import BadRequest, PayloadTooLarge, Unauthorized, Unavailable
 from aquila.cluster.peers.auth import (
     ANY_RECIPIENT,
     RECIPIENT_HEADER,
@@ -164,12 +164,20 @@ def _channel_route(verifier: PeerVerifier) -> Handler:
         # Clients send larger frames over HTTP: a channel holds MAX_IN_FLIGHT of these at most.
         ws = web.WebSocketResponse(
             compress=False, autoping=True, heartbeat=HEARTBEAT_S,
-            max_msg_size=min(config.max_wire_bytes, MAX_CHANNEL_FRAME) + OVERHEAD)
+            max_msg_size=MAX_CHANNEL_FRAME + OVERHEAD)
         writer = await ws.prepare(request)
-        service = request.app[SERVICE].peer_service
+        frame_op = request.app[SERVICE].peer_service.frame_op
+
+        async def serve(op: str, name: str, body: bytes) -> Any:
+            # Past this node's own limit (below a channel's frame): that request alone is
+            # refused, as over HTTP (a message past the channel's limit closes the channel).
+            if len(body) > config.max_wire_bytes:
+                raise PayloadTooLarge(
+                    f"body exceeds the limit of {config.max_body_bytes} bytes")
+            return await frame_op(op, name, body)
+
         ch = ServerChannel(ws, verifier.secret, request.headers.get(SIGNATURE_HEADER, ""),
-                           service.frame_op, _log_served, MAX_IN_FLIGHT, request.transport,
-                           writer)
+                           serve, _log_served, MAX_IN_FLIGHT, request.transport, writer)
         request.app[_CHANNELS].add(ch)
         try:
             await ch.run()
