@@ -241,3 +241,26 @@ async def test_a_client_within_the_cap_is_never_refused_while_answers_drain() ->
             got = await asyncio.gather(*(ask(peers, peer.addr, b"%d" % i) for i in range(6)),
                                        return_exceptions=True)
             assert all(g == big for g in got), [g for g in got if g != big]
+
+
+# --- a client that stops ----------------------------------------------------------------------
+async def test_a_request_waiting_for_a_channel_fails_as_the_client_stops() -> None:
+    """Closing the client cancels the channels being opened; a request waiting for one (not
+    itself cancelled) got CancelledError, which its caller takes for its own cancellation."""
+    stop = asyncio.Event()
+    upgrading = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        upgrading.set()
+        await stop.wait()
+        return web.Response(status=503)
+
+    async with scripted(slow) as (addr, peers):
+        try:
+            task = asyncio.create_task(ask(peers, addr))
+            await upgrading.wait()
+            await peers.close()
+            with pytest.raises(PeerError):
+                await task
+        finally:
+            stop.set()

@@ -220,7 +220,14 @@ class Channels:
                 self._opening[key] = task
                 task.add_done_callback(lambda t: self._opened(key, t))
             # Shielded: one caller's timeout does not fail the others' opening.
-            ch = await asyncio.shield(task)
+            try:
+                ch = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if task.cancelled() and current is not None and not current.cancelling():
+                    # The opening was cancelled (this node's client closes), not the caller.
+                    raise PeerError(f"node {addr}: channel closed by this node") from None
+                raise
             if ch is None:
                 return None
         rid = request_id.current.get()
