@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from aquila.cluster.model.errors import BadRequest
 from aquila.cluster.peers import channel, wire
 from aquila.cluster.peers.channel import CHANNEL_PATH, MAX_CHANNEL_FRAME, ServerChannel
 from aquila.cluster.peers.client import PeerError, collection_path
@@ -264,3 +265,17 @@ async def test_a_request_waiting_for_a_channel_fails_as_the_client_stops() -> No
                 await task
         finally:
             stop.set()
+
+
+async def test_an_error_past_the_requests_bound_is_refused_as_an_answer_is() -> None:
+    """Over HTTP an error's body is read within the request's bound too; on the channel it
+    was taken whole (up to the channel's cap), its message into the error raised and logged."""
+    async def serve(op: str, name: str, body: bytes) -> Any:
+        raise BadRequest("x" * 2000 + "\nforged log line")
+
+    peer = Peer(serve)
+    async with running(peer) as peers:
+        with pytest.raises(PeerError, match="more than 1000 bytes"):
+            await ask(peers, peer.addr, max_answer=1000)
+        with pytest.raises(BadRequest, match="forged"):  # within the bound: as before
+            await ask(peers, peer.addr)

@@ -132,13 +132,13 @@ class Peers:
             raise PeerError(f"node {addr} did not answer: TimeoutError") from None
         if answer is None:
             return _NO_CHANNEL
+        cap = self._cap(max_answer)
+        if len(answer.body) > cap:  # an error's too, as over HTTP
+            raise PeerError(f"node {addr} answered more than {cap} bytes")
         if answer.kind == wire.ERROR:
             raise _error_from(answer.type, answer.body, addr)
         if answer.type == wire.TOO_LARGE:  # past what a channel carries: over HTTP
             return _NO_CHANNEL
-        cap = self._cap(max_answer)
-        if len(answer.body) > cap:
-            raise PeerError(f"node {addr} answered more than {cap} bytes")
         if answer.type == wire.FRAME:
             return answer.body
         try:
