@@ -279,3 +279,26 @@ async def test_an_error_past_the_requests_bound_is_refused_as_an_answer_is() -> 
             await ask(peers, peer.addr, max_answer=1000)
         with pytest.raises(BadRequest, match="forged"):  # within the bound: as before
             await ask(peers, peer.addr)
+
+
+async def test_a_frame_asked_again_over_http_gets_what_is_left_of_its_time() -> None:
+    """An answer too large for the channel is asked again over HTTP: with the caller's whole
+    timeout once more, a request could take twice the time its caller gave it."""
+    big = b"a" * (getattr(channel, "MAX_CHANNEL_ANSWER", 16 << 20) + 1)
+
+    async def serve(op: str, name: str, body: bytes) -> Any:
+        return big
+
+    peer = Peer(serve)
+    async with running(peer) as peers:
+        given: list[float] = []
+        lean = peers._lean_request
+
+        async def spy(addr: str, url: Any, method: str, headers: dict[str, str], data: bytes,
+                      timeout: float, max_answer: int | None) -> Any:  # noqa: ASYNC109
+            given.append(timeout)
+            return await lean(addr, url, method, headers, data, timeout, max_answer)
+
+        peers._lean_request = spy  # type: ignore[method-assign]
+        assert await ask(peers, peer.addr, timeout=5.0) == big
+        assert len(given) == 1 and given[0] < 5.0

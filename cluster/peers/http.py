@@ -82,10 +82,15 @@ class Peers:
             name, _, op = path.removeprefix(COLLECTION_PREFIX).partition("/")
             if (path.startswith(COLLECTION_PREFIX) and self._channels.wanted(addr, op, len(raw))
                     and wire.sendable_name(name)):
-                answer = await self._channel_request(addr, to, op, name, raw,
-                                                     timeout or self._timeout_s, max_answer)
+                given = timeout or self._timeout_s
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                answer = await self._channel_request(addr, to, op, name, raw, given,
+                                                     max_answer)
                 if answer is not _NO_CHANNEL:
                     return answer
+                # Over HTTP after all (too large, or no route): in what is left of its time.
+                timeout = max(given - (loop.time() - start), 1e-3)
         data = raw if raw is not None else (b"" if body is None else orjson.dumps(body))
         # Sign the path exactly as it goes on the request line (quoted, with its query).
         try:
