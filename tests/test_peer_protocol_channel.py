@@ -208,11 +208,12 @@ class Peer:
             return web.json_response({"error": {"code": "unauthorized", "message": str(exc)}},
                                      status=401)
         ws = web.WebSocketResponse(compress=False, max_msg_size=self.max_msg)
-        await ws.prepare(request)
+        writer = await ws.prepare(request)
         assert request.transport is not None
         self.transports.append(request.transport)  # type: ignore[arg-type]
         await ServerChannel(ws, self.verifier.secret, request.headers.get(SIGNATURE_HEADER, ""),
-                            self.serve, lambda *_: None, self.max_in_flight).run()
+                            self.serve, lambda *_: None, self.max_in_flight, request.transport,
+                            writer).run()
         return ws
 
     async def _frame(self, request: web.Request) -> web.Response:

@@ -9,7 +9,8 @@ the first request and shared; requests past `MAX_IN_FLIGHT` wait for room. A cal
 timeout or cancellation drops its request only (a late answer is dropped); a channel that
 breaks fails its requests in flight with PeerError (retryable) and the next request opens a
 new one. Frames above `MAX_CHANNEL_FRAME` (bulk writes) go over HTTP, so that no search
-waits behind them. A node that does not know the route (404/405: an older node) is remembered for
+waits behind them, and so are frames whose answer is above `MAX_CHANNEL_ANSWER` (asked again).
+A node that does not know the route (404/405: an older node) is remembered for
 `NO_CHANNEL_S`, and its frames go over HTTP meanwhile (`Channels.request` answers None).
 
 Server side (`serve`, called by node/http/internal_api.py once the handshake is
@@ -32,6 +33,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import WSMsgType
+from aiohttp.abc import AbstractStreamWriter
 
 from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import AquilaError, BadRequest, Unauthorized, Unavailable
@@ -49,6 +51,19 @@ NO_CHANNEL_S = 60.0
 # A larger frame (a bulk write's batch) goes over HTTP on a connection of its own: on the
 # channel, the searches behind it would wait for its megabytes to pass.
 MAX_CHANNEL_FRAME = 1 << 20
+# The largest answer a channel carries: a larger one (hits with much metadata) is answered
+# TOO_LARGE and asked again over HTTP, where its own bound (`max_answer`) is checked before
+# it is read. The client reads no message larger than this (with the MAC checked only after
+# it is read, whatever answers at the address could otherwise make it buffer `max_answer`,
+# up to 1 GiB, whatever it asked).
+MAX_CHANNEL_ANSWER = 16 << 20
+# Both ends ping a channel idle this long; one whose peer does not answer within half of it
+# (stopped, or gone with its TCP connection left half-open) is closed: its requests fail
+# (PeerError: another replica) rather than time out one by one for as long as the kernel
+# keeps the connection, and the server lets go of what it held for it.
+HEARTBEAT_S = 10.0
+# How long a stopping node waits for a client to take its channel's close (it may not read).
+CLOSE_S = 1.0
 
 Serve = Callable[[str, str, bytes], Awaitable[Any]]  # op, collection, frame -> answer
 # After each request served: op, status, milliseconds (the node logs it; request_id is set).
@@ -205,7 +220,14 @@ class Channels:
                 self._opening[key] = task
                 task.add_done_callback(lambda t: self._opened(key, t))
             # Shielded: one caller's timeout does not fail the others' opening.
-            ch = await asyncio.shield(task)
+            try:
+                ch = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if task.cancelled() and current is not None and not current.cancelling():
+                    # The opening was cancelled (this node's client closes), not the caller.
+                    raise PeerError(f"node {addr}: channel closed by this node") from None
+                raise
             if ch is None:
                 return None
         rid = request_id.current.get()
@@ -222,7 +244,8 @@ class Channels:
             async with asyncio.timeout(self._timeout_s):
                 ws = await self._session.ws_connect(
                     f"http://{addr}{CHANNEL_PATH}", headers=headers, compress=0,
-                    autoping=True, max_msg_size=self._max_answer + wire.OVERHEAD)
+                    autoping=True, heartbeat=HEARTBEAT_S,
+                    max_msg_size=min(self._max_answer, MAX_CHANNEL_ANSWER) + wire.OVERHEAD)
                 try:
                     hello = await ws.receive()
                     if hello.type != WSMsgType.BINARY:
@@ -263,8 +286,12 @@ class ServerChannel:
     """Serves the requests of one accepted channel (`ws` prepared, the hello not yet sent)."""
 
     def __init__(self, ws: aiohttp.web.WebSocketResponse, secret: str | None, signature: str,
-                 serve: Serve, served: Served, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+                 serve: Serve, served: Served, max_in_flight: int = MAX_IN_FLIGHT,
+                 transport: asyncio.Transport | None = None,
+                 writer: AbstractStreamWriter | None = None) -> None:
         self._ws = ws
+        self._transport = transport  # the connection's, aborted by `close` if need be
+        self._writer = writer  # what `ws.prepare` answered: its drain waits for room
         self._nonce = os.urandom(wire.NONCE_SIZE)
         keys = wire.channel_keys(secret, signature, self._nonce)
         self._recv_key: bytes | None = None if keys is None else keys[0]
@@ -273,6 +300,8 @@ class ServerChannel:
         self._served = served
         self._cap = max_in_flight
         self._tasks: set[asyncio.Task[None]] = set()
+        # In flight, as the client counts them: served or being served, answer not written.
+        self._unwritten: set[asyncio.Task[None]] = set()
         self._send_seq = 0
         self._recv_seq = 0
 
@@ -285,6 +314,11 @@ class ServerChannel:
             while True:
                 msg = await self._ws.receive()
                 if msg.type != WSMsgType.BINARY:
+                    if msg.type == WSMsgType.ERROR and self._transport is not None:
+                        # Closed under us (a ping unanswered, a bad frame): what is queued
+                        # for the client will not be read, and the requests waiting to
+                        # write to it would wait for ever.
+                        self._transport.abort()
                     break
                 try:
                     req = wire.decode_request(msg.data, self._recv_key, self._recv_seq)
@@ -298,21 +332,29 @@ class ServerChannel:
                                          message=str(exc)[:100].encode())
                     break
                 self._recv_seq += 1
-                if len(self._tasks) >= self._cap:
+                if len(self._unwritten) >= self._cap:
                     await self._send_error(req.id, Unavailable(
                         f"more than {self._cap} requests in flight on one channel"))
                     continue
                 task = loop.create_task(self._one(req))
                 self._tasks.add(task)
+                self._unwritten.add(task)
                 task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(self._unwritten.discard)
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        """This node stops: no more requests are read (those in flight finish first)."""
-        with contextlib.suppress(Exception):
-            await self._ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+        """This node stops: no more requests are read (those in flight finish first). A
+        client that does not take the close within CLOSE_S (stopped, or not reading: the
+        close would wait for it to read what is written before) has its connection aborted,
+        which also wakes the requests waiting to write to it."""
+        with contextlib.suppress(Exception):  # TimeoutError: it did not
+            await asyncio.wait_for(self._ws.close(code=aiohttp.WSCloseCode.GOING_AWAY),
+                                   CLOSE_S)
+        if self._transport is not None and self._transport.get_write_buffer_size():
+            self._transport.abort()  # what is still queued is not being read
 
     async def _one(self, req: wire.Request) -> None:
         rid = req.rid if request_id.valid(req.rid) else None
@@ -329,8 +371,10 @@ class ServerChannel:
                 type_, body = wire.FRAME, out
             else:
                 type_, body = wire.JSON, orjson.dumps(out)
-            await self._send(wire.encode_answer(self._send_seq, req.id, type_, body,
-                                                self._send_key))
+            if len(body) > MAX_CHANNEL_ANSWER:  # the client asks again over HTTP
+                type_, body = wire.TOO_LARGE, b""
+            await self._send(lambda seq: wire.encode_answer(seq, req.id, type_, body,
+                                                            self._send_key))
         except AquilaError as err:
             status = err.status
             await self._send_error(req.id, err)
@@ -343,15 +387,26 @@ class ServerChannel:
 
     async def _send_error(self, id_: int, err: AquilaError) -> None:
         body = orjson.dumps({"error": {"code": err.code, "message": err.message}})
-        await self._send(wire.encode_error(self._send_seq, id_, err.status, body,
-                                           self._send_key))
+        await self._send(lambda seq: wire.encode_error(seq, id_, err.status, body,
+                                                       self._send_key))
 
-    async def _send(self, msg: bytes) -> None:
-        """Write one message, sealed with the next sequence number out. Nothing may yield
-        between sealing it and this call: send_bytes writes an uncompressed frame whole
-        before it first yields (what it awaits after is the transport's flow control)."""
+    async def _send(self, seal: Callable[[int], bytes]) -> None:
+        """Write one message, `seal`ed with the next sequence number out, once the
+        connection takes writes: while the client reads nothing, its requests stay in flight
+        (against the cap) instead of their answers piling up for it. Written, a request is
+        no longer in flight, as for the client once the answer arrives (counted until the
+        write drained, a request the client had its answer to could fill the server's cap
+        while the client's had room). Nothing yields between sealing and writing:
+        send_bytes writes an uncompressed frame whole before it first yields."""
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+                await self._writer.drain()
+        task = asyncio.current_task()
+        if task is not None:
+            self._unwritten.discard(task)
         if self._ws.closed:
             return  # the client went away: nobody to answer
+        msg = seal(self._send_seq)
         self._send_seq += 1
         with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
             await self._ws.send_bytes(msg)  # closing under us: the client fails its requests

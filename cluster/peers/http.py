@@ -82,10 +82,15 @@ class Peers:
             name, _, op = path.removeprefix(COLLECTION_PREFIX).partition("/")
             if (path.startswith(COLLECTION_PREFIX) and self._channels.wanted(addr, op, len(raw))
                     and wire.sendable_name(name)):
-                answer = await self._channel_request(addr, to, op, name, raw,
-                                                     timeout or self._timeout_s, max_answer)
+                given = timeout or self._timeout_s
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                answer = await self._channel_request(addr, to, op, name, raw, given,
+                                                     max_answer)
                 if answer is not _NO_CHANNEL:
                     return answer
+                # Over HTTP after all (too large, or no route): in what is left of its time.
+                timeout = max(given - (loop.time() - start), 1e-3)
         data = raw if raw is not None else (b"" if body is None else orjson.dumps(body))
         # Sign the path exactly as it goes on the request line (quoted, with its query).
         try:
@@ -123,7 +128,7 @@ class Peers:
                                timeout: float,  # noqa: ASYNC109
                                max_answer: int | None) -> Any:
         """A frame over the peer's channel: its answer, or _NO_CHANNEL when the peer has no
-        channel route (an older node)."""
+        channel route (an older node) or its answer is too large for one."""
         assert self._channels is not None
         try:
             async with asyncio.timeout(timeout):
@@ -132,11 +137,13 @@ class Peers:
             raise PeerError(f"node {addr} did not answer: TimeoutError") from None
         if answer is None:
             return _NO_CHANNEL
+        cap = self._cap(max_answer)
+        if len(answer.body) > cap:  # an error's too, as over HTTP
+            raise PeerError(f"node {addr} answered more than {cap} bytes")
         if answer.kind == wire.ERROR:
             raise _error_from(answer.type, answer.body, addr)
-        cap = self._cap(max_answer)
-        if len(answer.body) > cap:
-            raise PeerError(f"node {addr} answered more than {cap} bytes")
+        if answer.type == wire.TOO_LARGE:  # past what a channel carries: over HTTP
+            return _NO_CHANNEL
         if answer.type == wire.FRAME:
             return answer.body
         try:

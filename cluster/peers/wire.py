@@ -6,7 +6,8 @@ from 0; the receiver wants exactly the next one) and a request id (u32), little-
 
 - REQUEST: an op (one byte: the frame operations, `OPS`), the collection's name (u8 length,
   ASCII), the client request's id (u8 length, ASCII, may be empty), then the frame.
-- ANSWER: a type byte (FRAME: the bytes are the answer; JSON: a small JSON answer) and the bytes.
+- ANSWER: a type byte (FRAME: the bytes are the answer; JSON: a small JSON answer; TOO_LARGE:
+  the answer is larger than a channel carries, ask over HTTP; no bytes) and the bytes.
 - ERROR: the HTTP status (u16) and the error body as the HTTP route would have answered it.
 - HELLO, from the server once, before anything else: 16 random bytes, which go into the
   channel's keys. It carries no sequence number and no MAC (a changed nonce only makes every
@@ -30,7 +31,7 @@ from aquila.cluster.peers.client import PeerError
 
 VERSION = 1
 HELLO, REQUEST, ANSWER, ERROR = 0, 1, 2, 3
-FRAME, JSON = 0, 1
+FRAME, JSON, TOO_LARGE = 0, 1, 2
 # The operations that travel the channel (the peer protocol's binary frames), by code.
 OPS = ("search", "write", "get")
 OP_CODES = {op: i for i, op in enumerate(OPS)}
@@ -203,7 +204,7 @@ def decode_answer(data: bytes, key: bytes | None, seq: int) -> Answer:
         if end < pos + 1:
             raise Truncated("channel answer is truncated")
         type_ = data[pos]
-        if type_ not in (FRAME, JSON):
+        if type_ not in (FRAME, JSON, TOO_LARGE):
             raise WireError(f"channel answer of unknown type {type_}")
         return Answer(id_, kind, type_, data[pos + 1:end])
     if kind == ERROR:

@@ -5,6 +5,7 @@ serves as one) every request must carry a valid, fresh, unreplayed signature
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import functools
 import logging
@@ -18,7 +19,7 @@ from aquila.cluster.clock import Clock
 from aquila.cluster.membership.gossip import GossipError
 from aquila.cluster.membership.messages import AuthError, DecodeError
 from aquila.cluster.model import request_id
-from aquila.cluster.model.errors import BadRequest, Unauthorized, Unavailable
+from aquila.cluster.model.errors import BadRequest, PayloadTooLarge, Unauthorized, Unavailable
 from aquila.cluster.peers.auth import (
     ANY_RECIPIENT,
     RECIPIENT_HEADER,
@@ -26,7 +27,13 @@ from aquila.cluster.peers.auth import (
     PeerAuthError,
     PeerVerifier,
 )
-from aquila.cluster.peers.channel import CHANNEL_PATH, MAX_IN_FLIGHT, ServerChannel
+from aquila.cluster.peers.channel import (
+    CHANNEL_PATH,
+    HEARTBEAT_S,
+    MAX_CHANNEL_FRAME,
+    MAX_IN_FLIGHT,
+    ServerChannel,
+)
 from aquila.cluster.peers.client import FRAME_TYPE
 from aquila.cluster.peers.wire import OVERHEAD
 from aquila.cluster.replication.remote import COLLECTION_OPS
@@ -154,12 +161,23 @@ def _channel_route(verifier: PeerVerifier) -> Handler:
         if request.can_read_body:
             raise BadRequest("a channel's upgrade has no body")
         config = request.app[CONFIG]
-        ws = web.WebSocketResponse(compress=False, autoping=True,
-                                   max_msg_size=config.max_wire_bytes + OVERHEAD)
-        await ws.prepare(request)
-        service = request.app[SERVICE].peer_service
+        # Clients send larger frames over HTTP: a channel holds MAX_IN_FLIGHT of these at most.
+        ws = web.WebSocketResponse(
+            compress=False, autoping=True, heartbeat=HEARTBEAT_S,
+            max_msg_size=MAX_CHANNEL_FRAME + OVERHEAD)
+        writer = await ws.prepare(request)
+        frame_op = request.app[SERVICE].peer_service.frame_op
+
+        async def serve(op: str, name: str, body: bytes) -> Any:
+            # Past this node's own limit (below a channel's frame): that request alone is
+            # refused, as over HTTP (a message past the channel's limit closes the channel).
+            if len(body) > config.max_wire_bytes:
+                raise PayloadTooLarge(
+                    f"body exceeds the limit of {config.max_body_bytes} bytes")
+            return await frame_op(op, name, body)
+
         ch = ServerChannel(ws, verifier.secret, request.headers.get(SIGNATURE_HEADER, ""),
-                           service.frame_op, _log_served, MAX_IN_FLIGHT)
+                           serve, _log_served, MAX_IN_FLIGHT, request.transport, writer)
         request.app[_CHANNELS].add(ch)
         try:
             await ch.run()
@@ -172,8 +190,7 @@ def _channel_route(verifier: PeerVerifier) -> Handler:
 
 async def _close_channels(app: web.Application) -> None:
     channels: set[ServerChannel] = app[_CHANNELS]
-    for ch in [*channels]:
-        await ch.close()
+    await asyncio.gather(*(ch.close() for ch in channels))  # each waits up to CLOSE_S
 
 
 def add_internal_routes(app: web.Application, clock: Clock) -> None:
