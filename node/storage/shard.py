@@ -34,6 +34,7 @@ from aquila.cluster.model.digests import BUCKETS, bucket_of, record_hash
 from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.spec import CollectionSpec
+from aquila.node.storage.digest_table import DigestTable
 from aquila.node.storage.index import LABEL_BITS, global_key, global_keys, prepare
 from aquila.node.storage.label_arrays import FreeLabels, capacity, widened
 from aquila.node.storage.matches import (
@@ -61,7 +62,12 @@ _F4 = np.dtype("<f4")
 # `digests.bucket_of`'s hash, keyed once: a copy of it costs less than a new one (~0.4 µs
 # of a document's write).
 _BUCKET_HASH = hashlib.blake2b(digest_size=8, person=b"aq-ae")
-REPLAY_CHUNK = 16_384  # changes read and applied at a time by a replay
+# Changes read and applied at a time by a replay. Each change read is a few small Python
+# objects (its record's bytes, key, id, vector and metadata) until its chunk is applied: a
+# training's catch-up runs beside a bulk load's writes, and at 16,384 a chunk it took Python's
+# small-object arenas some 25 MiB above their size at rest, kept after it by the load's
+# long-lived objects allocated in between (an arena is given back only once empty).
+REPLAY_CHUNK = 2048
 
 
 @dataclass
@@ -121,8 +127,8 @@ class Shard:
         # bit order as `matches` lays bitmaps out).
         self.live = np.zeros(0, np.uint8)
         # Anti-entropy digests of the records, kept current write by write (no scans), and
-        # stored with every batch that changes them.
-        self.digests = [0] * BUCKETS
+        # stored with every batch that changes them (in numpy: `digest_table`).
+        self.digests = DigestTable(BUCKETS)
         # Metadata keys filters have used, indexed (built on first use, kept current).
         self.payload = PayloadIndex()
         # The match sets of recent filters (bitmaps over labels, kept current by writes).
@@ -149,7 +155,7 @@ class Shard:
         """Counters and digests from the store (no scan of the records); the live bitmap
         follows from the index once it is loaded (`set_live`)."""
         self.next_seq, self.next_label, self.count = self.store.counters(self.shard)
-        self.digests = self.store.digests(self.shard, BUCKETS)
+        self.digests = DigestTable(self.store.digests(self.shard, BUCKETS))
         self.free = FreeLabels(self.store.free_labels(self.shard))
         self.released_seq = self.store.released(self.shard)
         self.live = np.zeros(0, np.uint8)
