@@ -66,7 +66,9 @@ _BUCKET_HASH = hashlib.blake2b(digest_size=8, person=b"aq-ae")
 # objects (its record's bytes, key, id, vector and metadata) until its chunk is applied: a
 # training's catch-up runs beside a bulk load's writes, and at 16,384 a chunk it took Python's
 # small-object arenas some 25 MiB above their size at rest, kept after it by the load's
-# long-lived objects allocated in between (an arena is given back only once empty).
+# long-lived objects allocated in between (an arena is given back only once empty). 2,048
+# replays as fast (100k new documents into an ivf_sq8 index, in process, best of 4: 1.89 s
+# against 1.92 s at 16,384; 2.17 s at 1,024).
 REPLAY_CHUNK = 2048
 
 
@@ -76,7 +78,9 @@ class IndexOps:
 
     remove: list[int] = field(default_factory=list)  # global keys
     add_keys: list[int] = field(default_factory=list)  # global keys
-    add_vectors: list[bytes] = field(default_factory=list)  # raw float32 rows, little-endian
+    # Raw float32 rows, little-endian: a write's own rows (views of its batch's array, which
+    # its documents hold anyway: no copy of each kept until the index has them) or a replay's.
+    add_vectors: list[bytes | np.ndarray] = field(default_factory=list)
     add_meta: list[bytes] = field(default_factory=list)  # metadata of the added documents
     gone: list[int] = field(default_factory=list)  # labels that became tombstones
     # Metadata of the documents written or deleted that were live before (their payload
@@ -91,7 +95,8 @@ class IndexOps:
     def vectors(self, dim: int, metric: str) -> np.ndarray:
         if not self.add_vectors:
             return np.zeros((0, dim), np.float32)
-        rows = np.frombuffer(b"".join(self.add_vectors), dtype="<f4").reshape(-1, dim)
+        joined = b"".join(self.add_vectors)  # type: ignore[arg-type]  # ndarrays are buffers
+        rows = np.frombuffer(joined, dtype="<f4").reshape(-1, dim)
         return prepare(rows, metric)
 
 
@@ -345,7 +350,7 @@ class Shard:
                 remove.append(key)
             if vec is not None:
                 add_keys.append(key)
-                add_vectors.append(vb)
+                add_vectors.append(vec if vec.dtype == _F4 and vec.flags.c_contiguous else vb)
                 add_meta.append(doc.metadata)
                 count_delta += 0 if was_live else 1
                 applied += 1
