@@ -42,3 +42,22 @@ def test_no_int_object_is_kept_per_bucket() -> None:
     table = DigestTable([(1 << 100) + b for b in range(BUCKETS)])
     table[7] ^= 1 << 90
     assert not any(isinstance(r, int) for r in gc.get_referents(table))
+
+
+def test_many_at_once_as_one_at_a_time() -> None:
+    rng = random.Random(11)
+    table = DigestTable([rng.getrandbits(128) for _ in range(BUCKETS)])
+    plain = table.tolist()
+    for _ in range(20):
+        delta = {rng.randrange(BUCKETS): rng.getrandbits(128) for _ in range(rng.randrange(60))}
+        staged = table.xored(delta)
+        assert [b for b, _ in staged] == list(delta)
+        assert [int.from_bytes(raw, "big") for _, raw in staged] == \
+            [plain[b] ^ x for b, x in delta.items()]
+        assert table == plain  # xored changes nothing
+        table.xor_many(delta)
+        for b, x in delta.items():
+            plain[b] ^= x
+        assert table == plain
+    table.xor_many({})
+    assert table.xored({}) == [] and table == plain

@@ -44,6 +44,30 @@ class DigestTable:
         row[0] = value >> 64
         row[1] = value & _LOW
 
+    def xor_many(self, delta: dict[int, int]) -> None:
+        """`table[b] ^= x` for every bucket b → x of `delta`, in one numpy step."""
+        if delta:
+            buckets, words = self._split(delta)
+            self._words[buckets] ^= words
+
+    def xored(self, delta: dict[int, int]) -> list[tuple[int, bytes]]:
+        """Per bucket b → x of `delta`: b and `table[b] ^ x` as 16 big-endian bytes (the
+        stored form), the table unchanged."""
+        if not delta:
+            return []
+        buckets, words = self._split(delta)
+        raw = (self._words[buckets] ^ words).astype(">u8").tobytes()
+        return [(b, raw[16 * i:16 * i + 16]) for i, b in enumerate(delta)]
+
+    @staticmethod
+    def _split(delta: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        n = len(delta)
+        buckets = np.fromiter(delta, np.int64, n)  # a dict's keys: no bucket twice
+        words = np.empty((n, 2), np.uint64)
+        words[:, 0] = np.fromiter((x >> 64 for x in delta.values()), np.uint64, n)
+        words[:, 1] = np.fromiter((x & _LOW for x in delta.values()), np.uint64, n)
+        return buckets, words
+
     def __iter__(self) -> Iterator[int]:
         return (self[b] for b in range(len(self)))
 

@@ -53,6 +53,7 @@ from aquila.node.storage.store import (
     Store,
     WriteBatch,
     change_key,
+    digest_key,
     doc_key,
     free_key,
     label_key,
@@ -440,16 +441,16 @@ class Shard:
         for o in ops:
             for b, x in o.digest_delta.items():
                 delta[b] = delta.get(b, 0) ^ x
-        for b, x in delta.items():
-            batch.put_digest(self.shard, b, self.digests[b] ^ x)
+        put = batch.raw_put
+        for b, raw in self.digests.xored(delta):
+            put(digest_key(self.shard, b), raw)
         batch.put_counters(self.shard, self.next_seq, self.next_label,
                            self.count + sum(o.count_delta for o in ops))
 
     def durable(self, ops: IndexOps) -> None:
         """Record that `ops`' write reached the store (the index follows shortly)."""
         self.count += ops.count_delta
-        for b, x in ops.digest_delta.items():
-            self.digests[b] ^= x
+        self.digests.xor_many(ops.digest_delta)
 
     def forget(self, gone: list[tuple[str, Record]], batch: WriteBatch) -> None:
         """Purged tombstones leave the store (their record, change and label keys) and the
@@ -482,8 +483,7 @@ class Shard:
 
     def forgotten(self) -> None:
         """The purge's batch is durable: its digests move, its labels are free to give."""
-        for b, x in self._forgotten.items():
-            self.digests[b] ^= x
+        self.digests.xor_many(self._forgotten)
         self._forgotten = {}
         self.free.put(self._freed)
         self._freed = np.zeros(0, np.int64)
