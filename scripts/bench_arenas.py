@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import tempfile
 import time
@@ -98,6 +99,8 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
             out["restart"] = await asyncio.to_thread(probe, node, prefix, "restart")
     finally:
         node.stop()
+        if not a.keep:
+            await asyncio.to_thread(shutil.rmtree, root, True)
     return out
 
 
@@ -134,6 +137,7 @@ def main() -> None:
     p.add_argument("--peaks", action="store_true")
     p.add_argument("--base", type=Path, help="the node of the code in DIR (see bench_memory)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--keep", action="store_true", help="keep the node's folder and the probe's files")
     a = p.parse_args()
     r = asyncio.run(run(a))
     if a.json:
