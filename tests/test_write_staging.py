@@ -85,3 +85,31 @@ def test_vectors_within_whole_batch_agrees_with_rows() -> None:
         want = (np.abs(x) <= MAX_VECTOR_VALUE).all(axis=-1)
         assert vectors_within(x).tolist() == want.tolist()
     assert vectors_within(np.zeros((0, 8), np.float32)).shape == (0,)
+
+
+def test_the_index_rows_of_a_write_are_its_vectors_as_float32(tmp_path: Path) -> None:
+    """A write's rows for the index are its documents' own float32 rows (views of the batch,
+    no copy kept per document), or their float32 copies when they are of another type or
+    not contiguous; either way the same rows, in order."""
+    store = Store(tmp_path, fsync=False)
+    store.open()
+    try:
+        shard = Shard(SPEC, 1, store)
+        shard.load()
+        x = np.random.default_rng(9).standard_normal((5, 2 * DIM))
+        rows = [x[0, :DIM].astype("<f4"),                    # a view of a float32 batch
+                x[1, :DIM],                                   # float64: cast
+                x[2, ::2].astype("<f4"),                      # contiguous copy
+                np.asarray(x[3].astype("<f4")[::2]),          # float32, not contiguous
+                x[4, :DIM].astype("<f4")]
+        batch32 = np.stack([r.astype("<f4") for r in rows])
+        rows[0] = batch32[0]  # a row of a batch's array, as the REST paths give
+        ops = stage(shard, [Incoming(f"v{i}", r, b"{}", 10 + i, "n1")
+                            for i, r in enumerate(rows)])
+        assert any(isinstance(v, np.ndarray) for v in ops.add_vectors)
+        np.testing.assert_array_equal(ops.vectors(DIM, "l2"), batch32)
+        stored = [r.vector_array() for r in store.get_records(1, [f"v{i}" for i in range(5)])
+                  if r is not None]
+        np.testing.assert_array_equal(np.stack(stored), batch32)
+    finally:
+        store.close()

@@ -551,7 +551,7 @@ class Collection:
         the usual bucket count, computed by a scan for any other."""
         if buckets == BUCKETS and shard in self.shards:
             async with self.write_mutex:  # no write half-counted
-                return format_digests(self.shards[shard].digests)
+                return format_digests(self.shards[shard].digests.tolist())
         return await self.blocking.search(self._digests_sync, shard, buckets)
 
     def _digests_sync(self, shard: int, buckets: int) -> list[str]:
