@@ -53,9 +53,7 @@ from bench_data import DEFAULT_DATA, Dataset, load_dataset, normalise, recall_at
 from bench_faiss import new_ivf
 from bench_load import create_collection, ingest_rr, wait_trained
 from bench_local_cluster import (
-    PORT,
     LocalCluster,
-    check_free,
     maybe_reexec_in_netns,
     new_session,
     node_env,
@@ -209,17 +207,8 @@ class Variant(LocalCluster):
         self.name = name
         self.slot = slot
 
-    def new_node(self) -> Node:
-        i = len(self.nodes) + 1
-        host = f"127.0.0.{10 * self.slot + i + 1}"
-        check_free(host, PORT)
-        env = {**self.env, "AQUILA_NODE_ID": self.node_id(i)}
-        if i > 1:
-            env["AQUILA_SEEDS"] = f"127.0.0.{10 * self.slot + 2}:{PORT}"
-        self.root.mkdir(parents=True, exist_ok=True)
-        node = Node(self.root / f"n{i}", self.root / f"n{i}.log", env, host=host, port=PORT)
-        self.nodes.append(node)
-        return node
+    def host(self, i: int) -> str:
+        return f"127.0.0.{10 * self.slot + i + 1}"
 
 
 async def filled(session: aiohttp.ClientSession, cluster: Variant, ds: Dataset,

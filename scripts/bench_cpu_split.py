@@ -50,7 +50,7 @@ from bench_local_cluster import (
     new_session,
     node_env,
 )
-from bench_node import Node, thread_cpu_of
+from bench_node import thread_cpu_of
 from bench_profile import profile_pids
 from wrkload import LUA_SCRIPT, MARKER, search_bodies, write_bodies
 
@@ -175,21 +175,7 @@ class PortCluster(LocalCluster):
     """A local cluster on its own port, so that several can run side by side."""
 
     def __init__(self, root: Path, env: dict[str, str], port: int) -> None:
-        super().__init__(root, env)
-        self.port = port
-
-    def new_node(self) -> Node:
-        i = len(self.nodes) + 1
-        host = host_of(i)
-        check_free(host, self.port)
-        env = {**self.env, "AQUILA_NODE_ID": self.node_id(i)}
-        if i > 1:
-            env["AQUILA_SEEDS"] = f"{host_of(1)}:{self.port}"
-        self.root.mkdir(parents=True, exist_ok=True)
-        node = Node(self.root / f"n{i}", self.root / f"n{i}.log", env, host=host,
-                    port=self.port)
-        self.nodes.append(node)
-        return node
+        super().__init__(root, env, port)
 
 
 async def filled(args: argparse.Namespace, ds: Dataset, cluster: LocalCluster, size: int

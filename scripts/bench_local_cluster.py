@@ -90,9 +90,10 @@ class LocalCluster:
     """Node i gets id n<i>, address 127.0.0.(i+1):8470 and <root>/n<i>; nodes 2.. seed from
     node 1."""
 
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, env: dict[str, str], port: int = PORT) -> None:
         self.root = root
         self.env = env
+        self.port = port
         self.nodes: list[Node] = []
 
     @property
@@ -106,15 +107,20 @@ class LocalCluster:
     def node_id(self, i: int) -> str:
         return f"n{i}"
 
+    def host(self, i: int) -> str:
+        """Node i's address (1-based)."""
+        return host_of(i)
+
     def new_node(self) -> Node:
         i = len(self.nodes) + 1
-        host = host_of(i)
-        check_free(host, PORT)
+        host = self.host(i)
+        check_free(host, self.port)
         env = {**self.env, "AQUILA_NODE_ID": self.node_id(i)}
         if i > 1:
-            env["AQUILA_SEEDS"] = f"{host_of(1)}:{PORT}"
+            env["AQUILA_SEEDS"] = f"{self.host(1)}:{self.port}"
         self.root.mkdir(parents=True, exist_ok=True)
-        node = Node(self.root / f"n{i}", self.root / f"n{i}.log", env, host=host, port=PORT)
+        node = Node(self.root / f"n{i}", self.root / f"n{i}.log", env, host=host,
+                    port=self.port)
         self.nodes.append(node)
         return node
 
