@@ -11,7 +11,8 @@ breaks fails its requests in flight with PeerError (retryable) and the next requ
 new one. Frames above `MAX_CHANNEL_FRAME` (bulk writes) go over HTTP, so that no search
 waits behind them, and so are frames whose answer is above `MAX_CHANNEL_ANSWER` (asked again).
 A node that does not know the route (404/405: an older node) is remembered for
-`NO_CHANNEL_S`, and its frames go over HTTP meanwhile (`Channels.request` answers None).
+`NO_CHANNEL_S`, and its frames go over HTTP meanwhile (`Channels.request` answers None); one
+that refuses a channel as it serves all it takes (503, `Admission`), for `BUSY_S`.
 
 Server side (`serve`, called by node/http/internal_api.py once the handshake is
 authenticated): reads requests, serves each in its own task (at most `MAX_IN_FLIGHT` at
@@ -64,6 +65,13 @@ MAX_CHANNEL_ANSWER = 16 << 20
 HEARTBEAT_S = 10.0
 # How long a stopping node waits for a client to take its channel's close (it may not read).
 CLOSE_S = 1.0
+# Channels a node serves at once, in all and per (signed) sender: well above what its peers
+# open (one per peer, two while one replaces a broken one, or a peer known at two addresses).
+# An upgrade past either is refused (503) before it is accepted; the client then sends that
+# frame over HTTP, and its others for `BUSY_S`, before it asks again.
+MAX_CHANNELS = 256
+MAX_CHANNELS_PER_SENDER = 8
+BUSY_S = 5.0
 
 Serve = Callable[[str, str, bytes], Awaitable[Any]]  # op, collection, frame -> answer
 # After each request served: op, status, milliseconds (the node logs it; request_id is set).
@@ -210,7 +218,8 @@ class Channels:
     async def request(self, addr: str, to: str, op: str, name: str, body: bytes
                       ) -> wire.Answer | None:
         """The answer of `to` at `addr` to one frame, or None when that node has no channel
-        route (the caller sends it over HTTP). The caller bounds it in time."""
+        route or takes no more channels (the caller sends it over HTTP). The caller bounds it
+        in time."""
         key = (addr, to)
         ch = self._open.get(key)
         if ch is None or ch.broken is not None:
@@ -260,6 +269,9 @@ class Channels:
                 return None
             if exc.status == 401:
                 raise Unauthorized(f"{addr}: peer channel refused") from None
+            if exc.status == 503:  # serving all the channels it takes: this frame over HTTP
+                self._without[addr] = self._monotonic() + BUSY_S
+                return None
             raise PeerError(f"node {addr} refused a channel: {exc.status}") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
@@ -281,6 +293,39 @@ class Channels:
 
 
 # --- the server's end -------------------------------------------------------------------------
+
+class Admission:
+    """How many channels a node serves, in all and per sender (None: unsigned, counted in all
+    only); taken before an upgrade is accepted, given back when its channel ends."""
+
+    def __init__(self, most: int | None = None, per_sender: int | None = None) -> None:
+        self._most = MAX_CHANNELS if most is None else most
+        self._per_sender = MAX_CHANNELS_PER_SENDER if per_sender is None else per_sender
+        self._total = 0
+        self._by_sender: dict[str, int] = {}  # no entry at 0: bounded by `most`
+
+    @property
+    def served(self) -> int:
+        return self._total
+
+    def take(self, sender: str | None) -> None:
+        """Count one more channel, or raise Unavailable past a cap."""
+        if self._total >= self._most:
+            raise Unavailable(f"this node serves {self._most} peer channels already")
+        if sender is not None:
+            n = self._by_sender.get(sender, 0)
+            if n >= self._per_sender:
+                raise Unavailable(f"this node serves {n} peer channels to that sender already")
+            self._by_sender[sender] = n + 1
+        self._total += 1
+
+    def give_back(self, sender: str | None) -> None:
+        self._total -= 1
+        if sender is not None:
+            n = self._by_sender.pop(sender) - 1
+            if n:
+                self._by_sender[sender] = n
+
 
 class ServerChannel:
     """Serves the requests of one accepted channel (`ws` prepared, the hello not yet sent)."""

@@ -1,0 +1,138 @@
+"""What the peer channel (cluster/peers/channel.py) lets others hold on a node, and what a
+node holds for peers it no longer talks to: a node serves a bounded number of channels (in all
+and per sender), refusing an upgrade past it with 503, which a client answers by sending that
+frame over HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from aquila.cluster.model.errors import NotFound
+from aquila.cluster.peers import channel, wire
+from aquila.cluster.peers.auth import PeerSigner
+from aquila.cluster.peers.channel import CHANNEL_PATH
+from aquila.cluster.peers.client import FRAME_TYPE, collection_path
+from aquila.cluster.peers.http import Peers
+from tests.conftest import StartNode, wait_for
+from tests.test_peer_protocol_channel import ME, SECRET, channels_of
+
+
+async def _open(s: aiohttp.ClientSession, addr: str, headers: dict[str, str] | None = None
+                ) -> aiohttp.ClientWebSocketResponse:
+    ws = await s.ws_connect(f"http://{addr}{CHANNEL_PATH}", headers=headers)
+    wire.decode_hello((await ws.receive()).data)
+    return ws
+
+
+async def _refused(s: aiohttp.ClientSession, addr: str,
+                   headers: dict[str, str] | None = None) -> int:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as got:
+        await s.ws_connect(f"http://{addr}{CHANNEL_PATH}", headers=headers)
+    return got.value.status
+
+
+# --- how many channels a node serves ----------------------------------------------------------
+async def test_a_node_refuses_channels_past_its_cap_before_accepting_them(
+        start_node: StartNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone on an open node (or any holder of the secret) could open upgrades without end,
+    each holding up to MAX_IN_FLIGHT tasks."""
+    monkeypatch.setattr(channel, "MAX_CHANNELS", 2, raising=False)
+    node = await start_node(node_id="n1")
+    addr = node.config.addr
+    async with aiohttp.ClientSession() as s:
+        held = [await _open(s, addr), await _open(s, addr)]
+        assert await _refused(s, addr) == 503
+        await held.pop().close()  # its place is given back once the node sees it end
+
+        async def reopened() -> aiohttp.ClientWebSocketResponse | None:
+            try:
+                return await _open(s, addr)
+            except aiohttp.WSServerHandshakeError as exc:
+                assert exc.status == 503
+                return None
+
+        held.append(await wait_for(reopened, what="a channel to be accepted again"))
+        assert await _refused(s, addr) == 503
+        for ws in held:
+            await ws.close()
+
+
+async def test_a_node_caps_the_channels_of_one_sender(start_node: StartNode,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel, "MAX_CHANNELS", 4, raising=False)
+    monkeypatch.setattr(channel, "MAX_CHANNELS_PER_SENDER", 2, raising=False)
+    node = await start_node(node_id="n1", cluster_secret=SECRET)
+    addr = node.config.addr
+
+    def signed(sender: str) -> dict[str, str]:
+        return PeerSigner(SECRET, sender).headers("GET", CHANNEL_PATH, b"", "n1")
+
+    async with aiohttp.ClientSession() as s:
+        held = [await _open(s, addr, signed("a")), await _open(s, addr, signed("a"))]
+        assert await _refused(s, addr, signed("a")) == 503
+        held.append(await _open(s, addr, signed("b")))  # another sender is not held back
+        for ws in held:
+            await ws.close()
+
+
+async def test_a_client_refused_a_channel_sends_the_frame_over_http(
+        start_node: StartNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 503 on the upgrade failed the request (PeerError); now that frame, and the next ones
+    for a while, go over HTTP."""
+    monkeypatch.setattr(channel, "MAX_CHANNELS", 1, raising=False)
+    node = await start_node(node_id="n1")
+    addr = node.config.addr
+    peers = Peers(None, 5.0, sender="n0")
+    await peers.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            ws = await _open(s, addr)  # the node's only channel
+            for _ in range(2):
+                with pytest.raises(NotFound):  # the node's answer, over HTTP
+                    await peers.request(addr, "POST", collection_path("nope", "search"), None,
+                                        to="n1", raw=b"q")
+            assert not channels_of(peers)._open and addr in channels_of(peers)._without
+            await ws.close()
+    finally:
+        await peers.close()
+
+
+async def test_a_client_answered_503_on_the_upgrade_uses_http_for_a_while() -> None:
+    upgrades: list[int] = []
+
+    async def busy(request: web.Request) -> web.StreamResponse:
+        upgrades.append(1)
+        return web.json_response({"error": {"code": "unavailable", "message": "busy"}},
+                                 status=503)
+
+    async def frame(request: web.Request) -> web.Response:
+        return web.Response(body=b"over http:" + await request.read(), content_type=FRAME_TYPE)
+
+    app = web.Application()
+    app.router.add_get(CHANNEL_PATH, busy)
+    app.router.add_post("/internal/v1/collections/{name}/{op}", frame)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    peers = Peers(None, 5.0, sender="coordinator")
+    await peers.start()
+    addr = f"127.0.0.1:{server.port}"
+
+    async def ask(body: bytes) -> Any:
+        return await peers.request(addr, "POST", collection_path("c", "search"), None, to=ME,
+                                   raw=body)
+
+    try:
+        assert await ask(b"a") == b"over http:a"
+        assert await ask(b"b") == b"over http:b"
+        assert upgrades == [1]  # remembered: not asked again at once
+        channels_of(peers)._without[addr] = 0.0  # BUSY_S later
+        assert await ask(b"c") == b"over http:c"
+        assert upgrades == [1, 1]
+    finally:
+        await peers.close()
+        await server.close()
