@@ -1,7 +1,7 @@
 """What the peer channel (cluster/peers/channel.py) lets others hold on a node, and what a
 node holds for peers it no longer talks to: a node serves a bounded number of channels (in all
 and per sender), refusing an upgrade past it with 503, which a client answers by sending that
-frame over HTTP."""
+frame over HTTP; a client closes a channel it has not used for IDLE_S."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from aquila.cluster.peers.channel import CHANNEL_PATH
 from aquila.cluster.peers.client import FRAME_TYPE, collection_path
 from aquila.cluster.peers.http import Peers
 from tests.conftest import StartNode, wait_for
-from tests.test_peer_protocol_channel import ME, SECRET, channels_of
+from tests.test_peer_protocol_channel import ME, SECRET, Peer, channels_of, echo, running
+from tests.test_peer_protocol_channel import ask as ask_peer
 
 
 async def _open(s: aiohttp.ClientSession, addr: str, headers: dict[str, str] | None = None
@@ -136,3 +137,51 @@ async def test_a_client_answered_503_on_the_upgrade_uses_http_for_a_while() -> N
     finally:
         await peers.close()
         await server.close()
+
+
+# --- channels to nodes this one no longer asks -------------------------------------------------
+async def test_a_client_closes_the_channels_it_has_not_used_for_a_while() -> None:
+    """A channel to a node that left the cluster (or that this one stopped asking) stayed open
+    for ever, both ends pinging it."""
+    gone, kept = Peer(echo), Peer(echo)
+    async with running(gone) as peers:
+        await kept.server.start_server()
+        try:
+            await _idle_one_of_two(peers, gone, kept)
+        finally:
+            await peers.close()
+            await kept.server.close()
+
+
+async def _idle_one_of_two(peers: Peers, gone: Peer, kept: Peer) -> None:
+    chs = channels_of(peers)
+    now = [1000.0]
+    chs._monotonic = lambda: now[0]
+    assert await ask_peer(peers, gone, b"a") == b"search:c:a:-"
+    assert await ask_peer(peers, kept, b"b") == b"search:c:b:-"
+    now[0] += channel.IDLE_S * 2 / 3
+    assert await ask_peer(peers, kept, b"c") == b"search:c:c:-"
+    await chs.close_idle()
+    assert len(chs._open) == 2  # neither idle for IDLE_S yet
+    now[0] += channel.IDLE_S * 2 / 3
+    await chs.close_idle()
+    assert [key[0] for key in chs._open] == [kept.addr]
+    await wait_for(lambda: all(t.is_closing() for t in gone.transports),
+                   what="the peer to see its channel closed")
+    assert not any(t.is_closing() for t in kept.transports)
+    # Asked again, it is given a new one.
+    assert await ask_peer(peers, gone, b"d") == b"search:c:d:-"
+    assert (gone.upgrades, kept.upgrades) == (2, 1)
+
+
+async def test_idle_channels_are_closed_without_being_asked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel, "IDLE_S", 0.2, raising=False)
+    peer = Peer(echo)
+    async with running(peer) as peers:
+        assert await ask_peer(peers, peer, b"a") == b"search:c:a:-"
+        await wait_for(lambda: not channels_of(peers)._open, what="the idle channel closed")
+        await wait_for(lambda: all(t.is_closing() for t in peer.transports),
+                       what="the peer to see it closed")
+        assert await ask_peer(peers, peer, b"b") == b"search:c:b:-"
+        assert peer.upgrades == 2

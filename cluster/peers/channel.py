@@ -5,7 +5,8 @@ number per direction with a cluster secret). A frame then costs the receiving no
 read and a task, not an HTTP request (parsing, routing, middlewares, a Response).
 
 Client side (`Channels`, used by `http.Peers`): one channel per (address, node id), opened on
-the first request and shared; requests past `MAX_IN_FLIGHT` wait for room. A caller's
+the first request and shared, and closed once no request was sent on it for `IDLE_S` (a node
+that left, or that this one no longer asks); requests past `MAX_IN_FLIGHT` wait for room. A caller's
 timeout or cancellation drops its request only (a late answer is dropped); a channel that
 breaks fails its requests in flight with PeerError (retryable) and the next request opens a
 new one. Frames above `MAX_CHANNEL_FRAME` (bulk writes) go over HTTP, so that no search
@@ -63,6 +64,9 @@ MAX_CHANNEL_ANSWER = 16 << 20
 # (PeerError: another replica) rather than time out one by one for as long as the kernel
 # keeps the connection, and the server lets go of what it held for it.
 HEARTBEAT_S = 10.0
+# A client closes a channel it sent no request on for this long (a node that left the
+# cluster, or that it no longer asks), looking for them every IDLE_S / 4.
+IDLE_S = 300.0
 # How long a stopping node waits for a client to take its channel's close (it may not read).
 CLOSE_S = 1.0
 # Channels a node serves at once, in all and per (signed) sender: well above what its peers
@@ -96,11 +100,17 @@ class Channel:
         self._send_seq = 0
         self._recv_seq = 0
         self.broken: Exception | None = None
+        self.last_used = 0.0  # when a request was last sent on it (`Channels`' clock)
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @property
     def in_flight(self) -> int:
         return len(self._unanswered)
+
+    @property
+    def awaited(self) -> bool:
+        """Whether a caller waits for an answer on it."""
+        return bool(self._pending)
 
     async def request(self, op: str, name: str, rid: str | None, body: bytes) -> wire.Answer:
         """The peer's answer to one frame. Raises PeerError when the channel breaks."""
@@ -200,6 +210,8 @@ class Channels:
         self._open: dict[tuple[str, str], Channel] = {}
         self._opening: dict[tuple[str, str], asyncio.Task[Channel | None]] = {}
         self._without: dict[str, float] = {}  # address -> until when it is asked over HTTP
+        self._reaper: asyncio.Task[None] | None = None  # closes idle channels while any
+        self._closed = False
         # Benchmarks only (A/B against the HTTP path): AQUILA_NO_CHANNEL=1 never opens one.
         self.enabled = not os.environ.get("AQUILA_NO_CHANNEL")
 
@@ -239,6 +251,7 @@ class Channels:
                 raise
             if ch is None:
                 return None
+        ch.last_used = self._monotonic()
         rid = request_id.current.get()
         return await ch.request(op, name, rid if request_id.valid(rid) else None, body)
 
@@ -277,13 +290,38 @@ class Channels:
             raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
         keys = wire.channel_keys(self._secret, headers.get(SIGNATURE_HEADER, ""), nonce)
         ch = Channel(ws, keys, addr, self._max_in_flight)
+        ch.last_used = self._monotonic()
         old = self._open.get((addr, to))
         self._open[(addr, to)] = ch
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
         if old is not None:
             await old.close()
         return ch
 
+    async def close_idle(self) -> None:
+        """Close the channels no request was sent on for IDLE_S, and nobody waits on (a
+        broken one too: its place); forget the addresses past their time over HTTP."""
+        now = self._monotonic()
+        idle = [key for key, ch in self._open.items()
+                if now - ch.last_used > IDLE_S and not ch.awaited]
+        channels = [self._open.pop(key) for key in idle]
+        for addr in [a for a, until in self._without.items() if until <= now]:
+            del self._without[addr]
+        await asyncio.gather(*(ch.close() for ch in channels))
+
+    async def _reap(self) -> None:
+        # A cancellation taken by a channel's close (`close` below) still ends it.
+        while self._open and not self._closed:
+            await asyncio.sleep(IDLE_S / 4)
+            await self.close_idle()
+
     async def close(self) -> None:
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         for task in list(self._opening.values()):
             task.cancel()
         channels = list(self._open.values())
