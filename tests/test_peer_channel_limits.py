@@ -1,10 +1,13 @@
 """What the peer channel (cluster/peers/channel.py) lets others hold on a node, and what a
 node holds for peers it no longer talks to: a node serves a bounded number of channels (in all
 and per sender), refusing an upgrade past it with 503, which a client answers by sending that
-frame over HTTP; a client closes a channel it has not used for IDLE_S."""
+frame over HTTP; a client closes a channel it has not used for IDLE_S; a request that finds
+no room on a channel whose peer stopped answering fails at once (PeerError: another
+replica) instead of waiting its whole time."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -16,10 +19,18 @@ from aquila.cluster.model.errors import NotFound
 from aquila.cluster.peers import channel, wire
 from aquila.cluster.peers.auth import PeerSigner
 from aquila.cluster.peers.channel import CHANNEL_PATH
-from aquila.cluster.peers.client import FRAME_TYPE, collection_path
+from aquila.cluster.peers.client import FRAME_TYPE, PeerError, collection_path
 from aquila.cluster.peers.http import Peers
 from tests.conftest import StartNode, wait_for
-from tests.test_peer_protocol_channel import ME, SECRET, Peer, channels_of, echo, running
+from tests.test_peer_protocol_channel import (
+    ME,
+    RELEASE,
+    SECRET,
+    Peer,
+    channels_of,
+    echo,
+    running,
+)
 from tests.test_peer_protocol_channel import ask as ask_peer
 
 
@@ -185,3 +196,53 @@ async def test_idle_channels_are_closed_without_being_asked(
                        what="the peer to see it closed")
         assert await ask_peer(peers, peer, b"b") == b"search:c:b:-"
         assert peer.upgrades == 2
+
+
+# --- a peer whose handler hangs ---------------------------------------------------------------
+async def test_a_request_finding_no_room_on_a_stuck_peer_fails_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its slots full of abandoned requests, every later request to that peer waited for room
+    until its own timeout; now it fails with PeerError, which the fan-out retries elsewhere."""
+    monkeypatch.setattr(channel, "SLOT_WAIT_S", 0.2, raising=False)
+    peer = Peer(echo)
+    async with running(peer) as peers:
+        channels_of(peers)._max_in_flight = 4
+        for _ in range(4):  # the handler hangs: each times out, its slot held till answered
+            with pytest.raises(PeerError, match="TimeoutError"):
+                await ask_peer(peers, peer, b"slow", timeout=0.05)
+        ch = next(iter(channels_of(peers)._open.values()))
+        assert ch.in_flight == 4
+        for _ in range(2):
+            with pytest.raises(PeerError, match="none answered"):
+                await ask_peer(peers, peer, b"x", timeout=30.0)
+        RELEASE[0].set()  # the peer recovers: its answers give the room back
+        await wait_for(lambda: ch.in_flight == 0, what="the late answers")
+        assert await ask_peer(peers, peer, b"y") == b"search:c:y:-"
+        assert peer.upgrades == 1
+
+
+async def test_a_burst_past_the_cap_waits_while_the_peer_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer slower than SLOT_WAIT_S in all, answering one request at a time: every request
+    of a burst past the channel's cap is answered (the wait is bounded by the peer's silence,
+    not by how long the burst takes)."""
+    monkeypatch.setattr(channel, "SLOT_WAIT_S", 1.0, raising=False)
+    served: list[asyncio.Event] = []
+
+    async def serve(op: str, name: str, body: bytes) -> Any:
+        gate = asyncio.Event()
+        served.append(gate)
+        await gate.wait()
+        return body
+
+    peer = Peer(serve)
+    async with running(peer) as peers:
+        channels_of(peers)._max_in_flight = 2
+        n = 30
+        tasks = [asyncio.create_task(ask_peer(peers, peer, b"%d" % i, timeout=60.0))
+                 for i in range(n)]
+        for i in range(n):  # one answer every 50 ms: 1.5 s in all
+            await wait_for(lambda i=i: len(served) > i, what=f"request {i} served")
+            await asyncio.sleep(0.05)
+            served[i].set()
+        assert await asyncio.gather(*tasks) == [b"%d" % i for i in range(n)]

@@ -6,7 +6,8 @@ read and a task, not an HTTP request (parsing, routing, middlewares, a Response)
 
 Client side (`Channels`, used by `http.Peers`): one channel per (address, node id), opened on
 the first request and shared, and closed once no request was sent on it for `IDLE_S` (a node
-that left, or that this one no longer asks); requests past `MAX_IN_FLIGHT` wait for room. A caller's
+that left, or that this one no longer asks); requests past `MAX_IN_FLIGHT` wait for room while
+the peer answers, and fail (PeerError) once it answered nothing for `SLOT_WAIT_S`. A caller's
 timeout or cancellation drops its request only (a late answer is dropped); a channel that
 breaks fails its requests in flight with PeerError (retryable) and the next request opens a
 new one. Frames above `MAX_CHANNEL_FRAME` (bulk writes) go over HTTP, so that no search
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 CHANNEL_PATH = "/internal/v1/channel"
 # Requests in flight on one channel (both ends hold to it).
 MAX_IN_FLIGHT = 256
+# A request finding them all in flight waits for room while the peer answers; once it has
+# answered none for this long (its handler hangs: the slots fill with abandoned requests), it
+# fails at once with PeerError (another replica) instead of waiting its whole time.
+SLOT_WAIT_S = 1.0
 # How long a node without the channel route is served over HTTP before it is asked again.
 NO_CHANNEL_S = 60.0
 # A larger frame (a bulk write's batch) goes over HTTP on a connection of its own: on the
@@ -101,6 +106,8 @@ class Channel:
         self._recv_seq = 0
         self.broken: Exception | None = None
         self.last_used = 0.0  # when a request was last sent on it (`Channels`' clock)
+        # When the peer last answered, or was first owed an answer since (the loop's time).
+        self._progress_at = asyncio.get_running_loop().time()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @property
@@ -113,8 +120,12 @@ class Channel:
         return bool(self._pending)
 
     async def request(self, op: str, name: str, rid: str | None, body: bytes) -> wire.Answer:
-        """The peer's answer to one frame. Raises PeerError when the channel breaks."""
-        await self._slots.acquire()
+        """The peer's answer to one frame. Raises PeerError when the channel breaks, or
+        when it has no room and the peer answered nothing for SLOT_WAIT_S."""
+        if self._slots.locked():
+            await self._wait_for_room()
+        else:
+            await self._slots.acquire()
         if self.broken is not None:
             self._slots.release()
             raise PeerError(f"node {self.addr}: channel broken: {self.broken}")
@@ -126,6 +137,8 @@ class Channel:
         msg = wire.encode_request(self._send_seq, id_, op, name, rid, body, self._send_key)
         self._send_seq += 1
         self._pending[id_] = fut
+        if not self._unanswered:
+            self._progress_at = asyncio.get_running_loop().time()
         self._unanswered.add(id_)
         try:
             # An uncompressed frame is written before send_bytes first yields: the sequence
@@ -137,6 +150,20 @@ class Channel:
             raise PeerError(f"node {self.addr}: channel broken: {exc}") from None
         finally:
             self._pending.pop(id_, None)  # a late answer finds nobody waiting
+
+    async def _wait_for_room(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            left = self._progress_at + SLOT_WAIT_S - loop.time()
+            if left <= 0:
+                raise PeerError(f"node {self.addr}: {self.in_flight} requests in flight on its "
+                                f"channel, none answered for {SLOT_WAIT_S} s")
+            try:
+                async with asyncio.timeout(left):
+                    await self._slots.acquire()
+                return
+            except TimeoutError:  # this wait's own: has the peer answered meanwhile?
+                continue
 
     async def _read(self) -> None:
         reason: Exception = PeerError("channel closed")
@@ -154,6 +181,7 @@ class Channel:
                 if answer.id not in self._unanswered:
                     raise wire.WireError(f"answer to request {answer.id}, never asked")
                 self._unanswered.discard(answer.id)
+                self._progress_at = asyncio.get_running_loop().time()
                 self._slots.release()
                 fut = self._pending.pop(answer.id, None)
                 if fut is not None and not fut.done():
