@@ -19,7 +19,8 @@ that refuses a channel as it serves all it takes (503, `Admission`), for `BUSY_S
 Server side (`serve`, called by node/http/internal_api.py once the handshake is
 authenticated): reads requests, serves each in its own task (at most `MAX_IN_FLIGHT` at
 once; beyond that a request is refused as Unavailable, which a conforming client never
-sees) and writes each answer as it is ready.
+sees) and writes each answer as it is ready. How many channels a node serves is capped, in
+all and per sender (`Admission`, checked before the upgrade is accepted).
 """
 
 from __future__ import annotations

@@ -157,7 +157,8 @@ def _log_served(op: str, status: int, ms: float) -> None:
 
 def _channel_route(verifier: PeerVerifier) -> Handler:
     """The peer channel (cluster/peers/channel.py): the upgrade is authenticated as any peer
-    request (its signature covers GET, the path and an empty body), then the frames it
+    request (its signature covers GET, the path and an empty body) and counted against the
+    node's caps (`Admission`: 503 past them, before it is accepted), then the frames it
     carries are served by `PeerService.frame_op`."""
 
     async def channel(request: web.Request) -> web.StreamResponse:
