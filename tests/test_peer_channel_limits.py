@@ -207,6 +207,7 @@ async def test_a_request_finding_no_room_on_a_stuck_peer_fails_at_once(
     peer = Peer(echo)
     async with running(peer) as peers:
         channels_of(peers)._max_in_flight = 4
+        assert await ask_peer(peers, peer, b"a") == b"search:c:a:-"  # the channel is open
         for _ in range(4):  # the handler hangs: each times out, its slot held till answered
             with pytest.raises(PeerError, match="TimeoutError"):
                 await ask_peer(peers, peer, b"slow", timeout=0.05)
