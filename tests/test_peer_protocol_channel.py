@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import BadRequest, NotFound, Unauthorized, Unavailable
-from aquila.cluster.peers import wire
+from aquila.cluster.peers import channel, wire
 from aquila.cluster.peers.auth import SIGNATURE_HEADER, PeerAuthError, PeerSigner, PeerVerifier
 from aquila.cluster.peers.channel import (
     CHANNEL_PATH,
@@ -407,7 +407,10 @@ async def test_a_frame_past_the_channels_share_goes_over_http() -> None:
         assert (peer.upgrades, peer.http_frames) == (1, 1)
 
 
-async def test_requests_beyond_the_cap_wait_for_room() -> None:
+async def test_requests_beyond_the_cap_wait_for_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not for as long as the peer answers nothing (test_peer_channel_limits.py): here, however
+    # long the machine takes to get the four in flight.
+    monkeypatch.setattr(channel, "SLOT_WAIT_S", 60.0)
     running_now = 0
     most = 0
     gate = asyncio.Event()

@@ -5,18 +5,22 @@ number per direction with a cluster secret). A frame then costs the receiving no
 read and a task, not an HTTP request (parsing, routing, middlewares, a Response).
 
 Client side (`Channels`, used by `http.Peers`): one channel per (address, node id), opened on
-the first request and shared; requests past `MAX_IN_FLIGHT` wait for room. A caller's
+the first request and shared, and closed once no request was sent on it for `IDLE_S` (a node
+that left, or that this one no longer asks); requests past `MAX_IN_FLIGHT` wait for room while
+the peer answers, and fail (PeerError) once it answered nothing for `SLOT_WAIT_S`. A caller's
 timeout or cancellation drops its request only (a late answer is dropped); a channel that
 breaks fails its requests in flight with PeerError (retryable) and the next request opens a
 new one. Frames above `MAX_CHANNEL_FRAME` (bulk writes) go over HTTP, so that no search
 waits behind them, and so are frames whose answer is above `MAX_CHANNEL_ANSWER` (asked again).
 A node that does not know the route (404/405: an older node) is remembered for
-`NO_CHANNEL_S`, and its frames go over HTTP meanwhile (`Channels.request` answers None).
+`NO_CHANNEL_S`, and its frames go over HTTP meanwhile (`Channels.request` answers None); one
+that refuses a channel as it serves all it takes (503, `Admission`), for `BUSY_S`.
 
 Server side (`serve`, called by node/http/internal_api.py once the handshake is
 authenticated): reads requests, serves each in its own task (at most `MAX_IN_FLIGHT` at
 once; beyond that a request is refused as Unavailable, which a conforming client never
-sees) and writes each answer as it is ready.
+sees) and writes each answer as it is ready. How many channels a node serves is capped, in
+all and per sender (`Admission`, checked before the upgrade is accepted).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ log = logging.getLogger(__name__)
 CHANNEL_PATH = "/internal/v1/channel"
 # Requests in flight on one channel (both ends hold to it).
 MAX_IN_FLIGHT = 256
+# A request finding them all in flight waits for room while the peer answers; once it has
+# answered none for this long (its handler hangs: the slots fill with abandoned requests), it
+# fails at once with PeerError (another replica) instead of waiting its whole time.
+SLOT_WAIT_S = 1.0
 # How long a node without the channel route is served over HTTP before it is asked again.
 NO_CHANNEL_S = 60.0
 # A larger frame (a bulk write's batch) goes over HTTP on a connection of its own: on the
@@ -62,8 +70,18 @@ MAX_CHANNEL_ANSWER = 16 << 20
 # (PeerError: another replica) rather than time out one by one for as long as the kernel
 # keeps the connection, and the server lets go of what it held for it.
 HEARTBEAT_S = 10.0
+# A client closes a channel it sent no request on for this long (a node that left the
+# cluster, or that it no longer asks), looking for them every IDLE_S / 4.
+IDLE_S = 300.0
 # How long a stopping node waits for a client to take its channel's close (it may not read).
 CLOSE_S = 1.0
+# Channels a node serves at once, in all and per (signed) sender: well above what its peers
+# open (one per peer, two while one replaces a broken one, or a peer known at two addresses).
+# An upgrade past either is refused (503) before it is accepted; the client then sends that
+# frame over HTTP, and its others for `BUSY_S`, before it asks again.
+MAX_CHANNELS = 256
+MAX_CHANNELS_PER_SENDER = 8
+BUSY_S = 5.0
 
 Serve = Callable[[str, str, bytes], Awaitable[Any]]  # op, collection, frame -> answer
 # After each request served: op, status, milliseconds (the node logs it; request_id is set).
@@ -88,15 +106,27 @@ class Channel:
         self._send_seq = 0
         self._recv_seq = 0
         self.broken: Exception | None = None
+        self.last_used = 0.0  # when a request was last sent on it (`Channels`' clock)
+        # When the peer last answered, or was first owed an answer since (the loop's time).
+        self._progress_at = asyncio.get_running_loop().time()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @property
     def in_flight(self) -> int:
         return len(self._unanswered)
 
+    @property
+    def awaited(self) -> bool:
+        """Whether a caller waits for an answer on it."""
+        return bool(self._pending)
+
     async def request(self, op: str, name: str, rid: str | None, body: bytes) -> wire.Answer:
-        """The peer's answer to one frame. Raises PeerError when the channel breaks."""
-        await self._slots.acquire()
+        """The peer's answer to one frame. Raises PeerError when the channel breaks, or
+        when it has no room and the peer answered nothing for SLOT_WAIT_S."""
+        if self._slots.locked():
+            await self._wait_for_room()
+        else:
+            await self._slots.acquire()
         if self.broken is not None:
             self._slots.release()
             raise PeerError(f"node {self.addr}: channel broken: {self.broken}")
@@ -108,6 +138,8 @@ class Channel:
         msg = wire.encode_request(self._send_seq, id_, op, name, rid, body, self._send_key)
         self._send_seq += 1
         self._pending[id_] = fut
+        if not self._unanswered:
+            self._progress_at = asyncio.get_running_loop().time()
         self._unanswered.add(id_)
         try:
             # An uncompressed frame is written before send_bytes first yields: the sequence
@@ -119,6 +151,20 @@ class Channel:
             raise PeerError(f"node {self.addr}: channel broken: {exc}") from None
         finally:
             self._pending.pop(id_, None)  # a late answer finds nobody waiting
+
+    async def _wait_for_room(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            left = self._progress_at + SLOT_WAIT_S - loop.time()
+            if left <= 0:
+                raise PeerError(f"node {self.addr}: {self.in_flight} requests in flight on its "
+                                f"channel, none answered for {SLOT_WAIT_S} s")
+            try:
+                async with asyncio.timeout(left):
+                    await self._slots.acquire()
+                return
+            except TimeoutError:  # this wait's own: has the peer answered meanwhile?
+                continue
 
     async def _read(self) -> None:
         reason: Exception = PeerError("channel closed")
@@ -136,6 +182,7 @@ class Channel:
                 if answer.id not in self._unanswered:
                     raise wire.WireError(f"answer to request {answer.id}, never asked")
                 self._unanswered.discard(answer.id)
+                self._progress_at = asyncio.get_running_loop().time()
                 self._slots.release()
                 fut = self._pending.pop(answer.id, None)
                 if fut is not None and not fut.done():
@@ -192,6 +239,8 @@ class Channels:
         self._open: dict[tuple[str, str], Channel] = {}
         self._opening: dict[tuple[str, str], asyncio.Task[Channel | None]] = {}
         self._without: dict[str, float] = {}  # address -> until when it is asked over HTTP
+        self._reaper: asyncio.Task[None] | None = None  # closes idle channels while any
+        self._closed = False
         # Benchmarks only (A/B against the HTTP path): AQUILA_NO_CHANNEL=1 never opens one.
         self.enabled = not os.environ.get("AQUILA_NO_CHANNEL")
 
@@ -210,7 +259,8 @@ class Channels:
     async def request(self, addr: str, to: str, op: str, name: str, body: bytes
                       ) -> wire.Answer | None:
         """The answer of `to` at `addr` to one frame, or None when that node has no channel
-        route (the caller sends it over HTTP). The caller bounds it in time."""
+        route or takes no more channels (the caller sends it over HTTP). The caller bounds it
+        in time."""
         key = (addr, to)
         ch = self._open.get(key)
         if ch is None or ch.broken is not None:
@@ -230,6 +280,7 @@ class Channels:
                 raise
             if ch is None:
                 return None
+        ch.last_used = self._monotonic()
         rid = request_id.current.get()
         return await ch.request(op, name, rid if request_id.valid(rid) else None, body)
 
@@ -260,18 +311,46 @@ class Channels:
                 return None
             if exc.status == 401:
                 raise Unauthorized(f"{addr}: peer channel refused") from None
+            if exc.status == 503:  # serving all the channels it takes: this frame over HTTP
+                self._without[addr] = self._monotonic() + BUSY_S
+                return None
             raise PeerError(f"node {addr} refused a channel: {exc.status}") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerError(f"node {addr} did not answer: {type(exc).__name__} {exc}") from None
         keys = wire.channel_keys(self._secret, headers.get(SIGNATURE_HEADER, ""), nonce)
         ch = Channel(ws, keys, addr, self._max_in_flight)
+        ch.last_used = self._monotonic()
         old = self._open.get((addr, to))
         self._open[(addr, to)] = ch
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
         if old is not None:
             await old.close()
         return ch
 
+    async def close_idle(self) -> None:
+        """Close the channels no request was sent on for IDLE_S, and nobody waits on (a
+        broken one too: its place); forget the addresses past their time over HTTP."""
+        now = self._monotonic()
+        idle = [key for key, ch in self._open.items()
+                if now - ch.last_used > IDLE_S and not ch.awaited]
+        channels = [self._open.pop(key) for key in idle]
+        for addr in [a for a, until in self._without.items() if until <= now]:
+            del self._without[addr]
+        await asyncio.gather(*(ch.close() for ch in channels))
+
+    async def _reap(self) -> None:
+        # A cancellation taken by a channel's close (`close` below) still ends it.
+        while self._open and not self._closed:
+            await asyncio.sleep(IDLE_S / 4)
+            await self.close_idle()
+
     async def close(self) -> None:
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         for task in list(self._opening.values()):
             task.cancel()
         channels = list(self._open.values())
@@ -281,6 +360,39 @@ class Channels:
 
 
 # --- the server's end -------------------------------------------------------------------------
+
+class Admission:
+    """How many channels a node serves, in all and per sender (None: unsigned, counted in all
+    only); taken before an upgrade is accepted, given back when its channel ends."""
+
+    def __init__(self, most: int | None = None, per_sender: int | None = None) -> None:
+        self._most = MAX_CHANNELS if most is None else most
+        self._per_sender = MAX_CHANNELS_PER_SENDER if per_sender is None else per_sender
+        self._total = 0
+        self._by_sender: dict[str, int] = {}  # no entry at 0: bounded by `most`
+
+    @property
+    def served(self) -> int:
+        return self._total
+
+    def take(self, sender: str | None) -> None:
+        """Count one more channel, or raise Unavailable past a cap."""
+        if self._total >= self._most:
+            raise Unavailable(f"this node serves {self._most} peer channels already")
+        if sender is not None:
+            n = self._by_sender.get(sender, 0)
+            if n >= self._per_sender:
+                raise Unavailable(f"this node serves {n} peer channels to that sender already")
+            self._by_sender[sender] = n + 1
+        self._total += 1
+
+    def give_back(self, sender: str | None) -> None:
+        self._total -= 1
+        if sender is not None:
+            n = self._by_sender.pop(sender) - 1
+            if n:
+                self._by_sender[sender] = n
+
 
 class ServerChannel:
     """Serves the requests of one accepted channel (`ws` prepared, the hello not yet sent)."""

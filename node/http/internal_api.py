@@ -32,6 +32,7 @@ from aquila.cluster.peers.channel import (
     HEARTBEAT_S,
     MAX_CHANNEL_FRAME,
     MAX_IN_FLIGHT,
+    Admission,
     ServerChannel,
 )
 from aquila.cluster.peers.client import FRAME_TYPE
@@ -46,11 +47,15 @@ access_log = logging.getLogger("aquila.node.http.access")
 # The channels this node serves, closed when it shuts down (else the server would wait for
 # them to end).
 _CHANNELS: web.AppKey[set[ServerChannel]] = web.AppKey("peer_channels")
+# How many it serves (capped: an upgrade past the cap is refused with 503, before it is
+# accepted).
+_ADMISSION: web.AppKey[Admission] = web.AppKey("peer_channel_admission")
 
 
-async def _authenticate(request: web.Request, verifier: PeerVerifier) -> None:
+async def _authenticate(request: web.Request, verifier: PeerVerifier) -> str | None:
     """Check the signature from the request line and headers alone, then read the body (at
-    most the size limit: aiohttp's client_max_size) and check it is the one signed."""
+    most the size limit: aiohttp's client_max_size) and check it is the one signed. The
+    sender's node id it vouches for; None without a secret."""
     try:
         signed = verifier.check_headers(request.method, request.raw_path, request.headers,
                                         request.app[CLUSTER].node_id)
@@ -58,6 +63,7 @@ async def _authenticate(request: web.Request, verifier: PeerVerifier) -> None:
             verifier.check_body(signed, await request.read())
     except PeerAuthError as exc:
         raise Unauthorized(f"peer request refused: {exc}") from None
+    return None if signed is None else signed.sender
 
 
 async def _authed_body(request: web.Request) -> bytes:
@@ -151,41 +157,51 @@ def _log_served(op: str, status: int, ms: float) -> None:
 
 def _channel_route(verifier: PeerVerifier) -> Handler:
     """The peer channel (cluster/peers/channel.py): the upgrade is authenticated as any peer
-    request (its signature covers GET, the path and an empty body), then the frames it
+    request (its signature covers GET, the path and an empty body) and counted against the
+    node's caps (`Admission`: 503 past them, before it is accepted), then the frames it
     carries are served by `PeerService.frame_op`."""
 
     async def channel(request: web.Request) -> web.StreamResponse:
-        await _authenticate(request, verifier)
+        sender = await _authenticate(request, verifier)
         if verifier.enabled and request.headers.get(RECIPIENT_HEADER) == ANY_RECIPIENT:
             raise Unauthorized("peer request refused: a channel is addressed to one node")
         if request.can_read_body:
             raise BadRequest("a channel's upgrade has no body")
-        config = request.app[CONFIG]
-        # Clients send larger frames over HTTP: a channel holds MAX_IN_FLIGHT of these at most.
-        ws = web.WebSocketResponse(
-            compress=False, autoping=True, heartbeat=HEARTBEAT_S,
-            max_msg_size=MAX_CHANNEL_FRAME + OVERHEAD)
-        writer = await ws.prepare(request)
-        frame_op = request.app[SERVICE].peer_service.frame_op
-
-        async def serve(op: str, name: str, body: bytes) -> Any:
-            # Past this node's own limit (below a channel's frame): that request alone is
-            # refused, as over HTTP (a message past the channel's limit closes the channel).
-            if len(body) > config.max_wire_bytes:
-                raise PayloadTooLarge(
-                    f"body exceeds the limit of {config.max_body_bytes} bytes")
-            return await frame_op(op, name, body)
-
-        ch = ServerChannel(ws, verifier.secret, request.headers.get(SIGNATURE_HEADER, ""),
-                           serve, _log_served, MAX_IN_FLIGHT, request.transport, writer)
-        request.app[_CHANNELS].add(ch)
+        admission = request.app[_ADMISSION]
+        admission.take(sender)  # Unavailable (503) past a cap: the client uses HTTP
         try:
-            await ch.run()
+            return await _serve_channel(request, verifier)
         finally:
-            request.app[_CHANNELS].discard(ch)
-        return ws
+            admission.give_back(sender)
 
     return channel
+
+
+async def _serve_channel(request: web.Request, verifier: PeerVerifier) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    # Clients send larger frames over HTTP: a channel holds MAX_IN_FLIGHT of these at most.
+    ws = web.WebSocketResponse(
+        compress=False, autoping=True, heartbeat=HEARTBEAT_S,
+        max_msg_size=MAX_CHANNEL_FRAME + OVERHEAD)
+    writer = await ws.prepare(request)
+    frame_op = request.app[SERVICE].peer_service.frame_op
+
+    async def serve(op: str, name: str, body: bytes) -> Any:
+        # Past this node's own limit (below a channel's frame): that request alone is
+        # refused, as over HTTP (a message past the channel's limit closes the channel).
+        if len(body) > config.max_wire_bytes:
+            raise PayloadTooLarge(
+                f"body exceeds the limit of {config.max_body_bytes} bytes")
+        return await frame_op(op, name, body)
+
+    ch = ServerChannel(ws, verifier.secret, request.headers.get(SIGNATURE_HEADER, ""),
+                       serve, _log_served, MAX_IN_FLIGHT, request.transport, writer)
+    request.app[_CHANNELS].add(ch)
+    try:
+        await ch.run()
+    finally:
+        request.app[_CHANNELS].discard(ch)
+    return ws
 
 
 async def _close_channels(app: web.Application) -> None:
@@ -212,5 +228,6 @@ def add_internal_routes(app: web.Application, clock: Clock) -> None:
         app.router.add_route(method, path, _peer_route(handler, verifier))
     channels: set[ServerChannel] = set()
     app[_CHANNELS] = channels
+    app[_ADMISSION] = Admission()
     app.router.add_route("GET", CHANNEL_PATH, _channel_route(verifier))
     app.on_shutdown.append(_close_channels)
