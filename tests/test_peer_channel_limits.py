@@ -13,7 +13,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from aquila.cluster.model.errors import NotFound
 from aquila.cluster.peers import channel, wire
@@ -30,6 +29,7 @@ from tests.test_peer_protocol_channel import (
     channels_of,
     echo,
     running,
+    scripted,
 )
 from tests.test_peer_protocol_channel import ask as ask_peer
 
@@ -125,29 +125,18 @@ async def test_a_client_answered_503_on_the_upgrade_uses_http_for_a_while() -> N
     async def frame(request: web.Request) -> web.Response:
         return web.Response(body=b"over http:" + await request.read(), content_type=FRAME_TYPE)
 
-    app = web.Application()
-    app.router.add_get(CHANNEL_PATH, busy)
-    app.router.add_post("/internal/v1/collections/{name}/{op}", frame)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    peers = Peers(None, 5.0, sender="coordinator")
-    await peers.start()
-    addr = f"127.0.0.1:{server.port}"
+    async with scripted(busy, frame) as (addr, peers):
 
-    async def ask(body: bytes) -> Any:
-        return await peers.request(addr, "POST", collection_path("c", "search"), None, to=ME,
-                                   raw=body)
+        async def ask(body: bytes) -> Any:
+            return await peers.request(addr, "POST", collection_path("c", "search"), None,
+                                       to=ME, raw=body)
 
-    try:
         assert await ask(b"a") == b"over http:a"
         assert await ask(b"b") == b"over http:b"
         assert upgrades == [1]  # remembered: not asked again at once
         channels_of(peers)._without[addr] = 0.0  # BUSY_S later
         assert await ask(b"c") == b"over http:c"
         assert upgrades == [1, 1]
-    finally:
-        await peers.close()
-        await server.close()
 
 
 # --- channels to nodes this one no longer asks -------------------------------------------------

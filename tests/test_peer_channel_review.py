@@ -13,7 +13,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from aquila.cluster.model.errors import BadRequest
 from aquila.cluster.peers import channel, wire
@@ -23,29 +22,13 @@ from aquila.cluster.peers.http import Peers
 from aquila.cluster.replication import frames
 from aquila.node.http import internal_api
 from tests.conftest import StartNode, wait_for
-from tests.test_peer_protocol_channel import ME, Peer, channels_of, running
+from tests.test_peer_protocol_channel import ME, Peer, channels_of, running, scripted
 
 
 async def ask(peers: Peers, addr: str, body: bytes = b"q", timeout: float = 5.0,  # noqa: ASYNC109
               max_answer: int | None = None) -> Any:
     return await peers.request(addr, "POST", collection_path("c", "search"), None, to=ME,
                                raw=body, timeout=timeout, max_answer=max_answer)
-
-
-@contextlib.asynccontextmanager
-async def scripted(handler: Any) -> AsyncIterator[tuple[str, Peers]]:
-    """A server whose channel route is `handler`, and a client without a secret."""
-    app = web.Application()
-    app.router.add_get(CHANNEL_PATH, handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    peers = Peers(None, 5.0, sender="coordinator")
-    await peers.start()
-    try:
-        yield f"127.0.0.1:{server.port}", peers
-    finally:
-        await peers.close()
-        await server.close()
 
 
 # --- what a peer can make this node read ------------------------------------------------------

@@ -261,6 +261,25 @@ def channels_of(peers: Peers) -> Channels:
     return ch
 
 
+@contextlib.asynccontextmanager
+async def scripted(handler: Any, frame: Any = None) -> AsyncIterator[tuple[str, Peers]]:
+    """A server whose channel route is `handler` (and whose peer routes over HTTP are `frame`,
+    if given), and a client without a secret."""
+    app = web.Application()
+    app.router.add_get(CHANNEL_PATH, handler)
+    if frame is not None:
+        app.router.add_post("/internal/v1/collections/{name}/{op}", frame)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    peers = Peers(None, 5.0, sender="coordinator")
+    await peers.start()
+    try:
+        yield f"127.0.0.1:{server.port}", peers
+    finally:
+        await peers.close()
+        await server.close()
+
+
 async def echo(op: str, name: str, body: bytes) -> Any:
     if op == "write":
         return {"op": op, "name": name, "n": len(body)}
@@ -535,16 +554,7 @@ async def test_a_client_breaks_a_channel_whose_answers_do_not_decode() -> None:
         await ws.receive()
         return ws
 
-    app = web.Application()
-    app.router.add_get(CHANNEL_PATH, garbage)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    peers = Peers(None, 5.0, sender="coordinator")
-    await peers.start()
-    try:
+    async with scripted(garbage) as (addr, peers):
         with pytest.raises(PeerError, match="channel version 9"):
-            await peers.request(f"127.0.0.1:{server.port}", "POST", collection_path("c", "get"),
-                                None, to=ME, raw=b"x")
-    finally:
-        await peers.close()
-        await server.close()
+            await peers.request(addr, "POST", collection_path("c", "get"), None, to=ME,
+                                raw=b"x")
