@@ -203,3 +203,69 @@ async def test_a_replay_in_chunks_is_a_replay_in_one(
     parts = await blocking.write(replayed, chunk)
     assert parts[0] == whole[0] == sorted(coll.index.all_keys().tolist())
     np.testing.assert_array_equal(parts[1], whole[1])
+
+
+class _SyncFails:
+    """A store's database whose WAL fsync fails `times` times (the batch itself is written:
+    RocksDB wrote it to the WAL and the memtable before the fsync, and reads see it)."""
+
+    def __init__(self, db: Any, times: int = 1) -> None:
+        self._db, self.times = db, times
+
+    def flush_wal(self, sync: bool) -> None:
+        if self.times:
+            self.times -= 1
+            raise OSError("fsync of the WAL failed")
+        self._db.flush_wal(sync)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+async def _whole(coll: Collection, blocking: Blocking) -> None:
+    """Labels and change-log positions are each one record's; memory's count, digests and
+    index follow the store's records."""
+    for s, shard in coll.shards.items():
+        recs = dict(await blocking.write(lambda s=s: list(coll.store.iter_docs(s))))
+        labels = [r.label for r in recs.values() if r.label]
+        assert len(labels) == len(set(labels)), recs
+        seqs = sorted(r.seq for r in recs.values())
+        assert len(seqs) == len(set(seqs)) and seqs[-1] < shard.next_seq
+        assert [q for q, _ in await blocking.write(
+            lambda s=s: list(coll.store.iter_changes(s, 0)))] == seqs
+        live = sorted(global_key(s, r.label) for r in recs.values() if not r.tombstone)
+        assert shard.count == len(live)
+        assert sorted(k for k in coll.index.all_keys().tolist() if k >> 40 == s) == live
+    await agree(coll, blocking)
+
+
+async def test_a_write_whose_wal_fsync_fails_is_followed_by_memory(tmp_path: Path) -> None:
+    """The batch is in the store (readable, kept by a restart unless the machine fails) when
+    the WAL's fsync fails: the writers hear of the failure, but the counters, digests and
+    index follow the store, or the next write takes the same labels and change-log positions
+    (two documents on one label: one's vector lost, the other's deleted with it) and writes
+    digests that leave the failed write's changes out."""
+    blocking = Blocking(2)
+    eng = Engine(tmp_path, blocking, Tuning(), fsync=True)
+    await eng.start()
+    try:
+        coll = await eng.ensure(SPEC, [0, 1], "u1")
+        await coll.write({0: docs(range(0, 20), 1, 1), 1: docs(range(20, 40), 1, 2)})
+        failing = _SyncFails(coll.store._db)
+        coll.store._db = failing  # type: ignore[assignment]
+        with pytest.raises(Exception, match="fsync"):
+            await coll.write({0: docs(range(40, 50), 1, 3) + deletes(range(0, 3), 2),
+                              1: docs(range(20, 25), 2, 4)})
+        await coll.write({0: docs(range(50, 60), 1, 5), 1: docs(range(60, 70), 1, 6)})
+        await _whole(coll, blocking)
+        # A purge whose fsync fails: the digests in memory follow its batch too.
+        await coll._save()
+        failing.times = 1
+        with pytest.raises(Exception, match="fsync"):
+            await coll.purge_tombstones(0, 10)
+        await coll.write({0: docs(range(0, 3), 5, 7)})
+        await _whole(coll, blocking)
+        coll.store._db = failing._db
+    finally:
+        await eng.close()
+        blocking.close()
