@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from aquila.cluster.model.digests import BUCKETS, digests
 from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
@@ -160,6 +161,11 @@ def _labels(coll: Collection, s: int) -> dict[str, Any]:
     # Every label key is a record's (none left of a released or purged label).
     assert [k for k, _ in coll.store._scan(b"L" + s.to_bytes(2, "big"))] == [
         b"L" + s.to_bytes(2, "big") + lab.to_bytes(8, "big") for lab in used]
+    # The digests read back from the store (key G) are the records' (a batch's digests are
+    # written with its records, never apart).
+    scanned = [int(h, 16) for h in digests(
+        ((d, r.version, r.writer) for d, r in coll.store.iter_docs(s)), BUCKETS)]
+    assert shard.digests.tolist() == coll.store.digests(s, BUCKETS) == scanned
     return {"records": records, "free": free, "next": shard.next_label}
 
 

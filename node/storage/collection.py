@@ -49,6 +49,7 @@ from aquila.node.storage.store import (
     DEFAULT_MEMORY_BYTES,
     LAYOUT,
     NO_LABEL,
+    NotSynced,
     Record,
     RocksMemory,
     Store,
@@ -87,6 +88,15 @@ TRAIN_CHUNK = 65_536
 # CATCH_UP_ROUNDS were made; then its lists are compacted.
 CATCH_UP_ROUNDS = 4
 CATCH_UP_TAIL = 16_384
+
+
+class _Unsynced(Exception):
+    """A group's batch is in the store but its fsync failed (`NotSynced`): its index changes
+    are still to apply, then its writers hear `cause`."""
+
+    def __init__(self, ops: list[dict[int, IndexOps]], cause: NotSynced) -> None:
+        super().__init__(str(cause))
+        self.ops, self.cause = ops, cause
 
 
 class TrainingStopped(Exception):
@@ -417,12 +427,15 @@ class Collection:
                     group = self._take_group()
                     if not group:
                         continue
+                    failed: NotSynced | None = None
                     try:
                         # Cancelled (a close), the thread goes on: waited for, so that the
                         # close does not close the store under it (rocksdict refuses a close
                         # during the WAL's fsync: "Already borrowed", the store left open).
                         ops = await _to_the_end(self.blocking.write(
                             self._write_sync, [q.by_shard for q in group]))
+                    except _Unsynced as exc:  # in the store: the index follows it too
+                        ops, failed = exc.ops, exc.cause
                     except Exception as exc:
                         for q in group:
                             q.settle(exc)
@@ -435,7 +448,7 @@ class Collection:
                     except BaseException:
                         self._closing(group)
                         raise
-                self._spawn(self._apply(group, ops))
+                self._spawn(self._apply(group, ops, failed))
         finally:
             self._driver = None
             if self.closed:
@@ -474,8 +487,10 @@ class Collection:
             docs += q.docs
         return group
 
-    async def _apply(self, group: list[_Queued], ops: list[dict[int, IndexOps]]) -> None:
-        """The group's index updates (apply_lock is held, taken by the driver)."""
+    async def _apply(self, group: list[_Queued], ops: list[dict[int, IndexOps]],
+                     failed: NotSynced | None = None) -> None:
+        """The group's index updates (apply_lock is held, taken by the driver); `failed`:
+        what its writers hear once they are applied (the batch's fsync failed)."""
         try:
             async with self.rw.write():  # a close waits for the index to be left whole
                 await _to_the_end(self.blocking.write(self._apply_all_sync, ops))
@@ -490,7 +505,8 @@ class Collection:
         finally:
             self.apply_lock.release()
         for q, o in zip(group, ops, strict=True):
-            q.settle({s: (x.applied, x.deleted) for s, x in o.items()})
+            q.settle(failed if failed is not None else
+                     {s: (x.applied, x.deleted) for s, x in o.items()})
         self._maybe_train()
 
     def _write_sync(self, group: list[dict[int, list[Incoming]]]) -> list[dict[int, IndexOps]]:
@@ -503,14 +519,23 @@ class Collection:
             for s in touched:
                 self.shards[s].stage_totals(batch, [o[s] for o in ops if s in o])
             self.store.write(batch)
-            for o in ops:
-                for s, x in o.items():
-                    self.shards[s].durable(x)
+        except NotSynced as exc:
+            # The batch is in the store: counters and digests follow it (rolled back, the
+            # next write would take its labels and change-log positions again), and so does
+            # the index (`_drive`); its writers hear of the failure.
+            self._durable(ops)
+            raise _Unsynced(ops, exc) from exc
         except BaseException:
             for s, mark in before.items():
                 self.shards[s].rollback(mark)
             raise
+        self._durable(ops)
         return ops
+
+    def _durable(self, ops: list[dict[int, IndexOps]]) -> None:
+        for o in ops:
+            for s, x in o.items():
+                self.shards[s].durable(x)
 
     def _apply_all_sync(self, ops: list[dict[int, IndexOps]]) -> None:
         merged = IndexOps()
@@ -646,7 +671,11 @@ class Collection:
         gone = [(doc_id, rec) for doc_id, rec in old if rec.seq <= covered]
         if gone:
             self.shards[shard].forget(gone, batch)
-            self.store.write(batch)
+            try:
+                self.store.write(batch)
+            except NotSynced:  # in the store all the same: the digests follow it
+                self.shards[shard].forgotten()
+                raise
             self.shards[shard].forgotten()
         return len(gone), len(old) - len(gone)
 
@@ -718,7 +747,12 @@ class Collection:
                 and rec.seq <= covered]
         batch = WriteBatch()
         labels = shard.release(gone, covered, batch)
-        self.store.write(batch)
+        try:
+            self.store.write(batch)
+        except NotSynced:  # in the store all the same: the labels are free
+            shard.free.put(labels)
+            shard.released_seq = covered
+            raise
         shard.free.put(labels)
         shard.released_seq = covered
         return len(gone)

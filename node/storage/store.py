@@ -148,6 +148,13 @@ def record_meta(raw: bytes) -> tuple[int, bool, bytes]:
     return label, bool(flags & FLAG_TOMBSTONE), raw[_HEADER.size + wlen + dim * 4:]
 
 
+class NotSynced(Exception):
+    """`Store.write`'s batch is written (in the WAL and the memtable: reads see it, a restart
+    finds it unless the machine fails first), but the WAL's fsync failed: what the process
+    holds in memory must follow the batch (as for a write that succeeded), while its writers
+    hear that it may not be durable."""
+
+
 class WriteBatch:
     """Changes to several shards of one collection, made durable together by `Store.write`."""
 
@@ -407,7 +414,10 @@ class Store:
         are acknowledged."""
         self.db.write(batch._wb, self._batch_opts)
         if self._fsync:
-            self.db.flush_wal(True)
+            try:
+                self.db.flush_wal(True)
+            except Exception as exc:
+                raise NotSynced(f"the write-ahead log's fsync failed: {exc}") from exc
 
     def layout(self) -> int:
         raw = self.db.get(b"F")
