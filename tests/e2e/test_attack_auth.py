@@ -236,6 +236,30 @@ class Sniffer(threading.Thread):
                 for segments in list(self.tcp.values())]
 
 
+def http_requests(sniffer: Sniffer) -> list[bytes]:
+    """Every complete HTTP request seen, as raw bytes (on each connection, those before a
+    channel's upgrade: after it come channel messages, not HTTP)."""
+    out = []
+    for whole in sniffer.streams():
+        stream = whole.partition(CHANNEL_UPGRADE)[0]
+        while b"\r\n\r\n" in stream:
+            head, rest = stream.split(b"\r\n\r\n", 1)
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                break
+            out.append(head + b"\r\n\r\n" + rest[:length])
+            stream = rest[length:]
+    return out
+
+
+def state_pushes(sniffer: Sniffer) -> list[bytes]:
+    return [r for r in http_requests(sniffer) if r.startswith(b"POST /internal/v1/state ")]
+
+
 def channels_in(sniffer: Sniffer) -> list[bytes]:
     """Each channel seen: its upgrade and the messages after it (on a connection that may
     have carried HTTP requests before)."""
@@ -284,6 +308,8 @@ def test_captured_peer_request_and_gossip_packet_replayed_are_refused(
         # n1 opened to n2 by a signed upgrade (cluster/peers/channel.py).
         fill(n1, replication=2)
         wait_until(lambda: channels_in(sniffer), 10, "a captured channel")
+        # The collection's creation reaches n2 as a signed state push over HTTP.
+        wait_until(lambda: state_pushes(sniffer), 10, "a captured state push")
         wait_until(lambda: len(sniffer.udp) >= 5, 10, "captured gossip packets")
     finally:
         sniffer.stop()
@@ -300,6 +326,10 @@ def test_captured_peer_request_and_gossip_packet_replayed_are_refused(
         status, body = send_raw("127.0.0.3", 8470, raw)
         assert status == 401, (status, body)
         assert "replayed" in body["error"]["message"], body
+    # A peer request over HTTP (the state push that created the old incarnation), likewise.
+    for raw in state_pushes(sniffer):
+        status, body = send_raw("127.0.0.3", 8470, raw)
+        assert status == 401 and "replayed" in body["error"]["message"], (status, body)
     # Sent to another member, which has never seen it: refused, it was addressed to n2.
     status, body = send_raw("127.0.0.2", 8470, channels[0])
     assert status == 401 and "addressed to another node" in body["error"]["message"], body
