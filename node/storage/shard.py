@@ -441,11 +441,16 @@ class Shard:
         for o in ops:
             for b, x in o.digest_delta.items():
                 delta[b] = delta.get(b, 0) ^ x
+        self._stage_digests(batch, delta)
+        batch.put_counters(self.shard, self.next_seq, self.next_label,
+                           self.count + sum(o.count_delta for o in ops))
+
+    def _stage_digests(self, batch: WriteBatch, delta: dict[int, int]) -> None:
+        """The buckets of `delta` (bucket -> XOR) as they will be, into `batch`; the table
+        itself moves once the batch is durable."""
         put = batch.raw_put
         for b, raw in self.digests.xored(delta):
             put(digest_key(self.shard, b), raw)
-        batch.put_counters(self.shard, self.next_seq, self.next_label,
-                           self.count + sum(o.count_delta for o in ops))
 
     def durable(self, ops: IndexOps) -> None:
         """Record that `ops`' write reached the store (the index follows shortly)."""
@@ -461,8 +466,7 @@ class Shard:
             batch.forget(self.shard, doc_id, rec)
             b = bucket_of(doc_id)
             delta[b] = delta.get(b, 0) ^ record_hash(doc_id, rec.version, rec.writer)
-        for b, x in delta.items():
-            batch.put_digest(self.shard, b, self.digests[b] ^ x)
+        self._stage_digests(batch, delta)
         self._forgotten = delta
         self._freed = np.fromiter((rec.label for _, rec in gone if rec.label != NO_LABEL),
                                   np.int64)
