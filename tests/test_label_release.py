@@ -72,6 +72,14 @@ def check(coll: Collection, s: int = 0) -> None:
         ((d, r.version, r.writer) for d, r in recs.items()), BUCKETS)]
 
 
+async def write_delete_snapshot(coll: Collection, ids: range, version: int) -> None:
+    """One churn cycle: `ids` written at `version`, deleted at the next, then a snapshot
+    (which releases their labels)."""
+    await coll.write({0: [doc(i, version) for i in ids]})
+    await coll.write({0: [delete(i, version + 1) for i in ids]})
+    await coll.snapshot()
+
+
 @pytest.fixture
 async def engine(tmp_path: Path, blocking: Blocking) -> Any:
     e = Engine(tmp_path, blocking, Tuning(), fsync=False)
@@ -227,9 +235,7 @@ async def test_labels_stay_bounded_under_churn_without_a_purge(
     version = 2
     for cycle in range(30):
         ids = range(1000 + cycle * 50, 1050 + cycle * 50)
-        await coll.write({0: [doc(i, version) for i in ids]})
-        await coll.write({0: [delete(i, version + 1) for i in ids]})
-        await coll.snapshot()
+        await write_delete_snapshot(coll, ids, version)
         assert all(labels_of(coll)[f"d{i}"] == 0 for i in ids)
         version += 2
     shard = coll.shards[0]
@@ -260,10 +266,8 @@ async def test_a_search_during_releases_never_resolves_a_label_to_another_docume
         async def churn() -> None:
             version = 2
             for cycle in range(15):
-                ids = range(1000 + cycle * 20, 1020 + cycle * 20)
-                await coll.write({0: [doc(i, version) for i in ids]})
-                await coll.write({0: [delete(i, version + 1) for i in ids]})
-                await coll.snapshot()
+                await write_delete_snapshot(coll, range(1000 + cycle * 20, 1020 + cycle * 20),
+                                            version)
                 version += 2
             done.set()
 
