@@ -14,7 +14,7 @@ from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import LABEL_BITS
-from tests.conftest import settled, wait_for
+from tests.conftest import settled
 from tests.small_ivf import SPEC, doc
 
 
@@ -30,15 +30,21 @@ def truth(coll: Collection, size: int) -> np.ndarray:
     return out
 
 
+async def trained(engine: Engine) -> Collection:
+    """The small IVF collection on `engine`, 150 documents written and trained on."""
+    coll = await engine.ensure(SPEC, [0], "u")
+    await coll.write({0: [doc(i) for i in range(150)]})
+    await settled(coll, what="training")
+    return coll
+
+
 async def test_the_label_to_list_map_follows_deletes_and_writes(
     tmp_path: Path, blocking: Blocking
 ) -> None:
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
     await engine.start()
     try:
-        coll = await engine.ensure(SPEC, [0], "u")
-        await coll.write({0: [doc(i) for i in range(150)]})
-        await wait_for(lambda: coll.index.trained, 30, what="the training to end")
+        coll = await trained(engine)
         lists = coll.index.lists_of(0)  # built from the lists, then kept current
         assert lists.dtype == np.int16
         assert (lists.astype(np.int64) == truth(coll, len(lists))).all()
@@ -65,9 +71,7 @@ async def test_a_restarted_node_has_its_map_before_the_first_write(
     engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
     await engine.start()
     try:
-        coll = await engine.ensure(SPEC, [0], "u")
-        await coll.write({0: [doc(i) for i in range(150)]})
-        await settled(coll, what="training")
+        coll = await trained(engine)
         await coll.snapshot()
     finally:
         await engine.close()
