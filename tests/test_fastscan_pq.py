@@ -31,6 +31,7 @@ from aquila.node.storage.index import (
     prepare,
     shard_bits,
 )
+from aquila.node.storage.packed_lists import PackedLists
 from aquila.node.storage.store import Record
 from tests.conftest import settled, wait_for
 from tests.datasets import load_sample, recall_at_k
@@ -135,7 +136,13 @@ async def test_a_snapshot_round_trip_serves_the_same_and_takes_writes(
     await engine.start()
     try:
         coll = engine.get("c")
-        assert isinstance(coll.index.index, faiss.IndexIVFPQFastScan) and coll.index.ntotal == n
+        index = coll.index
+        assert isinstance(index.index, faiss.IndexIVFPQFastScan) and index.ntotal == n
+        # Per vector its code (dim/8 bytes), id and list entry; per list its centroid and
+        # the rest of its last block of 32 codes.
+        code, centroids = smp.dim // 8, index.nlist * smp.dim * 4
+        assert n * (code + 10) + centroids <= index.memory_bytes() <= (
+            n * (code + 10) + centroids + index.nlist * 31 * code)
         after = await coll.search(q, 10, 8)
         assert [[(h.id, h.score) for h in r] for r in after] == [
             [(h.id, h.score) for h in r] for r in before]
@@ -235,3 +242,27 @@ async def test_an_old_ivfpq_snapshot_serves_until_the_next_training(
         assert got >= 0.95, got
     finally:
         await engine.close()
+
+
+def test_removal_leaves_no_codes_for_faiss_to_or_into() -> None:
+    """The slots a removal vacates in a list's last block are zeroed: FAISS's own add (which
+    ORs a code into its slot) then still writes true codes after it."""
+    rng = np.random.default_rng(2)
+    dim = 16
+    spec = CollectionSpec("c", dim, "l2", 1, 1, IndexSpec("ivf_pq", nlist=4))
+    index = VectorIndex.new_ivf(spec, 4, 2000)
+    x = rng.standard_normal((3000, dim)).astype(np.float32)
+    index.index.train(x[:2000])
+    keys = np.arange(1, 2001, dtype=np.int64)
+    index.add(x[:2000], keys)
+    index.remove(rng.choice(keys, 700, replace=False))
+    ids = np.arange(5000, 6000, dtype=np.int64)
+    index.index.add_with_ids(x[2000:], ids)
+    inv, packed = index.index.invlists, PackedLists(index.index, faiss)
+    for no in range(4):
+        n = inv.list_size(no)
+        held = faiss.rev_swig_ptr(inv.get_ids(no), n)
+        new = np.flatnonzero(held >= 5000)
+        assert len(new)
+        want = index.index.sa_encode(x[2000 + held[new] - 5000])[:, 1:]
+        assert np.array_equal(packed.read(no, new), want)

@@ -44,7 +44,7 @@ def codes(index: Any) -> list[bytes]:
     inv = index.invlists
     if is_packed(index, faiss):
         packed = PackedLists(index, faiss)
-        return [packed.read(no, inv.list_size(no), np.arange(inv.list_size(no))).tobytes()
+        return [packed.read(no, np.arange(inv.list_size(no))).tobytes()
                 for no in range(index.nlist)]
     return [bytes(faiss.rev_swig_ptr(inv.get_codes(no), inv.list_size(no) * inv.code_size))
             for no in range(index.nlist)]

@@ -525,7 +525,7 @@ class VectorIndex:
                 hit = own[at] == ids[rows]
                 rows, at = rows[hit], at[hit]
             if len(at) and packed is not None:
-                codes[rows, coarse:] = packed.read(no, n, at)
+                codes[rows, coarse:] = packed.read(no, at)
                 found[rows] = True
             elif len(at):
                 listed = faiss.rev_swig_ptr(inv.get_codes(no), n * code_size).reshape(
@@ -565,11 +565,16 @@ class VectorIndex:
     def memory_bytes(self) -> int:
         """An estimate of the memory the index holds (for /metrics): per vector its code and
         its 64-bit id, and its entry in the id map (IVF: the label → list map, 2 bytes;
-        flat: FAISS's hash entry); an IVF index's centroids too."""
+        flat: FAISS's hash entry); an IVF index's centroids too. A fast-scan index's codes
+        fill whole blocks of 32 per list."""
         n, d = self.ntotal, int(self.index.d)
         if self.trained:
             code = int(faiss.extract_index_ivf(self.index).code_size)
-            return n * (code + 8 + 2) + int(self.index.nlist) * d * 4
+            codes = n * code
+            if is_packed(self.index, faiss):  # whole blocks of codes per list
+                nvec = int(faiss.downcast_InvertedLists(self.index.invlists).n_per_block)
+                codes = int((-(-self.list_sizes() // nvec)).sum()) * nvec * code
+            return codes + n * (8 + 2) + int(self.index.nlist) * d * 4
         return n * (d * 4 + 8 + 16)
 
     # -- snapshots ------------------------------------------------------------------------
