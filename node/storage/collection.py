@@ -226,8 +226,7 @@ class Collection:
         self._deletes_since_scan: dict[int, float] = {}
         # Per shard, the change-log position a running training's index was built up to: its
         # catch-up replays the changes after it from the change log, which a purge must not
-        # take away (see `_purge_sync`).
-        # (A compaction's copy too: see `_compact`.)
+        # take away (see `_purge_sync`). A compaction's copy's too (see `_compact`).
         self._training_upto: dict[int, int] | None = None
         self.compacting = False  # a compaction of the index's lists runs (`_compact`)
         self.compactions = 0  # compactions swapped in (/metrics)
@@ -691,11 +690,11 @@ class Collection:
 
     def _covered(self, shard: int) -> int:
         """The change-log position of the shard that the snapshot on disk covers, and the
-        index a training (or a compaction) in progress is built from too: a delete at or below it is in every
-        index that may be loaded or trained. (One a training has still to replay into its
-        new index, its change after the index's start, is not: purged, its change key went
-        with it and the deleted vector stayed in the new index; its label given again, the
-        new index took that vector for the new document's.)"""
+        index a training (or a compaction's copy) in progress is built from too: a delete at
+        or below it is in every index that may be loaded or trained. (One a training has
+        still to replay into its new index, its change after the index's start, is not:
+        purged, its change key went with it and the deleted vector stayed in the new index;
+        its label given again, the new index took that vector for the new document's.)"""
         covered = self.snapshot_seqs.get(shard, 0)
         if self._training_upto is not None:
             covered = min(covered, self._training_upto.get(shard, covered))
