@@ -11,6 +11,7 @@ memory (1.6× the raw vectors for `ivf_flat` at 1M against 1.4× restarted).
   searches meanwhile and are all in the index it swaps in: the index holds exactly the live
   stored vectors, and a restart finds the same.
 - A close during its copy waits for it and leaves the index whole.
+- Writes that resumed while it ran drop its copy (not swapped in); the next pause compacts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.metrics import Metrics
+from aquila.node.storage import collection as collection_module
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import VectorIndex, global_key, prepare
@@ -36,7 +38,8 @@ from tests.conftest import settled, wait_for
 DIM = 8
 SPEC = CollectionSpec("k", DIM, "l2", 2, 1, IndexSpec("ivf_flat", nlist=4))
 # Writes "pause" only when a test says so (`pause`): no compaction starts on its own.
-TUNING = Tuning(train_min=100, retrain_growth=10, retrain_quiet_s=3600, compact_min=10)
+TUNING = Tuning(train_min=100, retrain_growth=10, retrain_quiet_s=3600, compact_min=10,
+                compact_quiet_s=3600)
 
 
 def vec(i: int, version: int = 1) -> np.ndarray:
@@ -183,30 +186,22 @@ async def test_writes_racing_a_compaction_are_in_the_index_it_swaps_in(
     tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     copied, go_on = threading.Event(), threading.Event()
+    caught_up, swap = threading.Event(), threading.Event()
     real = Collection._catch_up_sync
 
     def held(self: Collection, new: VectorIndex, upto: dict[int, int]) -> None:
-        """The compaction's first catch-up held (its copy made, no lock held) until the
-        test has written."""
-        if self.compacting and not copied.is_set():
+        """The compaction's catch-up (its copy made, no lock held) held until the test has
+        written, and again once it has replayed, before the swap."""
+        first = self.compacting and not copied.is_set()
+        if first:
             copied.set()
             go_on.wait(10)
         real(self, new, upto)
-
-    caught_up, swap = asyncio.Event(), asyncio.Event()
-    real_catch_up = Collection._catch_up
-
-    async def catch_up(self: Collection, new: VectorIndex, since: dict[int, int]
-                       ) -> dict[int, int]:
-        """The compaction held again once caught up, before its swap."""
-        upto = await real_catch_up(self, new, since)
-        if self.compacting:
+        if first:
             caught_up.set()
-            await swap.wait()
-        return upto
+            swap.wait(10)
 
     monkeypatch.setattr(Collection, "_catch_up_sync", held)
-    monkeypatch.setattr(Collection, "_catch_up", catch_up)
     engine = Engine(tmp_path, blocking, TUNING, fsync=False)
     await engine.start()
     try:
@@ -236,7 +231,7 @@ async def test_writes_racing_a_compaction_are_in_the_index_it_swaps_in(
         finally:
             go_on.set()
         # Caught up, before the swap: what comes now only the swap's replay brings.
-        await asyncio.wait_for(caught_up.wait(), 30)
+        await wait_for(caught_up.is_set, 30, what="the catch-up")
         try:
             await coll.write(docs(range(60, 70), version=4))
             await coll.write(deletes(range(140, 150), version=2))
@@ -331,3 +326,43 @@ async def test_a_close_during_the_copy_waits_for_it(
         await blocking.write(holds_exactly_the_stored, again.get("k"))
     finally:
         await again.close()
+
+
+async def test_a_compaction_that_writes_outran_is_dropped_and_tried_again(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes that resumed during a compaction (a bulk load's, after a gap) drop its copy:
+    no swap, the index whole; the next pause compacts."""
+    copied, go_on = threading.Event(), threading.Event()
+    real = Collection._catch_up_sync
+
+    def held(self: Collection, new: VectorIndex, upto: dict[int, int]) -> None:
+        if self.compacting and not copied.is_set():
+            copied.set()
+            go_on.wait(10)
+        real(self, new, upto)
+
+    monkeypatch.setattr(Collection, "_catch_up_sync", held)
+    monkeypatch.setattr(collection_module, "COMPACT_TAIL", 20)
+    engine = Engine(tmp_path, blocking, TUNING, fsync=False)
+    await engine.start()
+    try:
+        coll = await loaded(engine, 200, 150)
+        pause(coll)
+        try:
+            await wait_for(copied.is_set, 30, what="the compaction's copy")
+            await coll.write(docs(range(350, 400)))
+            await coll.write(deletes(range(0, 10), version=2))
+        finally:
+            go_on.set()
+        await wait_for(lambda: not coll.compacting, 30, what="the compaction's end")
+        assert coll.compactions == 0 and coll._compaction_due()
+        await blocking.write(holds_exactly_the_stored, coll)
+        pause(coll)  # writes paused this time: swapped in
+        await wait_for(lambda: coll.compactions == 1 and not coll.compacting, 30,
+                       what="the next compaction")
+        assert not coll._compaction_due()
+        await blocking.write(holds_exactly_the_stored, coll)
+    finally:
+        go_on.set()
+        await engine.close()

@@ -88,6 +88,10 @@ TRAIN_CHUNK = 65_536
 # CATCH_UP_ROUNDS were made; then its lists are compacted.
 CATCH_UP_ROUNDS = 4
 CATCH_UP_TAIL = 16_384
+# A compaction's copy is dropped, not swapped in, when more changes than this were applied
+# after it was made: writes resumed (a bulk load's), and the rest would be replayed under every
+# lock; it is tried again at their next pause.
+COMPACT_TAIL = CATCH_UP_TAIL
 
 
 class _Unsynced(Exception):
@@ -152,11 +156,14 @@ class Tuning:
     retrain_max_wait_s: float = 30.0
     # A trained index whose lists had at least compact_growth × its vectors, and compact_min,
     # added since they were allocated to their size (`VectorIndex.added`) is compacted once
-    # writes pause for retrain_quiet_s (`Collection._compact`): the adds grew every list by
+    # writes pause for compact_quiet_s (`Collection._compact`): the adds grew every list by
     # doubling (a bulk load that ends long after its last training: 1.6× the raw vectors
-    # against 1.4× for the same node restarted). compact_growth 0: never.
+    # against 1.4× for the same node restarted). Longer than a retraining's wait: a slow
+    # bulk load leaves gaps of a second between writes, and nothing is lost by waiting.
+    # compact_growth 0: never.
     compact_growth: float = 0.25
     compact_min: int = 50_000
+    compact_quiet_s: float = 5.0
     search_batch_rows: int = 512
     search_parallel: int = 4
     # RocksDB's memory of the node (see store.RocksMemory): every collection's, as one.
@@ -1008,12 +1015,12 @@ class Collection:
                 and index.added >= max(tuning.compact_min, tuning.compact_growth * index.ntotal))
 
     def _maybe_compact(self) -> None:
-        """Start a compaction when one is due and writes have paused for retrain_quiet_s (the
-        signal a deferred retraining waits for); else look again when they may have. Never
+        """Start a compaction when one is due and writes have paused for compact_quiet_s (as a
+        deferred retraining waits for them to); else look again when they may have. Never
         beside a training (which compacts its own index) or another compaction."""
         if self.closed or self.training or self.compacting or not self._compaction_due():
             return
-        wait = self._last_write + self.tuning.retrain_quiet_s - time.monotonic()
+        wait = self._last_write + self.tuning.compact_quiet_s - time.monotonic()
         if wait > 0:
             if self._recheck is None:
                 self._recheck = asyncio.get_running_loop().call_later(wait, self._look_again)
@@ -1124,7 +1131,10 @@ class Collection:
         and its memory given back. Memory: the index once more for that while (a scratch
         file as a training's `compacted` uses saves nothing here: the old index serves until
         the swap). The changes after the copy's position stay in the change log meanwhile
-        (`_covered`), as for a training."""
+        (`_covered`), as for a training. Writes that resumed meanwhile (more than
+        COMPACT_TAIL changes) drop the copy: its catch-up would race them, its lists grow by
+        doubling again, and the swap replay the rest under every lock (16 s at 1M during a
+        bulk load, old index and copy both in memory)."""
         done = False
         try:
             held = dict(self.shards)
@@ -1133,20 +1143,29 @@ class Collection:
                 mark = self._applied()
                 self._training_upto = mark
                 new = await _to_the_end(self.blocking.write(self._copy_sync))
-            since = await self._catch_up(new, mark)
-            async with self._exclusive():
-                if self.shards != held:
-                    log.info("%s: shards changed while compacting; not swapped", self.spec.name)
-                else:
-                    await _to_the_end(self.blocking.write(self._swap_sync, new, since, True))
-                    done = True
-                    self.compactions += 1
+            upto = self._applied()  # the writes made since (usually none), outside any lock
+            await self.blocking.background(self._catch_up_sync, new, mark)
+            came = sum(q - mark.get(s, q) for s, q in self._applied().items())
+            if came > COMPACT_TAIL:
+                log.info("%s: writes resumed while compacting (%d changes); not swapped",
+                         self.spec.name, came)
+            else:
+                async with self._exclusive():
+                    if self.shards != held:
+                        log.info("%s: shards changed while compacting; not swapped",
+                                 self.spec.name)
+                    else:
+                        await _to_the_end(self.blocking.write(self._swap_sync, new, upto, True))
+                        done = True
+                        self.compactions += 1
             del new
             if done:
                 log.info("%s: index lists compacted (%d vectors, %d added since the last "
                          "time) in %.2f s", self.spec.name, self.index.ntotal, added,
                          time.perf_counter() - t0)
                 await self._give_back()
+            else:  # the copy's memory back to the system
+                await self.blocking.background(trim)
         except TrainingStopped:
             pass
         except Exception:
@@ -1223,7 +1242,7 @@ class Collection:
         if self.closed or not self._dirty():
             return
         async with self._saving:
-            if self.closed:
+            if self.closed or not self._dirty():  # the one waited for covered it all
                 return
             async with self.rw.read():
                 covered = self._applied()
