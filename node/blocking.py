@@ -15,7 +15,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -47,6 +47,43 @@ def _single_threaded_faiss() -> None:
     import faiss
 
     faiss.omp_set_num_threads(1)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[R], call: Callable[[], R]
+             ) -> None:
+    """On a pool's thread: run `call` unless its caller gave up before it started (as
+    `run_in_executor` skips it then), and hand the outcome to `fut` on the loop."""
+    if fut.cancelled():
+        return
+    try:
+        result = call()
+    except BaseException as exc:  # the caller's to see, as run_in_executor passes it on
+        _to_loop(loop, _fail, fut, exc)
+    else:
+        _to_loop(loop, _succeed, fut, result)
+
+
+def _to_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def _succeed(fut: asyncio.Future[R], result: R) -> None:
+    if not fut.done():  # not cancelled meanwhile
+        fut.set_result(result)
+
+
+def _fail(fut: asyncio.Future[R], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _if_cancelled(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[R],
+                  done: Future[None]) -> None:
+    """The pool's future of a call: cancelled, the call never ran (a shutdown dropped it),
+    and its caller must not wait for ever."""
+    if done.cancelled():
+        _to_loop(loop, fut.cancel)
 
 
 # The name (prefix) of the background pool's threads (trainings).
@@ -82,8 +119,14 @@ class Blocking:
     async def _run(
         pool: ThreadPoolExecutor, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
+        # What `loop.run_in_executor` does, with one future handed its outcome by one
+        # callback: not an asyncio future chained both ways to the pool's (its chaining and
+        # state copies were a third of a search's hop to its thread and back, on the loop).
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+        fut: asyncio.Future[R] = loop.create_future()
+        done = pool.submit(_deliver, loop, fut, functools.partial(fn, *args, **kwargs))
+        done.add_done_callback(functools.partial(_if_cancelled, loop, fut))
+        return await fut
 
     def close(self) -> None:
         """Wait for the request and write threads; not for a background job (a training of

@@ -16,6 +16,12 @@ On a machine whose load changes (other work on shared cores), compare in one run
     python scripts/bench_cpu_split.py --nodes 3 --rounds 3 --seconds 4 \
         --rounds-connections 1,8,16 --ab-env AQUILA_SOME_SETTING=value
 
+or this code against other code (`--base DIR`, DIR from `git archive <commit> node cluster |
+tar -x -C DIR`), one node each (with --nodes 1 no N-node cluster is started):
+
+    python scripts/bench_cpu_split.py --nodes 1 --rounds 4 --seconds 6 \
+        --rounds-connections 1,8 --base /tmp/base
+
 starts every cluster at once (1 node, N nodes, and N nodes with the --ab-env settings), each on
 its own port, and measures them in turns, round after round: CPU per query, q/s and p50 at
 each connection count, and their ratios to one node. --profile (py-spy, Python frames) and
@@ -50,7 +56,7 @@ from bench_local_cluster import (
     new_session,
     node_env,
 )
-from bench_node import thread_cpu_of
+from bench_node import code_pythonpath, thread_cpu_of
 from bench_profile import profile_pids
 from wrkload import LUA_SCRIPT, MARKER, search_bodies, write_bodies
 
@@ -193,11 +199,16 @@ async def interleaved(args: argparse.Namespace, ds: Dataset, root: Path) -> dict
     """1 node, N nodes and (with --ab-env) N nodes with other settings, all up at once, and
     measured in turns (--rounds of --seconds each): a change in the machine's load meanwhile
     (other work on shared cores) weighs on each alike."""
-    variants: list[tuple[str, int, dict[str, str]]] = [("1 node", 1, {}),
-                                                        (f"{args.nodes} nodes", args.nodes, {})]
+    variants: list[tuple[str, int, dict[str, str]]] = [("1 node", 1, {})]
+    if args.nodes > 1:
+        variants.append((f"{args.nodes} nodes", args.nodes, {}))
     if args.ab_env:
-        variants.append((f"{args.nodes} nodes [{' '.join(args.ab_env)}]", args.nodes,
+        variants.append((f"{args.nodes} node(s) [{' '.join(args.ab_env)}]", args.nodes,
                          dict(kv.split("=", 1) for kv in args.ab_env)))
+    if args.base:
+        # Other code (`git archive <commit> node cluster | tar -x -C DIR`), same settings.
+        variants.append((f"{args.nodes} node(s) [base {args.base}]", args.nodes,
+                         {"PYTHONPATH": code_pythonpath(args.base.resolve())}))
     clusters = [PortCluster(root / f"v{i}", {**node_env(args.train_min), **env}, PORT + 1 + i)
                 for i, (_, _, env) in enumerate(variants)]
     bodies = root / "bodies.txt"
@@ -258,6 +269,14 @@ async def interleaved(args: argparse.Namespace, ds: Dataset, root: Path) -> dict
                 for i, p in enumerate(x["per_node"], 1):
                     log(f"  node {i}: main thread {p['main_ms']:.3f} ms, other threads "
                         f"{p['other_ms']:.3f} ms per query")
+        if args.base and args.nodes == 1:
+            base = out["variants"][-1]["by_connections"]
+            for c, x in one.items():
+                b = base[c]
+                log(f"this code / base, c={c}: q/s {x['qps'] / b['qps']:.3f}, CPU per query "
+                    f"{x['all_ms'] / b['all_ms']:.3f} (main thread "
+                    f"{x['per_node'][0]['main_ms'] / b['per_node'][0]['main_ms']:.3f}, other "
+                    f"threads {x['per_node'][0]['other_ms'] / b['per_node'][0]['other_ms']:.3f})")
         return out
     finally:
         await asyncio.gather(*(c.stop() for c in clusters))
@@ -320,7 +339,13 @@ def main() -> None:
                    help="with --rounds: measure at each of these connection counts in every "
                         "round (the p50 at 1, the throughput at 16: the fan-out goals)")
     p.add_argument("--profile-dir", type=Path, help="where py-spy's raw stacks go")
+    p.add_argument("--base", type=Path,
+                   help="with --rounds: a tree of node/ and cluster/ (`git archive <commit> "
+                        "node cluster | tar -x -C DIR`) run as one more cluster of --nodes, "
+                        "measured in the same turns (with --nodes 1: this code against it)")
     args = p.parse_args()
+    if args.base and not args.rounds:
+        p.error("--base needs --rounds (the clusters are measured in turns)")
     args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234
     where = maybe_reexec_in_netns(Path(__file__), sys.argv[1:])
     log(f"network: {where}")

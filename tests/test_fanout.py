@@ -29,6 +29,7 @@ from aquila.cluster.replication.fanout import (
     assign,
     fan_out,
     merge_rows,
+    single_node,
 )
 
 NQ = 2
@@ -257,6 +258,33 @@ async def test_fast_path_node_that_never_answers() -> None:
     assert result.errors  # the caller can say why
     assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + SLACK
     assert elapsed == pytest.approx(TIMEOUT)  # on the fake clock: exactly the deadline
+
+
+@pytest.mark.parametrize(("candidates", "plan"), [
+    ({1: ["a"], 0: ["a"]}, ("a", [0, 1], [])),
+    ({2: ["a"], 0: ["a"], 1: []}, ("a", [0, 2], [1])),
+    ({0: ["a"], 1: ["b"]}, None),  # two nodes
+    ({0: ["a", "b"], 1: ["a"]}, None),  # an alternative for a shard
+    ({0: []}, None),  # no node at all
+    ({}, None),
+])
+def test_single_node(candidates: dict[int, list[str]],
+                     plan: tuple[str, list[int], list[int]] | None) -> None:
+    assert single_node(candidates) == plan
+
+
+async def test_a_plan_kept_by_the_caller_answers_as_one_made_per_search() -> None:
+    candidates = {1: ["a"], 0: ["a"], 2: []}
+    plan = single_node(candidates)
+    kept = (plan[0], list(plan[1]), list(plan[2])) if plan else None
+    for _ in range(2):  # the same plan again: nothing of it was changed by the first search
+        nodes = FakeNodes()
+        got = await nodes.clock.run(fan_out(candidates, nodes.ask, NQ, K, False, nodes.clock,
+                                            TIMEOUT, plan))
+        assert [(n, sh) for n, sh, _ in nodes.calls] == [("a", [0, 1])]
+        assert ids(got.rows) == ids(expected_rows([0, 1], False)) and got.missing == [2]
+        got.missing.append(99)  # the caller's to change: not the plan's list
+        assert plan == kept
 
 
 # --- one node first for every shard, with other replicas ------------------------------------

@@ -54,6 +54,11 @@ def vectors_within(x: np.ndarray) -> np.ndarray:
     return ok
 
 
+def all_within(x: np.ndarray) -> bool:
+    """`vectors_within(x).all()`: every component of every row finite and within bounds."""
+    return not x.size or bool(x.min() >= -MAX_VECTOR_VALUE and x.max() <= MAX_VECTOR_VALUE)
+
+
 # --- sizes of what peers send ---------------------------------------------------------------
 
 MAX_NODE_ID_CHARS = 128

@@ -69,23 +69,46 @@ class Gathered(Generic[A]):
     hedged: int = 0  # ... after a slow answer
 
 
+# Which node alone serves every shard that has a replica, the shards it serves, and those
+# with none (`single_node`).
+Single = tuple[str, list[int], list[int]]
+
+
+def single_node(candidates: dict[int, list[str]]) -> Single | None:
+    """One node and no alternative (a one-node cluster): that node, the shards it serves and
+    the shards with no replica; else None. A function of `candidates` alone: a caller that
+    keeps them (the read path, per version of the map) keeps this too."""
+    pending = [s for s, nodes in candidates.items() if nodes]
+    nodes = {candidates[s][0] for s in pending}
+    if len(nodes) == 1 and all(len(candidates[s]) == 1 for s in pending):
+        return (next(iter(nodes)), sorted(pending),
+                sorted(s for s, n in candidates.items() if not n))
+    return None
+
+
+_UNKNOWN: Single = ("", [], [])
+
+
 async def gather_shards(
     candidates: dict[int, list[str]],
     ask: Callable[[str, list[int], float], Awaitable[A]],
     restrict: Callable[[A, list[int]], A],
     clock: Clock,
     timeout_s: float,
+    single: Single | None = _UNKNOWN,
 ) -> Gathered[A]:
     """Ask one replica of every shard of `candidates` (shard → replica nodes in preference
     order), with retry, hedging and the deadline; `restrict(answer, shards)` cuts a node's
     answer down to some of the shards it was asked about (the others came first from a hedge).
-    Any per-shard operation reuses this: search, count, scroll."""
+    Any per-shard operation reuses this: search, count, scroll. `single`: `single_node`
+    of the candidates when the caller has it already."""
+    if single is _UNKNOWN:
+        single = single_node(candidates)
+    if single is not None:
+        # One node and no alternative (a one-node cluster): one awaited call, no tasks.
+        return await _single(*single, ask, clock, timeout_s)
     deadline = clock.now() + timeout_s
     pending = {s for s, nodes in candidates.items() if nodes}
-    nodes = {n[0] for s, n in candidates.items() if s in pending}
-    if len(nodes) == 1 and all(len(candidates[s]) == 1 for s in pending):
-        # One node and no alternative (a one-node cluster): one awaited call, no tasks.
-        return await _single(next(iter(nodes)), candidates, ask, clock, timeout_s)
     tried: dict[int, int] = {}
     inflight: dict[asyncio.Future[A], tuple[str, list[int]]] = {}
     answers: list[A] = []
@@ -167,20 +190,19 @@ async def gather_shards(
 
 
 async def _single(
-    node: str, candidates: dict[int, list[str]],
+    node: str, shards: list[int], empty: list[int],
     ask: Callable[[str, list[int], float], Awaitable[A]], clock: Clock, timeout_s: float,
 ) -> Gathered[A]:
-    shards = sorted(s for s, n in candidates.items() if n)
-    empty = sorted(s for s, n in candidates.items() if not n)
     try:
-        answer = await clock.wait_for(ask(node, shards, timeout_s), timeout_s)
+        # Copies: the lists may be the caller's, kept for its next search.
+        answer = await clock.wait_for(ask(node, list(shards), timeout_s), timeout_s)
     except AquilaError as exc:
         if not exc.transient:
             raise
         return Gathered([], sorted(shards + empty), [f"{node}: {exc}"])
     except TimeoutError:
         return Gathered([], sorted(shards + empty), [f"{node}: no answer within the deadline"])
-    return Gathered([answer], empty)
+    return Gathered([answer], list(empty))
 
 
 async def fan_out(
@@ -191,9 +213,11 @@ async def fan_out(
     larger_is_better: bool,
     clock: Clock,
     timeout_s: float,
+    single: Single | None = _UNKNOWN,
 ) -> FanoutResult:
-    """Search every shard of `candidates` (shard → replica nodes in preference order)."""
-    got = await gather_shards(candidates, ask, _hits_of, clock, timeout_s)
+    """Search every shard of `candidates` (shard → replica nodes in preference order);
+    `single` as for `gather_shards`."""
+    got = await gather_shards(candidates, ask, _hits_of, clock, timeout_s, single)
     if len(got.answers) == 1:
         rows = got.answers[0]  # one node answered for every shard: nothing to merge
         rows = rows if len(rows) == nq else [[] for _ in range(nq)]

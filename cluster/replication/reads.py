@@ -26,7 +26,7 @@ from aquila.cluster.model.operations import (
 )
 from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.cluster.replication.fanout import fan_out, gather_shards
+from aquila.cluster.replication.fanout import Single, fan_out, gather_shards, single_node
 from aquila.cluster.replication.replica import Replicas
 from aquila.cluster.state.entries import CollectionEntry
 
@@ -53,8 +53,10 @@ class ReadPath:
         self._clock = clock
         self.search_timeout_s = search_timeout_s
         self._candidates: dict[str, tuple[Any, dict[int, list[str]], list[int]]] = {}
-        # Per collection (as `_candidates`): whether a search asks another node than this one.
+        # Per collection (as `_candidates`): whether a search asks another node than this one,
+        # and the one node that serves every shard when it is the only replica of each.
         self._fans_out: dict[str, bool] = {}
+        self._single: dict[str, Single | None] = {}
 
     def search_candidates(
         self, entry: CollectionEntry
@@ -72,6 +74,7 @@ class ReadPath:
         self._candidates[entry.spec.name] = (key, candidates, unreachable)
         self._fans_out[entry.spec.name] = any(
             c[0] != self._replicas.node_id for c in candidates.values())
+        self._single[entry.spec.name] = single_node(candidates)
         return candidates, unreachable
 
     async def get_document(
@@ -140,7 +143,8 @@ class ReadPath:
             return rows
 
         result = await fan_out(
-            candidates, ask, len(req.vectors), req.k, spec.metric != "l2", self._clock, timeout_s
+            candidates, ask, len(req.vectors), req.k, spec.metric != "l2", self._clock, timeout_s,
+            self._single[spec.name],
         )
         missing = sorted(set(result.missing) | set(unreachable))
         stats = self.stats
@@ -208,7 +212,8 @@ class ReadPath:
         async def ask(node: str, shards: list[int], budget: float) -> dict[int, int]:
             return await replicas.of(node).count(spec, req, shards, budget)
 
-        got = await gather_shards(candidates, ask, _only, self._clock, timeout_s)
+        got = await gather_shards(candidates, ask, _only, self._clock, timeout_s,
+                                  self._single[spec.name])
         self._count_retries(got.retried, got.hedged)
         missing = sorted(set(got.missing) | set(unreachable))
         if missing and not req.allow_partial:

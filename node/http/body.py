@@ -59,6 +59,13 @@ async def _chunks(content: StreamReader) -> AsyncIterator[bytes]:
 
 
 async def _read_plain(content: StreamReader, limit: int) -> bytes:
+    if content.is_eof():
+        # The whole body has arrived (a small one, a search's, comes with its headers):
+        # taken at once, without the chunk generator and its steps.
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        return whole
     # Chunks joined once at the end: growing one buffer and copying it out again costs a
     # bulk upsert's megabytes twice.
     parts: list[bytes] = []

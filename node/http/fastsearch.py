@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import simdjson
 
-from aquila.cluster.model.bounds import MAX_QUERIES, vectors_within
+from aquila.cluster.model.bounds import MAX_QUERIES, all_within
 from aquila.cluster.model.operations import SearchRequest
 from aquila.node.http.parse import search_request
 
@@ -92,6 +92,6 @@ def _request(raw: bytes, root: Any, dim: int) -> SearchRequest | None:
     if flat.size != rows * dim:
         return None
     as_sent = flat.reshape(rows, dim)
-    if not vectors_within(as_sent).all():  # as sent, before float32 rounds them; the
+    if not all_within(as_sent):  # as sent, before float32 rounds them; the
         return None  # general path says which and why
     return search_request(body, as_sent.astype(np.float32), None)

@@ -39,7 +39,7 @@ from aquila.node.files import TMP_SUFFIX, remove_stale_temps, write_atomic
 from aquila.node.storage.batcher import SearchBatcher, weakly
 from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
 from aquila.node.storage.heap import shed_blocks, trim
-from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist
+from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist, prepare
 from aquila.node.storage.locks import RWLock
 from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
@@ -835,8 +835,6 @@ class Collection:
         `inline`: a small unfiltered search may run on the calling (event-loop) thread when
         the search threads are idle, where the hop to one and back costs more than the
         search (a peer's sub-search: its coordinator batches them under load)."""
-        from aquila.node.storage.index import prepare
-
         q = prepare(queries, self.spec.metric)
         if recall is not None:
             # Holding part of the collection, this node holds part of its k best: it
@@ -845,9 +843,6 @@ class Collection:
                 recall, share_top(k, len(self.shards), self.spec.shards))
         else:
             probe = nprobe or self.spec.index.nprobe
-        # The probes a plan names (an exact index probes no lists: a search by recall then
-        # reports 1, the whole index).
-        probed = {"nprobe": max(1, min(probe, self.index.nlist))} if self.index.trained else {}
         wanted = tuple(sorted(self.shards if shards is None else shards))
         absent = [s for s in wanted if s not in self.shards]
         if absent:
@@ -858,14 +853,22 @@ class Collection:
             else:
                 rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
             if plans is not None:
+                probed = self._probed(probe)
                 plans.update({s: {"shard": s, "path": "unfiltered", **probed,
                                   "documents": self.shards[s].count} for s in wanted})
             return [row[:k] for row in rows]
         how = FilterQuery.of(predicate) if isinstance(predicate, Filter) else predicate
         answers = await self._filtered.submit((probe, wanted, with_vectors, how), q, k)
         if plans is not None and answers:
+            probed = self._probed(probe)
             plans.update({p["shard"]: {**probed, **p} for p in answers[0][1]})
         return [row[:k] for row, _ in answers]
+
+    def _probed(self, probe: int) -> dict[str, int]:
+        """The probes a plan names (an exact index probes no lists: a search by recall then
+        reports 1, the whole index). Only when plans are asked for: the index's nlist is a
+        SWIG attribute, read at a cost."""
+        return {"nprobe": max(1, min(probe, self.index.nlist))} if self.index.trained else {}
 
     def _inline_ok(self, nq: int, k: int, probe: int, wanted: tuple[int, ...],
                    with_vectors: bool) -> bool:

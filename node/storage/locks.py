@@ -15,17 +15,28 @@ class RWLock:
         self._writer = False
         self._writers_waiting = 0
         self._cond = asyncio.Condition()
+        self._read = _Read(self)
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[None]:
+    def read(self) -> _Read:
+        """Held by any number of readers at once, while no writer is in or waiting."""
+        return self._read
+
+    async def _enter_read(self) -> None:
+        if not self._writer and not self._writers_waiting:
+            # Nothing awaited from the check on: no writer can come in between. A search
+            # takes the lock this way unless a writer is about (no Condition, no task
+            # switch); a writer's release wakes the readers that had to wait.
+            self._readers += 1
+            return
         async with self._cond:
             await self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
             self._readers += 1
-        try:
-            yield
-        finally:
+
+    async def _exit_read(self) -> None:
+        self._readers -= 1
+        # Only a writer waits for the readers to leave (readers wait for writers).
+        if self._writers_waiting:
             async with self._cond:
-                self._readers -= 1
                 self._cond.notify_all()
 
     def readable_now(self) -> bool:
@@ -49,3 +60,19 @@ class RWLock:
             async with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+class _Read:
+    """`RWLock.read()`: an async context manager without a generator (`asynccontextmanager`
+    costs a generator and its frames on every search)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: RWLock) -> None:
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
+        await self._lock._enter_read()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._lock._exit_read()
