@@ -7,12 +7,20 @@ FAISS as a node runs them, fsync off) in this process, no HTTP.
 Re-ranking: a compressed index (ivf_sq8, ivf_pq) is asked for more candidates than k, which
 are scored again with their stored vectors (`node.storage.search`); "codes only" switches it
 off by emptying `search.OVERSAMPLE` for the measurement.
+
+With `--timed N`, also the cost of N single queries (one a call, as a REST search runs it) at
+each nprobe, re-ranked: the index's search alone (`VectorIndex.search` for the candidates the
+node asks for) and the collection's whole search (with the re-ranking's record reads), in µs
+per query. `--types` picks the types; `ivf_pq8` is ivf_pq as the node made it before the fast
+scan (FAISS's `IndexIVFPQ`, 8-bit codes), for a before/after in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import sys
 import tempfile
 import time
@@ -24,15 +32,31 @@ from bench_data import DEFAULT_DATA, load_real, missing_data_message
 
 from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.sharding import shard_of
-from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec, pq_m
 from aquila.node.blocking import Blocking
 from aquila.node.storage import search
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
+from aquila.node.storage.index import VectorIndex, faiss, faiss_metric, prepare, shard_bits
+from aquila.node.storage.search import candidates
 
 SHARDS = 8
 NPROBES = (4, 8, 16, 32, 64)
 TYPES = ("ivf_flat", "ivf_sq8", "ivf_pq")
+OLD_PQ = "ivf_pq8"
+
+
+def old_new_ivf(spec: CollectionSpec, nlist: int, n: int) -> VectorIndex:
+    """`VectorIndex.new_ivf` for ivf_pq before the fast scan (commit 39c0d3b)."""
+    metric = faiss_metric(spec.metric)
+    m = pq_m(spec.dim) or 1
+    nbits = 8 if n >= 256 * 16 else max(4, int(math.log2(max(16, n // 16))))
+    index = faiss.IndexIVFPQ(faiss.IndexFlat(spec.dim, metric), spec.dim, nlist, m,
+                             min(nbits, 8), metric)
+    index.cp.min_points_per_centroid = 5
+    index.cp.niter = 10
+    index.set_direct_map_type(faiss.DirectMap.NoMap)
+    return VectorIndex(index, True, n, shard_bits(spec.shards))
 
 
 def recall(rows: list[list[str]], gt: np.ndarray) -> float:
@@ -40,12 +64,37 @@ def recall(rows: list[list[str]], gt: np.ndarray) -> float:
                           for r, g in zip(rows, gt, strict=True)]))
 
 
+async def timed(coll: Collection, queries: np.ndarray, nprobe: int
+                ) -> tuple[float, float, float]:
+    """µs per single query: the index's search alone (for the candidates the node asks
+    for), the collection's, and the collection's without re-ranking (codes only)."""
+    want = candidates(coll, K)
+    q = prepare(queries, coll.spec.metric)
+    t0 = time.perf_counter()
+    for i in range(len(q)):
+        coll.index.search(q[i: i + 1], want, nprobe)
+    t1 = time.perf_counter()
+    for i in range(len(queries)):
+        await coll.search(queries[i: i + 1], K, nprobe)
+    t2 = time.perf_counter()
+    saved = dict(search.OVERSAMPLE)
+    search.OVERSAMPLE.clear()
+    try:
+        for i in range(len(queries)):
+            await coll.search(queries[i: i + 1], K, nprobe)
+    finally:
+        search.OVERSAMPLE.update(saved)
+    t3 = time.perf_counter()
+    return ((t1 - t0) / len(q) * 1e6, (t2 - t1) / len(q) * 1e6, (t3 - t2) / len(q) * 1e6)
+
+
 async def measure(root: Path, itype: str, base: np.ndarray, queries: np.ndarray,
-                  gt: np.ndarray) -> dict[str, object]:
+                  gt: np.ndarray, n_timed: int = 0) -> dict[str, object]:
     blocking = Blocking(2)
     engine = Engine(root, blocking, Tuning(), fsync=False)
     await engine.start()
-    spec = CollectionSpec("c", base.shape[1], "cosine", SHARDS, 1, IndexSpec(itype))
+    spec = CollectionSpec("c", base.shape[1], "cosine", SHARDS, 1,
+                          IndexSpec("ivf_pq" if itype == OLD_PQ else itype))
     coll: Collection = await engine.ensure(spec, range(SHARDS), "u")
     t0 = time.perf_counter()
     for lo in range(0, len(base), 5000):
@@ -63,7 +112,11 @@ async def measure(root: Path, itype: str, base: np.ndarray, queries: np.ndarray,
     log(f"{itype}: loaded and trained in {time.perf_counter() - t0:.1f} s "
         f"(nlist {coll.index.nlist})")
     out: dict[str, object] = {"type": itype, "nlist": coll.index.nlist,
-                              "bytes_per_vector": coll.index.memory_bytes() / len(base)}
+                              "bytes_per_vector": coll.index.memory_bytes() / len(base),
+                              "faiss": type(coll.index.index).__name__}
+    if n_timed:
+        out["timed"] = {nprobe: await timed(coll, queries[:n_timed], nprobe)
+                        for nprobe in NPROBES}
     saved = dict(search.OVERSAMPLE)
     for label, oversample in (("reranked", saved), ("codes only", {})):
         search.OVERSAMPLE.clear()
@@ -84,15 +137,24 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--limit", type=int, default=None, help="only the first N base vectors")
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--types", default=",".join(TYPES),
+                   help=f"comma-separated, of {', '.join((*TYPES, OLD_PQ))}")
+    p.add_argument("--timed", type=int, default=0, metavar="N",
+                   help="also time N single queries per type and nprobe")
     args = p.parse_args()
     if not (args.data / "base.f16.npy").exists():
         sys.exit(missing_data_message(args.data))
     ds = load_real(args.data, args.limit, args.queries)
     results = []
     with tempfile.TemporaryDirectory(prefix="aquila-rerank-") as tmp:
-        for itype in TYPES:
-            results.append(asyncio.run(measure(Path(tmp) / itype, itype, ds.base, ds.queries,
-                                               ds.gt)))
+        for itype in args.types.split(","):
+            with contextlib.ExitStack() as stack:
+                if itype == OLD_PQ:
+                    saved = VectorIndex.__dict__["new_ivf"]
+                    VectorIndex.new_ivf = staticmethod(old_new_ivf)  # type: ignore[method-assign]
+                    stack.callback(setattr, VectorIndex, "new_ivf", saved)
+                results.append(asyncio.run(measure(Path(tmp) / itype, itype, ds.base,
+                                                   ds.queries, ds.gt, args.timed)))
     head = " | ".join(f"nprobe {n}" for n in NPROBES)
     print(f"\n{ds.n:,} vectors of dim {ds.dim}, {len(ds.queries)} queries, recall@{K}\n")
     print(f"| index | nlist | index bytes/vector | | {head} |")
@@ -104,6 +166,22 @@ def main() -> None:
             cells = " | ".join(f"{figs[n]:.3f}" for n in NPROBES)
             print(f"| {r['type']} | {r['nlist']} | {r['bytes_per_vector']:.0f} | {label} | "
                   f"{cells} |")
+    timings = [r for r in results if "timed" in r]
+    if timings:
+        ref = timings[0]["timed"]
+        assert isinstance(ref, dict)
+        print(f"\n{args.timed} single queries, µs per query: the index's search alone (for "
+              f"the candidates re-ranked) / the collection's whole search, re-ranked (x: "
+              f"against {timings[0]['type']}'s at the same nprobe) / the collection's, codes "
+              f"only\n")
+        print(f"| index | FAISS type | {head} |")
+        print("|---|---|" + "---:|" * len(NPROBES))
+        for r in timings:
+            t = r["timed"]
+            assert isinstance(t, dict)
+            cells = " | ".join(f"{t[n][0]:.0f} / {t[n][1]:.0f} ({t[n][1] / ref[n][1]:.2f}x) "
+                               f"/ {t[n][2]:.0f}" for n in NPROBES)
+            print(f"| {r['type']} | {r['faiss']} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,10 @@ from aquila.cluster.model.recall import (
     monotone,
     nprobe_for,
 )
-from aquila.cluster.model.spec import CollectionSpec, pq_m
+from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.files import commit_file, stage_file
 from aquila.node.storage.label_arrays import capacity, widened
+from aquila.node.storage.packed_lists import PackedLists, is_packed, repair
 
 # FAISS's bundled stubs lag its API (SearchParametersIVF keywords, DirectMap, ...).
 faiss: Any = _faiss
@@ -91,6 +92,14 @@ def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
         norms[norms == 0] = 1.0
     out: np.ndarray = x / norms  # a new C-contiguous array
     return out
+
+
+def fast_scan_m(dim: int) -> int:
+    """Sub-quantizers of ivf_pq's 4-bit codes: the divisor of `dim` whose sub-vectors are
+    nearest 4 dimensions (dim/4 when 4 divides it; of two as near, the finer), so a code is
+    about dim/8 bytes (48 at 384 dimensions, as the 8-bit codes before it)."""
+    return min((m for m in range(1, dim + 1) if dim % m == 0),
+               key=lambda m: (abs(dim / m - 4), -m))
 
 
 def choose_nlist(n: int, configured: int | None) -> int:
@@ -287,9 +296,11 @@ class VectorIndex:
                 quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric
             )
         elif kind == "ivf_pq":
-            m = pq_m(dim) or 1
-            nbits = 8 if n >= 256 * 16 else max(4, int(math.log2(max(16, n // 16))))
-            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, min(nbits, 8), metric)
+            # 4-bit codes scanned 32 at a time by SIMD (FAISS's fast scan, blocks of 32), the
+            # candidates re-ranked with the exact vectors (`search.OVERSAMPLE`). Snapshots of
+            # an 8-bit `IndexIVFPQ` still load and serve until the next training.
+            index = faiss.IndexIVFPQFastScan(quantizer, dim, nlist, fast_scan_m(dim), 4,
+                                             metric, 32)
         else:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
         index.cp.min_points_per_centroid = 5  # small indexes train without FAISS's warnings
@@ -314,8 +325,18 @@ class VectorIndex:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         _, assign = self.index.quantizer.search(x, 1)
         assign = np.ascontiguousarray(assign[:, 0])
-        self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids),
-                            faiss.swig_ptr(assign))
+        if is_packed(self.index, faiss):
+            # FAISS's add_core would write the codes unpacked into packed lists.
+            codes = np.empty((len(x), int(self.index.code_size)), dtype=np.uint8)
+            self.index.encode_vectors(len(x), faiss.swig_ptr(x), faiss.swig_ptr(assign),
+                                      faiss.swig_ptr(codes), False)
+            packed = PackedLists(self.index, faiss)
+            for no, rows in _groups(assign):
+                packed.append(no, ids[rows], codes[rows])
+            self.index.ntotal = self.ntotal + len(x)
+        else:
+            self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids),
+                                faiss.swig_ptr(assign))
         self._note_lists(np.asarray(labels, dtype=np.int64), assign)
 
     def remove(self, labels: np.ndarray) -> None:
@@ -352,6 +373,7 @@ class VectorIndex:
         if not len(ids):
             return 0
         inv = self.index.invlists
+        packed = PackedLists(self.index, faiss) if is_packed(self.index, faiss) else None
         code_size = int(inv.code_size)
         removed = 0
         for no, rows in _groups(lists):
@@ -366,6 +388,11 @@ class VectorIndex:
             if not k:
                 continue
             m = n - k
+            if packed is not None:
+                packed.fill(no, n, np.flatnonzero(gone[:m]),
+                            m + np.flatnonzero(~gone[m:])[::-1], m)
+                removed += k
+                continue
             if k == 1:  # the usual case: the last entry takes the place of the one removed
                 at = int(gone.argmax())
                 if at != m:
@@ -479,7 +506,8 @@ class VectorIndex:
         keys = np.asarray(keys, dtype=np.int64)
         ids, lists = self.ids(keys), self._list_numbers(keys)
         inv = self.index.invlists
-        code_size = int(inv.code_size)
+        packed = PackedLists(self.index, faiss) if is_packed(self.index, faiss) else None
+        code_size = int(self.index.code_size)
         coarse = int(self.index.coarse_code_size())
         # Each key's code as `sa_decode` takes it: its list number (little-endian, as
         # FAISS's encode_listno writes it), then the list's code.
@@ -500,7 +528,10 @@ class VectorIndex:
                 at = sorter[np.minimum(np.searchsorted(own, ids[rows], sorter=sorter), n - 1)]
                 hit = own[at] == ids[rows]
                 rows, at = rows[hit], at[hit]
-            if len(at):
+            if len(at) and packed is not None:
+                codes[rows, coarse:] = packed.read(no, at)
+                found[rows] = True
+            elif len(at):
                 listed = faiss.rev_swig_ptr(inv.get_codes(no), n * code_size).reshape(
                     n, code_size)
                 codes[rows, coarse:] = listed[at]
@@ -538,11 +569,16 @@ class VectorIndex:
     def memory_bytes(self) -> int:
         """An estimate of the memory the index holds (for /metrics): per vector its code and
         its 64-bit id, and its entry in the id map (IVF: the label → list map, 2 bytes;
-        flat: FAISS's hash entry); an IVF index's centroids too."""
+        flat: FAISS's hash entry); an IVF index's centroids too. A fast-scan index's codes
+        fill whole blocks of 32 per list."""
         n, d = self.ntotal, int(self.index.d)
         if self.trained:
             code = int(faiss.extract_index_ivf(self.index).code_size)
-            return n * (code + 8 + 2) + int(self.index.nlist) * d * 4
+            codes = n * code
+            if is_packed(self.index, faiss):  # whole blocks of codes per list
+                nvec = int(faiss.downcast_InvertedLists(self.index.invlists).n_per_block)
+                codes = int((-(-self.list_sizes() // nvec)).sum()) * nvec * code
+            return codes + n * (8 + 2) + int(self.index.nlist) * d * 4
         return n * (d * 4 + 8 + 16)
 
     # -- snapshots ------------------------------------------------------------------------
@@ -603,7 +639,8 @@ class VectorIndex:
                 if check != crc:
                     return None
                 f.seek(n0 + meta_len)
-                index = faiss.read_index(faiss.PyCallbackIOReader(f.read, _READ_CHUNK))
+                index = repair(faiss.read_index(faiss.PyCallbackIOReader(f.read, _READ_CHUNK)),
+                               faiss)
         except (OSError, RuntimeError):
             return None
         meta = orjson.loads(raw_meta)

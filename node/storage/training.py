@@ -31,6 +31,7 @@ from aquila.node.storage.index import (
     faiss,
     faiss_metric,
 )
+from aquila.node.storage.packed_lists import repair
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def compacted(index: VectorIndex, scratch: Path) -> VectorIndex:
             return index
         index.index = None
         trim()
-        fresh = faiss.read_index(str(scratch))
+        fresh = repair(faiss.read_index(str(scratch)), faiss)
     finally:
         with contextlib.suppress(OSError):
             scratch.unlink()
