@@ -56,7 +56,17 @@ class _Storage:
         labels = GaugeMetricFamily("aquila_labels", "The collection's labels on this node, by "
                                    "kind (given: what the arrays over labels are sized by)",
                                    labels=["collection", "kind"])
+        compactions = CounterMetricFamily("aquila_index_compactions", "Compactions of the "
+                                          "collection's index lists on this node (each list "
+                                          "allocated to its size once writes paused)",
+                                          labels=["collection"])
+        added = GaugeMetricFamily("aquila_index_added_since_compaction", "Vectors added to "
+                                  "the collection's trained index on this node since its lists "
+                                  "were last allocated to their size (a training, compaction "
+                                  "or load)", labels=["collection"])
         for name, f in figures:
+            compactions.add_metric([name], f.get("compactions", 0))
+            added.add_metric([name], f.get("added_since_compaction", 0))
             for kind, n in sorted(f.get("labels", {}).items()):
                 labels.add_metric([name, kind], n)
             docs.add_metric([name], f["documents"])
@@ -66,7 +76,7 @@ class _Storage:
             faiss.add_metric([name], f["faiss_bytes"])
             for kind, n in sorted(f["rocksdb_bytes"].items()):
                 rocks.add_metric([name, kind], n)
-        yield from (docs, vectors, state, faiss, rocks, labels)
+        yield from (docs, vectors, state, faiss, rocks, labels, compactions, added)
 
 
 class _SearchPlans:

@@ -95,6 +95,16 @@ async def memory_parts(session: aiohttp.ClientSession, url: str) -> dict[str, fl
     return out
 
 
+async def compactions(session: aiohttp.ClientSession, url: str) -> int | None:
+    """The collection's index compactions so far (None: a node that reports none)."""
+    async with session.get(f"{url}/metrics") as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if line.startswith(f'aquila_index_compactions_total{{collection="{COLLECTION}"}}'):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
 def du_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -131,10 +141,26 @@ async def wait_settled(session: aiohttp.ClientSession, url: str, n: int,
         states = {s["index_state"] for s in desc["shard_states"]}
         due = any(s.get("index", {}).get("retrain_at", 0) and
                   s["index"]["retrain_at"] <= desc["count"] for s in desc["shard_states"])
-        if states == {"trained"} and desc["count"] == n and not due:
+        if (states == {"trained"} and desc["count"] == n and not due
+                and not await compaction_due(session, url)):
             return dict(desc)
         await asyncio.sleep(1)
     raise RuntimeError("the collection did not settle")
+
+
+async def compaction_due(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether the node's index lists are due a compaction once writes pause (the node's
+    default threshold: a quarter of the index, and 50,000 vectors, added since the last);
+    False for a node that reports none (older code)."""
+    async with session.get(f"{url}/metrics") as r:
+        text = await r.text()
+    added = vectors = None
+    for line in text.splitlines():
+        if line.startswith(f'aquila_index_added_since_compaction{{collection="{COLLECTION}"}}'):
+            added = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f'aquila_index_vectors{{collection="{COLLECTION}"}}'):
+            vectors = float(line.rsplit(" ", 1)[1])
+    return added is not None and vectors is not None and added >= max(50_000, vectors / 4)
 
 
 class AttachedNode(Node):
@@ -383,6 +409,7 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
             out["trained_after_start_s"] = round(secs + out["settled_after_ingest_s"], 1)
             info = desc["shard_states"][0].get("index", {})
             out["nlist"], out["trained_at"] = info.get("nlist"), info.get("trained_at")
+            out["compactions"] = await compactions(s, url)
             out["shards"] = desc["shards"]
             out["recall_curve"] = info.get("recall_curve")
             log(f"{itype}: trained (nlist {out['nlist']}) after "
@@ -719,7 +746,8 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"({r.get('uptime', '')})")
         lines.append(f"  ingest {r.get('ingest_docs_per_s', 0):,} docs/s; trained "
                      f"{r.get('settled_after_ingest_s')} s after the last write "
-                     f"(nlist {r.get('nlist')}, trained on {r.get('trained_at')})")
+                     f"(nlist {r.get('nlist')}, trained on {r.get('trained_at')}; "
+                     f"index compactions {r.get('compactions')})")
         lines.append(f"  RSS {r.get('rss_mib')} MiB = {r.get('rss_over_raw')}x raw after ingest; "
                      f"{r.get('rss_mib_after_restart')} MiB = "
                      f"{r.get('rss_after_restart_over_raw')}x after a restart; peaks "

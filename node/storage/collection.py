@@ -88,6 +88,10 @@ TRAIN_CHUNK = 65_536
 # CATCH_UP_ROUNDS were made; then its lists are compacted.
 CATCH_UP_ROUNDS = 4
 CATCH_UP_TAIL = 16_384
+# A compaction's copy is dropped, not swapped in, when more changes than this were applied
+# after it was made: writes resumed (a bulk load's), and the rest would be replayed under every
+# lock; it is tried again at their next pause.
+COMPACT_TAIL = CATCH_UP_TAIL
 
 
 class _Unsynced(Exception):
@@ -150,6 +154,16 @@ class Tuning:
     # keeps serving meanwhile (its lists grow longer; recall at a given nprobe holds).
     retrain_quiet_s: float = 1.0
     retrain_max_wait_s: float = 30.0
+    # A trained index whose lists had at least compact_growth × its vectors, and compact_min,
+    # added since they were allocated to their size (`VectorIndex.added`) is compacted once
+    # writes pause for compact_quiet_s (`Collection._compact`): the adds grew every list by
+    # doubling (a bulk load that ends long after its last training: 1.6× the raw vectors
+    # against 1.4× for the same node restarted). Longer than a retraining's wait: a slow
+    # bulk load leaves gaps of a second between writes, and nothing is lost by waiting.
+    # compact_growth 0: never.
+    compact_growth: float = 0.25
+    compact_min: int = 50_000
+    compact_quiet_s: float = 5.0
     search_batch_rows: int = 512
     search_parallel: int = 4
     # RocksDB's memory of the node (see store.RocksMemory): every collection's, as one.
@@ -219,8 +233,10 @@ class Collection:
         self._deletes_since_scan: dict[int, float] = {}
         # Per shard, the change-log position a running training's index was built up to: its
         # catch-up replays the changes after it from the change log, which a purge must not
-        # take away (see `_purge_sync`).
+        # take away (see `_purge_sync`). A compaction's copy's too (see `_compact`).
         self._training_upto: dict[int, int] | None = None
+        self.compacting = False  # a compaction of the index's lists runs (`_compact`)
+        self.compactions = 0  # compactions swapped in (/metrics)
 
     @property
     def larger_is_better(self) -> bool:
@@ -681,11 +697,11 @@ class Collection:
 
     def _covered(self, shard: int) -> int:
         """The change-log position of the shard that the snapshot on disk covers, and the
-        index a training in progress is built from too: a delete at or below it is in every
-        index that may be loaded or trained. (One a training has still to replay into its
-        new index, its change after the index's start, is not: purged, its change key went
-        with it and the deleted vector stayed in the new index; its label given again, the
-        new index took that vector for the new document's.)"""
+        index a training (or a compaction's copy) in progress is built from too: a delete at
+        or below it is in every index that may be loaded or trained. (One a training has
+        still to replay into its new index, its change after the index's start, is not:
+        purged, its change key went with it and the deleted vector stayed in the new index;
+        its label given again, the new index took that vector for the new document's.)"""
         covered = self.snapshot_seqs.get(shard, 0)
         if self._training_upto is not None:
             covered = min(covered, self._training_upto.get(shard, covered))
@@ -764,7 +780,9 @@ class Collection:
         """What /metrics shows of this collection on this node (cheap: no I/O)."""
         return {"documents": self.count(), "vectors": self.index.ntotal,
                 "index_state": self.state, "faiss_bytes": self.index.memory_bytes(),
-                "rocksdb_bytes": self.store.memory_bytes(), "labels": self.label_figures()}
+                "rocksdb_bytes": self.store.memory_bytes(), "labels": self.label_figures(),
+                "compactions": self.compactions,
+                "added_since_compaction": self.index.added if self.index.trained else 0}
 
     def label_figures(self) -> dict[str, int]:
         """Over the local shards, the labels given (what the arrays over labels are sized
@@ -956,7 +974,8 @@ class Collection:
 
     def wants_training(self) -> bool:
         n = self.count()
-        if self.training or self.spec.index.type == "flat" or n < self.tuning.train_min:
+        if (self.training or self.compacting or self.spec.index.type == "flat"
+                or n < self.tuning.train_min):
             return False
         if not self.index.trained:
             return True
@@ -976,6 +995,7 @@ class Collection:
     def _maybe_train(self) -> None:
         if self.closed or not self.wants_training():
             self._wanted_since = None
+            self._maybe_compact()
             return
         wait = self._retrain_deferred()
         if wait > 0:
@@ -989,6 +1009,27 @@ class Collection:
     def _look_again(self) -> None:
         self._recheck = None
         self._maybe_train()
+
+    def _compaction_due(self) -> bool:
+        """Whether the adds since the index's lists were allocated to their size call for a
+        compaction (`Tuning.compact_growth`, `compact_min`)."""
+        index, tuning = self.index, self.tuning
+        return (index.trained and tuning.compact_growth > 0
+                and index.added >= max(tuning.compact_min, tuning.compact_growth * index.ntotal))
+
+    def _maybe_compact(self) -> None:
+        """Start a compaction when one is due and writes have paused for compact_quiet_s (as a
+        deferred retraining waits for them to); else look again when they may have. Never
+        beside a training (which compacts its own index) or another compaction."""
+        if self.closed or self.training or self.compacting or not self._compaction_due():
+            return
+        wait = self._last_write + self.tuning.compact_quiet_s - time.monotonic()
+        if wait > 0:
+            if self._recheck is None:
+                self._recheck = asyncio.get_running_loop().call_later(wait, self._look_again)
+            return
+        self.compacting = True
+        self._spawn(self._compact())
 
     def _training_set(self, upto: dict[int, int]) -> VectorIndex:
         """A new IVF index over the shards' documents up to `upto`, streamed from the store
@@ -1036,16 +1077,7 @@ class Collection:
             # is nobody else's yet), in rounds while writes keep coming; then compact its
             # lists (what the catch-up added grew them by doubling) and catch up with the
             # few writes made meanwhile, so that the swap below only replays the last few.
-            since, before = upto, math.inf
-            for _ in range(CATCH_UP_ROUNDS):
-                mark = self._applied()
-                await self.blocking.background(self._catch_up_sync, new, since)
-                since = mark
-                now = self._applied()
-                came = sum(now.get(s, q) - q for s, q in mark.items())
-                if came <= CATCH_UP_TAIL or came >= before:  # few left, or not converging
-                    break
-                before = came
+            since = await self._catch_up(new, upto)
             new = await self.blocking.background(self._compacted_sync, new)
             mark = self._applied()
             await self.blocking.background(self._catch_up_sync, new, since)
@@ -1058,13 +1090,7 @@ class Collection:
                     await _to_the_end(self.blocking.write(self._swap_sync, new, mark))
                     log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
             del new
-            # The old index's memory, freed by the swap, back to the system (outside locks);
-            # the memtables flushed: a training follows a pause in the writes, and what a
-            # bulk load left in them would stay there until the next writes fill them.
-            if not self.closed:  # a flush waits for the memtable switch: off the loop
-                await self.blocking.write(self.store.flush_memtables)
-            await self.blocking.background(shed_blocks, self.store.memory)  # the load's blocks
-            await self.blocking.background(trim)
+            await self._give_back()
         except TrainingStopped:
             log.info("%s: training stopped by the close", self.spec.name)
         except Exception:
@@ -1075,6 +1101,90 @@ class Collection:
         await self.snapshot()
         self._maybe_train()
 
+    async def _give_back(self) -> None:
+        """After a swap: the old index's memory, freed by it, back to the system (outside
+        locks); the memtables flushed: a swap follows a pause in the writes, and what a bulk
+        load left in them would stay there until the next writes fill them."""
+        if not self.closed:  # a flush waits for the memtable switch: off the loop
+            await self.blocking.write(self.store.flush_memtables)
+        await self.blocking.background(shed_blocks, self.store.memory)  # the load's blocks
+        await self.blocking.background(trim)
+
+    async def _catch_up(self, new: VectorIndex, since: dict[int, int]) -> dict[int, int]:
+        """Replay into `new` (nobody's but the caller's: no lock) the changes logged after
+        `since`, in rounds while writes keep coming (see CATCH_UP_ROUNDS); returns the
+        positions it has replayed up to (what a swap replays after)."""
+        before = math.inf
+        for _ in range(CATCH_UP_ROUNDS):
+            mark = self._applied()
+            await self.blocking.background(self._catch_up_sync, new, since)
+            since = mark
+            now = self._applied()
+            came = sum(now.get(s, q) - q for s, q in mark.items())
+            if came <= CATCH_UP_TAIL or came >= before:  # few left, or not converging
+                break
+            before = came
+        return since
+
+    async def _compact(self) -> None:
+        """The index with its lists allocated to their size, swapped in as a training's is:
+        a copy made under the read lock (searches go on; index updates wait, a fraction of a
+        second at 1M), caught up with the writes made since outside any lock, then swapped
+        in under every lock with the rest replayed; the old index freed on the write thread
+        and its memory given back. Memory: the index once more for that while (a scratch
+        file as a training's `compacted` uses saves nothing here: the old index serves until
+        the swap). The changes after the copy's position stay in the change log meanwhile
+        (`_covered`), as for a training. Writes that resumed meanwhile (more than
+        COMPACT_TAIL changes) drop the copy: its catch-up would race them, its lists grow by
+        doubling again, and the swap replay the rest under every lock (16 s at 1M during a
+        bulk load, old index and copy both in memory)."""
+        done = False
+        try:
+            held = dict(self.shards)
+            added, t0 = self.index.added, time.perf_counter()
+            async with self.rw.read():  # no index update in between: the copy is at `mark`
+                mark = self._applied()
+                self._training_upto = mark
+                new = await _to_the_end(self.blocking.write(self._copy_sync))
+            upto = self._applied()  # the writes made since (usually none), outside any lock
+            await self.blocking.background(self._catch_up_sync, new, mark)
+            came = sum(q - mark.get(s, q) for s, q in self._applied().items())
+            if came > COMPACT_TAIL:
+                log.info("%s: writes resumed while compacting (%d changes); not swapped",
+                         self.spec.name, came)
+            else:
+                async with self._exclusive():
+                    if self.shards != held:
+                        log.info("%s: shards changed while compacting; not swapped",
+                                 self.spec.name)
+                    else:
+                        await _to_the_end(self.blocking.write(self._swap_sync, new, upto, True))
+                        done = True
+                        self.compactions += 1
+            del new
+            if done:
+                log.info("%s: index lists compacted (%d vectors, %d added since the last "
+                         "time) in %.2f s", self.spec.name, self.index.ntotal, added,
+                         time.perf_counter() - t0)
+                await self._give_back()
+            else:  # the copy's memory back to the system
+                await self.blocking.background(trim)
+        except TrainingStopped:
+            pass
+        except Exception:
+            log.exception("%s: compaction failed", self.spec.name)
+            if not done:  # not tried again before as many vectors more are added
+                self.index.added = 0
+        finally:
+            self.compacting = False
+            self._training_upto = None
+        self._maybe_train()
+
+    def _copy_sync(self) -> VectorIndex:
+        if self.closed:
+            raise TrainingStopped(self.spec.name)
+        return self.index.compact_copy()
+
     def _applied(self) -> dict[int, int]:
         """Per shard held, the change-log position its index has applied up to."""
         return {s: sh.applied_seq for s, sh in self.shards.items()}
@@ -1084,9 +1194,14 @@ class Collection:
             shard = self.shards.get(s)
             if shard is not None:
                 for ops in shard.replay(q):
+                    if self.closed:  # the store closes next: not read past a chunk
+                        raise TrainingStopped(self.spec.name)
                     self._apply_sync(ops, new)
 
-    def _swap_sync(self, new: VectorIndex, upto: dict[int, int]) -> None:
+    def _swap_sync(self, new: VectorIndex, upto: dict[int, int], same: bool = False) -> None:
+        """`new` in place of the index, the changes after `upto` replayed into it. `same`:
+        it holds what the index did (a compaction's copy), so the snapshot of the one is the
+        other's (see `_saved`)."""
         old, self.index = self.index, new
         try:
             for s, shard in self.shards.items():
@@ -1099,7 +1214,7 @@ class Collection:
         # next snapshot ended (past the heap trim that follows the swap), and was freed on the
         # event loop then (millions of FAISS's hash entries). The new one is unsaved anyway.
         if self._saved is old:
-            self._saved = None
+            self._saved = new if same else None
         del old
 
     def _dirty(self) -> bool:
@@ -1130,7 +1245,7 @@ class Collection:
         if self.closed or not self._dirty():
             return
         async with self._saving:
-            if self.closed:
+            if self.closed or not self._dirty():  # the one waited for covered it all
                 return
             async with self.rw.read():
                 covered = self._applied()

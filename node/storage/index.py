@@ -136,6 +136,11 @@ class VectorIndex:
     _params: dict[int, Any] = field(default_factory=dict, repr=False)
     # IVF: the lists' imbalance factor and the vectors held when it was computed (`imbalance`).
     _imbalance: tuple[float, int] | None = field(default=None, repr=False)
+    # IVF: vectors added since the inverted lists were last allocated to their size (by
+    # FAISS reading the index: a load, a training's `compacted`, `compact_copy`). Each add
+    # grows a full list by doubling, and a bulk load's adds leave up to as much again unused
+    # (`Collection._maybe_compact` looks at this).
+    added: int = field(default=0, repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -337,7 +342,22 @@ class VectorIndex:
         else:
             self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids),
                                 faiss.swig_ptr(assign))
+        self.added += len(x)
         self._note_lists(np.asarray(labels, dtype=np.int64), assign)
+
+    def compact_copy(self) -> VectorIndex:
+        """IVF: a copy of the index with each inverted list allocated to its size (FAISS's
+        clone copies a list's arrays at their length, where adds grew them by doubling); the
+        same entries in the same order, so what is derived from the lists (the label → list
+        map, copied) holds for both. Call while the index is not changed (a read lock); the
+        copy is nobody else's. Memory: the index once more, until the caller drops one."""
+        out = VectorIndex(faiss.clone_index(self.index), self.trained, self.trained_at,
+                          self.bits, curve=list(self.curve), by_rank=list(self.by_rank))
+        if self._lists is not None:
+            out._lists = {s: a.copy() for s, a in self._lists.items()}
+        # Read-only FAISS objects that depend on no entry: shared.
+        out._shard_sels, out._params = dict(self._shard_sels), dict(self._params)
+        return out
 
     def remove(self, labels: np.ndarray) -> None:
         """Remove these keys' vectors; keys not held are ignored."""

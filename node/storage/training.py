@@ -236,4 +236,5 @@ def compacted(index: VectorIndex, scratch: Path) -> VectorIndex:
             scratch.unlink()
     faiss.extract_index_ivf(fresh).set_direct_map_type(faiss.DirectMap.NoMap)
     index.index = fresh
+    index.added = 0
     return index
