@@ -351,8 +351,10 @@ class VectorIndex:
         same entries in the same order, so what is derived from the lists (the label → list
         map, copied) holds for both. Call while the index is not changed (a read lock); the
         copy is nobody else's. Memory: the index once more, until the caller drops one."""
-        out = VectorIndex(faiss.clone_index(self.index), self.trained, self.trained_at,
-                          self.bits, curve=list(self.curve), by_rank=list(self.by_rank))
+        # (A fast-scan clone's decoder points at the original's codebooks: `repair`.)
+        out = VectorIndex(repair(faiss.clone_index(self.index), faiss), self.trained,
+                          self.trained_at, self.bits, curve=list(self.curve),
+                          by_rank=list(self.by_rank))
         if self._lists is not None:
             out._lists = {s: a.copy() for s, a in self._lists.items()}
         # Read-only FAISS objects that depend on no entry: shared.
