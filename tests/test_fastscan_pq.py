@@ -266,3 +266,29 @@ def test_removal_leaves_no_codes_for_faiss_to_or_into() -> None:
         assert len(new)
         want = index.index.sa_encode(x[2000 + held[new] - 5000])[:, 1:]
         assert np.array_equal(packed.read(no, new), want)
+
+
+# The snapshot magic every release before the fast scan reads (and none other).
+OLDER_MAGIC = b"AQIX3\n"
+
+
+def test_a_fast_scan_snapshot_is_one_older_code_refuses(tmp_path: Path) -> None:
+    """Older code takes a snapshot with its magic for an index it may add to with FAISS's
+    add_core, which writes codes unpacked into the fast scan's block-packed lists (a node
+    rolled back crashed in malloc at its first write, or served garbage): a fast-scan
+    snapshot carries another magic, so that older code rebuilds from the store. ivf_sq8's
+    (no change of format) still carries the old one; both load here."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    keys = global_key(0, 1) + np.arange(len(x), dtype=np.int64)
+    for kind, older_reads in (("ivf_pq", False), ("ivf_sq8", True)):
+        spec = CollectionSpec("c", 16, "l2", 1, 1, IndexSpec(kind, nlist=8))
+        index = VectorIndex.new_ivf(spec, 8, len(x))
+        index.index.train(x)
+        index.add(x, keys)
+        path = tmp_path / f"{kind}.aqix"
+        index.save(path, {0: 7})
+        assert path.read_bytes().startswith(OLDER_MAGIC) == older_reads, kind
+        loaded = VectorIndex.load(path, 1)
+        assert loaded is not None and loaded[1] == {0: 7}, kind
+        np.testing.assert_array_equal(loaded[0].vectors_of(keys), index.vectors_of(keys))

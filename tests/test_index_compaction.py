@@ -17,11 +17,13 @@ memory (1.6× the raw vectors for `ivf_flat` at 1M against 1.4× restarted).
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import weakref
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pytest
 
@@ -366,3 +368,27 @@ async def test_a_compaction_that_writes_outran_is_dropped_and_tried_again(
     finally:
         go_on.set()
         await engine.close()
+
+
+def test_a_fast_scan_copy_decodes_by_its_own_codebooks_once_the_index_is_freed() -> None:
+    """ivf_pq (FAISS's fast scan): FAISS's clone of the index keeps the pointer decoding
+    follows (`fine_quantizer`) at the original's product quantizer; the copy swapped in, the
+    original freed, `vectors_of` (a filtered search's exact scoring) would read freed memory."""
+    spec = CollectionSpec("c", 16, "l2", 1, 1, IndexSpec("ivf_pq", nlist=8))
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    keys = global_key(0, 1) + np.arange(len(x), dtype=np.int64)
+    index = VectorIndex.new_ivf(spec, 8, len(x))
+    index.index.train(x)
+    index.add(x, keys)
+    want = index.vectors_of(keys)
+    copy = index.compact_copy()
+    fine = copy.index.fine_quantizer
+    assert fine is not None and int(fine.this) == int(copy.index.pq.this)
+    del index
+    gc.collect()
+    # The freed codebooks' memory taken again by others.
+    taken = [faiss.ProductQuantizer(16, 4, 4) for _ in range(64)]
+    for pq in taken:
+        pq.train(x[:1024])
+    np.testing.assert_array_equal(copy.vectors_of(keys), want)

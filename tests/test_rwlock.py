@@ -96,3 +96,59 @@ async def test_a_reader_cancelled_while_waiting_holds_nothing() -> None:
         async with lock.write():
             pass
     assert lock.readable_now()
+
+
+async def test_a_writer_cancelled_while_waiting_lets_the_readers_behind_it_in() -> None:
+    # A reader in, a writer waiting for it, a reader waiting behind the writer: the writer
+    # gives up (a drop or a training cancelled by a stop). Once the first reader leaves, the
+    # late reader must get in, with no other writer coming to wake it.
+    lock = RWLock()
+    first = lock.read()
+    await first.__aenter__()
+    writer = asyncio.ensure_future(_write_once(lock))
+    await settle()
+    late = asyncio.ensure_future(_read_once(lock))
+    await settle()
+    assert not late.done()  # behind the writer
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    await first.__aexit__(None, None, None)
+    await asyncio.wait_for(late, DEADLINE_S)
+
+
+async def test_a_writer_cancelled_once_woken_lets_the_readers_woken_with_it_in() -> None:
+    # A writer in; a reader, then a second writer, wait for it. The first writer leaves and
+    # wakes both; the reader looks first and sees the second writer still waiting; the second
+    # writer is cancelled before it looks. Nobody holds the lock then: the reader must get in.
+    lock = RWLock()
+    entered, release = asyncio.Event(), asyncio.Event()
+    waiting: list[asyncio.Future[None]] = []
+
+    async def hold() -> None:
+        async with lock.write():
+            entered.set()
+            await release.wait()
+        waiting[0].cancel()  # in the same turn as the wake-up: before the writer looks
+
+    first = asyncio.ensure_future(hold())
+    await asyncio.wait_for(entered.wait(), DEADLINE_S)
+    reader = asyncio.ensure_future(_read_once(lock))
+    await settle()
+    waiting.append(asyncio.ensure_future(_write_once(lock)))
+    await settle()
+    release.set()
+    await asyncio.wait_for(first, DEADLINE_S)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[0]
+    await asyncio.wait_for(reader, DEADLINE_S)
+
+
+async def _write_once(lock: RWLock) -> None:
+    async with lock.write():
+        pass
+
+
+async def _read_once(lock: RWLock) -> None:
+    async with lock.read():
+        pass

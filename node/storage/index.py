@@ -48,6 +48,11 @@ faiss: Any = _faiss
 
 # 3: FAISS ids interleave the shard below the label (2 had global keys; it is rebuilt).
 _SNAP_MAGIC = b"AQIX3\n"
+# 4: the same, of a fast-scan index (ivf_pq): code before it would take the file and add to
+# its block-packed lists with FAISS's add_core (codes written unpacked: heap corruption); it
+# refuses this magic and rebuilds from the store. Other indexes are written as 3 still.
+_SNAP_MAGIC_PACKED = b"AQIX4\n"
+_SNAP_MAGICS = (_SNAP_MAGIC, _SNAP_MAGIC_PACKED)
 # trained-at count, kind (0 flat, 1 ivf), shard bits, crc32 of meta + payload, meta length,
 # payload length
 _SNAP_HEADER = struct.Struct(">QBBIQQ")
@@ -351,6 +356,7 @@ class VectorIndex:
         same entries in the same order, so what is derived from the lists (the label → list
         map, copied) holds for both. Call while the index is not changed (a read lock); the
         copy is nobody else's. Memory: the index once more, until the caller drops one."""
+        # (A fast-scan clone's decoder points at the original's codebooks: `repair`.)
         out = VectorIndex(repair(faiss.clone_index(self.index), faiss), self.trained,
                           self.trained_at, self.bits, curve=list(self.curve),
                           by_rank=list(self.by_rank))
@@ -612,6 +618,7 @@ class VectorIndex:
         meta = orjson.dumps({"covered": {str(s): q for s, q in covered.items()},
                              "curve": self.curve, "by_rank": self.by_rank})
         n0 = len(_SNAP_MAGIC) + _SNAP_HEADER.size
+        magic = _SNAP_MAGIC_PACKED if is_packed(self.index, faiss) else _SNAP_MAGIC
 
         def fill(f: BinaryIO) -> None:
             f.write(bytes(n0))  # the header, once the checksum is known
@@ -626,7 +633,7 @@ class VectorIndex:
 
             faiss.write_index(self.index, faiss.PyCallbackIOWriter(put, _READ_CHUNK))
             f.seek(0)
-            f.write(_SNAP_MAGIC + _SNAP_HEADER.pack(self.trained_at, int(self.trained),
+            f.write(magic + _SNAP_HEADER.pack(self.trained_at, int(self.trained),
                                                     self.bits, crc, len(meta), size))
 
         return stage_file(path, fill)
@@ -646,7 +653,7 @@ class VectorIndex:
         try:
             with path.open("rb") as f:
                 head = f.read(n0)
-                if len(head) < n0 or head[: len(_SNAP_MAGIC)] != _SNAP_MAGIC:
+                if len(head) < n0 or head[: len(_SNAP_MAGIC)] not in _SNAP_MAGICS:
                     return None
                 trained_at, kind, bits, crc, meta_len, length = _SNAP_HEADER.unpack_from(
                     head, len(_SNAP_MAGIC))

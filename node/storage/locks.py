@@ -51,8 +51,14 @@ class RWLock:
             self._writers_waiting += 1
             try:
                 await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            finally:
+            except BaseException:
+                # Given up (cancelled): readers that waited behind this writer alone must
+                # look again, or they wait for the next writer to leave (a reader's exit
+                # wakes nobody when no writer waits).
                 self._writers_waiting -= 1
+                self._cond.notify_all()
+                raise
+            self._writers_waiting -= 1
             self._writer = True
         try:
             yield

@@ -26,11 +26,11 @@ def is_packed(index: Any, faiss: Any) -> bool:
 
 def repair(index: Any, faiss: Any) -> Any:
     """A fast-scan index as FAISS 1.15.1 reads it back lacks the pointer to its product
-    quantizer that decoding follows (`sa_decode` crashed): set again; its lists' packer too,
-    should a reader leave it out. Other indexes pass as they are."""
+    quantizer that decoding follows (`sa_decode` crashed), and one it clones keeps the
+    original's (freed with it): set to its own; its lists' packer too, should a reader leave
+    it out. Other indexes pass as they are."""
     if is_packed(index, faiss):
-        if index.fine_quantizer is None:
-            index.fine_quantizer = index.pq
+        index.fine_quantizer = index.pq
         if faiss.downcast_InvertedLists(index.invlists).packer is None:
             index.init_code_packer()
     return index
