@@ -836,10 +836,11 @@ class Collection:
         the search threads are idle, where the hop to one and back costs more than the
         search (a peer's sub-search: its coordinator batches them under load)."""
         q = prepare(queries, self.spec.metric)
+        index = self.index  # the one searched: a swap may come while the search waits
         if recall is not None:
             # Holding part of the collection, this node holds part of its k best: it
             # meets the target on its share of them (see `model.recall.share_top`).
-            probe = self.index.nprobe_for(
+            probe = index.nprobe_for(
                 recall, share_top(k, len(self.shards), self.spec.shards))
         else:
             probe = nprobe or self.spec.index.nprobe
@@ -853,22 +854,16 @@ class Collection:
             else:
                 rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
             if plans is not None:
-                probed = self._probed(probe)
+                probed = _probed(index, probe)
                 plans.update({s: {"shard": s, "path": "unfiltered", **probed,
                                   "documents": self.shards[s].count} for s in wanted})
             return [row[:k] for row in rows]
         how = FilterQuery.of(predicate) if isinstance(predicate, Filter) else predicate
         answers = await self._filtered.submit((probe, wanted, with_vectors, how), q, k)
         if plans is not None and answers:
-            probed = self._probed(probe)
+            probed = _probed(index, probe)
             plans.update({p["shard"]: {**probed, **p} for p in answers[0][1]})
         return [row[:k] for row, _ in answers]
-
-    def _probed(self, probe: int) -> dict[str, int]:
-        """The probes a plan names (an exact index probes no lists: a search by recall then
-        reports 1, the whole index). Only when plans are asked for: the index's nlist is a
-        SWIG attribute, read at a cost."""
-        return {"nprobe": max(1, min(probe, self.index.nlist))} if self.index.trained else {}
 
     def _inline_ok(self, nq: int, k: int, probe: int, wanted: tuple[int, ...],
                    with_vectors: bool) -> bool:
@@ -1299,3 +1294,10 @@ def _least_delete(docs: list[Incoming]) -> float:
 def _incoming(doc_id: str, rec: Record) -> Incoming:
     vec = None if rec.tombstone else rec.vector_array()
     return Incoming(doc_id, vec, rec.metadata, rec.version, rec.writer)
+
+
+def _probed(index: VectorIndex, probe: int) -> dict[str, int]:
+    """The probes a plan names (an exact index probes no lists: a search by recall then
+    reports 1, the whole index), of the index a search started on. Only when plans are asked
+    for: the index's nlist is a SWIG attribute, read at a cost."""
+    return {"nprobe": max(1, min(probe, index.nlist))} if index.trained else {}

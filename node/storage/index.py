@@ -489,12 +489,16 @@ class VectorIndex:
         return self._lists.get(shard, np.zeros(0, _list_type(self.index.nlist)))
 
     def list_sizes(self) -> np.ndarray:
-        """IVF: the number of vectors in each inverted list."""
+        """IVF: the number of vectors in each inverted list (cached until the next change:
+        call under the index's read lock)."""
         if self._sizes is None:
-            inv = self.index.invlists
-            self._sizes = np.fromiter((inv.list_size(no) for no in range(self.index.nlist)),
-                                      dtype=np.int64, count=self.index.nlist)
+            self._sizes = self._count_lists()
         return self._sizes
+
+    def _count_lists(self) -> np.ndarray:
+        inv = self.index.invlists
+        return np.fromiter((inv.list_size(no) for no in range(self.index.nlist)),
+                           dtype=np.int64, count=self.index.nlist)
 
     def coarse(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """IVF: per query, its `n` nearest lists, nearest first (distances, list numbers)."""
@@ -604,7 +608,9 @@ class VectorIndex:
             codes = n * code
             if is_packed(self.index, faiss):  # whole blocks of codes per list
                 nvec = int(faiss.downcast_InvertedLists(self.index.invlists).n_per_block)
-                codes = int((-(-self.list_sizes() // nvec)).sum()) * nvec * code
+                # counted here, not cached: /metrics calls this under no lock, and sizes read
+                # while the write thread changes the lists must not outlive the call
+                codes = int((-(-self._count_lists() // nvec)).sum()) * nvec * code
             return codes + n * (8 + 2) + int(self.index.nlist) * d * 4
         return n * (d * 4 + 8 + 16)
 
