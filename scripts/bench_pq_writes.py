@@ -12,7 +12,6 @@ vector (`memory_bytes`).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -22,31 +21,17 @@ from typing import Any
 import numpy as np
 from bench_data import DEFAULT_DATA, load_real, missing_data_message
 
-from aquila.cluster.model.spec import CollectionSpec, IndexSpec, pq_m
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.storage.index import (
     LABEL_BITS,
     VectorIndex,
     choose_nlist,
     faiss,
-    faiss_metric,
     global_keys,
     prepare,
-    shard_bits,
 )
 
 SHARDS = 8
-
-
-def old_pq(spec: CollectionSpec, nlist: int, n: int) -> VectorIndex:
-    """ivf_pq as `VectorIndex.new_ivf` made it before the fast scan (commit 39c0d3b)."""
-    metric = faiss_metric(spec.metric)
-    m = pq_m(spec.dim) or 1
-    nbits = 8 if n >= 256 * 16 else max(4, int(math.log2(max(16, n // 16))))
-    index = faiss.IndexIVFPQ(faiss.IndexFlat(spec.dim, metric), spec.dim, nlist, m,
-                             min(nbits, 8), metric)
-    index.cp.niter = 10
-    index.set_direct_map_type(faiss.DirectMap.NoMap)
-    return VectorIndex(index, True, n, shard_bits(spec.shards))
 
 
 def per(f: Callable[[], Any], count: int) -> float:
@@ -115,7 +100,7 @@ def main() -> None:
     faiss.omp_set_num_threads(1)
     flat = CollectionSpec("c", ds.dim, "cosine", SHARDS, 1, IndexSpec("ivf_flat"))
     run("ivf_flat", VectorIndex.new_ivf(flat, nlist, n), x, keys, km.centroids)
-    run("ivf_pq before (8-bit)", old_pq(spec, nlist, n), x, keys, km.centroids)
+    run("ivf_pq before (8-bit)", VectorIndex.new_ivfpq8(spec, nlist, n), x, keys, km.centroids)
     run("ivf_pq (4-bit fast scan)", VectorIndex.new_ivf(spec, nlist, n), x, keys,
         km.centroids)
 

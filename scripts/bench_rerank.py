@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import sys
 import tempfile
 import time
@@ -32,31 +31,18 @@ from bench_data import DEFAULT_DATA, load_real, missing_data_message
 
 from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.sharding import shard_of
-from aquila.cluster.model.spec import CollectionSpec, IndexSpec, pq_m
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.storage import search
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
-from aquila.node.storage.index import VectorIndex, faiss, faiss_metric, prepare, shard_bits
+from aquila.node.storage.index import VectorIndex, prepare
 from aquila.node.storage.search import candidates
 
 SHARDS = 8
 NPROBES = (4, 8, 16, 32, 64)
 TYPES = ("ivf_flat", "ivf_sq8", "ivf_pq")
 OLD_PQ = "ivf_pq8"
-
-
-def old_new_ivf(spec: CollectionSpec, nlist: int, n: int) -> VectorIndex:
-    """`VectorIndex.new_ivf` for ivf_pq before the fast scan (commit 39c0d3b)."""
-    metric = faiss_metric(spec.metric)
-    m = pq_m(spec.dim) or 1
-    nbits = 8 if n >= 256 * 16 else max(4, int(math.log2(max(16, n // 16))))
-    index = faiss.IndexIVFPQ(faiss.IndexFlat(spec.dim, metric), spec.dim, nlist, m,
-                             min(nbits, 8), metric)
-    index.cp.min_points_per_centroid = 5
-    index.cp.niter = 10
-    index.set_direct_map_type(faiss.DirectMap.NoMap)
-    return VectorIndex(index, True, n, shard_bits(spec.shards))
 
 
 def recall(rows: list[list[str]], gt: np.ndarray) -> float:
@@ -151,7 +137,7 @@ def main() -> None:
             with contextlib.ExitStack() as stack:
                 if itype == OLD_PQ:
                     saved = VectorIndex.__dict__["new_ivf"]
-                    VectorIndex.new_ivf = staticmethod(old_new_ivf)  # type: ignore[method-assign]
+                    VectorIndex.new_ivf = staticmethod(VectorIndex.new_ivfpq8)  # type: ignore[method-assign]
                     stack.callback(setattr, VectorIndex, "new_ivf", saved)
                 results.append(asyncio.run(measure(Path(tmp) / itype, itype, ds.base,
                                                    ds.queries, ds.gt, args.timed)))

@@ -7,7 +7,6 @@ serves, until the next training makes the new type."""
 from __future__ import annotations
 
 import asyncio
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,15 @@ import pytest
 from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.filters import parse_filter
 from aquila.cluster.model.sharding import shard_of
-from aquila.cluster.model.spec import CollectionSpec, IndexSpec, pq_m
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import (
     VectorIndex,
-    faiss_metric,
     fast_scan_m,
     global_key,
     prepare,
-    shard_bits,
 )
 from aquila.node.storage.packed_lists import PackedLists
 from aquila.node.storage.store import Record
@@ -180,20 +177,6 @@ async def test_filtered_and_shard_subset_searches_answer_only_what_they_admit(
         await engine.close()
 
 
-def old_new_ivf(spec: CollectionSpec, nlist: int, n: int) -> VectorIndex:
-    """`VectorIndex.new_ivf` for ivf_pq as the node had it before the fast scan: 8-bit codes,
-    the divisor of dim nearest to dim/8 sub-quantizers, plain inverted lists."""
-    metric = faiss_metric(spec.metric)
-    m = pq_m(spec.dim) or 1
-    nbits = 8 if n >= 256 * 16 else max(4, int(math.log2(max(16, n // 16))))
-    index = faiss.IndexIVFPQ(faiss.IndexFlat(spec.dim, metric), spec.dim, nlist, m,
-                             min(nbits, 8), metric)
-    index.cp.min_points_per_centroid = 5
-    index.cp.niter = 10
-    index.set_direct_map_type(faiss.DirectMap.NoMap)
-    return VectorIndex(index, True, n, shard_bits(spec.shards))
-
-
 async def test_an_old_ivfpq_snapshot_serves_until_the_next_training(
     tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -206,7 +189,7 @@ async def test_an_old_ivfpq_snapshot_serves_until_the_next_training(
                                   version, "n") for i in range(lo, hi)])
 
     with monkeypatch.context() as m:
-        m.setattr(VectorIndex, "new_ivf", staticmethod(old_new_ivf))
+        m.setattr(VectorIndex, "new_ivf", staticmethod(VectorIndex.new_ivfpq8))
         engine = Engine(tmp_path, blocking, tuning, fsync=False)
         await engine.start()
         try:

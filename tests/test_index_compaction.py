@@ -137,6 +137,16 @@ def test_the_copy_holds_what_the_index_does_and_is_its_own(kind: str) -> None:
     np.testing.assert_array_equal(index.lists_of(0), lists)
 
 
+
+async def reopened_holds_exactly_the_stored(tmp_path: Path, blocking: Blocking) -> None:
+    """A node started again on the data holds in its index exactly the stored vectors."""
+    again = Engine(tmp_path, blocking, TUNING, fsync=False)
+    await again.start()
+    try:
+        await blocking.write(holds_exactly_the_stored, again.get("k"))
+    finally:
+        await again.close()
+
 async def test_a_compaction_waits_for_writes_to_pause_and_runs_once(
     tmp_path: Path, blocking: Blocking
 ) -> None:
@@ -287,12 +297,7 @@ async def test_a_compaction_without_writes_leaves_the_snapshot_current(
         assert not coll._dirty()
     finally:
         await engine.close()
-    again = Engine(tmp_path, blocking, TUNING, fsync=False)
-    await again.start()
-    try:
-        await blocking.write(holds_exactly_the_stored, again.get("k"))
-    finally:
-        await again.close()
+    await reopened_holds_exactly_the_stored(tmp_path, blocking)
 
 
 async def test_a_close_during_the_copy_waits_for_it(
@@ -322,12 +327,7 @@ async def test_a_close_during_the_copy_waits_for_it(
     finally:
         go_on.set()
         await engine.close()
-    again = Engine(tmp_path, blocking, TUNING, fsync=False)
-    await again.start()
-    try:
-        await blocking.write(holds_exactly_the_stored, again.get("k"))
-    finally:
-        await again.close()
+    await reopened_holds_exactly_the_stored(tmp_path, blocking)
 
 
 async def test_a_compaction_that_writes_outran_is_dropped_and_tried_again(

@@ -38,7 +38,7 @@ from aquila.cluster.model.recall import (
     monotone,
     nprobe_for,
 )
-from aquila.cluster.model.spec import CollectionSpec
+from aquila.cluster.model.spec import CollectionSpec, pq_m
 from aquila.node.files import commit_file, stage_file
 from aquila.node.storage.label_arrays import capacity, widened
 from aquila.node.storage.packed_lists import PackedLists, is_packed, repair
@@ -292,6 +292,22 @@ class VectorIndex:
         out.index.train(sample)
         out.add(vectors, labels)
         return out
+
+    @staticmethod
+    def new_ivfpq8(spec: CollectionSpec, nlist: int, n: int) -> VectorIndex:
+        """An untrained `ivf_pq` index as the node made it before the fast scan: FAISS's
+        `IndexIVFPQ`, 8-bit codes (fewer bits below 4,096 vectors), the divisor of dim
+        nearest dim/8 sub-quantizers, plain lists. Its snapshots still load and serve until
+        the next training; benchmarks and tests build one to compare with."""
+        metric = faiss_metric(spec.metric)
+        m = pq_m(spec.dim) or 1
+        nbits = 8 if n >= 256 * 16 else max(4, int(math.log2(max(16, n // 16))))
+        index = faiss.IndexIVFPQ(faiss.IndexFlat(spec.dim, metric), spec.dim, nlist, m,
+                                 min(nbits, 8), metric)
+        index.cp.min_points_per_centroid = 5
+        index.cp.niter = 10
+        index.set_direct_map_type(faiss.DirectMap.NoMap)
+        return VectorIndex(index, True, n, shard_bits(spec.shards))
 
     @staticmethod
     def new_ivf(spec: CollectionSpec, nlist: int, n: int) -> VectorIndex:
