@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,14 @@ def docs(shard: int, n: int) -> list[Incoming]:
                      b'{"n":%d}' % i, 1, "n1") for i in range(n)]
 
 
-@pytest.fixture
-async def coll(tmp_path: Path, blocking: Blocking) -> AsyncIterator[Collection]:
+@pytest.fixture(params=["ivf_flat"])
+async def coll(request: pytest.FixtureRequest, tmp_path: Path, blocking: Blocking
+               ) -> AsyncIterator[Collection]:
     engine = Engine(tmp_path, blocking, Tuning(train_min=200), fsync=False)
     await engine.start()
     try:
-        c = await engine.ensure(SPEC, [0, 1, 2], "u")
+        spec = replace(SPEC, index=replace(SPEC.index, type=request.param))
+        c = await engine.ensure(spec, [0, 1, 2], "u")
         await c.write({s: docs(s, 120) for s in range(3)})
         await wait_for(lambda: c.index.trained and not c.training, 30,
                        what="the training to end")
@@ -204,3 +207,17 @@ async def test_the_inline_bound_weighs_the_lists_as_they_are_filled(
     monkeypatch.setattr(collection_module, "INLINE_WORK", int(real) + 1)
     await coll.search(same[None], 5, 1, None, [0, 1, 2], inline=True)
     assert hops.calls == 1
+
+
+@pytest.mark.parametrize("coll", ["ivf_sq8", "ivf_pq"], indirect=True)
+async def test_a_search_that_re_ranks_goes_to_a_search_thread(
+    coll: Collection, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compressed index's candidates are read from the store to be re-ranked (two reads
+    each): that is not work for the event loop, however small the scan."""
+    hops = Hops(blocking, monkeypatch)
+    q = np.random.default_rng(2).standard_normal((1, 8)).astype(np.float32)
+    threaded = await coll.search(q, 5, 1, None, [0, 1, 2])
+    assert hops.calls == 1
+    assert await coll.search(q, 5, 1, None, [0, 1, 2], inline=True) == threaded
+    assert hops.calls == 2

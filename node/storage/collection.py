@@ -137,8 +137,9 @@ class IndexState:
 # Query rows a search thread takes at least when a batch is split over several.
 SPLIT_ROWS = 32
 # An inline search (see `Collection.search`) at most: query rows, vector components scanned
-# over all of them (centroids, lists probed, vectors read; about 1 ms), and candidates whose
-# records are read (two reads each through the block cache).
+# over all of them (centroids, lists probed, vectors read; about 1 ms), and hits whose
+# records are read (two reads each through the block cache). A search that re-ranks is not
+# inline (see `_inline_ok`).
 INLINE_ROWS = 8
 INLINE_WORK = 4_000_000
 INLINE_CANDIDATES = 256
@@ -871,7 +872,11 @@ class Collection:
         the index (nothing is awaited until it returns, so none can enter), no batch on the
         search threads, and the selector of part of the local shards already made (its
         bitmap costs in proportion to the labels given: a search thread makes it)."""
-        if (nq > INLINE_ROWS or nq * (want := candidates(self, k)) > INLINE_CANDIDATES
+        want = candidates(self, k)
+        # A compressed index's search re-ranks 4-10 candidates a hit, each two reads of the
+        # store (about 11 µs where the records exceed the block cache): up to a millisecond
+        # or more, for the hop's 10 µs saved. Not on the loop.
+        if (want > k or nq > INLINE_ROWS or nq * want > INLINE_CANDIDATES
                 or not self.rw.readable_now() or not self._batcher.idle):
             return False
         index = self.index
@@ -882,14 +887,11 @@ class Collection:
             lists = index.nlist
             probed = min(probe, lists)
             # The centroids compared, then the vectors of the lists probed (of the size a
-            # query like the data meets: uneven lists are longer where most vectors are);
-            # ivf_pq computes a distance table of 256 codes per list probed besides.
+            # query like the data meets: uneven lists are longer where most vectors are).
             scanned = lists + index.imbalance() * index.ntotal * probed / lists
-            if self.spec.index.type == "ivf_pq":
-                scanned += 256 * probed
         else:
             scanned = index.ntotal
-        if with_vectors or want > k:  # the candidates' vectors read (and re-ranked)
+        if with_vectors:  # the hits' vectors read
             scanned += want
         return nq * scanned * self.spec.dim <= INLINE_WORK
 
