@@ -95,14 +95,24 @@ async def memory_parts(session: aiohttp.ClientSession, url: str) -> dict[str, fl
     return out
 
 
-async def compactions(session: aiohttp.ClientSession, url: str) -> int | None:
-    """The collection's index compactions so far (None: a node that reports none)."""
+async def collection_metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """The collection's one-number series on /metrics, by name (`aquila_index_vectors`, ...):
+    what a node of older code does not report is absent."""
     async with session.get(f"{url}/metrics") as r:
         text = await r.text()
+    out: dict[str, float] = {}
+    label = f'{{collection="{COLLECTION}"}} '
     for line in text.splitlines():
-        if line.startswith(f'aquila_index_compactions_total{{collection="{COLLECTION}"}}'):
-            return int(float(line.rsplit(" ", 1)[1]))
-    return None
+        name, sep, value = line.partition(label)
+        if sep and " " not in value:
+            out[name] = float(value)
+    return out
+
+
+async def compactions(session: aiohttp.ClientSession, url: str) -> int | None:
+    """The collection's index compactions so far (None: a node that reports none)."""
+    n = (await collection_metrics(session, url)).get("aquila_index_compactions_total")
+    return None if n is None else int(n)
 
 
 def du_bytes(path: Path) -> int:
@@ -152,14 +162,9 @@ async def compaction_due(session: aiohttp.ClientSession, url: str) -> bool:
     """Whether the node's index lists are due a compaction once writes pause (the node's
     default threshold: a quarter of the index, and 50,000 vectors, added since the last);
     False for a node that reports none (older code)."""
-    async with session.get(f"{url}/metrics") as r:
-        text = await r.text()
-    added = vectors = None
-    for line in text.splitlines():
-        if line.startswith(f'aquila_index_added_since_compaction{{collection="{COLLECTION}"}}'):
-            added = float(line.rsplit(" ", 1)[1])
-        elif line.startswith(f'aquila_index_vectors{{collection="{COLLECTION}"}}'):
-            vectors = float(line.rsplit(" ", 1)[1])
+    m = await collection_metrics(session, url)
+    added = m.get("aquila_index_added_since_compaction")
+    vectors = m.get("aquila_index_vectors")
     return added is not None and vectors is not None and added >= max(50_000, vectors / 4)
 
 
