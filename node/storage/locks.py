@@ -22,14 +22,14 @@ class RWLock:
         return self._read
 
     async def _enter_read(self) -> None:
-        if not self._writer and not self._writers_waiting:
+        if self.readable_now():
             # Nothing awaited from the check on: no writer can come in between. A search
             # takes the lock this way unless a writer is about (no Condition, no task
             # switch); a writer's release wakes the readers that had to wait.
             self._readers += 1
             return
         async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+            await self._cond.wait_for(self.readable_now)
             self._readers += 1
 
     async def _exit_read(self) -> None:
