@@ -50,6 +50,7 @@ from bench_memparts import breakdown
 from bench_node import Node, call, code_pythonpath, rss_mib_of, wait_ready
 from wrkload import run_wrk, write_bodies
 
+from aquila.node.storage.collection import Tuning
 from aquila.node.storage.index import VectorIndex
 
 K = 10
@@ -159,13 +160,14 @@ async def wait_settled(session: aiohttp.ClientSession, url: str, n: int,
 
 
 async def compaction_due(session: aiohttp.ClientSession, url: str) -> bool:
-    """Whether the node's index lists are due a compaction once writes pause (the node's
-    default threshold: a quarter of the index, and 50,000 vectors, added since the last);
+    """Whether the node's index lists are due a compaction once writes pause (by the node's
+    default `Tuning`);
     False for a node that reports none (older code)."""
     m = await collection_metrics(session, url)
     added = m.get("aquila_index_added_since_compaction")
     vectors = m.get("aquila_index_vectors")
-    return added is not None and vectors is not None and added >= max(50_000, vectors / 4)
+    return (added is not None and vectors is not None
+            and Tuning().compaction_due(int(added), int(vectors)))
 
 
 class AttachedNode(Node):

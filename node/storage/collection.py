@@ -177,6 +177,12 @@ class Tuning:
     # tests and benchmarks; None lets the planner choose per shard.
     filter_path: str | None = None
 
+    def compaction_due(self, added: int, vectors: int) -> bool:
+        """Whether an index of `vectors` with `added` of them added since its lists were
+        allocated to their size calls for a compaction (compact_growth, compact_min)."""
+        return (self.compact_growth > 0
+                and added >= max(self.compact_min, self.compact_growth * vectors))
+
 
 class Collection:
     def __init__(
@@ -1010,9 +1016,8 @@ class Collection:
     def _compaction_due(self) -> bool:
         """Whether the adds since the index's lists were allocated to their size call for a
         compaction (`Tuning.compact_growth`, `compact_min`)."""
-        index, tuning = self.index, self.tuning
-        return (index.trained and tuning.compact_growth > 0
-                and index.added >= max(tuning.compact_min, tuning.compact_growth * index.ntotal))
+        index = self.index
+        return index.trained and self.tuning.compaction_due(index.added, index.ntotal)
 
     def _maybe_compact(self) -> None:
         """Start a compaction when one is due and writes have paused for compact_quiet_s (as a
