@@ -28,10 +28,12 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import contextvars
 import logging
 import os
+import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -448,11 +450,7 @@ class ServerChannel:
                     await self._send_error(req.id, Unavailable(
                         f"more than {self._cap} requests in flight on one channel"))
                     continue
-                task = loop.create_task(self._one(req))
-                self._tasks.add(task)
-                self._unwritten.add(task)
-                task.add_done_callback(self._tasks.discard)
-                task.add_done_callback(self._unwritten.discard)
+                self._start(req, loop)
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -467,6 +465,24 @@ class ServerChannel:
                                    CLOSE_S)
         if self._transport is not None and self._transport.get_write_buffer_size():
             self._transport.abort()  # what is still queued is not being read
+
+    def _start(self, req: wire.Request, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve one request at once, in the reader's turn, as far as it goes without waiting:
+        a sub-search run inline is answered before the next message is read, with no task made
+        and scheduled for it. What waits (a search thread, room to write) goes on in a task of
+        its own, in flight (`_unwritten`) until its answer is written. Each request runs in
+        its own copy of the context, as in a task (its request id is its own)."""
+        ctx = contextvars.copy_context()
+        coro = self._one(req)
+        try:
+            waits = ctx.run(coro.send, None)
+        except StopIteration:
+            return
+        task = loop.create_task(_finish(coro, waits), context=ctx)
+        self._tasks.add(task)
+        self._unwritten.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._unwritten.discard)
 
     async def _one(self, req: wire.Request) -> None:
         rid = req.rid if request_id.valid(req.rid) else None
@@ -520,5 +536,60 @@ class ServerChannel:
             return  # the client went away: nobody to answer
         msg = seal(self._send_seq)
         self._send_seq += 1
-        with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
-            await self._ws.send_bytes(msg)  # closing under us: the client fails its requests
+        transport = self._transport
+        if transport is None:  # not given: through aiohttp's writer
+            with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+                await self._ws.send_bytes(msg)  # closing under us: the client fails its requests
+        elif not transport.is_closing():
+            # The frame straight to the connection (one call, no coroutine): the channel's
+            # WebSocket is uncompressed, and a server's frames are not masked. `ws.closed`
+            # above keeps it from following a close frame; the drain above is the writer's.
+            transport.write(_binary_frame(msg))
+
+
+_LEN7 = struct.Struct("!BB")
+_LEN16 = struct.Struct("!BBH")
+_LEN64 = struct.Struct("!BBQ")
+_FIN_BINARY = 0x82  # a whole message in one frame (FIN), binary
+
+
+def _binary_frame(msg: bytes) -> bytes:
+    """A server's WebSocket frame of one binary message (RFC 6455 5.2: no mask, no
+    extension bits), as aiohttp's writer makes it."""
+    n = len(msg)
+    if n < 126:
+        head = _LEN7.pack(_FIN_BINARY, n)
+    elif n < 1 << 16:
+        head = _LEN16.pack(_FIN_BINARY, 126, n)
+    else:
+        head = _LEN64.pack(_FIN_BINARY, 127, n)
+    return head + msg
+
+
+async def _finish(coro: Coroutine[Any, Any, None], waits: Any) -> None:
+    """Drive `coro`, started outside any task and waiting on `waits` (what it yielded: a
+    future, or None for a bare yield), to its end in the task that runs this, as asyncio's
+    Task would from its second step on: the future's outcome is the coroutine's to read
+    (resumed, it asks the future itself); a cancellation of this task is thrown into it."""
+    while True:
+        try:
+            if waits is None:
+                await asyncio.sleep(0)
+            else:
+                # As a Task takes a yielded future: awaited here in the coroutine's stead.
+                waits._asyncio_future_blocking = False
+                await waits
+        except asyncio.CancelledError as exc:
+            try:
+                waits = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        except BaseException:
+            if waits is None or not waits.done():
+                raise
+            # The future's own failure: the coroutine, resumed, reads it from the future.
+        try:
+            waits = coro.send(None)
+        except StopIteration:
+            return
