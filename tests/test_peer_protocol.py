@@ -245,6 +245,25 @@ def test_hits_out_of_bounds() -> None:
         with pytest.raises(FrameError, match="metadata"):
             frames.decode_hits(hits(metadata=meta), 1, 5, 1, DIM, [0])
     assert frames.decode_hits(hits(metadata=b' {"a": [1]} '), 1, 5, 1, DIM, [0]).rows
+    # A later piece of metadata that is not an object fails the answer as the first would.
+    mixed = frames.encode_hits([[Hit("a", 1.0, b"{}", b"", 0), Hit("b", 0.5, b"[]", b"", 0)]],
+                               1, DIM)
+    with pytest.raises(FrameError, match="metadata"):
+        frames.decode_hits(mixed, 1, 5, 1, DIM, [0])
+
+
+def test_ids_are_utf8_each_not_only_together() -> None:
+    """The ids' bytes are decoded at once when they are ASCII; otherwise each id must be UTF-8
+    on its own: a character cut between two ids is refused though the whole is UTF-8."""
+    frame = frames.encode_hits([[Hit("ab", 1.0, b"{}", b"", 0), Hit("é", 0.5, b"{}", b"", 0)]],
+                               1, DIM)
+    assert [h.id for h in frames.decode_hits(frame, 1, 5, 1, DIM, [0]).rows[0]] == ["ab", "é"]
+    # The same bytes with the lengths moved by one: "ab\xc3" and "\xa9".
+    lens = struct.pack("<HH", 2, 2)
+    assert lens in frame
+    cut = frame.replace(lens, struct.pack("<HH", 3, 1), 1)
+    with pytest.raises(FrameError, match="UTF-8"):
+        frames.decode_hits(cut, 1, 5, 1, DIM, [0])
 
 
 def test_write_out_of_bounds() -> None:

@@ -22,7 +22,7 @@ import sys
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -127,7 +127,11 @@ class _Reader:
             raise FrameError(f"{what} must be {least} to {max_chars} characters")
         blob = self.take(sum(lens), what)
         try:
-            out = [blob[a:b].decode() for a, b in _spans(lens)]
+            text = blob.decode()
+            # All ASCII (ids are, as a rule): a character a byte, the text cut where the bytes
+            # are. Else each piece decoded (the whole may be UTF-8 and a piece not).
+            out = _cut(text, lens) if len(text) == len(blob) else [
+                piece.decode() for piece in _cut(blob, lens)]
         except UnicodeDecodeError:
             raise FrameError(f"{what} is not UTF-8") from None
         # Characters are counted only when some string has more bytes than `max_chars`.
@@ -138,8 +142,7 @@ class _Reader:
     def blobs(self, count: int, what: str) -> list[bytes]:
         """A column of `count` byte strings: their lengths (u32), then the bytes."""
         lens = self.column("I", count, f"{what} lengths")
-        blob = self.take(sum(lens), what)
-        return [blob[a:b] for a, b in _spans(lens)]
+        return _cut(self.take(sum(lens), what), lens)
 
     def json(self, what: str) -> Any:
         """A JSON part (u32 length; empty: None)."""
@@ -162,10 +165,18 @@ def _bounded(value: int, lo: int, hi: int, what: str) -> int:
     return value
 
 
-def _spans(lens: list[int]) -> zip[tuple[int, int]]:
-    """(start, end) of pieces of these lengths laid end to end."""
-    ends = list(itertools.accumulate(lens))
-    return zip([0, *ends[:-1]] if ends else [], ends, strict=True)
+_Cut = TypeVar("_Cut", bytes, str, list[Hit])
+
+
+def _cut(whole: _Cut, lens: list[int]) -> list[_Cut]:
+    """`whole` cut into consecutive pieces of these lengths (which add up to its own)."""
+    out = []
+    start = 0
+    for n in lens:
+        end = start + n
+        out.append(whole[start:end])
+        start = end
+    return out
 
 
 def _json_part(value: Any) -> bytes:
@@ -330,14 +341,18 @@ def decode_hits(buf: bytes, nq: int, k: int, flags: int, dim: int,
                 for j, (i, s, m, sh) in enumerate(zip(ids, scores, metas, of, strict=True))]
     else:
         hits = list(map(Hit, ids, scores, metas, itertools.repeat(b""), of))
-    return HitsFrame([hits[a:b] for a, b in _spans(counts)], plans)
+    return HitsFrame(_cut(hits, counts), plans)
 
 
 def _objects(metas: list[bytes]) -> None:
     """Each piece of metadata a JSON object: the coordinator puts them in its clients'
     answers as they are (`hit_json`), so a peer's must not be any other JSON, or none."""
+    loads = orjson.loads
     try:
-        if all(m == b"{}" or isinstance(orjson.loads(m), dict) for m in metas):
+        for m in metas:
+            if m != b"{}" and not isinstance(loads(m), dict):
+                break
+        else:
             return
     except orjson.JSONDecodeError:
         pass
