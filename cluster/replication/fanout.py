@@ -13,9 +13,10 @@ are reported missing; the caller decides between a partial answer and 503.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import operator
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from aquila.cluster.model.merge import merge_columns
 
 A = TypeVar("A")
 # Ask one node for these shards within `budget` seconds; one list of hits per query.
-AskNode = Callable[[str, list[int], float], Awaitable[list[list[Hit]]]]
+AskNode = Callable[[str, list[int], float], Coroutine[Any, Any, list[list[Hit]]]]
 
 # Hedge a slow node after this share of the budget, at most after HEDGE_MAX_S seconds.
 HEDGE_SHARE = 0.25
@@ -91,7 +92,7 @@ _UNKNOWN: Single = ("", [], [])
 
 async def gather_shards(
     candidates: dict[int, list[str]],
-    ask: Callable[[str, list[int], float], Awaitable[A]],
+    ask: Callable[[str, list[int], float], Coroutine[Any, Any, A]],
     restrict: Callable[[A, list[int]], A],
     clock: Clock,
     timeout_s: float,
@@ -131,7 +132,7 @@ async def gather_shards(
         for node, group in assign(candidates, tried, shards).items():
             for s in group:
                 tried[s] = tried.get(s, 0) + 1
-            task = asyncio.ensure_future(ask(node, group, budget))
+            task = loop.create_task(ask(node, group, budget))
             task.add_done_callback(on_end)
             inflight[task] = (node, group)
 
@@ -226,8 +227,7 @@ async def fan_out(
     return FanoutResult(rows, got.missing, got.errors, got.retried, got.hedged)
 
 
-def _score(h: Hit) -> float:
-    return h.score
+_score = operator.attrgetter("score")  # a hit's: the sort key of a small merge
 
 
 def _hits_of(rows: list[list[Hit]], shards: list[int]) -> list[list[Hit]]:
