@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aquila.cluster.model.bounds import vectors_within
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import BadRequest, Unavailable
 from aquila.cluster.model.operations import SearchRequest
@@ -558,3 +559,19 @@ async def test_lean_client_cannot_connect() -> None:
     await srv.stop()
     with pytest.raises(LeanError, match="cannot connect"):
         await LeanClient(1 << 20).request("a", "127.0.0.1", port, "POST", "/", {}, b"")
+
+
+@PROPS
+@given(st.lists(st.lists(
+    st.floats(width=32) | st.sampled_from([1e15, -1e15, 1.0000001e15, 5e14, 2e15, 3e38]),
+    min_size=1, max_size=8), min_size=1, max_size=3).filter(
+        lambda rows: len({len(r) for r in rows}) == 1))
+def test_a_frames_bounds_check_equals_the_componentwise_one(rows: list[list[float]]) -> None:
+    """A query frame's vectors are checked by one dot product when small (`frames.within`):
+    the same verdict as component by component, at the bound, beyond it, NaN and infinities
+    included."""
+    x = np.array(rows, dtype=np.float32)
+    assert frames.within(x) == bool(vectors_within(x).all())
+    for scale in (1e13, 4.9e14, 5.1e14):
+        y = np.full_like(x, scale)
+        assert frames.within(y) == bool(vectors_within(y).all())
