@@ -276,6 +276,12 @@ class Collection:
                 for s in sorted(self.store.shards_present() & set(shards)):
                     log.info("%s: upgrading shard %d's keys (once)", self.spec.name, s)
                     Shard.upgrade(self.store, s)
+            if layout < 5:  # 4 → 5: the vectors out of the records, under V (see store)
+                t0, split = time.monotonic(), 0
+                for s in sorted(self.store.shards_present() & set(shards)):
+                    split += self.store.split_vectors(s)
+                log.info("%s: moved %d documents' vectors to their own keys (once) in %.1f s",
+                         self.spec.name, split, time.monotonic() - t0)
             self.store.put_layout()
         # The keys of a shard not recorded as held are what a crash in the middle of a drop
         # left (see `drop_shard`): garbage, never read.
@@ -604,7 +610,8 @@ class Collection:
 
     def _digests_sync(self, shard: int, buckets: int) -> list[str]:
         return digests(
-            ((doc_id, rec.version, rec.writer) for doc_id, rec in self.store.iter_docs(shard)),
+            ((doc_id, rec.version, rec.writer)
+             for doc_id, rec in self.store.iter_docs(shard, vectors=False)),
             buckets,
         )
 
@@ -686,7 +693,8 @@ class Collection:
         for i in range(0, len(ids), PURGE_READ_CHUNK):
             if stop is not None and stop():
                 return 0, len(ids)
-            recs += self.store.get_records(shard, ids[i:i + PURGE_READ_CHUNK], cache=False)
+            recs += self.store.get_records(shard, ids[i:i + PURGE_READ_CHUNK], cache=False,
+                                           vectors=False)
         batch = WriteBatch()
         covered = self._covered(shard)
         old = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
@@ -764,7 +772,7 @@ class Collection:
         covered = min(upto, self._covered(shard.shard))
         if covered <= shard.released_seq:  # the snapshot dropped meanwhile (a shard's drop)
             return 0
-        recs = self.store.get_records(shard.shard, ids, cache=False)
+        recs = self.store.get_records(shard.shard, ids, cache=False, vectors=False)
         gone = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
                 if rec is not None and rec.tombstone and rec.label != NO_LABEL
                 and rec.seq <= covered]

@@ -5,7 +5,13 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
 
     b"M"                          -> collection spec (JSON)
     b"C" shard                    -> counters: next seq, next label, live documents (3 × u64)
-    b"D" shard id                 -> document record (see `Record`); tombstones too
+    b"D" shard id                 -> document record (see `Record`; its vector under V, not
+                                     here); tombstones too
+    b"V" shard label(u64 BE)      -> seq(u64 BE) + the vector's float32 bytes (little-endian),
+                                     for each live document: put, overwritten and deleted in
+                                     the batch of its record, so a search re-ranks and returns
+                                     vectors by label (no id, no record) and a training scans
+                                     only vectors
     b"Q" shard seq(u64 BE)        -> id: the change log, one entry per document (its latest
                                      change), so replay after a snapshot reads only what came after
     b"L" shard label(u64 BE)      -> id: every label given and not purged (tombstones' too)
@@ -18,7 +24,9 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
                                      tombstones have been released (absent: 0; see below)
     b"F"                          -> the layout's version (absent: 1, before L and G existed;
                                      2 before R: the labels purged then are never given again;
-                                     3 before a tombstone's label was released, label 0)
+                                     3 before a tombstone's label was released, label 0;
+                                     4 before V: records held their vectors, split once at
+                                     the first open, see `split_vectors`)
 
 A document's label is a stable int64 within its shard, kept for its whole life (tombstone
 included), so updates and deletes remove exactly the old vector from the index. A purged
@@ -33,6 +41,9 @@ purge. A delete of an unknown id is stored with label 0 at once (no vector was e
 it); a write that revives a tombstone of label 0 takes a free label (or a new one). Nothing per
 document is held in memory: a search reads its hits' ids (L) and records (D) here, through
 the block cache, and a start reads the counters and digests of each shard, not its records.
+Records without their vectors are small (header, writer, metadata: ~60 bytes, not 1.5 KB at
+dim 384), so a block holds dozens and the cache many more of them; a re-ranking reads only
+its candidates' V keys, and its k best's records.
 """
 
 from __future__ import annotations
@@ -75,36 +86,47 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
 # The tags of the keys that belong to one shard.
-_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G", b"R", b"P")
-LAYOUT = 4
+_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G", b"R", b"P", b"V")
+LAYOUT = 5
+# Bytes before a V value's vector: its record's seq.
+VEC_PREFIX = _U64.size
+# Records read at a time by the readers that join them to their vectors.
+_VEC_CHUNK = 1024
 NO_LABEL = 0  # a tombstone's label once released (labels given start at 1)
 
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One document (or its tombstone) as stored."""
+    """One document (or its tombstone) as the store's readers give it: the record under D
+    and, for a live document read with its vector, the vector under V."""
 
     version: int
     label: int
     seq: int
     tombstone: bool
     writer: str
-    vector: bytes  # float32, little-endian, dim × 4 bytes; empty for a tombstone
+    # float32, little-endian, dim × 4 bytes; empty for a tombstone, and for a document read
+    # without its vector (`vectors=False`)
+    vector: bytes
     metadata: bytes  # JSON object; empty for a tombstone
 
     def encode(self) -> bytes:
+        """The record under D: without its vector (which goes under V)."""
         return encode_record(self.version, self.label, self.seq, self.tombstone,
-                             self.writer.encode(), self.vector, self.metadata)
+                             self.writer.encode(), b"", self.metadata)
 
     @staticmethod
-    def decode(raw: bytes) -> Record:
+    def decode(raw: bytes, vector: bytes | None = None) -> Record:
+        """A stored record; `vector` (from V) in place of the record's own (empty since
+        layout 5) when given."""
         version, label, seq, flags, dim, wlen = _HEADER.unpack_from(raw)
         off = _HEADER.size
         writer = raw[off : off + wlen].decode()
         off += wlen
-        vector = raw[off : off + dim * 4]
+        own = raw[off : off + dim * 4]
         metadata = raw[off + dim * 4 :]
-        return Record(version, label, seq, bool(flags & FLAG_TOMBSTONE), writer, vector, metadata)
+        return Record(version, label, seq, bool(flags & FLAG_TOMBSTONE), writer,
+                      own if vector is None else vector, metadata)
 
     def vector_array(self) -> np.ndarray:
         return np.frombuffer(self.vector, dtype="<f4")
@@ -132,6 +154,10 @@ def change_key(shard: int, seq: int) -> bytes:
 
 def label_key(shard: int, label: int) -> bytes:
     return _shard_key(b"L", shard) + _U64.pack(label)
+
+
+def vec_key(shard: int, label: int) -> bytes:
+    return _shard_key(b"V", shard) + _U64.pack(label)
 
 
 def free_key(shard: int, label: int) -> bytes:
@@ -163,7 +189,13 @@ class WriteBatch:
         self.count = 0
 
     def put_doc(self, shard: int, doc_id: str, rec: Record, old: Record | None) -> None:
+        """The record, its vector under V (a live one's; a tombstone's label has none)."""
         self._wb.put(doc_key(shard, doc_id), rec.encode())
+        if rec.label != NO_LABEL:
+            if rec.tombstone:
+                self._wb.delete(vec_key(shard, rec.label))
+            else:
+                self._wb.put(vec_key(shard, rec.label), _U64.pack(rec.seq) + rec.vector)
         if old is not None:
             self._wb.delete(change_key(shard, old.seq))
         self._wb.put(change_key(shard, rec.seq), doc_id.encode())
@@ -187,6 +219,7 @@ class WriteBatch:
         self._wb.delete(change_key(shard, rec.seq))
         if rec.label != NO_LABEL:  # released before: nothing of it left to free
             self._wb.delete(label_key(shard, rec.label))
+            self._wb.delete(vec_key(shard, rec.label))  # none (a tombstone's): made sure
             self._wb.put(free_key(shard, rec.label), b"")
         self.count += 1
 
@@ -196,6 +229,7 @@ class WriteBatch:
         self._wb.put(doc_key(shard, doc_id), encode_record(
             rec.version, NO_LABEL, rec.seq, True, rec.writer.encode(), b"", b""))
         self._wb.delete(label_key(shard, rec.label))
+        self._wb.delete(vec_key(shard, rec.label))  # none (a tombstone's): made sure
         self._wb.put(free_key(shard, rec.label), b"")
         self.count += 1
 
@@ -379,10 +413,12 @@ class Store:
         self.db.put(b"M", raw, self._write_opts)
 
     # -- documents ------------------------------------------------------------------------
-    def get_records(self, shard: int, ids: list[str], *, cache: bool = True
-                    ) -> list[Record | None]:
-        """The records of these ids (None where absent); `cache=False` for reads that do
-        not come back (a replay, a write's look-up): they go around the block cache."""
+    def get_records(self, shard: int, ids: list[str], *, cache: bool = True,
+                    vectors: bool = True) -> list[Record | None]:
+        """The records of these ids (None where absent), live ones with their vectors unless
+        `vectors` is False (a write's look-up, a purge: their vectors are not needed);
+        `cache=False` for reads that do not come back (a replay, a write's look-up): they go
+        around the block cache."""
         if not ids:
             return []
         keys = [doc_key(shard, i) for i in ids]
@@ -394,13 +430,76 @@ class Store:
             # replay after a training filled the whole cache with records read once).
             get, opts = self.db.get, self._lookup_opts
             raws = [get(k, read_opt=opts) for k in keys]
-        return [Record.decode(r) if r is not None else None for r in raws]
+        return self._joined([shard] * len(ids), raws, vectors, cache)
 
-    def get_records_multi(self, keys: list[tuple[int, str]]) -> list[Record | None]:
+    def get_records_multi(self, keys: list[tuple[int, str]], *, vectors: bool = True
+                          ) -> list[Record | None]:
         if not keys:
             return []
         raws: list[bytes | None] = self.db.get([doc_key(s, i) for s, i in keys])  # type: ignore[assignment]
-        return [Record.decode(r) if r is not None else None for r in raws]
+        return self._joined([s for s, _ in keys], raws, vectors)
+
+    def _joined(self, shards: list[int], raws: list[bytes | None], vectors: bool,
+                cache: bool = True) -> list[Record | None]:
+        """Stored records decoded, the live ones' vectors read from V (one multi-get, or one
+        get each around the block cache when not `cache`) when `vectors`."""
+        out = [Record.decode(r) if r is not None else None for r in raws]
+        if not vectors:
+            return out
+        want = [(i, vec_key(s, rec.label)) for i, (s, rec) in enumerate(zip(shards, out,
+                                                                            strict=True))
+                if rec is not None and not rec.tombstone and not rec.vector]
+        if not want:
+            return out
+        keys = [k for _, k in want]
+        got: list[bytes | None]
+        if cache:
+            got = self.db.get(keys)  # type: ignore[assignment,arg-type]
+        else:
+            get, opts = self.db.get, self._lookup_opts
+            got = [get(k, read_opt=opts) for k in keys]
+        for (i, key), v in zip(want, got, strict=True):
+            if v is None:
+                raise RuntimeError(f"the vector of a live document is missing ({key!r})")
+            raw = raws[i]
+            assert raw is not None
+            out[i] = Record.decode(raw, v[VEC_PREFIX:])
+        return out
+
+    def vectors(self, keys: list[bytes]) -> list[bytes | None]:
+        """V values (seq + vector, `vec_key`) of these keys, None where absent: one
+        multi-get, through the block cache (a search's re-ranking)."""
+        return self.raw_records(keys)
+
+    def split_vectors(self, shard: int, chunk: int = 20_000) -> int:
+        """Layout 4 to 5: the shard's records that still hold their vectors rewritten without
+        them, each live one's vector put under V, `chunk` records a batch; the number
+        rewritten. A record already split holds none (vector length 0): run again after a
+        crash midway, it rewrites only what is left."""
+        prefix = _shard_key(b"D", shard)
+        pack, unpack = _HEADER.pack, _HEADER.unpack_from
+        batch = WriteBatch()
+        put = batch.raw_put
+        done = 0
+        for key, raw in self._scan(prefix):
+            version, label, seq, flags, dim, wlen = unpack(raw)
+            if dim == 0:
+                continue
+            off = _HEADER.size + wlen
+            end = off + dim * 4
+            put(key, b"".join((pack(version, label, seq, flags, 0, wlen),
+                               raw[_HEADER.size:off], raw[end:])))
+            if not flags & FLAG_TOMBSTONE and label != NO_LABEL:
+                put(vec_key(shard, label), _U64.pack(seq) + raw[off:end])
+            batch.count += 1
+            done += 1
+            if batch.count >= chunk:
+                self.write(batch)
+                batch = WriteBatch()
+                put = batch.raw_put
+        if batch.count:
+            self.write(batch)
+        return done
 
     def write(self, batch: WriteBatch) -> None:
         """Durable (through the WAL, fsynced when configured) once this returns.
@@ -451,22 +550,25 @@ class Store:
     def iter_live_vectors(self, shard: int, max_seq: int | None, chunk: int, dim: int
                           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(float32 rows, labels) of the shard's live documents with seq ≤ max_seq (every one
-        if None), `chunk` rows at a time, each chunk filled in place: no copy of the whole."""
+        if None), `chunk` rows at a time, each chunk filled in place: no copy of the whole.
+        A scan of the V keys only, in label order."""
         rows = np.empty((chunk, dim), np.float32)
         labels = np.empty(chunk, np.int64)
         flat = rows.reshape(-1).view(np.uint8)
         width = dim * 4
+        size = VEC_PREFIX + width
         n = 0
-        unpack = _HEADER.unpack_from
-        for _, raw in self._scan(_shard_key(b"D", shard)):
-            _, label, seq, flags, vdim, wlen = unpack(raw)
-            if flags & FLAG_TOMBSTONE or (max_seq is not None and seq > max_seq):
+        prefix = _shard_key(b"V", shard)
+        at = len(prefix)
+        unpack = _U64.unpack_from
+        for key, raw in self._scan(prefix):
+            if max_seq is not None and unpack(raw)[0] > max_seq:
                 continue
-            if vdim != dim:
-                raise ValueError(f"a record of shard {shard} has dimension {vdim}, not {dim}")
-            off = _HEADER.size + wlen
-            flat[n * width:(n + 1) * width] = np.frombuffer(raw, np.uint8, width, off)
-            labels[n] = label
+            if len(raw) != size:
+                raise ValueError(f"a vector of shard {shard} has dimension "
+                                 f"{(len(raw) - VEC_PREFIX) // 4}, not {dim}")
+            flat[n * width:(n + 1) * width] = np.frombuffer(raw, np.uint8, width, VEC_PREFIX)
+            labels[n] = unpack(key, at)[0]
             n += 1
             if n == chunk:
                 yield rows, labels
@@ -580,13 +682,35 @@ class Store:
             yield key, it.value()
             it.next()
 
-    def iter_docs(self, shard: int, after: str | None = None) -> Iterator[tuple[str, Record]]:
-        """Every record of the shard (tombstones too) in id order, after `after` if given."""
+    def iter_docs(self, shard: int, after: str | None = None, *, vectors: bool = True
+                  ) -> Iterator[tuple[str, Record]]:
+        """Every record of the shard (tombstones too) in id order, after `after` if given;
+        live ones with their vectors (read from V a chunk of records at a time) unless
+        `vectors` is False."""
         prefix = _shard_key(b"D", shard)
         n = len(prefix)
         start = prefix if after is None else doc_key(shard, after) + b"\x00"
+        if not vectors:
+            for key, raw in self._scan(prefix, start):
+                yield key[n:].decode(), Record.decode(raw)
+            return
+        ids: list[str] = []
+        raws: list[bytes | None] = []
+        chunk = 32  # growing: a page of a few documents reads few vectors ahead
         for key, raw in self._scan(prefix, start):
-            yield key[n:].decode(), Record.decode(raw)
+            ids.append(key[n:].decode())
+            raws.append(raw)
+            if len(raws) >= chunk:
+                yield from self._docs(shard, ids, raws)
+                ids, raws = [], []
+                chunk = min(chunk * 2, _VEC_CHUNK)
+        yield from self._docs(shard, ids, raws)
+
+    def _docs(self, shard: int, ids: list[str], raws: list[bytes | None]
+              ) -> Iterator[tuple[str, Record]]:
+        for doc_id, rec in zip(ids, self._joined([shard] * len(raws), raws, True), strict=True):
+            assert rec is not None
+            yield doc_id, rec
 
     def iter_changes(self, shard: int, after_seq: int) -> Iterator[tuple[int, str]]:
         """(seq, id) of every document whose latest change is after `after_seq`, in order."""
