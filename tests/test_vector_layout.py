@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+import rocksdict
 
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
@@ -29,6 +30,7 @@ from aquila.node.storage.store import (
     LAYOUT,
     NO_LABEL,
     VEC_PREFIX,
+    VECTORS_CF,
     Record,
     Store,
     WriteBatch,
@@ -47,7 +49,7 @@ FLAT = CollectionSpec("c", DIM, "l2", SHARDS, 1, IndexSpec("flat"))
 
 def v_keys(store: Store, s: int) -> dict[int, bytes]:
     prefix = vec_key(s, 0)[:3]
-    return {_U64.unpack_from(k, 3)[0]: v for k, v in store._scan(prefix)}
+    return {_U64.unpack_from(k, 3)[0]: v for k, v in store._scan(prefix, vectors=True)}
 
 
 def check(coll: Collection, model: dict[int, dict[str, bytes]]) -> None:
@@ -238,21 +240,24 @@ def _as_layout_4(path: Path) -> dict[int, dict[str, Record]]:
     store.open()
     try:
         before = {s: dict(store.iter_docs(s)) for s in range(SHARDS)}
-        wb = WriteBatch()
+        wb = store.batch()
         for s, docs in before.items():
             for d, r in docs.items():
                 wb.raw_put(doc_key(s, d), encode_record(
                     r.version, r.label, r.seq, r.tombstone, r.writer.encode(), r.vector,
                     r.metadata))
-            for lab in v_keys(store, s):
-                wb.raw_delete(vec_key(s, lab))
         store.write(wb)
         store.put_layout(4)
-        assert all(not v_keys(store, s) for s in range(SHARDS))
         assert any(r.vector for docs in before.values() for r in docs.values())
-        return before
     finally:
         store.close()
+    # No column family of vectors: layout 4 had none.
+    opts = rocksdict.Options(raw_mode=True)
+    db = rocksdict.Rdict(str(path), opts, column_families={"default": opts, VECTORS_CF: opts})
+    db.drop_column_family(VECTORS_CF)
+    db.close()
+    assert VECTORS_CF not in rocksdict.Rdict.list_cf(str(path), opts)
+    return before
 
 
 async def _layout_4_store(tmp_path: Path, blocking: Blocking) -> dict[int, dict[str, Record]]:
@@ -356,13 +361,18 @@ async def test_hits_read_vectors_by_label_only_when_asked(
         await coll.write({s: [Incoming(f"d{i}", base[i], b"{}", 1, "w")
                               for i in range(s, 200, SHARDS)] for s in range(SHARDS)})
         read: list[bytes] = []
-        raw = coll.store.raw_records
+        raw, vectors_of = coll.store.raw_records, coll.store.vectors
 
         def spy(keys: list[bytes]) -> list[bytes | None]:
             read.extend(keys)
             return raw(keys)
 
+        def spy_v(keys: list[bytes]) -> list[bytes | None]:
+            read.extend(keys)
+            return vectors_of(keys)
+
         monkeypatch.setattr(coll.store, "raw_records", spy)
+        monkeypatch.setattr(coll.store, "vectors", spy_v)
         for few in (0, 1 << 30):
             monkeypatch.setattr(search, "FEW_HITS", few)
             for vectors in (False, True):

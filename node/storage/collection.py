@@ -53,7 +53,6 @@ from aquila.node.storage.store import (
     Record,
     RocksMemory,
     Store,
-    WriteBatch,
 )
 from aquila.node.storage.training import compacted, train_streamed
 
@@ -539,7 +538,7 @@ class Collection:
         self._maybe_train()
 
     def _write_sync(self, group: list[dict[int, list[Incoming]]]) -> list[dict[int, IndexOps]]:
-        batch = WriteBatch()
+        batch = self.store.batch()
         touched = {s for by_shard in group for s in by_shard}
         before = {s: self.shards[s].mark() for s in touched}
         try:
@@ -695,7 +694,7 @@ class Collection:
                 return 0, len(ids)
             recs += self.store.get_records(shard, ids[i:i + PURGE_READ_CHUNK], cache=False,
                                            vectors=False)
-        batch = WriteBatch()
+        batch = self.store.batch()
         covered = self._covered(shard)
         old = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
                if rec is not None and rec.tombstone and rec.version < before]
@@ -776,7 +775,7 @@ class Collection:
         gone = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
                 if rec is not None and rec.tombstone and rec.label != NO_LABEL
                 and rec.seq <= covered]
-        batch = WriteBatch()
+        batch = self.store.batch()
         labels = shard.release(gone, covered, batch)
         try:
             self.store.write(batch)

@@ -175,14 +175,14 @@ class Shard:
         """Write what layout 1 did not store (label → id keys, per-bucket digests) from one
         scan of the shard's records: once, at the first start after an upgrade."""
         digests = [0] * BUCKETS
-        batch = WriteBatch()
+        batch = store.batch()
         for doc_id, rec in store.iter_docs(shard, vectors=False):
             batch.put_label(shard, rec.label, doc_id.encode())
             digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
             batch.count += 1
             if batch.count >= chunk:
                 store.write(batch)
-                batch = WriteBatch()
+                batch = store.batch()
         for b, value in enumerate(digests):
             if value:
                 batch.put_digest(shard, b, value)
@@ -287,6 +287,7 @@ class Shard:
         blake2b = hashlib.blake2b
         bucket_hash = _BUCKET_HASH.copy
         put, delete = batch.raw_put, batch.raw_delete
+        vec_put, vec_delete = batch.vec_put, batch.vec_delete
         pack_seq = _U64.pack
         label_prefix = label_key(shard, 0)[:3]
         vec_prefix = vec_key(shard, 0)[:3]
@@ -331,14 +332,14 @@ class Shard:
             if vec is None:
                 put(doc_prefix + idb, pack_head(version, label, seq, 1, 0, len(wb)) + wb)
                 if was_live:
-                    delete(vec_prefix + pack_seq(label))
+                    vec_delete(vec_prefix + pack_seq(label))
             else:
                 vb = (vec if vec.dtype == _F4 else vec.astype(_F4)).tobytes()
                 if len(vb) != row_bytes:
                     raise ValueError(f"vector of {doc.id!r} has the wrong dimension")
                 put(doc_prefix + idb, b"".join((pack_head(version, label, seq, 0, 0, len(wb)),
                                                wb, doc.metadata)))
-                put(vec_prefix + pack_seq(label), pack_seq(seq) + vb)
+                vec_put(vec_prefix + pack_seq(label), pack_seq(seq) + vb)
             if old is not None:
                 delete(change_prefix + pack_seq(old.seq))
             put(change_prefix + pack_seq(seq), idb)

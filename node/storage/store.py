@@ -8,8 +8,10 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
     b"D" shard id                 -> document record (see `Record`; its vector under V, not
                                      here); tombstones too
     b"V" shard label(u64 BE)      -> seq(u64 BE) + the vector's float32 bytes (little-endian),
-                                     for each live document: put, overwritten and deleted in
-                                     the batch of its record, so a search re-ranks and returns
+                                     for each live document, in the column family "vectors"
+                                     (uncompressed, see `Store.open`): put, overwritten and
+                                     deleted in the batch of its record (one batch is atomic
+                                     across column families), so a search re-ranks and returns
                                      vectors by label (no id, no record) and a training scans
                                      only vectors
     b"Q" shard seq(u64 BE)        -> id: the change log, one entry per document (its latest
@@ -48,6 +50,7 @@ its candidates' V keys, and its k best's records.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import time
@@ -86,7 +89,8 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
 # The tags of the keys that belong to one shard.
-_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G", b"R", b"P", b"V")
+_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G", b"R", b"P")  # the default column family's
+VECTORS_CF = "vectors"
 LAYOUT = 5
 # Bytes before a V value's vector: its record's seq.
 VEC_PREFIX = _U64.size
@@ -182,20 +186,33 @@ class NotSynced(Exception):
 
 
 class WriteBatch:
-    """Changes to several shards of one collection, made durable together by `Store.write`."""
+    """Changes to several shards of one collection, made durable together by `Store.write`
+    (made by `Store.batch`: its V keys go to the store's column family of vectors)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
         self._wb = rocksdict.WriteBatch(raw_mode=True)
+        # The store, not its column family's handle: a handle keeps the database open, and
+        # a batch may outlive the store's close.
+        self._store = store
         self.count = 0
+
+    @property
+    def vec_put(self) -> Callable[[bytes, bytes], None]:
+        """A put of a V key (`vec_key`) and value (seq + vector)."""
+        return functools.partial(self._wb.put, column_family=self._store.vectors_cf)
+
+    @property
+    def vec_delete(self) -> Callable[[bytes], None]:
+        return functools.partial(self._wb.delete, column_family=self._store.vectors_cf)
 
     def put_doc(self, shard: int, doc_id: str, rec: Record, old: Record | None) -> None:
         """The record, its vector under V (a live one's; a tombstone's label has none)."""
         self._wb.put(doc_key(shard, doc_id), rec.encode())
         if rec.label != NO_LABEL:
             if rec.tombstone:
-                self._wb.delete(vec_key(shard, rec.label))
+                self.vec_delete(vec_key(shard, rec.label))
             else:
-                self._wb.put(vec_key(shard, rec.label), _U64.pack(rec.seq) + rec.vector)
+                self.vec_put(vec_key(shard, rec.label), _U64.pack(rec.seq) + rec.vector)
         if old is not None:
             self._wb.delete(change_key(shard, old.seq))
         self._wb.put(change_key(shard, rec.seq), doc_id.encode())
@@ -219,7 +236,7 @@ class WriteBatch:
         self._wb.delete(change_key(shard, rec.seq))
         if rec.label != NO_LABEL:  # released before: nothing of it left to free
             self._wb.delete(label_key(shard, rec.label))
-            self._wb.delete(vec_key(shard, rec.label))  # none (a tombstone's): made sure
+            self.vec_delete(vec_key(shard, rec.label))  # none (a tombstone's): made sure
             self._wb.put(free_key(shard, rec.label), b"")
         self.count += 1
 
@@ -229,7 +246,7 @@ class WriteBatch:
         self._wb.put(doc_key(shard, doc_id), encode_record(
             rec.version, NO_LABEL, rec.seq, True, rec.writer.encode(), b"", b""))
         self._wb.delete(label_key(shard, rec.label))
-        self._wb.delete(vec_key(shard, rec.label))  # none (a tombstone's): made sure
+        self.vec_delete(vec_key(shard, rec.label))  # none (a tombstone's): made sure
         self._wb.put(free_key(shard, rec.label), b"")
         self.count += 1
 
@@ -292,18 +309,49 @@ class Store:
         self._fsync = fsync
         self.memory = memory if memory is not None else RocksMemory()
         self._db: rocksdict.Rdict | None = None
+        self._vdb: rocksdict.Rdict | None = None  # the column family of vectors
+        self._vcf: rocksdict.ColumnFamily | None = None  # its handle, for batches
 
     def open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        opts = rocksdict.Options(raw_mode=True)
-        opts.create_if_missing(True)
-        opts.set_max_background_jobs(2)
+        opts = self._options()
         # Compressed table files: LZ4 (cheap) where data is new, zstd in the last level, where
-        # most of it settles. Ids, keys, headers and metadata shrink a lot, float32 vectors a
-        # little: 1.24x the raw vectors down to 1.03x for dim 96 with small metadata. Reads
-        # at a start are counters and digests: restarts do not see it.
+        # most of it settles. Ids, keys, headers and metadata shrink a lot. Reads at a start
+        # are counters and digests: restarts do not see it.
         opts.set_compression_type(rocksdict.DBCompressionType.lz4())
         opts.set_bottommost_compression_type(rocksdict.DBCompressionType.zstd())
+        # The vectors (V keys) in a column family of their own, not compressed: a search's
+        # re-ranking reads 40-100 of them a query, mostly outside the block cache, and the
+        # zstd block's decompression was most of such a read. `scripts/bench_vector_reads.py`
+        # (100,000 WordNet vectors, dim 384, multi-gets of 100 random keys, in process):
+        # 10-12 µs a key never read before with the records' options, 3.0-3.5 µs here (4.3
+        # with LZ4, which saves nothing on them), 1.4 µs either way once cached; table files
+        # 152 MiB against 99 (zstd finds the zero bits of vectors that came from float16).
+        vopts = self._options()
+        vopts.set_compression_type(rocksdict.DBCompressionType.none())
+        vopts.set_bottommost_compression_type(rocksdict.DBCompressionType.none())
+        self._db = rocksdict.Rdict(str(self.path), opts,
+                                   column_families={"default": opts, VECTORS_CF: vopts})
+        self._vdb = self._db.get_column_family(VECTORS_CF)
+        self._vcf = self._db.get_column_family_handle(VECTORS_CF)
+        wo = rocksdict.WriteOptions()
+        wo.sync = self._fsync
+        self._write_opts = wo
+        self._batch_opts = rocksdict.WriteOptions()  # not synced: `write` syncs apart
+        # Scans (training, rebuilds, transfers, purges) read every block once: they go
+        # around the block cache, which keeps what searches read (their hits' records).
+        self._scan_opts = rocksdict.ReadOptions()
+        self._scan_opts.fill_cache(False)  # type: ignore[call-arg]
+        self._scan_opts.set_readahead_size(2 << 20)
+        self._lookup_opts = rocksdict.ReadOptions()  # point reads that do not come back
+        self._lookup_opts.fill_cache(False)  # type: ignore[call-arg]
+
+    def _options(self) -> rocksdict.Options:
+        """A column family's options but its compression."""
+        opts = rocksdict.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.create_missing_column_families(True)
+        opts.set_max_background_jobs(2)
         # Bloom filters: every upsert first looks its id up, and new ids miss; without a
         # filter each miss reads a block of every level.
         table = rocksdict.BlockBasedOptions()
@@ -332,22 +380,12 @@ class Store:
         opts.set_write_buffer_manager(self.memory.write_buffers)
         opts.set_write_buffer_size(self.memory.write_buffer_bytes)
         opts.set_level_zero_file_num_compaction_trigger(L0_TRIGGER)
-        # The column family's options passed too: without them rocksdict opens an existing
-        # database with those of its OPTIONS file, whose table options have a block cache
-        # of their own (8 MiB, outside the node's budget): after a restart a search's records
-        # no longer stayed in the cache (3.5 µs a record read became 11.6, WordNet 50k).
-        self._db = rocksdict.Rdict(str(self.path), opts, column_families={"default": opts})
-        wo = rocksdict.WriteOptions()
-        wo.sync = self._fsync
-        self._write_opts = wo
-        self._batch_opts = rocksdict.WriteOptions()  # not synced: `write` syncs apart
-        # Scans (training, rebuilds, transfers, purges) read every block once: they go
-        # around the block cache, which keeps what searches read (their hits' records).
-        self._scan_opts = rocksdict.ReadOptions()
-        self._scan_opts.fill_cache(False)  # type: ignore[call-arg]
-        self._scan_opts.set_readahead_size(2 << 20)
-        self._lookup_opts = rocksdict.ReadOptions()  # point reads that do not come back
-        self._lookup_opts.fill_cache(False)  # type: ignore[call-arg]
+        # The column families' options are passed to `Rdict` (see `open`): without them
+        # rocksdict opens an existing database with those of its OPTIONS file, whose table
+        # options have a block cache of their own (8 MiB, outside the node's budget): after
+        # a restart a search's records no longer stayed in the cache (3.5 µs a record read
+        # became 11.6, WordNet 50k).
+        return opts
 
     @property
     def db(self) -> rocksdict.Rdict:
@@ -355,19 +393,37 @@ class Store:
             raise RuntimeError("store is not open")
         return self._db
 
+    @property
+    def vdb(self) -> rocksdict.Rdict:
+        """The column family of vectors (V keys)."""
+        if self._vdb is None:
+            raise RuntimeError("store is not open")
+        return self._vdb
+
+    @property
+    def vectors_cf(self) -> rocksdict.ColumnFamily:
+        """The handle of the column family of vectors (for batches)."""
+        if self._vcf is None:
+            raise RuntimeError("store is not open")
+        return self._vcf
+
+    def batch(self) -> WriteBatch:
+        return WriteBatch(self)
+
     def memory_bytes(self) -> dict[str, int]:
         """RocksDB's own figures of the memory it holds (for /metrics); empty when closed.
         `memtables` and `table_readers` are this store's; the others the node's, shared by
         its stores (see RocksMemory): `block_cache` the blocks in the cache, `budget_used`
         the cache in use (the blocks and every store's memtables, charged to it), `budget`
         its capacity."""
-        db = self._db
-        if db is None:
+        db, vdb = self._db, self._vdb
+        if db is None or vdb is None:
             return {}
         out = {}
-        try:
+        try:  # both column families'
             for kind, prop in _MEMORY_PROPERTIES.items():
-                out[kind] = int(db.property_int_value(prop) or 0)
+                out[kind] = (int(db.property_int_value(prop) or 0)
+                             + int(vdb.property_int_value(prop) or 0))
         except Exception:  # closed by another thread meanwhile: nothing to report
             return {}
         used = self.memory.used()
@@ -379,8 +435,9 @@ class Store:
     def flush_memtables(self) -> None:
         """Start writing the memtables out to table files (returns at once), which frees
         them."""
-        if self._db is not None:
+        if self._db is not None and self._vdb is not None:
             self._db.flush(False)
+            self._vdb.flush(False)
 
     def level0_files(self) -> int:
         return int(self.db.property_int_value("rocksdb.num-files-at-level0") or 0)
@@ -392,17 +449,20 @@ class Store:
         and anti-entropy scans take no collection lock: the close waits for those in flight
         (each one call, short) instead of leaving the store open."""
         db, self._db = self._db, None
+        vdb, self._vdb = self._vdb, None
+        self._vcf = None  # a handle keeps the database open (so does a batch holding it)
         if db is None:
             return
         deadline = time.monotonic() + _CLOSE_WAIT_S
-        while True:
-            try:
-                db.close()
-                return
-            except RuntimeError as exc:
-                if "borrowed" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.001)  # on a write thread, never the event loop
+        for one in (vdb, db):  # the column family first: it too keeps the database open
+            while one is not None:
+                try:
+                    one.close()
+                    break
+                except RuntimeError as exc:
+                    if "borrowed" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                time.sleep(0.001)  # on a write thread, never the event loop
 
     # -- metadata -------------------------------------------------------------------------
     def get_meta(self) -> bytes | None:
@@ -454,9 +514,9 @@ class Store:
         keys = [k for _, k in want]
         got: list[bytes | None]
         if cache:
-            got = self.db.get(keys)  # type: ignore[assignment,arg-type]
+            got = self.vdb.get(keys)  # type: ignore[assignment,arg-type]
         else:
-            get, opts = self.db.get, self._lookup_opts
+            get, opts = self.vdb.get, self._lookup_opts
             got = [get(k, read_opt=opts) for k in keys]
         for (i, key), v in zip(want, got, strict=True):
             if v is None:
@@ -469,7 +529,10 @@ class Store:
     def vectors(self, keys: list[bytes]) -> list[bytes | None]:
         """V values (seq + vector, `vec_key`) of these keys, None where absent: one
         multi-get, through the block cache (a search's re-ranking)."""
-        return self.raw_records(keys)
+        if not keys:
+            return []
+        got: list[bytes | None] = self.vdb.get(keys)  # type: ignore[assignment,arg-type]
+        return got
 
     def split_vectors(self, shard: int, chunk: int = 20_000) -> int:
         """Layout 4 to 5: the shard's records that still hold their vectors rewritten without
@@ -478,8 +541,8 @@ class Store:
         crash midway, it rewrites only what is left."""
         prefix = _shard_key(b"D", shard)
         pack, unpack = _HEADER.pack, _HEADER.unpack_from
-        batch = WriteBatch()
-        put = batch.raw_put
+        batch = self.batch()
+        put, vput = batch.raw_put, batch.vec_put
         done = 0
         for key, raw in self._scan(prefix):
             version, label, seq, flags, dim, wlen = unpack(raw)
@@ -490,13 +553,13 @@ class Store:
             put(key, b"".join((pack(version, label, seq, flags, 0, wlen),
                                raw[_HEADER.size:off], raw[end:])))
             if not flags & FLAG_TOMBSTONE and label != NO_LABEL:
-                put(vec_key(shard, label), _U64.pack(seq) + raw[off:end])
+                vput(vec_key(shard, label), _U64.pack(seq) + raw[off:end])
             batch.count += 1
             done += 1
             if batch.count >= chunk:
                 self.write(batch)
-                batch = WriteBatch()
-                put = batch.raw_put
+                batch = self.batch()
+                put, vput = batch.raw_put, batch.vec_put
         if batch.count:
             self.write(batch)
         return done
@@ -561,7 +624,7 @@ class Store:
         prefix = _shard_key(b"V", shard)
         at = len(prefix)
         unpack = _U64.unpack_from
-        for key, raw in self._scan(prefix):
+        for key, raw in self._scan(prefix, vectors=True):
             if max_seq is not None and unpack(raw)[0] > max_seq:
                 continue
             if len(raw) != size:
@@ -672,8 +735,11 @@ class Store:
         seq, label, live = _COUNTERS.unpack(raw)
         return int(seq), int(label), int(live)
 
-    def _scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        it = self.db.iter(self._scan_opts)
+    def _scan(self, prefix: bytes, start: bytes | None = None, *, vectors: bool = False
+              ) -> Iterator[tuple[bytes, bytes]]:
+        """Keys and values under `prefix`, from `start` if given; of the column family of
+        vectors when `vectors`."""
+        it = (self.vdb if vectors else self.db).iter(self._scan_opts)
         it.seek(start or prefix)
         while it.valid():
             key = it.key()
@@ -727,10 +793,13 @@ class Store:
     def drop_shard(self, shard: int) -> None:
         """Remove every key of one shard (after it moved to another node), in one batch."""
         wb = rocksdict.WriteBatch(raw_mode=True)
-        for tag in _SHARD_TAGS:
+        for tag in (*_SHARD_TAGS, b"V"):
             start = _shard_key(tag, shard)
             end = _shard_key(tag, shard + 1) if shard + 1 < 65536 else tag + b"\xff\xff\xff"
-            wb.delete_range(start, end)
+            if tag == b"V":
+                wb.delete_range(start, end, self.vectors_cf)
+            else:
+                wb.delete_range(start, end)
         self.db.write(wb, self._write_opts)
 
     def has_shard(self, shard: int) -> bool:
