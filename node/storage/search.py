@@ -53,7 +53,8 @@ def run_batch(
 # Candidates a compressed index is asked for, per hit wanted, before they are re-ranked with
 # their exact vectors: its codes alone misrank near neighbours (ivf_pq's most of all).
 OVERSAMPLE = {"ivf_sq8": 4, "ivf_pq": 10}
-# Candidates per query re-ranked at most (each is a record read through the block cache).
+# Candidates per query re-ranked at most (each is a vector read by label, through the block
+# cache).
 MAX_CANDIDATES = 1024
 
 
