@@ -388,3 +388,92 @@ async def test_hits_read_vectors_by_label_only_when_asked(
                             assert len(h.vector) == 4 * DIM != VEC_PREFIX
     finally:
         await engine.close()
+
+
+class _Racing:
+    """A column family of vectors whose next read first lets a write land (between a
+    reader's record read and its vector read)."""
+
+    def __init__(self, real: Any, write: Any) -> None:
+        self.real, self.write = real, write
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        if self.write is not None:
+            write, self.write = self.write, None
+            write()
+        return self.real.get(*args, **kwargs)
+
+
+def _put(store: Store, doc_id: str, rec: Record, old: Record | None) -> None:
+    wb = store.batch()
+    wb.put_doc(0, doc_id, rec, old)
+    store.write(wb)
+
+
+@pytest.mark.parametrize("change", ["overwrite", "delete"])
+def test_a_write_between_a_record_and_its_vector_read_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """get_records, get_records_multi and iter_docs read a record, then its vector: a write
+    of the document landing in between is read as it is now (never the old record with the
+    new vector, nor a live record without one)."""
+    store = Store(tmp_path / "db", fsync=False)
+    store.open()
+    try:
+        v1, v2 = (np.full(DIM, x, np.float32).tobytes() for x in (1.0, 2.0))
+        first = Record(1, 5, 1, False, "w", v1, b'{"a":1}')
+        _put(store, "a", first, None)
+        after = (Record(2, 5, 2, False, "w", v2, b'{"a":2}') if change == "overwrite"
+                 else Record(2, 5, 2, True, "w", b"", b""))
+        reads = [lambda: store.get_records(0, ["a"])[0],
+                 lambda: store.get_records(0, ["a"], cache=False)[0],
+                 lambda: store.get_records_multi([(0, "a")])[0],
+                 lambda: dict(store.iter_docs(0))["a"]]
+        for read in reads:
+            _put(store, "a", first, None)
+            real = store._vdb
+            racing = _Racing(real, lambda: _put(store, "a", after, first))
+            monkeypatch.setattr(store, "_vdb", racing)
+            got = read()
+            monkeypatch.setattr(store, "_vdb", real)
+            assert racing.write is None, "the write did not land between the reads"
+            assert got == after
+    finally:
+        store.close()
+
+
+async def test_a_hit_written_between_its_record_and_vector_reads_is_left_out(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search with vectors reads its hits' records, then their vectors: a hit deleted or
+    written again in between is left out (as one whose record is gone), on both resolve
+    paths; the others carry their own vectors."""
+    rng = np.random.default_rng(4)
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(FLAT, range(SHARDS), "u")
+        base = rng.standard_normal((50, DIM)).astype(np.float32)
+        await coll.write({0: [Incoming(f"d{i}", base[i], b"{}", 1, "w") for i in range(50)]})
+        q = prepare(base[:1], "l2")
+        for few in (0, 1 << 30):
+            monkeypatch.setattr(search, "FEW_HITS", few)
+            scores, keys = coll.index.search(q, 5, 1)
+            victim = coll.store.get_records(0, ["d0"])[0]
+            assert victim is not None
+            real = coll.store.vectors
+
+            def racing(vkeys: list[bytes], victim: Record = victim,
+                       real: Any = real) -> list[bytes | None]:
+                changed = Record(victim.version + 1, victim.label, victim.seq + 1000, False,
+                                 "w", base[0].tobytes(), b"{}")
+                _put(coll.store, "d0", changed, victim)  # the same vector, a later change
+                return real(vkeys)
+
+            monkeypatch.setattr(coll.store, "vectors", racing)
+            rows = resolve(coll, scores, keys, True)
+            monkeypatch.setattr(coll.store, "vectors", real)
+            assert [h.id for h in rows[0]] and "d0" not in [h.id for h in rows[0]]
+            assert all(h.vector == base[int(h.id[1:])].tobytes() for h in rows[0])
+    finally:
+        await engine.close()

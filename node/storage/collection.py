@@ -886,9 +886,9 @@ class Collection:
         search threads, and the selector of part of the local shards already made (its
         bitmap costs in proportion to the labels given: a search thread makes it)."""
         want = candidates(self, k)
-        # A compressed index's search re-ranks 4-10 candidates a hit, each two reads of the
-        # store (about 11 µs where the records exceed the block cache): up to a millisecond
-        # or more, for the hop's 10 µs saved. Not on the loop.
+        # A compressed index's search re-ranks 4-10 candidates a hit, each a read of its
+        # vector by label (3-6 µs where the vectors exceed the block cache): up to half a
+        # millisecond or more, for the hop's 10 µs saved. Not on the loop.
         if (want > k or nq > INLINE_ROWS or nq * want > INLINE_CANDIDATES
                 or not self.rw.readable_now() or not self._batcher.idle):
             return False

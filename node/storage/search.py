@@ -8,6 +8,7 @@ kept per query. The filtered path is `node.storage.filtered`."""
 
 from __future__ import annotations
 
+import struct
 from typing import Protocol
 
 import numpy as np
@@ -16,9 +17,18 @@ from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, prepare
 from aquila.node.storage.shard import Shard
-from aquila.node.storage.store import VEC_PREFIX, Store, doc_key, label_key, record_meta, vec_key
+from aquila.node.storage.store import (
+    VEC_PREFIX,
+    Store,
+    doc_key,
+    label_key,
+    record_meta,
+    vec_key,
+)
 
 _MASK = (1 << LABEL_BITS) - 1
+# Where a record's seq (u64, big-endian as in a V value's prefix) sits in its header.
+_SEQ_AT = struct.calcsize(">Qq")  # after the version and the label
 # Below this many index answers (queries × candidates) a batch's hits are read one by one
 # (`_resolve_few`); from it on together, on arrays.
 FEW_HITS = 128
@@ -169,7 +179,7 @@ def _resolve_few(coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_ve
                                                                           strict=True)
                               if i is not None])
     it = iter(raws)
-    kept: list[tuple[int, float, int, int, str, bytes]] = []
+    kept: list[tuple[int, float, int, int, str, bytes, bytes]] = []
     for (r, score, s, label), doc_id in zip(found, ids, strict=True):
         if doc_id is None:
             continue
@@ -179,12 +189,24 @@ def _resolve_few(coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_ve
         own, tomb, meta = record_meta(raw)
         if tomb or own != label:  # deleted, or the label was given again since
             continue
-        kept.append((r, score, s, label, doc_id.decode(), meta))
-    vecs = (store.vectors([vec_key(s, lab) for _, _, s, lab, _, _ in kept]) if with_vectors
-            else [None] * len(kept))
-    for (r, score, s, _, name, meta), v in zip(kept, vecs, strict=True):
-        out[r].append(Hit(name, score, meta, v[VEC_PREFIX:] if v is not None else b"", s))
+        kept.append((r, score, s, label, doc_id.decode(), meta, raw))
+    if not with_vectors:
+        for r, score, s, _, name, meta, _ in kept:
+            out[r].append(Hit(name, score, meta, b"", s))
+        return out
+    vecs = store.vectors([vec_key(s, lab) for _, _, s, lab, _, _, _ in kept])
+    for (r, score, s, _, name, meta, raw), v in zip(kept, vecs, strict=True):
+        if _same_change(raw, v):
+            assert v is not None
+            out[r].append(Hit(name, score, meta, v[VEC_PREFIX:], s))
     return out
+
+
+def _same_change(raw: bytes, v: bytes | None) -> bool:
+    """Whether a vector read (V) is of the change its record (read just before) is: not
+    when a write of the document landed between the two reads (deleted or written again
+    since: the hit is left out, as one whose record is gone)."""
+    return v is not None and v[:VEC_PREFIX] == raw[_SEQ_AT:_SEQ_AT + VEC_PREFIX]
 
 
 def _local_hits(
@@ -237,6 +259,7 @@ def _read_documents(
     metas: list[bytes] = [b""] * n
     vecs: list[bytes] = [b""] * n
     label_of = labels.tolist()
+    heads: list[bytes] = [b""] * n
     for (u, _), raw in zip(wanted, raws, strict=True):
         if raw is None:
             continue
@@ -247,9 +270,14 @@ def _read_documents(
         assert doc_id is not None
         ids[u] = doc_id.decode()
         metas[u] = meta
+        heads[u] = raw
     if with_vectors:
         live = [u for u in range(n) if ids[u] is not None]
         got = store.vectors(label_keys(shards[live], labels[live], b"V"))
         for u, v in zip(live, got, strict=True):
-            vecs[u] = v[VEC_PREFIX:] if v is not None else b""
+            if _same_change(heads[u], v):
+                assert v is not None
+                vecs[u] = v[VEC_PREFIX:]
+            else:  # written or deleted since its record was read: left out
+                ids[u] = None
     return ids, metas, vecs
