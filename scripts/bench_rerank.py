@@ -13,6 +13,12 @@ each nprobe, re-ranked: the index's search alone (`VectorIndex.search` for the c
 node asks for) and the collection's whole search (with the re-ranking's record reads), in µs
 per query. `--types` picks the types; `ivf_pq8` is ivf_pq as the node made it before the fast
 scan (FAISS's `IndexIVFPQ`, 8-bit codes), for a before/after in one run.
+
+With `--base DIR` (a tree of node/ and cluster/: `git archive main node cluster | tar -x -C
+DIR`), each type is measured again, right after, by that code in a subprocess (the same data,
+queries and settings), and printed beside this code's: an A/B in one run.
+
+    python scripts/bench_rerank.py --timed 300 --types ivf_flat,ivf_sq8,ivf_pq --base DIR
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -127,6 +136,9 @@ def main() -> None:
                    help=f"comma-separated, of {', '.join((*TYPES, OLD_PQ))}")
     p.add_argument("--timed", type=int, default=0, metavar="N",
                    help="also time N single queries per type and nprobe")
+    p.add_argument("--base", type=Path, default=None,
+                   help="also measure each type with the code in this tree (node/, cluster/)")
+    p.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)  # a base child
     args = p.parse_args()
     if not (args.data / "base.f16.npy").exists():
         sys.exit(missing_data_message(args.data))
@@ -141,6 +153,11 @@ def main() -> None:
                     stack.callback(setattr, VectorIndex, "new_ivf", saved)
                 results.append(asyncio.run(measure(Path(tmp) / itype, itype, ds.base,
                                                    ds.queries, ds.gt, args.timed)))
+            if args.base is not None:
+                results.append(_base_run(args, itype, Path(tmp) / f"{itype}.json"))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results))
+        return
     head = " | ".join(f"nprobe {n}" for n in NPROBES)
     print(f"\n{ds.n:,} vectors of dim {ds.dim}, {len(ds.queries)} queries, recall@{K}\n")
     print(f"| index | nlist | index bytes/vector | | {head} |")
@@ -168,6 +185,28 @@ def main() -> None:
             cells = " | ".join(f"{t[n][0]:.0f} / {t[n][1]:.0f} ({t[n][1] / ref[n][1]:.2f}x) "
                                f"/ {t[n][2]:.0f}" for n in NPROBES)
             print(f"| {r['type']} | {r['faiss']} | {cells} |")
+
+
+def _base_run(args: argparse.Namespace, itype: str, out: Path) -> dict[str, object]:
+    """One type measured by the code in `args.base`, in a subprocess (this script, that
+    `aquila`); its figures, named "<type> (base)"."""
+    from bench_node import code_pythonpath
+
+    here = Path(__file__).resolve().parent
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--data", str(args.data),
+           "--queries", str(args.queries), "--types", itype, "--timed", str(args.timed),
+           "--json", str(out)]
+    if args.limit is not None:
+        cmd += ["--limit", str(args.limit)]
+    env = {**os.environ, "PYTHONPATH": f"{code_pythonpath(args.base.resolve())}:{here}"}
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    got: dict[str, object] = json.loads(out.read_text())[0]
+    for key in ("reranked", "codes only", "timed"):  # JSON keys are strings
+        figs = got.get(key)
+        if isinstance(figs, dict):
+            got[key] = {int(n): v for n, v in figs.items()}
+    got["type"] = f"{itype} (base)"
+    return got
 
 
 if __name__ == "__main__":

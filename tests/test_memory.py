@@ -300,6 +300,7 @@ async def test_a_replay_goes_around_the_block_cache(tmp_path: Path, blocking: Bl
         await coll.write({0: [Incoming(f"d{i}", x[i], b"{}", 1, "n")
                               for i in range(lo, lo + 2000)]})
     await asyncio.to_thread(coll.store.db.flush)
+    await asyncio.to_thread(coll.store.vdb.flush)  # the vectors' column family
     before = coll.store.memory_bytes()["block_cache"]
     ops = await asyncio.to_thread(lambda: list(coll.shards[0].replay(0)))
     assert sum(len(o.add_keys) for o in ops) == len(x)

@@ -215,12 +215,13 @@ async def test_a_cancelled_purge_stops_before_reading_every_candidate(
         stops.append(args[-1])  # what tells it to stop
         return real_purge(self, *args)
 
-    def held(self: Store, shard: int, ids: list[str], *, cache: bool = True) -> Any:
+    def held(self: Store, shard: int, ids: list[str], *, cache: bool = True,
+             vectors: bool = True) -> Any:
         if not cache:  # the purge's reads
             reads.append(len(ids))
             reading.set()
             gate.wait(10)
-        return real(self, shard, ids, cache=cache)
+        return real(self, shard, ids, cache=cache, vectors=vectors)
 
     engine = Engine(tmp_path, blocking, Tuning(train_min=10_000), fsync=False)
     await engine.start()

@@ -16,14 +16,14 @@ from aquila.cluster.model.documents import Incoming
 from aquila.cluster.model.sharding import shard_of, shards_of
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.storage.shard import IndexOps, Shard
-from aquila.node.storage.store import Store, WriteBatch
+from aquila.node.storage.store import Store
 
 DIM = 6
 SPEC = CollectionSpec("c", DIM, "l2", 4, 1, IndexSpec("flat"))
 
 
 def stage(shard: Shard, docs: list[Incoming]) -> IndexOps:
-    batch = WriteBatch()
+    batch = shard.store.batch()
     ops = shard.prepare_writes(docs, batch)
     shard.stage_totals(batch, [ops])
     shard.store.write(batch)

@@ -53,7 +53,6 @@ from aquila.node.storage.store import (
     Record,
     RocksMemory,
     Store,
-    WriteBatch,
 )
 from aquila.node.storage.training import compacted, train_streamed
 
@@ -276,6 +275,12 @@ class Collection:
                 for s in sorted(self.store.shards_present() & set(shards)):
                     log.info("%s: upgrading shard %d's keys (once)", self.spec.name, s)
                     Shard.upgrade(self.store, s)
+            if layout < 5:  # 4 → 5: the vectors out of the records, under V (see store)
+                t0, split = time.monotonic(), 0
+                for s in sorted(self.store.shards_present() & set(shards)):
+                    split += self.store.split_vectors(s)
+                log.info("%s: moved %d documents' vectors to their own keys (once) in %.1f s",
+                         self.spec.name, split, time.monotonic() - t0)
             self.store.put_layout()
         # The keys of a shard not recorded as held are what a crash in the middle of a drop
         # left (see `drop_shard`): garbage, never read.
@@ -533,7 +538,7 @@ class Collection:
         self._maybe_train()
 
     def _write_sync(self, group: list[dict[int, list[Incoming]]]) -> list[dict[int, IndexOps]]:
-        batch = WriteBatch()
+        batch = self.store.batch()
         touched = {s for by_shard in group for s in by_shard}
         before = {s: self.shards[s].mark() for s in touched}
         try:
@@ -604,7 +609,8 @@ class Collection:
 
     def _digests_sync(self, shard: int, buckets: int) -> list[str]:
         return digests(
-            ((doc_id, rec.version, rec.writer) for doc_id, rec in self.store.iter_docs(shard)),
+            ((doc_id, rec.version, rec.writer)
+             for doc_id, rec in self.store.iter_docs(shard, vectors=False)),
             buckets,
         )
 
@@ -686,8 +692,9 @@ class Collection:
         for i in range(0, len(ids), PURGE_READ_CHUNK):
             if stop is not None and stop():
                 return 0, len(ids)
-            recs += self.store.get_records(shard, ids[i:i + PURGE_READ_CHUNK], cache=False)
-        batch = WriteBatch()
+            recs += self.store.get_records(shard, ids[i:i + PURGE_READ_CHUNK], cache=False,
+                                           vectors=False)
+        batch = self.store.batch()
         covered = self._covered(shard)
         old = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
                if rec is not None and rec.tombstone and rec.version < before]
@@ -764,11 +771,11 @@ class Collection:
         covered = min(upto, self._covered(shard.shard))
         if covered <= shard.released_seq:  # the snapshot dropped meanwhile (a shard's drop)
             return 0
-        recs = self.store.get_records(shard.shard, ids, cache=False)
+        recs = self.store.get_records(shard.shard, ids, cache=False, vectors=False)
         gone = [(doc_id, rec) for doc_id, rec in zip(ids, recs, strict=True)
                 if rec is not None and rec.tombstone and rec.label != NO_LABEL
                 and rec.seq <= covered]
-        batch = WriteBatch()
+        batch = self.store.batch()
         labels = shard.release(gone, covered, batch)
         try:
             self.store.write(batch)
@@ -879,9 +886,9 @@ class Collection:
         search threads, and the selector of part of the local shards already made (its
         bitmap costs in proportion to the labels given: a search thread makes it)."""
         want = candidates(self, k)
-        # A compressed index's search re-ranks 4-10 candidates a hit, each two reads of the
-        # store (about 11 µs where the records exceed the block cache): up to a millisecond
-        # or more, for the hop's 10 µs saved. Not on the loop.
+        # A compressed index's search re-ranks 4-10 candidates a hit, each a read of its
+        # vector by label (3-6 µs where the vectors exceed the block cache): up to half a
+        # millisecond or more, for the hop's 10 µs saved. Not on the loop.
         if (want > k or nq > INLINE_ROWS or nq * want > INLINE_CANDIDATES
                 or not self.rw.readable_now() or not self._batcher.idle):
             return False

@@ -59,7 +59,8 @@ def scroll_shard(
     bits = None if predicate is None else match_set(coll, shard, predicate).bits.tobytes()
     size = 0 if bits is None else len(bits)
     out: list[Hit] = []
-    for looked, (doc_id, rec) in enumerate(coll.store.iter_docs(shard, after), 1):
+    for looked, (doc_id, rec) in enumerate(coll.store.iter_docs(shard, after,
+                                                                       vectors=with_vectors), 1):
         if not rec.tombstone:
             label = rec.label
             if bits is None or (

@@ -1,11 +1,14 @@
 """Searching a collection's local index (blocking; runs on a search thread under the
 collection's read lock): the batched unfiltered path, and turning index keys into documents:
-two multi-gets of the store per batch (the hits' ids by label, then their records), through
-RocksDB's block cache; nothing per document is kept in memory. The filtered path is
-`node.storage.filtered`."""
+two multi-gets of the store per batch (the hits' ids by label, then their records; a third,
+their vectors by label, when asked for), through RocksDB's block cache; nothing per document
+is kept in memory. A compressed index's candidates are re-ranked before that, on arrays: their
+vectors read by label (one multi-get of V keys, no id, no record), scored exactly, the k best
+kept per query. The filtered path is `node.storage.filtered`."""
 
 from __future__ import annotations
 
+import struct
 from typing import Protocol
 
 import numpy as np
@@ -14,9 +17,18 @@ from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, prepare
 from aquila.node.storage.shard import Shard
-from aquila.node.storage.store import Record, Store, doc_key, label_key, record_meta
+from aquila.node.storage.store import (
+    VEC_PREFIX,
+    Store,
+    doc_key,
+    label_key,
+    record_meta,
+    vec_key,
+)
 
 _MASK = (1 << LABEL_BITS) - 1
+# Where a record's seq (u64, big-endian as in a V value's prefix) sits in its header.
+_SEQ_AT = struct.calcsize(">Qq")  # after the version and the label
 # Below this many index answers (queries × candidates) a batch's hits are read one by one
 # (`_resolve_few`); from it on together, on arrays.
 FEW_HITS = 128
@@ -51,7 +63,8 @@ def run_batch(
 # Candidates a compressed index is asked for, per hit wanted, before they are re-ranked with
 # their exact vectors: its codes alone misrank near neighbours (ivf_pq's most of all).
 OVERSAMPLE = {"ivf_sq8": 4, "ivf_pq": 10}
-# Candidates per query re-ranked at most (each is a record read through the block cache).
+# Candidates per query re-ranked at most (each is a vector read by label, through the block
+# cache).
 MAX_CANDIDATES = 1024
 
 
@@ -80,30 +93,68 @@ def resolve(
     """Index answers (best first, key -1 for none) to documents: their ids and records read
     from the store, a hit whose record is gone or a tombstone left out (deleted since: the
     index catches up right after). `rescore` (the prepared queries, k): the candidates are
-    scored again with their stored vectors, and the k best kept per query.
+    first re-ranked with their stored vectors (`rerank`), and only the k best per query
+    resolved.
 
     From `FEW_HITS` answers on, the whole batch's hits are read together: each document once
     however many queries found it, in key order (two multi-gets: ids by label, then records
     by id), and decoded once; the hits are then made from what was read, per query in the
     index's order."""
-    vectors = with_vectors or rescore is not None
-    if keys.size < FEW_HITS:
-        out = _resolve_few(coll, scores, keys, vectors)
-    else:
-        out = [[] for _ in range(len(scores))]
-        rows, at, keys_u, of = _local_hits(coll, keys)
-        if not len(rows):
-            return out
-        ids, metas, vecs = _read_documents(coll.store, keys_u, vectors)
-        shard = (keys_u >> LABEL_BITS).tolist()
-        hit_scores = scores.reshape(-1)[at].tolist()
-        for r, u, score in zip(rows.tolist(), of.tolist(), hit_scores, strict=True):
-            doc_id = ids[u]
-            if doc_id is not None:
-                out[r].append(Hit(doc_id, score, metas[u], vecs[u], shard[u]))
     if rescore is not None:
-        out = _rescored(coll.spec.metric, out, *rescore, with_vectors)
+        scores, keys = rerank(coll, scores, keys, *rescore)
+    if keys.size < FEW_HITS:
+        return _resolve_few(coll, scores, keys, with_vectors)
+    out: list[list[Hit]] = [[] for _ in range(len(scores))]
+    rows, at, keys_u, of = _local_hits(coll, keys)
+    if not len(rows):
+        return out
+    ids, metas, vecs = _read_documents(coll.store, keys_u, with_vectors)
+    shard = (keys_u >> LABEL_BITS).tolist()
+    hit_scores = scores.reshape(-1)[at].tolist()
+    for r, u, score in zip(rows.tolist(), of.tolist(), hit_scores, strict=True):
+        doc_id = ids[u]
+        if doc_id is not None:
+            out[r].append(Hit(doc_id, score, metas[u], vecs[u], shard[u]))
     return out
+
+
+def rerank(coll: Searchable, scores: np.ndarray, keys: np.ndarray, q: np.ndarray, k: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates (`keys`, best first by the index's codes) scored again with their
+    stored vectors, the k best per query kept, best first: (scores, keys) of shape
+    (queries, k), rows ending with -1 keys where fewer remain. On arrays: the distinct
+    candidates' vectors are one multi-get of V keys by label (a candidate deleted since has
+    none and drops out), no id, no record, no object per candidate."""
+    nq = len(keys)
+    out_keys = np.full((nq, k), -1, np.int64)
+    out_scores = np.zeros((nq, k), np.float32)
+    rows, at, keys_u, of = _local_hits(coll, keys)
+    if not len(rows):
+        return out_scores, out_keys
+    got = coll.store.vectors(label_keys(keys_u >> LABEL_BITS, keys_u & _MASK, b"V"))
+    present = np.fromiter((v is not None for v in got), bool, len(got))
+    if not present.any():
+        return out_scores, out_keys
+    width = VEC_PREFIX + 4 * coll.spec.dim
+    raw = np.frombuffer(b"".join([v for v in got if v is not None]), np.uint8)
+    vecs = raw.reshape(-1, width)[:, VEC_PREFIX:].copy().view("<f4")
+    pos = np.cumsum(present) - 1  # a distinct key's row in `vecs`
+    keep = present[of]
+    rows, at, of = rows[keep], at[keep], pos[of[keep]]
+    exact = exact_scores(coll.spec.metric, q[rows], vecs[of])
+    flat_valid = np.zeros(keys.size, bool)
+    flat_valid[at] = True
+    flat_full = np.zeros(keys.size, np.float32)
+    flat_full[at] = exact
+    valid, full = flat_valid.reshape(keys.shape), flat_full.reshape(keys.shape)
+    order_by = np.where(valid, full if coll.spec.metric == "l2" else -full, np.inf)
+    top = np.argsort(order_by, axis=1, kind="stable")[:, :k]
+    taken = np.take_along_axis(valid, top, axis=1)
+    n = top.shape[1]
+    out_keys[:, :n] = np.where(taken, np.take_along_axis(np.asarray(keys, np.int64), top,
+                                                         axis=1), -1)
+    out_scores[:, :n] = np.take_along_axis(full, top, axis=1)
+    return out_scores, out_keys
 
 
 def _resolve_few(coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_vectors: bool
@@ -128,6 +179,7 @@ def _resolve_few(coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_ve
                                                                           strict=True)
                               if i is not None])
     it = iter(raws)
+    kept: list[tuple[int, float, int, int, str, bytes, bytes]] = []
     for (r, score, s, label), doc_id in zip(found, ids, strict=True):
         if doc_id is None:
             continue
@@ -137,9 +189,24 @@ def _resolve_few(coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_ve
         own, tomb, meta = record_meta(raw)
         if tomb or own != label:  # deleted, or the label was given again since
             continue
-        vec = Record.decode(raw).vector if with_vectors else b""
-        out[r].append(Hit(doc_id.decode(), score, meta, vec, s))
+        kept.append((r, score, s, label, doc_id.decode(), meta, raw))
+    if not with_vectors:
+        for r, score, s, _, name, meta, _ in kept:
+            out[r].append(Hit(name, score, meta, b"", s))
+        return out
+    vecs = store.vectors([vec_key(s, lab) for _, _, s, lab, _, _, _ in kept])
+    for (r, score, s, _, name, meta, raw), v in zip(kept, vecs, strict=True):
+        if _same_change(raw, v):
+            assert v is not None
+            out[r].append(Hit(name, score, meta, v[VEC_PREFIX:], s))
     return out
+
+
+def _same_change(raw: bytes, v: bytes | None) -> bool:
+    """Whether a vector read (V) is of the change its record (read just before) is: not
+    when a write of the document landed between the two reads (deleted or written again
+    since: the hit is left out, as one whose record is gone)."""
+    return v is not None and v[:VEC_PREFIX] == raw[_SEQ_AT:_SEQ_AT + VEC_PREFIX]
 
 
 def _local_hits(
@@ -164,10 +231,11 @@ def _local_hits(
 _LABEL_KEY = np.dtype([("tag", "S1"), ("shard", ">u2"), ("label", ">u8")])
 
 
-def label_keys(shards: np.ndarray, labels: np.ndarray) -> list[bytes]:
-    """`store.label_key` of each (shard, label), made on arrays."""
+def label_keys(shards: np.ndarray, labels: np.ndarray, tag: bytes = b"L") -> list[bytes]:
+    """`store.label_key` of each (shard, label), made on arrays (`store.vec_key` with tag
+    V)."""
     packed = np.empty(len(labels), _LABEL_KEY)
-    packed["tag"], packed["shard"], packed["label"] = b"L", shards, labels
+    packed["tag"], packed["shard"], packed["label"] = tag, shards, labels
     buf, size = packed.tobytes(), _LABEL_KEY.itemsize
     return [buf[i : i + size] for i in range(0, len(buf), size)]
 
@@ -191,6 +259,7 @@ def _read_documents(
     metas: list[bytes] = [b""] * n
     vecs: list[bytes] = [b""] * n
     label_of = labels.tolist()
+    heads: list[bytes] = [b""] * n
     for (u, _), raw in zip(wanted, raws, strict=True):
         if raw is None:
             continue
@@ -201,28 +270,14 @@ def _read_documents(
         assert doc_id is not None
         ids[u] = doc_id.decode()
         metas[u] = meta
-        if with_vectors:
-            vecs[u] = Record.decode(raw).vector
+        heads[u] = raw
+    if with_vectors:
+        live = [u for u in range(n) if ids[u] is not None]
+        got = store.vectors(label_keys(shards[live], labels[live], b"V"))
+        for u, v in zip(live, got, strict=True):
+            if _same_change(heads[u], v):
+                assert v is not None
+                vecs[u] = v[VEC_PREFIX:]
+            else:  # written or deleted since its record was read: left out
+                ids[u] = None
     return ids, metas, vecs
-
-
-def _rescored(metric: str, rows: list[list[Hit]], q: np.ndarray, k: int, with_vectors: bool
-              ) -> list[list[Hit]]:
-    """Each row's hits scored again with their stored vectors, the k best kept, best first."""
-    hits = [h for row in rows for h in row]
-    if not hits:
-        return rows
-    which = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
-    v = np.frombuffer(b"".join(h.vector for h in hits), dtype="<f4").reshape(len(hits), -1)
-    exact = exact_scores(metric, q[which], v).tolist()
-    out: list[list[Hit]] = []
-    at = 0
-    for row in rows:
-        scored = [
-            Hit(h.id, score, h.metadata, h.vector if with_vectors else b"", h.shard)
-            for h, score in zip(row, exact[at : at + len(row)], strict=True)
-        ]
-        at += len(row)
-        scored.sort(key=lambda h: h.score, reverse=metric != "l2")
-        out.append(scored[:k])
-    return out

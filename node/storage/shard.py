@@ -57,6 +57,7 @@ from aquila.node.storage.store import (
     doc_key,
     free_key,
     label_key,
+    vec_key,
 )
 
 _F4 = np.dtype("<f4")
@@ -174,14 +175,14 @@ class Shard:
         """Write what layout 1 did not store (label → id keys, per-bucket digests) from one
         scan of the shard's records: once, at the first start after an upgrade."""
         digests = [0] * BUCKETS
-        batch = WriteBatch()
-        for doc_id, rec in store.iter_docs(shard):
+        batch = store.batch()
+        for doc_id, rec in store.iter_docs(shard, vectors=False):
             batch.put_label(shard, rec.label, doc_id.encode())
             digests[bucket_of(doc_id)] ^= record_hash(doc_id, rec.version, rec.writer)
             batch.count += 1
             if batch.count >= chunk:
                 store.write(batch)
-                batch = WriteBatch()
+                batch = store.batch()
         for b, value in enumerate(digests):
             if value:
                 batch.put_digest(shard, b, value)
@@ -266,7 +267,7 @@ class Shard:
         Counters advance here and are written in the same batch: `rollback` undoes them when
         the write fails, and a crash leaves none of it."""
         ids = [d.id for d in docs]
-        olds = self.store.get_records(self.shard, ids)
+        olds = self.store.get_records(self.shard, ids, vectors=False)
         if len(set(ids)) == len(ids):
             return self._prepare_distinct(docs, olds, batch)
         return self._prepare_general(docs, olds, batch)
@@ -286,8 +287,10 @@ class Shard:
         blake2b = hashlib.blake2b
         bucket_hash = _BUCKET_HASH.copy
         put, delete = batch.raw_put, batch.raw_delete
+        vec_put, vec_delete = batch.vec_put, batch.vec_delete
         pack_seq = _U64.pack
         label_prefix = label_key(shard, 0)[:3]
+        vec_prefix = vec_key(shard, 0)[:3]
         free_prefix = free_key(shard, 0)[:3]
         free = self.free
         old_meta = ops.old_meta
@@ -323,17 +326,20 @@ class Shard:
             wb = writers.get(writer)
             if wb is None:
                 wb = writers[writer] = writer.encode()
-            # The record as `store.encode_record` lays it out, and the digests as
-            # `digests.record_hash` and `digests.bucket_of` compute them, inline: this loop is where
-            # a bulk import spends its time.
+            # The record as `WriteBatch.put_doc` lays it out (its vector under V), and the
+            # digests as `digests.record_hash` and `digests.bucket_of` compute them, inline:
+            # this loop is where a bulk import spends its time.
             if vec is None:
                 put(doc_prefix + idb, pack_head(version, label, seq, 1, 0, len(wb)) + wb)
+                if was_live:
+                    vec_delete(vec_prefix + pack_seq(label))
             else:
                 vb = (vec if vec.dtype == _F4 else vec.astype(_F4)).tobytes()
                 if len(vb) != row_bytes:
                     raise ValueError(f"vector of {doc.id!r} has the wrong dimension")
-                put(doc_prefix + idb, b"".join((pack_head(version, label, seq, 0, dim, len(wb)),
-                                               wb, vb, doc.metadata)))
+                put(doc_prefix + idb, b"".join((pack_head(version, label, seq, 0, 0, len(wb)),
+                                               wb, doc.metadata)))
+                vec_put(vec_prefix + pack_seq(label), pack_seq(seq) + vb)
             if old is not None:
                 delete(change_prefix + pack_seq(old.seq))
             put(change_prefix + pack_seq(seq), idb)

@@ -5,7 +5,15 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
 
     b"M"                          -> collection spec (JSON)
     b"C" shard                    -> counters: next seq, next label, live documents (3 × u64)
-    b"D" shard id                 -> document record (see `Record`); tombstones too
+    b"D" shard id                 -> document record (see `Record`; its vector under V, not
+                                     here); tombstones too
+    b"V" shard label(u64 BE)      -> seq(u64 BE) + the vector's float32 bytes (little-endian),
+                                     for each live document, in the column family "vectors"
+                                     (uncompressed, see `Store.open`): put, overwritten and
+                                     deleted in the batch of its record (one batch is atomic
+                                     across column families), so a search re-ranks and returns
+                                     vectors by label (no id, no record) and a training scans
+                                     only vectors
     b"Q" shard seq(u64 BE)        -> id: the change log, one entry per document (its latest
                                      change), so replay after a snapshot reads only what came after
     b"L" shard label(u64 BE)      -> id: every label given and not purged (tombstones' too)
@@ -18,7 +26,9 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
                                      tombstones have been released (absent: 0; see below)
     b"F"                          -> the layout's version (absent: 1, before L and G existed;
                                      2 before R: the labels purged then are never given again;
-                                     3 before a tombstone's label was released, label 0)
+                                     3 before a tombstone's label was released, label 0;
+                                     4 before V: records held their vectors, split once at
+                                     the first open, see `split_vectors`)
 
 A document's label is a stable int64 within its shard, kept for its whole life (tombstone
 included), so updates and deletes remove exactly the old vector from the index. A purged
@@ -33,10 +43,14 @@ purge. A delete of an unknown id is stored with label 0 at once (no vector was e
 it); a write that revives a tombstone of label 0 takes a free label (or a new one). Nothing per
 document is held in memory: a search reads its hits' ids (L) and records (D) here, through
 the block cache, and a start reads the counters and digests of each shard, not its records.
+Records without their vectors are small (header, writer, metadata: ~60 bytes, not 1.5 KB at
+dim 384), so a block holds dozens and the cache many more of them; a re-ranking reads only
+its candidates' V keys, and its k best's records.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import time
@@ -75,36 +89,48 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
 # The tags of the keys that belong to one shard.
-_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G", b"R", b"P")
-LAYOUT = 4
+_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G", b"R", b"P")  # the default column family's
+VECTORS_CF = "vectors"
+LAYOUT = 5
+# Bytes before a V value's vector: its record's seq.
+VEC_PREFIX = _U64.size
+# Records read at a time by the readers that join them to their vectors.
+_VEC_CHUNK = 1024
 NO_LABEL = 0  # a tombstone's label once released (labels given start at 1)
 
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One document (or its tombstone) as stored."""
+    """One document (or its tombstone) as the store's readers give it: the record under D
+    and, for a live document read with its vector, the vector under V."""
 
     version: int
     label: int
     seq: int
     tombstone: bool
     writer: str
-    vector: bytes  # float32, little-endian, dim × 4 bytes; empty for a tombstone
+    # float32, little-endian, dim × 4 bytes; empty for a tombstone, and for a document read
+    # without its vector (`vectors=False`)
+    vector: bytes
     metadata: bytes  # JSON object; empty for a tombstone
 
     def encode(self) -> bytes:
+        """The record under D: without its vector (which goes under V)."""
         return encode_record(self.version, self.label, self.seq, self.tombstone,
-                             self.writer.encode(), self.vector, self.metadata)
+                             self.writer.encode(), b"", self.metadata)
 
     @staticmethod
-    def decode(raw: bytes) -> Record:
+    def decode(raw: bytes, vector: bytes | None = None) -> Record:
+        """A stored record; `vector` (from V) in place of the record's own (empty since
+        layout 5) when given."""
         version, label, seq, flags, dim, wlen = _HEADER.unpack_from(raw)
         off = _HEADER.size
         writer = raw[off : off + wlen].decode()
         off += wlen
-        vector = raw[off : off + dim * 4]
+        own = raw[off : off + dim * 4]
         metadata = raw[off + dim * 4 :]
-        return Record(version, label, seq, bool(flags & FLAG_TOMBSTONE), writer, vector, metadata)
+        return Record(version, label, seq, bool(flags & FLAG_TOMBSTONE), writer,
+                      own if vector is None else vector, metadata)
 
     def vector_array(self) -> np.ndarray:
         return np.frombuffer(self.vector, dtype="<f4")
@@ -134,6 +160,10 @@ def label_key(shard: int, label: int) -> bytes:
     return _shard_key(b"L", shard) + _U64.pack(label)
 
 
+def vec_key(shard: int, label: int) -> bytes:
+    return _shard_key(b"V", shard) + _U64.pack(label)
+
+
 def free_key(shard: int, label: int) -> bytes:
     return _shard_key(b"R", shard) + _U64.pack(label)
 
@@ -156,14 +186,33 @@ class NotSynced(Exception):
 
 
 class WriteBatch:
-    """Changes to several shards of one collection, made durable together by `Store.write`."""
+    """Changes to several shards of one collection, made durable together by `Store.write`
+    (made by `Store.batch`: its V keys go to the store's column family of vectors)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
         self._wb = rocksdict.WriteBatch(raw_mode=True)
+        # The store, not its column family's handle: a handle keeps the database open, and
+        # a batch may outlive the store's close.
+        self._store = store
         self.count = 0
 
+    @property
+    def vec_put(self) -> Callable[[bytes, bytes], None]:
+        """A put of a V key (`vec_key`) and value (seq + vector)."""
+        return functools.partial(self._wb.put, column_family=self._store.vectors_cf)
+
+    @property
+    def vec_delete(self) -> Callable[[bytes], None]:
+        return functools.partial(self._wb.delete, column_family=self._store.vectors_cf)
+
     def put_doc(self, shard: int, doc_id: str, rec: Record, old: Record | None) -> None:
+        """The record, its vector under V (a live one's; a tombstone's label has none)."""
         self._wb.put(doc_key(shard, doc_id), rec.encode())
+        if rec.label != NO_LABEL:
+            if rec.tombstone:
+                self.vec_delete(vec_key(shard, rec.label))
+            else:
+                self.vec_put(vec_key(shard, rec.label), _U64.pack(rec.seq) + rec.vector)
         if old is not None:
             self._wb.delete(change_key(shard, old.seq))
         self._wb.put(change_key(shard, rec.seq), doc_id.encode())
@@ -187,6 +236,7 @@ class WriteBatch:
         self._wb.delete(change_key(shard, rec.seq))
         if rec.label != NO_LABEL:  # released before: nothing of it left to free
             self._wb.delete(label_key(shard, rec.label))
+            self.vec_delete(vec_key(shard, rec.label))  # none (a tombstone's): made sure
             self._wb.put(free_key(shard, rec.label), b"")
         self.count += 1
 
@@ -196,6 +246,7 @@ class WriteBatch:
         self._wb.put(doc_key(shard, doc_id), encode_record(
             rec.version, NO_LABEL, rec.seq, True, rec.writer.encode(), b"", b""))
         self._wb.delete(label_key(shard, rec.label))
+        self.vec_delete(vec_key(shard, rec.label))  # none (a tombstone's): made sure
         self._wb.put(free_key(shard, rec.label), b"")
         self.count += 1
 
@@ -258,18 +309,54 @@ class Store:
         self._fsync = fsync
         self.memory = memory if memory is not None else RocksMemory()
         self._db: rocksdict.Rdict | None = None
+        self._vdb: rocksdict.Rdict | None = None  # the column family of vectors
+        self._vcf: rocksdict.ColumnFamily | None = None  # its handle, for batches
 
     def open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        opts = rocksdict.Options(raw_mode=True)
-        opts.create_if_missing(True)
-        opts.set_max_background_jobs(2)
+        opts = self._options()
         # Compressed table files: LZ4 (cheap) where data is new, zstd in the last level, where
-        # most of it settles. Ids, keys, headers and metadata shrink a lot, float32 vectors a
-        # little: 1.24x the raw vectors down to 1.03x for dim 96 with small metadata. Reads
-        # at a start are counters and digests: restarts do not see it.
+        # most of it settles. Ids, keys, headers and metadata shrink a lot. Reads at a start
+        # are counters and digests: restarts do not see it.
         opts.set_compression_type(rocksdict.DBCompressionType.lz4())
         opts.set_bottommost_compression_type(rocksdict.DBCompressionType.zstd())
+        # The vectors (V keys) in a column family of their own, not compressed: a search's
+        # re-ranking reads 40-100 of them a query, mostly outside the block cache, and the
+        # zstd block's decompression was most of such a read. `scripts/bench_vector_reads.py`
+        # (100,000 WordNet vectors, dim 384, multi-gets of 100 random keys, in process):
+        # 10-12 µs a key never read before with the records' options, 3.0-3.5 µs here (4.3
+        # with LZ4, which saves nothing on them), 1.4 µs either way once cached; table files
+        # 152 MiB against 99 (zstd finds the zero bits of vectors that came from float16).
+        vopts = self._options()
+        vopts.set_compression_type(rocksdict.DBCompressionType.none())
+        vopts.set_bottommost_compression_type(rocksdict.DBCompressionType.none())
+        self._db = rocksdict.Rdict(str(self.path), opts,
+                                   column_families={"default": opts, VECTORS_CF: vopts})
+        self._vdb = self._db.get_column_family(VECTORS_CF)
+        self._vcf = self._db.get_column_family_handle(VECTORS_CF)
+        wo = rocksdict.WriteOptions()
+        wo.sync = self._fsync
+        self._write_opts = wo
+        self._batch_opts = rocksdict.WriteOptions()  # not synced: `write` syncs apart
+        # Scans (training, rebuilds, transfers, purges) read every block once: they go
+        # around the block cache, which keeps what searches read (their hits' records).
+        self._scan_opts = rocksdict.ReadOptions()
+        self._scan_opts.fill_cache(False)  # type: ignore[call-arg]
+        self._scan_opts.set_readahead_size(2 << 20)
+        self._lookup_opts = rocksdict.ReadOptions()  # point reads that do not come back
+        self._lookup_opts.fill_cache(False)  # type: ignore[call-arg]
+
+    def _options(self) -> rocksdict.Options:
+        """A column family's options but its compression."""
+        opts = rocksdict.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.create_missing_column_families(True)
+        opts.set_max_background_jobs(2)
+        # The column families flushed together: the write buffer manager's flush (the
+        # node's memtable share reached) otherwise picks one column family, the one of the
+        # oldest memtable, which may be the other's, small or empty, and the full one stayed
+        # (tests/test_rocks_memory.py: 20 s over the budget instead of 0.4).
+        opts.set_atomic_flush(True)
         # Bloom filters: every upsert first looks its id up, and new ids miss; without a
         # filter each miss reads a block of every level.
         table = rocksdict.BlockBasedOptions()
@@ -298,22 +385,12 @@ class Store:
         opts.set_write_buffer_manager(self.memory.write_buffers)
         opts.set_write_buffer_size(self.memory.write_buffer_bytes)
         opts.set_level_zero_file_num_compaction_trigger(L0_TRIGGER)
-        # The column family's options passed too: without them rocksdict opens an existing
-        # database with those of its OPTIONS file, whose table options have a block cache
-        # of their own (8 MiB, outside the node's budget): after a restart a search's records
-        # no longer stayed in the cache (3.5 µs a record read became 11.6, WordNet 50k).
-        self._db = rocksdict.Rdict(str(self.path), opts, column_families={"default": opts})
-        wo = rocksdict.WriteOptions()
-        wo.sync = self._fsync
-        self._write_opts = wo
-        self._batch_opts = rocksdict.WriteOptions()  # not synced: `write` syncs apart
-        # Scans (training, rebuilds, transfers, purges) read every block once: they go
-        # around the block cache, which keeps what searches read (their hits' records).
-        self._scan_opts = rocksdict.ReadOptions()
-        self._scan_opts.fill_cache(False)  # type: ignore[call-arg]
-        self._scan_opts.set_readahead_size(2 << 20)
-        self._lookup_opts = rocksdict.ReadOptions()  # point reads that do not come back
-        self._lookup_opts.fill_cache(False)  # type: ignore[call-arg]
+        # The column families' options are passed to `Rdict` (see `open`): without them
+        # rocksdict opens an existing database with those of its OPTIONS file, whose table
+        # options have a block cache of their own (8 MiB, outside the node's budget): after
+        # a restart a search's records no longer stayed in the cache (3.5 µs a record read
+        # became 11.6, WordNet 50k).
+        return opts
 
     @property
     def db(self) -> rocksdict.Rdict:
@@ -321,19 +398,37 @@ class Store:
             raise RuntimeError("store is not open")
         return self._db
 
+    @property
+    def vdb(self) -> rocksdict.Rdict:
+        """The column family of vectors (V keys)."""
+        if self._vdb is None:
+            raise RuntimeError("store is not open")
+        return self._vdb
+
+    @property
+    def vectors_cf(self) -> rocksdict.ColumnFamily:
+        """The handle of the column family of vectors (for batches)."""
+        if self._vcf is None:
+            raise RuntimeError("store is not open")
+        return self._vcf
+
+    def batch(self) -> WriteBatch:
+        return WriteBatch(self)
+
     def memory_bytes(self) -> dict[str, int]:
         """RocksDB's own figures of the memory it holds (for /metrics); empty when closed.
         `memtables` and `table_readers` are this store's; the others the node's, shared by
         its stores (see RocksMemory): `block_cache` the blocks in the cache, `budget_used`
         the cache in use (the blocks and every store's memtables, charged to it), `budget`
         its capacity."""
-        db = self._db
-        if db is None:
+        db, vdb = self._db, self._vdb
+        if db is None or vdb is None:
             return {}
         out = {}
-        try:
+        try:  # both column families'
             for kind, prop in _MEMORY_PROPERTIES.items():
-                out[kind] = int(db.property_int_value(prop) or 0)
+                out[kind] = (int(db.property_int_value(prop) or 0)
+                             + int(vdb.property_int_value(prop) or 0))
         except Exception:  # closed by another thread meanwhile: nothing to report
             return {}
         used = self.memory.used()
@@ -345,8 +440,9 @@ class Store:
     def flush_memtables(self) -> None:
         """Start writing the memtables out to table files (returns at once), which frees
         them."""
-        if self._db is not None:
+        if self._db is not None and self._vdb is not None:
             self._db.flush(False)
+            self._vdb.flush(False)
 
     def level0_files(self) -> int:
         return int(self.db.property_int_value("rocksdb.num-files-at-level0") or 0)
@@ -358,17 +454,20 @@ class Store:
         and anti-entropy scans take no collection lock: the close waits for those in flight
         (each one call, short) instead of leaving the store open."""
         db, self._db = self._db, None
+        vdb, self._vdb = self._vdb, None
+        self._vcf = None  # a handle keeps the database open (so does a batch holding it)
         if db is None:
             return
         deadline = time.monotonic() + _CLOSE_WAIT_S
-        while True:
-            try:
-                db.close()
-                return
-            except RuntimeError as exc:
-                if "borrowed" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.001)  # on a write thread, never the event loop
+        for one in (vdb, db):  # the column family first: it too keeps the database open
+            while one is not None:
+                try:
+                    one.close()
+                    break
+                except RuntimeError as exc:
+                    if "borrowed" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                time.sleep(0.001)  # on a write thread, never the event loop
 
     # -- metadata -------------------------------------------------------------------------
     def get_meta(self) -> bytes | None:
@@ -379,10 +478,12 @@ class Store:
         self.db.put(b"M", raw, self._write_opts)
 
     # -- documents ------------------------------------------------------------------------
-    def get_records(self, shard: int, ids: list[str], *, cache: bool = True
-                    ) -> list[Record | None]:
-        """The records of these ids (None where absent); `cache=False` for reads that do
-        not come back (a replay, a write's look-up): they go around the block cache."""
+    def get_records(self, shard: int, ids: list[str], *, cache: bool = True,
+                    vectors: bool = True) -> list[Record | None]:
+        """The records of these ids (None where absent), live ones with their vectors unless
+        `vectors` is False (a write's look-up, a purge: their vectors are not needed);
+        `cache=False` for reads that do not come back (a replay, a write's look-up): they go
+        around the block cache."""
         if not ids:
             return []
         keys = [doc_key(shard, i) for i in ids]
@@ -394,13 +495,101 @@ class Store:
             # replay after a training filled the whole cache with records read once).
             get, opts = self.db.get, self._lookup_opts
             raws = [get(k, read_opt=opts) for k in keys]
-        return [Record.decode(r) if r is not None else None for r in raws]
+        return self._joined(keys, raws, vectors, cache)
 
-    def get_records_multi(self, keys: list[tuple[int, str]]) -> list[Record | None]:
+    def get_records_multi(self, keys: list[tuple[int, str]], *, vectors: bool = True
+                          ) -> list[Record | None]:
         if not keys:
             return []
-        raws: list[bytes | None] = self.db.get([doc_key(s, i) for s, i in keys])  # type: ignore[assignment]
-        return [Record.decode(r) if r is not None else None for r in raws]
+        dkeys = [doc_key(s, i) for s, i in keys]
+        raws: list[bytes | None] = self.db.get(dkeys)  # type: ignore[assignment,arg-type]
+        return self._joined(dkeys, raws, vectors)
+
+    def _joined(self, keys: list[bytes], raws: list[bytes | None], vectors: bool,
+                cache: bool = True) -> list[Record | None]:
+        """Stored records (read from their doc `keys`) decoded, the live ones' vectors read
+        from V (one multi-get, or one get each around the block cache when not `cache`) when
+        `vectors`. A write may land between the two reads (they take no lock): a vector
+        missing or of another seq than its record is read again with its record, as they
+        are now (None if the record is gone since)."""
+        out = [Record.decode(r) if r is not None else None for r in raws]
+        if not vectors:
+            return out
+        want = [(i, vec_key(_U16.unpack_from(keys[i], 1)[0], rec.label))
+                for i, rec in enumerate(out)
+                if rec is not None and not rec.tombstone and not rec.vector]
+        if not want:
+            return out
+        vkeys = [k for _, k in want]
+        got: list[bytes | None]
+        if cache:
+            got = self.vdb.get(vkeys)  # type: ignore[assignment,arg-type]
+        else:
+            get, opts = self.vdb.get, self._lookup_opts
+            got = [get(k, read_opt=opts) for k in vkeys]
+        for (i, _), v in zip(want, got, strict=True):
+            rec = out[i]
+            raw = raws[i]
+            assert rec is not None and raw is not None
+            if v is not None and _U64.unpack_from(v)[0] == rec.seq:
+                out[i] = Record.decode(raw, v[VEC_PREFIX:])
+            else:
+                out[i] = self._read_again(keys[i])
+        return out
+
+    def _read_again(self, key: bytes) -> Record | None:
+        """The record of this doc key with its vector, read until both reads agree (each
+        retry means a write of it landed between them)."""
+        shard = _U16.unpack_from(key, 1)[0]
+        for _ in range(1000):
+            raw = self.db.get(key)
+            if raw is None:
+                return None
+            rec = Record.decode(raw)
+            if rec.tombstone or rec.vector:
+                return rec
+            v = self.vdb.get(vec_key(shard, rec.label))
+            if v is not None and _U64.unpack_from(v)[0] == rec.seq:
+                return Record.decode(raw, v[VEC_PREFIX:])
+        raise RuntimeError(f"the vector of a live document is missing ({key!r})")
+
+    def vectors(self, keys: list[bytes]) -> list[bytes | None]:
+        """V values (seq + vector, `vec_key`) of these keys, None where absent: one
+        multi-get, through the block cache (a search's re-ranking)."""
+        if not keys:
+            return []
+        got: list[bytes | None] = self.vdb.get(keys)  # type: ignore[assignment,arg-type]
+        return got
+
+    def split_vectors(self, shard: int, chunk: int = 20_000) -> int:
+        """Layout 4 to 5: the shard's records that still hold their vectors rewritten without
+        them, each live one's vector put under V, `chunk` records a batch; the number
+        rewritten. A record already split holds none (vector length 0): run again after a
+        crash midway, it rewrites only what is left."""
+        prefix = _shard_key(b"D", shard)
+        pack, unpack = _HEADER.pack, _HEADER.unpack_from
+        batch = self.batch()
+        put, vput = batch.raw_put, batch.vec_put
+        done = 0
+        for key, raw in self._scan(prefix):
+            version, label, seq, flags, dim, wlen = unpack(raw)
+            if dim == 0:
+                continue
+            off = _HEADER.size + wlen
+            end = off + dim * 4
+            put(key, b"".join((pack(version, label, seq, flags, 0, wlen),
+                               raw[_HEADER.size:off], raw[end:])))
+            if not flags & FLAG_TOMBSTONE and label != NO_LABEL:
+                vput(vec_key(shard, label), _U64.pack(seq) + raw[off:end])
+            batch.count += 1
+            done += 1
+            if batch.count >= chunk:
+                self.write(batch)
+                batch = self.batch()
+                put, vput = batch.raw_put, batch.vec_put
+        if batch.count:
+            self.write(batch)
+        return done
 
     def write(self, batch: WriteBatch) -> None:
         """Durable (through the WAL, fsynced when configured) once this returns.
@@ -451,22 +640,25 @@ class Store:
     def iter_live_vectors(self, shard: int, max_seq: int | None, chunk: int, dim: int
                           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(float32 rows, labels) of the shard's live documents with seq ≤ max_seq (every one
-        if None), `chunk` rows at a time, each chunk filled in place: no copy of the whole."""
+        if None), `chunk` rows at a time, each chunk filled in place: no copy of the whole.
+        A scan of the V keys only, in label order."""
         rows = np.empty((chunk, dim), np.float32)
         labels = np.empty(chunk, np.int64)
         flat = rows.reshape(-1).view(np.uint8)
         width = dim * 4
+        size = VEC_PREFIX + width
         n = 0
-        unpack = _HEADER.unpack_from
-        for _, raw in self._scan(_shard_key(b"D", shard)):
-            _, label, seq, flags, vdim, wlen = unpack(raw)
-            if flags & FLAG_TOMBSTONE or (max_seq is not None and seq > max_seq):
+        prefix = _shard_key(b"V", shard)
+        at = len(prefix)
+        unpack = _U64.unpack_from
+        for key, raw in self._scan(prefix, vectors=True):
+            if max_seq is not None and unpack(raw)[0] > max_seq:
                 continue
-            if vdim != dim:
-                raise ValueError(f"a record of shard {shard} has dimension {vdim}, not {dim}")
-            off = _HEADER.size + wlen
-            flat[n * width:(n + 1) * width] = np.frombuffer(raw, np.uint8, width, off)
-            labels[n] = label
+            if len(raw) != size:
+                raise ValueError(f"a vector of shard {shard} has dimension "
+                                 f"{(len(raw) - VEC_PREFIX) // 4}, not {dim}")
+            flat[n * width:(n + 1) * width] = np.frombuffer(raw, np.uint8, width, VEC_PREFIX)
+            labels[n] = unpack(key, at)[0]
             n += 1
             if n == chunk:
                 yield rows, labels
@@ -570,8 +762,11 @@ class Store:
         seq, label, live = _COUNTERS.unpack(raw)
         return int(seq), int(label), int(live)
 
-    def _scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        it = self.db.iter(self._scan_opts)
+    def _scan(self, prefix: bytes, start: bytes | None = None, *, vectors: bool = False
+              ) -> Iterator[tuple[bytes, bytes]]:
+        """Keys and values under `prefix`, from `start` if given; of the column family of
+        vectors when `vectors`."""
+        it = (self.vdb if vectors else self.db).iter(self._scan_opts)
         it.seek(start or prefix)
         while it.valid():
             key = it.key()
@@ -580,13 +775,37 @@ class Store:
             yield key, it.value()
             it.next()
 
-    def iter_docs(self, shard: int, after: str | None = None) -> Iterator[tuple[str, Record]]:
-        """Every record of the shard (tombstones too) in id order, after `after` if given."""
+    def iter_docs(self, shard: int, after: str | None = None, *, vectors: bool = True
+                  ) -> Iterator[tuple[str, Record]]:
+        """Every record of the shard (tombstones too) in id order, after `after` if given;
+        live ones with their vectors (read from V a chunk of records at a time) unless
+        `vectors` is False."""
         prefix = _shard_key(b"D", shard)
         n = len(prefix)
         start = prefix if after is None else doc_key(shard, after) + b"\x00"
+        if not vectors:
+            for key, raw in self._scan(prefix, start):
+                yield key[n:].decode(), Record.decode(raw)
+            return
+        keys: list[bytes] = []
+        raws: list[bytes | None] = []
+        chunk = 32  # growing: a page of a few documents reads few vectors ahead
         for key, raw in self._scan(prefix, start):
-            yield key[n:].decode(), Record.decode(raw)
+            keys.append(key)
+            raws.append(raw)
+            if len(raws) >= chunk:
+                yield from self._docs(n, keys, raws)
+                keys, raws = [], []
+                chunk = min(chunk * 2, _VEC_CHUNK)
+        yield from self._docs(n, keys, raws)
+
+    def _docs(self, n: int, keys: list[bytes], raws: list[bytes | None]
+              ) -> Iterator[tuple[str, Record]]:
+        """A scan's records (as its iterator saw them) with their vectors; one deleted and
+        purged since the iterator was made is left out (`_joined`)."""
+        for key, rec in zip(keys, self._joined(keys, raws, True), strict=True):
+            if rec is not None:
+                yield key[n:].decode(), rec
 
     def iter_changes(self, shard: int, after_seq: int) -> Iterator[tuple[int, str]]:
         """(seq, id) of every document whose latest change is after `after_seq`, in order."""
@@ -603,10 +822,13 @@ class Store:
     def drop_shard(self, shard: int) -> None:
         """Remove every key of one shard (after it moved to another node), in one batch."""
         wb = rocksdict.WriteBatch(raw_mode=True)
-        for tag in _SHARD_TAGS:
+        for tag in (*_SHARD_TAGS, b"V"):
             start = _shard_key(tag, shard)
             end = _shard_key(tag, shard + 1) if shard + 1 < 65536 else tag + b"\xff\xff\xff"
-            wb.delete_range(start, end)
+            if tag == b"V":
+                wb.delete_range(start, end, self.vectors_cf)
+            else:
+                wb.delete_range(start, end)
         self.db.write(wb, self._write_opts)
 
     def has_shard(self, shard: int) -> bool:
