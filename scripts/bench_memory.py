@@ -606,12 +606,16 @@ async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     other = rss - parts.get("faiss", 0) - parts.get("budget_used", 0) - \
                         parts.get("table_readers", 0)
                     window = [ms for t, ms in during[last_s:] if t >= last_t]
+                    heap: dict[str, Any] = {}
+                    if args.churn_parts and len(series) % args.churn_parts == 0:
+                        heap = await asyncio.to_thread(breakdown, node.pid, node.log_path)
+                        heap.pop("rss_mib", None)
                     series.append({
                         "t": round(now - t0), "rss": rss, "rss_anon": rss_anon_mib(node.pid),
                         "deleted": deleted[0],
                         "deletes_per_s": round((deleted[0] - last_n) / max(now - last_t, 1e-9)),
                         "p99_ms": round(pct(window, 99), 1) if window else None,
-                        "other": round(other, 1), **parts})
+                        "other": round(other, 1), **parts, **heap})
                     log(f"churn: {series[-1]}")
                     last_t, last_n, last_s = now, deleted[0], len(during)
                     await asyncio.sleep(args.churn_sample)
@@ -715,6 +719,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--churn-live", type=int, default=50_000)
     p.add_argument("--churn-dim", type=int, default=50)
     p.add_argument("--churn-sample", type=float, default=5.0, help="seconds between samples")
+    p.add_argument("--churn-parts", type=int, default=0, metavar="K",
+                   help="churn: every K-th sample also reads glibc's and Python's own figures "
+                        "(malloc_info, the arenas; gdb stops the node for a moment)")
     p.add_argument("--churn-deletes", type=int, default=10**12,
                    help="end the churn once this many documents are deleted (or at --churn s)")
     p.add_argument("--tombstone-grace-s", type=float, default=0.0,

@@ -61,11 +61,14 @@ def limit_arenas(arenas: int = 2) -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
-# Modules the node would otherwise import at its first training (numpy's random generators,
-# 0.2 MiB of Python objects), in the middle of a bulk load: their objects, which live as long
+# Modules the node would otherwise import in the middle of a bulk load: numpy's random
+# generators at the first training (0.2 MiB of Python objects), numpy.ma at the first removal
+# from an index (1 MiB: `np.unique` asks `np.ma.is_masked`, and numpy 2 imports numpy.ma on
+# first use; so do `np.isin` and `np.setdiff1d` through it). Their objects, which live as long
 # as the process, then sit in Python's small-object arenas among the load's temporaries and
-# keep those arenas (1 MiB each, given back only once empty) resident after it.
-LATE_MODULES = ("numpy.random",)
+# keep those arenas (1 MiB each, given back only once empty) resident after it: numpy.ma's
+# kept 6 arenas holding 1.1 MiB of objects after 200k `ivf_sq8` (`bench_arenas.py`).
+LATE_MODULES = ("numpy.random", "numpy.ma")
 
 
 def import_early() -> None:
