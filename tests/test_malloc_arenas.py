@@ -1,6 +1,5 @@
-"""The node's C heap is one glibc arena for every thread (node/storage/heap.py, `ARENAS`):
-with two, what the threads of one freed stayed there while the other's took more from the
-system (RSS grew under churn)."""
+"""The node's threads share `heap.ARENAS` glibc arenas (node/storage/heap.py): left alone,
+glibc makes up to eight a core, each keeping what its threads freed."""
 
 from __future__ import annotations
 
@@ -35,11 +34,11 @@ _SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not malloc_info(), reason="glibc's malloc_info only")
-def test_threads_share_one_malloc_arena() -> None:
+def test_threads_share_the_nodes_few_malloc_arenas() -> None:
     out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.strip()) == ARENAS == 1
+    assert int(out.stdout.strip()) == ARENAS < 4
 
 
 def test_malloc_info_lists_the_arenas() -> None:

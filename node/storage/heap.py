@@ -28,14 +28,12 @@ if TYPE_CHECKING:
 _M_ARENA_MAX = -8
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 256 << 10
-# One arena for every thread. With two, memory freed by the threads of one (RocksDB's
-# flushes and compactions, the search and write pools) stayed there, free in pieces smaller
-# than a page that no trim gives back, while the other's threads took more from the system:
-# under churn (`bench_memory.py --churn 300 --churn-parts 6`) the second arena's resident
-# pages grew from 25 to 38 MiB in four minutes, 5-9 MiB of them free. With one, the heap's
-# resident pages stayed within 3 MiB of what is in use, and RSS at most 186 MiB after the
-# first minute against 190 with two (`--churn 180`, side by side).
-ARENAS = 1
+# How many arenas. Two since the start of issue 14's work. One was tried against churn: the
+# heap's resident pages then stayed nearer what is in use (7 MiB above it after 4.8M deletes,
+# 17 MiB with two after 4.3M), but RSS moved no less (growth after the first minute 0.178
+# against 0.173 over 5M deletes, `bench_memory.py --churn 1200 --churn-deletes 5000000
+# --base`), and after a bulk load with a compaction it held more: not kept.
+ARENAS = 2
 
 
 class _Mallinfo2(ctypes.Structure):
