@@ -530,11 +530,15 @@ def churn_figures(series: list[dict[str, Any]], minute: float = 60.0) -> dict[st
             "rss_spread_after_first_minute": round(max(rss) / min(rss) - 1, 3)}
 
 
-async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+async def churn(args: argparse.Namespace, root: Path, variant: str = "",
+                code: Path | None = None, extra: dict[str, str] | None = None
+                ) -> dict[str, Any]:
     dim = args.churn_dim
     x = clustered(args.churn_live, dim, args.seed)
     q = clustered(200, dim, args.seed + 1)
-    env = {"AQUILA_FSYNC": "true"}
+    env = {"AQUILA_FSYNC": "true", **(extra or {})}
+    if code is not None:
+        env["PYTHONPATH"] = code_pythonpath(code)
     if args.rocksdb_memory_mib:
         env["AQUILA_ROCKSDB_MEMORY_MIB"] = str(args.rocksdb_memory_mib)
     if args.tombstone_grace_s:
@@ -542,10 +546,12 @@ async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         # purges them, runs as often as the grace.
         env["AQUILA_TOMBSTONE_GRACE_S"] = str(args.tombstone_grace_s)
         env["AQUILA_ANTI_ENTROPY_INTERVAL_S"] = str(max(1.0, args.tombstone_grace_s))
-    node = Node(root / "node", root / "node.log", env)
-    (root / "node").mkdir()
+    name = f"churn{variant and '-' + variant}"
+    node = Node(root / name, root / f"{name}.log", env)
+    (root / name).mkdir()
     node.start()
-    out: dict[str, Any] = {"live": args.churn_live, "dim": dim, "seconds": args.churn,
+    out: dict[str, Any] = {"variant": variant, "live": args.churn_live, "dim": dim,
+                           "seconds": args.churn,
                            "rocksdb_memory_mib": args.rocksdb_memory_mib or "default",
                            "tombstone_grace_s": args.tombstone_grace_s or "default"}
     try:
@@ -606,12 +612,16 @@ async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     other = rss - parts.get("faiss", 0) - parts.get("budget_used", 0) - \
                         parts.get("table_readers", 0)
                     window = [ms for t, ms in during[last_s:] if t >= last_t]
+                    heap: dict[str, Any] = {}
+                    if args.churn_parts and len(series) % args.churn_parts == 0:
+                        heap = await asyncio.to_thread(breakdown, node.pid, node.log_path)
+                        heap.pop("rss_mib", None)
                     series.append({
                         "t": round(now - t0), "rss": rss, "rss_anon": rss_anon_mib(node.pid),
                         "deleted": deleted[0],
                         "deletes_per_s": round((deleted[0] - last_n) / max(now - last_t, 1e-9)),
                         "p99_ms": round(pct(window, 99), 1) if window else None,
-                        "other": round(other, 1), **parts})
+                        "other": round(other, 1), **parts, **heap})
                     log(f"churn: {series[-1]}")
                     last_t, last_n, last_s = now, deleted[0], len(during)
                     await asyncio.sleep(args.churn_sample)
@@ -640,8 +650,9 @@ async def churn(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def churn_table(r: dict[str, Any]) -> str:
     """The churn run's figures, as the README quotes them."""
     return "\n".join([
-        f"churn: {r['live']:,} live, dim {r['dim']}, {r['seconds']:.0f} s, RocksDB memory "
-        f"{r['rocksdb_memory_mib']} MiB ({r.get('uptime', '')})",
+        f"churn {r.get('variant', '')}: {r['live']:,} live, dim {r['dim']}, "
+        f"{r['seconds']:.0f} s, RocksDB memory {r['rocksdb_memory_mib']} MiB "
+        f"({r.get('uptime', '')})",
         f"  {r['deleted']:,} deletes, {r['deletes_per_s']:,}/s (per sample: "
         f"{r.get('deletes_per_s_min_max')}); live count after {r['count_after']:,}",
         f"  RSS {r.get('rss_mib_at_first_minute')} MiB at the first minute, at most "
@@ -663,8 +674,19 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     log(f"working in {root}; {load_avg()}")
     results = []
     try:
+        variants: list[tuple[str, Path | None, dict[str, str]]] = [("", None, {})]
+        if args.base or args.env_b:
+            variants = [("worktree", None, {})]
+        if args.base:
+            variants.insert(0, ("base", args.base.resolve(), {}))
+        if args.env_b:
+            variants.append(("env_b", None, dict(kv.split("=", 1) for kv in args.env_b)))
         if args.churn:
-            results.append(await churn(args, root))
+            # With --base or --env-b: the base's node, the worktree's, the worktree's with
+            # those variables, one churn after another.
+            for name, code, extra in variants:
+                results.append(await churn(args, root, name, code, extra))
+                log(json.dumps(results[-1]))
         else:
             # The queries: held-out points of the same blobs (not stored).
             both = clustered(args.n + args.queries, args.dim, args.seed)
@@ -673,13 +695,6 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             log(f"{len(x)} vectors and the exact answers of {len(q)} queries ready")
             # With --base or --env-b, per type: the base's node, the worktree's, the
             # worktree's with those variables (one at a time).
-            variants: list[tuple[str, Path | None, dict[str, str]]] = [("", None, {})]
-            if args.base or args.env_b:
-                variants = [("worktree", None, {})]
-            if args.base:
-                variants.insert(0, ("base", args.base.resolve(), {}))
-            if args.env_b:
-                variants.append(("env_b", None, dict(kv.split("=", 1) for kv in args.env_b)))
             for itype in args.types.split(","):
                 for name, code, extra in variants:
                     r = await one_type(args, itype, x, q, truth, root, name, code, extra)
@@ -715,6 +730,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--churn-live", type=int, default=50_000)
     p.add_argument("--churn-dim", type=int, default=50)
     p.add_argument("--churn-sample", type=float, default=5.0, help="seconds between samples")
+    p.add_argument("--churn-parts", type=int, default=0, metavar="K",
+                   help="churn: every K-th sample also reads glibc's and Python's own figures "
+                        "(malloc_info, the arenas; gdb stops the node for a moment)")
     p.add_argument("--churn-deletes", type=int, default=10**12,
                    help="end the churn once this many documents are deleted (or at --churn s)")
     p.add_argument("--tombstone-grace-s", type=float, default=0.0,

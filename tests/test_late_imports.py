@@ -35,6 +35,10 @@ _SCRIPT = textwrap.dedent("""
             while not (coll.index.trained and not coll.training):
                 assert time.monotonic() < deadline, "no training"
                 await asyncio.sleep(0.05)
+            # Overwrites and deletes of an indexed document: the index's removal (its
+            # np.unique imported numpy.ma, 1 MiB of objects, in the middle of a load).
+            await coll.write({0: [Incoming(f"d{i}", x[i] + 1, b"{}", 2, "n1") for i in range(10)]
+                              + [Incoming(f"d{i}", None, b"", 2, "n1") for i in range(10, 20)]})
             await coll.snapshot()
             print(sorted(set(sys.modules) - before))
         finally:
@@ -45,7 +49,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_training_imports_no_module_the_start_did_not(tmp_path: object) -> None:
+def test_a_training_and_overwrites_import_no_module_the_start_did_not(tmp_path: object) -> None:
     out = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path)], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -137,3 +137,43 @@ def test_shed_blocks_empties_the_cache_and_keeps_its_capacity(tmp_path: Path) ->
         assert mem.used() > 2 * MIB
     finally:
         store.close()
+
+
+async def test_the_trim_after_a_compaction_waits_for_rocksdbs_flush_to_end(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction's swap flushes the memtables; RocksDB's threads free what the flush (and
+    the compactions it starts) allocated once it ends, after a trim made at once, and no
+    snapshot follows a compaction to trim again: the trim waits for RocksDB to be idle."""
+    from tests.test_index_compaction import SPEC as KSPEC
+    from tests.test_index_compaction import TUNING as KTUNING
+    from tests.test_index_compaction import docs, pause
+
+    engine = Engine(tmp_path, blocking, KTUNING, fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(KSPEC, [0, 1], "u")
+        await coll.write(docs(range(200)))
+        await settled(coll, what="the first training")
+        await coll.write(docs(range(200, 300)))
+        events: list[str] = []
+        busy_left = [5]  # RocksDB "busy" for the first five looks
+
+        def busy() -> bool:
+            busy_left[0] -= 1
+            events.append("busy" if busy_left[0] >= 0 else "idle")
+            return busy_left[0] >= 0
+
+        def trim() -> bool:
+            events.append("trim")
+            return False
+
+        monkeypatch.setattr(coll, "_rocksdb_busy", busy)
+        monkeypatch.setattr(collection_module, "trim", trim)
+        pause(coll)
+        await wait_for(lambda: coll.compactions == 1 and not coll.compacting, 30,
+                       what="the compaction")
+        assert events.count("busy") == 5 and "trim" in events
+        assert events.index("trim") > events.index("idle") > events.index("busy"), events
+    finally:
+        await engine.close()

@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 _M_ARENA_MAX = -8
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 256 << 10
+# How many arenas. Two since the start of issue 14's work. One was tried against churn: the
+# heap's resident pages then stayed nearer what is in use (7 MiB above it after 4.8M deletes,
+# 17 MiB with two after 4.3M), but RSS moved no less (growth after the first minute 0.178
+# against 0.173 over 5M deletes, `bench_memory.py --churn 1200 --churn-deletes 5000000
+# --base`), and after a bulk load with a compaction it held more: not kept.
+ARENAS = 2
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -51,7 +57,7 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def limit_arenas(arenas: int = 2) -> None:
+def limit_arenas(arenas: int = ARENAS) -> None:
     """Fewer malloc arenas: memory freed by one thread is reused by the next instead of
     staying behind in an arena of its own; large blocks always mapped apart (glibc only;
     elsewhere nothing). Arenas made before the call stay: call it before threads start."""
@@ -61,11 +67,14 @@ def limit_arenas(arenas: int = 2) -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
-# Modules the node would otherwise import at its first training (numpy's random generators,
-# 0.2 MiB of Python objects), in the middle of a bulk load: their objects, which live as long
+# Modules the node would otherwise import in the middle of a bulk load: numpy's random
+# generators at the first training (0.2 MiB of Python objects), numpy.ma at the first removal
+# from an index (1 MiB: `np.unique` asks `np.ma.is_masked`, and numpy 2 imports numpy.ma on
+# first use; so do `np.isin` and `np.setdiff1d` through it). Their objects, which live as long
 # as the process, then sit in Python's small-object arenas among the load's temporaries and
-# keep those arenas (1 MiB each, given back only once empty) resident after it.
-LATE_MODULES = ("numpy.random",)
+# keep those arenas (1 MiB each, given back only once empty) resident after it: numpy.ma's
+# kept 6 arenas holding 1.1 MiB of objects after 200k `ivf_sq8` (`bench_arenas.py`).
+LATE_MODULES = ("numpy.random", "numpy.ma")
 
 
 def import_early() -> None:
@@ -96,6 +105,30 @@ def malloc_figures() -> dict[str, int]:
     m = libc.mallinfo2()
     return {"heap": int(m.arena), "mapped": int(m.hblkhd), "in_use": int(m.uordblks),
             "free": int(m.fordblks), "releasable": int(m.keepcost)}
+
+
+def malloc_info() -> str:
+    """glibc's `malloc_info()` (XML: every arena's sizes and free chunks), or "" where there
+    is none."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_info") or not hasattr(libc, "open_memstream"):
+        return ""
+    buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p),
+                                    ctypes.POINTER(ctypes.c_size_t)]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.free.argtypes = [ctypes.c_void_p]
+    stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+    if not stream:
+        return ""
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    try:
+        return ctypes.string_at(buf, size.value).decode()
+    finally:
+        libc.free(ctypes.cast(buf, ctypes.c_void_p))
 
 
 def shed_blocks(memory: RocksMemory) -> None:
