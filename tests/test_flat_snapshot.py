@@ -12,6 +12,7 @@ replays the change log's tail.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def stored(coll: Collection) -> tuple[np.ndarray, np.ndarray]:
                 vectors.append(rec.vector_array())
     order = np.argsort(keys)
     return (np.asarray(keys, np.int64)[order],
-            prepare(np.stack(vectors)[order], SPEC.metric))
+            prepare(np.stack(vectors)[order], coll.spec.metric))
 
 
 def labels_of(coll: Collection) -> dict[tuple[int, int], str]:
@@ -104,8 +105,12 @@ def holds_exactly_the_stored(coll: Collection) -> None:
         assert int((lists >= 0).sum()) == int(pick.sum())
     # Its exhaustive search is the exact search of the stored vectors.
     q = np.random.default_rng(1).standard_normal((20, DIM)).astype(np.float32)
-    _, found = index.search(q, 10, NLIST)
-    exact = ((q[:, None, :] - vectors[None, :, :]) ** 2).sum(axis=2).argsort(axis=1)[:, :10]
+    _, found = index.search(prepare(q, coll.spec.metric), 10, NLIST)
+    if coll.spec.metric == "l2":
+        far = ((q[:, None, :] - vectors[None, :, :]) ** 2).sum(axis=2)
+    else:  # unit vectors, by inner product
+        far = -(prepare(q, coll.spec.metric) @ vectors.T)
+    exact = far.argsort(axis=1)[:, :10]
     assert found.tolist() == keys[exact].tolist()
 
 
@@ -144,12 +149,14 @@ def magic(coll: Collection) -> bytes:
     return coll.snap_path.read_bytes()[:6]
 
 
-@pytest.mark.parametrize("stop", ["close", "kill", "stale"])
+@pytest.mark.parametrize(("stop", "metric"), [("close", "l2"), ("kill", "l2"), ("stale", "l2"),
+                                              ("kill", "cosine")])
 async def test_a_restart_holds_exactly_the_stored_vectors(
-        stop: str, tmp_path: Path, blocking: Blocking, caplog: pytest.LogCaptureFixture) -> None:
+        stop: str, metric: str, tmp_path: Path, blocking: Blocking,
+        caplog: pytest.LogCaptureFixture) -> None:
     w = Writer(7)
     engine = await restarted(tmp_path, blocking)
-    coll = await engine.ensure(SPEC, [0, 1], "u")
+    coll = await engine.ensure(dataclasses.replace(SPEC, metric=metric), [0, 1], "u")
     await w.first(coll, 300)
     await settled(coll)
     await w.churn(coll, 6)

@@ -64,8 +64,10 @@ def limit_arenas(arenas: int = 2) -> None:
 # Modules the node would otherwise import at its first training (numpy's random generators,
 # 0.2 MiB of Python objects), in the middle of a bulk load: their objects, which live as long
 # as the process, then sit in Python's small-object arenas among the load's temporaries and
-# keep those arenas (1 MiB each, given back only once empty) resident after it.
-LATE_MODULES = ("numpy.random",)
+# keep those arenas (1 MiB each, given back only once empty) resident after it. numpy.ma:
+# `np.unique` imports it, which the first snapshot of a trained ivf_flat index calls (its
+# label → list map, `VectorIndex.lists_of`).
+LATE_MODULES = ("numpy.random", "numpy.ma")
 
 
 def import_early() -> None:
