@@ -184,6 +184,9 @@ async def node_index(node: Node, shards: int, n: int) -> faiss.IndexIVF:
     while True:
         for path in node.data_dir.rglob("index.faiss"):
             loaded = await asyncio.to_thread(VectorIndex.load, path, shards)
+            if loaded is not None and loaded[0].pending is not None:
+                # (`snapshot_index` refills one from the store, once the node has stopped)
+                raise RuntimeError(f"{path}: an ivf_flat snapshot holds no vectors")
             if loaded is not None and loaded[0].ntotal == n and loaded[0].trained:
                 index: faiss.IndexIVF = loaded[0].index
                 return index

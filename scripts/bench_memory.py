@@ -48,10 +48,10 @@ import orjson
 from bench_common import COLLECTION, JSON_HEADERS, log, pct
 from bench_memparts import breakdown
 from bench_node import Node, call, code_pythonpath, rss_mib_of, wait_ready
+from snapshot_index import snapshot_index
 from wrkload import run_wrk, write_bodies
 
 from aquila.node.storage.collection import Tuning
-from aquila.node.storage.index import VectorIndex
 
 K = 10
 
@@ -351,10 +351,10 @@ def faiss_qps(index_path: Path, shards: int, q: np.ndarray, nprobe: int, seconds
     threads (the node's search threads on 2 cores), each with FAISS's OpenMP at one thread
     as the node's are (the setting is per thread), at `nprobe` through the same search
     parameters; and the resident bytes its lists hold per vector."""
-    loaded = VectorIndex.load(index_path, shards)
+    loaded = snapshot_index(index_path, shards)
     if loaded is None:
         raise RuntimeError(f"{index_path}: the node's snapshot did not load")
-    index = loaded[0].index
+    index = loaded.index
     qps = faiss_round(index, q, nprobe, threads, seconds)["qps"]
     code_size = int(faiss.extract_index_ivf(index).code_size)
     return qps, code_size + 8

@@ -57,9 +57,8 @@ from bench_node import (
     wait_ready,
 )
 from bench_profile import pyspy_exe, summarise_collapsed
+from snapshot_index import snapshot_index
 from wrkload import run_wrk, write_bodies
-
-from aquila.node.storage.index import VectorIndex
 
 K = 10
 ENV = {"AQUILA_SNAPSHOT_INTERVAL_S": "5"}  # the log at its default level (INFO)
@@ -229,10 +228,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"{data} holds n={info['n']} dim={info['dim']}")
     log(f"built: {info}")
     _, q = queries(args)
-    loaded = VectorIndex.load(snapshot_of(data), int(info["shards"]))
+    loaded = snapshot_index(snapshot_of(data), int(info["shards"]))
     if loaded is None:
         raise RuntimeError("the node's snapshot did not load")
-    index = loaded[0].index
+    index = loaded.index
     log(f"the node's index: {type(index).__name__} nlist {index.nlist} ntotal {index.ntotal}")
     variants: dict[str, tuple[Path | None, dict[str, str]]] = {"worktree": (None, {})}
     if args.base:

@@ -39,7 +39,13 @@ from aquila.node.files import TMP_SUFFIX, remove_stale_temps, write_atomic
 from aquila.node.storage.batcher import SearchBatcher, weakly
 from aquila.node.storage.filtered import FilterQuery, GroupCache, search_planned
 from aquila.node.storage.heap import shed_blocks, trim
-from aquila.node.storage.index import LABEL_BITS, VectorIndex, choose_nlist, prepare
+from aquila.node.storage.index import (
+    LABEL_BITS,
+    VectorIndex,
+    choose_nlist,
+    global_keys,
+    prepare,
+)
 from aquila.node.storage.locks import RWLock
 from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
@@ -81,6 +87,9 @@ PURGE_READ_CHUNK = 4096
 GROUP_MAX_DOCS = 20_000
 # Vectors read from the store at a time while training.
 TRAIN_CHUNK = 65_536
+# Stored vectors read at a time into an ivf_flat index loaded without them (`_refilled`):
+# their bytes are held twice meanwhile (the values read, then the rows), 13 MB at dim 96.
+REFILL_CHUNK = 16_384
 # A trained index catches up with the writes made during its training in rounds (each
 # replays what came during the one before) until a round saw at most CATCH_UP_TAIL writes
 # come, or no fewer than the round before (writes faster than the replay), or
@@ -299,7 +308,10 @@ class Collection:
             shard.load()
             self.shards[s] = shard
         loaded = VectorIndex.load(self.snap_path, self.spec.shards)
-        if loaded is not None and set(loaded[1]) <= set(shards):
+        if loaded is not None and not (set(loaded[1]) <= set(shards)
+                                       and self._refilled(*loaded)):
+            loaded = None
+        if loaded is not None:
             self.index, covered = loaded
             for s, shard in self.shards.items():
                 for ops in shard.replay(covered.get(s, 0)):
@@ -320,6 +332,27 @@ class Collection:
                 for vectors, keys in shard.live_chunks(None):
                     self.index.add(vectors, keys)
         self._set_live(self.index.all_keys())
+
+    def _refilled(self, index: VectorIndex, covered: dict[int, int]) -> bool:
+        """An index loaded without its vectors (ivf_flat, see `VectorIndex.stage`): each
+        shard's stored vectors of documents unchanged since the snapshot (seq ≤ covered)
+        put back into the lists it recorded; those changed after it the replay brings. False
+        when the store holds such a vector the snapshot did not place (not the state it
+        covered): the caller rebuilds from the store."""
+        if index.pending is None:
+            return True
+        t0 = time.monotonic()
+        strays = index.refill(
+            (prepare(rows, self.spec.metric), global_keys(s, labels))
+            for s, q in sorted(covered.items())
+            for rows, labels in self.store.live_vector_chunks(s, q, REFILL_CHUNK, self.spec.dim))
+        if strays:
+            log.warning("%s: %d stored vectors the snapshot does not place", self.spec.name,
+                        strays)
+            return False
+        log.info("%s: %d vectors from the store into the snapshot's lists in %.2f s",
+                 self.spec.name, index.ntotal, time.monotonic() - t0)
+        return True
 
     def _set_live(self, keys: np.ndarray) -> None:
         """Each shard's live bitmap from the keys its index holds (which are exactly its

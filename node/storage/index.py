@@ -19,7 +19,7 @@ import itertools
 import math
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -52,7 +52,12 @@ _SNAP_MAGIC = b"AQIX3\n"
 # its block-packed lists with FAISS's add_core (codes written unpacked: heap corruption); it
 # refuses this magic and rebuilds from the store. Other indexes are written as 3 still.
 _SNAP_MAGIC_PACKED = b"AQIX4\n"
-_SNAP_MAGICS = (_SNAP_MAGIC, _SNAP_MAGIC_PACKED)
+# 5: an ivf_flat index without its vectors (see `stage`): its trained quantizer and, per
+# shard, the list of each label; the lists are refilled from the store's V keys at the start
+# (`refill`). Code before it refuses the magic and rebuilds from the store.
+_SNAP_MAGIC_LISTS = b"AQIX5\n"
+_SNAP_MAGICS = (_SNAP_MAGIC, _SNAP_MAGIC_PACKED, _SNAP_MAGIC_LISTS)
+_MAP_TYPES = ("<i2", "<i4")  # the label → list maps' types in an AQIX5 snapshot
 # trained-at count, kind (0 flat, 1 ivf), shard bits, crc32 of meta + payload, meta length,
 # payload length
 _SNAP_HEADER = struct.Struct(">QBBIQQ")
@@ -146,6 +151,9 @@ class VectorIndex:
     # grows a full list by doubling, and a bulk load's adds leave up to as much again unused
     # (`Collection._maybe_compact` looks at this).
     added: int = field(default=0, repr=False)
+    # Loaded from an AQIX5 snapshot (ivf_flat): per shard, the list the snapshot recorded for
+    # each label (-1: none), until `refill` puts the stored vectors back into the (empty) lists.
+    pending: dict[int, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -636,11 +644,30 @@ class VectorIndex:
         a temporary file beside `path`, not yet durable (call while mutations are excluded;
         `save` makes it the snapshot). FAISS writes the index straight into the file, a
         list at a time: no copy of the index in memory (serialising one into a buffer held
-        two or three, the buffer growing by doubling: gigabytes at 10M vectors)."""
-        meta = orjson.dumps({"covered": {str(s): q for s, q in covered.items()},
-                             "curve": self.curve, "by_rank": self.by_rank})
+        two or three, the buffer growing by doubling: gigabytes at 10M vectors).
+
+        A trained ivf_flat index is written without its vectors (AQIX5): its lists' codes
+        are the stored vectors, which the store holds under V already. The file holds the
+        quantizer and, per shard, each label's list (2 bytes a label); `load` gives an index
+        with empty lists and `refill` puts the store's vectors back into them."""
+        info: dict[str, Any] = {"covered": {str(s): q for s, q in covered.items()},
+                                "curve": self.curve, "by_rank": self.by_rank}
+        maps: list[np.ndarray] = []
+        quantizer = np.zeros(0, np.uint8)
+        lean = self.trained and _without_vectors(self.index)
+        if lean:
+            quantizer = faiss.serialize_index(self.index.quantizer)
+            shards = []
+            for s, arr in sorted(self._list_maps().items()):
+                maps.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+                shards.append([s, len(arr), maps[-1].dtype.str])
+            info["lists"] = {"nlist": self.nlist, "dim": int(self.index.d),
+                             "metric": int(self.index.metric_type),
+                             "quantizer": len(quantizer), "shards": shards}
+        meta = orjson.dumps(info)
         n0 = len(_SNAP_MAGIC) + _SNAP_HEADER.size
-        magic = _SNAP_MAGIC_PACKED if is_packed(self.index, faiss) else _SNAP_MAGIC
+        magic = (_SNAP_MAGIC_LISTS if lean else _SNAP_MAGIC_PACKED
+                 if is_packed(self.index, faiss) else _SNAP_MAGIC)
 
         def fill(f: BinaryIO) -> None:
             f.write(bytes(n0))  # the header, once the checksum is known
@@ -653,12 +680,27 @@ class VectorIndex:
                 size += len(chunk)
                 return f.write(chunk)
 
-            faiss.write_index(self.index, faiss.PyCallbackIOWriter(put, _READ_CHUNK))
+            if lean:
+                put(quantizer.tobytes())
+                for arr in maps:
+                    put(arr.tobytes())
+            else:
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(put, _READ_CHUNK))
             f.seek(0)
             f.write(magic + _SNAP_HEADER.pack(self.trained_at, int(self.trained),
                                                     self.bits, crc, len(meta), size))
 
         return stage_file(path, fill)
+
+    def _list_maps(self) -> dict[int, np.ndarray]:
+        """IVF: per shard, its label → list map cut after its last label held."""
+        self.lists_of(0)
+        assert self._lists is not None
+        out = {}
+        for s, arr in self._lists.items():
+            held = np.flatnonzero(arr >= 0)
+            out[s] = arr[: int(held[-1]) + 1 if len(held) else 0]
+        return out
 
     def save(self, path: Path, covered: dict[int, int], staged: Path | None = None) -> None:
         """Write atomically (`staged` by `stage`, or now): a crash mid-write leaves the
@@ -670,8 +712,11 @@ class VectorIndex:
         """(index, covered seq per shard), or None when missing, damaged or of another
         layout (the caller rebuilds from the store). The file is read twice, a chunk at a
         time: once for its checksum (FAISS never reads a damaged index), then by FAISS
-        straight into the index's structures (no copy of the whole file in memory)."""
+        straight into the index's structures (no copy of the whole file in memory).
+        An AQIX5 snapshot gives an ivf_flat index with empty lists and its `pending` maps:
+        `refill` it from the store before anything else."""
         n0 = len(_SNAP_MAGIC) + _SNAP_HEADER.size
+        pending: dict[int, np.ndarray] | None = None
         try:
             with path.open("rb") as f:
                 head = f.read(n0)
@@ -689,9 +734,15 @@ class VectorIndex:
                 if check != crc:
                     return None
                 f.seek(n0 + meta_len)
-                index = repair(faiss.read_index(faiss.PyCallbackIOReader(f.read, _READ_CHUNK)),
-                               faiss)
-        except (OSError, RuntimeError):
+                if head[: len(_SNAP_MAGIC)] == _SNAP_MAGIC_LISTS:
+                    lean = _read_lean(f, orjson.loads(raw_meta), length)
+                    if lean is None:
+                        return None
+                    index, pending = lean
+                else:
+                    index = repair(faiss.read_index(
+                        faiss.PyCallbackIOReader(f.read, _READ_CHUNK)), faiss)
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError):
             return None
         meta = orjson.loads(raw_meta)
         curve: Curve = []
@@ -704,7 +755,7 @@ class VectorIndex:
                 return None
             meta = meta["covered"]
         covered = {int(s): int(q) for s, q in meta.items()}
-        if kind:
+        if kind and pending is None:
             # Snapshots of older versions hold FAISS's hash table direct map: dropped (see
             # `new_ivf`), its bucket array too (which emptying the table keeps: ~8 bytes a
             # vector), by putting an empty map (of no type) in its place.
@@ -712,7 +763,89 @@ class VectorIndex:
             ivf.set_direct_map_type(faiss.DirectMap.NoMap)
             ivf.direct_map = faiss.DirectMap()
         return VectorIndex(index, bool(kind), int(trained_at), bits, curve=curve,
-                           by_rank=by_rank), covered
+                           by_rank=by_rank, pending=pending), covered
+
+    def refill(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> int:
+        """An index loaded from an AQIX5 snapshot: each of these (prepared vectors, global
+        keys), the stored live documents unchanged since the snapshot (seq ≤ its covered
+        position), added to the list the snapshot recorded for its label, in FAISS's
+        `add_core` (no coarse assignment). Each list is first given the capacity the map
+        counts for it (no growth by doubling). The label → list map is what was added: a
+        label the replay that follows removes without its vector here is no entry. Returns
+        how many vectors the snapshot did not place (it cannot hold them: the caller
+        rebuilds from the store)."""
+        assert self.pending is not None
+        maps, self.pending = self.pending, None
+        nlist = self.nlist
+        counts = np.zeros(nlist, np.int64)
+        for arr in maps.values():
+            counts += np.bincount(arr[arr >= 0], minlength=nlist)
+        inv = self.index.invlists
+        for no in np.flatnonzero(counts).tolist():
+            inv.resize(no, int(counts[no]))  # std::vector keeps its capacity when cut
+            inv.resize(no, 0)
+        self._lists = {}
+        strays = 0
+        for vectors, keys in chunks:
+            keys = np.asarray(keys, dtype=np.int64)
+            lists = np.full(len(keys), -1, np.int64)
+            shard_of = keys >> LABEL_BITS
+            for s in np.unique(shard_of).tolist():
+                pick = np.flatnonzero(shard_of == s)
+                known = maps.get(s, np.zeros(0, np.int16))
+                labels = keys[pick] & _MASK
+                inside = labels < len(known)
+                lists[pick[inside]] = known[labels[inside]]
+            keep = lists >= 0
+            x = vectors
+            if not keep.all():
+                strays += int(len(keep) - np.count_nonzero(keep))
+                x, keys, lists = vectors[keep], keys[keep], lists[keep]
+            if not len(keys):
+                continue
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            ids = self.ids(keys)
+            self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids),
+                                faiss.swig_ptr(lists))
+            self._note_lists(keys, lists)
+        self.added = 0
+        self._sizes = None
+        return strays
+
+
+def _without_vectors(index: Any) -> bool:
+    """Whether a trained index's snapshot leaves its vectors to the store: ivf_flat's codes
+    are the vectors themselves (quantised types keep their codes: re-encoding millions at a
+    start would take too long)."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat)
+
+
+def _read_lean(f: BinaryIO, meta: Any, length: int
+               ) -> tuple[Any, dict[int, np.ndarray]] | None:
+    """An AQIX5 payload (`f` at its start, `length` bytes): the ivf_flat index with empty
+    lists and the per-shard label → list maps; None when its description does not fit."""
+    info = meta.get("lists") if isinstance(meta, dict) else None
+    if not isinstance(info, dict):
+        return None
+    nlist, dim, metric, qlen = (int(info[k]) for k in ("nlist", "dim", "metric", "quantizer"))
+    shards = [(int(s), int(n), str(t)) for s, n, t in info["shards"]]
+    if (min(nlist, dim, qlen) <= 0 or any(n < 0 or t not in _MAP_TYPES for _, n, t in shards)
+            or qlen + sum(n * np.dtype(t).itemsize for _, n, t in shards) != length):
+        return None
+    quantizer = faiss.deserialize_index(np.frombuffer(f.read(qlen), np.uint8))
+    if quantizer.ntotal != nlist or quantizer.d != dim or quantizer.metric_type != metric:
+        return None
+    maps: dict[int, np.ndarray] = {}
+    for s, n, t in shards:
+        arr = np.frombuffer(f.read(n * np.dtype(t).itemsize), t)
+        if len(arr) != n or (n and (arr.min() < -1 or arr.max() >= nlist)):
+            return None
+        maps[s] = arr.astype(_list_type(nlist))
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+    quantizer.this.disown()  # the index owns it now
+    index.own_fields = True
+    index.set_direct_map_type(faiss.DirectMap.NoMap)
+    return index, maps
 
 
 def _list_type(nlist: int) -> type[np.signedinteger[Any]]:

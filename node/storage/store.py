@@ -666,6 +666,29 @@ class Store:
         if n:
             yield rows[:n], labels[:n]
 
+    def live_vector_chunks(self, shard: int, max_seq: int | None, chunk: int, dim: int
+                           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`iter_live_vectors` in fewer Python steps a row (~1 µs against ~3.5; a start
+        refills an ivf_flat index from it, `Collection._refilled`): `chunk` keys and values
+        joined, then read as arrays. Each chunk's arrays are its own."""
+        prefix = _shard_key(b"V", shard)
+        opts = rocksdict.ReadOptions()
+        opts.fill_cache(False)  # type: ignore[call-arg]
+        opts.set_readahead_size(2 << 20)
+        opts.set_iterate_upper_bound(_shard_key(b"V", shard + 1) if shard < 0xFFFF else b"W")
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        put_key, put_value = keys.append, values.append
+        for key, value in self.vdb.items(from_key=prefix, read_opt=opts):
+            put_key(key)  # type: ignore[arg-type]  # bytes: the store is raw
+            put_value(value)  # type: ignore[arg-type]
+            if len(keys) == chunk:
+                yield _vector_chunk(shard, keys, values, max_seq, dim)
+                keys.clear()
+                values.clear()
+        if keys:
+            yield _vector_chunk(shard, keys, values, max_seq, dim)
+
     def old_tombstones(self, shard: int, before: int, *, stop: Callable[[], bool] | None = None
                        ) -> Callable[[], tuple[list[str], float]]:
         """A scan of the shard's records as they are now (its iterator made here, read when
@@ -856,3 +879,21 @@ class Store:
                     break
                 it.seek(_shard_key(tag, shard + 1))
         return found
+
+
+def _vector_chunk(shard: int, keys: list[bytes], values: list[bytes], max_seq: int | None,
+                  dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 rows, labels) of V keys and values, those with seq ≤ max_seq if given."""
+    size, at = VEC_PREFIX + dim * 4, len(_shard_key(b"V", shard))
+    raw = np.frombuffer(b"".join(values), np.uint8)
+    names = np.frombuffer(b"".join(keys), np.uint8)
+    if len(raw) != len(values) * size or len(names) != len(keys) * (at + _U64.size):
+        raise ValueError(f"a vector of shard {shard} is not of dimension {dim}")
+    raw = raw.reshape(len(values), size)
+    labels = names.reshape(len(keys), -1)[:, at:].copy().view(">u8")[:, 0].astype(np.int64)
+    rows = raw[:, VEC_PREFIX:].copy().view(np.float32)
+    if max_seq is not None:
+        keep = raw[:, :VEC_PREFIX].copy().view(">u8")[:, 0] <= max_seq
+        if not keep.all():
+            return rows[keep], labels[keep]
+    return rows, labels
