@@ -60,6 +60,7 @@ from bench_local_cluster import (
 )
 from bench_node import Node, call, code_pythonpath, thread_cpu_of
 from bench_profile import profile_pids
+from snapshot_index import snapshot_index
 
 BATCH_SECONDS = 4.0  # measured per point (after one pass of warm-up)
 SNAPSHOT_INTERVAL_S = 2.0  # the nodes' snapshot interval: the reference reads the snapshot
@@ -178,17 +179,14 @@ def faiss_timed(index: faiss.IndexIVF, ds: Dataset, nlist: int, trained_on: int,
 async def node_index(node: Node, shards: int, n: int) -> faiss.IndexIVF:
     """The node's own index, read from its snapshot with the node's loader (the same
     centroids and lists, in this process), once a snapshot holds all `n` vectors."""
-    from aquila.node.storage.index import VectorIndex
-
     deadline = time.monotonic() + SNAPSHOT_WAIT_S
     while True:
         for path in node.data_dir.rglob("index.faiss"):
-            loaded = await asyncio.to_thread(VectorIndex.load, path, shards)
-            if loaded is not None and loaded[0].pending is not None:
-                # (`snapshot_index` refills one from the store, once the node has stopped)
-                raise RuntimeError(f"{path}: an ivf_flat snapshot holds no vectors")
-            if loaded is not None and loaded[0].ntotal == n and loaded[0].trained:
-                index: faiss.IndexIVF = loaded[0].index
+            # An ivf_flat snapshot holds no vectors: refilled from the node's store, read
+            # beside it.
+            got = await asyncio.to_thread(snapshot_index, path, shards, read_only=True)
+            if got is not None and got.ntotal == n and got.trained:
+                index: faiss.IndexIVF = got.index
                 return index
         if time.monotonic() > deadline:
             raise RuntimeError(f"no snapshot of {n} vectors under {node.data_dir}")

@@ -1,6 +1,7 @@
 """A node's index read from its snapshot with the node's loader, for benchmarks that search
 it in process. An `ivf_flat` snapshot (AQIX5) holds no vectors: its lists are refilled from
-the collection's store beside it, as a start does (the node stopped: RocksDB's lock)."""
+the collection's store beside it, as a start does (read-only beside a running node, or
+with the node stopped)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,16 @@ from aquila.node.storage.store import Store
 REFILL_CHUNK = 65_536
 
 
-def snapshot_index(path: Path, shards: int) -> VectorIndex | None:
+def snapshot_index(path: Path, shards: int, *, read_only: bool = False) -> VectorIndex | None:
     """The index the snapshot at `path` holds (the state it covers), None if it does not
-    load."""
+    load. `read_only`: the store is read beside the node that runs on it."""
     loaded = VectorIndex.load(path, shards)
     if loaded is None:
         return None
     index, covered = loaded
     if index.pending is None:
         return index
-    store = Store(path.parent / "db", fsync=False)
+    store = Store(path.parent / "db", fsync=False, read_only=read_only)
     store.open()
     try:
         meta = store.get_meta()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ SPEC = CollectionSpec("f", DIM, "l2", 2, 1, IndexSpec("ivf_flat", nlist=NLIST))
 # refills are the ones the snapshot recorded.
 TUNING = Tuning(train_min=100, retrain_growth=100, retrain_quiet_s=3600, compact_min=10**9,
                 compact_quiet_s=3600)
+SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
 UNIVERSE = 400  # document ids d0 .. d399, even on shard 0, odd on shard 1
 
 
@@ -285,3 +287,28 @@ def test_refill_places_what_the_map_records_and_counts_the_rest() -> None:
     assert blank.lists_of(1)[labels].tolist() == lists[labels].tolist()
     np.testing.assert_array_equal(blank.vectors_of(keys[:400]), x[:400])
     assert blank.added == 0 and blank.pending is None
+
+
+async def test_a_benchmark_reads_the_snapshot_beside_the_running_node(
+        tmp_path: Path, blocking: Blocking) -> None:
+    """`scripts/snapshot_index.py` refills an AQIX5 snapshot from the store of a node that
+    still runs (the store opened read-only, beside its lock): the index the snapshot covers."""
+    sys.path.insert(0, SCRIPTS)
+    from snapshot_index import snapshot_index
+
+    w = Writer(11)
+    engine = await restarted(tmp_path, blocking)
+    try:
+        coll = await engine.ensure(SPEC, [0, 1], "u")
+        await w.first(coll, 300)
+        await settled(coll)
+        await coll.snapshot()
+        assert magic(coll) == b"AQIX5\n"
+        got = snapshot_index(coll.snap_path, SPEC.shards, read_only=True)
+        assert got is not None and got.trained
+        assert got.ntotal == coll.index.ntotal == coll.count()
+        assert np.array_equal(np.sort(got.all_keys()), np.sort(coll.index.all_keys()))
+        with pytest.raises(Exception, match="lock"):  # noqa: B017  # read-write: the node's lock
+            snapshot_index(coll.snap_path, SPEC.shards)
+    finally:
+        await engine.close()

@@ -302,11 +302,14 @@ class RocksMemory:
 
 
 class Store:
-    def __init__(self, path: Path, *, fsync: bool = True, memory: RocksMemory | None = None
-                 ) -> None:
-        """`memory`: the node's budget shared by its stores; a budget of its own if None."""
+    def __init__(self, path: Path, *, fsync: bool = True, memory: RocksMemory | None = None,
+                 read_only: bool = False) -> None:
+        """`memory`: the node's budget shared by its stores; a budget of its own if None.
+        `read_only`: opened beside the process that owns it, without its lock (for
+        benchmarks' readers; nothing is written)."""
         self.path = path
         self._fsync = fsync
+        self._read_only = read_only
         self.memory = memory if memory is not None else RocksMemory()
         self._db: rocksdict.Rdict | None = None
         self._vdb: rocksdict.Rdict | None = None  # the column family of vectors
@@ -330,8 +333,11 @@ class Store:
         vopts = self._options()
         vopts.set_compression_type(rocksdict.DBCompressionType.none())
         vopts.set_bottommost_compression_type(rocksdict.DBCompressionType.none())
+        access = (rocksdict.AccessType.read_only() if self._read_only
+                  else rocksdict.AccessType.read_write())
         self._db = rocksdict.Rdict(str(self.path), opts,
-                                   column_families={"default": opts, VECTORS_CF: vopts})
+                                   column_families={"default": opts, VECTORS_CF: vopts},
+                                   access_type=access)
         self._vdb = self._db.get_column_family(VECTORS_CF)
         self._vcf = self._db.get_column_family_handle(VECTORS_CF)
         wo = rocksdict.WriteOptions()
