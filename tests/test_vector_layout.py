@@ -298,6 +298,39 @@ async def _reopened(tmp_path: Path, blocking: Blocking,
         await engine.close()
 
 
+async def test_a_store_of_a_newer_layout_is_refused_and_left_as_it_is(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """A node downgraded onto a store of a later layout refuses to open it (it would read and
+    write it as its own), and changes nothing in it."""
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(FLAT, range(SHARDS), "u")
+        await coll.write({0: [Incoming(f"d{i}", np.full(DIM, i, np.float32), b"{}", 1, "w")
+                              for i in range(10)]})
+    finally:
+        await engine.close()
+    store = Store(tmp_path / "collections" / "c" / "db", fsync=False)
+    store.open()
+    store.put_layout(LAYOUT + 1)
+    store.close()
+
+    def content() -> dict[str, dict[bytes, bytes]]:
+        store.open()
+        try:
+            return {"default": dict(store.db.items()), VECTORS_CF: dict(store.vdb.items())}
+        finally:
+            store.close()
+
+    before = content()
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    with pytest.raises(RuntimeError, match=f"layout is {LAYOUT + 1}"):
+        await engine.start()
+    await engine.close()
+    assert content() == before
+
+
 async def test_a_layout_4_store_is_split_at_its_first_open(
     tmp_path: Path, blocking: Blocking
 ) -> None:
