@@ -27,6 +27,8 @@ from aquila.node.storage.store import (
 )
 
 _MASK = (1 << LABEL_BITS) - 1
+# Reads of a hit's record and vector, at most, until they are of the same change (`_as_now`).
+_REREADS = 8
 # Where a record's seq (u64, big-endian as in a V value's prefix) sits in its header.
 _SEQ_AT = struct.calcsize(">Qq")  # after the version and the label
 # Below this many index answers (queries × candidates) a batch's hits are read one by one
@@ -213,13 +215,23 @@ def _same_change(raw: bytes, v: bytes | None) -> bool:
 
 def _as_now(store: Store, shard: int, doc_id: str, label: int) -> tuple[bytes, bytes] | None:
     """(metadata, vector) of a hit written again between its record's read and its vector's,
-    both read again together (`Store.get_records` reads until they agree): still live under
-    its label, the hit is kept, as it is now (an overwrite is never a miss); None when it
-    was deleted meanwhile (left out, as one whose record is gone)."""
-    rec = store.get_records(shard, [doc_id])[0]
-    if rec is None or rec.tombstone or rec.label != label:
-        return None
-    return rec.metadata, rec.vector
+    both read again until they agree: still live under its label, the hit is kept, as it is
+    now (an overwrite is never a miss); None when it was deleted meanwhile (left out, as one
+    whose record is gone), or when they never agree within a few reads (a store whose vector
+    of a live document is missing: a damaged one's hit is left out, the search not failed)."""
+    key = doc_key(shard, doc_id)
+    for _ in range(_REREADS):
+        raw = store.raw_records([key])[0]
+        if raw is None:
+            return None
+        own, tomb, meta = record_meta(raw)
+        if tomb or own != label:
+            return None
+        v = store.vectors([vec_key(shard, label)])[0]
+        if _same_change(raw, v):
+            assert v is not None
+            return meta, v[VEC_PREFIX:]
+    return None
 
 
 def _local_hits(
