@@ -358,6 +358,34 @@ async def test_coalescer_failure_reaches_every_waiter_and_gave_up_ones_are_left_
     assert co._running == {} and co._queues == {}
 
 
+async def test_coalescer_cancels_a_request_whose_callers_all_gave_up() -> None:
+    """A queued batch sent to a slow or dead peer whose callers all gave up (their deadlines
+    came) is cancelled: the key's next search goes at once, not after the abandoned request's
+    budget; a batch that still has a caller goes on."""
+    node, co = GatedNode(), Coalescer(parallel=1)
+    first = asyncio.ensure_future(co.search("k", queries(1), 1.0, node.send))
+    await settle()
+    queued = [asyncio.ensure_future(co.search("k", queries(f), 1.0, node.send))
+              for f in (2, 3)]
+    await settle()
+    first.cancel()  # its caller's deadline came: the queued two go as one request
+    await settle()
+    assert [v.shape[0] for v in node.sent] == [1, 2]
+    queued[0].cancel()
+    await settle()
+    assert co._running == {"k": 1}  # one caller still waits: the request goes on
+    queued[1].cancel()
+    later = asyncio.ensure_future(co.search("k", queries(4), 1.0, node.send))
+    for _ in range(100):  # polled: a few turns of the loop, never the peer's budget
+        if len(node.sent) == 3:
+            break
+        await asyncio.sleep(0)
+    assert [v.shape[0] for v in node.sent] == [1, 2, 1], "queued behind an abandoned request"
+    node.gate.set()
+    assert [h.id for r in await later for h in r] == ["q4"]
+    assert co._running == {} and co._queues == {} and not co._tasks
+
+
 async def test_coalescer_caps_the_rows_of_a_request() -> None:
     node, co = GatedNode(), Coalescer(parallel=1, max_rows=3)
     first = asyncio.ensure_future(co.search("k", queries(1), 1.0, node.send))

@@ -298,6 +298,39 @@ async def _reopened(tmp_path: Path, blocking: Blocking,
         await engine.close()
 
 
+async def test_a_store_of_a_newer_layout_is_refused_and_left_as_it_is(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """A node downgraded onto a store of a later layout refuses to open it (it would read and
+    write it as its own), and changes nothing in it."""
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(FLAT, range(SHARDS), "u")
+        await coll.write({0: [Incoming(f"d{i}", np.full(DIM, i, np.float32), b"{}", 1, "w")
+                              for i in range(10)]})
+    finally:
+        await engine.close()
+    store = Store(tmp_path / "collections" / "c" / "db", fsync=False)
+    store.open()
+    store.put_layout(LAYOUT + 1)
+    store.close()
+
+    def content() -> dict[str, dict[bytes, bytes]]:
+        store.open()
+        try:
+            return {"default": dict(store.db.items()), VECTORS_CF: dict(store.vdb.items())}
+        finally:
+            store.close()
+
+    before = content()
+    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
+    with pytest.raises(RuntimeError, match=f"layout is {LAYOUT + 1}"):
+        await engine.start()
+    await engine.close()
+    assert content() == before
+
+
 async def test_a_layout_4_store_is_split_at_its_first_open(
     tmp_path: Path, blocking: Blocking
 ) -> None:
@@ -442,12 +475,14 @@ def test_a_write_between_a_record_and_its_vector_read_is_read_again(
         store.close()
 
 
-async def test_a_hit_written_between_its_record_and_vector_reads_is_left_out(
-    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("change", ["overwrite", "delete"])
+async def test_a_hit_written_between_its_record_and_vector_reads_is_read_again(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch, change: str
 ) -> None:
-    """A search with vectors reads its hits' records, then their vectors: a hit deleted or
-    written again in between is left out (as one whose record is gone), on both resolve
-    paths; the others carry their own vectors."""
+    """A search with vectors reads its hits' records, then their vectors: a hit written
+    again in between is kept, with its metadata and vector as they are now (a live document
+    is never missed for a concurrent overwrite); one deleted in between is left out (as one
+    whose record is gone), on both resolve paths; the others carry their own vectors."""
     rng = np.random.default_rng(4)
     engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
     await engine.start()
@@ -460,20 +495,41 @@ async def test_a_hit_written_between_its_record_and_vector_reads_is_left_out(
             monkeypatch.setattr(search, "FEW_HITS", few)
             scores, keys = coll.index.search(q, 5, 1)
             victim = coll.store.get_records(0, ["d0"])[0]
-            assert victim is not None
+            assert victim is not None and not victim.tombstone
             real = coll.store.vectors
+            seq = victim.seq + 1000 + few % 7
+            changed = (Record(victim.version + 1, victim.label, seq, False, "w",
+                              (base[0] + 1).tobytes(), b'{"v":2}') if change == "overwrite"
+                       else Record(victim.version + 1, victim.label, seq, True, "w", b"", b""))
 
-            def racing(vkeys: list[bytes], victim: Record = victim,
+            def racing(vkeys: list[bytes], victim: Record = victim, changed: Record = changed,
                        real: Any = real) -> list[bytes | None]:
-                changed = Record(victim.version + 1, victim.label, victim.seq + 1000, False,
-                                 "w", base[0].tobytes(), b"{}")
-                _put(coll.store, "d0", changed, victim)  # the same vector, a later change
+                _put(coll.store, "d0", changed, victim)
                 return real(vkeys)
 
             monkeypatch.setattr(coll.store, "vectors", racing)
             rows = resolve(coll, scores, keys, True)
             monkeypatch.setattr(coll.store, "vectors", real)
-            assert [h.id for h in rows[0]] and "d0" not in [h.id for h in rows[0]]
-            assert all(h.vector == base[int(h.id[1:])].tobytes() for h in rows[0])
+            ids = [h.id for h in rows[0]]
+            assert len(ids) >= 4
+            if change == "delete":
+                assert "d0" not in ids
+            else:
+                d0 = rows[0][ids.index("d0")]
+                assert (d0.metadata, d0.vector) == (b'{"v":2}', (base[0] + 1).tobytes())
+            assert all(h.vector == base[int(h.id[1:])].tobytes() for h in rows[0]
+                       if h.id != "d0")
+            _put(coll.store, "d0", victim, None)  # back as it was, for the other path
+        # A live record whose vector is missing (a damaged store): its hit is left out, the
+        # search does not fail.
+        monkeypatch.setattr(search, "FEW_HITS", 1 << 30)
+        victim = coll.store.get_records(0, ["d0"])[0]
+        assert victim is not None
+        wb = coll.store.batch()
+        wb.vec_delete(vec_key(0, victim.label))
+        coll.store.write(wb)
+        scores, keys = coll.index.search(q, 5, 1)
+        rows = resolve(coll, scores, keys, True)
+        assert "d0" not in [h.id for h in rows[0]] and len(rows[0]) == 4
     finally:
         await engine.close()

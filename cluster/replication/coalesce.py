@@ -103,12 +103,27 @@ class Coalescer:
         return batch
 
     async def _execute(self, key: Hashable, batch: list[_Waiting]) -> None:
+        # Once every caller of the batch has given up (their deadlines came), its request
+        # is cancelled: nobody waits for its answer, and while it is in flight (up to the
+        # budget, a slow or dead peer's) the key's next searches would queue behind it.
+        task = asyncio.current_task()
+        sending = True
+
+        def gave_up(_: asyncio.Future[list[list[Hit]]]) -> None:
+            if sending and task is not None and all(w.future.done() for w in batch):
+                task.cancel()
+
+        for w in batch:
+            w.future.add_done_callback(gave_up)
         try:
             vectors = (batch[0].vectors if len(batch) == 1
                        else np.concatenate([w.vectors for w in batch]))
             if len(batch) > 1:
                 self.batches += 1
-            rows = await batch[0].send(vectors, max(w.budget for w in batch))
+            try:
+                rows = await batch[0].send(vectors, max(w.budget for w in batch))
+            finally:
+                sending = False
             start = 0
             for w in batch:
                 n = len(w.vectors)

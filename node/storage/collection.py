@@ -286,7 +286,15 @@ class Collection:
         if self.store.get_meta() is None:
             self.store.put_meta(orjson.dumps(self.spec.to_json()))
             self.store.put_layout()
-        elif (layout := self.store.layout()) < LAYOUT:
+        elif (layout := self.store.layout()) > LAYOUT:
+            # Written by newer code (this node downgraded): refused, not read or written as
+            # if it were this code's layout (nor rebuilt here: it holds the only copy).
+            self.store.close()
+            raise RuntimeError(
+                f"{self.spec.name}: the store's layout is {layout}, newer than this code's "
+                f"{LAYOUT}: run the newer code, or remove {self.root} to rebuild it from "
+                "its replicas")
+        elif layout < LAYOUT:
             if layout < 2:  # 2 → 3 adds the free labels' keys: none to write (see store)
                 for s in sorted(self.store.shards_present() & set(shards)):
                     log.info("%s: upgrading shard %d's keys (once)", self.spec.name, s)

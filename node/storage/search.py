@@ -27,6 +27,8 @@ from aquila.node.storage.store import (
 )
 
 _MASK = (1 << LABEL_BITS) - 1
+# Reads of a hit's record and vector, at most, until they are of the same change (`_as_now`).
+_REREADS = 8
 # Where a record's seq (u64, big-endian as in a V value's prefix) sits in its header.
 _SEQ_AT = struct.calcsize(">Qq")  # after the version and the label
 # Below this many index answers (queries × candidates) a batch's hits are read one by one
@@ -195,18 +197,41 @@ def _resolve_few(coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_ve
             out[r].append(Hit(name, score, meta, b"", s))
         return out
     vecs = store.vectors([vec_key(s, lab) for _, _, s, lab, _, _, _ in kept])
-    for (r, score, s, _, name, meta, raw), v in zip(kept, vecs, strict=True):
+    for (r, score, s, label, name, meta, raw), v in zip(kept, vecs, strict=True):
         if _same_change(raw, v):
             assert v is not None
             out[r].append(Hit(name, score, meta, v[VEC_PREFIX:], s))
+        elif (now := _as_now(store, s, name, label)) is not None:
+            out[r].append(Hit(name, score, now[0], now[1], s))
     return out
 
 
 def _same_change(raw: bytes, v: bytes | None) -> bool:
     """Whether a vector read (V) is of the change its record (read just before) is: not
     when a write of the document landed between the two reads (deleted or written again
-    since: the hit is left out, as one whose record is gone)."""
+    since: see `_as_now`)."""
     return v is not None and v[:VEC_PREFIX] == raw[_SEQ_AT:_SEQ_AT + VEC_PREFIX]
+
+
+def _as_now(store: Store, shard: int, doc_id: str, label: int) -> tuple[bytes, bytes] | None:
+    """(metadata, vector) of a hit written again between its record's read and its vector's,
+    both read again until they agree: still live under its label, the hit is kept, as it is
+    now (an overwrite is never a miss); None when it was deleted meanwhile (left out, as one
+    whose record is gone), or when they never agree within a few reads (a store whose vector
+    of a live document is missing: a damaged one's hit is left out, the search not failed)."""
+    key = doc_key(shard, doc_id)
+    for _ in range(_REREADS):
+        raw = store.raw_records([key])[0]
+        if raw is None:
+            return None
+        own, tomb, meta = record_meta(raw)
+        if tomb or own != label:
+            return None
+        v = store.vectors([vec_key(shard, label)])[0]
+        if _same_change(raw, v):
+            assert v is not None
+            return meta, v[VEC_PREFIX:]
+    return None
 
 
 def _local_hits(
@@ -278,6 +303,13 @@ def _read_documents(
             if _same_change(heads[u], v):
                 assert v is not None
                 vecs[u] = v[VEC_PREFIX:]
-            else:  # written or deleted since its record was read: left out
+                continue
+            name = ids[u]
+            assert name is not None
+            # Written or deleted since its record was read: as it is now, or left out.
+            now = _as_now(store, int(shards[u]), name, label_of[u])
+            if now is None:
                 ids[u] = None
+            else:
+                metas[u], vecs[u] = now
     return ids, metas, vecs
