@@ -34,7 +34,7 @@ def snapshot_index(path: Path, shards: int, *, read_only: bool = False) -> Vecto
         spec = CollectionSpec.from_json(orjson.loads(meta))
         index.refill((prepare(rows, spec.metric), global_keys(s, labels))
                      for s, q in sorted(covered.items())
-                     for rows, labels in store.live_vector_chunks(s, q, REFILL_CHUNK, spec.dim))
+                     for rows, labels in store.iter_live_vectors(s, q, REFILL_CHUNK, spec.dim))
     finally:
         store.close()
     return index

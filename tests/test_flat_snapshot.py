@@ -27,6 +27,7 @@ from aquila.node.storage import index as index_module
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import VectorIndex, global_key, global_keys, prepare
+from aquila.node.storage.store import VEC_PREFIX, vec_key
 from tests.conftest import settled
 
 DIM = 8
@@ -117,20 +118,29 @@ def holds_exactly_the_stored(coll: Collection) -> None:
 
 
 def scans_agree(coll: Collection) -> None:
-    """The refill's scan of V keys (`Store.live_vector_chunks`) gives what
-    `iter_live_vectors` does, whatever the chunk and the seq bound."""
+    """The scan of V keys a refill and a training read (`Store.iter_live_vectors`, read in
+    batches as arrays, put in chunks) gives what the keys hold, read one by one, whatever
+    the chunk, the batch and the seq bound: every chunk full but the last."""
+    store = coll.store
     for s in sorted(coll.shards):
         top = coll.shards[s].next_seq
-        for max_seq, chunk in ((None, 1000), (top // 2, 7), (top // 3, 1), (0, 5)):
-            want = [(r.copy(), lab.copy())
-                    for r, lab in coll.store.iter_live_vectors(s, max_seq, chunk, DIM)]
-            got = list(coll.store.live_vector_chunks(s, max_seq, chunk, DIM))
-            assert all(len(lab) <= chunk for _, lab in got)
-            got = [(r, lab) for r, lab in got if len(lab)]  # a chunk the bound emptied
-            for part in (0, 1):
-                a = np.concatenate([w[part] for w in want]) if want else np.zeros(0)
-                b = np.concatenate([g[part] for g in got]) if got else np.zeros(0)
-                np.testing.assert_array_equal(a, b)
+        stored = [(int.from_bytes(k[3:], "big"), int.from_bytes(v[:VEC_PREFIX], "big"),
+                   v[VEC_PREFIX:])
+                  for k, v in store.vdb.items(from_key=vec_key(s, 0))
+                  if k[:3] == vec_key(s, 0)[:3]]
+        for max_seq, chunk, batch in ((None, 1000, 4096), (top // 2, 7, 3), (top // 3, 1, 2),
+                                      (None, 5, 1), (0, 5, 4096)):
+            want = [(label, vec) for label, seq, vec in stored
+                    if max_seq is None or seq <= max_seq]
+            got = [(r.copy(), lab.copy())
+                   for r, lab in store.iter_live_vectors(s, max_seq, chunk, DIM, batch)]
+            assert all(len(lab) == chunk for _, lab in got[:-1])
+            assert all(0 < len(lab) <= chunk for _, lab in got)
+            labels = np.concatenate([lab for _, lab in got]) if got else np.zeros(0)
+            rows = np.concatenate([r for r, _ in got]) if got else np.zeros((0, DIM))
+            assert labels.tolist() == [label for label, _ in want]
+            np.testing.assert_array_equal(
+                rows, np.frombuffer(b"".join(v for _, v in want), np.float32).reshape(-1, DIM))
             assert (max_seq == 0) == (not got)
 
 

@@ -353,7 +353,7 @@ class Collection:
         strays = index.refill(
             (prepare(rows, self.spec.metric), global_keys(s, labels))
             for s, q in sorted(covered.items())
-            for rows, labels in self.store.live_vector_chunks(s, q, REFILL_CHUNK, self.spec.dim))
+            for rows, labels in self.store.iter_live_vectors(s, q, REFILL_CHUNK, self.spec.dim))
         if strays:
             log.warning("%s: %d stored vectors the snapshot does not place", self.spec.name,
                         strays)
