@@ -496,15 +496,7 @@ class Store:
         if not ids:
             return []
         keys = [doc_key(shard, i) for i in ids]
-        raws: list[bytes | None]
-        if cache:
-            raws = self.db.get(keys)  # type: ignore[assignment,arg-type]
-        else:
-            # One get each: rocksdict's multi-get ignores the read options' fill_cache (a
-            # replay after a training filled the whole cache with records read once).
-            get, opts = self.db.get, self._lookup_opts
-            raws = [get(k, read_opt=opts) for k in keys]
-        return self._joined(keys, raws, vectors, cache)
+        return self._joined(keys, self._get_many(self.db, keys, cache), vectors, cache)
 
     def get_records_multi(self, keys: list[tuple[int, str]], *, vectors: bool = True
                           ) -> list[Record | None]:
@@ -529,13 +521,7 @@ class Store:
                 if rec is not None and not rec.tombstone and not rec.vector]
         if not want:
             return out
-        vkeys = [k for _, k in want]
-        got: list[bytes | None]
-        if cache:
-            got = self.vdb.get(vkeys)  # type: ignore[assignment,arg-type]
-        else:
-            get, opts = self.vdb.get, self._lookup_opts
-            got = [get(k, read_opt=opts) for k in vkeys]
+        got = self._get_many(self.vdb, [k for _, k in want], cache)
         for (i, _), v in zip(want, got, strict=True):
             rec = out[i]
             raw = raws[i]
@@ -545,6 +531,18 @@ class Store:
             else:
                 out[i] = self._read_again(keys[i])
         return out
+
+    def _get_many(self, db: rocksdict.Rdict, keys: list[bytes], cache: bool
+                  ) -> list[bytes | None]:
+        """These keys' values (None where absent): one multi-get through the block cache, or
+        one get each around it when not `cache` (rocksdict's multi-get ignores the read
+        options' fill_cache: a replay after a training filled the whole cache with records
+        read once)."""
+        if cache:
+            got: list[bytes | None] = db.get(keys)  # type: ignore[assignment,arg-type]
+            return got
+        get, opts = db.get, self._lookup_opts
+        return [get(k, read_opt=opts) for k in keys]
 
     def _read_again(self, key: bytes) -> Record | None:
         """The record of this doc key with its vector, read until both reads agree (each
