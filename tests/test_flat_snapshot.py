@@ -26,9 +26,10 @@ from aquila.node.blocking import Blocking
 from aquila.node.storage import index as index_module
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
-from aquila.node.storage.index import VectorIndex, global_key, global_keys, prepare
+from aquila.node.storage.index import VectorIndex, global_keys, prepare
 from aquila.node.storage.store import VEC_PREFIX, vec_key
 from tests.conftest import settled
+from tests.test_index_compaction import stored as stored_raw
 
 DIM = 8
 NLIST = 8
@@ -73,15 +74,8 @@ class Writer:
 def stored(coll: Collection) -> tuple[np.ndarray, np.ndarray]:
     """The global keys and prepared vectors of every live stored document, by key (what a
     rebuild from the store reads)."""
-    keys, vectors = [], []
-    for s in sorted(coll.shards):
-        for _, rec in coll.store.iter_docs(s):
-            if not rec.tombstone:
-                keys.append(global_key(s, rec.label))
-                vectors.append(rec.vector_array())
-    order = np.argsort(keys)
-    return (np.asarray(keys, np.int64)[order],
-            prepare(np.stack(vectors)[order], coll.spec.metric))
+    keys, vectors = stored_raw(coll)
+    return keys, prepare(vectors, coll.spec.metric)
 
 
 def labels_of(coll: Collection) -> dict[tuple[int, int], str]:
