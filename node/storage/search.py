@@ -219,19 +219,10 @@ def _as_now(store: Store, shard: int, doc_id: str, label: int) -> tuple[bytes, b
     now (an overwrite is never a miss); None when it was deleted meanwhile (left out, as one
     whose record is gone), or when they never agree within a few reads (a store whose vector
     of a live document is missing: a damaged one's hit is left out, the search not failed)."""
-    key = doc_key(shard, doc_id)
-    for _ in range(_REREADS):
-        raw = store.raw_records([key])[0]
-        if raw is None:
-            return None
-        own, tomb, meta = record_meta(raw)
-        if tomb or own != label:
-            return None
-        v = store.vectors([vec_key(shard, label)])[0]
-        if _same_change(raw, v):
-            assert v is not None
-            return meta, v[VEC_PREFIX:]
-    return None
+    rec = store.read_again(doc_key(shard, doc_id), _REREADS, damaged_ok=True)
+    if rec is None or rec.tombstone or rec.label != label:
+        return None
+    return rec.metadata, rec.vector
 
 
 def _local_hits(

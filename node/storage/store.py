@@ -529,7 +529,7 @@ class Store:
             if v is not None and _U64.unpack_from(v)[0] == rec.seq:
                 out[i] = Record.decode(raw, v[VEC_PREFIX:])
             else:
-                out[i] = self._read_again(keys[i])
+                out[i] = self.read_again(keys[i])
         return out
 
     def _get_many(self, db: rocksdict.Rdict, keys: list[bytes], cache: bool
@@ -544,11 +544,14 @@ class Store:
         get, opts = db.get, self._lookup_opts
         return [get(k, read_opt=opts) for k in keys]
 
-    def _read_again(self, key: bytes) -> Record | None:
+    def read_again(self, key: bytes, tries: int = 1000, *, damaged_ok: bool = False
+                   ) -> Record | None:
         """The record of this doc key with its vector, read until both reads agree (each
-        retry means a write of it landed between them)."""
+        retry means a write of it landed between them); None when the record is gone. When
+        they never agree within `tries` (a live document's vector missing: a damaged store),
+        None if `damaged_ok`, else RuntimeError."""
         shard = _U16.unpack_from(key, 1)[0]
-        for _ in range(1000):
+        for _ in range(tries):
             raw = self.db.get(key)
             if raw is None:
                 return None
@@ -558,6 +561,8 @@ class Store:
             v = self.vdb.get(vec_key(shard, rec.label))
             if v is not None and _U64.unpack_from(v)[0] == rec.seq:
                 return Record.decode(raw, v[VEC_PREFIX:])
+        if damaged_ok:
+            return None
         raise RuntimeError(f"the vector of a live document is missing ({key!r})")
 
     def vectors(self, keys: list[bytes]) -> list[bytes | None]:
