@@ -8,7 +8,6 @@ kept per query. The filtered path is `node.storage.filtered`."""
 
 from __future__ import annotations
 
-import struct
 from typing import Protocol
 
 import numpy as np
@@ -23,14 +22,13 @@ from aquila.node.storage.store import (
     doc_key,
     label_key,
     record_meta,
+    same_change,
     vec_key,
 )
 
 _MASK = (1 << LABEL_BITS) - 1
 # Reads of a hit's record and vector, at most, until they are of the same change (`_as_now`).
 _REREADS = 8
-# Where a record's seq (u64, big-endian as in a V value's prefix) sits in its header.
-_SEQ_AT = struct.calcsize(">Qq")  # after the version and the label
 # Below this many index answers (queries × candidates) a batch's hits are read one by one
 # (`_resolve_few`); from it on together, on arrays.
 FEW_HITS = 128
@@ -198,19 +196,12 @@ def _resolve_few(coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_ve
         return out
     vecs = store.vectors([vec_key(s, lab) for _, _, s, lab, _, _, _ in kept])
     for (r, score, s, label, name, meta, raw), v in zip(kept, vecs, strict=True):
-        if _same_change(raw, v):
+        if same_change(raw, v):
             assert v is not None
             out[r].append(Hit(name, score, meta, v[VEC_PREFIX:], s))
         elif (now := _as_now(store, s, name, label)) is not None:
             out[r].append(Hit(name, score, now[0], now[1], s))
     return out
-
-
-def _same_change(raw: bytes, v: bytes | None) -> bool:
-    """Whether a vector read (V) is of the change its record (read just before) is: not
-    when a write of the document landed between the two reads (deleted or written again
-    since: see `_as_now`)."""
-    return v is not None and v[:VEC_PREFIX] == raw[_SEQ_AT:_SEQ_AT + VEC_PREFIX]
 
 
 def _as_now(store: Store, shard: int, doc_id: str, label: int) -> tuple[bytes, bytes] | None:
@@ -291,7 +282,7 @@ def _read_documents(
         live = [u for u in range(n) if ids[u] is not None]
         got = store.vectors(label_keys(shards[live], labels[live], b"V"))
         for u, v in zip(live, got, strict=True):
-            if _same_change(heads[u], v):
+            if same_change(heads[u], v):
                 assert v is not None
                 vecs[u] = v[VEC_PREFIX:]
                 continue

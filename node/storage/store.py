@@ -181,6 +181,18 @@ def record_meta(raw: bytes) -> tuple[int, bool, bytes]:
     return label, bool(flags & FLAG_TOMBSTONE), raw[_HEADER.size + wlen + dim * 4:]
 
 
+# Where a record's seq sits in its header (after its version and label): a V value starts
+# with the same 8 bytes.
+_SEQ_AT = struct.calcsize(">Qq")
+
+
+def same_change(raw: bytes, v: bytes | None) -> bool:
+    """Whether a V value (read after its record, `raw`) is of the change the record is: not
+    when a write of the document landed between the two reads (deleted or written again
+    since), nor when there is none."""
+    return v is not None and v[:VEC_PREFIX] == raw[_SEQ_AT:_SEQ_AT + VEC_PREFIX]
+
+
 class NotSynced(Exception):
     """`Store.write`'s batch is written (in the WAL and the memtable: reads see it, a restart
     finds it unless the machine fails first), but the WAL's fsync failed: what the process
@@ -526,7 +538,8 @@ class Store:
             rec = out[i]
             raw = raws[i]
             assert rec is not None and raw is not None
-            if v is not None and _U64.unpack_from(v)[0] == rec.seq:
+            if same_change(raw, v):
+                assert v is not None
                 out[i] = Record.decode(raw, v[VEC_PREFIX:])
             else:
                 out[i] = self.read_again(keys[i])
@@ -559,7 +572,8 @@ class Store:
             if rec.tombstone or rec.vector:
                 return rec
             v = self.vdb.get(vec_key(shard, rec.label))
-            if v is not None and _U64.unpack_from(v)[0] == rec.seq:
+            if same_change(raw, v):
+                assert v is not None
                 return Record.decode(raw, v[VEC_PREFIX:])
         if damaged_ok:
             return None
