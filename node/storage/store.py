@@ -582,10 +582,7 @@ class Store:
     def vectors(self, keys: list[bytes]) -> list[bytes | None]:
         """V values (seq + vector, `vec_key`) of these keys, None where absent: one
         multi-get, through the block cache (a search's re-ranking)."""
-        if not keys:
-            return []
-        got: list[bytes | None] = self.vdb.get(keys)  # type: ignore[assignment,arg-type]
-        return got
+        return self._get_many(self.vdb, keys, True) if keys else []
 
     def split_vectors(self, shard: int, chunk: int = 20_000) -> int:
         """Layout 4 to 5: the shard's records that still hold their vectors rewritten without
