@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.spec import CollectionSpec
+
+
+@dataclass(frozen=True)
+class Found:
+    """A local search's answer before its documents are read (`ShardBackend.search_found`):
+    per query row, the scores best first and the backend's keys of the hits, -1 where there
+    is none (anywhere in a row: a key left out since), and each hit's shard. Only the hits
+    that survive the merge with the other nodes' are then read (`ShardBackend.read_found`):
+    a coordinator keeps about a third of its own k hits per query on three nodes, and
+    reading a hit's id and record is most of what resolving it costs. `token`: what the
+    backend needs to tell whether its keys still mean the documents they meant."""
+
+    scores: np.ndarray  # (queries, n) float
+    keys: np.ndarray  # (queries, n) int64
+    shards: np.ndarray  # (queries, n) int64
+    token: object = None
+
+
+class StaleFound(Exception):  # noqa: N818 - a condition, not a failure
+    """`read_found`: the keys may no longer name the documents the search found (the backend
+    gave some of their labels to other documents since); the caller searches again."""
 
 
 class ShardBackend(Protocol):
@@ -51,6 +73,30 @@ class ShardBackend(Protocol):
         per shard how it was searched ({"shard", "path", "nprobe", ...}). `recall`: in place
         of `nprobe`, the target recall the node picks its probes for. `inline`: a small
         search may run on the calling thread (a peer's sub-search, see `Collection.search`)."""
+        ...
+
+    async def search_found(
+        self,
+        spec: CollectionSpec,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None,
+        shards: Iterable[int],
+        plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
+        *,
+        inline: bool = False,
+    ) -> Found:
+        """`search` without a filter, before any document is read: per query, at least the
+        best k hits over these local shards as keys (fewer where the shards hold fewer)."""
+        ...
+
+    async def read_found(
+        self, spec: CollectionSpec, found: Found, keys: list[int], with_vectors: bool
+    ) -> list[Hit | None]:
+        """The documents of these keys of `found` (id, metadata, the vector when asked,
+        shard; score 0), None for one deleted since; StaleFound when the keys may name
+        other documents by now."""
         ...
 
     async def count(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import operator
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -24,10 +24,15 @@ from aquila.cluster.clock import Clock, abandon
 from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.errors import AquilaError
 from aquila.cluster.model.merge import merge_columns
+from aquila.cluster.replication.backend import Found
 
 A = TypeVar("A")
-# Ask one node for these shards within `budget` seconds; one list of hits per query.
-AskNode = Callable[[str, list[int], float], Coroutine[Any, Any, list[list[Hit]]]]
+# Ask one node for these shards within `budget` seconds; one list of hits per query, or this
+# node's own hits before their documents are read (`Found`).
+Rows = list[list[Hit]]
+AskNode = Callable[[str, list[int], float], Coroutine[Any, Any, Rows | Found]]
+# The documents of some keys of a `Found` (a hit with score 0 each, None for one gone since).
+ReadFound = Callable[[Found, list[int]], Awaitable[list[Hit | None]]]
 
 # Hedge a slow node after this share of the budget, at most after HEDGE_MAX_S seconds.
 HEDGE_SHARE = 0.25
@@ -215,22 +220,99 @@ async def fan_out(
     clock: Clock,
     timeout_s: float,
     single: Single | None = _UNKNOWN,
+    read: ReadFound | None = None,
 ) -> FanoutResult:
     """Search every shard of `candidates` (shard → replica nodes in preference order);
-    `single` as for `gather_shards`."""
+    `single` as for `gather_shards`. An answer that is a `Found` (this node's own, when
+    `ask` gives one) has only the documents of its hits that the merge keeps read, by
+    `read`."""
     got = await gather_shards(candidates, ask, _hits_of, clock, timeout_s, single)
-    if len(got.answers) == 1:
-        rows = got.answers[0]  # one node answered for every shard: nothing to merge
-        rows = rows if len(rows) == nq else [[] for _ in range(nq)]
+    answers = got.answers
+    if any(isinstance(a, Found) for a in answers):
+        if read is None:
+            raise TypeError("a Found answer needs `read`")
+        rows = await merge_found(answers, nq, k, larger_is_better, read)
+    elif len(answers) == 1:
+        only = answers[0]  # one node answered for every shard: nothing to merge
+        assert not isinstance(only, Found)
+        rows = only if len(only) == nq else [[] for _ in range(nq)]
     else:
-        rows = merge_rows(got.answers, nq, k, larger_is_better)
+        rows = merge_rows([a for a in answers if not isinstance(a, Found)], nq, k,
+                          larger_is_better)
     return FanoutResult(rows, got.missing, got.errors, got.retried, got.hedged)
+
+
+@dataclass(slots=True)
+class _Unread(Hit):
+    """A hit of a `Found` in a merge, its document not read yet."""
+
+    key: int = -1
+    answer: int = -1  # which answer's
+
+
+async def merge_found(answers: Sequence[Rows | Found], nq: int, k: int,
+                      larger_is_better: bool, read: ReadFound) -> list[list[Hit]]:
+    """`merge_rows` of answers some of which are `Found`s: merged on their scores, then only
+    the documents of the hits the merge keeps are read. A hit whose document is gone since
+    (deleted) drops out, and the merge is made again without it: the next hit takes its
+    place, as if it had been left out when the search read its documents (the answer is
+    the one `merge_rows` gives of the answers with every document read at the search)."""
+    gone: dict[int, set[int]] = {}  # per answer, the keys whose documents are gone
+    docs: dict[tuple[int, int], Hit] = {}  # (answer, key) -> the document read
+    while True:
+        rows_of = [_placeholders(a, i, gone.get(i, set())) if isinstance(a, Found) else a
+                   for i, a in enumerate(answers)]
+        merged = merge_rows(rows_of, nq, k, larger_is_better)
+        wanted: dict[int, dict[int, None]] = {}
+        for row in merged:
+            for h in row:
+                if isinstance(h, _Unread) and (h.answer, h.key) not in docs:
+                    wanted.setdefault(h.answer, {})[h.key] = None
+        lost = False
+        for i, keys in wanted.items():
+            found = answers[i]
+            assert isinstance(found, Found)
+            asked = list(keys)
+            for key, doc in zip(asked, await read(found, asked), strict=True):
+                if doc is None:
+                    gone.setdefault(i, set()).add(key)
+                    lost = True
+                else:
+                    docs[(i, key)] = doc
+        if not lost:
+            break
+    out: list[list[Hit]] = []
+    for row in merged:
+        hits: list[Hit] = []
+        for h in row:
+            if isinstance(h, _Unread):
+                d = docs[(h.answer, h.key)]
+                hits.append(Hit(d.id, h.score, d.metadata, d.vector, h.shard))
+            else:
+                hits.append(h)
+        out.append(hits)
+    return out
+
+
+def _placeholders(found: Found, answer: int, gone: set[int]) -> Rows:
+    """A `Found`'s hits as rows of `_Unread`, best first, without those gone."""
+    rows: Rows = []
+    for srow, krow, shrow in zip(found.scores.tolist(), found.keys.tolist(),
+                                 found.shards.tolist(), strict=True):
+        rows.append([_Unread("", score, b"", b"", shard, key, answer)
+                     for score, key, shard in zip(srow, krow, shrow, strict=True)
+                     if key >= 0 and key not in gone])
+    return rows
 
 
 _score = operator.attrgetter("score")  # a hit's: the sort key of a small merge
 
 
-def _hits_of(rows: list[list[Hit]], shards: list[int]) -> list[list[Hit]]:
+def _hits_of(rows: Rows | Found, shards: list[int]) -> Rows | Found:
+    if isinstance(rows, Found):
+        out = np.isin(rows.shards, shards, invert=True)
+        return replace(rows, keys=np.where(out, -1, rows.keys),
+                       shards=np.where(out, -1, rows.shards))
     keep = set(shards)
     return [[h for h in row if h.shard in keep] for row in rows]
 

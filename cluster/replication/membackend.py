@@ -20,6 +20,7 @@ from aquila.cluster.model.digests import bucket_of, digests, newer
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.spec import CollectionSpec
+from aquila.cluster.replication.backend import Found, StaleFound
 
 
 @dataclass
@@ -145,6 +146,57 @@ class MemoryBackend:
                     docs[i][2].astype("<f4").tobytes() if with_vectors else b"", docs[i][0])
                 for i in order
             ])
+        return out
+
+    async def search_found(
+        self,
+        spec: CollectionSpec,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None,
+        shards: Iterable[int],
+        plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
+        *,
+        inline: bool = False,
+    ) -> Found:
+        """`search`'s hits as keys: positions in a table of (shard, id) the `Found` carries as
+        its token, so that `read_found` reads each as the engine does, as it is then: None
+        once deleted, as written since when written again (the engine's document keeps its
+        label when written again)."""
+        rows = await self.search(spec, queries, k, nprobe, None, shards, False, plans, recall)
+        coll = self._open(spec.name)
+        width = max((len(r) for r in rows), default=0)
+        scores = np.zeros((len(rows), width))
+        keys = np.full((len(rows), width), -1, np.int64)
+        of = np.full((len(rows), width), -1, np.int64)
+        table: list[tuple[int, str]] = []
+        for r, row in enumerate(rows):
+            for c, h in enumerate(row):
+                scores[r, c], keys[r, c], of[r, c] = h.score, len(table), h.shard
+                table.append((h.shard, h.id))
+        return Found(scores, keys, of, (spec.name, coll.uid, table))
+
+    async def read_found(
+        self, spec: CollectionSpec, found: Found, keys: list[int], with_vectors: bool
+    ) -> list[Hit | None]:
+        coll = self._open(spec.name)
+        token = found.token
+        assert isinstance(token, tuple)
+        name: str = token[0]
+        uid: str = token[1]
+        table: list[tuple[int, str]] = token[2]
+        if name != spec.name or uid != coll.uid:
+            raise StaleFound(f"{spec.name!r} was created again since the search")
+        out: list[Hit | None] = []
+        for key in keys:
+            shard, doc_id = table[key]
+            d = coll.shards.get(shard, {}).get(doc_id)
+            if d is None or d.vector is None:
+                out.append(None)
+                continue
+            out.append(Hit(doc_id, 0.0, d.metadata,
+                           d.vector.astype("<f4").tobytes() if with_vectors else b"", shard))
         return out
 
     async def count(

@@ -16,7 +16,7 @@ from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.operations import CountRequest, ScrollRequest, SearchRequest
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.cluster.replication.backend import ShardBackend
+from aquila.cluster.replication.backend import Found, ShardBackend
 from aquila.cluster.state.entries import ClusterState
 
 # Per shard: (documents changed, live documents deleted).
@@ -133,6 +133,21 @@ class LocalReplica:
             spec, req.vectors, req.k, req.nprobe, req.predicate, shards, req.include_vector,
             plans, req.recall, inline=inline,
         )
+
+    async def search_found(
+        self, spec: CollectionSpec, req: SearchRequest, shards: list[int], budget: float,
+        plans: dict[int, dict[str, Any]] | None = None,
+        *,
+        inline: bool = False,
+    ) -> Found:
+        """`search` of an unfiltered request, its hits not read yet (`read_found` reads those
+        a merge keeps)."""
+        return await self.backend.search_found(
+            spec, req.vectors, req.k, req.nprobe, shards, plans, req.recall, inline=inline)
+
+    async def read_found(self, spec: CollectionSpec, found: Found, keys: list[int],
+                         with_vectors: bool) -> list[Hit | None]:
+        return await self.backend.read_found(spec, found, keys, with_vectors)
 
     async def count(
         self, spec: CollectionSpec, req: CountRequest, shards: list[int], budget: float

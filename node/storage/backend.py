@@ -10,6 +10,7 @@ import numpy as np
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.spec import CollectionSpec
+from aquila.cluster.replication.backend import Found
 from aquila.node.storage.collection import Collection
 from aquila.node.storage.engine import Engine
 
@@ -75,6 +76,26 @@ class EngineBackend:
         return await self._open(spec.name).search(
             queries, k, nprobe, predicate, shards, with_vectors, plans, recall, inline=inline
         )
+
+    async def search_found(
+        self,
+        spec: CollectionSpec,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None,
+        shards: Iterable[int],
+        plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
+        *,
+        inline: bool = False,
+    ) -> Found:
+        return await self._open(spec.name).search_found(
+            queries, k, nprobe, shards, plans, recall, inline=inline)
+
+    async def read_found(
+        self, spec: CollectionSpec, found: Found, keys: list[int], with_vectors: bool
+    ) -> list[Hit | None]:
+        return await self._open(spec.name).read_found(found, keys, with_vectors)
 
     async def count(
         self, spec: CollectionSpec, shards: Iterable[int],

@@ -34,6 +34,7 @@ from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.recall import share_top
 from aquila.cluster.model.spec import CollectionSpec
+from aquila.cluster.replication.backend import Found, StaleFound
 from aquila.node.blocking import Blocking
 from aquila.node.files import TMP_SUFFIX, remove_stale_temps, write_atomic
 from aquila.node.storage.batcher import SearchBatcher, weakly
@@ -49,7 +50,7 @@ from aquila.node.storage.index import (
 from aquila.node.storage.locks import RWLock
 from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
-from aquila.node.storage.search import candidates, run_batch
+from aquila.node.storage.search import candidates, find_batch, found_keys, read_keys, run_batch
 from aquila.node.storage.shard import IndexOps, Shard
 from aquila.node.storage.store import (
     DEFAULT_MEMORY_BYTES,
@@ -158,6 +159,9 @@ SPLIT_ROWS = 32
 INLINE_ROWS = 8
 INLINE_WORK = 4_000_000
 INLINE_CANDIDATES = 256
+# A `Found`'s documents read on the calling thread at most (a coordinator keeps about k/3 of
+# its own hits per query): more go to a search thread.
+INLINE_READS = 64
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,8 @@ class Collection:
         self._queue: collections.deque[_Queued] = collections.deque()  # writes to make durable
         self._driver: asyncio.Task[None] | None = None
         self._batches_running = 0  # unfiltered batches searching or waiting for the lock
-        self._batcher: SearchBatcher[list[Hit]] = SearchBatcher(
+        # Rows of hits, or of (scores, keys) for `search_found`.
+        self._batcher: SearchBatcher[Any] = SearchBatcher(
             weakly(self._run_batch), max_rows=tuning.search_batch_rows, parallel=tuning.search_parallel
         )
         # Filtered searches batch by filter too: one plan and one FAISS call per group of
@@ -259,6 +264,10 @@ class Collection:
         self._training_upto: dict[int, int] | None = None
         self.compacting = False  # a compaction of the index's lists runs (`_compact`)
         self.compactions = 0  # compactions swapped in (/metrics)
+        # Bumped whenever a label may come to name another document than before (labels
+        # released, a shard dropped or taken on): a search's `Found` keys taken before are
+        # not read after (`read_found`).
+        self.relabelled = 0
 
     @property
     def larger_is_better(self) -> bool:
@@ -404,6 +413,7 @@ class Collection:
         await self.blocking.write(self._apply_sync, ops)
         shard.set_live(np.asarray(ops.add_keys, dtype=np.int64) & ((1 << LABEL_BITS) - 1))
         self.shards[shard.shard] = shard
+        self.relabelled += 1
 
     def _clear_sync(self, shards: list[int]) -> None:
         for s in shards:
@@ -431,6 +441,7 @@ class Collection:
         self.snapshot_seqs, self._saved = {}, None
         await self.blocking.write(self._record_sync, sorted(set(self.shards) - {s}))
         shard = self.shards.pop(s)
+        self.relabelled += 1
         self._tombstone_floor.pop(s, None)
         await self.blocking.write(self.index.remove, shard.keys())
         await self.blocking.write(self.store.drop_shard, s)
@@ -825,6 +836,7 @@ class Collection:
                 and rec.seq <= covered]
         batch = self.store.batch()
         labels = shard.release(gone, covered, batch)
+        self.relabelled += 1  # before any of them can be given again
         try:
             self.store.write(batch)
         except NotSynced:  # in the store all the same: the labels are free
@@ -899,17 +911,7 @@ class Collection:
         search (a peer's sub-search: its coordinator batches them under load)."""
         q = prepare(queries, self.spec.metric)
         index = self.index  # the one searched: a swap may come while the search waits
-        if recall is not None:
-            # Holding part of the collection, this node holds part of its k best: it
-            # meets the target on its share of them (see `model.recall.share_top`).
-            probe = index.nprobe_for(
-                recall, share_top(k, len(self.shards), self.spec.shards))
-        else:
-            probe = nprobe or self.spec.index.nprobe
-        wanted = tuple(sorted(self.shards if shards is None else shards))
-        absent = [s for s in wanted if s not in self.shards]
-        if absent:
-            raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
+        probe, wanted = self._probe_and_shards(index, k, nprobe, recall, shards)
         if predicate is None:
             if inline and self._inline_ok(len(q), k, probe, wanted, with_vectors):
                 rows = run_batch(self, q, k, probe, wanted, with_vectors)
@@ -926,6 +928,70 @@ class Collection:
             probed = _probed(index, probe)
             plans.update({p["shard"]: {**probed, **p} for p in answers[0][1]})
         return [row[:k] for row, _ in answers]
+
+    def _probe_and_shards(self, index: VectorIndex, k: int, nprobe: int | None,
+                          recall: float | None, shards: Iterable[int] | None
+                          ) -> tuple[int, tuple[int, ...]]:
+        if recall is not None:
+            # Holding part of the collection, this node holds part of its k best: it
+            # meets the target on its share of them (see `model.recall.share_top`).
+            probe = index.nprobe_for(
+                recall, share_top(k, len(self.shards), self.spec.shards))
+        else:
+            probe = nprobe or self.spec.index.nprobe
+        wanted = tuple(sorted(self.shards if shards is None else shards))
+        self._have(wanted)
+        return probe, wanted
+
+    async def search_found(
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None,
+        shards: Iterable[int] | None = None,
+        plans: dict[int, dict[str, Any]] | None = None,
+        recall: float | None = None,
+        *,
+        inline: bool = False,
+    ) -> Found:
+        """`search` without a filter, its hits' documents not read yet: per query, the
+        scores and keys of at least the k best (a batch's largest k), for `read_found` to
+        read those a coordinator keeps after merging with its peers' hits."""
+        q = prepare(queries, self.spec.metric)
+        index = self.index
+        probe, wanted = self._probe_and_shards(index, k, nprobe, recall, shards)
+        token = (self, self.relabelled)  # before the search: a release during it shows
+        if inline and self._inline_ok(len(q), k, probe, wanted, False):
+            scores, keys = find_batch(self, q, k, probe, wanted)
+        else:
+            rows = await self._batcher.submit((probe, wanted, None), q, k)
+            width = min((len(r[1]) for r in rows), default=0)
+            scores = np.stack([r[0][:width] for r in rows]) if rows else np.zeros((0, 0))
+            keys = np.stack([r[1][:width] for r in rows]) if rows else np.zeros((0, 0), np.int64)
+        if plans is not None:
+            probed = _probed(index, probe)
+            plans.update({s: {"shard": s, "path": "unfiltered", **probed,
+                              "documents": self.shards[s].count} for s in wanted})
+        keys, of = found_keys(self, keys)
+        return Found(np.asarray(scores, np.float32).reshape(keys.shape), keys, of, token)
+
+    async def read_found(self, found: Found, keys: list[int], with_vectors: bool
+                         ) -> list[Hit | None]:
+        """The documents of these keys of `found` (see `ShardBackend.read_found`): a few on
+        the calling thread (two reads of the store each, through its block cache), more on
+        a search thread."""
+        token = found.token
+        if (not isinstance(token, tuple) or token[0] is not self
+                or token[1] != self.relabelled):
+            raise StaleFound(f"labels of {self.spec.name!r} were given again since the search")
+        if len(keys) <= INLINE_READS:
+            docs = read_keys(self.store, keys, with_vectors)
+        else:
+            docs = await self.blocking.search(read_keys, self.store, keys, with_vectors)
+        if self.relabelled != token[1]:  # released while a search thread read them
+            raise StaleFound(f"labels of {self.spec.name!r} were given again since the search")
+        return [None if d is None else Hit(d[0], 0.0, d[1], d[2], key >> LABEL_BITS)
+                for key, d in zip(keys, docs, strict=True)]
 
     def _inline_ok(self, nq: int, k: int, probe: int, wanted: tuple[int, ...],
                    with_vectors: bool) -> bool:
@@ -985,8 +1051,16 @@ class Collection:
         if absent:
             raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
 
-    async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[list[Hit]]:
+    async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[Any]:
+        """Per query row, its hits; with `with_vectors` None (`search_found`), its (scores,
+        keys) before any document is read."""
         probe, wanted, with_vectors = key
+        if with_vectors is None:
+            return await self._run_parts(_found_rows, q, k, probe, wanted)
+        return await self._run_parts(run_batch, q, k, probe, wanted, with_vectors)
+
+    async def _run_parts(self, fn: Callable[..., list[Any]], q: np.ndarray, k: int,
+                         *args: Any) -> list[Any]:
         # A large batch (one request of many vectors, or many requests batched) is split
         # over the search threads that the collection's other batches leave free: FAISS
         # runs single-threaded on each, and one request alone would otherwise leave the
@@ -999,12 +1073,11 @@ class Collection:
         try:
             async with self.rw.read():
                 if parts == 1:
-                    return await self.blocking.search(
-                        run_batch, self, q, k, probe, wanted, with_vectors)
+                    return await self.blocking.search(fn, self, q, k, *args)
                 # Every part ends before the read lock is left, a failed one too: the lock
                 # is what keeps index updates and swaps away from the parts still in FAISS.
                 got = await asyncio.gather(*(
-                    self.blocking.search(run_batch, self, part, k, probe, wanted, with_vectors)
+                    self.blocking.search(fn, self, part, k, *args)
                     for part in np.array_split(q, parts)), return_exceptions=True)
         finally:
             self._batches_running -= 1
@@ -1376,6 +1449,12 @@ def _least_delete(docs: list[Incoming]) -> float:
 def _incoming(doc_id: str, rec: Record) -> Incoming:
     vec = None if rec.tombstone else rec.vector_array()
     return Incoming(doc_id, vec, rec.metadata, rec.version, rec.writer)
+
+
+def _found_rows(coll: Collection, q: np.ndarray, k: int, probe: int, wanted: tuple[int, ...]
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    scores, keys = find_batch(coll, q, k, probe, wanted)
+    return list(zip(scores, keys, strict=True))
 
 
 def _probed(index: VectorIndex, probe: int) -> dict[str, int]:

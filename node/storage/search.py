@@ -51,13 +51,39 @@ def run_batch(
     local shard."""
     if coll.index.ntotal == 0 or not wanted:  # a peer's frame may name no shard at all
         return [[] for _ in range(len(q))]
+    d, keys = find_batch(coll, q, k, nprobe, wanted)
+    return resolve(coll, d, keys, with_vectors)
+
+
+def find_batch(
+    coll: Searchable, q: np.ndarray, k: int, nprobe: int, wanted: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """`run_batch` before any document is read: per query, the index's scores and keys best
+    first (-1 for none), a compressed index's candidates re-ranked to the k best already."""
+    if coll.index.ntotal == 0 or not wanted:
+        return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
     sel = None
     if len(wanted) < len(coll.shards):
         below = max(coll.shards[s].next_label for s in wanted)
         sel = coll.index.shards_selector(wanted, below)
     want = candidates(coll, k)
     d, keys = coll.index.search(q, want, nprobe, selector=sel)
-    return resolve(coll, d, keys, with_vectors, rescore=(q, k) if want > k else None)
+    if want > k:
+        return rerank(coll, d, keys, q, k)
+    return d, keys
+
+
+def found_keys(coll: Searchable, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The index's keys as a search's `Found` holds them: -1 from a row's first -1 on (as
+    `resolve` stops there) and for a shard no longer local; and each key's shard."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if not keys.size:
+        return keys.reshape(len(keys), 0), keys.reshape(len(keys), 0)
+    answered = np.cumprod(keys >= 0, axis=1, dtype=bool)
+    local = np.fromiter(coll.shards, np.int64, len(coll.shards))
+    shards = keys >> LABEL_BITS
+    keep = answered & np.isin(shards, local)
+    return np.where(keep, keys, -1), np.where(keep, shards, -1)
 
 
 # Candidates a compressed index is asked for, per hit wanted, before they are re-ranked with
@@ -163,24 +189,54 @@ def _resolve_few(coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_ve
     arrays' set-up costs more than it saves below `FEW_HITS` (one query's 10 hits: 53 µs
     this way, 83 on arrays; 100 queries' 1,000: 41 µs a query this way, 33-36 on arrays)."""
     shards = coll.shards
-    found: list[tuple[int, float, int, int]] = []  # row, score, shard, label
+    rows: list[int] = []
+    scored: list[float] = []
+    found: list[tuple[int, int]] = []  # shard, label
     for r, (srow, krow) in enumerate(zip(scores.tolist(), keys.tolist(), strict=True)):
         for score, key in zip(srow, krow, strict=True):
             if key < 0:
                 break
             if key >> LABEL_BITS in shards:
-                found.append((r, score, key >> LABEL_BITS, key & _MASK))
+                rows.append(r)
+                scored.append(score)
+                found.append((key >> LABEL_BITS, key & _MASK))
     out: list[list[Hit]] = [[] for _ in range(len(scores))]
     if not found:
         return out
-    store = coll.store
-    ids = store.raw_records([label_key(s, lab) for _, _, s, lab in found])
-    raws = store.raw_records([doc_key(s, "") + i for (_, _, s, _), i in zip(found, ids,
-                                                                          strict=True)
+    docs = read_labels(coll.store, found, with_vectors)
+    for r, score, (s, _), doc in zip(rows, scored, found, docs, strict=True):
+        if doc is not None:
+            out[r].append(Hit(doc[0], score, doc[1], doc[2], s))
+    return out
+
+
+def read_keys(store: Store, keys: list[int], with_vectors: bool
+              ) -> list[tuple[str, bytes, bytes] | None]:
+    """Per global key (a hit's: shard and label), its document as (id, metadata, vector, b""
+    unless `with_vectors`), or None when its label no longer names a live document. Many
+    are read together on arrays (`_read_documents`), a few one by one (`read_labels`)."""
+    if len(keys) < FEW_HITS:
+        return read_labels(store, [(key >> LABEL_BITS, key & _MASK) for key in keys],
+                           with_vectors)
+    keys_u, of = np.unique(np.asarray(keys, np.int64), return_inverse=True)
+    ids, metas, vecs = _read_documents(store, keys_u, with_vectors)
+    return [None if ids[u] is None else (ids[u], metas[u], vecs[u])  # type: ignore[misc]
+            for u in of.reshape(-1).tolist()]
+
+
+def read_labels(store: Store, found: list[tuple[int, int]], with_vectors: bool
+                ) -> list[tuple[str, bytes, bytes] | None]:
+    """`read_keys` by (shard, label), one by one in Python (two multi-gets, a third for the
+    vectors): what `_resolve_few` reads."""
+    out: list[tuple[str, bytes, bytes] | None] = [None] * len(found)
+    if not found:
+        return out
+    ids = store.raw_records([label_key(s, lab) for s, lab in found])
+    raws = store.raw_records([doc_key(s, "") + i for (s, _), i in zip(found, ids, strict=True)
                               if i is not None])
     it = iter(raws)
-    kept: list[tuple[int, float, int, int, str, bytes, bytes]] = []
-    for (r, score, s, label), doc_id in zip(found, ids, strict=True):
+    kept: list[tuple[int, int, int, str, bytes, bytes]] = []  # at, shard, label, id, meta, raw
+    for at, ((s, label), doc_id) in enumerate(zip(found, ids, strict=True)):
         if doc_id is None:
             continue
         raw = next(it)
@@ -189,18 +245,18 @@ def _resolve_few(coll: Searchable, scores: np.ndarray, keys: np.ndarray, with_ve
         own, tomb, meta = record_meta(raw)
         if tomb or own != label:  # deleted, or the label was given again since
             continue
-        kept.append((r, score, s, label, doc_id.decode(), meta, raw))
+        kept.append((at, s, label, doc_id.decode(), meta, raw))
     if not with_vectors:
-        for r, score, s, _, name, meta, _ in kept:
-            out[r].append(Hit(name, score, meta, b"", s))
+        for at, _, _, name, meta, _ in kept:
+            out[at] = (name, meta, b"")
         return out
-    vecs = store.vectors([vec_key(s, lab) for _, _, s, lab, _, _, _ in kept])
-    for (r, score, s, label, name, meta, raw), v in zip(kept, vecs, strict=True):
+    vecs = store.vectors([vec_key(s, lab) for _, s, lab, _, _, _ in kept])
+    for (at, s, label, name, meta, raw), v in zip(kept, vecs, strict=True):
         if same_change(raw, v):
             assert v is not None
-            out[r].append(Hit(name, score, meta, v[VEC_PREFIX:], s))
+            out[at] = (name, meta, v[VEC_PREFIX:])
         elif (now := _as_now(store, s, name, label)) is not None:
-            out[r].append(Hit(name, score, now[0], now[1], s))
+            out[at] = (name, now[0], now[1])
     return out
 
 
