@@ -15,16 +15,17 @@ from aquila.cluster.model.spec import CollectionSpec
 @dataclass(frozen=True)
 class Found:
     """A local search's answer before its documents are read (`ShardBackend.search_found`):
-    per query row, the scores best first and the backend's keys of the hits, -1 where there
-    is none (anywhere in a row: a key left out since), and each hit's shard. Only the hits
+    per query row, the scores best first, the backend's keys of the hits (-1: one left out
+    since, by a hedge's cut) and each hit's shard, as plain lists (a few hits a query: lists
+    cost less than arrays here, and the merge takes them one by one). Only the hits
     that survive the merge with the other nodes' are then read (`ShardBackend.read_found`):
     a coordinator keeps about a third of its own k hits per query on three nodes, and
     reading a hit's id and record is most of what resolving it costs. `token`: what the
     backend needs to tell whether its keys still mean the documents they meant."""
 
-    scores: np.ndarray  # (queries, n) float
-    keys: np.ndarray  # (queries, n) int64
-    shards: np.ndarray  # (queries, n) int64
+    scores: list[list[float]]
+    keys: list[list[int]]
+    shards: list[list[int]]
     token: object = None
 
 

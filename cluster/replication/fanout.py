@@ -297,8 +297,7 @@ async def merge_found(answers: Sequence[Rows | Found], nq: int, k: int,
 def _placeholders(found: Found, answer: int, gone: set[int]) -> Rows:
     """A `Found`'s hits as rows of `_Unread`, best first, without those gone."""
     rows: Rows = []
-    for srow, krow, shrow in zip(found.scores.tolist(), found.keys.tolist(),
-                                 found.shards.tolist(), strict=True):
+    for srow, krow, shrow in zip(found.scores, found.keys, found.shards, strict=True):
         rows.append([_Unread("", score, b"", b"", shard, key, answer)
                      for score, key, shard in zip(srow, krow, shrow, strict=True)
                      if key >= 0 and key not in gone])
@@ -309,11 +308,11 @@ _score = operator.attrgetter("score")  # a hit's: the sort key of a small merge
 
 
 def _hits_of(rows: Rows | Found, shards: list[int]) -> Rows | Found:
-    if isinstance(rows, Found):
-        out = np.isin(rows.shards, shards, invert=True)
-        return replace(rows, keys=np.where(out, -1, rows.keys),
-                       shards=np.where(out, -1, rows.shards))
     keep = set(shards)
+    if isinstance(rows, Found):
+        return replace(rows, keys=[[key if s in keep else -1 for key, s in zip(krow, srow,
+                                                                             strict=True)]
+                                   for krow, srow in zip(rows.keys, rows.shards, strict=True)])
     return [[h for h in row if h.shard in keep] for row in rows]
 
 

@@ -166,16 +166,13 @@ class MemoryBackend:
         label when written again)."""
         rows = await self.search(spec, queries, k, nprobe, None, shards, False, plans, recall)
         coll = self._open(spec.name)
-        width = max((len(r) for r in rows), default=0)
-        scores = np.zeros((len(rows), width))
-        keys = np.full((len(rows), width), -1, np.int64)
-        of = np.full((len(rows), width), -1, np.int64)
         table: list[tuple[int, str]] = []
-        for r, row in enumerate(rows):
-            for c, h in enumerate(row):
-                scores[r, c], keys[r, c], of[r, c] = h.score, len(table), h.shard
-                table.append((h.shard, h.id))
-        return Found(scores, keys, of, (spec.name, coll.uid, table))
+        keys: list[list[int]] = []
+        for row in rows:
+            keys.append(list(range(len(table), len(table) + len(row))))
+            table.extend((h.shard, h.id) for h in row)
+        return Found([[h.score for h in row] for row in rows], keys,
+                     [[h.shard for h in row] for row in rows], (spec.name, coll.uid, table))
 
     async def read_found(
         self, spec: CollectionSpec, found: Found, keys: list[int], with_vectors: bool

@@ -50,7 +50,14 @@ from aquila.node.storage.index import (
 from aquila.node.storage.locks import RWLock
 from aquila.node.storage.matches import DEFAULT_CAPACITY
 from aquila.node.storage.paging import count_shards, scroll_shard
-from aquila.node.storage.search import candidates, find_batch, found_keys, read_keys, run_batch
+from aquila.node.storage.search import (
+    FoundRow,
+    candidates,
+    find_batch,
+    found_rows,
+    read_keys,
+    run_batch,
+)
 from aquila.node.storage.shard import IndexOps, Shard
 from aquila.node.storage.store import (
     DEFAULT_MEMORY_BYTES,
@@ -961,19 +968,16 @@ class Collection:
         index = self.index
         probe, wanted = self._probe_and_shards(index, k, nprobe, recall, shards)
         token = (self, self.relabelled)  # before the search: a release during it shows
+        rows: list[FoundRow]
         if inline and self._inline_ok(len(q), k, probe, wanted, False):
-            scores, keys = find_batch(self, q, k, probe, wanted)
+            rows = found_rows(self, *find_batch(self, q, k, probe, wanted))
         else:
             rows = await self._batcher.submit((probe, wanted, None), q, k)
-            width = min((len(r[1]) for r in rows), default=0)
-            scores = np.stack([r[0][:width] for r in rows]) if rows else np.zeros((0, 0))
-            keys = np.stack([r[1][:width] for r in rows]) if rows else np.zeros((0, 0), np.int64)
         if plans is not None:
             probed = _probed(index, probe)
             plans.update({s: {"shard": s, "path": "unfiltered", **probed,
                               "documents": self.shards[s].count} for s in wanted})
-        keys, of = found_keys(self, keys)
-        return Found(np.asarray(scores, np.float32).reshape(keys.shape), keys, of, token)
+        return Found([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], token)
 
     async def read_found(self, found: Found, keys: list[int], with_vectors: bool
                          ) -> list[Hit | None]:
@@ -1452,9 +1456,8 @@ def _incoming(doc_id: str, rec: Record) -> Incoming:
 
 
 def _found_rows(coll: Collection, q: np.ndarray, k: int, probe: int, wanted: tuple[int, ...]
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
-    scores, keys = find_batch(coll, q, k, probe, wanted)
-    return list(zip(scores, keys, strict=True))
+                ) -> list[FoundRow]:
+    return found_rows(coll, *find_batch(coll, q, k, probe, wanted))
 
 
 def _probed(index: VectorIndex, probe: int) -> dict[str, int]:

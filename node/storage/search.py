@@ -73,17 +73,29 @@ def find_batch(
     return d, keys
 
 
-def found_keys(coll: Searchable, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The index's keys as a search's `Found` holds them: -1 from a row's first -1 on (as
-    `resolve` stops there) and for a shard no longer local; and each key's shard."""
-    keys = np.asarray(keys, dtype=np.int64)
-    if not keys.size:
-        return keys.reshape(len(keys), 0), keys.reshape(len(keys), 0)
-    answered = np.cumprod(keys >= 0, axis=1, dtype=bool)
-    local = np.fromiter(coll.shards, np.int64, len(coll.shards))
-    shards = keys >> LABEL_BITS
-    keep = answered & np.isin(shards, local)
-    return np.where(keep, keys, -1), np.where(keep, shards, -1)
+FoundRow = tuple[list[float], list[int], list[int]]  # scores, keys, shards
+
+
+def found_rows(coll: Searchable, scores: np.ndarray, keys: np.ndarray) -> list[FoundRow]:
+    """The index's answers as a search's `Found` holds them, per query: the scores, keys and
+    shards of its hits up to the row's first -1 (as `resolve` stops there), keys of shards
+    no longer local left out. In Python: a few hits a query cost less so than on arrays."""
+    local = coll.shards
+    out: list[FoundRow] = []
+    for srow, krow in zip(scores.tolist(), keys.tolist(), strict=True):
+        s_out: list[float] = []
+        k_out: list[int] = []
+        sh_out: list[int] = []
+        for score, key in zip(srow, krow, strict=True):
+            if key < 0:
+                break
+            shard = key >> LABEL_BITS
+            if shard in local:
+                s_out.append(score)
+                k_out.append(key)
+                sh_out.append(shard)
+        out.append((s_out, k_out, sh_out))
+    return out
 
 
 # Candidates a compressed index is asked for, per hit wanted, before they are re-ranked with
