@@ -273,10 +273,13 @@ def _read_path(nodes: dict[str, MemoryBackend], found: bool) -> ReadPath:
 
 @pytest.mark.parametrize("with_vectors", [False, True])
 @pytest.mark.parametrize("stale", [False, True])
-async def test_a_read_path_answers_as_the_old_path(with_vectors: bool, stale: bool) -> None:
+@pytest.mark.parametrize("explain", [False, True])
+async def test_a_read_path_answers_as_the_old_path(with_vectors: bool, stale: bool,
+                                                   explain: bool) -> None:
     smp = load_sample()
     entry, nodes = await _three_nodes(_StaleOnce() if stale else MemoryBackend())
-    req = SearchRequest(smp.queries[:7], K, None, None, None, True, with_vectors, False, None)
+    req = SearchRequest(smp.queries[:7], K, None, None, None, True, with_vectors, False, None,
+                        explain)
     new = await _read_path(nodes, True).search(entry, req)
     old = await _read_path(nodes, False).search(entry, req)
     new.pop("took_ms"), old.pop("took_ms")
@@ -284,3 +287,5 @@ async def test_a_read_path_answers_as_the_old_path(with_vectors: bool, stale: bo
     assert all(len(row) == K for row in new["results"])
     if stale:
         assert cast(_StaleOnce, nodes["n1"]).stale == 1
+    if explain:
+        assert [p["node"] for p in new["plans"]] == ["n1", "n2", "n1", "n3"]
