@@ -982,13 +982,14 @@ class Collection:
     async def read_found(self, found: Found, keys: list[int], with_vectors: bool
                          ) -> list[Hit | None]:
         """The documents of these keys of `found` (see `ShardBackend.read_found`): a few on
-        the calling thread (two reads of the store each, through its block cache), more on
-        a search thread."""
+        the calling thread (two reads of the store each, through its block cache), more, or
+        with their vectors (1.5 KiB each at 384 dimensions, the likeliest to be past the
+        cache), on a search thread."""
         token = found.token
         if (not isinstance(token, tuple) or token[0] is not self
                 or token[1] != self.relabelled):
             raise StaleFound(f"labels of {self.spec.name!r} were given again since the search")
-        if len(keys) <= INLINE_READS:
+        if len(keys) <= INLINE_READS and not with_vectors:
             docs = read_keys(self.store, keys, with_vectors)
         else:
             docs = await self.blocking.search(read_keys, self.store, keys, with_vectors)
