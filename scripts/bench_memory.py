@@ -14,9 +14,10 @@ threads run them; scripts/bench_rest.py interleaves the two in rounds), the npro
 a search by `recall` 0.95 picks, and the time from SIGKILL to /readyz and a first search.
 
 `--churn S`: instead, a node holding `--churn-live` documents (dim `--churn-dim`) while one
-client upserts 500 new ids and deletes them, over and over, for S seconds and 2 clients search:
-RSS, its parts, deletes/s and search p99 every `--churn-sample` s; the issue's figure (RSS at
-the first minute, its largest after it, the growth), the deletes made, search p99 during churn
+client upserts 500 new ids and deletes them, over and over, for S seconds and
+`--churn-searchers` clients (4) search: RSS, its parts, deletes/s and search p99 every
+`--churn-sample` s; the issue's figure (RSS at the first minute, its largest after it, the
+growth), the deletes made, the index swaps the node made meanwhile, search p99 during churn
 beside p99 at rest.
 
     python scripts/bench_memory.py --n 1000000              # about 10 minutes per type
@@ -585,6 +586,7 @@ async def churn(args: argparse.Namespace, root: Path, variant: str = "",
             out["searches_per_s_at_rest"] = round(len(rest) / 10)
             series: list[dict[str, Any]] = []
             during: list[tuple[float, float]] = []
+            log_from = node.log_path.stat().st_size
             t0 = time.perf_counter()
             stop = t0 + args.churn
             rng = np.random.default_rng(args.seed + 2)
@@ -627,7 +629,8 @@ async def churn(args: argparse.Namespace, root: Path, variant: str = "",
                     await asyncio.sleep(args.churn_sample)
 
             await asyncio.gather(writer(), sampler(),
-                                 *(search_for(args.churn, during) for _ in range(2)))
+                                 *(search_for(args.churn, during)
+                                   for _ in range(args.churn_searchers)))
             elapsed = time.perf_counter() - t0
             desc = await call(s, "GET", f"{url}/v1/collections/{COLLECTION}")
             out.update(deleted=deleted[0], deletes_per_s=round(deleted[0] / elapsed),
@@ -635,6 +638,7 @@ async def churn(args: argparse.Namespace, root: Path, variant: str = "",
                        p99_ms_during=round(pct([ms for _, ms in during], 99), 2),
                        searches_per_s_during=round(len(during) / elapsed),
                        **churn_figures(series), series=series)
+            out.update(swaps_during(node.log_path, log_from))
             if series and "labels_given" in series[0]:
                 out.update(labels_given_first=series[0]["labels_given"],
                            labels_given_last=series[-1]["labels_given"])
@@ -645,6 +649,18 @@ async def churn(args: argparse.Namespace, root: Path, variant: str = "",
         node.stop()
     out["uptime"] = load_avg()
     return out
+
+
+def swaps_during(log_path: Path, offset: int) -> dict[str, int]:
+    """How many index swaps the node logged from `offset` on: lists compactions (each starts
+    once writes pause for `Tuning.compact_quiet_s`, 5 s) and trainings; each swap is followed
+    by the block cache's shed and a heap trim (`Collection._give_back`), after which the
+    cache fills again."""
+    with log_path.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return {"lists_compactions": text.count("index lists compacted"),
+            "trainings": text.count(": trained (")}
 
 
 def churn_table(r: dict[str, Any]) -> str:
@@ -663,6 +679,8 @@ def churn_table(r: dict[str, Any]) -> str:
         f"  labels given {r.get('labels_given_first')} at the start of the churn, "
         f"{r.get('labels_given_last')} at its end (tombstone grace "
         f"{r.get('tombstone_grace_s')} s)",
+        f"  index swaps during churn: {r.get('lists_compactions')} lists compactions, "
+        f"{r.get('trainings')} trainings (each sheds the block cache)",
         f"  search p99 {r['p99_ms_during']} ms during churn "
         f"({r['searches_per_s_during']}/s), {r['p99_ms_at_rest']} ms at rest "
         f"({r['searches_per_s_at_rest']}/s)",
@@ -729,10 +747,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--churn", type=float, default=0.0, help="seconds of churn (churn mode)")
     p.add_argument("--churn-live", type=int, default=50_000)
     p.add_argument("--churn-dim", type=int, default=50)
+    p.add_argument("--churn-searchers", type=int, default=4,
+                   help="churn: clients searching meanwhile, one search at a time each")
     p.add_argument("--churn-sample", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--churn-parts", type=int, default=0, metavar="K",
                    help="churn: every K-th sample also reads glibc's and Python's own figures "
-                        "(malloc_info, the arenas; gdb stops the node for a moment)")
+                        "(malloc_info, the arenas; gdb stops the node for a moment). For "
+                        "diagnosis, not for the goal's figure: a stop of 5 s or more (under "
+                        "load) is a pause in the writes, which starts an index lists "
+                        "compaction and its cache shed; and malloc_info called while the "
+                        "stopped thread held an arena's lock hangs the node")
     p.add_argument("--churn-deletes", type=int, default=10**12,
                    help="end the churn once this many documents are deleted (or at --churn s)")
     p.add_argument("--tombstone-grace-s", type=float, default=0.0,

@@ -13,7 +13,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from bench_memory import per_vector  # noqa: E402
+from bench_memory import per_vector, swaps_during  # noqa: E402
 from bench_memparts import breakdown, smaps_parts  # noqa: E402
 
 
@@ -34,3 +34,13 @@ def test_bytes_per_vector_take_a_fresh_node_and_the_block_cache_off() -> None:
     assert per_vector(fresh, after, {"budget_used": 2.0}, 1_000_000) == round(
         423 * 2**20 / 1e6, 1)
     assert per_vector({}, after, {}, 10) is None
+
+
+def test_the_swaps_of_a_churn_are_counted_from_its_start_in_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "node.log"
+    before = "x INFO bench: trained (nlist=894) node=n\n"
+    log.write_text(before + "x INFO bench: index lists compacted (50000 vectors) node=n\n"
+                   "x INFO bench: trained (nlist=900) node=n\n"
+                   "x INFO bench: index lists compacted (50500 vectors) node=n\n")
+    assert swaps_during(log, len(before)) == {"lists_compactions": 2, "trainings": 1}
+    assert swaps_during(log, 0)["trainings"] == 2
