@@ -161,6 +161,54 @@ async def test_each_request_has_one_access_line(
     caplog.handler.removeFilter(logs._context)
 
 
+class _Writes(io.StringIO):
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+async def test_the_loops_lines_are_written_once_its_turn_ends() -> None:
+    stream = _Writes()
+    handler = logs.TurnHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    logger = logging.getLogger("aquila.test.turn")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        logger.info("one")
+        logger.debug("two")
+        assert stream.writes == []  # the turn goes on
+        await asyncio.sleep(0)
+        assert len(stream.writes) == 1  # both at once, in order
+        assert [line.rsplit(" ", 1)[1] for line in stream.writes[0].splitlines()] == [
+            "one", "two"]
+        # A warning is written at once, after the lines still waiting.
+        logger.info("three")
+        logger.warning("four")
+        assert len(stream.writes) == 2 and stream.writes[1].count("\n") == 2
+        assert stream.writes[1].index("three") < stream.writes[1].index("four")
+        # Another thread's line is written at once, as is what waits when flushed.
+        logger.info("five")
+        await asyncio.to_thread(logger.info, "six")
+        assert "five" in stream.writes[2] and "six" in stream.writes[2]
+        logger.info("seven")
+        handler.flush()
+        assert "seven" in stream.writes[3]
+        await asyncio.sleep(0)  # the turn's flush finds nothing left
+        assert len(stream.writes) == 4
+        assert [line.rsplit(" ", 1)[1] for line in stream.getvalue().splitlines()] == [
+            "one", "two", "three", "four", "five", "six", "seven"]
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_log_format_is_checked() -> None:
     with pytest.raises(ValueError, match="log_format"):
         NodeConfig(log_format="xml").validate()
