@@ -20,11 +20,11 @@ from aquila.node.blocking import Blocking
 from aquila.node.cluster_node import ClusterNode
 from aquila.node.config import MIB, NodeConfig
 from aquila.node.files import write_atomic
-from aquila.node.http.api import add_public_routes, error_middleware
+from aquila.node.http.api import add_public_routes
 from aquila.node.http.cluster_api import add_cluster_routes
 from aquila.node.http.dashboard import add_ui_routes
 from aquila.node.http.internal_api import add_internal_routes
-from aquila.node.http.observe import request_context
+from aquila.node.http.observe import front
 from aquila.node.keys import BLOCKING, CLUSTER, CONFIG, METRICS, READY, SERVICE
 from aquila.node.logs import set_node
 from aquila.node.metrics import Metrics
@@ -58,7 +58,7 @@ def make_app(
     unless others are given (a fake clock, `memnet`, `mempeers`); given ones are started and
     closed by whoever gave them."""
     # Bodies are decompressed by node/http/body.py, which counts the limit as it inflates.
-    app = web.Application(middlewares=[request_context, error_middleware],
+    app = web.Application(middlewares=[front],
                           client_max_size=config.max_wire_bytes,
                           handler_args={"auto_decompress": False})
     clock = clock or SystemClock()

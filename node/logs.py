@@ -9,6 +9,7 @@ is a fragment of another event.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from typing import Any
@@ -114,6 +115,50 @@ class TextFormatter(logging.Formatter):
         return line.replace("\r", "\\r").replace("\n", "\\n")
 
 
+class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Lines to a stream (stderr), those made on the event loop's thread below WARNING
+    written together once the loop's turn ends: one write for every request a turn
+    answered, not one per access line. A write lets go of the GIL, and the loop then waits
+    to have it back from a search thread running Python (resolving its hits). A line of
+    another thread, or a warning, is written at once, after the lines still waiting (the
+    order of the lines is kept); `flush` (logging's shutdown too) writes those."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            if record.levelno < logging.WARNING:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # not the loop's thread
+                    loop = None
+                if loop is not None:
+                    if not self._waiting:
+                        loop.call_soon(self.flush)
+                    self._waiting.append(line)
+                    return
+            if self._waiting:
+                line = "".join(self._waiting) + line
+                self._waiting.clear()
+            self.stream.write(line)
+            self.flush()
+        except RecursionError:  # as StreamHandler.emit
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._waiting:
+                text = "".join(self._waiting)
+                self._waiting.clear()
+                self.stream.write(text)
+            super().flush()
+
+
 _context = _Context()
 
 
@@ -121,7 +166,7 @@ def configure(level: str, fmt: str) -> None:
     """Route every logger of the process to stderr in this format, at this level."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    handler = logging.StreamHandler()
+    handler = TurnHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_context)
     root = logging.getLogger()

@@ -128,6 +128,87 @@ def test_expected_failures_have_no_traceback(
     assert line["msg"].startswith("request failed: " + type(exc).__name__)
 
 
+async def test_each_request_has_one_access_line(
+    node: Node, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One line per request, at info for a client's and debug for a probe: its method, path,
+    route, status, time and id, for an answer, a failure and an unmatched path alike."""
+    await node.create("c", dim=2)
+    caplog.set_level(logging.DEBUG, logger="aquila.node.http.access")
+    caplog.handler.addFilter(logs._context)  # as the node's handler: the request's id
+    caplog.clear()
+    search = "/v1/collections/c/search"
+    resp = await node.client.post(search, json={"vector": [1, 2]},
+                                  headers={"X-Request-Id": "line-1"})
+    assert resp.status == 200
+    resp = await node.client.post(search, json={"vector": [1]})
+    await expect_error(resp, 400, "dimension_mismatch")
+    made = resp.headers["X-Request-Id"]
+    await expect_error(await node.client.get("/nope"), 404, "not_found")
+    assert (await node.client.get("/healthz")).status == 200
+    lines = [r for r in caplog.records if r.name == "aquila.node.http.access"]
+    got = [(r.levelno, r.method, r.route, r.status, getattr(r, "event", None))  # type: ignore[attr-defined]
+           for r in lines]
+    route = "/v1/collections/{name}/search"
+    assert got == [(logging.INFO, "POST", route, 200, "request"),
+                   (logging.INFO, "POST", route, 400, "request"),
+                   (logging.INFO, "GET", "unmatched", 404, "request"),
+                   (logging.DEBUG, "GET", "/healthz", 200, "request")]
+    assert lines[0].getMessage().startswith(f"POST {search} 200 ")
+    assert all(isinstance(r.ms, float) and r.ms >= 0 for r in lines)  # type: ignore[attr-defined]
+    # Stamped with the request's id (the client's, or the one made for it).
+    assert [getattr(r, "request_id", None) for r in lines[:2]] == ["line-1", made]
+    caplog.handler.removeFilter(logs._context)
+
+
+class _Writes(io.StringIO):
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+async def test_the_loops_lines_are_written_once_its_turn_ends() -> None:
+    stream = _Writes()
+    handler = logs.TurnHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    logger = logging.getLogger("aquila.test.turn")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        logger.info("one")
+        logger.debug("two")
+        assert stream.writes == []  # the turn goes on
+        await asyncio.sleep(0)
+        assert len(stream.writes) == 1  # both at once, in order
+        assert [line.rsplit(" ", 1)[1] for line in stream.writes[0].splitlines()] == [
+            "one", "two"]
+        # A warning is written at once, after the lines still waiting.
+        logger.info("three")
+        logger.warning("four")
+        assert len(stream.writes) == 2 and stream.writes[1].count("\n") == 2
+        assert stream.writes[1].index("three") < stream.writes[1].index("four")
+        # Another thread's line is written at once, as is what waits when flushed.
+        logger.info("five")
+        await asyncio.to_thread(logger.info, "six")
+        assert "five" in stream.writes[2] and "six" in stream.writes[2]
+        logger.info("seven")
+        handler.flush()
+        assert "seven" in stream.writes[3]
+        await asyncio.sleep(0)  # the turn's flush finds nothing left
+        assert len(stream.writes) == 4
+        assert [line.rsplit(" ", 1)[1] for line in stream.getvalue().splitlines()] == [
+            "one", "two", "three", "four", "five", "six", "seven"]
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_log_format_is_checked() -> None:
     with pytest.raises(ValueError, match="log_format"):
         NodeConfig(log_format="xml").validate()

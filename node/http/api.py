@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,38 +60,31 @@ _HTTP_CODES = {
 }
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as {"error": {"code", "message"}} with its status."""
-    metrics = request.app[METRICS]
-    route = request.match_info.route.resource
-    name = route.canonical if route is not None else "unmatched"
-    t0 = time.perf_counter()
-    status = 500
-    try:
-        config = request.app[CONFIG]
-        check_access(config, request.method, name if route is not None else request.path,
-                     request.headers.get("Authorization", ""))
-        length = request.content_length
-        if length is not None and length > config.max_wire_bytes:
-            raise PayloadTooLarge(
-                f"body of {length} bytes exceeds the limit of {config.max_body_bytes} bytes"
-            )
-        resp = await handler(request)
-        status = resp.status
-        return resp
-    except AquilaError as err:
-        status = err.status
-        return error_response(err)
-    except web.HTTPRequestEntityTooLarge:
-        status = 413
+def check_request(request: web.Request, route: str | None) -> None:
+    """Before the handler: Unauthorized or Forbidden unless the key may call the route (its
+    pattern, None when nothing matched), and 413 for a body announced above the limit."""
+    config = request.app[CONFIG]
+    check_access(config, request.method, route if route is not None else request.path,
+                 request.headers.get("Authorization", ""))
+    length = request.content_length
+    if length is not None and length > config.max_wire_bytes:
+        raise PayloadTooLarge(
+            f"body of {length} bytes exceeds the limit of {config.max_body_bytes} bytes"
+        )
+
+
+def failure_response(request: web.Request, exc: Exception) -> web.Response:
+    """Every failure as {"error": {"code", "message"}} with its status; a redirect (an
+    HTTPException below 400) is raised again, for aiohttp to answer."""
+    if isinstance(exc, AquilaError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response(
             PayloadTooLarge(f"body exceeds the limit of {request.app[CONFIG].max_body_bytes} bytes")
         )
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
-        status = exc.status
+            raise exc
         message = exc.reason
         if exc.status == 404:
             message = f"no route {request.method} {request.path}"
@@ -103,12 +95,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if "Allow" in exc.headers:
             resp.headers["Allow"] = exc.headers["Allow"]
         return resp
-    except Exception:
-        # A bug, not bad input: logged with its traceback, answered in the contract's shape.
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(AquilaError("internal error; see the node's log"))
-    finally:
-        metrics.observe(request.method, name, status, time.perf_counter() - t0)
+    # A bug, not bad input: logged with its traceback, answered in the contract's shape.
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(AquilaError("internal error; see the node's log"))
 
 
 # Bodies above this are decoded on a thread: a 10,000-document batch (76 MB) takes half a

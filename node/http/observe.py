@@ -1,5 +1,5 @@
-"""The outermost middleware: each request's id (`cluster.model.request_id`) and its line in
-the log.
+"""The app's one middleware: each request's id (`cluster.model.request_id`), its access check,
+its errors' shape, its metrics and its line in the log.
 
 A public request keeps the client's `X-Request-Id` when it is well-formed, or gets a new one;
 either way the response carries it back. A peer request (`/internal/*`) adopts the id of the
@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from aquila.cluster.model import request_id
+from aquila.node.http.api import check_request, failure_response
+from aquila.node.keys import METRICS
 
 log = logging.getLogger("aquila.node.http.access")
 
@@ -39,33 +41,60 @@ def new_request_id() -> str:
 
 
 @web.middleware
-async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    internal = request.path.startswith("/internal/")
+async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one middleware, outermost and alone (one coroutine and one route lookup a request,
+    not one each for ids, errors and metrics): the request's id, who may call the route,
+    every failure in the contract's shape (`api.failure_response`), the request's metrics and
+    its log line."""
+    path = request.path
     given = request.headers.get(request_id.HEADER)
-    # Background peer traffic has none; a public request always has one.
-    fresh = None if internal else new_request_id()
-    rid = given if request_id.valid(given) else fresh
+    if given is not None and request_id.valid(given):
+        rid: str | None = given
+    else:  # background peer traffic has none; a public request always has one
+        rid = None if path.startswith("/internal/") else new_request_id()
     token = request_id.current.set(rid)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else None
     t0 = time.perf_counter()
     status = 500
     try:
-        resp = await handler(request)
+        try:
+            check_request(request, route)
+            resp = await handler(request)
+        except Exception as exc:  # noqa: BLE001 - every failure answered in one shape
+            resp = failure_response(request, exc)  # raises a redirect again
         status = resp.status
         if rid is not None and not resp.prepared:
             resp.headers[request_id.HEADER] = rid
         return resp
-    except web.HTTPException as exc:  # redirects and the like: error_middleware answers the rest
+    except web.HTTPException as exc:  # redirects and the like: aiohttp answers them
         status = exc.status
         if rid is not None:
             exc.headers[request_id.HEADER] = rid
         raise
     finally:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        quiet = rid is None or route in QUIET
-        ms = round((time.perf_counter() - t0) * 1000, 2)
-        log.log(logging.DEBUG if quiet else logging.INFO, "%s %s %d %.1f ms", request.method,
-                request.path, status, ms,
-                extra={"event": "request", "method": request.method, "route": route,
-                       "status": status, "ms": ms})
+        seconds = time.perf_counter() - t0
+        name = route or "unmatched"
+        request.app[METRICS].observe(request.method, name, status, seconds)
+        level = logging.DEBUG if rid is None or name in QUIET else logging.INFO
+        if log.isEnabledFor(level):  # the line is built only when it is written
+            _access_line(level, request.method, path, name, status, seconds)
         request_id.current.reset(token)
+
+
+def _access_line(level: int, method: str, path: str, route: str, status: int,
+                 seconds: float) -> None:
+    """The request's line, as `log.log(level, ..., extra=...)` makes it, without its steps
+    that the line does not need (the caller's frame, the check of each extra field's name
+    against the record's): it is on every request."""
+    ms = round(seconds * 1000, 2)
+    record = logging.getLogRecordFactory()(
+        log.name, level, "(unknown file)", 0, "%s %s %d %.1f ms", (method, path, status, ms),
+        None, "(unknown function)")
+    fields = record.__dict__
+    fields["event"] = "request"
+    fields["method"] = method
+    fields["route"] = route
+    fields["status"] = status
+    fields["ms"] = ms
+    log.handle(record)
