@@ -321,11 +321,11 @@ async def test_labels_a_purge_frees_are_not_read(coll: Collection) -> None:
         await coll.read_found(found, [key], False)
 
 
-async def test_a_close_waits_for_a_read_on_a_search_thread(
+async def test_a_close_during_a_read_on_a_search_thread(
         coll: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
     """A collection closed (dropped, or created again under its name) while a search thread
-    reads a `Found`'s documents: the close waits for the read, as for a search's, and the
-    read answers (not "store is not open")."""
+    reads a `Found`'s documents: the read answers, or says to search again (StaleFound),
+    never "store is not open" (a 500)."""
     smp = load_sample()
     found = await coll.search_found(smp.queries[:2], K, None)
     keys = found.keys[0][:3]
@@ -348,11 +348,13 @@ async def test_a_close_waits_for_a_read_on_a_search_thread(
         assert loop.time() < deadline
         await asyncio.sleep(0.001)
     go.set()
+    await close
     try:
         got = await read
-    finally:
-        await close
-    assert [h.id for h in got if h is not None] and all(h is not None for h in got)
+    except StaleFound:
+        pass
+    else:
+        assert all(h is not None for h in got)
     with pytest.raises(StaleFound):  # closed: searched again, not read from a closed store
         await coll.read_found(found, keys, False)
 

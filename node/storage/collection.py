@@ -991,18 +991,18 @@ class Collection:
         if (not isinstance(token, tuple) or token[0] is not self
                 or token[1] != self.relabelled):
             raise StaleFound(f"labels of {self.spec.name!r} were given again since the search")
-        if self.closed:  # dropped, or created again under its name, since the search
-            raise StaleFound(f"{self.spec.name!r} was closed since the search")
-        if len(keys) <= INLINE_READS and not with_vectors:
-            docs = read_keys(self.store, keys, with_vectors)
-        else:
-            # Under the read lock, to the thread's end, as a search's reads: a close waits
-            # for it (the store closed under it, the read failed, "store is not open").
-            async with self.rw.read():
-                if self.closed:
-                    raise StaleFound(f"{self.spec.name!r} was closed since the search")
-                docs = await _to_the_end(
-                    self.blocking.search(read_keys, self.store, keys, with_vectors))
+        try:
+            if len(keys) <= INLINE_READS and not with_vectors:
+                docs = read_keys(self.store, keys, with_vectors)
+            else:
+                docs = await self.blocking.search(read_keys, self.store, keys, with_vectors)
+        except Exception:
+            # Closed (dropped, or created again under its name) since the search, or while
+            # a search thread read (no lock held, a writer not waited for): "store is not
+            # open", searched again rather than a failed search.
+            if self.closed:
+                raise StaleFound(f"{self.spec.name!r} was closed since the search") from None
+            raise
         if self.relabelled != token[1]:  # released while a search thread read them
             raise StaleFound(f"labels of {self.spec.name!r} were given again since the search")
         return [None if d is None else Hit(d[0], 0.0, d[1], d[2], key >> LABEL_BITS)
