@@ -7,7 +7,9 @@ keys of shards cut by a hedge; labels given again meanwhile are refused (StaleFo
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -29,9 +31,12 @@ from aquila.cluster.replication.reads import ReadPath
 from aquila.cluster.replication.replica import LocalReplica, Replica, Replicas
 from aquila.cluster.state.entries import ClusterState, CollectionEntry
 from aquila.node.blocking import Blocking
+from aquila.node.storage import collection as collection_module
 from aquila.node.storage import search
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
+from aquila.node.storage.index import LABEL_BITS
+from aquila.node.storage.store import label_key
 from tests.datasets import load_sample
 
 N = 400
@@ -289,3 +294,85 @@ async def test_a_read_path_answers_as_the_old_path(with_vectors: bool, stale: bo
         assert cast(_StaleOnce, nodes["n1"]).stale == 1
     if explain:
         assert [p["node"] for p in new["plans"]] == ["n1", "n2", "n1", "n3"]
+
+
+def _id_in(shard: int, prefix: str) -> str:
+    return next(f"{prefix}{i}" for i in range(10_000) if shard_of(f"{prefix}{i}", SHARDS) == shard)
+
+
+async def test_labels_a_purge_frees_are_not_read(coll: Collection) -> None:
+    """A purge of tombstones that still hold their labels (a snapshot covered their delete,
+    its release not made yet) frees them too: a key found before names the document that
+    takes the label next, and is refused as after a release."""
+    smp = load_sample()
+    found = await coll.search_found(smp.queries[:1], K, None)
+    key = found.keys[0][0]
+    shard = key >> LABEL_BITS
+    hit = (await coll.read_found(found, [key], False))[0]
+    assert hit is not None
+    await coll.write({shard: [Incoming(hit.id, None, b"", 2, "n")]})
+    await coll._save()  # a snapshot covers the delete; `snapshot` releases labels next
+    assert await coll.purge_tombstones(shard, 10) == 1
+    new = _id_in(shard, "new")
+    await coll.write({shard: [Incoming(new, smp.base[N], b'{"new":1}', 3, "n")]})
+    assert coll.store.raw_records([label_key(shard, key & ((1 << LABEL_BITS) - 1))]) == [
+        new.encode()]  # the label names the new document now
+    with pytest.raises(StaleFound):
+        await coll.read_found(found, [key], False)
+
+
+async def test_a_close_during_a_read_on_a_search_thread(
+        coll: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collection closed (dropped, or created again under its name) while a search thread
+    reads a `Found`'s documents: the read answers, or says to search again (StaleFound),
+    never "store is not open" (a 500)."""
+    smp = load_sample()
+    found = await coll.search_found(smp.queries[:2], K, None)
+    keys = found.keys[0][:3]
+    entered, go = threading.Event(), threading.Event()
+    real = collection_module.read_keys
+
+    def held(*args: Any) -> Any:
+        entered.set()
+        assert go.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(collection_module, "read_keys", held)
+    read = asyncio.ensure_future(coll.read_found(found, keys, True))
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, entered.wait, 10)
+    close = asyncio.ensure_future(coll.close(snapshot=False))
+    deadline = loop.time() + 10
+    # The close went on (the store closed) or waits for the read (a writer waiting).
+    while coll.store._db is not None and not coll.rw._writers_waiting:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.001)
+    go.set()
+    await close
+    try:
+        got = await read
+    except StaleFound:
+        pass
+    else:
+        assert all(h is not None for h in got)
+    with pytest.raises(StaleFound):  # closed: searched again, not read from a closed store
+        await coll.read_found(found, keys, False)
+
+
+@pytest.mark.parametrize("how", ["dropped", "dropped and taken on again"])
+async def test_the_twin_refuses_keys_of_a_shard_dropped_since(how: str) -> None:
+    """As the engine (`relabelled`): a shard dropped (moved away) since the search, or taken
+    on again since, refuses the keys (searched again: its hits are not silently left out,
+    as if deleted, without the shard being missing)."""
+    smp = load_sample()
+    backend = MemoryBackend()
+    spec = CollectionSpec("c", smp.dim, "l2", SHARDS, 1, IndexSpec("flat"))
+    await backend.ensure(spec, range(SHARDS), "u")
+    await backend.write(spec, _docs(smp.base[:200]))
+    found = await backend.search_found(spec, smp.queries[:1], K, None, range(SHARDS))
+    shard = found.shards[0][0]
+    await backend.drop_shard("c", shard)
+    if how != "dropped":
+        await backend.ensure(spec, [shard], "u")
+    with pytest.raises(StaleFound):
+        await backend.read_found(spec, found, [found.keys[0][0]], False)

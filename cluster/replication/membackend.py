@@ -28,6 +28,9 @@ class _Collection:
     spec: CollectionSpec
     uid: str
     shards: dict[int, dict[str, Incoming]] = field(default_factory=dict)
+    # Shards dropped or taken on (the engine's `Collection.relabelled`): a `Found` taken
+    # before is not read after.
+    relabelled: int = 0
 
 
 def _admits(d: Incoming, predicate: Callable[[Any], bool] | None) -> bool:
@@ -63,15 +66,17 @@ class MemoryBackend:
         if coll is None:
             coll = self.collections[spec.name] = _Collection(spec, uid)
         for s in shards:
-            coll.shards.setdefault(s, {})
+            if s not in coll.shards:
+                coll.shards[s] = {}
+                coll.relabelled += 1
 
     async def drop_collection(self, name: str) -> None:
         self.collections.pop(name, None)
 
     async def drop_shard(self, name: str, shard: int) -> None:
         coll = self.collections.get(name)
-        if coll is not None:
-            coll.shards.pop(shard, None)
+        if coll is not None and coll.shards.pop(shard, None) is not None:
+            coll.relabelled += 1
 
     async def write(
         self, spec: CollectionSpec, by_shard: dict[int, list[Incoming]]
@@ -172,7 +177,7 @@ class MemoryBackend:
             keys.append(list(range(len(table), len(table) + len(row))))
             table.extend((h.shard, h.id) for h in row)
         return Found([[h.score for h in row] for row in rows], keys,
-                     [[h.shard for h in row] for row in rows], (spec.name, coll.uid, table))
+                     [[h.shard for h in row] for row in rows], (coll, coll.relabelled, table))
 
     async def read_found(
         self, spec: CollectionSpec, found: Found, keys: list[int], with_vectors: bool
@@ -180,11 +185,11 @@ class MemoryBackend:
         coll = self._open(spec.name)
         token = found.token
         assert isinstance(token, tuple)
-        name: str = token[0]
-        uid: str = token[1]
         table: list[tuple[int, str]] = token[2]
-        if name != spec.name or uid != coll.uid:
+        if token[0] is not coll:
             raise StaleFound(f"{spec.name!r} was created again since the search")
+        if token[1] != coll.relabelled:
+            raise StaleFound(f"shards of {spec.name!r} were dropped or taken on since")
         out: list[Hit | None] = []
         for key in keys:
             shard, doc_id = table[key]

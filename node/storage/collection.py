@@ -766,6 +766,8 @@ class Collection:
                if rec is not None and rec.tombstone and rec.version < before]
         gone = [(doc_id, rec) for doc_id, rec in old if rec.seq <= covered]
         if gone:
+            if any(rec.label != NO_LABEL for _, rec in gone):
+                self.relabelled += 1  # their labels are given again next, as a release's
             self.shards[shard].forget(gone, batch)
             try:
                 self.store.write(batch)
@@ -989,10 +991,18 @@ class Collection:
         if (not isinstance(token, tuple) or token[0] is not self
                 or token[1] != self.relabelled):
             raise StaleFound(f"labels of {self.spec.name!r} were given again since the search")
-        if len(keys) <= INLINE_READS and not with_vectors:
-            docs = read_keys(self.store, keys, with_vectors)
-        else:
-            docs = await self.blocking.search(read_keys, self.store, keys, with_vectors)
+        try:
+            if len(keys) <= INLINE_READS and not with_vectors:
+                docs = read_keys(self.store, keys, with_vectors)
+            else:
+                docs = await self.blocking.search(read_keys, self.store, keys, with_vectors)
+        except Exception:
+            # Closed (dropped, or created again under its name) since the search, or while
+            # a search thread read (no lock held, a writer not waited for): "store is not
+            # open", searched again rather than a failed search.
+            if self.closed:
+                raise StaleFound(f"{self.spec.name!r} was closed since the search") from None
+            raise
         if self.relabelled != token[1]:  # released while a search thread read them
             raise StaleFound(f"labels of {self.spec.name!r} were given again since the search")
         return [None if d is None else Hit(d[0], 0.0, d[1], d[2], key >> LABEL_BITS)
