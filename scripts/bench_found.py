@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aquila.cluster.model.documents import Hit, Incoming
+from aquila.cluster.model.documents import Found, Hit, Incoming
 from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
-from aquila.cluster.replication.backend import Found
 from aquila.cluster.replication.fanout import merge_found, merge_rows
 from aquila.node.blocking import Blocking
 from aquila.node.storage import search

@@ -20,11 +20,10 @@ import pytest
 
 from aquila.cluster.clock import SystemClock
 from aquila.cluster.membership.view import MemberView
-from aquila.cluster.model.documents import Hit, Incoming
+from aquila.cluster.model.documents import Found, Hit, Incoming, StaleFound
 from aquila.cluster.model.operations import SearchRequest
 from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
-from aquila.cluster.replication.backend import Found, StaleFound
 from aquila.cluster.replication.fanout import _hits_of, merge_found, merge_rows
 from aquila.cluster.replication.membackend import MemoryBackend
 from aquila.cluster.replication.reads import ReadPath

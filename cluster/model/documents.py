@@ -46,3 +46,25 @@ def hit_json(h: Hit, metadata: bool, vector: bool) -> dict[str, Any]:
     if vector:
         out["vector"] = np.frombuffer(h.vector, dtype="<f4").tolist()
     return out
+
+
+@dataclass(frozen=True)
+class Found:
+    """A local search's answer before its documents are read (`ShardBackend.search_found`):
+    per query row, the scores best first, the backend's keys of the hits (-1: one left out
+    since, by a hedge's cut) and each hit's shard, as plain lists (a few hits a query: lists
+    cost less than arrays here, and the merge takes them one by one). Only the hits
+    that survive the merge with the other nodes' are then read (`ShardBackend.read_found`):
+    a coordinator keeps about a third of its own k hits per query on three nodes, and
+    reading a hit's id and record is most of what resolving it costs. `token`: what the
+    backend needs to tell whether its keys still mean the documents they meant."""
+
+    scores: list[list[float]]
+    keys: list[list[int]]
+    shards: list[list[int]]
+    token: object = None
+
+
+class StaleFound(Exception):  # noqa: N818 - a condition, not a failure
+    """`read_found`: the keys may no longer name the documents the search found (the backend
+    gave some of their labels to other documents since); the caller searches again."""

@@ -21,10 +21,9 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from aquila.cluster.clock import Clock, abandon
-from aquila.cluster.model.documents import Hit
+from aquila.cluster.model.documents import Found, Hit
 from aquila.cluster.model.errors import AquilaError
 from aquila.cluster.model.merge import merge_columns
-from aquila.cluster.replication.backend import Found
 
 A = TypeVar("A")
 # Ask one node for these shards within `budget` seconds; one list of hits per query, or this

@@ -17,10 +17,9 @@ import numpy as np
 import orjson
 
 from aquila.cluster.model.digests import bucket_of, digests, newer
-from aquila.cluster.model.documents import Hit, Incoming
+from aquila.cluster.model.documents import Found, Hit, Incoming, StaleFound
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.cluster.replication.backend import Found, StaleFound
 
 
 @dataclass

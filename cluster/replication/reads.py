@@ -16,7 +16,7 @@ import orjson
 from aquila.cluster.clock import Clock
 from aquila.cluster.membership.view import MemberView
 from aquila.cluster.model.cursor import encode_cursor
-from aquila.cluster.model.documents import Hit, hit_json
+from aquila.cluster.model.documents import Found, Hit, StaleFound, hit_json
 from aquila.cluster.model.errors import AquilaError, NotFound, Unavailable
 from aquila.cluster.model.operations import (
     CountRequest,
@@ -26,7 +26,6 @@ from aquila.cluster.model.operations import (
 )
 from aquila.cluster.model.sharding import shard_of
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.cluster.replication.backend import Found, StaleFound
 from aquila.cluster.replication.fanout import (
     FanoutResult,
     Rows,

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from aquila.cluster.model.documents import Hit, Incoming
+from aquila.cluster.model.documents import Found, Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.operations import CountRequest, ScrollRequest, SearchRequest
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.cluster.replication.backend import Found, ShardBackend
+from aquila.cluster.replication.backend import ShardBackend
 from aquila.cluster.state.entries import ClusterState
 
 # Per shard: (documents changed, live documents deleted).

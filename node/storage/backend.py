@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from aquila.cluster.model.documents import Hit, Incoming
+from aquila.cluster.model.documents import Found, Hit, Incoming
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.cluster.replication.backend import Found
 from aquila.node.storage.collection import Collection
 from aquila.node.storage.engine import Engine
 

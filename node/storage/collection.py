@@ -29,12 +29,11 @@ import orjson
 
 from aquila.cluster.clock import track
 from aquila.cluster.model.digests import BUCKETS, bucket_of, digests, format_digests
-from aquila.cluster.model.documents import Hit, Incoming
+from aquila.cluster.model.documents import Found, Hit, Incoming, StaleFound
 from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.filters import Filter
 from aquila.cluster.model.recall import share_top
 from aquila.cluster.model.spec import CollectionSpec
-from aquila.cluster.replication.backend import Found, StaleFound
 from aquila.node.blocking import Blocking
 from aquila.node.files import TMP_SUFFIX, remove_stale_temps, write_atomic
 from aquila.node.storage.batcher import SearchBatcher, weakly
