@@ -172,3 +172,55 @@ async def test_a_catch_up_the_writes_outpace_ends_with_them_held(
     finally:
         stop.set()
         await engine.close()
+
+
+async def test_a_search_is_answered_while_a_catch_up_and_a_write_take_the_write_threads(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training's catch-up replays on a write thread, a second at a time; a write's index
+    update holds the index's write lock (every search waits) from before it has a thread.
+    With the next write being made durable on the other write thread (its fsync), the update
+    had none until the slice or that write ended, and searches waited as long: the update
+    needs a thread of its own beside the two."""
+    from aquila.cluster.model.documents import Incoming
+    from tests.held_training import hold_catch_up
+
+    engine = Engine(tmp_path, blocking, TUNING, fsync=False)
+    await engine.start()
+    reached, go_on = hold_catch_up(monkeypatch)
+    staging, stage_go = threading.Event(), threading.Event()
+    real_write = collection_module.Collection._write_sync
+
+    def write_sync(self: Any, group: list[dict[int, list[Any]]]) -> Any:
+        if any(d.id == "d300" and d.version == 2 for by in group for d in by.get(0, [])):
+            staging.set()  # the next write being made durable: held until the test looked
+            stage_go.wait(30)
+        return real_write(self, group)
+
+    monkeypatch.setattr(collection_module.Collection, "_write_sync", write_sync)
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        reached.set()  # the first training's catch-up is not held
+        go_on.set()
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await settled(coll, what="the first training")
+        reached.clear()
+        go_on.clear()
+        await coll.write({0: [doc(i) for i in range(150, 300)]})
+        await wait_for(reached.is_set, 30, what="the retraining's catch-up on a write thread")
+        # Two writes of one id (two groups): the first's update waits for a thread while
+        # the second's is made durable.
+        one = doc(300)
+        first = asyncio.create_task(coll.write({0: [one]}))
+        second = asyncio.create_task(coll.write(
+            {0: [Incoming(one.id, one.vector, one.metadata, 2, one.writer)]}))
+        await wait_for(staging.is_set, 30, what="the second write on the other write thread")
+        rows = await asyncio.wait_for(coll.search(doc(5).vector[None, :], 1, 4), 10)
+        assert rows[0][0].id == doc(5).id
+        stage_go.set()
+        go_on.set()
+        await asyncio.gather(first, second)
+    finally:
+        stage_go.set()
+        go_on.set()
+        await engine.close()
