@@ -224,3 +224,60 @@ async def test_a_search_is_answered_while_a_catch_up_and_a_write_take_the_write_
         stage_go.set()
         go_on.set()
         await engine.close()
+
+
+async def test_a_held_catch_up_ends_though_the_writes_let_through_outrun_its_slices(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two held slices of a catch-up the writes queued meanwhile go, as one group
+    (up to GROUP_MAX_DOCS): when that group brings more changes than a slice replays, each
+    slice fell further behind, the training was never swapped in and the load went on at
+    its own pace. A held slice that finds no fewer changes left than the one before replays
+    the rest to the end, the writes held: the load slows to the replay's pace."""
+    from aquila.node.storage.shard import Shard
+
+    monkeypatch.setattr(collection_module, "CATCH_UP_TAIL", 30)
+    monkeypatch.setattr(collection_module, "CATCH_UP_ROUNDS", 1)
+    monkeypatch.setattr(collection_module, "CATCH_UP_SLICE_S", 0.02)
+    colls: list[Any] = []
+    real_replay = Shard.replay
+
+    def replay(self: Shard, after_seq: int, chunk: int = 2048) -> Any:
+        for ops in real_replay(self, after_seq, 10):
+            if colls and colls[0].training:
+                time.sleep(0.005)  # 2,000 changes a second, held or not
+            yield ops
+
+    monkeypatch.setattr(Shard, "replay", replay)
+    engine = Engine(tmp_path, blocking,
+                    Tuning(train_min=100, retrain_quiet_s=0.2, retrain_max_wait_s=0.2),
+                    fsync=False)
+    await engine.start()
+    stop = asyncio.Event()
+    written = [150]
+
+    async def writer() -> None:  # eight of them: a group of 160 between two slices
+        while not stop.is_set():
+            n = written[0]
+            written[0] = n + 20
+            await coll.write({0: [doc(i) for i in range(n, n + 20)]})
+            await asyncio.sleep(0)
+
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        colls.append(coll)
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await settled(coll, what="the first training")
+        tasks = [asyncio.create_task(writer()) for _ in range(8)]
+        try:
+            await wait_for(lambda: coll.index.trained_at >= 300, 60,
+                           what="the retraining swapped in while the writes go on")
+            assert not any(t.done() for t in tasks)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+        await wait_for(lambda: not coll.training, 120, what="no training left")
+        assert coll.index.ntotal == written[0] == coll.count()
+    finally:
+        stop.set()
+        await engine.close()

@@ -109,8 +109,8 @@ CATCH_UP_TAIL = 16_384
 # cores that one replayed slower than a bulk load wrote, and a 10M load's first training
 # (6,000 vectors) had not been swapped in 3.7M documents later, the index flat all along.
 # When its rounds do not converge either, the rest is replayed with the writes held, a slice
-# at a time (the writes queued meanwhile let through between two): the load slows to what
-# the replay keeps up with.
+# at a time (the writes queued meanwhile let through between two), and at once when those
+# brought as many changes as a slice replayed: the load slows to what the replay keeps up with.
 CATCH_UP_SLICE_S = 1.0
 # Changes a catch-up reads and applies at a time (the replays at a start and at a swap read
 # shard.REPLAY_CHUNK): each is a few small Python objects until its chunk is applied (its
@@ -1301,14 +1301,20 @@ class Collection:
             before = came
         log.info("%s: writes outpace the catch-up; replaying the rest with writes held, "
                  "%.1f s at a time", self.spec.name, CATCH_UP_SLICE_S)
+        before = math.inf
         while True:
             async with self.write_mutex, self.apply_lock:  # nothing written nor applied
                 mark = self._applied()
+                left = sum(mark.get(s, q) - q for s, q in since.items())
+                # The writes let through since the last slice (a group of up to
+                # GROUP_MAX_DOCS) brought as many changes as it replayed, or more: slices
+                # would never end; the rest is replayed at once, the writes held.
+                seconds = CATCH_UP_SLICE_S if left < before else None
                 reached = await _to_the_end(self.blocking.write(
-                    self._catch_up_sync, new, since, CATCH_UP_SLICE_S))
+                    self._catch_up_sync, new, since, seconds))
             if reached is None:
                 return mark
-            since = reached  # the writes queued meanwhile go, then the next slice
+            since, before = reached, left  # the writes queued meanwhile go, then the next
 
     async def _compact(self) -> None:
         """The index with its lists allocated to their size, swapped in as a training's is:
