@@ -1445,7 +1445,7 @@ class Collection:
         them. Also while a training runs (of the index that serves, the one a restart needs):
         skipped then, the change log a restart replays grew for as long as the training
         took (1.16M changes, 160 s to ready at 6M vectors). Both halves run on the write
-        threads (two: one fsyncs while the other applies writes), the background one being
+        threads (one fsyncs while another applies writes), the background one being
         the training's."""
         if self.closed or not self._dirty():
             return
