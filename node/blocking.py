@@ -97,7 +97,12 @@ class Blocking:
         self._search = ThreadPoolExecutor(n, "aq-search", initializer=_single_threaded_faiss)
         # Index additions assign vectors to lists with a search of the coarse quantizer, which
         # FAISS spreads over the cores; they run one at a time (the collection orders them).
-        self._write = ThreadPoolExecutor(2, "aq-write")
+        # Three: a write being made durable (its fsync) and the index update of the one
+        # before, which holds the index's write lock (every search waits) from before it has
+        # a thread, each have one beside a training's catch-up slice (a second at a time, see
+        # `collection.CATCH_UP_SLICE_S`); with two, that update waited for the slice or the
+        # fsync to end, and the searches with it.
+        self._write = ThreadPoolExecutor(3, "aq-write")
         self._background = ThreadPoolExecutor(1, BACKGROUND_THREADS,
                                               initializer=_training_threads)
         # Decoding and validating big request bodies (pure Python and orjson).

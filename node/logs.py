@@ -126,6 +126,9 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
         self._waiting: list[str] = []
+        # The loop whose turn's end writes the lines waiting (None: no flush to come). A
+        # line of another loop schedules its own: this one may close before its flush runs.
+        self._flush_on: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -136,8 +139,9 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 except RuntimeError:  # not the loop's thread
                     loop = None
                 if loop is not None:
-                    if not self._waiting:
+                    if loop is not self._flush_on:
                         loop.call_soon(self.flush)
+                        self._flush_on = loop
                     self._waiting.append(line)
                     return
             if self._waiting:
@@ -152,6 +156,7 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
+            self._flush_on = None
             if self._waiting:
                 text = "".join(self._waiting)
                 self._waiting.clear()

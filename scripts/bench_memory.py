@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import os
 import shutil
 import signal
@@ -124,31 +125,56 @@ def du_bytes(path: Path) -> int:
 async def ingest(session: aiohttp.ClientSession, url: str, x: np.ndarray, batch: int,
                  clients: int, prefix: str = "", first: int = 0) -> float:
     """Seconds to upsert every row of x from row `first` on (ids prefix + row number)."""
+    return (await ingest_rows(session, url, x, batch, clients, prefix, first))[0]
+
+
+async def ingest_rows(session: aiohttp.ClientSession, url: str, x: np.ndarray, batch: int,
+                      clients: int, prefix: str = "", first: int = 0,
+                      stop_at: float = math.inf) -> tuple[float, int]:
+    """Seconds to upsert the rows of x from row `first` on (ids prefix + row number), and
+    the rows written: every one, or when time.time() passes `stop_at` a prefix of x (the
+    batches the clients had started, then those missing below the last of them)."""
     starts = list(range(first, len(x), batch))
     t0 = time.perf_counter()
     done = [0]
+    written: set[int] = set()
     every = max(batch, len(x) // 20)
+
+    async def one(lo: int) -> None:
+        ids = [f"{prefix}{i}" for i in range(lo, min(lo + batch, len(x)))]
+        body = await asyncio.to_thread(columnar, ids, x[lo:lo + len(ids)])
+        await call(session, "POST", f"{url}/v1/collections/{COLLECTION}/documents", body)
+        written.add(lo)
+        done[0] += len(ids)
+        if done[0] % every < len(ids):
+            t = time.perf_counter() - t0
+            log(f"ingest: {done[0]} in {t:.0f}s ({done[0] / t:.0f}/s)")
 
     async def worker(w: int) -> None:
         for lo in starts[w::clients]:
-            ids = [f"{prefix}{i}" for i in range(lo, min(lo + batch, len(x)))]
-            body = await asyncio.to_thread(columnar, ids, x[lo:lo + len(ids)])
-            await call(session, "POST", f"{url}/v1/collections/{COLLECTION}/documents", body)
-            done[0] += len(ids)
-            if done[0] % every < len(ids):
-                t = time.perf_counter() - t0
-                log(f"ingest: {done[0]} in {t:.0f}s ({done[0] / t:.0f}/s)")
+            if time.time() >= stop_at:
+                return
+            await one(lo)
 
     await asyncio.gather(*(worker(w) for w in range(clients)))
-    return time.perf_counter() - t0
+    if len(written) == len(starts):
+        return time.perf_counter() - t0, len(x)
+    end = max(written, default=first)
+    for lo in starts:  # a prefix: the few batches below the last one written
+        if lo < end and lo not in written:
+            await one(lo)
+    rows = min(len(x), end + batch) if written else first
+    log(f"ingest stopped at the time given: {rows} rows written")
+    return time.perf_counter() - t0, rows
 
 
 async def wait_settled(session: aiohttp.ClientSession, url: str, n: int,
-                       limit_s: float = 3600) -> dict[str, Any]:
+                       limit_s: float = 3600, unsettled_ok: bool = False) -> dict[str, Any]:
     """The description once every shard is trained, nothing trains, no retraining is due
-    (one waits for writes to pause, up to half a minute) and the count is n."""
+    (one waits for writes to pause, up to half a minute) and the count is n. After limit_s
+    an error, or with unsettled_ok the description as it is then, marked "unsettled"."""
     deadline = time.perf_counter() + limit_s
-    while time.perf_counter() < deadline:
+    while True:
         desc = await call(session, "GET", f"{url}/v1/collections/{COLLECTION}")
         states = {s["index_state"] for s in desc["shard_states"]}
         due = any(s.get("index", {}).get("retrain_at", 0) and
@@ -156,8 +182,28 @@ async def wait_settled(session: aiohttp.ClientSession, url: str, n: int,
         if (states == {"trained"} and desc["count"] == n and not due
                 and not await compaction_due(session, url)):
             return dict(desc)
+        if time.perf_counter() >= deadline:
+            if unsettled_ok and desc["count"] == n:
+                log(f"not settled after {limit_s:.0f}s (states {sorted(states)}, "
+                    f"retraining due {due}): measuring the index as it is")
+                return {**desc, "unsettled": True}
+            raise RuntimeError("the collection did not settle")
         await asyncio.sleep(1)
-    raise RuntimeError("the collection did not settle")
+
+
+def time_of_day(hhmm: str | None) -> float:
+    """The epoch time of HH:MM (UTC) today, or infinity for None."""
+    if not hhmm:
+        return math.inf
+    hh, mm = (int(v) for v in hhmm.split(":"))
+    now = time.time()
+    return now - now % 86400 + hh * 3600 + mm * 60
+
+
+def settle_limit(args: argparse.Namespace) -> float:
+    """Seconds a wait for the collection to settle may take: --settle-timeout, or less to
+    end by --settle-by (a time of day, UTC)."""
+    return min(float(args.settle_timeout), max(0.0, time_of_day(args.settle_by) - time.time()))
 
 
 async def compaction_due(session: aiohttp.ClientSession, url: str) -> bool:
@@ -405,14 +451,28 @@ async def one_type(args: argparse.Namespace, itype: str, x: np.ndarray, q: np.nd
                 out["rss_mib_at_pause"] = round(rss_mib_of(node.pid), 1)
                 log(f"{itype}: {args.pause_at} trained; rss {out['rss_mib_at_pause']} MiB")
                 first = args.pause_at
-            secs = await ingest(s, url, x, args.batch, args.clients, first=first)
+            secs, rows = await ingest_rows(s, url, x, args.batch, args.clients, first=first,
+                                           stop_at=time_of_day(args.ingest_by))
+            if not rows:
+                raise RuntimeError("--ingest-by passed before a row was written")
+            if rows < len(x):  # stopped at --ingest-by: measured on the rows written
+                out["ingest_stopped_at_rows"] = rows
+                x = x[:rows]
+                out["n"] = rows
+                raw = rows * x.shape[1] * 4
+                truth = await asyncio.to_thread(exact_truth, x, q)
             out["ingest_docs_per_s"] = round((len(x) - first) / secs)
             out["ingest_s"] = round(secs, 1)
             log(f"{itype}: ingested {len(x)} in {secs:.1f}s "
                 f"(rss {rss_mib_of(node.pid):.0f} MiB); waiting for training")
             peak.phase = "training"
             t0 = time.perf_counter()
-            desc = await wait_settled(s, url, len(x), args.settle_timeout)
+            desc = await wait_settled(s, url, len(x), settle_limit(args), args.unsettled_ok)
+            if desc.get("unsettled"):
+                out["unsettled"] = {
+                    "states": sorted({st["index_state"] for st in desc["shard_states"]}),
+                    "retrain_at": [st.get("index", {}).get("retrain_at")
+                                   for st in desc["shard_states"]]}
             out["settled_after_ingest_s"] = round(time.perf_counter() - t0, 1)
             out["trained_after_start_s"] = round(secs + out["settled_after_ingest_s"], 1)
             info = desc["shard_states"][0].get("index", {})
@@ -739,6 +799,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="search settings measured: nprobe=N and recall=R, comma-separated")
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--settle-timeout", type=float, default=4 * 3600.0)
+    p.add_argument("--settle-by", metavar="HH:MM",
+                   help="wait for the training no later than this time of day (UTC)")
+    p.add_argument("--ingest-by", metavar="HH:MM",
+                   help="stop the ingest at this time of day (UTC) and measure the rows "
+                        "written (a prefix of the N; the result says so)")
+    p.add_argument("--unsettled-ok", action="store_true",
+                   help="once --settle-timeout/--settle-by has passed with every row written "
+                        "but a training still running or due, measure the node with the "
+                        "index it has (the result says so) instead of failing")
     p.add_argument("--snapshot-interval", type=float, default=5.0)
     p.add_argument("--no-faiss-ref", dest="faiss_ref", action="store_false",
                    help="skip the in-process FAISS reference")
@@ -797,6 +866,8 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"{r.get('settled_after_ingest_s')} s after the last write "
                      f"(nlist {r.get('nlist')}, trained on {r.get('trained_at')}; "
                      f"index compactions {r.get('compactions')})")
+        if r.get("unsettled"):
+            lines.append(f"  NOT SETTLED when measured: {r['unsettled']}")
         lines.append(f"  RSS {r.get('rss_mib')} MiB = {r.get('rss_over_raw')}x raw after ingest; "
                      f"{r.get('rss_mib_after_restart')} MiB = "
                      f"{r.get('rss_after_restart_over_raw')}x after a restart; peaks "

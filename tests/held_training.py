@@ -17,10 +17,12 @@ def hold_catch_up(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, thr
     real = Collection._catch_up_sync
     reached, go_on = threading.Event(), threading.Event()
 
-    def catch_up(self: Collection, new: VectorIndex, upto: dict[int, int]) -> None:
+    def catch_up(self: Collection, new: VectorIndex, upto: dict[int, int],
+                 seconds: float | None = None, until: dict[int, int] | None = None
+                 ) -> dict[int, int] | None:
         reached.set()
         go_on.wait(30)
-        real(self, new, upto)
+        return real(self, new, upto, seconds, until)
 
     monkeypatch.setattr(Collection, "_catch_up_sync", catch_up)
     return reached, go_on

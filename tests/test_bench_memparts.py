@@ -3,11 +3,13 @@ checked on this process, whose memory the test changes by known amounts."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 if str(SCRIPTS) not in sys.path:
@@ -44,3 +46,51 @@ def test_the_swaps_of_a_churn_are_counted_from_its_start_in_the_log(tmp_path: Pa
                    "x INFO bench: index lists compacted (50500 vectors) node=n\n")
     assert swaps_during(log, len(before)) == {"lists_compactions": 2, "trainings": 1}
     assert swaps_during(log, 0)["trainings"] == 2
+
+
+def test_a_settle_wait_past_its_limit_fails_or_reports_the_index_as_it_is(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench_memory
+
+    desc = {"count": 10, "shard_states": [
+        {"index_state": "training", "index": {"retrain_at": 8}}]}
+    calls: list[str] = []
+
+    async def call(session: object, method: str, url: str, body: object = None) -> object:
+        calls.append(url)
+        return desc
+
+    async def due(session: object, url: str) -> bool:
+        return False
+
+    monkeypatch.setattr(bench_memory, "call", call)
+    monkeypatch.setattr(bench_memory, "compaction_due", due)
+    with pytest.raises(RuntimeError):
+        asyncio.run(bench_memory.wait_settled(None, "u", 10, 0.0))  # type: ignore[arg-type]
+    got = asyncio.run(bench_memory.wait_settled(None, "u", 10, 0.0, True))  # type: ignore[arg-type]
+    assert got["unsettled"] and got["count"] == 10
+    # Not every row written yet: never reported as measured, whatever the flag.
+    with pytest.raises(RuntimeError):
+        asyncio.run(bench_memory.wait_settled(None, "u", 11, 0.0, True))  # type: ignore[arg-type]
+    # Settled: returned as it is, unmarked.
+    desc["shard_states"] = [{"index_state": "trained", "index": {"retrain_at": 20}}]
+    got = asyncio.run(bench_memory.wait_settled(None, "u", 10, 0.0, True))  # type: ignore[arg-type]
+    assert "unsettled" not in got
+
+
+def test_the_settle_limit_ends_by_the_time_of_day_given() -> None:
+    import time
+
+    import bench_memory
+
+    args = bench_memory.parse_args(["--settle-timeout", "100"])
+    assert bench_memory.settle_limit(args) == 100.0
+    now = time.gmtime(time.time() + 3 * 3600)  # three hours on (a day's wrap left aside)
+    if now.tm_hour >= 3:
+        args = bench_memory.parse_args(["--settle-timeout", str(24 * 3600),
+                                        "--settle-by", f"{now.tm_hour:02d}:{now.tm_min:02d}"])
+        assert 3 * 3600 - 120 <= bench_memory.settle_limit(args) <= 3 * 3600
+    past = time.gmtime(time.time() - 3600)
+    if past.tm_hour <= time.gmtime().tm_hour:
+        args = bench_memory.parse_args(["--settle-by", f"{past.tm_hour:02d}:{past.tm_min:02d}"])
+        assert bench_memory.settle_limit(args) == 0.0

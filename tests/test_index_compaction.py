@@ -201,17 +201,19 @@ async def test_writes_racing_a_compaction_are_in_the_index_it_swaps_in(
     caught_up, swap = threading.Event(), threading.Event()
     real = Collection._catch_up_sync
 
-    def held(self: Collection, new: VectorIndex, upto: dict[int, int]) -> None:
+    def held(self: Collection, new: VectorIndex, upto: dict[int, int],
+             *more: Any) -> dict[int, int] | None:
         """The compaction's catch-up (its copy made, no lock held) held until the test has
         written, and again once it has replayed, before the swap."""
         first = self.compacting and not copied.is_set()
         if first:
             copied.set()
             go_on.wait(10)
-        real(self, new, upto)
+        out = real(self, new, upto, *more)
         if first:
             caught_up.set()
             swap.wait(10)
+        return out
 
     monkeypatch.setattr(Collection, "_catch_up_sync", held)
     engine = Engine(tmp_path, blocking, TUNING, fsync=False)
@@ -338,11 +340,12 @@ async def test_a_compaction_that_writes_outran_is_dropped_and_tried_again(
     copied, go_on = threading.Event(), threading.Event()
     real = Collection._catch_up_sync
 
-    def held(self: Collection, new: VectorIndex, upto: dict[int, int]) -> None:
+    def held(self: Collection, new: VectorIndex, upto: dict[int, int],
+             *more: Any) -> dict[int, int] | None:
         if self.compacting and not copied.is_set():
             copied.set()
             go_on.wait(10)
-        real(self, new, upto)
+        return real(self, new, upto, *more)
 
     monkeypatch.setattr(Collection, "_catch_up_sync", held)
     monkeypatch.setattr(collection_module, "COMPACT_TAIL", 20)

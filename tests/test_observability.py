@@ -209,6 +209,44 @@ async def test_the_loops_lines_are_written_once_its_turn_ends() -> None:
         logger.removeHandler(handler)
 
 
+def test_a_loop_closed_before_its_turn_ended_leaves_no_later_line_waiting() -> None:
+    """A line of a loop that closes before its turn ends waits (its flush never runs): the
+    lines of the next loop on the handler are written when that one's turn ends all the
+    same, not kept until a warning or another thread's line comes (never, in a quiet
+    process: each kept in memory meanwhile)."""
+    stream = _Writes()
+    handler = logs.TurnHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    logger = logging.getLogger("aquila.test.turn.loops")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+
+    async def next_loop() -> None:
+        logger.info("second loop")
+        await asyncio.sleep(0)  # the turn ends
+        await asyncio.sleep(0)
+
+    first = asyncio.new_event_loop()
+    try:
+        first.call_soon(logger.info, "first loop")
+        first.call_soon(first.stop)  # the loop's last turn: its flush is still to run
+        first.run_forever()
+    finally:
+        first.close()
+    try:
+        second = asyncio.new_event_loop()
+        try:
+            second.run_until_complete(next_loop())
+            text = stream.getvalue()
+            assert "second loop" in text, stream.writes
+            assert text.index("first loop") < text.index("second loop")
+        finally:
+            second.close()
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_log_format_is_checked() -> None:
     with pytest.raises(ValueError, match="log_format"):
         NodeConfig(log_format="xml").validate()

@@ -116,10 +116,12 @@ async def test_a_close_during_a_trainings_swap_loses_no_write_from_the_restarted
     caught_up, go_on = threading.Event(), threading.Event()
     swapping, swapped = threading.Event(), threading.Event()
 
-    def catch_up(self: Collection, new: VectorIndex, upto: dict[int, int]) -> None:
-        real_catch_up(self, new, upto)
+    def catch_up(self: Collection, new: VectorIndex, upto: dict[int, int],
+                 *more: Any) -> dict[int, int] | None:
+        out = real_catch_up(self, new, upto, *more)
         caught_up.set()
         go_on.wait(30)  # the writes below come now: the swap replays them
+        return out
 
     def replay(self: Shard, after_seq: int, chunk: int = 16_384) -> Any:
         if go_on.is_set() and threading.current_thread().name.startswith("aq-write"):

@@ -103,6 +103,20 @@ REFILL_CHUNK = 16_384
 # CATCH_UP_ROUNDS were made; then its lists are compacted.
 CATCH_UP_ROUNDS = 4
 CATCH_UP_TAIL = 16_384
+# A training's catch-up replays on the write threads, CATCH_UP_SLICE_S at a time (the writes
+# go on between and beside the slices), not on the background thread: at nice 10 on busy
+# cores that one replayed slower than a bulk load wrote, and a 10M load's first training
+# (6,000 vectors) had not been swapped in 3.7M documents later, the index flat all along.
+# When its rounds do not converge either, the rest is replayed with the writes held, a slice
+# at a time (the writes queued meanwhile let through between two), and at once when those
+# brought as many changes as a slice replayed: the load slows to what the replay keeps up with.
+CATCH_UP_SLICE_S = 1.0
+# Changes a catch-up reads and applies at a time (the replays at a start and at a swap read
+# shard.REPLAY_CHUNK): each is a few small Python objects until its chunk is applied (its
+# record, its vector's bytes twice, its id), made beside a bulk load's own, and the load's
+# peak of small objects makes Python arenas that its long-lived objects then keep (2,048
+# changes: 1.8 MB of the peak at 200k `ivf_sq8`, `bench_arenas.py --peaks`).
+CATCH_UP_CHUNK = 512
 # A compaction's copy is dropped, not swapped in, when more changes than this were applied
 # after it was made: writes resumed (a bulk load's), and the rest would be replayed under every
 # lock; it is tried again at their next pause.
@@ -1223,8 +1237,7 @@ class Collection:
             # few writes made meanwhile, so that the swap below only replays the last few.
             since = await self._catch_up(new, upto)
             new = await self.blocking.background(self._compacted_sync, new)
-            mark = self._applied()
-            await self.blocking.background(self._catch_up_sync, new, since)
+            mark = await self._catch_up(new, since)
             async with self._exclusive():
                 if self.shards != held or set(mark) != set(upto):
                     log.info("%s: shards changed while training; training again", self.spec.name)
@@ -1276,19 +1289,41 @@ class Collection:
 
     async def _catch_up(self, new: VectorIndex, since: dict[int, int]) -> dict[int, int]:
         """Replay into `new` (nobody's but the caller's: no lock) the changes logged after
-        `since`, in rounds while writes keep coming (see CATCH_UP_ROUNDS); returns the
-        positions it has replayed up to (what a swap replays after)."""
+        `since`, in rounds while writes keep coming (see CATCH_UP_ROUNDS), then, if more
+        than CATCH_UP_TAIL came during the last, the rest with the writes held (see
+        CATCH_UP_SLICE_S); returns the positions it has replayed up to (what a swap replays
+        after: at most CATCH_UP_TAIL changes, and those written since)."""
         before = math.inf
         for _ in range(CATCH_UP_ROUNDS):
             mark = self._applied()
-            await self.blocking.background(self._catch_up_sync, new, since)
+            at: dict[int, int] | None = since
+            while at is not None:  # up to `mark`, a slice at a time, beside the writes
+                at = await self.blocking.write(self._catch_up_sync, new, at,
+                                               CATCH_UP_SLICE_S, mark)
             since = mark
             now = self._applied()
             came = sum(now.get(s, q) - q for s, q in mark.items())
-            if came <= CATCH_UP_TAIL or came >= before:  # few left, or not converging
+            if came <= CATCH_UP_TAIL:  # few left
+                return since
+            if came >= before:  # not converging
                 break
             before = came
-        return since
+        log.info("%s: writes outpace the catch-up; replaying the rest with writes held, "
+                 "%.1f s at a time", self.spec.name, CATCH_UP_SLICE_S)
+        before = math.inf
+        while True:
+            async with self.write_mutex, self.apply_lock:  # nothing written nor applied
+                mark = self._applied()
+                left = sum(mark.get(s, q) - q for s, q in since.items())
+                # The writes let through since the last slice (a group of up to
+                # GROUP_MAX_DOCS) brought as many changes as it replayed, or more: slices
+                # would never end; the rest is replayed at once, the writes held.
+                seconds = CATCH_UP_SLICE_S if left < before else None
+                reached = await _to_the_end(self.blocking.write(
+                    self._catch_up_sync, new, since, seconds))
+            if reached is None:
+                return mark
+            since, before = reached, left  # the writes queued meanwhile go, then the next
 
     async def _compact(self) -> None:
         """The index with its lists allocated to their size, swapped in as a training's is:
@@ -1353,14 +1388,29 @@ class Collection:
         """Per shard held, the change-log position its index has applied up to."""
         return {s: sh.applied_seq for s, sh in self.shards.items()}
 
-    def _catch_up_sync(self, new: VectorIndex, upto: dict[int, int]) -> None:
+    def _catch_up_sync(self, new: VectorIndex, upto: dict[int, int],
+                       seconds: float | None = None, until: dict[int, int] | None = None
+                       ) -> dict[int, int] | None:
+        """Replay into `new` the changes logged after `upto` (a shard's up to `until`'s
+        position when given, or a little past it: a chunk's end). With `seconds`: stop after
+        the chunk that ends past them, and return every shard's position reached then (None
+        once everything is replayed)."""
+        end = None if seconds is None else time.perf_counter() + seconds
+        reached = dict(upto)
         for s, q in upto.items():
             shard = self.shards.get(s)
-            if shard is not None:
-                for ops in shard.replay(q):
-                    if self.closed:  # the store closes next: not read past a chunk
-                        raise TrainingStopped(self.spec.name)
-                    self._apply_sync(ops, new)
+            if shard is None or (until is not None and q >= until.get(s, q)):
+                continue
+            for ops in shard.replay(q, CATCH_UP_CHUNK):
+                if self.closed:  # the store closes next: not read past a chunk
+                    raise TrainingStopped(self.spec.name)
+                self._apply_sync(ops, new)
+                reached[s] = ops.last_seq
+                if until is not None and ops.last_seq >= until.get(s, ops.last_seq):
+                    break
+                if end is not None and time.perf_counter() > end:
+                    return reached
+        return None
 
     def _swap_sync(self, new: VectorIndex, upto: dict[int, int], same: bool = False) -> None:
         """`new` in place of the index, the changes after `upto` replayed into it. `same`:
@@ -1404,7 +1454,7 @@ class Collection:
         them. Also while a training runs (of the index that serves, the one a restart needs):
         skipped then, the change log a restart replays grew for as long as the training
         took (1.16M changes, 160 s to ready at 6M vectors). Both halves run on the write
-        threads (two: one fsyncs while the other applies writes), the background one being
+        threads (one fsyncs while another applies writes), the background one being
         the training's."""
         if self.closed or not self._dirty():
             return

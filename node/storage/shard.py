@@ -246,7 +246,9 @@ class Shard:
         grouping."""
         changes = self.store.iter_changes(self.shard, after_seq)
         while part := list(itertools.islice(changes, chunk)):
-            yield self._ops_of([doc_id for _, doc_id in part])
+            ops = self._ops_of([doc_id for _, doc_id in part])
+            ops.last_seq = part[-1][0]  # where a replay stopped here would go on from
+            yield ops
 
     def _ops_of(self, ids: list[str]) -> IndexOps:
         ops = IndexOps()
