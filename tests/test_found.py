@@ -375,3 +375,34 @@ async def test_the_twin_refuses_keys_of_a_shard_dropped_since(how: str) -> None:
         await backend.ensure(spec, [shard], "u")
     with pytest.raises(StaleFound):
         await backend.read_found(spec, found, [found.keys[0][0]], False)
+
+
+async def test_a_search_again_after_stale_keys_keeps_to_the_searchs_deadline(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search whose own keys were found stale runs again the old way: within what is left
+    of its timeout, not a whole new one."""
+    from aquila.cluster.replication import reads
+
+    class SlowStale(_StaleOnce):
+        async def read_found(self, spec: CollectionSpec, found: Found, keys: list[int],
+                             with_vectors: bool) -> list[Hit | None]:
+            if not self.stale:
+                await asyncio.sleep(0.3)  # the first try spends part of the budget
+            return await super().read_found(spec, found, keys, with_vectors)
+
+    budgets: list[float] = []
+    real = reads.fan_out
+
+    async def fan_out(*args: Any) -> Any:
+        budgets.append(args[6])
+        return await real(*args)
+
+    monkeypatch.setattr(reads, "fan_out", fan_out)
+    smp = load_sample()
+    entry, nodes = await _three_nodes(SlowStale())
+    req = SearchRequest(smp.queries[:2], K, None, None, None, True, False, False, 2000)
+    got = await _read_path(nodes, True).search(entry, req)
+    assert all(len(row) == K for row in got["results"])
+    assert len(budgets) == 2 and budgets[0] == 2.0
+    assert budgets[1] <= 2.0 - 0.3

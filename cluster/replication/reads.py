@@ -176,6 +176,8 @@ class ReadPath:
                 found_ok = False
                 if plans is not None:
                     plans.clear()
+                # Within the search's one deadline: what the first try took is spent.
+                timeout_s = max(0.0, timeout_s - (self._clock.now() - t0))
         if result is None:
             result = await fan_out(
                 candidates, ask, len(req.vectors), req.k, spec.metric != "l2", self._clock,
