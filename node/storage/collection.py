@@ -939,10 +939,7 @@ class Collection:
                 rows = run_batch(self, q, k, probe, wanted, with_vectors)
             else:
                 rows = await self._batcher.submit((probe, wanted, with_vectors), q, k)
-            if plans is not None:
-                probed = _probed(index, probe)
-                plans.update({s: {"shard": s, "path": "unfiltered", **probed,
-                                  "documents": self.shards[s].count} for s in wanted})
+            self._plan_unfiltered(plans, index, probe, wanted)
             return [row[:k] for row in rows]
         how = FilterQuery.of(predicate) if isinstance(predicate, Filter) else predicate
         answers = await self._filtered.submit((probe, wanted, with_vectors, how), q, k)
@@ -965,6 +962,14 @@ class Collection:
         self._have(wanted)
         return probe, wanted
 
+    def _plan_unfiltered(self, plans: dict[int, dict[str, Any]] | None, index: VectorIndex,
+                         probe: int, wanted: tuple[int, ...]) -> None:
+        """Into `plans` (when asked), how an unfiltered search went over these shards."""
+        if plans is not None:
+            probed = _probed(index, probe)
+            plans.update({s: {"shard": s, "path": "unfiltered", **probed,
+                              "documents": self.shards[s].count} for s in wanted})
+
     async def search_found(
         self,
         queries: np.ndarray,
@@ -985,13 +990,10 @@ class Collection:
         token = (self, self.relabelled)  # before the search: a release during it shows
         rows: list[FoundRow]
         if inline and self._inline_ok(len(q), k, probe, wanted, False):
-            rows = found_rows(self, *find_batch(self, q, k, probe, wanted))
+            rows = _found_rows(self, q, k, probe, wanted)
         else:
             rows = await self._batcher.submit((probe, wanted, None), q, k)
-        if plans is not None:
-            probed = _probed(index, probe)
-            plans.update({s: {"shard": s, "path": "unfiltered", **probed,
-                              "documents": self.shards[s].count} for s in wanted})
+        self._plan_unfiltered(plans, index, probe, wanted)
         return Found([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], token)
 
     async def read_found(self, found: Found, keys: list[int], with_vectors: bool
