@@ -144,10 +144,7 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
                         self._flush_on = loop
                     self._waiting.append(line)
                     return
-            if self._waiting:
-                line = "".join(self._waiting) + line
-                self._waiting.clear()
-            self.stream.write(line)
+            self._waiting.append(line)  # written now, after the lines still waiting
             self.flush()
         except RecursionError:  # as StreamHandler.emit
             raise
