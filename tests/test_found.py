@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -29,34 +27,18 @@ from aquila.cluster.replication.membackend import MemoryBackend
 from aquila.cluster.replication.reads import ReadPath
 from aquila.cluster.replication.replica import LocalReplica, Replica, Replicas
 from aquila.cluster.state.entries import ClusterState, CollectionEntry
-from aquila.node.blocking import Blocking
 from aquila.node.storage import collection as collection_module
 from aquila.node.storage import search
-from aquila.node.storage.collection import Collection, Tuning
-from aquila.node.storage.engine import Engine
+from aquila.node.storage.collection import Collection
 from aquila.node.storage.index import LABEL_BITS
 from aquila.node.storage.store import label_key
+from tests import test_search_reads
 from tests.datasets import load_sample
 
-N = 400
-SHARDS = 4
+# The collection: 400 sample documents over 4 shards, ids "0"..., metadata {"i": i}.
+coll = test_search_reads.coll
+N, SHARDS = test_search_reads.N, test_search_reads.SHARDS
 K = 10
-
-
-@pytest.fixture
-async def coll(tmp_path: Path) -> AsyncIterator[Collection]:
-    smp = load_sample()
-    blocking = Blocking(2)
-    engine = Engine(tmp_path, blocking, Tuning(), fsync=False)
-    await engine.start()
-    try:
-        spec = CollectionSpec("c", smp.dim, "cosine", SHARDS, 1, IndexSpec("flat"))
-        c = await engine.ensure(spec, range(SHARDS), "u")
-        await c.write(_docs(smp.base[:N]))
-        yield c
-    finally:
-        await engine.close()
-        blocking.close()
 
 
 def _docs(base: np.ndarray, version: int = 1) -> dict[int, list[Incoming]]:
