@@ -183,7 +183,7 @@ async def test_wrongly_declared_dead_node_comes_back() -> None:
 
 
 async def test_no_false_deaths_with_ten_percent_loss() -> None:
-    n, periods = 20, 1_000
+    n, periods = 20, 400  # as many probe periods as test_scale_sim's 50 nodes at 10 % loss
     sim = Sim(n, seed=7)
     await sim.start()
     try:
