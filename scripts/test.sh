@@ -18,12 +18,28 @@ if [ "$(id -u)" = 0 ]; then
   fi
 fi
 .venv/bin/ruff check node cluster tests scripts client
-.venv/bin/mypy
-.venv/bin/mypy client/aquila_client client/tests scripts/semantic_search.py
+# mypy runs beside the tests (the suite leaves a core idle while it waits on its nodes); its
+# verdict is printed and counted once they end.
+types_log=$(mktemp)
+trap 'rm -f "$types_log"' EXIT
+(.venv/bin/mypy && .venv/bin/mypy client/aquila_client client/tests scripts/semantic_search.py) \
+  >"$types_log" 2>&1 &
+types_pid=$!
+status=0
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && unshare -n true 2>/dev/null; then
   # Everything runs in a network namespace with only loopback: nothing can leave it.
-  AQUILA_NETNS=1 exec unshare -n sh -c 'ip link set lo up && exec .venv/bin/python -m pytest "$@"' sh "$@"
+  AQUILA_NETNS=1 unshare -n sh -c 'ip link set lo up && exec .venv/bin/python -m pytest "$@"' \
+    sh "$@" || status=$?
 else
   echo "test: not root, or no unshare/ip: multi-node tests will skip" >&2
-  exec .venv/bin/python -m pytest "$@"
+  .venv/bin/python -m pytest "$@" || status=$?
 fi
+types=0
+wait "$types_pid" || types=$?
+echo "test: mypy:"
+cat "$types_log"
+if [ "$types" != 0 ]; then
+  echo "test: mypy failed (exit $types)" >&2
+  [ "$status" != 0 ] || status=$types
+fi
+exit "$status"
