@@ -81,6 +81,19 @@ _MEMORY_PROPERTIES = {
 # Level 0 is compacted into the level below when it holds this many files (RocksDB's default):
 # not at every flush (each rewrites the base level it overlaps).
 L0_TRIGGER = 4
+# How hard RocksDB tries to erase from the block cache the blocks of a table file a flush or
+# a compaction has made obsolete (its `uncache_aggressiveness`: 0, its default, never; 1,000
+# "until fewer than 1 in 23,000 attempts would find one"; 300 is what RocksDB means to make
+# its default). Left there, they stay until the LRU reaches them, so the cache fills to its
+# capacity with blocks nobody can read: every new file's filter and index partitions are
+# read into it when the file is opened, and under churn each compaction rewrites the files
+# of tombstones. Their memory is the budget's, bounded, but the cache then grew for minutes
+# with the deletes (4 to 28 MiB over the first 340,000 under `bench_memory.py --churn`). In
+# process (60 rounds of 20,000 new keys written, looked up and overwritten, 4 MiB
+# memtables, partitions as here): the cache at 40-42 MiB after them with 0, 32 with 100 or
+# 300 (a file's data blocks are cached sparsely, so the erasing stops early), 2.8-3.6 with
+# 1,000 or 10,000, for the same CPU.
+UNCACHE_AGGRESSIVENESS = 1000
 # Seconds a close waits at most for the calls in flight on other threads (see Store.close).
 _CLOSE_WAIT_S = 60.0
 # version, label, seq, flags, dim, writer length
@@ -355,6 +368,9 @@ class Store:
                                    access_type=access)
         self._vdb = self._db.get_column_family(VECTORS_CF)
         self._vcf = self._db.get_column_family_handle(VECTORS_CF)
+        if not self._read_only:  # (not settable in `Options`: a mutable option only)
+            for cf in (self._db, self._vdb):
+                cf.set_options({"uncache_aggressiveness": str(UNCACHE_AGGRESSIVENESS)})
         wo = rocksdict.WriteOptions()
         wo.sync = self._fsync
         self._write_opts = wo
