@@ -177,3 +177,46 @@ async def test_the_trim_after_a_compaction_waits_for_rocksdbs_flush_to_end(
         assert events.index("trim") > events.index("idle") > events.index("busy"), events
     finally:
         await engine.close()
+
+
+async def test_a_pause_in_the_writes_trims_once_after_an_interval_with_nothing_to_snapshot(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the end of a load frees after its last snapshot's trim (RocksDB's last flushes
+    and compactions) is given back once a snapshot interval finds nothing to snapshot, and
+    only once per pause: not at every interval while nothing is written."""
+    from tests.test_rocks_memory import SPEC as FLAT
+
+    engine = Engine(tmp_path, blocking, TUNING, fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(FLAT, [0], "u")
+        trims: list[str] = []
+
+        def trim() -> bool:
+            trims.append(threading.current_thread().name)
+            return False
+
+        monkeypatch.setattr(collection_module, "trim", trim)
+        monkeypatch.setattr(coll, "_rocksdb_busy", lambda: False)
+        await coll.snapshot()
+        assert trims == [], "a node that never wrote trimmed"
+        await coll.write({0: [doc(i) for i in range(20)]})
+        await coll.snapshot()  # saved: the snapshot's own trim
+        assert len(trims) == 1
+        await coll.snapshot()  # nothing to save: the pause's trim
+        assert len(trims) == 2
+        assert all(name.startswith(BACKGROUND_THREADS) for name in trims[1:]), trims
+        await coll.snapshot()
+        await coll.snapshot()
+        assert len(trims) == 2, "trimmed again in the same pause"
+        monkeypatch.setattr(coll, "_rocksdb_busy", lambda: True)
+        await coll.write({0: [doc(20)]})
+        await coll.snapshot()
+        await coll.snapshot()  # RocksDB busy: not yet
+        assert len(trims) == 3
+        monkeypatch.setattr(coll, "_rocksdb_busy", lambda: False)
+        await coll.snapshot()
+        assert len(trims) == 4
+    finally:
+        await engine.close()
