@@ -30,6 +30,7 @@ from aquila.node.logs import set_node
 from aquila.node.metrics import Metrics
 from aquila.node.storage.collection import Tuning
 from aquila.node.storage.engine import Engine
+from aquila.node.storage.heap import malloc_figures
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ async def _storage(
     app[METRICS].watch_cluster(cluster.metrics_snapshot)
     app[METRICS].watch_storage(lambda: {n: c.figures() for n, c in engine.collections.items()})
     app[METRICS].watch_plans(lambda: dict(engine.plan_counts))
+    app[METRICS].watch_heap(malloc_figures)
     loop = asyncio.get_running_loop()
     tasks = [
         loop.create_task(engine.snapshot_loop(config.snapshot_interval_s, cluster.service.clock)),

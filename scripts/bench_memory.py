@@ -82,7 +82,9 @@ def columnar(ids: list[str], x: np.ndarray) -> bytes:
 
 
 async def memory_parts(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    """MiB of the node's FAISS estimate and of RocksDB's own figures, from /metrics."""
+    """MiB of the node's FAISS estimate, of RocksDB's own figures and of glibc's count of
+    its C heap (`malloc_in_use`, `malloc_free`, ...: nodes of older code report none), from
+    /metrics."""
     async with session.get(f"{url}/metrics") as r:
         text = await r.text()
     out: dict[str, float] = {}
@@ -91,6 +93,10 @@ async def memory_parts(session: aiohttp.ClientSession, url: str) -> dict[str, fl
             name, value = line.rsplit(" ", 1)
             kind = name.split('kind="')[1].split('"')[0] if 'kind="' in name else "faiss"
             out[kind] = out.get(kind, 0.0) + round(float(value) / 2**20, 1)
+        elif line.startswith("aquila_malloc_bytes{"):  # the node's C heap by glibc
+            name, value = line.rsplit(" ", 1)
+            kind = "malloc_" + name.split('kind="')[1].split('"')[0]
+            out[kind] = round(float(value) / 2**20, 1)
         elif line.startswith("aquila_labels{"):  # counts, not MiB
             name, value = line.rsplit(" ", 1)
             kind = "labels_" + name.split('kind="')[1].split('"')[0]

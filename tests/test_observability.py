@@ -23,6 +23,7 @@ from aquila.node import logs
 from aquila.node.config import NodeConfig
 from aquila.node.http.dashboard import CSP, FILES, UI_DIR
 from aquila.node.http.openapi import openapi_document
+from aquila.node.storage import heap
 from tests.conftest import Node, StartNode, expect_error, ok_json, wait_for
 
 # -- request ids ----------------------------------------------------------------------------
@@ -302,6 +303,9 @@ async def test_metrics_answer_questions(node: Node) -> None:
     assert ("aquila_labels", frozenset({("collection", "m"), ("kind", "free")})) in after
     assert value(after, "aquila_labels", collection="m", kind="bitmap_bytes") > 0
     assert value(after, "aquila_members", state="alive") == 1
+    if heap.malloc_figures():  # glibc: the process's C heap, allocated and kept free
+        assert value(after, "aquila_malloc_bytes", kind="in_use") > 0
+        assert ("aquila_malloc_bytes", frozenset({("kind", "free")})) in after
     for name in ("aquila_search_partial_total", "aquila_search_hedges_total",
                  "aquila_write_degraded_total", "aquila_hints_pending",
                  "aquila_repair_records_total", "aquila_rebalance_bytes_total",
