@@ -264,7 +264,6 @@ class Collection:
         self.plan_counts = {} if plan_counts is None else plan_counts
         self.closed = False
         self._last_write = -math.inf  # time.monotonic() of the last write taken
-        self._quiet_trimmed = -math.inf  # `_last_write` when `_trim_once_quiet` last trimmed
         self._recheck: asyncio.TimerHandle | None = None  # a deferred retraining's next look
         self._wanted_since: float | None = None  # when a deferred retraining was first wanted
         self._saving = asyncio.Lock()  # one snapshot written at a time; `close` waits for it
@@ -1448,27 +1447,11 @@ class Collection:
     async def snapshot(self) -> None:
         """A snapshot if anything changed since the last, then the labels of the tombstones
         it covers released (`release_labels`)."""
-        saved = await self._save()
+        await self._save()
         if not self.closed:
             await self.release_labels()
-            if not saved:  # a whole interval with nothing to snapshot
-                await self._trim_once_quiet()
 
-    async def _trim_once_quiet(self) -> None:
-        """A heap trim once a snapshot interval has passed with nothing to snapshot, no
-        training or compaction running and RocksDB idle; once per pause in the writes. The
-        trims after a swap and after a snapshot can come before the last work of a load has
-        ended (RocksDB's flushes and compactions on its own threads, which free their buffers
-        and, since `UNCACHE_AGGRESSIVENESS`, the cached blocks of the files they make
-        obsolete), and what it freed stayed in the heap until the next writes: 2.1 MiB that a
-        trim gave back after a 1M `ivf_sq8` load."""
-        if (self.closed or self._quiet_trimmed == self._last_write or self.training
-                or self.compacting or self._dirty() or self._rocksdb_busy()):
-            return
-        self._quiet_trimmed = self._last_write
-        await self.blocking.background(trim)
-
-    async def _save(self) -> bool:
+    async def _save(self) -> None:
         """Write the file under the locks (into the page cache), make it durable outside
         them. Also while a training runs (of the index that serves, the one a restart needs):
         skipped then, the change log a restart replays grew for as long as the training
@@ -1476,10 +1459,10 @@ class Collection:
         threads (one fsyncs while another applies writes), the background one being
         the training's."""
         if self.closed or not self._dirty():
-            return False
+            return
         async with self._saving:
             if self.closed or not self._dirty():  # the one waited for covered it all
-                return False
+                return
             async with self.rw.read():
                 covered = self._applied()
                 index = self.index
@@ -1502,7 +1485,6 @@ class Collection:
                 self._saved = index
             # What writes left in the C heap, back to the system.
             await self.blocking.write(trim)
-            return True
 
 
 async def _to_the_end(work: Awaitable[T], on_cancel: Callable[[], None] | None = None
