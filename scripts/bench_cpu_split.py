@@ -27,6 +27,14 @@ its own port, and measures them in turns, round after round: CPU per query, q/s 
 each connection count, and their ratios to one node. --profile (py-spy, Python frames) and
 --perf (perf record: CPU time by library and kernel) look at the N-node cluster after its
 measured run.
+
+At a fixed nprobe, N nodes scan more than one node and reach a higher recall: each node's index
+has nlist 4·√n of its own share n, so its lists hold 1/√N of one node's, and N nodes scanning
+nprobe lists each do √N times one node's FAISS work. `--recall 0.95` (repeatable) measures
+every cluster a second time with the search body's `"recall"` in place of `"nprobe"` (each node picks its
+probes from its calibration), and every configuration's recall@10 against exact search on the
+data is measured once (one client, --recall-queries queries) and printed beside its CPU and
+q/s: the comparison at equal recall beside the one at equal nprobe.
 """
 
 from __future__ import annotations
@@ -44,8 +52,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from bench_common import COLLECTION, log
-from bench_data import DEFAULT_DATA, Dataset, load_dataset
+from bench_data import DEFAULT_DATA, Dataset, load_dataset, recall_at_k
 from bench_load import create_collection, ingest_rr, wait_trained
 from bench_local_cluster import (
     PORT,
@@ -96,6 +105,49 @@ def run_wrk(url: str, bodies: Path, script: Path, seconds: int, connections: int
             "ok": sum(int(v) for k, v in raw["statuses"].items() if 200 <= int(k) < 300)}
 
 
+def settings_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """The search settings every cluster is measured at: the --nprobe, then each --recall."""
+    return [(f"nprobe {args.nprobe}", {"nprobe": args.nprobe})] + \
+        [(f"recall {r:g}", {"recall": r}) for r in args.recall]
+
+
+def write_setting_bodies(root: Path, ds: Dataset, settings: list[tuple[str, dict[str, Any]]]
+                         ) -> list[Path]:
+    """One wrk body file per setting (the first 1,000 queries each)."""
+    paths = []
+    for i, (_, opts) in enumerate(settings):
+        path = root / f"bodies-{i}.txt"
+        write_bodies(path, search_bodies(ds.queries[:1000], k=10, **opts))
+        paths.append(path)
+    return paths
+
+
+async def recall_of(url: str, ds: Dataset, opts: dict[str, Any], n: int) -> dict[str, Any]:
+    """recall@10 against exact search of the first `n` queries through `url`, one at a time
+    (the data set's ground truth: exact cosine top-10 of the base vectors it was filled with),
+    and the probes the nodes said they used (with `recall`: the most any node used)."""
+    n = min(n, len(ds.gt))
+    path = f"{url}/v1/collections/{COLLECTION}/search"
+    found: list[list[int]] = []
+    nprobes: set[int] = set()
+    async with new_session(1) as session:
+        for q in ds.queries[:n]:
+            body = orjson.dumps({"vector": q, "k": 10, **opts}, option=orjson.OPT_SERIALIZE_NUMPY)
+            async with session.post(path, data=body,
+                                    headers={"Content-Type": "application/json"}) as r:
+                raw = await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"search -> {r.status}: {raw[:300]!r}")
+            reply = orjson.loads(raw)
+            if reply.get("partial"):
+                raise RuntimeError(f"partial answer while measuring recall: {reply!r:.300}")
+            found.append([int(h["id"]) for h in reply["results"][0]])
+            if "nprobe" in reply:
+                nprobes.add(int(reply["nprobe"]))
+    return {"recall": recall_at_k(found, ds.gt[:n]), "queries": n,
+            "nprobe_used": sorted(nprobes) or [int(opts["nprobe"])]}
+
+
 async def ports_free(size: int, limit_s: float = 120.0) -> None:
     """Wait for the nodes' addresses of the last cluster to be free (a stopped node's socket
     may linger a moment)."""
@@ -140,6 +192,7 @@ async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int,
         idle = await wait_idle(cluster)
         url = cluster.urls[0]
         run_wrk(url, bodies, script, 5, args.connections)  # warm-up
+        rec = await recall_of(url, ds, {"nprobe": args.nprobe}, args.recall_queries)
         before = [thread_cpu_of(p) for p in cluster.pids]
         load0 = os.getloadavg()[0]
         got = run_wrk(url, bodies, script, args.seconds, args.connections)
@@ -150,7 +203,7 @@ async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int,
             "nodes": size, "queries": got["ok"], "errors": got["requests"] - got["ok"],
             "qps": got["ok"] / (got["duration_us"] / 1e6), "idle_cores_before": idle,
             "load_before": load0, "load_after": os.getloadavg()[0], "per_node": per_node,
-            "all_ms": sum(p["main_ms"] + p["other_ms"] for p in per_node),
+            "all_ms": sum(p["main_ms"] + p["other_ms"] for p in per_node), **rec,
         }
         if args.profile and (size > 1 or args.profile_one):
             # After the measured run: py-spy's sampling costs the nodes CPU too.
@@ -167,8 +220,8 @@ async def measure(args: argparse.Namespace, ds: Dataset, root: Path, size: int,
             await perf_pids(cluster.pids, args.perf, prof, size,
                             lambda: run_wrk(url, bodies, script, int(args.perf) + 2,
                                             args.connections))
-        log(f"{size} node(s){tag}: {out['qps']:.0f} q/s, {out['all_ms']:.3f} ms CPU per query "
-            f"(load {load0:.1f})")
+        log(f"{size} node(s){tag}: {out['qps']:.0f} q/s, {out['all_ms']:.3f} ms CPU per query, "
+            f"recall@10 {rec['recall']:.4f} (load {load0:.1f})")
         for i, p in enumerate(per_node, 1):
             log(f"  node {i}: main thread {p['main_ms']:.3f} ms, other threads "
                 f"{p['other_ms']:.3f} ms per query")
@@ -198,7 +251,8 @@ async def filled(args: argparse.Namespace, ds: Dataset, cluster: LocalCluster, s
 async def interleaved(args: argparse.Namespace, ds: Dataset, root: Path) -> dict[str, Any]:
     """1 node, N nodes and (with --ab-env) N nodes with other settings, all up at once, and
     measured in turns (--rounds of --seconds each): a change in the machine's load meanwhile
-    (other work on shared cores) weighs on each alike."""
+    (other work on shared cores) weighs on each alike. Each is measured at the --nprobe and at
+    each --recall, and its recall@10 at each is measured once, before the rounds."""
     variants: list[tuple[str, int, dict[str, str]]] = [("1 node", 1, {})]
     if args.nodes > 1:
         variants.append((f"{args.nodes} nodes", args.nodes, {}))
@@ -211,72 +265,86 @@ async def interleaved(args: argparse.Namespace, ds: Dataset, root: Path) -> dict
                          {"PYTHONPATH": code_pythonpath(args.base.resolve())}))
     clusters = [PortCluster(root / f"v{i}", {**node_env(args.train_min), **env}, PORT + 1 + i)
                 for i, (_, _, env) in enumerate(variants)]
-    bodies = root / "bodies.txt"
-    write_bodies(bodies, search_bodies(ds.queries[:1000], k=10, nprobe=args.nprobe))
+    settings = settings_of(args)
+    bodies = write_setting_bodies(root, ds, settings)
     script = root / "wrkload.lua"
     script.write_text(LUA_SCRIPT)
     try:
         for (name, size, _), cluster in zip(variants, clusters, strict=True):
             log(f"starting and filling: {name}")
             await filled(args, ds, cluster, size)
-        for cluster in clusters:
+        recalls: list[list[dict[str, Any]]] = []
+        for (name, _, _), cluster in zip(variants, clusters, strict=True):
             await wait_idle(cluster)
-            run_wrk(cluster.urls[0], bodies, script, 3, args.connections)  # warm-up
+            for path in bodies:
+                run_wrk(cluster.urls[0], path, script, 3, args.connections)  # warm-up
+            recalls.append([await recall_of(cluster.urls[0], ds, opts, args.recall_queries)
+                            for _, opts in settings])
+            log(f"{name}: recall@10 " + ", ".join(
+                f"{sname} {r['recall']:.4f} (nprobe {r['nprobe_used']})"
+                for (sname, _), r in zip(settings, recalls[-1], strict=True)))
         conns = [int(c) for c in args.rounds_connections.split(",")] if \
             args.rounds_connections else [args.connections]
-        totals = [{c: {"ok": 0, "us": 0, "p50": [], "cpu": [(0.0, 0.0)] * len(cl.pids)}
-                   for c in conns} for cl in clusters]
+        points = [(si, c) for si in range(len(settings)) for c in conns]
+        totals = [{pt: {"ok": 0, "us": 0, "p50": [], "cpu": [(0.0, 0.0)] * len(cl.pids)}
+                   for pt in points} for cl in clusters]
         loads = []
         for r in range(args.rounds):
             loads.append(os.getloadavg()[0])
-            for c in conns:
+            for pt in points:
                 order = list(zip(clusters, totals, strict=True))
                 if r % 2:
                     order.reverse()  # none goes first every round
                 for cluster, tots in order:
-                    tot = tots[c]
+                    tot = tots[pt]
                     before = [thread_cpu_of(p) for p in cluster.pids]
-                    got = run_wrk(cluster.urls[0], bodies, script, args.seconds, c)
+                    got = run_wrk(cluster.urls[0], bodies[pt[0]], script, args.seconds, pt[1])
                     splits = [split_s(p, b) for p, b in zip(cluster.pids, before, strict=True)]
                     tot["ok"] += got["ok"]
                     tot["us"] += got["duration_us"]
                     tot["p50"].append(got["p50_us"] / 1000)
                     tot["cpu"] = [(a + m, b + o) for (a, b), (m, o)
                                   in zip(tot["cpu"], splits, strict=True)]
-        out: dict[str, Any] = {"rounds": args.rounds, "loads": loads, "variants": []}
-        for (name, size, env), tots in zip(variants, totals, strict=True):
-            by_c = {}
-            for c, tot in tots.items():
+        out: dict[str, Any] = {"rounds": args.rounds, "loads": loads,
+                               "settings": [name for name, _ in settings], "variants": []}
+        for (name, size, env), tots, recs in zip(variants, totals, recalls, strict=True):
+            by_point = []
+            for (si, c), tot in tots.items():
                 n = max(1, tot["ok"])
                 per_node = [{"main_ms": 1000 * m / n, "other_ms": 1000 * o / n}
                             for m, o in tot["cpu"]]
-                by_c[c] = {"queries": tot["ok"], "qps": tot["ok"] / (tot["us"] / 1e6),
-                           "p50_ms": sorted(tot["p50"])[len(tot["p50"]) // 2],
-                           "per_node": per_node,
-                           "all_ms": sum(p["main_ms"] + p["other_ms"] for p in per_node)}
-            out["variants"].append({"name": name, "nodes": size, "env": env, "by_connections": by_c})
-        one = out["variants"][0]["by_connections"]
+                by_point.append({
+                    "setting": settings[si][0], "connections": c, **recs[si],
+                    "queries": tot["ok"], "qps": tot["ok"] / (tot["us"] / 1e6),
+                    "p50_ms": sorted(tot["p50"])[len(tot["p50"]) // 2], "per_node": per_node,
+                    "all_ms": sum(p["main_ms"] + p["other_ms"] for p in per_node)})
+            out["variants"].append({"name": name, "nodes": size, "env": env, "points": by_point})
+        one = out["variants"][0]["points"]
         log(f"interleaved, {args.rounds} rounds of {args.seconds} s at {conns} connection(s), "
-            f"load {min(loads):.1f}-{max(loads):.1f}:")
+            f"load {min(loads):.1f}-{max(loads):.1f}; ratios to one node at the same setting:")
         for v in out["variants"]:
-            for c, x in v["by_connections"].items():
-                x["cpu_ratio"] = x["all_ms"] / one[c]["all_ms"]
-                x["qps_ratio"] = x["qps"] / one[c]["qps"]
-                x["p50_added_ms"] = x["p50_ms"] - one[c]["p50_ms"]
-                log(f"{v['name']}, c={c}: {x['qps']:.0f} q/s ({x['qps_ratio']:.2f}x), "
+            for x, o in zip(v["points"], one, strict=True):
+                x["cpu_ratio"] = x["all_ms"] / o["all_ms"]
+                x["qps_ratio"] = x["qps"] / o["qps"]
+                x["p50_added_ms"] = x["p50_ms"] - o["p50_ms"]
+                log(f"{v['name']}, {x['setting']}, c={x['connections']}: recall@10 "
+                    f"{x['recall']:.4f}, {x['qps']:.0f} q/s ({x['qps_ratio']:.2f}x), "
                     f"p50 {x['p50_ms']:.2f} ms ({x['p50_added_ms']:+.2f}), "
                     f"{x['all_ms']:.3f} ms CPU per query ({x['cpu_ratio']:.2f}x)")
                 for i, p in enumerate(x["per_node"], 1):
                     log(f"  node {i}: main thread {p['main_ms']:.3f} ms, other threads "
                         f"{p['other_ms']:.3f} ms per query")
-        if args.base and args.nodes == 1:
-            base = out["variants"][-1]["by_connections"]
-            for c, x in one.items():
-                b = base[c]
-                log(f"this code / base, c={c}: q/s {x['qps'] / b['qps']:.3f}, CPU per query "
-                    f"{x['all_ms'] / b['all_ms']:.3f} (main thread "
-                    f"{x['per_node'][0]['main_ms'] / b['per_node'][0]['main_ms']:.3f}, other "
-                    f"threads {x['per_node'][0]['other_ms'] / b['per_node'][0]['other_ms']:.3f})")
+        if args.base:
+            # This code against the base, point by point (with --nodes 1: one node each).
+            this = out["variants"][1 if args.nodes > 1 else 0]["points"]
+            base = out["variants"][-1]["points"]
+            for x, b in zip(this, base, strict=True):
+                log(f"this code / base, {x['setting']}, c={x['connections']}: q/s "
+                    f"{x['qps'] / b['qps']:.3f}, CPU per query {x['all_ms'] / b['all_ms']:.3f} "
+                    "(main threads " + " ".join(
+                        f"{p['main_ms'] / q['main_ms']:.3f}" for p, q
+                        in zip(x["per_node"], b["per_node"], strict=True)) + "), p50 "
+                    f"{x['p50_ms'] - b['p50_ms']:+.2f} ms")
         return out
     finally:
         await asyncio.gather(*(c.stop() for c in clusters))
@@ -338,6 +406,11 @@ def main() -> None:
     p.add_argument("--rounds-connections", metavar="C1,C2,...",
                    help="with --rounds: measure at each of these connection counts in every "
                         "round (the p50 at 1, the throughput at 16: the fan-out goals)")
+    p.add_argument("--recall", type=float, action="append", default=[], metavar="R",
+                   help="with --rounds: measure every cluster at this target recall too (the "
+                        "search body's \"recall\" in place of \"nprobe\"; repeatable)")
+    p.add_argument("--recall-queries", type=int, default=1000,
+                   help="queries each configuration's recall@10 is measured over")
     p.add_argument("--profile-dir", type=Path, help="where py-spy's raw stacks go")
     p.add_argument("--base", type=Path,
                    help="with --rounds: a tree of node/ and cluster/ (`git archive <commit> "
@@ -346,6 +419,10 @@ def main() -> None:
     args = p.parse_args()
     if args.base and not args.rounds:
         p.error("--base needs --rounds (the clusters are measured in turns)")
+    if args.recall and not args.rounds:
+        p.error("--recall needs --rounds")
+    if any(not 0.5 <= r <= 0.999 for r in args.recall):
+        p.error("--recall takes 0.5 to 0.999")
     args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234
     where = maybe_reexec_in_netns(Path(__file__), sys.argv[1:])
     log(f"network: {where}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from aquila.cluster.model.bounds import vectors_within
 from aquila.cluster.model.documents import Hit, Incoming
 from aquila.cluster.model.errors import BadRequest, Unavailable
+from aquila.cluster.model.filters import parse_filter
 from aquila.cluster.model.operations import SearchRequest
 from aquila.cluster.peers.lean import LeanClient, LeanError
 from aquila.cluster.replication import frames
@@ -301,12 +302,16 @@ class GatedNode:
         self.gate = asyncio.Event()
         self.fail: Exception | None = None
 
-    async def send(self, vectors: np.ndarray, budget: float) -> list[list[Hit]]:
+    async def send(self, vectors: np.ndarray, budget: float) -> tuple[list[list[Hit]], object]:
         self.sent.append(vectors)
         await self.gate.wait()
         if self.fail is not None:
             raise self.fail
-        return [[Hit(f"q{v[0]:g}", float(v[0]), b"{}", b"", 0)] for v in vectors]
+        return [[Hit(f"q{v[0]:g}", float(v[0]), b"{}", b"", 0)] for v in vectors], len(self.sent)
+
+
+async def rows_of(search: Awaitable[tuple[list[list[Hit]], object]]) -> list[list[Hit]]:
+    return (await search)[0]
 
 
 def queries(*firsts: float) -> np.ndarray:
@@ -329,11 +334,13 @@ async def test_coalescer_sends_alone_at_low_load_and_together_under_load() -> No
     await settle()
     assert len(node.sent) == 2  # the other key went at once; "k" queued behind the first
     node.gate.set()
-    assert [h.id for r in await first for h in r] == ["q1"]
-    rows = [await t for t in later]
-    assert [[h.id for r in got for h in r] for got in rows] == \
+    assert [h.id for r in await rows_of(first) for h in r] == ["q1"]
+    got = [await t for t in later]
+    assert [[h.id for r in rows for h in r] for rows, _ in got] == \
         [["q2", "q2.5"], ["q3", "q3.5"], ["q4", "q4.5"]]
-    assert [h.id for r in await other for h in r] == ["q9"]
+    # What the request answered of all its queries is every caller's.
+    assert [shared for _, shared in got] == [3, 3, 3]
+    assert [h.id for r in await rows_of(other) for h in r] == ["q9"]
     # The three queued searches went as one request of their six queries.
     assert len(node.sent) == 3 and node.sent[2].shape == (6, 2) and co.batches == 1
     assert co._running == {} and co._queues == {}  # nothing left behind
@@ -382,7 +389,7 @@ async def test_coalescer_cancels_a_request_whose_callers_all_gave_up() -> None:
         await asyncio.sleep(0)
     assert [v.shape[0] for v in node.sent] == [1, 2, 1], "queued behind an abandoned request"
     node.gate.set()
-    assert [h.id for r in await later for h in r] == ["q4"]
+    assert [h.id for r in await rows_of(later) for h in r] == ["q4"]
     assert co._running == {} and co._queues == {} and not co._tasks
 
 
@@ -398,7 +405,7 @@ async def test_coalescer_caps_the_rows_of_a_request() -> None:
     await asyncio.gather(first, *rest, big)
     # 2 + 2 > 3: each queued search of two goes alone; one above the cap goes alone too.
     assert [v.shape[0] for v in node.sent] == [1, 2, 2, 2, 5]
-    assert [h.id for r in await big for h in r] == [f"q{i}" for i in range(100, 105)]
+    assert [h.id for r in await rows_of(big) for h in r] == [f"q{i}" for i in range(100, 105)]
 
 
 @contextlib.asynccontextmanager
@@ -460,13 +467,40 @@ async def test_searches_coalesced_stay_within_the_peers_bound_of_queries_times_k
 
 async def test_searches_by_recall_sent_together_each_say_every_shards_nprobe() -> None:
     """A search by recall says the nprobe used for every shard, also when it went to a peer
-    together with others (the peer's plans are every caller's, not the first one's)."""
+    together with others (the peer's plans are every caller's, not the first one's); and
+    such searches do go together (an unfiltered search's plans do not depend on its
+    vectors), in fewer peer requests than one by one."""
     async with filled(30) as (sim, svc, entry):
         qs = np.random.default_rng(6).normal(size=(12, 4)).astype(np.float32)
         reqs = [SearchRequest(qs[i : i + 1], 5, None, None, None, True, False, False, None,
                               recall=0.9) for i in range(len(qs))]
+        before = sim.hub.requests
+        alone = [await sim.run(svc.reads.search(entry, r)) for r in reqs]
+        one_by_one = sim.hub.requests - before
+        before = sim.hub.requests
         got = await sim.run(asyncio.gather(*(svc.reads.search(entry, r) for r in reqs)))
+        assert sim.hub.requests - before < one_by_one / 2
         assert all([p["shard"] for p in g["nprobes"]] == list(range(6)) for g in got)
+        assert [g["nprobes"] for g in got] == [a["nprobes"] for a in alone]
+        assert [[[h["id"] for h in r] for r in g["results"]] for g in got] == \
+            [[[h["id"] for h in r] for r in a["results"]] for a in alone]
+
+
+async def test_filtered_searches_with_plans_go_alone_and_keep_their_own() -> None:
+    """A filtered search's plans depend on its queries: with plans asked for (explain), it
+    is not sent together with others, and each says its own plans."""
+    async with filled(30) as (sim, svc, entry):
+        qs = np.random.default_rng(7).normal(size=(6, 4)).astype(np.float32)
+        where = {"must": [{"key": "n", "range": {"gte": 0}}]}
+        reqs = [SearchRequest(qs[i : i + 1], 5, None, where, parse_filter(where), True, False,
+                              False, None, explain=True) for i in range(len(qs))]
+        before = sim.hub.requests
+        alone = [await sim.run(svc.reads.search(entry, r)) for r in reqs]
+        one_by_one = sim.hub.requests - before
+        before = sim.hub.requests
+        got = await sim.run(asyncio.gather(*(svc.reads.search(entry, r) for r in reqs)))
+        assert sim.hub.requests - before == one_by_one
+        assert [g["plans"] for g in got] == [a["plans"] for a in alone]
 
 
 # --- the lean client of the frames (cluster/peers/lean.py), against a scripted server ---------

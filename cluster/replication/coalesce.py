@@ -9,6 +9,10 @@ and the queue leaves as one frame of all their queries as soon as a request retu
 load nothing waits (a search goes at once, alone); under load the per-query cost of a peer
 request shrinks with the batch. Each caller still waits under its own deadline: one that
 gives up leaves the batch to the others.
+
+A request answers its rows (per query, its hits) and something shared by all its queries (a
+peer's plans: how each shard was searched, with the nprobe a search by recall used): each
+caller gets its own rows and the shared part.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from aquila.cluster.model.documents import Hit
 
 log = logging.getLogger(__name__)
 
-# Send these query vectors (one frame) within `budget` seconds: per query, its hits.
-Send = Callable[[np.ndarray, float], Awaitable[list[list[Hit]]]]
+Rows = list[list[Hit]]
+# Send these query vectors (one frame) within `budget` seconds: per query, its hits, and what
+# the answer says of all its queries alike (None if nothing).
+Send = Callable[[np.ndarray, float], Awaitable[tuple[Rows, object]]]
 
 
 @dataclass
@@ -34,7 +40,7 @@ class _Waiting:
     vectors: np.ndarray
     budget: float
     send: Send  # alike for every search of a key
-    future: asyncio.Future[list[list[Hit]]]
+    future: asyncio.Future[tuple[Rows, object]]
     max_rows: int  # of the key's requests: the peer bounds queries × k
 
 
@@ -58,7 +64,7 @@ class Coalescer:
         self.batches = 0  # requests that carried more than one search (for tests, metrics)
 
     async def search(self, key: Hashable, vectors: np.ndarray, budget: float,
-                     send: Send, max_rows: int | None = None) -> list[list[Hit]]:
+                     send: Send, max_rows: int | None = None) -> tuple[Rows, object]:
         """`max_rows`: fewer query vectors a request than the coalescer's own cap, for this
         key (a peer refuses a frame of more than MAX_QUERY_RESULTS queries × k)."""
         if self._running.get(key, 0) < self.parallel and not self._queues.get(key):
@@ -67,7 +73,7 @@ class Coalescer:
                 return await send(vectors, budget)
             finally:
                 self._done(key)
-        fut: asyncio.Future[list[list[Hit]]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[tuple[Rows, object]] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(key, []).append(_Waiting(
             vectors, budget, send, fut,
             self.max_rows if max_rows is None else min(max_rows, self.max_rows)))
@@ -109,7 +115,7 @@ class Coalescer:
         task = asyncio.current_task()
         sending = True
 
-        def gave_up(_: asyncio.Future[list[list[Hit]]]) -> None:
+        def gave_up(_: asyncio.Future[tuple[Rows, object]]) -> None:
             if sending and task is not None and all(w.future.done() for w in batch):
                 task.cancel()
 
@@ -121,14 +127,14 @@ class Coalescer:
             if len(batch) > 1:
                 self.batches += 1
             try:
-                rows = await batch[0].send(vectors, max(w.budget for w in batch))
+                rows, shared = await batch[0].send(vectors, max(w.budget for w in batch))
             finally:
                 sending = False
             start = 0
             for w in batch:
                 n = len(w.vectors)
                 if not w.future.done():
-                    w.future.set_result(rows[start : start + n])
+                    w.future.set_result((rows[start : start + n], shared))
                 start += n
         except Exception as exc:  # every waiter gets the failure (and retrieves it)
             for w in batch:

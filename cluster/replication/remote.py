@@ -532,26 +532,30 @@ class RemoteReplica:
         flags = (frames.WITH_METADATA * req.include_metadata
                  | frames.WITH_VECTOR * req.include_vector | frames.EXPLAIN * req.explain)
 
-        async def send(vectors: np.ndarray, budget: float) -> list[list[Hit]]:
+        async def send(vectors: np.ndarray, budget: float) -> tuple[list[list[Hit]], object]:
             frame = frames.encode_search(vectors, req.k, req.nprobe, shards, req.filter, flags,
                                           req.recall)
             bound = frames.hits_answer_bound(len(vectors), req.k, flags, spec.dim,
                                              self._metadata_cap)
             answer = await self._frame(spec.name, "search", frame, bound, budget)
             got = self._hits(answer, len(vectors), req.k, flags, spec.dim, shards, "search")
-            if plans is not None and (req.explain or req.recall is not None):
-                plans.update(decode_plans(got.plans or [], shards))
-            return got.rows
+            return got.rows, got.plans
 
-        if req.explain or req.recall is not None:
-            # Their plans are the caller's own (a search by recall says its nprobe): the
-            # coalescer hands a batch's rows to each caller, its plans only to the first.
-            return await send(req.vectors, budget)
-        # Searches alike but for their vectors share a request (see coalesce.py).
-        key = (spec, tuple(shards), req.k, req.nprobe, req.recall, flags,
-               orjson.dumps(req.filter))
-        return await self._coalescer.search(key, req.vectors, budget, send,
-                                            max(1, MAX_QUERY_RESULTS // req.k))
+        if plans is None or req.filter is None:
+            # Searches alike but for their vectors share a request (see coalesce.py). Their
+            # plans are each caller's: an unfiltered search's plans (how each shard was
+            # searched, the nprobe a search by recall picked) do not depend on the query
+            # vectors, so a batch's are every one of its searches'. A filtered one's do (the
+            # matches, the probes each query took): with plans asked for, it goes alone.
+            key = (spec, tuple(shards), req.k, req.nprobe, req.recall, flags,
+                   orjson.dumps(req.filter))
+            rows, shared = await self._coalescer.search(key, req.vectors, budget, send,
+                                                        max(1, MAX_QUERY_RESULTS // req.k))
+        else:
+            rows, shared = await send(req.vectors, budget)
+        if plans is not None and (req.explain or req.recall is not None):
+            plans.update(decode_plans(shared or [], shards))
+        return rows
 
     async def count(
         self, spec: CollectionSpec, req: CountRequest, shards: list[int], budget: float
