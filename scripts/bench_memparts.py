@@ -57,7 +57,8 @@ def smaps_parts(pid: int) -> dict[str, float]:
             kind = "anon_small"
         elif guard_before and size in (8188, 8192, 8184):
             kind = "stacks"
-        elif start % (64 << 20) == 0:
+        elif start % (64 << 20) == 0 and size <= 64 << 10:
+            # (no larger: a block mapped apart that lands on a 64 MiB boundary is not one)
             kind = "arenas"
         elif size >= 1024:
             kind = "anon_big"

@@ -23,7 +23,9 @@ def test_a_mapped_block_counts_with_the_anonymous_maps_and_libraries_as_files() 
     before = smaps_parts(os.getpid())
     block = np.ones(64 << 18, np.float32)  # 64 MiB, touched: a block mapped apart
     after = smaps_parts(os.getpid())
-    assert after["anon_big"] - before["anon_big"] >= 60
+    # numpy aligns a block this big on 2 MiB: 1 time in 32 it starts on a 64 MiB boundary,
+    # where only the map's address tells a glibc arena's heap, and it is counted as one.
+    assert after["anon_big"] - before["anon_big"] >= 60 or after["arenas"] - before["arenas"] >= 60
     assert after["files"] > 5  # libpython, numpy's libraries
     assert abs(sum(after.values()) - breakdown(os.getpid(), None)["rss_mib"]) < 8
     del block
