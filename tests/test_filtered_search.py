@@ -231,3 +231,31 @@ async def test_concurrent_searches_with_one_filter_share_a_batch(
         await asyncio.to_thread(assert_brute_force, [r[0] for r in rows[j::2]], flt, q[j::2], 10)
     assert len(calls) < len(q)  # batched: fewer calls than searches
     await engine.close()
+
+
+async def test_concurrent_filtered_searches_asking_for_plans_each_get_their_own(
+    tmp_path: Path, blocking: Blocking
+) -> None:
+    """A filtered batch's plans are all of its queries' (how many lists each probed to find
+    its matches): searches that ask for plans (explain, a target recall's nprobe) report
+    what they report alone, run one at a time or sixteen at once; the others still batch."""
+    engine, coll = await load(tmp_path, blocking, "ivf_flat")
+    q = load_sample().queries[:16]
+    flt = parse_filter(FILTERS["r<500 (50%)"])
+    alone: list[dict[int, dict[str, Any]]] = []
+    for i in range(len(q)):
+        p: dict[int, dict[str, Any]] = {}
+        await coll.search(q[i : i + 1], 10, 4, flt, plans=p)
+        alone.append(p)
+    together: list[dict[int, dict[str, Any]]] = [{} for _ in range(len(q))]
+    await asyncio.gather(*(coll.search(q[i : i + 1], 10, 4, flt, plans=together[i])
+                           for i in range(len(q))))
+
+    def probes(plans: list[dict[int, dict[str, Any]]]) -> list[dict[int, tuple[Any, ...]]]:
+        # ("cached": the first search alone made the match set the others found)
+        return [{s: (p["path"], p["nprobe"], p["nprobe_mean"], p["matches"]) for s, p in x.items()}
+                for x in plans]
+
+    assert probes(together) == probes(alone)
+    assert len({str(p) for p in probes(alone)}) > 1  # the queries' own: a shared one shows
+    await engine.close()

@@ -942,7 +942,11 @@ class Collection:
             self._plan_unfiltered(plans, index, probe, wanted)
             return [row[:k] for row in rows]
         how = FilterQuery.of(predicate) if isinstance(predicate, Filter) else predicate
-        answers = await self._filtered.submit((probe, wanted, with_vectors, how), q, k)
+        # A filtered batch's plans (matches, the probes its queries took) are all of its
+        # queries': a search that asks for plans (explain, a target recall's nprobe) shares
+        # its batch with no other, under the batcher's limit all the same.
+        alone = () if plans is None else (object(),)
+        answers = await self._filtered.submit((probe, wanted, with_vectors, how, *alone), q, k)
         if plans is not None and answers:
             probed = _probed(index, probe)
             plans.update({p["shard"]: {**probed, **p} for p in answers[0][1]})
@@ -1119,7 +1123,7 @@ class Collection:
     async def _run_filtered(
         self, key: Any, q: np.ndarray, k: int
     ) -> list[tuple[list[Hit], list[dict[str, Any]]]]:
-        probe, wanted, with_vectors, how = key
+        probe, wanted, with_vectors, how = key[:4]
         async with self.rw.read():
             rows, plans = await self.blocking.search(
                 search_planned, self, q, k, probe, how, wanted, with_vectors,
