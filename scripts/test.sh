@@ -19,9 +19,12 @@ if [ "$(id -u)" = 0 ]; then
 fi
 .venv/bin/ruff check node cluster tests scripts client
 # mypy runs beside the tests (the suite leaves a core idle while it waits on its nodes); its
-# verdict is printed and counted once they end.
+# verdict is printed and counted once they end. The tests run in the foreground, so that an
+# interrupt reaches them (their nodes are stopped by their teardown); a TERM to this script
+# waits for them to end, as an exec'd pytest's would not. mypy is stopped on any exit.
 types_log=$(mktemp)
-trap 'rm -f "$types_log"' EXIT
+types_pid=""
+trap '[ -z "$types_pid" ] || kill "$types_pid" 2>/dev/null; rm -f "$types_log"' EXIT
 (.venv/bin/mypy && .venv/bin/mypy client/aquila_client client/tests scripts/semantic_search.py) \
   >"$types_log" 2>&1 &
 types_pid=$!
@@ -36,6 +39,7 @@ else
 fi
 types=0
 wait "$types_pid" || types=$?
+types_pid=""
 echo "test: mypy:"
 cat "$types_log"
 if [ "$types" != 0 ]; then

@@ -449,3 +449,25 @@ async def test_what_the_description_refuses_the_server_refuses(
     assert [d["name"] for d in (await ok_json(await node.client.get("/v1/collections")))
             ["collections"]] == ["c"]
     await asyncio.sleep(0)
+
+
+async def test_the_heap_count_is_made_off_the_event_loop() -> None:
+    """glibc's count of the heap walks every free chunk (0.1 s a million of them): a scrape
+    makes it on a thread, and the render shows what that thread read."""
+    import threading
+
+    from aquila.node.metrics import Metrics
+
+    where: list[int] = []
+
+    def figures() -> dict[str, int]:
+        where.append(threading.get_ident())
+        return {"in_use": 7, "free": 3}
+
+    m = Metrics()
+    m.watch_heap(figures)
+    await m.refresh()
+    text = m.render()[0].decode()
+    assert where and threading.get_ident() not in where
+    assert 'aquila_malloc_bytes{kind="in_use"} 7.0' in text
+    assert 'aquila_malloc_bytes{kind="free"} 3.0' in text

@@ -282,6 +282,7 @@ def _not_ready() -> AquilaError:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    await request.app[METRICS].refresh()
     body, content_type = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": content_type})
 

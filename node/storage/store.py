@@ -51,6 +51,7 @@ its candidates' V keys, and its k best's records.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import struct
 import time
@@ -61,11 +62,14 @@ from pathlib import Path
 import numpy as np
 import rocksdict
 
+log = logging.getLogger(__name__)
+
 FLAG_TOMBSTONE = 1
 # The node's RocksDB memory (block cache and memtables together), by default and its bounds.
 # What the cache serves is a search's hits' records and a write's look-ups' filter and index
-# partitions; under churn it also fills with blocks of table files compacted away since, so
-# it is full within a minute at 64 MiB, where at 256 MiB RSS grew with it for 5 minutes.
+# partitions; under churn it also filled with blocks of table files compacted away since (now
+# erased: UNCACHE_AGGRESSIVENESS below), full within a minute at 64 MiB, where at 256 MiB RSS
+# grew with it for 5 minutes.
 DEFAULT_MEMORY_BYTES = 64 << 20
 MIN_MEMORY_BYTES = 32 << 20
 MAX_MEMORY_BYTES = 1 << 40
@@ -370,7 +374,12 @@ class Store:
         self._vcf = self._db.get_column_family_handle(VECTORS_CF)
         if not self._read_only:  # (not settable in `Options`: a mutable option only)
             for cf in (self._db, self._vdb):
-                cf.set_options({"uncache_aggressiveness": str(UNCACHE_AGGRESSIVENESS)})
+                try:
+                    cf.set_options({"uncache_aggressiveness": str(UNCACHE_AGGRESSIVENESS)})
+                except Exception as exc:  # an older RocksDB (rocksdict 0.3.23's 9.0)
+                    log.warning("%s: the block cache keeps obsolete files' blocks: %s",
+                                self.path, exc)
+                    break
         wo = rocksdict.WriteOptions()
         wo.sync = self._fsync
         self._write_opts = wo
