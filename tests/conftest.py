@@ -25,12 +25,18 @@ import orjson
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import settings
 
 from aquila.node.app import make_app
 from aquila.node.blocking import Blocking
 from aquila.node.config import NodeConfig, load_config
 from aquila.node.storage.collection import Collection
 from tests.loop_guard import LoopHolds
+
+# Property tests check correctness, never timing: Hypothesis's default 200 ms deadline per
+# example failed a membership property that took 260 ms on a loaded 2-core machine.
+settings.register_profile("aquila", deadline=None)
+settings.load_profile("aquila")
 
 # A small training threshold so IVF indexes train on a few hundred documents in tests.
 TEST_TRAIN_MIN = 64
