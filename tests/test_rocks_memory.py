@@ -24,6 +24,7 @@ from aquila.node.storage.store import (
     MIN_MEMORY_BYTES,
     RocksMemory,
     Store,
+    cache_entry_bytes,
     doc_key,
 )
 from tests.conftest import wait_for
@@ -269,5 +270,37 @@ def test_blocks_of_table_files_compacted_away_leave_the_cache(tmp_path: Path) ->
         db.compact_range(None, None)  # every file but the one it writes made obsolete
         blocks = store.memory.used() - store.memory.memtables()
         assert blocks < 5 * MIB, blocks / MIB
+    finally:
+        store.close()
+
+
+# RocksDB 9's text for a cache of data, filter and index blocks (captured from rocksdict).
+ENTRY_STATS = (
+    "Block cache LRUCache@0x55ad306d1460#8589 capacity: 8.00 MB seed: 1177849269 usage: 7.95 MB "
+    "table_size: 2048 occupancy: 1918 collections: 2 last_copies: 0 last_secs: 0.000358 "
+    "secs_since: 0\nBlock cache entry stats(count,size,portion): DataBlock(1915,7.45 MB,"
+    "93.133%) FilterBlock(1,244.22 KB,2.98125%) IndexBlock(1,103.65 KB,1.26525%) "
+    "Misc(1,0.00 KB,0%)\n")
+
+
+def test_the_cache_by_role_is_read_from_rocksdbs_entry_stats() -> None:
+    assert cache_entry_bytes(ENTRY_STATS) == {
+        "cache_data": int(7.45 * MIB), "cache_filter": int(244.22 * 1024),
+        "cache_index": int(103.65 * 1024)}
+    # A cache holding none of a role (just opened) and text RocksDB might print otherwise.
+    empty = {"cache_data": 0, "cache_filter": 0, "cache_index": 0}
+    assert cache_entry_bytes("Block cache entry stats(count,size,portion): Misc(1,0.00 KB,0%)"
+                             ) == empty
+    assert cache_entry_bytes("") == empty
+    assert cache_entry_bytes("DataBlock(1915,7.45 MB,93%)") == empty  # not the stats' part
+
+
+def test_a_stores_figures_hold_the_cache_by_role(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s", fsync=False)
+    store.open()
+    try:
+        figures = store.memory_bytes()
+        assert {"cache_data", "cache_filter", "cache_index"} <= figures.keys()
+        assert all(figures[k] >= 0 for k in ("cache_data", "cache_filter", "cache_index"))
     finally:
         store.close()

@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -82,6 +83,26 @@ _MEMORY_PROPERTIES = {
     "memtables": "rocksdb.cur-size-all-mem-tables",
     "table_readers": "rocksdb.estimate-table-readers-mem",
 }
+# The roles of blocks in the node's cache that /metrics shows (RocksDB's names in its entry
+# stats, e.g. "DataBlock(1915,7.45 MB,93.1%)"), and the units of their sizes.
+_CACHE_ROLES = {"DataBlock": "cache_data", "FilterBlock": "cache_filter",
+                "IndexBlock": "cache_index"}
+_CACHE_ROLE = re.compile(r"(\w+)\((\d+),([\d.]+) (B|KB|MB|GB|TB),")
+_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def cache_entry_bytes(stats: str) -> dict[str, int]:
+    """Bytes of the cache by role (`_CACHE_ROLES`' kinds; 0 for a role not listed) from
+    RocksDB's `rocksdb.block-cache-entry-stats` text. RocksDB prints three significant figures
+    and collects the stats at most every 10 s: a gauge's precision, not an account's."""
+    out = dict.fromkeys(_CACHE_ROLES.values(), 0)
+    _, _, roles = stats.partition("Block cache entry stats")
+    for role, _count, size, unit in _CACHE_ROLE.findall(roles):
+        if role in _CACHE_ROLES:
+            out[_CACHE_ROLES[role]] = int(float(size) * _UNITS[unit])
+    return out
+
+
 # Level 0 is compacted into the level below when it holds this many files (RocksDB's default):
 # not at every flush (each rewrites the base level it overlaps).
 L0_TRIGGER = 4
@@ -466,7 +487,8 @@ class Store:
         `memtables` and `table_readers` are this store's; the others the node's, shared by
         its stores (see RocksMemory): `block_cache` the blocks in the cache, `budget_used`
         the cache in use (the blocks and every store's memtables, charged to it), `budget`
-        its capacity."""
+        its capacity, and `cache_data`, `cache_filter`, `cache_index` the cache's blocks by
+        role (RocksDB's entry stats: at most 10 s old, three significant figures)."""
         db, vdb = self._db, self._vdb
         if db is None or vdb is None:
             return {}
@@ -475,12 +497,15 @@ class Store:
             for kind, prop in _MEMORY_PROPERTIES.items():
                 out[kind] = (int(db.property_int_value(prop) or 0)
                              + int(vdb.property_int_value(prop) or 0))
+            # The cache's blocks by role: the node's, like block_cache.
+            stats = db.property_value("rocksdb.block-cache-entry-stats") or ""
         except Exception:  # closed by another thread meanwhile: nothing to report
             return {}
         used = self.memory.used()
         out["block_cache"] = max(0, used - self.memory.memtables())
         out["budget_used"] = used
         out["budget"] = self.memory.capacity
+        out.update(cache_entry_bytes(stats))
         return out
 
     def flush_memtables(self) -> None:
