@@ -39,6 +39,7 @@ from aquila.node.blocking import Blocking
 from aquila.node.files import fsync_dir, remove_stale_temps, write_atomic
 from aquila.node.storage.collection import SPEC_FILE, Collection, Tuning, meta_bytes
 from aquila.node.storage.heap import import_early, limit_arenas
+from aquila.node.storage.index import without_interrupt_checks
 from aquila.node.storage.paths import collection_dir
 from aquila.node.storage.store import RocksMemory
 
@@ -78,6 +79,7 @@ class Engine:
     def __init__(self, data_dir: Path, blocking: Blocking, tuning: Tuning, fsync: bool) -> None:
         limit_arenas()
         import_early()
+        without_interrupt_checks()
         self.root = data_dir / "collections"
         self.blocking = blocking
         self.tuning = tuning
