@@ -91,9 +91,13 @@ def dumps(body: Any) -> bytes:
 
 
 def seg(value: str) -> str:
-    """One path segment, quoted: ids may hold '/', '?', '#', spaces or any other character."""
+    """One path segment, quoted: ids may hold '/', '?', '#', spaces or any other character.
+    "." and ".." are quoted too ('.' is unreserved, so `quote` leaves it): as segments, URL
+    libraries resolve them away (httpx sends GET .../documents/.. as GET /v1/collections/c)."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a non-empty str, got {value!r}")
+    if value in (".", ".."):
+        return value.replace(".", "%2E")
     return quote(value, safe="")
 
 

@@ -128,10 +128,12 @@ def test_documents_round_trip_exactly(db: Driver, deployment: Deployment) -> Non
     name = unique("docs")
     create(deployment.nodes[0], name, 5, shards=2)
     rng = np.random.default_rng(7)
-    vecs = rng.standard_normal((4, 5)).astype(np.float32)
+    vecs = rng.standard_normal((6, 5)).astype(np.float32)
     vecs[0, :] = np.array([1e-38, -0.0, 9.9e14, 1.0000001, np.pi], dtype=np.float32)
-    ids = ["a/b c?#%", "ünï/cødé", "plain", "x" * 256]
-    meta = [{"n": i, "nested": {"tags": ["t", i]}} for i in range(4)]
+    # "." and "..": path segments a URL library would resolve away (GET .../documents/..
+    # is GET /v1/collections/{name}) unless they are percent-encoded.
+    ids = ["a/b c?#%", "ünï/cødé", "plain", "x" * 256, "..", "."]
+    meta = [{"n": i, "nested": {"tags": ["t", i]}} for i in range(6)]
     seed(deployment.nodes[0], name, vecs, ids, meta)
     for i, doc_id in enumerate(ids):
         doc = db.get_document(name, doc_id, vector=True)
@@ -147,7 +149,8 @@ def test_documents_round_trip_exactly(db: Driver, deployment: Deployment) -> Non
     with pytest.raises(aq.NotFound):
         db.delete_document(name, ids[0])
     assert db.delete_documents(name, [ids[1], ids[2], "never-there"]) == 2
-    assert db.get_collection(name).count == 1
+    assert db.delete_document(name, "..") == 1 and db.get_document(name, ".").id == "."
+    assert db.get_collection(name).count == 2
     with pytest.raises(aq.NotFound):
         db.get_document(unique("no-such-collection"), "a")
     db.delete_collection(name)
