@@ -142,6 +142,9 @@ async def test_upsert_body_shapes(coll: Node) -> None:
         {"documents": []},
         {"documents": {"id": "x", "vector": GOOD}},
         {"documents": [{"id": "x", "vector": GOOD}], "consistency": "most"},
+        # A misspelt field is refused, not ignored (here: a quorum write nobody asked for).
+        {"documents": [{"id": "x", "vector": GOOD}], "consistancy": "all"},
+        {"documents": [{"id": "x", "vector": GOOD}], "ids": ["x"]},
     ):
         resp = await coll.client.post("/v1/collections/c/documents", json=body)
         await expect_error(resp, 400, "bad_request")
@@ -206,6 +209,8 @@ async def test_batch_with_bad_document_does_not_replace_existing(coll: Node) -> 
         {"ids": [""]},
         {"ids": ["keep", "x" * 257]},
         {"ids": [None]},
+        {"ids": ["keep"], "consistancy": "all"},
+        {"ids": ["keep"], "documents": []},
     ],
 )
 async def test_bad_delete_batch(coll: Node, body: Any) -> None:

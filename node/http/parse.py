@@ -139,9 +139,18 @@ def _overflow_outside_vectors(body: Any) -> bool:
     return False
 
 
+# The fields of an upsert's document form and of a delete's body (a misspelt "consistency"
+# would otherwise be a quorum write the caller did not ask for).
+UPSERT_FIELDS = frozenset({"documents", "consistency"})
+DELETE_FIELDS = frozenset({"ids", "consistency"})
+
+
 def parse_documents(body: Any, dim: int) -> DocBatch:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
+    unknown = set(body) - UPSERT_FIELDS
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
     docs = body.get("documents")
     if not isinstance(docs, list) or not docs:
         raise BadRequest("'documents' must be a non-empty list")
@@ -188,6 +197,9 @@ def parse_documents(body: Any, dim: int) -> DocBatch:
 def parse_ids(body: Any) -> list[str]:
     if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
         raise BadRequest("body must be an object with a list 'ids'")
+    unknown = set(body) - DELETE_FIELDS
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
     ids = body["ids"]
     if len(ids) > MAX_DELETE_IDS:
         raise BadRequest(f"at most {MAX_DELETE_IDS} ids in one delete, got {len(ids)}")
