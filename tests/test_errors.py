@@ -488,3 +488,23 @@ async def test_push_pull_to_a_node_whose_gossip_has_stopped_is_503(node: Node) -
     resp = await node.client.post("/internal/v1/pushpull", data=b"\x00" * 40)
     message = await expect_error(resp, 503, "unavailable")
     assert "stopped" in message
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/cluster/rebalance", b'{"dryrun": true}'),  # misspelt: would be a real rebalance
+        ("/v1/cluster/rebalance", b"null"),
+        ("/v1/cluster/rebalance", b'{"dry_run": "yes"}'),
+        ("/v1/cluster/join", b'{"seeds": "127.0.0.1:1"}'),  # the contract's is a list
+        ("/v1/cluster/join", b'{"seeds": ["127.0.0.1:1"], "force": true}'),
+        ("/v1/cluster/join", b"null"),
+        ("/v1/cluster/leave", b'{"now": true}'),
+        ("/v1/cluster/leave", b"[]"),
+    ],
+)
+async def test_admin_bodies_are_checked(coll: Node, path: str, body: bytes) -> None:
+    await expect_error(await raw_post(coll, path, body), 400, "bad_request")
+    info = await ok_json(await coll.client.get("/v1/cluster"))
+    assert len(info["members"]) == 1  # still a member of its own cluster of one
+    assert await count(coll) == 1

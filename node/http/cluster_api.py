@@ -75,9 +75,21 @@ def _refuse_if_moving(node: ClusterService) -> None:
         )
 
 
+def _fields(body: Any, allowed: frozenset[str], shape: str) -> dict[str, Any]:
+    """The body as an object with no field but `allowed` (a misspelt "dry_run" would start
+    a real rebalance); 400 otherwise."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"body is {shape}")
+    unknown = set(body) - allowed
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}; body is {shape}")
+    return body
+
+
 async def rebalance(request: web.Request) -> web.Response:
     body = await read_json(request) if request.can_read_body else {}
-    if not isinstance(body, dict) or not isinstance(body.get("dry_run", False), bool):
+    body = _fields(body, frozenset({"dry_run"}), '{"dry_run": bool}')
+    if not isinstance(body.get("dry_run", False), bool):
         raise BadRequest("body is {\"dry_run\": bool}")
     node = request.app[SERVICE]
     _refuse_if_moving(node)
@@ -90,6 +102,8 @@ async def rebalance(request: web.Request) -> web.Response:
 
 async def leave(request: web.Request) -> web.Response:
     """Move every replica this node holds to the others, wait for that, then leave."""
+    if request.can_read_body:
+        _fields(await read_json(request), frozenset(), "empty or {}")
     node = request.app[SERVICE]
     others = _alive(node, exclude=node.node_id)
     held = any(node.node_id in reps for e in node.runtime.state.live().values()
@@ -109,10 +123,11 @@ async def leave(request: web.Request) -> web.Response:
 
 
 async def join(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise BadRequest("body must be an object with 'seeds'")
-    seeds = parse_seeds(body.get("seeds"))
+    body = _fields(await read_json(request), frozenset({"seeds"}),
+                   '{"seeds": ["host:port", ...]}')
+    if not isinstance(body.get("seeds"), list):  # not the settings' comma-separated string
+        raise BadRequest("'seeds' must be a non-empty list of host:port")
+    seeds = parse_seeds(body["seeds"])
     node = request.app[SERVICE]
     try:
         n = await node.join(seeds, deadline_s=10.0)
