@@ -159,6 +159,14 @@ class NodeConfig:
             parse_hostport(self.advertise)
         if self.log_format not in ("json", "text"):
             raise ValueError(f"log_format must be json or text, not {self.log_format!r}")
+        # The read key is handed to clients that may only read: equal to the API key it would
+        # write, equal to the cluster secret it would act as a peer (peer writes, moves).
+        if self.read_key and self.read_key == self.api_key:
+            raise ValueError("read_key must differ from api_key (a read key that is also the "
+                             "API key grants writes)")
+        if self.read_key and self.read_key == self.cluster_secret:
+            raise ValueError("read_key must differ from cluster_secret (a read key that is "
+                             "also the cluster secret lets its holder act as a peer)")
         if self.open_on_network and not self.insecure:
             raise ValueError(
                 f"refusing to listen on {self.host or 'all addresses'} without a cluster "

@@ -200,6 +200,16 @@ def test_production_mode_needs_a_secret(host: str) -> None:
         load_config({"host": host, "read_key": "r"}, environ={})
 
 
+@pytest.mark.parametrize("other", ["api_key", "cluster_secret"])
+def test_a_read_key_equal_to_a_writing_credential_is_refused(other: str) -> None:
+    with pytest.raises(ValueError, match=f"read_key must differ from {other}"):
+        load_config({"read_key": "same", other: "same"}, environ={})
+    with pytest.raises(ValueError, match=f"read_key must differ from {other}"):
+        load_config({}, environ={"AQUILA_READ_KEY": "same", f"AQUILA_{other.upper()}": "same"})
+    c = load_config({"read_key": "r", other: "w"}, environ={})
+    assert c.read_key == "r"
+
+
 def test_development_mode_runs_open_on_loopback() -> None:
     for host in ("127.0.0.1", "127.0.0.7", "::1", "localhost"):
         c = load_config({"host": host}, environ={})
