@@ -244,7 +244,8 @@ async def test_cursors_are_checked(node: Node) -> None:
     first = await page(node, limit=10)
     good = first["next_cursor"]
     raw = orjson.loads(base64.urlsafe_b64decode(good + "=" * (-len(good) % 4)))
-    assert raw[0] == 1 and raw[2] in range(4)
+    assert raw[0] == 2 and raw[1] == NAME and raw[3] in range(4)
+    uid = raw[2]
 
     def forge(value: Any) -> str:
         return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
@@ -252,17 +253,23 @@ async def test_cursors_are_checked(node: Node) -> None:
     url = f"/v1/collections/{NAME}/scroll"
     bad = [
         "garbage", "", "!!!!", good + "A", good[:-2], 12, {"a": 1}, "A" * 5000,
-        forge([1, raw[1], 4, None]), forge([1, raw[1], -1, None]), forge([2, *raw[1:]]),
-        forge([1, raw[1], 0, ""]), forge([1, raw[1], 0, "x" * 257]), forge([1, raw[1], 0]),
-        forge([1, raw[1], True, None]), forge([1.0, raw[1], 0, None]), forge({"uid": raw[1]}),
-        forge([1, 5, 0, None]), forge([1, "u" * 65, 0, None]), forge([1, raw[1], 1.5, None]),
+        forge([2, NAME, uid, 4, None]), forge([2, NAME, uid, -1, None]), forge([3, *raw[1:]]),
+        forge([2, NAME, uid, 0, ""]), forge([2, NAME, uid, 0, "x" * 257]),
+        forge([2, NAME, uid, 0]), forge([2, NAME, uid, True, None]),
+        forge([2.0, NAME, uid, 0, None]), forge({"uid": uid}), forge([2, NAME, 5, 0, None]),
+        forge([2, NAME, "u" * 65, 0, None]), forge([2, NAME, uid, 1.5, None]),
+        forge([2, None, uid, 0, None]), forge([1, NAME, uid, 0, None]),
+        # Format 1 (no name, from nodes before format 2), checked as strictly.
+        forge([1, uid, 4, None]), forge([1, uid, 0]), forge([1, 5, 0, None]),
+        forge([2, uid, 0, None]),
         base64.b64encode(orjson.dumps(raw)).decode() + "=",  # padding: not canonical
     ]
     for cursor in bad:
         await expect_error(await node.post_json(url, {"cursor": cursor}), 400, "bad_request")
-    # Any well-formed position of this incarnation is fine to ask for.
-    resumed = await page(node, cursor=forge([1, raw[1], 3, "zzzz"]))
-    assert resumed["next_cursor"] is None or resumed["documents"]
+    # Any well-formed position of this incarnation is fine to ask for, in either format.
+    for cursor in (forge([2, NAME, uid, 3, "zzzz"]), forge([1, uid, 3, "zzzz"])):
+        resumed = await page(node, cursor=cursor)
+        assert resumed["next_cursor"] is None or resumed["documents"]
     for body in ({"limit": 0}, {"limit": 1001}, {"limit": True}, {"include": ["x"]},
                  {"allow_partial": "yes"}, {"timeout_ms": 0}, {"filter": {"must": 1}},
                  {"other": 1}, [1]):
@@ -282,6 +289,15 @@ async def test_a_cursor_of_an_earlier_incarnation_is_refused(node: Node) -> None
     msg = await expect_error(await node.post_json(f"/v1/collections/{NAME}/scroll",
                                                   {"cursor": cursor}), 404, "not_found")
     assert "incarnation" in msg
+
+
+async def test_a_cursor_of_another_collection_is_refused(node: Node) -> None:
+    await load(node, n=200)
+    cursor = (await page(node, limit=10))["next_cursor"]
+    await load(node, name="other", n=100)
+    msg = await expect_error(await node.post_json("/v1/collections/other/scroll",
+                                                  {"cursor": cursor}), 400, "bad_request")
+    assert "another collection" in msg and NAME in msg
 
 
 # -- search by stored id ------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def counting(flt: Any = None, allow_partial: bool = True, timeout_ms: int | None
 def scrolling(flt: Any = None, limit: int = 25, cursor: str | None = None,
               allow_partial: bool = False, vector: bool = False,
               timeout_ms: int | None = None) -> ScrollRequest:
-    pos = None if cursor is None else decode_cursor(cursor, SHARDS)
+    pos = None if cursor is None else decode_cursor(cursor, "c", SHARDS)
     return ScrollRequest(flt, parse_filter(flt), limit, pos, True, vector, allow_partial,
                          timeout_ms)
 

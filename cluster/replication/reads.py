@@ -304,7 +304,7 @@ class ReadPath:
             shard, after = shard + 1, None
         cursor = None
         if shard < spec.shards:
-            cursor = encode_cursor(ScrollPosition(entry.uid, shard, after))
+            cursor = encode_cursor(spec.name, ScrollPosition(entry.uid, shard, after))
         return {
             "documents": [_doc_json(h, req.include_metadata, req.include_vector) for h in docs],
             "next_cursor": cursor,

@@ -260,7 +260,8 @@ async def scroll(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     entry = service.collections.entry(request.match_info["name"])
     raw = await read_raw(request)
-    req = parse_scroll(await read_json(request, raw) if raw.strip() else None, entry.spec.shards)
+    req = parse_scroll(await read_json(request, raw) if raw.strip() else None,
+                       entry.spec.name, entry.spec.shards)
     return json_response(await service.reads.scroll(entry, req))
 
 

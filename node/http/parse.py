@@ -349,7 +349,7 @@ def parse_count(body: Any) -> CountRequest:
                         _timeout_ms(body))
 
 
-def parse_scroll(body: Any, shards: int) -> ScrollRequest:
+def parse_scroll(body: Any, collection: str, shards: int) -> ScrollRequest:
     """`{"filter"?, "limit"? (1..1000, 100), "cursor"? (str or null), "include"?,
     "allow_partial"? (default false: a scroll is a walk over everything), "timeout_ms"?}`."""
     body = _known(body, {"filter", "limit", "cursor", "include", "allow_partial", "timeout_ms"})
@@ -365,7 +365,7 @@ def parse_scroll(body: Any, shards: int) -> ScrollRequest:
         filter=flt,
         predicate=parse_filter(flt),
         limit=limit,
-        position=None if cursor is None else decode_cursor(cursor, shards),
+        position=None if cursor is None else decode_cursor(cursor, collection, shards),
         include_metadata="metadata" in include,
         include_vector="vector" in include,
         allow_partial=_flag(body, "allow_partial", False),
