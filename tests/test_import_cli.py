@@ -320,6 +320,12 @@ async def test_inputs_that_cannot_be_imported_are_refused_before_anything_is_sen
     assert run.code == 1 and "no collection 'absent'" in run.err
     run = await aquila_import(tmp_path, "wn", str(sample_files.npy), "--node", "127.0.0.1:9")
     assert run.code == 1 and "cannot reach 127.0.0.1:9" in run.err, run.err
+    # A progress file that cannot be written: refused before the first batch, not at the end.
+    for state in (tmp_path / "no" / "such" / "dir.json", tmp_path):
+        run = await aquila_import(tmp_path, "wn", str(sample_files.npy), "--node", served.addr,
+                                  "--create", "--state", str(state))
+        assert run.code == 1 and "cannot keep the import's progress" in run.err, run.err
+        assert "Traceback" not in run.err
     assert served.gate.upserts == 0
 
 

@@ -229,6 +229,11 @@ async def _import(session: aiohttp.ClientSession, args: argparse.Namespace,
     fp = fingerprint(args.collection, args.batch, source.files())
     state_path = args.state or default_path(args.collection, fp)
     state = ImportState(state_path, fp) if args.restart else ImportState.load(state_path, fp)
+    try:
+        state.check_writable()
+    except OSError as exc:
+        return _fail(err, f"cannot keep the import's progress in {state_path}: "
+                     f"{exc.strerror or exc}; choose another file with --state")
     batches = math.ceil(source.rows / args.batch)
     if state.resumed:
         print(f"resuming: {state.resumed} of {batches} batches were stored by an earlier run "

@@ -14,6 +14,7 @@ its file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -93,6 +94,15 @@ class ImportState:
         self._dirty = True
         if time.monotonic() - self._written >= FLUSH_S:
             self.save()
+
+    def check_writable(self) -> None:
+        """Raise OSError unless the file can be written where it goes (before anything is
+        sent: an import whose progress cannot be kept would start over after any stop)."""
+        if self.path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a directory", str(self.path))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(b"")
+        tmp.unlink()
 
     def save(self) -> None:
         if not self._dirty:
