@@ -84,10 +84,21 @@ class Call(Generic[T]):
     accept: frozenset[int] = frozenset()  # error statuses handed to `parse`, not raised
 
 
+def _numpy_value(value: Any) -> Any:
+    """numpy scalars and arrays in metadata or filters (np.float32(0.5), np.int64(3), an
+    array of tags) as the JSON numbers and lists they hold; anything else is not JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON (metadata and filters are JSON)")
+
+
 def dumps(body: Any) -> bytes:
     # allow_nan=False: JSON has no NaN, and sending one would be a malformed-JSON 400 instead
     # of the invalid_vector the caller should get (checked before this, see query_rows).
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return json.dumps(body, separators=(",", ":"), allow_nan=False,
+                      default=_numpy_value).encode()
 
 
 def seg(value: str) -> str:

@@ -131,6 +131,20 @@ def test_upsert_casts_to_float32_and_takes_one_vector(db: Driver, fake: FakeNode
     assert fake.body()["metadata"] == [{}, {"k": 1}]
 
 
+def test_numpy_values_in_metadata_and_filters_are_sent_as_json(db: Driver,
+                                                               fake: FakeNodes) -> None:
+    fake.on("n1:1", lambda r: reply({"ids": ["a"], "upserted": 1}))
+    meta = {"score": np.float32(0.5), "n": np.int64(3), "ok": np.bool_(True),
+            "tags": np.array([1, 2]), "nested": {"x": np.float64(0.25)}}
+    db.upsert("docs", [[1.0, 2.0]], ids=["a"], metadata=[meta])
+    assert fake.body()["metadata"] == [{"score": 0.5, "n": 3, "ok": True, "tags": [1, 2],
+                                        "nested": {"x": 0.25}}]
+    with pytest.raises(ValueError):  # NaN is no more JSON as a numpy scalar
+        db.upsert("docs", [[1.0, 2.0]], ids=["a"], metadata=[{"x": np.float32("nan")}])
+    with pytest.raises(TypeError, match="not JSON"):
+        db.upsert("docs", [[1.0, 2.0]], ids=["a"], metadata=[{"x": object()}])
+
+
 def test_upsert_without_ids_generates_uuids_here(db: Driver, fake: FakeNodes) -> None:
     fake.on("n1:1", lambda r: reply(
         {"ids": json.loads(r.content)["ids"], "upserted": 3}))
