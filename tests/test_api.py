@@ -607,3 +607,19 @@ async def test_data_survives_restart(start_node: Any, tmp_path: Any) -> None:
     doc = await ok_json(await second.client.get("/v1/collections/p/documents/a?vector=true"))
     assert doc == {"id": "a", "metadata": {"m": 1}, "vector": [1.0, 2.0]}
     assert node_id(second) == node_id(first)
+
+
+@pytest.mark.parametrize("form", ["documents", "documents_with_metadata"])
+async def test_a_body_of_many_small_documents_is_parsed_off_the_loop(node: Node,
+                                                                      form: str) -> None:
+    """100,000 documents of dim 2 are a 3-5 MiB body, below the size that sends a body's
+    decoding to a thread, but well over a second of parsing: on the loop, the autouse
+    `event_loop_never_blocked` guard fails the test."""
+    await node.create("tiny", dim=2, shards=2)
+    n = 100_000
+    meta = {"tags": [{"a": 1}]} if form == "documents_with_metadata" else {}
+    docs = [{"id": f"d{i}", "vector": [i % 7, 0.5], "metadata": meta} for i in range(n)]
+    got = await ok_json(await node.post_json("/v1/collections/tiny/documents",
+                                             {"documents": docs}))
+    assert got["upserted"] == n
+    assert (await node.describe("tiny"))["count"] == n
