@@ -99,14 +99,19 @@ class Blocking:
         # FAISS spreads over the cores; they run one at a time (the collection orders them).
         # Three: a write being made durable (its fsync) and the index update of the one
         # before, which holds the index's write lock (every search waits) from before it has
-        # a thread, each have one beside a training's catch-up slice (a second at a time, see
-        # `collection.CATCH_UP_SLICE_S`); with two, that update waited for the slice or the
-        # fsync to end, and the searches with it.
+        # a thread, each have one beside a training's catch-up slice with the writes held (a
+        # second at a time, see `collection.CATCH_UP_SLICE_S`); with two, that update waited
+        # for the slice or the fsync to end, and the searches with it.
         self._write = ThreadPoolExecutor(3, "aq-write")
         self._background = ThreadPoolExecutor(1, BACKGROUND_THREADS,
                                               initializer=_training_threads)
         # Decoding and validating big request bodies (pure Python and orjson).
         self._parse = ThreadPoolExecutor(2, "aq-parse")
+        # A training's catch-up slices that hold no lock (`Collection._catch_up`), a second
+        # at a time: on one thread of their own, not the write threads, which three
+        # collections catching up at once would fill, every other collection's writes
+        # waiting for them. Not at the background thread's nice 10 (see CATCH_UP_SLICE_S).
+        self._catch_up = ThreadPoolExecutor(1, "aq-catchup")
 
     async def search(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await self._run(self._search, fn, *args, **kwargs)
@@ -116,6 +121,9 @@ class Blocking:
 
     async def parse(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await self._run(self._parse, fn, *args, **kwargs)
+
+    async def catch_up(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._run(self._catch_up, fn, *args, **kwargs)
 
     async def background(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await self._run(self._background, fn, *args, **kwargs)
@@ -137,6 +145,6 @@ class Blocking:
         """Wait for the request and write threads; not for a background job (a training of
         millions of vectors runs for many minutes and cannot be interrupted inside FAISS's
         k-means): it is abandoned (`aquila serve` then exits without waiting for its thread)."""
-        for pool in (self._search, self._write, self._parse):
+        for pool in (self._search, self._write, self._parse, self._catch_up):
             pool.shutdown(wait=True, cancel_futures=True)
         self._background.shutdown(wait=False, cancel_futures=True)

@@ -103,8 +103,8 @@ REFILL_CHUNK = 16_384
 # CATCH_UP_ROUNDS were made; then its lists are compacted.
 CATCH_UP_ROUNDS = 4
 CATCH_UP_TAIL = 16_384
-# A training's catch-up replays on the write threads, CATCH_UP_SLICE_S at a time (the writes
-# go on between and beside the slices), not on the background thread: at nice 10 on busy
+# A training's catch-up replays on its own thread (`Blocking.catch_up`), CATCH_UP_SLICE_S at a
+# time (the writes go on beside the slices), not on the background thread: at nice 10 on busy
 # cores that one replayed slower than a bulk load wrote, and a 10M load's first training
 # (6,000 vectors) had not been swapped in 3.7M documents later, the index flat all along.
 # When its rounds do not converge either, the rest is replayed with the writes held, a slice
@@ -1304,8 +1304,8 @@ class Collection:
             mark = self._applied()
             at: dict[int, int] | None = since
             while at is not None:  # up to `mark`, a slice at a time, beside the writes
-                at = await self.blocking.write(self._catch_up_sync, new, at,
-                                               CATCH_UP_SLICE_S, mark)
+                at = await self.blocking.catch_up(self._catch_up_sync, new, at,
+                                                  CATCH_UP_SLICE_S, mark)
             since = mark
             now = self._applied()
             came = sum(now.get(s, q) - q for s, q in mark.items())
@@ -1318,6 +1318,8 @@ class Collection:
                  "%.1f s at a time", self.spec.name, CATCH_UP_SLICE_S)
         before = math.inf
         while True:
+            # On a write thread, not the catch-up thread: holding this collection's writes,
+            # it must not wait for another collection's slice there.
             async with self.write_mutex, self.apply_lock:  # nothing written nor applied
                 mark = self._applied()
                 left = sum(mark.get(s, q) - q for s, q in since.items())
