@@ -320,6 +320,12 @@ async def test_inputs_that_cannot_be_imported_are_refused_before_anything_is_sen
     assert run.code == 1 and "no collection 'absent'" in run.err
     run = await aquila_import(tmp_path, "wn", str(sample_files.npy), "--node", "127.0.0.1:9")
     assert run.code == 1 and "cannot reach 127.0.0.1:9" in run.err, run.err
+    for bad in ("100000", "0", "-1", "x"):  # each request in flight holds a body in memory
+        run = await aquila_import(tmp_path, "wn", str(sample_files.npy), "--node", served.addr,
+                                  "--concurrency", bad)
+        assert run.code == 2 and "--concurrency" in run.err, run.err
+    assert "at most 64" in (await aquila_import(tmp_path, "wn", str(sample_files.npy),
+                                                "--concurrency", "65")).err
     # A progress file that cannot be written: refused before the first batch, not at the end.
     for state in (tmp_path / "no" / "such" / "dir.json", tmp_path):
         run = await aquila_import(tmp_path, "wn", str(sample_files.npy), "--node", served.addr,

@@ -59,6 +59,18 @@ def positive(value: str) -> int:
     return n
 
 
+# Requests in flight at most: each holds a batch's body ready and one more waits queued, so
+# memory follows it (2,000 documents of dim 384: 3 MiB a body); a node takes a few at a time.
+MAX_CONCURRENCY = 64
+
+
+def concurrency(value: str) -> int:
+    n = positive(value)
+    if n > MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(f"at most {MAX_CONCURRENCY} requests in flight, got {n}")
+    return n
+
+
 def add_import_parser(sub: Any) -> None:
     p = sub.add_parser(
         "import", help="load a .jsonl or .npy file into a collection",
@@ -75,7 +87,8 @@ def add_import_parser(sub: Any) -> None:
                         f"{DEFAULT_NODE}); batches go to each in turn, and to the next on failure")
     p.add_argument("--api-key", default=None, help="API key (default: $AQUILA_API_KEY)")
     p.add_argument("--batch", type=positive, default=2000, help="documents per request (2000)")
-    p.add_argument("--concurrency", type=positive, default=4, help="requests in flight (4)")
+    p.add_argument("--concurrency", type=concurrency, default=4,
+                   help=f"requests in flight (4; at most {MAX_CONCURRENCY})")
     p.add_argument("--create", action="store_true",
                    help="create the collection first (with --dim, --metric)")
     p.add_argument("--dim", type=positive, help="dimension, for --create (a .npy says it)")
