@@ -623,3 +623,27 @@ async def test_a_body_of_many_small_documents_is_parsed_off_the_loop(node: Node,
                                              {"documents": docs}))
     assert got["upserted"] == n
     assert (await node.describe("tiny"))["count"] == n
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf_flat"])
+async def test_an_id_twice_in_one_batch_is_one_document_the_last_one(node: Node,
+                                                                     index: str) -> None:
+    await node.create("dup", dim=2, index=index, shards=2)
+    seed = [{"id": f"s{i}", "vector": [i, i]} for i in range(200)]  # ivf_flat trains (64)
+    await node.upsert("dup", seed)
+    docs = [{"id": "x", "vector": [1000, 0], "metadata": {"n": 1}},
+            {"id": "y", "vector": [0, 1000]},
+            {"id": "x", "vector": [0, -1000], "metadata": {"n": 2}}]
+    got = await ok_json(await node.post_json("/v1/collections/dup/documents",
+                                             {"documents": docs}))
+    assert got["ids"] == ["x", "y", "x"] and got["upserted"] == 2
+    doc = await ok_json(await node.client.get("/v1/collections/dup/documents/x?vector=true"))
+    assert doc["metadata"] == {"n": 2} and doc["vector"] == [0, -1000]
+    assert (await node.describe("dup"))["count"] == 202
+
+    async def nearest(v: list[float]) -> list[str]:
+        res = await node.search("dup", vector=v, k=3, nprobe=64)
+        return [h["id"] for h in res["results"][0]]
+
+    assert (await nearest([0, -1000]))[0] == "x"
+    assert "x" not in await nearest([1000, 0])  # the first x is not in the index

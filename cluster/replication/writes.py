@@ -80,7 +80,9 @@ class WritePath:
                 range(version, version + len(batch.ids)), strict=True):
             by_shard[shard].append(Incoming(doc_id, vec, meta, v, node))
         await self.route_writes(entry, dict(by_shard), batch.consistency)
-        return {"ids": batch.ids, "upserted": len(batch.ids)}
+        # An id given twice is one document, its last occurrence (the later version): the
+        # count is of documents, `ids` follows the batch (its generated ids in place).
+        return {"ids": batch.ids, "upserted": len(set(batch.ids))}
 
     async def delete(self, entry: CollectionEntry, ids: list[str], consistency: str) -> int:
         """Tombstones for these ids; how many live documents they deleted."""
