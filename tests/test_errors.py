@@ -508,3 +508,26 @@ async def test_admin_bodies_are_checked(coll: Node, path: str, body: bytes) -> N
     info = await ok_json(await coll.client.get("/v1/cluster"))
     assert len(info["members"]) == 1  # still a member of its own cluster of one
     assert await count(coll) == 1
+
+
+@pytest.mark.parametrize("number", ["123456789012345678901234567890", "18446744073709551616",
+                                    "-9223372036854775809", "1" + "0" * 400])
+async def test_an_integer_beyond_64_bits_is_refused_not_rounded(coll: Node, number: str) -> None:
+    vector = '"vector": [0.1, 0.2, 0.3, 0.4]'
+    doc = '{"id": "big", ' + vector + ', "metadata": {"n": ' + number + "}}"
+    for body in ('{"documents": [' + doc + "]}",
+                 "{" + vector + ', "filter": {"must": [{"key": "n", "match": ' + number + "}]}}"):
+        path = "/v1/collections/c/" + ("documents" if "documents" in body else "search")
+        msg = await expect_error(await raw_post(coll, path, body), 400, "bad_request")
+        assert "beyond 64 bits" in msg, msg
+    assert await count(coll) == 1
+
+
+async def test_integers_within_64_bits_and_long_digit_strings_are_kept(coll: Node) -> None:
+    meta = ('{"u": 18446744073709551615, "i": -9223372036854775808, "s": '
+            '"1234567890123456789012345 and more", "f": 1.234567890123456789012345e5}')
+    body = ('{"documents": [{"id": "wide", "vector": [0.1, 0.2, 0.3, 0.4], "metadata": '
+            + meta + "}]}")
+    await ok_json(await raw_post(coll, "/v1/collections/c/documents", body))
+    doc = await ok_json(await coll.client.get("/v1/collections/c/documents/wide"))
+    assert doc["metadata"] == json.loads(meta)

@@ -28,6 +28,7 @@ from aquila.node.http.parse import (
     parse_ids,
     parse_scroll,
     parse_search,
+    refuse_wide_integers,
 )
 from aquila.node.keys import BLOCKING, CONFIG, METRICS, READY, SERVICE
 
@@ -135,11 +136,13 @@ def decode_body(raw: bytes, limit: int) -> Any:
         if len(raw) > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes") from None
         if "number is infinity" in str(exc):
+            refuse_wide_integers(raw)  # an integer of 309 digits or more is one
             try:
                 return loads_overflowing(raw)
             except ValueError:
                 pass
         raise BadRequest(f"malformed JSON: {exc}") from None
+    refuse_wide_integers(raw)
     if len(raw) > limit and depth_exceeds(body, MAX_BODY_DEPTH):  # compact_size recurses
         raise BadRequest(f"body nested deeper than {MAX_BODY_DEPTH} levels")
     if len(raw) > limit and compact_size(body) > limit:
