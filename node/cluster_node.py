@@ -122,6 +122,7 @@ class ClusterNode:
         )
         # Rebalance plans at a thousand nodes take seconds: not on the event loop.
         service.rebalancer.offload = blocking.parse
+        service.reads.offload = blocking.parse
         node = ClusterNode(node_id, config, engine, client, service, blocking,
                            _own_client=own)
         service.runtime.member_listeners.append(node.remember_peers)

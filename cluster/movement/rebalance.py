@@ -18,13 +18,14 @@ import asyncio
 import enum
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aquila.cluster.clock import Clock
 from aquila.cluster.membership.view import MemberView
 from aquila.cluster.model.errors import Unavailable, expected
+from aquila.cluster.model.offload import Offload, inline
 from aquila.cluster.model.placement import ShardMap
 from aquila.cluster.movement.plan import Move, plan
 from aquila.cluster.movement.repair import Repair
@@ -37,13 +38,6 @@ log = logging.getLogger(__name__)
 PAGE = 1000
 
 # Runs a function off the event loop and awaits its result (the node's `Blocking.parse`).
-Offload = Callable[..., Awaitable[Any]]
-
-
-async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
-
-
 class Stage(enum.StrEnum):
     PENDING = "pending"
     """Planned, waiting for a free slot on its nodes."""
@@ -138,7 +132,7 @@ class Rebalancer:
             lambda: asyncio.Semaphore(self.per_node)
         )
         # Where plans are computed: in line by default; the node sets a thread.
-        self.offload: Offload = _inline
+        self.offload: Offload = inline
 
     @property
     def busy(self) -> bool:

@@ -16,8 +16,16 @@ import orjson
 from aquila.cluster.clock import Clock
 from aquila.cluster.membership.view import MemberView
 from aquila.cluster.model.cursor import encode_cursor
-from aquila.cluster.model.documents import Found, Hit, StaleFound, hit_json
+from aquila.cluster.model.documents import (
+    RESULTS_ON_THREAD,
+    Found,
+    Hit,
+    StaleFound,
+    answer_weight,
+    results_json,
+)
 from aquila.cluster.model.errors import AquilaError, NotFound, Unavailable
+from aquila.cluster.model.offload import Offload, inline
 from aquila.cluster.model.operations import (
     CountRequest,
     ScrollPosition,
@@ -64,6 +72,8 @@ class ReadPath:
         # and the one node that serves every shard when it is the only replica of each.
         self._fans_out: dict[str, bool] = {}
         self._single: dict[str, Single | None] = {}
+        # Where a big answer's JSON is built (the node's parse threads; in place in process).
+        self.offload: Offload = inline
 
     def search_candidates(
         self, entry: CollectionEntry
@@ -200,9 +210,12 @@ class ReadPath:
         if req.query_ids is not None:
             rows = [[h for h in row if h.id != own][:k]
                     for own, row in zip(req.query_ids, rows, strict=True)]
+        build = functools.partial(results_json, rows, req.include_metadata,
+                                  req.include_vector)
+        results = (await self.offload(build) if answer_weight(rows, spec.dim, req.include_vector)
+                   > RESULTS_ON_THREAD else build())
         out = {
-            "results": [[hit_json(h, req.include_metadata, req.include_vector) for h in row]
-                        for row in rows],
+            "results": results,
             "partial": bool(missing),
             "missing_shards": missing,
             "took_ms": round((self._clock.now() - t0) * 1000, 3),
