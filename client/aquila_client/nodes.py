@@ -18,15 +18,23 @@ import httpx
 from aquila_client.calls import Call, Retry
 from aquila_client.errors import AquilaError, RequestTimeout, TransportError
 
+NODE_PORT = 8470
+
 
 def base_url(addr: str) -> str:
-    """'host:port' (or a full http(s) URL) → 'http://host:port' without a trailing slash."""
+    """'host:port' (or a full http(s) URL) → 'http://host:port' without a trailing slash.
+    A bare 'host' is a node on Aquila's port, 8470 (the default of `aquila serve`); a URL
+    without a port keeps its scheme's (80 or 443: a node behind a proxy)."""
     if not isinstance(addr, str) or not addr.strip():
         raise ValueError(f"a node address is 'host:port', got {addr!r}")
     text = addr.strip()
-    if "://" not in text:
+    bare = "://" not in text
+    if bare:
         text = "http://" + text
     parts = urlsplit(text)
+    if bare and parts.hostname and parts.port is None and not parts.netloc.endswith(":"):
+        text = f"http://{parts.netloc}:{NODE_PORT}{text[len('http://') + len(parts.netloc):]}"
+        parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"a node address is 'host:port' or an http(s) URL, got {addr!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:

@@ -218,6 +218,11 @@ def test_node_addresses() -> None:
     assert base_url("127.0.0.1:8470") == "http://127.0.0.1:8470"
     assert base_url(" https://db.example:443/ ") == "https://db.example:443"
     assert base_url("[::1]:8470") == "http://[::1]:8470"
+    # A bare host is a node on Aquila's port; a URL keeps its scheme's.
+    assert base_url("localhost") == "http://localhost:8470"
+    assert base_url("[::1]") == "http://[::1]:8470"
+    assert base_url("db.example/") == "http://db.example:8470"
+    assert base_url("http://localhost") == "http://localhost"
     for bad in ("", "ftp://x:1", "http://x:1/path", "x:notaport", "http://:1"):
         with pytest.raises(ValueError):
             base_url(bad)
