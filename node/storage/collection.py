@@ -67,6 +67,7 @@ from aquila.node.storage.store import (
     RocksMemory,
     Store,
 )
+from aquila.node.storage.trained_checkpoint import Checkpoint
 from aquila.node.storage.training import compacted, train_streamed
 
 log = logging.getLogger(__name__)
@@ -1208,10 +1209,15 @@ class Collection:
                             raise TrainingStopped(self.spec.name)
                         yield chunk
 
-        index = train_streamed(spec, self.count(), chunks)
+        index = train_streamed(spec, self.count(), chunks, checkpoint=self._checkpoint())
         if index is None:
             raise RuntimeError("no vectors to train on")
         return index
+
+    def _checkpoint(self) -> Checkpoint:
+        """Where this incarnation's trainings keep their trained quantizer until a snapshot
+        holds the index (`trained_checkpoint`)."""
+        return Checkpoint(self.root, self.uid, lambda: not self.closed)
 
     def _compacted_sync(self, index: VectorIndex) -> VectorIndex:
         """The new index's lists allocated to their size (`training.compacted`), once it has
@@ -1262,6 +1268,9 @@ class Collection:
             self.training = False
             self._training_upto = None
         await self.snapshot()
+        if self.index.trained and self._saved is self.index:
+            # The trained index is in the snapshot: its quantizer need not be kept.
+            await self.blocking.write(self._checkpoint().remove)
         self._maybe_train()
 
     async def _give_back(self) -> None:

@@ -30,8 +30,10 @@ from aquila.node.storage.index import (
     choose_nlist,
     faiss,
     faiss_metric,
+    shard_bits,
 )
 from aquila.node.storage.packed_lists import repair
+from aquila.node.storage.trained_checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +166,12 @@ def train_quantizer(ivf: Any, sample: np.ndarray, metric: str,
     ivf.train(sample)
 
 
-def train_streamed(spec: CollectionSpec, n: int, chunks: Chunks,
-                   seed: int = 0) -> VectorIndex | None:
+def train_streamed(spec: CollectionSpec, n: int, chunks: Chunks, seed: int = 0,
+                   checkpoint: Checkpoint | None = None) -> VectorIndex | None:
     """An IVF index of the collection's type over every vector `chunks()` yields (about `n`
-    of them), trained on a uniform sample, calibrated; None when there are none."""
+    of them), trained on a uniform sample, calibrated; None when there are none.
+    `checkpoint`: where the trained quantizer is kept, and taken from instead of training
+    when an earlier training of the collection left one that fits."""
     nlist = choose_nlist(max(1, n), spec.index.nlist)
     want = min(n, SAMPLE_PER_LIST * nlist)
     rng = np.random.default_rng(seed)
@@ -187,9 +191,17 @@ def train_streamed(spec: CollectionSpec, n: int, chunks: Chunks,
     sample = np.concatenate(sample_v)
     sample_keys = np.concatenate(sample_k)
     del sample_v, sample_k
-    index = VectorIndex.new_ivf(spec, choose_nlist(seen, spec.index.nlist), seen)
     took, points = [time.perf_counter()], len(sample)
-    train_quantizer(index.index, sample, spec.metric, rng)
+    kept = checkpoint.load(spec, seen) if checkpoint is not None else None
+    if kept is not None:
+        index = VectorIndex(kept[0], True, seen, shard_bits(spec.shards))
+        log.info("%s: the trained quantizer an earlier training kept is used (trained on "
+                 "%d vectors; %d now)", spec.name, kept[1], seen)
+    else:
+        index = VectorIndex.new_ivf(spec, choose_nlist(seen, spec.index.nlist), seen)
+        train_quantizer(index.index, sample, spec.metric, rng)
+        if checkpoint is not None:
+            checkpoint.save(index.index, seen)
     took.append(time.perf_counter())
     # Calibration queries: stored documents, from the sample (uniform already).
     qrows = rng.permutation(len(sample))[:CALIBRATION_QUERIES]

@@ -1,0 +1,140 @@
+"""A training's trained quantizer is kept until a snapshot holds the index it trained
+(`node/storage/trained_checkpoint.py`): a node stopped between the k-means and the swap does
+not train again from the start, and a file that is not of this training is never used."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+
+from aquila.cluster.model.spec import CollectionSpec, IndexSpec
+from aquila.node.blocking import Blocking
+from aquila.node.storage import training
+from aquila.node.storage.collection import Collection, Tuning
+from aquila.node.storage.engine import Engine
+from aquila.node.storage.index import VectorIndex
+from aquila.node.storage.trained_checkpoint import FILE, MAGIC, Checkpoint
+from tests.conftest import settled, wait_for
+from tests.small_ivf import SPEC, doc
+
+
+def trained(spec: CollectionSpec, n: int = 400) -> Any:
+    index = VectorIndex.new_ivf(spec, 4, n).index
+    index.train(np.random.default_rng(0).standard_normal((n, spec.dim)).astype(np.float32))
+    return index
+
+
+@pytest.mark.parametrize("kind", ["ivf_flat", "ivf_sq8", "ivf_pq"])
+def test_a_kept_quantizer_comes_back_as_it_was(tmp_path: Path, kind: str) -> None:
+    spec = CollectionSpec("c", 8, "l2", 1, 1, IndexSpec(kind, nlist=4))
+    index = trained(spec, 1000)
+    assert Checkpoint(tmp_path, "u1", lambda: True).save(index, 1000)
+    got = Checkpoint(tmp_path, "u1", lambda: True).load(spec, 1500)
+    assert got is not None and got[1] == 1000
+    assert faiss.serialize_index(got[0]).tobytes() == faiss.serialize_index(index).tobytes()
+    assert (tmp_path / FILE).exists()  # kept until a snapshot holds the index
+
+
+def test_what_is_not_of_this_training_is_removed_and_not_used(tmp_path: Path) -> None:
+    index = trained(SPEC)
+    cases = {
+        "another incarnation": lambda: Checkpoint(tmp_path, "u2", lambda: True).load(SPEC, 400),
+        "trained on too few": lambda: Checkpoint(tmp_path, "u1", lambda: True).load(SPEC, 900),
+        "another dim": lambda: Checkpoint(tmp_path, "u1", lambda: True).load(
+            dataclasses.replace(SPEC, dim=5), 400),
+        "another type": lambda: Checkpoint(tmp_path, "u1", lambda: True).load(
+            dataclasses.replace(SPEC, index=IndexSpec("ivf_sq8", nlist=4)), 400),
+        "another metric": lambda: Checkpoint(tmp_path, "u1", lambda: True).load(
+            dataclasses.replace(SPEC, metric="ip"), 400),
+    }
+    for what, load in cases.items():
+        assert Checkpoint(tmp_path, "u1", lambda: True).save(index, 400)
+        assert load() is None, what
+        assert not (tmp_path / FILE).exists(), what
+
+
+def test_a_damaged_file_is_removed_and_not_used(tmp_path: Path) -> None:
+    assert Checkpoint(tmp_path, "u1", lambda: True).save(trained(SPEC), 400)
+    good = (tmp_path / FILE).read_bytes()
+    head = len(MAGIC)
+    damaged = {
+        "truncated": good[: len(good) // 2],
+        "header only": good[: head + 10],
+        "a flipped byte": good[:-7] + bytes([good[-7] ^ 1]) + good[-6:],
+        "another magic": b"AQTQ9\n" + good[head:],
+        "a huge length": good[:head] + b"\xff" * 8 + good[head + 8:],
+        "empty": b"",
+    }
+    for what, raw in damaged.items():
+        (tmp_path / FILE).write_bytes(raw)
+        assert Checkpoint(tmp_path, "u1", lambda: True).load(SPEC, 400) is None, what
+        assert not (tmp_path / FILE).exists(), what
+
+
+def test_a_dropped_collections_training_leaves_no_file(tmp_path: Path) -> None:
+    index = trained(SPEC)
+    assert not Checkpoint(tmp_path, "u1", lambda: False).save(index, 400)
+    # Dropped while the file was being written: nothing is renamed into place.
+    answers = itertools.chain([True], itertools.repeat(False))
+    assert not Checkpoint(tmp_path, "u1", lambda: next(answers)).save(index, 400)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_node_stopped_before_the_swap_does_not_train_again(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "aquila.node.storage.training")
+    real_catch_up, real_train = Collection._catch_up_sync, training.train_quantizer
+    reached, go_on = threading.Event(), threading.Event()
+    trainings = []
+
+    def held(self: Collection, *args: Any) -> Any:
+        reached.set()
+        go_on.wait(30)
+        return real_catch_up(self, *args)
+
+    def counted(*args: Any) -> None:
+        trainings.append(1)
+        real_train(*args)
+
+    monkeypatch.setattr(Collection, "_catch_up_sync", held)
+    monkeypatch.setattr(training, "train_quantizer", counted)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await wait_for(reached.is_set, 30, what="the training to reach its catch-up")
+        assert trainings == [1] and (coll.root / FILE).exists()
+        root = coll.root
+        closing = asyncio.ensure_future(engine.close())
+        await wait_for(lambda: coll.closed, 30, what="the close to begin")
+    finally:
+        go_on.set()  # the catch-up goes on, sees the close: no swap
+    await closing
+    assert (root / FILE).exists()
+    monkeypatch.setattr(Collection, "_catch_up_sync", real_catch_up)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        assert not coll.index.trained  # the swap never happened: the restart trains
+        await settled(coll, 60)
+        assert coll.index.trained and coll.index.ntotal == 150
+        assert trainings == [1], "trained again instead of taking the kept quantizer"
+        assert "the trained quantizer an earlier training kept is used" in caplog.text
+        # Once a snapshot holds the trained index, the kept quantizer goes.
+        await wait_for(lambda: not (coll.root / FILE).exists(), 30,
+                       what="the kept quantizer to be removed")
+    finally:
+        await engine.close()
