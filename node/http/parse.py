@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import uuid
 from typing import Any
 
@@ -110,20 +109,27 @@ def loads_overflowing(raw: bytes) -> Any:
     return body
 
 
-# A run of 20 digits (19 after a minus), not inside a fraction or exponent: the only way to
-# write an integer beyond 64 bits (2^64 has 20 digits, -2^63 19; a timestamp in nanoseconds,
-# 19, is not looked at twice). orjson reads such an integer as the nearest double,
-# silently (123456789012345678901234567890 came back as 1.2345678901234568e+29), and
-# metadata would be stored and returned other than sent. Rare: found by a regular
-# expression (C speed), then checked by a parse that keeps integers exact.
-_LONG_DIGITS = re.compile(rb"(?<![.\deE+-])(?:-\d{19,}|\d{20,})(?![.\deE])")
+# An integer beyond 64 bits is written with 20 digits or more, or 19 after a minus (2^64 has
+# 20 digits, -2^63 19; a timestamp in nanoseconds, 19, passes). orjson reads one as the
+# nearest double, silently (123456789012345678901234567890 came back as 1.2345678901234568e+29),
+# and metadata would be stored and returned other than sent. Rare: looked for in the body
+# with its bytes mapped (digits to '9'; '-' kept; what continues a number, '.', 'e', 'E', '+',
+# to 'x'; all else to '|') as a run that no '.' or exponent precedes: a copy and two
+# substring searches, 1.9 ms for 750 KB of floats, as long as orjson's parse of them (a
+# regular expression took 17 ms); only bodies the fast paths refuse come here. What
+# the search finds is confirmed by a parse that keeps integers exact (a long run of digits
+# inside a string passes it).
+_DIGIT_RUNS = bytes(0x39 if 0x30 <= b <= 0x39 else b if b == 0x2D
+                    else 0x78 if b in b".eE+" else 0x7C for b in range(256))
+_LONG_POSITIVE, _LONG_NEGATIVE = b"|" + b"9" * 20, b"|-" + b"9" * 19
 _INT_MIN, _INT_END = -(1 << 63), 1 << 64
 
 
 def refuse_wide_integers(raw: bytes) -> None:
     """400 when the JSON `raw` holds an integer beyond 64 bits (signed or unsigned), which
     the body's parse would turn into a double."""
-    if _LONG_DIGITS.search(raw) is None:
+    runs = raw.translate(_DIGIT_RUNS)
+    if _LONG_POSITIVE not in runs and _LONG_NEGATIVE not in runs:
         return
     # ValueError: malformed otherwise (orjson said so already); BadRequest is not one.
     with contextlib.suppress(ValueError, RecursionError):
