@@ -182,7 +182,7 @@ _SCHEMAS: dict[str, Any] = {
         consistency=_CONSISTENCY,
     ),
     "UpsertDocuments": _obj(
-        ["documents"],
+        ["documents"], closed=True,
         documents={
             "type": "array",
             "minItems": 1,
@@ -198,7 +198,7 @@ _SCHEMAS: dict[str, Any] = {
         consistency=_CONSISTENCY,
     ),
     "DeleteIds": _obj(
-        ["ids"],
+        ["ids"], closed=True,
         ids={"type": "array", "items": _ID, "maxItems": MAX_DELETE_IDS},
         consistency=_CONSISTENCY,
     ),
@@ -556,7 +556,7 @@ def _paths() -> dict[str, Any]:
                 "operationId": "join",
                 "summary": "Join this node to the seeds' cluster",
                 "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": _obj(["seeds"], seeds={
+                    "schema": _obj(["seeds"], closed=True, seeds={
                         "type": "array", "minItems": 1, "maxItems": MAX_SEEDS,
                         "items": {"type": "string", "description": "host:port"},
                     }),
@@ -578,7 +578,7 @@ def _paths() -> dict[str, Any]:
                 "operationId": "rebalance",
                 "summary": "Plan (dry_run) or start a rebalance",
                 "requestBody": {"content": {"application/json": {"schema": {
-                    "type": "object",
+                    "type": "object", "additionalProperties": False,
                     "properties": {"dry_run": {"type": "boolean", "default": False}},
                 }}}},
                 "responses": {"200": _resp("moves", _MOVES), **_errors(400, 503)},
