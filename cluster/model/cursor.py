@@ -4,11 +4,12 @@ It is base64url (no padding) of the compact JSON `[2, collection, uid, shard, af
 version, the collection's name and its incarnation the scroll began in, the shard to go on in
 and the last document id looked at there (null: the shard's start). A cursor passed to another
 collection's scroll is a 400 that says so. Format 1 (`[1, uid, shard, after]`, without the
-name, from nodes before it) is still read: a scroll begun before an upgrade goes on. Nothing in it is secret (any position may be
-asked for), so it is not signed; what comes back is checked instead, whole, before use: its
-size, its alphabet, its shape, every field's type and range. A forged or damaged cursor is a
-400, never a path to anything; a cursor of an earlier incarnation of the collection is
-refused by the read path (404), which alone knows the current one.
+name, from nodes before it) is still read: a scroll begun before an upgrade goes on. Nothing
+in it is secret (any position may be asked for), so it is not signed; what comes back is
+checked instead, whole, before use: its size, its alphabet, its shape, every field's type and
+range. A forged or damaged cursor is a 400, never a path to anything; a cursor of an earlier
+incarnation of the collection is refused by the read path (404), which alone knows the
+current one.
 """
 
 from __future__ import annotations
