@@ -87,6 +87,8 @@ def test_a_dropped_collections_training_leaves_no_file(tmp_path: Path) -> None:
     answers = itertools.chain([True], itertools.repeat(False))
     assert not Checkpoint(tmp_path, "u1", lambda: next(answers)).save(index, 400)
     assert list(tmp_path.iterdir()) == []
+    # A folder it cannot write in (gone, a full disk): not kept, and the training goes on.
+    assert not Checkpoint(tmp_path / "gone", "u1", lambda: True).save(index, 400)
 
 
 async def test_a_node_stopped_before_the_swap_does_not_train_again(

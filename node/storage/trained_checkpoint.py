@@ -75,11 +75,15 @@ class Checkpoint:
             f.write(self.owner)
             f.write(memoryview(payload))
 
-        tmp = stage_file(self.path, fill)
-        if not self.live():  # dropped while it was written: the folder may be another's soon
-            tmp.unlink(missing_ok=True)
+        try:
+            tmp = stage_file(self.path, fill)
+            if not self.live():  # dropped while it was written: the folder may be another's
+                tmp.unlink(missing_ok=True)
+                return False
+            commit_file(tmp, self.path)
+        except OSError as exc:  # a full disk, a folder gone: the training goes on without
+            log.warning("%s: trained quantizer not kept: %s", self.path, exc)
             return False
-        commit_file(tmp, self.path)
         return True
 
     def load(self, spec: CollectionSpec, n: int) -> tuple[Any, int] | None:
