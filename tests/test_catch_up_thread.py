@@ -92,3 +92,46 @@ async def test_the_catch_up_with_writes_held_runs_on_a_write_thread(
         await engine.close()
     locked = [name for held, name in threads if held]
     assert locked and all(name.startswith("aq-write") for name in locked), threads
+
+
+async def test_a_slice_held_on_the_catch_up_thread_holds_no_other_collections_writes(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """t0's unlocked slice is held on the catch-up thread; t1 then catches up with its writes
+    held at once (no unlocked rounds): that phase, and t1's writes, must not queue behind
+    t0's slice (on the catch-up thread they would, t1's writes held all the while)."""
+    real = Collection._catch_up_sync
+    reached, go_on = threading.Event(), threading.Event()
+
+    def held(self: Collection, new: VectorIndex, upto: dict[int, int],
+             seconds: float | None = None, until: dict[int, int] | None = None
+             ) -> dict[int, int] | None:
+        if self.spec.name == "t0" and threading.current_thread().name.startswith("aq-catchup"):
+            reached.set()
+            go_on.wait(60)
+        return real(self, new, upto, seconds, until)
+
+    monkeypatch.setattr(Collection, "_catch_up_sync", held)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    try:
+        t0 = await engine.ensure(dataclasses.replace(SPEC, name="t0"), [0], "u0")
+        await t0.write({0: [doc(i) for i in range(150)]})
+        await wait_for(reached.is_set, 60, what="t0's slice on the catch-up thread")
+        # t0 is in its unlocked rounds already; t1 goes straight to the writes-held phase.
+        monkeypatch.setattr(collection_module, "CATCH_UP_ROUNDS", 0)
+        t1 = await engine.ensure(dataclasses.replace(SPEC, name="t1"), [0], "u1")
+        try:
+            await asyncio.wait_for(t1.write({0: [doc(i) for i in range(150)]}),
+                                   WRITE_TIMEOUT_S)
+            await settled(t1, WRITE_TIMEOUT_S, what="t1's training, t0's slice held")
+            await asyncio.wait_for(t1.write({0: [doc(150)]}), WRITE_TIMEOUT_S)
+            assert not go_on.is_set() and t0.training  # t0's slice was held all along
+        finally:
+            go_on.set()
+        assert t1.count() == 151 and t1.index.ntotal == 151
+        await settled(t0, 60)
+        assert t0.count() == 150 and t0.index.ntotal == 150
+    finally:
+        go_on.set()
+        await engine.close()
