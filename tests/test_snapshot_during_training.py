@@ -75,7 +75,7 @@ async def test_a_close_during_a_training_neither_waits_for_it_nor_lets_it_go_on(
     gate, started, ended = threading.Event(), threading.Event(), threading.Event()
     outcome: list[BaseException | None] = []
 
-    def held(spec: Any, n: int, chunks: Any, seed: int = 0) -> Any:
+    def held(spec: Any, n: int, chunks: Any, seed: int = 0, **kwargs: Any) -> Any:
         def gated() -> Any:
             for i, chunk in enumerate(chunks()):
                 if i == 0:
@@ -84,7 +84,7 @@ async def test_a_close_during_a_training_neither_waits_for_it_nor_lets_it_go_on(
                 yield chunk
 
         try:
-            return real(spec, n, gated, seed)
+            return real(spec, n, gated, seed, **kwargs)
         except BaseException as exc:
             outcome.append(exc)
             raise
