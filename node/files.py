@@ -46,20 +46,26 @@ def stage_file(path: Path, fill: Callable[[BinaryIO], None]) -> Path:
     return Path(tmp)
 
 
-def commit_file(tmp: Path, path: Path) -> None:
-    """The second half: `tmp` fsynced, renamed over `path`, the directory fsynced."""
+def commit_file(tmp: Path, path: Path, still: Callable[[], bool] | None = None) -> bool:
+    """The second half: `tmp` fsynced, renamed over `path`, the directory fsynced. `still`,
+    asked after the fsync, right before the rename: False, `tmp` is removed and nothing
+    renamed (returns False)."""
     try:
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if still is not None and not still():
+            os.unlink(tmp)
+            return False
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+    return True
 
 
 def fsync_dir(path: Path) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
-from aquila.node.storage import training
+from aquila.node.storage import trained_checkpoint, training
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import VectorIndex
@@ -140,3 +141,163 @@ async def test_a_node_stopped_before_the_swap_does_not_train_again(
                        what="the kept quantizer to be removed")
     finally:
         await engine.close()
+
+
+def test_a_quantizer_no_newer_than_the_serving_index_is_removed_and_not_used(
+    tmp_path: Path
+) -> None:
+    """Left behind (stopped after the snapshot, before the removal): the serving index was
+    trained on as many vectors, and a retraining must train, not take it back."""
+    index = trained(SPEC)
+    assert Checkpoint(tmp_path, "u1", lambda: True).save(index, 400)
+    assert Checkpoint(tmp_path, "u1", lambda: True).load(SPEC, 600, trained_at=400) is None
+    assert not (tmp_path / FILE).exists()
+    assert Checkpoint(tmp_path, "u1", lambda: True).save(index, 400)
+    got = Checkpoint(tmp_path, "u1", lambda: True).load(SPEC, 600, trained_at=200)
+    assert got is not None and got[1] == 400
+
+
+def test_a_quantizer_trained_on_far_more_than_there_are_is_removed(tmp_path: Path) -> None:
+    """Most of the collection deleted since: its lists were chosen for many more vectors."""
+    assert Checkpoint(tmp_path, "u1", lambda: True).save(trained(SPEC), 400)
+    assert Checkpoint(tmp_path, "u1", lambda: True).load(SPEC, 150) is None
+    assert not (tmp_path / FILE).exists()
+
+
+def test_dropped_while_the_file_was_made_durable_nothing_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """live() is asked after the temporary file's fsync, right before the rename."""
+    dropped = threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        dropped.set()  # the drop came while the file was made durable
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert not Checkpoint(tmp_path, "u1", lambda: not dropped.is_set()).save(trained(SPEC), 400)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_file_that_faiss_cannot_read_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the reading raises, the start goes on: the file is removed, None returned."""
+    assert Checkpoint(tmp_path, "u1", lambda: True).save(trained(SPEC), 400)
+
+    def unreadable(_payload: Any) -> Any:
+        raise TypeError("not an index")
+
+    monkeypatch.setattr(trained_checkpoint.faiss, "deserialize_index", unreadable)
+    assert Checkpoint(tmp_path, "u1", lambda: True).load(SPEC, 400) is None
+    assert not (tmp_path / FILE).exists()
+
+
+async def test_a_quantizer_left_behind_does_not_stand_in_for_a_retraining(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped after the snapshot that holds the trained index, before the file's removal:
+    the retraining at `retrain_growth` (1.5 here) runs its k-means, not the left file's."""
+    trainings = counted_trainings(monkeypatch)
+    real_remove = Checkpoint.remove
+    monkeypatch.setattr(Checkpoint, "remove", lambda self: None)  # stopped before it
+    tuning = Tuning(train_min=100, retrain_growth=1.5, retrain_quiet_s=0.0)
+    engine = Engine(tmp_path, blocking, tuning, fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await settled(coll, 60)
+        assert trainings == [1] and coll.index.trained_at == 150
+        await wait_for(lambda: coll._saved is coll.index, 30, what="the snapshot")
+        assert (coll.root / FILE).exists()
+        monkeypatch.setattr(Checkpoint, "remove", real_remove)
+        await coll.write({0: [doc(i) for i in range(150, 230)]})
+        await wait_for(lambda: coll.index.trained_at >= 225 and not coll.training, 60,
+                       what="the retraining")
+        assert trainings == [1, 1], "the left file stood in for the retraining's k-means"
+    finally:
+        await engine.close()
+
+
+async def test_a_retraining_that_fails_after_its_k_means_keeps_the_quantizer(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No swap, no removal: the next attempt takes the quantizer instead of training again."""
+    trainings = counted_trainings(monkeypatch)
+    real_compacted = Collection._compacted_sync
+    failures: list[int] = []
+
+    def fails_once(self: Collection, index: VectorIndex) -> VectorIndex:
+        if self.index.trained and not failures:
+            failures.append(1)
+            raise RuntimeError("a failure after the k-means")
+        return real_compacted(self, index)
+
+    monkeypatch.setattr(Collection, "_compacted_sync", fails_once)
+    tuning = Tuning(train_min=100, retrain_growth=1.5, retrain_quiet_s=0.0)
+    engine = Engine(tmp_path, blocking, tuning, fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await settled(coll, 60)
+        await coll.write({0: [doc(i) for i in range(150, 230)]})
+        await wait_for(lambda: coll.index.trained_at >= 225 and not coll.training, 60,
+                       what="the retraining, after its failure")
+        assert failures == [1]
+        assert trainings == [1, 1], "the retraining's k-means ran again after its failure"
+        await wait_for(lambda: not (coll.root / FILE).exists(), 30,
+                       what="the kept quantizer to be removed once the swap is durable")
+    finally:
+        await engine.close()
+
+
+async def test_a_collection_dropped_during_its_k_means_leaves_no_file_to_its_successor(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_train, real_save = training.train_quantizer, Checkpoint.save
+    in_k_means, go_on = threading.Event(), threading.Event()
+    saves: list[bool] = []
+
+    def held(*args: Any) -> None:
+        if not in_k_means.is_set():
+            in_k_means.set()
+            go_on.wait(60)
+        real_train(*args)
+
+    def recorded(self: Checkpoint, index: Any, trained_on: int) -> bool:
+        saves.append(real_save(self, index, trained_on))
+        return saves[-1]
+
+    monkeypatch.setattr(training, "train_quantizer", held)
+    monkeypatch.setattr(Checkpoint, "save", recorded)
+    engine = Engine(tmp_path, blocking, Tuning(train_min=100), fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u1")
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await wait_for(in_k_means.is_set, 30, what="the k-means")
+        await engine.drop(SPEC.name)
+        successor = await engine.ensure(SPEC, [0], "u2")
+        assert successor.root == coll.root
+        go_on.set()
+        await wait_for(lambda: saves, 30, what="the dropped one's save")
+        assert saves == [False] and not (successor.root / FILE).exists()
+    finally:
+        go_on.set()
+        await engine.close()
+
+
+def counted_trainings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The k-means runs from now on (`training.train_quantizer` calls)."""
+    real = training.train_quantizer
+    calls: list[int] = []
+
+    def counted(*args: Any) -> None:
+        calls.append(1)
+        real(*args)
+
+    monkeypatch.setattr(training, "train_quantizer", counted)
+    return calls

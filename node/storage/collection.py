@@ -1209,7 +1209,9 @@ class Collection:
                             raise TrainingStopped(self.spec.name)
                         yield chunk
 
-        index = train_streamed(spec, self.count(), chunks, checkpoint=self._checkpoint())
+        serving = self.index
+        index = train_streamed(spec, self.count(), chunks, checkpoint=self._checkpoint(),
+                               trained_at=serving.trained_at if serving.trained else 0)
         if index is None:
             raise RuntimeError("no vectors to train on")
         return index
@@ -1232,6 +1234,7 @@ class Collection:
     async def _train(self) -> None:
         """Train in the background while the current index serves; swap it in under the
         write mutex after replaying the writes that came meanwhile."""
+        swapped: VectorIndex | None = None
         try:
             upto = self._applied()
             self._training_upto = upto
@@ -1257,6 +1260,7 @@ class Collection:
                     # Not left half done by a close: it would snapshot the new index with
                     # positions saying it holds the writes the swap had still to replay.
                     await _to_the_end(self.blocking.write(self._swap_sync, new, mark))
+                    swapped = new
                     log.info("%s: trained (nlist=%d)", self.spec.name, new.index.nlist)
             del new
             await self._give_back()
@@ -1268,9 +1272,11 @@ class Collection:
             self.training = False
             self._training_upto = None
         await self.snapshot()
-        if self.index.trained and self._saved is self.index:
-            # The trained index is in the snapshot: its quantizer need not be kept.
+        if swapped is not None and swapped is self.index and self._saved is swapped:
+            # The index this training swapped in is in a snapshot: its quantizer need not be
+            # kept. Not after a training that failed or swapped nothing: the next one takes it.
             await self.blocking.write(self._checkpoint().remove)
+        del swapped
         self._maybe_train()
 
     async def _give_back(self) -> None:

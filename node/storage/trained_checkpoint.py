@@ -7,8 +7,10 @@ a restart for an upgrade) would train again from the start. So the trained, stil
 FAISS index is written beside the collection's snapshot as soon as it is trained, and the
 next training of the same collection takes it instead of training, when it fits: same
 incarnation of the collection (its uid: a collection dropped and made again under the name
-trains afresh), same index type, dim and metric, trained on at least half the vectors there
-are now. The file is removed once a snapshot holds a trained index.
+trains afresh), same index type, dim and metric, trained on at least half and at most twice
+the vectors there are now, and on more than the index that serves (else it is one left behind
+by a training already swapped in). The file is removed once a snapshot holds the index it
+trained.
 
 File `training.quantizer`: magic, a header (payload length, its crc32, the owner's length,
 the vector count it was trained on), the owner (the collection's uid), the payload
@@ -43,7 +45,8 @@ _HEADER = struct.Struct(">QIHQ")  # payload length, crc32, owner length, trained
 MAX_OWNER = 256
 # Centroids of 65,536 lists at dim 4,096 are 1 GiB: beyond, a training is not kept.
 MAX_PAYLOAD = 1 << 30
-# The trained-on count of a checkpoint that a training of `n` vectors takes: at least half.
+# The trained-on count of a checkpoint that a training of `n` vectors takes: at least half of
+# `n`, at most twice (most of the collection deleted since: lists chosen for far more).
 MIN_SHARE = 0.5
 
 _TYPES = {"ivf_flat": "IndexIVFFlat", "ivf_sq8": "IndexIVFScalarQuantizer",
@@ -66,6 +69,7 @@ class Checkpoint:
                      len(payload), MAX_PAYLOAD)
             return False
         if not self.live():
+            log.info("%s: trained quantizer not kept: the collection was dropped", self.path)
             return False
         header = _HEADER.pack(len(payload), zlib.crc32(payload), len(self.owner), trained_on)
 
@@ -76,28 +80,30 @@ class Checkpoint:
             f.write(memoryview(payload))
 
         try:
-            tmp = stage_file(self.path, fill)
-            if not self.live():  # dropped while it was written: the folder may be another's
-                tmp.unlink(missing_ok=True)
-                return False
-            commit_file(tmp, self.path)
+            # live() asked again after the fsync, right before the rename: dropped while the
+            # file was written, the folder may be about to be its successor's.
+            if commit_file(stage_file(self.path, fill), self.path, self.live):
+                return True
         except OSError as exc:  # a full disk, a folder gone: the training goes on without
             log.warning("%s: trained quantizer not kept: %s", self.path, exc)
             return False
-        return True
+        log.info("%s: trained quantizer not kept: the collection was dropped", self.path)
+        return False
 
-    def load(self, spec: CollectionSpec, n: int) -> tuple[Any, int] | None:
+    def load(self, spec: CollectionSpec, n: int, trained_at: int = 0
+             ) -> tuple[Any, int] | None:
         """The kept index (trained, empty) and the count it was trained on, when it is this
-        collection's and fits a training of `n` vectors; else None, and a file that is not
-        of this training is removed (blocking)."""
+        collection's and fits a training of `n` vectors while the serving index was trained
+        on `trained_at` (0: none); else None, and a file that is not of this training is
+        removed (blocking). Never raises: a checkpoint only ever saves time."""
         try:
             with open(self.path, "rb") as f:
-                got = self._read(f, spec, n)
+                got = self._read(f, spec, n, trained_at)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # whatever a damaged file makes the reading raise
             got = None
-            why = str(exc)
+            why = f"{type(exc).__name__}: {exc}"
         else:
             why = "" if got is not None else "not of this training"
         if got is None:
@@ -105,7 +111,8 @@ class Checkpoint:
             self.remove()
         return got
 
-    def _read(self, f: BinaryIO, spec: CollectionSpec, n: int) -> tuple[Any, int] | None:
+    def _read(self, f: BinaryIO, spec: CollectionSpec, n: int, trained_at: int
+              ) -> tuple[Any, int] | None:
         if f.read(len(MAGIC)) != MAGIC:
             raise ValueError("not a trained quantizer")
         head = f.read(_HEADER.size)
@@ -119,8 +126,10 @@ class Checkpoint:
         payload = f.read(length + 1)
         if len(payload) != length or zlib.crc32(payload) != crc:
             raise ValueError("damaged (length or checksum)")
-        if trained_on < MIN_SHARE * n:
-            return None  # trained on too few of the vectors there are now
+        if trained_on < MIN_SHARE * n or trained_on * MIN_SHARE > n:
+            return None  # trained on far fewer, or far more, than there are now
+        if trained_on <= trained_at:
+            return None  # left behind: the serving index was trained on as many
         index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
         if (type(index).__name__ != _TYPES.get(spec.index.type) or index.d != spec.dim
                 or index.metric_type != faiss_metric(spec.metric) or not index.is_trained
@@ -130,4 +139,8 @@ class Checkpoint:
         return index, int(trained_on)
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Never raises (the next `load` judges a file left)."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("%s: trained quantizer not removed: %s", self.path, exc)

@@ -167,11 +167,13 @@ def train_quantizer(ivf: Any, sample: np.ndarray, metric: str,
 
 
 def train_streamed(spec: CollectionSpec, n: int, chunks: Chunks, seed: int = 0,
-                   checkpoint: Checkpoint | None = None) -> VectorIndex | None:
+                   checkpoint: Checkpoint | None = None, trained_at: int = 0
+                   ) -> VectorIndex | None:
     """An IVF index of the collection's type over every vector `chunks()` yields (about `n`
     of them), trained on a uniform sample, calibrated; None when there are none.
     `checkpoint`: where the trained quantizer is kept, and taken from instead of training
-    when an earlier training of the collection left one that fits."""
+    when an earlier training of the collection left one that fits (trained on more than
+    `trained_at`, what the serving index was trained on: 0 for none)."""
     nlist = choose_nlist(max(1, n), spec.index.nlist)
     want = min(n, SAMPLE_PER_LIST * nlist)
     rng = np.random.default_rng(seed)
@@ -192,7 +194,7 @@ def train_streamed(spec: CollectionSpec, n: int, chunks: Chunks, seed: int = 0,
     sample_keys = np.concatenate(sample_k)
     del sample_v, sample_k
     took, points = [time.perf_counter()], len(sample)
-    kept = checkpoint.load(spec, seen) if checkpoint is not None else None
+    kept = checkpoint.load(spec, seen, trained_at) if checkpoint is not None else None
     if kept is not None:
         index = VectorIndex(kept[0], True, seen, shard_bits(spec.shards))
         log.info("%s: the trained quantizer an earlier training kept is used (trained on "
