@@ -201,7 +201,7 @@ async def test_a_quantizer_left_behind_does_not_stand_in_for_a_retraining(
     the retraining at `retrain_growth` (1.5 here) runs its k-means, not the left file's."""
     trainings = counted_trainings(monkeypatch)
     real_remove = Checkpoint.remove
-    monkeypatch.setattr(Checkpoint, "remove", lambda self: None)  # stopped before it
+    monkeypatch.setattr(Checkpoint, "remove", lambda self, upto=None: None)  # stopped before it
     tuning = Tuning(train_min=100, retrain_growth=1.5, retrain_quiet_s=0.0)
     engine = Engine(tmp_path, blocking, tuning, fsync=False)
     await engine.start()
@@ -212,6 +212,7 @@ async def test_a_quantizer_left_behind_does_not_stand_in_for_a_retraining(
         assert trainings == [1] and coll.index.trained_at == 150
         await wait_for(lambda: coll._saved is coll.index, 30, what="the snapshot")
         assert (coll.root / FILE).exists()
+        await ended(coll)
         monkeypatch.setattr(Checkpoint, "remove", real_remove)
         await coll.write({0: [doc(i) for i in range(150, 230)]})
         await wait_for(lambda: coll.index.trained_at >= 225 and not coll.training, 60,
@@ -243,6 +244,7 @@ async def test_a_retraining_that_fails_after_its_k_means_keeps_the_quantizer(
         coll = await engine.ensure(SPEC, [0], "u")
         await coll.write({0: [doc(i) for i in range(150)]})
         await settled(coll, 60)
+        await ended(coll)
         await coll.write({0: [doc(i) for i in range(150, 230)]})
         await wait_for(lambda: coll.index.trained_at >= 225 and not coll.training, 60,
                        what="the retraining, after its failure")
@@ -301,3 +303,74 @@ def counted_trainings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(training, "train_quantizer", counted)
     return calls
+
+
+def test_the_removal_after_a_swap_spares_a_later_trainings_file(tmp_path: Path) -> None:
+    kept = Checkpoint(tmp_path, "u1", lambda: True)
+    assert kept.save(trained(SPEC), 400)
+    kept.remove(200)  # the swap of a training on 200: the file is a later training's
+    assert (tmp_path / FILE).exists()
+    kept.remove(400)
+    assert not (tmp_path / FILE).exists()
+    assert Checkpoint(tmp_path, "u2", lambda: True).save(trained(SPEC), 400)
+    kept.remove(200)  # another incarnation's: removed
+    assert not (tmp_path / FILE).exists()
+
+
+async def test_a_retraining_started_before_the_last_ones_removal_keeps_its_file(
+    tmp_path: Path, blocking: Blocking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training's `training` flag is down before its snapshot and its file's removal: a
+    retraining can start and keep its quantizer meanwhile, which that removal must spare."""
+    real_snapshot, real_catch_up, real_remove = (
+        Collection.snapshot, Collection._catch_up_sync, Checkpoint.remove)
+    tail, tail_reached = asyncio.Event(), asyncio.Event()
+    in_catch_up, go_on = threading.Event(), threading.Event()
+    removals: list[int | None] = []
+
+    async def snapshot(self: Collection) -> None:
+        if self.index.trained and self.index.trained_at == 150 and not tail_reached.is_set():
+            tail_reached.set()  # the first training's, after its swap
+            await tail.wait()
+        await real_snapshot(self)
+
+    def catch_up(self: Collection, *args: Any) -> Any:
+        if self.index.trained:  # the retraining's: held once it has kept its quantizer
+            in_catch_up.set()
+            go_on.wait(60)
+        return real_catch_up(self, *args)
+
+    def remove(self: Checkpoint, upto: int | None = None) -> None:
+        real_remove(self, upto)
+        removals.append(upto)
+
+    monkeypatch.setattr(Collection, "snapshot", snapshot)
+    monkeypatch.setattr(Collection, "_catch_up_sync", catch_up)
+    monkeypatch.setattr(Checkpoint, "remove", remove)
+    tuning = Tuning(train_min=100, retrain_growth=1.5, retrain_quiet_s=0.0)
+    engine = Engine(tmp_path, blocking, tuning, fsync=False)
+    await engine.start()
+    try:
+        coll = await engine.ensure(SPEC, [0], "u")
+        await coll.write({0: [doc(i) for i in range(150)]})
+        await wait_for(tail_reached.is_set, 60, what="the first training's snapshot")
+        await coll.write({0: [doc(i) for i in range(150, 230)]})
+        await wait_for(in_catch_up.is_set, 60, what="the retraining to keep its quantizer")
+        # (The retraining removed the first one's file at its start: no newer than the
+        # index that serves.)
+        before = len(removals)
+        tail.set()  # the first training's snapshot, then its removal
+        await wait_for(lambda: len(removals) > before, 30, what="the first training's removal")
+        got = Checkpoint(coll.root, "u", lambda: True).load(SPEC, 230, 150)
+        assert got is not None and got[1] == 230, "the retraining's quantizer was removed"
+    finally:
+        tail.set()
+        go_on.set()
+        await engine.close()
+
+
+async def ended(coll: Collection) -> None:
+    """Until the training's task has ended (past its snapshot and its look for the next):
+    a retraining it started while the writes that follow were counted but not yet in the
+    index would train on the vectors of the last one."""
+    await wait_for(lambda: not coll._tasks, 30, what="the training's task to end")

@@ -67,7 +67,7 @@ from aquila.node.storage.store import (
     RocksMemory,
     Store,
 )
-from aquila.node.storage.trained_checkpoint import Checkpoint
+from aquila.node.storage.trained_checkpoint import MAX_OWNER, Checkpoint
 from aquila.node.storage.training import compacted, train_streamed
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,7 @@ class Collection:
         self._purging = asyncio.Lock()  # one purge at a time; `close` waits for its scan
         # Incarnation of the collection in the cluster state (see CollectionEntry.uid).
         self.uid = ""
+        self._kept: Checkpoint | None = None  # see `_checkpoint`
         # Called with the seconds each training took (the node's metrics).
         self.on_trained: Callable[[float], None] | None = None
         # Per shard, from the last purge: a version below which no tombstone is stored, and
@@ -1218,8 +1219,11 @@ class Collection:
 
     def _checkpoint(self) -> Checkpoint:
         """Where this incarnation's trainings keep their trained quantizer until a snapshot
-        holds the index (`trained_checkpoint`)."""
-        return Checkpoint(self.root, self.uid, lambda: not self.closed)
+        holds the index (`trained_checkpoint`); one per incarnation (its lock orders a
+        training's save and the removal after the swap of the one before)."""
+        if self._kept is None or self._kept.owner != self.uid.encode()[:MAX_OWNER]:
+            self._kept = Checkpoint(self.root, self.uid, lambda: not self.closed)
+        return self._kept
 
     def _compacted_sync(self, index: VectorIndex) -> VectorIndex:
         """The new index's lists allocated to their size (`training.compacted`), once it has
@@ -1274,8 +1278,10 @@ class Collection:
         await self.snapshot()
         if swapped is not None and swapped is self.index and self._saved is swapped:
             # The index this training swapped in is in a snapshot: its quantizer need not be
-            # kept. Not after a training that failed or swapped nothing: the next one takes it.
-            await self.blocking.write(self._checkpoint().remove)
+            # kept. Not after a training that failed or swapped nothing: the next one takes it;
+            # nor one trained on more: a retraining started since (this one's `training`
+            # flag is down) has kept it.
+            await self.blocking.write(self._checkpoint().remove, swapped.trained_at)
         del swapped
         self._maybe_train()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,9 @@ class Checkpoint:
         self.path = folder / FILE
         self.owner = owner.encode()[:MAX_OWNER]
         self.live = live
+        # A save's rename and a removal's look and unlink, one at a time: the removal after
+        # one training's swap must not take the file the next training has just kept.
+        self._lock = threading.Lock()
 
     def save(self, index: Any, trained_on: int) -> bool:
         """Keep the trained, empty FAISS `index` (blocking). False when it was not kept."""
@@ -82,8 +86,10 @@ class Checkpoint:
         try:
             # live() asked again after the fsync, right before the rename: dropped while the
             # file was written, the folder may be about to be its successor's.
-            if commit_file(stage_file(self.path, fill), self.path, self.live):
-                return True
+            tmp = stage_file(self.path, fill)
+            with self._lock:
+                if commit_file(tmp, self.path, self.live):
+                    return True
         except OSError as exc:  # a full disk, a folder gone: the training goes on without
             log.warning("%s: trained quantizer not kept: %s", self.path, exc)
             return False
@@ -138,9 +144,28 @@ class Checkpoint:
         index.set_direct_map_type(faiss.DirectMap.NoMap)  # as `VectorIndex.new_ivf` makes it
         return index, int(trained_on)
 
-    def remove(self) -> None:
-        """Never raises (the next `load` judges a file left)."""
+    def remove(self, upto: int | None = None) -> None:
+        """The file removed; with `upto` (the trained-on count of the index a snapshot now
+        holds), unless it is this owner's and was trained on more: a later training's.
+        Never raises (the next `load` judges a file left)."""
         try:
-            self.path.unlink(missing_ok=True)
+            with self._lock:
+                if upto is not None and self._trained_on() > upto:
+                    return
+                self.path.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("%s: trained quantizer not removed: %s", self.path, exc)
+
+    def _trained_on(self) -> int:
+        """The file's trained-on count if it is this owner's (0 if not, or unreadable)."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(len(MAGIC) + _HEADER.size + len(self.owner))
+        except FileNotFoundError:
+            return 0
+        if len(head) != len(MAGIC) + _HEADER.size + len(self.owner) or not head.startswith(MAGIC):
+            return 0
+        _, _, owner_len, trained_on = _HEADER.unpack_from(head, len(MAGIC))
+        if owner_len != len(self.owner) or head[len(MAGIC) + _HEADER.size:] != self.owner:
+            return 0
+        return int(trained_on)
