@@ -12,6 +12,7 @@ from aquila.cluster.model.errors import BadRequest, Unavailable
 from aquila.cluster.movement.plan import Move
 from aquila.cluster.service import ClusterService
 from aquila.node.http.api import json_response, read_json
+from aquila.node.http.parse import refuse_unknown
 from aquila.node.keys import SERVICE
 
 
@@ -80,9 +81,7 @@ def _fields(body: Any, allowed: frozenset[str], shape: str) -> dict[str, Any]:
     a real rebalance); 400 otherwise."""
     if not isinstance(body, dict):
         raise BadRequest(f"body is {shape}")
-    unknown = set(body) - allowed
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}; body is {shape}")
+    refuse_unknown(body, allowed, f"; body is {shape}")
     return body
 
 

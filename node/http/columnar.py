@@ -30,6 +30,7 @@ from aquila.cluster.model.bounds import (
 )
 from aquila.cluster.model.errors import AquilaError, BadRequest, DimensionMismatch, InvalidVector
 from aquila.cluster.model.operations import CONSISTENCY, MAX_ID_CHARS, DocBatch
+from aquila.node.http.parse import refuse_unknown
 
 FIELDS = frozenset(("ids", "vectors_b64", "metadata", "consistency"))
 _EMPTY = b"{}"
@@ -96,9 +97,7 @@ def _mini(m: Any) -> bytes | None:
 
 
 def parse_columnar(body: dict[str, Any], dim: int) -> DocBatch:
-    unknown = set(body) - FIELDS
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    refuse_unknown(body, FIELDS)
     consistency = body.get("consistency", "quorum")
     if consistency not in CONSISTENCY:
         raise BadRequest(f"'consistency' must be one of {', '.join(CONSISTENCY)}")

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import uuid
+from collections.abc import Set
 from typing import Any
 
 import numpy as np
@@ -177,6 +178,14 @@ def _overflow_outside_vectors(body: Any) -> bool:
     return False
 
 
+def refuse_unknown(body: dict[str, Any], known: Set[str], hint: str = "") -> None:
+    """400 naming the fields of `body` not in `known` (a misspelt field is refused, never
+    ignored); `hint` follows the message."""
+    unknown = set(body) - known
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}{hint}")
+
+
 # The fields of an upsert's document form and of a delete's body (a misspelt "consistency"
 # would otherwise be a quorum write the caller did not ask for).
 UPSERT_FIELDS = frozenset({"documents", "consistency"})
@@ -186,9 +195,7 @@ DELETE_FIELDS = frozenset({"ids", "consistency"})
 def parse_documents(body: Any, dim: int) -> DocBatch:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    unknown = set(body) - UPSERT_FIELDS
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    refuse_unknown(body, UPSERT_FIELDS)
     docs = body.get("documents")
     if not isinstance(docs, list) or not docs:
         raise BadRequest("'documents' must be a non-empty list")
@@ -235,9 +242,7 @@ def parse_documents(body: Any, dim: int) -> DocBatch:
 def parse_ids(body: Any) -> list[str]:
     if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
         raise BadRequest("body must be an object with a list 'ids'")
-    unknown = set(body) - DELETE_FIELDS
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    refuse_unknown(body, DELETE_FIELDS)
     ids = body["ids"]
     if len(ids) > MAX_DELETE_IDS:
         raise BadRequest(f"at most {MAX_DELETE_IDS} ids in one delete, got {len(ids)}")
@@ -260,9 +265,7 @@ SEARCH_FIELDS = frozenset({"vectors", "vector", "id", "ids", "k", "nprobe", "rec
 def parse_search(body: Any, dim: int) -> SearchRequest:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    unknown = set(body) - SEARCH_FIELDS
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    refuse_unknown(body, SEARCH_FIELDS)
     if sum(q in body for q in ("vector", "vectors", "id", "ids")) != 1:
         raise BadRequest("give exactly one of 'vector', 'vectors', 'id' or 'ids'")
     query_ids = _query_ids(body)
@@ -373,9 +376,7 @@ def _known(body: Any, known: set[str]) -> dict[str, Any]:
         return {}
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    unknown = set(body) - known
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    refuse_unknown(body, known)
     return body
 
 
