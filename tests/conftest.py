@@ -78,8 +78,9 @@ async def wait_for(
 
 
 async def settled(coll: Collection, timeout_s: float = 30.0, what: str = "the training") -> None:
-    """Wait (`wait_for`) until `coll`'s index is trained and no training runs."""
-    await wait_for(lambda: coll.index.trained and not coll.training, timeout_s, what=what)
+    """Wait (`wait_for`) until `coll`'s index is trained and no background work runs (the
+    training's task with it: it holds the collection until it ends)."""
+    await wait_for(lambda: coll.index.trained and coll.idle, timeout_s, what=what)
 
 
 async def expect_error(resp: ClientResponse, status: int, code: str) -> str:

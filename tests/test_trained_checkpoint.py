@@ -373,4 +373,4 @@ async def ended(coll: Collection) -> None:
     """Until the training's task has ended (past its snapshot and its look for the next):
     a retraining it started while the writes that follow were counted but not yet in the
     index would train on the vectors of the last one."""
-    await wait_for(lambda: not coll._tasks, 30, what="the training's task to end")
+    await wait_for(lambda: coll.idle, 30, what="the training's task to end")

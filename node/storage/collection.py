@@ -19,6 +19,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,12 @@ class Collection:
         # released, a shard dropped or taken on): a search's `Found` keys taken before are
         # not read after (`read_found`).
         self.relabelled = 0
+
+    @property
+    def idle(self) -> bool:
+        """No background work runs (a training's task goes on after its `training` flag is
+        down: its snapshot and the removal of its quantizer; a compaction), nor is due."""
+        return not self._tasks and not self.training and not self.compacting
 
     @property
     def larger_is_better(self) -> bool:
@@ -1222,7 +1229,16 @@ class Collection:
         holds the index (`trained_checkpoint`); one per incarnation (its lock orders a
         training's save and the removal after the swap of the one before)."""
         if self._kept is None or self._kept.owner != self.uid.encode()[:MAX_OWNER]:
-            self._kept = Checkpoint(self.root, self.uid, lambda: not self.closed)
+            # Through a weak reference: the collection holds the checkpoint, which would hold
+            # the collection in turn, a cycle that kept a dropped one (and its index) until
+            # the collector's next full pass.
+            me = weakref.ref(self)
+
+            def live() -> bool:
+                coll = me()
+                return coll is not None and not coll.closed
+
+            self._kept = Checkpoint(self.root, self.uid, live)
         return self._kept
 
     def _compacted_sync(self, index: VectorIndex) -> VectorIndex:
