@@ -130,10 +130,12 @@ async def _serve(config: NodeConfig) -> None:
     from aiohttp import web
 
     from aquila.node.app import make_app
+    from aquila.node.http.protocol import json_errors
 
     app = make_app(config)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    json_errors(runner)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

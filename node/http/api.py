@@ -50,7 +50,7 @@ def error_response(err: AquilaError) -> web.Response:
     return json_response(err.to_json(), err.status)
 
 
-_HTTP_CODES = {
+HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
     403: "forbidden",
@@ -92,7 +92,7 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
             message = f"no route {request.method} {request.path}"
         elif exc.status == 405:
             message = f"{request.method} is not allowed on {request.path}"
-        code = _HTTP_CODES.get(exc.status, "bad_request")
+        code = HTTP_CODES.get(exc.status, "bad_request")
         resp = json_response({"error": {"code": code, "message": message}}, exc.status)
         if "Allow" in exc.headers:
             resp.headers["Allow"] = exc.headers["Allow"]

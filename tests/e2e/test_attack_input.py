@@ -246,6 +246,41 @@ def test_deep_metadata_is_400(pair: Pair) -> None:
     pair.assert_intact()
 
 
+def raw_http(node: NodeProc, request: bytes) -> tuple[int, str, bytes]:
+    """These bytes as a whole request on a new connection: the status, content type and
+    body of the answer (the node closes the connection after an error of its HTTP parser)."""
+    with socket.create_connection((node.host, node.port), timeout=30) as s:
+        s.sendall(request)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), fields.get("Content-Type", ""), body
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /v1/collections HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+    b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/collections HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+    b"GET /v1/collections HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03 TLS hello\r\n\r\n",
+], ids=["long-header", "long-line", "bad-name", "bad-length", "tls"])
+def test_what_the_http_parser_refuses_is_a_json_400_without_a_traceback(
+        pair: Pair, request_bytes: bytes) -> None:
+    """aiohttp answers these before any route or middleware, in plain text and with a
+    traceback in the log at error level, unless the node's handler says otherwise."""
+    before = pair.n1.log_tail(100_000).count("Traceback")
+    status, content_type, body = raw_http(pair.n1, request_bytes)
+    assert status == 400, body
+    assert content_type.startswith("application/json"), (content_type, body)
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request" and error["message"].startswith("malformed HTTP"), error
+    assert pair.n1.log_tail(100_000).count("Traceback") == before
+    pair.assert_intact()
+
+
 def test_after_every_attack_a_restart_finds_the_data(pair: Pair) -> None:
     pair.restart_n1()
     pair.assert_intact()
