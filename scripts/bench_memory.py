@@ -198,12 +198,14 @@ async def wait_settled(session: aiohttp.ClientSession, url: str, n: int,
 
 
 def time_of_day(hhmm: str | None) -> float:
-    """The epoch time of HH:MM (UTC) today, or infinity for None."""
+    """The epoch time of the next HH:MM (UTC; tomorrow's once today's has passed: a run
+    started before midnight for a time after it), or infinity for None."""
     if not hhmm:
         return math.inf
     hh, mm = (int(v) for v in hhmm.split(":"))
     now = time.time()
-    return now - now % 86400 + hh * 3600 + mm * 60
+    at = now - now % 86400 + hh * 3600 + mm * 60
+    return at if at > now else at + 86400
 
 
 def settle_limit(args: argparse.Namespace) -> float:

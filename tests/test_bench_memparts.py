@@ -15,7 +15,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from bench_memory import per_vector, swaps_during  # noqa: E402
+from bench_memory import per_vector, swaps_during, time_of_day  # noqa: E402
 from bench_memparts import breakdown, smaps_parts  # noqa: E402
 
 
@@ -87,12 +87,19 @@ def test_the_settle_limit_ends_by_the_time_of_day_given() -> None:
 
     args = bench_memory.parse_args(["--settle-timeout", "100"])
     assert bench_memory.settle_limit(args) == 100.0
-    now = time.gmtime(time.time() + 3 * 3600)  # three hours on (a day's wrap left aside)
-    if now.tm_hour >= 3:
-        args = bench_memory.parse_args(["--settle-timeout", str(24 * 3600),
-                                        "--settle-by", f"{now.tm_hour:02d}:{now.tm_min:02d}"])
-        assert 3 * 3600 - 120 <= bench_memory.settle_limit(args) <= 3 * 3600
-    past = time.gmtime(time.time() - 3600)
-    if past.tm_hour <= time.gmtime().tm_hour:
-        args = bench_memory.parse_args(["--settle-by", f"{past.tm_hour:02d}:{past.tm_min:02d}"])
-        assert bench_memory.settle_limit(args) == 0.0
+    now = time.gmtime(time.time() + 3 * 3600)  # three hours on, past midnight or not
+    args = bench_memory.parse_args(["--settle-timeout", str(24 * 3600),
+                                    "--settle-by", f"{now.tm_hour:02d}:{now.tm_min:02d}"])
+    assert 3 * 3600 - 120 <= bench_memory.settle_limit(args) <= 3 * 3600
+
+
+def test_a_time_of_day_is_the_next_one() -> None:
+    """--ingest-by 00:40 given at 23:30 is 70 minutes away, not 23 hours ago."""
+    import time
+
+    now = time.time()
+    for minutes_ahead in (1, 70, 23 * 60):
+        at = time.gmtime(now + minutes_ahead * 60)
+        got = time_of_day(f"{at.tm_hour:02d}:{at.tm_min:02d}")
+        assert now < got <= now + minutes_ahead * 60, minutes_ahead
+        assert got > now + minutes_ahead * 60 - 60
