@@ -113,7 +113,10 @@ class Checkpoint:
         else:
             why = "" if got is not None else "not of this training"
         if got is None:
-            log.warning("%s: trained quantizer not used (%s); removed", self.path, why)
+            # Another training's (an earlier one's, its snapshot not yet written when this
+            # one started: common in a bulk load) is no news; a damaged file is.
+            log.log(logging.WARNING if why != "not of this training" else logging.INFO,
+                    "%s: trained quantizer not used (%s); removed", self.path, why)
             self.remove()
         return got
 
