@@ -14,6 +14,7 @@ from aquila.cluster.model.documents import RESULTS_ON_THREAD, answer_weight
 from aquila.cluster.model.errors import AquilaError, BadRequest, PayloadTooLarge
 from aquila.cluster.model.spec import parse_spec
 from aquila.node.http.access import check_access
+from aquila.node.http.answer import body_response
 from aquila.node.http.body import read_body
 from aquila.node.http.columnar import is_columnar, parse_columnar, parse_columnar_fast
 from aquila.node.http.fastparse import parse_documents_fast
@@ -39,11 +40,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
-        status=status,
-        content_type="application/json",
-    )
+    return body_response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
+                         "application/json", status)
 
 
 def error_response(err: AquilaError) -> web.Response:
@@ -282,12 +280,20 @@ async def search(request: web.Request) -> web.Response:
 
 
 def _respond_and_free(held: list[Any]) -> web.Response:
-    """The response of the one answer in `held`, which is emptied (its objects freed on the
-    caller's thread, not the loop's)."""
+    """The response of the one answer in `held`, which is emptied: serialised and freed on
+    the caller's thread, a query's row at a time. orjson keeps the GIL for a whole call, and
+    freeing a list frees all it holds in one step: in one piece, 100,000 hits with their
+    vectors kept the event loop from running for 0.3 s, though on another thread."""
     out = held.pop()
-    response = json_response(out)
-    del out
-    return response
+    results: list[Any] = out.pop("results")
+    pieces: list[bytes] = []
+    while results:  # from the last row: each row freed once it is serialised
+        pieces.append(orjson.dumps(results.pop(), option=orjson.OPT_SERIALIZE_NUMPY))
+    pieces.reverse()
+    rest = orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
+    tail = b"]" + (b"," + rest[1:] if len(rest) > 2 else b"}")
+    body = b"".join((b'{"results":[', b",".join(pieces), tail))
+    return body_response(body, "application/json")
 
 
 async def count(request: web.Request) -> web.Response:

@@ -38,6 +38,7 @@ from aquila.cluster.peers.channel import (
 from aquila.cluster.peers.client import FRAME_TYPE
 from aquila.cluster.peers.wire import OVERHEAD
 from aquila.cluster.replication.remote import COLLECTION_OPS
+from aquila.node.http.answer import body_response
 from aquila.node.http.api import json_response
 from aquila.node.keys import CLUSTER, CONFIG, SERVICE
 
@@ -134,7 +135,7 @@ def _collection_op(op: str) -> Handler:
             out = await service.frame_op(op, request.match_info["name"],
                                          await _authed_body(request))
             if isinstance(out, bytes):
-                return web.Response(body=out, content_type=FRAME_TYPE)
+                return body_response(out, FRAME_TYPE)
             return json_response(out)
         body = await _request_object(request)
         return json_response(await service.collection_op(op, request.match_info["name"], body))
