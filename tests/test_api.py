@@ -686,3 +686,35 @@ async def test_the_largest_answer_is_built_off_the_loop(node: Node) -> None:
         assert first["vector"] == x[int(first["id"][1:])].tolist()
 
     await asyncio.to_thread(check, bytes(body))
+
+
+async def test_a_page_of_large_vectors_is_built_off_the_loop(node: Node) -> None:
+    """A scroll page of 1,000 documents with vectors of dim 2,048 (2 million floats) was
+    built and serialised on the loop; now, as a large search answer, on a thread, and sent
+    in pieces: the guard is tightened to 0.1 s of CPU for the page, and the page is whole."""
+    dim = 2048
+    await node.create("tall", dim=dim, shards=2)
+    x = np.random.default_rng(8).standard_normal((1000, dim)).astype(np.float32)
+    for lo in range(0, 1000, 500):
+        ids = [f"d{i:04d}" for i in range(lo, lo + 500)]
+        await ok_json(await node.post_json("/v1/collections/tall/documents", columnar(
+            ids, x[lo:lo + 500], [{"n": i} for i in range(lo, lo + 500)])))
+    loop = asyncio.get_running_loop()
+    loop.slow_callback_duration = 0.1
+    resp = await node.post_json("/v1/collections/tall/scroll",
+                                {"limit": 1000, "include": ["metadata", "vector"]})
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        body += chunk
+    loop.slow_callback_duration = 0.5
+    assert resp.status == 200
+
+    def check(raw: bytes) -> None:
+        page = orjson.loads(raw)
+        assert set(page) == {"documents", "next_cursor", "partial", "missing_shards"}
+        got = {d["id"]: d for d in page["documents"]}
+        assert len(got) == 1000
+        assert got["d0007"]["metadata"] == {"n": 7}
+        assert got["d0007"]["vector"] == x[7].tolist()
+
+    await asyncio.to_thread(check, bytes(body))

@@ -11,13 +11,14 @@ import zlib
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from aquila.cluster.model.bounds import MAX_METADATA_DEPTH
+from aquila.cluster.model.bounds import MAX_ANSWER_FLOATS, MAX_ANSWER_METADATA, MAX_METADATA_DEPTH
 from aquila.cluster.model.errors import BadRequest
 from aquila.cluster.peers.client import PeerError
 from aquila.cluster.peers.http import Peers
@@ -277,6 +278,57 @@ async def test_search_limits(coll: Node) -> None:
     await ok_json(resp)
     resp = await post_raw(coll, url, b'{"vector":[0,1],"nprobe":%d}' % 2**70)
     await expect_error(resp, 400, "bad_request")
+
+
+async def test_an_answer_of_vectors_past_its_float_limit_is_400(node: Node) -> None:
+    """queries × k × dim (a search's vectors) and limit × dim (a scroll page's) at most
+    MAX_ANSWER_FLOATS: 100 queries of k 1,000 at dim 4,096 were 410 million floats built in
+    the node's memory. Exactly at the limit it answers; without vectors, as before."""
+    dim = 20_000
+    at_limit = MAX_ANSWER_FLOATS // dim  # 838 results of dim 20,000
+    await node.create("wide", dim, shards=1)
+    rng = np.random.default_rng(3)
+    docs = [{"id": f"d{i}", "vector": v} for i, v in enumerate(rng.random((5, dim)).tolist())]
+    await ok_json(await node.post_json("/v1/collections/wide/documents", {"documents": docs}))
+    q = rng.random(dim).tolist()
+    search = "/v1/collections/wide/search"
+    for queries, k in ((1, at_limit + 1), (2, at_limit // 2 + 1), (100, 1000)):
+        msg = await expect_error(await node.post_json(search, {
+            "vectors": [q] * queries, "k": k, "include": ["vector"]}), 400, "bad_request")
+        assert "vector" in msg and f"{MAX_ANSWER_FLOATS:,}" in msg
+    got = await ok_json(await node.post_json(search, {
+        "vector": q, "k": at_limit, "include": ["vector"]}))
+    assert len(got["results"][0]) == 5 and len(got["results"][0][0]["vector"]) == dim
+    got = await ok_json(await node.post_json(search, {"vectors": [q] * 100, "k": 1000}))
+    assert [len(r) for r in got["results"]] == [5] * 100
+    scroll = "/v1/collections/wide/scroll"
+    msg = await expect_error(await node.post_json(scroll, {
+        "limit": at_limit + 1, "include": ["vector"]}), 400, "bad_request")
+    assert "limit × dim" in msg
+    page = await ok_json(await node.post_json(scroll, {"limit": at_limit, "include": ["vector"]}))
+    assert len(page["documents"]) == 5 and len(page["documents"][0]["vector"]) == dim
+    assert len((await ok_json(await node.post_json(scroll, {"limit": 1000})))["documents"]) == 5
+
+
+async def test_an_answer_past_its_metadata_limit_is_400(node: Node) -> None:
+    """A document found by every query is in the answer once a query: 3 documents of 3 MiB
+    of metadata, each found by 30 queries, would be 270 MiB of JSON, over
+    MAX_ANSWER_METADATA (256 MiB); refused before any of it is built, and the node answers
+    the next search."""
+    await node.create("fat", 2, shards=1)
+    big = "x" * (3 << 20)
+    docs = [{"id": f"d{i}", "vector": [float(i), 1.0], "metadata": {"text": big}}
+            for i in range(3)]
+    await ok_json(await node.post_json("/v1/collections/fat/documents", {"documents": docs}))
+    search = "/v1/collections/fat/search"
+    msg = await expect_error(await node.post_json(search, {"vectors": [[0.0, 1.0]] * 30,
+                                                           "k": 3}), 400, "bad_request")
+    assert "metadata" in msg and f"{MAX_ANSWER_METADATA:,}" in msg
+    got = await ok_json(await node.post_json(search, {"vectors": [[0.0, 1.0]] * 30, "k": 3,
+                                                      "include": []}))
+    assert all(len(r) == 3 for r in got["results"])
+    got = await ok_json(await node.post_json(search, {"vector": [0.0, 1.0], "k": 3}))
+    assert len(got["results"][0][0]["metadata"]["text"]) == len(big)
 
 
 async def test_filter_condition_limit_counts_every_clause(coll: Node) -> None:

@@ -81,6 +81,14 @@ MAX_DIGEST_BUCKETS = 4096
 
 MAX_QUERIES = 1000  # query vectors in one search
 MAX_QUERY_RESULTS = 100_000  # queries × k in one search
+# Floats of the vectors an answer returns: queries × k × dim for a search with "vector" in
+# its include, limit × dim for a scroll's page (64 MiB as float32, about 200 MiB of JSON).
+# 100 queries of k 1,000 with vectors of dim 4,096 would have been 410 million floats: a
+# node's memory several times over, asked by anyone who may search.
+MAX_ANSWER_FLOATS = 1 << 24
+# Bytes of metadata in one search's answer: a document found by every query of a search is
+# in the answer once a query.
+MAX_ANSWER_METADATA = 256 << 20
 MAX_FILTER_CONDITIONS = 100  # conditions of a filter, must + should + must_not
 MAX_FILTER_IN_VALUES = 1000  # values of one `in` condition
 MAX_DELETE_IDS = 10_000  # ids in one delete

@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from aquila.cluster.model.bounds import MAX_ANSWER_METADATA
+from aquila.cluster.model.errors import BadRequest
+
 
 def json_bytes(obj: Any) -> bytes:
     """`orjson.dumps`, for JSON kept in memory: orjson's result holds on to its whole initial
@@ -57,6 +60,17 @@ RESULTS_ON_THREAD = 20_000
 
 def answer_weight(rows: list[list[Hit]], dim: int, vector: bool) -> int:
     return sum(map(len, rows)) * (1 + dim // 8 if vector else 1)
+
+
+def check_answer_metadata(rows: list[list[Hit]]) -> None:
+    """Refuse (400) an answer with more than `MAX_ANSWER_METADATA` bytes of metadata, before
+    any of it is built: 1,000 documents of 1 MiB of metadata each, found by each of 100
+    queries, would be 100 GiB of JSON."""
+    total = sum(len(h.metadata) for row in rows for h in row)
+    if total > MAX_ANSWER_METADATA:
+        raise BadRequest(
+            f"the answer would hold {total:,} bytes of metadata, over the limit of "
+            f"{MAX_ANSWER_METADATA:,}: ask for fewer results or leave 'metadata' out of include")
 
 
 def results_json(rows: list[list[Hit]], metadata: bool, vector: bool) -> list[list[Any]]:

@@ -22,6 +22,7 @@ from aquila.cluster.model.documents import (
     Hit,
     StaleFound,
     answer_weight,
+    check_answer_metadata,
     results_json,
 )
 from aquila.cluster.model.errors import AquilaError, NotFound, Unavailable
@@ -210,6 +211,8 @@ class ReadPath:
         if req.query_ids is not None:
             rows = [[h for h in row if h.id != own][:k]
                     for own, row in zip(req.query_ids, rows, strict=True)]
+        if req.include_metadata:
+            check_answer_metadata(rows)
         build = functools.partial(results_json, rows, req.include_metadata,
                                   req.include_vector)
         results = (await self.offload(build) if answer_weight(rows, spec.dim, req.include_vector)
@@ -318,8 +321,12 @@ class ReadPath:
         cursor = None
         if shard < spec.shards:
             cursor = encode_cursor(spec.name, ScrollPosition(entry.uid, shard, after))
+        def build() -> list[dict[str, Any]]:
+            return [_doc_json(h, req.include_metadata, req.include_vector) for h in docs]
+
+        heavy = answer_weight([docs], spec.dim, req.include_vector) > RESULTS_ON_THREAD
         return {
-            "documents": [_doc_json(h, req.include_metadata, req.include_vector) for h in docs],
+            "documents": await self.offload(build) if heavy else build(),
             "next_cursor": cursor,
             "partial": bool(missing),
             "missing_shards": missing,

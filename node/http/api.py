@@ -275,24 +275,25 @@ async def search(request: web.Request) -> web.Response:
         # freed there: millions of floats' objects took a third of a second to free.
         held = [out]
         del out
-        return await request.app[BLOCKING].parse(_respond_and_free, held)
+        return await request.app[BLOCKING].parse(_respond_and_free, held, "results")
     return json_response(out)
 
 
-def _respond_and_free(held: list[Any]) -> web.Response:
+def _respond_and_free(held: list[dict[str, Any]], key: str) -> web.Response:
     """The response of the one answer in `held`, which is emptied: serialised and freed on
-    the caller's thread, a query's row at a time. orjson keeps the GIL for a whole call, and
-    freeing a list frees all it holds in one step: in one piece, 100,000 hits with their
-    vectors kept the event loop from running for 0.3 s, though on another thread."""
+    the caller's thread, an item of its list `key` at a time (a query's row of hits, a
+    document). orjson keeps the GIL for a whole call, and freeing a list frees all it holds
+    in one step: in one piece, 100,000 hits with their vectors kept the event loop from
+    running for 0.3 s, though on another thread."""
     out = held.pop()
-    results: list[Any] = out.pop("results")
+    items: list[Any] = out.pop(key)
     pieces: list[bytes] = []
-    while results:  # from the last row: each row freed once it is serialised
-        pieces.append(orjson.dumps(results.pop(), option=orjson.OPT_SERIALIZE_NUMPY))
+    while items:  # from the last: each freed once it is serialised
+        pieces.append(orjson.dumps(items.pop(), option=orjson.OPT_SERIALIZE_NUMPY))
     pieces.reverse()
     rest = orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
     tail = b"]" + (b"," + rest[1:] if len(rest) > 2 else b"}")
-    body = b"".join((b'{"results":[', b",".join(pieces), tail))
+    body = b"".join((orjson.dumps({key: []})[:-2], b",".join(pieces), tail))
     return body_response(body, "application/json")
 
 
@@ -309,8 +310,13 @@ async def scroll(request: web.Request) -> web.Response:
     entry = service.collections.entry(request.match_info["name"])
     raw = await read_raw(request)
     req = parse_scroll(await read_json(request, raw) if raw.strip() else None,
-                       entry.spec.name, entry.spec.shards)
-    return json_response(await service.reads.scroll(entry, req))
+                       entry.spec.name, entry.spec.shards, entry.spec.dim)
+    out = await service.reads.scroll(entry, req)
+    if answer_weight([out["documents"]], entry.spec.dim, req.include_vector) > RESULTS_ON_THREAD:
+        held = [out]  # serialised and freed on a thread, as a search's (838 vectors of
+        del out  # dim 20,000 are 16.7 million floats)
+        return await request.app[BLOCKING].parse(_respond_and_free, held, "documents")
+    return json_response(out)
 
 
 # -- operations ---------------------------------------------------------------------------

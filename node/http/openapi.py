@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from aquila.cluster.model.bounds import (
+    MAX_ANSWER_FLOATS,
     MAX_DELETE_IDS,
     MAX_FILTER_CONDITIONS,
     MAX_FILTER_IN_VALUES,
@@ -230,7 +231,8 @@ _SCHEMAS: dict[str, Any] = {
             [], closed=True,
             vector=_VEC,
             vectors={"type": "array", "items": _VEC, "minItems": 1, "maxItems": MAX_QUERIES,
-                     "description": f"queries × k at most {MAX_QUERY_RESULTS}"},
+                     "description": f"queries × k at most {MAX_QUERY_RESULTS}; with 'vector' "
+                     f"in include, queries × k × dim at most {MAX_ANSWER_FLOATS}"},
             id={**_ID, "description": "a stored document: its vector is the query, and it is "
                 "left out of its own results"},
             ids={"type": "array", "items": _ID, "minItems": 1, "maxItems": MAX_QUERIES,

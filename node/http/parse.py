@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 
 from aquila.cluster.model.bounds import (
+    MAX_ANSWER_FLOATS,
     MAX_DELETE_IDS,
     MAX_METADATA_DEPTH,
     MAX_NPROBE,
@@ -315,6 +316,8 @@ def search_request(
     # Checked item by item: a list or object among them cannot go into a set.
     if not isinstance(include, list) or not all(i in ("metadata", "vector") for i in include):
         raise BadRequest("'include' is a list of 'metadata' and 'vector'")
+    if "vector" in include:
+        _answer_floats(len(vectors) * k, vectors.shape[1], "queries × k")
     allow_partial = _flag(body, "allow_partial", True)
     timeout_ms = _timeout_ms(body)
     explain = _flag(body, "explain", False)
@@ -388,7 +391,15 @@ def parse_count(body: Any) -> CountRequest:
                         _timeout_ms(body))
 
 
-def parse_scroll(body: Any, collection: str, shards: int) -> ScrollRequest:
+def _answer_floats(rows: int, dim: int, what: str) -> None:
+    """Refuse an answer whose vectors would be more than `MAX_ANSWER_FLOATS` floats."""
+    if rows * dim > MAX_ANSWER_FLOATS:
+        raise BadRequest(
+            f"with 'vector' in include, {what} × dim must be at most {MAX_ANSWER_FLOATS:,}, "
+            f"got {rows:,} × {dim:,}: ask for fewer results or leave 'vector' out")
+
+
+def parse_scroll(body: Any, collection: str, shards: int, dim: int) -> ScrollRequest:
     """`{"filter"?, "limit"? (1..1000, 100), "cursor"? (str or null), "include"?,
     "allow_partial"? (default false: a scroll is a walk over everything), "timeout_ms"?}`."""
     body = _known(body, {"filter", "limit", "cursor", "include", "allow_partial", "timeout_ms"})
@@ -398,6 +409,8 @@ def parse_scroll(body: Any, collection: str, shards: int) -> ScrollRequest:
     include = body.get("include", ["metadata"])
     if not isinstance(include, list) or not all(i in ("metadata", "vector") for i in include):
         raise BadRequest("'include' is a list of 'metadata' and 'vector'")
+    if "vector" in include:
+        _answer_floats(limit, dim, "limit")
     cursor = body.get("cursor")
     flt = body.get("filter")
     return ScrollRequest(
