@@ -27,6 +27,7 @@ from aquila.node.storage.engine import Engine
 from aquila.node.storage.index import LABEL_BITS, prepare
 from aquila.node.storage.search import candidates, exact_scores, resolve
 from aquila.node.storage.store import (
+    CHANGES_CF,
     LAYOUT,
     NO_LABEL,
     VEC_PREFIX,
@@ -40,6 +41,7 @@ from aquila.node.storage.store import (
     vec_key,
 )
 from tests.conftest import settled
+from tests.layouts import as_layout_5
 
 _U64 = struct.Struct(">Q")
 DIM = 8
@@ -247,13 +249,14 @@ def _as_layout_4(path: Path) -> dict[int, dict[str, Record]]:
                     r.version, r.label, r.seq, r.tombstone, r.writer.encode(), r.vector,
                     r.metadata))
         store.write(wb)
-        store.put_layout(4)
         assert any(r.vector for docs in before.values() for r in docs.values())
     finally:
         store.close()
     # No column family of vectors: layout 4 had none.
+    as_layout_5(path)  # the change log back in the default column family
     opts = rocksdict.Options(raw_mode=True)
     db = rocksdict.Rdict(str(path), opts, column_families={"default": opts, VECTORS_CF: opts})
+    db.put(b"F", struct.pack(">H", 4))
     db.drop_column_family(VECTORS_CF)
     db.close()
     assert VECTORS_CF not in rocksdict.Rdict.list_cf(str(path), opts)
@@ -286,7 +289,7 @@ async def _reopened(tmp_path: Path, blocking: Blocking,
     await engine.start()
     try:
         coll = engine.get("c")
-        assert coll.store.layout() == LAYOUT == 5
+        assert coll.store.layout() == LAYOUT == 6
         assert {s: dict(coll.store.iter_docs(s)) for s in range(SHARDS)} == before
         check(coll, {s: {d: r.vector for d, r in docs.items() if not r.tombstone}
                      for s, docs in before.items()})
@@ -319,7 +322,8 @@ async def test_a_store_of_a_newer_layout_is_refused_and_left_as_it_is(
     def content() -> dict[str, dict[bytes, bytes]]:
         store.open()
         try:
-            return {"default": dict(store.db.items()), VECTORS_CF: dict(store.vdb.items())}
+            return {"default": dict(store.db.items()), VECTORS_CF: dict(store.vdb.items()),
+                    CHANGES_CF: dict(store.cdb.items())}
         finally:
             store.close()
 

@@ -343,6 +343,11 @@ class Collection:
                     split += self.store.split_vectors(s)
                 log.info("%s: moved %d documents' vectors to their own keys (once) in %.1f s",
                          self.spec.name, split, time.monotonic() - t0)
+            if layout < 6:  # 5 → 6: the change log to its own column family (see store)
+                t0 = time.monotonic()
+                moved = self.store.move_changes()
+                log.info("%s: moved %d change-log keys to their column family (once) in "
+                         "%.1f s", self.spec.name, moved, time.monotonic() - t0)
             self.store.put_layout()
         # The keys of a shard not recorded as held are what a crash in the middle of a drop
         # left (see `drop_shard`): garbage, never read.

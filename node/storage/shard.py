@@ -290,6 +290,7 @@ class Shard:
         bucket_hash = _BUCKET_HASH.copy
         put, delete = batch.raw_put, batch.raw_delete
         vec_put, vec_delete = batch.vec_put, batch.vec_delete
+        change_put, change_delete = batch.change_put, batch.change_delete
         pack_seq = _U64.pack
         label_prefix = label_key(shard, 0)[:3]
         vec_prefix = vec_key(shard, 0)[:3]
@@ -343,8 +344,8 @@ class Shard:
                                                wb, doc.metadata)))
                 vec_put(vec_prefix + pack_seq(label), pack_seq(seq) + vb)
             if old is not None:
-                delete(change_prefix + pack_seq(old.seq))
-            put(change_prefix + pack_seq(seq), idb)
+                change_delete(change_prefix + pack_seq(old.seq))
+            change_put(change_prefix + pack_seq(seq), idb)
             seq += 1
             change = int.from_bytes(
                 blake2b(b"%b\x00%d\x00%b" % (idb, version, wb), digest_size=16).digest(), "big")

@@ -15,7 +15,11 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
                                      vectors by label (no id, no record) and a training scans
                                      only vectors
     b"Q" shard seq(u64 BE)        -> id: the change log, one entry per document (its latest
-                                     change), so replay after a snapshot reads only what came after
+                                     change), so replay after a snapshot reads only what came
+                                     after; in the column family "changes", which has no
+                                     bloom filters (the log is only scanned, never looked up
+                                     by key: its keys' filter bits, ten a document, deleted
+                                     ones' too until their purge, were cache nobody read)
     b"L" shard label(u64 BE)      -> id: every label given and not purged (tombstones' too)
     b"G" shard bucket(u16 BE)     -> the anti-entropy digest of the bucket (16 bytes), written
                                      in the batch of every change to the bucket
@@ -28,7 +32,9 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
                                      2 before R: the labels purged then are never given again;
                                      3 before a tombstone's label was released, label 0;
                                      4 before V: records held their vectors, split once at
-                                     the first open, see `split_vectors`)
+                                     the first open, see `split_vectors`; 5 before the
+                                     column family of changes: Q keys moved once, see
+                                     `move_changes`)
 
 A document's label is a stable int64 within its shard, kept for its whole life (tombstone
 included), so updates and deletes remove exactly the old vector from the index. A purged
@@ -127,9 +133,10 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
 # The tags of the keys that belong to one shard.
-_SHARD_TAGS = (b"C", b"D", b"Q", b"L", b"G", b"R", b"P")  # the default column family's
-VECTORS_CF = "vectors"
-LAYOUT = 5
+_SHARD_TAGS = (b"C", b"D", b"L", b"G", b"R", b"P")  # the default column family's
+VECTORS_CF = "vectors"  # V keys
+CHANGES_CF = "changes"  # Q keys
+LAYOUT = 6
 # Bytes before a V value's vector: its record's seq.
 VEC_PREFIX = _U64.size
 # V keys read at a time by a scan of the vectors (`Store.iter_live_vectors`): their values
@@ -258,6 +265,15 @@ class WriteBatch:
     def vec_delete(self) -> Callable[[bytes], None]:
         return functools.partial(self._wb.delete, column_family=self._store.vectors_cf)
 
+    @property
+    def change_put(self) -> Callable[[bytes, bytes], None]:
+        """A put of a Q key (`change_key`) and value (the id)."""
+        return functools.partial(self._wb.put, column_family=self._store.changes_cf)
+
+    @property
+    def change_delete(self) -> Callable[[bytes], None]:
+        return functools.partial(self._wb.delete, column_family=self._store.changes_cf)
+
     def put_doc(self, shard: int, doc_id: str, rec: Record, old: Record | None) -> None:
         """The record, its vector under V (a live one's; a tombstone's label has none)."""
         self._wb.put(doc_key(shard, doc_id), rec.encode())
@@ -267,9 +283,14 @@ class WriteBatch:
             else:
                 self.vec_put(vec_key(shard, rec.label), _U64.pack(rec.seq) + rec.vector)
         if old is not None:
-            self._wb.delete(change_key(shard, old.seq))
-        self._wb.put(change_key(shard, rec.seq), doc_id.encode())
+            self.change_delete(change_key(shard, old.seq))
+        self.change_put(change_key(shard, rec.seq), doc_id.encode())
         self.count += 1
+
+    @property
+    def raw_wb(self) -> rocksdict.WriteBatch:
+        """The rocksdict batch itself (a range delete)."""
+        return self._wb
 
     @property
     def raw_put(self) -> Callable[[bytes, bytes], None]:
@@ -286,7 +307,7 @@ class WriteBatch:
         """Remove every trace of a document (a tombstone past its grace period); its label
         becomes free to give again."""
         self._wb.delete(doc_key(shard, doc_id))
-        self._wb.delete(change_key(shard, rec.seq))
+        self.change_delete(change_key(shard, rec.seq))
         if rec.label != NO_LABEL:  # released before: nothing of it left to free
             self._wb.delete(label_key(shard, rec.label))
             self.vec_delete(vec_key(shard, rec.label))  # none (a tombstone's): made sure
@@ -367,6 +388,8 @@ class Store:
         self._db: rocksdict.Rdict | None = None
         self._vdb: rocksdict.Rdict | None = None  # the column family of vectors
         self._vcf: rocksdict.ColumnFamily | None = None  # its handle, for batches
+        self._cdb: rocksdict.Rdict | None = None  # the column family of changes
+        self._ccf: rocksdict.ColumnFamily | None = None
 
     def open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -386,15 +409,24 @@ class Store:
         vopts = self._options()
         vopts.set_compression_type(rocksdict.DBCompressionType.none())
         vopts.set_bottommost_compression_type(rocksdict.DBCompressionType.none())
+        copts = self._options(filters=False)  # the change log: compressed as the records
+        copts.set_compression_type(rocksdict.DBCompressionType.lz4())
+        copts.set_bottommost_compression_type(rocksdict.DBCompressionType.zstd())
         access = (rocksdict.AccessType.read_only() if self._read_only
                   else rocksdict.AccessType.read_write())
-        self._db = rocksdict.Rdict(str(self.path), opts,
-                                   column_families={"default": opts, VECTORS_CF: vopts},
+        families = {"default": opts, VECTORS_CF: vopts, CHANGES_CF: copts}
+        if self._read_only:  # a reader cannot create one (a store of an earlier layout)
+            have = set(rocksdict.Rdict.list_cf(str(self.path), opts))
+            families = {name: o for name, o in families.items() if name in have}
+        self._db = rocksdict.Rdict(str(self.path), opts, column_families=families,
                                    access_type=access)
         self._vdb = self._db.get_column_family(VECTORS_CF)
         self._vcf = self._db.get_column_family_handle(VECTORS_CF)
+        if CHANGES_CF in families:
+            self._cdb = self._db.get_column_family(CHANGES_CF)
+            self._ccf = self._db.get_column_family_handle(CHANGES_CF)
         if not self._read_only:  # (not settable in `Options`: a mutable option only)
-            for cf in (self._db, self._vdb):
+            for cf in self._families():
                 try:
                     cf.set_options({"uncache_aggressiveness": str(UNCACHE_AGGRESSIVENESS)})
                 except Exception as exc:  # an older RocksDB (rocksdict 0.3.23's 9.0)
@@ -413,8 +445,9 @@ class Store:
         self._lookup_opts = rocksdict.ReadOptions()  # point reads that do not come back
         self._lookup_opts.fill_cache(False)  # type: ignore[call-arg]
 
-    def _options(self) -> rocksdict.Options:
-        """A column family's options but its compression."""
+    def _options(self, filters: bool = True) -> rocksdict.Options:
+        """A column family's options but its compression; without bloom filters (table
+        files' and memtables') unless `filters`."""
         opts = rocksdict.Options(raw_mode=True)
         opts.create_if_missing(True)
         opts.create_missing_column_families(True)
@@ -427,7 +460,8 @@ class Store:
         # Bloom filters: every upsert first looks its id up, and new ids miss; without a
         # filter each miss reads a block of every level.
         table = rocksdict.BlockBasedOptions()
-        table.set_bloom_filter(10, False)
+        if filters:
+            table.set_bloom_filter(10, False)
         # The node's one cache, memtables charged to it (see RocksMemory); indexes and
         # filters are blocks in it too, not held beside it by the table readers.
         table.set_block_cache(self.memory.cache)
@@ -447,8 +481,9 @@ class Store:
         # The same for the memtables (a bloom filter of 2% of their size, ~1.3 MiB each): a
         # new id otherwise costs a skiplist search of every memtable, which made the lookup
         # the largest part of a bulk import (~8 µs of ~30 a document; ~1 µs with it).
-        opts.set_memtable_whole_key_filtering(True)
-        opts.set_memtable_prefix_bloom_ratio(0.02)
+        if filters:
+            opts.set_memtable_whole_key_filtering(True)
+            opts.set_memtable_prefix_bloom_ratio(0.02)
         opts.set_write_buffer_manager(self.memory.write_buffers)
         opts.set_write_buffer_size(self.memory.write_buffer_bytes)
         opts.set_level_zero_file_num_compaction_trigger(L0_TRIGGER)
@@ -479,6 +514,23 @@ class Store:
             raise RuntimeError("store is not open")
         return self._vcf
 
+    @property
+    def cdb(self) -> rocksdict.Rdict:
+        """The column family of changes (Q keys)."""
+        if self._cdb is None:
+            raise RuntimeError("store is not open")
+        return self._cdb
+
+    @property
+    def changes_cf(self) -> rocksdict.ColumnFamily:
+        if self._ccf is None:
+            raise RuntimeError("store is not open")
+        return self._ccf
+
+    def _families(self) -> list[rocksdict.Rdict]:
+        """The open column families: default, vectors, changes."""
+        return [f for f in (self._db, self._vdb, self._cdb) if f is not None]
+
     def batch(self) -> WriteBatch:
         return WriteBatch(self)
 
@@ -489,14 +541,13 @@ class Store:
         the cache in use (the blocks and every store's memtables, charged to it), `budget`
         its capacity, and `cache_data`, `cache_filter`, `cache_index` the cache's blocks by
         role (RocksDB's entry stats: at most 10 s old, three significant figures)."""
-        db, vdb = self._db, self._vdb
-        if db is None or vdb is None:
+        db, families = self._db, self._families()
+        if db is None or len(families) < 2:
             return {}
         out = {}
-        try:  # both column families'
+        try:  # every column family's
             for kind, prop in _MEMORY_PROPERTIES.items():
-                out[kind] = (int(db.property_int_value(prop) or 0)
-                             + int(vdb.property_int_value(prop) or 0))
+                out[kind] = sum(int(f.property_int_value(prop) or 0) for f in families)
             # The cache's blocks by role: the node's, like block_cache.
             stats = db.property_value("rocksdb.block-cache-entry-stats") or ""
         except Exception:  # closed by another thread meanwhile: nothing to report
@@ -511,9 +562,8 @@ class Store:
     def flush_memtables(self) -> None:
         """Start writing the memtables out to table files (returns at once), which frees
         them."""
-        if self._db is not None and self._vdb is not None:
-            self._db.flush(False)
-            self._vdb.flush(False)
+        for family in self._families():
+            family.flush(False)
 
     def level0_files(self) -> int:
         return int(self.db.property_int_value("rocksdb.num-files-at-level0") or 0)
@@ -526,11 +576,12 @@ class Store:
         (each one call, short) instead of leaving the store open."""
         db, self._db = self._db, None
         vdb, self._vdb = self._vdb, None
-        self._vcf = None  # a handle keeps the database open (so does a batch holding it)
+        cdb, self._cdb = self._cdb, None
+        self._vcf = self._ccf = None  # a handle keeps the database open (so does a batch)
         if db is None:
             return
         deadline = time.monotonic() + _CLOSE_WAIT_S
-        for one in (vdb, db):  # the column family first: it too keeps the database open
+        for one in (vdb, cdb, db):  # column families first: they too keep the database open
             while one is not None:
                 try:
                     one.close()
@@ -662,6 +713,26 @@ class Store:
                 put, vput = batch.raw_put, batch.vec_put
         if batch.count:
             self.write(batch)
+        return done
+
+    def move_changes(self, chunk: int = 50_000) -> int:
+        """Layout 5 to 6: the change log's keys (every shard's) copied from the default column
+        family to that of changes, `chunk` a batch, then removed from the default one by one
+        range delete; the number copied. Run again after a crash midway, it copies again
+        what is still there (the same keys and values) and removes it."""
+        batch = self.batch()
+        put = batch.change_put
+        done = 0
+        for key, value in self._scan(b"Q"):
+            put(key, value)
+            batch.count += 1
+            done += 1
+            if batch.count >= chunk:
+                self.write(batch)
+                batch = self.batch()
+                put = batch.change_put
+        batch.raw_wb.delete_range(b"Q", b"R")
+        self.write(batch)
         return done
 
     def write(self, batch: WriteBatch) -> None:
@@ -901,7 +972,7 @@ class Store:
     def iter_changes(self, shard: int, after_seq: int) -> Iterator[tuple[int, str]]:
         """(seq, id) of every document whose latest change is after `after_seq`, in order."""
         prefix = _shard_key(b"Q", shard)
-        it = self.db.iter(self._scan_opts)  # read once (a replay): around the block cache
+        it = self.cdb.iter(self._scan_opts)  # read once (a replay): around the block cache
         it.seek(change_key(shard, after_seq + 1))
         while it.valid():
             key = it.key()
@@ -913,11 +984,12 @@ class Store:
     def drop_shard(self, shard: int) -> None:
         """Remove every key of one shard (after it moved to another node), in one batch."""
         wb = rocksdict.WriteBatch(raw_mode=True)
-        for tag in (*_SHARD_TAGS, b"V"):
+        families = {b"V": self.vectors_cf, b"Q": self.changes_cf}
+        for tag in (*_SHARD_TAGS, b"V", b"Q"):
             start = _shard_key(tag, shard)
             end = _shard_key(tag, shard + 1) if shard + 1 < 65536 else tag + b"\xff\xff\xff"
-            if tag == b"V":
-                wb.delete_range(start, end, self.vectors_cf)
+            if tag in families:
+                wb.delete_range(start, end, families[tag])
             else:
                 wb.delete_range(start, end)
         self.db.write(wb, self._write_opts)
