@@ -24,7 +24,8 @@ from aquila.cluster.peers.client import PeerError
 from aquila.cluster.peers.http import Peers
 from aquila.node.http.fastparse import parse_documents_fast
 from aquila.node.http.parse import parse_documents
-from aquila.node.keys import SERVICE
+from aquila.node.keys import CLUSTER, SERVICE
+from aquila.node.storage import search as storage_search
 from tests.conftest import Node, StartNode, expect_error, ok_json
 
 SPEC: dict[str, Any] = {"dim": 2, "metric": "l2", "shards": 2, "replication": 1,
@@ -506,3 +507,36 @@ async def test_a_peers_answer_is_read_within_a_limit_and_never_inflated() -> Non
                 await peers.request(addr, "POST", "/bomb", {}, to=None)
         finally:
             await peers.close()
+
+
+async def test_a_search_stops_reading_documents_past_the_metadata_limit(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hits' records are read a few thousand at a time and counted: past
+    MAX_ANSWER_METADATA (here lowered to 100 kB, 16 records a read) the search is a 400
+    without reading the rest, where it read every hit's record first (10,000 documents of
+    1 MiB are 10 GiB). Fewer hits are answered."""
+    monkeypatch.setattr(storage_search, "MAX_ANSWER_METADATA", 100_000)
+    monkeypatch.setattr(storage_search, "_RECORDS_AT_ONCE", 16)
+    await node.create("meta", 2, shards=1)
+    pad = "m" * 2000
+    docs = [{"id": f"d{i}", "vector": [float(i), 0.0], "metadata": {"pad": pad}}
+            for i in range(300)]
+    await ok_json(await node.post_json("/v1/collections/meta/documents", {"documents": docs}))
+    store = node.client.app[CLUSTER].engine.get("meta").store
+    read: list[int] = []
+    real = store.raw_records
+
+    def counted(keys: list[bytes]) -> list[bytes | None]:
+        read.append(len(keys))
+        return real(keys)
+
+    monkeypatch.setattr(store, "raw_records", counted)
+    search = "/v1/collections/meta/search"
+    msg = await expect_error(await node.post_json(search, {"vector": [0.0, 0.0], "k": 300}),
+                             400, "bad_request")
+    assert "100,000 bytes" in msg
+    # The ids by label (300), then records until past 100 kB (~2 kB each): 4 reads of 16.
+    assert read[0] == 300 and sum(read[1:]) <= 16 * 4, read
+    got = await ok_json(await node.post_json(search, {"vector": [0.0, 0.0], "k": 40}))
+    assert [h["id"] for h in got["results"][0]][:3] == ["d0", "d1", "d2"]

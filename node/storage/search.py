@@ -12,7 +12,9 @@ from typing import Protocol
 
 import numpy as np
 
+from aquila.cluster.model.bounds import MAX_ANSWER_METADATA
 from aquila.cluster.model.documents import Hit
+from aquila.cluster.model.errors import BadRequest
 from aquila.cluster.model.spec import CollectionSpec
 from aquila.node.storage.index import LABEL_BITS, VectorIndex, prepare
 from aquila.node.storage.shard import Shard
@@ -315,6 +317,32 @@ def label_keys(shards: np.ndarray, labels: np.ndarray, tag: bytes = b"L") -> lis
     return [buf[i : i + size] for i in range(0, len(buf), size)]
 
 
+# Records a search reads in one multi-get before it counts their bytes.
+_RECORDS_AT_ONCE = 4096
+
+
+def _records_within(store: Store, keys: list[bytes]) -> list[bytes | None]:
+    """`store.raw_records(keys)`, a few thousand at a time, refused (400) once they add up
+    past `MAX_ANSWER_METADATA`: a search's hits are at most 100,000 documents, and of
+    documents of 1 MiB of metadata each it would have read 100 GiB before any check."""
+    if len(keys) <= _RECORDS_AT_ONCE:
+        got = store.raw_records(keys)
+        total = sum(len(r) for r in got if r is not None)
+    else:
+        got, total = [], 0
+        for lo in range(0, len(keys), _RECORDS_AT_ONCE):
+            part = store.raw_records(keys[lo:lo + _RECORDS_AT_ONCE])
+            total += sum(len(r) for r in part if r is not None)
+            if total > MAX_ANSWER_METADATA:
+                break
+            got.extend(part)
+    if total > MAX_ANSWER_METADATA:
+        raise BadRequest(
+            f"the hits' documents hold over {MAX_ANSWER_METADATA:,} bytes (their metadata): "
+            "ask for fewer results (queries or k)")
+    return got
+
+
 def _read_documents(
     store: Store, keys: np.ndarray, with_vectors: bool
 ) -> tuple[list[str | None], list[bytes], list[bytes]]:
@@ -329,7 +357,7 @@ def _read_documents(
     prefix = {s: doc_key(s, "") for s in set(shards.tolist())}
     wanted = [(u, prefix[s] + doc_id) for u, (s, doc_id)
               in enumerate(zip(shards.tolist(), found, strict=True)) if doc_id is not None]
-    raws = store.raw_records([key for _, key in wanted])
+    raws = _records_within(store, [key for _, key in wanted])
     ids: list[str | None] = [None] * n
     metas: list[bytes] = [b""] * n
     vecs: list[bytes] = [b""] * n
