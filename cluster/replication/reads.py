@@ -321,6 +321,7 @@ class ReadPath:
         cursor = None
         if shard < spec.shards:
             cursor = encode_cursor(spec.name, ScrollPosition(entry.uid, shard, after))
+
         def build() -> list[dict[str, Any]]:
             return [_doc_json(h, req.include_metadata, req.include_vector) for h in docs]
 
