@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import rocksdict
 
-from aquila.node.storage.store import CHANGES_CF, VECTORS_CF
+from aquila.node.storage.store import CHANGES_CF, VECTORS_CF, Store, WriteBatch
 
 
 def as_layout_5(path: Path) -> None:
@@ -26,3 +29,25 @@ def as_layout_5(path: Path) -> None:
     db.drop_column_family(CHANGES_CF)
     db.close()
     assert CHANGES_CF not in rocksdict.Rdict.list_cf(str(path), opts)
+
+
+@contextlib.contextmanager
+def killed_after_writes(monkeypatch: pytest.MonkeyPatch, writes: int) -> Iterator[None]:
+    """`Store.write` dies (OSError, as a kill would stop it) after `writes` batches, until the
+    block ends; the block expects that death."""
+    real = Store.write
+    calls = 0
+
+    def dying(self: Store, batch: WriteBatch) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > writes:
+            raise OSError("killed")
+        real(self, batch)
+
+    monkeypatch.setattr(Store, "write", dying)
+    try:
+        with pytest.raises(OSError, match="killed"):
+            yield
+    finally:
+        monkeypatch.setattr(Store, "write", real)

@@ -17,8 +17,8 @@ from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node.blocking import Blocking
 from aquila.node.storage.collection import Collection, Tuning
 from aquila.node.storage.engine import Engine
-from aquila.node.storage.store import CHANGES_CF, LAYOUT, Store, WriteBatch
-from tests.layouts import as_layout_5
+from aquila.node.storage.store import CHANGES_CF, LAYOUT, Store
+from tests.layouts import as_layout_5, killed_after_writes
 
 DIM = 4
 SHARDS = 2
@@ -128,20 +128,8 @@ async def test_a_move_killed_midway_is_finished_by_the_next_open(
     as_layout_5(path)
     store = Store(path, fsync=False)
     store.open()
-    real = Store.write
-    calls = 0
-
-    def dying(self: Store, batch: WriteBatch) -> None:
-        nonlocal calls
-        calls += 1
-        if calls > 2:
-            raise OSError("killed")
-        real(self, batch)
-
-    monkeypatch.setattr(Store, "write", dying)
-    with pytest.raises(OSError):
+    with killed_after_writes(monkeypatch, 2):
         store.move_changes(chunk=7)
-    monkeypatch.setattr(Store, "write", real)
     assert store.layout() == 5 and q_keys_in_default(store) == 61
     assert sum(len(v) for v in log_of(store).values()) == 14
     store.close()

@@ -34,14 +34,13 @@ from aquila.node.storage.store import (
     VECTORS_CF,
     Record,
     Store,
-    WriteBatch,
     doc_key,
     encode_record,
     label_key,
     vec_key,
 )
 from tests.conftest import settled
-from tests.layouts import as_layout_5
+from tests.layouts import as_layout_5, killed_after_writes
 
 _U64 = struct.Struct(">Q")
 DIM = 8
@@ -351,20 +350,8 @@ async def test_a_split_killed_midway_is_finished_by_the_next_open(
     before = await _layout_4_store(tmp_path, blocking)
     store = Store(tmp_path / "collections" / "c" / "db", fsync=False)
     store.open()
-    real = Store.write
-    calls = 0
-
-    def dying(self: Store, batch: WriteBatch) -> None:
-        nonlocal calls
-        calls += 1
-        if calls > 2:
-            raise OSError("killed")
-        real(self, batch)
-
-    monkeypatch.setattr(Store, "write", dying)
-    with pytest.raises(OSError):
+    with killed_after_writes(monkeypatch, 2):
         store.split_vectors(0, chunk=7)
-    monkeypatch.setattr(Store, "write", real)
     assert store.layout() == 4 and len(v_keys(store, 0)) == 14  # 2 batches of live ones
     store.close()
     split: list[int] = []
