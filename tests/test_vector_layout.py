@@ -50,7 +50,7 @@ FLAT = CollectionSpec("c", DIM, "l2", SHARDS, 1, IndexSpec("flat"))
 
 def v_keys(store: Store, s: int) -> dict[int, bytes]:
     prefix = vec_key(s, 0)[:3]
-    return {_U64.unpack_from(k, 3)[0]: v for k, v in store._scan(prefix, vectors=True)}
+    return {_U64.unpack_from(k, 3)[0]: v for k, v in store._scan(prefix, family=store.vdb)}
 
 
 def check(coll: Collection, model: dict[int, dict[str, bytes]]) -> None:

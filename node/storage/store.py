@@ -65,11 +65,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import rocksdict
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FLAG_TOMBSTONE = 1
 # The node's RocksDB memory (block cache and memtables together), by default and its bounds.
@@ -192,6 +194,13 @@ def encode_record(version: int, label: int, seq: int, tombstone: bool, writer: b
     return b"".join((head, writer, vector, metadata))
 
 
+def _opened(handle: T | None) -> T:
+    """A handle of an open store (its database, a column family or its handle)."""
+    if handle is None:
+        raise RuntimeError("store is not open")
+    return handle
+
+
 def _shard_key(tag: bytes, shard: int) -> bytes:
     return tag + _U16.pack(shard)
 
@@ -286,11 +295,6 @@ class WriteBatch:
             self.change_delete(change_key(shard, old.seq))
         self.change_put(change_key(shard, rec.seq), doc_id.encode())
         self.count += 1
-
-    @property
-    def raw_wb(self) -> rocksdict.WriteBatch:
-        """The rocksdict batch itself (a range delete)."""
-        return self._wb
 
     @property
     def raw_put(self) -> Callable[[bytes, bytes], None]:
@@ -496,36 +500,26 @@ class Store:
 
     @property
     def db(self) -> rocksdict.Rdict:
-        if self._db is None:
-            raise RuntimeError("store is not open")
-        return self._db
+        return _opened(self._db)
 
     @property
     def vdb(self) -> rocksdict.Rdict:
         """The column family of vectors (V keys)."""
-        if self._vdb is None:
-            raise RuntimeError("store is not open")
-        return self._vdb
+        return _opened(self._vdb)
 
     @property
     def vectors_cf(self) -> rocksdict.ColumnFamily:
         """The handle of the column family of vectors (for batches)."""
-        if self._vcf is None:
-            raise RuntimeError("store is not open")
-        return self._vcf
+        return _opened(self._vcf)
 
     @property
     def cdb(self) -> rocksdict.Rdict:
         """The column family of changes (Q keys)."""
-        if self._cdb is None:
-            raise RuntimeError("store is not open")
-        return self._cdb
+        return _opened(self._cdb)
 
     @property
     def changes_cf(self) -> rocksdict.ColumnFamily:
-        if self._ccf is None:
-            raise RuntimeError("store is not open")
-        return self._ccf
+        return _opened(self._ccf)
 
     def _families(self) -> list[rocksdict.Rdict]:
         """The open column families: default, vectors, changes."""
@@ -731,7 +725,7 @@ class Store:
                 self.write(batch)
                 batch = self.batch()
                 put = batch.change_put
-        batch.raw_wb.delete_range(b"Q", b"R")
+        batch._wb.delete_range(b"Q", b"R")
         self.write(batch)
         return done
 
@@ -924,11 +918,11 @@ class Store:
         seq, label, live = _COUNTERS.unpack(raw)
         return int(seq), int(label), int(live)
 
-    def _scan(self, prefix: bytes, start: bytes | None = None, *, vectors: bool = False
-              ) -> Iterator[tuple[bytes, bytes]]:
-        """Keys and values under `prefix`, from `start` if given; of the column family of
-        vectors when `vectors`."""
-        it = (self.vdb if vectors else self.db).iter(self._scan_opts)
+    def _scan(self, prefix: bytes, start: bytes | None = None, *,
+              family: rocksdict.Rdict | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Keys and values under `prefix`, from `start` if given; of `family` (a column
+        family: `vdb`, `cdb`) if given, else of the default one."""
+        it = (family or self.db).iter(self._scan_opts)
         it.seek(start or prefix)
         while it.valid():
             key = it.key()
@@ -971,15 +965,10 @@ class Store:
 
     def iter_changes(self, shard: int, after_seq: int) -> Iterator[tuple[int, str]]:
         """(seq, id) of every document whose latest change is after `after_seq`, in order."""
-        prefix = _shard_key(b"Q", shard)
-        it = self.cdb.iter(self._scan_opts)  # read once (a replay): around the block cache
-        it.seek(change_key(shard, after_seq + 1))
-        while it.valid():
-            key = it.key()
-            if not key.startswith(prefix):
-                break
-            yield _U64.unpack(key[3:])[0], it.value().decode()
-            it.next()
+        # Read once (a replay): around the block cache, as every scan.
+        for key, raw in self._scan(_shard_key(b"Q", shard), change_key(shard, after_seq + 1),
+                                   family=self.cdb):
+            yield _U64.unpack(key[3:])[0], raw.decode()
 
     def drop_shard(self, shard: int) -> None:
         """Remove every key of one shard (after it moved to another node), in one batch."""
