@@ -126,6 +126,20 @@ def _abandoned_background() -> bool:
     return any(t.is_alive() for t in threads)
 
 
+async def _freeze_when_ready(app: Any) -> None:
+    """Once the node is ready, what its start made is moved out of the garbage collector's
+    sight (`node.collector.freeze`): one collection now (tens of milliseconds, once) for
+    none of that length later."""
+    from aquila.node.collector import freeze
+    from aquila.node.keys import READY
+
+    await app[READY].wait()
+    t0 = time.perf_counter()
+    frozen = freeze()
+    log.debug("%d objects of the start frozen out of the garbage collector's sight (%.1f ms)",
+              frozen, (time.perf_counter() - t0) * 1e3)
+
+
 async def _serve(config: NodeConfig) -> None:
     from aiohttp import web
 
@@ -143,6 +157,8 @@ async def _serve(config: NodeConfig) -> None:
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=1024)
         await site.start()
+        freezing = loop.create_task(_freeze_when_ready(app))
         await stop.wait()
+        freezing.cancel()
     finally:
         await runner.cleanup()

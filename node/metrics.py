@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from aquila.cluster.clock import Clock
+from aquila.node import collector
 
 INDEX_STATES = ("buffering", "training", "trained")
 
@@ -197,6 +198,27 @@ class _Heap:
         yield heap
 
 
+class _Collector:
+    """Python's garbage collector (`node.collector`): its pauses hold every thread."""
+
+    def collect(self) -> Iterator[Metric]:
+        got = collector.figures()
+        runs = CounterMetricFamily("aquila_gc_collections", "Collections of Python's cyclic "
+                                   "garbage collector, by generation", labels=["generation"])
+        spent = CounterMetricFamily("aquila_gc_seconds", "Seconds in collections (each holds "
+                                    "the GIL: the event loop and every thread wait), by "
+                                    "generation", labels=["generation"])
+        for generation, (n, seconds) in enumerate(zip(got["collections"], got["seconds"],
+                                                      strict=True)):
+            runs.add_metric([str(generation)], n)
+            spent.add_metric([str(generation)], seconds)
+        yield runs
+        yield spent
+        yield GaugeMetricFamily("aquila_gc_frozen_objects", "Objects of the node's start "
+                                "moved out of the collector's sight once it was ready",
+                                value=got["frozen"])
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -232,6 +254,8 @@ class Metrics:
         )
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._heap: _Heap | None = None
+        collector.watch()
+        self.registry.register(_Collector())  # type: ignore[arg-type]
 
     def watch_storage(self, figures: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self.registry.register(_Storage(figures))  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ against FAISS `index.search` alone on the same index, one caller and 8 concurren
 and the blocking part (`run_batch`) split into the FAISS call and turning keys into hits.
 
     python scripts/bench_engine.py --limit 50000 --nprobe 1 32
+    python scripts/bench_engine.py --limit 50000 --nprobe 64 --batch 100 --spin 15 [--freeze]
 
 Figures are µs of wall time per query and µs of process CPU per query (the machine may be
 shared: the references are measured in the same run, interleaved).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 import tempfile
@@ -64,7 +66,11 @@ async def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--spin", type=float, default=0.0,
-                    help="only run 8 callers at the first nprobe this many seconds (to profile)")
+                    help="only run 8 callers at the first nprobe this many seconds (to profile), "
+                    "then say what the garbage collector took")
+    ap.add_argument("--freeze", action="store_true",
+                    help="with --spin: the objects made before it frozen out of the garbage "
+                    "collector's sight first (gc.freeze, as a node does once ready)")
     args = ap.parse_args()
     ds = load_dataset(args)
     blocking = Blocking()
@@ -104,7 +110,31 @@ async def main() -> None:
                     i += 1
                     await coll.search(qs[i % len(qs)], args.k, args.nprobe[0])
 
+            # What Python's garbage collector took meanwhile, by generation (with --freeze
+            # the objects made so far out of its sight first, as a node does once ready).
+            spent = [0.0, 0.0, 0.0]
+            started = [0.0]
+
+            def timed_gc(phase: str, info: dict[str, int]) -> None:
+                if phase == "start":
+                    started[0] = time.perf_counter()
+                else:
+                    spent[info["generation"]] += time.perf_counter() - started[0]
+
+            if args.freeze:
+                gc.collect()
+                gc.freeze()
+            runs0 = [s["collections"] for s in gc.get_stats()]
+            gc.callbacks.append(timed_gc)
+            c0 = time.process_time()
             await asyncio.gather(*(spin() for _ in range(8)))
+            cpu = time.process_time() - c0
+            gc.callbacks.remove(timed_gc)
+            runs = [s["collections"] - r for s, r in zip(gc.get_stats(), runs0, strict=True)]
+            print(f"CPU {cpu:.2f} s; objects frozen {gc.get_freeze_count():,}; garbage "
+                  f"collector {sum(spent) / cpu:.2%} of it: " + ", ".join(
+                      f"generation {g} {n} runs, {spent[g] / max(1, n) * 1e3:.2f} ms each"
+                      for g, n in enumerate(runs)))
             await engine.close()
             blocking.close()
             return

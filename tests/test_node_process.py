@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -192,3 +193,29 @@ def test_ten_thousand_documents_of_dim_384_in_one_batch(node: NodeProc, sample: 
     assert status == 200, body
     assert body["upserted"] == 10_000
     assert node.call("GET", "/v1/collections/bulk")[1]["count"] == 10_000
+
+
+def _metric(node: NodeProc, name: str) -> dict[str, float]:
+    """The samples of a /metrics family, by their labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(node.url + "/metrics", timeout=10) as resp:  # noqa: S310
+        text = resp.read().decode()
+    return {",".join(f"{k}={v}" for k, v in sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name}
+
+
+def test_the_start_is_frozen_out_of_the_garbage_collector(node: NodeProc, sample: Sample) -> None:
+    """Once ready, what the node's start made is out of the collector's sight (a full
+    collection then walks only what came after); collections are counted and timed."""
+    frozen = wait_until(lambda: _metric(node, "aquila_gc_frozen_objects").get(""), 30,
+                        "the start's objects frozen")
+    assert frozen > 10_000
+    assert node.call("PUT", "/v1/collections/g", {"dim": 384, "metric": "cosine"})[0] == 201
+    ingest(node, "g", sample, 500)
+    assert search_ids(node, "g", sample.queries[:20], 5)[0]
+    runs = _metric(node, "aquila_gc_collections_total")
+    assert set(runs) == {"generation=0", "generation=1", "generation=2"}
+    assert runs["generation=0"] > 0
+    assert set(_metric(node, "aquila_gc_seconds_total")) == set(runs)
