@@ -413,7 +413,7 @@ class Store:
         vopts = self._options()
         vopts.set_compression_type(rocksdict.DBCompressionType.none())
         vopts.set_bottommost_compression_type(rocksdict.DBCompressionType.none())
-        copts = self._options(lookups=False)  # the change log: compressed as the records
+        copts = self._options(filters=False)  # the change log: compressed as the records
         copts.set_compression_type(rocksdict.DBCompressionType.lz4())
         copts.set_bottommost_compression_type(rocksdict.DBCompressionType.zstd())
         access = (rocksdict.AccessType.read_only() if self._read_only
@@ -449,10 +449,9 @@ class Store:
         self._lookup_opts = rocksdict.ReadOptions()  # point reads that do not come back
         self._lookup_opts.fill_cache(False)  # type: ignore[call-arg]
 
-    def _options(self, lookups: bool = True) -> rocksdict.Options:
-        """A column family's options but its compression. `lookups`: its keys are read one
-        by one (bloom filters, table files' and memtables', and a hash index in each data
-        block); without, only scanned."""
+    def _options(self, filters: bool = True) -> rocksdict.Options:
+        """A column family's options but its compression; without bloom filters (table
+        files' and memtables') unless `filters`."""
         opts = rocksdict.Options(raw_mode=True)
         opts.create_if_missing(True)
         opts.create_missing_column_families(True)
@@ -465,7 +464,7 @@ class Store:
         # Bloom filters: every upsert first looks its id up, and new ids miss; without a
         # filter each miss reads a block of every level.
         table = rocksdict.BlockBasedOptions()
-        if lookups:
+        if filters:
             table.set_bloom_filter(10, False)
         # The node's one cache, memtables charged to it (see RocksMemory); indexes and
         # filters are blocks in it too, not held beside it by the table readers.
@@ -482,20 +481,11 @@ class Store:
         table.set_metadata_block_size(4096)
         table.set_pin_top_level_index_and_filter(True)
         table.set_pin_l0_filter_and_index_blocks_in_cache(True)
-        # A hash index in each data block (~1 byte a key): a point read finds its key's
-        # restart interval by hash instead of a binary search over the block's restart
-        # points. A search reads a record and an id per hit, and the seeks inside blocks
-        # were 5% of a node's CPU in batches of 100 queries (perf); 1.9 -> 1.5 µs a label
-        # key and 2.7 -> 2.4 a record in multi-gets of 1,000 from the cache. Table files
-        # written before keep their binary search until compacted.
-        if lookups:
-            table.set_data_block_index_type(rocksdict.DataBlockIndexType.binary_and_hash())
-            table.set_data_block_hash_ratio(0.75)
         opts.set_block_based_table_factory(table)
         # The same for the memtables (a bloom filter of 2% of their size, ~1.3 MiB each): a
         # new id otherwise costs a skiplist search of every memtable, which made the lookup
         # the largest part of a bulk import (~8 µs of ~30 a document; ~1 µs with it).
-        if lookups:
+        if filters:
             opts.set_memtable_whole_key_filtering(True)
             opts.set_memtable_prefix_bloom_ratio(0.02)
         opts.set_write_buffer_manager(self.memory.write_buffers)
