@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from aquila.cluster.model.bounds import MAX_DOCUMENT_METADATA
 from aquila.node.app import make_app
 from aquila.node.config import load_config
 from aquila.node.importer.sources import Batch
@@ -198,6 +199,8 @@ async def test_bad_rows_are_reported_by_line_and_the_rest_imported(
         12: orjson.dumps({"id": "x12", "vector": s.base[12].tolist(), "extra": 1}),
         17: orjson.dumps({"id": "x17", "vector": ["a"] * 384}),
         21: b'{"id": "x21", "vector": [' + b"1e39," * 383 + b"1e39]}",  # beyond float32
+        24: orjson.dumps({"id": "x24", "vector": s.base[24].tolist(),
+                          "metadata": {"t": "x" * MAX_DOCUMENT_METADATA}}),
     }
     for line, text in bad.items():
         lines[line - 1] = text
@@ -211,6 +214,7 @@ async def test_bad_rows_are_reported_by_line_and_the_rest_imported(
     for line in bad:
         assert f"bad row: line {line}: " in run.err, run.err
     assert "not JSON" in run.err and "383 values" in run.err and "unknown field" in run.err
+    assert f"line 24: metadata is {MAX_DOCUMENT_METADATA + 8:,} bytes serialised" in run.err
     good = 40 - len(bad) - 1
     assert f"imported {good} documents" in run.out and f"{len(bad)} bad rows left out" in run.out
     assert (await served.node.describe("docs"))["count"] == good

@@ -169,7 +169,7 @@ async def not_reading(start_node: StartNode, gone_ok: bool = False
     node = await start_node(node_id="n1")
     await node.create("c", 2, shards=1)
     await node.upsert("c", [{"id": "a", "vector": [1.0, 2.0],
-                             "metadata": {"x": "y" * (1 << 20)}}])
+                             "metadata": {"x": "y" * ((1 << 20) - 16)}}])
     served = node.client.server.app[internal_api._CHANNELS]
     frame = frames.encode_get(0, "a")
     async with aiohttp.ClientSession() as s:

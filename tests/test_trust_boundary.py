@@ -6,7 +6,9 @@ Each refused request changes nothing and the node keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import io
 import zlib
 from typing import Any
 from urllib.parse import quote
@@ -18,13 +20,20 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from aquila.cluster.model.bounds import MAX_ANSWER_FLOATS, MAX_ANSWER_METADATA, MAX_METADATA_DEPTH
+from aquila.cluster.model.bounds import (
+    MAX_ANSWER_FLOATS,
+    MAX_ANSWER_METADATA,
+    MAX_DOCUMENT_METADATA,
+    MAX_METADATA_DEPTH,
+)
 from aquila.cluster.model.errors import BadRequest
 from aquila.cluster.peers.client import PeerError
 from aquila.cluster.peers.http import Peers
+from aquila.cluster.replication import reads
 from aquila.node.http.fastparse import parse_documents_fast
 from aquila.node.http.parse import parse_documents
 from aquila.node.keys import CLUSTER, SERVICE
+from aquila.node.storage import paging
 from aquila.node.storage import search as storage_search
 from tests.conftest import Node, StartNode, expect_error, ok_json
 
@@ -312,24 +321,86 @@ async def test_an_answer_of_vectors_past_its_float_limit_is_400(node: Node) -> N
 
 
 async def test_an_answer_past_its_metadata_limit_is_400(node: Node) -> None:
-    """A document found by every query is in the answer once a query: 3 documents of 3 MiB
-    of metadata, each found by 30 queries, would be 270 MiB of JSON, over
+    """A document found by every query is in the answer once a query: 9 documents of 1 MB
+    of metadata, each found by 30 queries, would be 270 MB of JSON, over
     MAX_ANSWER_METADATA (256 MiB); refused before any of it is built, and the node answers
     the next search."""
     await node.create("fat", 2, shards=1)
-    big = "x" * (3 << 20)
+    big = "x" * 1_000_000
     docs = [{"id": f"d{i}", "vector": [float(i), 1.0], "metadata": {"text": big}}
-            for i in range(3)]
+            for i in range(9)]
     await ok_json(await node.post_json("/v1/collections/fat/documents", {"documents": docs}))
     search = "/v1/collections/fat/search"
     msg = await expect_error(await node.post_json(search, {"vectors": [[0.0, 1.0]] * 30,
-                                                           "k": 3}), 400, "bad_request")
+                                                           "k": 9}), 400, "bad_request")
     assert "metadata" in msg and f"{MAX_ANSWER_METADATA:,}" in msg
-    got = await ok_json(await node.post_json(search, {"vectors": [[0.0, 1.0]] * 30, "k": 3,
+    got = await ok_json(await node.post_json(search, {"vectors": [[0.0, 1.0]] * 30, "k": 9,
                                                       "include": []}))
-    assert all(len(r) == 3 for r in got["results"])
+    assert all(len(r) == 9 for r in got["results"])
     got = await ok_json(await node.post_json(search, {"vector": [0.0, 1.0], "k": 3}))
     assert len(got["results"][0][0]["metadata"]["text"]) == len(big)
+
+
+@pytest.mark.parametrize("form", ["documents", "columnar"])
+async def test_a_document_past_its_metadata_limit_is_400(node: Node, form: str) -> None:
+    """A document's metadata is at most MAX_DOCUMENT_METADATA bytes serialised, by every
+    parser (simdjson's fast paths and the general ones): one over it refuses the whole
+    batch, which writes nothing; at the limit it is stored."""
+    await node.create("big", 2, shards=1)
+    url = "/v1/collections/big/documents"
+    room = MAX_DOCUMENT_METADATA - len(b'{"t":""}')  # the serialised object's own bytes
+
+    def body(pad: int) -> dict[str, Any]:
+        metas = [{"t": "a"}, {"t": "x" * pad}]
+        if form == "columnar":
+            vecs = np.array([[1.0, 0.0], [0.0, 1.0]], "<f4").tobytes()
+            return {"ids": ["small", "large"], "metadata": metas,
+                    "vectors_b64": base64.b64encode(vecs).decode()}
+        return {"documents": [{"id": i, "vector": v, "metadata": m} for i, v, m in
+                              zip(["small", "large"], [[1.0, 0.0], [0.0, 1.0]], metas,
+                                  strict=True)]}
+
+    msg = await expect_error(await node.post_json(url, body(room + 1)), 400, "bad_request")
+    assert "document 1 (id 'large')" in msg and f"{MAX_DOCUMENT_METADATA:,}" in msg
+    # Whitespace is not what is counted: the general path (a body orjson reads) the same.
+    raw = orjson.dumps(body(room + 1), option=orjson.OPT_INDENT_2)
+    resp = await node.client.post(url, data=io.BytesIO(raw),
+                                  headers={"Content-Type": "application/json"})
+    await expect_error(resp, 400, "bad_request")
+    count = await ok_json(await node.post_json("/v1/collections/big/count", {}))
+    assert count["count"] == 0
+    await ok_json(await node.post_json(url, body(room)))
+    got = await ok_json(await node.client.get("/v1/collections/big/documents/large"))
+    assert len(got["metadata"]["t"]) == room
+
+
+async def test_a_scroll_page_ends_at_its_metadata_limit(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scroll page gathers at most about MAX_PAGE_METADATA bytes of metadata (here lowered
+    to 20 kB, documents of 2 kB): fewer documents than its limit, and a cursor that goes on
+    from there; every document comes once over the pages."""
+    monkeypatch.setattr(paging, "MAX_PAGE_METADATA", 20_000)
+    monkeypatch.setattr(reads, "MAX_PAGE_METADATA", 20_000)
+    await node.create("pages", 2, shards=2)
+    docs = [{"id": f"d{i:03}", "vector": [float(i), 0.0], "metadata": {"pad": "p" * 2000}}
+            for i in range(100)]
+    await ok_json(await node.post_json("/v1/collections/pages/documents", {"documents": docs}))
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        page = await ok_json(await node.post_json("/v1/collections/pages/scroll",
+                                                  {"limit": 1000, "cursor": cursor}))
+        pages += 1
+        assert len(page["documents"]) <= 10 + 10  # a shard's 10, then at most one more's
+        seen += [d["id"] for d in page["documents"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+        assert pages < 50
+    assert sorted(seen) == [d["id"] for d in docs] and len(seen) == len(set(seen))
+    assert pages >= 5
 
 
 async def test_filter_condition_limit_counts_every_clause(coll: Node) -> None:

@@ -89,6 +89,17 @@ MAX_ANSWER_FLOATS = 1 << 24
 # Bytes of metadata in one search's answer: a document found by every query of a search is
 # in the answer once a query.
 MAX_ANSWER_METADATA = 256 << 20
+# Bytes of one document's metadata (its JSON serialised, minified), checked at every write
+# a client sends. Without it a record was bounded only by the body limit (64 MiB), and every
+# read that takes records a batch at a time (a search's hits, a scroll's page, a filter's
+# candidates) held up to that much a record before it could count. Pinecone allows 40 KB,
+# Milvus's JSON fields 64 KiB.
+MAX_DOCUMENT_METADATA = 1 << 20
+# Bytes of metadata one scroll page gathers, at most about: a shard's part of a page ends
+# once its documents reach it (the page then has fewer than `limit` documents and a cursor
+# that goes on from there), and the page visits no further shard. 1,000 documents of 1 MiB
+# would otherwise be a page of a gigabyte.
+MAX_PAGE_METADATA = 32 << 20
 MAX_FILTER_CONDITIONS = 100  # conditions of a filter, must + should + must_not
 MAX_FILTER_IN_VALUES = 1000  # values of one `in` condition
 MAX_DELETE_IDS = 10_000  # ids in one delete

@@ -9,6 +9,8 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
+from aquila.cluster.model.bounds import MAX_DOCUMENT_METADATA
+from aquila.cluster.model.errors import BadRequest
 from aquila.cluster.model.filters import Predicate
 
 CONSISTENCY = ("one", "quorum", "all")
@@ -23,12 +25,21 @@ def valid_id(doc_id: Any) -> TypeGuard[str]:
 
 @dataclass
 class DocBatch:
-    """Validated documents to upsert: ids, an n × dim float32 matrix, serialised metadata."""
+    """Validated documents to upsert: ids, an n × dim float32 matrix, serialised metadata
+    (each at most `MAX_DOCUMENT_METADATA` bytes, whichever parser made the batch)."""
 
     ids: list[str]
     vectors: np.ndarray  # n × dim float32
     metadata: list[bytes]  # JSON objects, serialised
     consistency: str
+
+    def __post_init__(self) -> None:
+        if self.metadata and max(map(len, self.metadata)) > MAX_DOCUMENT_METADATA:
+            at = next(i for i, m in enumerate(self.metadata) if len(m) > MAX_DOCUMENT_METADATA)
+            raise BadRequest(
+                f"document {at} (id {self.ids[at]!r}): its metadata is "
+                f"{len(self.metadata[at]):,} bytes serialised, at most "
+                f"{MAX_DOCUMENT_METADATA:,}")
 
 
 @dataclass(eq=False)  # by identity: the peer codec memoises its wire form per request

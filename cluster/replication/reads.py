@@ -15,6 +15,7 @@ import orjson
 
 from aquila.cluster.clock import Clock
 from aquila.cluster.membership.view import MemberView
+from aquila.cluster.model.bounds import MAX_PAGE_METADATA
 from aquila.cluster.model.cursor import encode_cursor
 from aquila.cluster.model.documents import (
     RESULTS_ON_THREAD,
@@ -293,8 +294,9 @@ class ReadPath:
         replicas = self._replicas
         docs: list[Hit] = []
         missing: list[int] = []
-        visited = 0
-        while shard < spec.shards and len(docs) < req.limit and visited < SCROLL_SHARDS_PER_PAGE:
+        visited = held = 0  # held: bytes of metadata in `docs`
+        while (shard < spec.shards and len(docs) < req.limit and held < MAX_PAGE_METADATA
+               and visited < SCROLL_SHARDS_PER_PAGE):
             left = deadline - self._clock.now()
             if left <= 0:
                 break
@@ -314,6 +316,7 @@ class ReadPath:
                 continue
             page, nxt = got.answers[0]
             docs.extend(page)
+            held += sum(len(h.metadata) for h in page)
             if nxt is not None:
                 after = nxt
                 break

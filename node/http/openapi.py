@@ -12,6 +12,7 @@ from typing import Any
 from aquila.cluster.model.bounds import (
     MAX_ANSWER_FLOATS,
     MAX_DELETE_IDS,
+    MAX_DOCUMENT_METADATA,
     MAX_FILTER_CONDITIONS,
     MAX_FILTER_IN_VALUES,
     MAX_METADATA_DEPTH,
@@ -179,7 +180,8 @@ _SCHEMAS: dict[str, Any] = {
                      "description": "base64 of little-endian float32, len(ids) × dim"},
         metadata={"type": ["array", "null"], "items": {"type": ["object", "null"]},
                   "description": "one object (or null) per id, nested at most "
-                                 f"{MAX_METADATA_DEPTH} levels deep"},
+                                 f"{MAX_METADATA_DEPTH} levels deep, each at most "
+                                 f"{MAX_DOCUMENT_METADATA:,} bytes minified"},
         consistency=_CONSISTENCY,
     ),
     "UpsertDocuments": _obj(
@@ -193,7 +195,8 @@ _SCHEMAS: dict[str, Any] = {
                     "description": "a UUID is generated when absent or null"},
                 vector=_VEC,
                 metadata={"type": ["object", "null"],
-                          "description": f"nested at most {MAX_METADATA_DEPTH} levels deep"},
+                          "description": f"nested at most {MAX_METADATA_DEPTH} levels deep, "
+                                         f"at most {MAX_DOCUMENT_METADATA:,} bytes minified"},
             ),
         },
         consistency=_CONSISTENCY,

@@ -25,6 +25,7 @@ import numpy as np
 import orjson
 
 from aquila.cluster.model.bounds import (
+    MAX_DOCUMENT_METADATA,
     MAX_METADATA_DEPTH,
     MAX_VECTOR_VALUE,
     depth_exceeds,
@@ -128,6 +129,11 @@ def _metadata_text(value: Any, text: bytes | None = None) -> tuple[bytes | None,
     if out.count(b"{") + out.count(b"[") > MAX_METADATA_DEPTH and \
             depth_exceeds(value, MAX_METADATA_DEPTH):
         return None, f"metadata nests deeper than {MAX_METADATA_DEPTH} levels"
+    # The node counts the object minified (whitespace in the line is not its).
+    if len(out) > MAX_DOCUMENT_METADATA and (
+            size := len(orjson.dumps(value))) > MAX_DOCUMENT_METADATA:
+        return None, (f"metadata is {size:,} bytes serialised, at most "
+                      f"{MAX_DOCUMENT_METADATA:,}")
     return out, ""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from aquila.cluster.model.bounds import MAX_PAGE_METADATA
 from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.filters import Filter
 from aquila.node.storage.matches import MatchSet, pack
@@ -53,12 +54,14 @@ def scroll_shard(
     predicate: Callable[[Any], bool] | None, with_vectors: bool,
 ) -> tuple[list[Hit], str | None]:
     """Up to `limit` live documents of the shard that `predicate` admits, with ids after
-    `after`, in id order; and the id to go on after, None once the shard is done."""
+    `after`, in id order (fewer once their metadata reach `MAX_PAGE_METADATA` bytes); and
+    the id to go on after, None once the shard is done."""
     # The bitmap as bytes: one index and one shift per record looked at, no numpy call each.
     # (Read under the read lock: writes, which change the cached set, wait for it.)
     bits = None if predicate is None else match_set(coll, shard, predicate).bits.tobytes()
     size = 0 if bits is None else len(bits)
     out: list[Hit] = []
+    held = 0  # bytes of metadata in `out`
     for looked, (doc_id, rec) in enumerate(coll.store.iter_docs(shard, after,
                                                                        vectors=with_vectors), 1):
         if not rec.tombstone:
@@ -67,7 +70,8 @@ def scroll_shard(
                     label >> 3 < size and bits[label >> 3] >> (label & 7) & 1):
                 out.append(
                     Hit(doc_id, 0.0, rec.metadata, rec.vector if with_vectors else b"", shard))
-                if len(out) >= limit:
+                held += len(rec.metadata)
+                if len(out) >= limit or held >= MAX_PAGE_METADATA:
                     return out, doc_id
         if looked >= SCAN_LIMIT:
             return out, doc_id

@@ -317,12 +317,13 @@ def label_keys(shards: np.ndarray, labels: np.ndarray, tag: bytes = b"L") -> lis
     return [buf[i : i + size] for i in range(0, len(buf), size)]
 
 
-# Records a search reads in one multi-get before it counts their bytes.
-_RECORDS_AT_ONCE = 4096
+# Records a search reads in one multi-get before it counts their bytes: with metadata of
+# at most `MAX_DOCUMENT_METADATA` (1 MiB) a record, at most 256 MiB read past the limit.
+_RECORDS_AT_ONCE = 256
 
 
 def _records_within(store: Store, keys: list[bytes]) -> list[bytes | None]:
-    """`store.raw_records(keys)`, a few thousand at a time, refused (400) once they add up
+    """`store.raw_records(keys)`, a few hundred at a time, refused (400) once they add up
     past `MAX_ANSWER_METADATA`: a search's hits are at most 100,000 documents, and of
     documents of 1 MiB of metadata each it would have read 100 GiB before any check."""
     if len(keys) <= _RECORDS_AT_ONCE:
