@@ -2,14 +2,14 @@
 out of its sight.
 
 A full collection walks every object the collector tracks, and holds the GIL (so the event
-loop and every search thread) while it does: 24 ms for the 47,000 objects of a node's engine
-alone, every two seconds or so in batches of 100 queries a request (in process, WordNet 50k,
+loop and every search thread) while it does: 25 ms for the 47,000 objects of a node's engine
+alone, every 1.5 s under 8 callers of batches of 100 queries (in process, WordNet 50k,
 nprobe 64: each request's rows and hits live through a few young collections, reach the old
 generation, and die there, which is what triggers full ones). Nearly all of those objects
 are the start's: modules, the app and its routes, the collections' state, kept for the
 process's life. `freeze` moves them to the permanent generation once the node is ready;
-full collections then walk only what came after (0.3 ms each; the collector's CPU 1.1% of
-the search's -> 0.4%).
+full collections then walk only what came after (0.4 ms each; the collector's CPU 1.25% of
+the search's -> 0.43%: `scripts/bench_engine.py --spin 15 [--freeze]`).
 
 `watch` times each collection by generation (`figures`, for /metrics)."""
 
