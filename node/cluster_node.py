@@ -53,7 +53,6 @@ def cluster_settings(config: NodeConfig) -> ClusterSettings:
         peer_timeout_s=config.peer_timeout_s,
         moves_per_node=config.moves_per_node,
         transfer_docs_per_s=config.transfer_docs_per_s,
-        metadata_cap=config.max_wire_bytes,
         healer=HealerConfig(
             dead_grace_s=config.dead_grace_s,
             anti_entropy_interval_s=config.anti_entropy_interval_s,

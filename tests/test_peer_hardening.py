@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
-from aquila.cluster.model.bounds import BoundsError, parse_uint
+from aquila.cluster.model.bounds import MAX_DOCUMENT_METADATA, BoundsError, parse_uint
 from aquila.cluster.model.documents import Hit
 from aquila.cluster.model.operations import SearchRequest
 from aquila.cluster.peers.client import FRAME_TYPE, PeerError
@@ -191,6 +191,14 @@ async def test_remote_frames_ask_for_bounded_answers() -> None:
         await remote.write(spec, "u", {0: []})
     assert peers.bounds[0] == frames.hits_answer_bound(2, 5, 0, spec.dim, 0)
     assert all(b is not None and b < 1 << 30 for b in peers.bounds), peers.bounds
+    # With their metadata: each hit's at most a document's (1 MiB), not a request body's
+    # (128 MiB, which let one query's 10 hits be answered with 1.3 GiB).
+    with pytest.raises(PeerError):
+        await remote.search(spec, SearchRequest(q[:1], 10, None, None, None, True, False,
+                                                False, None), [0], 1.0)
+    assert peers.bounds[-1] == frames.hits_answer_bound(1, 10, frames.WITH_METADATA, spec.dim,
+                                                        MAX_DOCUMENT_METADATA)
+    assert peers.bounds[-1] < 12 * MAX_DOCUMENT_METADATA
 
 
 # --- (d) numbers as text in peers' JSON answers --------------------------------------------------

@@ -27,6 +27,7 @@ import orjson
 from aquila.cluster.model.bounds import (
     MAX_COUNT,
     MAX_DIGEST_BUCKETS,
+    MAX_DOCUMENT_METADATA,
     MAX_NODE_ID_CHARS,
     MAX_NPROBE,
     MAX_QUERIES,
@@ -435,9 +436,10 @@ def decode_records(raw: dict[str, Any], shard: int, spec: CollectionSpec) -> lis
     return decode_writes(raw["writes"], spec.dim, spec.shards).get(shard, [])
 
 
-# The most metadata a document can hold unless told otherwise: a request body's hard cap at
-# the node's default settings (node.config: twice max_body_bytes).
-DEFAULT_METADATA_CAP = 128 << 20
+# The most metadata a document can hold: what bounds a peer's answer of hits with their
+# metadata (`frames.hits_answer_bound`). It was a request body's hard cap (128 MiB at the
+# default settings), so that one query's 10 hits could be answered with 1.3 GiB.
+DEFAULT_METADATA_CAP = MAX_DOCUMENT_METADATA
 
 
 class RemoteReplica:
