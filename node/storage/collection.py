@@ -510,6 +510,12 @@ class Collection:
                               "change log)", self.spec.name)
             finally:
                 await self.blocking.write(self.store.close)
+                # The index's memory goes back now, whatever still refers to this object: a
+                # reference cycle through it among the objects of the node's start, which
+                # the node keeps out of the garbage collector's sight once ready
+                # (`node.collector`), would never be collected, index and all.
+                self.index = VectorIndex.flat(self.spec.dim, self.spec.metric, self.spec.shards)
+                self._saved = None
 
     @contextlib.asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:
