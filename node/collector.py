@@ -11,6 +11,10 @@ process's life. `freeze` moves them to the permanent generation once the node is
 full collections then walk only what came after (0.4 ms each; the collector's CPU 1.25% of
 the search's -> 0.43%: `scripts/bench_engine.py --spin 15 [--freeze]`).
 
+What is frozen is never collected: a reference cycle through it stays. None holds a
+collection now (a dropped one is freed by its count), and a collection that closes lets its
+index go itself (`Collection.close`), so one that did would keep only small objects.
+
 `watch` times each collection by generation (`figures`, for /metrics)."""
 
 from __future__ import annotations
