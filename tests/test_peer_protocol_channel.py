@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -473,7 +474,9 @@ async def test_a_client_past_the_servers_cap_is_refused_per_request() -> None:
 
 
 # --- a real node ----------------------------------------------------------------------------
-async def test_frames_to_a_node_travel_its_channel(start_node: StartNode) -> None:
+async def test_frames_to_a_node_travel_its_channel(
+    start_node: StartNode, caplog: pytest.LogCaptureFixture
+) -> None:
     node = await start_node(node_id="n1", cluster_secret=SECRET)
     await node.create("c", 2, shards=2)
     await node.upsert("c", [{"id": "a", "vector": [1.0, 2.0], "metadata": {"x": 1}}])
@@ -483,6 +486,7 @@ async def test_frames_to_a_node_travel_its_channel(start_node: StartNode) -> Non
     frame = frames.encode_search(q, 3, None, [0, 1], None, flags)
     bound = frames.hits_answer_bound(1, 3, flags, 2, 1 << 20)
     answers = []
+    caplog.set_level(logging.DEBUG, logger="aquila.node.http.access")
     for enabled in (True, False):
         peers = Peers(SECRET, 5.0, sender="n0")
         await peers.start()
@@ -501,6 +505,15 @@ async def test_frames_to_a_node_travel_its_channel(start_node: StartNode) -> Non
         finally:
             await peers.close()
     assert answers[0] == answers[1] and answers[0][0][0].id == "a"
+    # Each served frame has its access line, over the channel as over HTTP (debug: no
+    # client request behind these).
+    route = "/internal/v1/collections/{name}/search"
+    lines = [(r.levelno, r.getMessage().split(" ")[:3], r.method, r.route, r.status,  # type: ignore[attr-defined]
+              r.event) for r in caplog.records  # type: ignore[attr-defined]
+             if r.name == "aquila.node.http.access" and r.route == route]  # type: ignore[attr-defined]
+    line = (logging.DEBUG, ["CHANNEL", route, "200"], "POST", route, 200, "request")
+    assert line in lines and lines.count(line) == 1, lines
+    assert (logging.DEBUG, ["CHANNEL", route, "404"], "POST", route, 404, "request") in lines
     # An upgrade without a signature is refused before anything else; a signed one addressed
     # to whoever answers (as a push-pull to a seed may be) too.
     async with aiohttp.ClientSession() as s:

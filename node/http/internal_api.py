@@ -40,6 +40,7 @@ from aquila.cluster.peers.wire import OVERHEAD
 from aquila.cluster.replication.remote import COLLECTION_OPS
 from aquila.node.http.answer import body_response
 from aquila.node.http.api import json_response
+from aquila.node.http.observe import access_line
 from aquila.node.keys import CLUSTER, CONFIG, SERVICE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -150,10 +151,7 @@ def _log_served(op: str, status: int, ms: float) -> None:
     level = logging.DEBUG if request_id.current.get() is None else logging.INFO
     if access_log.isEnabledFor(level):
         route = f"/internal/v1/collections/{{name}}/{op}"
-        ms = round(ms, 2)
-        access_log.log(level, "CHANNEL %s %d %.1f ms", route, status, ms,
-                       extra={"event": "request", "method": "POST", "route": route,
-                              "status": status, "ms": ms})
+        access_line(level, "POST", route, route, status, ms / 1000, verb="CHANNEL")
 
 
 def _channel_route(verifier: PeerVerifier) -> Handler:

@@ -78,19 +78,20 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
         request.app[METRICS].observe(request.method, name, status, seconds)
         level = logging.DEBUG if rid is None or name in QUIET else logging.INFO
         if log.isEnabledFor(level):  # the line is built only when it is written
-            _access_line(level, request.method, path, name, status, seconds)
+            access_line(level, request.method, path, name, status, seconds)
         request_id.current.reset(token)
 
 
-def _access_line(level: int, method: str, path: str, route: str, status: int,
-                 seconds: float) -> None:
+def access_line(level: int, method: str, path: str, route: str, status: int,
+                seconds: float, verb: str | None = None) -> None:
     """The request's line, as `log.log(level, ..., extra=...)` makes it, without its steps
     that the line does not need (the caller's frame, the check of each extra field's name
-    against the record's): it is on every request."""
+    against the record's): it is on every request, a peer channel's too (whose line shows
+    `verb` CHANNEL in place of the method)."""
     ms = round(seconds * 1000, 2)
     record = logging.getLogRecordFactory()(
-        log.name, level, "(unknown file)", 0, "%s %s %d %.1f ms", (method, path, status, ms),
-        None, "(unknown function)")
+        log.name, level, "(unknown file)", 0, "%s %s %d %.1f ms",
+        (verb or method, path, status, ms), None, "(unknown function)")
     fields = record.__dict__
     fields["event"] = "request"
     fields["method"] = method
