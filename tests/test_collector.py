@@ -9,8 +9,10 @@ import weakref
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from aquila.cluster.model.documents import Incoming
+from aquila.cluster.model.errors import Unavailable
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec
 from aquila.node import collector
 from aquila.node.blocking import Blocking
@@ -45,6 +47,12 @@ async def test_a_dropped_collection_lets_its_index_go_while_still_referred_to(
         finally:
             gc.enable()
         assert coll.closed and coll.index.ntotal == 0  # `coll` still refers to the collection
+        # A search through it now fails as a shard that did not answer, not with no hits.
+        q = rng.standard_normal((1, DIM)).astype(np.float32)
+        with pytest.raises(Unavailable, match="closed"):
+            await coll.search(q, 3, None)
+        with pytest.raises(Unavailable, match="closed"):
+            await coll.search_found(q, 3, None)
     finally:
         await engine.close()
 

@@ -1101,9 +1101,18 @@ class Collection:
                 scroll_shard, self, shard, after, limit, predicate, with_vectors))
 
     def _have(self, shards: Iterable[int]) -> None:
+        self._open_now()
         absent = [s for s in shards if s not in self.shards]
         if absent:
             raise Unavailable(f"shard(s) {absent} of {self.spec.name!r} are not on this node")
+
+    def _open_now(self) -> None:
+        """Unavailable once closed: a search that began before the close (waiting for its
+        batch, or a caller still holding this object) fails as a shard that did not answer,
+        so it is asked elsewhere or reported missing; it is not answered from the empty index
+        a close leaves."""
+        if self.closed:
+            raise Unavailable(f"collection {self.spec.name!r} is closed on this node")
 
     async def _run_batch(self, key: Any, q: np.ndarray, k: int) -> list[Any]:
         """Per query row, its hits; with `with_vectors` None (`search_found`), its (scores,
@@ -1126,6 +1135,7 @@ class Collection:
         self._batches_running += 1
         try:
             async with self.rw.read():
+                self._open_now()
                 if parts == 1:
                     return await self.blocking.search(fn, self, q, k, *args)
                 # Every part ends before the read lock is left, a failed one too: the lock
@@ -1145,6 +1155,7 @@ class Collection:
     ) -> list[tuple[list[Hit], list[dict[str, Any]]]]:
         probe, wanted, with_vectors, how = key[:4]
         async with self.rw.read():
+            self._open_now()
             rows, plans = await self.blocking.search(
                 search_planned, self, q, k, probe, how, wanted, with_vectors,
                 self.tuning.filter_path,
