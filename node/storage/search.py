@@ -326,21 +326,16 @@ def _records_within(store: Store, keys: list[bytes]) -> list[bytes | None]:
     """`store.raw_records(keys)`, a few hundred at a time, refused (400) once they add up
     past `MAX_ANSWER_METADATA`: a search's hits are at most 100,000 documents, and of
     documents of 1 MiB of metadata each it would have read 100 GiB before any check."""
-    if len(keys) <= _RECORDS_AT_ONCE:
-        got = store.raw_records(keys)
-        total = sum(len(r) for r in got if r is not None)
-    else:
-        got, total = [], 0
-        for lo in range(0, len(keys), _RECORDS_AT_ONCE):
-            part = store.raw_records(keys[lo:lo + _RECORDS_AT_ONCE])
-            total += sum(len(r) for r in part if r is not None)
-            if total > MAX_ANSWER_METADATA:
-                break
-            got.extend(part)
-    if total > MAX_ANSWER_METADATA:
-        raise BadRequest(
-            f"the hits' documents hold over {MAX_ANSWER_METADATA:,} bytes (their metadata): "
-            "ask for fewer results (queries or k)")
+    got: list[bytes | None] = []
+    total = 0
+    for lo in range(0, len(keys), _RECORDS_AT_ONCE):
+        part = store.raw_records(keys[lo:lo + _RECORDS_AT_ONCE])
+        total += sum(len(r) for r in part if r is not None)
+        if total > MAX_ANSWER_METADATA:
+            raise BadRequest(
+                f"the hits' documents hold over {MAX_ANSWER_METADATA:,} bytes (their "
+                "metadata): ask for fewer results (queries or k)")
+        got += part
     return got
 
 
