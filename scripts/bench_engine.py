@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import sys
 import tempfile
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aquila.cluster.model.documents import Incoming, hit_json  # noqa: E402
 from aquila.cluster.model.sharding import shard_of  # noqa: E402
 from aquila.cluster.model.spec import CollectionSpec, IndexSpec  # noqa: E402
+from aquila.node import collector  # noqa: E402
 from aquila.node.blocking import Blocking  # noqa: E402
 from aquila.node.storage.collection import Tuning  # noqa: E402
 from aquila.node.storage.engine import Engine  # noqa: E402
@@ -110,28 +110,21 @@ async def main() -> None:
                     i += 1
                     await coll.search(qs[i % len(qs)], args.k, args.nprobe[0])
 
-            # What Python's garbage collector took meanwhile, by generation (with --freeze
-            # the objects made so far out of its sight first, as a node does once ready).
-            spent = [0.0, 0.0, 0.0]
-            started = [0.0]
-
-            def timed_gc(phase: str, info: dict[str, int]) -> None:
-                if phase == "start":
-                    started[0] = time.perf_counter()
-                else:
-                    spent[info["generation"]] += time.perf_counter() - started[0]
-
+            # What Python's garbage collector took meanwhile, by generation, timed as a node
+            # times it (with --freeze the objects made so far out of its sight first, as a
+            # node does once ready).
             if args.freeze:
-                gc.collect()
-                gc.freeze()
-            runs0 = [s["collections"] for s in gc.get_stats()]
-            gc.callbacks.append(timed_gc)
+                collector.freeze()
+            collector.watch()
+            before = collector.figures()
             c0 = time.process_time()
             await asyncio.gather(*(spin() for _ in range(8)))
             cpu = time.process_time() - c0
-            gc.callbacks.remove(timed_gc)
-            runs = [s["collections"] - r for s, r in zip(gc.get_stats(), runs0, strict=True)]
-            print(f"CPU {cpu:.2f} s; objects frozen {gc.get_freeze_count():,}; garbage "
+            after = collector.figures()
+            runs = [a - b for a, b in zip(after["collections"], before["collections"],
+                                          strict=True)]
+            spent = [a - b for a, b in zip(after["seconds"], before["seconds"], strict=True)]
+            print(f"CPU {cpu:.2f} s; objects frozen {after['frozen']:,}; garbage "
                   f"collector {sum(spent) / cpu:.2%} of it: " + ", ".join(
                       f"generation {g} {n} runs, {spent[g] / max(1, n) * 1e3:.2f} ms each"
                       for g, n in enumerate(runs)))
