@@ -1,7 +1,8 @@
 """Point reads from RocksDB's block cache with and without a hash index in the data blocks,
 on keys shaped like a node's (a label key to an id; a record key to a ~100-byte record),
-table options as the node's store sets them (partitioned filters and index, 4 KiB blocks).
-Multi-gets of 1,000 sorted keys, as a search reads its hits; µs a key, the two stores read\nin turns, medians.
+the node's table options (`store.table_options`: partitioned filters and index, 4 KiB blocks).
+Multi-gets of 1,000 sorted keys, as a search reads its hits; µs a key, the two stores read
+in turns, medians.
 
     python scripts/bench_block_index.py [--keys 200000]
 """
@@ -12,6 +13,7 @@ import argparse
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,19 +21,15 @@ from statistics import median
 
 import rocksdict
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aquila.node.storage.store import table_options  # noqa: E402
+
 
 def options(hashed: bool) -> rocksdict.Options:
     opts = rocksdict.Options(raw_mode=True)
     opts.create_if_missing(True)
-    table = rocksdict.BlockBasedOptions()
-    table.set_bloom_filter(10, False)
-    table.set_block_cache(rocksdict.Cache(256 << 20))
-    table.set_cache_index_and_filter_blocks(True)
-    table.set_index_type(rocksdict.BlockBasedIndexType.two_level_index_search())
-    table.set_partition_filters(True)
-    table.set_metadata_block_size(4096)
-    table.set_pin_top_level_index_and_filter(True)
-    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    table = table_options(rocksdict.Cache(256 << 20))  # the node's, in a cache of its own
     if hashed:
         table.set_data_block_index_type(rocksdict.DataBlockIndexType.binary_and_hash())
         table.set_data_block_hash_ratio(0.75)

@@ -194,6 +194,32 @@ def encode_record(version: int, label: int, seq: int, tombstone: bool, writer: b
     return b"".join((head, writer, vector, metadata))
 
 
+def table_options(cache: rocksdict.Cache, filters: bool = True) -> rocksdict.BlockBasedOptions:
+    """A column family's table options, its blocks in `cache`; without bloom filters unless
+    `filters`."""
+    table = rocksdict.BlockBasedOptions()
+    # Bloom filters: every upsert first looks its id up, and new ids miss; without a filter
+    # each miss reads a block of every level.
+    if filters:
+        table.set_bloom_filter(10, False)
+    # The node's one cache, memtables charged to it (see RocksMemory); indexes and filters
+    # are blocks in it too, not held beside it by the table readers.
+    table.set_block_cache(cache)
+    table.set_cache_index_and_filter_blocks(True)
+    # Partitioned filters and a two-level index: a table file's filter and index are cut in
+    # blocks of 4 KiB, cached one by one, with only their small top level pinned. Whole, they
+    # grow with the file (tombstones included: ~5 MiB of filter for 4M keys after 1.5M
+    # deletes) past the block cache's shard (128 MiB / 64 shards), where they cannot stay:
+    # every point look-up read the whole filter (and decompressed the index) again, ~0.5 ms
+    # a key, and the buffers fragmented the heap.
+    table.set_index_type(rocksdict.BlockBasedIndexType.two_level_index_search())
+    table.set_partition_filters(True)
+    table.set_metadata_block_size(4096)
+    table.set_pin_top_level_index_and_filter(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    return table
+
+
 def _opened(handle: T | None) -> T:
     """A handle of an open store (its database, a column family or its handle)."""
     if handle is None:
@@ -461,30 +487,10 @@ class Store:
         # oldest memtable, which may be the other's, small or empty, and the full one stayed
         # (tests/test_rocks_memory.py: 20 s over the budget instead of 0.4).
         opts.set_atomic_flush(True)
-        # Bloom filters: every upsert first looks its id up, and new ids miss; without a
-        # filter each miss reads a block of every level.
-        table = rocksdict.BlockBasedOptions()
-        if filters:
-            table.set_bloom_filter(10, False)
-        # The node's one cache, memtables charged to it (see RocksMemory); indexes and
-        # filters are blocks in it too, not held beside it by the table readers.
-        table.set_block_cache(self.memory.cache)
-        table.set_cache_index_and_filter_blocks(True)
-        # Partitioned filters and a two-level index: a table file's filter and index are
-        # cut in blocks of 4 KiB, cached one by one, with only their small top level pinned.
-        # Whole, they grow with the file (tombstones included: ~5 MiB of filter for 4M keys
-        # after 1.5M deletes) past the block cache's shard (128 MiB / 64 shards), where they
-        # cannot stay: every point look-up read the whole filter (and decompressed the
-        # index) again, ~0.5 ms a key, and the buffers fragmented the heap.
-        table.set_index_type(rocksdict.BlockBasedIndexType.two_level_index_search())
-        table.set_partition_filters(True)
-        table.set_metadata_block_size(4096)
-        table.set_pin_top_level_index_and_filter(True)
-        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
-        opts.set_block_based_table_factory(table)
-        # The same for the memtables (a bloom filter of 2% of their size, ~1.3 MiB each): a
-        # new id otherwise costs a skiplist search of every memtable, which made the lookup
-        # the largest part of a bulk import (~8 µs of ~30 a document; ~1 µs with it).
+        opts.set_block_based_table_factory(table_options(self.memory.cache, filters))
+        # Bloom filters for the memtables too (2% of their size, ~1.3 MiB each): a new id
+        # otherwise costs a skiplist search of every memtable, which made the lookup the
+        # largest part of a bulk import (~8 µs of ~30 a document; ~1 µs with it).
         if filters:
             opts.set_memtable_whole_key_filtering(True)
             opts.set_memtable_prefix_bloom_ratio(0.02)
