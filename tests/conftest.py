@@ -26,6 +26,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from aquila.node.app import make_app
 from aquila.node.blocking import Blocking
@@ -81,6 +82,21 @@ async def settled(coll: Collection, timeout_s: float = 30.0, what: str = "the tr
     """Wait (`wait_for`) until `coll`'s index is trained and no background work runs (the
     training's task with it: it holds the collection until it ends)."""
     await wait_for(lambda: coll.index.trained and coll.idle, timeout_s, what=what)
+
+
+# A /metrics scrape's samples by name and labels.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metric_samples(text: str) -> Samples:
+    """The samples of a /metrics text (Prometheus' format)."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric_value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 async def expect_error(resp: ClientResponse, status: int, code: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import metric_samples
 from tests.datasets import Sample, load_sample, recall_at_k
 from tests.procs import NodeProc, http, wait_until
 
@@ -197,13 +198,10 @@ def test_ten_thousand_documents_of_dim_384_in_one_batch(node: NodeProc, sample: 
 
 def _metric(node: NodeProc, name: str) -> dict[str, float]:
     """The samples of a /metrics family, by their labels."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     with urllib.request.urlopen(node.url + "/metrics", timeout=10) as resp:  # noqa: S310
-        text = resp.read().decode()
-    return {",".join(f"{k}={v}" for k, v in sorted(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == name}
+        samples = metric_samples(resp.read().decode())
+    return {",".join(f"{k}={v}" for k, v in sorted(labels)): got
+            for (sample, labels), got in samples.items() if sample == name}
 
 
 def test_the_start_is_frozen_out_of_the_garbage_collector(node: NodeProc, sample: Sample) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
-from prometheus_client.parser import text_string_to_metric_families
 
 from aquila.cluster.model import request_id
 from aquila.cluster.model.errors import Unavailable
@@ -24,7 +23,16 @@ from aquila.node.config import NodeConfig
 from aquila.node.http.dashboard import CSP, FILES, UI_DIR
 from aquila.node.http.openapi import openapi_document
 from aquila.node.storage import heap
-from tests.conftest import Node, StartNode, expect_error, ok_json, wait_for
+from tests.conftest import (
+    Node,
+    Samples,
+    StartNode,
+    expect_error,
+    metric_samples,
+    ok_json,
+    wait_for,
+)
+from tests.conftest import metric_value as value
 
 # -- request ids ----------------------------------------------------------------------------
 
@@ -258,21 +266,8 @@ def test_log_format_is_checked() -> None:
 # -- metrics --------------------------------------------------------------------------------
 
 
-def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-          **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-async def _scrape(node: Node) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return _samples(await (await node.client.get("/metrics")).text())
+async def _scrape(node: Node) -> Samples:
+    return metric_samples(await (await node.client.get("/metrics")).text())
 
 
 async def test_metrics_answer_questions(node: Node) -> None:
