@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import struct
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,10 @@ from pathlib import Path
 import numpy as np
 import rocksdict
 from bench_data import DEFAULT_DATA
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aquila.node.storage.store import table_options  # noqa: E402
 
 VARIANTS = ("same", "cf-4096", "cf-16384", "cflz4-4096")
 
@@ -32,14 +37,7 @@ def options(cache: rocksdict.Cache, compression: str, block: int) -> rocksdict.O
              "zstd": rocksdict.DBCompressionType.zstd()}
     o.set_compression_type(kinds["lz4" if compression == "zstd" else compression])
     o.set_bottommost_compression_type(kinds[compression])
-    t = rocksdict.BlockBasedOptions()
-    t.set_bloom_filter(10, False)
-    t.set_block_cache(cache)
-    t.set_cache_index_and_filter_blocks(True)
-    t.set_index_type(rocksdict.BlockBasedIndexType.two_level_index_search())
-    t.set_partition_filters(True)
-    t.set_metadata_block_size(4096)
-    t.set_pin_top_level_index_and_filter(True)
+    t = table_options(cache)
     t.set_block_size(block)
     o.set_block_based_table_factory(t)
     return o
