@@ -228,9 +228,11 @@ async def filled(session: aiohttp.ClientSession, cluster: Variant, ds: Dataset,
 
 
 async def measure(session: aiohttp.ClientSession, cluster: Variant, ds: Dataset,
-                  args: argparse.Namespace, c: int, faiss_cpu: float) -> dict[str, Any]:
+                  args: argparse.Namespace, c: int, ref: dict[str, Any]) -> dict[str, Any]:
     """Batches to the cluster's node 1 at concurrency c: its figures, CPU per node and
-    kind of thread, and FAISS's CPU per query over the node's."""
+    kind of thread, FAISS's CPU per query (one thread) over the node's, and the node's q/s
+    over FAISS's on every core (the issue's measure: throughput; it moves with whatever
+    else takes the cores, the CPU ratio less)."""
     marks: list[list[dict[str, float]]] = []  # per node and kind of thread, start and end
 
     def cpu() -> float:
@@ -243,7 +245,8 @@ async def measure(session: aiohttp.ClientSession, cluster: Variant, ds: Dataset,
         {t: (y.get(t, 0.0) - x.get(t, 0.0)) * 1000 / n for t in y}
         for x, y in zip(marks[0], marks[1], strict=True)]
     b["per_node_cpu_ms"] = [sum(t.values()) for t in b["per_node_thread_cpu_ms"]]
-    b["faiss_cpu_per_node_cpu"] = faiss_cpu / b["server_cpu_ms_per_query"]
+    b["faiss_cpu_per_node_cpu"] = ref["cpu_ms_per_query_1_thread"] / b["server_cpu_ms_per_query"]
+    b["qps_per_faiss_qps"] = b["qps"] / ref["qps_all_cores"]
     return b
 
 
@@ -291,7 +294,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 order = variants if r % 2 == 0 else variants[::-1]
                 for c in dict.fromkeys([1, os.cpu_count() or 1]):
                     for v in order:
-                        b = await measure(session, v, ds, args, c, faiss_cpu)
+                        b = await measure(session, v, ds, args, c, ref)
                         row["variants"].setdefault(v.name, []).append(b)
                         if v is variants[0]:
                             row["node"].append(b)
@@ -301,7 +304,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                             f"{', '.join(_threads(t) for t in b['per_node_thread_cpu_ms'])}); "
                             f"FAISS 1 thread {ref['qps_1_thread']:,.0f} q/s, CPU "
                             f"{faiss_cpu:.3f} ms/query: FAISS CPU / node CPU "
-                            f"{b['faiss_cpu_per_node_cpu']:.2f}x (load {load:.1f})")
+                            f"{b['faiss_cpu_per_node_cpu']:.2f}x; node q/s / FAISS q/s on "
+                            f"{os.cpu_count()} cores {b['qps_per_faiss_qps']:.2f}x "
+                            f"(load {load:.1f})")
                 out["rounds"].append(row)
             out["summary"] = summary(out["rounds"], [v.name for v in variants])
             if args.profile > 0:
@@ -334,7 +339,7 @@ def summary(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """Medians over the rounds, per variant and concurrency: the node's CPU per query (all
     nodes; the event loop's and the other threads' of node 1), FAISS's CPU per query over
     the node's (FAISS on the node's own index when there is one node, else on one trained
-    apart); with two variants, the first's CPU per query over the second's, per round."""
+    apart) and the node's q/s over FAISS's on every core (the same index); with two variants, the first's CPU per query over the second's, per round."""
     out: dict[str, Any] = {}
     concurrencies = [b["concurrency"] for b in rounds[0]["variants"][names[0]]]
     for i, c in enumerate(concurrencies):
@@ -346,12 +351,14 @@ def summary(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
                 "threads_ms": median(b["per_node_thread_cpu_ms"][0]["threads"] for b in bs),
                 "faiss_cpu_per_node_cpu": median(b["faiss_cpu_per_node_cpu"] for b in bs),
                 "qps": median(b["qps"] for b in bs),
+                "qps_per_faiss_qps": median(b["qps_per_faiss_qps"] for b in bs),
             }
             out[f"{name} c={c}"] = fig
             log(f"median of {len(bs)} rounds, {name} c={c}: CPU {fig['cpu_ms_per_query']:.3f} "
                 f"ms/query (loop {fig['loop_ms']:.3f} + threads {fig['threads_ms']:.3f}), "
                 f"FAISS CPU / node CPU {fig['faiss_cpu_per_node_cpu']:.3f}x, "
-                f"{fig['qps']:,.0f} q/s")
+                f"{fig['qps']:,.0f} q/s ({fig['qps_per_faiss_qps']:.3f}x FAISS's on every "
+                "core)")
         if len(names) > 1:
             ratio = median(r["variants"][names[0]][i]["server_cpu_ms_per_query"]
                            / r["variants"][names[1]][i]["server_cpu_ms_per_query"]
