@@ -339,7 +339,8 @@ def summary(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """Medians over the rounds, per variant and concurrency: the node's CPU per query (all
     nodes; the event loop's and the other threads' of node 1), FAISS's CPU per query over
     the node's (FAISS on the node's own index when there is one node, else on one trained
-    apart) and the node's q/s over FAISS's on every core (the same index); with two variants, the first's CPU per query over the second's, per round."""
+    apart) and the node's q/s over FAISS's on every core (the same index); with two
+    variants, the first's CPU per query over the second's, per round."""
     out: dict[str, Any] = {}
     concurrencies = [b["concurrency"] for b in rounds[0]["variants"][names[0]]]
     for i, c in enumerate(concurrencies):

@@ -598,8 +598,8 @@ def churn_figures(series: list[dict[str, Any]], minute: float = 60.0) -> dict[st
            "rss_growth_over_first_minute_peak": round(max(rss) / peak - 1, 3),
            "rss_spread_after_first_minute": round(max(rss) / min(rss) - 1, 3)}
     if all("memtables" in r for r in after):
-        # RSS less the memtables (as the budget counts them) in each sample: what is left
-        # once their swing is taken out, itself bounded by the budget.
+        # RSS less the memtables (as the budget counts them) in each sample: the growth
+        # once their swing between flushes is taken out.
         steady = [r["rss"] - r["memtables"] for r in after]
         out["rss_less_memtables_growth_after_first_minute"] = round(
             max(steady) / steady[0] - 1, 3)
