@@ -29,7 +29,7 @@ from aquila.cluster.peers.client import PeerClient
 from aquila.cluster.replication.backend import ShardBackend
 from aquila.cluster.replication.lifecycle import Collections
 from aquila.cluster.replication.reads import ReadPath
-from aquila.cluster.replication.remote import DEFAULT_METADATA_CAP, PeerService, RemoteReplica
+from aquila.cluster.replication.remote import PeerService, RemoteReplica
 from aquila.cluster.replication.replica import LocalReplica, Replicas
 from aquila.cluster.replication.writes import WritePath
 from aquila.cluster.state.entries import ClusterState
@@ -53,8 +53,6 @@ class ClusterSettings:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     # Authenticates gossip packets and push-pulls; None: open.
     cluster_secret: str | None = None
-    # The most metadata one document can hold (a request body's cap): bounds peers' answers.
-    metadata_cap: int = DEFAULT_METADATA_CAP
 
 
 @dataclass
@@ -103,8 +101,7 @@ class ClusterService:
         local = LocalReplica(node_id, backend, state)
         replicas = Replicas(
             node_id, local,
-            lambda node: RemoteReplica(node, view.addr_of, peers, s.peer_timeout_s,
-                                       s.metadata_cap),
+            lambda node: RemoteReplica(node, view.addr_of, peers, s.peer_timeout_s),
         )
         publisher = Publisher(runtime, view, peers, clock)
         writes = WritePath(node_id, state, view, replicas, hlc)

@@ -436,24 +436,16 @@ def decode_records(raw: dict[str, Any], shard: int, spec: CollectionSpec) -> lis
     return decode_writes(raw["writes"], spec.dim, spec.shards).get(shard, [])
 
 
-# The most metadata a document can hold: what bounds a peer's answer of hits with their
-# metadata (`frames.hits_answer_bound`). It was a request body's hard cap (128 MiB at the
-# default settings), so that one query's 10 hits could be answered with 1.3 GiB.
-DEFAULT_METADATA_CAP = MAX_DOCUMENT_METADATA
-
-
 class RemoteReplica:
     """A peer's copies, through its internal routes. `addr_of` says where the node is now
-    (None: not a member, or no longer)."""
+    (None: not a member, or no longer). An answer of hits is read up to what they may hold
+    (`frames.hits_answer_bound`: each document's metadata at most MAX_DOCUMENT_METADATA)."""
 
     def __init__(
         self, node: str, addr_of: Callable[[str], str | None], peers: PeerClient,
-        timeout_s: float, metadata_cap: int = DEFAULT_METADATA_CAP,
+        timeout_s: float,
     ) -> None:
         self.node = node
-        # The most metadata one document can hold (what a request body can carry): it bounds
-        # the answers read from the peer (`frames.hits_answer_bound`).
-        self._metadata_cap = metadata_cap
         self._addr_of = addr_of
         self._peers = peers
         self._timeout_s = timeout_s
@@ -521,7 +513,7 @@ class RemoteReplica:
         both = frames.WITH_METADATA | frames.WITH_VECTOR
         answer = await self._frame(spec.name, "get", frames.encode_get(shard, doc_id),
                                    frames.hits_answer_bound(1, 1, both, spec.dim,
-                                                            self._metadata_cap))
+                                                            MAX_DOCUMENT_METADATA))
         rows = self._hits(answer, 1, 1, both, spec.dim, [-1, shard], "get").rows
         return rows[0][0] if rows[0] else None
 
@@ -538,7 +530,7 @@ class RemoteReplica:
             frame = frames.encode_search(vectors, req.k, req.nprobe, shards, req.filter, flags,
                                           req.recall)
             bound = frames.hits_answer_bound(len(vectors), req.k, flags, spec.dim,
-                                             self._metadata_cap)
+                                             MAX_DOCUMENT_METADATA)
             answer = await self._frame(spec.name, "search", frame, bound, budget)
             got = self._hits(answer, len(vectors), req.k, flags, spec.dim, shards, "search")
             return got.rows, got.plans
