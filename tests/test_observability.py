@@ -334,6 +334,10 @@ async def test_dashboard_is_open_and_locked_down(start_node: StartNode) -> None:
         assert resp.headers["Content-Security-Policy"] == CSP
     await expect_error(await node.client.get("/ui/secret.txt"), 404, "not_found")
     await expect_error(await node.client.get("/ui/..%2fapi.py"), 404, "not_found")
+    # The node's bare address, opened in a browser, leads to it (no key asked).
+    resp = await node.client.get("/", allow_redirects=False)
+    assert (resp.status, resp.headers["Location"]) == (302, "/ui")
+    assert (await node.client.get("/")).status == 200  # followed
     # The data behind it still needs the key.
     await expect_error(await node.client.get("/v1/cluster"), 401, "unauthorized")
 
@@ -385,7 +389,7 @@ def test_security_follows_the_configuration() -> None:
     assert keyed["security"] == [{"bearer": []}]
     assert keyed["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     paths = keyed["paths"]
-    for path in ("/healthz", "/readyz", "/ui", "/ui/{file}"):
+    for path in ("/", "/healthz", "/readyz", "/ui", "/ui/{file}"):
         assert paths[path]["get"]["security"] == []
         assert "401" not in paths[path]["get"]["responses"]
     search = paths["/v1/collections/{name}/search"]["post"]["responses"]

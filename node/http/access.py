@@ -12,9 +12,10 @@ from aquila.cluster.model.errors import Forbidden, Unauthorized
 from aquila.node.config import NodeConfig
 
 # Open to anyone, key or not: liveness and readiness probes (load balancers, compose), and
-# the dashboard's static files (they hold no data; the page asks for the key to read any).
+# the dashboard's static files (they hold no data; the page asks for the key to read any) and
+# the root, which redirects to it.
 OPEN_ROUTES = frozenset({
-    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/ui"), ("GET", "/ui/{file}"),
+    ("GET", "/"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/ui"), ("GET", "/ui/{file}"),
 })
 # What the read key may call besides every GET (and HEAD): routes that read through a POST
 # body. Keyed by the route's pattern; a new read route is added here.

@@ -1,5 +1,6 @@
 """The dashboard: `GET /ui` and its two static files, shipped in the package (`ui/`) and
-served from memory. No build step, nothing fetched from elsewhere at run time.
+served from memory. No build step, nothing fetched from elsewhere at run time. The node's
+root (`GET /`, what a browser opens given only the address) redirects to it.
 
 The page is open to anyone who reaches the node, like the probes: it holds no data. Its
 script reads the public API, which asks for the key (the page then prompts for it). A strict
@@ -56,5 +57,9 @@ def add_ui_routes(app: web.Application) -> None:
             raise NotFound(f"no file {name!r} in the dashboard")
         return respond(name)
 
+    async def home(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "/ui", **HEADERS})
+
+    app.router.add_get("/", home)
     app.router.add_get("/ui", index)
     app.router.add_get("/ui/{file}", static)

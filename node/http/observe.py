@@ -27,7 +27,7 @@ log = logging.getLogger("aquila.node.http.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Routes polled by machines (probes, scrapers) or fetched by browsers with each page.
-QUIET = frozenset({"/healthz", "/readyz", "/metrics", "/ui", "/ui/{file}"})
+QUIET = frozenset({"/", "/healthz", "/readyz", "/metrics", "/ui", "/ui/{file}"})
 
 
 # A random prefix per process and a counter: unique across nodes and restarts without a

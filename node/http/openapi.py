@@ -608,6 +608,11 @@ def _paths() -> dict[str, Any]:
             "get": {"operationId": "openapi", "summary": "This document",
                     "responses": {"200": _resp("OpenAPI", _obj(["openapi", "paths"]))}},
         },
+        "/": {
+            "get": {"operationId": "home", "summary": "Redirects to the dashboard (/ui)",
+                    "responses": {"302": {"description": "to the dashboard", "headers": {
+                        "Location": {"schema": {"type": "string", "const": "/ui"}}}}}},
+        },
         "/ui": {
             "get": {"operationId": "dashboard",
                     "summary": "The dashboard (a web page; it asks for the key itself)",
