@@ -37,8 +37,8 @@ class NodeConfig:
     # host:port peers and clients use to reach this node (containers bind 0.0.0.0 but are
     # reached by service name). None: host:port.
     advertise: str | None = None
-    # When set, every public request but GET /healthz and GET /readyz (probes) needs
-    # `Authorization: Bearer <key>` (full access).
+    # When set, every public request but GET /healthz and GET /readyz (probes) and the
+    # dashboard's (GET /, /ui: node/http/access.py) needs `Authorization: Bearer <key>`.
     api_key: str | None = None
     # When set, `Authorization: Bearer <read key>` gives the read routes only (node/http/access.py);
     # anything else with it is 403. Without an api_key it makes the node keyed all the same.
