@@ -603,7 +603,25 @@ def churn_figures(series: list[dict[str, Any]], minute: float = 60.0) -> dict[st
         steady = [r["rss"] - r["memtables"] for r in after]
         out["rss_less_memtables_growth_after_first_minute"] = round(
             max(steady) / steady[0] - 1, 3)
+    slope = rss_slope(after)
+    if slope is not None:
+        out["rss_mib_per_million_deletes_after_first_minute"] = round(slope, 2)
     return out
+
+
+def rss_slope(samples: list[dict[str, Any]]) -> float | None:
+    """MiB of RSS a million deletes, the least-squares line through every sample (`rss`
+    against `deleted`): where the goal's figure rests on one sample at the minute and one
+    largest after it (each anywhere in the memtables' swing), this uses them all, and says
+    whether RSS still climbs (a level reached late reads near 0 once the run is long). None
+    with fewer than three samples or no deletes between them."""
+    if len(samples) < 3:
+        return None
+    x = np.array([r["deleted"] for r in samples], np.float64) / 1e6
+    y = np.array([r["rss"] for r in samples], np.float64)
+    if np.ptp(x) == 0:
+        return None
+    return float(np.polyfit(x, y, 1)[0])
 
 
 async def churn(args: argparse.Namespace, root: Path, variant: str = "",
@@ -751,7 +769,9 @@ def churn_table(r: dict[str, Any]) -> str:
         f"{r.get('rss_growth_after_first_minute')} (goal <= 0.10); over the first minute's "
         f"peak ({r.get('rss_mib_peak_first_minute')} MiB) "
         f"{r.get('rss_growth_over_first_minute_peak')}; RSS less the memtables "
-        f"{r.get('rss_less_memtables_growth_after_first_minute')}",
+        f"{r.get('rss_less_memtables_growth_after_first_minute')}; "
+        f"{r.get('rss_mib_per_million_deletes_after_first_minute')} MiB a million deletes "
+        "after it (least squares over every sample)",
         f"  labels given {r.get('labels_given_first')} at the start of the churn, "
         f"{r.get('labels_given_last')} at its end (tombstone grace "
         f"{r.get('tombstone_grace_s')} s)",

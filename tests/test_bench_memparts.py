@@ -103,3 +103,20 @@ def test_a_time_of_day_is_the_next_one() -> None:
         got = time_of_day(f"{at.tm_hour:02d}:{at.tm_min:02d}")
         assert now < got <= now + minutes_ahead * 60, minutes_ahead
         assert got > now + minutes_ahead * 60 - 60
+
+
+def test_churn_figures_give_the_climb_a_million_deletes_from_every_sample() -> None:
+    from bench_memory import churn_figures
+
+    # 2 MiB a million deletes after the first minute, with the memtables' swing on top.
+    series = [{"t": t, "deleted": 10_000 * t, "memtables": 4.0 * (t % 40 == 0),
+               "rss": 100.0 + 0.02 * t + 4.0 * (t % 40 == 0)} for t in range(0, 600, 20)]
+    got = churn_figures(series)
+    assert got["rss_mib_per_million_deletes_after_first_minute"] == pytest.approx(2.0, abs=0.1)
+    assert got["rss_mib_at_first_minute"] == 101.2
+    flat = [dict(r, rss=150.0) for r in series]
+    assert churn_figures(flat)["rss_mib_per_million_deletes_after_first_minute"] == 0.0
+    # Too few samples after the minute, or no deletes among them: no line.
+    assert "rss_mib_per_million_deletes_after_first_minute" not in churn_figures(series[:4])
+    still = [dict(r, deleted=0) for r in series]
+    assert "rss_mib_per_million_deletes_after_first_minute" not in churn_figures(still)
