@@ -10,12 +10,31 @@ from pathlib import Path
 import pytest
 import rocksdict
 
-from aquila.node.storage.store import CHANGES_CF, VECTORS_CF, Store, WriteBatch
+from aquila.node.storage.store import CHANGES_CF, TOMBSTONES_CF, VECTORS_CF, Store, WriteBatch
+
+
+def as_layout_6(path: Path) -> None:
+    """The closed store at `path` as layout 6 left it: its tombstones' records in the default
+    column family with the live ones', no column family of tombstones."""
+    opts = rocksdict.Options(raw_mode=True)
+    db = rocksdict.Rdict(str(path), opts, column_families={
+        "default": opts, VECTORS_CF: opts, CHANGES_CF: opts, TOMBSTONES_CF: opts})
+    tombs = db.get_column_family(TOMBSTONES_CF)
+    wb = rocksdict.WriteBatch(raw_mode=True)
+    for key, value in tombs.items():
+        wb.put(key, value)
+    wb.put(b"F", struct.pack(">H", 6))
+    db.write(wb)
+    tombs.close()
+    db.drop_column_family(TOMBSTONES_CF)
+    db.close()
+    assert TOMBSTONES_CF not in rocksdict.Rdict.list_cf(str(path), opts)
 
 
 def as_layout_5(path: Path) -> None:
-    """The closed store at `path` as layout 5 left it: its change log (Q keys) in the default
-    column family, no column family of changes."""
+    """The closed store at `path` as layout 5 left it: as layout 6 (`as_layout_6`), and its
+    change log (Q keys) in the default column family, no column family of changes."""
+    as_layout_6(path)
     opts = rocksdict.Options(raw_mode=True)
     db = rocksdict.Rdict(str(path), opts, column_families={
         "default": opts, VECTORS_CF: opts, CHANGES_CF: opts})

@@ -73,7 +73,7 @@ async def _reopened(tmp_path: Path, blocking: Blocking,
     await engine.start()
     try:
         coll = engine.get("c")
-        assert coll.store.layout() == LAYOUT == 6
+        assert coll.store.layout() == LAYOUT == 7
         assert log_of(coll.store) == log and q_keys_in_default(coll.store) == 0
         # Replayed from the log: the write after the snapshot is in the index.
         hits = await coll.search(vec(500)[None], 1, None)

@@ -1,6 +1,6 @@
-"""Point look-ups stay cheap as a collection's store grows under churn (issue 14). Every write
-looks its ids up first, and tombstones keep their keys, so table files grow with every delete
-ever made. A table file's whole filter (10 bits a key: 5 MiB at 4M keys) is past the block
+"""Point look-ups stay cheap as a collection's store grows (issue 14). Every write looks its ids
+up first, and table files grow with every document stored (and, before layout 7 moved
+tombstones to a column family of their own, with every delete ever made). A table file's whole filter (10 bits a key: 5 MiB at 4M keys) is past the block
 cache's shard (128 MiB / 64 shards): it is evicted by the next blocks read and read again by
 the next look-up. Partitioned filters and a two-level index keep them in 4 KiB blocks that
 stay in the cache."""
@@ -23,7 +23,7 @@ def filled(path: Path, keys: int) -> Store:
     for lo in range(0, keys, 250_000):
         wb = rocksdict.WriteBatch(raw_mode=True)
         for i in range(lo, min(keys, lo + 250_000)):
-            # Tombstones, as churn leaves them.
+            # Records with no vector to read (tombstones' headers), so many of them.
             wb.put(doc_key(0, f"c{i}"), _HEADER.pack(1, i, i, FLAG_TOMBSTONE, 0, 1) + b"n")
         store.db.write(wb)
     store.db.flush(True)

@@ -30,6 +30,7 @@ from aquila.node.storage.store import (
     CHANGES_CF,
     LAYOUT,
     NO_LABEL,
+    TOMBSTONES_CF,
     VEC_PREFIX,
     VECTORS_CF,
     Record,
@@ -64,7 +65,7 @@ def check(coll: Collection, model: dict[int, dict[str, bytes]]) -> None:
             continue
         recs = dict(store.iter_docs(s, vectors=False))
         assert all(r.vector == b"" for r in recs.values())
-        for raw in store.raw_records([doc_key(s, d) for d in recs]):
+        for raw in store.raw_docs([doc_key(s, d) for d in recs]):
             assert raw is not None and struct.unpack_from(">QqQBIH", raw)[4] == 0
         live = {d: r for d, r in recs.items() if not r.tombstone}
         assert set(live) == set(model[s])
@@ -288,7 +289,7 @@ async def _reopened(tmp_path: Path, blocking: Blocking,
     await engine.start()
     try:
         coll = engine.get("c")
-        assert coll.store.layout() == LAYOUT == 6
+        assert coll.store.layout() == LAYOUT == 7
         assert {s: dict(coll.store.iter_docs(s)) for s in range(SHARDS)} == before
         check(coll, {s: {d: r.vector for d, r in docs.items() if not r.tombstone}
                      for s, docs in before.items()})
@@ -322,7 +323,7 @@ async def test_a_store_of_a_newer_layout_is_refused_and_left_as_it_is(
         store.open()
         try:
             return {"default": dict(store.db.items()), VECTORS_CF: dict(store.vdb.items()),
-                    CHANGES_CF: dict(store.cdb.items())}
+                    CHANGES_CF: dict(store.cdb.items()), TOMBSTONES_CF: dict(store.tdb.items())}
         finally:
             store.close()
 
@@ -454,7 +455,7 @@ def test_a_write_between_a_record_and_its_vector_read_is_read_again(
                  lambda: store.get_records_multi([(0, "a")])[0],
                  lambda: dict(store.iter_docs(0))["a"]]
         for read in reads:
-            _put(store, "a", first, None)
+            _put(store, "a", first, store.get_records(0, ["a"], vectors=False)[0])
             real = store._vdb
             racing = _Racing(real, lambda: _put(store, "a", after, first))
             monkeypatch.setattr(store, "_vdb", racing)

@@ -215,7 +215,9 @@ class MemoryBackend:
     ) -> tuple[list[Hit], str | None]:
         held = self._open(spec.name, [shard]).shards[shard]
         out: list[Hit] = []
-        ids = sorted(i for i in held if after is None or i > after)
+        # Live documents only, as the engine's scroll reads them (tombstones apart).
+        ids = sorted(i for i, d in held.items()
+                     if d.vector is not None and (after is None or i > after))
         for looked, doc_id in enumerate(ids, 1):
             d = held[doc_id]
             if _admits(d, predicate):

@@ -348,6 +348,11 @@ class Collection:
                 moved = self.store.move_changes()
                 log.info("%s: moved %d change-log keys to their column family (once) in "
                          "%.1f s", self.spec.name, moved, time.monotonic() - t0)
+            if layout < 7:  # 6 → 7: tombstones to their own column family (see store)
+                t0 = time.monotonic()
+                moved = self.store.move_tombstones()
+                log.info("%s: moved %d tombstones to their column family (once) in %.1f s",
+                         self.spec.name, moved, time.monotonic() - t0)
             self.store.put_layout()
         # The keys of a shard not recorded as held are what a crash in the middle of a drop
         # left (see `drop_shard`): garbage, never read.
@@ -1347,8 +1352,7 @@ class Collection:
         """Whether RocksDB flushes or compacts this store now, or has either pending (a few
         property reads: microseconds)."""
         try:
-            db = self.store.db
-            return any(db.property_int_value(p) for p in ROCKSDB_BUSY)
+            return self.store.busy(ROCKSDB_BUSY)
         except Exception:  # closed meanwhile: nothing to wait for
             return False
 

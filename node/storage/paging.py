@@ -4,9 +4,9 @@ filtered search uses (`Shard.matches`: evaluated once per shard and filter over 
 index, kept in the shard's LRU and updated by writes): a count is the set's popcount, a page
 tests each record's label against its bitmap. Pages come from the store in id (key) order.
 
-A page looks at no more than SCAN_LIMIT records, matching or not, so that a filter that
+A page looks at no more than SCAN_LIMIT live documents, matching or not, so that a filter that
 matches little costs a bounded amount of work per request: the caller goes on from the last id
-looked at."""
+looked at. Tombstones are not looked at (their records are in a column family of their own)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from aquila.cluster.model.filters import Filter
 from aquila.node.storage.matches import MatchSet, pack
 from aquila.node.storage.search import Searchable
 
-# Records (live, deleted or not matching) one page request may look at.
+# Live documents (matching or not) one page request may look at.
 SCAN_LIMIT = 20_000
 
 
@@ -62,8 +62,8 @@ def scroll_shard(
     size = 0 if bits is None else len(bits)
     out: list[Hit] = []
     held = 0  # bytes of metadata in `out`
-    for looked, (doc_id, rec) in enumerate(coll.store.iter_docs(shard, after,
-                                                                       vectors=with_vectors), 1):
+    for looked, (doc_id, rec) in enumerate(coll.store.iter_docs(
+            shard, after, vectors=with_vectors, live_only=True), 1):
         if not rec.tombstone:
             label = rec.label
             if bits is None or (

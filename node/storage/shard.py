@@ -289,6 +289,7 @@ class Shard:
         blake2b = hashlib.blake2b
         bucket_hash = _BUCKET_HASH.copy
         put, delete = batch.raw_put, batch.raw_delete
+        tomb_put, tomb_delete = batch.tomb_put, batch.tomb_delete
         vec_put, vec_delete = batch.vec_put, batch.vec_delete
         change_put, change_delete = batch.change_put, batch.change_delete
         pack_seq = _U64.pack
@@ -305,13 +306,14 @@ class Shard:
         count_delta = applied = deleted = 0
         for doc, old in zip(docs, olds, strict=True):
             version, writer = doc.version, doc.writer
-            was_live = False
+            was_live = was_tomb = False
             label = NO_LABEL
             if old is not None:
                 if (version, writer) <= (old.version, old.writer):
                     continue
                 label = old.label
                 was_live = not old.tombstone
+                was_tomb = old.tombstone
                 if was_live:
                     old_meta[label] = old.metadata
             vec = doc.vector
@@ -332,9 +334,12 @@ class Shard:
             # The record as `WriteBatch.put_doc` lays it out (its vector under V), and the
             # digests as `digests.record_hash` and `digests.bucket_of` compute them, inline:
             # this loop is where a bulk import spends its time.
+            # A tombstone's record in the column family of tombstones (see store), the other
+            # kind's record of the id removed.
             if vec is None:
-                put(doc_prefix + idb, pack_head(version, label, seq, 1, 0, len(wb)) + wb)
+                tomb_put(doc_prefix + idb, pack_head(version, label, seq, 1, 0, len(wb)) + wb)
                 if was_live:
+                    delete(doc_prefix + idb)
                     vec_delete(vec_prefix + pack_seq(label))
             else:
                 vb = (vec if vec.dtype == _F4 else vec.astype(_F4)).tobytes()
@@ -342,6 +347,8 @@ class Shard:
                     raise ValueError(f"vector of {doc.id!r} has the wrong dimension")
                 put(doc_prefix + idb, b"".join((pack_head(version, label, seq, 0, 0, len(wb)),
                                                wb, doc.metadata)))
+                if was_tomb:
+                    tomb_delete(doc_prefix + idb)
                 vec_put(vec_prefix + pack_seq(label), pack_seq(seq) + vb)
             if old is not None:
                 change_delete(change_prefix + pack_seq(old.seq))

@@ -6,7 +6,15 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
     b"M"                          -> collection spec (JSON)
     b"C" shard                    -> counters: next seq, next label, live documents (3 × u64)
     b"D" shard id                 -> document record (see `Record`; its vector under V, not
-                                     here); tombstones too
+                                     here): a live document's in the default column family,
+                                     a tombstone's in the column family "tombstones", which
+                                     has no bloom filters (a write's look-up of an id reads
+                                     the default one first, then this one; a record is in
+                                     one of them, moved in the batch that changes its kind):
+                                     filter bits of every tombstone kept for its grace period
+                                     grew the cache with the deletes (10 bits each, read
+                                     whole into the cache with each new table file), while a
+                                     new id's look-up there is one index and data block read
     b"V" shard label(u64 BE)      -> seq(u64 BE) + the vector's float32 bytes (little-endian),
                                      for each live document, in the column family "vectors"
                                      (uncompressed, see `Store.open`): put, overwritten and
@@ -34,7 +42,8 @@ key of a shard behind a 2-byte big-endian shard number so a shard is one contigu
                                      4 before V: records held their vectors, split once at
                                      the first open, see `split_vectors`; 5 before the
                                      column family of changes: Q keys moved once, see
-                                     `move_changes`)
+                                     `move_changes`; 6 before the column family of
+                                     tombstones: moved once, see `move_tombstones`)
 
 A document's label is a stable int64 within its shard, kept for its whole life (tombstone
 included), so updates and deletes remove exactly the old vector from the index. A purged
@@ -57,8 +66,10 @@ its candidates' V keys, and its k best's records.
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import math
+import operator
 import re
 import struct
 import time
@@ -138,7 +149,8 @@ _COUNTERS = struct.Struct(">QQQ")
 _SHARD_TAGS = (b"C", b"D", b"L", b"G", b"R", b"P")  # the default column family's
 VECTORS_CF = "vectors"  # V keys
 CHANGES_CF = "changes"  # Q keys
-LAYOUT = 6
+TOMBSTONES_CF = "tombstones"  # D keys of tombstones
+LAYOUT = 7
 # Bytes before a V value's vector: its record's seq.
 VEC_PREFIX = _U64.size
 # V keys read at a time by a scan of the vectors (`Store.iter_live_vectors`): their values
@@ -301,6 +313,15 @@ class WriteBatch:
         return functools.partial(self._wb.delete, column_family=self._store.vectors_cf)
 
     @property
+    def tomb_put(self) -> Callable[[bytes, bytes], None]:
+        """A put of a tombstone's record (`doc_key`), in the column family of tombstones."""
+        return functools.partial(self._wb.put, column_family=self._store.tombstones_cf)
+
+    @property
+    def tomb_delete(self) -> Callable[[bytes], None]:
+        return functools.partial(self._wb.delete, column_family=self._store.tombstones_cf)
+
+    @property
     def change_put(self) -> Callable[[bytes, bytes], None]:
         """A put of a Q key (`change_key`) and value (the id)."""
         return functools.partial(self._wb.put, column_family=self._store.changes_cf)
@@ -310,8 +331,17 @@ class WriteBatch:
         return functools.partial(self._wb.delete, column_family=self._store.changes_cf)
 
     def put_doc(self, shard: int, doc_id: str, rec: Record, old: Record | None) -> None:
-        """The record, its vector under V (a live one's; a tombstone's label has none)."""
-        self._wb.put(doc_key(shard, doc_id), rec.encode())
+        """The record (a tombstone's in its column family, the other kind's record of the id
+        removed), its vector under V (a live one's; a tombstone's label has none)."""
+        key = doc_key(shard, doc_id)
+        if rec.tombstone:
+            self.tomb_put(key, rec.encode())
+            if old is not None and not old.tombstone:
+                self._wb.delete(key)
+        else:
+            self._wb.put(key, rec.encode())
+            if old is not None and old.tombstone:
+                self.tomb_delete(key)
         if rec.label != NO_LABEL:
             if rec.tombstone:
                 self.vec_delete(vec_key(shard, rec.label))
@@ -336,7 +366,7 @@ class WriteBatch:
     def forget(self, shard: int, doc_id: str, rec: Record) -> None:
         """Remove every trace of a document (a tombstone past its grace period); its label
         becomes free to give again."""
-        self._wb.delete(doc_key(shard, doc_id))
+        self.tomb_delete(doc_key(shard, doc_id))
         self.change_delete(change_key(shard, rec.seq))
         if rec.label != NO_LABEL:  # released before: nothing of it left to free
             self._wb.delete(label_key(shard, rec.label))
@@ -347,7 +377,7 @@ class WriteBatch:
     def release(self, shard: int, doc_id: str, rec: Record) -> None:
         """A tombstone's label released: the record rewritten with no label (its change-log
         key unchanged), the label free to give again."""
-        self._wb.put(doc_key(shard, doc_id), encode_record(
+        self.tomb_put(doc_key(shard, doc_id), encode_record(
             rec.version, NO_LABEL, rec.seq, True, rec.writer.encode(), b"", b""))
         self._wb.delete(label_key(shard, rec.label))
         self.vec_delete(vec_key(shard, rec.label))  # none (a tombstone's): made sure
@@ -420,6 +450,8 @@ class Store:
         self._vcf: rocksdict.ColumnFamily | None = None  # its handle, for batches
         self._cdb: rocksdict.Rdict | None = None  # the column family of changes
         self._ccf: rocksdict.ColumnFamily | None = None
+        self._tdb: rocksdict.Rdict | None = None  # the column family of tombstones
+        self._tcf: rocksdict.ColumnFamily | None = None
 
     def open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -444,7 +476,14 @@ class Store:
         copts.set_bottommost_compression_type(rocksdict.DBCompressionType.zstd())
         access = (rocksdict.AccessType.read_only() if self._read_only
                   else rocksdict.AccessType.read_write())
-        families = {"default": opts, VECTORS_CF: vopts, CHANGES_CF: copts}
+        # Tombstones: compressed as the records, no filters (see the module's docstring; nor
+        # a memtable's, 2% of the write buffer taken at each memtable's start: a look-up of a
+        # new id searches a memtable of recent deletes only, empty in a bulk load).
+        topts = self._options(filters=False)
+        topts.set_compression_type(rocksdict.DBCompressionType.lz4())
+        topts.set_bottommost_compression_type(rocksdict.DBCompressionType.zstd())
+        families = {"default": opts, VECTORS_CF: vopts, CHANGES_CF: copts,
+                    TOMBSTONES_CF: topts}
         if self._read_only:  # a reader cannot create one (a store of an earlier layout)
             have = set(rocksdict.Rdict.list_cf(str(self.path), opts))
             families = {name: o for name, o in families.items() if name in have}
@@ -455,6 +494,9 @@ class Store:
         if CHANGES_CF in families:
             self._cdb = self._db.get_column_family(CHANGES_CF)
             self._ccf = self._db.get_column_family_handle(CHANGES_CF)
+        if TOMBSTONES_CF in families:
+            self._tdb = self._db.get_column_family(TOMBSTONES_CF)
+            self._tcf = self._db.get_column_family_handle(TOMBSTONES_CF)
         if not self._read_only:  # (not settable in `Options`: a mutable option only)
             for cf in self._families():
                 try:
@@ -527,9 +569,23 @@ class Store:
     def changes_cf(self) -> rocksdict.ColumnFamily:
         return _opened(self._ccf)
 
+    @property
+    def tdb(self) -> rocksdict.Rdict:
+        """The column family of tombstones (D keys of deleted documents)."""
+        return _opened(self._tdb)
+
+    @property
+    def tombstones_cf(self) -> rocksdict.ColumnFamily:
+        return _opened(self._tcf)
+
     def _families(self) -> list[rocksdict.Rdict]:
-        """The open column families: default, vectors, changes."""
-        return [f for f in (self._db, self._vdb, self._cdb) if f is not None]
+        """The open column families: default, vectors, changes, tombstones."""
+        return [f for f in (self._db, self._vdb, self._cdb, self._tdb) if f is not None]
+
+    def busy(self, properties: tuple[str, ...]) -> bool:
+        """Whether any of these integer properties is non-zero in any column family (RocksDB
+        flushing or compacting, or either pending)."""
+        return any(f.property_int_value(p) for f in self._families() for p in properties)
 
     def batch(self) -> WriteBatch:
         return WriteBatch(self)
@@ -577,11 +633,13 @@ class Store:
         db, self._db = self._db, None
         vdb, self._vdb = self._vdb, None
         cdb, self._cdb = self._cdb, None
-        self._vcf = self._ccf = None  # a handle keeps the database open (so does a batch)
+        tdb, self._tdb = self._tdb, None
+        # A handle keeps the database open (so does a batch).
+        self._vcf = self._ccf = self._tcf = None
         if db is None:
             return
         deadline = time.monotonic() + _CLOSE_WAIT_S
-        for one in (vdb, cdb, db):  # column families first: they too keep the database open
+        for one in (vdb, cdb, tdb, db):  # column families first: they too keep the database open
             while one is not None:
                 try:
                     one.close()
@@ -609,15 +667,28 @@ class Store:
         if not ids:
             return []
         keys = [doc_key(shard, i) for i in ids]
-        return self._joined(keys, self._get_many(self.db, keys, cache), vectors, cache)
+        return self._joined(keys, self.raw_docs(keys, cache), vectors, cache)
 
     def get_records_multi(self, keys: list[tuple[int, str]], *, vectors: bool = True
                           ) -> list[Record | None]:
         if not keys:
             return []
         dkeys = [doc_key(s, i) for s, i in keys]
-        raws: list[bytes | None] = self.db.get(dkeys)  # type: ignore[assignment,arg-type]
-        return self._joined(dkeys, raws, vectors)
+        return self._joined(dkeys, self.raw_docs(dkeys, True), vectors)
+
+    def raw_docs(self, keys: list[bytes], cache: bool = True) -> list[bytes | None]:
+        """The stored records of these doc keys, live or tombstones (None where neither): the
+        live ones' column family read first, then that of tombstones for the keys it has
+        not (a store opened read-only from before it has none: its tombstones are with the
+        live ones). A write moving a key from one to the other between the two reads is
+        missed (None), as if it came just before the read; nothing is read twice."""
+        raws = self._get_many(self.db, keys, cache)
+        missing = [i for i, r in enumerate(raws) if r is None]
+        if missing and self._tdb is not None:
+            got = self._get_many(self.tdb, [keys[i] for i in missing], cache)
+            for i, raw in zip(missing, got, strict=True):
+                raws[i] = raw
+        return raws
 
     def _joined(self, keys: list[bytes], raws: list[bytes | None], vectors: bool,
                 cache: bool = True) -> list[Record | None]:
@@ -666,7 +737,7 @@ class Store:
         None if `damaged_ok`, else RuntimeError."""
         shard = _U16.unpack_from(key, 1)[0]
         for _ in range(tries):
-            raw = self.db.get(key)
+            raw = self.raw_docs([key], True)[0]
             if raw is None:
                 return None
             rec = Record.decode(raw)
@@ -733,6 +804,29 @@ class Store:
                 put = batch.change_put
         batch._wb.delete_range(b"Q", b"R")
         self.write(batch)
+        return done
+
+    def move_tombstones(self, chunk: int = 50_000) -> int:
+        """Layout 6 to 7: the tombstones' records (every shard's) moved from the default column
+        family to that of tombstones, `chunk` a batch (each batch puts and deletes its
+        records together); the number moved. Run again after a crash midway, it moves what
+        is still there."""
+        batch = self.batch()
+        put, delete = batch.tomb_put, batch.raw_delete
+        done = 0
+        for key, raw in self._scan(b"D"):
+            if not _HEADER.unpack_from(raw)[3] & FLAG_TOMBSTONE:
+                continue
+            put(key, raw)
+            delete(key)
+            batch.count += 1
+            done += 1
+            if batch.count >= chunk:
+                self.write(batch)
+                batch = self.batch()
+                put, delete = batch.tomb_put, batch.raw_delete
+        if batch.count:
+            self.write(batch)
         return done
 
     def write(self, batch: WriteBatch) -> None:
@@ -837,7 +931,7 @@ class Store:
         millions of tombstones). The iterator holds the database open, a closed one too (its
         folder locked for this process): it is let go when the scan ends."""
         prefix = _shard_key(b"D", shard)
-        it = self.db.iter(self._scan_opts)
+        it = (self.db if self._tdb is None else self.tdb).iter(self._scan_opts)
         it.seek(prefix)
         held = [it]
         del it
@@ -897,7 +991,7 @@ class Store:
         (it runs on the write thread: a bulk load's interval is hundreds of thousands of
         upserts). ([], after) when `stop` says to stop."""
         ids: list[str] = []
-        get, opts = self.db.get, self._lookup_opts
+        get, opts = (self.db if self._tdb is None else self.tdb).get, self._lookup_opts
         unpack = _HEADER.unpack_from
         for n, (seq, doc_id) in enumerate(self.iter_changes(shard, after), 1):
             if seq > upto:
@@ -937,22 +1031,23 @@ class Store:
             yield key, it.value()
             it.next()
 
-    def iter_docs(self, shard: int, after: str | None = None, *, vectors: bool = True
-                  ) -> Iterator[tuple[str, Record]]:
-        """Every record of the shard (tombstones too) in id order, after `after` if given;
-        live ones with their vectors (read from V a chunk of records at a time) unless
-        `vectors` is False."""
+    def iter_docs(self, shard: int, after: str | None = None, *, vectors: bool = True,
+                  live_only: bool = False) -> Iterator[tuple[str, Record]]:
+        """Every record of the shard (tombstones too unless `live_only`) in id order, after
+        `after` if given; live ones with their vectors (read from V a chunk of records at a
+        time) unless `vectors` is False."""
         prefix = _shard_key(b"D", shard)
         n = len(prefix)
         start = prefix if after is None else doc_key(shard, after) + b"\x00"
+        scan = self._doc_scan(prefix, start, live_only)
         if not vectors:
-            for key, raw in self._scan(prefix, start):
+            for key, raw in scan:
                 yield key[n:].decode(), Record.decode(raw)
             return
         keys: list[bytes] = []
         raws: list[bytes | None] = []
         chunk = 32  # growing: a page of a few documents reads few vectors ahead
-        for key, raw in self._scan(prefix, start):
+        for key, raw in scan:
             keys.append(key)
             raws.append(raw)
             if len(raws) >= chunk:
@@ -960,6 +1055,30 @@ class Store:
                 keys, raws = [], []
                 chunk = min(chunk * 2, _VEC_CHUNK)
         yield from self._docs(n, keys, raws)
+
+    def _doc_scan(self, prefix: bytes, start: bytes, live_only: bool
+                  ) -> Iterator[tuple[bytes, bytes]]:
+        """The records under `prefix` from `start` in key order: the live ones' column
+        family's, merged with that of tombstones unless `live_only`. The two iterators are
+        made one after the other: a write that moved a key between them shows it in both
+        (the later version kept) or in neither (as if it came just before the scan)."""
+        live = self._scan(prefix, start)
+        if live_only or self._tdb is None:
+            yield from live
+            return
+        merged = heapq.merge(live, self._scan(prefix, start, family=self.tdb),
+                             key=operator.itemgetter(0))
+        held: tuple[bytes, bytes] | None = None
+        for item in merged:
+            if held is not None:
+                if item[0] == held[0]:  # in both: the later change (its seq the higher)
+                    if _HEADER.unpack_from(item[1])[2] > _HEADER.unpack_from(held[1])[2]:
+                        held = item
+                    continue
+                yield held
+            held = item
+        if held is not None:
+            yield held
 
     def _docs(self, n: int, keys: list[bytes], raws: list[bytes | None]
               ) -> Iterator[tuple[str, Record]]:
@@ -987,22 +1106,32 @@ class Store:
                 wb.delete_range(start, end, families[tag])
             else:
                 wb.delete_range(start, end)
+            if tag == b"D":
+                wb.delete_range(start, end, self.tombstones_cf)
         self.db.write(wb, self._write_opts)
 
     def has_shard(self, shard: int) -> bool:
         """Whether any key of the shard is stored."""
-        for tag in _SHARD_TAGS:
-            it = self.db.iter()
+        for db, tag in self._shard_tags():
+            it = db.iter()
             it.seek(_shard_key(tag, shard))
             if it.valid() and it.key().startswith(_shard_key(tag, shard)):
                 return True
         return False
 
+    def _shard_tags(self) -> list[tuple[rocksdict.Rdict, bytes]]:
+        """(column family, tag) of the keys that tell a shard is held (its records, live or
+        tombstones, and its bookkeeping)."""
+        out = [(self.db, tag) for tag in _SHARD_TAGS]
+        if self._tdb is not None:
+            out.append((self.tdb, b"D"))
+        return out
+
     def shards_present(self) -> set[int]:
         """Every shard with a key stored: one seek per shard found, not a scan of its keys."""
         found: set[int] = set()
-        for tag in _SHARD_TAGS:
-            it = self.db.iter()
+        for db, tag in self._shard_tags():
+            it = db.iter()
             it.seek(tag)
             while it.valid():
                 key = it.key()
