@@ -1061,7 +1061,7 @@ class Store:
         """The records under `prefix` from `start` in key order: the live ones' column
         family's, merged with that of tombstones unless `live_only`. The two iterators are
         made one after the other: a write that moved a key between them shows it in both
-        (the later version kept) or in neither (as if it came just before the scan)."""
+        (the later change kept) or in neither (as if it came just before the scan)."""
         live = self._scan(prefix, start)
         if live_only or self._tdb is None:
             yield from live
