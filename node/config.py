@@ -68,7 +68,7 @@ class NodeConfig:
     # Snapshot a collection's index this often (seconds) when it has changed since the last one.
     snapshot_interval_s: float = 30.0
     # RocksDB's memory on this node, every collection's block cache and memtables in one
-    # budget (MiB; memtables at most a quarter of it). Bounded: 32 MiB to 1 TiB.
+    # budget (MiB; memtables at most an eighth of it). Bounded: 32 MiB to 1 TiB.
     rocksdb_memory_mib: int = 64
     # Most query rows grouped into one FAISS call by the dynamic batcher.
     search_batch_rows: int = 512

@@ -59,7 +59,7 @@ async def test_every_collection_of_a_node_shares_one_cache_that_holds_their_memt
         b = await engine.ensure(CollectionSpec("b", 4, "l2", 1, 1, IndexSpec("flat")), [0], "u2")
         assert a.store.memory is engine.memory and b.store.memory is engine.memory
         assert engine.memory.write_buffers.enabled()
-        assert engine.memory.write_buffers.get_buffer_size() == 16 * MIB  # a quarter
+        assert engine.memory.write_buffers.get_buffer_size() == 8 * MIB  # an eighth
         for coll in (a, b):  # RocksDB's own view of each store's cache: the node's one
             assert coll.store.db.property_int_value("rocksdb.block-cache-capacity") == 64 * MIB
         fill(a.store, 0, 2000)
