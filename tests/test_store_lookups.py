@@ -1,8 +1,8 @@
 """Point look-ups stay cheap as a collection's store grows (issue 14). Every write looks its ids
 up first, and table files grow with every document stored (and, before layout 7 moved
-tombstones to a column family of their own, with every delete ever made). A table file's whole filter (10 bits a key: 5 MiB at 4M keys) is past the block
-cache's shard (128 MiB / 64 shards): it is evicted by the next blocks read and read again by
-the next look-up. Partitioned filters and a two-level index keep them in 4 KiB blocks that
+tombstones to a column family of their own, with every delete ever made). A table file's
+whole filter (10 bits a key: 5 MiB at 4M keys) is past the block cache's shard (128 MiB / 64
+shards): it is evicted by the next blocks read and read again by the next look-up. Partitioned filters and a two-level index keep them in 4 KiB blocks that
 stay in the cache."""
 
 from __future__ import annotations
