@@ -585,6 +585,11 @@ class Store:
         """The open column families: default, vectors, changes, tombstones."""
         return [f for f in (self._db, self._vdb, self._cdb, self._tdb) if f is not None]
 
+    def _tombstones_family(self) -> rocksdict.Rdict:
+        """Where the tombstones' records are: their column family, or the default one in a
+        store opened read-only from before layout 7 (it has none)."""
+        return self.db if self._tdb is None else self.tdb
+
     def busy(self, properties: tuple[str, ...]) -> bool:
         """Whether any of these integer properties is non-zero in any column family (RocksDB
         flushing or compacting, or either pending)."""
@@ -764,71 +769,67 @@ class Store:
         them, each live one's vector put under V, `chunk` records a batch; the number
         rewritten. A record already split holds none (vector length 0): run again after a
         crash midway, it rewrites only what is left."""
-        prefix = _shard_key(b"D", shard)
         pack, unpack = _HEADER.pack, _HEADER.unpack_from
-        batch = self.batch()
-        put, vput = batch.raw_put, batch.vec_put
-        done = 0
-        for key, raw in self._scan(prefix):
+
+        def split(batch: WriteBatch, key: bytes, raw: bytes) -> bool:
             version, label, seq, flags, dim, wlen = unpack(raw)
             if dim == 0:
-                continue
+                return False
             off = _HEADER.size + wlen
             end = off + dim * 4
-            put(key, b"".join((pack(version, label, seq, flags, 0, wlen),
-                               raw[_HEADER.size:off], raw[end:])))
+            batch.raw_put(key, b"".join((pack(version, label, seq, flags, 0, wlen),
+                                         raw[_HEADER.size:off], raw[end:])))
             if not flags & FLAG_TOMBSTONE and label != NO_LABEL:
-                vput(vec_key(shard, label), _U64.pack(seq) + raw[off:end])
-            batch.count += 1
-            done += 1
-            if batch.count >= chunk:
-                self.write(batch)
-                batch = self.batch()
-                put, vput = batch.raw_put, batch.vec_put
-        if batch.count:
-            self.write(batch)
-        return done
+                batch.vec_put(vec_key(shard, label), _U64.pack(seq) + raw[off:end])
+            return True
+
+        return self._in_batches(self._scan(_shard_key(b"D", shard)), split, chunk)
 
     def move_changes(self, chunk: int = 50_000) -> int:
         """Layout 5 to 6: the change log's keys (every shard's) copied from the default column
         family to that of changes, `chunk` a batch, then removed from the default one by one
         range delete; the number copied. Run again after a crash midway, it copies again
         what is still there (the same keys and values) and removes it."""
-        batch = self.batch()
-        put = batch.change_put
-        done = 0
-        for key, value in self._scan(b"Q"):
-            put(key, value)
-            batch.count += 1
-            done += 1
-            if batch.count >= chunk:
-                self.write(batch)
-                batch = self.batch()
-                put = batch.change_put
-        batch._wb.delete_range(b"Q", b"R")
-        self.write(batch)
-        return done
+        def copy(batch: WriteBatch, key: bytes, value: bytes) -> bool:
+            batch.change_put(key, value)
+            return True
+
+        return self._in_batches(self._scan(b"Q"), copy, chunk,
+                                finish=lambda batch: batch._wb.delete_range(b"Q", b"R"))
 
     def move_tombstones(self, chunk: int = 50_000) -> int:
         """Layout 6 to 7: the tombstones' records (every shard's) moved from the default column
         family to that of tombstones, `chunk` a batch (each batch puts and deletes its
         records together); the number moved. Run again after a crash midway, it moves what
         is still there."""
-        batch = self.batch()
-        put, delete = batch.tomb_put, batch.raw_delete
-        done = 0
-        for key, raw in self._scan(b"D"):
+        def move(batch: WriteBatch, key: bytes, raw: bytes) -> bool:
             if not _HEADER.unpack_from(raw)[3] & FLAG_TOMBSTONE:
+                return False
+            batch.tomb_put(key, raw)
+            batch.raw_delete(key)
+            return True
+
+        return self._in_batches(self._scan(b"D"), move, chunk)
+
+    def _in_batches(self, items: Iterator[tuple[bytes, bytes]],
+                    stage: Callable[[WriteBatch, bytes, bytes], bool], chunk: int,
+                    finish: Callable[[WriteBatch], None] | None = None) -> int:
+        """A layout's upgrade: `stage` each scanned (key, value) into a batch (False: nothing
+        to do for it), a batch written every `chunk` staged; `finish` into the last one,
+        written then even if it staged nothing. The number staged."""
+        batch = self.batch()
+        done = 0
+        for key, value in items:
+            if not stage(batch, key, value):
                 continue
-            put(key, raw)
-            delete(key)
             batch.count += 1
             done += 1
             if batch.count >= chunk:
                 self.write(batch)
                 batch = self.batch()
-                put, delete = batch.tomb_put, batch.raw_delete
-        if batch.count:
+        if finish is not None:
+            finish(batch)
+        if batch.count or finish is not None:
             self.write(batch)
         return done
 
@@ -934,7 +935,7 @@ class Store:
         millions of tombstones). The iterator holds the database open, a closed one too (its
         folder locked for this process): it is let go when the scan ends."""
         prefix = _shard_key(b"D", shard)
-        it = (self.db if self._tdb is None else self.tdb).iter(self._scan_opts)
+        it = self._tombstones_family().iter(self._scan_opts)
         it.seek(prefix)
         held = [it]
         del it
@@ -994,7 +995,7 @@ class Store:
         (it runs on the write thread: a bulk load's interval is hundreds of thousands of
         upserts). ([], after) when `stop` says to stop."""
         ids: list[str] = []
-        get, opts = (self.db if self._tdb is None else self.tdb).get, self._lookup_opts
+        get, opts = self._tombstones_family().get, self._lookup_opts
         unpack = _HEADER.unpack_from
         for n, (seq, doc_id) in enumerate(self.iter_changes(shard, after), 1):
             if seq > upto:
