@@ -24,6 +24,7 @@ from aquila.node.storage.store import (
     _HEADER,
     FLAG_TOMBSTONE,
     LAYOUT,
+    TOMBSTONE_BLOCK,
     TOMBSTONES_CF,
     Record,
     Store,
@@ -121,8 +122,10 @@ async def test_each_record_is_in_the_column_family_of_its_kind(
         text = options.read_text()
         table = text.split(f'[TableOptions/BlockBasedTable "{TOMBSTONES_CF}"]')[1].split("[")[0]
         assert "filter_policy=nullptr" in table
+        assert f"\n  block_size={TOMBSTONE_BLOCK}\n" in table
         default = text.split('[TableOptions/BlockBasedTable "default"]')[1].split("[")[0]
         assert "filter_policy=bloomfilter" in default
+        assert "\n  block_size=4096\n" in default
     finally:
         await engine.close()
 

@@ -153,6 +153,14 @@ _SHARD_TAGS = (b"C", b"D", b"L", b"G", b"R", b"P")  # the default column family'
 VECTORS_CF = "vectors"  # V keys
 CHANGES_CF = "changes"  # Q keys
 TOMBSTONES_CF = "tombstones"  # D keys of tombstones
+# The tombstones' table files' blocks, in bytes before compression (the other families': 4
+# KiB). Under churn their index partitions (one entry a block) enter the block cache with
+# each table file opened and grew with the tombstones kept: 0.3 -> 2.2-2.4 MiB over 5M
+# deletes at 4 KiB, 0.4 -> 1.1-1.3 at 16 KiB (`bench_memory.py --churn 800 --churn-deletes
+# 5500000 --churn-sample 20 --env-b`, one run each: RSS 1.54 -> 1.06 MiB a million deletes
+# after the first minute, deletes as fast). A look-up that reaches them (a new id, after
+# the live records' filter said no) reads and decompresses a larger block.
+TOMBSTONE_BLOCK = 16 << 10
 LAYOUT = 7
 # Bytes before a V value's vector: its record's seq.
 VEC_PREFIX = _U64.size
@@ -209,10 +217,12 @@ def encode_record(version: int, label: int, seq: int, tombstone: bool, writer: b
     return b"".join((head, writer, vector, metadata))
 
 
-def table_options(cache: rocksdict.Cache, filters: bool = True) -> rocksdict.BlockBasedOptions:
-    """A column family's table options, its blocks in `cache`; without bloom filters unless
-    `filters`."""
+def table_options(cache: rocksdict.Cache, filters: bool = True,
+                  block_size: int = 4096) -> rocksdict.BlockBasedOptions:
+    """A column family's table options, its blocks in `cache` and of `block_size` bytes
+    before compression; without bloom filters unless `filters`."""
     table = rocksdict.BlockBasedOptions()
+    table.set_block_size(block_size)
     # Bloom filters: every upsert first looks its id up, and new ids miss; without a filter
     # each miss reads a block of every level.
     if filters:
@@ -481,8 +491,10 @@ class Store:
                   else rocksdict.AccessType.read_write())
         # Tombstones: compressed as the records, no filters (see the module's docstring; nor
         # a memtable's, 2% of the write buffer taken at each memtable's start: a look-up of a
-        # new id searches a memtable of recent deletes only, empty in a bulk load).
-        topts = self._options(filters=False)
+        # new id searches a memtable of recent deletes only, empty in a bulk load). Blocks
+        # of TOMBSTONE_BLOCK: fewer entries in the index partitions that come into the cache
+        # with each table file opened, which grew with the tombstones kept.
+        topts = self._options(filters=False, block_size=TOMBSTONE_BLOCK)
         topts.set_compression_type(rocksdict.DBCompressionType.lz4())
         topts.set_bottommost_compression_type(rocksdict.DBCompressionType.zstd())
         families = {"default": opts, VECTORS_CF: vopts, CHANGES_CF: copts,
@@ -520,9 +532,9 @@ class Store:
         self._lookup_opts = rocksdict.ReadOptions()  # point reads that do not come back
         self._lookup_opts.fill_cache(False)  # type: ignore[call-arg]
 
-    def _options(self, filters: bool = True) -> rocksdict.Options:
+    def _options(self, filters: bool = True, block_size: int = 4096) -> rocksdict.Options:
         """A column family's options but its compression; without bloom filters (table
-        files' and memtables') unless `filters`."""
+        files' and memtables') unless `filters`; its table files' blocks of `block_size`."""
         opts = rocksdict.Options(raw_mode=True)
         opts.create_if_missing(True)
         opts.create_missing_column_families(True)
@@ -532,7 +544,7 @@ class Store:
         # oldest memtable, which may be the other's, small or empty, and the full one stayed
         # (tests/test_rocks_memory.py: 20 s over the budget instead of 0.4).
         opts.set_atomic_flush(True)
-        opts.set_block_based_table_factory(table_options(self.memory.cache, filters))
+        opts.set_block_based_table_factory(table_options(self.memory.cache, filters, block_size))
         # Bloom filters for the memtables too (2% of their size, ~1.3 MiB each): a new id
         # otherwise costs a skiplist search of every memtable, which made the lookup the
         # largest part of a bulk import (~8 µs of ~30 a document; ~1 µs with it).
