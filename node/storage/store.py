@@ -153,8 +153,10 @@ _SHARD_TAGS = (b"C", b"D", b"L", b"G", b"R", b"P")  # the default column family'
 VECTORS_CF = "vectors"  # V keys
 CHANGES_CF = "changes"  # Q keys
 TOMBSTONES_CF = "tombstones"  # D keys of tombstones
-# The tombstones' table files' blocks, in bytes before compression (the other families': 4
-# KiB). Under churn their index partitions (one entry a block) enter the block cache with
+# A table file's data blocks, in bytes before compression (RocksDB's own default).
+BLOCK = 4 << 10
+# The tombstones' table files' blocks, in bytes before compression (the other families':
+# BLOCK). Under churn their index partitions (one entry a block) enter the block cache with
 # each table file opened and grew with the tombstones kept: 0.3 -> 2.2-2.4 MiB over 5M
 # deletes at 4 KiB, 0.4 -> 1.1-1.3 at 16 KiB (`bench_memory.py --churn 800 --churn-deletes
 # 5500000 --churn-sample 20 --env-b`, one run each: RSS 1.54 -> 1.06 MiB a million deletes
@@ -218,7 +220,7 @@ def encode_record(version: int, label: int, seq: int, tombstone: bool, writer: b
 
 
 def table_options(cache: rocksdict.Cache, filters: bool = True,
-                  block_size: int = 4096) -> rocksdict.BlockBasedOptions:
+                  block_size: int = BLOCK) -> rocksdict.BlockBasedOptions:
     """A column family's table options, its blocks in `cache` and of `block_size` bytes
     before compression; without bloom filters unless `filters`."""
     table = rocksdict.BlockBasedOptions()
@@ -532,7 +534,7 @@ class Store:
         self._lookup_opts = rocksdict.ReadOptions()  # point reads that do not come back
         self._lookup_opts.fill_cache(False)  # type: ignore[call-arg]
 
-    def _options(self, filters: bool = True, block_size: int = 4096) -> rocksdict.Options:
+    def _options(self, filters: bool = True, block_size: int = BLOCK) -> rocksdict.Options:
         """A column family's options but its compression; without bloom filters (table
         files' and memtables') unless `filters`; its table files' blocks of `block_size`."""
         opts = rocksdict.Options(raw_mode=True)
