@@ -461,15 +461,21 @@ class Collection:
 
     async def drop_shard(self, s: int) -> None:
         """Let a shard go (it moved away). The record of the shards held is rewritten first:
-        that is the commit point. Its keys then go in one batch; a crash between the two
-        leaves keys of a shard not held, which nothing reads and `open` removes."""
-        async with self._saving, self._exclusive():  # no snapshot being written meanwhile
-            if self.closed or s not in self.shards:
-                return
-            # Cancelled (a stop during a move), the drop goes on to its end under the locks:
-            # its threads cannot be stopped, and the close's snapshot would write the index
-            # while one of them removed the shard's vectors from it.
-            await _to_the_end(self._drop_locked(s))
+        that is the commit point. Its keys then go, a batch at a time; a crash meanwhile
+        leaves keys of a shard not held, which nothing reads and `open` removes. Searches
+        and writes of the other shards wait only for the first part (the shard out of the
+        record, the memory and the index), not for its keys' removal (a key at a time, see
+        `Store.drop_shard`); a snapshot waits for both (the engine serialises the calls that
+        change the shard set: taking the shard back waits too)."""
+        async with self._saving:  # no snapshot being written meanwhile
+            async with self._exclusive():
+                if self.closed or s not in self.shards:
+                    return
+                # Cancelled (a stop during a move), the drop goes on to its end under the
+                # locks: its threads cannot be stopped, and the close's snapshot would write
+                # the index while one of them removed the shard's vectors from it.
+                await _to_the_end(self._drop_locked(s))
+            await _to_the_end(self.blocking.write(self.store.drop_shard, s))
 
     async def _drop_locked(self, s: int) -> None:
         # The snapshot holds the shard's vectors by label: were it taken again (labels
@@ -483,7 +489,6 @@ class Collection:
         self.relabelled += 1
         self._tombstone_floor.pop(s, None)
         await self.blocking.write(self.index.remove, shard.keys())
-        await self.blocking.write(self.store.drop_shard, s)
 
     async def close(self, *, snapshot: bool = True) -> None:
         if self.closed:

@@ -139,4 +139,4 @@ def shed_blocks(memory: RocksMemory) -> None:
     the data blocks their filters' false positives read: 18-27 MiB after 1M documents),
     none of which a search wants. Blocking: on a worker thread."""
     memory.cache.set_capacity(0)
-    memory.cache.set_capacity(memory.capacity)
+    memory.cache.set_capacity(memory.block_capacity)

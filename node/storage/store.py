@@ -99,6 +99,8 @@ MAX_MEMORY_BYTES = 1 << 40
 # quarter, 4-7 with an eighth under `bench_memory.py --churn 600`), and a bulk load was no
 # slower with it (1M x 96: 32,869 docs/s against 29,702 in the same run).
 _MEMTABLE_SHARE = 8
+# The part of it that the row cache takes (see RocksMemory).
+_ROW_SHARE = 8
 _WRITE_BUFFER_BYTES = 32 << 20
 # RocksDB's memory of one store, by where it goes (the block cache's is the node's: below).
 _MEMORY_PROPERTIES = {
@@ -148,6 +150,8 @@ _HEADER = struct.Struct(">QqQBIH")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
+# Keys removed a batch when a shard is dropped (`Store.drop_shard`).
+_DROP_CHUNK = 20_000
 # The tags of the keys that belong to one shard.
 _SHARD_TAGS = (b"C", b"D", b"L", b"G", b"R", b"P")  # the default column family's
 VECTORS_CF = "vectors"  # V keys
@@ -419,9 +423,20 @@ class WriteBatch:
 class RocksMemory:
     """The RocksDB memory of a node, one budget for all its stores: one LRU block cache
     (data, index and filter blocks) to which a write buffer manager charges every store's
-    memtables, so that blocks and memtables together stay within `capacity`. A memtable
-    growing evicts blocks; past an eighth of the capacity in memtables, the store being
-    written flushes its largest.
+    memtables, and one LRU row cache (`rows`, a `_ROW_SHARE` of the budget), so that blocks,
+    memtables and rows together stay within `capacity`. A memtable growing evicts blocks;
+    past an eighth of the capacity in memtables, the store being written flushes its
+    largest.
+
+    Rows: RocksDB's row cache holds the values that point reads found in table files, each
+    found again by one hash look-up, where a block cache hit still walks the file's index
+    and filter partitions and searches the data block (each a cache look-up of its own). A
+    search reads two values a hit (its id by label, then its record): 10 of them 18-28 µs
+    through the blocks, 7 through the rows (`scripts/bench_rest.py` at 1M: 0.44x of FAISS
+    in process against 0.40 without, same run). A cache of its own, not rows among the
+    blocks: RocksDB fills it with every point read, those that go around the block cache
+    too (a replay's, a write's look-ups of existing ids), which may then evict only rows.
+    RocksDB refuses range deletes beside a row cache: a shard is dropped key by key.
 
     The cap is not strict (RocksDB's strict_capacity_limit, which rocksdict does not expose
     anyway, fails a read when the cache is full of pinned blocks, and a write's charge would
@@ -435,15 +450,21 @@ class RocksMemory:
             raise ValueError(f"RocksDB memory must be {MIN_MEMORY_BYTES >> 20} MiB to "
                              f"{MAX_MEMORY_BYTES >> 20} MiB, not {capacity} bytes")
         self.capacity = capacity
-        self.cache = rocksdict.Cache(capacity)
+        self.row_capacity = capacity // _ROW_SHARE
+        self.block_capacity = capacity - self.row_capacity
+        self.cache = rocksdict.Cache(self.block_capacity)
+        self.rows = rocksdict.Cache(self.row_capacity)
         self.write_buffers = rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(
             capacity // _MEMTABLE_SHARE, False, self.cache)
         # One store's memtable: the whole memtable share in a small budget.
         self.write_buffer_bytes = min(_WRITE_BUFFER_BYTES, capacity // _MEMTABLE_SHARE)
 
     def used(self) -> int:
-        """Bytes the cache holds: blocks of every store and the memtables charged to it."""
-        return int(self.cache.get_usage())
+        """Bytes the budget holds: blocks and rows of every store, and the memtables."""
+        return int(self.cache.get_usage()) + self.rows_used()
+
+    def rows_used(self) -> int:
+        return int(self.rows.get_usage())
 
     def memtables(self) -> int:
         """Bytes of memtables of every store (what the write buffer manager charges)."""
@@ -471,6 +492,7 @@ class Store:
     def open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         opts = self._options()
+        opts.set_row_cache(self.memory.rows)  # the database's, every column family's
         # Compressed table files: LZ4 (cheap) where data is new, zstd in the last level, where
         # most of it settles. Ids, keys, headers and metadata shrink a lot. Reads at a start
         # are counters and digests: restarts do not see it.
@@ -615,10 +637,11 @@ class Store:
     def memory_bytes(self) -> dict[str, int]:
         """RocksDB's own figures of the memory it holds (for /metrics); empty when closed.
         `memtables` and `table_readers` are this store's; the others the node's, shared by
-        its stores (see RocksMemory): `block_cache` the blocks in the cache, `budget_used`
-        the cache in use (the blocks and every store's memtables, charged to it), `budget`
-        its capacity, and `cache_data`, `cache_filter`, `cache_index` the cache's blocks by
-        role (RocksDB's entry stats: at most 10 s old, three significant figures)."""
+        its stores (see RocksMemory): `block_cache` the blocks in the cache, `row_cache`
+        the rows in the row cache, `budget_used` all the budget holds (blocks, rows and every
+        store's memtables), `budget` its capacity, and `cache_data`, `cache_filter`,
+        `cache_index` the block cache's blocks by role (RocksDB's entry stats: at most 10 s
+        old, three significant figures)."""
         db, families = self._db, self._families()
         if db is None or len(families) < 2:
             return {}
@@ -631,7 +654,9 @@ class Store:
         except Exception:  # closed by another thread meanwhile: nothing to report
             return {}
         used = self.memory.used()
-        out["block_cache"] = max(0, used - self.memory.memtables())
+        rows = self.memory.rows_used()
+        out["block_cache"] = max(0, used - rows - self.memory.memtables())
+        out["row_cache"] = rows
         out["budget_used"] = used
         out["budget"] = self.memory.capacity
         out.update(cache_entry_bytes(stats))
@@ -801,15 +826,15 @@ class Store:
 
     def move_changes(self, chunk: int = 50_000) -> int:
         """Layout 5 to 6: the change log's keys (every shard's) copied from the default column
-        family to that of changes, `chunk` a batch, then removed from the default one by one
-        range delete; the number copied. Run again after a crash midway, it copies again
-        what is still there (the same keys and values) and removes it."""
-        def copy(batch: WriteBatch, key: bytes, value: bytes) -> bool:
+        family to that of changes, `chunk` a batch, each removed from the default one in the
+        batch that copies it; the number moved. Run again after a crash midway, it moves
+        what is still there."""
+        def move(batch: WriteBatch, key: bytes, value: bytes) -> bool:
             batch.change_put(key, value)
+            batch.raw_delete(key)  # key by key: no range delete beside a row cache
             return True
 
-        return self._in_batches(self._scan(b"Q"), copy, chunk,
-                                finish=lambda batch: batch._wb.delete_range(b"Q", b"R"))
+        return self._in_batches(self._scan(b"Q"), move, chunk)
 
     def move_tombstones(self, chunk: int = 50_000) -> int:
         """Layout 6 to 7: the tombstones' records (every shard's) moved from the default column
@@ -1113,20 +1138,43 @@ class Store:
                                    family=self.cdb):
             yield _U64.unpack(key[3:])[0], raw.decode()
 
-    def drop_shard(self, shard: int) -> None:
-        """Remove every key of one shard (after it moved to another node), in one batch."""
-        wb = rocksdict.WriteBatch(raw_mode=True)
-        families = {b"V": self.vectors_cf, b"Q": self.changes_cf}
-        for tag in (*_SHARD_TAGS, b"V", b"Q"):
-            start = _shard_key(tag, shard)
-            end = _shard_key(tag, shard + 1) if shard + 1 < 65536 else tag + b"\xff\xff\xff"
-            if tag in families:
-                wb.delete_range(start, end, families[tag])
-            else:
-                wb.delete_range(start, end)
-            if tag == b"D":
-                wb.delete_range(start, end, self.tombstones_cf)
+    def drop_shard(self, shard: int, chunk: int = _DROP_CHUNK) -> int:
+        """Remove every key of one shard (after it moved to another node), key by key, a
+        batch every `chunk` keys (RocksDB refuses a range delete in a database with a row
+        cache, see `RocksMemory`); the number of keys removed. Not atomic: a crash midway
+        leaves keys of a shard that is no longer held, which nothing reads and the next
+        open removes (`Collection.open`); the last batch is synced."""
+        families = [(self.db, self._wb_delete(None), tag) for tag in _SHARD_TAGS]
+        families += [(self.vdb, self._wb_delete(self.vectors_cf), b"V"),
+                     (self.cdb, self._wb_delete(self.changes_cf), b"Q")]
+        if self._tdb is not None:
+            families.append((self.tdb, self._wb_delete(self.tombstones_cf), b"D"))
+        wb, staged, done = rocksdict.WriteBatch(raw_mode=True), 0, 0
+        for family, delete, tag in families:
+            prefix = _shard_key(tag, shard)
+            it = family.iter(self._scan_opts)
+            it.seek(prefix)
+            while it.valid():
+                key = it.key()
+                if not key.startswith(prefix):
+                    break
+                delete(wb, key)
+                staged += 1
+                if staged >= chunk:
+                    self.db.write(wb, self._batch_opts)
+                    wb, done, staged = rocksdict.WriteBatch(raw_mode=True), done + staged, 0
+                it.next()
+            del it
         self.db.write(wb, self._write_opts)
+        return done + staged
+
+    @staticmethod
+    def _wb_delete(cf: rocksdict.ColumnFamily | None
+                   ) -> Callable[[rocksdict.WriteBatch, bytes], None]:
+        """A delete staged into a raw batch, of the default column family or of `cf`."""
+        if cf is None:
+            return lambda wb, key: wb.delete(key)
+        return lambda wb, key: wb.delete(key, column_family=cf)
 
     def has_shard(self, shard: int) -> bool:
         """Whether any key of the shard is stored."""
