@@ -150,8 +150,9 @@ _HEADER = struct.Struct(">QqQBIH")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
-# Keys removed a batch when a shard is dropped (`Store.drop_shard`).
-_DROP_CHUNK = 20_000
+# Keys removed a batch when a shard is dropped (`Store.drop_shard`): rocksdict holds the GIL
+# through a write, a few ms for these.
+_DROP_CHUNK = 5_000
 # The tags of the keys that belong to one shard.
 _SHARD_TAGS = (b"C", b"D", b"L", b"G", b"R", b"P")  # the default column family's
 VECTORS_CF = "vectors"  # V keys
@@ -432,8 +433,8 @@ class RocksMemory:
     found again by one hash look-up, where a block cache hit still walks the file's index
     and filter partitions and searches the data block (each a cache look-up of its own). A
     search reads two values a hit (its id by label, then its record): 10 of them 18-28 µs
-    through the blocks, 7 through the rows (`scripts/bench_rest.py` at 1M: 0.44x of FAISS
-    in process against 0.40 without, same run). A cache of its own, not rows among the
+    through the blocks, 7 through the rows (`scripts/bench_rest.py` at 1M: 0.48x of FAISS
+    in process against 0.41 without, same run). A cache of its own, not rows among the
     blocks: RocksDB fills it with every point read, those that go around the block cache
     too (a replay's, a write's look-ups of existing ids), which may then evict only rows.
     RocksDB refuses range deletes beside a row cache: a shard is dropped key by key.
@@ -1143,7 +1144,7 @@ class Store:
         batch every `chunk` keys (RocksDB refuses a range delete in a database with a row
         cache, see `RocksMemory`); the number of keys removed. Not atomic: a crash midway
         leaves keys of a shard that is no longer held, which nothing reads and the next
-        open removes (`Collection.open`); the last batch is synced."""
+        open removes (`Collection.open`), so no batch is synced either."""
         families = [(self.db, self._wb_delete(None), tag) for tag in _SHARD_TAGS]
         families += [(self.vdb, self._wb_delete(self.vectors_cf), b"V"),
                      (self.cdb, self._wb_delete(self.changes_cf), b"Q")]
@@ -1165,7 +1166,7 @@ class Store:
                     wb, done, staged = rocksdict.WriteBatch(raw_mode=True), done + staged, 0
                 it.next()
             del it
-        self.db.write(wb, self._write_opts)
+        self.db.write(wb, self._batch_opts)
         return done + staged
 
     @staticmethod
