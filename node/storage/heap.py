@@ -1,7 +1,7 @@
 """The node's memory beside its indexes. The C heap (glibc's malloc, through ctypes;
 elsewhere those functions do nothing): how many arenas threads spread over, which blocks are
 mapped apart, giving free pages back to the system, and malloc's own figures. And RocksDB's
-block cache, emptied of what a bulk load left in it.
+block and row caches, emptied of what a bulk load left in them.
 
 `trim()` walks every arena under its lock (milliseconds to tens of them on a heap of
 gigabytes), `shed_blocks()` every block of the cache: call them on a worker thread, never on
@@ -132,11 +132,15 @@ def malloc_info() -> str:
 
 
 def shed_blocks(memory: RocksMemory) -> None:
-    """Drop every block RocksDB's cache holds that no reader holds now (the pinned top
+    """Drop every block RocksDB's block cache holds that no reader holds now (the pinned top
     levels of indexes and filters, and the memtables' charges, stay), then give the cache
     its capacity back. After a bulk load the cache is full of what the write path's
     look-ups read (index and filter partitions of table files compactions will rewrite, and
     the data blocks their filters' false positives read: 18-27 MiB after 1M documents),
-    none of which a search wants. Blocking: on a worker thread."""
-    memory.cache.set_capacity(0)
-    memory.cache.set_capacity(memory.block_capacity)
+    none of which a search wants; so is the row cache, of the values those look-ups and a
+    replay's reads found (8 MiB, all of its share, after 1M documents). Blocking: on a
+    worker thread."""
+    for cache, capacity in ((memory.cache, memory.block_capacity),
+                            (memory.rows, memory.row_capacity)):
+        cache.set_capacity(0)
+        cache.set_capacity(capacity)
