@@ -151,7 +151,7 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _COUNTERS = struct.Struct(">QQQ")
 # Keys removed a batch when a shard is dropped (`Store.drop_shard`): rocksdict holds the GIL
-# through a write, a few ms for these.
+# through a write (not its fsync), a few ms for these.
 _DROP_CHUNK = 5_000
 # The tags of the keys that belong to one shard.
 _SHARD_TAGS = (b"C", b"D", b"L", b"G", b"R", b"P")  # the default column family's
@@ -1144,38 +1144,25 @@ class Store:
         batch every `chunk` keys (RocksDB refuses a range delete in a database with a row
         cache, see `RocksMemory`); the number of keys removed. Not atomic: a crash midway
         leaves keys of a shard that is no longer held, which nothing reads and the next
-        open removes (`Collection.open`), so no batch is synced either."""
-        families = [(self.db, self._wb_delete(None), tag) for tag in _SHARD_TAGS]
-        families += [(self.vdb, self._wb_delete(self.vectors_cf), b"V"),
-                     (self.cdb, self._wb_delete(self.changes_cf), b"Q")]
+        open removes (`Collection.open`)."""
+        deletes: list[tuple[rocksdict.Rdict | None, bytes,
+                            Callable[[WriteBatch], Callable[[bytes], None]]]]
+        deletes = [(None, tag, lambda b: b.raw_delete) for tag in _SHARD_TAGS]
+        deletes += [(self.vdb, b"V", lambda b: b.vec_delete),
+                    (self.cdb, b"Q", lambda b: b.change_delete)]
         if self._tdb is not None:
-            families.append((self.tdb, self._wb_delete(self.tombstones_cf), b"D"))
-        wb, staged, done = rocksdict.WriteBatch(raw_mode=True), 0, 0
-        for family, delete, tag in families:
-            prefix = _shard_key(tag, shard)
-            it = family.iter(self._scan_opts)
-            it.seek(prefix)
-            while it.valid():
-                key = it.key()
-                if not key.startswith(prefix):
-                    break
-                delete(wb, key)
-                staged += 1
-                if staged >= chunk:
-                    self.db.write(wb, self._batch_opts)
-                    wb, done, staged = rocksdict.WriteBatch(raw_mode=True), done + staged, 0
-                it.next()
-            del it
-        self.db.write(wb, self._batch_opts)
-        return done + staged
+            deletes.append((self.tdb, b"D", lambda b: b.tomb_delete))
+        done = 0
+        for family, tag, delete in deletes:
+            def stage(batch: WriteBatch, key: bytes, _: bytes,
+                      delete: Callable[[WriteBatch], Callable[[bytes], None]] = delete
+                      ) -> bool:
+                delete(batch)(key)
+                return True
 
-    @staticmethod
-    def _wb_delete(cf: rocksdict.ColumnFamily | None
-                   ) -> Callable[[rocksdict.WriteBatch, bytes], None]:
-        """A delete staged into a raw batch, of the default column family or of `cf`."""
-        if cf is None:
-            return lambda wb, key: wb.delete(key)
-        return lambda wb, key: wb.delete(key, column_family=cf)
+            done += self._in_batches(self._scan(_shard_key(tag, shard), family=family),
+                                     stage, chunk)
+        return done
 
     def has_shard(self, shard: int) -> bool:
         """Whether any key of the shard is stored."""
