@@ -61,6 +61,7 @@ from bench_local_cluster import (
 from bench_node import Node, call, code_pythonpath, thread_cpu_of
 from bench_profile import profile_pids
 from snapshot_index import snapshot_index
+from wrkload import run_wrk, write_bodies
 
 BATCH_SECONDS = 4.0  # measured per point (after one pass of warm-up)
 SNAPSHOT_INTERVAL_S = 2.0  # the nodes' snapshot interval: the reference reads the snapshot
@@ -79,9 +80,14 @@ def batch_bodies(ds: Dataset, nprobe: int, per: int) -> list[tuple[int, bytes]]:
 
 async def node_batches(
     session: aiohttp.ClientSession, url: str, ds: Dataset, nprobe: int, per: int,
-    concurrency: int, server_cpu: Callable[[], float],
+    concurrency: int, server_cpu: Callable[[], float], loadgen: str = "python",
+    work_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Batch requests to one node for BATCH_SECONDS: queries/s, recall@10, CPU per query."""
+    """Batch requests to one node for BATCH_SECONDS: queries/s, recall@10, CPU per query.
+    Every batch is sent once first by a Python client, whose answers give the recall; the
+    timed load then comes from that client (`loadgen` "python") or from wrk ("wrk": C,
+    which reads no answer: the Python client's parse of 100 queries' hits took CPU from
+    the two cores the node and the reference are measured on)."""
     bodies = batch_bodies(ds, nprobe, per)
     if not bodies:
         raise ValueError(f"--queries must be at least --query-batch ({per})")
@@ -98,6 +104,27 @@ async def node_batches(
 
     for j in range(len(bodies)):  # warm-up, and every batch's answer for the recall
         await send(j)
+    rows = [r for start in sorted(found) for r in found[start]]
+    recall = recall_at_k(rows, ds.gt[: len(rows)])
+    if loadgen == "wrk":
+        assert work_dir is not None
+        body_file = work_dir / f"batches-{per}-{nprobe}.txt"
+        if not body_file.exists():
+            write_bodies(body_file, [b for _, b in bodies])
+        cpu0 = server_cpu()
+        res = await asyncio.to_thread(
+            run_wrk, url, f"/v1/collections/{COLLECTION}/search", body_file,
+            connections=concurrency, threads=min(2, concurrency), seconds=BATCH_SECONDS,
+            timeout_s=60.0, work_dir=work_dir)
+        cpu = server_cpu() - cpu0
+        if res.non2xx or any(res.socket_errors.values()):
+            raise RuntimeError(f"wrk: {res.non2xx} non-2xx answers, {res.socket_errors}")
+        return {
+            "per_request": per, "nprobe": nprobe, "concurrency": concurrency,
+            "requests": res.requests, "seconds": res.seconds, "qps": res.rps * per,
+            "requests_per_s": res.rps, "recall": recall,
+            "server_cpu_ms_per_query": cpu * 1000 / max(1, res.requests * per),
+        }
     seq = itertools.count()
     done = 0
     cpu0, t0 = server_cpu(), time.perf_counter()
@@ -111,11 +138,10 @@ async def node_batches(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     cpu = server_cpu() - cpu0
-    rows = [r for start in sorted(found) for r in found[start]]
     return {
         "per_request": per, "nprobe": nprobe, "concurrency": concurrency, "requests": done,
         "seconds": wall, "qps": done * per / wall, "requests_per_s": done / wall,
-        "recall": recall_at_k(rows, ds.gt[: len(rows)]),
+        "recall": recall,
         "server_cpu_ms_per_query": cpu * 1000 / max(1, done * per),
     }
 
@@ -239,7 +265,8 @@ async def measure(session: aiohttp.ClientSession, cluster: Variant, ds: Dataset,
         marks.append([threads_cpu(p) for p in cluster.pids])
         return sum(sum(m.values()) for m in marks[-1])
 
-    b = await node_batches(session, cluster.urls[0], ds, args.nprobe, args.per, c, cpu)
+    b = await node_batches(session, cluster.urls[0], ds, args.nprobe, args.per, c, cpu,
+                           args.loadgen, cluster.root)
     n = max(1, b["requests"] * b["per_request"])
     b["per_node_thread_cpu_ms"] = [
         {t: (y.get(t, 0.0) - x.get(t, 0.0)) * 1000 / n for t in y}
@@ -253,7 +280,7 @@ async def measure(session: aiohttp.ClientSession, cluster: Variant, ds: Dataset,
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     """N nodes (1 by default), filled and trained, idle; then rounds of: FAISS in-process on
     the same batches, then batches sent to node 1 (the coordinator; the others, if any, serve
-    its peer sub-searches), c=1 and c=cores. CPU per query is per node (from /proc). With
+    its peer sub-searches), at each of --connections (c=1 and c=cores by default). CPU per query is per node (from /proc). With
     --base, a second cluster runs the code in that tree, filled the same way and up at the
     same time; each round measures both, in alternating order, and the summary gives
     medians over the rounds."""
@@ -292,7 +319,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         "the node's own index")
                 faiss_cpu = ref["cpu_ms_per_query_1_thread"]
                 order = variants if r % 2 == 0 else variants[::-1]
-                for c in dict.fromkeys([1, os.cpu_count() or 1]):
+                for c in args.connections:
                     for v in order:
                         b = await measure(session, v, ds, args, c, ref)
                         row["variants"].setdefault(v.name, []).append(b)
@@ -406,6 +433,16 @@ def main() -> None:
     p.add_argument("--ab-env", action="append", default=[], metavar="KEY=VALUE",
                    help="the second cluster's node settings (with --base or alone: then it "
                    "runs this worktree's code too)")
+    p.add_argument("--connections", type=lambda v: [int(c) for c in v.split(",")],
+                   default=list(dict.fromkeys([1, os.cpu_count() or 1])),
+                   metavar="C1,C2,...",
+                   help="requests in flight at once, measured in turn (default: 1 and as "
+                   "many as the machine has cores; more keep every search thread busy "
+                   "while a request's answer travels and the next one is parsed)")
+    p.add_argument("--loadgen", choices=("wrk", "python"),
+                   default="wrk" if shutil.which("wrk") else "python",
+                   help="what sends the timed batches (default wrk when installed: "
+                   "scripts/bench_setup.sh)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     args.synthetic, args.queries, args.dim, args.seed = None, 1000, 384, 1234

@@ -158,3 +158,22 @@ def test_a_wrong_option_is_the_general_paths_400() -> None:
     raw = b'{"vector":[1,2,3,4],"k":0}'
     fast = _check(raw)
     assert isinstance(fast, tuple) and "'k' must be" in fast[1]
+
+
+def test_large_bodies_count_their_brackets_too() -> None:
+    """A batch's body is past the size from which its "[" are counted on an array: a nested
+    row there is still left to the general path, and a flat batch still takes the fast one."""
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((1000, DIM)).round(6).tolist()
+    flat = orjson.dumps({"vectors": rows, "k": 5})
+    assert len(flat) > 32 << 10
+    fast = _check(flat)
+    assert isinstance(fast, SearchRequest)
+    assert np.array_equal(fast.vectors, np.asarray(rows, np.float32))
+    # One component made an array of one: as_buffer would flatten it to the same count.
+    nested = flat.replace(b"[%s," % orjson.dumps(rows[500][0]), b"[[%s]," % orjson.dumps(
+        rows[500][0]), 1)
+    assert nested != flat
+    assert parse_search_fast(nested, DIM) is None
+    # A "[" inside a string (an include's) among them: the general path's too.
+    assert parse_search_fast(flat[:-1] + b',"include":["["]}', DIM) is None

@@ -45,6 +45,18 @@ def parse_search_fast(raw: bytes, dim: int) -> SearchRequest | None:
         return None
 
 
+# From this size on, a body's "[" are counted on an array: bytes.count looks at a byte at a
+# time (168 µs for 100 queries' 695 KB of JSON, against 32 on an array; 5.4 against 2.8 at
+# 16 KB), below it the array's set-up costs more than it saves (1.7 against 2.2 at 4 KB).
+_COUNT_ON_ARRAY = 8 << 10
+
+
+def _brackets(raw: bytes) -> int:
+    if len(raw) < _COUNT_ON_ARRAY:
+        return raw.count(b"[")
+    return int(np.count_nonzero(np.frombuffer(raw, np.uint8) == ord("[")))
+
+
 def _request(raw: bytes, root: Any, dim: int) -> SearchRequest | None:
     if not isinstance(root, simdjson.Object):
         return None
@@ -86,7 +98,7 @@ def _request(raw: bytes, root: Any, dim: int) -> SearchRequest | None:
         arrays += 1 + rows
     # as_buffer flattens nested arrays; a "[" beyond the arrays counted above is one (or is
     # inside a string): only flat vectors of numbers pass. No key can hold one (all known).
-    if raw.count(b"[") != arrays:
+    if _brackets(raw) != arrays:
         return None
     flat = np.frombuffer(vectors.as_buffer(of_type="d"), dtype=np.float64)
     if flat.size != rows * dim:
