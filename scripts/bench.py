@@ -182,8 +182,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.dim = 96 if args.types else 384
     if args.types and not args.synthetic:
         p.error("--types needs --synthetic N")
-    if args.loadgen == "wrk":
+    if args.loadgen == "wrk" and not args.cluster:
         args.concurrency = [1]  # the Python client only measures recall; wrk the load
+        # (with --cluster, wrk runs at each --concurrency: the fan-out goals' 1 and 16)
     if args.quick:
         args.limit = args.limit or 20_000
         args.queries = min(args.queries, 500)

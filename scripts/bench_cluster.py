@@ -6,7 +6,10 @@ The same workload (ingest over REST, wait until trained, recall@10, latency and 
 --concurrency and --nprobe) on a 1-node cluster and then on an N-node cluster, nodes on
 127.0.0.2, 127.0.0.3, ... port 8470; in the N-node case clients send requests (queries and
 ingest batches) round-robin to every node. All nodes share this machine's cores, so the N-node
-figures show the cost of fan-out, not scale-out.
+figures show the cost of fan-out, not scale-out. With `--loadgen wrk` (scripts/bench_setup.sh)
+the timed searches come from wrk on the first node instead of the Python client, which
+costs about as much CPU as a node and takes it from the same cores; the recall is still the
+Python client's, one query at a time.
 
 As root with a working `unshare -n`, the whole run is re-executed inside a private network
 namespace with only lo (nothing leaves the machine); otherwise it uses the host's loopback.
@@ -30,6 +33,7 @@ from bench_load import create_collection, ingest_rr, query_bodies, search_load, 
 from bench_local_cluster import LocalCluster, new_session, node_env, pick_train_min, placement
 from bench_node import call, cpu_seconds_of
 from bench_profile import profile_pids
+from wrkload import run_wrk, write_bodies
 
 IDLE_SECONDS = 3.0  # a window of idle CPU measured
 QUIET_CORES = 0.05  # nodes quieter than this are idle
@@ -87,6 +91,10 @@ async def measure_cluster(
             modes = [("nprobe", p, query_bodies(ds, p, args.queries)) for p in args.nprobe]
             modes += [("recall", r, recall_bodies(ds, r, args.queries)) for r in args.recall]
             for mode, p, bodies in modes:
+                if args.loadgen == "wrk":
+                    points += await wrk_points(args, ds, session, cluster, root, mode, p,
+                                               bodies, out["idle_cores"], size)
+                    continue
                 for c in args.concurrency:
                     await search_load(
                         session,
@@ -116,8 +124,11 @@ async def measure_cluster(
                 idle = await quiet_cores(cluster)
                 out["batches"] = [
                     await node_batches(session, urls[0], ds, args.batch_nprobe, args.query_batch,
-                                       c, cluster.cpu_seconds)
-                    for c in dict.fromkeys([1, os.cpu_count() or 1])
+                                       c, cluster.cpu_seconds, args.loadgen, root)
+                    # One request at a time; one a core; and four a core, enough that the
+                    # search threads never wait while an answer travels and the next request
+                    # is read and parsed (its throughput, the issue's measure).
+                    for c in dict.fromkeys([1, os.cpu_count() or 1, 4 * (os.cpu_count() or 1)])
                 ]
                 for b in out["batches"]:
                     b["idle_cores"] = idle
@@ -134,6 +145,43 @@ async def measure_cluster(
         await cluster.stop()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+async def wrk_points(
+    args: argparse.Namespace, ds: Dataset, session: Any, cluster: LocalCluster, root: Path,
+    mode: str, target: float, bodies: list[bytes], idle_cores: float, size: int,
+) -> list[dict[str, Any]]:
+    """`--loadgen wrk`: the recall from the Python client, one query at a time round robin
+    over the nodes; then wrk (C: the Python client's own CPU took a third of a core or more
+    of the two the nodes are measured on) at each --concurrency, on the first node, which
+    coordinates every query, for --load-seconds each. The same fields as the Python
+    client's points."""
+    rec = await search_load(session, cluster.urls, ds, bodies, int(target), 1,
+                            cluster.cpu_seconds, count=len(bodies))
+    body_file = root / f"wrk-{mode}-{target:g}.txt"
+    write_bodies(body_file, bodies)
+    out = []
+    for c in args.concurrency:
+        cpu0 = cluster.cpu_seconds()
+        r = await asyncio.to_thread(
+            run_wrk, cluster.urls[0], f"/v1/collections/{COLLECTION}/search", body_file,
+            connections=c, threads=min(2, c), seconds=args.load_seconds, work_dir=root)
+        cpu = cluster.cpu_seconds() - cpu0
+        failures = r.non2xx + sum(r.socket_errors.values())
+        out.append({
+            "mode": mode, "target": target, "nprobe": int(target), "concurrency": c,
+            "nodes": size, "loadgen": "wrk", "sent": r.requests, "ok": r.ok,
+            "failures": failures, "seconds": r.seconds, "qps": r.ok / r.seconds,
+            "recall": rec.recall, "lat_p50_ms": r.lat_p50_ms, "lat_p95_ms": r.lat_p95_ms,
+            "lat_p99_ms": r.lat_p99_ms, "server_cpu_s": cpu, "client_cpu_s": r.client_cpu_s,
+            "idle_cores": idle_cores,
+        })
+        log(f"  {size} node(s) {mode}={target:g} c={c} (wrk on node 1): recall "
+            f"{rec.recall:.4f}, {r.ok / r.seconds:,.0f} q/s, p50 {r.lat_p50_ms:.2f} ms, p99 "
+            f"{r.lat_p99_ms:.1f} ms, failures {failures}, server cores {cpu / r.seconds:.2f}, "
+            f"CPU {cpu * 1000 / max(1, r.ok):.2f} ms/query, wrk cores "
+            f"{r.client_cpu_s / r.seconds:.2f}")
     return out
 
 
