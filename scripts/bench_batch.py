@@ -60,6 +60,7 @@ from bench_local_cluster import (
 )
 from bench_node import Node, call, code_pythonpath, thread_cpu_of
 from bench_profile import profile_pids
+from bench_refs import parse_ints
 from snapshot_index import snapshot_index
 from wrkload import run_wrk, write_bodies
 
@@ -280,10 +281,10 @@ async def measure(session: aiohttp.ClientSession, cluster: Variant, ds: Dataset,
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     """N nodes (1 by default), filled and trained, idle; then rounds of: FAISS in-process on
     the same batches, then batches sent to node 1 (the coordinator; the others, if any, serve
-    its peer sub-searches), at each of --connections (c=1 and c=cores by default). CPU per query is per node (from /proc). With
-    --base, a second cluster runs the code in that tree, filled the same way and up at the
-    same time; each round measures both, in alternating order, and the summary gives
-    medians over the rounds."""
+    its peer sub-searches) at each of --connections (c=1 and c=cores by default). CPU per
+    query is per node (from /proc). With --base, a second cluster runs the code in that
+    tree, filled the same way and up at the same time; each round measures both, in
+    alternating order, and the summary gives medians over the rounds."""
     ds = load_dataset(args)
     root = Path(tempfile.mkdtemp(prefix="aquila-bench-batch-"))
     env = {**node_env(args.train_min), "AQUILA_SNAPSHOT_INTERVAL_S": str(SNAPSHOT_INTERVAL_S)}
@@ -433,7 +434,7 @@ def main() -> None:
     p.add_argument("--ab-env", action="append", default=[], metavar="KEY=VALUE",
                    help="the second cluster's node settings (with --base or alone: then it "
                    "runs this worktree's code too)")
-    p.add_argument("--connections", type=lambda v: [int(c) for c in v.split(",")],
+    p.add_argument("--connections", type=parse_ints,
                    default=list(dict.fromkeys([1, os.cpu_count() or 1])),
                    metavar="C1,C2,...",
                    help="requests in flight at once, measured in turn (default: 1 and as "
