@@ -272,7 +272,7 @@ def test_blocks_of_table_files_compacted_away_leave_the_cache(tmp_path: Path) ->
         db.compact_range(None, None)  # every file but the one it writes made obsolete
         # (The row cache keeps rows of files compacted away until they are evicted, as any
         # LRU cache does: within its share of the budget.)
-        blocks = store.memory.used() - store.memory.rows_used() - store.memory.memtables()
+        blocks = store.memory.blocks_used() - store.memory.memtables()
         assert blocks < 5 * MIB, blocks / MIB
     finally:
         store.close()

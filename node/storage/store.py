@@ -462,7 +462,12 @@ class RocksMemory:
 
     def used(self) -> int:
         """Bytes the budget holds: blocks and rows of every store, and the memtables."""
-        return int(self.cache.get_usage()) + self.rows_used()
+        return self.blocks_used() + self.rows_used()
+
+    def blocks_used(self) -> int:
+        """Bytes the block cache holds: blocks of every store and the memtables charged to
+        it."""
+        return int(self.cache.get_usage())
 
     def rows_used(self) -> int:
         return int(self.rows.get_usage())
@@ -654,11 +659,10 @@ class Store:
             stats = db.property_value("rocksdb.block-cache-entry-stats") or ""
         except Exception:  # closed by another thread meanwhile: nothing to report
             return {}
-        used = self.memory.used()
-        rows = self.memory.rows_used()
-        out["block_cache"] = max(0, used - rows - self.memory.memtables())
+        blocks, rows = self.memory.blocks_used(), self.memory.rows_used()
+        out["block_cache"] = max(0, blocks - self.memory.memtables())
         out["row_cache"] = rows
-        out["budget_used"] = used
+        out["budget_used"] = blocks + rows
         out["budget"] = self.memory.capacity
         out.update(cache_entry_bytes(stats))
         return out
